@@ -1,0 +1,1 @@
+"""The SQLite store-and-forward queue on the device."""

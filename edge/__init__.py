@@ -1,0 +1,1 @@
+"""The device agent: configuration, clock, sampling loop and the technician's CLI."""

@@ -1,0 +1,69 @@
+"""The one exception tree of the project.
+
+Two branches matter to callers:
+
+* ``RecoverableError``: this read, this upload or this frame failed, but the
+  service should log it, count it and carry on (a corrupt frame, a sensor that
+  did not answer in time, a broker that is down).
+* ``FatalError``: carrying on would be wrong (an invalid configuration, a
+  device that is not there at start). The service stops with a clear message.
+
+``PayloadError`` is what the receiver raises for an upload it must reject for
+good; it is recoverable for the receiver (it keeps running) but permanent for
+that payload (it goes to the dead-letter table).
+"""
+
+from __future__ import annotations
+
+
+class DatalabError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class RecoverableError(DatalabError):
+    """Log, count, carry on."""
+
+
+class ReadError(RecoverableError):
+    """A sensor read failed this time: timeout, corrupt frame, garbage on the port."""
+
+
+class ChecksumError(ReadError):
+    """A frame arrived whole but its checksum does not match: no value is taken from it."""
+
+
+class FrameError(ReadError):
+    """Bytes that do not form a valid frame (bad header, bad length, truncated)."""
+
+
+class SensorTimeout(ReadError):
+    """The sensor did not answer within its deadline."""
+
+
+class BusError(ReadError):
+    """An I2C or serial bus transaction failed (after retries)."""
+
+
+class TransportError(RecoverableError):
+    """The network or the broker failed; the uplink retries on its own."""
+
+
+class PayloadError(RecoverableError):
+    """An uploaded payload is malformed, of an unknown version or too large: rejected for good."""
+
+
+class FatalError(DatalabError):
+    """Carrying on would be wrong; stop with a clear message."""
+
+
+class ConfigError(FatalError):
+    """An invalid configuration: names the key and the problem."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config key '{key}': {problem}")
+
+
+class DeviceNotFound(FatalError):
+    """A configured device is not present at start (and the driver cannot wait for it)."""

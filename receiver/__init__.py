@@ -1,0 +1,1 @@
+"""Central ingest and the DataLab store."""

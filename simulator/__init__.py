@@ -1,0 +1,1 @@
+"""Fake sensors that speak the real protocols, and whole simulated vans."""
