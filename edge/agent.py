@@ -1,0 +1,274 @@
+"""The device agent's main loop: sample, commit, seal, publish, act on acks.
+
+One thread owns the loop and the SQLite buffer. Each tick:
+
+1. every sensor is read once and the reading stamped (UTC, monotonic, source);
+2. samples wait in memory until the commit interval has passed, then go to the
+   buffer in one transaction (one fsync: the SD card sees few writes, and a
+   power cut loses at most one interval);
+3. committed samples are sealed into batches by count or age;
+4. batches are published within a window of un-acknowledged ones, re-sent
+   after a timeout with the same id and bytes;
+5. acks from the receiver delete batches (committed) or turn them into gap
+   records (rejected). A broker PUBACK is never taken as delivery.
+
+Sampling runs on the injected ``clock`` (virtual in simulations); network
+timeouts run on ``timer``, which is always real time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from buffer.store import Buffer
+from drivers.base import SensorDriver
+from edge.clock import Clock
+from edge.config import AgentConfig
+from edge.errors import PayloadError, RecoverableError
+from edge.model import Sample
+from uplink.mqtt import Link
+from uplink.wire import parse_batch_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentStats:
+    ticks: int = 0
+    taken: int = 0
+    committed: int = 0
+    sealed_batches: int = 0
+    published: int = 0
+    resent: int = 0
+    acked_batches: int = 0
+    acked_samples: int = 0
+    duplicate_acks: int = 0
+    rejected_batches: int = 0
+    read_errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _InFlight:
+    batch_id: str
+    last_seq: int
+    n_samples: int
+    sha256: str
+    sent_at: float
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        drivers: list[SensorDriver],
+        clock: Clock,
+        buffer: Buffer,
+        link: Link,
+        *,
+        timer: Callable[[], float] = time.monotonic,
+        boot_id: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.drivers = drivers
+        self.clock = clock
+        self.buffer = buffer
+        self.link = link
+        self.timer = timer
+        self.boot_id = boot_id or _boot_id()
+        self.stats = AgentStats()
+        self._pending: list[Sample] = []
+        self._last_commit = clock.monotonic()
+        self._first_unsealed_mono: float | None = None
+        self._in_flight: dict[int, _InFlight] = {}
+        self._stop = threading.Event()
+        self._error_logged: dict[str, float] = {}
+
+    # -- control --------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler or another thread: the loop ends after this tick."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, until_utc: float | None = None) -> None:
+        """Sample until stopped (or until the clock reaches ``until_utc``), then commit."""
+        period = 1.0 / self.cfg.sampling.rate_hz
+        next_tick = self.clock.monotonic()
+        try:
+            while not self._stop.is_set():
+                if until_utc is not None and self.clock.utc() >= until_utc:
+                    break
+                self.tick()
+                next_tick += period
+                delay = next_tick - self.clock.monotonic()
+                if delay < -period:
+                    # We fell behind (a stalled bus, a suspended process): skip, don't burst.
+                    next_tick = self.clock.monotonic()
+                    delay = 0.0
+                self.clock.sleep(delay)
+        finally:
+            self.commit()
+
+    def tick(self) -> None:
+        self.stats.ticks += 1
+        self.sample()
+        now = self.clock.monotonic()
+        if now - self._last_commit >= self.cfg.sampling.commit_interval_s:
+            self.commit()
+        self.maybe_seal()
+        self.pump()
+
+    # -- sampling -------------------------------------------------------------
+
+    def sample(self) -> None:
+        for drv in self.drivers:
+            try:
+                reading = drv.read()
+            except RecoverableError as exc:
+                self._count_error(drv.name, exc)
+                continue
+            except Exception as exc:  # a driver bug must not stop the other sensors
+                self._count_error(drv.name, exc, unexpected=True)
+                continue
+            if reading is None:
+                continue
+            self._pending.append(
+                Sample(
+                    sensor=reading.sensor,
+                    t_utc_ms=int(round(self.clock.utc() * 1000)),
+                    t_mono_ms=int(round(self.clock.monotonic() * 1000)),
+                    time_src=self.clock.source(),
+                    values=dict(reading.values),
+                    flags=reading.flags,
+                    boot_id=self.boot_id,
+                )
+            )
+            self.stats.taken += 1
+
+    def _count_error(self, name: str, exc: BaseException, unexpected: bool = False) -> None:
+        self.stats.read_errors[name] = self.stats.read_errors.get(name, 0) + 1
+        now = self.timer()
+        # At most one log line per sensor per minute: a dead sensor must not fill the journal.
+        if now - self._error_logged.get(name, -1e9) >= 60:
+            self._error_logged[name] = now
+            if unexpected:
+                log.exception("sensor %s: unexpected error (%d so far)", name, self.stats.read_errors[name])
+            else:
+                log.warning("sensor %s: %s (%d so far)", name, exc, self.stats.read_errors[name])
+
+    def commit(self) -> None:
+        self._last_commit = self.clock.monotonic()
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self.buffer.commit(batch)
+        self.stats.committed += len(batch)
+        if self._first_unsealed_mono is None:
+            self._first_unsealed_mono = batch[0].t_mono_ms / 1000.0
+
+    def maybe_seal(self, force: bool = False) -> None:
+        bc = self.cfg.batch
+        while self.buffer.unsealed_count > 0:
+            age = (
+                self.clock.monotonic() - self._first_unsealed_mono
+                if self._first_unsealed_mono is not None
+                else 0.0
+            )
+            if not (force or self.buffer.unsealed_count >= bc.max_samples or age >= bc.max_age_s):
+                return
+            sealed = self.buffer.seal(bc.max_samples, int(self.clock.utc() * 1000))
+            if sealed is None:
+                return
+            self.stats.sealed_batches += 1
+            self._first_unsealed_mono = self.clock.monotonic() if self.buffer.unsealed_count else None
+        if force:
+            # Gap records with no samples to ride on still go out.
+            if self.buffer.seal(bc.max_samples, int(self.clock.utc() * 1000)):
+                self.stats.sealed_batches += 1
+
+    # -- uplink ---------------------------------------------------------------
+
+    def pump(self) -> None:
+        self._handle_acks()
+        if not self.link.connected:
+            return
+        now = self.timer()
+        timeout = self.cfg.uplink.ack_timeout_s
+        for first, f in list(self._in_flight.items()):
+            if now - f.sent_at < timeout:
+                continue
+            sb = self.buffer.get(first)
+            if sb is None:  # acknowledged meanwhile
+                del self._in_flight[first]
+            elif self.link.publish(sb.batch_id, sb.payload):
+                # Same id, same bytes: the receiver deduplicates if the first one did arrive.
+                f.sent_at = now
+                self.stats.resent += 1
+        room = self.cfg.uplink.window - len(self._in_flight)
+        if room <= 0:
+            return
+        for sb in self.buffer.pending(room, exclude=frozenset(self._in_flight)):
+            if not self.link.publish(sb.batch_id, sb.payload):
+                break
+            self._in_flight[sb.first_seq] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)
+            self.stats.published += 1
+
+    def _handle_acks(self) -> None:
+        for ack in self.link.acks():
+            try:
+                device, epoch, first, last = parse_batch_id(ack.batch_id)
+            except PayloadError:
+                # The receiver could not even read the batch id: match by content hash.
+                match = [k for k, f in self._in_flight.items() if ack.sha256 and f.sha256 == ack.sha256]
+                if not match:
+                    continue
+                first = match[0]
+                device, epoch, last = self.cfg.device.id, self.buffer.epoch, self._in_flight[first].last_seq
+            if device != self.cfg.device.id or epoch != self.buffer.epoch:
+                # An ack for an earlier epoch (a quarantined database) or someone else.
+                continue
+            flight = self._in_flight.pop(first, None)
+            if ack.committed:
+                if self.buffer.acknowledge(first):
+                    self.stats.acked_batches += 1
+                    self.stats.acked_samples += flight.n_samples if flight else 0
+                if ack.status == "duplicate":
+                    self.stats.duplicate_acks += 1
+            else:
+                log.error("receiver rejected batch %s: %s", ack.batch_id, ack.reason)
+                if self.buffer.reject(first, last, ack.reason):
+                    self.stats.rejected_batches += 1
+
+    def backlog(self) -> int:
+        """Samples committed or waiting that the receiver has not yet confirmed."""
+        return self.buffer.stats().backlog_samples + len(self._pending)
+
+    def drain(self, timeout_s: float, poll_s: float = 0.02) -> bool:
+        """Commit and seal everything, then upload until all is acknowledged (real time)."""
+        self.commit()
+        self.maybe_seal(force=True)
+        deadline = self.timer() + timeout_s
+        while self.timer() < deadline:
+            self.pump()
+            self.maybe_seal(force=True)
+            if self.buffer.stats().batches == 0 and self.buffer.unsealed_count == 0:
+                return True
+            time.sleep(poll_s)
+        return False
+
+
+def _boot_id() -> str:
+    """The kernel's id for this boot, so a monotonic time can be tied to its boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return uuid.uuid4().hex

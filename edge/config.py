@@ -1,0 +1,211 @@
+"""Agent configuration: a TOML file over documented defaults.
+
+Every key has a default (see ``config.example.toml``, which is generated from
+nothing: it is the documentation and is checked against these defaults by the
+tests). An invalid value stops the agent at start with a ``ConfigError`` that
+names the key and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ConfigError
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+@dataclass(slots=True)
+class DeviceConfig:
+    id: str = "van-001"
+    data_dir: str = "/var/lib/datalab-edge"
+
+
+@dataclass(slots=True)
+class SamplingConfig:
+    rate_hz: float = 1.0
+    # How often samples are committed to the SD card: each commit is one fsync,
+    # and at most this much is lost on a sudden power cut.
+    commit_interval_s: float = 5.0
+
+
+@dataclass(slots=True)
+class BatchConfig:
+    max_samples: int = 2000
+    max_age_s: float = 60.0
+
+
+@dataclass(slots=True)
+class UplinkConfig:
+    host: str = "localhost"
+    port: int = 1883
+    topic_prefix: str = "datalab/v1"
+    username: str = ""
+    password: str = ""  # secret: never logged
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: int = 30
+    window: int = 8  # batches published and not yet acknowledged by the receiver
+    ack_timeout_s: float = 30.0  # re-send (same batch id) after this long without an ack
+
+
+@dataclass(slots=True)
+class SensorConfig:
+    """One sensor: which driver, and the driver's own options."""
+
+    name: str
+    driver: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SimulationConfig:
+    """Only for simulated vans: the route, the seed and the accelerated clock."""
+
+    enabled: bool = False
+    seed: int = 1
+    start_utc: str = "2026-11-26T07:00:00+01:00"
+    shift_hours: float = 8.0
+    speedup: float = 0.0  # 0 = as fast as possible
+    start_offset_m: float = 0.0
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    sensors: list[SensorConfig] = field(default_factory=list)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    source: str = "<defaults>"
+
+    @property
+    def buffer_path(self) -> Path:
+        return Path(self.device.data_dir) / "buffer.sqlite"
+
+
+_SECTIONS = {
+    "device": DeviceConfig,
+    "sampling": SamplingConfig,
+    "batch": BatchConfig,
+    "uplink": UplinkConfig,
+    "simulation": SimulationConfig,
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a value against the type of its default; ints are accepted for floats."""
+    expected = type(default)
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {value!r}")
+        return value
+    if not isinstance(value, expected):
+        raise ConfigError(key, f"expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(name, "expected a table")
+    obj = cls()
+    known = {f.name for f in fields(cls)}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(full, f"unknown key (known: {', '.join(sorted(known))})")
+        setattr(obj, key, _coerce(full, value, getattr(obj, key)))
+    return obj
+
+
+def _validate(cfg: AgentConfig) -> None:
+    if not DEVICE_ID_RE.match(cfg.device.id):
+        raise ConfigError(
+            "device.id", "1-63 letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    if not 0 < cfg.sampling.rate_hz <= 50:
+        raise ConfigError("sampling.rate_hz", "must be above 0 and at most 50")
+    if not 0.1 <= cfg.sampling.commit_interval_s <= 60:
+        raise ConfigError("sampling.commit_interval_s", "must be between 0.1 and 60 seconds")
+    if not 1 <= cfg.batch.max_samples <= 100_000:
+        raise ConfigError("batch.max_samples", "must be between 1 and 100000")
+    if cfg.batch.max_age_s <= 0:
+        raise ConfigError("batch.max_age_s", "must be above 0")
+    if not 1 <= cfg.uplink.port <= 65535:
+        raise ConfigError("uplink.port", "must be a TCP port, 1-65535")
+    if not 1 <= cfg.uplink.window <= 1000:
+        raise ConfigError("uplink.window", "must be between 1 and 1000")
+    if cfg.uplink.ack_timeout_s <= 0:
+        raise ConfigError("uplink.ack_timeout_s", "must be above 0")
+    if not cfg.uplink.topic_prefix or any(c in cfg.uplink.topic_prefix for c in "#+"):
+        raise ConfigError("uplink.topic_prefix", "must be a topic without wildcards")
+    for f in ("ca_file", "cert_file", "key_file"):
+        path = getattr(cfg.uplink, f)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"uplink.{f}", f"no such file: {path}")
+    if cfg.simulation.shift_hours <= 0:
+        raise ConfigError("simulation.shift_hours", "must be above 0")
+    names = [s.name for s in cfg.sensors]
+    if len(set(names)) != len(names):
+        raise ConfigError("sensors", "sensor names must be unique")
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:
+    cfg = AgentConfig(source=source)
+    for key, raw in data.items():
+        if key == "sensors":
+            if not isinstance(raw, dict):
+                raise ConfigError("sensors", "expected a table of [sensors.NAME] tables")
+            for sname, sraw in raw.items():
+                if not isinstance(sraw, dict):
+                    raise ConfigError(f"sensors.{sname}", "expected a table")
+                if "driver" not in sraw or not isinstance(sraw["driver"], str):
+                    raise ConfigError(f"sensors.{sname}.driver", "missing: name the driver")
+                options = {k: v for k, v in sraw.items() if k != "driver"}
+                cfg.sensors.append(SensorConfig(sname, sraw["driver"], options))
+        elif key in _SECTIONS:
+            setattr(cfg, key, _section(key, _SECTIONS[key], raw))
+        else:
+            raise ConfigError(key, f"unknown section (known: {', '.join([*_SECTIONS, 'sensors'])})")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {p}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("<file>", f"{p} is not valid TOML: {exc}") from exc
+    return parse_config(data, source=str(p))
+
+
+def redacted(cfg: AgentConfig) -> dict[str, Any]:
+    """The configuration as a dict fit for logs: secrets replaced."""
+    out: dict[str, Any] = {}
+    for name in _SECTIONS:
+        sec = getattr(cfg, name)
+        out[name] = {f.name: getattr(sec, f.name) for f in fields(sec)}
+    if out["uplink"]["password"]:
+        out["uplink"]["password"] = "***"
+    out["sensors"] = {s.name: {"driver": s.driver, **s.options} for s in cfg.sensors}
+    return out

@@ -1,0 +1,56 @@
+"""Receiver configuration: TOML over documented defaults (see receiver.example.toml)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ConfigError
+
+
+@dataclass(slots=True)
+class ReceiverConfig:
+    store: str = "datalab.sqlite"  # path of the SQLite store
+    host: str = "localhost"
+    port: int = 1883
+    topic_prefix: str = "datalab/v1"
+    client_id: str = "datalab-receiver-1"
+    username: str = ""
+    password: str = ""  # secret: never logged
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # Share the subscription among workers with this group name ("" = plain subscription).
+    share_group: str = ""
+    max_gap_s: float = 10.0  # longest GPS gap to interpolate a position across
+
+
+def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverConfig:
+    cfg = ReceiverConfig()
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("receiver", {})
+        except OSError as exc:
+            raise ConfigError("<file>", f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("<file>", f"{path} is not valid TOML: {exc}") from exc
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in fields(ReceiverConfig)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"receiver.{key}", "unknown key")
+        default = getattr(cfg, key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"receiver.{key}", f"expected {type(default).__name__}, got {value!r}")
+        setattr(cfg, key, value)
+    if not 1 <= cfg.port <= 65535:
+        raise ConfigError("receiver.port", "must be a TCP port, 1-65535")
+    if cfg.max_gap_s <= 0:
+        raise ConfigError("receiver.max_gap_s", "must be above 0")
+    return cfg

@@ -1,0 +1,70 @@
+"""Validate one upload, store it, and say what to answer. No MQTT in here.
+
+The decision for every payload:
+
+* decodes, comes from the device its topic names, stores  -> ack ``stored``
+* same batch id and bytes as one already stored             -> ack ``duplicate``
+* anything permanently wrong (malformed, unknown version,
+  too large, device mismatch, same id with other bytes)     -> dead-letter + ack ``rejected``
+
+A failure of the store itself (disk full, database locked too long) is not the
+payload's fault: it propagates, the broker message stays un-acknowledged and
+is delivered again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from edge.errors import PayloadError
+from receiver.store import Store
+from uplink.wire import (
+    ACK_DUPLICATE,
+    ACK_REJECTED,
+    ACK_STORED,
+    MAX_PAYLOAD_BYTES,
+    Ack,
+    content_hash,
+    decode_batch,
+    device_from_topic,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    device: str | None  # whom to answer (from the topic: the broker vouches for that)
+    ack: Ack | None
+
+
+class Ingestor:
+    def __init__(self, store: Store, topic_prefix: str = "datalab/v1") -> None:
+        self.store = store
+        self.prefix = topic_prefix
+        self.counters = {"stored": 0, "duplicate": 0, "rejected": 0}
+
+    def handle(self, topic: str, payload: bytes, received_ms: int) -> Outcome:
+        device = device_from_topic(self.prefix, topic)
+        digest = content_hash(payload)
+        bid = ""
+        try:
+            if device is None:
+                raise PayloadError(f"topic {topic!r} is not a device batch topic")
+            batch = decode_batch(payload)
+            bid = batch.batch_id
+            if batch.device != device:
+                raise PayloadError(
+                    f"payload claims device {batch.device!r} but arrived on {device!r}'s topic"
+                )
+            result = self.store.ingest(batch, digest, received_ms)
+        except PayloadError as exc:
+            reason = str(exc)
+            log.warning("rejected upload on %s: %s", topic, reason)
+            self.store.dead_letter(topic, device, reason, payload[:MAX_PAYLOAD_BYTES], digest, received_ms)
+            self.counters["rejected"] += 1
+            return Outcome(device, Ack(bid, ACK_REJECTED, reason, digest))
+        status = ACK_STORED if result.status == "stored" else ACK_DUPLICATE
+        self.counters[result.status] += 1
+        return Outcome(device, Ack(batch.batch_id, status, "", digest))

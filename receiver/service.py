@@ -1,0 +1,108 @@
+"""The receiver as an MQTT consumer.
+
+paho with ``manual_ack=True``: a message is acknowledged to the broker only
+after its batch is committed in the store and the device has been answered,
+so a receiver killed at any point makes the broker deliver the batch again
+(and the store's idempotence turns that into a ``duplicate`` ack).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from receiver.config import ReceiverConfig
+from receiver.ingest import Ingestor
+from receiver.store import SQLiteStore
+from uplink.wire import ack_topic, encode_ack
+
+log = logging.getLogger(__name__)
+
+
+class ReceiverService:
+    def __init__(
+        self, cfg: ReceiverConfig, store: SQLiteStore | None = None, *, ready_file: str | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.ready_file = ready_file
+        self.subscribed = threading.Event()
+        self.store = store or SQLiteStore(cfg.store, max_gap_s=cfg.max_gap_s)
+        self.ingestor = Ingestor(self.store, cfg.topic_prefix)
+        self.connected = threading.Event()
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if cfg.username:
+            self.client.username_pw_set(cfg.username, cfg.password or None)
+        if cfg.tls:
+            self.client.tls_set(
+                ca_certs=cfg.ca_file or None,
+                certfile=cfg.cert_file or None,
+                keyfile=cfg.key_file or None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    @property
+    def subscription(self) -> str:
+        topic = f"{self.cfg.topic_prefix}/+/batch"
+        return f"$share/{self.cfg.share_group}/{topic}" if self.cfg.share_group else topic
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            log.error("broker refused the receiver: %s", reason_code)
+            return
+        client.subscribe(self.subscription, qos=1)
+        self.connected.set()
+        log.info("receiver subscribed to %s", self.subscription)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("broker refused the subscription %s: %s", self.subscription, reason_codes)
+            return
+        self.subscribed.set()
+        if self.ready_file:
+            # Lets a supervisor (the demo, a test) start the vans only once batches have a taker.
+            with open(self.ready_file, "w", encoding="ascii") as f:
+                f.write("subscribed\n")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        self.connected.clear()
+        log.warning("receiver disconnected: %s", reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            outcome = self.ingestor.handle(msg.topic, msg.payload, int(time.time() * 1000))
+        except Exception:
+            # The store failed (not the payload): leave the message un-acked so the
+            # broker delivers it again, and keep running.
+            log.exception("store failure while ingesting %s; will be redelivered", msg.topic)
+            return
+        if outcome.device is not None and outcome.ack is not None:
+            client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack), qos=1)
+        client.ack(msg.mid, msg.qos)
+
+    def start(self) -> None:
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30)
+        self.client.loop_start()
+
+    def run_forever(self) -> None:
+        self.client.connect(self.cfg.host, self.cfg.port, keepalive=30)
+        self.client.loop_forever(retry_first_connection=True)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.store.close()

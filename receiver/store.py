@@ -1,0 +1,347 @@
+"""The DataLab store: one interface, SQLite (through sqlite-utils) by default.
+
+Tables (see docs/architecture.md for how they are used):
+
+* ``batches``      one row per accepted batch: id, range, content hash
+* ``samples``      raw samples exactly as they arrived; identity (device, epoch, seq)
+* ``fixes``        GPS fixes taken from the ``gps`` samples, for the position join
+* ``positions``    where each sensor sample was taken (exact, interpolated, no_fix, pending)
+* ``gaps``         intentional drops the devices reported
+* ``dead_letters`` payloads rejected for good, with the reason
+* ``counters``     running totals (duplicates ignored, dead letters ...)
+* ``observations`` (view) one row per measured value with its position: what analysts query
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import sqlite_utils
+
+from edge.errors import PayloadError
+from receiver.positions import NO_FIX, PENDING, Fix, locate
+from uplink.wire import Batch
+
+GPS_SENSOR = "gps"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    status: str  # "stored" or "duplicate"
+    new_samples: int
+    duplicate_samples: int
+
+
+class Store(Protocol):
+    """What the receiver needs from a DataLab store (SQLite now, PostgreSQL later)."""
+
+    def ingest(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult: ...
+
+    def dead_letter(
+        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
+    ) -> None: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path, *, max_gap_s: float = 10.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable enough centrally
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.max_gap_ms = int(max_gap_s * 1000)
+        self._create()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.db.conn
+
+    def _create(self) -> None:
+        db = self.db
+        db["batches"].create(
+            {
+                "batch_id": str,
+                "device": str,
+                "epoch": str,
+                "first_seq": int,
+                "last_seq": int,
+                "n_samples": int,
+                "sha256": str,
+                "received_utc_ms": int,
+            },
+            pk="batch_id",
+            if_not_exists=True,
+        )
+        db["samples"].create(
+            {
+                "device": str,
+                "epoch": str,
+                "seq": int,
+                "sensor": str,
+                "t_utc_ms": int,
+                "t_mono_ms": int,
+                "time_src": str,
+                "boot_id": str,
+                "vals": str,
+                "flags": str,
+                "batch_id": str,
+                "received_utc_ms": int,
+            },
+            pk=("device", "epoch", "seq"),
+            not_null={"device", "epoch", "seq", "sensor", "t_utc_ms"},
+            if_not_exists=True,
+        )
+        db["fixes"].create(
+            {
+                "device": str,
+                "epoch": str,
+                "seq": int,
+                "t_utc_ms": int,
+                "lat": float,
+                "lon": float,
+                "speed_mps": float,
+                "fix_quality": int,
+            },
+            pk=("device", "epoch", "seq"),
+            if_not_exists=True,
+        )
+        db["positions"].create(
+            {
+                "device": str,
+                "epoch": str,
+                "seq": int,
+                "t_utc_ms": int,
+                "state": str,
+                "lat": float,
+                "lon": float,
+                "speed_mps": float,
+                "fix_quality": int,
+            },
+            pk=("device", "epoch", "seq"),
+            if_not_exists=True,
+        )
+        db["gaps"].create(
+            {"device": str, "epoch": str, "first_seq": int, "last_seq": int, "reason": str, "batch_id": str},
+            pk=("device", "epoch", "first_seq", "last_seq"),
+            if_not_exists=True,
+        )
+        db["dead_letters"].create(
+            {
+                "id": int,
+                "received_utc_ms": int,
+                "topic": str,
+                "device": str,
+                "reason": str,
+                "sha256": str,
+                "payload": bytes,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
+        db.execute("CREATE INDEX IF NOT EXISTS samples_device_time ON samples(device, t_utc_ms)")
+        db.execute("CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes(device, t_utc_ms)")
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS positions_open ON positions(device, t_utc_ms)"
+            " WHERE state IN ('pending', 'no_fix')"
+        )
+        db.create_view(
+            "observations",
+            """
+            SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
+                   strftime('%Y-%m-%dT%H:%M:%fZ', s.t_utc_ms / 1000.0, 'unixepoch') AS time_utc,
+                   s.time_src, j.key AS quantity, j.value AS value, s.flags,
+                   p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position
+            FROM samples s
+            JOIN json_each(s.vals) j
+            LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
+            WHERE s.sensor != 'gps'
+            """,
+            replace=True,
+        )
+
+    # -- writes ---------------------------------------------------------------
+
+    def _bump(self, name: str, by: int = 1) -> None:
+        self.conn.execute(
+            "INSERT INTO counters(name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )
+
+    def ingest(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult:
+        """Store one batch in one transaction, idempotently."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            row = c.execute("SELECT sha256 FROM batches WHERE batch_id=?", (batch.batch_id,)).fetchone()
+            if row is not None:
+                if row[0] != sha256:
+                    raise PayloadError(
+                        f"batch {batch.batch_id} arrived again with different content"
+                    )
+                self._bump("batches_duplicate")
+                self._bump("samples_duplicate", len(batch.samples))
+                c.execute("COMMIT")
+                return IngestResult("duplicate", 0, len(batch.samples))
+            c.execute(
+                "INSERT INTO batches VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    batch.batch_id,
+                    batch.device,
+                    batch.epoch,
+                    batch.first_seq,
+                    batch.last_seq,
+                    len(batch.samples),
+                    sha256,
+                    received_ms,
+                ),
+            )
+            before = c.total_changes
+            c.executemany(
+                "INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        batch.device,
+                        batch.epoch,
+                        s.seq,
+                        s.sensor,
+                        s.t_utc_ms,
+                        s.t_mono_ms,
+                        str(s.time_src),
+                        s.boot_id,
+                        json.dumps(s.values, separators=(",", ":")),
+                        ",".join(s.flags),
+                        batch.batch_id,
+                        received_ms,
+                    )
+                    for s in batch.samples
+                ],
+            )
+            new = c.total_changes - before
+            if new < len(batch.samples):
+                self._bump("samples_duplicate", len(batch.samples) - new)
+            fixes = [
+                (
+                    batch.device,
+                    batch.epoch,
+                    s.seq,
+                    s.t_utc_ms,
+                    float(s.values["lat"]),
+                    float(s.values["lon"]),
+                    _num(s.values.get("speed")),
+                    _int(s.values.get("fix_quality")),
+                )
+                for s in batch.samples
+                if s.sensor == GPS_SENSOR and _has_fix(s.values)
+            ]
+            c.executemany("INSERT OR IGNORE INTO fixes VALUES (?,?,?,?,?,?,?,?)", fixes)
+            c.executemany(
+                "INSERT OR IGNORE INTO gaps VALUES (?,?,?,?,?,?)",
+                [
+                    (batch.device, batch.epoch, g.first_seq, g.last_seq, g.reason, batch.batch_id)
+                    for g in batch.gaps
+                ],
+            )
+            self._join_positions(batch, fixes)
+            self._bump("batches_stored")
+            self._bump("samples_stored", new)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return IngestResult("stored", new, len(batch.samples) - new)
+
+    def _join_positions(self, batch: Batch, fixes: list[tuple]) -> None:  # type: ignore[type-arg]
+        """Give this batch's sensor samples a position, and revisit open ones near new fixes."""
+        gap = self.max_gap_ms
+        sensor = [s for s in batch.samples if s.sensor != GPS_SENSOR]
+        times = [s.t_utc_ms for s in sensor] + [f[3] for f in fixes]
+        if not times:
+            return
+        lo, hi = min(times) - gap, max(times) + gap
+        device = batch.device
+        c = self.conn
+        newest = c.execute(
+            "SELECT max(t_utc_ms) FROM samples WHERE device=?", (device,)
+        ).fetchone()[0]
+        rows = c.execute(
+            "SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
+            " WHERE device=? AND t_utc_ms BETWEEN ? AND ? ORDER BY t_utc_ms",
+            (device, lo - gap, hi + gap),
+        ).fetchall()
+        fx = [Fix(*r) for r in rows]
+        ft = [f.t_utc_ms for f in fx]
+        todo = [(batch.epoch, s.seq, s.t_utc_ms) for s in sensor]
+        todo += c.execute(
+            "SELECT epoch, seq, t_utc_ms FROM positions WHERE device=? AND state IN (?, ?)"
+            " AND t_utc_ms BETWEEN ? AND ?",
+            (device, PENDING, NO_FIX, lo, hi),
+        ).fetchall()
+        out = []
+        for epoch, seq, t in todo:
+            p = locate(fx, ft, t, gap, newest)
+            out.append((device, epoch, seq, t, p.state, p.lat, p.lon, p.speed_mps, p.fix_quality))
+        c.executemany("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?,?,?,?)", out)
+
+    def dead_letter(
+        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
+    ) -> None:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute(
+                "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                " VALUES (?,?,?,?,?,?)",
+                (received_ms, topic, device, reason, sha256, payload),
+            )
+            self._bump("dead_letters")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    # -- reads ----------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        out = {name: value for name, value in self.conn.execute("SELECT name, value FROM counters")}
+        out["samples"] = self.conn.execute("SELECT count(*) FROM samples").fetchone()[0]
+        return out
+
+    def device_summary(self) -> list[dict[str, object]]:
+        rows = self.conn.execute(
+            "SELECT device, epoch, count(*), min(seq), max(seq), max(t_utc_ms) FROM samples"
+            " GROUP BY device, epoch ORDER BY device"
+        ).fetchall()
+        return [
+            {"device": r[0], "epoch": r[1], "samples": r[2], "min_seq": r[3], "max_seq": r[4], "last_utc_ms": r[5]}
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _has_fix(values: dict[str, object]) -> bool:
+    lat, lon = values.get("lat"), values.get("lon")
+    return isinstance(lat, (int, float)) and isinstance(lon, (int, float)) and bool(
+        values.get("fix_quality", 1)
+    )
+
+
+def _num(v: object) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _int(v: object) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

@@ -1,0 +1,96 @@
+"""``datalab-sim``: simulated vans and fleets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from simulator.fleet import FleetResult, run_fleet
+
+SAMPLES_PER_VAN_HOUR = 4 * 3600  # four sensors at 1 Hz
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Simulated vans and fleets for trying datalab-edge without hardware.
+
+    \b
+    Examples:
+      datalab-sim fleet                      # 3 vans, one 8-hour shift
+      datalab-sim fleet --vans 10 --hours 2 --out /tmp/fleet
+    """
+
+
+def _table(state: dict[str, dict], counts: dict[str, int], hours: float) -> Table:
+    t = Table(title="simulated fleet")
+    t.add_column("van")
+    t.add_column("agent")
+    t.add_column("samples in the store", justify="right")
+    t.add_column("of a shift", justify="right")
+    for device, st in state.items():
+        n = counts.get(device, 0)
+        t.add_row(device, "driving" if st["running"] else "done", f"{n:,}",
+                  f"{100 * n / (SAMPLES_PER_VAN_HOUR * hours):.0f} %")
+    return t
+
+
+def summary(res: FleetResult, console: Console) -> None:
+    t = Table(title=f"summary ({res.elapsed_s:.0f} s, broker: {res.broker})")
+    for col in ("van", "taken", "committed", "delivered", "stored", "gap-recorded", "lost"):
+        t.add_column(col, justify="right")
+    for v in res.vans:
+        t.add_row(v.device, f"{v.taken:,}", f"{v.committed:,}", f"{v.delivered:,}", f"{v.stored:,}",
+                  f"{v.gapped:,}", f"{v.lost:,}")
+    tot = lambda f: sum(getattr(v, f) for v in res.vans)  # noqa: E731
+    t.add_row("all", *(f"{tot(f):,}" for f in ("taken", "committed", "delivered", "stored", "gapped", "lost")))
+    console.print(t)
+    console.print(f"duplicates ignored by the receiver: {res.duplicates_ignored:,}")
+    console.print(f"dead letters: {res.dead_letters:,}")
+    pct = 100 * res.positioned / res.sensor_samples if res.sensor_samples else 0
+    console.print(f"sensor samples with a position: {res.positioned:,} of {res.sensor_samples:,} ({pct:.1f} %)")
+    console.print(f"\nThe store is [bold]{res.store}[/bold]. Look inside with:")
+    console.print(f"  datalab-receiver stats --store {res.store}")
+    console.print(f"  sqlite-utils tables {res.store} --counts")
+    console.print(
+        f"  sqlite-utils {res.store} \"select device, time_utc, quantity, value, lat, lon, position"
+        " from observations limit 10\" --table"
+    )
+
+
+@main.command()
+@click.option("--vans", default=3, show_default=True, help="Number of vans.")
+@click.option("--hours", default=8.0, show_default=True, help="Shift length in simulated hours.")
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the store, the van buffers and the logs.")
+@click.option("--broker", "broker_kind", type=click.Choice(["auto", "mosquitto", "amqtt"]),
+              default="auto", show_default=True, help="Broker to start (auto: Mosquitto if installed).")
+@click.option("--seed", default=1, show_default=True)
+def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int) -> None:
+    """Run a simulated fleet through agents, broker, receiver and store; print a summary.
+
+    \b
+    Examples:
+      datalab-sim fleet
+      datalab-sim fleet --vans 5 --hours 1 --broker amqtt
+    """
+    console = Console()
+    console.print(f"Driving {vans} simulated vans for a {hours:g}-hour shift in Alphen aan den Rijn ...")
+    with Live(_table({}, {}, hours), console=console, refresh_per_second=4, transient=False) as live:
+        res = run_fleet(
+            Path(out), vans=vans, hours=hours, broker_kind=broker_kind, seed=seed,
+            progress=lambda st, c: live.update(_table(st, c, hours)),
+        )
+    summary(res, console)
+    bad = [v.device for v in res.vans if v.exit_code != 0]
+    if res.lost or bad:
+        console.print(f"[red]FAILED: lost {res.lost} samples; agents with errors: {bad}[/red]")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

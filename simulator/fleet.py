@@ -1,0 +1,226 @@
+"""The main job: a simulated fleet through agents, a broker, the receiver and the store.
+
+Every part is the real one, each in its own process: a broker (Mosquitto when
+installed, else the embedded amqtt), ``datalab-receiver run``, and one
+``edge run`` per van with a simulated clock and simulated sensors. At the end
+the store is compared with what each device committed (the delivery oracle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from simulator.broker import LocalBroker
+
+SENSORS = {"pm": "sim-pm", "no2": "sim-no2", "noise": "sim-noise", "gps": "sim-gps"}
+
+
+@dataclass
+class VanResult:
+    device: str
+    taken: int = 0
+    committed: int = 0
+    delivered: int = 0  # acknowledged by the receiver as committed
+    stored: int = 0  # rows in the store for this device
+    gapped: int = 0  # samples the device declared dropped (gap records)
+    lost: int = 0
+    exit_code: int | None = None
+
+
+@dataclass
+class FleetResult:
+    store: Path
+    broker: str
+    vans: list[VanResult] = field(default_factory=list)
+    duplicates_ignored: int = 0
+    dead_letters: int = 0
+    positioned: int = 0
+    sensor_samples: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def lost(self) -> int:
+        return sum(v.lost for v in self.vans)
+
+
+def van_config(
+    device: str, data_dir: Path, port: int, *, seed: int, hours: float, offset_m: float, start_utc: str
+) -> str:
+    sensors = "\n".join(f'[sensors.{n}]\ndriver = "{d}"\n' for n, d in SENSORS.items())
+    return f"""# Simulated van written by datalab-sim fleet
+[device]
+id = "{device}"
+data_dir = "{data_dir}"
+
+[uplink]
+host = "127.0.0.1"
+port = {port}
+
+[batch]
+max_samples = 2000
+max_age_s = 120.0
+
+{sensors}
+[simulation]
+enabled = true
+seed = {seed}
+start_utc = "{start_utc}"
+shift_hours = {hours}
+start_offset_m = {offset_m}
+"""
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def oracle(store: Path, stats_files: dict[str, Path]) -> tuple[list[VanResult], dict[str, int]]:
+    """Compare each device's committed sequence range with the store."""
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    results = []
+    for device, path in stats_files.items():
+        r = VanResult(device)
+        if path.exists():
+            st = json.loads(path.read_text())
+            r.taken, r.committed, r.delivered = st["taken"], st["last_seq"], st["acked_samples"]
+            epoch = st["epoch"]
+            r.stored = db.execute(
+                "SELECT count(*) FROM samples WHERE device=? AND epoch=?", (device, epoch)
+            ).fetchone()[0]
+            for first, last in db.execute(
+                "SELECT first_seq, last_seq FROM gaps WHERE device=? AND epoch=?", (device, epoch)
+            ):
+                r.gapped += last - first + 1
+            r.lost = max(0, r.committed - r.stored - r.gapped)
+        results.append(r)
+    counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+    counters["positioned"] = db.execute(
+        "SELECT count(*) FROM positions WHERE state IN ('exact','interpolated')"
+    ).fetchone()[0]
+    counters["sensor_samples"] = db.execute(
+        "SELECT count(*) FROM samples WHERE sensor != 'gps'"
+    ).fetchone()[0]
+    db.close()
+    return results, counters
+
+
+def run_fleet(
+    out: Path,
+    *,
+    vans: int = 3,
+    hours: float = 8.0,
+    broker_kind: str = "auto",
+    seed: int = 1,
+    start_utc: str = "2026-11-26T07:30:00+01:00",
+    progress: Callable[[dict[str, dict], dict[str, int]], None] | None = None,
+    timeout_s: float = 1800.0,
+) -> FleetResult:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "datalab.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(store) + suffix).unlink(missing_ok=True)
+    t0 = time.monotonic()
+    broker = LocalBroker(broker_kind, workdir=out / "broker")
+    (out / "broker").mkdir(exist_ok=True)
+    broker.start()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stats_files: dict[str, Path] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ready = out / "receiver.ready"
+    ready.unlink(missing_ok=True)
+    receiver = subprocess.Popen(
+        [_python(), "-m", "receiver.cli", "run", "--store", str(store),
+         "--host", broker.host, "--port", str(broker.port), "--client-id", "datalab-receiver-demo",
+         "--ready-file", str(ready)],
+        stdout=open(out / "receiver.log", "wb"), stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        _wait_for(ready, receiver, 30.0)
+        for i in range(vans):
+            device = f"van-{i + 1:03d}"
+            vdir = out / "vans" / device
+            vdir.mkdir(parents=True, exist_ok=True)
+            for p in vdir.glob("buffer.sqlite*"):
+                p.unlink()
+            cfg = vdir / "agent.toml"
+            cfg.write_text(
+                van_config(device, vdir, broker.port, seed=seed + i, hours=hours,
+                           offset_m=2500.0 * i, start_utc=start_utc)
+            )
+            stats_files[device] = vdir / "stats.json"
+            stats_files[device].unlink(missing_ok=True)
+            procs[device] = subprocess.Popen(
+                [_python(), "-m", "edge.cli", "run", "--config", str(cfg)],
+                stdout=open(vdir / "agent.log", "wb"), stderr=subprocess.STDOUT, env=env,
+            )
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in procs.values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the fleet did not finish in time")
+            if progress:
+                progress(_progress(procs, stats_files), _store_counts(store))
+            time.sleep(0.5)
+        if progress:
+            progress(_progress(procs, stats_files), _store_counts(store))
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)
+        receiver.terminate()
+        try:
+            receiver.wait(30)
+        except subprocess.TimeoutExpired:
+            receiver.kill()
+        broker.close()
+    results, counters = oracle(store, stats_files)
+    for r in results:
+        r.exit_code = procs[r.device].returncode
+    return FleetResult(
+        store=store,
+        broker=broker.kind,
+        vans=results,
+        duplicates_ignored=counters.get("samples_duplicate", 0),
+        dead_letters=counters.get("dead_letters", 0),
+        positioned=counters["positioned"],
+        sensor_samples=counters["sensor_samples"],
+        elapsed_s=time.monotonic() - t0,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the receiver exited with {proc.returncode} before subscribing")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the receiver did not subscribe in time")
+        time.sleep(0.05)
+
+
+def _progress(procs: dict[str, subprocess.Popen[bytes]], stats: dict[str, Path]) -> dict[str, dict]:
+    out = {}
+    for device, p in procs.items():
+        out[device] = {"running": p.poll() is None}
+    return out
+
+
+def _store_counts(store: Path) -> dict[str, int]:
+    if not store.exists():
+        return {}
+    try:
+        db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1)
+        rows = db.execute("SELECT device, count(*) FROM samples GROUP BY device").fetchall()
+        db.close()
+        return dict(rows)
+    except sqlite3.Error:
+        return {}

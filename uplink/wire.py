@@ -1,0 +1,266 @@
+"""The wire format: the one module that knows how batches and acks look in bytes.
+
+A batch payload is ``MAGIC + version byte + body``. Version 1's body is
+zlib-compressed JSON (readable, self-describing; the delivery-contract issue
+adds a compact columnar version 2 behind the same two functions). A payload of
+an unknown version is refused with a reason rather than guessed at.
+
+Topics (``prefix`` defaults to ``datalab/v1``):
+
+* ``{prefix}/{device}/batch``  device -> receiver, QoS 1, one sealed batch
+* ``{prefix}/{device}/ack``    receiver -> device, QoS 1, JSON ack
+
+Full description: docs/wire-format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge.errors import PayloadError
+from edge.model import Sample, TimeSource
+
+MAGIC = b"DLB"
+VERSION_JSON = 1
+SUPPORTED_VERSIONS = (VERSION_JSON,)
+
+# Bounds that keep a hostile or broken payload from costing the receiver much.
+MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB on the wire
+MAX_DECOMPRESSED_BYTES = 16 << 20  # 16 MiB once inflated: no zip bombs
+MAX_SAMPLES_PER_BATCH = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """An intentional drop the device owns up to: which sequence range, and why."""
+
+    first_seq: int
+    last_seq: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Batch:
+    device: str
+    epoch: str
+    first_seq: int
+    last_seq: int
+    samples: list[Sample]
+    gaps: list[Gap] = field(default_factory=list)
+
+    @property
+    def batch_id(self) -> str:
+        return batch_id(self.device, self.epoch, self.first_seq, self.last_seq)
+
+
+def batch_id(device: str, epoch: str, first_seq: int, last_seq: int) -> str:
+    return f"{device}/{epoch}/{first_seq}-{last_seq}"
+
+
+def parse_batch_id(bid: str) -> tuple[str, str, int, int]:
+    try:
+        device, epoch, rng = bid.split("/")
+        first, last = rng.split("-")
+        return device, epoch, int(first), int(last)
+    except ValueError as exc:
+        raise PayloadError(f"malformed batch id {bid!r}") from exc
+
+
+def batch_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/batch"
+
+
+def ack_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/ack"
+
+
+def device_from_topic(prefix: str, topic: str) -> str | None:
+    """The device a topic belongs to, or None if it is not one of ours."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    rest = topic[len(head) :].split("/")
+    return rest[0] if len(rest) == 2 and rest[0] else None
+
+
+def content_hash(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+# --- batches ---------------------------------------------------------------
+
+
+def _sample_row(s: Sample) -> list[Any]:
+    return [s.seq, s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.values, list(s.flags), s.boot_id]
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Bytes for a sealed batch. Deterministic: the same batch gives the same bytes."""
+    body = {
+        "device": batch.device,
+        "epoch": batch.epoch,
+        "first": batch.first_seq,
+        "last": batch.last_seq,
+        "cols": ["seq", "sensor", "t_utc_ms", "t_mono_ms", "time_src", "values", "flags", "boot"],
+        "samples": [_sample_row(s) for s in batch.samples],
+        "gaps": [[g.first_seq, g.last_seq, g.reason] for g in batch.gaps],
+    }
+    raw = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    return MAGIC + bytes([VERSION_JSON]) + zlib.compress(raw, 6)
+
+
+def _inflate(data: bytes) -> bytes:
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, MAX_DECOMPRESSED_BYTES)
+    except zlib.error as exc:
+        raise PayloadError(f"body is not valid zlib data: {exc}") from exc
+    if d.unconsumed_tail:
+        raise PayloadError(f"body inflates to more than {MAX_DECOMPRESSED_BYTES} bytes")
+    if not d.eof:
+        raise PayloadError("body is truncated")
+    return out
+
+
+def _req(obj: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
+    if key not in obj:
+        raise PayloadError(f"missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise PayloadError(f"field {key!r} has the wrong type")
+    return value
+
+
+def _decode_sample(row: Any) -> Sample:
+    if not isinstance(row, list) or len(row) != 8:
+        raise PayloadError("a sample row must be a list of 8 fields")
+    seq, sensor, t_utc, t_mono, src, values, flags, boot = row
+    if not (isinstance(seq, int) and isinstance(t_utc, int) and isinstance(t_mono, int)):
+        raise PayloadError("seq and times must be integers")
+    if not isinstance(sensor, str) or not sensor:
+        raise PayloadError("sensor must be a non-empty string")
+    try:
+        time_src = TimeSource(src)
+    except ValueError as exc:
+        raise PayloadError(f"unknown time source {src!r}") from exc
+    if not isinstance(values, dict):
+        raise PayloadError("values must be an object")
+    for k, v in values.items():
+        if not isinstance(k, str) or not (v is None or isinstance(v, (int, float, str))):
+            raise PayloadError(f"value {k!r} must be a number, a string or null")
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise PayloadError("flags must be a list of strings")
+    if not isinstance(boot, str):
+        raise PayloadError("boot must be a string")
+    return Sample(sensor, t_utc, t_mono, time_src, values, tuple(flags), seq, boot)
+
+
+def decode_batch(payload: bytes) -> Batch:
+    """Decode and validate; raise ``PayloadError`` with the reason for anything off."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    if len(payload) < len(MAGIC) + 1 or not payload.startswith(MAGIC):
+        raise PayloadError("not a datalab batch (bad magic)")
+    version = payload[len(MAGIC)]
+    if version not in SUPPORTED_VERSIONS:
+        raise PayloadError(
+            f"unsupported wire version {version} (this receiver reads {SUPPORTED_VERSIONS})"
+        )
+    raw = _inflate(payload[len(MAGIC) + 1 :])
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise PayloadError("body must be a JSON object")
+    device = _req(body, "device", str)
+    epoch = _req(body, "epoch", str)
+    first = _req(body, "first", int)
+    last = _req(body, "last", int)
+    rows = _req(body, "samples", list)
+    gap_rows = _req(body, "gaps", list)
+    if first < 1 or last < first:
+        raise PayloadError(f"bad sequence range {first}-{last}")
+    if len(rows) > MAX_SAMPLES_PER_BATCH:
+        raise PayloadError(f"{len(rows)} samples exceed {MAX_SAMPLES_PER_BATCH}")
+    samples = [_decode_sample(r) for r in rows]
+    for s in samples:
+        assert s.seq is not None
+        if not first <= s.seq <= last:
+            raise PayloadError(f"sample seq {s.seq} outside the batch range {first}-{last}")
+    seqs = [s.seq for s in samples]
+    if len(set(seqs)) != len(seqs):
+        raise PayloadError("a sequence number appears twice in one batch")
+    gaps: list[Gap] = []
+    for g in gap_rows:
+        if (
+            not isinstance(g, list)
+            or len(g) != 3
+            or not isinstance(g[0], int)
+            or not isinstance(g[1], int)
+            or not isinstance(g[2], str)
+            or g[1] < g[0]
+        ):
+            raise PayloadError("a gap must be [first_seq, last_seq, reason]")
+        gaps.append(Gap(g[0], g[1], g[2]))
+    return Batch(device, epoch, first, last, samples, gaps)
+
+
+# --- acknowledgements --------------------------------------------------------
+
+ACK_STORED = "stored"  # committed in the store by this delivery
+ACK_DUPLICATE = "duplicate"  # was already committed: the device may delete it too
+ACK_REJECTED = "rejected"  # permanently bad: the device stops retrying and records a gap
+ACK_STATUSES = (ACK_STORED, ACK_DUPLICATE, ACK_REJECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The receiver's word on one batch.
+
+    ``sha256`` is the hash of the payload as received: when a payload is too
+    broken to name its batch, the device still knows which one it was.
+    """
+
+    batch_id: str
+    status: str
+    reason: str = ""
+    sha256: str = ""
+
+    @property
+    def committed(self) -> bool:
+        return self.status in (ACK_STORED, ACK_DUPLICATE)
+
+
+def encode_ack(ack: Ack) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "batch": ack.batch_id,
+            "status": ack.status,
+            "reason": ack.reason,
+            "sha256": ack.sha256,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_ack(payload: bytes) -> Ack:
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"ack is not JSON: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("v") != 1:
+        raise PayloadError("ack of unknown version")
+    bid, status = obj.get("batch"), obj.get("status")
+    if not isinstance(bid, str) or status not in ACK_STATUSES:
+        raise PayloadError("ack lacks a batch id or a known status")
+    reason = obj.get("reason", "")
+    sha = obj.get("sha256", "")
+    return Ack(
+        bid, status, reason if isinstance(reason, str) else "", sha if isinstance(sha, str) else ""
+    )
