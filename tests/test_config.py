@@ -1,0 +1,80 @@
+import tomllib
+from dataclasses import fields
+from importlib import resources
+
+import pytest
+from click.testing import CliRunner
+
+from edge.cli import main
+from edge.config import AgentConfig, load_config, parse_config, redacted
+from edge.errors import ConfigError
+
+
+def test_example_file_documents_exactly_the_defaults():
+    text = resources.files("edge").joinpath("config.example.toml").read_text()
+    data = tomllib.loads(text)
+    cfg = parse_config(data)
+    defaults = AgentConfig()
+    for section in ("device", "sampling", "batch", "uplink", "simulation"):
+        got, want = getattr(cfg, section), getattr(defaults, section)
+        assert {f.name for f in fields(want)} == set(data[section]), section
+        for f in fields(want):
+            assert getattr(got, f.name) == getattr(want, f.name), f"{section}.{f.name}"
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"sampling": {"rate_hz": 0}}, "sampling.rate_hz"),
+        ({"sampling": {"rate_hz": "fast"}}, "sampling.rate_hz"),
+        ({"uplink": {"port": 70000}}, "uplink.port"),
+        ({"uplink": {"prot": 1883}}, "uplink.prot"),
+        ({"device": {"id": "van 1/../x"}}, "device.id"),
+        ({"uplink": {"tls": "yes"}}, "uplink.tls"),
+        ({"uplink": {"ca_file": "/nonexistent/ca.pem"}}, "uplink.ca_file"),
+        ({"sensors": {"pm": {"port": "/dev/ttyS0"}}}, "sensors.pm.driver"),
+        ({"sensor": {}}, "sensor"),
+    ],
+)
+def test_invalid_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert exc.value.key == key
+    assert key in str(exc.value)
+
+
+def test_unreadable_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[device\nid = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_redacted_hides_password():
+    cfg = parse_config({"uplink": {"username": "van-007", "password": "hunter2"}})
+    shown = redacted(cfg)
+    assert shown["uplink"]["password"] == "***"
+    assert "hunter2" not in repr(shown)
+
+
+def test_cli_config_check(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[device]\nid = "van-042"\n[uplink]\npassword = "s3cret"\n')
+    r = CliRunner().invoke(main, ["config", "check", str(good)])
+    assert r.exit_code == 0, r.output
+    assert "van-042" in r.output and "s3cret" not in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sampling]\ncommit_interval_s = 3600\n")
+    r = CliRunner().invoke(main, ["config", "check", str(bad)])
+    assert r.exit_code == 1
+    assert "sampling.commit_interval_s" in r.output
+
+
+def test_agent_refuses_to_start_on_bad_config(tmp_path):
+    bad = tmp_path / "agent.toml"
+    bad.write_text(f'[device]\ndata_dir = "{tmp_path}"\n[sensors.pm]\ndriver = "pms9999"\n')
+    r = CliRunner().invoke(main, ["run", "--config", str(bad)])
+    assert r.exit_code == 1
+    assert "sensors.pm.driver" in r.output and "pms9999" in r.output
