@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS samples (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     sensor TEXT NOT NULL,
-    t_utc_ms INTEGER NOT NULL,
+    t_utc_ms INTEGER,  -- NULL: time unknown
     t_mono_ms INTEGER NOT NULL,
     time_src TEXT NOT NULL,
     boot_id TEXT NOT NULL,
@@ -158,6 +158,26 @@ class Buffer:
                 (first_seq, last_seq, reason),
             )
 
+    def count_unsync(self, boot_id: str) -> int:
+        """Unsealed samples of this boot stamped before the clock was trusted."""
+        return self._db.execute(
+            "SELECT count(*) FROM samples WHERE boot_id=? AND time_src='unsync'", (boot_id,)
+        ).fetchone()[0]
+
+    def correct_unsync(self, boot_id: str, offset_ms: int) -> int:
+        """Re-stamp this boot's unsynchronised samples from their monotonic time.
+
+        Only samples of the same boot can be corrected: their monotonic clock is
+        the one the offset was measured on. Sealed batches are never touched.
+        """
+        with self._tx():
+            cur = self._db.execute(
+                "UPDATE samples SET t_utc_ms = t_mono_ms + ?, time_src = 'corrected'"
+                " WHERE boot_id=? AND time_src='unsync'",
+                (offset_ms, boot_id),
+            )
+        return cur.rowcount
+
     @property
     def unsealed_count(self) -> int:
         return self._unsealed
@@ -216,7 +236,7 @@ class Buffer:
                     payload,
                     digest,
                     now_utc_ms,
-                    min((s.t_utc_ms for s in samples), default=None),
+                    min((s.t_utc_ms for s in samples if s.t_utc_ms is not None), default=None),
                 ),
             )
             if samples:

@@ -31,6 +31,7 @@ from edge.clock import Clock
 from edge.config import AgentConfig
 from edge.errors import PayloadError, RecoverableError
 from edge.model import Sample
+from edge.timekeeping import TimeFixSource, TimeKeeper
 from uplink.mqtt import Link
 from uplink.wire import parse_batch_id
 
@@ -49,6 +50,7 @@ class AgentStats:
     acked_samples: int = 0
     duplicate_acks: int = 0
     rejected_batches: int = 0
+    time_corrected: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -72,6 +74,7 @@ class Agent:
         *,
         timer: Callable[[], float] = time.monotonic,
         boot_id: str | None = None,
+        timekeeper: TimeKeeper | None = None,
     ) -> None:
         self.cfg = cfg
         self.drivers = drivers
@@ -80,7 +83,15 @@ class Agent:
         self.link = link
         self.timer = timer
         self.boot_id = boot_id or _boot_id()
+        self.timekeeper = timekeeper or TimeKeeper(
+            clock,
+            [d for d in drivers if isinstance(d, TimeFixSource)],
+            gps_valid_s=cfg.time.gps_valid_s,
+        )
         self.stats = AgentStats()
+        # Samples of this boot stamped before the clock was trusted, waiting to be corrected.
+        self._unsync = buffer.count_unsync(self.boot_id)
+        self._unsync_since: float | None = clock.monotonic() if self._unsync else None
         self._pending: list[Sample] = []
         self._last_commit = clock.monotonic()
         self._first_unsealed_mono: float | None = None
@@ -98,13 +109,16 @@ class Agent:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def run(self, until_utc: float | None = None) -> None:
-        """Sample until stopped (or until the clock reaches ``until_utc``), then commit."""
+    def run(self, duration_s: float | None = None) -> None:
+        """Sample until stopped (or for ``duration_s`` of monotonic time), then commit.
+
+        The duration runs on the monotonic clock: the wall clock may step.
+        """
         period = 1.0 / self.cfg.sampling.rate_hz
-        next_tick = self.clock.monotonic()
+        start = next_tick = self.clock.monotonic()
         try:
             while not self._stop.is_set():
-                if until_utc is not None and self.clock.utc() >= until_utc:
+                if duration_s is not None and self.clock.monotonic() - start >= duration_s - 1e-9:
                     break
                 self.tick()
                 next_tick += period
@@ -129,6 +143,7 @@ class Agent:
     # -- sampling -------------------------------------------------------------
 
     def sample(self) -> None:
+        self.timekeeper.update()
         for drv in self.drivers:
             try:
                 reading = drv.read()
@@ -140,12 +155,13 @@ class Agent:
                 continue
             if reading is None:
                 continue
+            stamp = self.timekeeper.stamp()
             self._pending.append(
                 Sample(
                     sensor=reading.sensor,
-                    t_utc_ms=int(round(self.clock.utc() * 1000)),
-                    t_mono_ms=int(round(self.clock.monotonic() * 1000)),
-                    time_src=self.clock.source(),
+                    t_utc_ms=stamp.t_utc_ms,
+                    t_mono_ms=stamp.t_mono_ms,
+                    time_src=stamp.source,
                     values=dict(reading.values),
                     flags=reading.flags,
                     boot_id=self.boot_id,
@@ -171,11 +187,38 @@ class Agent:
         batch, self._pending = self._pending, []
         self.buffer.commit(batch)
         self.stats.committed += len(batch)
+        unsync = sum(1 for x in batch if not x.time_src.trusted)
+        if unsync:
+            self._unsync += unsync
+            if self._unsync_since is None:
+                self._unsync_since = self.clock.monotonic()
         if self._first_unsealed_mono is None:
             self._first_unsealed_mono = batch[0].t_mono_ms / 1000.0
 
+    def _hold_for_time(self, force: bool) -> bool:
+        """Correct unsynchronised samples if trusted time is known; else say whether to wait."""
+        if not self._unsync:
+            return False
+        offset = self.timekeeper.correction_offset_ms()
+        if offset is not None:
+            n = self.buffer.correct_unsync(self.boot_id, offset)
+            self.stats.time_corrected += n
+            log.info("corrected %d samples stamped before the clock was trusted", n)
+            self._unsync, self._unsync_since = 0, None
+            return False
+        if force:
+            return False
+        waited = self.clock.monotonic() - (self._unsync_since or self.clock.monotonic())
+        if waited < self.cfg.time.hold_unsync_s:
+            return True
+        # Waited long enough: they go out flagged "unsync" (or with time unknown).
+        self._unsync, self._unsync_since = 0, None
+        return False
+
     def maybe_seal(self, force: bool = False) -> None:
         bc = self.cfg.batch
+        if self._hold_for_time(force):
+            return
         while self.buffer.unsealed_count > 0:
             age = (
                 self.clock.monotonic() - self._first_unsealed_mono

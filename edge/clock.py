@@ -99,8 +99,12 @@ class SimClock:
 
     ``speedup=None`` runs as fast as the caller can go (``sleep`` only advances
     the virtual clock); a number makes ``sleep`` also wait for the real time
-    ``seconds / speedup``. ``trusted_after`` models a Pi that boots with a stale
-    clock: ``source()`` says UNSYNC until that many virtual seconds have passed.
+    ``seconds / speedup``.
+
+    ``trusted_after`` and ``boot_error_s`` model a Pi that boots with a stale
+    clock: until that many virtual seconds have passed, ``utc()`` is off by
+    ``boot_error_s`` and ``source()`` says UNSYNC; then NTP steps it right.
+    ``true_utc()`` is the real time, for simulated GPS receivers.
     """
 
     def __init__(
@@ -110,17 +114,25 @@ class SimClock:
         speedup: float | None = None,
         trusted_source: TimeSource = TimeSource.NTP,
         trusted_after: float = 0.0,
+        boot_error_s: float = 0.0,
     ) -> None:
         self._t0 = start_utc
         self._elapsed = 0.0
         self._speedup = speedup
         self._trusted_source = trusted_source
         self._trusted_after = trusted_after
+        self._boot_error = boot_error_s
+        self._step = 0.0
         self._lock = threading.Lock()
+
+    def true_utc(self) -> float:
+        with self._lock:
+            return self._t0 + self._elapsed
 
     def utc(self) -> float:
         with self._lock:
-            return self._t0 + self._elapsed
+            t = self._t0 + self._elapsed + self._step
+            return t if self._elapsed >= self._trusted_after else t + self._boot_error
 
     def monotonic(self) -> float:
         with self._lock:
@@ -129,6 +141,11 @@ class SimClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._elapsed += seconds
+
+    def step(self, seconds: float) -> None:
+        """Step the system clock (as NTP or an administrator would); monotonic time is unmoved."""
+        with self._lock:
+            self._step += seconds
 
     def sleep(self, seconds: float) -> None:
         if seconds <= 0:

@@ -34,6 +34,15 @@ class SamplingConfig:
 
 
 @dataclass(slots=True)
+class TimeConfig:
+    # A GPS time fix keeps stamps on GPS time for this long (monotonic clock drift is tiny).
+    gps_valid_s: float = 3600.0
+    # Samples stamped before the clock was trusted wait this long for GPS or NTP time to
+    # correct them, then go out flagged "unsync".
+    hold_unsync_s: float = 3600.0
+
+
+@dataclass(slots=True)
 class BatchConfig:
     max_samples: int = 2000
     max_age_s: float = 60.0
@@ -74,12 +83,16 @@ class SimulationConfig:
     shift_hours: float = 8.0
     speedup: float = 0.0  # 0 = as fast as possible
     start_offset_m: float = 0.0
+    # The Pi boots with a stale clock off by this much, until NTP syncs after ntp_after_s.
+    boot_clock_error_s: float = 0.0
+    ntp_after_s: float = 0.0
 
 
 @dataclass(slots=True)
 class AgentConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    time: TimeConfig = field(default_factory=TimeConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     sensors: list[SensorConfig] = field(default_factory=list)
@@ -94,6 +107,7 @@ class AgentConfig:
 _SECTIONS = {
     "device": DeviceConfig,
     "sampling": SamplingConfig,
+    "time": TimeConfig,
     "batch": BatchConfig,
     "uplink": UplinkConfig,
     "simulation": SimulationConfig,
@@ -142,6 +156,10 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("sampling.rate_hz", "must be above 0 and at most 50")
     if not 0.1 <= cfg.sampling.commit_interval_s <= 60:
         raise ConfigError("sampling.commit_interval_s", "must be between 0.1 and 60 seconds")
+    if cfg.time.gps_valid_s <= 0:
+        raise ConfigError("time.gps_valid_s", "must be above 0")
+    if cfg.time.hold_unsync_s < 0:
+        raise ConfigError("time.hold_unsync_s", "must be 0 or more")
     if not 1 <= cfg.batch.max_samples <= 100_000:
         raise ConfigError("batch.max_samples", "must be between 1 and 100000")
     if cfg.batch.max_age_s <= 0:

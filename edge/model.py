@@ -31,7 +31,7 @@ class Sample:
     """
 
     sensor: str
-    t_utc_ms: int
+    t_utc_ms: int | None  # None: the time is unknown (an untrusted clock in an impossible year)
     t_mono_ms: int
     time_src: TimeSource
     values: dict[str, Any]

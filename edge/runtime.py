@@ -37,7 +37,7 @@ def parse_utc(text: str, key: str) -> float:
 
 
 def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
-    """The agent, and the UTC time its run should end (simulated shifts only)."""
+    """The agent, and how long it should run (simulated shifts only; None = until stopped)."""
     ctx: dict[str, Any] = {}
     until: float | None = None
     clock: Clock
@@ -46,11 +46,16 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
         from simulator.world import VanWorld
 
         start = parse_utc(sim.start_utc, "simulation.start_utc")
-        clock = SimClock(start, speedup=sim.speedup or None)
+        clock = SimClock(
+            start,
+            speedup=sim.speedup or None,
+            trusted_after=sim.ntp_after_s,
+            boot_error_s=sim.boot_clock_error_s,
+        )
         ctx["world"] = VanWorld(
             clock, shift_start_utc=start, seed=sim.seed, start_offset_m=sim.start_offset_m
         )
-        until = start + sim.shift_hours * 3600
+        until = sim.shift_hours * 3600
     else:
         clock = SystemClock()
     ctx["clock"] = clock
@@ -79,7 +84,7 @@ def run_agent(cfg: AgentConfig, *, drain_timeout_s: float = 120.0) -> int:
     agent.link.start()
     log.info("agent %s started, epoch %s, %d sensors", cfg.device.id, agent.buffer.epoch, len(agent.drivers))
     try:
-        agent.run(until_utc=until)
+        agent.run(duration_s=until)
         if until is not None and not agent.stopping:
             # A simulated shift is over: hand everything in before exiting.
             if not agent.drain(drain_timeout_s):

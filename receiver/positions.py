@@ -15,6 +15,7 @@ EXACT = "exact"
 INTERPOLATED = "interpolated"
 NO_FIX = "no_fix"
 PENDING = "pending"
+NO_TIME = "no_time"  # the sample's time is unknown, so its place is too
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,8 @@ from typing import Protocol
 import sqlite_utils
 
 from edge.errors import PayloadError
-from receiver.positions import NO_FIX, PENDING, Fix, locate
+from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
+from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from uplink.wire import Batch
 
 GPS_SENSOR = "gps"
@@ -98,7 +99,7 @@ class SQLiteStore:
                 "received_utc_ms": int,
             },
             pk=("device", "epoch", "seq"),
-            not_null={"device", "epoch", "seq", "sensor", "t_utc_ms"},
+            not_null={"device", "epoch", "seq", "sensor"},
             if_not_exists=True,
         )
         db["fixes"].create(
@@ -182,6 +183,7 @@ class SQLiteStore:
     def ingest(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult:
         """Store one batch in one transaction, idempotently."""
         c = self.conn
+        _screen_times(batch, received_ms)
         c.execute("BEGIN IMMEDIATE")
         try:
             row = c.execute("SELECT sha256 FROM batches WHERE batch_id=?", (batch.batch_id,)).fetchone()
@@ -243,7 +245,7 @@ class SQLiteStore:
                     _int(s.values.get("fix_quality")),
                 )
                 for s in batch.samples
-                if s.sensor == GPS_SENSOR and _has_fix(s.values)
+                if s.sensor == GPS_SENSOR and s.t_utc_ms is not None and _has_fix(s.values)
             ]
             c.executemany("INSERT OR IGNORE INTO fixes VALUES (?,?,?,?,?,?,?,?)", fixes)
             c.executemany(
@@ -266,6 +268,12 @@ class SQLiteStore:
         """Give this batch's sensor samples a position, and revisit open ones near new fixes."""
         gap = self.max_gap_ms
         sensor = [s for s in batch.samples if s.sensor != GPS_SENSOR]
+        timeless = [s for s in sensor if s.t_utc_ms is None]
+        sensor = [s for s in sensor if s.t_utc_ms is not None]
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO positions (device, epoch, seq, state) VALUES (?,?,?,?)",
+            [(batch.device, batch.epoch, s.seq, NO_TIME) for s in timeless],
+        )
         times = [s.t_utc_ms for s in sensor] + [f[3] for f in fixes]
         if not times:
             return
@@ -330,6 +338,19 @@ class SQLiteStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+# A stamp more than this far ahead of the receiver's own clock is a device clock fault.
+MAX_FUTURE_MS = 24 * 3600 * 1000
+
+
+def _screen_times(batch: Batch, received_ms: int) -> None:
+    """Never store a time the sensors cannot have lived in: unknown is more honest."""
+    for s in batch.samples:
+        t = s.t_utc_ms
+        if t is not None and (t < MIN_PLAUSIBLE_UTC_MS or t > received_ms + MAX_FUTURE_MS):
+            s.t_utc_ms = None
+            s.flags = (*s.flags, "time_implausible")
 
 
 def _has_fix(values: dict[str, object]) -> bool:

@@ -75,7 +75,20 @@ seed = {seed}
 start_utc = "{start_utc}"
 shift_hours = {hours}
 start_offset_m = {offset_m}
+# The Pi has no real-time clock: it boots with last year's saved time; NTP needs
+# coverage (15 min), GPS time usually comes first. Early samples get corrected.
+boot_clock_error_s = -31536000.0
+ntp_after_s = 900.0
 """
+
+
+def default_shift_start() -> str:
+    """Yesterday's 07:30 in Alphen (CET): a shift safely in the past of the receiver's clock."""
+    import datetime as dt
+
+    cet = dt.timezone(dt.timedelta(hours=1))
+    day = (dt.datetime.now(cet) - dt.timedelta(days=1)).date()
+    return dt.datetime(day.year, day.month, day.day, 7, 30, tzinfo=cet).isoformat()
 
 
 def _python() -> str:
@@ -119,12 +132,14 @@ def run_fleet(
     hours: float = 8.0,
     broker_kind: str = "auto",
     seed: int = 1,
-    start_utc: str = "2026-11-26T07:30:00+01:00",
+    start_utc: str | None = None,
     progress: Callable[[dict[str, dict], dict[str, int]], None] | None = None,
     timeout_s: float = 1800.0,
 ) -> FleetResult:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if start_utc is None:
+        start_utc = default_shift_start()
     store = out / "datalab.sqlite"
     for suffix in ("", "-wal", "-shm"):
         Path(str(store) + suffix).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from drivers.base import Reading
 from simulator.world import VanWorld
 
 WARM_UP_S = 30.0
+GPS_TTFF_S = 35.0  # a cold receiver's time to first fix
 
 
 class _SimSensor:
@@ -79,9 +80,21 @@ class SimNoise(_SimSensor):
 class SimGPS(_SimSensor):
     name = "gps"
 
+    def _has_fix(self) -> bool:
+        cold = self.world.clock.monotonic() - self._t_on < GPS_TTFF_S
+        return not cold and not self.world.truth().van.gps_blocked
+
+    def time_fix(self) -> tuple[float, float] | None:
+        """True time while the van has a fix: the agent's trusted time source."""
+        if not self._has_fix():
+            return None
+        clock = self.world.clock
+        true_utc = getattr(clock, "true_utc", clock.utc)
+        return (true_utc(), clock.monotonic())
+
     def read(self) -> Reading:
         van = self.world.truth().van
-        if van.gps_blocked:
+        if not self._has_fix():
             return Reading("gps", {"fix_quality": 0, "sats_used": 0}, ("no_fix",))
         # A consumer receiver: metres of scatter (1e-5 degree ≈ 1.1 m).
         return Reading(

@@ -104,7 +104,7 @@ def test_samples_are_stamped_and_group_committed(tmp_path):
     commits = []
     real_commit = agent.buffer.commit
     agent.buffer.commit = lambda s: commits.append(len(s)) or real_commit(s)
-    agent.run(until_utc=T0 + 20)
+    agent.run(duration_s=20)
     # 20 ticks at 1 Hz, committed every 5 s: four groups, not twenty transactions
     assert agent.stats.taken == 20 and sum(commits) == 20
     assert len(commits) == 4
@@ -113,13 +113,14 @@ def test_samples_are_stamped_and_group_committed(tmp_path):
     first, fourth = batch.samples[0], batch.samples[3]
     assert first.t_utc_ms == int(T0 * 1000) and fourth.t_utc_ms == int((T0 + 3) * 1000)
     assert fourth.t_mono_ms - first.t_mono_ms == 3000
-    assert first.time_src == TimeSource.UNSYNC and fourth.time_src == TimeSource.NTP
+    # stamped before the clock was trusted, corrected from the monotonic clock before sealing
+    assert first.time_src == TimeSource.CORRECTED and fourth.time_src == TimeSource.NTP
     assert first.boot_id == "boot-1"
 
 
 def test_sensor_errors_are_counted_and_other_sensors_go_on(tmp_path):
     agent, clock, link, _ = make(tmp_path, drivers=[Flaky(), Counter()])
-    agent.run(until_utc=T0 + 15)
+    agent.run(duration_s=15)
     assert agent.stats.read_errors["no2"] == 7  # 5 checksum errors, 3 bugs, one overlap at 15
     assert agent.stats.taken == 15 + 8
     assert agent.buffer.last_seq() == agent.stats.taken
@@ -127,7 +128,7 @@ def test_sensor_errors_are_counted_and_other_sensors_go_on(tmp_path):
 
 def test_window_acks_resend_and_delete(tmp_path):
     agent, clock, link, timer = make(tmp_path)
-    agent.run(until_utc=T0 + 200)  # 200 samples -> 4 batches of 50
+    agent.run(duration_s=200)  # 200 samples -> 4 batches of 50
     agent.maybe_seal()  # the last 50 were committed as the run ended
     assert agent.buffer.stats().batches == 4
     assert len(link.published) == 2  # the window holds two un-acked batches
@@ -152,7 +153,7 @@ def test_window_acks_resend_and_delete(tmp_path):
 def test_offline_keeps_everything_then_drains(tmp_path):
     agent, clock, link, timer = make(tmp_path)
     link.connected = False
-    agent.run(until_utc=T0 + 500)
+    agent.run(duration_s=500)
     assert link.published == [] and agent.backlog() == 500
     link.connected = True
 
@@ -176,14 +177,14 @@ def test_offline_keeps_everything_then_drains(tmp_path):
 
 def test_rejected_batch_becomes_a_gap(tmp_path):
     agent, clock, link, timer = make(tmp_path)
-    agent.run(until_utc=T0 + 50)
+    agent.run(duration_s=50)
     agent.maybe_seal(force=True)
     agent.pump()
     bid = link.published[0][0]
     link.ack(bid, "rejected", "unsupported wire version")
     agent.pump()
     assert agent.stats.rejected_batches == 1
-    agent.run(until_utc=T0 + 60)
+    agent.run(duration_s=10)
     agent.maybe_seal(force=True)
     agent.pump()
     nxt = decode_batch(link.published[-1][1])
@@ -192,7 +193,7 @@ def test_rejected_batch_becomes_a_gap(tmp_path):
 
 def test_acks_for_other_epochs_or_devices_are_ignored(tmp_path):
     agent, clock, link, timer = make(tmp_path)
-    agent.run(until_utc=T0 + 50)
+    agent.run(duration_s=50)
     agent.maybe_seal(force=True)
     agent.pump()
     bid = link.published[0][0]
@@ -222,13 +223,13 @@ def test_stop_request_commits_what_is_in_memory(tmp_path):
 @pytest.mark.parametrize("rate", [1.0, 2.0])
 def test_rate_is_honoured(tmp_path, rate):
     agent, clock, link, _ = make(tmp_path, sampling={"rate_hz": rate})
-    agent.run(until_utc=T0 + 10)
+    agent.run(duration_s=10)
     assert agent.stats.ticks == int(10 * rate)
 
 
 def test_batches_are_sealed_by_age_too(tmp_path):
     agent, clock, link, _ = make(tmp_path, batch={"max_samples": 1000, "max_age_s": 30.0})
-    agent.run(until_utc=T0 + 100)
+    agent.run(duration_s=100)
     sizes = [p.n_samples for p in agent.buffer.pending(10)]
     # commits every 5 s; a batch is sealed once its oldest sample is 30 s old
     assert sizes and all(30 <= n <= 35 for n in sizes)

@@ -7,6 +7,7 @@ from receiver.store import SQLiteStore
 from uplink.wire import Batch, Gap, content_hash, decode_ack, encode_ack, encode_batch
 
 T = 1_790_000_000_000
+RECEIVED = T + 3_600_000
 
 
 def tick(seq, t_s, gps=True, lat=None):
@@ -31,7 +32,7 @@ def batch(first_tick, n_ticks, gps_off=(), device="van-001", epoch="e1"):
 def put(store, b, gaps=()):
     b.gaps = list(gaps)
     payload = encode_batch(b)
-    return store.ingest(b, content_hash(payload), 0)
+    return store.ingest(b, content_hash(payload), RECEIVED)
 
 
 def test_ingest_is_idempotent(tmp_path):
@@ -111,16 +112,31 @@ def test_ingestor_accepts_and_rejects(tmp_path):
     ing = Ingestor(s)
     b = batch(0, 2)
     payload = encode_batch(b)
-    out = ing.handle("datalab/v1/van-001/batch", payload, 1)
+    out = ing.handle("datalab/v1/van-001/batch", payload, RECEIVED)
     assert out.device == "van-001" and out.ack.status == "stored"
-    assert ing.handle("datalab/v1/van-001/batch", payload, 2).ack.status == "duplicate"
+    assert ing.handle("datalab/v1/van-001/batch", payload, RECEIVED).ack.status == "duplicate"
     # published on another van's topic: refused, the store is untouched
-    out = ing.handle("datalab/v1/van-002/batch", payload, 3)
+    out = ing.handle("datalab/v1/van-002/batch", payload, RECEIVED)
     assert out.ack.status == "rejected" and "claims device" in out.ack.reason
     # garbage: refused with its hash so the sender can tell which upload it was
-    out = ing.handle("datalab/v1/van-002/batch", b"\x00garbage", 4)
+    out = ing.handle("datalab/v1/van-002/batch", b"\x00garbage", RECEIVED)
     assert out.ack.status == "rejected" and out.ack.sha256 == content_hash(b"\x00garbage")
     assert decode_ack(encode_ack(out.ack)) == out.ack
     dl = s.conn.execute("SELECT device, reason FROM dead_letters ORDER BY id").fetchall()
     assert [d for d, _ in dl] == ["van-002", "van-002"]
     assert s.counts()["samples"] == 4 and s.counts()["dead_letters"] == 2
+
+
+def test_impossible_times_are_never_stored(tmp_path):
+    s = SQLiteStore(tmp_path / "d.sqlite")
+    b = batch(0, 3)
+    b.samples[0].t_utc_ms = 315_964_800_000  # 1980: a receiver's default date
+    b.samples[2].t_utc_ms = RECEIVED + 400 * 86_400_000  # next year
+    b.samples[4].t_utc_ms = None  # the device already said: unknown
+    put(s, b)
+    rows = dict(s.conn.execute("SELECT seq, t_utc_ms FROM samples").fetchall())
+    assert rows[1] is None and rows[3] is None and rows[5] is None
+    assert rows[2] is not None
+    flags = s.conn.execute("SELECT flags FROM samples WHERE seq=1").fetchone()[0]
+    assert "time_implausible" in flags
+    assert s.conn.execute("SELECT state FROM positions WHERE seq=1").fetchone()[0] == "no_time"

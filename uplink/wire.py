@@ -139,8 +139,8 @@ def _decode_sample(row: Any) -> Sample:
     if not isinstance(row, list) or len(row) != 8:
         raise PayloadError("a sample row must be a list of 8 fields")
     seq, sensor, t_utc, t_mono, src, values, flags, boot = row
-    if not (isinstance(seq, int) and isinstance(t_utc, int) and isinstance(t_mono, int)):
-        raise PayloadError("seq and times must be integers")
+    if not (isinstance(seq, int) and isinstance(t_mono, int) and (t_utc is None or isinstance(t_utc, int))):
+        raise PayloadError("seq and times must be integers (t_utc_ms may be null)")
     if not isinstance(sensor, str) or not sensor:
         raise PayloadError("sensor must be a non-empty string")
     try:
