@@ -1,0 +1,267 @@
+"""Alphasense NO2-B43F on an ISB board, read through an ADS1115.
+
+The chemistry is in pure functions (``no2_ppb`` and the AAN 803 factor tables);
+the driver only reads millivolts and a temperature and hands them over.
+
+AAN 803 temperature corrections, with WEu/AEu the raw electrode outputs (mV),
+WEe/AEe the board's electronic zeros, WEo/AEo the sensor zeros (calibration
+sheet of that serial number):
+
+1. WEc = (WEu - WEe) - n_T (AEu - AEe)                 (Alphasense's choice for NO2)
+2. WEc = (WEu - WEe) - k_T (WEo / AEo) (AEu - AEe)
+3. WEc = (WEu - WEe) - (WEo - AEo) - k'_T (AEu - AEe)
+4. WEc = (WEu - WEe) - WEo - k''_T
+
+ppb = WEc / (sensitivity nA/ppb x board gain mV/nA). Both factors are negative
+for NO2, so the product is positive.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drivers.ads1115 import ADS1115, Mux, parse_mux
+from drivers.base import Reading
+from edge.errors import ConfigError
+
+# B4 NO2 factors from AAN 803 at these temperatures (°C).
+TABLE_TEMPS_C: tuple[float, ...] = (-30, -20, -10, 0, 10, 20, 30, 40, 50)
+N_T: tuple[float, ...] = (1.3, 1.3, 1.3, 1.3, 1.0, 0.6, 0.4, 0.2, -1.5)
+K_T: tuple[float, ...] = (2.2, 2.2, 2.2, 2.2, 1.7, 1.0, 0.7, 0.3, -2.5)
+K1_T: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.4, -0.1, -4.0)  # k'_T
+K2_T: tuple[float, ...] = (7, 7, 7, 7, 4, 0, 0.5, 5, 67)  # k''_T, in mV
+
+ALGORITHMS = (1, 2, 3, 4)
+_TABLE_FOR_ALGORITHM = {1: N_T, 2: K_T, 3: K1_T, 4: K2_T}
+
+
+def interpolate_factor(
+    temp_c: float, table: Sequence[float], temps: Sequence[float] = TABLE_TEMPS_C
+) -> float:
+    """Linear interpolation in ``table`` at ``temp_c``; clamped to the end values outside.
+
+    Clamping rather than extrapolating: AAN 803 gives no factors outside
+    -30..50 °C and the 40->50 °C slope (e.g. k''_T 5 -> 67) would explode.
+    """
+    if math.isnan(temp_c):
+        raise ValueError("temperature is NaN")
+    if temp_c <= temps[0]:
+        return float(table[0])
+    if temp_c >= temps[-1]:
+        return float(table[-1])
+    for i in range(1, len(temps)):
+        if temp_c <= temps[i]:
+            t0, t1 = temps[i - 1], temps[i]
+            f0, f1 = table[i - 1], table[i]
+            return f0 + (f1 - f0) * (temp_c - t0) / (t1 - t0)
+    raise AssertionError("unreachable: temps must be increasing")
+
+
+@dataclass(frozen=True, slots=True)
+class No2Calibration:
+    """One sensor's calibration-sheet record (Alphasense ISB), keyed by serial number."""
+
+    serial: str
+    we_e_mv: float  # WEe: working-electrode electronic zero of the board
+    ae_e_mv: float  # AEe: auxiliary-electrode electronic zero
+    we_o_mv: float  # WEo: working-electrode sensor zero
+    ae_o_mv: float  # AEo: auxiliary-electrode sensor zero
+    sensitivity_na_per_ppb: float  # WE sensitivity (negative for NO2)
+    gain_mv_per_na: float  # ISB board gain (negative for NO2)
+
+    def __post_init__(self) -> None:
+        if self.sensitivity_mv_per_ppb == 0 or not math.isfinite(self.sensitivity_mv_per_ppb):
+            raise ConfigError(
+                f"no2.calibration.{self.serial}", "sensitivity x gain must be finite and non-zero"
+            )
+
+    @property
+    def sensitivity_mv_per_ppb(self) -> float:
+        return self.sensitivity_na_per_ppb * self.gain_mv_per_na
+
+    @classmethod
+    def from_mapping(cls, serial: str, table: Mapping[str, Any]) -> No2Calibration:
+        """Build from a dict / TOML table.
+
+        Keys: ``we_e_mv``, ``ae_e_mv``, ``sensitivity_na_per_ppb``, ``gain_mv_per_na``
+        and either the sensor zeros ``we_o_mv``/``ae_o_mv`` or the sheet's total
+        zeros ``we_t_mv``/``ae_t_mv`` (sensor zero = total zero - electronic zero).
+        """
+        key = f"no2.calibration.{serial}"
+
+        def num(name: str) -> float:
+            if name not in table:
+                raise ConfigError(f"{key}.{name}", "missing")
+            value = table[name]
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or not math.isfinite(value):
+                raise ConfigError(f"{key}.{name}", f"must be a finite number, not {value!r}")
+            return float(value)
+
+        we_e, ae_e = num("we_e_mv"), num("ae_e_mv")
+        if "we_o_mv" in table or "ae_o_mv" in table:
+            we_o, ae_o = num("we_o_mv"), num("ae_o_mv")
+        elif "we_t_mv" in table or "ae_t_mv" in table:
+            we_o, ae_o = num("we_t_mv") - we_e, num("ae_t_mv") - ae_e
+        else:
+            raise ConfigError(f"{key}.we_o_mv", "missing (give we_o_mv/ae_o_mv or we_t_mv/ae_t_mv)")
+        return cls(
+            serial=str(table.get("serial", serial)),
+            we_e_mv=we_e,
+            ae_e_mv=ae_e,
+            we_o_mv=we_o,
+            ae_o_mv=ae_o,
+            sensitivity_na_per_ppb=num("sensitivity_na_per_ppb"),
+            gain_mv_per_na=num("gain_mv_per_na"),
+        )
+
+
+def load_calibrations(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, No2Calibration]:
+    """``{serial: {...}}`` (e.g. a TOML ``[no2.calibration]`` table) -> records by serial."""
+    return {str(s): No2Calibration.from_mapping(str(s), t) for s, t in tables.items()}
+
+
+def load_calibrations_toml(
+    path: str | Path, table: str = "no2.calibration"
+) -> dict[str, No2Calibration]:
+    """Read the records from a TOML file, under the dotted ``table`` path."""
+    with open(path, "rb") as fh:
+        doc: Any = tomllib.load(fh)
+    for part in table.split("."):
+        if not isinstance(doc, Mapping) or part not in doc:
+            raise ConfigError(table, f"no such table in {path}")
+        doc = doc[part]
+    return load_calibrations(doc)
+
+
+def corrected_we_mv(
+    we_mv: float, ae_mv: float, temp_c: float, cal: No2Calibration, algorithm: int = 1
+) -> float:
+    """WEc in mV by AAN 803 algorithm 1..4 (see the module docstring)."""
+    we = we_mv - cal.we_e_mv
+    ae = ae_mv - cal.ae_e_mv
+    if algorithm == 1:
+        return we - interpolate_factor(temp_c, N_T) * ae
+    if algorithm == 2:
+        if cal.ae_o_mv == 0:
+            raise ValueError("algorithm 2 needs a non-zero AEo")
+        return we - interpolate_factor(temp_c, K_T) * (cal.we_o_mv / cal.ae_o_mv) * ae
+    if algorithm == 3:
+        return we - (cal.we_o_mv - cal.ae_o_mv) - interpolate_factor(temp_c, K1_T) * ae
+    if algorithm == 4:
+        return we - cal.we_o_mv - interpolate_factor(temp_c, K2_T)
+    raise ValueError(f"AAN 803 algorithm must be 1..4, not {algorithm!r}")
+
+
+def no2_ppb(
+    we_mv: float, ae_mv: float, temp_c: float, cal: No2Calibration, algorithm: int = 1
+) -> float:
+    """NO2 in ppb from raw WE/AE millivolts at ``temp_c``. Pure: no I/O, no state."""
+    return corrected_we_mv(we_mv, ae_mv, temp_c, cal, algorithm) / cal.sensitivity_mv_per_ppb
+
+
+@dataclass(frozen=True, slots=True)
+class LinearTemperature:
+    """mV -> °C for the board's temperature output: °C = (mV - mv_at_0c) / mv_per_c.
+
+    The ISB temperature circuit differs between board revisions, so both
+    numbers come from configuration, not from this module.
+    """
+
+    mv_at_0c: float
+    mv_per_c: float
+
+    def __post_init__(self) -> None:
+        if self.mv_per_c == 0:
+            raise ConfigError("no2.temp_mv_per_c", "must be non-zero")
+
+    def __call__(self, mv: float) -> float:
+        return (mv - self.mv_at_0c) / self.mv_per_c
+
+
+class No2B43F:
+    """``SensorDriver`` for one NO2-B43F: Reading(sensor="no2", values={no2_ppb, no2_we_mv, ...}).
+
+    Temperature comes either from the ISB's own sensor on ``temp_channel``
+    (converted by ``temp_from_mv``) or from ``temp_source`` (e.g. the van's
+    T/RH sensor); exactly one of the two must be configured.
+    """
+
+    def __init__(
+        self,
+        adc: ADS1115,
+        cal: No2Calibration,
+        *,
+        we_channel: str | int | Mux = "AIN0",
+        ae_channel: str | int | Mux = "AIN1",
+        temp_channel: str | int | Mux | None = None,
+        temp_from_mv: Callable[[float], float] | None = None,
+        temp_source: Callable[[], float] | None = None,
+        algorithm: int = 1,
+        name: str = "no2_b43f",
+    ) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ConfigError("no2.algorithm", f"must be one of 1, 2, 3, 4, not {algorithm!r}")
+        if algorithm == 2 and cal.ae_o_mv == 0:
+            raise ConfigError(
+                "no2.algorithm", f"algorithm 2 divides by AEo, which is 0 for {cal.serial}"
+            )
+        if (temp_channel is None) == (temp_source is None):
+            raise ConfigError(
+                "no2.temperature", "configure exactly one of temp_channel or temp_source"
+            )
+        if temp_channel is not None and temp_from_mv is None:
+            raise ConfigError("no2.temp_mv_to_c", "temp_channel needs a mV -> °C conversion")
+        self.adc = adc
+        self.cal = cal
+        self.we_channel = parse_mux(we_channel)
+        self.ae_channel = parse_mux(ae_channel)
+        self.temp_channel = parse_mux(temp_channel) if temp_channel is not None else None
+        channels = [self.we_channel, self.ae_channel]
+        if self.temp_channel is not None:
+            channels.append(self.temp_channel)
+        if len(set(channels)) != len(channels):
+            raise ConfigError("no2.channels", "WE, AE and temperature channels must differ")
+        self.temp_from_mv = temp_from_mv
+        self.temp_source = temp_source
+        self.algorithm = algorithm
+        self.name = name
+
+    def _temperature_c(self) -> float:
+        if self.temp_channel is not None:
+            assert self.temp_from_mv is not None
+            return float(self.temp_from_mv(self.adc.read_mv(self.temp_channel)))
+        assert self.temp_source is not None
+        return float(self.temp_source())
+
+    def read(self) -> Reading:
+        we_mv = self.adc.read_mv(self.we_channel)
+        ae_mv = self.adc.read_mv(self.ae_channel)
+        temp_c = self._temperature_c()
+        flags: tuple[str, ...] = ()
+        if math.isnan(temp_c):
+            # Without a temperature there is no correction: report the volts, not a guess.
+            ppb: float | None = None
+            flags = ("no_temperature",)
+        else:
+            ppb = no2_ppb(we_mv, ae_mv, temp_c, self.cal, self.algorithm)
+            if not TABLE_TEMPS_C[0] <= temp_c <= TABLE_TEMPS_C[-1]:
+                flags = ("temp_outside_correction_table",)
+        return Reading(
+            sensor="no2",
+            values={"no2_ppb": ppb, "no2_we_mv": we_mv, "no2_ae_mv": ae_mv, "no2_temp_c": temp_c},
+            flags=flags,
+            meta={
+                "serial": self.cal.serial,
+                "algorithm": self.algorithm,
+                "bus_retries": self.adc.stats.retries,
+            },
+        )
+
+    def close(self) -> None:
+        """The ADC powers down by itself after each single shot; nothing to release."""
