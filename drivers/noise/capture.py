@@ -1,0 +1,237 @@
+"""The microphone driver: audio blocks in a background thread, levels out at 1 Hz.
+
+:class:`MicrophoneDriver` implements ``drivers.base.SensorDriver``.  A daemon thread pulls
+blocks from a :class:`BlockSource`, feeds them to a :class:`~.levels.LevelMeter` and drops
+them; ``read()`` only picks up the newest per-second levels (and, once a minute, the
+minute statistics), so the agent's 1 Hz loop never waits on audio.
+
+Audio never leaves memory: no block is stored beyond the call that processes it, written to
+disk, logged, or put into a Reading.
+
+:class:`AlsaSource` reads an I2S MEMS microphone (ICS-43434, SPH0645, INMP441) through ALSA
+with *pyalsaaudio* (``import alsaaudio``), imported lazily so this module imports without it.
+Why pyalsaaudio: a thin binding over libasound, which Raspberry Pi OS already ships (also
+packaged as ``python3-alsaaudio``); no PortAudio layer as with sounddevice; its blocking
+``read()`` of one period maps one-to-one onto ``read_block()``; S32_LE is supported directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from drivers.base import Reading
+from edge.errors import DeviceNotFound, FatalError, ReadError, RecoverableError
+
+from .levels import LevelMeter, MinuteLevels, SecondLevels
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class BlockSource(Protocol):
+    """Where audio comes from: float blocks, full scale ±1.0, mono, at the meter's rate.
+
+    ``read_block`` returns ``None`` when nothing is available right now (or the stream has
+    ended); it may block for about one block's duration.
+    """
+
+    def read_block(self) -> NDArray[np.float32] | None: ...
+
+
+class MicrophoneDriver:
+    """SensorDriver for the noise channel: ``Reading(sensor="noise", values={laeq, ...})``.
+
+    ``values`` always holds ``laeq``, ``lamax``, ``lamin`` (LAeq,1s, LAFmax, LAFmin of the
+    newest complete second) and, on the first read after a minute completes, ``la10``,
+    ``la50``, ``la90`` and ``laeq_1min``.  ``flags``: ``overload``, ``noise_floor``,
+    ``warming_up`` (first second).  ``read()`` returns ``None`` when no new second has
+    completed since the last call, and raises ``ReadError`` if the capture thread died.
+    """
+
+    def __init__(
+        self,
+        source: BlockSource,
+        meter: LevelMeter,
+        name: str = "noise",
+        *,
+        start: bool = True,
+        idle_sleep_s: float = 0.01,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.meter = meter
+        self._idle_sleep_s = idle_sleep_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._latest: SecondLevels | None = None
+        self._delivered_index = -1
+        self._pending_minute: MinuteLevels | None = None
+        self._failure: Exception | None = None
+        self.source_errors = 0  # recoverable errors from the source (e.g. ALSA overruns)
+        self._thread = threading.Thread(target=self._run, name=f"{name}-capture", daemon=True)
+        if start:
+            self.start()
+
+    # -- SensorDriver -------------------------------------------------------------------
+
+    def read(self) -> Reading | None:
+        with self._lock:
+            latest, minute, failure = self._latest, self._pending_minute, self._failure
+            if latest is None or latest.index == self._delivered_index:
+                if failure is not None:
+                    raise ReadError(f"{self.name}: capture stopped: {failure!r}")
+                return None
+            self._delivered_index = latest.index
+            self._pending_minute = None
+        values: dict[str, Any] = {
+            "laeq": round(latest.laeq, 2),
+            "lamax": round(latest.lafmax, 2),
+            "lamin": round(latest.lafmin, 2),
+        }
+        flags = []
+        if latest.overload:
+            flags.append("overload")
+        if latest.noise_floor:
+            flags.append("noise_floor")
+        if latest.settling:
+            flags.append("warming_up")
+        meta: dict[str, Any] = {"second": latest.index}
+        if minute is not None:
+            values.update(
+                la10=round(minute.la10, 2),
+                la50=round(minute.la50, 2),
+                la90=round(minute.la90, 2),
+                laeq_1min=round(minute.laeq, 2),
+            )
+            meta["minute"] = minute.index
+        return Reading(sensor="noise", values=values, flags=tuple(flags), meta=meta)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2.0)
+        closer = getattr(self.source, "close", None)
+        if closer is not None:
+            closer()
+
+    # -- thread -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the capture thread (done by the constructor unless ``start=False``)."""
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def seconds_processed(self) -> int:
+        """Seconds of audio whose levels are published (readable through ``read``)."""
+        with self._lock:
+            return 0 if self._latest is None else self._latest.index + 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                block = self.source.read_block()
+            except RecoverableError as exc:
+                self.source_errors += 1
+                log.warning("%s: source error (continuing): %s", self.name, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - surfaced through read() as ReadError
+                with self._lock:
+                    self._failure = exc
+                log.error("%s: capture thread stopped: %r", self.name, exc)
+                return
+            if block is None:
+                self._stop.wait(self._idle_sleep_s)
+                continue
+            records = self.meter.process(block)
+            del block  # audio is dropped here; only levels survive
+            if records:
+                self._publish(records)
+
+    def _publish(self, records: list) -> None:
+        with self._lock:
+            for rec in records:
+                if isinstance(rec, SecondLevels):
+                    self._latest = rec
+                elif isinstance(rec, MinuteLevels):
+                    self._pending_minute = rec
+
+
+class AlsaSource:
+    """I2S MEMS microphone via ALSA (pyalsaaudio), S32_LE frames converted to float32.
+
+    I2S MEMS microphones deliver 24 (SPH0645: 18) valid bits left-justified in 32-bit words,
+    so dividing the int32 by 2^31 gives full scale ±1.0 whatever the valid bit count.  The
+    I2S bus is stereo; the microphone sits on the channel its L/R pin selects (``channel``).
+    """
+
+    def __init__(
+        self,
+        device: str = "default",
+        sample_rate: int = 48_000,
+        channels: int = 2,
+        channel: int = 0,
+        period_frames: int = 4800,
+        periods: int = 4,
+    ) -> None:
+        if not 0 <= channel < channels:
+            raise FatalError(f"microphone channel {channel} out of range for {channels} channels")
+        try:
+            import alsaaudio  # lazy: only the real device needs it
+        except ImportError as exc:
+            raise FatalError(
+                "pyalsaaudio is not installed (pip install pyalsaaudio, "
+                "or apt install python3-alsaaudio)"
+            ) from exc
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.channel = channel
+        self.overruns = 0
+        try:
+            self._pcm = alsaaudio.PCM(
+                type=alsaaudio.PCM_CAPTURE,
+                mode=alsaaudio.PCM_NORMAL,
+                device=device,
+                rate=sample_rate,
+                channels=channels,
+                format=alsaaudio.PCM_FORMAT_S32_LE,
+                periodsize=period_frames,
+                periods=periods,
+            )
+        except alsaaudio.ALSAAudioError as exc:
+            raise DeviceNotFound(f"ALSA capture device {device!r}: {exc}") from exc
+
+    def read_block(self) -> NDArray[np.float32] | None:
+        """One period (blocking), or None after an overrun (counted) or an empty read."""
+        length, data = self._pcm.read()
+        if length < 0:  # -EPIPE: the kernel buffer overran; ALSA re-prepares the stream
+            self.overruns += 1
+            return None
+        if length == 0:
+            return None
+        frames = np.frombuffer(data, dtype="<i4", count=length * self.channels)
+        mono = frames.reshape(length, self.channels)[:, self.channel]
+        return (mono * (1.0 / 2**31)).astype(np.float32)
+
+    def close(self) -> None:
+        self._pcm.close()
+
+
+def wait_for_seconds(driver: MicrophoneDriver, seconds: int, timeout_s: float = 30.0) -> bool:
+    """Wait until the driver's meter has completed ``seconds`` seconds (tests, demos)."""
+    deadline = time.monotonic() + timeout_s
+    while driver.seconds_processed < seconds:
+        if time.monotonic() > deadline or not driver.running:
+            return driver.seconds_processed >= seconds
+        time.sleep(0.005)
+    return True
