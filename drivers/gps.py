@@ -1,0 +1,438 @@
+"""GPS drivers: an NMEA receiver on a serial port, or gpsd over TCP.
+
+Both produce the same ``Reading(sensor="gps", values={...})``:
+
+``lat``, ``lon`` (degrees), ``alt`` (m above mean sea level), ``speed`` (m/s),
+``course`` (degrees true), ``fix_quality`` (GGA indicator), ``fix_mode``
+(1/2/3), ``sats_used``, ``sats_in_view``, ``hdop``, ``gps_time`` (UTC epoch
+seconds, or None when the receiver's time cannot be trusted).
+
+Both also expose ``time_fix()``: the latest trustworthy GPS time together with
+the monotonic clock reading at which it was received, so the agent can map its
+monotonic clock onto UTC without trusting the kernel clock.
+
+Neither blocks: ``read()`` takes what has arrived, decodes it and returns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from drivers.base import Reading
+from drivers.nmea import Fix, FixAssembler, Gga, Gll, Rmc, SentenceFramer, Zda, parse_sentence
+from edge.errors import BusError, FrameError, ReadError
+
+__all__ = ["NmeaGpsDriver", "GpsdSource", "DriverStats", "fix_values"]
+
+MonotonicClock = Callable[[], float]
+
+VALUE_KEYS = (
+    "lat",
+    "lon",
+    "alt",
+    "speed",
+    "course",
+    "fix_quality",
+    "fix_mode",
+    "sats_used",
+    "sats_in_view",
+    "hdop",
+    "gps_time",
+)
+
+
+def fix_values(fix: Fix, gps_time: float | None) -> dict[str, Any]:
+    """The Reading values for one fix."""
+    return {
+        "lat": fix.lat,
+        "lon": fix.lon,
+        "alt": fix.altitude,
+        "speed": fix.speed,
+        "course": fix.course,
+        "fix_quality": fix.fix_quality,
+        "fix_mode": fix.fix_mode,
+        "sats_used": fix.sats_used,
+        "sats_in_view": fix.sats_in_view,
+        "hdop": fix.hdop,
+        "gps_time": gps_time,
+    }
+
+
+@dataclass(slots=True)
+class DriverStats:
+    bytes: int = 0
+    sentences: int = 0
+    checksum_errors: int = 0
+    frame_errors: int = 0
+    fixes: int = 0
+
+
+class NmeaGpsDriver:
+    """SensorDriver for an NMEA receiver on a serial port.
+
+    ``port`` is an open pyserial port (``serial.serial_for_url(...)``, a pty in
+    the tests). Each ``read()`` drains what the port holds (never waits for
+    more), decodes it and returns a Reading for the newest fix completed
+    since the previous call, or None.
+
+    Corrupt sentences are dropped and counted in ``stats``; ``read()`` raises
+    their error (a ``ReadError``) only when nothing valid arrived in that
+    read, i.e. the port is producing nothing but garbage (wrong baud rate,
+    bad wiring).
+
+    ``time_fix()`` only reports times whose time of day two sentence types
+    agreed on (RMC and GGA), unless ``require_confirmed_time`` is False: the
+    NMEA checksum misses some double bit errors, and a wrong time sticks in
+    the record forever. Its monotonic reading is taken when the bytes of the
+    epoch's first timed sentence were read, so its precision is bounded by
+    how often ``read()`` is called.
+    """
+
+    def __init__(
+        self,
+        port: Any,
+        name: str = "gps",
+        clock: MonotonicClock = time.monotonic,
+        *,
+        assembler: FixAssembler | None = None,
+        flush_after: float = 0.5,
+        max_bytes_per_read: int = 65536,
+        require_confirmed_time: bool = True,
+    ) -> None:
+        self.name = name
+        self._port = port
+        self._clock = clock
+        self._asm = assembler or FixAssembler()
+        self._framer = SentenceFramer()
+        self._flush_after = flush_after
+        self._max_bytes = max_bytes_per_read
+        self._require_confirmed = require_confirmed_time
+        self._last_rx: float | None = None
+        self._rx_by_tod: dict[float, float] = {}
+        self._last_tod: float | None = None
+        self._time_fix: tuple[float, float] | None = None
+        self.last_fix: Fix | None = None
+        self.stats = DriverStats()
+
+    # -- SensorDriver ------------------------------------------------------
+
+    def read(self) -> Reading | None:
+        now = self._clock()
+        data = self._drain()
+        fixes: list[Fix] = []
+        good = 0
+        last_error: ReadError | None = None
+        if data:
+            self._last_rx = now
+            self.stats.bytes += len(data)
+            for line in self._framer.feed(data):
+                try:
+                    rec = parse_sentence(line)
+                except ReadError as exc:  # ChecksumError or FrameError
+                    if isinstance(exc, FrameError):
+                        self.stats.frame_errors += 1
+                    else:
+                        self.stats.checksum_errors += 1
+                    last_error = exc
+                    continue
+                good += 1
+                self.stats.sentences += 1
+                if isinstance(rec, (Rmc, Gga, Gll, Zda)) and rec.tod is not None and rec.tod != self._last_tod:
+                    self._last_tod = rec.tod
+                    self._rx_by_tod[rec.tod] = now
+                    if len(self._rx_by_tod) > 8:
+                        del self._rx_by_tod[next(iter(self._rx_by_tod))]
+                fixes.extend(self._asm.feed(rec))
+        elif self._last_rx is not None and now - self._last_rx >= self._flush_after:
+            # The port went quiet: the receiver's cycle is over even if the
+            # assembler has not learnt its last sentence yet.
+            fixes.extend(self._asm.flush())
+
+        reading = None
+        for fix in fixes:
+            reading = self._accept(fix)
+        if reading is not None:
+            return reading
+        if last_error is not None and good == 0:
+            raise last_error
+        return None
+
+    def close(self) -> None:
+        try:
+            self._port.close()
+        except Exception:  # closing a port that already failed must not raise
+            pass
+
+    # -- time source ---------------------------------------------------------
+
+    def time_fix(self) -> tuple[float, float] | None:
+        """(UTC seconds, monotonic seconds when received) of the latest valid GPS time."""
+        return self._time_fix
+
+    # -- internals -------------------------------------------------------------
+
+    def _drain(self) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while total < self._max_bytes:
+                n = self._port.in_waiting
+                if not n:
+                    break
+                chunk = self._port.read(min(n, self._max_bytes - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except (OSError, ValueError) as exc:
+            # serial.SerialException is an OSError; ValueError is pyserial's
+            # "operation on a closed port".
+            raise BusError(f"{self.name}: serial port failed: {exc}") from exc
+        return b"".join(chunks)
+
+    def _accept(self, fix: Fix) -> Reading:
+        self.stats.fixes += 1
+        self.last_fix = fix
+        gps_time = fix.utc_seconds if (fix.time_confirmed or not self._require_confirmed) else None
+        rx = self._rx_by_tod.get(fix.tod)
+        if gps_time is not None and rx is not None:
+            self._time_fix = (gps_time, rx)
+        flags = () if gps_time is not None else ("no_gps_time",)
+        return Reading(
+            sensor="gps",
+            values=fix_values(fix, gps_time),
+            flags=flags,
+            meta={"source": "nmea", "tod": fix.tod, "received_mono": rx, "sentences": len(fix.sentences)},
+        )
+
+
+# ---------------------------------------------------------------------------
+# gpsd
+# ---------------------------------------------------------------------------
+
+WATCH_COMMAND = b'?WATCH={"enable":true,"json":true}\n'
+
+# gpsd TPV "status" -> GGA fix quality, so both sources speak the same values.
+_GPSD_STATUS_TO_QUALITY = {1: 1, 2: 2, 3: 4, 4: 5, 5: 6, 6: 6, 8: 8}
+
+
+def _parse_gpsd_time(s: Any) -> dt.datetime | None:
+    if not isinstance(s, str):
+        return None
+    try:
+        t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+class GpsdSource:
+    """SensorDriver reading gpsd's JSON reports (TPV for the fix, SKY for satellites).
+
+    ``sock`` may be an already connected socket; otherwise (and after any
+    failure) the source connects to ``host:port`` itself, at most once per
+    ``reconnect_interval`` seconds of ``clock``. A lost or refused connection
+    is a ``ReadError``: recoverable, the next ``read()`` tries again.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 2947,
+        *,
+        name: str = "gps",
+        sock: socket.socket | None = None,
+        clock: MonotonicClock = time.monotonic,
+        connect_timeout: float = 1.0,
+        reconnect_interval: float = 2.0,
+        socket_factory: Callable[..., socket.socket] = socket.create_connection,
+        min_year: int = 2000,
+        max_year: int = 2079,
+        max_buffer: int = 1 << 20,
+    ) -> None:
+        self.name = name
+        self.host, self.port = host, port
+        self._clock = clock
+        self._connect_timeout = connect_timeout
+        self._reconnect_interval = reconnect_interval
+        self._factory = socket_factory
+        self._min_year, self._max_year = min_year, max_year
+        self._max_buffer = max_buffer
+        self._sock: socket.socket | None = None
+        self._watching = False
+        self._next_connect = float("-inf")
+        self._buf = bytearray()
+        self._sky: dict[str, Any] = {}
+        self._last_time: str | None = None
+        self._time_fix: tuple[float, float] | None = None
+        self.connects = 0
+        self.bad_reports = 0
+        if sock is not None:
+            self._adopt(sock)
+
+    # -- SensorDriver ------------------------------------------------------
+
+    def read(self) -> Reading | None:
+        now = self._clock()
+        if self._sock is None:
+            self._connect(now)
+        data, closed, err = self._recv_available()
+        reading: Reading | None = None
+        if data:
+            reading = self._consume(data, now)
+        if closed or err is not None:
+            self._drop(now)
+            if reading is None:
+                why = "closed the connection" if closed else f"connection failed: {err}"
+                raise ReadError(f"{self.name}: gpsd at {self.host}:{self.port} {why}")
+        return reading
+
+    def close(self) -> None:
+        self._drop(self._clock())
+
+    def time_fix(self) -> tuple[float, float] | None:
+        """(UTC seconds, monotonic seconds when received) of the latest TPV time with a fix."""
+        return self._time_fix
+
+    # -- connection ----------------------------------------------------------
+
+    def _adopt(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._watching = False
+        self._buf.clear()
+
+    def _connect(self, now: float) -> None:
+        if now < self._next_connect:
+            raise ReadError(
+                f"{self.name}: gpsd at {self.host}:{self.port} unavailable, retry in {self._next_connect - now:.1f} s"
+            )
+        self._next_connect = now + self._reconnect_interval
+        try:
+            sock = self._factory((self.host, self.port), timeout=self._connect_timeout)
+        except OSError as exc:
+            raise ReadError(f"{self.name}: cannot connect to gpsd at {self.host}:{self.port}: {exc}") from exc
+        self.connects += 1
+        self._adopt(sock)
+
+    def _drop(self, now: float) -> None:
+        sock, self._sock = self._sock, None
+        self._watching = False
+        self._buf.clear()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _recv_available(self) -> tuple[bytes, bool, OSError | None]:
+        """Everything the socket holds now: (data, peer closed, error)."""
+        sock = self._sock
+        assert sock is not None
+        chunks: list[bytes] = []
+        try:
+            if not self._watching:
+                # Blocking send of a few bytes: fine, the kernel buffer is empty.
+                sock.settimeout(self._connect_timeout)
+                sock.sendall(WATCH_COMMAND)
+                self._watching = True
+            sock.setblocking(False)
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    return b"".join(chunks), False, None
+                if not chunk:
+                    return b"".join(chunks), True, None
+                chunks.append(chunk)
+        except OSError as exc:
+            return b"".join(chunks), False, exc
+
+    # -- reports -------------------------------------------------------------
+
+    def _consume(self, data: bytes, now: float) -> Reading | None:
+        self._buf += data
+        *lines, rest = bytes(self._buf).split(b"\n")
+        self._buf = bytearray(rest)
+        if len(self._buf) > self._max_buffer:
+            self._buf.clear()  # a runaway line: drop it rather than grow
+            self.bad_reports += 1
+        newest: dict[str, Any] | None = None
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rep = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                self.bad_reports += 1
+                continue
+            if not isinstance(rep, dict):
+                self.bad_reports += 1
+                continue
+            cls = rep.get("class")
+            if cls == "SKY":
+                self._update_sky(rep)
+            elif cls == "TPV":
+                if self._tpv_has_fix(rep):
+                    newest = rep
+        if newest is None:
+            return None
+        return self._tpv_reading(newest, now)
+
+    def _update_sky(self, rep: dict[str, Any]) -> None:
+        sats = rep.get("satellites")
+        if isinstance(sats, list):
+            self._sky["sats_in_view"] = len(sats)
+            self._sky["sats_used"] = sum(1 for s in sats if isinstance(s, dict) and s.get("used"))
+        for key, name in (("nSat", "sats_in_view"), ("uSat", "sats_used")):
+            if isinstance(rep.get(key), int):
+                self._sky[name] = rep[key]
+        if _num(rep.get("hdop")) is not None:
+            self._sky["hdop"] = float(rep["hdop"])
+
+    @staticmethod
+    def _tpv_has_fix(rep: dict[str, Any]) -> bool:
+        mode = rep.get("mode")
+        return isinstance(mode, int) and mode >= 2 and _num(rep.get("lat")) is not None and _num(rep.get("lon")) is not None
+
+    def _tpv_reading(self, rep: dict[str, Any], now: float) -> Reading | None:
+        t_str = rep.get("time")
+        # gpsd repeats the TPV of an epoch as sentences of it arrive; one
+        # Reading per epoch.
+        if t_str is not None and t_str == self._last_time:
+            return None
+        self._last_time = t_str if isinstance(t_str, str) else None
+        t = _parse_gpsd_time(t_str)
+        gps_time = None
+        if t is not None and self._min_year <= t.year <= self._max_year:
+            gps_time = t.timestamp()
+            self._time_fix = (gps_time, now)
+        status = rep.get("status", 1)
+        quality = _GPSD_STATUS_TO_QUALITY.get(status, 1) if isinstance(status, int) else 1
+        alt = _num(rep.get("altMSL"))
+        if alt is None:
+            alt = _num(rep.get("alt"))
+        values = {
+            "lat": float(rep["lat"]),
+            "lon": float(rep["lon"]),
+            "alt": alt,
+            "speed": _num(rep.get("speed")),
+            "course": _num(rep.get("track")),
+            "fix_quality": quality,
+            "fix_mode": int(rep["mode"]),
+            "sats_used": self._sky.get("sats_used"),
+            "sats_in_view": self._sky.get("sats_in_view"),
+            "hdop": self._sky.get("hdop"),
+            "gps_time": gps_time,
+        }
+        flags = () if gps_time is not None else ("no_gps_time",)
+        return Reading(sensor="gps", values=values, flags=flags, meta={"source": "gpsd", "received_mono": now})

@@ -1,0 +1,928 @@
+"""NMEA 0183 decoding for GNSS receivers: sentences in, typed records and fixes out.
+
+Pure code, no I/O: the serial driver (``drivers.gps``), the tests and the
+benchmark all feed bytes in and get records back.
+
+Three layers:
+
+* ``SentenceFramer`` cuts a raw byte stream into candidate sentences (resyncs
+  on ``$``, bounds line length so garbage on the port cannot grow a buffer).
+* ``parse_sentence`` turns one line into a typed record. Framing and the
+  checksum are checked here, before pynmea2 sees the line, because pynmea2
+  accepts a sentence with no checksum at all; every field is then converted
+  and range-checked by this module, because pynmea2 hands back the raw string
+  when a field fails to convert and reports an empty latitude as 0.0 (a
+  position at "Null Island" instead of no position).
+* ``FixAssembler`` groups sentences into navigation epochs (one UTC time of
+  day) and emits one ``Fix`` per epoch in which the receiver has a valid fix.
+
+Where pynmea2 1.19 gets NMEA 4.10+ wrong, and what is done instead:
+
+* RMC: ``is_valid`` requires the navigation-status field (13th) to be one of
+  S/C/U; u-blox M9N/F9P always send ``V`` there, which NMEA 4.10 defines as
+  "equipment does not provide navigational status", so pynmea2 calls every
+  M9N fix invalid. Validity here is status ``A`` and a mode indicator other
+  than ``N``; the navigation status is reported but not used for validity.
+* GSV: NMEA 4.10 appends a signal-id field after the satellite blocks. When
+  the last message of a group holds fewer than four satellites, pynmea2 reads
+  that signal id as the PRN of the next satellite slot (a phantom satellite).
+  The field count tells the two apart: 3 header fields + 4 per satellite,
+  plus one when a signal id is present.
+* GSA: the 4.10 system-id field (18th) is not in pynmea2's table; it is read
+  here so multi-constellation "GN" GSA sentences can be told apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterable, Union
+
+import pynmea2
+
+from edge.errors import ChecksumError, FrameError, ReadError
+
+__all__ = [
+    "KNOT_MPS",
+    "Gga",
+    "Rmc",
+    "Gsa",
+    "Gsv",
+    "Vtg",
+    "Gll",
+    "Zda",
+    "OtherSentence",
+    "SatInView",
+    "NmeaRecord",
+    "Fix",
+    "FixAssembler",
+    "SentenceFramer",
+    "parse_sentence",
+    "nmea_checksum",
+    "decode_stream",
+    "AssemblerStats",
+]
+
+#: 1 international knot = 1852 m per hour (exact).
+KNOT_MPS = 1852.0 / 3600.0
+
+# NMEA 0183 allows 82 characters including "$" and CR LF; u-blox stays within
+# it. A little slack for non-conforming receivers, but a bound all the same so
+# a run of garbage without line ends is rejected rather than parsed.
+MAX_SENTENCE_LEN = 120
+
+_TALKER_RE = re.compile(r"^[A-Z]{2}$")
+_TIME_RE = re.compile(r"^(\d{2})(\d{2})(\d{2})(\.\d{1,9})?$")
+_DATE_RE = re.compile(r"^(\d{2})(\d{2})(\d{2})$")
+_LAT_RE = re.compile(r"^(\d{2})(\d{2}(?:\.\d+)?)$")
+_LON_RE = re.compile(r"^(\d{3})(\d{2}(?:\.\d+)?)$")
+_NUM_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_NON_PRINTABLE_RE = re.compile(rb"[^\x20-\x7e]")
+
+
+def nmea_checksum(body: str | bytes) -> int:
+    """XOR of every byte between ``$`` and ``*`` (the NMEA 0183 checksum)."""
+    data = body.encode("ascii") if isinstance(body, str) else body
+    c = 0
+    for b in data:
+        c ^= b
+    return c
+
+
+# --------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Gga:
+    """GGA: time, position, fix quality, satellites used, HDOP, altitude (MSL)."""
+
+    kind: ClassVar[str] = "GGA"
+    talker: str
+    tod: float | None  # UTC seconds of day
+    lat: float | None
+    lon: float | None
+    quality: int | None  # 0 none, 1 GPS, 2 DGPS, 4 RTK fixed, 5 RTK float, 6 dead reckoning
+    sats_used: int | None
+    hdop: float | None
+    altitude: float | None  # metres above mean sea level
+    geoid_sep: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rmc:
+    """RMC: date and time, status, position, speed over ground (knots), course."""
+
+    kind: ClassVar[str] = "RMC"
+    talker: str
+    tod: float | None
+    status: str  # A valid, V void
+    lat: float | None
+    lon: float | None
+    speed_knots: float | None
+    course: float | None
+    date: dt.date | None
+    mode: str | None  # NMEA 2.3+: A autonomous, D differential, E estimated, N not valid ...
+    nav_status: str | None  # NMEA 4.10+: S/C/U, V = not provided
+
+    @property
+    def valid(self) -> bool:
+        # Not pynmea2's is_valid: the 4.10 navigation status "V" means "not
+        # provided" and says nothing about the fix.
+        return self.status == "A" and self.mode != "N"
+
+
+@dataclass(frozen=True, slots=True)
+class Gsa:
+    """GSA: fix type 1/2/3, satellites used in the solution, DOPs (one per system)."""
+
+    kind: ClassVar[str] = "GSA"
+    talker: str
+    selection: str | None  # M manual, A automatic 2D/3D
+    fix_type: int | None  # 1 no fix, 2 2D, 3 3D
+    prns: tuple[int, ...]
+    pdop: float | None
+    hdop: float | None
+    vdop: float | None
+    system_id: int | None  # NMEA 4.10+: 1 GPS, 2 GLONASS, 3 Galileo, 4 BeiDou, 5 QZSS, 6 NavIC
+
+
+@dataclass(frozen=True, slots=True)
+class SatInView:
+    prn: int
+    elevation: int | None
+    azimuth: int | None
+    snr: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Gsv:
+    """One GSV message of a group: satellites in view for one talker (and signal)."""
+
+    kind: ClassVar[str] = "GSV"
+    talker: str
+    num_messages: int
+    msg_num: int
+    num_in_view: int
+    satellites: tuple[SatInView, ...]
+    signal_id: int | None  # NMEA 4.10+; pynmea2 misreads it as a PRN
+
+
+@dataclass(frozen=True, slots=True)
+class Vtg:
+    """VTG: course and speed over ground."""
+
+    kind: ClassVar[str] = "VTG"
+    talker: str
+    course_true: float | None
+    course_magnetic: float | None
+    speed_knots: float | None
+    speed_kmh: float | None
+    mode: str | None
+
+    @property
+    def speed_mps(self) -> float | None:
+        if self.speed_kmh is not None:
+            return self.speed_kmh / 3.6
+        if self.speed_knots is not None:
+            return self.speed_knots * KNOT_MPS
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Gll:
+    """GLL: position, time, status (u-blox sends it at the end of each cycle)."""
+
+    kind: ClassVar[str] = "GLL"
+    talker: str
+    lat: float | None
+    lon: float | None
+    tod: float | None
+    status: str
+    mode: str | None
+
+    @property
+    def valid(self) -> bool:
+        return self.status == "A" and self.mode != "N"
+
+
+@dataclass(frozen=True, slots=True)
+class Zda:
+    """ZDA: UTC time and a four-digit-year date."""
+
+    kind: ClassVar[str] = "ZDA"
+    talker: str
+    tod: float | None
+    date: dt.date | None
+
+
+@dataclass(frozen=True, slots=True)
+class OtherSentence:
+    """A well-formed sentence with a valid checksum of a type not decoded here."""
+
+    talker: str  # "P" for proprietary sentences
+    kind: str
+    fields: tuple[str, ...]
+
+
+NmeaRecord = Union[Gga, Rmc, Gsa, Gsv, Vtg, Gll, Zda, OtherSentence]
+
+
+# --------------------------------------------------------------------------
+# Field converters: strict, raise FrameError on anything malformed
+# --------------------------------------------------------------------------
+
+
+def _opt_float(s: str, what: str) -> float | None:
+    if s == "":
+        return None
+    if not _NUM_RE.match(s):
+        raise FrameError(f"{what}: not a number: {s!r}")
+    return float(s)
+
+
+def _opt_int(s: str, what: str) -> int | None:
+    if s == "":
+        return None
+    if not (s.isascii() and s.isdigit()):  # cheaper than a regex; GSV is mostly integers
+        raise FrameError(f"{what}: not an integer: {s!r}")
+    return int(s)
+
+
+def _req_int(s: str, what: str) -> int:
+    v = _opt_int(s, what)
+    if v is None:
+        raise FrameError(f"{what}: missing")
+    return v
+
+
+def _tod(s: str) -> float | None:
+    """hhmmss[.sss] -> seconds of day; second 60 is allowed (leap second)."""
+    if s == "":
+        return None
+    m = _TIME_RE.match(s)
+    if not m:
+        raise FrameError(f"time: malformed {s!r}")
+    h, mi, se = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if h > 23 or mi > 59 or se > 60:
+        raise FrameError(f"time: out of range {s!r}")
+    frac = float(m.group(4)) if m.group(4) else 0.0
+    # Round to the millisecond so the same instant from two sentences compares equal.
+    return round(h * 3600 + mi * 60 + se + frac, 3)
+
+
+def _ddmmyy(s: str) -> dt.date | None:
+    """RMC date. NMEA has no century: 80..99 is read as 19xx (the u-blox
+    default 06-01-80 is the GPS epoch, 1980), everything else as 20xx."""
+    if s == "":
+        return None
+    m = _DATE_RE.match(s)
+    if not m:
+        raise FrameError(f"date: malformed {s!r}")
+    d, mo, yy = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    year = 1900 + yy if yy >= 80 else 2000 + yy
+    try:
+        return dt.date(year, mo, d)
+    except ValueError as exc:
+        raise FrameError(f"date: invalid {s!r}") from exc
+
+
+def _coord(value: str, hemi: str, is_lat: bool) -> float | None:
+    """ddmm.mmmm / dddmm.mmmm plus hemisphere -> signed degrees, or None if empty."""
+    what = "latitude" if is_lat else "longitude"
+    if value == "" and hemi == "":
+        return None
+    if value == "" or hemi == "":
+        raise FrameError(f"{what}: value and hemisphere must both be present")
+    m = (_LAT_RE if is_lat else _LON_RE).match(value)
+    if not m:
+        raise FrameError(f"{what}: malformed {value!r}")
+    deg, minutes = int(m.group(1)), float(m.group(2))
+    if minutes >= 60.0:
+        raise FrameError(f"{what}: minutes out of range {value!r}")
+    v = deg + minutes / 60.0
+    if v > (90.0 if is_lat else 180.0):
+        raise FrameError(f"{what}: out of range {value!r}")
+    if hemi == ("N" if is_lat else "E"):
+        return v
+    if hemi == ("S" if is_lat else "W"):
+        return -v
+    raise FrameError(f"{what}: bad hemisphere {hemi!r}")
+
+
+def _flag(s: str, allowed: str, what: str) -> str | None:
+    if s == "":
+        return None
+    if len(s) != 1 or s not in allowed:
+        raise FrameError(f"{what}: unexpected {s!r}")
+    return s
+
+
+def _need(fields: list[str], n: int, kind: str) -> None:
+    if len(fields) < n:
+        raise FrameError(f"{kind}: {len(fields)} fields, at least {n} expected")
+
+
+# --------------------------------------------------------------------------
+# Framing and parsing
+# --------------------------------------------------------------------------
+
+
+def _frame(line: bytes | str) -> str:
+    """Check framing and checksum; return the sentence as ``$body*HH`` text.
+
+    Truncated or malformed -> FrameError; whole but wrong checksum -> ChecksumError.
+    """
+    if isinstance(line, str):
+        try:
+            raw = line.encode("ascii")
+        except UnicodeEncodeError as exc:
+            raise FrameError("non-ASCII characters in sentence") from exc
+    elif isinstance(line, (bytes, bytearray, memoryview)):
+        raw = bytes(line)
+    else:
+        raise FrameError(f"expected bytes or str, got {type(line).__name__}")
+    raw = raw.rstrip(b"\r\n")
+    if not raw:
+        raise FrameError("empty line")
+    if raw[:1] != b"$":
+        raise FrameError("sentence does not start with '$'")
+    if len(raw) > MAX_SENTENCE_LEN:
+        raise FrameError(f"sentence longer than {MAX_SENTENCE_LEN} characters")
+    # Printable ASCII only: a control or 8-bit byte means line noise, and it
+    # could otherwise sneak through pynmea2's permissive regular expression.
+    if _NON_PRINTABLE_RE.search(raw):
+        raise FrameError("non-printable byte in sentence")
+    star = raw.rfind(b"*")
+    if star < 0 or len(raw) - star != 3:
+        raise FrameError("truncated sentence: no '*hh' checksum at the end")
+    body, hexsum = raw[1:star], raw[star + 1 :]
+    if b"*" in body or b"$" in body:
+        raise FrameError("stray '*' or '$' inside sentence (two sentences run together?)")
+    try:
+        expected = int(hexsum, 16)
+    except ValueError as exc:
+        raise FrameError(f"checksum field {hexsum!r} is not hex") from exc
+    actual = nmea_checksum(body)
+    if actual != expected:
+        raise ChecksumError(f"checksum mismatch: sentence says {expected:02X}, computed {actual:02X}")
+    return raw.decode("ascii")
+
+
+def parse_sentence(line: bytes | str) -> NmeaRecord:
+    """Decode one NMEA sentence (with or without the trailing CR LF).
+
+    The checksum is mandatory. Raises ``ChecksumError`` for a whole sentence
+    whose checksum does not match, ``FrameError`` for anything truncated,
+    malformed or with out-of-range fields. Never raises anything else.
+    """
+    text = _frame(line)
+    try:
+        msg = pynmea2.NMEASentence.parse(text, check=True)
+    except pynmea2.ChecksumError as exc:  # pragma: no cover - checked above
+        raise ChecksumError(str(exc)) from exc
+    except pynmea2.SentenceTypeError:
+        # A talker sentence pynmea2 has no class for: still a valid sentence.
+        head, _, rest = text[1:-3].partition(",")
+        return OtherSentence(talker=head[:2], kind=head[2:], fields=tuple(rest.split(",")))
+    except Exception as exc:  # pynmea2 raises ParseError/ValueError and more on junk
+        raise FrameError(f"unparseable sentence: {exc}") from exc
+    try:
+        return _convert(msg)
+    except FrameError:
+        raise
+    except Exception as exc:  # defensive: a converter bug must not escape as a crash
+        raise FrameError(f"cannot decode sentence: {exc!r}") from exc
+
+
+def _convert(msg: pynmea2.NMEASentence) -> NmeaRecord:
+    if isinstance(msg, pynmea2.ProprietarySentence):
+        return OtherSentence(talker="P", kind=msg.manufacturer, fields=tuple(msg.data))
+    if not isinstance(msg, pynmea2.TalkerSentence):
+        return OtherSentence(talker="", kind=type(msg).__name__, fields=tuple(msg.data))
+    talker, kind, f = msg.talker, msg.sentence_type, list(msg.data)
+    if not _TALKER_RE.match(talker):
+        raise FrameError(f"bad talker id {talker!r}")
+    conv = _CONVERTERS.get(kind)
+    if conv is None:
+        return OtherSentence(talker=talker, kind=kind, fields=tuple(f))
+    return conv(talker, f)
+
+
+def _gga(talker: str, f: list[str]) -> Gga:
+    # pynmea2's GGA field table: time, lat, N/S, lon, E/W, quality, sats,
+    # hdop, alt, M, geoid sep, M, dgps age, station id.
+    _need(f, 12, "GGA")
+    quality = _opt_int(f[5], "GGA quality")
+    if quality is not None and quality > 8:
+        raise FrameError(f"GGA quality out of range: {quality}")
+    return Gga(
+        talker=talker,
+        tod=_tod(f[0]),
+        lat=_coord(f[1], f[2], True),
+        lon=_coord(f[3], f[4], False),
+        quality=quality,
+        sats_used=_opt_int(f[6], "GGA satellites"),
+        hdop=_opt_float(f[7], "GGA hdop"),
+        altitude=_opt_float(f[8], "GGA altitude"),
+        geoid_sep=_opt_float(f[10], "GGA geoid separation"),
+    )
+
+
+def _rmc(talker: str, f: list[str]) -> Rmc:
+    # 11 fields (NMEA 2.0), 12 with the mode indicator (2.3), 13 with the
+    # navigation status (4.10).
+    _need(f, 11, "RMC")
+    status = _flag(f[1], "AV", "RMC status")
+    if status is None:
+        raise FrameError("RMC status missing")
+    return Rmc(
+        talker=talker,
+        tod=_tod(f[0]),
+        status=status,
+        lat=_coord(f[2], f[3], True),
+        lon=_coord(f[4], f[5], False),
+        speed_knots=_opt_float(f[6], "RMC speed"),
+        course=_opt_float(f[7], "RMC course"),
+        date=_ddmmyy(f[8]),
+        mode=_flag(f[11], "ADEFMNPRS", "RMC mode") if len(f) > 11 else None,
+        nav_status=_flag(f[12], "SCUV", "RMC navigation status") if len(f) > 12 else None,
+    )
+
+
+def _gsa(talker: str, f: list[str]) -> Gsa:
+    # mode, fix type, 12 satellite slots, PDOP, HDOP, VDOP [, system id (4.10)]
+    _need(f, 17, "GSA")
+    fix_type = _opt_int(f[1], "GSA fix type")
+    if fix_type is not None and fix_type not in (1, 2, 3):
+        raise FrameError(f"GSA fix type out of range: {fix_type}")
+    prns = tuple(p for p in (_opt_int(s, "GSA satellite") for s in f[2:14]) if p is not None)
+    return Gsa(
+        talker=talker,
+        selection=_flag(f[0], "AM", "GSA selection"),
+        fix_type=fix_type,
+        prns=prns,
+        pdop=_opt_float(f[14], "GSA pdop"),
+        hdop=_opt_float(f[15], "GSA hdop"),
+        vdop=_opt_float(f[16], "GSA vdop"),
+        system_id=_opt_int(f[17], "GSA system id") if len(f) > 17 else None,
+    )
+
+
+def _gsv(talker: str, f: list[str]) -> Gsv:
+    _need(f, 3, "GSV")
+    # 3 header fields + 4 per satellite (at most 4), plus 1 signal id in 4.10+.
+    # pynmea2 maps fields by position only, so a signal id after fewer than
+    # four satellites lands in the next "sv_prn_num" slot; count instead.
+    n_sat_fields = len(f) - 3
+    if n_sat_fields % 4 == 1:
+        signal_id = _opt_int(f[-1], "GSV signal id")
+        sat_fields = f[3:-1]
+    elif n_sat_fields % 4 == 0:
+        signal_id = None
+        sat_fields = f[3:]
+    else:
+        raise FrameError(f"GSV: {len(f)} fields is not 3 + 4n (+1)")
+    if len(sat_fields) > 16:
+        raise FrameError("GSV: more than four satellites in one message")
+    num_messages = _req_int(f[0], "GSV message count")
+    msg_num = _req_int(f[1], "GSV message number")
+    if not (1 <= msg_num <= num_messages <= 9):
+        raise FrameError(f"GSV: message {msg_num} of {num_messages}")
+    sats = []
+    for i in range(0, len(sat_fields), 4):
+        prn_s, el_s, az_s, snr_s = sat_fields[i : i + 4]
+        prn = _opt_int(prn_s, "GSV prn")
+        if prn is None:
+            continue  # empty slot padding
+        el = _opt_int(el_s, "GSV elevation")
+        az = _opt_int(az_s, "GSV azimuth")
+        snr = _opt_int(snr_s, "GSV snr")
+        if (el is not None and el > 90) or (az is not None and az > 359) or (snr is not None and snr > 99):
+            raise FrameError("GSV: satellite field out of range")
+        sats.append(SatInView(prn, el, az, snr))
+    return Gsv(
+        talker=talker,
+        num_messages=num_messages,
+        msg_num=msg_num,
+        num_in_view=_req_int(f[2], "GSV satellites in view"),
+        satellites=tuple(sats),
+        signal_id=signal_id,
+    )
+
+
+def _vtg(talker: str, f: list[str]) -> Vtg:
+    # course T, T, course M, M, speed kn, N, speed km/h, K [, mode]
+    _need(f, 8, "VTG")
+    return Vtg(
+        talker=talker,
+        course_true=_opt_float(f[0], "VTG course"),
+        course_magnetic=_opt_float(f[2], "VTG magnetic course"),
+        speed_knots=_opt_float(f[4], "VTG speed knots"),
+        speed_kmh=_opt_float(f[6], "VTG speed km/h"),
+        mode=_flag(f[8], "ADEFMNPRS", "VTG mode") if len(f) > 8 else None,
+    )
+
+
+def _gll(talker: str, f: list[str]) -> Gll:
+    _need(f, 6, "GLL")
+    status = _flag(f[5], "AV", "GLL status")
+    if status is None:
+        raise FrameError("GLL status missing")
+    return Gll(
+        talker=talker,
+        lat=_coord(f[0], f[1], True),
+        lon=_coord(f[2], f[3], False),
+        tod=_tod(f[4]),
+        status=status,
+        mode=_flag(f[6], "ADEFMNPRS", "GLL mode") if len(f) > 6 else None,
+    )
+
+
+def _zda(talker: str, f: list[str]) -> Zda:
+    _need(f, 4, "ZDA")
+    day, month, year = (_opt_int(f[i], "ZDA date") for i in (1, 2, 3))
+    date = None
+    if day is not None and month is not None and year is not None:
+        try:
+            date = dt.date(year, month, day)
+        except ValueError as exc:
+            raise FrameError("ZDA: invalid date") from exc
+    return Zda(talker=talker, tod=_tod(f[0]), date=date)
+
+
+_CONVERTERS = {"GGA": _gga, "RMC": _rmc, "GSA": _gsa, "GSV": _gsv, "VTG": _vtg, "GLL": _gll, "ZDA": _zda}
+
+
+class SentenceFramer:
+    """Cut a byte stream into candidate NMEA lines.
+
+    Bytes before a ``$`` are discarded (binary UBX traffic, line noise); a
+    ``$`` that arrives before the line end cuts the previous candidate short,
+    which ``parse_sentence`` then rejects as truncated. A candidate longer
+    than ``max_len`` without a line end is handed out as is (and rejected),
+    so the buffer stays bounded whatever arrives.
+    """
+
+    def __init__(self, max_len: int = 2 * MAX_SENTENCE_LEN) -> None:
+        self._buf = bytearray()
+        self._max_len = max_len
+        self.discarded_bytes = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        self._buf += data
+        buf = self._buf
+        while buf:
+            start = buf.find(b"$")
+            if start < 0:
+                self.discarded_bytes += len(buf)
+                buf.clear()
+                break
+            if start:
+                self.discarded_bytes += start
+                del buf[:start]
+            nl = buf.find(b"\n")
+            nxt = buf.find(b"$", 1)
+            if nxt >= 0 and (nl < 0 or nxt < nl):
+                out.append(bytes(buf[:nxt]))  # truncated by a new sentence start
+                del buf[:nxt]
+                continue
+            if nl < 0:
+                if len(buf) > self._max_len:
+                    out.append(bytes(buf))
+                    buf.clear()
+                break
+            out.append(bytes(buf[: nl + 1]))
+            del buf[: nl + 1]
+        return out
+
+    def pending(self) -> bytes:
+        """Bytes held back waiting for their line end."""
+        return bytes(self._buf)
+
+    def reset(self) -> None:
+        self._buf.clear()
+
+
+# --------------------------------------------------------------------------
+# Epoch assembly
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """One navigation epoch of a receiver that has a valid fix.
+
+    ``utc`` is None when the epoch carried no date (no RMC/ZDA) or the date is
+    implausible; it is never set from a receiver without a valid fix.
+
+    ``time_confirmed`` is the assembler's defence against the weak NMEA
+    checksum (an 8-bit XOR: two flips of the same bit in one sentence pass):
+    two sentence types (RMC and GGA) carried this time of day, and the date
+    agrees with the previous epoch's (or with ZDA). Only confirmed times
+    should be used as a clock.
+    """
+
+    tod: float  # UTC seconds of day of the epoch
+    utc: dt.datetime | None
+    lat: float
+    lon: float
+    altitude: float | None  # metres above mean sea level
+    speed: float | None  # m/s over ground
+    course: float | None  # degrees true
+    fix_quality: int | None  # GGA quality indicator
+    fix_mode: int  # 1 none, 2 2D, 3 3D (GSA, or derived)
+    sats_used: int | None
+    sats_in_view: int | None
+    hdop: float | None
+    pdop: float | None = None
+    vdop: float | None = None
+    time_confirmed: bool = False
+    sentences: tuple[str, ...] = ()
+
+    @property
+    def utc_seconds(self) -> float | None:
+        return self.utc.timestamp() if self.utc is not None else None
+
+
+@dataclass(slots=True)
+class _Epoch:
+    tod: float
+    records: list[NmeaRecord] = field(default_factory=list)
+    key_counts: dict[tuple, int] = field(default_factory=dict)
+    last_key: tuple | None = None
+    emitted: bool = False
+    closed_by_ender: bool = False
+    had_fix: bool = False
+    late: bool = False  # records arrived after it was emitted
+
+
+@dataclass(slots=True)
+class AssemblerStats:
+    epochs: int = 0
+    fixes: int = 0
+    no_fix: int = 0
+    inconsistent: int = 0
+    implausible_dates: int = 0
+    unconfirmed: int = 0  # valid fix claimed by a single sentence only
+    orphans: int = 0  # untimed sentences before the first timed one
+
+
+class FixAssembler:
+    """Group decoded sentences into epochs and emit a ``Fix`` per valid epoch.
+
+    Sentences of one epoch share a UTC time of day (RMC, GGA, GLL, ZDA carry
+    it; GSA, GSV, VTG follow the timed sentence they belong to). An epoch is
+    complete when a timed sentence with another time arrives, or as soon as
+    the learned last sentence of the receiver's cycle arrives (the same
+    sentence ended the cycle twice running; gpsd learns its "cycle ender" the
+    same way). ``flush()`` completes the pending epoch at end of input.
+
+    An epoch gives a fix only if some sentence says the fix is valid and none
+    says it is not (RMC/GLL status, GGA quality, GSA fix type), and if the
+    positions of RMC, GGA and GLL in it agree. With ``require_confirmation``
+    (the default) at least two of them must carry the position: the XOR
+    checksum lets some double bit errors through, and two sentences
+    corrupted into the same wrong position do not happen in practice. Every
+    u-blox default configuration sends RMC, GGA and GLL; set it False only
+    for a receiver configured to send a single position sentence.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_year: int = 2000,
+        max_year: int = 2079,
+        max_disagreement_deg: float = 1e-5,
+        require_confirmation: bool = True,
+    ) -> None:
+        self.min_year = min_year
+        self.max_year = max_year
+        self.max_disagreement_deg = max_disagreement_deg
+        self.require_confirmation = require_confirmation
+        self._prev_date: tuple[dt.date, float] | None = None
+        self.stats = AssemblerStats()
+        self._cur: _Epoch | None = None
+        self._ender: tuple | None = None
+        self._ender_candidate: tuple | None = None
+
+    # -- feeding ---------------------------------------------------------
+
+    def feed_line(self, line: bytes | str) -> list[Fix]:
+        """Parse and feed one line; parse errors propagate (ReadError subclasses)."""
+        return self.feed(parse_sentence(line))
+
+    def feed(self, rec: NmeaRecord) -> list[Fix]:
+        out: list[Fix] = []
+        tod = rec.tod if isinstance(rec, (Gga, Rmc, Gll, Zda)) else None
+        cur = self._cur
+        if tod is not None and (cur is None or cur.tod != tod):
+            if cur is not None:
+                if not cur.emitted:
+                    out.extend(self._close(cur))
+                self._observe_cycle_end(cur)
+            cur = self._cur = _Epoch(tod)
+        if cur is None:
+            self.stats.orphans += 1  # tail of a cycle whose start we did not see
+            return out
+        if cur.emitted:
+            cur.late = True
+            cur.last_key = self._key(cur, rec)
+            return out
+        key = self._key(cur, rec)
+        cur.records.append(rec)
+        cur.last_key = key
+        if key == self._ender:
+            cur.closed_by_ender = True
+            out.extend(self._close(cur))
+        return out
+
+    def flush(self) -> list[Fix]:
+        """Complete the pending epoch (end of input, or the port went quiet)."""
+        cur = self._cur
+        if cur is None or cur.emitted:
+            return []
+        return self._close(cur)
+
+    def reset(self) -> None:
+        """Forget the pending epoch (after a port reopen)."""
+        self._cur = None
+
+    @staticmethod
+    def _key(ep: _Epoch, rec: NmeaRecord) -> tuple:
+        base: tuple = (rec.talker, rec.kind)
+        if isinstance(rec, Gsv):
+            base += (rec.signal_id, rec.msg_num, rec.num_messages)
+        n = ep.key_counts.get(base, 0)
+        ep.key_counts[base] = n + 1
+        return base + (n,)
+
+    def _observe_cycle_end(self, ep: _Epoch) -> None:
+        # Only epochs the ender did not close (or that went on after it) teach
+        # anything; a candidate must repeat before it replaces the ender, so
+        # one lost sentence does not make the assembler cut cycles short.
+        # Void epochs (tunnel) are shorter (fewer GSV): they do not teach
+        # either, or the first epochs after the fix returns would wait.
+        if (ep.closed_by_ender and not ep.late) or not ep.had_fix:
+            return
+        if ep.last_key is not None and ep.last_key == self._ender_candidate:
+            self._ender = ep.last_key
+        self._ender_candidate = ep.last_key
+
+    # -- building the fix ------------------------------------------------
+
+    def _close(self, ep: _Epoch) -> list[Fix]:
+        ep.emitted = True
+        self.stats.epochs += 1
+        fix = self._build(ep)
+        if fix is None:
+            return []
+        ep.had_fix = True
+        self.stats.fixes += 1
+        return [fix]
+
+    def _build(self, ep: _Epoch) -> Fix | None:
+        rmcs = [r for r in ep.records if isinstance(r, Rmc)]
+        ggas = [r for r in ep.records if isinstance(r, Gga)]
+        glls = [r for r in ep.records if isinstance(r, Gll)]
+        gsas = [r for r in ep.records if isinstance(r, Gsa)]
+        gsvs = [r for r in ep.records if isinstance(r, Gsv)]
+        vtgs = [r for r in ep.records if isinstance(r, Vtg)]
+        zdas = [r for r in ep.records if isinstance(r, Zda)]
+
+        invalid = (
+            any(not r.valid for r in rmcs)
+            or any(r.quality == 0 for r in ggas)
+            or any(not r.valid for r in glls)
+            or any(r.fix_type == 1 for r in gsas)
+            or any(r.mode == "N" for r in vtgs)
+        )
+        valid = any(r.valid for r in rmcs) or any((r.quality or 0) > 0 for r in ggas) or any(r.valid for r in glls)
+        if invalid or not valid:
+            self.stats.no_fix += 1
+            return None
+
+        positions = [(r.lat, r.lon) for r in (*ggas, *rmcs, *glls) if r.lat is not None and r.lon is not None]
+        if not positions:
+            self.stats.no_fix += 1
+            return None
+        if self.require_confirmation and len(positions) < 2:
+            self.stats.unconfirmed += 1
+            return None
+        lat, lon = positions[0]
+        tol = self.max_disagreement_deg
+        if any(abs(a - lat) > tol or abs(b - lon) > tol for a, b in positions[1:]):
+            self.stats.inconsistent += 1
+            return None
+
+        utc, date_confirmed = self._utc(ep.tod, rmcs, zdas)
+
+        gga = ggas[0] if ggas else None
+        speed = next((r.speed_knots * KNOT_MPS for r in rmcs if r.speed_knots is not None), None)
+        if speed is None:
+            speed = next((v.speed_mps for v in vtgs if v.speed_mps is not None), None)
+        course = next((r.course for r in rmcs if r.course is not None), None)
+        if course is None:
+            course = next((v.course_true for v in vtgs if v.course_true is not None), None)
+
+        fix_types = [g.fix_type for g in gsas if g.fix_type is not None]
+        if fix_types:
+            fix_mode = max(fix_types)
+        else:
+            # No GSA: an altitude from GGA means a 3D solution, otherwise 2D.
+            fix_mode = 3 if gga is not None and gga.altitude is not None else 2
+
+        if gsas:
+            # One GSA per constellation; the same PRN number can mean different
+            # satellites in different systems (4.10 system id tells them apart).
+            used = {(g.system_id, p) for g in gsas for p in g.prns}
+            sats_used: int | None = len(used)
+        else:
+            sats_used = gga.sats_used if gga is not None else None
+
+        sats_in_view = None
+        if gsvs:
+            # Per talker, several signal ids (L1, L2...) list the same
+            # satellites: take the largest group total, then sum the talkers.
+            per_talker: dict[str, int] = {}
+            for g in gsvs:
+                per_talker[g.talker] = max(per_talker.get(g.talker, 0), g.num_in_view)
+            sats_in_view = sum(per_talker.values())
+
+        hdop = gga.hdop if gga is not None and gga.hdop is not None else None
+        if hdop is None:
+            hdop = next((g.hdop for g in gsas if g.hdop is not None), None)
+        pdop = next((g.pdop for g in gsas if g.pdop is not None), None)
+        vdop = next((g.vdop for g in gsas if g.vdop is not None), None)
+
+        timed_kinds = {r.kind for r in ep.records if isinstance(r, (Gga, Rmc, Gll, Zda))}
+        return Fix(
+            tod=ep.tod,
+            utc=utc,
+            lat=lat,
+            lon=lon,
+            altitude=gga.altitude if gga is not None else None,
+            speed=speed,
+            course=course,
+            fix_quality=gga.quality if gga is not None else None,
+            fix_mode=fix_mode,
+            sats_used=sats_used,
+            sats_in_view=sats_in_view,
+            hdop=hdop,
+            pdop=pdop,
+            vdop=vdop,
+            time_confirmed=utc is not None and date_confirmed and len(timed_kinds) >= 2,
+            sentences=tuple(f"{r.talker}{r.kind}" for r in ep.records),
+        )
+
+    def _utc(self, tod: float, rmcs: list[Rmc], zdas: list[Zda]) -> tuple[dt.datetime | None, bool]:
+        """UTC of a valid epoch, and whether its date is corroborated."""
+        dates = {r.date for r in (*rmcs, *zdas) if r.date is not None}
+        if not dates:
+            return None, False
+        if len(dates) > 1:  # RMC and ZDA disagree: one of them is corrupt
+            self.stats.implausible_dates += 1
+            return None, False
+        (date,) = dates
+        if not self.min_year <= date.year <= self.max_year:
+            self.stats.implausible_dates += 1
+            return None, False
+        prev, self._prev_date = self._prev_date, (date, tod)
+        confirmed = bool(rmcs) and bool(zdas)  # two sentences carried the date
+        if prev is not None:
+            # Same day as the previous epoch, or the next one across midnight.
+            expected = prev[0] if tod >= prev[1] else prev[0] + dt.timedelta(days=1)
+            confirmed = confirmed or date == expected
+        # timedelta, not time(): a leap second (60) has no time() value.
+        utc = dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=tod)
+        return utc, confirmed
+
+
+def decode_stream(chunks: Iterable[bytes], assembler: FixAssembler | None = None) -> tuple[list[Fix], int]:
+    """Decode a whole byte stream (e.g. a capture file); returns (fixes, rejected sentences).
+
+    Convenience for tests and benchmarks; the driver does the same incrementally.
+    """
+    asm = assembler or FixAssembler()
+    framer = SentenceFramer()
+    fixes: list[Fix] = []
+    rejected = 0
+    for chunk in chunks:
+        for line in framer.feed(chunk):
+            try:
+                fixes.extend(asm.feed_line(line))
+            except ReadError:
+                rejected += 1
+    tail = framer.pending()
+    if tail:
+        # A last line without its line end: try it (it may be whole), so a
+        # truncated one is counted as rejected rather than silently dropped.
+        try:
+            fixes.extend(asm.feed_line(tail))
+        except ReadError:
+            rejected += 1
+    fixes.extend(asm.flush())
+    return fixes, rejected
