@@ -1,0 +1,680 @@
+"""Wire format version 2: columnar, delta-encoded, compressed batches.
+
+Why a second version: version 1 repeats every key name, time and flag in JSON
+for every sample. A van sends ~16 values a second for a whole shift over a
+metered mobile link, so the bytes per value are what the data plan pays for.
+Version 2 groups the samples of a batch by sensor (a "stream"), stores every
+field as a column, turns the slowly changing columns into runs and the
+counters and clocks into deltas (or deltas of deltas), and only then
+compresses. Lossless for everything version 1 carries.
+
+This module knows only the body after ``MAGIC + version byte``; ``uplink.wire``
+owns the envelope, the dispatch on the version byte and the checks both
+versions share (sequence range, duplicates, gaps). The exact byte layout is
+in docs/wire-format.md; the section names below follow it.
+
+Decoding is defensive: every count is checked against what the remaining
+bytes could possibly hold and against the batch bounds *before* anything is
+allocated for it, so a crafted count costs nothing; anything malformed raises
+``PayloadError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import lzma
+import math
+import struct
+import zlib
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from edge.errors import PayloadError
+from edge.model import Sample, TimeSource
+from uplink.wire import MAX_DECOMPRESSED_BYTES, MAX_SAMPLES_PER_BATCH, Batch, Gap
+
+# --- bounds and constants -------------------------------------------------------
+
+# Cells of the value grid (samples of a stream x keys of that stream, summed over
+# streams). Real batches have ~8,000 (2000 samples x 4 keys on average); the
+# bound keeps a few bytes of run-length tags from expanding into a huge grid.
+MAX_VALUE_CELLS = 4_000_000
+MAX_VARINT_BYTES = 10  # 70 bits: any int64 delta of delta, zigzagged, fits
+MAX_SCALE = 15  # decimal digits a scaled float column may carry
+MAX_EXACT = 1 << 53  # scaled mantissas stay below this: exact in float arithmetic too
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# Compression of the plain body: the encoder tries each and keeps the smallest.
+COMP_STORED = 0
+COMP_ZLIB = 1  # zlib format (RFC 1950), level 9
+COMP_LZMA2 = 2  # raw LZMA2 stream with the filter below, no container
+COMPRESSIONS = (COMP_STORED, COMP_ZLIB, COMP_LZMA2)
+# Fixed by the format, because a raw LZMA2 stream does not name its dictionary:
+# 1 MiB is plenty for bodies of a few hundred KiB and what a decoder allocates.
+LZMA2_DICT_SIZE = 1 << 20
+_LZMA_ENC_FILTERS = [
+    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": LZMA2_DICT_SIZE}
+]
+_LZMA_DEC_FILTERS = [{"id": lzma.FILTER_LZMA2, "dict_size": LZMA2_DICT_SIZE}]
+
+# Type tags of a value cell (what one sample holds under one key).
+TAG_ABSENT = 0  # the key is not in this sample's values
+TAG_NONE = 1
+TAG_FALSE = 2
+TAG_TRUE = 3
+TAG_INT = 4  # int64, in the key's int column
+TAG_DEC = 5  # float equal to m / 10**scale, in the key's decimal column
+TAG_F64 = 6  # any other finite float, in the key's raw float64 column
+TAG_STR = 7  # string, by string-table index
+TAG_BIGINT = 8  # int outside int64, its decimal text by string-table index
+N_TAGS = 9
+_CONST_TAG_VALUES: dict[int, Any] = {TAG_NONE: None, TAG_FALSE: False, TAG_TRUE: True}
+
+MODE_RAW = 0  # each value as a zigzag varint
+MODE_DELTA = 1  # first value, then differences from the previous one
+_BIGINT_MAX_DIGITS = 400  # ~1330 bits: more than any sensor needs, cheap to parse
+
+
+# --- varints ----------------------------------------------------------------------
+
+
+def _zigzag(n: int) -> int:
+    # Small magnitudes of either sign become small unsigned numbers.
+    return n << 1 if n >= 0 else ((-n) << 1) - 1
+
+
+def _unzigzag(z: int) -> int:
+    return -((z + 1) >> 1) if z & 1 else z >> 1
+
+
+def _varint_len(u: int) -> int:
+    return max(1, (u.bit_length() + 6) // 7)
+
+
+def _put_u(out: bytearray, n: int) -> None:
+    if n < 0 or n.bit_length() > 7 * MAX_VARINT_BYTES:
+        raise ValueError(f"{n} does not fit an unsigned varint")
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _put_s(out: bytearray, n: int) -> None:
+    _put_u(out, _zigzag(n))
+
+
+def _put_str(out: bytearray, s: str) -> None:
+    raw = s.encode("utf-8")
+    _put_u(out, len(raw))
+    out += raw
+
+
+class _Reader:
+    """A cursor over the plain body; every read checks the bytes are there."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def u(self, what: str) -> int:
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        result = shift = 0
+        for _ in range(MAX_VARINT_BYTES):
+            if pos >= end:
+                raise PayloadError(f"body truncated in {what}")
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                self.pos = pos
+                return result
+            shift += 7
+        raise PayloadError(f"varint longer than {MAX_VARINT_BYTES} bytes in {what}")
+
+    def s(self, what: str) -> int:
+        return _unzigzag(self.u(what))
+
+    def count(self, what: str, limit: int) -> int:
+        """A count that the caller will allocate for: bounded before it is used."""
+        n = self.u(what)
+        if n > limit:
+            raise PayloadError(f"{what} {n} exceeds the limit {limit}")
+        return n
+
+    def index(self, what: str, size: int) -> int:
+        i = self.u(what)
+        if i >= size:
+            raise PayloadError(f"{what} {i} out of range (table has {size})")
+        return i
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.left():
+            raise PayloadError(f"body truncated in {what}")
+        chunk = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def string(self, what: str) -> str:
+        raw = self.take(self.count(f"{what} length", self.left()), what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"{what} is not valid UTF-8") from exc
+
+
+# --- column primitives ------------------------------------------------------------
+
+
+class _Interner:
+    """Values to table indices in order of first use: deterministic for a given batch."""
+
+    def __init__(self) -> None:
+        self.index: dict[Hashable, int] = {}
+
+    def __call__(self, value: Hashable) -> int:
+        return self.index.setdefault(value, len(self.index))
+
+    def items(self) -> list[Any]:
+        return list(self.index)
+
+
+def _put_rle(out: bytearray, symbols: Sequence[int]) -> None:
+    """Runs of equal symbols: count of runs, then (symbol, length) pairs."""
+    runs: list[tuple[int, int]] = []
+    for sym in symbols:
+        if runs and runs[-1][0] == sym:
+            runs[-1] = (sym, runs[-1][1] + 1)
+        else:
+            runs.append((sym, 1))
+    _put_u(out, len(runs))
+    for sym, n in runs:
+        _put_u(out, sym)
+        _put_u(out, n)
+
+
+def _get_rle(r: _Reader, n: int, n_symbols: int, what: str) -> list[int]:
+    runs = r.count(f"{what} run count", n)
+    out: list[int] = []
+    for _ in range(runs):
+        sym = r.index(what, n_symbols)
+        length = r.u(f"{what} run length")
+        if length < 1 or len(out) + length > n:
+            raise PayloadError(f"{what} runs do not add up to {n}")
+        out.extend([sym] * length)
+    if len(out) != n:
+        raise PayloadError(f"{what} runs do not add up to {n}")
+    return out
+
+
+def _put_dod(out: bytearray, values: Sequence[int], base: int) -> None:
+    """Deltas of deltas: a steady 1 Hz clock or a +4 sequence costs a zero a sample."""
+    prev, prev_delta = base, 0
+    for v in values:
+        delta = v - prev
+        _put_s(out, delta - prev_delta)
+        prev, prev_delta = v, delta
+
+
+def _get_dod(r: _Reader, n: int, base: int, what: str) -> list[int]:
+    out: list[int] = []
+    prev, prev_delta = base, 0
+    for _ in range(n):
+        prev_delta += r.s(what)
+        prev += prev_delta
+        if not INT64_MIN <= prev <= INT64_MAX:
+            raise PayloadError(f"{what} leaves the 64-bit range")
+        out.append(prev)
+    return out
+
+
+def _put_ints(out: bytearray, values: Sequence[int]) -> None:
+    """Raw or delta zigzag varints, whichever is shorter (ties: delta)."""
+    deltas = [values[0]] + [b - a for a, b in zip(values, values[1:])]
+    raw_len = sum(_varint_len(_zigzag(v)) for v in values)
+    delta_len = sum(_varint_len(_zigzag(v)) for v in deltas)
+    mode = MODE_RAW if raw_len < delta_len else MODE_DELTA
+    _put_u(out, mode)
+    for v in values if mode == MODE_RAW else deltas:
+        _put_s(out, v)
+
+
+def _get_ints(r: _Reader, n: int, lo: int, hi: int, what: str) -> list[int]:
+    mode = r.u(f"{what} mode")
+    if mode not in (MODE_RAW, MODE_DELTA):
+        raise PayloadError(f"unknown {what} mode {mode}")
+    out: list[int] = []
+    acc = 0
+    for _ in range(n):
+        v = r.s(what)
+        if mode == MODE_DELTA:
+            acc += v
+            v = acc
+        if not lo <= v <= hi:
+            raise PayloadError(f"{what} value out of range")
+        out.append(v)
+    return out
+
+
+def _put_f64(out: bytearray, values: Sequence[float]) -> None:
+    # XOR with the previous value zeroes the shared sign/exponent/leading mantissa
+    # bits; transposing the bytes puts those zeros next to each other for the
+    # compressor (the idea of Gorilla and of byte-shuffle filters).
+    bits = struct.unpack(f">{len(values)}Q", struct.pack(f">{len(values)}d", *values))
+    xored = [bits[0]] + [a ^ b for a, b in zip(bits, bits[1:])]
+    raw = struct.pack(f">{len(xored)}Q", *xored)
+    out += b"".join(raw[j::8] for j in range(8))
+
+
+def _get_f64(r: _Reader, n: int, what: str) -> list[float]:
+    planes = r.take(8 * n, what)
+    raw = bytearray(8 * n)
+    for j in range(8):
+        raw[j::8] = planes[j * n : (j + 1) * n]
+    xored = struct.unpack(f">{n}Q", raw)
+    bits: list[int] = []
+    acc = 0
+    for x in xored:
+        acc ^= x
+        bits.append(acc)
+    values = list(struct.unpack(f">{n}d", struct.pack(f">{n}Q", *bits)))
+    if not all(math.isfinite(v) for v in values):
+        raise PayloadError(f"{what} holds a non-finite float")
+    return values
+
+
+def _decimal(v: float) -> tuple[int, int] | None:
+    """(m, k) with v == m / 10**k, from the shortest repr; None if there is none.
+
+    Drivers round to 0.1, 0.01 or 1e-7 degrees, so repr gives those digits
+    back exactly; m / 10**k is then the same rational as the repr, and Python's
+    int / int is correctly rounded, so the decoder gets the identical float.
+    """
+    text = repr(v)
+    if "e" in text or "n" in text or (v == 0.0 and math.copysign(1.0, v) < 0):
+        return None  # exponent form, inf/nan, or -0.0 (its sign would be lost)
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0")
+    if len(frac) > MAX_SCALE:
+        return None
+    m = int(whole + frac)  # repr always has a whole part ("0.5", "-0.5")
+    return (m, len(frac)) if abs(m) < MAX_EXACT and m / 10 ** len(frac) == v else None
+
+
+# --- encoder ------------------------------------------------------------------
+
+
+def _cell_tag(v: Any, decimals: dict[int, tuple[int, int]], i: int) -> int:
+    if v is None:
+        return TAG_NONE
+    if v is True:
+        return TAG_TRUE
+    if v is False:
+        return TAG_FALSE
+    if isinstance(v, int):
+        return TAG_INT if INT64_MIN <= v <= INT64_MAX else TAG_BIGINT
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            # Version 1 (JSON) cannot carry it either: refuse the same way.
+            raise ValueError(f"non-finite float {v!r} cannot be encoded")
+        dec = _decimal(v)
+        if dec is None:
+            return TAG_F64
+        decimals[i] = dec
+        return TAG_DEC
+    if isinstance(v, str):
+        return TAG_STR
+    raise TypeError(f"value of type {type(v).__name__} cannot be encoded")
+
+
+def _encode_key(out: bytearray, key: str, samples: Sequence[Sample], strings: _Interner) -> None:
+    cells = [s.values.get(key, _ABSENT) for s in samples]
+    decimals: dict[int, tuple[int, int]] = {}
+    tags = [TAG_ABSENT if v is _ABSENT else _cell_tag(v, decimals, i) for i, v in enumerate(cells)]
+    if decimals:
+        # One scale for the column: the finest any value needs. Values that would
+        # outgrow the exact range at that scale travel as raw float64 instead.
+        scale = max(k for _, k in decimals.values())
+        mantissas: dict[int, int] = {}
+        for i, (m, k) in decimals.items():
+            m *= 10 ** (scale - k)
+            if abs(m) < MAX_EXACT:
+                mantissas[i] = m
+            else:
+                tags[i] = TAG_F64
+    _put_u(out, strings(key))
+    _put_rle(out, tags)
+    ints = [cells[i] for i, t in enumerate(tags) if t == TAG_INT]
+    decs = [mantissas[i] for i, t in enumerate(tags) if t == TAG_DEC]
+    f64s = [cells[i] for i, t in enumerate(tags) if t == TAG_F64]
+    if ints:
+        _put_ints(out, ints)
+    if decs:
+        _put_u(out, scale)
+        _put_ints(out, decs)
+    if f64s:
+        _put_f64(out, f64s)
+    for i, t in enumerate(tags):
+        if t == TAG_STR:
+            _put_u(out, strings(cells[i]))
+        elif t == TAG_BIGINT:
+            _put_u(out, strings(str(cells[i])))
+
+
+class _Absent:
+    """Marks a key a sample does not have (distinct from a value of None)."""
+
+
+_ABSENT = _Absent()
+
+
+def _check_int(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not INT64_MIN <= v <= INT64_MAX:
+        raise ValueError(f"{what} must be a 64-bit integer, not {v!r}")
+    return v
+
+
+def _encode_stream(
+    out: bytearray, samples: Sequence[Sample], first_seq: int, strings: _Interner, flagsets: _Interner
+) -> None:
+    seqs = [_check_int(s.seq, "seq") for s in samples]
+    monos = [_check_int(s.t_mono_ms, "t_mono_ms") for s in samples]
+    _put_dod(out, seqs, first_seq)
+    _put_dod(out, monos, 0)
+    # UTC as its offset from the monotonic clock: both are read at the same
+    # moment, so timing jitter is paid once, and the offset only moves on a
+    # clock step or correction.
+    _put_rle(out, [0 if s.t_utc_ms is None else 1 for s in samples])
+    prev = 0
+    for s, mono in zip(samples, monos):
+        if s.t_utc_ms is not None:
+            offset = _check_int(s.t_utc_ms, "t_utc_ms") - mono
+            _put_s(out, offset - prev)
+            prev = offset
+    _put_rle(out, [strings(str(TimeSource(s.time_src))) for s in samples])
+    _put_rle(out, [flagsets(tuple(s.flags)) for s in samples])
+    _put_rle(out, [strings(s.boot_id) for s in samples])
+    keys = sorted({k for s in samples for k in s.values})
+    _put_u(out, len(keys))
+    for key in keys:
+        _encode_key(out, key, samples, strings)
+
+
+def encode_plain(batch: Batch) -> bytes:
+    """The uncompressed version 2 body (the layout of docs/wire-format.md)."""
+    strings, flagsets = _Interner(), _Interner()
+    streams: dict[str, list[Sample]] = {}
+    for s in batch.samples:
+        streams.setdefault(s.sensor, []).append(s)
+    stream_of = {name: i for i, name in enumerate(streams)}
+    sensor_ids = [strings(name) for name in streams]
+    tail = bytearray()
+    _put_rle(tail, [stream_of[s.sensor] for s in batch.samples])
+    for group in streams.values():
+        _encode_stream(tail, group, batch.first_seq, strings, flagsets)
+    _put_u(tail, len(batch.gaps))
+    for g in batch.gaps:
+        _put_s(tail, g.first_seq - batch.first_seq)
+        _put_s(tail, g.last_seq - g.first_seq)
+        _put_u(tail, strings(g.reason))
+    # Flag strings join the string table before it is written out.
+    flag_rows = [[strings(f) for f in fs] for fs in flagsets.items()]
+
+    out = bytearray()
+    _put_str(out, batch.device)
+    _put_str(out, batch.epoch)
+    _put_s(out, batch.first_seq)
+    _put_s(out, batch.last_seq - batch.first_seq)
+    table = strings.items()
+    _put_u(out, len(table))
+    for text in table:
+        _put_str(out, text)
+    _put_u(out, len(flag_rows))
+    for row in flag_rows:
+        _put_u(out, len(row))
+        for i in row:
+            _put_u(out, i)
+    _put_u(out, len(batch.samples))
+    _put_u(out, len(sensor_ids))
+    for i in sensor_ids:
+        _put_u(out, i)
+    return bytes(out + tail)
+
+
+def _compress(method: int, plain: bytes) -> bytes:
+    if method == COMP_ZLIB:
+        return zlib.compress(plain, 9)
+    if method == COMP_LZMA2:
+        return lzma.compress(plain, format=lzma.FORMAT_RAW, filters=_LZMA_ENC_FILTERS)
+    return plain
+
+
+def pack(plain: bytes, method: int) -> bytes:
+    """Body = method byte | CRC-32 of the plain body | compressed plain body.
+
+    The CRC catches a flipped bit in a batch that sat on an SD card before it
+    reaches the store (raw LZMA2 has no checksum of its own).
+    """
+    return bytes([method]) + struct.pack(">I", zlib.crc32(plain)) + _compress(method, plain)
+
+
+def encode_v2(batch: Batch) -> bytes:
+    """The version 2 body of a batch. Deterministic: the smallest of the
+    compressions, ties to the lower method number."""
+    plain = encode_plain(batch)
+    return min((pack(plain, m) for m in COMPRESSIONS), key=len)
+
+
+# --- decoder ------------------------------------------------------------------
+
+
+def _inflate(method: int, data: bytes) -> bytes:
+    limit = MAX_DECOMPRESSED_BYTES
+    if method == COMP_STORED:
+        out, done, rest = data, True, b""
+        if len(out) > limit:
+            raise PayloadError(f"body inflates to more than {limit} bytes")
+    elif method == COMP_ZLIB:
+        z = zlib.decompressobj()
+        try:
+            out = z.decompress(data, limit)
+        except zlib.error as exc:
+            raise PayloadError(f"body is not valid zlib data: {exc}") from exc
+        if z.unconsumed_tail:
+            raise PayloadError(f"body inflates to more than {limit} bytes")
+        done, rest = z.eof, z.unused_data
+    elif method == COMP_LZMA2:
+        x = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_DEC_FILTERS)
+        try:
+            out = x.decompress(data, limit)
+        except lzma.LZMAError as exc:
+            raise PayloadError(f"body is not valid LZMA2 data: {exc}") from exc
+        if not x.eof and not x.needs_input:
+            raise PayloadError(f"body inflates to more than {limit} bytes")
+        done, rest = x.eof, x.unused_data
+    else:
+        raise PayloadError(f"unknown compression method {method}")
+    if not done:
+        raise PayloadError("body is truncated")
+    if rest:
+        raise PayloadError("trailing bytes after the compressed body")
+    return out
+
+
+def unpack(body: bytes) -> bytes:
+    """The plain body from method byte, CRC and compressed data; checked."""
+    if len(body) < 5:
+        raise PayloadError("body is truncated")
+    plain = _inflate(body[0], body[5:])
+    if zlib.crc32(plain) != struct.unpack(">I", body[1:5])[0]:
+        raise PayloadError("body checksum mismatch (corrupted in storage or transit)")
+    return plain
+
+
+def _decode_key(
+    r: _Reader, n: int, strings: list[str]
+) -> tuple[str, list[int], dict[int, list[Any]]]:
+    key = strings[r.index("value key", len(strings))]
+    tags = _get_rle(r, n, N_TAGS, f"tags of {key!r}")
+    counts = [0] * N_TAGS
+    for t in tags:
+        counts[t] += 1
+    cols: dict[int, list[Any]] = {}
+    if counts[TAG_INT]:
+        cols[TAG_INT] = _get_ints(r, counts[TAG_INT], INT64_MIN, INT64_MAX, f"ints of {key!r}")
+    if counts[TAG_DEC]:
+        scale = r.u(f"scale of {key!r}")
+        if scale > MAX_SCALE:
+            raise PayloadError(f"scale {scale} of {key!r} exceeds {MAX_SCALE}")
+        ms = _get_ints(r, counts[TAG_DEC], 1 - MAX_EXACT, MAX_EXACT - 1, f"decimals of {key!r}")
+        div = 10**scale
+        cols[TAG_DEC] = [m / div for m in ms]
+    if counts[TAG_F64]:
+        cols[TAG_F64] = _get_f64(r, counts[TAG_F64], f"floats of {key!r}")
+    if counts[TAG_STR] or counts[TAG_BIGINT]:
+        # Strings and big ints share one column, in sample order.
+        n_refs = counts[TAG_STR] + counts[TAG_BIGINT]
+        refs = [strings[r.index(f"string of {key!r}", len(strings))] for _ in range(n_refs)]
+        texts = iter(refs)
+        cols[TAG_STR], cols[TAG_BIGINT] = [], []
+        for t in tags:
+            if t == TAG_STR:
+                cols[TAG_STR].append(next(texts))
+            elif t == TAG_BIGINT:
+                cols[TAG_BIGINT].append(_bigint(next(texts), key))
+    return key, tags, cols
+
+
+def _bigint(text: str, key: str) -> int:
+    if len(text) > _BIGINT_MAX_DIGITS or not text.lstrip("-").isdigit() or not text.isascii():
+        raise PayloadError(f"bad big integer in {key!r}")
+    v = int(text)
+    if INT64_MIN <= v <= INT64_MAX:
+        raise PayloadError(f"big integer in {key!r} fits 64 bits (not canonical)")
+    return v
+
+
+def _decode_stream(
+    r: _Reader,
+    sensor: str,
+    n: int,
+    first_seq: int,
+    strings: list[str],
+    flagsets: list[tuple[str, ...]],
+    cells_left: int,
+) -> tuple[list[Sample], int]:
+    seqs = _get_dod(r, n, first_seq, f"seq of {sensor!r}")
+    monos = _get_dod(r, n, 0, f"t_mono_ms of {sensor!r}")
+    has_utc = _get_rle(r, n, 2, f"t_utc_ms presence of {sensor!r}")
+    utcs: list[int | None] = []
+    offset = 0
+    for present, mono in zip(has_utc, monos):
+        if not present:
+            utcs.append(None)
+            continue
+        offset += r.s(f"t_utc_ms of {sensor!r}")
+        t = mono + offset
+        if not INT64_MIN <= t <= INT64_MAX:
+            raise PayloadError(f"t_utc_ms of {sensor!r} leaves the 64-bit range")
+        utcs.append(t)
+    srcs: list[TimeSource] = []
+    for i in _get_rle(r, n, len(strings), f"time sources of {sensor!r}"):
+        try:
+            srcs.append(TimeSource(strings[i]))
+        except ValueError as exc:
+            raise PayloadError(f"unknown time source {strings[i]!r}") from exc
+    flags = _get_rle(r, n, len(flagsets), f"flags of {sensor!r}")
+    boots = _get_rle(r, n, len(strings), f"boot ids of {sensor!r}")
+    n_keys = r.count(f"key count of {sensor!r}", r.left())
+    if n_keys * n > cells_left:
+        raise PayloadError(f"more than {MAX_VALUE_CELLS} value cells in the batch")
+    values: list[dict[str, Any]] = [{} for _ in range(n)]
+    seen: set[str] = set()
+    for _ in range(n_keys):
+        key, tags, cols = _decode_key(r, n, strings)
+        if key in seen:
+            raise PayloadError(f"key {key!r} appears twice for {sensor!r}")
+        seen.add(key)
+        its = {t: iter(c) for t, c in cols.items()}
+        for vals, t in zip(values, tags):
+            if t == TAG_ABSENT:
+                continue
+            vals[key] = _CONST_TAG_VALUES[t] if t in _CONST_TAG_VALUES else next(its[t])
+    samples = [
+        Sample(sensor, utcs[i], monos[i], srcs[i], values[i], flagsets[flags[i]], seqs[i], strings[boots[i]])
+        for i in range(n)
+    ]
+    return samples, cells_left - n_keys * n
+
+
+def decode_plain(plain: bytes) -> Batch:
+    """A Batch from the uncompressed body. Structure only: the checks both
+    versions share (range, duplicates, gaps) are ``uplink.wire``'s."""
+    r = _Reader(plain)
+    device = r.string("device")
+    epoch = r.string("epoch")
+    first = r.s("first_seq")
+    last = first + r.s("sequence span")
+    n_strings = r.count("string count", r.left())
+    strings = [r.string("string") for _ in range(n_strings)]
+    flagsets: list[tuple[str, ...]] = []
+    for _ in range(r.count("flag set count", r.left())):
+        k = r.count("flag set size", r.left())
+        flagsets.append(tuple(strings[r.index("flag", n_strings)] for _ in range(k)))
+    n = r.count("sample count", MAX_SAMPLES_PER_BATCH)
+    if n > max(0, last - first + 1):
+        raise PayloadError(f"{n} samples cannot fit the sequence range {first}-{last}")
+    n_streams = r.count("stream count", n)
+    sensors = [strings[r.index("sensor", n_strings)] for _ in range(n_streams)]
+    if len(set(sensors)) != n_streams or not all(sensors):
+        raise PayloadError("sensor names must be unique and non-empty")
+    order = _get_rle(r, n, n_streams, "stream order")
+    sizes = [0] * n_streams
+    for i in order:
+        sizes[i] += 1
+    if not all(sizes):
+        raise PayloadError("a stream without samples")
+    per_stream: list[list[Sample]] = []
+    cells_left = MAX_VALUE_CELLS
+    for sensor, size in zip(sensors, sizes):
+        group, cells_left = _decode_stream(r, sensor, size, first, strings, flagsets, cells_left)
+        per_stream.append(group)
+    gaps: list[Gap] = []
+    for _ in range(r.count("gap count", r.left())):
+        g_first = first + r.s("gap start")
+        g_last = g_first + r.s("gap length")
+        gaps.append(Gap(g_first, g_last, strings[r.index("gap reason", n_strings)]))
+    if r.left():
+        raise PayloadError(f"{r.left()} unexpected bytes after the body")
+    # Back to the original order: each sample is the next one of its stream.
+    iters = [iter(g) for g in per_stream]
+    samples = [next(iters[i]) for i in order]
+    return Batch(device, epoch, first, last, samples, gaps)
+
+
+def decode_v2(body: bytes) -> Batch:
+    """A Batch from a version 2 body (after MAGIC and the version byte)."""
+    plain = unpack(body)
+    try:
+        return decode_plain(plain)
+    except PayloadError:
+        raise
+    except (IndexError, KeyError, ValueError, TypeError, OverflowError, StopIteration, struct.error) as exc:
+        # Belt and braces: a payload must never turn into an exception the
+        # receiver would take for a store failure and retry forever.
+        raise PayloadError(f"malformed version 2 body: {exc!r}") from exc
+
+
+__all__ = [
+    "MAX_VALUE_CELLS",
+    "decode_plain",
+    "decode_v2",
+    "encode_plain",
+    "encode_v2",
+    "pack",
+    "unpack",
+]
