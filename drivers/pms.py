@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from drivers.base import Reading
-from drivers.serialport import SerialLike, read_until_deadline
+from drivers.serialport import SerialLike, read_available, read_until_deadline
 from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
@@ -380,13 +380,21 @@ class PMSx003Driver:
         return None
 
     def _read_passive(self) -> Reading | None:
+        # Bytes already waiting answer no request of ours (line noise, a late frame):
+        # parse them away first, so that an error in them does not end our wait.
+        self._parser.feed(read_available(self._port))
+        self._parser.reset()
         errors_before = self._parser.checksum_errors + self._parser.frame_errors
         self._port.write(cmd_passive_read())
         found: list[PMSFrame] = []
 
         def take(chunk: bytes) -> bool:
             found.extend(m for m in self._parser.feed(chunk) if isinstance(m, PMSFrame))
-            return bool(found)
+            # A corrupt answer is still the answer: waiting out the timeout would
+            # only stall the sampling loop for a frame that is not coming.
+            # (unless more bytes are already waiting: they may hold the good frame).
+            errors = self._parser.checksum_errors + self._parser.frame_errors
+            return bool(found) or (errors > errors_before and not self._port.in_waiting)
 
         read_until_deadline(self._port, take, self._timeout_s)
         if found:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from drivers.base import Reading
-from drivers.serialport import SerialLike, read_until_deadline
+from drivers.serialport import SerialLike, read_available, read_until_deadline
 from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
@@ -459,6 +459,9 @@ class SDS011Driver:
         return None
 
     def _read_query(self) -> Reading | None:
+        # Stale bytes answer no request of ours: parse them away before asking.
+        self._parser.feed(read_available(self._port))
+        self._parser.reset()
         errors_before = self._parser.checksum_errors + self._parser.frame_errors
         self._pending = None
         self._port.write(cmd_query_data(self._device_id))
@@ -466,7 +469,10 @@ class SDS011Driver:
 
         def take(chunk: bytes) -> bool:
             found.extend(m for m in self._parser.feed(chunk) if isinstance(m, SDSData))
-            return bool(found)
+            # A corrupt answer is still the answer: do not wait out the timeout.
+            # (unless more bytes are already waiting: they may hold the good frame).
+            errors = self._parser.checksum_errors + self._parser.frame_errors
+            return bool(found) or (errors > errors_before and not self._port.in_waiting)
 
         read_until_deadline(self._port, take, self._timeout_s)
         if found:

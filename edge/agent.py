@@ -19,11 +19,12 @@ timeouts run on ``timer``, which is always real time.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from buffer.store import Buffer
 from drivers.base import SensorDriver
@@ -89,6 +90,8 @@ class Agent:
             gps_valid_s=cfg.time.gps_valid_s,
         )
         self.stats = AgentStats()
+        # Things to close when the agent ends (simulated hardware, ...).
+        self.resources: list[Any] = []
         # Samples of this boot stamped before the clock was trusted, waiting to be corrected.
         self._unsync = buffer.count_unsync(self.boot_id)
         self._unsync_since: float | None = clock.monotonic() if self._unsync else None
@@ -156,14 +159,15 @@ class Agent:
             if reading is None:
                 continue
             stamp = self.timekeeper.stamp()
+            values, flags = _finite(reading.values, reading.flags)
             self._pending.append(
                 Sample(
                     sensor=reading.sensor,
                     t_utc_ms=stamp.t_utc_ms,
                     t_mono_ms=stamp.t_mono_ms,
                     time_src=stamp.source,
-                    values=dict(reading.values),
-                    flags=reading.flags,
+                    values=values,
+                    flags=flags,
                     boot_id=self.boot_id,
                 )
             )
@@ -306,6 +310,17 @@ class Agent:
                 return True
             time.sleep(poll_s)
         return False
+
+
+def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """NaN and infinity are no measurement: store them as unknown, and say so."""
+    out = dict(values)
+    bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return out, flags
+    for k in bad:
+        out[k] = None
+    return out, (*flags, "non_finite")
 
 
 def _boot_id() -> str:

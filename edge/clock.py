@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from edge.model import TimeSource
 
@@ -124,6 +124,22 @@ class SimClock:
         self._boot_error = boot_error_s
         self._step = 0.0
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[float], None]] = []
+
+    def on_advance(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener(elapsed)`` after every advance, in the advancing thread.
+
+        Simulated devices use this to emit their bytes in lock-step with virtual
+        time: what a device "sent" during a sleep is in the port before the
+        agent's next read, however fast the simulation runs.
+        """
+        self._listeners.append(listener)
+
+    @property
+    def elapsed(self) -> float:
+        """Virtual seconds since the clock started."""
+        with self._lock:
+            return self._elapsed
 
     def true_utc(self) -> float:
         with self._lock:
@@ -141,6 +157,9 @@ class SimClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._elapsed += seconds
+            elapsed = self._elapsed
+        for listener in self._listeners:
+            listener(elapsed)
 
     def step(self, seconds: float) -> None:
         """Step the system clock (as NTP or an administrator would); monotonic time is unmoved."""

@@ -86,6 +86,14 @@ class SimulationConfig:
     # The Pi boots with a stale clock off by this much, until NTP syncs after ntp_after_s.
     boot_clock_error_s: float = 0.0
     ntp_after_s: float = 0.0
+    # "hardware": byte- and register-level simulated devices under the real drivers
+    # (sensors then name port = "sim:pm", bus = "sim", device = "sim");
+    # "values": only the value-level sim-* drivers.
+    devices: str = "values"
+    # Simulated hardware: noise from the I2C "module" or the I2S "microphone" (48 kHz DSP).
+    noise: str = "module"
+    gps_corrupt_prob: float = 0.0
+    pm_corrupt_prob: float = 0.0
 
 
 @dataclass(slots=True)
@@ -176,6 +184,13 @@ def _validate(cfg: AgentConfig) -> None:
         path = getattr(cfg.uplink, f)
         if path and not Path(path).is_file():
             raise ConfigError(f"uplink.{f}", f"no such file: {path}")
+    if cfg.simulation.devices not in ("values", "hardware"):
+        raise ConfigError("simulation.devices", "must be 'values' or 'hardware'")
+    if cfg.simulation.noise not in ("module", "microphone"):
+        raise ConfigError("simulation.noise", "must be 'module' or 'microphone'")
+    for key in ("gps_corrupt_prob", "pm_corrupt_prob"):
+        if not 0.0 <= getattr(cfg.simulation, key) <= 1.0:
+            raise ConfigError(f"simulation.{key}", "must be a probability, 0 to 1")
     if cfg.simulation.shift_hours <= 0:
         raise ConfigError("simulation.shift_hours", "must be above 0")
     names = [s.name for s in cfg.sensors]

@@ -55,6 +55,13 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
         ctx["world"] = VanWorld(
             clock, shift_start_utc=start, seed=sim.seed, start_offset_m=sim.start_offset_m
         )
+        if sim.devices == "hardware":
+            from simulator.hardware import SimulatedHardware
+
+            ctx["hardware"] = SimulatedHardware(
+                ctx["world"], clock, seed=sim.seed, noise=sim.noise,
+                gps_corrupt_prob=sim.gps_corrupt_prob, pm_corrupt_prob=sim.pm_corrupt_prob,
+            )
         until = sim.shift_hours * 3600
     else:
         clock = SystemClock()
@@ -62,7 +69,9 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
     drivers = build_drivers(cfg.sensors, ctx)
     buffer = Buffer(cfg.buffer_path, cfg.device.id)
     link = MqttLink(cfg.uplink, cfg.device.id)
-    return Agent(cfg, drivers, clock, buffer, link), until
+    agent = Agent(cfg, drivers, clock, buffer, link)
+    agent.resources = [r for r in (ctx.get("hardware"),) if r is not None]
+    return agent, until
 
 
 def write_stats(agent: Agent, path: Path) -> None:
@@ -94,5 +103,7 @@ def run_agent(cfg: AgentConfig, *, drain_timeout_s: float = 120.0) -> int:
         agent.link.stop()
         for d in agent.drivers:
             d.close()
+        for r in agent.resources:
+            r.close()
         agent.buffer.close()
     return 0

@@ -1,8 +1,24 @@
 """Build the configured sensor drivers.
 
-Each ``[sensors.NAME]`` table names a ``driver`` and its options. Simulated
-drivers (``sim-*``) need the van's simulated world; real ones take their port
-or bus from the options.
+Each ``[sensors.NAME]`` table names a ``driver`` and its options; every option
+is checked here so that a typo stops the agent at start with the key named.
+Transports come from the options: a serial ``port`` (device path or pyserial
+URL), an I2C ``bus`` number, an ALSA ``device``. In a simulated van the value
+``"sim"`` (or ``"sim:NAME"`` for ports) takes the simulated hardware's
+pseudo-terminal or fake bus instead, so the same drivers run.
+
+| driver | options (default) |
+|---|---|
+| ``pms5003`` ``pms7003`` ``pmsa003`` | port, baudrate (9600), mode ("passive") |
+| ``sds011`` | port, baudrate (9600), mode ("query") |
+| ``sps30`` | port, baudrate (115200) |
+| ``nmea-gps`` | port, baudrate (9600) |
+| ``gpsd`` | host ("127.0.0.1"), port (2947) |
+| ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, fsr_v (4.096), data_rate (128) |
+| ``dgs-no2`` | port, baudrate (9600) |
+| ``sound-module`` | bus (1), address (0x48), weighting ("A"), averaging_ms (1000) |
+| ``microphone`` | device ("default"), sensitivity_dbfs (-26), calibration_offset_db (0), noise_floor_db (29) |
+| ``sim-pm`` ``sim-no2`` ``sim-noise`` ``sim-gps`` | value-level simulated sensors (seed) |
 """
 
 from __future__ import annotations
@@ -16,36 +32,203 @@ from edge.errors import ConfigError
 DriverFactory = Callable[[SensorConfig, dict[str, Any]], SensorDriver]
 
 
+# Options whose value may be of another type than their default (checked where used).
+_LOOSE = {"bus", "calibration", "serial"}
+
+
+def _opts(sc: SensorConfig, defaults: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Options merged over defaults; unknown keys and wrong types are errors naming the key."""
+    out = dict(defaults)
+    for key, value in sc.options.items():
+        full = f"sensors.{sc.name}.{key}"
+        if key not in defaults and key not in required:
+            known = ", ".join(sorted([*defaults, *required]))
+            raise ConfigError(full, f"unknown option for driver {sc.driver!r} (known: {known})")
+        default = defaults.get(key)
+        if default is not None and key not in _LOOSE and not isinstance(value, type(default)):
+            if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+                raise ConfigError(full, f"expected {type(default).__name__}, got {value!r}")
+            value = float(value)
+        out[key] = value
+    for key in required:
+        if key not in out:
+            raise ConfigError(f"sensors.{sc.name}.{key}", f"required by driver {sc.driver!r}")
+    return out
+
+
+def _monotonic(ctx: dict[str, Any]) -> Callable[[], float]:
+    return ctx["clock"].monotonic
+
+
+def _serial(sc: SensorConfig, ctx: dict[str, Any], url: str, baudrate: int) -> Any:
+    from drivers.serialport import ReconnectingPort, port_opener
+
+    if url.startswith("sim"):
+        hw = ctx.get("hardware")
+        key = url.partition(":")[2] or sc.name
+        if hw is None or key not in hw.ports:
+            raise ConfigError(f"sensors.{sc.name}.port", f"{url!r} needs simulated hardware with port {key!r}")
+        url = hw.ports[key]
+    # The port may be a USB adapter that is not there yet: the driver waits for it.
+    return ReconnectingPort(port_opener(url, baudrate), require_at_start=False, label=f"{sc.name} ({url})")
+
+
+def _bus(sc: SensorConfig, ctx: dict[str, Any], bus: Any) -> Any:
+    if bus == "sim":
+        hw = ctx.get("hardware")
+        if hw is None:
+            raise ConfigError(f"sensors.{sc.name}.bus", "'sim' needs simulated hardware")
+        return hw.bus
+    if not isinstance(bus, int) or isinstance(bus, bool):
+        raise ConfigError(f"sensors.{sc.name}.bus", f"an I2C bus number such as 1, or 'sim', not {bus!r}")
+    from drivers.i2c import SMBusAdapter
+
+    return SMBusAdapter(bus)
+
+
+def _pms(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.pms import PMSx003Driver
+
+    o = _opts(sc, {"baudrate": 9600, "mode": "passive"}, required=("port",))
+    if o["mode"] not in ("active", "passive"):
+        raise ConfigError(f"sensors.{sc.name}.mode", "must be 'active' or 'passive'")
+    return PMSx003Driver(_serial(sc, ctx, o["port"], o["baudrate"]), _monotonic(ctx), sc.name, mode=o["mode"])
+
+
+def _sds011(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.sds011 import SDS011Driver
+
+    o = _opts(sc, {"baudrate": 9600, "mode": "query"}, required=("port",))
+    if o["mode"] not in ("active", "query"):
+        raise ConfigError(f"sensors.{sc.name}.mode", "must be 'active' or 'query'")
+    return SDS011Driver(_serial(sc, ctx, o["port"], o["baudrate"]), _monotonic(ctx), sc.name, mode=o["mode"])
+
+
+def _sps30(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.sps30 import SPS30Driver
+
+    o = _opts(sc, {"baudrate": 115200}, required=("port",))
+    return SPS30Driver(_serial(sc, ctx, o["port"], o["baudrate"]), _monotonic(ctx), sc.name)
+
+
+def _nmea(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.gps import NmeaGpsDriver
+
+    o = _opts(sc, {"baudrate": 9600}, required=("port",))
+    return NmeaGpsDriver(_serial(sc, ctx, o["port"], o["baudrate"]), sc.name, _monotonic(ctx))
+
+
+def _gpsd(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.gps import GpsdSource
+
+    o = _opts(sc, {"host": "127.0.0.1", "port": 2947})
+    return GpsdSource(host=o["host"], port=o["port"], name=sc.name, clock=_monotonic(ctx))
+
+
+def _no2_b43f(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.ads1115 import ADS1115
+    from drivers.no2 import LinearTemperature, No2B43F, No2Calibration, load_calibrations_toml
+
+    o = _opts(
+        sc,
+        {
+            "bus": 1, "address": 0x49, "algorithm": 1, "we_channel": "AIN0", "ae_channel": "AIN1",
+            "temp_channel": "AIN2", "temp_mv_at_0c": 500.0, "temp_mv_per_c": 10.0, "fsr_v": 4.096,
+            "data_rate": 128, "calibration_file": "", "calibration": {},
+        },
+        required=("serial",),
+    )
+    serial = str(o["serial"])
+    if o["calibration"]:
+        cal = No2Calibration.from_mapping(serial, o["calibration"])
+    elif o["calibration_file"]:
+        cals = load_calibrations_toml(o["calibration_file"])
+        if serial not in cals:
+            raise ConfigError(f"sensors.{sc.name}.serial", f"no calibration for {serial} in {o['calibration_file']}")
+        cal = cals[serial]
+    elif o["bus"] == "sim":
+        from simulator.hardware import SIM_NO2_CAL
+
+        cal = SIM_NO2_CAL
+    else:
+        raise ConfigError(f"sensors.{sc.name}.calibration_file", "the sensor's calibration sheet is required")
+    adc = ADS1115(_bus(sc, ctx, o["bus"]), o["address"], fsr_v=o["fsr_v"], data_rate=o["data_rate"],
+                  clock=ctx["clock"])
+    return No2B43F(
+        adc, cal, we_channel=o["we_channel"], ae_channel=o["ae_channel"], temp_channel=o["temp_channel"],
+        temp_from_mv=LinearTemperature(o["temp_mv_at_0c"], o["temp_mv_per_c"]),
+        algorithm=o["algorithm"], name=sc.name,
+    )
+
+
+def _dgs(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.dgs_no2 import DgsNo2
+
+    o = _opts(sc, {"baudrate": 9600}, required=("port",))
+    return DgsNo2(_serial(sc, ctx, o["port"], o["baudrate"]), clock=ctx["clock"], name=sc.name)
+
+
+def _sound_module(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.sound_module import SoundLevelModule
+
+    o = _opts(sc, {"bus": 1, "address": 0x48, "weighting": "A", "averaging_ms": 1000})
+    return SoundLevelModule(_bus(sc, ctx, o["bus"]), o["address"], weighting=o["weighting"],
+                            averaging_ms=o["averaging_ms"], name=sc.name)
+
+
+def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
+    from drivers.noise.capture import AlsaSource, MicrophoneDriver
+    from drivers.noise.levels import LevelMeter, MeterConfig
+
+    o = _opts(sc, {"device": "default", "sensitivity_dbfs": -26.0, "calibration_offset_db": 0.0,
+                   "noise_floor_db": 29.0})
+    meter = LevelMeter(MeterConfig(sensitivity_dbfs=o["sensitivity_dbfs"],
+                                   calibration_offset_db=o["calibration_offset_db"],
+                                   noise_floor_db=o["noise_floor_db"]))
+    if o["device"] == "sim":
+        hw = ctx.get("hardware")
+        if hw is None or hw.microphone is None:
+            raise ConfigError(f"sensors.{sc.name}.device", "'sim' needs simulated hardware with a microphone")
+        source: Any = hw.microphone
+    else:
+        source = AlsaSource(device=o["device"])
+    return MicrophoneDriver(source, meter, name=sc.name)
+
+
 def _sim_factory(kind: str) -> DriverFactory:
     def make(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
         from simulator.sensors import SIM_DRIVERS
 
         world = ctx.get("world")
         if world is None:
-            raise ConfigError(
-                f"sensors.{sc.name}.driver", f"{kind!r} needs [simulation] enabled = true"
-            )
-        unknown = set(sc.options) - {"seed"}
-        if unknown:
-            raise ConfigError(f"sensors.{sc.name}.{sorted(unknown)[0]}", "unknown option")
-        return SIM_DRIVERS[kind](world, name=sc.name, seed=int(sc.options.get("seed", 0)))
+            raise ConfigError(f"sensors.{sc.name}.driver", f"{kind!r} needs [simulation] enabled = true")
+        o = _opts(sc, {"seed": 0})
+        return SIM_DRIVERS[kind](world, name=sc.name, seed=o["seed"])
 
     return make
 
 
 FACTORIES: dict[str, DriverFactory] = {
-    k: _sim_factory(k) for k in ("sim-pm", "sim-no2", "sim-noise", "sim-gps")
+    "pms5003": _pms, "pms7003": _pms, "pmsa003": _pms, "sds011": _sds011, "sps30": _sps30,
+    "nmea-gps": _nmea, "gpsd": _gpsd, "no2-b43f": _no2_b43f, "dgs-no2": _dgs,
+    "sound-module": _sound_module, "microphone": _microphone,
+    **{k: _sim_factory(k) for k in ("sim-pm", "sim-no2", "sim-noise", "sim-gps")},
 }
 
 
 def build_drivers(sensors: list[SensorConfig], ctx: dict[str, Any]) -> list[SensorDriver]:
     out: list[SensorDriver] = []
-    for sc in sensors:
-        factory = FACTORIES.get(sc.driver)
-        if factory is None:
-            raise ConfigError(
-                f"sensors.{sc.name}.driver",
-                f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})",
-            )
-        out.append(factory(sc, ctx))
+    try:
+        for sc in sensors:
+            factory = FACTORIES.get(sc.driver)
+            if factory is None:
+                raise ConfigError(
+                    f"sensors.{sc.name}.driver",
+                    f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})",
+                )
+            out.append(factory(sc, ctx))
+    except BaseException:
+        for d in out:
+            d.close()
+        raise
     return out

@@ -20,7 +20,32 @@ from typing import Callable
 
 from simulator.broker import LocalBroker
 
-SENSORS = {"pm": "sim-pm", "no2": "sim-no2", "noise": "sim-noise", "gps": "sim-gps"}
+# Value-level simulated sensors (cheap: for large fleets).
+VALUE_SENSORS = {
+    "pm": {"driver": "sim-pm"},
+    "no2": {"driver": "sim-no2"},
+    "noise": {"driver": "sim-noise"},
+    "gps": {"driver": "sim-gps"},
+}
+# The real drivers over simulated devices (pseudo-terminals, fake I2C bus, audio stream).
+HARDWARE_SENSORS = {
+    "pm": {"driver": "pms5003", "port": "sim:pm", "mode": "passive"},
+    "no2": {"driver": "no2-b43f", "bus": "sim", "serial": "202-SIM-0001"},
+    "gps": {"driver": "nmea-gps", "port": "sim:gps"},
+}
+NOISE_MODULE = {"driver": "sound-module", "bus": "sim"}
+NOISE_MICROPHONE = {"driver": "microphone", "device": "sim"}
+
+
+def _toml_value(v: object) -> str:
+    return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def sensors_toml(sensors: dict[str, dict[str, object]]) -> str:
+    return "\n".join(
+        f"[sensors.{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in opts.items())
+        for name, opts in sensors.items()
+    )
 
 
 @dataclass
@@ -52,9 +77,14 @@ class FleetResult:
 
 
 def van_config(
-    device: str, data_dir: Path, port: int, *, seed: int, hours: float, offset_m: float, start_utc: str
+    device: str, data_dir: Path, port: int, *, seed: int, hours: float, offset_m: float, start_utc: str,
+    devices: str = "hardware", noise: str = "module",
 ) -> str:
-    sensors = "\n".join(f'[sensors.{n}]\ndriver = "{d}"\n' for n, d in SENSORS.items())
+    if devices == "hardware":
+        chosen = {**HARDWARE_SENSORS, "noise": NOISE_MICROPHONE if noise == "microphone" else NOISE_MODULE}
+    else:
+        chosen = VALUE_SENSORS
+    sensors = sensors_toml(chosen)
     return f"""# Simulated van written by datalab-sim fleet
 [device]
 id = "{device}"
@@ -79,6 +109,10 @@ start_offset_m = {offset_m}
 # coverage (15 min), GPS time usually comes first. Early samples get corrected.
 boot_clock_error_s = -31536000.0
 ntp_after_s = 900.0
+devices = "{devices}"
+noise = "{noise}"
+gps_corrupt_prob = 0.0005
+pm_corrupt_prob = 0.01
 """
 
 
@@ -135,7 +169,12 @@ def run_fleet(
     start_utc: str | None = None,
     progress: Callable[[dict[str, dict], dict[str, int]], None] | None = None,
     timeout_s: float = 1800.0,
+    devices: str = "hardware",
+    microphones: int = 1,
 ) -> FleetResult:
+    """Run the fleet. ``devices``: "hardware" (real drivers over simulated devices) or
+    "values" (value-level sensors); the first ``microphones`` vans measure noise with
+    the 48 kHz microphone meter, the others with the I2C sound module."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if start_utc is None:
@@ -169,7 +208,8 @@ def run_fleet(
             cfg = vdir / "agent.toml"
             cfg.write_text(
                 van_config(device, vdir, broker.port, seed=seed + i, hours=hours,
-                           offset_m=2500.0 * i, start_utc=start_utc)
+                           offset_m=2500.0 * i, start_utc=start_utc, devices=devices,
+                           noise="microphone" if i < microphones else "module")
             )
             stats_files[device] = vdir / "stats.json"
             stats_files[device].unlink(missing_ok=True)

@@ -46,11 +46,19 @@ class VanWorld:
         self._cache_t: float | None = None
         self._cache: Truth | None = None
 
+    def now_utc(self) -> float:
+        """True time: a simulated Pi's own clock may be wrong, the world is not."""
+        true_utc = getattr(self.clock, "true_utc", None)
+        return true_utc() if true_utc is not None else self.clock.utc()
+
     def truth(self) -> Truth:
         """The truth now; cached per clock instant (all sensors of one tick share it)."""
-        t = self.clock.utc()
+        t = self.now_utc()
         if self._cache is None or t != self._cache_t:
-            van = self.drive.state_at(t - self.shift_start_utc)
-            air = self.env.at(van.lat, van.lon, van.road_class, t)
-            self._cache_t, self._cache = t, Truth(van, air)
+            self._cache_t, self._cache = t, self.truth_at(t)
         return self._cache
+
+    def truth_at(self, utc: float) -> Truth:
+        van = self.drive.state_at(utc - self.shift_start_utc)
+        air = self.env.at(van.lat, van.lon, van.road_class, utc)
+        return Truth(van, air)

@@ -233,3 +233,16 @@ def test_batches_are_sealed_by_age_too(tmp_path):
     sizes = [p.n_samples for p in agent.buffer.pending(10)]
     # commits every 5 s; a batch is sealed once its oldest sample is 30 s old
     assert sizes and all(30 <= n <= 35 for n in sizes)
+
+
+def test_non_finite_values_become_unknown(tmp_path):
+    class Nan(Counter):
+        def read(self):
+            return Reading("no2", {"no2_ppb": float("nan"), "no2_we_mv": 301.5, "x": float("inf")})
+
+    agent, clock, link, _ = make(tmp_path, drivers=[Nan()])
+    agent.run(duration_s=3)
+    agent.maybe_seal(force=True)
+    s = decode_batch(agent.buffer.pending(1)[0].payload).samples[0]
+    assert s.values == {"no2_ppb": None, "no2_we_mv": 301.5, "x": None}
+    assert "non_finite" in s.flags
