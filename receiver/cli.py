@@ -90,5 +90,9 @@ def stats(store: str, as_json: bool) -> None:
         click.echo(f"{d['device']:>12} epoch {d['epoch']}: {d['samples']} samples, seq {d['min_seq']}-{d['max_seq']}")
 
 
+from receiver.provision import provision  # noqa: E402  (a command group of its own)
+
+main.add_command(provision)
+
 if __name__ == "__main__":
     main()
