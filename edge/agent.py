@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 import uuid
@@ -52,6 +53,8 @@ class AgentStats:
     duplicate_acks: int = 0
     rejected_batches: int = 0
     time_corrected: int = 0
+    syncs: int = 0
+    heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -99,6 +102,8 @@ class Agent:
         self._last_commit = clock.monotonic()
         self._first_unsealed_mono: float | None = None
         self._in_flight: dict[int, _InFlight] = {}
+        self._last_heartbeat = -1e18
+        self._hold_uploads_until = -1e18
         self._stop = threading.Event()
         self._error_logged: dict[str, float] = {}
 
@@ -248,6 +253,10 @@ class Agent:
         if not self.link.connected:
             return
         now = self.timer()
+        if self.link.take_connected_event():
+            self._on_connected()
+        if now - self._last_heartbeat >= self.cfg.uplink.heartbeat_s:
+            self.send_heartbeat()
         timeout = self.cfg.uplink.ack_timeout_s
         for first, f in list(self._in_flight.items()):
             if now - f.sent_at < timeout:
@@ -260,13 +269,53 @@ class Agent:
                 f.sent_at = now
                 self.stats.resent += 1
         room = self.cfg.uplink.window - len(self._in_flight)
-        if room <= 0:
+        if room <= 0 or now < self._hold_uploads_until:
             return
         for sb in self.buffer.pending(room, exclude=frozenset(self._in_flight)):
             if not self.link.publish(sb.batch_id, sb.payload):
                 break
             self._in_flight[sb.first_seq] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)
             self.stats.published += 1
+
+    def _on_connected(self) -> None:
+        """A new connection: name what we hold, so acks lost meanwhile heal themselves."""
+        held = [b.batch_id for b in self.buffer.pending(SYNC_BATCHES)]
+        if held and self.link.publish_sync(self.buffer.epoch, held):
+            self.stats.syncs += 1
+            # Give the receiver a moment to answer before uploading what it may hold.
+            self._hold_uploads_until = self.timer() + SYNC_GRACE_S
+        # What was in flight may or may not have arrived: the sync or a re-send tells.
+        for f in self._in_flight.values():
+            f.sent_at = min(f.sent_at, self.timer() - self.cfg.uplink.ack_timeout_s / 2)
+        self.send_heartbeat()
+
+    def status(self) -> dict[str, Any]:
+        """The heartbeat: enough for a dashboard to tell a healthy van from a silent one."""
+        st = self.buffer.stats()
+        now_ms = self.timekeeper.stamp().t_utc_ms
+        oldest = st.oldest_unsent_utc_ms
+        return {
+            "online": True,
+            "device": self.cfg.device.id,
+            "t_utc_ms": now_ms,
+            "epoch": self.buffer.epoch,
+            "last_seq": st.last_seq,
+            "backlog_samples": st.backlog_samples + len(self._pending),
+            "backlog_batches": st.batches,
+            "oldest_unsent_age_s": (now_ms - oldest) / 1000 if oldest and now_ms else None,
+            "buffer_bytes": st.file_bytes,
+            "sensor_errors": dict(self.stats.read_errors),
+            "time_source": str(self.timekeeper.stamp().source),
+            "disk_free_bytes": _disk_free(self.cfg.device.data_dir),
+            "cpu_temp_c": _cpu_temp_c(),
+            "taken": self.stats.taken,
+            "rejected_batches": self.stats.rejected_batches,
+        }
+
+    def send_heartbeat(self) -> None:
+        self._last_heartbeat = self.timer()
+        if self.link.publish_status(self.status()):
+            self.stats.heartbeats += 1
 
     def _handle_acks(self) -> None:
         for ack in self.link.acks():
@@ -321,6 +370,26 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
     for k in bad:
         out[k] = None
     return out, (*flags, "non_finite")
+
+
+SYNC_BATCHES = 256  # batch ids named in a resync request
+SYNC_GRACE_S = 2.0  # real seconds to wait for the receiver's answer to a resync
+
+
+def _disk_free(path: str) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _cpu_temp_c() -> float | None:
+    """The SoC temperature on a Pi (thermal zone 0), None elsewhere."""
+    try:
+        with open("/sys/class/thermal/thermal_zone0/temp", encoding="ascii") as f:
+            return round(int(f.read().strip()) / 1000.0, 1)
+    except (OSError, ValueError):
+        return None
 
 
 def _boot_id() -> str:

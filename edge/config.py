@@ -62,6 +62,10 @@ class UplinkConfig:
     keepalive_s: int = 30
     window: int = 8  # batches published and not yet acknowledged by the receiver
     ack_timeout_s: float = 30.0  # re-send (same batch id) after this long without an ack
+    # Reconnect delays: full jitter between 0 and min(max, min * 2^attempt) seconds.
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    heartbeat_s: float = 60.0  # retained status message (backlog, sensor health, disk ...)
 
 
 @dataclass(slots=True)
@@ -176,6 +180,10 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("uplink.port", "must be a TCP port, 1-65535")
     if not 1 <= cfg.uplink.window <= 1000:
         raise ConfigError("uplink.window", "must be between 1 and 1000")
+    if not 0 < cfg.uplink.reconnect_min_s <= cfg.uplink.reconnect_max_s:
+        raise ConfigError("uplink.reconnect_min_s", "must be above 0 and at most reconnect_max_s")
+    if cfg.uplink.heartbeat_s < 1:
+        raise ConfigError("uplink.heartbeat_s", "must be at least 1 second")
     if cfg.uplink.ack_timeout_s <= 0:
         raise ConfigError("uplink.ack_timeout_s", "must be above 0")
     if not cfg.uplink.topic_prefix or any(c in cfg.uplink.topic_prefix for c in "#+"):

@@ -21,6 +21,9 @@ from edge.errors import PayloadError
 from receiver.store import Store
 from uplink.wire import (
     ACK_DUPLICATE,
+    decode_status,
+    decode_sync,
+    split_topic,
     ACK_REJECTED,
     ACK_STORED,
     MAX_PAYLOAD_BYTES,
@@ -68,3 +71,26 @@ class Ingestor:
         status = ACK_STORED if result.status == "stored" else ACK_DUPLICATE
         self.counters[result.status] += 1
         return Outcome(device, Ack(batch.batch_id, status, "", digest))
+
+    def handle_sync(self, device: str, payload: bytes) -> list[Ack]:
+        """Acks for the batches a device names that are already committed (lost-ack healing)."""
+        try:
+            ids = decode_sync(payload)
+        except PayloadError as exc:
+            log.warning("ignored sync request from %s: %s", device, exc)
+            return []
+        # A device may only ask about its own batches.
+        mine = [i for i in ids if i.startswith(device + "/")]
+        return [Ack(bid, ACK_DUPLICATE, "already committed", sha) for bid, sha in self.store.known_batches(mine)]
+
+    def handle_status(self, device: str, payload: bytes, received_ms: int) -> None:
+        try:
+            status = decode_status(payload)
+        except PayloadError as exc:
+            log.warning("ignored status from %s: %s", device, exc)
+            return
+        status["device"] = device  # the topic, vouched for by the broker, names it
+        self.store.record_status(device, status, received_ms)
+
+    def route(self, topic: str) -> tuple[str, str] | None:
+        return split_topic(self.prefix, topic)

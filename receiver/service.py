@@ -56,21 +56,27 @@ class ReceiverService:
         self.client.on_subscribe = self._on_subscribe
 
     @property
+    def subscriptions(self) -> list[str]:
+        topics = [f"{self.cfg.topic_prefix}/+/{kind}" for kind in ("batch", "sync", "status")]
+        if self.cfg.share_group:
+            topics = [f"$share/{self.cfg.share_group}/{t}" for t in topics]
+        return topics
+
+    @property
     def subscription(self) -> str:
-        topic = f"{self.cfg.topic_prefix}/+/batch"
-        return f"$share/{self.cfg.share_group}/{topic}" if self.cfg.share_group else topic
+        return self.subscriptions[0]
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
             log.error("broker refused the receiver: %s", reason_code)
             return
-        client.subscribe(self.subscription, qos=1)
+        client.subscribe([(t, 1) for t in self.subscriptions])
         self.connected.set()
-        log.info("receiver subscribed to %s", self.subscription)
+        log.info("receiver subscribed to %s", ", ".join(self.subscriptions))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
         if any(rc.is_failure for rc in reason_codes):
-            log.error("broker refused the subscription %s: %s", self.subscription, reason_codes)
+            log.error("broker refused the subscriptions %s: %s", self.subscriptions, reason_codes)
             return
         self.subscribed.set()
         if self.ready_file:
@@ -83,8 +89,23 @@ class ReceiverService:
         log.warning("receiver disconnected: %s", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+        route = self.ingestor.route(msg.topic)
+        now_ms = int(time.time() * 1000)
         try:
-            outcome = self.ingestor.handle(msg.topic, msg.payload, int(time.time() * 1000))
+            if route is not None and route[1] == "sync":
+                for ack in self.ingestor.handle_sync(route[0], msg.payload):
+                    client.publish(ack_topic(self.cfg.topic_prefix, route[0]), encode_ack(ack), qos=1)
+                client.ack(msg.mid, msg.qos)
+                return
+            if route is not None and route[1] == "status":
+                self.ingestor.handle_status(route[0], msg.payload, now_ms)
+                client.ack(msg.mid, msg.qos)
+                return
+        except Exception:
+            log.exception("store failure on %s; will be redelivered", msg.topic)
+            return
+        try:
+            outcome = self.ingestor.handle(msg.topic, msg.payload, now_ms)
         except Exception:
             # The store failed (not the payload): leave the message un-acked so the
             # broker delivers it again, and keep running.

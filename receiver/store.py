@@ -48,6 +48,10 @@ class Store(Protocol):
 
     def counts(self) -> dict[str, int]: ...
 
+    def known_batches(self, batch_ids: list[str]) -> list[tuple[str, str]]: ...
+
+    def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -150,6 +154,11 @@ class SQLiteStore:
             if_not_exists=True,
         )
         db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
+        db["device_status"].create(
+            {"device": str, "received_utc_ms": int, "online": int, "status": str},
+            pk="device",
+            if_not_exists=True,
+        )
         db.execute("CREATE INDEX IF NOT EXISTS samples_device_time ON samples(device, t_utc_ms)")
         db.execute("CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes(device, t_utc_ms)")
         db.execute(
@@ -319,7 +328,35 @@ class SQLiteStore:
             c.execute("ROLLBACK")
             raise
 
+    def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None:
+        """Keep each device's latest heartbeat (or last will)."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO device_status VALUES (?,?,?,?) ON CONFLICT(device) DO UPDATE SET"
+                " received_utc_ms=excluded.received_utc_ms, online=excluded.online, status=excluded.status",
+                (device, received_ms, int(bool(status.get("online"))), json.dumps(status)),
+            )
+
     # -- reads ----------------------------------------------------------------
+
+    def known_batches(self, batch_ids: list[str]) -> list[tuple[str, str]]:
+        """(batch id, sha256) of those of ``batch_ids`` already committed."""
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(batch_ids), 500):
+            chunk = batch_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out += self.conn.execute(
+                f"SELECT batch_id, sha256 FROM batches WHERE batch_id IN ({marks})", chunk
+            ).fetchall()
+        return out
+
+    def fleet_status(self) -> list[dict[str, object]]:
+        rows = self.conn.execute(
+            "SELECT device, received_utc_ms, online, status FROM device_status ORDER BY device"
+        ).fetchall()
+        return [
+            {"device": d, "received_utc_ms": r, "online": bool(o), **json.loads(st)} for d, r, o, st in rows
+        ]
 
     def counts(self) -> dict[str, int]:
         out = {name: value for name, value in self.conn.execute("SELECT name, value FROM counters")}

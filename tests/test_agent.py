@@ -70,6 +70,22 @@ class FakeLink:
         out, self._acks = self._acks, []
         return out
 
+    statuses: list = []
+    syncs: list = []
+    new_connection = False
+
+    def publish_status(self, status):
+        self.statuses = [*self.statuses, status]
+        return self.connected
+
+    def publish_sync(self, epoch, ids):
+        self.syncs = [*self.syncs, (epoch, ids)]
+        return self.connected
+
+    def take_connected_event(self):
+        was, self.new_connection = self.new_connection, False
+        return was
+
     def ack(self, batch_id, status="stored", reason=""):
         self._acks.append(Ack(batch_id, status, reason))
 

@@ -1,10 +1,14 @@
 """The device's MQTT link: publish sealed batches, collect the receiver's acks.
 
-paho runs its network loop in its own thread; acks are handed to the agent
-through a queue, so only the agent's thread ever touches the SQLite buffer.
+One network thread of our own drives paho (``client.loop``) and reconnects
+with full-jitter backoff (``uplink/backoff.py``), because paho's own reconnect
+has none. Acks are handed to the agent through a queue, so only the agent's
+thread ever touches the SQLite buffer.
+
 The device connects with a persistent session (clean_session=False, fixed
 client id = device id) so acks queued by the broker while the van was out of
-coverage are still delivered when it comes back.
+coverage are still delivered when it comes back. Its last will, a retained
+``online: false`` on its status topic, tells the DataLab the van went away.
 """
 
 from __future__ import annotations
@@ -13,13 +17,24 @@ import logging
 import queue
 import ssl
 import threading
-from typing import Callable, Protocol
+import time
+from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
 
 from edge.config import UplinkConfig
 from edge.errors import PayloadError
-from uplink.wire import Ack, ack_topic, batch_topic, decode_ack
+from uplink.backoff import FullJitterBackoff
+from uplink.wire import (
+    Ack,
+    ack_topic,
+    batch_topic,
+    decode_ack,
+    encode_status,
+    encode_sync,
+    status_topic,
+    sync_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +48,13 @@ class Link(Protocol):
     def start(self) -> None: ...
 
     def publish(self, batch_id: str, payload: bytes) -> bool: ...
+
+    def publish_status(self, status: dict[str, Any]) -> bool: ...
+
+    def publish_sync(self, epoch: str, batch_ids: list[str]) -> bool: ...
+
+    def take_connected_event(self) -> bool:
+        """True once after each new connection (time to resync and say hello)."""
 
     def acks(self) -> list[Ack]: ...
 
@@ -49,17 +71,27 @@ class MqttLink:
         device_id: str,
         *,
         client_factory: ClientFactory = mqtt.Client,
+        backoff: FullJitterBackoff | None = None,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
+        self.backoff = backoff or FullJitterBackoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
         self._connected = threading.Event()
-        self.counters = {"published": 0, "acks": 0, "bad_acks": 0, "connects": 0}
+        self._new_connection = threading.Event()
+        self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
+        self._thread: threading.Thread | None = None
+        self._refused = False  # the broker answered CONNACK with a refusal
+        self.counters = {"published": 0, "acks": 0, "bad_acks": 0, "connects": 0, "connect_failures": 0}
+        self.delays: list[float] = []  # the reconnect delays drawn, for tests and the heartbeat
         self._client = client_factory(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=device_id,
             clean_session=False,
             protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,  # we reconnect ourselves, with jitter
         )
         c = self._client
         if cfg.username:
@@ -71,34 +103,90 @@ class MqttLink:
                 keyfile=cfg.key_file or None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
+        c.will_set(
+            status_topic(cfg.topic_prefix, device_id),
+            encode_status({"online": False, "device": device_id}),
+            qos=1,
+            retain=True,
+        )
         # paho queues without bound by default; the agent keeps its own window,
         # so anything beyond it here would be a bug.
         c.max_queued_messages_set(max(cfg.window * 4, 16))
-        c.reconnect_delay_set(min_delay=1, max_delay=60)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+
+    # -- lifecycle ------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     def start(self) -> None:
-        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
-        self._client.loop_start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._stop.set()
+        if self._connected.is_set():
+            # Say goodbye ourselves: a clean disconnect does not fire the last will.
+            self._client.publish(
+                status_topic(self.cfg.topic_prefix, self.device_id),
+                encode_status({"online": False, "device": self.device_id}),
+                qos=1,
+                retain=True,
+            )
+            self._client.loop(0.2)
+            self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            if not self._connected.is_set():
+                if not first:
+                    delay = self.backoff.next_delay()
+                    self.delays.append(delay)
+                    self._sleep(delay)
+                    if self._stop.is_set():
+                        return
+                first = False
+                try:
+                    self._client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+                except (OSError, ssl.SSLError) as exc:
+                    self.counters["connect_failures"] += 1
+                    log.info("broker %s:%s unreachable: %s", self.cfg.host, self.cfg.port, exc)
+                    continue
+                # Wait for the CONNACK (or a refusal) before deciding anything.
+                deadline = time.monotonic() + 10
+                while not self._connected.is_set() and time.monotonic() < deadline:
+                    if self._client.loop(0.1) != mqtt.MQTT_ERR_SUCCESS or self._refused:
+                        break
+                if not self._connected.is_set():
+                    self.counters["connect_failures"] += 1
+                    self._client.disconnect()
+                    self._refused = False
+                    continue
+            rc = self._client.loop(0.2)
+            if rc != mqtt.MQTT_ERR_SUCCESS and self._connected.is_set():
+                self._connected.clear()
+                log.info("connection lost (%s)", mqtt.error_string(rc))
+
+    # -- callbacks (network thread) ---------------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
             # Never log the credentials; the reason code is enough to act on.
             log.warning("broker refused connection: %s", reason_code)
+            self._refused = True
             return
         self.counters["connects"] += 1
+        self.backoff.reset()
         client.subscribe(ack_topic(self.cfg.topic_prefix, self.device_id), qos=1)
         self._connected.set()
+        self._new_connection.set()
         log.info("connected to %s:%s", self.cfg.host, self.cfg.port)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
@@ -115,16 +203,33 @@ class MqttLink:
         self.counters["acks"] += 1
         self._acks.put(ack)
 
-    def publish(self, batch_id: str, payload: bytes) -> bool:
+    # -- agent side ---------------------------------------------------------------------
+
+    def take_connected_event(self) -> bool:
+        if self._new_connection.is_set():
+            self._new_connection.clear()
+            return True
+        return False
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
         if not self.connected:
             return False
-        info = self._client.publish(
-            batch_topic(self.cfg.topic_prefix, self.device_id), payload, qos=1
-        )
-        ok = info.rc == mqtt.MQTT_ERR_SUCCESS
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def publish(self, batch_id: str, payload: bytes) -> bool:
+        ok = self._publish(batch_topic(self.cfg.topic_prefix, self.device_id), payload)
         if ok:
             self.counters["published"] += 1
         return ok
+
+    def publish_status(self, status: dict[str, Any]) -> bool:
+        return self._publish(
+            status_topic(self.cfg.topic_prefix, self.device_id), encode_status(status), retain=True
+        )
+
+    def publish_sync(self, epoch: str, batch_ids: list[str]) -> bool:
+        return self._publish(sync_topic(self.cfg.topic_prefix, self.device_id), encode_sync(epoch, batch_ids))
 
     def acks(self) -> list[Ack]:
         out: list[Ack] = []

@@ -82,13 +82,27 @@ def ack_topic(prefix: str, device: str) -> str:
     return f"{prefix}/{device}/ack"
 
 
-def device_from_topic(prefix: str, topic: str) -> str | None:
-    """The device a topic belongs to, or None if it is not one of ours."""
+def status_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/status"
+
+
+def sync_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/sync"
+
+
+def split_topic(prefix: str, topic: str) -> tuple[str, str] | None:
+    """(device, kind) of one of our topics, e.g. ("van-001", "batch"), else None."""
     head = prefix + "/"
     if not topic.startswith(head):
         return None
     rest = topic[len(head) :].split("/")
-    return rest[0] if len(rest) == 2 and rest[0] else None
+    return (rest[0], rest[1]) if len(rest) == 2 and rest[0] and rest[1] else None
+
+
+def device_from_topic(prefix: str, topic: str) -> str | None:
+    """The device a batch topic belongs to, or None if it is not a batch topic of ours."""
+    parts = split_topic(prefix, topic)
+    return parts[0] if parts and parts[1] == "batch" else None
 
 
 def content_hash(payload: bytes) -> str:
@@ -295,3 +309,47 @@ def decode_ack(payload: bytes) -> Ack:
     return Ack(
         bid, status, reason if isinstance(reason, str) else "", sha if isinstance(sha, str) else ""
     )
+
+
+# --- resync and heartbeat ------------------------------------------------------
+#
+# On every (re)connect the device names the batches it still holds; the receiver
+# answers each one it has already committed with a "duplicate" ack. A lost ack
+# heals itself without a re-upload.
+
+MAX_SYNC_IDS = 1000
+
+
+def encode_sync(epoch: str, batch_ids: list[str]) -> bytes:
+    return json.dumps({"v": 1, "epoch": epoch, "batches": batch_ids[:MAX_SYNC_IDS]},
+                      separators=(",", ":")).encode()
+
+
+def decode_sync(payload: bytes) -> list[str]:
+    if len(payload) > 256 * 1024:
+        raise PayloadError("sync request too large")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"sync request is not JSON: {exc}") from exc
+    ids = obj.get("batches") if isinstance(obj, dict) and obj.get("v") == 1 else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise PayloadError("sync request lacks a list of batch ids")
+    return ids[:MAX_SYNC_IDS]
+
+
+def encode_status(status: dict[str, Any]) -> bytes:
+    """A heartbeat (retained): online flag, backlog, sensor health, disk, temperature."""
+    return json.dumps({"v": 1, **status}, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_status(payload: bytes) -> dict[str, Any]:
+    if len(payload) > 64 * 1024:
+        raise PayloadError("status too large")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"status is not JSON: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("online"), bool):
+        raise PayloadError("status of unknown version or without 'online'")
+    return obj

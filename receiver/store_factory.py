@@ -1,0 +1,44 @@
+"""Pick the DataLab store backend from one string, as the receiver's ``store`` setting.
+
+* ``datalab.sqlite``, ``/var/lib/datalab/store.sqlite``  -> SQLite at that path
+* ``sqlite:///relative.sqlite``, ``sqlite:////abs/path``  -> SQLite (SQLAlchemy's spelling)
+* ``postgresql://user@host/db``, ``postgres://...``      -> PostgreSQL (libpq URL, passed as is)
+
+PostgreSQL's driver (psycopg) is imported only when a PostgreSQL URL is given,
+so a van-side or SQLite-only install does not need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from receiver.store import SQLiteStore, Store
+
+_PG_SCHEMES = ("postgresql://", "postgres://")
+_SQLITE_SCHEME = "sqlite:///"
+
+
+def is_postgres_url(url_or_path: str | Path) -> bool:
+    return isinstance(url_or_path, str) and url_or_path.lower().startswith(_PG_SCHEMES)
+
+
+def sqlite_path(url_or_path: str | Path) -> Path:
+    """The file a SQLite store setting names (``sqlite:///a`` is relative, ``sqlite:////a`` absolute)."""
+    s = str(url_or_path)
+    if s.lower().startswith(_SQLITE_SCHEME):
+        s = s[len(_SQLITE_SCHEME) :]
+    elif "://" in s:
+        raise ValueError(f"unknown store URL scheme in {s!r}: use a path, sqlite:/// or postgresql://")
+    if not s:
+        raise ValueError("empty SQLite store path")
+    return Path(s)
+
+
+def open_store(url_or_path: str | Path, **kw: Any) -> Store:
+    """A ready store for ``url_or_path``; ``kw`` go to the backend (``max_gap_s`` ...)."""
+    if is_postgres_url(url_or_path):
+        from receiver.store_pg import PostgresStore  # psycopg only when needed
+
+        return PostgresStore(str(url_or_path), **kw)
+    return SQLiteStore(sqlite_path(url_or_path), **kw)

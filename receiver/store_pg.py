@@ -1,0 +1,510 @@
+"""The DataLab store on PostgreSQL: the same tables, semantics and errors as ``SQLiteStore``.
+
+Why a second backend: one PostgreSQL node takes a city's fleet (hundreds of
+vans at 1 Hz) with several receiver workers writing at once, which SQLite's
+single writer cannot. Everything the analysts see is kept identical: the
+tables ``batches``, ``samples``, ``fixes``, ``positions``, ``gaps``,
+``dead_letters``, ``counters`` and the ``observations`` view (``vals`` is
+``jsonb`` here), in one schema (``datalab`` unless told otherwise).
+
+How several workers stay correct (the receiver may run N processes on a
+shared MQTT subscription, and the broker may hand the same batch to two of
+them):
+
+* every ``ingest`` takes a transaction-level advisory lock on its device
+  first. Batches of different vans go in parallel; batches of one van go one
+  after the other, exactly as in SQLite. That does two things: a batch
+  delivered twice at once ends as one ``stored`` and one ``duplicate`` (the
+  second waits, then sees the first one's row), and the position join sees
+  the fixes a concurrent batch of the same van just committed (without it,
+  two neighbouring batches would each leave the other's samples ``pending``).
+* counters are bumped in one statement, in name order, at the end of the
+  transaction: every writer locks the hot counter rows in the same order,
+  briefly, so they cannot deadlock.
+* unique constraints stay the last word. Should a conflict, a serialization
+  failure, a deadlock or a dropped connection get through anyway, the whole
+  ingest is retried (it is idempotent), so a message is never left un-acked
+  for a transient reason.
+
+Speed: samples, fixes and positions go in with ``COPY`` (measured about 3x
+faster than ``executemany`` in pipeline mode for a 2000-sample batch, see
+bench/bench_ingest.py). COPY cannot skip conflicts, so it is used only when
+the store holds none of the batch's samples yet, which the device lock makes
+a reliable test; a batch that overlaps stored samples (a re-sealed range)
+takes the slower ``INSERT ... ON CONFLICT DO NOTHING`` path.
+
+Optional extensions, used only when the server has them (never required):
+
+* PostGIS: ``positions.geom`` (``geometry(Point, 4326)``, generated from
+  lat/lon so the write path is unchanged) with a GiST index, for
+  nearest-neighbour (``<->``) and area queries.
+* TimescaleDB is *not* used for ``samples``: a hypertable needs its time
+  column in every unique index and never NULL, but a sample's identity is
+  (device, epoch, seq) and its time may be unknown (``no_time``). Making it a
+  hypertable would give up the constraint idempotence rests on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pgerr
+from psycopg import sql
+
+from edge.errors import PayloadError
+from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
+from receiver.store import (
+    GPS_SENSOR,
+    IngestResult,
+    _has_fix,
+    _int,
+    _num,
+    _screen_times,
+)
+from uplink.wire import Batch
+
+log = logging.getLogger(__name__)
+
+# Advisory lock namespaces (first key of the two-int form): "DL" + 0/1.
+_LOCK_DEVICE = 0x444C00
+_LOCK_SCHEMA = 0x444C01
+
+# Transient failures after which the whole transaction is simply run again.
+_RETRY = (
+    pgerr.SerializationFailure,
+    pgerr.DeadlockDetected,
+    pgerr.UniqueViolation,
+    pgerr.LockNotAvailable,
+)
+MAX_ATTEMPTS = 6
+
+T = TypeVar("T")
+
+_SAMPLE_COLS = (
+    "device", "epoch", "seq", "sensor", "t_utc_ms", "t_mono_ms", "time_src", "boot_id",
+    "vals", "flags", "batch_id", "received_utc_ms",
+)
+_FIX_COLS = ("device", "epoch", "seq", "t_utc_ms", "lat", "lon", "speed_mps", "fix_quality")
+_POS_COLS = ("device", "epoch", "seq", "t_utc_ms", "state", "lat", "lon", "speed_mps", "fix_quality")
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id text PRIMARY KEY,
+    device text,
+    epoch text,
+    first_seq bigint,
+    last_seq bigint,
+    n_samples integer,
+    sha256 text,
+    received_utc_ms bigint
+);
+CREATE TABLE IF NOT EXISTS samples (
+    device text NOT NULL,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    sensor text NOT NULL,
+    t_utc_ms bigint,
+    t_mono_ms bigint,
+    time_src text,
+    boot_id text,
+    vals jsonb,
+    flags text,
+    batch_id text,
+    received_utc_ms bigint,
+    PRIMARY KEY (device, epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS fixes (
+    device text,
+    epoch text,
+    seq bigint,
+    t_utc_ms bigint,
+    lat double precision,
+    lon double precision,
+    speed_mps double precision,
+    fix_quality integer,
+    PRIMARY KEY (device, epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS positions (
+    device text,
+    epoch text,
+    seq bigint,
+    t_utc_ms bigint,
+    state text,
+    lat double precision,
+    lon double precision,
+    speed_mps double precision,
+    fix_quality integer,
+    PRIMARY KEY (device, epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    device text,
+    epoch text,
+    first_seq bigint,
+    last_seq bigint,
+    reason text,
+    batch_id text,
+    PRIMARY KEY (device, epoch, first_seq, last_seq)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    received_utc_ms bigint,
+    topic text,
+    device text,
+    reason text,
+    sha256 text,
+    payload bytea
+);
+CREATE TABLE IF NOT EXISTS counters (name text PRIMARY KEY, value bigint);
+CREATE INDEX IF NOT EXISTS samples_device_time ON samples (device, t_utc_ms);
+CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
+CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
+    WHERE state IN ('pending', 'no_fix');
+CREATE OR REPLACE VIEW observations AS
+SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
+       to_char(to_timestamp(s.t_utc_ms / 1000.0) AT TIME ZONE 'UTC',
+               'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS time_utc,
+       s.time_src, j.key AS quantity, j.value AS value, s.flags,
+       p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position
+FROM samples s
+CROSS JOIN LATERAL jsonb_each(s.vals) j
+LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
+WHERE s.sensor <> 'gps';
+"""
+
+# Generated from lat/lon: the write path (COPY, upserts) stays the same with or without PostGIS.
+_POSTGIS = """
+ALTER TABLE positions ADD COLUMN IF NOT EXISTS geom geometry(Point, 4326)
+    GENERATED ALWAYS AS (
+        CASE WHEN lat IS NOT NULL AND lon IS NOT NULL
+             THEN ST_SetSRID(ST_MakePoint(lon, lat), 4326) END
+    ) STORED;
+CREATE INDEX IF NOT EXISTS positions_geom ON positions USING gist (geom);
+"""
+
+_UPSERT_POSITION = (
+    "INSERT INTO positions (device, epoch, seq, t_utc_ms, state, lat, lon, speed_mps, fix_quality)"
+    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+    " ON CONFLICT (device, epoch, seq) DO UPDATE SET t_utc_ms = excluded.t_utc_ms,"
+    " state = excluded.state, lat = excluded.lat, lon = excluded.lon,"
+    " speed_mps = excluded.speed_mps, fix_quality = excluded.fix_quality"
+)
+
+
+class PostgresStore:
+    """``Store`` on PostgreSQL (psycopg 3). ``dsn``: a libpq URL or key=value string.
+
+    ``postgis``: None uses PostGIS when the server has it, False never does,
+    True insists (fails if it cannot be enabled).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_gap_s: float = 10.0,
+        schema: str = "datalab",
+        postgis: bool | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.max_gap_ms = int(max_gap_s * 1000)
+        self._want_postgis = postgis
+        self.postgis = False
+        self.conn = self._connect()
+        self._create()
+
+    # -- connection and schema --------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        # autocommit: every unit of work is an explicit ``transaction()`` block, so
+        # nothing is ever left open (an idle-in-transaction worker would hold locks).
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+        # public stays on the path for PostGIS' types and functions.
+        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self.schema)))
+        return conn
+
+    def _reconnect(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            self.conn = self._connect()
+
+    def _create(self) -> None:
+        c = self.conn
+        with c.transaction():
+            # Workers starting together would race on CREATE ... IF NOT EXISTS (it is
+            # not atomic against a concurrent create): one at a time.
+            c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
+            c.execute(_TABLES)
+        if self._want_postgis is not False:
+            self.postgis = self._enable_postgis()
+            if self._want_postgis and not self.postgis:
+                raise RuntimeError("PostGIS was required but cannot be enabled on this server")
+
+    def _enable_postgis(self) -> bool:
+        c = self.conn
+        have = c.execute("SELECT 1 FROM pg_extension WHERE extname = 'postgis'").fetchone()
+        if have is None:
+            avail = c.execute(
+                "SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'"
+            ).fetchone()
+            if avail is None:
+                return False
+            try:
+                with c.transaction():
+                    c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
+                    c.execute("CREATE EXTENSION IF NOT EXISTS postgis")
+            except psycopg.Error as exc:  # not allowed (no superuser): run without it
+                log.warning("PostGIS is installed but cannot be enabled: %s", exc)
+                return False
+        with c.transaction():
+            c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
+            c.execute(_POSTGIS)
+        return True
+
+    # -- retries ------------------------------------------------------------------
+
+    def _run(self, work: Callable[[int], T]) -> T:
+        """Run ``work(attempt)`` in a fresh transaction until it commits.
+
+        Safe because every unit of work here is idempotent: a retry after a
+        commit whose answer was lost with the connection just finds the batch
+        already stored.
+        """
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                return work(attempt)
+            except _RETRY as exc:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise
+                log.info("transient store conflict (%s), retrying", type(exc).__name__)
+            except psycopg.OperationalError:
+                if attempt == MAX_ATTEMPTS - 1 or not self.conn.broken and not self.conn.closed:
+                    raise
+                log.warning("store connection lost, reconnecting")
+                self._reconnect_later(attempt)
+                continue
+            time.sleep(random.uniform(0, 0.01 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _reconnect_later(self, attempt: int) -> None:
+        time.sleep(min(2.0, 0.1 * 2**attempt))
+        try:
+            self._reconnect()
+        except psycopg.OperationalError:
+            log.warning("store still unreachable")
+
+    # -- writes -------------------------------------------------------------------
+
+    def ingest(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult:
+        """Store one batch in one transaction, idempotently (also across workers)."""
+        _screen_times(batch, received_ms)
+        vals = [_json(s.values) for s in batch.samples]
+        return self._run(lambda attempt: self._ingest(batch, vals, sha256, received_ms, attempt))
+
+    def _ingest(
+        self, batch: Batch, vals: list[str], sha256: str, received_ms: int, attempt: int
+    ) -> IngestResult:
+        c = self.conn
+        n = len(batch.samples)
+        with c.transaction():
+            c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_DEVICE, batch.device))
+            row = c.execute("SELECT sha256 FROM batches WHERE batch_id = %s", (batch.batch_id,)).fetchone()
+            if row is not None:
+                if row[0] != sha256:
+                    raise PayloadError(f"batch {batch.batch_id} arrived again with different content")
+                self._bump({"batches_duplicate": 1, "samples_duplicate": n})
+                return IngestResult("duplicate", 0, n)
+            c.execute(
+                "INSERT INTO batches VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                (batch.batch_id, batch.device, batch.epoch, batch.first_seq, batch.last_seq, n,
+                 sha256, received_ms),
+            )
+            # After a unique violation, do not trust the fast path's premise again.
+            fresh = attempt == 0 and self._none_stored(batch)
+            rows = [
+                (batch.device, batch.epoch, s.seq, s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src),
+                 s.boot_id, v, ",".join(s.flags), batch.batch_id, received_ms)
+                for s, v in zip(batch.samples, vals)
+            ]
+            fixes = [
+                (batch.device, batch.epoch, s.seq, s.t_utc_ms, float(s.values["lat"]),
+                 float(s.values["lon"]), _num(s.values.get("speed")), _int(s.values.get("fix_quality")))
+                for s in batch.samples
+                if s.sensor == GPS_SENSOR and s.t_utc_ms is not None and _has_fix(s.values)
+            ]
+            if fresh:
+                self._copy("samples", _SAMPLE_COLS, rows)
+                self._copy("fixes", _FIX_COLS, fixes)
+                new = n
+            else:
+                new = self._insert_new_samples(rows)
+                with c.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                        fixes,
+                    )
+            if batch.gaps:
+                with c.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                        [(batch.device, batch.epoch, g.first_seq, g.last_seq, g.reason, batch.batch_id)
+                         for g in batch.gaps],
+                    )
+            self._join_positions(batch, fixes, fresh)
+            bumps = {"batches_stored": 1, "samples_stored": new}
+            if new < n:
+                bumps["samples_duplicate"] = n - new
+            self._bump(bumps)
+        return IngestResult("stored", new, n - new)
+
+    def _none_stored(self, batch: Batch) -> bool:
+        """True when none of the batch's samples is stored yet (so COPY cannot conflict).
+
+        Reliable only under the device lock: nobody else writes this van's samples now.
+        """
+        seqs = [s.seq for s in batch.samples]
+        if not seqs:
+            return True
+        if len(set(seqs)) != len(seqs) or any(q is None for q in seqs):
+            return False  # a batch repeating a seq: let ON CONFLICT sort it out
+        row = self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM samples WHERE device = %s AND epoch = %s"
+            " AND seq BETWEEN %s AND %s)",
+            (batch.device, batch.epoch, min(seqs), max(seqs)),  # type: ignore[type-var]
+        ).fetchone()
+        return not row[0]  # type: ignore[index]
+
+    def _insert_new_samples(self, rows: list[tuple[Any, ...]]) -> int:
+        """Insert the rows not stored yet; how many were new."""
+        c = self.conn
+        c.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS stage_samples"
+            " (LIKE samples INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        self._copy("stage_samples", _SAMPLE_COLS, rows)
+        cur = c.execute(
+            "INSERT INTO samples SELECT * FROM stage_samples ORDER BY seq"
+            " ON CONFLICT (device, epoch, seq) DO NOTHING"
+        )
+        return cur.rowcount
+
+    def _copy(self, table: str, cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, cols))
+        )
+        with self.conn.cursor() as cur, cur.copy(stmt) as cp:
+            for r in rows:
+                cp.write_row(r)
+
+    def _bump(self, by: dict[str, int]) -> None:
+        """Add to the counters in one statement, rows locked in name order (no deadlocks)."""
+        items = sorted(by.items())
+        values = sql.SQL(", ").join(sql.SQL("(%s, %s)") for _ in items)
+        self.conn.execute(
+            sql.SQL(
+                "INSERT INTO counters (name, value) VALUES {} ON CONFLICT (name)"
+                " DO UPDATE SET value = counters.value + excluded.value"
+            ).format(values),
+            [x for kv in items for x in kv],
+        )
+
+    def _join_positions(self, batch: Batch, fixes: list[tuple[Any, ...]], fresh: bool) -> None:
+        """Give this batch's sensor samples a position, and revisit open ones near new fixes.
+
+        The same steps as ``SQLiteStore._join_positions`` (and the same ``locate``).
+        """
+        c = self.conn
+        gap = self.max_gap_ms
+        sensor = [s for s in batch.samples if s.sensor != GPS_SENSOR]
+        timeless = [s for s in sensor if s.t_utc_ms is None]
+        sensor = [s for s in sensor if s.t_utc_ms is not None]
+        if timeless:
+            with c.cursor() as cur:
+                cur.executemany(
+                    _UPSERT_POSITION,
+                    [(batch.device, batch.epoch, s.seq, None, NO_TIME, None, None, None, None)
+                     for s in timeless],
+                )
+        times = [s.t_utc_ms for s in sensor] + [f[3] for f in fixes]
+        if not times:
+            return
+        lo, hi = min(times) - gap, max(times) + gap  # type: ignore[type-var,operator]
+        device = batch.device
+        newest = c.execute("SELECT max(t_utc_ms) FROM samples WHERE device = %s", (device,)).fetchone()[0]  # type: ignore[index]
+        rows = c.execute(
+            "SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
+            " WHERE device = %s AND t_utc_ms BETWEEN %s AND %s ORDER BY t_utc_ms",
+            (device, lo - gap, hi + gap),
+        ).fetchall()
+        fx = [Fix(*r) for r in rows]
+        ft = [f.t_utc_ms for f in fx]
+        reopened = c.execute(
+            "SELECT epoch, seq, t_utc_ms FROM positions WHERE device = %s AND state IN (%s, %s)"
+            " AND t_utc_ms BETWEEN %s AND %s",
+            (device, PENDING, NO_FIX, lo, hi),
+        ).fetchall()
+
+        def place(epoch: str, seq: int, t: int) -> tuple[Any, ...]:
+            p = locate(fx, ft, t, gap, newest)
+            return (device, epoch, seq, t, p.state, p.lat, p.lon, p.speed_mps, p.fix_quality)
+
+        mine = [place(batch.epoch, s.seq, s.t_utc_ms) for s in sensor]  # type: ignore[arg-type]
+        again = [place(e, q, t) for e, q, t in reopened]
+        if fresh:
+            # None of this batch's samples had a position row: plain COPY.
+            self._copy("positions", _POS_COLS, mine)
+        else:
+            again = mine + again
+        if again:
+            with c.cursor() as cur:
+                cur.executemany(_UPSERT_POSITION, again)
+
+    def dead_letter(
+        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
+    ) -> None:
+        def work(attempt: int) -> None:
+            with self.conn.transaction():
+                self.conn.execute(
+                    "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                    " VALUES (%s,%s,%s,%s,%s,%s)",
+                    (received_ms, topic, device, reason, sha256, payload),
+                )
+                self._bump({"dead_letters": 1})
+
+        self._run(work)
+
+    # -- reads --------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        out = {name: int(value) for name, value in self.conn.execute("SELECT name, value FROM counters")}
+        out["samples"] = self.conn.execute("SELECT count(*) FROM samples").fetchone()[0]  # type: ignore[index]
+        return out
+
+    def device_summary(self) -> list[dict[str, object]]:
+        rows = self.conn.execute(
+            "SELECT device, epoch, count(*), min(seq), max(seq), max(t_utc_ms) FROM samples"
+            " GROUP BY device, epoch ORDER BY device"
+        ).fetchall()
+        return [
+            {"device": r[0], "epoch": r[1], "samples": r[2], "min_seq": r[3], "max_seq": r[4], "last_utc_ms": r[5]}
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _json(values: dict[str, Any]) -> str:
+    """The values as compact JSON, as SQLite stores them; jsonb has no NaN or Infinity."""
+    try:
+        return json.dumps(values, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise PayloadError(f"values that JSON cannot hold (NaN or infinity): {exc}") from exc
