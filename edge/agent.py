@@ -32,6 +32,7 @@ from drivers.base import SensorDriver
 from edge.clock import Clock
 from edge.config import AgentConfig
 from edge.errors import PayloadError, RecoverableError
+from edge.faultpoints import crash_point
 from edge.model import Sample
 from edge.timekeeping import TimeFixSource, TimeKeeper
 from uplink.mqtt import Link
@@ -194,7 +195,9 @@ class Agent:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        crash_point("agent.commit.before")
         self.buffer.commit(batch)
+        crash_point("agent.commit.after")
         self.stats.committed += len(batch)
         unsync = sum(1 for x in batch if not x.time_src.trusted)
         if unsync:
@@ -239,6 +242,7 @@ class Agent:
             sealed = self.buffer.seal(bc.max_samples, int(self.clock.utc() * 1000))
             if sealed is None:
                 return
+            crash_point("agent.seal.after")
             self.stats.sealed_batches += 1
             self._first_unsealed_mono = self.clock.monotonic() if self.buffer.unsealed_count else None
         if force:
@@ -276,6 +280,7 @@ class Agent:
                 break
             self._in_flight[sb.first_seq] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)
             self.stats.published += 1
+            crash_point("agent.publish.after")
 
     def _on_connected(self) -> None:
         """A new connection: name what we hold, so acks lost meanwhile heal themselves."""
@@ -333,7 +338,9 @@ class Agent:
                 continue
             flight = self._in_flight.pop(first, None)
             if ack.committed:
+                crash_point("agent.ack.before_delete")
                 if self.buffer.acknowledge(first):
+                    crash_point("agent.ack.after_delete")
                     self.stats.acked_batches += 1
                     self.stats.acked_samples += flight.n_samples if flight else 0
                 if ack.status == "duplicate":

@@ -19,6 +19,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 | ``sound-module`` | bus (1), address (0x48), weighting ("A"), averaging_ms (1000) |
 | ``microphone`` | device ("default"), sensitivity_dbfs (-26), calibration_offset_db (0), noise_floor_db (29) |
 | ``sim-pm`` ``sim-no2`` ``sim-noise`` ``sim-gps`` | value-level simulated sensors (seed) |
+| ``sim-oracle`` | checkable values for the delivery tests |
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ FACTORIES: dict[str, DriverFactory] = {
     "pms5003": _pms, "pms7003": _pms, "pmsa003": _pms, "sds011": _sds011, "sps30": _sps30,
     "nmea-gps": _nmea, "gpsd": _gpsd, "no2-b43f": _no2_b43f, "dgs-no2": _dgs,
     "sound-module": _sound_module, "microphone": _microphone,
-    **{k: _sim_factory(k) for k in ("sim-pm", "sim-no2", "sim-noise", "sim-gps")},
+    **{k: _sim_factory(k) for k in ("sim-pm", "sim-no2", "sim-noise", "sim-gps", "sim-oracle")},
 }
 
 

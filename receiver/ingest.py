@@ -81,7 +81,10 @@ class Ingestor:
             return []
         # A device may only ask about its own batches.
         mine = [i for i in ids if i.startswith(device + "/")]
-        return [Ack(bid, ACK_DUPLICATE, "already committed", sha) for bid, sha in self.store.known_batches(mine)]
+        known = self.store.known_batches(mine)
+        if known:
+            self.store.count("resync_acks", len(known))
+        return [Ack(bid, ACK_DUPLICATE, "already committed", sha) for bid, sha in known]
 
     def handle_status(self, device: str, payload: bytes, received_ms: int) -> None:
         try:

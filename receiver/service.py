@@ -15,6 +15,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from edge.faultpoints import crash_point
 from receiver.config import ReceiverConfig
 from receiver.ingest import Ingestor
 from receiver.store import SQLiteStore
@@ -111,6 +112,7 @@ class ReceiverService:
             # broker delivers it again, and keep running.
             log.exception("store failure while ingesting %s; will be redelivered", msg.topic)
             return
+        crash_point("receiver.commit.after")
         if outcome.device is not None and outcome.ack is not None:
             client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack), qos=1)
         client.ack(msg.mid, msg.qos)

@@ -23,6 +23,7 @@ from typing import Protocol
 import sqlite_utils
 
 from edge.errors import PayloadError
+from edge.faultpoints import crash_point
 from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from uplink.wire import Batch
@@ -49,6 +50,11 @@ class Store(Protocol):
     def counts(self) -> dict[str, int]: ...
 
     def known_batches(self, batch_ids: list[str]) -> list[tuple[str, str]]: ...
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Add to a running total (outside any ingest transaction)."""
+        with self.conn:
+            self._bump(name, by)
 
     def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None: ...
 
@@ -267,6 +273,7 @@ class SQLiteStore:
             self._join_positions(batch, fixes)
             self._bump("batches_stored")
             self._bump("samples_stored", new)
+            crash_point("receiver.commit.before")
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -327,6 +334,11 @@ class SQLiteStore:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Add to a running total (outside any ingest transaction)."""
+        with self.conn:
+            self._bump(name, by)
 
     def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None:
         """Keep each device's latest heartbeat (or last will)."""

@@ -112,3 +112,25 @@ class SimGPS(_SimSensor):
 
 
 SIM_DRIVERS = {"sim-pm": SimPM, "sim-no2": SimNO2, "sim-noise": SimNoise, "sim-gps": SimGPS}
+
+
+def oracle_check(t_mono_ms: int) -> int:
+    """The value an oracle sensor reports at a monotonic time: any corruption or mix-up shows."""
+    return (t_mono_ms * 2654435761 + 97) % 4294967291
+
+
+class OracleSensor(_SimSensor):
+    """A sensor whose every value can be checked afterwards (the delivery tests' generator).
+
+    It reads the same clock the agent stamps with, in the same instant, so the
+    stored sample's ``t_mono_ms`` determines what its value must be.
+    """
+
+    name = "oracle"
+
+    def read(self) -> Reading:
+        t_mono_ms = int(round(self.world.clock.monotonic() * 1000))
+        return Reading(self.name, {"check": oracle_check(t_mono_ms)})
+
+
+SIM_DRIVERS["sim-oracle"] = OracleSensor

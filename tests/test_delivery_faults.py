@@ -1,0 +1,239 @@
+"""The delivery contract under faults, proved by the oracle (shared/reference/delivery.md).
+
+CI runs these at a size that fits; ``--run-slow`` runs them larger. Every test
+prints what it exercised and asserts that the faults really happened, so a
+test cannot pass by accident of nothing going wrong.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from buffer.store import Buffer
+from edge.agent import Agent
+from edge.clock import SimClock
+from edge.config import parse_config
+from simulator.oracle import check
+from simulator.sensors import OracleSensor
+from simulator.world import VanWorld
+from tests.delivery_harness import Receiver, Van, finish_and_check, report, store_counters
+from uplink.mqtt import MqttLink
+
+CRASH_POINTS = [
+    "agent.commit.after",
+    "agent.seal.after",
+    "agent.publish.after",
+    "agent.ack.before_delete",
+    "agent.ack.after_delete",
+]
+
+
+def assert_all_delivered(verdicts):
+    for v in verdicts:
+        assert v.integrity == "ok", v
+        assert not v.missing, f"{v.device}: {len(v.missing)} committed samples missing: {v.missing[:20]}"
+        assert not v.extra and not v.doubled and not v.altered, v
+        assert v.last_seq > 0
+
+
+@pytest.fixture
+def rx(tmp_path, mosquitto):
+    r = Receiver(tmp_path / "store.sqlite", mosquitto.port)
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.mark.parametrize("kills", [pytest.param(200, id="ci"), pytest.param(1000, id="slow", marks=pytest.mark.slow)])
+def test_agent_sigkill_at_random_moments(tmp_path, mosquitto, rx, kills):
+    rng = random.Random(20261126)
+    vans = [Van(f"van-k{i}", tmp_path / "vans", mosquitto.port) for i in range(2)]
+    mid_run = 0
+    while sum(v.kills for v in vans) < kills:
+        for v in vans:
+            v.start()
+        time.sleep(rng.uniform(0.05, 0.7))
+        for v in vans:
+            mid_run += v.kill()
+    verdicts = finish_and_check(vans, rx.store)
+    counters = store_counters(rx.store)
+    healed = counters.get("batches_duplicate", 0) + counters.get("resync_acks", 0)
+    report("sigkill-random", kills=sum(v.kills for v in vans), runs=sum(v.runs for v in vans),
+           committed=sum(v.last_seq for v in verdicts), duplicates=counters.get("batches_duplicate", 0),
+           resync_acks=counters.get("resync_acks", 0))
+    assert sum(v.kills for v in vans) >= kills
+    # Kills between publish and ack happened: the receiver held batches the vans still had.
+    assert healed > 0, "no kill ever fell between a commit in the store and the van's delete"
+    assert_all_delivered(verdicts)
+
+
+def test_agent_killed_at_chosen_points(tmp_path, mosquitto, rx):
+    rng = random.Random(7)
+    van = Van("van-cp", tmp_path / "vans", mosquitto.port)
+    died: dict[str, int] = {}
+    for point in CRASH_POINTS * 3:
+        van.start(crash_at=f"{point}:{rng.randint(1, 4)}")
+        rc = van.wait(60)
+        assert rc == -9, f"{point}: the agent should have died there (rc {rc}): {van.log.read_text()[-2000:]}"
+        died[point] = died.get(point, 0) + 1
+    verdicts = finish_and_check([van], rx.store)
+    counters = store_counters(rx.store)
+    report("crash-points", deaths=died, duplicates=counters.get("batches_duplicate", 0),
+           resync_acks=counters.get("resync_acks", 0))
+    assert van.crashes == len(CRASH_POINTS) * 3
+    # dying after a publish or before deleting an acked batch leaves work for the resync
+    assert counters.get("resync_acks", 0) + counters.get("batches_duplicate", 0) > 0
+    assert_all_delivered(verdicts)
+
+
+def test_broker_killed_and_restarted_during_uploads(tmp_path, mosquitto, rx):
+    vans = [Van(f"van-b{i}", tmp_path / "vans", mosquitto.port, speedup=30.0) for i in range(2)]
+    for v in vans:
+        v.config.write_text(v.config.read_text().replace("shift_hours = 0.05", "shift_hours = 0.1"))
+        v.start()
+    outages = 0
+    for _ in range(3):
+        time.sleep(1.5)
+        mosquitto.kill()  # sessions and queued messages not yet saved are gone
+        outages += 1
+        time.sleep(0.7)
+        mosquitto.start()
+    for v in vans:
+        assert v.wait(120) == 0
+    verdicts = check(rx.store, [v.buffer for v in vans])
+    counters = store_counters(rx.store)
+    report("broker-kills", outages=outages, duplicates=counters.get("batches_duplicate", 0))
+    assert rx.alive(), "the receiver survived the broker outages"
+    assert_all_delivered(verdicts)
+
+
+def test_receiver_killed_before_and_after_commit(tmp_path, mosquitto):
+    store = tmp_path / "store.sqlite"
+    r = Receiver(store, mosquitto.port, client_id="rx-crashy")
+    plans = ["receiver.commit.before:3", "receiver.commit.after:2"] * 3
+    r.start(crash_at=plans.pop(0))
+    vans = [Van(f"van-r{i}", tmp_path / "vans", mosquitto.port, speedup=40.0) for i in range(2)]
+    for v in vans:
+        v.start()
+    deaths = 0
+    while any(v.proc.poll() is None for v in vans):
+        if not r.alive():
+            deaths += 1
+            r.start(crash_at=plans.pop(0) if plans else "")
+        time.sleep(0.05)
+    if not r.alive():
+        r.start()
+    verdicts = finish_and_check(vans, store)
+    counters = store_counters(store)
+    report("receiver-crashes", deaths=deaths, duplicates=counters.get("batches_duplicate", 0))
+    r.stop()
+    assert deaths >= 4, "the receiver did not die often enough to test anything"
+    assert counters.get("batches_duplicate", 0) > 0, "a commit-then-crash must lead to a redelivery"
+    assert_all_delivered(verdicts)
+
+
+def test_two_workers_on_a_shared_subscription_one_killed(tmp_path, mosquitto):
+    store = tmp_path / "store.sqlite"
+    workers = [Receiver(store, mosquitto.port, client_id=f"rx-w{i}", share_group="ingest") for i in range(2)]
+    for w in workers:
+        w.start()
+    vans = [Van(f"van-s{i}", tmp_path / "vans", mosquitto.port, speedup=40.0) for i in range(3)]
+    for v in vans:
+        v.start()
+    time.sleep(2.0)
+    workers[0].kill()
+    for v in vans:
+        assert v.wait(120) == 0
+    verdicts = check(store, [v.buffer for v in vans])
+    counters = store_counters(store)
+    report("shared-subscription", killed=workers[0].deaths, stored_batches=counters.get("batches_stored"),
+           duplicates=counters.get("batches_duplicate", 0))
+    workers[1].stop()
+    assert workers[0].deaths == 1 and workers[1].alive() is False
+    assert_all_delivered(verdicts)
+
+
+def _offline_agent(tmp_path, port, *, hours, batch=2000):
+    cfg = parse_config({
+        "device": {"id": "van-off", "data_dir": str(tmp_path / "van-off")},
+        "batch": {"max_samples": batch, "max_age_s": 600.0},
+        "uplink": {"port": port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2},
+    })
+    clock = SimClock(1_795_000_000.0)
+    world = VanWorld(clock, shift_start_utc=1_795_000_000.0)
+    drivers = [OracleSensor(world, name="oracle1"), OracleSensor(world, name="oracle2")]
+    link = MqttLink(cfg.uplink, cfg.device.id)
+    agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, cfg.device.id), link)
+    return agent, link
+
+
+@pytest.mark.parametrize("days", [pytest.param(1, id="ci"), pytest.param(7, id="slow", marks=pytest.mark.slow)])
+def test_offline_for_days_then_drain(tmp_path, mosquitto, days):
+    mosquitto.stop()  # out of coverage from the start
+    agent, link = _offline_agent(tmp_path, mosquitto.port, hours=24 * days)
+    link.start()
+    agent.run(duration_s=86400 * days)
+    agent.maybe_seal(force=True)
+    backlog = agent.backlog()
+    assert link.counters["connect_failures"] > 0 and backlog == 2 * 86400 * days
+    mosquitto.start()
+    r = Receiver(tmp_path / "store.sqlite", mosquitto.port)
+    r.start()
+    t0 = time.monotonic()
+    assert agent.drain(timeout_s=300)
+    drain_s = time.monotonic() - t0
+    link.stop()
+    r.stop()
+    verdicts = check(r.store, [agent.buffer.path])
+    report("offline-drain", days=days, backlog=backlog, drain_s=round(drain_s, 1),
+           reconnect_attempts=link.counters["connect_failures"])
+    assert_all_delivered(verdicts)
+
+
+def test_every_message_duplicated_and_shuffled(tmp_path, mosquitto, rx):
+    """A broker gone mad: each batch arrives two or three times, in random order."""
+    agent, link = _offline_agent(tmp_path, mosquitto.port, hours=1, batch=100)
+    agent.run(duration_s=3600)
+    agent.maybe_seal(force=True)
+    batches = agent.buffer.pending(10_000)
+    rng = random.Random(3)
+    deliveries = [b for b in batches for _ in range(rng.choice((2, 3)))]
+    rng.shuffle(deliveries)
+    pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="chaos")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    for b in deliveries:
+        pub.publish("datalab/v1/van-off/batch", b.payload, qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 60
+    while store_counters(rx.store).get("batches_duplicate", 0) < len(deliveries) - len(batches):
+        assert time.monotonic() < deadline, "the receiver did not see every delivery"
+        time.sleep(0.1)
+    pub.loop_stop()
+    counters = store_counters(rx.store)
+    report("dup-shuffle", batches=len(batches), deliveries=len(deliveries),
+           duplicates=counters.get("batches_duplicate"))
+    assert counters["batches_stored"] == len(batches)
+    assert counters["batches_duplicate"] == len(deliveries) - len(batches)
+    assert_all_delivered(check(rx.store, [agent.buffer.path]))
+
+
+def test_clock_jumps_neither_lose_nor_double(tmp_path, mosquitto, rx):
+    agent, link = _offline_agent(tmp_path, mosquitto.port, hours=1, batch=200)
+    link.start()
+    jumps = 0
+    for step in (86400.0, -7200.0, 3.5, -86400.0):
+        agent.run(duration_s=600)
+        agent.clock.step(step)  # the system clock jumps; monotonic time does not
+        jumps += 1
+    agent.run(duration_s=600)
+    assert agent.drain(timeout_s=60)
+    link.stop()
+    verdicts = check(rx.store, [agent.buffer.path])
+    report("clock-jumps", jumps=jumps, committed=verdicts[0].last_seq)
+    assert_all_delivered(verdicts)
+    assert verdicts[0].last_seq == 2 * 3000
