@@ -10,27 +10,70 @@ Life of a sample here:
    immutable batch (bytes and content hash stored), and the samples rows are
    deleted in the same transaction. The same batch id always carries the same
    bytes, so the receiver can deduplicate.
-3. ``acknowledge(first_seq)``: the receiver said the batch is committed in the
+3. ``acknowledge(batch)``: the receiver said the batch is committed in the
    store: only now is it deleted.
 
 Gap records (intentional drops) ride along in the next sealed batch.
 
 SQLite in WAL mode with ``synchronous=FULL``: a commit that returned is on the
 card. Only one thread touches a ``Buffer``.
+
+What a van does to the file, and what the buffer does about it:
+
+* **Size cap** (``max_bytes``): before the pages in use would pass the budget,
+  the *oldest* data is dropped first (batches salvaged from an earlier epoch,
+  then this epoch's oldest sealed batches, then the oldest unsealed samples),
+  10 % below the budget at a time, and every dropped range becomes a gap
+  record (reason ``"buffer full: ..."``) that is uploaded like any other.
+  Deleted rows put their pages on SQLite's freelist and the next inserts
+  reuse them, so the file stops growing at the cap without any VACUUM.
+* **Disk full**: the failing commit is rolled back, the oldest data is
+  dropped as above, the commit is tried once more; if it still cannot be
+  written it raises ``BufferFullError`` (recoverable): nothing committed is
+  lost and the caller keeps the samples and retries. While the file system
+  stays full the budget shrinks to the file's present size, so the buffer
+  lives inside the pages it already owns.
+* **Corruption** (at open: damaged WAL, not a database, ``quick_check`` not
+  ok; during use: SQLITE_CORRUPT/NOTADB): the files move to
+  ``quarantine/<utc>-<epoch>/`` (never deleted), a fresh database with a new
+  epoch starts, and what can be read is salvaged (see ``buffer.recovery``).
+  Batches of an earlier epoch stay publishable and acknowledgeable by batch id.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
 
+from buffer import recovery
+from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch
+from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
+from edge.errors import PayloadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+PAGE_SIZE = 4096
+# Pages the WAL may hold before the automatic checkpoint copies them into the
+# main file (SQLite's default, set explicitly so it is a decision, not an
+# accident). At 1 Hz x 4 sensors and a 5 s commit a commit writes ~3 pages, so
+# a checkpoint runs about every 25 min: few double writes for the SD card,
+# and a WAL of at most ~4 MiB to replay after a power cut.
+DEFAULT_WAL_AUTOCHECKPOINT = 1000
+# Keep the budget this far below the cap: a full buffer frees 10 % at once
+# instead of dropping a little at every commit.
+CAP_HYSTERESIS = 0.9
+DROP_CHUNK_SAMPLES = 256  # unsealed samples dropped per step (one gap record per run)
+SALVAGE_BATCH_SAMPLES = 1000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,7 +103,37 @@ CREATE TABLE IF NOT EXISTS gaps (
     reason TEXT NOT NULL,
     sent_in INTEGER  -- first_seq of the batch that carries it, NULL until sealed
 );
+-- Sealed batches of earlier epochs (salvaged from a quarantined file), published
+-- as they are under their old id. n_samples = 0: a gap carrier of that epoch.
+CREATE TABLE IF NOT EXISTS salvaged (
+    epoch TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    n_samples INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    sha256 TEXT NOT NULL,
+    sealed_utc_ms INTEGER NOT NULL,
+    oldest_utc_ms INTEGER,
+    PRIMARY KEY (epoch, first_seq)
+);
+-- Per dead epoch: the next sequence number to name a gap carrier after (past the
+-- epoch's last sample, so a carrier id never equals a real batch id).
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    next_carrier INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+# One encoder for every commit: json.dumps with separators builds a new one per call.
+_VALUES_ENCODER = json.JSONEncoder(separators=(",", ":")).encode
+
+_BATCH_COLS = "first_seq, last_seq, n_samples, payload, sha256"
+_SALV_COLS = "first_seq, last_seq, n_samples, payload, sha256, epoch, device"
+
+Key = int | str  # first_seq of this epoch's batch, or any batch id "device/epoch/first-last"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +144,7 @@ class SealedBatch:
     n_samples: int
     payload: bytes
     sha256: str
+    epoch: str = ""  # the epoch the batch belongs to (an earlier one if salvaged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,21 +155,186 @@ class BufferStats:
     oldest_unsent_utc_ms: int | None
     last_seq: int
     file_bytes: int
+    samples_dropped: int = 0  # by the size cap / disk full, each covered by a gap record
+    gap_records: int = 0  # gap records the buffer wrote (cap, reject, salvage)
+    quarantined: int = 0  # databases moved to quarantine since this file was made
+    salvaged_batches: int = 0  # earlier-epoch batches still waiting for their ack
+    quarantine_bytes: int = 0
+
+
+T = TypeVar("T")
+
+
+def _recovering(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run a method; if the file turns out corrupt, quarantine, salvage and run it once more."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not recovery.is_corruption(exc):
+                raise
+            self._rollback_quietly()
+            self._recover(f"{fn.__name__}: {exc}")
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+_RAISE = object()  # _tolerate_full: raise BufferFullError instead of skipping
+
+
+def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Housekeeping writes (seal, ack, ...) on a full disk: free room, retry once, else skip.
+
+    Skipping is safe for each of them: the work is retried naturally on a later
+    tick (an unsealed sample stays unsealed, an unapplied ack is asked again
+    because the batch is re-sent). Only ``commit`` raises: its caller holds
+    samples that exist nowhere else.
+    """
+
+    def deco(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
+            for attempt in range(2):
+                try:
+                    return fn(self, *args, **kwargs)
+                except sqlite3.DatabaseError as exc:
+                    if not recovery.is_disk_full(exc):
+                        raise
+                    if attempt == 0:
+                        log.error("buffer: disk full in %s, freeing the oldest data", fn.__name__)
+                        self._free_after_full(0)
+            self._count_outside_tx("disk_full")
+            if default is _RAISE:
+                raise BufferFullError(f"buffer {self.path}: disk full in {fn.__name__}")
+            return default
+
+        return wrapper
+
+    return deco
 
 
 class Buffer:
-    def __init__(self, path: str | Path, device_id: str) -> None:
+    """The SQLite store-and-forward buffer (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        device_id: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,
+        quarantine_dir: str | Path | None = None,
+        check_on_open: bool = True,
+        reserve_bytes: int | None = None,
+    ) -> None:
+        """Open (or create) the buffer at ``path``.
+
+        ``max_bytes`` caps database + WAL on disk. ``wal_autocheckpoint`` is in
+        pages; it is reduced so the WAL stays within 1/8 of ``max_bytes``.
+        ``quarantine_dir`` defaults to ``<dir of path>/quarantine``.
+        ``check_on_open`` runs the WAL check and ``PRAGMA quick_check``
+        (reads the whole file once: about a second per 100 MiB on an SD card).
+        ``reserve_bytes`` (default: twice the WAL limit) is the size of a
+        ballast file kept beside the database and given up when the file
+        system is full: without it, data still in the WAL could neither be
+        checkpointed (the main file must grow) nor dropped (the WAL must grow),
+        and the buffer would be stuck until a person freed space.
+        """
         self.path = Path(path)
         self.device_id = device_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else self.path.parent / "quarantine"
+        self.max_bytes = int(max_bytes)
+        self.wal_pages = max(8, min(int(wal_autocheckpoint), self.max_bytes // PAGE_SIZE // 8))
+        self.wal_limit_bytes = self.wal_pages * PAGE_SIZE
+        # The WAL may pass the checkpoint mark by one transaction before it is
+        # reset: reserve twice its limit, the rest is for the main file.
+        self.db_budget = self.max_bytes - 2 * self.wal_limit_bytes
+        if self.db_budget < 64 * PAGE_SIZE:
+            raise ValueError(f"max_bytes={max_bytes} is too small for a buffer")
+        self._disk_budget: int | None = None  # set while the file system is full
+        self.reserve_path = Path(str(self.path) + ".reserve")
+        self.reserve_bytes = 2 * self.wal_limit_bytes if reserve_bytes is None else int(reserve_bytes)
+        self._db: sqlite3.Connection
+        recovery.finish_quarantines(self.path, self.quarantine_dir)
+        problem = self._check_files() if check_on_open else None
+        if problem:
+            self._quarantine(problem, epoch=self._peek_epoch())
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if not recovery.is_corruption(exc):
+                raise
+            self._recover(f"open: {exc}")  # found without (or despite) the check at open
+        else:
+            self._salvage_pending()
+        self._ensure_reserve()
+
+    # -- opening ----------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a group of
         # samples is exactly one transaction and one fsync.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Both only take effect on a new, empty file. auto_vacuum=NONE: freed
+        # pages stay on the freelist and the next inserts reuse them, so the
+        # file settles at its working size; FULL would move pages at every
+        # commit (more SD writes), INCREMENTAL needs periodic work for nothing.
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        db.execute("PRAGMA auto_vacuum=NONE")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages}")
+        # After a checkpoint resets the WAL, truncate it back to this size: it
+        # cannot grow without bound, and keeps this much space as a reserve a
+        # full disk cannot take away (the next transactions overwrite it).
+        db.execute(f"PRAGMA journal_size_limit={self.wal_limit_bytes}")
+        # No VACUUM, ever: it rewrites the whole file (SD wear), needs twice the
+        # space (impossible on a full disk) and a power cut in the middle of it
+        # is the riskiest moment of the file's life. The freelist does the job.
+        db.executescript(SCHEMA)
+        return db
+
+    def _open(self) -> None:
+        self._db = self._connect()
         self.epoch = self._init_epoch()
         self._unsealed = self._db.execute("SELECT count(*) FROM samples").fetchone()[0]
+
+    def _check_files(self) -> str | None:
+        """Why the files at ``path`` cannot be trusted, or None. Never writes to them."""
+        wal_problem = recovery.wal_problem(Path(str(self.path) + "-wal"))
+        if wal_problem:
+            return wal_problem
+        if not self.path.exists():
+            return None
+        try:
+            # Read-only: a read-write connection would checkpoint a damaged WAL
+            # into the main file on close, destroying the evidence.
+            conn = sqlite3.connect(self.path.as_uri() + "?mode=ro", uri=True)
+            try:
+                rows = conn.execute("PRAGMA quick_check").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            if recovery.is_corruption(exc):
+                return f"open: {exc}"
+            raise
+        result = [str(r[0]) for r in rows]
+        return None if result == ["ok"] else "quick_check: " + "; ".join(result[:5])
+
+    def _peek_epoch(self) -> str | None:
+        try:
+            conn = sqlite3.connect(self.path.as_uri() + "?immutable=1", uri=True)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError:
+            return None
+        return str(row[0]) if row else None
 
     # -- identity -------------------------------------------------------------
 
@@ -115,35 +354,363 @@ class Buffer:
     def _tx(self) -> "_Tx":
         return _Tx(self._db)
 
+    def _rollback_quietly(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.DatabaseError:
+            pass  # SQLite may have rolled back on its own (SQLITE_FULL, SQLITE_CORRUPT)
+
+    def _bump(self, name: str, by: int = 1) -> None:
+        """Add to a persistent counter; call inside the transaction it counts."""
+        if by:
+            self._db.execute(
+                "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
+                (name, by, by),
+            )
+
+    def counters(self) -> dict[str, int]:
+        """Persistent counters: samples_dropped, batches_dropped, gap_records, disk_full, ..."""
+        return {str(k): int(v) for k, v in self._db.execute("SELECT name, value FROM counters")}
+
+    # -- corruption -----------------------------------------------------------
+
+    def _quarantine(self, reason: str, epoch: str | None) -> Path:
+        log.error("buffer %s is corrupt (%s): quarantining it", self.path, reason)
+        qdir = recovery.quarantine(self.path, self.quarantine_dir, epoch, reason)
+        return qdir
+
+    def _recover(self, reason: str) -> None:
+        """Corruption found during use: move the files aside, start afresh, salvage."""
+        old_epoch = getattr(self, "epoch", None) or self._peek_epoch()
+        # A read-only connection kept open while the writer closes stops the
+        # writer from checkpointing the (damaged) WAL into the main file.
+        keeper: sqlite3.Connection | None = None
+        try:
+            keeper = sqlite3.connect(self.path.as_uri() + "?mode=ro", uri=True)
+            keeper.execute("BEGIN")
+            keeper.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError:
+            pass
+        try:
+            if hasattr(self, "_db"):
+                self._db.close()
+        except sqlite3.DatabaseError:
+            pass
+        self._quarantine(reason, old_epoch)
+        if keeper is not None:
+            keeper.close()
+        self._open()
+        self._salvage_pending()
+
+    def _salvage_pending(self) -> None:
+        """Salvage every quarantined file whose salvage is not recorded as done."""
+        for qdir in recovery.unsalvaged(self.quarantine_dir):
+            mark = f"salvaged:{qdir.name}"
+            if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
+                recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
+                continue
+            found = recovery.salvage(qdir / self.path.name)
+            try:
+                summary = self._apply_salvage(found, mark)
+            except sqlite3.DatabaseError as exc:
+                if not recovery.is_disk_full(exc):
+                    raise
+                self._rollback_quietly()
+                log.error("no room to salvage %s yet; will retry at next start", qdir)
+                continue
+            recovery.mark_salvaged(qdir, summary)
+            log.warning("salvaged %s: %s", qdir, summary)
+
+    def _apply_salvage(self, s: recovery.Salvage, mark: str) -> dict[str, Any]:
+        """Write one salvage into this database, in one transaction (all or nothing).
+
+        Unsealed samples are sealed into batches *of their old epoch* rather
+        than committed again as new samples: their identity (epoch, seq) stays
+        the one they were given when their commit returned, so the old epoch's
+        sequence space is accounted for in one place (salvaged batches +
+        gap records), and running the salvage twice (a crash before the
+        quarantine is marked done) produces the same ids with the same bytes,
+        which the receiver deduplicates. Re-committing would give them new
+        numbers each time: duplicates in the store.
+        """
+        device = s.device or self.device_id
+        n_samples = 0
+        with self._tx():
+            for b in s.batches:
+                self._insert_salvaged(b.epoch, b.device, b.first_seq, b.last_seq, b.n_samples,
+                                      b.payload, b.sealed_utc_ms, b.oldest_utc_ms)
+            for e, nxt in s.carrier_next.items():
+                self._db.execute(
+                    "INSERT INTO epochs VALUES (?, ?, ?) ON CONFLICT(epoch)"
+                    " DO UPDATE SET next_carrier = max(next_carrier, excluded.next_carrier)",
+                    (e, device, nxt),
+                )
+            if s.epoch is not None:
+                n_samples = self._seal_salvaged_samples(s.epoch, device, s.samples)
+                if s.carrier_base is not None:
+                    self._ensure_epoch(s.epoch, device, s.carrier_base)
+                self._add_carrier(s.epoch, device, s.gaps)
+            for e, gaps in s.other_gaps.items():
+                self._add_carrier(e, device, gaps)
+            summary = {
+                "into_epoch": self.epoch,
+                "from_epoch": s.epoch,
+                "batches": len(s.batches),
+                "samples": n_samples,
+                "gaps": [[g.first_seq, g.last_seq, g.reason] for g in s.gaps],
+                "notes": s.notes,
+            }
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (mark, json.dumps(summary)))
+            self._bump("quarantined")
+            self._bump("salvaged_batches", len(s.batches))
+            self._bump("salvaged_samples", n_samples)
+        return summary
+
+    def _insert_salvaged(self, epoch: str, device: str, first: int, last: int, n: int,
+                         payload: bytes, sealed_ms: int, oldest_ms: int | None) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO salvaged VALUES (?,?,?,?,?,?,?,?,?)",
+            (epoch, first, last, device, n, payload, content_hash(payload), sealed_ms, oldest_ms),
+        )
+
+    def _seal_salvaged_samples(self, epoch: str, device: str, samples: list[Sample]) -> int:
+        """Seal runs of consecutive unsealed samples into batches of their old epoch."""
+        samples = sorted(samples, key=lambda x: x.seq or 0)
+        runs: list[list[Sample]] = []
+        for smp in samples:
+            if runs and smp.seq == (runs[-1][-1].seq or 0) + 1 and len(runs[-1]) < SALVAGE_BATCH_SAMPLES:
+                runs[-1].append(smp)
+            else:
+                runs.append([smp])
+        for run in runs:
+            first, last = run[0].seq, run[-1].seq
+            assert first is not None and last is not None
+            payload = encode_batch(Batch(device, epoch, first, last, run, []))
+            oldest = min((x.t_utc_ms for x in run if x.t_utc_ms is not None), default=None)
+            self._insert_salvaged(epoch, device, first, last, len(run), payload, 0, oldest)
+        return len(samples)
+
+    def _ensure_epoch(self, epoch: str, device: str, base: int) -> None:
+        self._db.execute(
+            "INSERT INTO epochs VALUES (?, ?, ?) ON CONFLICT(epoch)"
+            " DO UPDATE SET next_carrier = max(next_carrier, excluded.next_carrier)",
+            (epoch, device, base),
+        )
+
+    def _add_carrier(self, epoch: str, device: str, gaps: list[Gap]) -> None:
+        """Gap records of an earlier epoch travel in a sample-less batch of that epoch.
+
+        It is named after a sequence number past the epoch's end, so its id is
+        new to the receiver (which refuses a known id with other bytes).
+        """
+        if not gaps:
+            return
+        row = self._db.execute("SELECT next_carrier FROM epochs WHERE epoch=?", (epoch,)).fetchone()
+        if row is None:
+            top = self._db.execute(
+                "SELECT coalesce(max(last_seq), 0) FROM salvaged WHERE epoch=?", (epoch,)
+            ).fetchone()[0]
+            n = max(top, max(g.last_seq for g in gaps)) + recovery.CARRIER_OFFSET_UNCERTAIN
+        else:
+            n = int(row[0])
+        payload = encode_batch(Batch(device, epoch, n, n, [], list(gaps)))
+        self._insert_salvaged(epoch, device, n, n, 0, payload, int(time.time() * 1000), None)
+        self._ensure_epoch(epoch, device, n + 1)
+        self._db.execute("UPDATE epochs SET next_carrier=? WHERE epoch=?", (n + 1, epoch))
+        self._bump("gap_records", len(gaps))
+
+    # -- size cap ---------------------------------------------------------------
+
+    def _pages(self) -> tuple[int, int]:
+        pc = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pc), int(free)
+
+    def used_bytes(self) -> int:
+        """Bytes of the main file in use (free pages are reused, so they do not count)."""
+        pc, free = self._pages()
+        return (pc - free) * PAGE_SIZE
+
+    def _budget(self) -> int:
+        if self._disk_budget is not None and self._disk_has_room():
+            log.info("file system has room again: buffer back to its configured cap")
+            self._disk_budget = None
+            self._ensure_reserve()
+        return self.db_budget if self._disk_budget is None else min(self.db_budget, self._disk_budget)
+
+    def _disk_free(self) -> int:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def _disk_has_room(self) -> bool:
+        return self._disk_free() > self.reserve_bytes + 4 * self.wal_limit_bytes
+
+    def _ensure_reserve(self) -> None:
+        """(Re)create the ballast file if it is missing and the file system has room for it."""
+        if self.reserve_bytes <= 0 or self.reserve_path.exists():
+            return
+        if self._disk_free() < 2 * self.reserve_bytes:
+            return  # taking the last free space ourselves would only move the problem
+        tmp = Path(str(self.reserve_path) + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                chunk = b"\0" * 65536
+                for _ in range(0, self.reserve_bytes, len(chunk)):
+                    f.write(chunk)  # real blocks: a sparse file would reserve nothing
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.reserve_path)
+        except OSError as exc:
+            log.warning("buffer: cannot create the space reserve %s: %s", self.reserve_path, exc)
+            tmp.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        log.error("buffer: file system full, released the %d-byte space reserve", self.reserve_bytes)
+        return True
+
+    def _enforce_cap(self, extra: int) -> None:
+        """Drop the oldest data until ``extra`` more bytes fit under the budget."""
+        budget = self._budget()
+        if self.used_bytes() + extra <= budget:
+            return
+        target = int(budget * CAP_HYSTERESIS) - extra
+        self._drop_until(target, f"buffer full: cap of {budget} bytes reached")
+
+    def _drop_until(self, target_used: int, why: str) -> int:
+        """Drop oldest data (one transaction) until the pages in use are at most ``target_used``."""
+        dropped = 0
+        with self._tx():
+            while self.used_bytes() > target_used:
+                n = self._drop_oldest(why)
+                if n == 0:
+                    break  # nothing left to drop
+                dropped += n
+        if dropped:
+            log.warning("%s: dropped %d samples (gap records written)", why, dropped)
+        return dropped
+
+    def _drop_oldest(self, why: str) -> int:
+        """Drop the oldest unit of data, with its gap record; returns samples dropped."""
+        row = self._db.execute(
+            "SELECT epoch, first_seq, last_seq, device, n_samples FROM salvaged"
+            " WHERE n_samples > 0 ORDER BY rowid LIMIT 1"
+        ).fetchone()
+        if row:
+            epoch, first, last, device, n = row
+            self._db.execute("DELETE FROM salvaged WHERE epoch=? AND first_seq=?", (epoch, first))
+            self._add_carrier(epoch, device, [Gap(first, last, f"{why}: salvaged batch dropped")])
+            self._bump("batches_dropped")
+            self._bump("samples_dropped", n)
+            return int(n)
+        row = self._db.execute(
+            "SELECT first_seq, last_seq, n_samples FROM batches WHERE n_samples > 0 ORDER BY first_seq LIMIT 1"
+        ).fetchone()
+        if row:
+            first, last, n = row
+            self._db.execute("DELETE FROM batches WHERE first_seq=?", (first,))
+            # Gap records that batch carried were not delivered: they wait for the next one.
+            self._db.execute("UPDATE gaps SET sent_in=NULL WHERE sent_in=?", (first,))
+            self._gap(first, last, f"{why}: sealed batch dropped")
+            self._bump("batches_dropped")
+            self._bump("samples_dropped", n)
+            return int(n)
+        seqs = [r[0] for r in self._db.execute(
+            "SELECT seq FROM samples ORDER BY seq LIMIT ?", (DROP_CHUNK_SAMPLES,))]
+        if not seqs:
+            return 0
+        self._db.execute("DELETE FROM samples WHERE seq <= ?", (seqs[-1],))
+        for a, b in recovery._ranges(seqs):
+            self._gap(a, b, f"{why}: unsealed samples dropped")
+        self._unsealed -= len(seqs)
+        self._bump("samples_dropped", len(seqs))
+        return len(seqs)
+
+    def _gap(self, first: int, last: int, reason: str) -> None:
+        """Record a gap of this epoch, extending the previous unsent one if it is adjacent."""
+        prev = self._db.execute(
+            "SELECT id, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if prev and prev[1] + 1 == first and prev[2] == reason:
+            self._db.execute("UPDATE gaps SET last_seq=? WHERE id=?", (last, prev[0]))
+            return
+        self._db.execute(
+            "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)", (first, last, reason)
+        )
+        self._bump("gap_records")
+
+    def _free_after_full(self, extra: int) -> None:
+        """The file system is full: make room inside the pages this buffer already owns.
+
+        Order matters: give up the ballast (so the WAL can be checkpointed and
+        a delete can be logged), checkpoint so the next transactions overwrite
+        the WAL instead of growing it, drop the oldest data, checkpoint again
+        so the freed pages are on the main file's freelist for the retry.
+        """
+        self._rollback_quietly()
+        self._release_reserve()
+        self._checkpoint()
+        pc, _ = self._pages()
+        self._disk_budget = pc * PAGE_SIZE  # the file cannot grow: live within it
+        used = self.used_bytes()
+        target = min(int(self._disk_budget * CAP_HYSTERESIS), used - 4 * extra) - extra
+        try:
+            self._drop_until(target, "buffer full: file system full")
+        except sqlite3.DatabaseError as exc:
+            self._rollback_quietly()
+            if not recovery.is_disk_full(exc):
+                raise
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        except sqlite3.DatabaseError as exc:
+            if not recovery.is_disk_full(exc):
+                raise
+
     # -- write side -----------------------------------------------------------
 
+    @_recovering
     def commit(self, samples: list[Sample]) -> list[int]:
         """Insert a group of samples in one transaction; returns their sequence numbers.
 
         When this returns, the samples are durable (WAL + synchronous=FULL) and
-        the device owes them to the store.
+        the device owes them to the store. Raises ``BufferFullError`` (nothing
+        stored, nothing lost) when the disk is full even after dropping the
+        oldest data: keep the samples and call again later.
         """
         if not samples:
             return []
+        enc = _VALUES_ENCODER
         rows = [
-            (
-                s.sensor,
-                s.t_utc_ms,
-                s.t_mono_ms,
-                str(s.time_src),
-                s.boot_id,
-                json.dumps(s.values, separators=(",", ":")),
-                ",".join(s.flags),
-            )
+            (s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values), ",".join(s.flags))
             for s in samples
         ]
-        with self._tx():
-            self._db.executemany(
-                "INSERT INTO samples (sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags)"
-                " VALUES (?,?,?,?,?,?,?)",
-                rows,
-            )
-            last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+        # What the rows will take in pages, roughly (record overhead + b-tree slack).
+        extra = (sum(len(r[5]) for r in rows) + len(rows) * (len(rows[0][4]) + 64)) * 5 // 4
+        try:
+            last = self._insert_with_room(rows, extra)
+        except sqlite3.DatabaseError as exc:
+            if not recovery.is_disk_full(exc):
+                raise
+            log.error("buffer: disk full, freeing the oldest data (%s)", exc)
+            self._free_after_full(extra)
+            try:
+                last = self._insert_with_room(rows, extra)
+            except sqlite3.DatabaseError as exc2:
+                self._rollback_quietly()
+                if not recovery.is_disk_full(exc2):
+                    raise
+                self._count_outside_tx("disk_full")
+                raise BufferFullError(f"buffer {self.path}: {exc2}") from exc2
         # AUTOINCREMENT with one writer: the group got consecutive numbers.
         seqs = list(range(last - len(samples) + 1, last + 1))
         for s, q in zip(samples, seqs):
@@ -151,19 +718,48 @@ class Buffer:
         self._unsealed += len(samples)
         return seqs
 
+    def _insert_with_room(self, rows: list[tuple[Any, ...]], extra: int) -> int:
+        try:
+            self._enforce_cap(extra)
+        except sqlite3.DatabaseError as exc:
+            # No room even to drop: the insert below will say so (or succeed).
+            if not recovery.is_disk_full(exc):
+                raise
+            self._rollback_quietly()
+        with self._tx():
+            self._db.executemany(
+                "INSERT INTO samples (sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags)"
+                " VALUES (?,?,?,?,?,?,?)",
+                rows,
+            )
+            return int(self._db.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+    def _count_outside_tx(self, name: str) -> None:
+        try:
+            with self._tx():
+                self._bump(name)
+        except sqlite3.DatabaseError:
+            self._rollback_quietly()  # a full disk may refuse even this
+
+    @_recovering
+    @_tolerate_full(_RAISE)
     def add_gap(self, first_seq: int, last_seq: int, reason: str) -> None:
         with self._tx():
             self._db.execute(
                 "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
                 (first_seq, last_seq, reason),
             )
+            self._bump("gap_records")
 
+    @_recovering
     def count_unsync(self, boot_id: str) -> int:
         """Unsealed samples of this boot stamped before the clock was trusted."""
         return self._db.execute(
             "SELECT count(*) FROM samples WHERE boot_id=? AND time_src='unsync'", (boot_id,)
         ).fetchone()[0]
 
+    @_recovering
+    @_tolerate_full(0)
     def correct_unsync(self, boot_id: str, offset_ms: int) -> int:
         """Re-stamp this boot's unsynchronised samples from their monotonic time.
 
@@ -182,6 +778,8 @@ class Buffer:
     def unsealed_count(self) -> int:
         return self._unsealed
 
+    @_recovering
+    @_tolerate_full(None)
     def seal(self, max_samples: int, now_utc_ms: int) -> SealedBatch | None:
         """Seal the oldest unsealed samples (at most ``max_samples``) into one batch."""
         cur = self._db.execute(
@@ -241,83 +839,169 @@ class Buffer:
             )
             if samples:
                 self._db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
+                # The seal watermark: after a corruption, what is missing above it
+                # was never sent, so it is known lost (see recovery.salvage).
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sealed_through', ?)", (str(last),))
             if gaps_rows:
                 self._db.execute(
                     "UPDATE gaps SET sent_in=? WHERE sent_in IS NULL AND id<=?",
                     (first, gaps_rows[-1][0]),
                 )
         self._unsealed -= len(samples)
-        return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest)
+        return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
 
     # -- read side ------------------------------------------------------------
 
-    def pending(self, limit: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[SealedBatch]:
-        """Sealed batches not yet acknowledged, oldest first."""
+    def _where(self, key: Key) -> tuple[str, str, tuple[Any, ...]] | None:
+        """(table, WHERE clause, params) that name the batch ``key``, or None if not ours."""
+        if isinstance(key, int):
+            return "batches", "first_seq=?", (key,)
+        try:
+            device, epoch, first, last = parse_batch_id(key)
+        except PayloadError:
+            return None
+        if epoch == self.epoch:
+            return ("batches", "first_seq=? AND last_seq=?", (first, last)) if device == self.device_id else None
+        return "salvaged", "epoch=? AND first_seq=? AND last_seq=? AND device=?", (epoch, first, last, device)
+
+    def _own(self, r: tuple[Any, ...]) -> SealedBatch:
+        return SealedBatch(batch_id(self.device_id, self.epoch, r[0], r[1]), r[0], r[1], r[2], r[3], r[4], self.epoch)
+
+    @staticmethod
+    def _salv(r: tuple[Any, ...]) -> SealedBatch:
+        return SealedBatch(batch_id(r[6], r[5], r[0], r[1]), r[0], r[1], r[2], r[3], r[4], r[5])
+
+    @_recovering
+    def pending(self, limit: int, exclude: Iterable[Key] = frozenset()) -> list[SealedBatch]:
+        """Sealed batches not yet acknowledged, oldest first (earlier epochs before this one).
+
+        ``exclude`` holds batches already in flight: ints are first_seq of this
+        epoch's batches (the old form), strings are batch ids (any epoch).
+        """
+        ex = set(exclude)
         out: list[SealedBatch] = []
-        offset = 0
-        while len(out) < limit:
-            rows = self._db.execute(
-                "SELECT first_seq, last_seq, n_samples, payload, sha256 FROM batches"
-                " ORDER BY first_seq LIMIT ? OFFSET ?",
-                (limit + len(exclude), offset),
-            ).fetchall()
-            if not rows:
-                break
-            offset += len(rows)
-            for r in rows:
-                if r[0] in exclude:
-                    continue
-                out.append(
-                    SealedBatch(batch_id(self.device_id, self.epoch, r[0], r[1]), r[0], r[1], r[2], r[3], r[4])
-                )
-                if len(out) >= limit:
+        sources = (
+            (f"SELECT {_SALV_COLS} FROM salvaged ORDER BY rowid", self._salv),
+            (f"SELECT {_BATCH_COLS} FROM batches ORDER BY first_seq", self._own),
+        )
+        for sql, make in sources:
+            offset = 0
+            while len(out) < limit:
+                rows = self._db.execute(f"{sql} LIMIT ? OFFSET ?", (limit + len(ex), offset)).fetchall()
+                if not rows:
                     break
+                offset += len(rows)
+                for r in rows:
+                    sb = make(r)
+                    if sb.batch_id in ex or (sb.epoch == self.epoch and sb.first_seq in ex):
+                        continue
+                    out.append(sb)
+                    if len(out) >= limit:
+                        break
         return out
 
-    def get(self, first_seq: int) -> SealedBatch | None:
-        r = self._db.execute(
-            "SELECT first_seq, last_seq, n_samples, payload, sha256 FROM batches WHERE first_seq=?",
-            (first_seq,),
-        ).fetchone()
+    @_recovering
+    def newest(self, limit: int, exclude: Iterable[Key] = frozenset()) -> list[SealedBatch]:
+        """This epoch's newest sealed batches, newest first: fresh data while a backlog drains."""
+        ex = set(exclude)
+        rows = self._db.execute(
+            f"SELECT {_BATCH_COLS} FROM batches ORDER BY first_seq DESC LIMIT ?", (limit + len(ex),)
+        ).fetchall()
+        out = [sb for sb in map(self._own, rows) if sb.batch_id not in ex and sb.first_seq not in ex]
+        return out[:limit]
+
+    @_recovering
+    def get(self, key: Key) -> SealedBatch | None:
+        """A batch by this epoch's first_seq, or by batch id (any epoch); None if gone."""
+        where = self._where(key)
+        if where is None:
+            return None
+        table, cond, params = where
+        cols = _BATCH_COLS if table == "batches" else _SALV_COLS
+        r = self._db.execute(f"SELECT {cols} FROM {table} WHERE {cond}", params).fetchone()
         if r is None:
             return None
-        return SealedBatch(batch_id(self.device_id, self.epoch, r[0], r[1]), r[0], r[1], r[2], r[3], r[4])
+        return self._own(r) if table == "batches" else self._salv(r)
 
-    def acknowledge(self, first_seq: int) -> bool:
+    @_recovering
+    @_tolerate_full(False)
+    def acknowledge(self, key: Key) -> bool:
         """The receiver committed this batch: delete it. True if it was here."""
+        where = self._where(key)
+        if where is None:
+            return False
+        table, cond, params = where
         with self._tx():
-            cur = self._db.execute("DELETE FROM batches WHERE first_seq=?", (first_seq,))
-            # Gaps carried by that batch are delivered with it.
-            self._db.execute("DELETE FROM gaps WHERE sent_in=?", (first_seq,))
+            if table == "batches":
+                first = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()
+                cur = self._db.execute(f"DELETE FROM batches WHERE {cond}", params)
+                if first:
+                    # Gaps carried by that batch are delivered with it.
+                    self._db.execute("DELETE FROM gaps WHERE sent_in=?", (first[0],))
+            else:
+                cur = self._db.execute(f"DELETE FROM salvaged WHERE {cond}", params)
         return cur.rowcount > 0
 
-    def reject(self, first_seq: int, last_seq: int, reason: str) -> bool:
+    @_recovering
+    @_tolerate_full(False)
+    def reject(self, key: Key, last_seq: int, reason: str) -> bool:
         """The receiver refused this batch for good: drop it and own up with a gap record."""
+        where = self._where(key)
+        if where is None:
+            return False
+        table, cond, params = where
+        why = f"rejected by receiver: {reason}"[:500]
         with self._tx():
-            cur = self._db.execute("DELETE FROM batches WHERE first_seq=?", (first_seq,))
-            if cur.rowcount:
-                self._db.execute(
-                    "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
-                    (first_seq, last_seq, f"rejected by receiver: {reason}"[:500]),
-                )
+            if table == "batches":
+                row = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()
+                cur = self._db.execute(f"DELETE FROM batches WHERE {cond}", params)
+                if cur.rowcount:
+                    self._db.execute(
+                        "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
+                        (row[0], last_seq, why),
+                    )
+                    self._bump("gap_records")
+            else:
+                row = self._db.execute(
+                    f"SELECT epoch, device, first_seq, last_seq, n_samples FROM salvaged WHERE {cond}", params
+                ).fetchone()
+                cur = self._db.execute(f"DELETE FROM salvaged WHERE {cond}", params)
+                if row and row[4] > 0:
+                    # A rejected carrier gets no carrier of its own: that could loop.
+                    self._add_carrier(row[0], row[1], [Gap(row[2], row[3], why)])
         return cur.rowcount > 0
 
+    @_recovering
     def stats(self) -> BufferStats:
         nb, backlog, oldest_b = self._db.execute(
             "SELECT count(*), coalesce(sum(n_samples),0), min(oldest_utc_ms) FROM batches"
         ).fetchone()
+        ns, sbacklog, oldest_sv = self._db.execute(
+            "SELECT count(*), coalesce(sum(n_samples),0), min(oldest_utc_ms) FROM salvaged"
+        ).fetchone()
         oldest_s = self._db.execute("SELECT min(t_utc_ms) FROM samples").fetchone()[0]
-        present = [t for t in (oldest_b, oldest_s) if t is not None]
+        present = [t for t in (oldest_b, oldest_s, oldest_sv) if t is not None]
         oldest = min(present) if present else None
-        last_seq = self._db.execute(
-            "SELECT coalesce(max(seq),0) FROM sqlite_sequence WHERE name='samples'"
-        ).fetchone()[0]
-        size = sum(
-            os.path.getsize(p)
-            for p in (self.path, Path(str(self.path) + "-wal"))
-            if p.exists()
+        c = self.counters()
+        return BufferStats(
+            unsealed=self._unsealed,
+            batches=nb + ns,
+            backlog_samples=backlog + sbacklog + self._unsealed,
+            oldest_unsent_utc_ms=oldest,
+            last_seq=self.last_seq(),
+            file_bytes=self.file_bytes(),
+            samples_dropped=c.get("samples_dropped", 0),
+            gap_records=c.get("gap_records", 0),
+            quarantined=c.get("quarantined", 0),
+            salvaged_batches=ns,
+            quarantine_bytes=recovery.quarantine_bytes(self.quarantine_dir),
         )
-        return BufferStats(self._unsealed, nb, backlog + self._unsealed, oldest, last_seq, size)
+
+    def file_bytes(self) -> int:
+        """Database + WAL as they take space on the card."""
+        return sum(
+            os.path.getsize(p) for p in (self.path, Path(str(self.path) + "-wal")) if p.exists()
+        )
 
     def last_seq(self) -> int:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()
@@ -340,5 +1024,6 @@ class _Tx:
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
         if exc_type is None:
             self._db.execute("COMMIT")
-        else:
+        elif self._db.in_transaction:
+            # SQLite may already have rolled back (SQLITE_FULL, SQLITE_CORRUPT).
             self._db.execute("ROLLBACK")

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from buffer.errors import BufferFullError
 from buffer.store import Buffer
 from drivers.base import SensorDriver
 from edge.clock import Clock
@@ -55,6 +56,7 @@ class AgentStats:
     rejected_batches: int = 0
     time_corrected: int = 0
     syncs: int = 0
+    buffer_full: int = 0
     heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
 
@@ -102,7 +104,7 @@ class Agent:
         self._pending: list[Sample] = []
         self._last_commit = clock.monotonic()
         self._first_unsealed_mono: float | None = None
-        self._in_flight: dict[int, _InFlight] = {}
+        self._in_flight: dict[str, _InFlight] = {}  # by batch id (salvaged batches keep their epoch)
         self._last_heartbeat = -1e18
         self._hold_uploads_until = -1e18
         self._stop = threading.Event()
@@ -196,7 +198,15 @@ class Agent:
             return
         batch, self._pending = self._pending, []
         crash_point("agent.commit.before")
-        self.buffer.commit(batch)
+        try:
+            self.buffer.commit(batch)
+        except BufferFullError as exc:
+            # Nothing was stored: keep the samples in memory and try again next interval
+            # (the buffer frees space by its cap policy meanwhile). Bounded, oldest first out.
+            self._pending = (batch + self._pending)[-MAX_PENDING_IN_MEMORY:]
+            self.stats.buffer_full += 1
+            self._count_error("buffer", exc)
+            return
         crash_point("agent.commit.after")
         self.stats.committed += len(batch)
         unsync = sum(1 for x in batch if not x.time_src.trusted)
@@ -237,7 +247,10 @@ class Agent:
                 if self._first_unsealed_mono is not None
                 else 0.0
             )
-            if not (force or self.buffer.unsealed_count >= bc.max_samples or age >= bc.max_age_s):
+            # Sealing by age is for freshness; with no link there is nobody to be fresh for,
+            # and fewer, fuller batches drain faster when coverage returns.
+            aged = age >= bc.max_age_s and self.link.connected
+            if not (force or self.buffer.unsealed_count >= bc.max_samples or aged):
                 return
             sealed = self.buffer.seal(bc.max_samples, int(self.clock.utc() * 1000))
             if sealed is None:
@@ -262,12 +275,12 @@ class Agent:
         if now - self._last_heartbeat >= self.cfg.uplink.heartbeat_s:
             self.send_heartbeat()
         timeout = self.cfg.uplink.ack_timeout_s
-        for first, f in list(self._in_flight.items()):
+        for key, f in list(self._in_flight.items()):
             if now - f.sent_at < timeout:
                 continue
-            sb = self.buffer.get(first)
+            sb = self.buffer.get(key)
             if sb is None:  # acknowledged meanwhile
-                del self._in_flight[first]
+                del self._in_flight[key]
             elif self.link.publish(sb.batch_id, sb.payload):
                 # Same id, same bytes: the receiver deduplicates if the first one did arrive.
                 f.sent_at = now
@@ -275,10 +288,14 @@ class Agent:
         room = self.cfg.uplink.window - len(self._in_flight)
         if room <= 0 or now < self._hold_uploads_until:
             return
-        for sb in self.buffer.pending(room, exclude=frozenset(self._in_flight)):
+        # Newest data flows while an old backlog drains: part of the window goes to the
+        # newest batches, the rest to the oldest, so the backlog still drains.
+        fresh = self.buffer.newest(max(1, room // 4), exclude=frozenset(self._in_flight))
+        todo = fresh + self.buffer.pending(room, exclude=frozenset(self._in_flight) | {b.batch_id for b in fresh})
+        for sb in todo[:room]:
             if not self.link.publish(sb.batch_id, sb.payload):
                 break
-            self._in_flight[sb.first_seq] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)
+            self._in_flight[sb.batch_id] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)
             self.stats.published += 1
             crash_point("agent.publish.after")
 
@@ -315,6 +332,9 @@ class Agent:
             "cpu_temp_c": _cpu_temp_c(),
             "taken": self.stats.taken,
             "rejected_batches": self.stats.rejected_batches,
+            "samples_dropped": st.samples_dropped,
+            "quarantined": st.quarantined,
+            "buffer_full": self.stats.buffer_full,
         }
 
     def send_heartbeat(self) -> None:
@@ -324,22 +344,21 @@ class Agent:
 
     def _handle_acks(self) -> None:
         for ack in self.link.acks():
+            key = ack.batch_id
             try:
-                device, epoch, first, last = parse_batch_id(ack.batch_id)
+                device, _epoch, _first, last = parse_batch_id(ack.batch_id)
             except PayloadError:
                 # The receiver could not even read the batch id: match by content hash.
                 match = [k for k, f in self._in_flight.items() if ack.sha256 and f.sha256 == ack.sha256]
                 if not match:
                     continue
-                first = match[0]
-                device, epoch, last = self.cfg.device.id, self.buffer.epoch, self._in_flight[first].last_seq
-            if device != self.cfg.device.id or epoch != self.buffer.epoch:
-                # An ack for an earlier epoch (a quarantined database) or someone else.
-                continue
-            flight = self._in_flight.pop(first, None)
+                key, device, last = match[0], self.cfg.device.id, self._in_flight[match[0]].last_seq
+            if device != self.cfg.device.id:
+                continue  # not ours (the broker's ACL should make this impossible)
+            flight = self._in_flight.pop(key, None)
             if ack.committed:
                 crash_point("agent.ack.before_delete")
-                if self.buffer.acknowledge(first):
+                if self.buffer.acknowledge(key):
                     crash_point("agent.ack.after_delete")
                     self.stats.acked_batches += 1
                     self.stats.acked_samples += flight.n_samples if flight else 0
@@ -347,7 +366,7 @@ class Agent:
                     self.stats.duplicate_acks += 1
             else:
                 log.error("receiver rejected batch %s: %s", ack.batch_id, ack.reason)
-                if self.buffer.reject(first, last, ack.reason):
+                if self.buffer.reject(key, last, ack.reason):
                     self.stats.rejected_batches += 1
 
     def backlog(self) -> int:
@@ -379,6 +398,7 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
     return out, (*flags, "non_finite")
 
 
+MAX_PENDING_IN_MEMORY = 4 * 3600  # an hour of four sensors at 1 Hz, if the disk stays full
 SYNC_BATCHES = 256  # batch ids named in a resync request
 SYNC_GRACE_S = 2.0  # real seconds to wait for the receiver's answer to a resync
 

@@ -49,6 +49,18 @@ class BatchConfig:
 
 
 @dataclass(slots=True)
+class BufferConfig:
+    # Cap on the buffer's size on the card. When reached, the oldest data is dropped
+    # and a gap record says which sequence range and why (it is uploaded too).
+    max_bytes: int = 256 * 1024 * 1024
+    wal_autocheckpoint: int = 1000  # pages between WAL checkpoints
+    # Spare space given up when the disk is full, so data can still be checkpointed or dropped.
+    reserve_bytes: int = 8 * 1024 * 1024
+    check_on_open: bool = True  # PRAGMA quick_check at start; a corrupt file is quarantined
+    quarantine_dir: str = ""  # "" = <data_dir>/quarantine
+
+
+@dataclass(slots=True)
 class UplinkConfig:
     host: str = "localhost"
     port: int = 1883
@@ -106,6 +118,7 @@ class AgentConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     time: TimeConfig = field(default_factory=TimeConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     sensors: list[SensorConfig] = field(default_factory=list)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -121,6 +134,7 @@ _SECTIONS = {
     "sampling": SamplingConfig,
     "time": TimeConfig,
     "batch": BatchConfig,
+    "buffer": BufferConfig,
     "uplink": UplinkConfig,
     "simulation": SimulationConfig,
 }
@@ -176,6 +190,12 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("batch.max_samples", "must be between 1 and 100000")
     if cfg.batch.max_age_s <= 0:
         raise ConfigError("batch.max_age_s", "must be above 0")
+    if cfg.buffer.max_bytes < 1024 * 1024:
+        raise ConfigError("buffer.max_bytes", "must be at least 1 MiB (1048576)")
+    if cfg.buffer.reserve_bytes < 0 or cfg.buffer.reserve_bytes >= cfg.buffer.max_bytes:
+        raise ConfigError("buffer.reserve_bytes", "must be 0 or more and below buffer.max_bytes")
+    if cfg.buffer.wal_autocheckpoint < 1:
+        raise ConfigError("buffer.wal_autocheckpoint", "must be at least 1 page")
     if not 1 <= cfg.uplink.port <= 65535:
         raise ConfigError("uplink.port", "must be a TCP port, 1-65535")
     if not 1 <= cfg.uplink.window <= 1000:

@@ -67,7 +67,16 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
         clock = SystemClock()
     ctx["clock"] = clock
     drivers = build_drivers(cfg.sensors, ctx)
-    buffer = Buffer(cfg.buffer_path, cfg.device.id)
+    bc = cfg.buffer
+    buffer = Buffer(
+        cfg.buffer_path,
+        cfg.device.id,
+        max_bytes=bc.max_bytes,
+        wal_autocheckpoint=bc.wal_autocheckpoint,
+        reserve_bytes=bc.reserve_bytes,
+        check_on_open=bc.check_on_open,
+        quarantine_dir=bc.quarantine_dir or None,
+    )
     link = MqttLink(cfg.uplink, cfg.device.id)
     agent = Agent(cfg, drivers, clock, buffer, link)
     agent.resources = [r for r in (ctx.get("hardware"),) if r is not None]

@@ -1,0 +1,509 @@
+"""What the buffer does when its file cannot be trusted: detect, quarantine, salvage.
+
+The rules (delivery contract, "Corruption"):
+
+* detect at open: a WAL whose header or committed frames are damaged (SQLite
+  itself would silently ignore them, losing committed transactions), a file
+  that is not a database, ``PRAGMA quick_check`` not ``ok``; and during use:
+  any ``SQLITE_CORRUPT`` / ``SQLITE_NOTADB`` error;
+* quarantine: the database and its ``-wal`` / ``-shm`` move *together* into
+  ``<data_dir>/quarantine/<utc>-<epoch>/``. Nothing is ever deleted: the copy
+  is evidence, and a later, better salvage tool may read more from it;
+* salvage: read what can still be read from the quarantined copy, opened
+  read-only so the evidence stays byte-identical. Sealed batches are
+  self-contained (device, epoch, range and samples are in the payload, the
+  hash is stored beside it), so a verified payload is re-published as it is,
+  under its old id: the receiver deduplicates it if it already has it.
+  Unsealed samples are sealed into batches *of their old epoch* (see
+  ``Buffer._apply_salvage`` for why), and what is known to be lost becomes a
+  gap record of the old epoch.
+
+This module only reads and moves files; writing the salvage into the new
+database is the ``Buffer``'s job, in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.errors import PayloadError
+from edge.model import Sample, TimeSource
+from uplink.wire import Gap, content_hash, decode_batch
+
+# Primary result codes (the low byte of an extended code).
+SQLITE_CORRUPT = 11
+SQLITE_FULL = 13
+SQLITE_NOTADB = 26
+
+PARTIAL_SUFFIX = ".partial"
+SALVAGED_MARK = "SALVAGED"
+REASON_FILE = "reason.txt"
+
+# A gap-carrying batch of a dead epoch is named after sequence numbers past the
+# end of that epoch, so its id can never equal the id of a real sample batch
+# (the receiver refuses an id that comes back with other bytes). When the
+# epoch's last number is not known for sure, jump far beyond anything it used.
+CARRIER_OFFSET_UNCERTAIN = 1_000_000_000
+
+
+def _code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """True for the errors that mean the file itself is damaged (not busy, not full)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    msg = str(exc).lower()
+    if "could not decode to utf-8" in msg:
+        return True  # text that was never written: a garbled page SQLite did not notice
+    code = _code(exc)
+    if code is not None:
+        return code in (SQLITE_CORRUPT, SQLITE_NOTADB)
+    return "malformed" in msg or "not a database" in msg
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """SQLITE_FULL (a full file system, or max_page_count) or ENOSPC seen by Python."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        return _code(exc) == SQLITE_FULL or "database or disk is full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno in (28, 122)  # ENOSPC, EDQUOT
+
+
+# --- the WAL -------------------------------------------------------------------
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+_WAL_VERSION = 3007000
+
+
+def _wal_cksum(data: bytes, s1: int, s2: int, big_endian: bool) -> tuple[int, int]:
+    """SQLite's cumulative WAL checksum (wal.c, walChecksumBytes)."""
+    n = len(data) // 4
+    words = struct.unpack((">" if big_endian else "<") + f"{n}I", data[: n * 4])
+    m = 0xFFFFFFFF
+    for i in range(0, n, 2):
+        s1 = (s1 + words[i] + s2) & m
+        s2 = (s2 + words[i + 1] + s1) & m
+    return s1, s2
+
+
+def wal_problem(wal: Path) -> str | None:
+    """Why this WAL would lose committed transactions, or None if it looks sound.
+
+    SQLite replays a WAL only up to its first invalid frame and ignores a WAL
+    whose header is invalid, *silently*: every transaction committed after the
+    damage is gone. Sector writes being atomic, a power cut cannot produce a
+    header with a bad checksum, and it can tear only the last transaction (the
+    one whose commit never returned). So: a bad header, or a committed frame of
+    the current generation *after* the torn-tail allowance, is damage.
+
+    Frames of an older generation (other salts) past the end are normal: the
+    WAL is rewritten from the start after each checkpoint.
+    """
+    try:
+        data = wal.read_bytes()
+    except FileNotFoundError:
+        return None
+    if not data:
+        return None
+    if len(data) < 32:
+        return f"WAL of {len(data)} bytes has no complete header"
+    magic, version, page_size, _ckpt, salt1, salt2, c1, c2 = struct.unpack(">8I", data[:32])
+    if magic not in _WAL_MAGIC:
+        return "WAL header has a bad magic number"
+    big = bool(magic & 1)
+    if version != _WAL_VERSION or page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+        return "WAL header has a bad version or page size"
+    if _wal_cksum(data[:24], 0, 0, big) != (c1, c2):
+        return "WAL header checksum mismatch"
+    frame = 24 + page_size
+    s = (c1, c2)
+    chain_ok = True
+    commit_after_end = False
+    off = 32
+    while off + frame <= len(data):
+        pgno, commit, fs1, fs2, fc1, fc2 = struct.unpack(">6I", data[off : off + 24])
+        current = (fs1, fs2) == (salt1, salt2)
+        if chain_ok:
+            nxt = _wal_cksum(data[off : off + 8] + data[off + 24 : off + frame], s[0], s[1], big)
+            if current and pgno != 0 and nxt == (fc1, fc2):
+                s = nxt
+            else:
+                chain_ok = False  # SQLite stops reading here
+                if current and commit:
+                    commit_after_end = True
+        elif current:
+            if commit_after_end:
+                return f"committed WAL frames unreadable past offset {off}"
+            if commit:
+                commit_after_end = True
+        off += frame
+    return None
+
+
+# --- quarantine ----------------------------------------------------------------
+
+
+def companion_files(db: Path) -> list[Path]:
+    """The database and the files SQLite keeps beside it, in the order they are moved.
+
+    The WAL goes first and the main file last: if a power cut interrupts the
+    move, ``finish_quarantines`` completes it from the ``.partial`` folder.
+    """
+    return [Path(str(db) + "-wal"), Path(str(db) + "-shm"), Path(str(db) + "-journal"), db]
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def quarantine(db: Path, root: Path, epoch: str | None, reason: str) -> Path:
+    """Move ``db`` and its companions into a fresh folder under ``root``; never delete.
+
+    Crash-safe: the folder is named ``*.partial`` until every file is in; a
+    restart finds it and finishes the move before anything opens ``db``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = f"{stamp}-{epoch or 'unknown'}"
+    name, n = base, 1
+    while (root / name).exists() or (root / (name + PARTIAL_SUFFIX)).exists():
+        n += 1
+        name = f"{base}-{n}"
+    partial = root / (name + PARTIAL_SUFFIX)
+    partial.mkdir()
+    (partial / REASON_FILE).write_text(reason + "\n")
+    _fsync_dir(root)
+    return _complete(db, partial)
+
+
+def _complete(db: Path, partial: Path) -> Path:
+    for f in companion_files(db):
+        if f.exists():
+            os.replace(f, partial / f.name)  # same file system: an atomic rename
+    _fsync_dir(partial)
+    _fsync_dir(db.parent)
+    final = partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)])
+    os.replace(partial, final)
+    _fsync_dir(partial.parent)
+    return final
+
+
+def finish_quarantines(db: Path, root: Path) -> list[Path]:
+    """Complete moves a power cut interrupted (files left at ``db`` belong to them)."""
+    if not root.is_dir():
+        return []
+    return [_complete(db, p) for p in sorted(root.glob("*" + PARTIAL_SUFFIX)) if p.is_dir()]
+
+
+def unsalvaged(root: Path) -> list[Path]:
+    """Quarantine folders whose salvage has not been recorded as done."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and not (p / SALVAGED_MARK).exists()
+    )
+
+
+def mark_salvaged(qdir: Path, summary: dict[str, object]) -> None:
+    tmp = qdir / (SALVAGED_MARK + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
+    os.replace(tmp, qdir / SALVAGED_MARK)
+    _fsync_dir(qdir)
+
+
+def quarantine_bytes(root: Path) -> int:
+    if not root.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+# --- salvage -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SalvagedBatch:
+    """A sealed batch read back from a quarantined file, its payload verified."""
+
+    device: str
+    epoch: str
+    first_seq: int
+    last_seq: int
+    n_samples: int
+    payload: bytes
+    sha256: str
+    sealed_utc_ms: int
+    oldest_utc_ms: int | None
+    carried: tuple[tuple[int, int], ...] = ()  # ranges of the gap records inside the payload
+
+
+@dataclass
+class Salvage:
+    """Everything read back from one quarantined database."""
+
+    epoch: str | None = None
+    device: str | None = None
+    batches: list[SalvagedBatch] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # unsealed, of ``epoch``
+    gaps: list[Gap] = field(default_factory=list)  # of ``epoch``: undelivered ones and the losses
+    other_gaps: dict[str, list[Gap]] = field(default_factory=dict)  # of older epochs
+    carrier_next: dict[str, int] = field(default_factory=dict)  # epoch -> next carrier seq
+    carrier_base: int | None = None  # for ``epoch``
+    notes: list[str] = field(default_factory=list)
+
+
+def _open_ro(db: Path) -> sqlite3.Connection:
+    """Open the quarantined copy without changing it (no checkpoint, no recovery write)."""
+    try:
+        conn = sqlite3.connect(db.as_uri() + "?mode=ro", uri=True)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError:
+        # A WAL that cannot even be opened: read the main file alone.
+        conn = sqlite3.connect(db.as_uri() + "?immutable=1", uri=True)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    # Garbled text must not stop a scan: the row's fields are type-checked below.
+    conn.text_factory = lambda b: b.decode("utf-8", "replace")
+    return conn
+
+
+def _ints(*xs: object) -> bool:
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+
+
+def _scan(conn: sqlite3.Connection, sql: str, key: str, params: tuple = ()) -> tuple[list[tuple], bool]:
+    """Rows of ``sql`` (``key`` first), read forwards and then backwards around damage.
+
+    A damaged page stops a scan; reading from the other end picks up the rows
+    behind it. Returns (rows, complete).
+    """
+    rows: list[tuple] = []
+    try:
+        for r in conn.execute(f"{sql} ORDER BY {key}", params):
+            rows.append(r)
+        return rows, True
+    except sqlite3.DatabaseError:
+        pass
+    back: list[tuple] = []
+    lo = rows[-1][0] if rows else None
+    where = (" AND " if " WHERE " in sql else " WHERE ") + f"{key} > ?" if lo is not None else ""
+    try:
+        for r in conn.execute(f"{sql}{where} ORDER BY {key} DESC", params + ((lo,) if lo is not None else ())):
+            back.append(r)
+    except sqlite3.DatabaseError:
+        pass
+    return rows + back[::-1], False
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    try:
+        r = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return str(r[0]) if r else None
+
+
+def _verify(row: tuple, epoch: str | None, device: str | None) -> SalvagedBatch | None:
+    """A batch row whose payload matches its hash and decodes to the range it claims."""
+    first, last, n, payload, sha, sealed, oldest, r_epoch, r_device = row
+    if not _ints(first, last, n) or not isinstance(payload, bytes) or content_hash(payload) != sha:
+        return None
+    try:
+        b = decode_batch(payload)
+    except PayloadError:
+        return None
+    if (b.first_seq, b.last_seq) != (first, last):
+        return None
+    if (r_epoch or epoch) not in (None, b.epoch) or (r_device or device) not in (None, b.device):
+        return None
+    sealed = sealed if _ints(sealed) else 0
+    oldest = oldest if _ints(oldest) else None
+    return SalvagedBatch(b.device, b.epoch, first, last, int(n), payload, sha, int(sealed), oldest,
+                         tuple((g.first_seq, g.last_seq) for g in b.gaps))
+
+
+def _ranges(seqs: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted integers as (first, last) pairs."""
+    out: list[tuple[int, int]] = []
+    for q in seqs:
+        if out and q == out[-1][1] + 1:
+            out[-1] = (out[-1][0], q)
+        else:
+            out.append((q, q))
+    return out
+
+
+def _missing(lo: int, hi: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sub-ranges of [lo, hi] not inside any of ``covered``."""
+    out: list[tuple[int, int]] = []
+    cur = lo
+    for a, b in sorted(covered):
+        if b < cur:
+            continue
+        if a > hi:
+            break
+        if a > cur:
+            out.append((cur, min(a - 1, hi)))
+        cur = max(cur, b + 1)
+        if cur > hi:
+            break
+    if cur <= hi:
+        out.append((cur, hi))
+    return out
+
+
+def salvage(db: Path) -> Salvage:
+    """Read back what can be read from a quarantined database file (opened read-only)."""
+    out = Salvage()
+    try:
+        conn = _open_ro(db)
+    except sqlite3.DatabaseError as exc:
+        out.notes.append(f"unreadable: {exc}")
+        return out
+    try:
+        _salvage_into(conn, out)
+    finally:
+        conn.close()
+    return out
+
+
+def _salvage_into(conn: sqlite3.Connection, out: Salvage) -> None:
+    out.epoch = _meta(conn, "epoch")
+    out.device = _meta(conn, "device")
+    watermark = _meta(conn, "sealed_through")
+    sealed_through = int(watermark) if watermark and watermark.isdigit() else None
+    last_seq: int | None = None
+    try:
+        r = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()
+        last_seq = int(r[0]) if r and _ints(r[0]) else (0 if r is None else None)
+    except sqlite3.DatabaseError:
+        pass
+    if last_seq is None:
+        out.notes.append("sqlite_sequence unreadable")
+
+    lost: list[tuple[int, int, str]] = []
+    own, complete = _batch_rows(conn, "SELECT first_seq, last_seq, n_samples, payload, sha256,"
+                                " sealed_utc_ms, oldest_utc_ms, NULL, NULL FROM batches", "first_seq")
+    for row in own:
+        sb = _verify(row, out.epoch, out.device)
+        if sb is None:
+            if _ints(row[0], row[1]) and 0 < row[0] <= row[1]:
+                lost.append((row[0], row[1], "corrupt database: sealed batch unreadable"))
+            complete = False  # a garbled key: its range may be elsewhere
+        else:
+            out.epoch = out.epoch or sb.epoch  # a payload names its epoch even if meta is gone
+            out.device = out.device or sb.device
+            out.batches.append(sb)
+    if not complete:
+        out.notes.append("batches table partly unreadable")
+
+    # Batches of earlier epochs this file had itself salvaged: they go on as they are.
+    foreign, _ = _batch_rows(conn, "SELECT first_seq, last_seq, n_samples, payload, sha256,"
+                             " sealed_utc_ms, oldest_utc_ms, epoch, device FROM salvaged", "rowid")
+    for row in foreign:
+        sb = _verify(row, None, None)
+        if sb is None:
+            if isinstance(row[7], str) and _ints(row[0], row[1]) and 0 < row[0] <= row[1]:
+                out.other_gaps.setdefault(row[7], []).append(
+                    Gap(row[0], row[1], "corrupt database: salvaged batch unreadable"))
+        else:
+            out.batches.append(sb)
+    try:
+        out.carrier_next = {str(e): int(n) for e, n in conn.execute("SELECT epoch, next_carrier FROM epochs")}
+    except sqlite3.DatabaseError:
+        pass
+
+    out.samples, samples_complete = _sample_rows(conn)
+    if not samples_complete:
+        out.notes.append("samples table partly unreadable")
+    out.gaps = _undelivered_gaps(conn)
+    if out.epoch is None:
+        out.notes.append("epoch unknown: losses cannot be named")
+        return
+    own_ranges = [(b.first_seq, b.last_seq) for b in out.batches if b.epoch == out.epoch and b.n_samples]
+    seen = [q for s in out.samples if (q := s.seq) is not None]
+    hi_seen = max([q for _, q in own_ranges] + seen + [0])
+    certain = last_seq is not None
+    top = max(last_seq or 0, hi_seen)
+    out.carrier_base = top + 1 if certain else hi_seen + CARRIER_OFFSET_UNCERTAIN
+    carried = [r for b in out.batches if b.epoch == out.epoch for r in b.carried]
+    covered = own_ranges + _ranges(sorted(seen)) + carried + [(g.first_seq, g.last_seq) for g in out.gaps]
+    if sealed_through is not None:
+        # Everything above the seal watermark was never sent: what is missing there is lost.
+        start, why = sealed_through + 1, "corrupt database: unsealed samples lost"
+    else:
+        # No watermark (older file): below the newest readable batch may be delivered.
+        start = min([a for a, _ in own_ranges] + [top + 1])
+        why = "corrupt database: samples lost (may include delivered ones)"
+    for a, b in _missing(start, top, covered):
+        lost.append((a, b, why))
+    if not complete:
+        # Rows behind a damaged page: some of those ranges may have been
+        # acknowledged (and deleted) before; we cannot tell, so the gap says so
+        # and the receiver can subtract what it holds. Without any readable
+        # batch that reaches back to the epoch's start.
+        lo = min(a for a, _ in own_ranges) if own_ranges else 1
+        for a, b in _missing(lo, start - 1, covered):
+            lost.append((a, b, "corrupt database: sealed batches unreadable (may include delivered ones)"))
+    out.gaps.extend(Gap(a, b, r) for a, b, r in sorted(lost))
+
+
+def _batch_rows(conn: sqlite3.Connection, sql: str, key: str) -> tuple[list[tuple], bool]:
+    try:
+        rows, complete = _scan(conn, sql.replace(" FROM ", f", {key} AS _k FROM ", 1), "_k")
+    except sqlite3.DatabaseError:
+        return [], False
+    return [r[:-1] for r in rows], complete
+
+
+def _sample_rows(conn: sqlite3.Connection) -> tuple[list[Sample], bool]:
+    try:
+        rows, complete = _scan(
+            conn, "SELECT seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags FROM samples", "seq"
+        )
+    except sqlite3.DatabaseError:
+        return [], False
+    out: list[Sample] = []
+    for r in rows:
+        if not (_ints(r[0], r[3]) and (r[2] is None or _ints(r[2]))):
+            complete = False
+            continue
+        try:
+            out.append(Sample(
+                sensor=str(r[1]), t_utc_ms=r[2], t_mono_ms=int(r[3]), time_src=TimeSource(r[4]),
+                values=json.loads(r[6]), flags=tuple(f for f in str(r[7]).split(",") if f),
+                seq=int(r[0]), boot_id=str(r[5]),
+            ))
+        except (ValueError, TypeError):
+            complete = False  # one garbled row: its seq stays uncovered and becomes a gap
+    return out, complete
+
+
+def _undelivered_gaps(conn: sqlite3.Connection) -> list[Gap]:
+    """Gap records not yet sealed into a batch (sealed ones travel inside their batch)."""
+    try:
+        rows = conn.execute(
+            "SELECT first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id"
+        ).fetchall()
+    except sqlite3.DatabaseError:
+        return []
+    return [Gap(a, b, str(r)) for a, b, r in rows if _ints(a, b) and 0 < a <= b]
+
+
