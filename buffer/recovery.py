@@ -50,6 +50,10 @@ REASON_FILE = "reason.txt"
 # (the receiver refuses an id that comes back with other bytes). When the
 # epoch's last number is not known for sure, jump far beyond anything it used.
 CARRIER_OFFSET_UNCERTAIN = 1_000_000_000
+# "To the end of this epoch": the last sequence number an epoch whose end cannot be
+# read (a WAL damaged before its last commits) may have reached. A gap up to here
+# owns up to everything the dead epoch committed after what could be read.
+EPOCH_END = 1 << 60
 
 
 def _code(exc: BaseException) -> int | None:
@@ -378,13 +382,13 @@ def salvage(db: Path) -> Salvage:
         out.notes.append(f"unreadable: {exc}")
         return out
     try:
-        _salvage_into(conn, out)
+        _salvage_into(conn, out, wal_damaged=wal_problem(Path(str(db) + "-wal")) is not None)
     finally:
         conn.close()
     return out
 
 
-def _salvage_into(conn: sqlite3.Connection, out: Salvage) -> None:
+def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool = False) -> None:
     out.epoch = _meta(conn, "epoch")
     out.device = _meta(conn, "device")
     watermark = _meta(conn, "sealed_through")
@@ -462,6 +466,11 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage) -> None:
         lo = min(a for a, _ in own_ranges) if own_ranges else 1
         for a, b in _missing(lo, start - 1, covered):
             lost.append((a, b, "corrupt database: sealed batches unreadable (may include delivered ones)"))
+    if wal_damaged:
+        # SQLite stops reading a WAL at its first bad frame: every commit after it is
+        # gone, and with it the record of how far the epoch went. Own up to all of it.
+        lost.append((top + 1, EPOCH_END, "corrupt WAL: commits after the damage unreadable"))
+        out.carrier_base = EPOCH_END + 1
     out.gaps.extend(Gap(a, b, r) for a, b, r in sorted(lost))
 
 

@@ -37,7 +37,7 @@ from edge.faultpoints import crash_point
 from edge.model import Sample
 from edge.timekeeping import TimeFixSource, TimeKeeper
 from uplink.mqtt import Link
-from uplink.wire import parse_batch_id
+from uplink.wire import content_hash, parse_batch_id
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class AgentStats:
     time_corrected: int = 0
     syncs: int = 0
     buffer_full: int = 0
+    corrupt_batches: int = 0
     heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
 
@@ -293,6 +294,12 @@ class Agent:
         fresh = self.buffer.newest(max(1, room // 4), exclude=frozenset(self._in_flight))
         todo = fresh + self.buffer.pending(room, exclude=frozenset(self._in_flight) | {b.batch_id for b in fresh})
         for sb in todo[:room]:
+            if content_hash(sb.payload) != sb.sha256:
+                # Bit rot on the card since sealing: never send it as data; own up with a gap.
+                log.error("batch %s is corrupt on the device (hash mismatch); recorded as a gap", sb.batch_id)
+                self.buffer.reject(sb.batch_id, sb.last_seq, "corrupt on the device: content hash mismatch")
+                self.stats.corrupt_batches += 1
+                continue
             if not self.link.publish(sb.batch_id, sb.payload):
                 break
             self._in_flight[sb.batch_id] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)

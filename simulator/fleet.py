@@ -145,7 +145,7 @@ def oracle(store: Path, stats_files: dict[str, Path]) -> tuple[list[VanResult], 
             for first, last in db.execute(
                 "SELECT first_seq, last_seq FROM gaps WHERE device=? AND epoch=?", (device, epoch)
             ):
-                r.gapped += last - first + 1
+                r.gapped += max(0, min(last, r.committed) - max(first, 1) + 1)
             r.lost = max(0, r.committed - r.stored - r.gapped)
         results.append(r)
     counters = dict(db.execute("SELECT name, value FROM counters").fetchall())

@@ -184,7 +184,10 @@ class SimulatedHardware:
         self.bus.attach(0x48, self.sound)
         self.microphone: ClockedMicrophone | None = None
         if noise == "microphone":
-            self.microphone = ClockedMicrophone(LoopedMicrophone(self._mic_level, seed=seed), clock)
+            # Half-second blocks: the lock-step handshake per block costs more than the audio.
+            self.microphone = ClockedMicrophone(
+                LoopedMicrophone(self._mic_level, seed=seed, block_s=0.5), clock, block_s=0.5
+            )
         clock.on_advance(self._on_advance)
         self._on_advance(clock.elapsed)
 

@@ -68,9 +68,11 @@ def check(store_path: Path, buffer_paths: list[Path]) -> list[DeviceVerdict]:
             gaps = store.execute(
                 "SELECT first_seq, last_seq FROM gaps WHERE device=? AND epoch=?", (device, epoch)
             ).fetchall()
+            # Gap ranges may be open-ended (an epoch whose end was unreadable): clip them
+            # to what this device can have committed.
             gapped: set[int] = set()
             for first, last in gaps:
-                gapped.update(range(first, last + 1))
+                gapped.update(range(max(first, 1), min(last, last_seq) + 1))
             v.gapped = len(gapped)
             have = set(seqs)
             v.missing = sorted(set(range(1, last_seq + 1)) - have - gapped)

@@ -262,3 +262,43 @@ def test_non_finite_values_become_unknown(tmp_path):
     s = decode_batch(agent.buffer.pending(1)[0].payload).samples[0]
     assert s.values == {"no2_ppb": None, "no2_we_mv": 301.5, "x": None}
     assert "non_finite" in s.flags
+
+
+def test_newest_data_flows_while_the_backlog_drains(tmp_path):
+    agent, clock, link, timer = make(tmp_path, uplink={"window": 4})
+    link.connected = False
+    agent.run(duration_s=1000)  # 20 batches of backlog
+    agent.maybe_seal()
+    link.connected = True
+    agent.pump()
+    firsts = sorted(int(b.split("/")[2].split("-")[0]) for b, _ in link.published)
+    # the window holds the newest batch and the three oldest
+    assert firsts == [1, 51, 101, 951]
+    # acknowledging everything published keeps both ends moving until all is gone
+    while agent.buffer.stats().batches:
+        for bid, _ in link.published:
+            link.ack(bid)
+        link.published.clear()
+        agent.pump()
+    assert agent.stats.acked_batches == 20
+
+
+def test_full_disk_keeps_samples_in_memory_and_the_agent_running(tmp_path):
+    from buffer.errors import BufferFullError
+
+    agent, clock, link, _ = make(tmp_path)
+    real = agent.buffer.commit
+    full = {"on": True}
+
+    def commit(samples):
+        if full["on"]:
+            raise BufferFullError("disk full")
+        return real(samples)
+
+    agent.buffer.commit = commit
+    agent.run(duration_s=30)
+    assert agent.stats.buffer_full >= 5 and agent.buffer.last_seq() == 0
+    assert len(agent._pending) == 30  # nothing thrown away
+    full["on"] = False
+    agent.run(duration_s=10)
+    assert agent.buffer.last_seq() == 40  # the held samples went in, in order
