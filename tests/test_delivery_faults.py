@@ -314,7 +314,7 @@ def test_disk_full_mid_commit_then_recovers(tmp_path, mosquitto, rx):
     try:
         cfg = parse_config({
             "device": {"id": "van-full", "data_dir": str(mnt)},
-            "batch": {"max_samples": 2000, "max_age_s": 600.0},
+            "batch": {"max_samples": 400, "max_age_s": 600.0},
             "buffer": {"max_bytes": 64 * 1024 * 1024, "reserve_bytes": 512 * 1024, "wal_autocheckpoint": 64},
             "uplink": {"port": mosquitto.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2},
         })
