@@ -173,8 +173,9 @@ def _sound_module(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.sound_module import SoundLevelModule
 
     o = _opts(sc, {"bus": 1, "address": 0x48, "weighting": "A", "averaging_ms": 1000})
+    # Reset min/max at every read: each sample's lamin/lamax then cover its own second.
     return SoundLevelModule(_bus(sc, ctx, o["bus"]), o["address"], weighting=o["weighting"],
-                            averaging_ms=o["averaging_ms"], name=sc.name)
+                            averaging_ms=o["averaging_ms"], reset_each_read=True, name=sc.name)
 
 
 def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:

@@ -18,14 +18,16 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import sqlite_utils
 
 from edge.errors import PayloadError
 from edge.faultpoints import crash_point
 from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
+from receiver import quality
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
+from edge.model import Sample
 from uplink.wire import Batch
 
 GPS_SENSOR = "gps"
@@ -42,6 +44,20 @@ class Store(Protocol):
     """What the receiver needs from a DataLab store (SQLite now, PostgreSQL later)."""
 
     def ingest(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult: ...
+
+    def _flag_quality(self, batch: Batch) -> None:
+        """Quality flags for this batch's values, with the preceding values as window context."""
+        rows = quality_rows(batch, lambda sensor, quantity, before: self._context(
+            batch.device, batch.epoch, sensor, quantity, before))
+        self.conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)", rows)
+
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
+        rows = self.conn.execute(
+            "SELECT json_extract(vals, '$.' || ?) FROM samples WHERE device=? AND epoch=? AND sensor=?"
+            " AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
+        ).fetchall()
+        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float))]
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
@@ -160,6 +176,11 @@ class SQLiteStore:
             if_not_exists=True,
         )
         db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
+        db["quality"].create(
+            {"device": str, "epoch": str, "seq": int, "quantity": str, "flags": str},
+            pk=("device", "epoch", "seq", "quantity"),
+            if_not_exists=True,
+        )
         db["device_status"].create(
             {"device": str, "received_utc_ms": int, "online": int, "status": str},
             pk="device",
@@ -177,10 +198,15 @@ class SQLiteStore:
             SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
                    strftime('%Y-%m-%dT%H:%M:%fZ', s.t_utc_ms / 1000.0, 'unixepoch') AS time_utc,
                    s.time_src, j.key AS quantity, j.value AS value, s.flags,
+                   trim(coalesce(q.flags, '') ||
+                        CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
+                        ',') AS quality,
                    p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position
             FROM samples s
             JOIN json_each(s.vals) j
             LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
+            LEFT JOIN quality q ON q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq
+                               AND q.quantity = j.key
             WHERE s.sensor != 'gps'
             """,
             replace=True,
@@ -271,6 +297,7 @@ class SQLiteStore:
                 ],
             )
             self._join_positions(batch, fixes)
+            self._flag_quality(batch)
             self._bump("batches_stored")
             self._bump("samples_stored", new)
             crash_point("receiver.commit.before")
@@ -317,6 +344,20 @@ class SQLiteStore:
             p = locate(fx, ft, t, gap, newest)
             out.append((device, epoch, seq, t, p.state, p.lat, p.lon, p.speed_mps, p.fix_quality))
         c.executemany("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?,?,?,?)", out)
+
+    def _flag_quality(self, batch: Batch) -> None:
+        """Quality flags for this batch's values, with the preceding values as window context."""
+        rows = quality_rows(batch, lambda sensor, quantity, before: self._context(
+            batch.device, batch.epoch, sensor, quantity, before))
+        self.conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)", rows)
+
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
+        rows = self.conn.execute(
+            "SELECT json_extract(vals, '$.' || ?) FROM samples WHERE device=? AND epoch=? AND sensor=?"
+            " AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
+        ).fetchall()
+        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float))]
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
@@ -400,6 +441,53 @@ def _screen_times(batch: Batch, received_ms: int) -> None:
         if t is not None and (t < MIN_PLAUSIBLE_UTC_MS or t > received_ms + MAX_FUTURE_MS):
             s.t_utc_ms = None
             s.flags = (*s.flags, "time_implausible")
+
+
+def quality_rows(
+    batch: Batch, context: Callable[[str, str, int], list[float]]
+) -> list[tuple[str, str, int, str, str]]:
+    """(device, epoch, seq, quantity, flags) for every flagged value of a batch.
+
+    ``context(sensor, quantity, first_seq)`` gives the values just before the
+    batch, so moving windows run across batch boundaries. Backend-neutral: the
+    PostgreSQL store uses it too.
+    """
+    by_stream: dict[tuple[str, str], list[Sample]] = {}
+    rh_at: list[tuple[int, float]] = []
+    for smp in batch.samples:
+        if smp.sensor == GPS_SENSOR:
+            continue
+        rh = smp.values.get("rh", smp.values.get("rh_pct"))
+        if isinstance(rh, (int, float)) and smp.t_utc_ms is not None:
+            rh_at.append((smp.t_utc_ms, float(rh)))
+        for q in smp.values:
+            if q in quality.FLAGGED:
+                by_stream.setdefault((smp.sensor, q), []).append(smp)
+    rh_at.sort()
+    out = []
+    for (sensor, q), samples in by_stream.items():
+        samples.sort(key=lambda x: x.seq or 0)
+        values = [x.values.get(q) for x in samples]
+        numeric = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values]
+        series = quality.series_flags(numeric, context(sensor, q, samples[0].seq or 0))
+        for smp, v, fl in zip(samples, values, series):
+            flags = fl | quality.value_flags(q, v) | quality.sample_flags(",".join(smp.flags), str(smp.time_src), None)
+            if q in quality.PM_QUANTITIES and quality.humid(q, _rh_near(rh_at, smp.t_utc_ms)):
+                flags.add("humid")
+            if flags:
+                out.append((batch.device, batch.epoch, smp.seq, q, quality.join(flags)))
+    return out
+
+
+def _rh_near(rh_at: list[tuple[int, float]], t: int | None, within_ms: int = 60_000) -> float | None:
+    """The relative humidity measured closest in time (within a minute), if any."""
+    if t is None or not rh_at:
+        return None
+    from bisect import bisect_left
+
+    i = bisect_left(rh_at, (t, float("-inf")))
+    best = min((rh_at[j] for j in (i - 1, i) if 0 <= j < len(rh_at)), key=lambda r: abs(r[0] - t))
+    return best[1] if abs(best[0] - t) <= within_ms else None
 
 
 def _has_fix(values: dict[str, object]) -> bool:

@@ -70,19 +70,25 @@ def summary(res: FleetResult, console: Console) -> None:
 @click.option("--broker", "broker_kind", type=click.Choice(["auto", "mosquitto", "amqtt"]),
               default="auto", show_default=True, help="Broker to start (auto: Mosquitto if installed).")
 @click.option("--seed", default=1, show_default=True)
-def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int) -> None:
+@click.option("--devices", type=click.Choice(["hardware", "values"]), default="hardware", show_default=True,
+              help="hardware: the real drivers over simulated devices; values: value-level sensors (fast).")
+@click.option("--microphones", default=1, show_default=True,
+              help="How many vans measure noise with the 48 kHz microphone meter (the rest: I2C module).")
+def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int, devices: str, microphones: int) -> None:
     """Run a simulated fleet through agents, broker, receiver and store; print a summary.
 
     \b
     Examples:
       datalab-sim fleet
       datalab-sim fleet --vans 5 --hours 1 --broker amqtt
+      datalab-sim fleet --vans 50 --devices values --microphones 0
     """
     console = Console()
     console.print(f"Driving {vans} simulated vans for a {hours:g}-hour shift in Alphen aan den Rijn ...")
     with Live(_table({}, {}, hours), console=console, refresh_per_second=4, transient=False) as live:
         res = run_fleet(
             Path(out), vans=vans, hours=hours, broker_kind=broker_kind, seed=seed,
+            devices=devices, microphones=microphones,
             progress=lambda st, c: live.update(_table(st, c, hours)),
         )
     summary(res, console)
