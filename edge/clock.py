@@ -63,10 +63,21 @@ _STA_UNSYNC = 0x0040
 _TIME_ERROR = 5
 
 
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL:
+    # find_library runs ldconfig: do it once, not at every stamp.
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
 def kernel_clock_synchronised() -> bool:
     """True when the kernel says an NTP daemon disciplines the clock (adjtimex)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _load_libc()
         tx = _Timex()
         state = libc.adjtimex(ctypes.byref(tx))
     except (OSError, AttributeError):
@@ -75,10 +86,11 @@ def kernel_clock_synchronised() -> bool:
 
 
 class SystemClock:
-    """The Pi's own clock. Its trust comes from NTP (adjtimex) unless GPS time is fed in."""
+    """The Pi's own clock. Its trust comes from NTP (adjtimex), asked at most once a second."""
 
     def __init__(self) -> None:
-        self._gps_offset: float | None = None
+        self._source = TimeSource.UNSYNC
+        self._source_checked = -1e9
 
     def utc(self) -> float:
         return time.time()
@@ -91,7 +103,11 @@ class SystemClock:
             time.sleep(seconds)
 
     def source(self) -> TimeSource:
-        return TimeSource.NTP if kernel_clock_synchronised() else TimeSource.UNSYNC
+        now = time.monotonic()
+        if now - self._source_checked >= 1.0:
+            self._source_checked = now
+            self._source = TimeSource.NTP if kernel_clock_synchronised() else TimeSource.UNSYNC
+        return self._source
 
 
 class SimClock:
