@@ -19,6 +19,7 @@ from edge.faultpoints import crash_point
 from receiver.config import ReceiverConfig
 from receiver.ingest import Ingestor
 from receiver.store import SQLiteStore
+from receiver.store_factory import open_store
 from uplink.wire import ack_topic, encode_ack
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class ReceiverService:
         self.cfg = cfg
         self.ready_file = ready_file
         self.subscribed = threading.Event()
-        self.store = store or SQLiteStore(cfg.store, max_gap_s=cfg.max_gap_s)
+        self.store = store or open_store(cfg.store, max_gap_s=cfg.max_gap_s)
         self.ingestor = Ingestor(self.store, cfg.topic_prefix)
         self.connected = threading.Event()
         self.client = mqtt.Client(

@@ -1,0 +1,217 @@
+"""Fleet soak: many vans against one broker and one receiver, until the receiver falls behind.
+
+For large fleets the vans produce their batches directly (no drivers): each
+simulated van seals a batch of ``interval_s`` seconds of four sensors at 1 Hz
+every ``interval_s`` real seconds, stamped with real time, and publishes it at
+QoS 1 on its own topic. Many vans share one MQTT connection per load process
+(the broker's ACL is off in the soak). A van's batch counts as delivered when
+the receiver's ack says it is committed; lag is the time from publish to that
+ack. The oracle checks at the end that every published batch is in the store
+exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edge.model import Sample, TimeSource
+from uplink.wire import Batch, decode_ack, encode_batch
+
+SENSORS = (
+    ("pm", lambda r: {"pm1": round(r.uniform(3, 9), 1), "pm25": round(r.uniform(5, 25), 1),
+                      "pm10": round(r.uniform(10, 40), 1)}),
+    ("no2", lambda r: {"no2_ppb": round(r.uniform(5, 60), 1)}),
+    ("noise", lambda r: {"laeq": round(r.uniform(50, 75), 1), "lamax": round(r.uniform(60, 85), 1),
+                         "lamin": round(r.uniform(40, 55), 1)}),
+    ("gps", lambda r: {"lat": round(52.12 + r.uniform(0, 0.02), 7), "lon": round(4.64 + r.uniform(0, 0.03), 7),
+                       "speed": round(r.uniform(0, 14), 2), "fix_quality": 1}),
+)
+
+
+def make_batch(device: str, epoch: str, first_seq: int, t0_ms: int, seconds: int, rng: random.Random) -> Batch:
+    samples = []
+    seq = first_seq
+    for s in range(seconds):
+        for sensor, gen in SENSORS:
+            samples.append(Sample(sensor, t0_ms + s * 1000, 1000 * s, TimeSource.GPS, gen(rng), (), seq))
+            seq += 1
+    return Batch(device, epoch, first_seq, seq - 1, samples)
+
+
+def load_process(first_van: int, n_vans: int, port: int, seconds: float, interval_s: int, out: str) -> None:
+    """One load process: ``n_vans`` vans on one connection for ``seconds``."""
+    rng = random.Random(first_van)
+    epoch = f"soak{first_van:06d}"
+    sent: dict[str, float] = {}
+    lags: list[float] = []
+    acked: set[str] = set()
+    lock = threading.Lock()
+
+    def on_message(c, u, msg):  # type: ignore[no-untyped-def]
+        ack = decode_ack(msg.payload)
+        now = time.monotonic()
+        with lock:
+            if ack.committed and ack.batch_id in sent and ack.batch_id not in acked:
+                acked.add(ack.batch_id)
+                lags.append(now - sent[ack.batch_id])
+
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"soak-{first_van}",
+                         clean_session=True, protocol=mqtt.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, keepalive=60)
+    client.subscribe("datalab/v1/+/ack", qos=1)
+    client.loop_start()
+    vans = [f"sv-{first_van + i:05d}" for i in range(n_vans)]
+    next_seq = {v: 1 for v in vans}
+    # Spread the vans' publishing over the interval, as a real fleet is not in step.
+    offsets = {v: rng.uniform(0, interval_s) for v in vans}
+    start = time.monotonic()
+    published = 0
+    while time.monotonic() - start < seconds:
+        now = time.monotonic() - start
+        for v in vans:
+            due = offsets[v] + interval_s * ((next_seq[v] - 1) // (interval_s * 4))
+            if now >= due:
+                b = make_batch(v, epoch, next_seq[v], int(time.time() * 1000) - interval_s * 1000, interval_s, rng)
+                next_seq[v] = b.last_seq + 1
+                with lock:
+                    sent[b.batch_id] = time.monotonic()
+                client.publish(f"datalab/v1/{v}/batch", encode_batch(b), qos=1)
+                published += 1
+        time.sleep(0.05)
+    # Give outstanding acks a moment.
+    deadline = time.monotonic() + max(30.0, interval_s)
+    while time.monotonic() < deadline:
+        with lock:
+            if len(acked) >= published:
+                break
+        time.sleep(0.1)
+    client.loop_stop()
+    client.disconnect()
+    with lock:
+        Path(out).write_text(json.dumps({
+            "published": published, "acked": len(acked), "lags": lags,
+            "vans": {v: next_seq[v] - 1 for v in vans}, "epoch": epoch,
+        }))
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class SoakResult:
+    vans: int
+    published: int
+    acked: int
+    lag_p50_s: float
+    lag_p99_s: float
+    receiver_cpu_share: float  # of one core, summed over workers
+    samples_per_s: float
+    missing: int
+    doubled: int
+
+    @property
+    def keeps_up(self) -> bool:
+        return self.acked == self.published and self.lag_p99_s < 10.0 and self.missing == 0
+
+
+def run_size(vans: int, *, store_url: str, workdir: Path, seconds: float = 30.0, interval_s: int = 30,
+             workers: int = 2, vans_per_process: int = 500) -> SoakResult:
+    from simulator.broker import LocalBroker
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = LocalBroker("mosquitto", workdir=workdir, persistence=False,
+                         extra_config="max_connections -1\nmax_queued_messages 1000000")
+    broker.start()
+    rx = []
+    try:
+        for w in range(workers):
+            ready = workdir / f"rx{w}.ready"
+            args = [sys.executable, "-m", "receiver.cli", "run", "--store", store_url, "--host", broker.host,
+                    "--port", str(broker.port), "--client-id", f"soak-rx-{w}", "--ready-file", str(ready)]
+            if workers > 1:
+                args += ["--share-group", "soak"]
+            rx.append(subprocess.Popen(args, stdout=open(workdir / f"rx{w}.log", "wb"), stderr=subprocess.STDOUT))
+            while not ready.exists():
+                if rx[-1].poll() is not None:
+                    raise RuntimeError((workdir / f"rx{w}.log").read_text()[-2000:])
+                time.sleep(0.05)
+        cpu0 = sum(_proc_cpu(p.pid) for p in rx)
+        t0 = time.monotonic()
+        loads = []
+        for i, first in enumerate(range(0, vans, vans_per_process)):
+            n = min(vans_per_process, vans - first)
+            out = workdir / f"load{i}.json"
+            loads.append((subprocess.Popen([sys.executable, "-c",
+                "import sys; from simulator.soak import load_process as f; "
+                f"f({first}, {n}, {broker.port}, {seconds}, {interval_s}, {str(out)!r})"]), out))
+        for p, _ in loads:
+            p.wait()
+        elapsed = time.monotonic() - t0
+        cpu = sum(_proc_cpu(p.pid) for p in rx) - cpu0
+    finally:
+        for p in rx:
+            p.terminate()
+        for p in rx:
+            p.wait(30)
+        broker.close()
+    published = acked = 0
+    lags: list[float] = []
+    expected: dict[tuple[str, str], int] = {}
+    for _, out in loads:
+        d = json.loads(out.read_text())
+        published += d["published"]
+        acked += d["acked"]
+        lags += d["lags"]
+        for v, last in d["vans"].items():
+            expected[(v, d["epoch"])] = last
+    missing, doubled = _oracle(store_url, expected)
+    lags.sort()
+    q = (lambda p: lags[min(len(lags) - 1, int(p * len(lags)))] if lags else float("nan"))
+    return SoakResult(vans, published, acked, round(q(0.5), 3), round(q(0.99), 3), round(cpu / elapsed, 3),
+                      round(sum(expected.values()) / elapsed, 1), missing, doubled)
+
+
+def _oracle(store_url: str, expected: dict[tuple[str, str], int]) -> tuple[int, int]:
+    """Missing and doubled samples over all soak vans."""
+    from receiver.store_factory import open_store
+
+    store = open_store(store_url)
+    try:
+        conn = store.conn
+        cur = conn.cursor()
+        cur.execute("SELECT device, epoch, count(*), count(DISTINCT seq), max(seq) FROM samples GROUP BY device, epoch")
+        have = {(d, e): (n, nd, mx) for d, e, n, nd, mx in cur.fetchall()}
+    finally:
+        store.close()
+    missing = doubled = 0
+    for key, last in expected.items():
+        n, nd, _ = have.get(key, (0, 0, 0))
+        missing += max(0, last - nd)
+        doubled += n - nd
+    return missing, doubled
+
+
+def soak(sizes: list[int], *, store_for: callable, workdir: Path, **kw: object) -> list[SoakResult]:  # type: ignore[valid-type]
+    out = []
+    for n in sizes:
+        r = run_size(n, store_url=store_for(n), workdir=workdir / f"n{n}", **kw)  # type: ignore[arg-type]
+        out.append(r)
+        if not r.keeps_up:
+            break
+    return out
