@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import asdict
 from importlib import resources
 
 import click
@@ -51,14 +52,19 @@ def run(config_path: str, drain_timeout: float, verbose: bool) -> None:
       edge run --config van-sim.toml -v     # a simulated van (simulation.enabled = true)
     """
     _setup_logging(verbose)
-    try:
-        cfg = load_config(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    from edge.runtime import run_agent
+    # agent.toml with the service's [power] and [panel] tables (edge/runtime.py).
+    from edge.logging_setup import setup_logging, update_secrets
+    from edge.runtime import load_full_config, run_agent
 
     try:
-        sys.exit(run_agent(cfg, drain_timeout_s=drain_timeout))
+        cfg, svc = load_full_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    # Structured (JSON lines under systemd) and with every configured secret redacted.
+    redactor = setup_logging(cfg, verbose=verbose)
+    try:
+        sys.exit(run_agent(cfg, drain_timeout_s=drain_timeout, svc=svc, config_path=config_path,
+                           on_secrets=lambda c: update_secrets(redactor, c)))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -77,11 +83,18 @@ def config_check(path: str) -> None:
     Example:
       edge config check /etc/datalab-edge/agent.toml && echo fine
     """
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps(redacted(cfg), indent=2))
+    from edge.runtime import check_config_file
+
+    # Every error, each by key (not only the first).
+    errors, parsed = check_config_file(path)
+    if errors or parsed is None:
+        for exc in errors:
+            click.echo(f"error: {exc}", err=True)
+        raise click.ClickException(f"{path}: {len(errors)} error(s)")
+    cfg, svc = parsed
+    out = redacted(cfg)
+    out["power"], out["panel"] = asdict(svc.power), asdict(svc.panel)
+    click.echo(json.dumps(out, indent=2))
     click.echo(f"{path}: OK", err=True)
 
 
@@ -95,6 +108,10 @@ def config_example() -> None:
     """
     click.echo(resources.files("edge").joinpath("config.example.toml").read_text(), nl=False)
 
+
+from edge.technician import register as _register_technician  # noqa: E402
+
+_register_technician(main)
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,8 @@ from edge.errors import PayloadError
 from edge.faultpoints import crash_point
 from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
 from receiver import quality
+from receiver.calibration import ensure_tables as ensure_calibration_tables
+from receiver.calibration import ingest_calibrations
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
 from uplink.wire import Batch
@@ -176,6 +178,7 @@ class SQLiteStore:
             if_not_exists=True,
         )
         db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
+        ensure_calibration_tables(self.conn)
         db["quality"].create(
             {"device": str, "epoch": str, "seq": int, "quantity": str, "flags": str},
             pk=("device", "epoch", "seq", "quantity"),
@@ -207,7 +210,7 @@ class SQLiteStore:
             LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
             LEFT JOIN quality q ON q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq
                                AND q.quantity = j.key
-            WHERE s.sensor != 'gps'
+            WHERE s.sensor NOT IN ('gps', 'calibration') AND j.type IN ('integer', 'real', 'null')
             """,
             replace=True,
         )
@@ -297,6 +300,7 @@ class SQLiteStore:
                 ],
             )
             self._join_positions(batch, fixes)
+            ingest_calibrations(c, batch, received_ms)
             self._flag_quality(batch)
             self._bump("batches_stored")
             self._bump("samples_stored", new)
