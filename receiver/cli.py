@@ -94,5 +94,10 @@ from receiver.provision import provision  # noqa: E402  (a command group of its 
 
 main.add_command(provision)
 
+from receiver.commands import datalab_commands  # noqa: E402  (aggregate, export, serve)
+
+for _cmd in datalab_commands.commands.values():
+    main.add_command(_cmd)
+
 if __name__ == "__main__":
     main()

@@ -386,7 +386,15 @@ class SQLiteStore:
             self._bump(name, by)
 
     def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None:
-        """Keep each device's latest heartbeat (or last will)."""
+        """Keep each device's latest heartbeat (or last will).
+
+        A last will says only ``online: false``: keep the figures of the last heartbeat
+        beside it, so the fleet page still shows the backlog the van went away with.
+        """
+        if set(status) <= {"v", "online", "device"}:
+            row = self.conn.execute("SELECT status FROM device_status WHERE device=?", (device,)).fetchone()
+            if row:
+                status = {**json.loads(row[0]), **status}
         with self.conn:
             self.conn.execute(
                 "INSERT INTO device_status VALUES (?,?,?,?) ON CONFLICT(device) DO UPDATE SET"

@@ -1,0 +1,215 @@
+"""DataLab commands for ``datalab-receiver``: ``aggregate``, ``export``, ``serve``.
+
+They live in their own click group so the receiver's CLI can take them in one line::
+
+    from receiver.commands import datalab_commands
+    for cmd in datalab_commands.commands.values():
+        main.add_command(cmd)
+
+``python -m receiver.commands --help`` runs the group on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from receiver.aggregate import (
+    DEFAULT_MAX_GAP_S,
+    DEFAULT_MIN_DAYS,
+    DEFAULT_MIN_PASSES,
+    DEFAULT_TZ,
+    QUANTITIES,
+    Period,
+    Rule,
+    months_in_data,
+    parse_period,
+)
+from receiver.mapunits import DEFAULT_PIECE_M, DEFAULT_SNAP_M
+
+TOKEN_ENV = "DATALAB_API_TOKEN"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def datalab_commands() -> None:
+    """DataLab street maps, exports and the read-only API.
+
+    \b
+    Examples:
+      datalab-receiver aggregate --store datalab.sqlite --monthly
+      datalab-receiver export aggregates --store datalab.sqlite --format geojson --out map.geojson
+      datalab-receiver serve --store datalab.sqlite --token-file /etc/datalab/api-token
+    """
+
+
+def _store_option(f):  # type: ignore[no-untyped-def]
+    return click.option("--store", required=True,
+                        help="SQLite path (or sqlite:///...) or postgresql:// URL of the DataLab store.")(f)
+
+
+def _connect(store: str, readonly: bool = False):  # type: ignore[no-untyped-def]
+    from receiver import dbapi
+
+    try:
+        return dbapi.connect(store, readonly=readonly)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@datalab_commands.command()
+@_store_option
+@click.option("--scheme", "schemes", multiple=True, default=("segment", "h3:10"), show_default=True,
+              help="Map units: 'segment' (~30 m road pieces) or 'h3:<resolution>'. Repeatable.")
+@click.option("--period", "periods", multiple=True, default=("all",), show_default=True,
+              help="all, YYYY, YYYY-MM, YYYY-MM-DD or FROM..TO (local days, inclusive). Repeatable.")
+@click.option("--monthly", is_flag=True, help="Also build every calendar month that has data.")
+@click.option("--min-passes", default=DEFAULT_MIN_PASSES, show_default=True,
+              help="Publish a unit only with at least this many passes ...")
+@click.option("--min-days", default=DEFAULT_MIN_DAYS, show_default=True, help="... on at least this many days.")
+@click.option("--max-gap-s", default=DEFAULT_MAX_GAP_S, show_default=True,
+              help="A longer pause in a van's samples starts a new pass.")
+@click.option("--tz", default=DEFAULT_TZ, show_default=True, help="Time zone of days and months.")
+@click.option("--roads", type=click.Path(exists=True, dir_okay=False),
+              help="GeoJSON of street LineStrings (default: the pilot route shipped with the simulator).")
+@click.option("--piece-m", default=DEFAULT_PIECE_M, show_default=True, help="Road segment length (m).")
+@click.option("--snap-m", default=DEFAULT_SNAP_M, show_default=True,
+              help="Samples farther than this from any road are left out (m).")
+def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], monthly: bool, min_passes: int,
+              min_days: int, max_gap_s: float, tz: str, roads: str | None, piece_m: float, snap_m: float) -> None:
+    """(Re)build the aggregates table: street-map values per segment or H3 cell.
+
+    Each van's track is split into passes through a unit; the value is the median of
+    the per-pass means (noise: energy means). A unit is published only with enough
+    passes on enough days; the rows of each scheme and period are replaced.
+
+    \b
+    Examples:
+      datalab-receiver aggregate --store datalab.sqlite
+      datalab-receiver aggregate --store datalab.sqlite --scheme h3:11 --period 2026-11 --min-days 4
+      datalab-receiver aggregate --store postgresql://datalab@db/datalab --monthly
+    """
+    from receiver.aggregate import build
+    from receiver.mapunits import make_snapper
+
+    try:
+        chosen: list[Period] = [parse_period(p, tz) for p in periods]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--period") from exc
+    conn = _connect(store)
+    if monthly:
+        chosen += [p for p in months_in_data(conn, tz) if p.label not in {c.label for c in chosen}]
+    rule = Rule(min_passes, min_days)
+    t0 = time.perf_counter()
+    for scheme in schemes:
+        try:
+            snapper = make_snapper(scheme, roads=roads, piece_m=piece_m, snap_m=snap_m)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--scheme") from exc
+        for rep in build(conn, snapper, chosen, rule=rule, tz=tz, max_gap_s=max_gap_s):
+            click.echo(f"{rep.scheme:8} {rep.period:24} {rep.samples:>9,} samples {rep.passes:>8,} passes "
+                       f"{rep.rows:>7,} rows {rep.published:>7,} published  {rep.elapsed_s:6.2f} s")
+    click.echo(f"done in {time.perf_counter() - t0:.2f} s (publication rule: {min_passes} passes on {min_days} days)")
+    conn.close()
+
+
+@datalab_commands.command()
+@click.argument("kind", type=click.Choice(["aggregates", "measurements"]))
+@_store_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "geojson"]), default="csv", show_default=True)
+@click.option("--out", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Output file ('-' for standard output).")
+@click.option("--scheme", help="aggregates: only this scheme (segment, h3:10 ...).")
+@click.option("--period", help="aggregates: a built period label; measurements: a time window "
+                               "(YYYY-MM, YYYY-MM-DD, FROM..TO).")
+@click.option("--quantity", "quantities", multiple=True, type=click.Choice(list(QUANTITIES)),
+              help="Only these quantities (repeatable; default all four).")
+@click.option("--device", help="measurements: only this van.")
+@click.option("--all-positions", is_flag=True,
+              help="measurements: also values without a trusted position (empty lat/lon).")
+@click.option("--tz", default=DEFAULT_TZ, show_default=True)
+def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period: str | None,
+           quantities: tuple[str, ...], device: str | None, all_positions: bool, tz: str) -> None:
+    """Export published aggregates (public) or raw measurements (internal) as CSV or GeoJSON.
+
+    Aggregates: only units that meet the publication rule are written, always.
+    Measurements: one row per value with its position; raw per-van data, for the
+    team inside, not for publication.
+
+    \b
+    Examples:
+      datalab-receiver export aggregates --store datalab.sqlite --format geojson --period all --out map.geojson
+      datalab-receiver export aggregates --store datalab.sqlite --scheme segment --quantity laeq > noise.csv
+      datalab-receiver export measurements --store datalab.sqlite --period 2026-11-24 --device van-001 --out van1.csv
+    """
+    from receiver.export import export_aggregates, export_measurements
+
+    conn = _connect(store, readonly=True)
+    stream = sys.stdout if out == "-" else open(out, "w", encoding="utf-8", newline="")
+    try:
+        if kind == "aggregates":
+            if len(quantities) > 1:
+                raise click.UsageError("aggregates: give at most one --quantity (or none for all)")
+            n = export_aggregates(conn, stream, fmt, scheme=scheme, period=period,
+                                  quantity=quantities[0] if quantities else None)
+        else:
+            try:
+                window = parse_period(period, tz) if period else Period("all")
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--period") from exc
+            n = export_measurements(conn, stream, fmt, period=window, device=device,
+                                    quantities=quantities or tuple(QUANTITIES), positioned_only=not all_positions)
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+        conn.close()
+    click.echo(f"{n:,} {'rows' if fmt == 'csv' else 'features'} written", err=True)
+
+
+@datalab_commands.command()
+@_store_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True)
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help=f"File holding the token for the fleet page and raw tracks (else ${TOKEN_ENV}).")
+@click.option("--public-url", help="Base URL as seen by clients behind a proxy (for SensorThings links).")
+@click.option("--tz", default=DEFAULT_TZ, show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def serve(store: str, host: str, port: int, token_file: str | None, public_url: str | None, tz: str,
+          verbose: bool) -> None:
+    """Serve the read-only API, the SensorThings view and the dashboard.
+
+    Public: published aggregates (/api/v1/aggregates, /sta/v1.1/...) and the dashboard
+    (/web/). With a token (Authorization: Bearer): /api/v1/fleet and /api/v1/tracks/<van>.
+    Without a token configured, those stay closed.
+
+    \b
+    Examples:
+      datalab-receiver serve --store datalab.sqlite
+      DATALAB_API_TOKEN=$(cat /etc/datalab/api-token) datalab-receiver serve --store datalab.sqlite --port 8081
+      datalab-receiver serve --store datalab.sqlite --host 0.0.0.0 --token-file /etc/datalab/api-token \\
+          --public-url https://datalab.example.org
+    """
+    from receiver.api import make_server
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
+    server = make_server(store, host, port, token=token or None, public_url=public_url, tz=tz)
+    h, p = server.server_address[:2]
+    click.echo(f"DataLab API on http://{h}:{p}/  (dashboard /web/, SensorThings /sta/v1.1); "
+               f"protected routes {'enabled' if token else 'closed: no token configured'}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    datalab_commands()

@@ -1,0 +1,198 @@
+"""CSV and GeoJSON exports: measurements (observations with positions) and published aggregates.
+
+Two kinds of output, with different audiences:
+
+* **aggregates** are public: only rows that meet the publication rule
+  (``published = 1``) are ever written, whatever the options;
+* **measurements** are raw per-van data (who drove where, when). They are for the
+  team inside, never for publication; the export says so in its name and the docs.
+
+Both are streamed row by row, so a month of a city's fleet does not need to fit in
+memory. The query helpers here are also what the HTTP API serves from.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from collections.abc import Iterator
+from typing import IO, Any
+
+from receiver import dbapi
+from receiver.aggregate import QUANTITIES, TRUSTED_POSITIONS, Period
+
+AGG_FIELDS = ("scheme", "cell", "period", "quantity", "unit", "value", "n_passes", "n_days", "n_samples",
+              "period_start_utc", "period_end_utc", "street", "road_class")
+MEASUREMENT_FIELDS = ("device", "time_utc", "t_utc_ms", "sensor", "quantity", "value", "flags", "lat", "lon",
+                      "speed_mps", "position")
+
+
+def iso_ms(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+# -- aggregates (public) -----------------------------------------------------------------
+
+
+def published_aggregates(
+    conn: Any,
+    *,
+    scheme: str | None = None,
+    period: str | None = None,
+    quantity: str | None = None,
+    cell: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Published aggregate rows as dicts (geometry decoded). Unpublished rows cannot come out of here."""
+    if not dbapi.table_exists(conn, "aggregates"):
+        return
+    where, params = ["published = 1"], []
+    for col, val in (("scheme", scheme), ("period", period), ("quantity", quantity), ("cell", cell)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            params.append(val)
+    sql = (
+        "SELECT scheme, cell, period, quantity, unit, value, n_passes, n_days, n_samples,"
+        " period_start_utc_ms, period_end_utc_ms, properties, geometry, built_utc_ms FROM aggregates"
+        f" WHERE {' AND '.join(where)} ORDER BY scheme, period, quantity, cell"
+    )
+    if limit is not None:
+        sql += " LIMIT ? OFFSET ?"
+        params += [limit, offset]
+    cur = dbapi.execute(conn, sql, params)
+    while rows := cur.fetchmany(2000):
+        for r in rows:
+            props = dbapi.decode_json(r[11]) or {}
+            yield {
+                "scheme": r[0], "cell": r[1], "period": r[2], "quantity": r[3], "unit": r[4], "value": r[5],
+                "n_passes": r[6], "n_days": r[7], "n_samples": r[8],
+                "period_start_utc": iso_ms(r[9]), "period_end_utc": iso_ms(r[10]),
+                "street": props.get("street"), "road_class": props.get("road_class"),
+                "h3_resolution": props.get("h3_resolution"),
+                "geometry": dbapi.decode_json(r[12]), "built_utc": iso_ms(r[13]),
+            }
+
+
+def aggregate_feature(row: dict[str, Any]) -> dict[str, Any]:
+    props = {k: v for k, v in row.items() if k != "geometry" and v is not None}
+    return {"type": "Feature", "id": f"{row['scheme']}/{row['cell']}/{row['period']}/{row['quantity']}",
+            "geometry": row["geometry"], "properties": props}
+
+
+def catalog(conn: Any) -> list[dict[str, Any]]:
+    """What is published: per scheme, period and quantity, how many units and the value range."""
+    if not dbapi.table_exists(conn, "aggregates"):
+        return []
+    rows = dbapi.fetchall(
+        conn,
+        "SELECT scheme, period, quantity, unit, count(*), min(value), max(value),"
+        " min(period_start_utc_ms), max(period_end_utc_ms)"
+        " FROM aggregates WHERE published = 1 GROUP BY scheme, period, quantity, unit"
+        " ORDER BY scheme, period, quantity",
+    )
+    return [
+        {"scheme": r[0], "period": r[1], "quantity": r[2], "unit": r[3], "units_published": r[4],
+         "min": r[5], "max": r[6], "period_start_utc": iso_ms(r[7]), "period_end_utc": iso_ms(r[8]),
+         "label": QUANTITIES[r[2]].label if r[2] in QUANTITIES else r[2]}
+        for r in rows
+    ]
+
+
+# -- measurements (internal) ---------------------------------------------------------------
+
+
+def measurements(
+    conn: Any,
+    *,
+    period: Period = Period("all"),
+    device: str | None = None,
+    quantities: tuple[str, ...] = tuple(QUANTITIES),
+    positioned_only: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Rows of the ``observations`` view: one measured value with where it was taken."""
+    where, params = [], []
+    if quantities:
+        where.append(f"quantity IN ({','.join('?' * len(quantities))})")
+        params += list(quantities)
+    if positioned_only:
+        where.append("position IN (?, ?)")
+        params += list(TRUSTED_POSITIONS)
+    if device:
+        where.append("device = ?")
+        params.append(device)
+    if period.start_ms is not None:
+        where.append("t_utc_ms >= ?")
+        params.append(period.start_ms)
+    if period.end_ms is not None:
+        where.append("t_utc_ms < ?")
+        params.append(period.end_ms)
+    cur = dbapi.execute(
+        conn,
+        f"SELECT {', '.join(MEASUREMENT_FIELDS)} FROM observations"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + " ORDER BY device, t_utc_ms, quantity",
+        params,
+    )
+    while rows := cur.fetchmany(5000):
+        for r in rows:
+            yield dict(zip(MEASUREMENT_FIELDS, r))
+
+
+def measurement_feature(row: dict[str, Any]) -> dict[str, Any] | None:
+    if row["lat"] is None or row["lon"] is None:
+        return None
+    props = {k: v for k, v in row.items() if k not in ("lat", "lon")}
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [row["lon"], row["lat"]]},
+            "properties": props}
+
+
+# -- writers -------------------------------------------------------------------------------
+
+
+def write_csv(rows: Iterator[dict[str, Any]], fields: tuple[str, ...], out: IO[str]) -> int:
+    w = csv.DictWriter(out, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    n = 0
+    for r in rows:
+        w.writerow(r)
+        n += 1
+    return n
+
+
+def write_geojson(features: Iterator[dict[str, Any] | None], out: IO[str],
+                  properties: dict[str, Any] | None = None) -> int:
+    """A FeatureCollection written feature by feature (never built whole in memory)."""
+    head: dict[str, Any] = {"type": "FeatureCollection"}
+    if properties:
+        head["properties"] = properties
+    out.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "features": [\n')
+    n = 0
+    for f in features:
+        if f is None:
+            continue
+        out.write((",\n" if n else "") + json.dumps(f, ensure_ascii=False, separators=(",", ":")))
+        n += 1
+    out.write("\n]}\n")
+    return n
+
+
+def export_aggregates(conn: Any, out: IO[str], fmt: str, *, scheme: str | None = None,
+                      period: str | None = None, quantity: str | None = None) -> int:
+    rows = published_aggregates(conn, scheme=scheme, period=period, quantity=quantity)
+    if fmt == "csv":
+        return write_csv(rows, AGG_FIELDS, out)
+    meta = {"published_only": True, "statistic": "median of per-pass means (noise: energy means)"}
+    return write_geojson((aggregate_feature(r) for r in rows), out, meta)
+
+
+def export_measurements(conn: Any, out: IO[str], fmt: str, **kw: Any) -> int:
+    rows = measurements(conn, **kw)
+    if fmt == "csv":
+        return write_csv(rows, MEASUREMENT_FIELDS, out)
+    return write_geojson((measurement_feature(r) for r in rows), out,
+                         {"internal": "raw per-van measurements: not for publication"})
