@@ -1,7 +1,15 @@
-"""Assemble an agent from its configuration: clock, drivers, buffer, uplink.
+"""Assemble an agent from its configuration and run it as a service.
 
 This is the only place that decides between real and simulated parts; the
-agent itself only sees the seams.
+agent itself only sees the seams. ``Runtime`` holds everything a running van
+has (agent, drivers, buffer, uplink, power manager, LEDs, remote
+configuration, the supervised loop) and knows how to change its
+configuration while running: a SIGHUP reload and a remote request take the
+same path (``Runtime.reconfigure``): commit what was sampled, build what
+changed, swap it in, keep the same buffer.
+
+The configuration file is agent.toml: edge.config's sections plus the
+optional ``[power]`` and ``[panel]`` tables of edge.power.
 """
 
 from __future__ import annotations
@@ -10,20 +18,40 @@ import json
 import logging
 import os
 import signal
-from dataclasses import asdict
+import threading
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from buffer.store import Buffer
 from edge.agent import Agent
 from edge.clock import Clock, SimClock, SystemClock
-from edge.config import AgentConfig
+from edge.config import AgentConfig, SensorConfig, parse_config
 from edge.errors import ConfigError
-from edge.sensors import build_drivers
+from edge.power import (
+    NO_PIN,
+    SERVICE_SECTIONS,
+    ObservedDriver,
+    OperatingHours,
+    PowerManager,
+    ServiceConfig,
+    StatusPanel,
+    has_sleep,
+    parse_service_sections,
+    speed_from,
+)
+from edge.sensors import FACTORIES, build_drivers
+from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
+from edge.timekeeping import TimeFixSource
 from uplink.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
+
+PM_DRIVERS = {"pms5003", "pms7003", "pmsa003", "sds011", "sps30", "sim-pm"}
+# Sections a running agent cannot change: they name its identity, its buffer or its world.
+RESTART_SECTIONS = ("device", "buffer", "simulation")
 
 
 def parse_utc(text: str, key: str) -> float:
@@ -36,8 +64,94 @@ def parse_utc(text: str, key: str) -> float:
     return dt.timestamp()
 
 
-def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
-    """The agent, and how long it should run (simulated shifts only; None = until stopped)."""
+# -- configuration: agent.toml with [power] and [panel] -------------------------------------------
+
+
+def parse_full_config(data: dict[str, Any], source: str = "<dict>") -> tuple[AgentConfig, ServiceConfig]:
+    agent_part = {k: v for k, v in data.items() if k not in SERVICE_SECTIONS}
+    return parse_config(agent_part, source=source), parse_service_sections(data)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {p}: {exc.strerror}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("<file>", f"{p} is not valid TOML: {exc}") from exc
+
+
+def load_full_config(path: str | Path) -> tuple[AgentConfig, ServiceConfig]:
+    return parse_full_config(read_toml(path), source=str(path))
+
+
+def check_config_data(data: dict[str, Any]) -> list[ConfigError]:
+    """Every error of a configuration document, not only the first, each naming its key.
+
+    Each key is checked alone over the defaults (so one bad value does not hide
+    the next), then the document as a whole without the bad keys (for rules
+    between keys). Sensor tables are checked for known drivers and options as
+    far as that is possible without opening the devices.
+    """
+    errors: list[ConfigError] = []
+    bad: set[tuple[str, str]] = set()
+    seen: set[str] = set()
+
+    def add(exc: ConfigError) -> None:
+        if exc.key not in seen:
+            seen.add(exc.key)
+            errors.append(exc)
+
+    for section, raw in data.items():
+        if section == "sensors" or not isinstance(raw, dict):
+            continue
+        for key, value in raw.items():
+            try:
+                parse_full_config({section: {key: value}})
+            except ConfigError as exc:
+                add(exc)
+                bad.add((section, key))
+    cleaned: dict[str, Any] = {}
+    for section, raw in data.items():
+        cleaned[section] = {k: v for k, v in raw.items() if (section, k) not in bad} if isinstance(raw, dict) and section != "sensors" else raw
+    try:
+        agent_cfg, _ = parse_full_config(cleaned)
+    except ConfigError as exc:
+        add(exc)
+        return errors
+    for sc in agent_cfg.sensors:
+        for exc in _check_sensor(sc):
+            add(exc)
+    return errors
+
+
+def _check_sensor(sc: SensorConfig) -> list[ConfigError]:
+    if sc.driver not in FACTORIES:
+        return [ConfigError(f"sensors.{sc.name}.driver",
+                            f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})")]  # fmt: skip
+    return []
+
+
+def check_config_file(path: str | Path) -> tuple[list[ConfigError], tuple[AgentConfig, ServiceConfig] | None]:
+    """For ``edge config check``: all errors, and the parsed configuration if there are none."""
+    try:
+        data = read_toml(path)
+    except ConfigError as exc:
+        return [exc], None
+    errors = check_config_data(data)
+    if errors:
+        return errors, None
+    return [], parse_full_config(data, source=str(path))
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def build_context(cfg: AgentConfig) -> tuple[dict[str, Any], float | None]:
+    """The clock (and the simulated world), and how long a simulated shift runs (None: until stopped)."""
     ctx: dict[str, Any] = {}
     until: float | None = None
     clock: Clock
@@ -66,9 +180,12 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
     else:
         clock = SystemClock()
     ctx["clock"] = clock
-    drivers = build_drivers(cfg.sensors, ctx)
+    return ctx, until
+
+
+def _buffer(cfg: AgentConfig) -> Buffer:
     bc = cfg.buffer
-    buffer = Buffer(
+    return Buffer(
         cfg.buffer_path,
         cfg.device.id,
         max_bytes=bc.max_bytes,
@@ -77,8 +194,13 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
         check_on_open=bc.check_on_open,
         quarantine_dir=bc.quarantine_dir or None,
     )
-    link = MqttLink(cfg.uplink, cfg.device.id)
-    agent = Agent(cfg, drivers, clock, buffer, link)
+
+
+def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
+    """The agent, and how long it should run (simulated shifts only; None = until stopped)."""
+    ctx, until = build_context(cfg)
+    drivers = build_drivers(cfg.sensors, ctx)
+    agent = Agent(cfg, drivers, ctx["clock"], _buffer(cfg), MqttLink(cfg.uplink, cfg.device.id))
     agent.resources = [r for r in (ctx.get("hardware"),) if r is not None]
     return agent, until
 
@@ -94,25 +216,326 @@ def write_stats(agent: Agent, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_agent(cfg: AgentConfig, *, drain_timeout_s: float = 120.0) -> int:
-    agent, until = build_agent(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
-    stats_path = Path(cfg.device.data_dir) / "stats.json"
-    agent.link.start()
-    log.info("agent %s started, epoch %s, %d sensors", cfg.device.id, agent.buffer.epoch, len(agent.drivers))
-    try:
-        agent.run(duration_s=until)
-        if until is not None and not agent.stopping:
+@dataclass(slots=True)
+class ApplyResult:
+    changed: list[str] = field(default_factory=list)
+    restart_required: list[str] = field(default_factory=list)
+
+
+class Runtime:
+    """One running van: build, run under supervision, reconfigure, close."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        svc: ServiceConfig | None = None,
+        *,
+        config_path: str | Path | None = None,
+        notifier: Notifier | None = None,
+        watchdog_s: float | None = None,
+        stall_s: float | None = None,
+        pin_factory: Any = None,
+        self_test: Callable[[], Any] | None = None,
+        shutdown: Callable[[], None] | None = None,
+        on_secrets: Callable[[AgentConfig], None] | None = None,
+    ) -> None:
+        self.svc = svc or ServiceConfig.default()
+        path = config_path or (cfg.source if Path(cfg.source).is_file() else None)
+        self.config_path: Path | None = Path(path) if path else None
+        self.on_secrets = on_secrets
+        self.ctx, self.until = build_context(cfg)
+        clock: Clock = self.ctx["clock"]
+        self.raw_drivers: dict[str, Any] = {}
+        drivers = build_drivers(cfg.sensors, self.ctx)
+        try:
+            self.raw_drivers = {sc.name: d for sc, d in zip(cfg.sensors, drivers)}
+            buffer = _buffer(cfg)
+        except BaseException:
+            for d in drivers:
+                d.close()
+            raise
+        self.agent = agent = Agent(cfg, drivers, clock, buffer, MqttLink(cfg.uplink, cfg.device.id))
+        agent.resources = [r for r in (self.ctx.get("hardware"),) if r is not None]
+        agent.drivers = [ObservedDriver(d) for d in drivers]
+        data_dir = Path(cfg.device.data_dir)
+        self.hours = OperatingHours(data_dir / self.svc.power.hours_file, clock.monotonic)
+        self.power = PowerManager(
+            self.svc.power, clock=clock.monotonic, commit=agent.commit, pm_drivers=self.pm_drivers,
+            speed=speed_from(lambda: self.agent.drivers), pin_factory=pin_factory, shutdown=shutdown,
+        )  # fmt: skip
+        self.panel: StatusPanel | None = None
+        p = self.svc.panel
+        if any(x != NO_PIN for x in (p.heartbeat_led_pin, p.uplink_led_pin, p.backlog_led_pin,
+                                     p.fault_led_pin, p.button_pin)):  # fmt: skip
+            self.panel = StatusPanel(p, self_test=self_test or self.default_self_test,
+                                     pin_factory=pin_factory, clock=clock.monotonic)  # fmt: skip
+        from edge.remote import RemoteConfig
+
+        self.remote = RemoteConfig(cfg.device.id, cfg.uplink.topic_prefix, data_dir / "remote-config.json")
+        self.remote.attach(agent.link)
+        self._reload = threading.Event()
+        self._backlog_at = -1e18
+        self._backlog = 0
+        wd = watchdog_s if watchdog_s is not None else watchdog_interval()
+        self.supervisor = Supervisor(
+            agent, notifier=notifier or Notifier(), watchdog_s=wd, stall_s=stall_s,
+            tick_hooks=[self._reload_hook, self._remote_hook, *( [self.panel.service] if self.panel else [])],
+            fast_hooks=[self.power.poll], after_tick=[self._after_tick],
+        )  # fmt: skip
+        add_status_fields(agent, self._status_extra)
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def pm_drivers(self) -> list[Any]:
+        names = {sc.name for sc in self.agent.cfg.sensors if sc.driver in PM_DRIVERS}
+        return [d for n, d in self.raw_drivers.items() if n in names or has_sleep(d)]
+
+    def _pm_awake(self) -> dict[str, bool]:
+        return {
+            getattr(d, "name", "pm"): self.power.pm_awake and not getattr(d, "asleep", False)
+            for d in self.pm_drivers()
+        }
+
+    def _after_tick(self) -> None:
+        self.hours.update(self._pm_awake())
+        if self.panel is not None:
+            now = self.agent.clock.monotonic()
+            if now - self._backlog_at >= 5:  # a buffer query: not every tick
+                self._backlog_at = now
+                self._backlog = self.agent.backlog()
+            self.panel.update(sampling=True, connected=self.agent.link.connected, backlog=self._backlog,
+                              read_errors=self.agent.stats.read_errors)  # fmt: skip
+        self.remote.flush(self.agent.link.connected)
+
+    def _status_extra(self) -> dict[str, Any]:
+        ok, reason = self.supervisor.health.check()
+        return {
+            "pm_hours": self.hours.hours(),
+            "power": self.power.status(),
+            "config_id": self.remote.last_id,
+            "health": "ok" if ok else reason,
+        }
+
+    def default_self_test(self) -> dict[str, str]:
+        """One read of every sensor (the button's default; the technician's selftest is richer)."""
+        out: dict[str, str] = {}
+        for d in self.agent.drivers:
+            try:
+                out[d.name] = "ok" if d.read() is not None else "no data"
+            except Exception as exc:
+                out[d.name] = f"error: {exc}"
+        return out
+
+    # -- reconfiguration ------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Signal-safe: reload the configuration file before the next tick."""
+        self._reload.set()
+
+    def _reload_hook(self) -> None:
+        if not self._reload.is_set():
+            return
+        self._reload.clear()
+        self.reload()
+
+    def reload(self) -> ApplyResult | None:
+        """Re-read the configuration file; an invalid one is logged by key and the old kept."""
+        if self.config_path is None:
+            log.warning("reload asked for, but the configuration came from no file")
+            return None
+        notifier = self.supervisor.notifier
+        notifier.reloading()
+        try:
+            try:
+                data = read_toml(self.config_path)
+            except ConfigError as exc:
+                log.error("reload: %s; keeping the running configuration", exc)
+                return None
+            errors = check_config_data(data)
+            if errors:
+                for exc in errors:
+                    log.error("reload: %s", exc)
+                log.error("reload: %d error(s) in %s; keeping the running configuration", len(errors), self.config_path)
+                return None
+            try:
+                cfg, svc = parse_full_config(data, source=str(self.config_path))
+                result = self.reconfigure(cfg, svc)
+            except ConfigError as exc:
+                log.error("reload: %s; keeping the running configuration", exc)
+                return None
+            log.info("reloaded %s: changed %s%s", self.config_path, ", ".join(result.changed) or "nothing",
+                     f"; at the next start: {', '.join(result.restart_required)}" if result.restart_required else "")  # fmt: skip
+            return result
+        finally:
+            notifier.notify("READY=1")
+
+    def reconfigure(self, new: AgentConfig, svc: ServiceConfig) -> ApplyResult:
+        """Apply a validated configuration between ticks; raises ``ConfigError`` with nothing changed.
+
+        Everything new is built before anything old is touched, so a driver that
+        cannot be built leaves the running van as it was.
+        """
+        agent = self.agent
+        old = agent.cfg
+        result = ApplyResult()
+        for s in RESTART_SECTIONS:
+            if asdict(getattr(old, s)) != asdict(getattr(new, s)):
+                result.restart_required.append(s)
+                setattr(new, s, getattr(old, s))  # the running van keeps its identity and buffer
+        if (svc.power.ignition_pin, svc.power.ignition_active_high) != (
+            self.svc.power.ignition_pin, self.svc.power.ignition_active_high
+        ) or svc.panel != self.svc.panel:
+            result.restart_required.append("power/panel pins")
+        # Samples taken so far go to the card before anything changes.
+        agent.commit()
+        old_sensors = {sc.name: sc for sc in old.sensors}
+        to_build = [sc for sc in new.sensors if old_sensors.get(sc.name) != sc]
+        built = build_drivers(to_build, self.ctx) if to_build else []
+        new_link = None
+        try:
+            if asdict(old.uplink) != asdict(new.uplink):
+                new_link = MqttLink(new.uplink, new.device.id)
+        except BaseException:
+            for d in built:
+                d.close()
+            raise
+        # -- nothing can fail past this point --
+        fresh = {sc.name: d for sc, d in zip(to_build, built)}
+        keep = {sc.name for sc in new.sensors} - set(fresh)
+        for name, d in self.raw_drivers.items():
+            if name not in keep:
+                d.close()
+        self.raw_drivers = {sc.name: fresh.get(sc.name) or self.raw_drivers[sc.name] for sc in new.sensors}
+        wrapped = dict(zip([sc.name for sc in old.sensors], agent.drivers))
+        agent.drivers = [
+            wrapped[sc.name] if sc.name in keep and sc.name in wrapped else ObservedDriver(self.raw_drivers[sc.name])
+            for sc in new.sensors
+        ]
+        if to_build or len(new.sensors) != len(old.sensors):
+            result.changed.append("sensors")
+            agent.timekeeper.sources = [d for d in self.raw_drivers.values() if isinstance(d, TimeFixSource)]
+        for s in ("sampling", "time", "batch"):
+            if asdict(getattr(old, s)) != asdict(getattr(new, s)):
+                result.changed.append(s)
+        agent.timekeeper.gps_valid_s = new.time.gps_valid_s
+        if new_link is not None:
+            result.changed.append("uplink")
+            agent.link.stop()
+            agent.link = new_link
+            self.remote.attach(new_link)
+            new_link.start()
+        if svc.power != self.svc.power:
+            # Schedules and thresholds apply now; the pins at the next start.
+            for f in ("ignition_debounce_s", "shutdown_after_s", "shutdown_command", "park_speed_mps",
+                      "park_after_s", "duty_every_s", "duty_measure_s"):  # fmt: skip
+                setattr(self.power.cfg, f, getattr(svc.power, f))
+            result.changed.append("power")
+        self.svc = ServiceConfig(self.power.cfg, self.svc.panel)
+        agent.cfg = new
+        if self.on_secrets is not None:
+            self.on_secrets(new)
+        return result
+
+    def _remote_hook(self) -> None:
+        for payload in self.remote.take():
+            self.remote.handle(payload, self.apply_remote)
+
+    def apply_remote(self, req: Any) -> Any:
+        """A remote request: validate, apply like a reload, persist (agent.toml + .prev)."""
+        from edge.remote import Result, dump_toml, new_document, write_config_atomically
+
+        def refuse(errors: list[ConfigError]) -> Result:
+            return Result(id=req.id, ok=False, status="refused", reason="; ".join(str(e) for e in errors),
+                          errors=[{"key": e.key, "problem": e.problem} for e in errors])  # fmt: skip
+
+        if self.config_path is None:
+            return refuse([ConfigError("<file>", "this agent runs without a configuration file")])
+        try:
+            current = read_toml(self.config_path)
+            doc, text = new_document(req, current)
+        except ConfigError as exc:
+            return refuse([exc])
+        errors = check_config_data(doc)
+        if errors:
+            return refuse(errors)
+        try:
+            text = text or dump_toml(doc, header=f"# written by remote configuration request {req.id}")
+            cfg, svc = parse_full_config(doc, source=str(self.config_path))
+        except ConfigError as exc:
+            return refuse([exc])
+        if cfg.device.id != self.agent.cfg.device.id:
+            return refuse([ConfigError("device.id", f"cannot be changed remotely (this is {self.agent.cfg.device.id})")])
+        old_cfg, old_svc = self.agent.cfg, ServiceConfig(replace(self.svc.power), self.svc.panel)
+        try:
+            applied = self.reconfigure(cfg, svc)
+        except ConfigError as exc:
+            return refuse([exc])
+        try:
+            write_config_atomically(self.config_path, text)
+        except OSError as exc:
+            # Not on the card means not at the next start either: undo, so both agree.
+            self.reconfigure(old_cfg, old_svc)
+            return refuse([ConfigError("<file>", f"cannot write {self.config_path}: {exc.strerror or exc}")])
+        return Result(id=req.id, ok=True, status="applied", changed=applied.changed,
+                      restart_required=applied.restart_required,
+                      reason="applied" + (f"; at the next start: {', '.join(applied.restart_required)}"
+                                          if applied.restart_required else ""))  # fmt: skip
+
+    # -- life --------------------------------------------------------------------------------------
+
+    def run(self, drain_timeout_s: float = 120.0) -> None:
+        agent = self.agent
+        agent.link.start()
+        log.info("agent %s started, epoch %s, %d sensors", agent.cfg.device.id, agent.buffer.epoch, len(agent.drivers))
+        self.supervisor.run(duration_s=self.until)
+        if self.until is not None and not agent.stopping:
             # A simulated shift is over: hand everything in before exiting.
             if not agent.drain(drain_timeout_s):
                 log.warning("drain incomplete: %d samples still buffered", agent.backlog())
+
+    def request_stop(self) -> None:
+        self.supervisor.request_stop()
+
+    def close(self) -> None:
+        """Everything released, each step on its own: one failure must not keep the buffer open."""
+        agent = self.agent
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("stats", lambda: write_stats(agent, Path(agent.cfg.device.data_dir) / "stats.json")),
+            ("hours", self.hours.save),
+            ("uplink", agent.link.stop),
+            *[(f"driver {d.name}", d.close) for d in agent.drivers],
+            *[("resource", r.close) for r in agent.resources],
+            ("buffer", agent.buffer.close),
+            ("power", self.power.close),
+            *([("panel", self.panel.close)] if self.panel else []),
+            ("notify", self.supervisor.notifier.close),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("closing %s failed", what)
+
+
+def run_agent(
+    cfg: AgentConfig,
+    *,
+    drain_timeout_s: float = 120.0,
+    svc: ServiceConfig | None = None,
+    config_path: str | Path | None = None,
+    on_secrets: Callable[[AgentConfig], None] | None = None,
+) -> int:
+    """``edge run``: build, install the signal handlers, run until stopped, close.
+
+    SIGTERM/SIGINT stop after the current tick (then commit, STOPPING=1); SIGHUP
+    reloads the configuration file.
+    """
+    rt = Runtime(cfg, svc, config_path=config_path, on_secrets=on_secrets)
+    signal.signal(signal.SIGTERM, lambda *_: rt.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: rt.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: rt.request_reload())
+    try:
+        rt.run(drain_timeout_s)
     finally:
-        write_stats(agent, stats_path)
-        agent.link.stop()
-        for d in agent.drivers:
-            d.close()
-        for r in agent.resources:
-            r.close()
-        agent.buffer.close()
+        rt.close()
     return 0

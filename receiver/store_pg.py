@@ -4,7 +4,7 @@ Why a second backend: one PostgreSQL node takes a city's fleet (hundreds of
 vans at 1 Hz) with several receiver workers writing at once, which SQLite's
 single writer cannot. Everything the analysts see is kept identical: the
 tables ``batches``, ``samples``, ``fixes``, ``positions``, ``gaps``,
-``dead_letters``, ``counters`` and the ``observations`` view (``vals`` is
+``dead_letters``, ``counters``, ``quality``, ``device_status`` and the ``observations`` view (``vals`` is
 ``jsonb`` here), in one schema (``datalab`` unless told otherwise).
 
 How several workers stay correct (the receiver may run N processes on a
@@ -61,6 +61,8 @@ from psycopg.types.json import Jsonb
 
 from edge.errors import PayloadError
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
+from edge.faultpoints import crash_point
+from receiver import quality
 from receiver.store import (
     GPS_SENSOR,
     IngestResult,
@@ -68,6 +70,7 @@ from receiver.store import (
     _int,
     _num,
     _screen_times,
+    quality_rows,
 )
 from uplink.wire import Batch
 
@@ -163,19 +166,39 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload bytea
 );
 CREATE TABLE IF NOT EXISTS counters (name text PRIMARY KEY, value bigint);
+CREATE TABLE IF NOT EXISTS quality (
+    device text,
+    epoch text,
+    seq bigint,
+    quantity text,
+    flags text,
+    PRIMARY KEY (device, epoch, seq, quantity)
+);
+CREATE TABLE IF NOT EXISTS device_status (
+    device text PRIMARY KEY,
+    received_utc_ms bigint,
+    online integer,
+    status text
+);
 CREATE INDEX IF NOT EXISTS samples_device_time ON samples (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
     WHERE state IN ('pending', 'no_fix');
-CREATE OR REPLACE VIEW observations AS
+DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
+CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
        to_char(to_timestamp(s.t_utc_ms / 1000.0) AT TIME ZONE 'UTC',
                'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS time_utc,
        s.time_src, j.key AS quantity, j.value AS value, s.flags,
+       trim(coalesce(q.flags, '') ||
+            CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
+            ',') AS quality,
        p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position
 FROM samples s
 CROSS JOIN LATERAL jsonb_each(s.vals) j
 LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
+LEFT JOIN quality q ON q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq
+                   AND q.quantity = j.key
 WHERE s.sensor <> 'gps';
 """
 
@@ -193,7 +216,7 @@ _TYPES = {
     "device": "text", "epoch": "text", "seq": "int8", "sensor": "text", "t_utc_ms": "int8",
     "t_mono_ms": "int8", "time_src": "text", "boot_id": "text", "vals": "jsonb", "flags": "text",
     "batch_id": "text", "received_utc_ms": "int8", "lat": "float8", "lon": "float8",
-    "speed_mps": "float8", "fix_quality": "int4", "state": "text",
+    "speed_mps": "float8", "fix_quality": "int4", "state": "text", "quantity": "text",
 }
 
 _UPSERT_POSITION = (
@@ -369,10 +392,12 @@ class PostgresStore:
                          for g in batch.gaps],
                     )
             self._join_positions(batch, fixes, fresh)
+            self._flag_quality(batch, fresh)
             bumps = {"batches_stored": 1, "samples_stored": new}
             if new < n:
                 bumps["samples_duplicate"] = n - new
             self._bump(bumps)
+            crash_point("receiver.commit.before")
         return IngestResult("stored", new, n - new)
 
     def _none_stored(self, batch: Batch) -> bool:
@@ -478,6 +503,48 @@ class PostgresStore:
             with c.cursor() as cur:
                 cur.executemany(_UPSERT_POSITION, again)
 
+    def _flag_quality(self, batch: Batch, fresh: bool) -> None:
+        """Quality flags for this batch's values (the same ``quality_rows`` as SQLite)."""
+        rows = quality_rows(batch, lambda sensor, quantity, before: self._context(
+            batch.device, batch.epoch, sensor, quantity, before))
+        if fresh:  # none of these samples had flags yet: COPY (humid air flags every PM value)
+            self._copy("quality", ("device", "epoch", "seq", "quantity", "flags"), rows)
+        elif rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO quality VALUES (%s,%s,%s,%s,%s) ON CONFLICT (device, epoch, seq, quantity)"
+                    " DO UPDATE SET flags = excluded.flags",
+                    rows,
+                )
+
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
+        rows = self.conn.execute(
+            "SELECT vals -> %s FROM samples WHERE device = %s AND epoch = %s AND sensor = %s"
+            " AND seq < %s ORDER BY seq DESC LIMIT %s",
+            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
+        ).fetchall()
+        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float)) and not isinstance(r[0], bool)]
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Add to a running total (outside any ingest transaction)."""
+        def work(attempt: int) -> None:
+            with self.conn.transaction():
+                self._bump({name: by})
+
+        self._run(work)
+
+    def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None:
+        """Keep each device's latest heartbeat (or last will)."""
+        def work(attempt: int) -> None:
+            self.conn.execute(
+                "INSERT INTO device_status VALUES (%s,%s,%s,%s) ON CONFLICT (device) DO UPDATE SET"
+                " received_utc_ms = excluded.received_utc_ms, online = excluded.online,"
+                " status = excluded.status",
+                (device, received_ms, int(bool(status.get("online"))), json.dumps(status)),
+            )
+
+        self._run(work)
+
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
     ) -> None:
@@ -493,6 +560,21 @@ class PostgresStore:
         self._run(work)
 
     # -- reads --------------------------------------------------------------------
+
+    def known_batches(self, batch_ids: list[str]) -> list[tuple[str, str]]:
+        """(batch id, sha256) of those of ``batch_ids`` already committed."""
+        rows = self.conn.execute(
+            "SELECT batch_id, sha256 FROM batches WHERE batch_id = ANY(%s)", (list(batch_ids),)
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def fleet_status(self) -> list[dict[str, object]]:
+        rows = self.conn.execute(
+            "SELECT device, received_utc_ms, online, status FROM device_status ORDER BY device"
+        ).fetchall()
+        return [
+            {"device": d, "received_utc_ms": r, "online": bool(o), **json.loads(st)} for d, r, o, st in rows
+        ]
 
     def counts(self) -> dict[str, int]:
         out = {name: int(value) for name, value in self.conn.execute("SELECT name, value FROM counters")}

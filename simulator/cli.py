@@ -57,9 +57,12 @@ def summary(res: FleetResult, console: Console) -> None:
     console.print(f"  datalab-receiver stats --store {res.store}")
     console.print(f"  sqlite-utils tables {res.store} --counts")
     console.print(
-        f"  sqlite-utils {res.store} \"select device, time_utc, quantity, value, lat, lon, position"
+        f"  sqlite-utils {res.store} \"select device, time_utc, quantity, value, quality, lat, lon, position"
         " from observations limit 10\" --table"
     )
+    console.print("Street maps and the dashboard (one shift is one day, so publish with --min-days 1):")
+    console.print(f"  datalab-receiver aggregate --store {res.store} --min-days 1")
+    console.print(f"  datalab-receiver serve --store {res.store}     # then open http://127.0.0.1:8080/web/")
 
 
 @main.command()
