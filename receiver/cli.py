@@ -67,7 +67,7 @@ def run(config_path, store, host, port, client_id, share_group, ready_file, verb
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", required=True, help="SQLite path or postgresql:// URL.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(store: str, as_json: bool) -> None:
     """Counts in the store: samples per device, duplicates ignored, dead letters.
@@ -76,9 +76,9 @@ def stats(store: str, as_json: bool) -> None:
     Example:
       datalab-receiver stats --store datalab.sqlite
     """
-    from receiver.store import SQLiteStore
+    from receiver.store_factory import open_store
 
-    s = SQLiteStore(store)
+    s = open_store(store)
     data = {"counters": s.counts(), "devices": s.device_summary()}
     s.close()
     if as_json:

@@ -12,7 +12,9 @@ from edge.errors import ConfigError
 
 @dataclass(slots=True)
 class ReceiverConfig:
-    store: str = "datalab.sqlite"  # path of the SQLite store
+    # Path of the SQLite store, or postgresql://user@host/db (no password in the URL:
+    # libpq reads PGPASSWORD or ~/.pgpass; the store setting is never logged).
+    store: str = "datalab.sqlite"
     host: str = "localhost"
     port: int = 1883
     topic_prefix: str = "datalab/v1"

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from edge.faultpoints import crash_point
 from receiver.config import ReceiverConfig
 from receiver.ingest import Ingestor
-from receiver.store import SQLiteStore
+from receiver.store import Store
 from receiver.store_factory import open_store
 from uplink.wire import ack_topic, encode_ack
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 class ReceiverService:
     def __init__(
-        self, cfg: ReceiverConfig, store: SQLiteStore | None = None, *, ready_file: str | None = None
+        self, cfg: ReceiverConfig, store: Store | None = None, *, ready_file: str | None = None
     ) -> None:
         self.cfg = cfg
         self.ready_file = ready_file

@@ -534,12 +534,16 @@ class PostgresStore:
         self._run(work)
 
     def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None:
-        """Keep each device's latest heartbeat (or last will)."""
+        """Keep each device's latest heartbeat (or last will, merged over the last heartbeat)."""
+        # A last will says only online: false; jsonb || keeps the figures it does not carry.
+        merge = set(status) <= {"v", "online", "device"}
+
         def work(attempt: int) -> None:
             self.conn.execute(
                 "INSERT INTO device_status VALUES (%s,%s,%s,%s) ON CONFLICT (device) DO UPDATE SET"
                 " received_utc_ms = excluded.received_utc_ms, online = excluded.online,"
-                " status = excluded.status",
+                " status = " + ("device_status.status::jsonb || excluded.status::jsonb" if merge
+                                else "excluded.status"),
                 (device, received_ms, int(bool(status.get("online"))), json.dumps(status)),
             )
 
