@@ -99,5 +99,9 @@ from receiver.commands import datalab_commands  # noqa: E402  (aggregate, export
 for _cmd in datalab_commands.commands.values():
     main.add_command(_cmd)
 
+from edge.remote import device_config_cli  # noqa: E402  (send a van a new configuration)
+
+main.add_command(device_config_cli())
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,491 @@
+"""Remote configuration and calibration over MQTT.
+
+The DataLab publishes to ``{prefix}/{device}/config`` (QoS 1; the broker's ACL
+lets a van read only its own) a JSON request:
+
+``{"id": "...", "kind": "config", "mode": "merge", "config": {"sampling": {"rate_hz": 2}}}``
+    merge these keys into the device's agent.toml (the default: the sender
+    need not know the van's password or sensor ports);
+``{"id": "...", "kind": "config", "mode": "replace", "toml": "<whole agent.toml>"}``
+    replace the whole file (``"config": {...}`` works as well);
+``{"id": "...", "kind": "calibration", "sensor": "no2", "calibration": {...}}``
+    a calibration record, stored as ``[sensors.no2.calibration]``.
+
+A payload that is not JSON is taken as a whole TOML file (replace).
+
+The device validates the result like ``edge config check`` (every error, by
+key), applies it on the sampling thread exactly as a SIGHUP reload does
+(commit first, same buffer: no sample is lost), writes agent.toml atomically
+keeping the previous file as agent.toml.prev, and answers on
+``{prefix}/{device}/config/ack``: ``{"id", "ok", "status", "reason", "errors",
+"restart_required"}``. An invalid request changes nothing. A request id seen
+before (a redelivery) is acknowledged again, not re-applied.
+
+The device-side subscription rides on the uplink's own MQTT connection: a
+second connection would need a second client id, and the broker ties the
+client id to the username (``use_username_as_clientid``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 256 * 1024
+
+
+def config_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/config"
+
+
+def config_ack_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/config/ack"
+
+
+@dataclass(slots=True)
+class Request:
+    id: str
+    kind: str  # "config" | "calibration"
+    mode: str = "merge"  # "merge" | "replace"
+    data: dict[str, Any] | None = None
+    toml_text: str | None = None
+    sensor: str = ""
+
+
+@dataclass(slots=True)
+class Result:
+    id: str
+    ok: bool
+    status: str  # "applied" | "refused" | "duplicate"
+    reason: str = ""
+    errors: list[dict[str, str]] = field(default_factory=list)
+    restart_required: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    def to_json(self, device: str) -> bytes:
+        body = {
+            "device": device, "id": self.id, "ok": self.ok, "status": self.status,
+            "reason": self.reason, "errors": self.errors, "changed": self.changed,
+            "restart_required": self.restart_required, "t_utc_ms": int(time.time() * 1000),
+        }  # fmt: skip
+        return json.dumps(body).encode()
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+def decode_request(payload: bytes) -> Request:
+    """Parse a request; raises ``ConfigError`` (key "<request>") for a malformed one."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise ConfigError("<request>", f"larger than {MAX_REQUEST_BYTES} bytes")
+    digest = hashlib.sha256(payload).hexdigest()[:16]
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<request>", "not UTF-8") from exc
+    if not text.lstrip().startswith("{"):
+        return Request(id=digest, kind="config", mode="replace", toml_text=text)
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError("<request>", f"not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ConfigError("<request>", "expected a JSON object")
+    rid = str(obj.get("id") or digest)
+    kind = obj.get("kind", "config")
+    if kind == "calibration":
+        sensor, cal = obj.get("sensor"), obj.get("calibration")
+        if not isinstance(sensor, str) or not sensor:
+            raise ConfigError("<request>.sensor", "name the sensor the calibration is for")
+        if not isinstance(cal, dict):
+            raise ConfigError("<request>.calibration", "expected an object of calibration values")
+        return Request(id=rid, kind=kind, mode="merge", data=cal, sensor=sensor)
+    if kind != "config":
+        raise ConfigError("<request>.kind", f"'config' or 'calibration', not {kind!r}")
+    mode = obj.get("mode", "merge")
+    if mode not in ("merge", "replace"):
+        raise ConfigError("<request>.mode", f"'merge' or 'replace', not {mode!r}")
+    if "toml" in obj:
+        if not isinstance(obj["toml"], str):
+            raise ConfigError("<request>.toml", "expected the TOML text as a string")
+        try:
+            data = tomllib.loads(obj["toml"])
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("<request>.toml", f"not valid TOML: {exc}") from exc
+        return Request(id=rid, kind=kind, mode=mode, data=data, toml_text=obj["toml"] if mode == "replace" else None)
+    if not isinstance(obj.get("config"), dict):
+        raise ConfigError("<request>.config", "expected an object of configuration sections")
+    return Request(id=rid, kind=kind, mode=mode, data=obj["config"])
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merged key by key, recursively; other values replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def new_document(req: Request, current: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The configuration after the request, and its exact text if the request gave one."""
+    if req.toml_text is not None:
+        try:
+            return tomllib.loads(req.toml_text), req.toml_text
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("<request>", f"not valid TOML: {exc}") from exc
+    assert req.data is not None
+    if req.kind == "calibration":
+        sensors = current.get("sensors", {})
+        if req.sensor not in sensors:
+            raise ConfigError(f"sensors.{req.sensor}", "no such sensor on this device")
+        doc = merge(current, {"sensors": {req.sensor: {"calibration": req.data}}})
+        # The inline table replaces the one before it (not merged: a new sheet is complete).
+        doc["sensors"][req.sensor]["calibration"] = dict(req.data)
+        return doc, None
+    if req.mode == "replace":
+        return dict(req.data), None
+    return merge(current, req.data), None
+
+
+# -- TOML out ----------------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
+def _value(v: Any, key: str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and v != v:
+            raise ConfigError(key, "NaN cannot be stored")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x, key) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_key(str(k))} = {_value(x, f'{key}.{k}')}" for k, x in v.items()) + " }"
+    raise ConfigError(key, f"cannot store a {type(v).__name__} in TOML")
+
+
+def dump_toml(doc: Mapping[str, Any], header: str = "") -> str:
+    """TOML for a configuration document (tables of scalars, lists and sub-tables)."""
+    lines: list[str] = [header] if header else []
+
+    def table(path: list[str], t: Mapping[str, Any]) -> None:
+        scalars = [(k, v) for k, v in t.items() if not isinstance(v, Mapping)]
+        subs = [(k, v) for k, v in t.items() if isinstance(v, Mapping)]
+        if path and (scalars or not subs):
+            lines.append("")
+            lines.append("[" + ".".join(_key(p) for p in path) + "]")
+        for k, v in scalars:
+            lines.append(f"{_key(str(k))} = {_value(v, '.'.join([*path, str(k)]))}")
+        for k, v in subs:
+            table([*path, str(k)], v)
+
+    table([], doc)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def write_config_atomically(path: Path, text: str) -> None:
+    """agent.toml replaced in one rename; the file before it kept as agent.toml.prev.
+
+    Both steps are renames of fsynced files, so a power cut leaves either the
+    old or the new configuration in place, never half of one.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".new")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        os.chmod(tmp, mode)  # as readable as before (it may hold the uplink password), no more
+        prev = path.with_name(path.name + ".prev")
+        prev_tmp = path.with_name(path.name + ".prev.new")
+        with open(prev_tmp, "wb") as f:
+            f.write(path.read_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(prev_tmp, mode)
+        os.replace(prev_tmp, prev)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# -- device side ------------------------------------------------------------------------------
+
+
+class RemoteConfig:
+    """Receives requests on the uplink's connection and acknowledges them.
+
+    ``take()`` and ``ack()`` are for the sampling thread; the MQTT callback only
+    queues. ``apply`` (given by the runtime) does the work and returns a
+    ``Result``; the id of the last applied request is kept in ``state_path``.
+    """
+
+    def __init__(self, device: str, prefix: str, state_path: Path) -> None:
+        self.device = device
+        self.prefix = prefix
+        self.state_path = Path(state_path)
+        self._inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._outbox: list[bytes] = []
+        self._client: Any = None
+        self.last_id = self._load_state()
+        self.results: list[Result] = []
+
+    @property
+    def topic(self) -> str:
+        return config_topic(self.prefix, self.device)
+
+    @property
+    def ack_topic(self) -> str:
+        return config_ack_topic(self.prefix, self.device)
+
+    def _load_state(self) -> str:
+        try:
+            return str(json.loads(self.state_path.read_text()).get("last_id", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"last_id": self.last_id}))
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            log.warning("cannot save %s: %s", self.state_path, exc)
+
+    def attach(self, link: Any) -> None:
+        """Subscribe on ``link``'s MQTT client, now and after every reconnect.
+
+        Uses the paho client inside ``uplink.mqtt.MqttLink`` (``_client``): a topic
+        callback takes the config topic away from the link's ack decoder.
+        """
+        client = getattr(link, "_client", None)
+        if client is None:
+            log.info("uplink has no MQTT client: remote configuration off")
+            return
+        self._client = client
+        client.message_callback_add(self.topic, self._on_message)
+        original = client.on_connect
+        topic = self.topic
+
+        def on_connect(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+            original(c, userdata, flags, reason_code, properties)
+            if not reason_code.is_failure:
+                c.subscribe(topic, qos=1)
+
+        client.on_connect = on_connect
+        if link.connected:
+            client.subscribe(topic, qos=1)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:  # network thread
+        self._inbox.put(bytes(msg.payload))
+
+    def take(self) -> list[bytes]:
+        out: list[bytes] = []
+        while True:
+            try:
+                out.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    def handle(self, payload: bytes, apply: Callable[[Request], Result]) -> Result:
+        """Decode, dedupe, apply, remember; the result is also queued as the ack."""
+        try:
+            req = decode_request(payload)
+        except ConfigError as exc:
+            result = Result(id="", ok=False, status="refused", reason=str(exc),
+                            errors=[{"key": exc.key, "problem": exc.problem}])  # fmt: skip
+        else:
+            if req.id == self.last_id:
+                result = Result(id=req.id, ok=True, status="duplicate", reason="already applied")
+            else:
+                result = apply(req)
+                if result.ok:
+                    self.last_id = req.id
+                    self._save_state()
+        if result.ok:
+            log.info("remote configuration %s %s: %s", result.id, result.status, ", ".join(result.changed) or "no change")
+        else:
+            log.warning("remote configuration %s refused: %s", result.id, result.reason)
+        self.results.append(result)
+        del self.results[:-20]
+        self._outbox.append(result.to_json(self.device))
+        return result
+
+    def flush(self, connected: bool) -> None:
+        """Publish queued acks (QoS 1) once connected; they wait otherwise."""
+        if not self._outbox or self._client is None or not connected:
+            return
+        while self._outbox:
+            info = self._client.publish(self.ack_topic, self._outbox[0], qos=1)
+            if info.rc != 0:
+                return
+            self._outbox.pop(0)
+
+
+# -- central side -----------------------------------------------------------------------------
+
+
+def build_request(
+    path: str | Path, *, mode: str = "merge", calibration_sensor: str = "", request_id: str = ""
+) -> bytes:
+    """A request from a file: TOML or JSON sections; a calibration sheet with ``calibration_sensor``."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    rid = request_id or uuid.uuid4().hex[:12]
+    if calibration_sensor:
+        return json.dumps({"id": rid, "kind": "calibration", "sensor": calibration_sensor,
+                           "calibration": data}).encode()  # fmt: skip
+    if mode == "replace" and p.suffix != ".json":
+        return json.dumps({"id": rid, "kind": "config", "mode": "replace", "toml": text}).encode()
+    return json.dumps({"id": rid, "kind": "config", "mode": mode, "config": data}).encode()
+
+
+def send_device_config(
+    device: str,
+    payload: bytes,
+    *,
+    host: str = "localhost",
+    port: int = 1883,
+    prefix: str = "datalab/v1",
+    username: str = "",
+    password: str = "",
+    tls: bool = False,
+    ca_file: str = "",
+    cert_file: str = "",
+    key_file: str = "",
+    wait_s: float = 30.0,
+    retain: bool = False,
+) -> dict[str, Any] | None:
+    """Publish a request to a device's config topic; wait ``wait_s`` for its ack (None if none).
+
+    Without ``retain`` a van that is offline still gets the request when it comes back, as
+    long as it has connected once since installation (its persistent session holds it).
+    """
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    req_id = json.loads(payload).get("id") if payload.lstrip().startswith(b"{") else hashlib.sha256(payload).hexdigest()[:16]
+    acks: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+    subscribed: queue.SimpleQueue[int] = queue.SimpleQueue()
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"datalab-config-{uuid.uuid4().hex[:8]}", clean_session=True)  # fmt: skip
+    if username:
+        client.username_pw_set(username, password or None)
+    if tls:
+        client.tls_set(ca_certs=ca_file or None, certfile=cert_file or None, keyfile=key_file or None,
+                       cert_reqs=ssl.CERT_REQUIRED)  # fmt: skip
+
+    def on_message(c: Any, u: Any, msg: Any) -> None:
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("id") == req_id:
+            acks.put(body)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.put(1)
+    client.connect(host, port, keepalive=30)
+    client.loop_start()
+    try:
+        if wait_s > 0:
+            client.subscribe(config_ack_topic(prefix, device), qos=1)
+            subscribed.get(timeout=10)
+        info = client.publish(config_topic(prefix, device), payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        if wait_s <= 0:
+            return None
+        try:
+            return acks.get(timeout=wait_s)
+        except queue.Empty:
+            return None
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def device_config_cli() -> Any:
+    """The ``device-config`` click group, for ``datalab-receiver`` (the lead wires it)."""
+    import click
+
+    @click.group("device-config")
+    def group() -> None:
+        """Send configuration or calibration to a van over MQTT."""
+
+    @group.command("send")
+    @click.argument("device")
+    @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                  help="Receiver TOML: broker host, port, account and TLS.")
+    @click.option("--host", help="Broker host (overrides the config).")
+    @click.option("--port", type=int, help="Broker port (overrides the config).")
+    @click.option("--replace", is_flag=True, help="Replace the whole agent.toml instead of merging keys.")
+    @click.option("--calibration", "sensor", default="", help="FILE is a calibration sheet for this sensor.")
+    @click.option("--id", "request_id", default="", help="Request id (default: random).")
+    @click.option("--wait", "wait_s", default=30.0, show_default=True,
+                  help="Seconds to wait for the van's answer (0: do not wait).")
+    @click.option("--retain", is_flag=True, help="Retain the request on the broker.")
+    def send(device, file, config_path, host, port, replace, sensor, request_id, wait_s, retain) -> None:  # type: ignore[no-untyped-def]
+        """Send FILE (TOML or JSON sections) to DEVICE; print the van's answer.
+
+        \b
+        Examples:
+          datalab-receiver device-config send van-001 rate.toml --config /etc/datalab/receiver.toml
+          datalab-receiver device-config send van-001 sheet.toml --calibration no2
+        """
+        from receiver.config import load_receiver_config
+
+        try:
+            rc = load_receiver_config(config_path, host=host, port=port)
+            payload = build_request(file, mode="replace" if replace else "merge",
+                                    calibration_sensor=sensor, request_id=request_id)  # fmt: skip
+        except (ConfigError, ValueError, tomllib.TOMLDecodeError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        ack = send_device_config(
+            device, payload, host=rc.host, port=rc.port, prefix=rc.topic_prefix, username=rc.username,
+            password=rc.password, tls=rc.tls, ca_file=rc.ca_file, cert_file=rc.cert_file,
+            key_file=rc.key_file, wait_s=wait_s, retain=retain,
+        )
+        if wait_s <= 0:
+            click.echo("sent")
+            return
+        if ack is None:
+            raise click.ClickException(f"no answer from {device} within {wait_s:g} s (it gets it when it connects)")
+        click.echo(json.dumps(ack, indent=2))
+        if not ack.get("ok"):
+            raise SystemExit(1)
+
+    return group
