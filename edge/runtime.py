@@ -28,6 +28,12 @@ from typing import Any, Callable
 from buffer.store import Buffer
 from edge.agent import Agent
 from edge.clock import Clock, SimClock, SystemClock
+from edge.calibration import (
+    CalibrationAnnouncer,
+    CalibrationStore,
+    attach_calibrations,
+    record_from_config,
+)
 from edge.config import AgentConfig, SensorConfig, parse_config
 from edge.errors import ConfigError
 from edge.power import (
@@ -200,9 +206,22 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
     """The agent, and how long it should run (simulated shifts only; None = until stopped)."""
     ctx, until = build_context(cfg)
     drivers = build_drivers(cfg.sensors, ctx)
+    cal_store, announcer = _calibrations(cfg, ctx["clock"])
+    drivers = attach_calibrations(drivers, cfg, cal_store) + [announcer]
     agent = Agent(cfg, drivers, ctx["clock"], _buffer(cfg), MqttLink(cfg.uplink, cfg.device.id))
-    agent.resources = [r for r in (ctx.get("hardware"),) if r is not None]
+    agent.resources = [r for r in (ctx.get("hardware"), cal_store) if r is not None]
     return agent, until
+
+
+def _calibrations(cfg: AgentConfig, clock: Clock) -> tuple[CalibrationStore, CalibrationAnnouncer]:
+    """The van's calibration records, and the pseudo-sensor that uploads them.
+
+    Configured NO2 sheets are recorded once, so every derived value carries the id of
+    the calibration that produced it (its provenance), whatever the technician does later.
+    """
+    store = CalibrationStore.for_data_dir(cfg.device.data_dir, clock=clock)
+    record_from_config(cfg, store)
+    return store, CalibrationAnnouncer(store)
 
 
 def write_stats(agent: Agent, path: Path) -> None:
@@ -254,9 +273,12 @@ class Runtime:
             for d in drivers:
                 d.close()
             raise
+        self.cal_store, self.announcer = _calibrations(cfg, clock)
         self.agent = agent = Agent(cfg, drivers, clock, buffer, MqttLink(cfg.uplink, cfg.device.id))
-        agent.resources = [r for r in (self.ctx.get("hardware"),) if r is not None]
-        agent.drivers = [ObservedDriver(d) for d in drivers]
+        agent.resources = [r for r in (self.ctx.get("hardware"), self.cal_store) if r is not None]
+        agent.drivers = [
+            ObservedDriver(d) for d in attach_calibrations(drivers, cfg, self.cal_store)
+        ] + [self.announcer]
         data_dir = Path(cfg.device.data_dir)
         self.hours = OperatingHours(data_dir / self.svc.power.hours_file, clock.monotonic)
         self.power = PowerManager(
@@ -408,9 +430,11 @@ class Runtime:
         self.raw_drivers = {sc.name: fresh.get(sc.name) or self.raw_drivers[sc.name] for sc in new.sensors}
         wrapped = dict(zip([sc.name for sc in old.sensors], agent.drivers))
         agent.drivers = [
-            wrapped[sc.name] if sc.name in keep and sc.name in wrapped else ObservedDriver(self.raw_drivers[sc.name])
+            wrapped[sc.name]
+            if sc.name in keep and sc.name in wrapped
+            else ObservedDriver(attach_calibrations([self.raw_drivers[sc.name]], new, self.cal_store)[0])
             for sc in new.sensors
-        ]
+        ] + [self.announcer]
         if to_build or len(new.sensors) != len(old.sensors):
             result.changed.append("sensors")
             agent.timekeeper.sources = [d for d in self.raw_drivers.values() if isinstance(d, TimeFixSource)]

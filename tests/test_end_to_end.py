@@ -51,9 +51,14 @@ def test_fleet_every_committed_sample_stored_once_with_positions(tmp_path, mosqu
             "SELECT sensor, count(*) FROM samples WHERE device=? GROUP BY sensor", (v.device,)))
         # every sensor delivered nearly every second (warm-up and corrupt frames excepted);
         # GPS only reports fixes, and the route has a tunnel and a start without a fix
-        assert set(per_sensor) == {"pm", "no2", "noise", "gps"}
+        assert set(per_sensor) == {"pm", "no2", "noise", "gps", "calibration"}
         assert all(per_sensor[s] >= 0.95 * ticks for s in ("pm", "no2", "noise")), per_sensor
         assert 0.6 * ticks < per_sensor["gps"] < ticks, per_sensor
+        # every NO2 value names the calibration that produced it, and the record arrived
+        cal_ids = {r[0] for r in db.execute(
+            "SELECT json_extract(vals, '$.cal') FROM samples WHERE device=? AND sensor='no2'", (v.device,))}
+        assert cal_ids == {"no2:202-SIM-0001:v1"}
+        assert db.execute("SELECT count(*) FROM calibrations WHERE id='no2:202-SIM-0001:v1'").fetchone()[0] == 1
         # the oracle: every committed sequence number is in the store, exactly once
         seqs = [r[0] for r in db.execute("SELECT seq FROM samples WHERE device=? ORDER BY seq", (v.device,))]
         assert seqs == list(range(1, v.committed + 1))
