@@ -119,8 +119,20 @@ def memory_week() -> list[dict]:
     ]
 
 
+def memory_week_isolated() -> list[dict]:
+    """memory_week in a fresh process: the figure is the agent's, not the bench runner's imports."""
+    import json as _json
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; from bench.bench_delivery import memory_week; "
+                               "print(json.dumps(memory_week()))"],
+        capture_output=True, text=True, check=True, cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    return _json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run() -> list[dict]:
-    return drain_day() + memory_week()
+    return drain_day() + memory_week_isolated()
 
 
 if __name__ == "__main__":
