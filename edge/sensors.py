@@ -14,7 +14,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 | ``sps30`` | port, baudrate (115200) |
 | ``nmea-gps`` | port, baudrate (9600) |
 | ``gpsd`` | host ("127.0.0.1"), port (2947) |
-| ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, fsr_v (4.096), data_rate (128) |
+| ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, temp_every_s (10), fsr_v (4.096), data_rate (128) |
 | ``dgs-no2`` | port, baudrate (9600) |
 | ``sound-module`` | bus (1), address (0x48), weighting ("A"), averaging_ms (1000) |
 | ``microphone`` | device ("default"), sensitivity_dbfs (-26), calibration_offset_db (0), noise_floor_db (29) |
@@ -135,7 +135,7 @@ def _no2_b43f(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
         {
             "bus": 1, "address": 0x49, "algorithm": 1, "we_channel": "AIN0", "ae_channel": "AIN1",
             "temp_channel": "AIN2", "temp_mv_at_0c": 500.0, "temp_mv_per_c": 10.0, "fsr_v": 4.096,
-            "data_rate": 128, "calibration_file": "", "calibration": {},
+            "data_rate": 128, "calibration_file": "", "calibration": {}, "temp_every_s": 10.0,
         },
         required=("serial",),
     )
@@ -158,7 +158,7 @@ def _no2_b43f(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     return No2B43F(
         adc, cal, we_channel=o["we_channel"], ae_channel=o["ae_channel"], temp_channel=o["temp_channel"],
         temp_from_mv=LinearTemperature(o["temp_mv_at_0c"], o["temp_mv_per_c"]),
-        algorithm=o["algorithm"], name=sc.name,
+        algorithm=o["algorithm"], name=sc.name, temp_every_s=o["temp_every_s"], clock=_monotonic(ctx),
     )
 
 

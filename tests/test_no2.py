@@ -296,3 +296,27 @@ def test_algorithm_2_needs_a_non_zero_aeo():
         No2B43F(adc, cal, temp_source=lambda: 20.0, algorithm=2)
     with pytest.raises(ValueError):
         no2_ppb(WE_MV, AE_MV, 20.0, cal, 2)
+
+
+def test_board_temperature_is_read_every_few_seconds_not_every_second():
+    from drivers.ads1115 import ADS1115
+    from drivers.i2c import FakeI2CBus
+    from drivers.no2 import LinearTemperature, No2B43F, No2Calibration
+    from simulator.i2c_devices import FakeADS1115
+
+    volts = {0: 0.320, 1: 0.306, 2: 0.650}
+    fake = FakeADS1115(source=lambda ch: volts[ch])
+    bus = FakeI2CBus()
+    bus.attach(0x49, fake)
+    now = [0.0]
+    cal = No2Calibration("s1", 295.0, 300.0, 12.0, 6.0, -0.3547, -0.73)
+    drv = No2B43F(ADS1115(bus, 0x49), cal, temp_channel="AIN2", temp_from_mv=LinearTemperature(500.0, 10.0),
+                  temp_every_s=10.0, clock=lambda: now[0])
+    temps = []
+    for i in range(25):
+        now[0] = float(i)
+        volts[2] = 0.650 + 0.001 * i  # warming by 0.1 °C a second
+        temps.append(drv.read().values["no2_temp_c"])
+    # 25 readings, WE and AE each time, temperature at 0, 10 and 20 s only
+    assert fake.conversions == 25 * 2 + 3
+    assert temps[9] == temps[0] and temps[10] > temps[9] and abs(temps[20] - 17.0) < 0.01
