@@ -53,7 +53,7 @@ def summary(res: FleetResult, console: Console) -> None:
     console.print(f"dead letters: {res.dead_letters:,}")
     pct = 100 * res.positioned / res.sensor_samples if res.sensor_samples else 0
     console.print(f"sensor samples with a position: {res.positioned:,} of {res.sensor_samples:,} ({pct:.1f} %)")
-    console.print(f"\nThe store is [bold]{res.store}[/bold]. Look inside with:")
+    console.print(f"\nThe store is [bold]{res.store}[/bold]. Look inside with (after source .venv/bin/activate):")
     console.print(f"  datalab-receiver stats --store {res.store}")
     console.print(f"  sqlite-utils tables {res.store} --counts")
     console.print(
