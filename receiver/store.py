@@ -43,23 +43,9 @@ class IngestResult:
 
 
 class Store(Protocol):
-    """What the receiver needs from a DataLab store (SQLite now, PostgreSQL later)."""
+    """What the receiver needs from a DataLab store (SQLiteStore here, PostgresStore in store_pg.py)."""
 
     def ingest(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult: ...
-
-    def _flag_quality(self, batch: Batch) -> None:
-        """Quality flags for this batch's values, with the preceding values as window context."""
-        rows = quality_rows(batch, lambda sensor, quantity, before: self._context(
-            batch.device, batch.epoch, sensor, quantity, before))
-        self.conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)", rows)
-
-    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
-        rows = self.conn.execute(
-            "SELECT json_extract(vals, '$.' || ?) FROM samples WHERE device=? AND epoch=? AND sensor=?"
-            " AND seq < ? ORDER BY seq DESC LIMIT ?",
-            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
-        ).fetchall()
-        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float))]
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
@@ -69,12 +55,11 @@ class Store(Protocol):
 
     def known_batches(self, batch_ids: list[str]) -> list[tuple[str, str]]: ...
 
-    def count(self, name: str, by: int = 1) -> None:
-        """Add to a running total (outside any ingest transaction)."""
-        with self.conn:
-            self._bump(name, by)
+    def count(self, name: str, by: int = 1) -> None: ...
 
     def record_status(self, device: str, status: dict[str, object], received_ms: int) -> None: ...
+
+    def fleet_status(self) -> list[dict[str, object]]: ...
 
     def close(self) -> None: ...
 
