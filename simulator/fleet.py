@@ -153,7 +153,7 @@ def oracle(store: Path, stats_files: dict[str, Path]) -> tuple[list[VanResult], 
         "SELECT count(*) FROM positions WHERE state IN ('exact','interpolated')"
     ).fetchone()[0]
     counters["sensor_samples"] = db.execute(
-        "SELECT count(*) FROM samples WHERE sensor != 'gps'"
+        "SELECT count(*) FROM samples WHERE sensor NOT IN ('gps', 'calibration')"
     ).fetchone()[0]
     db.close()
     return results, counters
