@@ -18,7 +18,7 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import sqlite_utils
 
@@ -64,7 +64,39 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-class SQLiteStore:
+class StoreReads:
+    """Read-only queries that are the same SQL on SQLite and PostgreSQL (both stores use them)."""
+
+    conn: Any
+
+    def fleet_status(self) -> list[dict[str, object]]:
+        rows = self.conn.execute(
+            "SELECT device, received_utc_ms, online, status FROM device_status ORDER BY device"
+        ).fetchall()
+        return [
+            {"device": d, "received_utc_ms": r, "online": bool(o), **json.loads(st)} for d, r, o, st in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        out = {name: int(value) for name, value in self.conn.execute("SELECT name, value FROM counters")}
+        out["samples"] = self.conn.execute("SELECT count(*) FROM samples").fetchone()[0]
+        return out
+
+    def device_summary(self) -> list[dict[str, object]]:
+        rows = self.conn.execute(
+            "SELECT device, epoch, count(*), min(seq), max(seq), max(t_utc_ms) FROM samples"
+            " GROUP BY device, epoch ORDER BY device"
+        ).fetchall()
+        return [
+            {"device": r[0], "epoch": r[1], "samples": r[2], "min_seq": r[3], "max_seq": r[4], "last_utc_ms": r[5]}
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SQLiteStore(StoreReads):
     def __init__(self, path: str | Path, *, max_gap_s: float = 10.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,32 +431,6 @@ class SQLiteStore:
                 f"SELECT batch_id, sha256 FROM batches WHERE batch_id IN ({marks})", chunk
             ).fetchall()
         return out
-
-    def fleet_status(self) -> list[dict[str, object]]:
-        rows = self.conn.execute(
-            "SELECT device, received_utc_ms, online, status FROM device_status ORDER BY device"
-        ).fetchall()
-        return [
-            {"device": d, "received_utc_ms": r, "online": bool(o), **json.loads(st)} for d, r, o, st in rows
-        ]
-
-    def counts(self) -> dict[str, int]:
-        out = {name: value for name, value in self.conn.execute("SELECT name, value FROM counters")}
-        out["samples"] = self.conn.execute("SELECT count(*) FROM samples").fetchone()[0]
-        return out
-
-    def device_summary(self) -> list[dict[str, object]]:
-        rows = self.conn.execute(
-            "SELECT device, epoch, count(*), min(seq), max(seq), max(t_utc_ms) FROM samples"
-            " GROUP BY device, epoch ORDER BY device"
-        ).fetchall()
-        return [
-            {"device": r[0], "epoch": r[1], "samples": r[2], "min_seq": r[3], "max_seq": r[4], "last_utc_ms": r[5]}
-            for r in rows
-        ]
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 # A stamp more than this far ahead of the receiver's own clock is a device clock fault.

@@ -66,6 +66,7 @@ from receiver import quality
 from receiver.store import (
     GPS_SENSOR,
     IngestResult,
+    StoreReads,
     _has_fix,
     _int,
     _num,
@@ -228,7 +229,7 @@ _UPSERT_POSITION = (
 )
 
 
-class PostgresStore:
+class PostgresStore(StoreReads):
     """``Store`` on PostgreSQL (psycopg 3). ``dsn``: a libpq URL or key=value string.
 
     ``postgis``: None uses PostGIS when the server has it, False never does,
@@ -571,32 +572,6 @@ class PostgresStore:
             "SELECT batch_id, sha256 FROM batches WHERE batch_id = ANY(%s)", (list(batch_ids),)
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
-
-    def fleet_status(self) -> list[dict[str, object]]:
-        rows = self.conn.execute(
-            "SELECT device, received_utc_ms, online, status FROM device_status ORDER BY device"
-        ).fetchall()
-        return [
-            {"device": d, "received_utc_ms": r, "online": bool(o), **json.loads(st)} for d, r, o, st in rows
-        ]
-
-    def counts(self) -> dict[str, int]:
-        out = {name: int(value) for name, value in self.conn.execute("SELECT name, value FROM counters")}
-        out["samples"] = self.conn.execute("SELECT count(*) FROM samples").fetchone()[0]  # type: ignore[index]
-        return out
-
-    def device_summary(self) -> list[dict[str, object]]:
-        rows = self.conn.execute(
-            "SELECT device, epoch, count(*), min(seq), max(seq), max(t_utc_ms) FROM samples"
-            " GROUP BY device, epoch ORDER BY device"
-        ).fetchall()
-        return [
-            {"device": r[0], "epoch": r[1], "samples": r[2], "min_seq": r[3], "max_seq": r[4], "last_utc_ms": r[5]}
-            for r in rows
-        ]
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 # Built once: json.dumps with options builds a new encoder per call, a third of its cost here.
