@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from drivers.base import Reading
-from drivers.serialport import SerialLike, read_available, read_until_deadline
+from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
 from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class PMSParser:
 Mode = Literal["active", "passive"]
 
 
-class PMSx003Driver:
+class PMSx003Driver(SerialSensor):
     """``SensorDriver`` for a Plantower PMS5003/7003/A003 on a serial port.
 
     ``read`` in active mode drains what the sensor has pushed and returns the
@@ -282,39 +282,20 @@ class PMSx003Driver:
     ) -> None:
         if mode not in ("active", "passive"):
             raise ValueError(f"PMS mode must be 'active' or 'passive', not {mode!r}")
-        self.name = name
-        self._port = port
-        self._clock = clock
         self._mode: Mode = mode
-        self._warmup_s = warmup_s
-        self._timeout_s = timeout_s
         self._stale_after_s = stale_after_s
-        self._parser = PMSParser()
-        self._asleep = False
-        now = clock()
-        self._woke_at = now - warmup_s if assume_warm else now
-        self._last_frame_at = now
         # The mode is sent lazily on the first read so that constructing a
         # driver never blocks or fails; after a reconnect it is sent again.
         self._needs_setup = True
-        on_reopen = getattr(port, "on_reopen", None)
-        if on_reopen is not None:
-            on_reopen(self._after_reopen)
+        super().__init__(port, clock, name, PMSParser(), warmup_s=warmup_s, timeout_s=timeout_s,
+                         assume_warm=assume_warm)
+        self._last_frame_at = clock()
 
     # -- properties --------------------------------------------------------
 
     @property
     def mode(self) -> Mode:
         return self._mode
-
-    @property
-    def asleep(self) -> bool:
-        return self._asleep
-
-    @property
-    def parser(self) -> PMSParser:
-        """The stream parser, whose counters tell how many frames were rejected."""
-        return self._parser
 
     # -- commands ------------------------------------------------------------
 
@@ -343,13 +324,10 @@ class PMSx003Driver:
         """Start the fan again; readings are flagged ``warming_up`` for ``warmup_s``."""
         self._port.write(cmd_wake())  # no ack by design
         self._asleep = False
-        self._woke_at = self._clock()
-        self._last_frame_at = self._woke_at
+        self._warm_since = self._clock()
+        self._last_frame_at = self._warm_since
         # Re-assert the mode on the next read: some units come back in active mode.
         self._needs_setup = True
-
-    def close(self) -> None:
-        self._port.close()
 
     # -- reading -------------------------------------------------------------
 
@@ -428,12 +406,12 @@ class PMSx003Driver:
         self._parser.reset()
         self._needs_setup = True
         self._asleep = False
-        self._woke_at = self._last_frame_at = self._clock()
+        self._warm_since = self._last_frame_at = self._clock()
         self.set_mode(self._mode, wait_ack=False)
 
     def _to_reading(self, frame: PMSFrame, now: float) -> Reading:
         flags: tuple[str, ...] = ()
-        if frame.all_zero or now - self._woke_at < self._warmup_s:
+        if frame.all_zero or now - self._warm_since < self._warmup_s:
             flags = ("warming_up",)
         values: dict[str, float] = {
             "pm1": float(frame.pm1),

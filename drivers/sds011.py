@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from drivers.base import Reading
-from drivers.serialport import SerialLike, read_available, read_until_deadline
+from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
 from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class SDS011Parser:
 Mode = Literal["active", "query"]
 
 
-class SDS011Driver:
+class SDS011Driver(SerialSensor):
     """``SensorDriver`` for an SDS011/SDS018/SDS021.
 
     Active mode: the sensor pushes a frame every second (or once per working
@@ -311,37 +311,19 @@ class SDS011Driver:
     ) -> None:
         if mode not in ("active", "query"):
             raise ValueError(f"SDS011 mode must be 'active' or 'query', not {mode!r}")
-        self.name = name
-        self._port = port
-        self._clock = clock
         self._mode: Mode = mode
         self._device_id = device_id
-        self._warmup_s = warmup_s
-        self._timeout_s = timeout_s
         self._stale_after_s = stale_after_s
         self._working_period = 0
-        self._parser = SDS011Parser()
         self._pending: SDSData | None = None  # data seen while waiting for a reply
-        self._asleep = False
-        now = clock()
-        self._woke_at = now - warmup_s if assume_warm else now
-        self._last_frame_at = now
         self._needs_setup = True
-        on_reopen = getattr(port, "on_reopen", None)
-        if on_reopen is not None:
-            on_reopen(self._after_reopen)
-
-    @property
-    def parser(self) -> SDS011Parser:
-        return self._parser
+        super().__init__(port, clock, name, SDS011Parser(), warmup_s=warmup_s, timeout_s=timeout_s,
+                         assume_warm=assume_warm)
+        self._last_frame_at = clock()
 
     @property
     def mode(self) -> Mode:
         return self._mode
-
-    @property
-    def asleep(self) -> bool:
-        return self._asleep
 
     # -- transactions --------------------------------------------------------
 
@@ -389,7 +371,7 @@ class SDS011Driver:
         if not reply_working(reply):
             raise ReadError("SDS011 did not confirm work mode")
         self._asleep = False
-        self._woke_at = self._last_frame_at = self._clock()
+        self._warm_since = self._last_frame_at = self._clock()
 
     def firmware_version(self) -> tuple[int, int, int]:
         """Firmware date ``(yy, mm, dd)``."""
@@ -412,9 +394,6 @@ class SDS011Driver:
         reply = self._transact(cmd_set_device_id(new_id, self._device_id), CMD_SET_ID)
         self._device_id = reply.device_id
         return reply.device_id
-
-    def close(self) -> None:
-        self._port.close()
 
     # -- reading ---------------------------------------------------------------
 
@@ -488,13 +467,13 @@ class SDS011Driver:
         self._pending = None
         self._needs_setup = True
         self._asleep = False
-        self._woke_at = self._last_frame_at = self._clock()
+        self._warm_since = self._last_frame_at = self._clock()
 
     def _to_reading(self, data: SDSData, now: float) -> Reading:
         flags: tuple[str, ...] = ()
         # Time only: unlike the PMS, 0.0/0.0 is a plausible SDS011 reading in
         # clean air (the fixtures hold 0.6), so zeros alone prove nothing.
-        if now - self._woke_at < self._warmup_s:
+        if now - self._warm_since < self._warmup_s:
             flags = ("warming_up",)
         return Reading(
             sensor=self.name,

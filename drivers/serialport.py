@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import serial
 
@@ -222,3 +222,51 @@ def read_until_deadline(
         data = port.read(max(1, min(waiting, chunk)) if waiting else 1)
         if data and done(data):
             return
+
+
+class SerialSensor:
+    """What every serial PM driver shares: its port, clock, parser, warm-up and reconnect hook.
+
+    ``warm_since`` is when the sensor last started (power-on, wake or measurement
+    start), shifted back by ``warmup_s`` when the caller knows it is already warm.
+    A port that can reopen itself (``ReconnectingPort``) calls ``_after_reopen``.
+    """
+
+    def __init__(
+        self,
+        port: SerialLike,
+        clock: Callable[[], float],
+        name: str,
+        parser: Any,
+        *,
+        warmup_s: float,
+        timeout_s: float,
+        assume_warm: bool,
+    ) -> None:
+        self.name = name
+        self._port = port
+        self._clock = clock
+        self._parser = parser
+        self._warmup_s = warmup_s
+        self._timeout_s = timeout_s
+        self._asleep = False
+        now = clock()
+        self._warm_since = now - warmup_s if assume_warm else now
+        on_reopen = getattr(port, "on_reopen", None)
+        if on_reopen is not None:
+            on_reopen(self._after_reopen)
+
+    @property
+    def parser(self) -> Any:
+        """The stream parser, whose counters tell how many frames were rejected."""
+        return self._parser
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
+
+    def _after_reopen(self) -> None:  # pragma: no cover - each driver overrides it
+        pass
+
+    def close(self) -> None:
+        self._port.close()

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from drivers.base import Reading
-from drivers.serialport import SerialLike, read_available, read_until_deadline
+from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
 from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ class SPS30Parser:
 # -- driver ---------------------------------------------------------------------------
 
 
-class SPS30Driver:
+class SPS30Driver(SerialSensor):
     """``SensorDriver`` for an SPS30 on UART.
 
     The SPS30 never pushes data: ``read`` asks for the values measured since
@@ -410,32 +410,14 @@ class SPS30Driver:
         timeout_s: float = 1.0,
         assume_warm: bool = False,
     ) -> None:
-        self.name = name
-        self._port = port
-        self._clock = clock
-        self._warmup_s = warmup_s
-        self._timeout_s = timeout_s
-        self._parser = SPS30Parser()
         self._measuring = False
-        self._asleep = False
-        now = clock()
-        self._started_at = now - warmup_s if assume_warm else now
         self._needs_start = True
-        on_reopen = getattr(port, "on_reopen", None)
-        if on_reopen is not None:
-            on_reopen(self._after_reopen)
-
-    @property
-    def parser(self) -> SPS30Parser:
-        return self._parser
+        super().__init__(port, clock, name, SPS30Parser(), warmup_s=warmup_s, timeout_s=timeout_s,
+                         assume_warm=assume_warm)
 
     @property
     def measuring(self) -> bool:
         return self._measuring
-
-    @property
-    def asleep(self) -> bool:
-        return self._asleep
 
     # -- transactions -----------------------------------------------------------
 
@@ -476,7 +458,7 @@ class SPS30Driver:
             self._transact(cmd_start(), CMD_START)
         self._measuring = True
         self._needs_start = False
-        self._started_at = self._clock()
+        self._warm_since = self._clock()
 
     def stop(self) -> None:
         self._transact(cmd_stop(), CMD_STOP)
@@ -518,9 +500,6 @@ class SPS30Driver:
         self._measuring = False
         self._needs_start = True
 
-    def close(self) -> None:
-        self._port.close()
-
     # -- reading -------------------------------------------------------------------
 
     def read(self) -> Reading | None:
@@ -542,7 +521,7 @@ class SPS30Driver:
         measurement = decode_measurement(response.data)
         now = self._clock()
         flags: list[str] = []
-        if measurement.all_zero or now - self._started_at < self._warmup_s:
+        if measurement.all_zero or now - self._warm_since < self._warmup_s:
             flags.append("warming_up")
         if response.device_error:
             flags.append("device_error")
