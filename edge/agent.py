@@ -321,7 +321,8 @@ class Agent:
     def status(self) -> dict[str, Any]:
         """The heartbeat: enough for a dashboard to tell a healthy van from a silent one."""
         st = self.buffer.stats()
-        now_ms = self.timekeeper.stamp().t_utc_ms
+        stamp = self.timekeeper.stamp()
+        now_ms = stamp.t_utc_ms
         oldest = st.oldest_unsent_utc_ms
         return {
             "online": True,
@@ -334,7 +335,7 @@ class Agent:
             "oldest_unsent_age_s": (now_ms - oldest) / 1000 if oldest and now_ms else None,
             "buffer_bytes": st.file_bytes,
             "sensor_errors": dict(self.stats.read_errors),
-            "time_source": str(self.timekeeper.stamp().source),
+            "time_source": str(stamp.source),
             "disk_free_bytes": _disk_free(self.cfg.device.data_dir),
             "cpu_temp_c": _cpu_temp_c(),
             "taken": self.stats.taken,
