@@ -31,16 +31,19 @@ def main() -> None:
 @click.option("--port", type=int, help="Broker port.")
 @click.option("--client-id", help="MQTT client id of this worker.")
 @click.option("--share-group", help="Shared-subscription group, for several workers.")
+@click.option("--derive", type=click.Choice(["inline", "background", "separate"]),
+              help="Where positions and flags are derived (overrides the config; default inline).")
 @click.option("--ready-file", type=click.Path(dir_okay=False),
               help="Write this file once subscribed (for supervisors and tests).")
 @click.option("-v", "--verbose", is_flag=True)
-def run(config_path, store, host, port, client_id, share_group, ready_file, verbose) -> None:  # type: ignore[no-untyped-def]
+def run(config_path, store, host, port, client_id, share_group, derive, ready_file, verbose) -> None:  # type: ignore[no-untyped-def]
     """Consume batches from the broker, store them, acknowledge to the devices.
 
     \b
     Examples:
       datalab-receiver run --store datalab.sqlite --host localhost --port 1883
       datalab-receiver run --config /etc/datalab/receiver.toml --client-id worker-2 --share-group ingest
+      datalab-receiver run --store postgresql://datalab@db/datalab --share-group ingest --derive separate
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -48,7 +51,8 @@ def run(config_path, store, host, port, client_id, share_group, ready_file, verb
     )
     try:
         cfg = load_receiver_config(
-            config_path, store=store, host=host, port=port, client_id=client_id, share_group=share_group
+            config_path, store=store, host=host, port=port, client_id=client_id, share_group=share_group,
+            derive=derive,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -62,8 +66,54 @@ def run(config_path, store, host, port, client_id, share_group, ready_file, verb
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     svc.run_forever()
+    svc.stop_deriver()
     svc.store.close()
     sys.exit(0)
+
+
+@main.command()
+@click.option("--store", required=True, help="SQLite path or postgresql:// URL.")
+@click.option("--follow", is_flag=True, help="Keep running: derive batches as they are queued.")
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="With --follow: seconds between looks when nothing is queued.")
+@click.option("--max-gap-s", type=float, default=10.0, show_default=True,
+              help="Longest GPS gap to interpolate a position across.")
+def derive(store: str, follow: bool, interval: float, max_gap_s: float) -> None:
+    """Derive fixes, positions, calibrations and quality flags of queued batches.
+
+    Workers run with ``derive = "separate"`` only store and acknowledge; this
+    does the rest, oldest batch first. Several may run at once on PostgreSQL.
+    Safe to kill at any moment: a batch is derived whole or stays queued.
+
+    \b
+    Examples:
+      datalab-receiver derive --store datalab.sqlite
+      datalab-receiver derive --store postgresql://datalab@db/datalab --follow
+    """
+    import time
+
+    from receiver.store_factory import open_store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = open_store(store, max_gap_s=max_gap_s)
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    total = 0
+    while not stopping:
+        n = s.derive_pending(limit=50)
+        total += n
+        if n == 0:
+            if not follow:
+                break
+            time.sleep(interval)
+    click.echo(f"derived {total} batches; {s.derive_backlog()} still queued")
+    s.close()
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""Receiver configuration: TOML over documented defaults (see receiver.example.toml)."""
+"""Receiver configuration: TOML over documented defaults (see receiver/receiver.example.toml)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
+
+
+DERIVE_MODES = ("inline", "background", "separate")
 
 
 @dataclass(slots=True)
@@ -28,6 +31,11 @@ class ReceiverConfig:
     # Share the subscription among workers with this group name ("" = plain subscription).
     share_group: str = ""
     max_gap_s: float = 10.0  # longest GPS gap to interpolate a position across
+    # Where fixes, positions, calibrations and quality flags are derived (docs/architecture.md):
+    #   inline     in the ingest transaction, before the ack (small fleets; the default)
+    #   background in a thread of this worker, after the ack (the ack waits for raw storage only)
+    #   separate   elsewhere: run `datalab-receiver derive --follow` (large fleets)
+    derive: str = "inline"
 
 
 def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverConfig:
@@ -53,6 +61,8 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
         setattr(cfg, key, value)
     if not 1 <= cfg.port <= 65535:
         raise ConfigError("receiver.port", "must be a TCP port, 1-65535")
+    if cfg.derive not in DERIVE_MODES:
+        raise ConfigError("receiver.derive", f"must be one of {', '.join(DERIVE_MODES)}, got {cfg.derive!r}")
     if cfg.max_gap_s <= 0:
         raise ConfigError("receiver.max_gap_s", "must be above 0")
     return cfg

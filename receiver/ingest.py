@@ -43,9 +43,10 @@ class Outcome:
 
 
 class Ingestor:
-    def __init__(self, store: Store, topic_prefix: str = "datalab/v1") -> None:
+    def __init__(self, store: Store, topic_prefix: str = "datalab/v1", *, derive: bool = True) -> None:
         self.store = store
         self.prefix = topic_prefix
+        self.derive = derive  # False: store raw and queue; a deriver does the rest after the ack
         self.counters = {"stored": 0, "duplicate": 0, "rejected": 0}
 
     def handle(self, topic: str, payload: bytes, received_ms: int) -> Outcome:
@@ -61,7 +62,7 @@ class Ingestor:
                 raise PayloadError(
                     f"payload claims device {batch.device!r} but arrived on {device!r}'s topic"
                 )
-            result = self.store.ingest(batch, digest, received_ms)
+            result = self.store.ingest(batch, digest, received_ms, derive=self.derive)
         except PayloadError as exc:
             reason = str(exc)
             log.warning("rejected upload on %s: %s", topic, reason)

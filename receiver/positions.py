@@ -45,7 +45,7 @@ def locate(
 ) -> Position:
     """Position at ``t_utc_ms`` from ``fixes`` sorted by time (``times`` = their times).
 
-    ``newest_known_ms`` is the newest sample time the store holds for this van:
+    ``newest_known_ms`` is the newest sample time known (derived) for this van:
     once it is more than ``max_gap_ms`` past ``t`` and no later fix came, none
     is coming from the live stream, so the sample is flagged ``no_fix`` (a
     late-arriving backlog batch can still upgrade it).

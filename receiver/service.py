@@ -24,6 +24,9 @@ from uplink.wire import ack_topic, encode_ack
 
 log = logging.getLogger(__name__)
 
+DERIVE_POLL_S = 0.5  # an idle deriver looks for queued batches this often
+DERIVE_RETRY_S = 5.0  # and after a failure (store unreachable) waits this long
+
 
 class ReceiverService:
     def __init__(
@@ -33,7 +36,12 @@ class ReceiverService:
         self.ready_file = ready_file
         self.subscribed = threading.Event()
         self.store = store or open_store(cfg.store, max_gap_s=cfg.max_gap_s)
-        self.ingestor = Ingestor(self.store, cfg.topic_prefix)
+        self.ingestor = Ingestor(self.store, cfg.topic_prefix, derive=cfg.derive == "inline")
+        self._stopping = threading.Event()
+        # Also in inline mode: it drains what a previous run in another mode left queued.
+        self.deriver: threading.Thread | None = None
+        if cfg.derive != "separate":
+            self.deriver = threading.Thread(target=self._derive_loop, name="deriver", daemon=True)
         self.connected = threading.Event()
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -118,15 +126,45 @@ class ReceiverService:
             client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack), qos=1)
         client.ack(msg.mid, msg.qos)
 
+    def _derive_loop(self) -> None:
+        """Derive queued batches on a connection of its own, until stopped; never dies of an error."""
+        store: Store | None = None
+        while not self._stopping.is_set():
+            try:
+                store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s)
+                if store.derive_pending(limit=20):
+                    continue
+            except Exception:
+                log.exception("deriving failed; the batches stay queued and are tried again")
+                if store is not None:
+                    store.close()
+                    store = None
+                self._stopping.wait(DERIVE_RETRY_S)
+            self._stopping.wait(DERIVE_POLL_S)
+        if store is not None:
+            store.close()
+
+    def _start_deriver(self) -> None:
+        if self.deriver is not None and not self.deriver.is_alive():
+            self.deriver.start()
+
     def start(self) -> None:
+        self._start_deriver()
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30)
         self.client.loop_start()
 
     def run_forever(self) -> None:
+        self._start_deriver()
         self.client.connect(self.cfg.host, self.cfg.port, keepalive=30)
         self.client.loop_forever(retry_first_connection=True)
 
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.stop_deriver()
         self.store.close()
+
+    def stop_deriver(self) -> None:
+        self._stopping.set()
+        if self.deriver is not None and self.deriver.is_alive():
+            self.deriver.join(timeout=30)

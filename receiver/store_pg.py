@@ -63,6 +63,8 @@ from edge.errors import PayloadError
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.faultpoints import crash_point
 from receiver import quality
+from receiver.calibration import ensure_tables as ensure_calibration_tables
+from receiver.calibration import ingest_calibrations
 from receiver.store import (
     GPS_SENSOR,
     IngestResult,
@@ -70,6 +72,8 @@ from receiver.store import (
     _has_fix,
     _int,
     _num,
+    _json,
+    _sample_from_row,
     _screen_times,
     quality_rows,
 )
@@ -77,9 +81,10 @@ from uplink.wire import Batch
 
 log = logging.getLogger(__name__)
 
-# Advisory lock namespaces (first key of the two-int form): "DL" + 0/1.
+# Advisory lock namespaces (first key of the two-int form): "DL" + 0/1/2.
 _LOCK_DEVICE = 0x444C00
 _LOCK_SCHEMA = 0x444C01
+_LOCK_DERIVE = 0x444C02
 
 # Transient failures after which the whole transaction is simply run again.
 _RETRY = (
@@ -175,13 +180,23 @@ CREATE TABLE IF NOT EXISTS quality (
     flags text,
     PRIMARY KEY (device, epoch, seq, quantity)
 );
+CREATE TABLE IF NOT EXISTS derive_queue (
+    batch_id text PRIMARY KEY,
+    device text,
+    epoch text,
+    first_seq bigint,
+    last_seq bigint,
+    received_utc_ms bigint
+);
 CREATE TABLE IF NOT EXISTS device_status (
     device text PRIMARY KEY,
     received_utc_ms bigint,
     online integer,
     status text
 );
-CREATE INDEX IF NOT EXISTS samples_device_time ON samples (device, t_utc_ms);
+-- Time indexes on the derived tables only, off the ack path (see SQLiteStore._create).
+DROP INDEX IF EXISTS samples_device_time;
+CREATE INDEX IF NOT EXISTS positions_device_time ON positions (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
     WHERE state IN ('pending', 'no_fix');
@@ -236,6 +251,8 @@ class PostgresStore(StoreReads):
     True insists (fails if it cannot be enabled).
     """
 
+    PARAM = "%s"
+
     def __init__(
         self,
         dsn: str,
@@ -276,6 +293,7 @@ class PostgresStore(StoreReads):
             c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
             c.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             c.execute(_TABLES)
+            ensure_calibration_tables(c)
         if self._want_postgis is not False:
             self.postgis = self._enable_postgis()
             if self._want_postgis and not self.postgis:
@@ -336,15 +354,19 @@ class PostgresStore(StoreReads):
 
     # -- writes -------------------------------------------------------------------
 
-    def ingest(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult:
-        """Store one batch in one transaction, idempotently (also across workers)."""
+    def ingest(self, batch: Batch, sha256: str, received_ms: int, *, derive: bool = True) -> IngestResult:
+        """Store one batch in one transaction, idempotently (also across workers).
+
+        ``derive`` as in ``SQLiteStore.ingest``: False stores only the raw batch
+        and queues it for ``derive_pending``.
+        """
         _screen_times(batch, received_ms)
         # Dumped by COPY itself; a value JSON cannot hold raises PayloadError from there.
         vals = [Jsonb(s.values, _json) for s in batch.samples]
-        return self._run(lambda attempt: self._ingest(batch, vals, sha256, received_ms, attempt))
+        return self._run(lambda attempt: self._ingest(batch, vals, sha256, received_ms, attempt, derive))
 
     def _ingest(
-        self, batch: Batch, vals: list[Jsonb], sha256: str, received_ms: int, attempt: int
+        self, batch: Batch, vals: list[Jsonb], sha256: str, received_ms: int, attempt: int, derive: bool
     ) -> IngestResult:
         c = self.conn
         n = len(batch.samples)
@@ -363,43 +385,111 @@ class PostgresStore(StoreReads):
             )
             # After a unique violation, do not trust the fast path's premise again.
             fresh = attempt == 0 and self._none_stored(batch)
+            device, epoch, bid = batch.device, batch.epoch, batch.batch_id
             rows = [
-                (batch.device, batch.epoch, s.seq, s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src),
-                 s.boot_id, v, ",".join(s.flags), batch.batch_id, received_ms)
+                (device, epoch, s.seq, s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, v,
+                 ",".join(s.flags), bid, received_ms)
                 for s, v in zip(batch.samples, vals)
-            ]
-            fixes = [
-                (batch.device, batch.epoch, s.seq, s.t_utc_ms, float(s.values["lat"]),
-                 float(s.values["lon"]), _num(s.values.get("speed")), _int(s.values.get("fix_quality")))
-                for s in batch.samples
-                if s.sensor == GPS_SENSOR and s.t_utc_ms is not None and _has_fix(s.values)
             ]
             if fresh:
                 self._copy("samples", _SAMPLE_COLS, rows)
-                self._copy("fixes", _FIX_COLS, fixes)
                 new = n
             else:
                 new = self._insert_new_samples(rows)
-                with c.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                        fixes,
-                    )
             if batch.gaps:
                 with c.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                        [(batch.device, batch.epoch, g.first_seq, g.last_seq, g.reason, batch.batch_id)
-                         for g in batch.gaps],
+                        [(device, epoch, g.first_seq, g.last_seq, g.reason, bid) for g in batch.gaps],
                     )
-            self._join_positions(batch, fixes, fresh)
-            self._flag_quality(batch, fresh)
+            if derive:
+                self._derive(batch)
+            else:
+                c.execute(
+                    "INSERT INTO derive_queue VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                    (bid, device, epoch, batch.first_seq, batch.last_seq, received_ms),
+                )
             bumps = {"batches_stored": 1, "samples_stored": new}
             if new < n:
                 bumps["samples_duplicate"] = n - new
             self._bump(bumps)
             crash_point("receiver.commit.before")
         return IngestResult("stored", new, n - new)
+
+    def _derive(self, batch: Batch) -> None:
+        """Stage two, inside the caller's transaction: fixes, positions, calibrations, flags.
+
+        Under a per-van lock of its own (not the ingest lock, so storing and
+        deriving one van's batches never wait for each other): two derivers on
+        neighbouring batches of one van would each miss the other's fixes.
+        """
+        c = self.conn
+        c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_DERIVE, batch.device))
+        fresh = self._nothing_derived(batch)
+        fixes = [
+            (batch.device, batch.epoch, s.seq, s.t_utc_ms, float(s.values["lat"]),
+             float(s.values["lon"]), _num(s.values.get("speed")), _int(s.values.get("fix_quality")))
+            for s in batch.samples
+            if s.sensor == GPS_SENSOR and s.t_utc_ms is not None and _has_fix(s.values)
+        ]
+        if fresh:
+            self._copy("fixes", _FIX_COLS, fixes)
+        elif fixes:
+            with c.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING", fixes
+                )
+        self._join_positions(batch, fixes, fresh)
+        ingest_calibrations(c, batch, 0)
+        self._flag_quality(batch, fresh)
+
+    def _nothing_derived(self, batch: Batch) -> bool:
+        """True when no fix, position or flag of the batch's range exists yet (so COPY cannot conflict)."""
+        seqs = [s.seq for s in batch.samples]
+        if not seqs:
+            return True
+        if len(set(seqs)) != len(seqs) or any(q is None for q in seqs):
+            return False
+        lo, hi = min(seqs), max(seqs)  # type: ignore[type-var]
+        row = self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM positions WHERE device = %s AND epoch = %s AND seq BETWEEN %s AND %s)"
+            " OR EXISTS (SELECT 1 FROM fixes WHERE device = %s AND epoch = %s AND seq BETWEEN %s AND %s)"
+            " OR EXISTS (SELECT 1 FROM quality WHERE device = %s AND epoch = %s AND seq BETWEEN %s AND %s)",
+            (batch.device, batch.epoch, lo, hi) * 3,
+        ).fetchone()
+        return not row[0]  # type: ignore[index]
+
+    def derive_pending(self, limit: int | None = None) -> int:
+        """Derive the batches stored with ``derive=False``, oldest first; how many were done.
+
+        Several derivers may run at once: each claims a queue entry with
+        ``FOR UPDATE SKIP LOCKED``, derives it and deletes the entry in one
+        transaction (killed at any point: derived, or still queued).
+        """
+        done = 0
+
+        def work(attempt: int) -> bool:
+            c = self.conn
+            with c.transaction():
+                row = c.execute(
+                    "SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue"
+                    " ORDER BY received_utc_ms, batch_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+                ).fetchone()
+                if row is None:
+                    return False
+                self._derive(self._load_batch(*row))
+                c.execute("DELETE FROM derive_queue WHERE batch_id = %s", (row[0],))
+                self._bump({"batches_derived": 1})
+                crash_point("receiver.derive.before")
+            return True
+
+        while (limit is None or done < limit) and self._run(work):
+            done += 1
+        return done
+
+    def derive_backlog(self) -> int:
+        """Batches stored but not derived yet."""
+        return int(self.conn.execute("SELECT count(*) FROM derive_queue").fetchone()[0])  # type: ignore[index]
 
     def _none_stored(self, batch: Batch) -> bool:
         """True when none of the batch's samples is stored yet (so COPY cannot conflict).
@@ -475,7 +565,16 @@ class PostgresStore(StoreReads):
             return
         lo, hi = min(times) - gap, max(times) + gap  # type: ignore[type-var,operator]
         device = batch.device
-        newest = c.execute("SELECT max(t_utc_ms) FROM samples WHERE device = %s", (device,)).fetchone()[0]  # type: ignore[index]
+        newest = max(hi - gap, *(r[0] or 0 for r in c.execute(
+            "SELECT max(t_utc_ms) FROM positions WHERE device = %s UNION ALL"
+            " SELECT max(t_utc_ms) FROM fixes WHERE device = %s", (device, device)).fetchall()))
+        # Reopen as SQLiteStore does: all pending samples, and no_fix ones near this batch.
+        reopened = c.execute(
+            "SELECT epoch, seq, t_utc_ms FROM positions WHERE device = %s AND t_utc_ms <= %s"
+            " AND (state = %s OR (state = %s AND t_utc_ms >= %s))",
+            (device, hi, PENDING, NO_FIX, lo),
+        ).fetchall()
+        lo = min([lo, *(r[2] for r in reopened)])
         rows = c.execute(
             "SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
             " WHERE device = %s AND t_utc_ms BETWEEN %s AND %s ORDER BY t_utc_ms",
@@ -483,11 +582,6 @@ class PostgresStore(StoreReads):
         ).fetchall()
         fx = [Fix(*r) for r in rows]
         ft = [f.t_utc_ms for f in fx]
-        reopened = c.execute(
-            "SELECT epoch, seq, t_utc_ms FROM positions WHERE device = %s AND state IN (%s, %s)"
-            " AND t_utc_ms BETWEEN %s AND %s",
-            (device, PENDING, NO_FIX, lo, hi),
-        ).fetchall()
 
         def place(epoch: str, seq: int, t: int) -> tuple[Any, ...]:
             p = locate(fx, ft, t, gap, newest)
@@ -572,15 +666,3 @@ class PostgresStore(StoreReads):
             "SELECT batch_id, sha256 FROM batches WHERE batch_id = ANY(%s)", (list(batch_ids),)
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
-
-
-# Built once: json.dumps with options builds a new encoder per call, a third of its cost here.
-_encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-
-
-def _json(values: dict[str, Any]) -> str:
-    """The values as compact JSON, as SQLite stores them; jsonb has no NaN or Infinity."""
-    try:
-        return _encode_json(values)
-    except ValueError as exc:
-        raise PayloadError(f"values that JSON cannot hold (NaN or infinity): {exc}") from exc
