@@ -17,6 +17,7 @@ shared/reference/datalab-store.md:
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -45,72 +46,125 @@ CONTEXT = max(WINDOW, STUCK_RUN) - 1  # earlier values a batch needs to see
 FLAGGED = set(RANGES)
 
 
+# Every flag is a bit, in alphabetical order, so that a mask's names in bit order are
+# sorted: the store works on integer masks of whole series at once (numpy) and turns
+# each distinct mask into its text once.
+FLAG_NAMES = tuple(sorted((
+    "clock_untrusted", "humid", "negative", "no_fix", "no_time", "out_of_range", "outlier", "stuck",
+    "time_implausible", "warming_up",
+)))
+BIT = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
+_SENTINELS = np.array(sorted(SENTINELS))
+
+
+@lru_cache(maxsize=1024)
+def mask_text(mask: int) -> str:
+    """The flags of ``mask`` as the store writes them: names, sorted, comma-separated."""
+    return ",".join(n for n in FLAG_NAMES if mask & BIT[n])
+
+
+def names(mask: int) -> set[str]:
+    return {n for n in FLAG_NAMES if mask & BIT[n]}
+
+
+def value_masks(quantity: str, v: np.ndarray) -> np.ndarray:
+    """``out_of_range``/``negative`` for each value (NaN: not a number, no flag)."""
+    sentinel = np.isin(v, _SENTINELS)
+    lo, hi = RANGES.get(quantity, (-np.inf, np.inf))
+    with np.errstate(invalid="ignore"):
+        out = np.where(~np.isnan(v) & ~((v >= lo) & (v <= hi)), BIT["out_of_range"], 0)
+        if quantity in NON_NEGATIVE:
+            out |= np.where(v < 0, BIT["negative"], 0)
+    # a sentinel is not a measurement at all: out of range, and nothing else
+    return np.where(sentinel, BIT["out_of_range"], out)
+
+
 def value_flags(quantity: str, value: object) -> set[str]:
     """Flags that need only the value itself."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return set()
-    v = float(value)
-    out: set[str] = set()
-    if v in SENTINELS:
-        return {"out_of_range"}
-    lo, hi = RANGES.get(quantity, (float("-inf"), float("inf")))
-    if not lo <= v <= hi:
-        out.add("out_of_range")
-    if quantity in NON_NEGATIVE and v < 0:
-        out.add("negative")
-    return out
+    return names(int(value_masks(quantity, np.array([float(value)]))[0]))
+
+
+def series_masks(values: np.ndarray, context: Sequence[float] = ()) -> np.ndarray:
+    """``stuck`` and ``outlier`` bits for a time-ordered series (NaN: no value), with context.
+
+    ``context`` holds the values just before ``values`` (up to CONTEXT), so a
+    batch boundary does not reset the windows.
+    """
+    ctx = np.asarray([float(c) for c in context][-CONTEXT:], dtype=float)
+    seq = np.concatenate([ctx, np.asarray(values, dtype=float)])
+    offset = len(ctx)
+    mask = np.zeros(len(seq), dtype=np.int64)
+    if not len(seq):
+        return mask
+    # stuck: runs of identical values of length >= STUCK_RUN (every member flagged);
+    # NaN != NaN, so a missing value ends a run and is never part of one.
+    starts = np.r_[True, seq[1:] != seq[:-1]]
+    run = np.cumsum(starts) - 1
+    long_run = np.bincount(run)[run] >= STUCK_RUN
+    mask[long_run & ~np.isnan(seq)] |= BIT["stuck"]
+    # outlier: median ± 3 MAD over a centred window of 15 (shifted inward at the ends),
+    # for all windows at once: this runs for every value ingested.
+    idx = np.nonzero(~np.isnan(seq))[0]
+    n = len(idx)
+    if n >= 5:
+        vals = seq[idx]
+        w = min(WINDOW, n)
+        windows = sliding_window_view(vals, w)
+        med = np.median(windows, axis=1)
+        mad = np.median(np.abs(windows - med[:, None]), axis=1)
+        start = np.clip(np.arange(n) - WINDOW // 2, 0, n - w)
+        m, d = med[start], mad[start]
+        # A flat window has MAD 0; a floor (5 % of the median, at least half a unit)
+        # keeps a single spike in it an outlier without flagging ordinary wobble.
+        d = np.maximum(np.maximum(d, 0.05 * np.abs(m)), 0.5)
+        mask[idx[np.abs(vals - m) > MAD_K * 1.4826 * d]] |= BIT["outlier"]
+    return mask[offset:]
 
 
 def series_flags(values: Sequence[float | None], context: Sequence[float] = ()) -> list[set[str]]:
-    """``stuck`` and ``outlier`` for a time-ordered series, with earlier values as context.
+    """``stuck`` and ``outlier`` for a time-ordered series (None: no value), as sets."""
+    arr = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+    return [names(int(m)) for m in series_masks(arr, context)]
 
-    ``context`` holds the values just before ``values`` (up to WINDOW - 1), so a
-    batch boundary does not reset the windows.
-    """
-    ctx = [float(c) for c in context][-CONTEXT:]
-    seq: list[float | None] = [*ctx, *values]
-    offset = len(ctx)
-    out: list[set[str]] = [set() for _ in values]
-    # stuck: runs of identical values of length >= STUCK_RUN (every member flagged)
-    run_start = 0
-    for i in range(1, len(seq) + 1):
-        if i < len(seq) and seq[i] is not None and seq[i] == seq[run_start]:
-            continue
-        if seq[run_start] is not None and i - run_start >= STUCK_RUN:
-            for j in range(max(run_start, offset), i):
-                out[j - offset].add("stuck")
-        run_start = i
-    # outlier: median ± 3 MAD over a centred window of 15 (shifted inward at the ends),
-    # computed for all windows at once with numpy: this runs for every value ingested.
-    idx = [i for i, v in enumerate(seq) if v is not None]
-    n = len(idx)
-    if n < 5:
-        return out
-    vals = np.fromiter((seq[i] for i in idx), dtype=float, count=n)  # type: ignore[misc]
-    w = min(WINDOW, n)
-    windows = sliding_window_view(vals, w)
-    med = np.median(windows, axis=1)
-    mad = np.median(np.abs(windows - med[:, None]), axis=1)
-    start = np.clip(np.arange(n) - WINDOW // 2, 0, n - w)
-    m, d = med[start], mad[start]
-    # A flat window has MAD 0; a floor (5 % of the median, at least half a unit)
-    # keeps a single spike in it an outlier without flagging ordinary wobble.
-    d = np.maximum(np.maximum(d, 0.05 * np.abs(m)), 0.5)
-    for k in np.nonzero(np.abs(vals - m) > MAD_K * 1.4826 * d)[0]:
-        i = idx[k]
-        if i >= offset:
-            out[i - offset].add("outlier")
+
+@lru_cache(maxsize=256)
+def sample_mask(flags: tuple[str, ...], time_src: str) -> int:
+    """Bits that hold for every value of one sample (its driver flags and clock)."""
+    out = 0
+    for f in flags:
+        if f in ("warming_up", "time_implausible"):
+            out |= BIT[f]
+    if time_src == "unsync":
+        out |= BIT["clock_untrusted"]
     return out
 
 
 def sample_flags(sample_flags_csv: str, time_src: str, position_state: str | None) -> set[str]:
     """Flags that hold for every value of one sample."""
-    out = {f for f in sample_flags_csv.split(",") if f in ("warming_up", "time_implausible")}
-    if time_src == "unsync":
-        out.add("clock_untrusted")
+    out = names(sample_mask(tuple(sample_flags_csv.split(",")), time_src))
     if position_state in ("no_fix", "no_time"):
         out.add(position_state)
     return out
+
+
+def humid_mask(t: np.ndarray, rh_t: np.ndarray, rh: np.ndarray, within_ms: float = 60_000) -> np.ndarray:
+    """``humid`` where the relative humidity measured closest in time (within a minute) is above 75 %.
+
+    ``t``: the values' times (NaN: unknown); ``rh_t`` sorted, ``rh`` beside it.
+    Of two equally close measurements the earlier counts.
+    """
+    if not len(rh_t):
+        return np.zeros(len(t), dtype=np.int64)
+    i = np.searchsorted(rh_t, t, side="left")
+    before = np.clip(i - 1, 0, len(rh_t) - 1)
+    after = np.clip(i, 0, len(rh_t) - 1)
+    with np.errstate(invalid="ignore"):
+        take_after = (i < len(rh_t)) & ((i == 0) | (np.abs(rh_t[after] - t) < np.abs(rh_t[before] - t)))
+        near = np.where(take_after, after, before)
+        ok = (np.abs(rh_t[near] - t) <= within_ms) & (rh[near] > HUMID_RH)
+    return np.where(ok, BIT["humid"], 0)
 
 
 def humid(quantity: str, rh: float | None) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import orjson
 import sqlite_utils
 
@@ -509,44 +510,44 @@ def quality_rows(
 
     ``context(sensor, quantity, first_seq)`` gives the values just before the
     batch, so moving windows run across batch boundaries. Backend-neutral: the
-    PostgreSQL store uses it too.
+    PostgreSQL store uses it too. Works on whole series at once (bit masks, see
+    ``quality.BIT``): this runs for every value the receiver derives.
     """
     by_stream: dict[tuple[str, str], list[Sample]] = {}
     rh_at: list[tuple[int, float]] = []
     for smp in batch.samples:
         if smp.sensor == GPS_SENSOR:
             continue
-        rh = smp.values.get("rh", smp.values.get("rh_pct"))
-        if isinstance(rh, (int, float)) and smp.t_utc_ms is not None:
+        vals = smp.values
+        rh = vals.get("rh", vals.get("rh_pct"))
+        if isinstance(rh, (int, float)) and not isinstance(rh, bool) and smp.t_utc_ms is not None:
             rh_at.append((smp.t_utc_ms, float(rh)))
-        for q in smp.values:
+        for q in vals:
             if q in quality.FLAGGED:
                 by_stream.setdefault((smp.sensor, q), []).append(smp)
     rh_at.sort()
+    rh_t = np.array([r[0] for r in rh_at], dtype=float)
+    rh_v = np.array([r[1] for r in rh_at], dtype=float)
     out = []
     for (sensor, q), samples in by_stream.items():
         samples.sort(key=lambda x: x.seq or 0)
-        values = [x.values.get(q) for x in samples]
-        numeric = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values]
-        series = quality.series_flags(numeric, context(sensor, q, samples[0].seq or 0))
-        for smp, v, fl in zip(samples, values, series):
-            flags = fl | quality.value_flags(q, v) | quality.sample_flags(",".join(smp.flags), str(smp.time_src), None)
-            if q in quality.PM_QUANTITIES and quality.humid(q, _rh_near(rh_at, smp.t_utc_ms)):
-                flags.add("humid")
-            if flags:
-                out.append((batch.device, batch.epoch, smp.seq, q, quality.join(flags)))
+        v = np.array([_num_or_nan(x.values.get(q)) for x in samples], dtype=float)
+        mask = quality.value_masks(q, v) | quality.series_masks(v, context(sensor, q, samples[0].seq or 0))
+        mask |= np.fromiter((quality.sample_mask(x.flags, str(x.time_src)) for x in samples),
+                            dtype=np.int64, count=len(samples))
+        if q in quality.PM_QUANTITIES:
+            t = np.array([_NAN if x.t_utc_ms is None else x.t_utc_ms for x in samples], dtype=float)
+            mask |= quality.humid_mask(t, rh_t, rh_v)
+        for k in np.nonzero(mask)[0]:
+            out.append((batch.device, batch.epoch, samples[k].seq, q, quality.mask_text(int(mask[k]))))
     return out
 
 
-def _rh_near(rh_at: list[tuple[int, float]], t: int | None, within_ms: int = 60_000) -> float | None:
-    """The relative humidity measured closest in time (within a minute), if any."""
-    if t is None or not rh_at:
-        return None
-    from bisect import bisect_left
+_NAN = float("nan")
 
-    i = bisect_left(rh_at, (t, float("-inf")))
-    best = min((rh_at[j] for j in (i - 1, i) if 0 <= j < len(rh_at)), key=lambda r: abs(r[0] - t))
-    return best[1] if abs(best[0] - t) <= within_ms else None
+
+def _num_or_nan(v: object) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _NAN
 
 
 def _has_fix(values: dict[str, object]) -> bool:
@@ -583,7 +584,7 @@ def _json(values: dict[str, Any]) -> str:
 
 def _sample_from_row(r: tuple[Any, ...]) -> Sample:
     """A sample read back from ``samples`` (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags)."""
-    vals = json.loads(r[6]) if isinstance(r[6], (str, bytes)) else dict(r[6] or {})
+    vals = orjson.loads(r[6]) if isinstance(r[6], (str, bytes)) else dict(r[6] or {})
     return Sample(r[1], r[2], r[3], r[4], vals, tuple(r[7].split(",")) if r[7] else (), r[0], r[5] or "")
 
 
