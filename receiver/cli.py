@@ -66,7 +66,7 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     svc.run_forever()
-    svc.stop_deriver()
+    svc.stop_threads()
     svc.store.close()
     sys.exit(0)
 

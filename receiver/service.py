@@ -9,6 +9,7 @@ so a receiver killed at any point makes the broker deliver the batch again
 from __future__ import annotations
 
 import logging
+import queue
 import ssl
 import threading
 import time
@@ -24,6 +25,7 @@ from uplink.wire import ack_topic, encode_ack
 
 log = logging.getLogger(__name__)
 
+MAX_GROUP = 64  # uploads stored in one transaction at most (the broker's in-flight window is less)
 DERIVE_POLL_S = 0.5  # an idle deriver looks for queued batches this often
 DERIVE_RETRY_S = 5.0  # and after a failure (store unreachable) waits this long
 
@@ -38,6 +40,8 @@ class ReceiverService:
         self.store = store or open_store(cfg.store, max_gap_s=cfg.max_gap_s)
         self.ingestor = Ingestor(self.store, cfg.topic_prefix, derive=cfg.derive == "inline")
         self._stopping = threading.Event()
+        self._inbox: queue.Queue[tuple[mqtt.MQTTMessage, int]] = queue.Queue()
+        self.worker = threading.Thread(target=self._work_loop, name="ingest", daemon=True)
         # Also in inline mode: it drains what a previous run in another mode left queued.
         self.deriver: threading.Thread | None = None
         if cfg.derive != "separate":
@@ -99,32 +103,55 @@ class ReceiverService:
         log.warning("receiver disconnected: %s", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
-        route = self.ingestor.route(msg.topic)
-        now_ms = int(time.time() * 1000)
+        # Handed to the worker thread: while it commits one group, the next one queues up
+        # here (at most the broker's in-flight window), and is stored with one commit.
+        self._inbox.put((msg, int(time.time() * 1000)))
+
+    def _work_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                group = [self._inbox.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(group) < MAX_GROUP:
+                try:
+                    group.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._handle_group(group)
+
+    def _handle_group(self, group: list[tuple[mqtt.MQTTMessage, int]]) -> None:
+        """Store the group's batches in one transaction, then answer and ack every message in order."""
+        client = self.client
+        routes = [self.ingestor.route(m.topic) for m, _ in group]
+        uploads = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
         try:
-            if route is not None and route[1] == "sync":
-                for ack in self.ingestor.handle_sync(route[0], msg.payload):
-                    client.publish(ack_topic(self.cfg.topic_prefix, route[0]), encode_ack(ack), qos=1)
-                client.ack(msg.mid, msg.qos)
-                return
-            if route is not None and route[1] == "status":
-                self.ingestor.handle_status(route[0], msg.payload, now_ms)
-                client.ack(msg.mid, msg.qos)
-                return
+            outcomes = dict(zip(uploads, self.ingestor.handle_many(
+                [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads])))
         except Exception:
-            log.exception("store failure on %s; will be redelivered", msg.topic)
-            return
-        try:
-            outcome = self.ingestor.handle(msg.topic, msg.payload, now_ms)
-        except Exception:
-            # The store failed (not the payload): leave the message un-acked so the
-            # broker delivers it again, and keep running.
-            log.exception("store failure while ingesting %s; will be redelivered", msg.topic)
-            return
+            # The store failed (not the payloads): leave them un-acked so the broker
+            # delivers them again, and keep running.
+            log.exception("store failure while ingesting %d uploads; they will be redelivered", len(uploads))
+            outcomes = None
         crash_point("receiver.commit.after")
-        if outcome.device is not None and outcome.ack is not None:
-            client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack), qos=1)
-        client.ack(msg.mid, msg.qos)
+        for i, ((msg, now_ms), route) in enumerate(zip(group, routes)):
+            try:
+                if route is not None and route[1] == "sync":
+                    for ack in self.ingestor.handle_sync(route[0], msg.payload):
+                        client.publish(ack_topic(self.cfg.topic_prefix, route[0]), encode_ack(ack), qos=1)
+                elif route is not None and route[1] == "status":
+                    self.ingestor.handle_status(route[0], msg.payload, now_ms)
+                elif outcomes is None:
+                    continue
+                else:
+                    outcome = outcomes[i]
+                    if outcome.device is not None and outcome.ack is not None:
+                        client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack),
+                                       qos=1)
+            except Exception:
+                log.exception("store failure on %s; will be redelivered", msg.topic)
+                continue
+            client.ack(msg.mid, msg.qos)
 
     def _derive_loop(self) -> None:
         """Derive queued batches on a connection of its own, until stopped; never dies of an error."""
@@ -144,27 +171,31 @@ class ReceiverService:
         if store is not None:
             store.close()
 
-    def _start_deriver(self) -> None:
+    def _start_threads(self) -> None:
+        if not self.worker.is_alive():
+            self.worker.start()
         if self.deriver is not None and not self.deriver.is_alive():
             self.deriver.start()
 
     def start(self) -> None:
-        self._start_deriver()
+        self._start_threads()
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30)
         self.client.loop_start()
 
     def run_forever(self) -> None:
-        self._start_deriver()
+        self._start_threads()
         self.client.connect(self.cfg.host, self.cfg.port, keepalive=30)
         self.client.loop_forever(retry_first_connection=True)
 
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-        self.stop_deriver()
+        self.stop_threads()
         self.store.close()
 
-    def stop_deriver(self) -> None:
+    def stop_threads(self) -> None:
+        """Stop the worker and deriver threads (after the MQTT loop has stopped)."""
         self._stopping.set()
-        if self.deriver is not None and self.deriver.is_alive():
-            self.deriver.join(timeout=30)
+        for t in (self.worker, self.deriver):
+            if t is not None and t.is_alive():
+                t.join(timeout=30)

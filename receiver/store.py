@@ -18,7 +18,7 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import orjson
@@ -48,6 +48,10 @@ class Store(Protocol):
     """What the receiver needs from a DataLab store (SQLiteStore here, PostgresStore in store_pg.py)."""
 
     def ingest(self, batch: Batch, sha256: str, received_ms: int, *, derive: bool = True) -> IngestResult: ...
+
+    def ingest_many(
+        self, items: Sequence[tuple[Batch, str, int]], *, derive: bool = True
+    ) -> list[IngestResult]: ...
 
     def derive_pending(self, limit: int | None = None) -> int: ...
 
@@ -280,26 +284,42 @@ class SQLiteStore(StoreReads):
         samples, gaps, the batch record) and queues the batch for
         ``derive_pending``: the fast path for a receiver under load.
         """
+        return self.ingest_many([(batch, sha256, received_ms)], derive=derive)[0]
+
+    def ingest_many(
+        self, items: Sequence[tuple[Batch, str, int]], *, derive: bool = True
+    ) -> list[IngestResult]:
+        """Several (batch, sha256, received_ms) in one transaction: one commit for all.
+
+        What a busy receiver does with the messages that queued up while it
+        committed the last group. All or nothing: a PayloadError (a batch id
+        arriving with other content) rolls the whole group back, and the
+        caller stores the batches one by one to find the culprit.
+        """
         c = self.conn
-        _screen_times(batch, received_ms)
+        for batch, _, received_ms in items:
+            _screen_times(batch, received_ms)
         c.execute("BEGIN IMMEDIATE")
         try:
-            result = self._store_raw(batch, sha256, received_ms)
-            if result.status == "stored":
-                if derive:
-                    self._derive(batch)
-                else:
-                    c.execute(
-                        "INSERT OR IGNORE INTO derive_queue VALUES (?,?,?,?,?,?)",
-                        (batch.batch_id, batch.device, batch.epoch, batch.first_seq, batch.last_seq,
-                         received_ms),
-                    )
+            results = []
+            for batch, sha256, received_ms in items:
+                result = self._store_raw(batch, sha256, received_ms)
+                if result.status == "stored":
+                    if derive:
+                        self._derive(batch)
+                    else:
+                        c.execute(
+                            "INSERT OR IGNORE INTO derive_queue VALUES (?,?,?,?,?,?)",
+                            (batch.batch_id, batch.device, batch.epoch, batch.first_seq, batch.last_seq,
+                             received_ms),
+                        )
+                results.append(result)
             crash_point("receiver.commit.before")
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        return result
+        return results
 
     def _store_raw(self, batch: Batch, sha256: str, received_ms: int) -> IngestResult:
         """Stage one, inside the caller's transaction: the batch record, raw samples, gaps, counters."""

@@ -360,61 +360,93 @@ class PostgresStore(StoreReads):
         ``derive`` as in ``SQLiteStore.ingest``: False stores only the raw batch
         and queues it for ``derive_pending``.
         """
-        _screen_times(batch, received_ms)
-        # Dumped by COPY itself; a value JSON cannot hold raises PayloadError from there.
-        vals = [Jsonb(s.values, _json) for s in batch.samples]
-        return self._run(lambda attempt: self._ingest(batch, vals, sha256, received_ms, attempt, derive))
+        return self.ingest_many([(batch, sha256, received_ms)], derive=derive)[0]
 
-    def _ingest(
-        self, batch: Batch, vals: list[Jsonb], sha256: str, received_ms: int, attempt: int, derive: bool
-    ) -> IngestResult:
+    def ingest_many(
+        self, items: Sequence[tuple[Batch, str, int]], *, derive: bool = True
+    ) -> list[IngestResult]:
+        """Several batches in one transaction (see ``SQLiteStore.ingest_many``)."""
+        for batch, _, received_ms in items:
+            _screen_times(batch, received_ms)
+        # Dumped by COPY itself; a value JSON cannot hold raises PayloadError from there.
+        vals = [[Jsonb(s.values, _json) for s in batch.samples] for batch, _, _ in items]
+        return self._run(lambda attempt: self._ingest_many(items, vals, attempt, derive))
+
+    def _ingest_many(
+        self, items: Sequence[tuple[Batch, str, int]], vals: list[list[Jsonb]], attempt: int, derive: bool
+    ) -> list[IngestResult]:
         c = self.conn
-        n = len(batch.samples)
+        results: list[IngestResult] = []
+        bumps: dict[str, int] = {}
+        to_copy: list[tuple[Any, ...]] = []  # samples of fresh batches: one COPY for the group
+        queued: list[tuple[Any, ...]] = []
+
+        def bump(name: str, by: int) -> None:
+            bumps[name] = bumps.get(name, 0) + by
+
         with c.transaction():
-            c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_DEVICE, batch.device))
-            row = c.execute("SELECT sha256 FROM batches WHERE batch_id = %s", (batch.batch_id,)).fetchone()
-            if row is not None:
-                if row[0] != sha256:
-                    raise PayloadError(f"batch {batch.batch_id} arrived again with different content")
-                self._bump({"batches_duplicate": 1, "samples_duplicate": n})
-                return IngestResult("duplicate", 0, n)
+            # Every van of the group locked up front, in one order for all workers (no deadlock).
             c.execute(
-                "INSERT INTO batches VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                (batch.batch_id, batch.device, batch.epoch, batch.first_seq, batch.last_seq, n,
-                 sha256, received_ms),
+                "SELECT pg_advisory_xact_lock(%s, k) FROM"
+                " (SELECT DISTINCT hashtext(d) AS k FROM unnest(%s::text[]) AS d ORDER BY k) AS keys",
+                (_LOCK_DEVICE, sorted({b.device for b, _, _ in items})),
             )
-            # After a unique violation, do not trust the fast path's premise again.
-            fresh = attempt == 0 and self._none_stored(batch)
-            device, epoch, bid = batch.device, batch.epoch, batch.batch_id
-            rows = [
-                (device, epoch, s.seq, s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, v,
-                 ",".join(s.flags), bid, received_ms)
-                for s, v in zip(batch.samples, vals)
-            ]
-            if fresh:
-                self._copy("samples", _SAMPLE_COLS, rows)
-                new = n
-            else:
-                new = self._insert_new_samples(rows)
-            if batch.gaps:
+            for (batch, sha256, received_ms), v in zip(items, vals):
+                n = len(batch.samples)
+                device, epoch, bid = batch.device, batch.epoch, batch.batch_id
+                # One round trip on the usual path: the insert says whether the batch is new.
+                if c.execute(
+                    "INSERT INTO batches VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (batch_id) DO NOTHING"
+                    " RETURNING 1",
+                    (bid, device, epoch, batch.first_seq, batch.last_seq, n, sha256, received_ms),
+                ).fetchone() is None:
+                    row = c.execute("SELECT sha256 FROM batches WHERE batch_id = %s", (bid,)).fetchone()
+                    if row is not None and row[0] != sha256:
+                        raise PayloadError(f"batch {bid} arrived again with different content")
+                    bump("batches_duplicate", 1)
+                    bump("samples_duplicate", n)
+                    results.append(IngestResult("duplicate", 0, n))
+                    continue
+                # After a unique violation, do not trust the fast path's premise again.
+                fresh = attempt == 0 and self._none_stored(batch)
+                rows = [
+                    (device, epoch, s.seq, s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, x,
+                     ",".join(s.flags), bid, received_ms)
+                    for s, x in zip(batch.samples, v)
+                ]
+                if fresh:
+                    to_copy += rows
+                    new = n
+                else:
+                    new = self._insert_new_samples(rows)
+                if batch.gaps:
+                    with c.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                            [(device, epoch, g.first_seq, g.last_seq, g.reason, bid) for g in batch.gaps],
+                        )
+                if derive:
+                    # deriving reads the van's earlier samples: they must be in the table first
+                    if to_copy:
+                        self._copy("samples", _SAMPLE_COLS, to_copy)
+                        to_copy = []
+                    self._derive(batch)
+                else:
+                    queued.append((bid, device, epoch, batch.first_seq, batch.last_seq, received_ms))
+                bump("batches_stored", 1)
+                bump("samples_stored", new)
+                if new < n:
+                    bump("samples_duplicate", n - new)
+                results.append(IngestResult("stored", new, n - new))
+            if to_copy:
+                self._copy("samples", _SAMPLE_COLS, to_copy)
+            if queued:
                 with c.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                        [(device, epoch, g.first_seq, g.last_seq, g.reason, bid) for g in batch.gaps],
-                    )
-            if derive:
-                self._derive(batch)
-            else:
-                c.execute(
-                    "INSERT INTO derive_queue VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                    (bid, device, epoch, batch.first_seq, batch.last_seq, received_ms),
-                )
-            bumps = {"batches_stored": 1, "samples_stored": new}
-            if new < n:
-                bumps["samples_duplicate"] = n - new
+                    cur.executemany("INSERT INTO derive_queue VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                                    queued)
             self._bump(bumps)
             crash_point("receiver.commit.before")
-        return IngestResult("stored", new, n - new)
+        return results
 
     def _derive(self, batch: Batch) -> None:
         """Stage two, inside the caller's transaction: fixes, positions, calibrations, flags.
@@ -520,7 +552,9 @@ class PostgresStore(StoreReads):
             "INSERT INTO samples SELECT * FROM stage_samples ORDER BY seq"
             " ON CONFLICT (device, epoch, seq) DO NOTHING"
         )
-        return cur.rowcount
+        new = cur.rowcount
+        c.execute("DELETE FROM stage_samples")  # the next batch of a group stages its own rows only
+        return new
 
     def _copy(self, table: str, cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(

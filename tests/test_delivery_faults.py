@@ -54,7 +54,16 @@ def test_agent_sigkill_at_random_moments(tmp_path, mosquitto, rx, kills):
     rng = random.Random(20261126)
     vans = [Van(f"van-k{i}", tmp_path / "vans", mosquitto.port) for i in range(2)]
     mid_run = 0
-    while sum(v.kills for v in vans) < kills:
+
+    def healed_so_far() -> int:
+        c = store_counters(rx.store)
+        return c.get("batches_duplicate", 0) + c.get("resync_acks", 0)
+
+    # A kill must land inside an ack's round trip (milliseconds) to need healing: at
+    # least ``kills`` kills, and more (up to 4x) until that has happened at least once.
+    while sum(v.kills for v in vans) < kills or (
+        healed_so_far() == 0 and sum(v.kills for v in vans) < 4 * kills
+    ):
         for v in vans:
             v.start()
         time.sleep(rng.uniform(0.05, 0.7))
