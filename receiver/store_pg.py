@@ -54,10 +54,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 from psycopg import errors as pgerr
 from psycopg import sql
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from edge.errors import PayloadError
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
@@ -66,6 +67,7 @@ from receiver import quality
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.store import (
+    DERIVE_CLAIM,
     GPS_SENSOR,
     IngestResult,
     StoreReads,
@@ -275,6 +277,7 @@ class PostgresStore(StoreReads):
         # autocommit: every unit of work is an explicit ``transaction()`` block, so
         # nothing is ever left open (an idle-in-transaction worker would hold locks).
         conn = psycopg.connect(self.dsn, autocommit=True)
+        set_json_loads(orjson.loads, conn)  # jsonb read back by derivers: ~5x the stdlib's speed
         # public stays on the path for PostGIS' types and functions.
         conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self.schema)))
         return conn
@@ -494,29 +497,35 @@ class PostgresStore(StoreReads):
     def derive_pending(self, limit: int | None = None) -> int:
         """Derive the batches stored with ``derive=False``, oldest first; how many were done.
 
-        Several derivers may run at once: each claims a queue entry with
-        ``FOR UPDATE SKIP LOCKED``, derives it and deletes the entry in one
-        transaction (killed at any point: derived, or still queued).
+        Several derivers may run at once: each claims up to DERIVE_CLAIM queue
+        entries with ``FOR UPDATE SKIP LOCKED``, derives them (merged per van)
+        and deletes the entries in one transaction (killed at any point:
+        derived, or still queued).
         """
         done = 0
 
-        def work(attempt: int) -> bool:
+        def work(attempt: int) -> int:
             c = self.conn
+            take = DERIVE_CLAIM if limit is None else min(DERIVE_CLAIM, limit - done)
             with c.transaction():
-                row = c.execute(
+                rows = c.execute(
                     "SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue"
-                    " ORDER BY received_utc_ms, batch_id LIMIT 1 FOR UPDATE SKIP LOCKED"
-                ).fetchone()
-                if row is None:
-                    return False
-                self._derive(self._load_batch(*row))
-                c.execute("DELETE FROM derive_queue WHERE batch_id = %s", (row[0],))
-                self._bump({"batches_derived": 1})
+                    " ORDER BY received_utc_ms, batch_id LIMIT %s FOR UPDATE SKIP LOCKED", (take,)
+                ).fetchall()
+                if not rows:
+                    return 0
+                for batch in self._merged(rows):  # in device order: derivers lock vans in one order
+                    self._derive(batch)
+                c.execute("DELETE FROM derive_queue WHERE batch_id = ANY(%s)", ([r[0] for r in rows],))
+                self._bump({"batches_derived": len(rows)})
                 crash_point("receiver.derive.before")
-            return True
+            return len(rows)
 
-        while (limit is None or done < limit) and self._run(work):
-            done += 1
+        while limit is None or done < limit:
+            n = self._run(work)
+            if not n:
+                break
+            done += n
         return done
 
     def derive_backlog(self) -> int:
@@ -634,8 +643,7 @@ class PostgresStore(StoreReads):
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
         """Quality flags for this batch's values (the same ``quality_rows`` as SQLite)."""
-        rows = quality_rows(batch, lambda sensor, quantity, before: self._context(
-            batch.device, batch.epoch, sensor, quantity, before))
+        rows = quality_rows(batch, self._contexts(batch))
         if fresh:  # none of these samples had flags yet: COPY (humid air flags every PM value)
             self._copy("quality", ("device", "epoch", "seq", "quantity", "flags"), rows)
         elif rows:

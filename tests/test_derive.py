@@ -34,13 +34,20 @@ DERIVED_TABLES = {
 }
 
 
-def shift_batches(n_batches: int = 8, size: int = 200) -> list[Batch]:
+def shift_batches(n_batches: int = 8, size: int = 200, *, seed: int = 7, device: str = "") -> list[Batch]:
     """A van's first minutes (GPS cold start, warm-up, then driving) cut into sealed batches."""
-    run = simulated_batch(n_batches * size, skip_s=5, seed=7)
+    run = simulated_batch(n_batches * size, skip_s=5, seed=seed)
     return [
-        Batch(run.device, run.epoch, part[0].seq or 0, part[-1].seq or 0, part)
+        Batch(device or run.device, run.epoch, part[0].seq or 0, part[-1].seq or 0, part)
         for part in (run.samples[i * size : (i + 1) * size] for i in range(n_batches))
     ]
+
+
+def two_vans(n_batches: int = 8, size: int = 200) -> list[Batch]:
+    """Two vans' batches as they arrive: interleaved."""
+    a = shift_batches(n_batches, size, seed=7, device="van-001")
+    b = shift_batches(n_batches, size, seed=8, device="van-002")
+    return [x for pair in zip(a, b) for x in pair]
 
 
 Opener = Callable[[], Any]
@@ -101,7 +108,7 @@ def inline_reference(new: Callable[[], tuple[Opener, str]], batches: list[Batch]
 
 
 def test_deriving_later_gives_what_deriving_inline_gives(backend: Any) -> None:
-    batches = shift_batches()
+    batches = two_vans()
     want = inline_reference(backend, batches)
     assert {r[4] for r in want["positions"]} >= {"exact", "no_fix"}  # driving, and the cold start
     assert want["quality"], "the shift start has flagged values (warming up, clock, fix)"
@@ -131,9 +138,9 @@ def test_a_deriver_killed_mid_batch_leaves_it_queued(backend: Any) -> None:
     for b in batches:
         put(s, b, derive=False)
     # A separate process derives, and is SIGKILLed just before committing its second batch.
-    code = (
+    code = (  # one batch per transaction, so that the kill falls between two of them
         "import sys; from receiver.store_factory import open_store;"
-        "open_store(sys.argv[1]).derive_pending()"
+        "s = open_store(sys.argv[1]); s.derive_pending(limit=1); s.derive_pending(limit=1)"
     )
     env = {**os.environ, "DATALAB_CRASH_AT": "receiver.derive.before:2", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code, target], env=env, cwd=ROOT, timeout=120)
