@@ -155,6 +155,14 @@ class SoakResult:
     deriver_cpu_share: float = 0.0  # of one core, during the run (the deriver runs at nice 10)
     derive_backlog_end: int = 0  # batches stored but not derived when the load stopped
     derive_catchup_s: float | None = None  # from the load's end until nothing was queued (None: not within the wait)
+    derive_rate: float = 0.0  # batches/s derived after the load stopped (the deriver alone)
+
+    @property
+    def derive_catchup_estimate_s(self) -> float | None:
+        """Measured catch-up time, or (when the wait ended first) backlog / rate: an estimate."""
+        if self.derive_catchup_s is not None:
+            return self.derive_catchup_s
+        return round(self.derive_backlog_end / self.derive_rate, 0) if self.derive_rate > 0 else None
 
     @property
     def keeps_up(self) -> bool:
@@ -227,13 +235,15 @@ def run_size(vans: int, *, store_url: str, workdir: Path, seconds: float = 30.0,
         # how far behind derivation is, and how long it takes to catch up
         store = open_store(store_url)
         try:
-            backlog = store.derive_backlog()
+            backlog = left = store.derive_backlog()
             t_end, catchup = time.monotonic(), None
             while time.monotonic() - t_end < derive_wait_s:
-                if store.derive_backlog() == 0:
+                left = store.derive_backlog()
+                if left == 0:
                     catchup = round(time.monotonic() - t_end, 1)
                     break
                 time.sleep(0.5)
+            derive_rate = (backlog - left) / max(1e-9, time.monotonic() - t_end)
         finally:
             store.close()
     finally:
@@ -257,7 +267,7 @@ def run_size(vans: int, *, store_url: str, workdir: Path, seconds: float = 30.0,
     q = (lambda p: lags[min(len(lags) - 1, int(p * len(lags)))] if lags else float("nan"))
     return SoakResult(vans, published, acked, round(q(0.5), 3), round(q(0.99), 3), round(cpu / elapsed, 3),
                       round(sum(expected.values()) / seconds, 1), missing, doubled,
-                      round(dcpu / elapsed, 3), backlog, catchup)
+                      round(dcpu / elapsed, 3), backlog, catchup, round(derive_rate, 1))
 
 
 def _oracle(store_url: str, expected: dict[tuple[str, str], int]) -> tuple[int, int]:
