@@ -16,9 +16,17 @@ transaction:
   key (and, separately, into one without any index, for reference); also
   ``executemany`` (pipeline mode) of the same rows, the alternative to COPY.
 
-The store does more than the baseline (fixes, positions through the position
-join, counters, duplicate checks, a commit per batch); the target is to keep
-at least 0.7 of the raw speed, and 200,000 values/s into PostgreSQL.
+The store figure is what the receiver must do before it may acknowledge a
+batch (``ingest(derive=False)``, the workers' fast path): duplicate check, the
+batch record, the raw samples, counters, the derive-queue entry and a commit
+per batch. The target is at least 0.7 of the raw speed, and 200,000 values/s
+into PostgreSQL. Beside it, for the whole picture:
+
+* ``derive``: how fast derivers (1 or 2 processes) then add fixes, positions,
+  calibrations and quality flags to those batches (``derive_pending``);
+* ``inline``: storing and deriving in one transaction (``derive = "inline"``,
+  the default for small fleets), i.e. the receiver as it was before the two
+  stages.
 
 PostgreSQL runs in a throwaway cluster (tests/pg.py) with its default, durable
 settings (fsync and synchronous_commit on): the store commits every batch.
