@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 EARTH_RADIUS_M = 6_371_008.8
 DEFAULT_PIECE_M = 30.0
 DEFAULT_SNAP_M = 25.0
@@ -44,6 +46,30 @@ class Snapper(Protocol):
         """Descriptive properties (street name, road class ...)."""
 
 
+class ArraySnapper(Snapper, Protocol):
+    """A snapper that also snaps whole columns of positions (what the aggregation uses).
+
+    Units come back as integer *codes* (-1: no unit) so that a month of samples never
+    becomes a list of strings; :meth:`unit_of` names a code.
+    """
+
+    def snap_array(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        """Unit codes (int64, -1 for none) of many positions; the same units as :meth:`snap`."""
+
+    def unit_of(self, code: int) -> str:
+        """The unit id of a code from :meth:`snap_array`."""
+
+
+def run_starts(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Indices where the position differs from the one before: the three sensors of one
+    second share a position, so each run needs snapping once."""
+    n = len(lat)
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = (lat[1:] != lat[:-1]) | (lon[1:] != lon[:-1])
+    return np.flatnonzero(first)
+
+
 # -- H3 --------------------------------------------------------------------------------
 
 
@@ -52,15 +78,29 @@ class H3Snapper:
 
     def __init__(self, resolution: int = DEFAULT_H3_RES) -> None:
         import h3  # imported here: only the H3 scheme needs it
+        from h3.api import basic_int
 
         if not 0 <= resolution <= 15:
             raise ValueError("H3 resolution must be 0..15")
         self._h3 = h3
+        self._to_int = basic_int.latlng_to_cell  # the same cell as an int: no string per sample
         self.resolution = resolution
         self.scheme = f"h3:{resolution}"
 
     def snap(self, lat: float, lon: float) -> str | None:
         return self._h3.latlng_to_cell(lat, lon, self.resolution)
+
+    def snap_array(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        # H3 cell ids are 64-bit with the top bit clear, so they fit int64 codes as they are.
+        # h3 has no vectorised call; one call per run of equal positions (~0.5 us each).
+        starts = run_starts(lat, lon)
+        f, res = self._to_int, self.resolution
+        cells = np.fromiter((f(a, b, res) for a, b in zip(lat[starts].tolist(), lon[starts].tolist())),
+                            dtype=np.int64, count=len(starts))
+        return np.repeat(cells, np.diff(np.append(starts, len(lat))))
+
+    def unit_of(self, code: int) -> str:
+        return self._h3.int_to_str(int(code))
 
     def geometry(self, unit: str) -> dict[str, Any]:
         ring = [[round(lng, 7), round(lat, 7)] for lat, lng in self._h3.cell_to_boundary(unit)]
@@ -196,7 +236,9 @@ def _cut(chain: list[tuple[float, float]], proj: _Projection, piece_m: float):  
             piece.append(end)
 
 
-_MISS = object()
+# Snapping keys: positions rounded to 1e-5 degree (~1 m), packed into one int64.
+_KEY_SCALE = 1e5
+_KEY_LON_SPAN = 40_000_000  # > 2 x 180 x 1e5: room for every rounded longitude
 
 
 class SegmentSnapper:
@@ -213,6 +255,8 @@ class SegmentSnapper:
         if not pieces:
             raise ValueError("no road pieces")
         self.pieces = {p.id: p for p in pieces}
+        self._ids = [p.id for p in pieces]  # unit code -> piece id
+        self._code = {pid: i for i, pid in enumerate(self._ids)}
         self.max_m = max_m
         lats = [c[1] for p in pieces for c in p.coords]
         lons = [c[0] for p in pieces for c in p.coords]
@@ -220,7 +264,7 @@ class SegmentSnapper:
         self.cell = max_m
         self._xy: dict[str, list[tuple[float, float]]] = {}
         self._grid: dict[tuple[int, int], list[str]] = {}
-        self._memo: dict[tuple[float, float], str | None] = {}
+        self._memo: dict[int, int] = {}  # snapping key -> unit code (-1: none)
         for p in pieces:
             xy = [self.proj.xy(*c) for c in p.coords]
             self._xy[p.id] = xy
@@ -251,16 +295,37 @@ class SegmentSnapper:
             return None, math.inf
         return best, best_d
 
-    def snap(self, lat: float, lon: float) -> str | None:
-        # Samples of the three sensors in one second, and a van standing still, share a
-        # position to within a metre: a memo on ~1 m rounding saves most of the geometry.
-        key = (round(lat, 5), round(lon, 5))
-        hit = self._memo.get(key, _MISS)
-        if hit is _MISS:
-            if len(self._memo) > 500_000:
+    # Samples of the three sensors in one second, a van standing still, and vans driving
+    # the same streets day after day share positions to within a metre: snapping works on
+    # positions rounded to ~1 m, each distinct one computed once (memo) and reused.
+    _MEMO_MAX = 500_000
+
+    def _code_of_key(self, ki: int, kj: int) -> int:
+        key = ki * _KEY_LON_SPAN + kj
+        code = self._memo.get(key)
+        if code is None:
+            if len(self._memo) > self._MEMO_MAX:
                 self._memo.clear()
-            hit = self._memo[key] = self.nearest(*key)[0]
-        return hit  # type: ignore[return-value]
+            pid = self.nearest(ki / _KEY_SCALE, kj / _KEY_SCALE)[0]
+            code = self._memo[key] = -1 if pid is None else self._code[pid]
+        return code
+
+    def snap(self, lat: float, lon: float) -> str | None:
+        # round() halves to even on the product, as np.rint does in snap_array: same keys.
+        code = self._code_of_key(round(lat * _KEY_SCALE), round(lon * _KEY_SCALE))
+        return None if code < 0 else self._ids[code]
+
+    def snap_array(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        ki = np.rint(np.asarray(lat, dtype=np.float64) * _KEY_SCALE).astype(np.int64)
+        kj = np.rint(np.asarray(lon, dtype=np.float64) * _KEY_SCALE).astype(np.int64)
+        keys, first, inverse = np.unique(ki * _KEY_LON_SPAN + kj, return_index=True, return_inverse=True)
+        ki_u, kj_u = ki[first].tolist(), kj[first].tolist()
+        codes = np.fromiter((self._code_of_key(a, b) for a, b in zip(ki_u, kj_u)), dtype=np.int64,
+                            count=len(keys))
+        return codes[inverse.reshape(-1)]
+
+    def unit_of(self, code: int) -> str:
+        return self._ids[int(code)]
 
     def geometry(self, unit: str) -> dict[str, Any]:
         return {"type": "LineString", "coordinates": [list(c) for c in self.pieces[unit].coords]}
