@@ -132,6 +132,10 @@ def swap16(word: int) -> int:
     return ((word & 0xFF) << 8) | (word >> 8)
 
 
+# OS_BIT as it sits in an SMBus word read (the register's bytes swapped).
+_OS_BIT_SWAPPED = swap16(OS_BIT)
+
+
 def to_signed16(value: int) -> int:
     return value - 0x10000 if value & 0x8000 else value
 
@@ -177,6 +181,15 @@ class ADS1115:
         # The datasheet allows +-10 % on the internal oscillator; a generous bound
         # still fails fast when the chip never reports ready.
         self.timeout_s = timeout_s if timeout_s is not None else 3.0 / data_rate + 0.05
+        # Worked out once: a van reads two or three channels every second for years.
+        # Sleeping through the conversion first saves polls (each poll is a bus
+        # transaction that competes with the other devices on the bus). The
+        # oscillator may run 10 % slow (datasheet), hence the margin.
+        self._wait_s = self.conversion_time_s * 1.1
+        self._poll_s = max(self.conversion_time_s / 10.0, 0.0005)
+        self._what_read = {r: f"ads1115@0x{address:02x} read reg {r}" for r in (REG_CONVERSION, REG_CONFIG)}
+        self._what_write = f"ads1115@0x{address:02x} write reg {REG_CONFIG}"
+        self._start_words: dict[tuple[Mux, int], int] = {}  # (mux, pga) -> config word, byte-swapped
 
     @property
     def stats(self) -> BusStats:
@@ -187,12 +200,8 @@ class ADS1115:
         return 1.0 / self.data_rate
 
     def _read_register(self, register: int) -> int:
-        word = self.retry.call(
-            f"ads1115@0x{self.address:02x} read reg {register}",
-            self.bus.read_word_data,
-            self.address,
-            register,
-        )
+        what = self._what_read.get(register) or f"ads1115@0x{self.address:02x} read reg {register}"
+        word = self.retry.call(what, self.bus.read_word_data, self.address, register)
         return swap16(word)
 
     def _write_register(self, register: int, value: int) -> None:
@@ -207,29 +216,42 @@ class ADS1115:
     def read_config(self) -> int:
         return self._read_register(REG_CONFIG)
 
+    def _start_word(self, mux: Mux, pga: int) -> int:
+        """The config word that starts a conversion, as the bus sends it (swapped)."""
+        key = (mux, pga)
+        word = self._start_words.get(key)
+        if word is None:
+            word = self._start_words[key] = swap16(single_shot_config(mux, pga, self._dr))
+        return word
+
     def read_counts(self, channel: str | int | Mux, *, fsr_v: float | None = None) -> int:
         """One single-shot conversion on ``channel``; signed counts."""
         mux = parse_mux(channel)
         pga = self._pga if fsr_v is None else pga_code(fsr_v)
-        self._write_register(REG_CONFIG, single_shot_config(mux, pga, self._dr))
-        deadline = self.clock.monotonic() + self.timeout_s
-        # Sleeping through the conversion first saves polls (each poll is a bus
-        # transaction that competes with the other devices on the bus). The
-        # oscillator may run 10 % slow (datasheet), hence the margin.
-        self.clock.sleep(self.conversion_time_s * 1.1)
-        poll_s = max(self.conversion_time_s / 10.0, 0.0005)
-        while not self.read_config() & OS_BIT:
-            if self.clock.monotonic() >= deadline:
+        # The three bus transactions are made here directly, not through
+        # read_config()/_read_register(): this runs two or three times a
+        # second for as long as the van drives, right after a sleep, when every
+        # extra call is slow.
+        retry, bus, addr, clock = self.retry, self.bus, self.address, self.clock
+        retry.call(self._what_write, bus.write_word_data, addr, REG_CONFIG, self._start_word(mux, pga))
+        deadline = clock.monotonic() + self.timeout_s
+        clock.sleep(self._wait_s)
+        read_word, what_config = bus.read_word_data, self._what_read[REG_CONFIG]
+        # OS tested in the word as the bus returns it (bytes swapped): no swap per poll.
+        while not retry.call(what_config, read_word, addr, REG_CONFIG) & _OS_BIT_SWAPPED:
+            if clock.monotonic() >= deadline:
                 raise SensorTimeout(
                     f"ads1115@0x{self.address:02x}: conversion not ready"
                     f" after {self.timeout_s:.3f} s"
                 )
-            self.clock.sleep(poll_s)
-        return to_signed16(self._read_register(REG_CONVERSION))
+            clock.sleep(self._poll_s)
+        word = retry.call(self._what_read[REG_CONVERSION], read_word, addr, REG_CONVERSION)
+        return to_signed16(swap16(word))
 
     def read_volts(self, channel: str | int | Mux, *, fsr_v: float | None = None) -> float:
         fsr = self.fsr_v if fsr_v is None else fsr_v
         return counts_to_volts(self.read_counts(channel, fsr_v=fsr), fsr)
 
     def read_mv(self, channel: str | int | Mux, *, fsr_v: float | None = None) -> float:
-        return 1000.0 * self.read_volts(channel, fsr_v=fsr_v)
+        fsr = self.fsr_v if fsr_v is None else fsr_v
+        return 1000.0 * counts_to_volts(self.read_counts(channel, fsr_v=fsr), fsr)

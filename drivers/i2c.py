@@ -128,12 +128,16 @@ class BusRetry:
     def call(self, what: str, op: Callable[..., T], *args: Any) -> T:
         """Run ``op(*args)``; ``what`` names the transaction in the error message."""
         self.stats.transactions += 1
-        last: OSError | None = None
-        for attempt in range(self.attempts):
-            if attempt:
-                self.stats.retries += 1
-                # Linear backoff: enough for a bus glitch to pass, short enough for a tick.
-                self._sleep(self.backoff_s * attempt)
+        # First attempt outside the loop: it is the one that almost always works,
+        # and a driver makes several of these calls per reading.
+        try:
+            return op(*args)
+        except OSError as exc:
+            last: OSError | None = exc
+        for attempt in range(1, self.attempts):
+            self.stats.retries += 1
+            # Linear backoff: enough for a bus glitch to pass, short enough for a tick.
+            self._sleep(self.backoff_s * attempt)
             try:
                 return op(*args)
             except OSError as exc:

@@ -210,6 +210,18 @@ class PMSParser:
     def reset(self) -> None:
         self._buf.clear()
 
+    def bytes_to_complete(self, size: int = FRAME_SIZE) -> int:
+        """Bytes still missing from the frame being received (at least 1).
+
+        A frame whose length word has not arrived yet is taken to be ``size``
+        bytes long. After ``feed`` the buffer is empty, a lone 0x42, or the
+        start of a frame with a valid length.
+        """
+        buf = self._buf
+        if len(buf) >= 4:
+            return max(1, 4 + ((buf[2] << 8) | buf[3]) - len(buf))
+        return max(1, size - len(buf))
+
     def feed(self, data: bytes) -> list[PMSMessage]:
         self._buf += data
         out: list[PMSMessage] = []
@@ -374,7 +386,8 @@ class PMSx003Driver(SerialSensor):
             errors = self._parser.checksum_errors + self._parser.frame_errors
             return bool(found) or (errors > errors_before and not self._port.in_waiting)
 
-        read_until_deadline(self._port, take, self._timeout_s)
+        # The answer is one 32-byte data frame: ask the port for what completes it.
+        read_until_deadline(self._port, take, self._timeout_s, expect=self._parser.bytes_to_complete)
         if found:
             now = self._clock()
             self._last_frame_at = now

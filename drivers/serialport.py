@@ -206,20 +206,32 @@ def read_until_deadline(
     timeout_s: float,
     *,
     chunk: int = 64,
+    expect: Callable[[], int] | None = None,
 ) -> None:
     """Read chunks into ``done(chunk)`` until it returns True or ``timeout_s`` passes.
 
     The deadline uses the real ``time.monotonic`` on purpose: it bounds real
     blocking on the wire, while drivers keep their injected clock for sensor
     state (warm-up), which tests freeze or jump.
+
+    Without ``expect``, each read takes what is waiting, or blocks for one
+    byte (at most the port's read timeout) when nothing is. ``expect()``, when
+    given, says how many bytes would complete the answer the caller waits
+    for: each read asks for that many and returns as soon as they are in (or
+    the port's read timeout passes), so a whole frame costs one wake-up and
+    one read instead of a check, a byte, a check and the rest.
     """
     deadline = time.monotonic() + timeout_s
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
-        waiting = port.in_waiting
-        data = port.read(max(1, min(waiting, chunk)) if waiting else 1)
+        if expect is not None:
+            size = max(1, min(expect(), chunk))
+        else:
+            waiting = port.in_waiting
+            size = max(1, min(waiting, chunk)) if waiting else 1
+        data = port.read(size)
         if data and done(data):
             return
 

@@ -93,26 +93,26 @@ class SoundLevelModule:
         self.retry = retry or (BusRetry(sleep=sleep) if sleep else BusRetry())
         self.name = name
         self._configured = False
+        self._names: dict[tuple[str, int], str] = {}
 
     @property
     def stats(self) -> BusStats:
         return self.retry.stats
 
+    def _what(self, op: str, register: int) -> str:
+        """The transaction's name for a BusError, made once per register (reads run every second)."""
+        key = (op, register)
+        what = self._names.get(key)
+        if what is None:
+            what = self._names[key] = f"sound@0x{self.address:02x} {op} 0x{register:02x}"
+        return what
+
     def _read(self, register: int) -> int:
-        return self.retry.call(
-            f"sound@0x{self.address:02x} read 0x{register:02x}",
-            self.bus.read_byte_data,
-            self.address,
-            register,
-        )
+        return self.retry.call(self._what("read", register), self.bus.read_byte_data, self.address, register)
 
     def _write(self, register: int, value: int) -> None:
         self.retry.call(
-            f"sound@0x{self.address:02x} write 0x{register:02x}",
-            self.bus.write_byte_data,
-            self.address,
-            register,
-            value,
+            self._what("write", register), self.bus.write_byte_data, self.address, register, value
         )
 
     def set_weighting(self, weighting: str) -> None:
