@@ -176,7 +176,8 @@ def test_pms_driver_start_counts_as_wake(pms_sim: PMSSimulator, clock: FakeClock
 
 
 def test_pms_garbage_on_the_port_resynchronises(pms_sim: PMSSimulator, clock: FakeClock) -> None:
-    driver = make_pms(pms_sim, clock, mode="passive", assume_warm=True)
+    port = open_port(pms_sim.device_path, 9600)
+    driver = pms.PMSx003Driver(port, clock, mode="passive", assume_warm=True, timeout_s=0.5)  # type: ignore[arg-type]
     assert driver.read() is not None
     good = pms.build_data_frame(pm_cf1=(1, 2, 3), pm_atm=(1, 2, 3), counts=(1, 2, 3, 4, 5, 6))
     garbage = (
@@ -185,6 +186,12 @@ def test_pms_garbage_on_the_port_resynchronises(pms_sim: PMSSimulator, clock: Fa
         + good[:17]  # half a frame
     )
     pms_sim.inject(garbage)
+    # All of it on the port before the next read (else the read races the pty: part of the
+    # garbage would arrive inside the answer, which is test_pms_passive_reads' business).
+    deadline = time.monotonic() + 5
+    while port.in_waiting < len(garbage) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert port.in_waiting == len(garbage)
     reading = driver.read()
     assert reading is not None and reading.values["pm25"] == 8.0
     assert driver.parser.garbage_bytes >= 6
