@@ -120,7 +120,7 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float) -> None:
 @click.option("--store", required=True, help="SQLite path or postgresql:// URL.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(store: str, as_json: bool) -> None:
-    """Counts in the store: samples per device, duplicates ignored, dead letters.
+    """Counts in the store: samples per device, duplicates ignored, dead letters, derive backlog.
 
     \b
     Example:
@@ -129,13 +129,14 @@ def stats(store: str, as_json: bool) -> None:
     from receiver.store_factory import open_store
 
     s = open_store(store)
-    data = {"counters": s.counts(), "devices": s.device_summary()}
+    data = {"counters": s.counts(), "derive_backlog": s.derive_backlog(), "devices": s.device_summary()}
     s.close()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     for k, v in sorted(data["counters"].items()):
         click.echo(f"{k:>20}: {v}")
+    click.echo(f"{'derive_backlog':>20}: {data['derive_backlog']} batches stored, positions and flags still to come")
     for d in data["devices"]:
         click.echo(f"{d['device']:>12} epoch {d['epoch']}: {d['samples']} samples, seq {d['min_seq']}-{d['max_seq']}")
 

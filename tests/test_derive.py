@@ -209,6 +209,8 @@ def test_receiver_acks_after_raw_storage_and_derives_after(tmp_path: Path, mosqu
         assert s.counts()["samples"] == sum(len(b.samples) for b in batches)
         if mode == "separate":
             assert s.derive_backlog() == len(batches)  # nobody derives until told to
+            st = CliRunner().invoke(receiver_cli, ["stats", "--store", str(store_path)])
+            assert f"derive_backlog: {len(batches)} batches" in st.output
             r = CliRunner().invoke(receiver_cli, ["derive", "--store", str(store_path)])
             assert r.exit_code == 0, r.output
             assert f"derived {len(batches)} batches; 0 still queued" in r.output
