@@ -643,6 +643,15 @@ def _has_fix(values: dict[str, object]) -> bool:
 _encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
+def _json_bytes(values: dict[str, Any]) -> bytes:
+    """``_json`` as UTF-8 bytes (what a binary COPY sends), with the same checks."""
+    try:
+        out = orjson.dumps(values)
+    except (orjson.JSONEncodeError, TypeError):
+        return _json(values).encode()
+    return out if b"null" not in out else _json(values).encode()
+
+
 def _json(values: dict[str, Any]) -> str:
     """The values as compact JSON, the same text as the stdlib's compact encoder.
 

@@ -228,3 +228,22 @@ def test_quality_status_and_known_batches(make: MakeStore) -> None:
     assert s.fleet_status() == [
         {"device": "van-001", "received_utc_ms": RECEIVED + 1, "online": False, "battery": 0.8}
     ]
+
+
+def test_values_json_cannot_hold_are_refused_and_others_stored_exactly(make: MakeStore) -> None:
+    """NaN/infinity are not JSON: the batch is refused (a dead letter, never a null in
+    their place); big integers, unicode and None go in and come back as sent."""
+    s = make()
+    for bad in (float("nan"), float("inf"), {"deep": float("-inf")}):
+        b = batch(0, 2)
+        b.samples[1].values["pm25"] = bad
+        with pytest.raises(PayloadError, match="NaN or infinity"):  # (the wire cannot even carry it)
+            s.ingest(b, "sha-of-a-v1-json-upload", RECEIVED)
+    assert s.counts()["samples"] == 0
+    b = batch(0, 2)
+    odd = {"pm25": None, "big": 2**70, "text": "µg/m³ ✓"}
+    b.samples[0].values.update(odd)
+    assert put(s, b).status == "stored"
+    (v,) = q(s, "SELECT vals FROM samples WHERE seq=1")[0]
+    got = json.loads(v) if isinstance(v, str) else v
+    assert {k: got[k] for k in odd} == odd
