@@ -14,6 +14,7 @@ Tables (see docs/architecture.md for how they are used):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -176,7 +177,15 @@ class SQLiteStore(StoreReads):
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable enough centrally
         self.db.execute("PRAGMA busy_timeout=10000")
         self.max_gap_ms = int(max_gap_s * 1000)
-        self._create()
+        # Workers starting together would race on the schema (a view is dropped and made
+        # again; "already exists" for the loser): one at a time. flock on the database
+        # file is apart from SQLite's own (fcntl) locks.
+        with open(self.path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                self._create()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @property
     def conn(self) -> sqlite3.Connection:

@@ -1,0 +1,32 @@
+"""Several receiver workers opening one new SQLite store at the same moment all come up."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+
+def _open(path: str, go: "mp.synchronize.Event", out: "mp.Queue[str]") -> None:
+    from receiver.store import SQLiteStore
+
+    go.wait()
+    try:
+        SQLiteStore(path).close()
+        out.put("ok")
+    except Exception as exc:  # report, do not hang the parent
+        out.put(repr(exc))
+
+
+def test_workers_creating_the_schema_at_once_all_succeed(tmp_path: Path) -> None:
+    ctx = mp.get_context("fork")
+    for round_ in range(5):  # the race was narrow: several rounds, six workers each
+        path = str(tmp_path / f"store{round_}.sqlite")
+        go, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_open, args=(path, go, out)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        go.set()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert results == ["ok"] * 6, results
