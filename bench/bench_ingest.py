@@ -153,8 +153,7 @@ def _derive_work(target: str) -> Callable[[], None]:
 def _raw_sqlite_work(target: str, share: list[Batch], prebuilt: bool) -> Callable[[], None]:
     pre = sample_rows(share) if prebuilt else None
     conn = sqlite3.connect(target, isolation_level=None, timeout=60)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # as SQLiteStore
+    conn.execute("PRAGMA synchronous=NORMAL")  # as SQLiteStore (WAL: set when the file was made)
 
     def go() -> None:
         rows = pre if pre is not None else sample_rows(share)
@@ -214,6 +213,7 @@ def _worker(kind: str, target: str, share: list[Batch], ready: Any, start: Any, 
         out.put((t0, time.perf_counter()))
     except BaseException as exc:  # report rather than leave the parent waiting
         out.put(repr(exc))
+        ready.release()  # (if it failed while preparing, the parent is still waiting for this)
         raise
 
 
@@ -276,6 +276,7 @@ def _sqlite(tmp: Path, batches: list[Batch], workers: int) -> dict[str, float]:
     def raw_db() -> str:
         path = tmp / f"raw-{uuid.uuid4().hex}.sqlite"
         with sqlite3.connect(path) as c:
+            c.execute("PRAGMA journal_mode=WAL")  # once, here: workers switching it at once lock each other out
             c.execute(_RAW_SAMPLES.format(json="text", pk=_PK))
         return str(path)
 

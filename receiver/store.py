@@ -173,16 +173,17 @@ class SQLiteStore(StoreReads):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable enough centrally
         self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable enough centrally
         self.max_gap_ms = int(max_gap_s * 1000)
-        # Workers starting together would race on the schema (a view is dropped and made
-        # again; "already exists" for the loser): one at a time. flock on the database
-        # file is apart from SQLite's own (fcntl) locks.
-        with open(self.path, "rb") as f:
+        # Workers starting together would race on switching a new file to WAL ("database
+        # is locked") and on the schema (a view is dropped and made again; "already exists"
+        # for the loser): one at a time. flock on the database file is apart from SQLite's
+        # own (fcntl) locks.
+        with open(self.path, "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
+                self.db.execute("PRAGMA journal_mode=WAL")
                 self._create()
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)

@@ -11,7 +11,9 @@ def _open(path: str, go: "mp.synchronize.Event", out: "mp.Queue[str]") -> None:
 
     go.wait()
     try:
-        SQLiteStore(path).close()
+        s = SQLiteStore(path)
+        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        s.close()
         out.put("ok")
     except Exception as exc:  # report, do not hang the parent
         out.put(repr(exc))
