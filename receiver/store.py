@@ -114,6 +114,30 @@ class StoreReads:
         ).fetchall()
         return Batch(device, epoch, first, last, [_sample_from_row(r) for r in rows])
 
+    def _join_inputs(
+        self, device: str, lo: int, hi: int, gap: int
+    ) -> tuple[int, list[tuple[str, int, int]], list[Fix], list[int]]:
+        """What the position join needs besides the batch: (newest known time, samples to
+        place again, fixes around them, their times). ``lo``/``hi``: the batch's times ± gap."""
+        p, c = self.PARAM, self.conn
+        newest = max(hi - gap, *(r[0] or 0 for r in c.execute(
+            f"SELECT max(t_utc_ms) FROM positions WHERE device = {p} UNION ALL"
+            f" SELECT max(t_utc_ms) FROM fixes WHERE device = {p}", (device, device)).fetchall()))
+        # Reopen: every sample still waiting for a later fix (newer samples may now say none
+        # is coming, however far back it is), and those without one near this batch's fixes.
+        reopened = [tuple(r) for r in c.execute(
+            f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p} AND t_utc_ms <= {p}"
+            f" AND (state = {p} OR (state = {p} AND t_utc_ms >= {p}))",
+            (device, hi, PENDING, NO_FIX, lo),
+        ).fetchall()]
+        lo = min([lo, *(r[2] for r in reopened)])
+        fx = [Fix(*r) for r in c.execute(
+            f"SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
+            f" WHERE device = {p} AND t_utc_ms BETWEEN {p} AND {p} ORDER BY t_utc_ms",
+            (device, lo - gap, hi + gap),
+        ).fetchall()]
+        return newest, reopened, fx, [f.t_utc_ms for f in fx]  # type: ignore[return-value]
+
     def _merged(self, queued: Sequence[tuple[str, str, str, int, int]]) -> list[Batch]:
         """Queued batches (batch_id, device, epoch, first, last) read back, one per van and epoch.
 
@@ -480,24 +504,7 @@ class SQLiteStore(StoreReads):
         lo, hi = min(times) - gap, max(times) + gap
         device = batch.device
         c = self.conn
-        newest = max(hi - gap, *(r[0] or 0 for r in c.execute(
-            "SELECT max(t_utc_ms) FROM positions WHERE device=? UNION ALL"
-            " SELECT max(t_utc_ms) FROM fixes WHERE device=?", (device, device))))
-        # Reopen: every sample still waiting for a later fix (newer samples may now say none
-        # is coming, however far back it is), and those without one near this batch's fixes.
-        reopened = c.execute(
-            "SELECT epoch, seq, t_utc_ms FROM positions WHERE device=? AND t_utc_ms <= ?"
-            " AND (state = ? OR (state = ? AND t_utc_ms >= ?))",
-            (device, hi, PENDING, NO_FIX, lo),
-        ).fetchall()
-        lo = min([lo, *(r[2] for r in reopened)])
-        rows = c.execute(
-            "SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
-            " WHERE device=? AND t_utc_ms BETWEEN ? AND ? ORDER BY t_utc_ms",
-            (device, lo - gap, hi + gap),
-        ).fetchall()
-        fx = [Fix(*r) for r in rows]
-        ft = [f.t_utc_ms for f in fx]
+        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap)
         todo = [(batch.epoch, s.seq, s.t_utc_ms) for s in sensor] + reopened
         out = []
         for epoch, seq, t in todo:

@@ -633,23 +633,7 @@ class PostgresStore(StoreReads):
             return
         lo, hi = min(times) - gap, max(times) + gap  # type: ignore[type-var,operator]
         device = batch.device
-        newest = max(hi - gap, *(r[0] or 0 for r in c.execute(
-            "SELECT max(t_utc_ms) FROM positions WHERE device = %s UNION ALL"
-            " SELECT max(t_utc_ms) FROM fixes WHERE device = %s", (device, device)).fetchall()))
-        # Reopen as SQLiteStore does: all pending samples, and no_fix ones near this batch.
-        reopened = c.execute(
-            "SELECT epoch, seq, t_utc_ms FROM positions WHERE device = %s AND t_utc_ms <= %s"
-            " AND (state = %s OR (state = %s AND t_utc_ms >= %s))",
-            (device, hi, PENDING, NO_FIX, lo),
-        ).fetchall()
-        lo = min([lo, *(r[2] for r in reopened)])
-        rows = c.execute(
-            "SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
-            " WHERE device = %s AND t_utc_ms BETWEEN %s AND %s ORDER BY t_utc_ms",
-            (device, lo - gap, hi + gap),
-        ).fetchall()
-        fx = [Fix(*r) for r in rows]
-        ft = [f.t_utc_ms for f in fx]
+        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap)
 
         def place(epoch: str, seq: int, t: int) -> tuple[Any, ...]:
             p = locate(fx, ft, t, gap, newest)
