@@ -26,7 +26,8 @@ from uplink.wire import ack_topic, encode_ack
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 64  # uploads stored in one transaction at most (the broker's in-flight window is less)
-DERIVE_POLL_S = 0.5  # an idle deriver looks for queued batches this often
+DERIVE_POLL_S = 0.5  # an idle background deriver looks for queued batches this often
+DERIVE_IDLE_POLL_S = 30.0  # and with derive = "inline" (nothing new is queued then)
 DERIVE_RETRY_S = 5.0  # and after a failure (store unreachable) waits this long
 
 
@@ -159,7 +160,8 @@ class ReceiverService:
         while not self._stopping.is_set():
             try:
                 store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s)
-                if store.derive_pending(limit=20):
+                # A read first: an empty queue then costs no write lock.
+                if store.derive_backlog() and store.derive_pending(limit=20):
                     continue
             except Exception:
                 log.exception("deriving failed; the batches stay queued and are tried again")
@@ -167,7 +169,8 @@ class ReceiverService:
                     store.close()
                     store = None
                 self._stopping.wait(DERIVE_RETRY_S)
-            self._stopping.wait(DERIVE_POLL_S)
+            # Inline, the thread only drains what another mode left queued: a look now and then.
+            self._stopping.wait(DERIVE_POLL_S if self.cfg.derive == "background" else DERIVE_IDLE_POLL_S)
         if store is not None:
             store.close()
 

@@ -237,3 +237,25 @@ def test_example_receiver_config_is_the_defaults() -> None:
     from receiver.config import ReceiverConfig, load_receiver_config
 
     assert load_receiver_config(ROOT / "receiver" / "receiver.example.toml") == ReceiverConfig()
+
+
+def test_an_inline_receiver_drains_what_another_mode_left_queued(tmp_path: Path, mosquitto: Any) -> None:
+    from receiver.config import ReceiverConfig
+    from receiver.service import ReceiverService
+
+    store_path = tmp_path / "store.sqlite"
+    s = SQLiteStore(store_path)
+    for b in shift_batches(3):
+        put(s, b, derive=False)  # a worker in "separate" mode stored these, nobody derived them
+    assert s.derive_backlog() == 3
+    svc = ReceiverService(ReceiverConfig(store=str(store_path), port=mosquitto.port, client_id="rx-inline"))
+    svc.start()
+    try:
+        deadline = time.monotonic() + 20
+        while s.derive_backlog() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.derive_backlog() == 0
+        assert derived(s)["positions"]
+    finally:
+        svc.stop()
+        s.close()
