@@ -88,7 +88,9 @@ class Ingestor:
                         out[i] = self._reject(topic, device, b.batch_id, exc, payload, d, r)
                     else:
                         out[i] = self._answer(device, b, d, res)
-        return [o for o in out if o is not None]
+        done = [o for o in out if o is not None]
+        assert len(done) == len(msgs), "every upload gets an outcome, in order"  # the service zips them
+        return done
 
     def _decode(self, topic: str, device: str | None, payload: bytes) -> Batch:
         if device is None:
