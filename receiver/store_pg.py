@@ -312,15 +312,36 @@ class PostgresStore(StoreReads):
         finally:
             self.conn = self._connect()
 
-    def _create(self) -> None:
+    def _ddl(self, *statements: Any) -> None:
+        """Run schema statements in one transaction, one worker at a time, until it commits.
+
+        Workers starting together would race on CREATE ... IF NOT EXISTS (it is
+        not atomic against a concurrent create), hence the lock. And a worker
+        already ingesting holds row locks that CREATE INDEX / ALTER TABLE ... IF
+        NOT EXISTS (which lock the table even when there is nothing to do) wait
+        for, while it waits for ours: PostgreSQL aborts one of the two, and ours
+        is idempotent, so it runs again.
+        """
         c = self.conn
-        with c.transaction():
-            # Workers starting together would race on CREATE ... IF NOT EXISTS (it is
-            # not atomic against a concurrent create): one at a time.
-            c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
-            c.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            c.execute(_TABLES)
-            ensure_calibration_tables(c)
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                with c.transaction():
+                    c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
+                    for st in statements:
+                        if callable(st):  # a function that runs its own statements on c
+                            st(c)
+                        else:
+                            c.execute(st)
+                return
+            except pgerr.DeadlockDetected:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise
+                log.info("schema statements met a deadlock with a running worker; again")
+                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+
+    def _create(self) -> None:
+        self._ddl(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)), _TABLES,
+                  ensure_calibration_tables)
         if self._want_postgis is not False:
             self.postgis = self._enable_postgis()
             if self._want_postgis and not self.postgis:
@@ -342,9 +363,7 @@ class PostgresStore(StoreReads):
             except psycopg.Error as exc:  # not allowed (no superuser): run without it
                 log.warning("PostGIS is installed but cannot be enabled: %s", exc)
                 return False
-        with c.transaction():
-            c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
-            c.execute(_POSTGIS)
+        self._ddl(_POSTGIS)
         return True
 
     # -- retries ------------------------------------------------------------------
