@@ -363,14 +363,10 @@ def run() -> list[dict]:
 
 
 def main() -> None:
-    rows = run()
-    cols = ("name", "value", "unit", "baseline", "target", "ok")
-    text = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for t in text:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
-    print("\nbaseline: the same sample rows loaded raw in one transaction per worker "
+    from bench import print_table
+
+    print_table(run())
+    print("\nbaseline: the same samples loaded raw in one transaction per worker "
           "(sqlite3 executemany / PostgreSQL COPY, same primary key).")
 
 

@@ -875,21 +875,17 @@ class FixAssembler:
         # A valid fix: some sentence says so and none says otherwise. Plain
         # loops rather than any(...) generators: this runs every epoch.
         valid = invalid = False
-        for r in rmcs:
-            if r.valid:
-                valid = True
-            else:
-                invalid = True
+        for sentences in (rmcs, glls):  # both carry a valid/invalid status
+            for r in sentences:
+                if r.valid:
+                    valid = True
+                else:
+                    invalid = True
         for g in ggas:
             if g.quality == 0:
                 invalid = True
             elif (g.quality or 0) > 0:
                 valid = True
-        for r in glls:
-            if r.valid:
-                valid = True
-            else:
-                invalid = True
         for a in gsas:
             if a.fix_type == 1:
                 invalid = True

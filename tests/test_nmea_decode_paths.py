@@ -15,26 +15,18 @@ from pathlib import Path
 
 import pynmea2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from drivers import nmea
 from drivers.nmea import Gga, Gsv, OtherSentence, nmea_checksum, parse_sentence
 from edge.errors import ChecksumError, FrameError, ReadError
 from simulator.gps_device import ReceiverState, nmea_epoch, sentence
+from tests.test_gps_fuzz import FUZZ, REAL_SENTENCES
 
 GPS_DIR = Path(__file__).parents[2] / "shared" / "fixtures" / "gps"
-CHECKS = settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.too_slow])
-
-SAMPLES = [
-    b"$GNRMC,223745.00,A,3806.62964,N,12237.61382,W,0.040,,110720,,,D,V*0E\r\n",
-    b"$GNGGA,223745.00,3806.62964,N,12237.61382,W,2,12,0.54,83.1,M,-29.5,M,,0000*44\r\n",
-    b"$GNGSA,A,3,29,20,18,16,51,13,44,26,,,,,0.99,0.54,0.83,1*0E\r\n",
-    b"$GLGSV,3,3,10,83,52,346,29,84,05,307,,1*72\r\n",
-    b"$GNVTG,,T,,M,0.040,N,0.075,K,D*3E\r\n",
-    b"$GNGLL,3806.62964,N,12237.61382,W,223745.00,A,D*6C\r\n",
-    b"$GNZDA,223745.00,11,07,2020,00,00*7A\r\n",
-]
+CHECKS = FUZZ
+SAMPLES = REAL_SENTENCES[:7]  # one of each type the fast path splits
 
 
 def through_pynmea2(line: bytes) -> object:
