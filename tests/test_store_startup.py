@@ -32,3 +32,15 @@ def test_workers_creating_the_schema_at_once_all_succeed(tmp_path: Path) -> None
         for p in procs:
             p.join(10)
         assert results == ["ok"] * 6, results
+
+
+def test_the_store_commits_durably_before_anything_is_acknowledged(tmp_path: Path) -> None:
+    """The receiver acks a batch after its commit and the van then deletes it: the commit must be
+    fsynced (synchronous=FULL in WAL mode), not left to the next checkpoint (NORMAL)."""
+    from receiver.store import SQLiteStore
+
+    s = SQLiteStore(tmp_path / "store.sqlite")
+    try:
+        assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        s.close()
