@@ -18,8 +18,17 @@ key), applies it on the sampling thread exactly as a SIGHUP reload does
 (commit first, same buffer: no sample is lost), writes agent.toml atomically
 keeping the previous file as agent.toml.prev, and answers on
 ``{prefix}/{device}/config/ack``: ``{"id", "ok", "status", "reason", "errors",
-"restart_required"}``. An invalid request changes nothing. A request id seen
+"changes", "restart_required"}``. An invalid request changes nothing. A request id seen
 before (a redelivery) is acknowledged again, not re-applied.
+
+Remote is not local: keys that could hand the van to someone else or run code on it
+(shell commands, broker host/port/prefix, TLS and credentials, paths, the device id) are
+refused by key (edge/remote_policy.py), and so is a change that leaves no sensor. An
+applied change is on probation (edge/remote_watch.py): a second ack with status
+``confirmed`` follows once the van reads its sensors (and connects, if the uplink
+changed), or ``rolled_back`` when it does not within the grace period, after which the
+configuration before it is in force and on disk again. Each change is logged and
+acknowledged as ``key: old -> new`` (secrets as ``***``).
 
 The device-side subscription rides on the uplink's own MQTT connection: a
 second connection would need a second client id, and the broker ties the
@@ -71,16 +80,17 @@ class Request:
 class Result:
     id: str
     ok: bool
-    status: str  # "applied" | "refused" | "duplicate"
+    status: str  # "applied" | "refused" | "duplicate", later "confirmed" | "rolled_back"
     reason: str = ""
     errors: list[dict[str, str]] = field(default_factory=list)
     restart_required: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # sections
+    changes: list[str] = field(default_factory=list)  # "key: old -> new", secrets redacted
 
     def to_json(self, device: str) -> bytes:
         body = {
             "device": device, "id": self.id, "ok": self.ok, "status": self.status,
-            "reason": self.reason, "errors": self.errors, "changed": self.changed,
+            "reason": self.reason, "errors": self.errors, "changed": self.changed, "changes": self.changes,
             "restart_required": self.restart_required, "t_utc_ms": int(time.time() * 1000),
         }  # fmt: skip
         return json.dumps(body).encode()
@@ -333,14 +343,26 @@ class RemoteConfig:
                 if result.ok:
                     self.last_id = req.id
                     self._save_state()
+        self.report(result)
+        return result
+
+    def report(self, result: Result) -> None:
+        """Log a result and queue it as an ack (also the later confirmed / rolled_back)."""
         if result.ok:
-            log.info("remote configuration %s %s: %s", result.id, result.status, ", ".join(result.changed) or "no change")
+            log.info("remote configuration %s %s: %s", result.id, result.status,
+                     "; ".join(result.changes) or ", ".join(result.changed) or result.reason or "no change")  # fmt: skip
         else:
-            log.warning("remote configuration %s refused: %s", result.id, result.reason)
+            log.warning("remote configuration %s %s: %s%s", result.id, result.status, result.reason,
+                        f" (undone: {'; '.join(result.changes)})" if result.changes else "")  # fmt: skip
         self.results.append(result)
         del self.results[:-20]
         self._outbox.append(result.to_json(self.device))
-        return result
+
+    def forget(self, request_id: str, previous_id: str) -> None:
+        """A rolled-back request: the one before it is in force again (and may be sent again)."""
+        if self.last_id == request_id:
+            self.last_id = previous_id
+            self._save_state()
 
     def flush(self, connected: bool) -> None:
         """Publish queued acks (QoS 1) once connected; they wait otherwise."""

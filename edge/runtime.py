@@ -48,6 +48,7 @@ from edge.power import (
     parse_service_sections,
     speed_from,
 )
+from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
 from edge.sensors import FACTORIES, build_drivers
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
 from edge.timekeeping import TimeFixSource
@@ -239,6 +240,7 @@ def write_stats(agent: Agent, path: Path) -> None:
 class ApplyResult:
     changed: list[str] = field(default_factory=list)
     restart_required: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)  # sensors built anew
 
 
 class Runtime:
@@ -257,6 +259,8 @@ class Runtime:
         self_test: Callable[[], Any] | None = None,
         shutdown: Callable[[], None] | None = None,
         on_secrets: Callable[[AgentConfig], None] | None = None,
+        remote_grace_s: float = DEFAULT_GRACE_S,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.svc = svc or ServiceConfig.default()
         path = config_path or (cfg.source if Path(cfg.source).is_file() else None)
@@ -295,13 +299,16 @@ class Runtime:
 
         self.remote = RemoteConfig(cfg.device.id, cfg.uplink.topic_prefix, data_dir / "remote-config.json")
         self.remote.attach(agent.link)
+        # A remote change on probation: confirmed once the van is healthy, else rolled back.
+        self.watch = HealthWatch(remote_grace_s, monotonic) if monotonic else HealthWatch(remote_grace_s)
         self._reload = threading.Event()
         self._backlog_at = -1e18
         self._backlog = 0
         wd = watchdog_s if watchdog_s is not None else watchdog_interval()
         self.supervisor = Supervisor(
             agent, notifier=notifier or Notifier(), watchdog_s=wd, stall_s=stall_s,
-            tick_hooks=[self._reload_hook, self._remote_hook, *( [self.panel.service] if self.panel else [])],
+            tick_hooks=[self._reload_hook, self._remote_hook, self._watch_hook,
+                        *([self.panel.service] if self.panel else [])],
             fast_hooks=[self.power.poll], after_tick=[self._after_tick],
         )  # fmt: skip
         add_status_fields(agent, self._status_extra)
@@ -367,6 +374,10 @@ class Runtime:
             return None
         notifier = self.supervisor.notifier
         notifier.reloading()
+        if self.watch.pending is not None:
+            # The technician's file takes over from whatever a remote change left.
+            log.info("reload: remote change %s no longer on probation", self.watch.pending.request_id)
+            self.watch.pending = None
         try:
             try:
                 data = read_toml(self.config_path)
@@ -435,6 +446,7 @@ class Runtime:
             else ObservedDriver(attach_calibrations([self.raw_drivers[sc.name]], new, self.cal_store)[0])
             for sc in new.sensors
         ] + [self.announcer]
+        result.rebuilt = [sc.name for sc in to_build]
         if to_build or len(new.sensors) != len(old.sensors):
             result.changed.append("sensors")
             agent.timekeeper.sources = [d for d in self.raw_drivers.values() if isinstance(d, TimeFixSource)]
@@ -465,8 +477,10 @@ class Runtime:
             self.remote.handle(payload, self.apply_remote)
 
     def apply_remote(self, req: Any) -> Any:
-        """A remote request: validate, apply like a reload, persist (agent.toml + .prev)."""
+        """A remote request: validate like a local file, refuse local-only keys, apply like a
+        reload, persist (agent.toml + .prev), and put the change on probation (edge/remote_watch.py)."""
         from edge.remote import Result, dump_toml, new_document, write_config_atomically
+        from edge.remote_policy import describe_changes, keep_local_only, no_working_sensor
 
         def refuse(errors: list[ConfigError]) -> Result:
             return Result(id=req.id, ok=False, status="refused", reason="; ".join(str(e) for e in errors),
@@ -476,10 +490,15 @@ class Runtime:
             return refuse([ConfigError("<file>", "this agent runs without a configuration file")])
         try:
             current = read_toml(self.config_path)
+            old_text = self.config_path.read_text(encoding="utf-8")
             doc, text = new_document(req, current)
-        except ConfigError as exc:
-            return refuse([exc])
-        errors = check_config_data(doc)
+        except (ConfigError, OSError) as exc:
+            return refuse([exc if isinstance(exc, ConfigError) else ConfigError("<file>", str(exc))])
+        doc, errors = keep_local_only(current, doc, self._effective())
+        if text is not None and tomllib.loads(text) != doc:
+            text = None  # local-only values were carried over: write the merged document
+        seen = {e.key for e in errors}
+        errors += [e for e in check_config_data(doc) if e.key not in seen]
         if errors:
             return refuse(errors)
         try:
@@ -487,8 +506,9 @@ class Runtime:
             cfg, svc = parse_full_config(doc, source=str(self.config_path))
         except ConfigError as exc:
             return refuse([exc])
-        if cfg.device.id != self.agent.cfg.device.id:
-            return refuse([ConfigError("device.id", f"cannot be changed remotely (this is {self.agent.cfg.device.id})")])
+        empty = no_working_sensor([sc.name for sc in cfg.sensors])
+        if empty is not None:
+            return refuse([empty])
         old_cfg, old_svc = self.agent.cfg, ServiceConfig(replace(self.svc.power), self.svc.panel)
         try:
             applied = self.reconfigure(cfg, svc)
@@ -500,10 +520,47 @@ class Runtime:
             # Not on the card means not at the next start either: undo, so both agree.
             self.reconfigure(old_cfg, old_svc)
             return refuse([ConfigError("<file>", f"cannot write {self.config_path}: {exc.strerror or exc}")])
-        return Result(id=req.id, ok=True, status="applied", changed=applied.changed,
+        changes = describe_changes(current, doc)  # logged with the result (RemoteConfig.report)
+        # Back to the last configuration that proved healthy: a change made while another
+        # is on probation goes back to where that one started.
+        base = self.watch.pending.undo[:5] if self.watch.pending else (old_cfg, old_svc, old_text,
+                                                                       self.remote.last_id, current)  # fmt: skip
+        self.watch.start(req.id, self.agent.drivers, applied.rebuilt, uplink_changed="uplink" in applied.changed,
+                         undo=(*base, doc))  # fmt: skip
+        return Result(id=req.id, ok=True, status="applied", changed=applied.changed, changes=changes,
                       restart_required=applied.restart_required,
                       reason="applied" + (f"; at the next start: {', '.join(applied.restart_required)}"
                                           if applied.restart_required else ""))  # fmt: skip
+
+    def _effective(self) -> dict[str, Any]:
+        """The local-only keys' sections as in force (defaults included)."""
+        cfg = self.agent.cfg
+        return {"device": asdict(cfg.device), "buffer": asdict(cfg.buffer), "uplink": asdict(cfg.uplink),
+                "power": asdict(self.svc.power)}  # fmt: skip
+
+    def _watch_hook(self) -> None:
+        """Decide a change on probation: confirm it, or roll back to the configuration before it."""
+        from edge.remote import Result, write_config_atomically
+
+        v = self.watch.poll(self.agent.drivers, self.agent.link.connected)
+        if v is None:
+            return
+        if v.healthy:
+            self.remote.report(Result(id=v.request_id, ok=True, status="confirmed", reason=v.reason))
+            return
+        from edge.remote_policy import describe_changes
+
+        old_cfg, old_svc, old_text, old_id, before, after = v.undo
+        reason = f"rolled back: {v.reason}"
+        try:
+            self.reconfigure(old_cfg, old_svc)
+            assert self.config_path is not None
+            write_config_atomically(self.config_path, old_text)
+        except (ConfigError, OSError) as exc:
+            reason += f"; the rollback failed too: {exc}"
+        self.remote.forget(v.request_id, old_id)
+        self.remote.report(Result(id=v.request_id, ok=False, status="rolled_back", reason=reason,
+                                  changes=describe_changes(after, before)))  # fmt: skip
 
     # -- life --------------------------------------------------------------------------------------
 
