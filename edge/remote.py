@@ -219,6 +219,13 @@ def dump_toml(doc: Mapping[str, Any], header: str = "") -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def _private(path: Path, mode: str) -> Any:
+    """A new file, owner-only from its first byte (it may hold the uplink password)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return open(fd, mode) if "b" in mode else open(fd, mode, encoding="utf-8")
+
+
 def write_config_atomically(path: Path, text: str) -> None:
     """agent.toml replaced in one rename; the file before it kept as agent.toml.prev.
 
@@ -227,16 +234,16 @@ def write_config_atomically(path: Path, text: str) -> None:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".new")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with _private(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     if path.exists():
         mode = path.stat().st_mode & 0o777
-        os.chmod(tmp, mode)  # as readable as before (it may hold the uplink password), no more
+        os.chmod(tmp, mode)  # as readable as before, no more
         prev = path.with_name(path.name + ".prev")
         prev_tmp = path.with_name(path.name + ".prev.new")
-        with open(prev_tmp, "wb") as f:
+        with _private(prev_tmp, "wb") as f:
             f.write(path.read_bytes())
             f.flush()
             os.fsync(f.fileno())
@@ -268,6 +275,8 @@ class RemoteConfig:
         self._inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._outbox: list[bytes] = []
         self._client: Any = None
+        # A change on probation when the agent stopped: {"id", "previous_id"} (edge/remote_watch.py).
+        self.probation: dict[str, str] | None = None
         self.last_id = self._load_state()
         self.results: list[Result] = []
 
@@ -281,14 +290,18 @@ class RemoteConfig:
 
     def _load_state(self) -> str:
         try:
-            return str(json.loads(self.state_path.read_text()).get("last_id", ""))
+            state = json.loads(self.state_path.read_text())
+            p = state.get("probation")
+            if isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("previous_id"), str):
+                self.probation = {"id": p["id"], "previous_id": p["previous_id"]}
+            return str(state.get("last_id", ""))
         except (OSError, ValueError, AttributeError):
             return ""
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"last_id": self.last_id}))
+            tmp.write_text(json.dumps({"last_id": self.last_id, "probation": self.probation}))
             os.replace(tmp, self.state_path)
         except OSError as exc:
             log.warning("cannot save %s: %s", self.state_path, exc)
@@ -357,6 +370,15 @@ class RemoteConfig:
         self.results.append(result)
         del self.results[:-20]
         self._outbox.append(result.to_json(self.device))
+
+    def begin_probation(self, request_id: str, previous_id: str) -> None:
+        """Remember, across restarts, that ``request_id`` is not confirmed yet."""
+        self.probation = {"id": request_id, "previous_id": previous_id}
+        self._save_state()
+
+    def end_probation(self) -> None:
+        self.probation = None
+        self._save_state()
 
     def forget(self, request_id: str, previous_id: str) -> None:
         """A rolled-back request: the one before it is in force again (and may be sent again)."""

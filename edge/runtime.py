@@ -301,6 +301,7 @@ class Runtime:
         self.remote.attach(agent.link)
         # A remote change on probation: confirmed once the van is healthy, else rolled back.
         self.watch = HealthWatch(remote_grace_s, monotonic) if monotonic else HealthWatch(remote_grace_s)
+        self._resume_probation()
         self._reload = threading.Event()
         self._backlog_at = -1e18
         self._backlog = 0
@@ -374,10 +375,11 @@ class Runtime:
             return None
         notifier = self.supervisor.notifier
         notifier.reloading()
-        if self.watch.pending is not None:
+        if self.watch.pending is not None and self.config_path is not None:
             # The technician's file takes over from whatever a remote change left.
             log.info("reload: remote change %s no longer on probation", self.watch.pending.request_id)
             self.watch.pending = None
+            self._end_probation()
         try:
             try:
                 data = read_toml(self.config_path)
@@ -522,9 +524,17 @@ class Runtime:
             return refuse([ConfigError("<file>", f"cannot write {self.config_path}: {exc.strerror or exc}")])
         changes = describe_changes(current, doc)  # logged with the result (RemoteConfig.report)
         # Back to the last configuration that proved healthy: a change made while another
-        # is on probation goes back to where that one started.
-        base = self.watch.pending.undo[:5] if self.watch.pending else (old_cfg, old_svc, old_text,
-                                                                       self.remote.last_id, current)  # fmt: skip
+        # is on probation goes back to where that one started. That one is kept on the card
+        # too, so a restart during probation still knows where to go back to.
+        if self.watch.pending:
+            base = self.watch.pending.undo[:5]
+        else:
+            base = (old_cfg, old_svc, old_text, self.remote.last_id, current)
+            try:
+                write_config_atomically(self._probation_path(), old_text)
+            except OSError as exc:
+                log.warning("cannot keep %s for a rollback after a restart: %s", self._probation_path(), exc)
+        self.remote.begin_probation(req.id, base[3])
         self.watch.start(req.id, self.agent.drivers, applied.rebuilt, uplink_changed="uplink" in applied.changed,
                          undo=(*base, doc))  # fmt: skip
         return Result(id=req.id, ok=True, status="applied", changed=applied.changed, changes=changes,
@@ -538,6 +548,37 @@ class Runtime:
         return {"device": asdict(cfg.device), "buffer": asdict(cfg.buffer), "uplink": asdict(cfg.uplink),
                 "power": asdict(self.svc.power)}  # fmt: skip
 
+    def _probation_path(self) -> Path:
+        assert self.config_path is not None
+        return self.config_path.with_name(self.config_path.name + ".probation")
+
+    def _end_probation(self) -> None:
+        self.remote.end_probation()
+        for p in (self._probation_path(), self._probation_path().with_name(self._probation_path().name + ".prev")):
+            p.unlink(missing_ok=True)
+
+    def _resume_probation(self) -> None:
+        """The agent stopped (or crashed) while a remote change was on probation: it is again.
+
+        After a restart every sensor was built anew, so each must read, and the uplink must connect.
+        """
+        p = self.remote.probation
+        if p is None or self.config_path is None:
+            return
+        try:
+            old_text = self._probation_path().read_text(encoding="utf-8")
+            before = tomllib.loads(old_text)
+            old_cfg, old_svc = parse_full_config(before, source=str(self.config_path))
+            after = read_toml(self.config_path)
+        except (OSError, ValueError, ConfigError) as exc:
+            log.warning("remote change %s was on probation, but the configuration before it cannot be read (%s): "
+                        "keeping the current one", p["id"], exc)  # fmt: skip
+            self._end_probation()
+            return
+        log.warning("remote change %s was on probation when the agent stopped: on probation again", p["id"])
+        self.watch.start(p["id"], self.agent.drivers, [sc.name for sc in self.agent.cfg.sensors], uplink_changed=True,
+                         undo=(old_cfg, old_svc, old_text, p["previous_id"], before, after))  # fmt: skip
+
     def _watch_hook(self) -> None:
         """Decide a change on probation: confirm it, or roll back to the configuration before it."""
         from edge.remote import Result, write_config_atomically
@@ -545,6 +586,7 @@ class Runtime:
         v = self.watch.poll(self.agent.drivers, self.agent.link.connected)
         if v is None:
             return
+        self._end_probation()
         if v.healthy:
             self.remote.report(Result(id=v.request_id, ok=True, status="confirmed", reason=v.reason))
             return

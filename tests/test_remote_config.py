@@ -292,3 +292,44 @@ def test_local_only_policy_and_change_log() -> None:
     assert describe_changes({"uplink": {"password": "old"}, "a": {"b": 1}},
                             {"uplink": {"password": "new"}, "a": {"b": 2, "c": "x"}}) == [
         "a.b: 1 -> 2", "a.c: (unset) -> 'x'", "uplink.password: *** -> ***"]  # fmt: skip
+
+
+def test_probation_survives_a_restart(tmp_path: Path, mosquitto) -> None:
+    """The agent stops while a bad change is on probation; started again, it still rolls back."""
+    import os
+    import stat
+
+    rt, t, conf = _running(tmp_path, mosquitto.port, remote_grace_s=600.0)
+    master, slave = os.openpty()
+    before = conf.read_text()
+    try:
+        ack = _send(mosquitto.port, {"id": "bad2", "config": {"sensors": {"pm": {"driver": "pms5003",
+                                                                                  "port": os.ttyname(slave)}}}})
+        assert ack["status"] == "applied"
+        kept = tmp_path / "agent.toml.probation"
+        assert kept.read_text() == before and stat.S_IMODE(kept.stat().st_mode) == 0o600  # it may hold secrets
+    finally:
+        rt.request_stop()
+        t.join(15)
+        rt.close()
+    assert "pms5003" in conf.read_text()
+    # Started again from the file with the change in it, with a short grace period this time.
+    acks = AckListener(mosquitto.port)
+    cfg, svc = load_full_config(conf)
+    rt2 = Runtime(cfg, svc, config_path=conf, notifier=Notifier(""), remote_grace_s=3.0)
+    t2 = threading.Thread(target=rt2.run, daemon=True)
+    t2.start()
+    try:
+        verdict = acks.wait("bad2", "rolled_back", timeout=30)
+        assert "no reading from pm" in verdict["reason"], verdict
+        assert conf.read_text() == before and rt2.agent.cfg.sensors[0].driver == "sim-pm"
+        assert not (tmp_path / "agent.toml.probation").exists()
+        assert json.loads((tmp_path / "data" / "remote-config.json").read_text())["probation"] is None
+        print("restart during probation: rolled back by the restarted agent:", verdict["reason"])
+    finally:
+        os.close(master)
+        os.close(slave)
+        acks.close()
+        rt2.request_stop()
+        t2.join(15)
+        rt2.close()
