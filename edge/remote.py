@@ -431,8 +431,12 @@ def send_device_config(
     key_file: str = "",
     wait_s: float = 30.0,
     retain: bool = False,
+    verdict: bool = False,
 ) -> dict[str, Any] | None:
     """Publish a request to a device's config topic; wait ``wait_s`` for its ack (None if none).
+
+    With ``verdict``, an ``applied`` ack is not the end: wait on (same ``wait_s`` overall) for
+    ``confirmed`` or ``rolled_back`` after the van's probation; the last ack seen is returned.
 
     Without ``retain`` a van that is offline still gets the request when it comes back, as
     long as it has connected once since installation (its persistent session holds it).
@@ -472,10 +476,15 @@ def send_device_config(
         info.wait_for_publish(10)
         if wait_s <= 0:
             return None
-        try:
-            return acks.get(timeout=wait_s)
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + wait_s
+        last: dict[str, Any] | None = None
+        while True:
+            try:
+                last = acks.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return last
+            if not verdict or last.get("status") != "applied":
+                return last
     finally:
         client.loop_stop()
         client.disconnect()
@@ -502,13 +511,17 @@ def device_config_cli() -> Any:
     @click.option("--wait", "wait_s", default=30.0, show_default=True,
                   help="Seconds to wait for the van's answer (0: do not wait).")
     @click.option("--retain", is_flag=True, help="Retain the request on the broker.")
-    def send(device, file, config_path, host, port, replace, sensor, request_id, wait_s, retain) -> None:  # type: ignore[no-untyped-def]
+    @click.option("--verdict", is_flag=True,
+                  help="After 'applied', wait for 'confirmed' or 'rolled_back' (the van's probation, 120 s: "
+                       "give --wait 180).")
+    def send(device, file, config_path, host, port, replace, sensor, request_id, wait_s, retain, verdict) -> None:  # type: ignore[no-untyped-def]
         """Send FILE (TOML or JSON sections) to DEVICE; print the van's answer.
 
         \b
         Examples:
           datalab-receiver device-config send van-001 rate.toml --config /etc/datalab/receiver.toml
           datalab-receiver device-config send van-001 sheet.toml --calibration no2
+          datalab-receiver device-config send van-001 sensors.toml --verdict --wait 180
         """
         from receiver.config import load_receiver_config
 
@@ -521,7 +534,7 @@ def device_config_cli() -> Any:
         ack = send_device_config(
             device, payload, host=rc.host, port=rc.port, prefix=rc.topic_prefix, username=rc.username,
             password=rc.password, tls=rc.tls, ca_file=rc.ca_file, cert_file=rc.cert_file,
-            key_file=rc.key_file, wait_s=wait_s, retain=retain,
+            key_file=rc.key_file, wait_s=wait_s, retain=retain, verdict=verdict,
         )
         if wait_s <= 0:
             click.echo("sent")

@@ -13,6 +13,11 @@ are local-only: set in agent.toml on the van (or by provisioning), refused from 
 * paths on the van (``device.data_dir``, ``buffer.quarantine_dir``, ``power.hours_file``) and its identity
   (``device.id``).
 
+In a sensor's table, ``calibration_file`` (a file the agent reads) is local-only too,
+and so is a ``port`` that is a network URL (pyserial would dial any host and take what it
+sends as sensor data); moving a sensor to another local port is a remote change like
+any other (and one that leaves it silent is rolled back: edge/remote_watch.py).
+
 A request that does not mention a local-only key keeps the van's own value, also in
 ``replace`` mode (the sender does not know the van's password and need not). One that
 sets a different value is refused, naming each key.
@@ -76,7 +81,30 @@ def keep_local_only(
             continue
         if want != in_force:
             errors.append(ConfigError(f"{section}.{key}", "local-only: set it in agent.toml on the van, not remotely"))
+    errors += _sensor_local_only(current, doc)
     return doc, errors
+
+
+def _sensor_local_only(current: Mapping[str, Any], doc: dict[str, Any]) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    cur_sensors = current.get("sensors") if isinstance(current.get("sensors"), Mapping) else {}
+    new_sensors = doc.get("sensors")
+    if not isinstance(new_sensors, Mapping):
+        return errors
+    for name, table in new_sensors.items():
+        if not isinstance(table, Mapping):
+            continue  # the schema check names it
+        cur = cur_sensors.get(name) if isinstance(cur_sensors.get(name), Mapping) else {}
+        want, have = table.get("calibration_file", _ABSENT), cur.get("calibration_file", _ABSENT)
+        if want is _ABSENT and have is not _ABSENT:
+            new_sensors[name] = table = {**table, "calibration_file": have}
+        elif want != have:
+            errors.append(ConfigError(f"sensors.{name}.calibration_file",
+                                      "local-only: a file on the van; send the calibration itself instead"))  # fmt: skip
+        port = table.get("port")
+        if isinstance(port, str) and "://" in port and port != cur.get("port"):
+            errors.append(ConfigError(f"sensors.{name}.port", "local-only when it is a network URL"))
+    return errors
 
 
 def no_working_sensor(sensor_names: list[str]) -> ConfigError | None:

@@ -594,12 +594,16 @@ class Runtime:
 
         old_cfg, old_svc, old_text, old_id, before, after = v.undo
         reason = f"rolled back: {v.reason}"
+        # Each step on its own: the file is back for the next start even if the live swap fails.
         try:
             self.reconfigure(old_cfg, old_svc)
+        except ConfigError as exc:
+            reason += f"; the running van could not go back ({exc}): at the next start"
+        try:
             assert self.config_path is not None
             write_config_atomically(self.config_path, old_text)
-        except (ConfigError, OSError) as exc:
-            reason += f"; the rollback failed too: {exc}"
+        except OSError as exc:
+            reason += f"; agent.toml could not be written back: {exc.strerror or exc}"
         self.remote.forget(v.request_id, old_id)
         self.remote.report(Result(id=v.request_id, ok=False, status="rolled_back", reason=reason,
                                   changes=describe_changes(after, before)))  # fmt: skip

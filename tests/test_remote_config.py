@@ -220,6 +220,12 @@ def test_remote_config_refuses_local_only_keys_and_sensorless_vans(tmp_path: Pat
             on_disk = tomllib.loads(conf.read_text())
             assert on_disk["uplink"]["host"] == "127.0.0.1" and on_disk["uplink"]["port"] == mosquitto.port
             assert acks.wait("h4", "confirmed")["ok"]
+            # The operator's command waits for the verdict when asked to.
+            f = tmp_path / "rate.toml"
+            f.write_text("[sampling]\nrate_hz = 1.0\n")
+            r = CliRunner().invoke(device_config_cli(), ["send", "van-rc", str(f), "--host", "127.0.0.1", "--port",
+                                                         str(mosquitto.port), "--id", "h5", "--verdict", "--wait", "20"])
+            assert r.exit_code == 0 and json.loads(r.output)["status"] == "confirmed", r.output
         assert secret not in caplog.text
         assert "remote configuration h4 applied: sampling.rate_hz: 1.0 -> 2.0" in caplog.text
         print("refused by key:", sorted(keys), "| replace without uplink keys kept host/port; h4 confirmed")
@@ -289,6 +295,15 @@ def test_local_only_policy_and_change_log() -> None:
     assert not errors, "restating a default the file leaves out is no change"
     _, errors = keep_local_only(current, {"uplink": {"port": 8883}}, effective)
     assert [e.key for e in errors] == ["uplink.port"]
+    # In sensor tables: the file the agent would read, and network "ports".
+    sensors = {"sensors": {"no2": {"driver": "no2-b43f", "calibration_file": "/etc/datalab-edge/no2.toml"},
+                           "pm": {"driver": "pms5003", "port": "/dev/serial0"}}}  # fmt: skip
+    doc, errors = keep_local_only(sensors, {"sensors": {"no2": {"driver": "no2-b43f", "bus": 1},
+                                                        "pm": {"driver": "pms5003", "port": "/dev/ttyUSB0"}}})
+    assert not errors and doc["sensors"]["no2"]["calibration_file"] == "/etc/datalab-edge/no2.toml"
+    _, errors = keep_local_only(sensors, {"sensors": {"no2": {"calibration_file": "/etc/shadow"},
+                                                      "pm": {"port": "socket://203.0.113.5:9600"}}})
+    assert [e.key for e in errors] == ["sensors.no2.calibration_file", "sensors.pm.port"]
     assert describe_changes({"uplink": {"password": "old"}, "a": {"b": 1}},
                             {"uplink": {"password": "new"}, "a": {"b": 2, "c": "x"}}) == [
         "a.b: 1 -> 2", "a.c: (unset) -> 'x'", "uplink.password: *** -> ***"]  # fmt: skip
