@@ -301,6 +301,13 @@ class Runtime:
         self.remote.attach(agent.link)
         # A remote change on probation: confirmed once the van is healthy, else rolled back.
         self.watch = HealthWatch(remote_grace_s, monotonic) if monotonic else HealthWatch(remote_grace_s)
+        # agent.toml as last applied: what a reload or a remote change is told apart from, for the log.
+        self._file_doc: dict[str, Any] = {}
+        if self.config_path is not None:
+            try:
+                self._file_doc = read_toml(self.config_path)
+            except ConfigError:
+                pass
         self._resume_probation()
         self._reload = threading.Event()
         self._backlog_at = -1e18
@@ -343,6 +350,8 @@ class Runtime:
             "pm_hours": self.hours.hours(),
             "power": self.power.status(),
             "config_id": self.remote.last_id,
+            # A remote change not yet confirmed healthy (it may still roll back by itself).
+            "config_probation": self.watch.pending.request_id if self.watch.pending else None,
             "health": "ok" if ok else reason,
         }
 
@@ -398,8 +407,11 @@ class Runtime:
             except ConfigError as exc:
                 log.error("reload: %s; keeping the running configuration", exc)
                 return None
-            log.info("reloaded %s: changed %s%s", self.config_path, ", ".join(result.changed) or "nothing",
+            from edge.remote_policy import describe_changes
+
+            log.info("reloaded %s: %s%s", self.config_path, "; ".join(describe_changes(self._file_doc, data)) or "no change",
                      f"; at the next start: {', '.join(result.restart_required)}" if result.restart_required else "")  # fmt: skip
+            self._file_doc = data
             return result
         finally:
             notifier.notify("READY=1")
@@ -523,6 +535,7 @@ class Runtime:
             self.reconfigure(old_cfg, old_svc)
             return refuse([ConfigError("<file>", f"cannot write {self.config_path}: {exc.strerror or exc}")])
         changes = describe_changes(current, doc)  # logged with the result (RemoteConfig.report)
+        self._file_doc = doc
         # Back to the last configuration that proved healthy: a change made while another
         # is on probation goes back to where that one started. That one is kept on the card
         # too, so a restart during probation still knows where to go back to.
@@ -604,6 +617,8 @@ class Runtime:
             write_config_atomically(self.config_path, old_text)
         except OSError as exc:
             reason += f"; agent.toml could not be written back: {exc.strerror or exc}"
+        else:
+            self._file_doc = before
         self.remote.forget(v.request_id, old_id)
         self.remote.report(Result(id=v.request_id, ok=False, status="rolled_back", reason=reason,
                                   changes=describe_changes(after, before)))  # fmt: skip

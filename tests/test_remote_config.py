@@ -348,3 +348,31 @@ def test_probation_survives_a_restart(tmp_path: Path, mosquitto) -> None:
         rt2.request_stop()
         t2.join(15)
         rt2.close()
+
+
+def test_reload_logs_what_changed_and_ends_probation(tmp_path: Path, mosquitto, caplog) -> None:
+    """A technician's SIGHUP reload wins over a remote change on probation; its log names each key."""
+    import os
+
+    rt, t, conf = _running(tmp_path, mosquitto.port, remote_grace_s=600.0)
+    master, slave = os.openpty()
+    try:
+        ack = _send(mosquitto.port, {"id": "p1", "config": {"sensors": {"pm": {"driver": "pms5003",
+                                                                                "port": os.ttyname(slave)}}}})
+        assert ack["status"] == "applied" and rt.agent.status()["config_probation"] == "p1"
+        conf.write_text(conf.read_text().replace("rate_hz = 1.0", "rate_hz = 2.0"))
+        with caplog.at_level("INFO"):
+            rt.request_reload()
+            deadline = time.monotonic() + 10
+            while rt.agent.cfg.sampling.rate_hz != 2.0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert rt.agent.cfg.sampling.rate_hz == 2.0
+        assert "sampling.rate_hz: 1.0 -> 2.0" in caplog.text
+        assert rt.agent.status()["config_probation"] is None
+        assert not (tmp_path / "agent.toml.probation").exists()
+    finally:
+        os.close(master)
+        os.close(slave)
+        rt.request_stop()
+        t.join(15)
+        rt.close()
