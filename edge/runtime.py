@@ -595,6 +595,7 @@ class Runtime:
     def _watch_hook(self) -> None:
         """Decide a change on probation: confirm it, or roll back to the configuration before it."""
         from edge.remote import Result, write_config_atomically
+        from edge.remote_policy import describe_changes
 
         v = self.watch.poll(self.agent.drivers, self.agent.link.connected)
         if v is None:
@@ -603,14 +604,13 @@ class Runtime:
         if v.healthy:
             self.remote.report(Result(id=v.request_id, ok=True, status="confirmed", reason=v.reason))
             return
-        from edge.remote_policy import describe_changes
-
         old_cfg, old_svc, old_text, old_id, before, after = v.undo
         reason = f"rolled back: {v.reason}"
         # Each step on its own: the file is back for the next start even if the live swap fails.
         try:
             self.reconfigure(old_cfg, old_svc)
-        except ConfigError as exc:
+        except Exception as exc:  # whatever it was, the file below must still go back
+            log.exception("rollback of remote change %s: the running van could not go back", v.request_id)
             reason += f"; the running van could not go back ({exc}): at the next start"
         try:
             assert self.config_path is not None
