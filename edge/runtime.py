@@ -409,7 +409,8 @@ class Runtime:
                 return None
             from edge.remote_policy import describe_changes
 
-            log.info("reloaded %s: %s%s", self.config_path, "; ".join(describe_changes(self._file_doc, data)) or "no change",
+            changes = "; ".join(describe_changes(self._file_doc, data)) or "no change"
+            log.info("reloaded %s: %s%s", self.config_path, changes,
                      f"; at the next start: {', '.join(result.restart_required)}" if result.restart_required else "")  # fmt: skip
             self._file_doc = data
             return result
