@@ -476,7 +476,10 @@ class StatusPanel:
 
 
 class ObservedDriver:
-    """Wraps a driver to remember its newest reading (the GPS speed for parking).
+    """Wraps a driver to remember its newest reading (the GPS speed for parking) and count them.
+
+    The count tells the remote-configuration health watch (edge/remote_watch.py) that a
+    sensor has read since a change.
 
     Everything else (``sleep``, ``wake``, ``time_fix`` ...) is passed through.
     """
@@ -485,11 +488,13 @@ class ObservedDriver:
         self.inner = inner
         self.name = inner.name
         self.last_reading: Any = None
+        self.reads = 0
 
     def read(self) -> Any:
         r = self.inner.read()
         if r is not None:
             self.last_reading = r
+            self.reads += 1
         return r
 
     def close(self) -> None:

@@ -18,8 +18,17 @@ key), applies it on the sampling thread exactly as a SIGHUP reload does
 (commit first, same buffer: no sample is lost), writes agent.toml atomically
 keeping the previous file as agent.toml.prev, and answers on
 ``{prefix}/{device}/config/ack``: ``{"id", "ok", "status", "reason", "errors",
-"restart_required"}``. An invalid request changes nothing. A request id seen
+"changes", "restart_required"}``. An invalid request changes nothing. A request id seen
 before (a redelivery) is acknowledged again, not re-applied.
+
+Remote is not local: keys that could hand the van to someone else or run code on it
+(shell commands, broker host/port/prefix, TLS and credentials, paths, the device id) are
+refused by key (edge/remote_policy.py), and so is a change that leaves no sensor. An
+applied change is on probation (edge/remote_watch.py): a second ack with status
+``confirmed`` follows once the van reads its sensors (and connects, if the uplink
+changed), or ``rolled_back`` when it does not within the grace period, after which the
+configuration before it is in force and on disk again. Each change is logged and
+acknowledged as ``key: old -> new`` (secrets as ``***``).
 
 The device-side subscription rides on the uplink's own MQTT connection: a
 second connection would need a second client id, and the broker ties the
@@ -71,16 +80,17 @@ class Request:
 class Result:
     id: str
     ok: bool
-    status: str  # "applied" | "refused" | "duplicate"
+    status: str  # "applied" | "refused" | "duplicate", later "confirmed" | "rolled_back"
     reason: str = ""
     errors: list[dict[str, str]] = field(default_factory=list)
     restart_required: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # sections
+    changes: list[str] = field(default_factory=list)  # "key: old -> new", secrets redacted
 
     def to_json(self, device: str) -> bytes:
         body = {
             "device": device, "id": self.id, "ok": self.ok, "status": self.status,
-            "reason": self.reason, "errors": self.errors, "changed": self.changed,
+            "reason": self.reason, "errors": self.errors, "changed": self.changed, "changes": self.changes,
             "restart_required": self.restart_required, "t_utc_ms": int(time.time() * 1000),
         }  # fmt: skip
         return json.dumps(body).encode()
@@ -209,6 +219,13 @@ def dump_toml(doc: Mapping[str, Any], header: str = "") -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def _private(path: Path, mode: str) -> Any:
+    """A new file, owner-only from its first byte (it may hold the uplink password)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return open(fd, mode) if "b" in mode else open(fd, mode, encoding="utf-8")
+
+
 def write_config_atomically(path: Path, text: str) -> None:
     """agent.toml replaced in one rename; the file before it kept as agent.toml.prev.
 
@@ -217,16 +234,16 @@ def write_config_atomically(path: Path, text: str) -> None:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".new")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with _private(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     if path.exists():
         mode = path.stat().st_mode & 0o777
-        os.chmod(tmp, mode)  # as readable as before (it may hold the uplink password), no more
+        os.chmod(tmp, mode)  # as readable as before, no more
         prev = path.with_name(path.name + ".prev")
         prev_tmp = path.with_name(path.name + ".prev.new")
-        with open(prev_tmp, "wb") as f:
+        with _private(prev_tmp, "wb") as f:
             f.write(path.read_bytes())
             f.flush()
             os.fsync(f.fileno())
@@ -258,6 +275,8 @@ class RemoteConfig:
         self._inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._outbox: list[bytes] = []
         self._client: Any = None
+        # A change on probation when the agent stopped: {"id", "previous_id"} (edge/remote_watch.py).
+        self.probation: dict[str, str] | None = None
         self.last_id = self._load_state()
         self.results: list[Result] = []
 
@@ -271,14 +290,18 @@ class RemoteConfig:
 
     def _load_state(self) -> str:
         try:
-            return str(json.loads(self.state_path.read_text()).get("last_id", ""))
+            state = json.loads(self.state_path.read_text())
+            p = state.get("probation")
+            if isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("previous_id"), str):
+                self.probation = {"id": p["id"], "previous_id": p["previous_id"]}
+            return str(state.get("last_id", ""))
         except (OSError, ValueError, AttributeError):
             return ""
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"last_id": self.last_id}))
+            tmp.write_text(json.dumps({"last_id": self.last_id, "probation": self.probation}))
             os.replace(tmp, self.state_path)
         except OSError as exc:
             log.warning("cannot save %s: %s", self.state_path, exc)
@@ -333,14 +356,35 @@ class RemoteConfig:
                 if result.ok:
                     self.last_id = req.id
                     self._save_state()
+        self.report(result)
+        return result
+
+    def report(self, result: Result) -> None:
+        """Log a result and queue it as an ack (also the later confirmed / rolled_back)."""
         if result.ok:
-            log.info("remote configuration %s %s: %s", result.id, result.status, ", ".join(result.changed) or "no change")
+            log.info("remote configuration %s %s: %s", result.id, result.status,
+                     "; ".join(result.changes) or ", ".join(result.changed) or result.reason or "no change")  # fmt: skip
         else:
-            log.warning("remote configuration %s refused: %s", result.id, result.reason)
+            log.warning("remote configuration %s %s: %s%s", result.id, result.status, result.reason,
+                        f" (undone: {'; '.join(result.changes)})" if result.changes else "")  # fmt: skip
         self.results.append(result)
         del self.results[:-20]
         self._outbox.append(result.to_json(self.device))
-        return result
+
+    def begin_probation(self, request_id: str, previous_id: str) -> None:
+        """Remember, across restarts, that ``request_id`` is not confirmed yet."""
+        self.probation = {"id": request_id, "previous_id": previous_id}
+        self._save_state()
+
+    def end_probation(self) -> None:
+        self.probation = None
+        self._save_state()
+
+    def forget(self, request_id: str, previous_id: str) -> None:
+        """A rolled-back request: the one before it is in force again (and may be sent again)."""
+        if self.last_id == request_id:
+            self.last_id = previous_id
+            self._save_state()
 
     def flush(self, connected: bool) -> None:
         """Publish queued acks (QoS 1) once connected; they wait otherwise."""
@@ -387,8 +431,12 @@ def send_device_config(
     key_file: str = "",
     wait_s: float = 30.0,
     retain: bool = False,
+    verdict: bool = False,
 ) -> dict[str, Any] | None:
     """Publish a request to a device's config topic; wait ``wait_s`` for its ack (None if none).
+
+    With ``verdict``, an ``applied`` ack is not the end: wait on (same ``wait_s`` overall) for
+    ``confirmed`` or ``rolled_back`` after the van's probation; the last ack seen is returned.
 
     Without ``retain`` a van that is offline still gets the request when it comes back, as
     long as it has connected once since installation (its persistent session holds it).
@@ -428,10 +476,15 @@ def send_device_config(
         info.wait_for_publish(10)
         if wait_s <= 0:
             return None
-        try:
-            return acks.get(timeout=wait_s)
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + wait_s
+        last: dict[str, Any] | None = None
+        while True:
+            try:
+                last = acks.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return last
+            if not verdict or last.get("status") != "applied":
+                return last
     finally:
         client.loop_stop()
         client.disconnect()
@@ -458,13 +511,17 @@ def device_config_cli() -> Any:
     @click.option("--wait", "wait_s", default=30.0, show_default=True,
                   help="Seconds to wait for the van's answer (0: do not wait).")
     @click.option("--retain", is_flag=True, help="Retain the request on the broker.")
-    def send(device, file, config_path, host, port, replace, sensor, request_id, wait_s, retain) -> None:  # type: ignore[no-untyped-def]
+    @click.option("--verdict", is_flag=True,
+                  help="After 'applied', wait for 'confirmed' or 'rolled_back' (the van's probation, 120 s: "
+                       "give --wait 180).")
+    def send(device, file, config_path, host, port, replace, sensor, request_id, wait_s, retain, verdict) -> None:  # type: ignore[no-untyped-def]
         """Send FILE (TOML or JSON sections) to DEVICE; print the van's answer.
 
         \b
         Examples:
           datalab-receiver device-config send van-001 rate.toml --config /etc/datalab/receiver.toml
           datalab-receiver device-config send van-001 sheet.toml --calibration no2
+          datalab-receiver device-config send van-001 sensors.toml --verdict --wait 180
         """
         from receiver.config import load_receiver_config
 
@@ -477,7 +534,7 @@ def device_config_cli() -> Any:
         ack = send_device_config(
             device, payload, host=rc.host, port=rc.port, prefix=rc.topic_prefix, username=rc.username,
             password=rc.password, tls=rc.tls, ca_file=rc.ca_file, cert_file=rc.cert_file,
-            key_file=rc.key_file, wait_s=wait_s, retain=retain,
+            key_file=rc.key_file, wait_s=wait_s, retain=retain, verdict=verdict,
         )
         if wait_s <= 0:
             click.echo("sent")

@@ -48,6 +48,7 @@ from edge.power import (
     parse_service_sections,
     speed_from,
 )
+from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
 from edge.sensors import FACTORIES, build_drivers
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
 from edge.timekeeping import TimeFixSource
@@ -239,6 +240,7 @@ def write_stats(agent: Agent, path: Path) -> None:
 class ApplyResult:
     changed: list[str] = field(default_factory=list)
     restart_required: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)  # sensors built anew
 
 
 class Runtime:
@@ -257,6 +259,8 @@ class Runtime:
         self_test: Callable[[], Any] | None = None,
         shutdown: Callable[[], None] | None = None,
         on_secrets: Callable[[AgentConfig], None] | None = None,
+        remote_grace_s: float = DEFAULT_GRACE_S,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.svc = svc or ServiceConfig.default()
         path = config_path or (cfg.source if Path(cfg.source).is_file() else None)
@@ -295,13 +299,24 @@ class Runtime:
 
         self.remote = RemoteConfig(cfg.device.id, cfg.uplink.topic_prefix, data_dir / "remote-config.json")
         self.remote.attach(agent.link)
+        # A remote change on probation: confirmed once the van is healthy, else rolled back.
+        self.watch = HealthWatch(remote_grace_s, monotonic) if monotonic else HealthWatch(remote_grace_s)
+        # agent.toml as last applied: what a reload or a remote change is told apart from, for the log.
+        self._file_doc: dict[str, Any] = {}
+        if self.config_path is not None:
+            try:
+                self._file_doc = read_toml(self.config_path)
+            except ConfigError:
+                pass
+        self._resume_probation()
         self._reload = threading.Event()
         self._backlog_at = -1e18
         self._backlog = 0
         wd = watchdog_s if watchdog_s is not None else watchdog_interval()
         self.supervisor = Supervisor(
             agent, notifier=notifier or Notifier(), watchdog_s=wd, stall_s=stall_s,
-            tick_hooks=[self._reload_hook, self._remote_hook, *( [self.panel.service] if self.panel else [])],
+            tick_hooks=[self._reload_hook, self._remote_hook, self._watch_hook,
+                        *([self.panel.service] if self.panel else [])],
             fast_hooks=[self.power.poll], after_tick=[self._after_tick],
         )  # fmt: skip
         add_status_fields(agent, self._status_extra)
@@ -335,6 +350,8 @@ class Runtime:
             "pm_hours": self.hours.hours(),
             "power": self.power.status(),
             "config_id": self.remote.last_id,
+            # A remote change not yet confirmed healthy (it may still roll back by itself).
+            "config_probation": self.watch.pending.request_id if self.watch.pending else None,
             "health": "ok" if ok else reason,
         }
 
@@ -367,6 +384,11 @@ class Runtime:
             return None
         notifier = self.supervisor.notifier
         notifier.reloading()
+        if self.watch.pending is not None and self.config_path is not None:
+            # The technician's file takes over from whatever a remote change left.
+            log.info("reload: remote change %s no longer on probation", self.watch.pending.request_id)
+            self.watch.pending = None
+            self._end_probation()
         try:
             try:
                 data = read_toml(self.config_path)
@@ -385,8 +407,12 @@ class Runtime:
             except ConfigError as exc:
                 log.error("reload: %s; keeping the running configuration", exc)
                 return None
-            log.info("reloaded %s: changed %s%s", self.config_path, ", ".join(result.changed) or "nothing",
+            from edge.remote_policy import describe_changes
+
+            changes = "; ".join(describe_changes(self._file_doc, data)) or "no change"
+            log.info("reloaded %s: %s%s", self.config_path, changes,
                      f"; at the next start: {', '.join(result.restart_required)}" if result.restart_required else "")  # fmt: skip
+            self._file_doc = data
             return result
         finally:
             notifier.notify("READY=1")
@@ -435,6 +461,7 @@ class Runtime:
             else ObservedDriver(attach_calibrations([self.raw_drivers[sc.name]], new, self.cal_store)[0])
             for sc in new.sensors
         ] + [self.announcer]
+        result.rebuilt = [sc.name for sc in to_build]
         if to_build or len(new.sensors) != len(old.sensors):
             result.changed.append("sensors")
             agent.timekeeper.sources = [d for d in self.raw_drivers.values() if isinstance(d, TimeFixSource)]
@@ -465,8 +492,10 @@ class Runtime:
             self.remote.handle(payload, self.apply_remote)
 
     def apply_remote(self, req: Any) -> Any:
-        """A remote request: validate, apply like a reload, persist (agent.toml + .prev)."""
+        """A remote request: validate like a local file, refuse local-only keys, apply like a
+        reload, persist (agent.toml + .prev), and put the change on probation (edge/remote_watch.py)."""
         from edge.remote import Result, dump_toml, new_document, write_config_atomically
+        from edge.remote_policy import describe_changes, keep_local_only, no_working_sensor
 
         def refuse(errors: list[ConfigError]) -> Result:
             return Result(id=req.id, ok=False, status="refused", reason="; ".join(str(e) for e in errors),
@@ -476,10 +505,15 @@ class Runtime:
             return refuse([ConfigError("<file>", "this agent runs without a configuration file")])
         try:
             current = read_toml(self.config_path)
+            old_text = self.config_path.read_text(encoding="utf-8")
             doc, text = new_document(req, current)
-        except ConfigError as exc:
-            return refuse([exc])
-        errors = check_config_data(doc)
+        except (ConfigError, OSError) as exc:
+            return refuse([exc if isinstance(exc, ConfigError) else ConfigError("<file>", str(exc))])
+        doc, errors = keep_local_only(current, doc, self._effective())
+        if text is not None and tomllib.loads(text) != doc:
+            text = None  # local-only values were carried over: write the merged document
+        seen = {e.key for e in errors}
+        errors += [e for e in check_config_data(doc) if e.key not in seen]
         if errors:
             return refuse(errors)
         try:
@@ -487,8 +521,9 @@ class Runtime:
             cfg, svc = parse_full_config(doc, source=str(self.config_path))
         except ConfigError as exc:
             return refuse([exc])
-        if cfg.device.id != self.agent.cfg.device.id:
-            return refuse([ConfigError("device.id", f"cannot be changed remotely (this is {self.agent.cfg.device.id})")])
+        empty = no_working_sensor([sc.name for sc in cfg.sensors])
+        if empty is not None:
+            return refuse([empty])
         old_cfg, old_svc = self.agent.cfg, ServiceConfig(replace(self.svc.power), self.svc.panel)
         try:
             applied = self.reconfigure(cfg, svc)
@@ -500,10 +535,94 @@ class Runtime:
             # Not on the card means not at the next start either: undo, so both agree.
             self.reconfigure(old_cfg, old_svc)
             return refuse([ConfigError("<file>", f"cannot write {self.config_path}: {exc.strerror or exc}")])
-        return Result(id=req.id, ok=True, status="applied", changed=applied.changed,
+        changes = describe_changes(current, doc)  # logged with the result (RemoteConfig.report)
+        self._file_doc = doc
+        # Back to the last configuration that proved healthy: a change made while another
+        # is on probation goes back to where that one started. That one is kept on the card
+        # too, so a restart during probation still knows where to go back to.
+        if self.watch.pending:
+            base = self.watch.pending.undo[:5]
+        else:
+            base = (old_cfg, old_svc, old_text, self.remote.last_id, current)
+            try:
+                write_config_atomically(self._probation_path(), old_text)
+            except OSError as exc:
+                log.warning("cannot keep %s for a rollback after a restart: %s", self._probation_path(), exc)
+        self.remote.begin_probation(req.id, base[3])
+        self.watch.start(req.id, self.agent.drivers, applied.rebuilt, uplink_changed="uplink" in applied.changed,
+                         undo=(*base, doc))  # fmt: skip
+        return Result(id=req.id, ok=True, status="applied", changed=applied.changed, changes=changes,
                       restart_required=applied.restart_required,
                       reason="applied" + (f"; at the next start: {', '.join(applied.restart_required)}"
                                           if applied.restart_required else ""))  # fmt: skip
+
+    def _effective(self) -> dict[str, Any]:
+        """The local-only keys' sections as in force (defaults included)."""
+        cfg = self.agent.cfg
+        return {"device": asdict(cfg.device), "buffer": asdict(cfg.buffer), "uplink": asdict(cfg.uplink),
+                "power": asdict(self.svc.power)}  # fmt: skip
+
+    def _probation_path(self) -> Path:
+        assert self.config_path is not None
+        return self.config_path.with_name(self.config_path.name + ".probation")
+
+    def _end_probation(self) -> None:
+        self.remote.end_probation()
+        for p in (self._probation_path(), self._probation_path().with_name(self._probation_path().name + ".prev")):
+            p.unlink(missing_ok=True)
+
+    def _resume_probation(self) -> None:
+        """The agent stopped (or crashed) while a remote change was on probation: it is again.
+
+        After a restart every sensor was built anew, so each must read, and the uplink must connect.
+        """
+        p = self.remote.probation
+        if p is None or self.config_path is None:
+            return
+        try:
+            old_text = self._probation_path().read_text(encoding="utf-8")
+            before = tomllib.loads(old_text)
+            old_cfg, old_svc = parse_full_config(before, source=str(self.config_path))
+            after = read_toml(self.config_path)
+        except (OSError, ValueError, ConfigError) as exc:
+            log.warning("remote change %s was on probation, but the configuration before it cannot be read (%s): "
+                        "keeping the current one", p["id"], exc)  # fmt: skip
+            self._end_probation()
+            return
+        log.warning("remote change %s was on probation when the agent stopped: on probation again", p["id"])
+        self.watch.start(p["id"], self.agent.drivers, [sc.name for sc in self.agent.cfg.sensors], uplink_changed=True,
+                         undo=(old_cfg, old_svc, old_text, p["previous_id"], before, after))  # fmt: skip
+
+    def _watch_hook(self) -> None:
+        """Decide a change on probation: confirm it, or roll back to the configuration before it."""
+        from edge.remote import Result, write_config_atomically
+        from edge.remote_policy import describe_changes
+
+        v = self.watch.poll(self.agent.drivers, self.agent.link.connected)
+        if v is None:
+            return
+        self._end_probation()
+        if v.healthy:
+            self.remote.report(Result(id=v.request_id, ok=True, status="confirmed", reason=v.reason))
+            return
+        old_cfg, old_svc, old_text, old_id, before, after = v.undo
+        reason = f"rolled back: {v.reason}"
+        # Each step on its own: the file is back for the next start even if the live swap fails.
+        try:
+            self.reconfigure(old_cfg, old_svc)
+        except Exception as exc:  # whatever it was, the file below must still go back
+            log.exception("rollback of remote change %s: the running van could not go back", v.request_id)
+            reason += f"; the running van could not go back ({exc}): at the next start"
+        try:
+            assert self.config_path is not None
+            write_config_atomically(self.config_path, old_text)
+        except OSError as exc:
+            reason += f"; agent.toml could not be written back: {exc.strerror or exc}"
+        else:
+            self._file_doc = before
+        self.remote.forget(v.request_id, old_id)
+        self.remote.report(Result(id=v.request_id, ok=False, status="rolled_back", reason=reason,
+                                  changes=describe_changes(after, before)))  # fmt: skip
 
     # -- life --------------------------------------------------------------------------------------
 

@@ -3,8 +3,13 @@
 Vans upload each calibration record as a sample of sensor ``calibration`` whose value
 ``record`` is the record's JSON (edge/calibration.py ``CalibrationAnnouncer``): when a
 record becomes active, the one it supersedes with its new ``valid_to``, and all active
-records at every agent start. Here they land in ``calibrations`` (upsert by id: the
-status and validity of a record change as it is superseded).
+records at every agent start. Here they land in ``calibrations``, keyed by
+(device, kind, serial, version) and upserted on that key: the status and validity of a
+record change as it is superseded. The device is the one the batch's topic names (the
+broker's ACL vouches for it), never one the record claims: a sensor that moves to another
+van is a second chain of records there, and no van can touch another van's records.
+Stores made when the key was the record id alone (``no2:<serial>:vN``, so one van's
+upload overwrote another's) are migrated when the store opens (``ensure_tables``).
 
 Raw samples are never touched. What a record derives goes to ``derived`` with the id of
 the record that produced it: ``recompute_no2`` recomputes ``no2_ppb`` from the raw
@@ -22,16 +27,15 @@ import logging
 import math
 from typing import Any
 
-from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, no2_ppb_from_record
+from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, no2_ppb_from_record, record_id
 
 log = logging.getLogger(__name__)
 
 NO2_SENSOR = "no2"
 _RAW = ("no2_we_mv", "no2_ae_mv", "no2_temp_c")
 
-_TABLES = (
-    """CREATE TABLE IF NOT EXISTS calibrations (
-        id TEXT PRIMARY KEY,
+_CALIBRATIONS = """CREATE TABLE IF NOT EXISTS {name} (
+        id TEXT NOT NULL,
         device TEXT NOT NULL,
         kind TEXT NOT NULL,
         serial TEXT NOT NULL,
@@ -40,8 +44,14 @@ _TABLES = (
         valid_from_ms BIGINT,
         valid_to_ms BIGINT,
         record TEXT NOT NULL,
-        received_utc_ms BIGINT NOT NULL
-    )""",
+        received_utc_ms BIGINT NOT NULL,
+        PRIMARY KEY (device, kind, serial, version)
+    )"""
+_COLUMNS = "id, device, kind, serial, version, status, valid_from_ms, valid_to_ms, record, received_utc_ms"
+_KEY = ("device", "kind", "serial", "version")
+
+_TABLES = (
+    _CALIBRATIONS.format(name="calibrations"),
     """CREATE TABLE IF NOT EXISTS derived (
         device TEXT NOT NULL,
         epoch TEXT NOT NULL,
@@ -55,9 +65,13 @@ _TABLES = (
 )
 
 
+def _is_sqlite(conn: Any) -> bool:
+    return type(conn).__module__.startswith("sqlite3")
+
+
 def _q(conn: Any, sql: str) -> str:
     """'?' placeholders for sqlite3, '%s' for the psycopg family."""
-    return sql if type(conn).__module__.startswith("sqlite3") else sql.replace("?", "%s")
+    return sql if _is_sqlite(conn) else sql.replace("?", "%s")
 
 
 def _exec(conn: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
@@ -67,8 +81,63 @@ def _exec(conn: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
 
 
 def ensure_tables(conn: Any) -> None:
+    """The tables, made or brought up to date (idempotent; PostgreSQL: inside the caller's transaction)."""
+    key = _primary_key(conn)
+    if key and key != _KEY:
+        if _is_sqlite(conn) and not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")  # all of the migration or none of it
+            try:
+                _migrate(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        else:
+            _migrate(conn)
     for ddl in _TABLES:
         _exec(conn, ddl)
+
+
+def _primary_key(conn: Any) -> tuple[str, ...]:
+    """The primary key columns of ``calibrations`` in order; () when there is no such table."""
+    if _is_sqlite(conn):
+        rows = conn.execute("SELECT name, pk FROM pragma_table_info('calibrations') WHERE pk > 0").fetchall()
+        return tuple(name for name, _ in sorted(rows, key=lambda r: r[1]))
+    if _exec(conn, "SELECT to_regclass('calibrations')").fetchone()[0] is None:
+        return ()
+    rows = _exec(conn, "SELECT a.attname, array_position(i.indkey::int2[], a.attnum) FROM pg_index i"
+                       " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+                       " WHERE i.indrelid = 'calibrations'::regclass AND i.indisprimary").fetchall()
+    return tuple(name for name, _ in sorted(rows, key=lambda r: r[1]))
+
+
+def _migrate(conn: Any) -> None:
+    """From the old key (the record id alone) to (device, kind, serial, version).
+
+    Under the old key a second van's record with the same id overwrote the first van's
+    row but kept its ``device``: such a row (the record names another device) is put
+    under the device that wrote it, and what it derived for the row's device is deleted,
+    since it was computed with another van's parameters. That van's own record comes
+    back with its next announcement (every agent start), and recomputes its values.
+    """
+    _exec(conn, _CALIBRATIONS.format(name="calibrations_keyed"))
+    moved = 0
+    for row in _exec(conn, f"SELECT {_COLUMNS} FROM calibrations").fetchall():
+        rid, device, *rest = row
+        try:
+            author = CalibrationRecord.from_json(row[8]).device or device
+        except ValueError:
+            author = device
+        if author != device:
+            moved += 1
+            _exec(conn, "DELETE FROM derived WHERE device=? AND calibration=?", (device, rid))
+            log.warning("calibration record %s stored under %s was written by %s: moved to %s, "
+                        "%s's values derived from it removed", rid, device, author, author, device)
+        _exec(conn, f"INSERT INTO calibrations_keyed ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT DO NOTHING", (rid, author, *rest))
+    _exec(conn, "DROP TABLE calibrations")
+    _exec(conn, "ALTER TABLE calibrations_keyed RENAME TO calibrations")
+    log.info("calibrations migrated to the key (device, kind, serial, version); %d record(s) moved", moved)
 
 
 def _ms(t: float | None) -> int | None:
@@ -99,16 +168,23 @@ def store_calibrations(conn: Any, batch: Any, received_ms: int) -> list[str]:
             # A van speaks only for itself (the broker's ACL vouches for the batch's device).
             log.warning("device %s sent a record of device %s; ignored", batch.device, device)
             continue
+        if rec.id != record_id(rec.kind, rec.serial, rec.version):
+            # The id is the provenance tag derived values carry: it must say what the key says.
+            log.warning("device %s sent record %r for %s; ignored", batch.device, rec.id,
+                        record_id(rec.kind, rec.serial, rec.version))
+            continue
         text = rec.to_json()
-        row = _exec(conn, "SELECT record FROM calibrations WHERE id=?", (rec.id,)).fetchone()
+        key = (device, rec.kind, rec.serial, rec.version)
+        row = _exec(conn, "SELECT record FROM calibrations WHERE device=? AND kind=? AND serial=? AND version=?",
+                    key).fetchone()
         if row is not None and row[0] == text:
             continue
         _exec(
             conn,
-            "INSERT INTO calibrations (id, device, kind, serial, version, status, valid_from_ms, valid_to_ms,"
-            " record, received_utc_ms) VALUES (?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (id) DO UPDATE SET status=excluded.status, valid_from_ms=excluded.valid_from_ms,"
-            " valid_to_ms=excluded.valid_to_ms, record=excluded.record, received_utc_ms=excluded.received_utc_ms",
+            f"INSERT INTO calibrations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (device, kind, serial, version) DO UPDATE SET status=excluded.status,"
+            " valid_from_ms=excluded.valid_from_ms, valid_to_ms=excluded.valid_to_ms, record=excluded.record,"
+            " received_utc_ms=excluded.received_utc_ms",
             (rec.id, device, rec.kind, rec.serial, rec.version, rec.status, _ms(rec.valid_from), _ms(rec.valid_to),
              text, received_ms),
         )
@@ -116,9 +192,9 @@ def store_calibrations(conn: Any, batch: Any, received_ms: int) -> list[str]:
     return changed
 
 
-def _load(conn: Any, record_id: str) -> tuple[str, CalibrationRecord] | None:
-    row = _exec(conn, "SELECT device, record FROM calibrations WHERE id=?", (record_id,)).fetchone()
-    return None if row is None else (row[0], CalibrationRecord.from_json(row[1]))
+def _load(conn: Any, device: str, rid: str) -> CalibrationRecord | None:
+    row = _exec(conn, "SELECT record FROM calibrations WHERE device=? AND id=?", (device, rid)).fetchone()
+    return None if row is None else CalibrationRecord.from_json(row[0])
 
 
 def _derive(values: dict[str, Any], rec: CalibrationRecord) -> float | None:
@@ -145,17 +221,16 @@ def _upsert_derived(conn: Any, rows: list[tuple[Any, ...]]) -> None:
         conn.cursor().executemany(sql, rows)
 
 
-def recompute_no2(conn: Any, record_id: str) -> int:
-    """Recompute ``no2_ppb`` by this record for the NO2 samples inside its validity.
+def recompute_no2(conn: Any, device: str, rid: str) -> int:
+    """Recompute ``no2_ppb`` by ``device``'s record ``rid`` for its NO2 samples inside its validity.
 
     Writes ``derived`` rows (quantity ``no2_ppb``, calibration = the record id) from the
     raw ``no2_we_mv``/``no2_ae_mv``/``no2_temp_c``; raw samples stay as they arrived.
     Returns the number of rows written.
     """
-    found = _load(conn, record_id)
-    if found is None:
+    rec = _load(conn, device, rid)
+    if rec is None:
         return 0
-    device, rec = found
     if rec.kind != "no2" or rec.status == "pending" or rec.valid_from is None:
         return 0
     lo, hi = _ms(rec.valid_from), _ms(rec.valid_to)
@@ -206,4 +281,4 @@ def ingest_calibrations(conn: Any, batch: Any, received_ms: int) -> None:
     """All of the above for one stored batch: the single call ``SQLiteStore.ingest`` needs."""
     derive_batch_no2(conn, batch)
     for rid in store_calibrations(conn, batch, received_ms):
-        recompute_no2(conn, rid)
+        recompute_no2(conn, batch.device, rid)

@@ -31,6 +31,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,21 +483,46 @@ def provision_device(
     return DeviceBundle(bundle, toml_path, bundle / "ca.crt", cert)
 
 
+def generate_share_group() -> str:
+    """A shared-subscription group name no van can guess.
+
+    Mosquitto 2.0's acl_file never refuses a SUBSCRIBE (it checks ``read`` on each
+    message it delivers), so a van may subscribe to ``$share/<group>/datalab/v1/+/batch``.
+    Knowing the receivers' group, it would join it: the broker then hands it every n-th
+    batch of every van, and drops it since the van may not read it (tests/
+    test_broker_security.py shows both). The group name is therefore a secret like the
+    receiver's password, kept in the same 0600 TOML.
+    """
+    return "ingest-" + secrets.token_hex(16)
+
+
+def _existing_share_group(path: Path) -> str:
+    try:
+        group = tomllib.loads(path.read_text(encoding="utf-8")).get("receiver", {}).get("share_group", "")
+    except (OSError, ValueError):
+        return ""
+    return group if isinstance(group, str) else ""
+
+
 def provision_receiver(
     *, ca_dir: str | Path, passwd_file: str | Path, out: str | Path, host: str, port: int,
     backend: str = "auto", ca_file: str | None = None,
 ) -> Path:  # fmt: skip
-    """The receiver account (new random password) and the ``[receiver]`` TOML naming it."""
+    """The receiver account (new random password) and the ``[receiver]`` TOML naming it,
+    with the workers' secret share group (kept when the file already has one: re-keying
+    the password must not split the workers into two groups)."""
     ca = ca_paths(ca_dir)
+    path = Path(out)
+    group = _existing_share_group(path) or generate_share_group()
     password = generate_password()
     set_password(passwd_file, RECEIVER_USER, password, backend=backend)
     text = uplink_toml(
         host=host, port=port, username=RECEIVER_USER, password=password,
         ca_file=ca_file or str(ca.cert.resolve()), table="receiver",
-        comment="Broker account of the receiver workers (all workers may share it).",
+        comment="Broker account of the receiver workers (all workers may share it) and their\n"
+                "share group: a secret like the password (receiver/broker/README.md).",
     )  # fmt: skip
-    path = Path(out)
-    write_secret(path, text)
+    write_secret(path, text + f"share_group = {_toml_str(group)}\n")
     return path
 
 
@@ -715,8 +741,10 @@ def add_receiver_cmd(
 ) -> None:
     """Create (or re-key) the receiver account datalab-receiver and write its TOML.
 
-    The TOML's [receiver] keys (host, port, tls, ca_file, username, password)
-    merge into the receiver's config file. Re-running it sets a new password.
+    The TOML's [receiver] keys (host, port, tls, ca_file, username, password,
+    share_group) merge into the receiver's config file. Re-running it sets a new
+    password and keeps the share group. The share group is a secret: a van that
+    knows it can take a share of every van's batches (see receiver/broker/README.md).
 
     \b
     Example:

@@ -16,6 +16,7 @@ Mosquitto 2.0 behaviour the assertions rely on (checked here, see the ACL):
 
 from __future__ import annotations
 
+import json
 import queue
 import ssl
 import stat
@@ -356,6 +357,81 @@ def test_receiver_reads_every_van_plain_and_shared_and_writes_acks(
     assert plain == expected and shared == expected
     rx_shared.publish(f"{P}/van-a/ack", b"stored")
     assert a.next_message().payload == b"stored"
+
+
+def test_a_van_in_a_known_share_group_takes_batches_from_the_receivers(
+    probes: Callable[..., Probe],
+) -> None:
+    """What Mosquitto 2.0 does (the "can" for the test below): acl_file grants a van's SUBSCRIBE
+    to ``$share/<group>/...``; the van then gets every n-th batch of every van and the broker,
+    checking ``read`` on delivery, drops it. So a group name a van knows loses batches."""
+    rx = probes("receiver")
+    rx.subscribe(f"$share/ingest/{P}/+/batch")
+    a = probes("device", "van-a")
+    assert not any(rc.is_failure for rc in a.subscribe(f"$share/ingest/{P}/+/batch"))
+    b = probes("device", "van-b")
+    for i in range(20):
+        b.publish(f"{P}/van-b/batch", b"b%d" % i)
+    b.publish(f"{P}/van-b/batch", b"marker")  # routed after the 20: once it is in, all are
+    got: list[bytes] = []
+    deadline = time.monotonic() + TIMEOUT
+    while b"marker" not in got and time.monotonic() < deadline:
+        try:
+            got.append(rx.next_message(0.5).payload)
+        except queue.Empty:
+            pass
+    lost = 21 - len(got)
+    print(f"guessable group 'ingest': receiver got {len(got)} of 21, {lost} handed to van-a and dropped")
+    assert a.drain() == [] and 0 < lost < 21
+
+
+def test_van_cannot_join_the_provisioned_share_group(
+    broker: LocalBroker, probes: Callable[..., Probe], tmp_path: Path
+) -> None:
+    """The receivers' group is a secret made by provisioning: every batch of van B reaches the
+    receiver (stored and acknowledged) while van A subscribes to every share group and batch
+    topic it might guess, and van A receives nothing."""
+    from receiver.config import load_receiver_config
+
+    info = broker.secure_info
+    assert info is not None
+    toml = pv.provision_receiver(ca_dir=info.ca_dir, passwd_file=tmp_path / "r.passwd", out=tmp_path / "rx.toml",
+                                 host="127.0.0.1", port=info.receiver_port, backend="python")  # fmt: skip
+    group = load_receiver_config(toml).share_group
+    assert group.startswith("ingest-") and len(group) >= 32
+    pv.provision_receiver(ca_dir=info.ca_dir, passwd_file=tmp_path / "r.passwd", out=toml, host="127.0.0.1",
+                          port=info.receiver_port, backend="python")  # re-keying keeps the group
+    assert load_receiver_config(toml).share_group == group
+
+    cfg = broker.receiver_config(str(tmp_path / "store.sqlite"), client_id="rx-share", share_group=group)
+    svc = ReceiverService(cfg)
+    svc.start()
+    try:
+        assert svc.subscribed.wait(TIMEOUT), tail(broker)
+        a = probes("device", "van-a")
+        guesses = [f"$share/{g}/{P}/+/batch" for g in ("ingest", "datalab", "receiver", "ingest-1", "workers")]
+        subacks = a.subscribe(*guesses, f"{P}/+/batch", f"{P}/van-b/batch", "#")
+        assert not any(rc.is_failure for rc in subacks)  # all granted (Mosquitto 2.0), none of any use
+        b = probes("device", "van-b")
+        b.subscribe(f"{P}/van-b/ack")
+        n = 40
+        for i in range(n):
+            b.publish(f"{P}/van-b/batch", encode_batch(batch(i, 1, device="van-b")))
+        acks = []
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while len(acks) < n and time.monotonic() < deadline:
+            try:
+                acks.append(json.loads(b.next_message(0.5).payload))
+            except queue.Empty:
+                pass
+        stored = sorted(x["batch"] for x in acks if x.get("status") == "stored")
+        assert len(stored) == n, f"{len(stored)} of {n} of van B's batches stored; log:\n{tail(broker)}"
+        assert svc.store.counts()["batches_stored"] == n
+        assert a.drain() == [], "van A received something"
+        print(f"provisioned group: {n} of {n} van-b batches stored and acked; van-a in {len(guesses)} "
+              "guessed groups and on every batch topic received 0")
+    finally:
+        svc.stop()
 
 
 # --- certificate mode ----------------------------------------------------------------------

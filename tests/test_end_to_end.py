@@ -58,7 +58,9 @@ def test_fleet_every_committed_sample_stored_once_with_positions(tmp_path, mosqu
         cal_ids = {r[0] for r in db.execute(
             "SELECT json_extract(vals, '$.cal') FROM samples WHERE device=? AND sensor='no2'", (v.device,))}
         assert cal_ids == {"no2:202-SIM-0001:v1"}
-        assert db.execute("SELECT count(*) FROM calibrations WHERE id='no2:202-SIM-0001:v1'").fetchone()[0] == 1
+        # ... under this van: both simulated vans have a sensor of that serial, and each keeps its own
+        assert db.execute("SELECT count(*) FROM calibrations WHERE device=? AND id='no2:202-SIM-0001:v1'",
+                          (v.device,)).fetchone()[0] == 1
         # the oracle: every committed sequence number is in the store, exactly once
         seqs = [r[0] for r in db.execute("SELECT seq FROM samples WHERE device=? ORDER BY seq", (v.device,))]
         assert seqs == list(range(1, v.committed + 1))

