@@ -10,6 +10,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,14 @@ def base(store: Path) -> Iterator[str]:
     yield from _serve(store, TOKEN)
 
 
-def get(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(url: str, token: str | None = None) -> tuple[int, Message, bytes]:
+    """Status, headers (case-insensitive, as HTTP has them) and body."""
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def get_json(url: str, token: str | None = None, status: int = 200) -> Any:
