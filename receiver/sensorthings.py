@@ -14,8 +14,10 @@ its shapes. The mapping (one map unit behaves like a fixed virtual station):
 
 Vans are not Things here on purpose: per-van data is never public.
 
-Supported query options: ``$top`` (default 100, at most 10000), ``$skip``,
-``$count``, ``$expand`` (one level, by navigation property name) and ``$select``.
+Supported query options: ``$top`` (default 100, at most 10000; at most 100 with
+``$expand``, whose every entity brings up to 100 more), ``$skip`` (at most 15 digits),
+``$count`` (true or false), ``$expand`` (one level, by navigation property name) and
+``$select``. Any other value is a 400, never a way around a cap.
 ``$filter`` and ``$orderby`` answer 400 rather than being silently ignored.
 Ids are strings, in quotes as OData wants: ``Things('s012-0-004')``.
 """
@@ -33,6 +35,8 @@ from receiver.export import iso_ms
 
 DEFAULT_TOP = 100
 MAX_TOP = 10_000
+MAX_TOP_EXPANDED = 100  # with $expand each entity carries up to DEFAULT_TOP more
+_NUMBER = re.compile(r"[0-9]{1,15}")  # $top/$skip: far beyond any table, well inside a 64-bit OFFSET
 SENSOR_ID = "datalab-mobile-median"
 
 UOM = {
@@ -286,7 +290,7 @@ def _missing(kind: str, id_: str) -> Key:
 
 # -- request handling ----------------------------------------------------------------------
 
-_PATH = re.compile(r"^/(\w+)(?:\((?:'((?:[^']|'')*)'|(\d+))\))?(?:/(\w+))?/?$")
+_PATH = re.compile(r"^/(\w+)(?:\((?:'((?:[^']|'')*)'|(\d+))\))?(?:/(\w+))?/?$", re.ASCII)
 _SUPPORTED = {"$top", "$skip", "$count", "$expand", "$select"}
 
 
@@ -316,10 +320,12 @@ def _handle(conn: Any, path: str, qs: dict[str, str], base: str) -> dict[str, An
     set_name, sid, nid, nav = m.group(1), m.group(2), m.group(3), m.group(4)
     id_ = sid.replace("''", "'") if sid is not None else nid
     es = SETS[set_name]
-    top, skip = _int_option(qs, "$top", DEFAULT_TOP), _int_option(qs, "$skip", 0)
-    top = min(top, MAX_TOP)
-    expand = [e for e in qs.get("$expand", "").split(",") if e]
+    expand = list(dict.fromkeys(e for e in qs.get("$expand", "").split(",") if e))  # each once
     select = [s for s in qs.get("$select", "").split(",") if s]
+    top = min(_int_option(qs, "$top", DEFAULT_TOP), MAX_TOP_EXPANDED if expand else MAX_TOP)
+    skip = _int_option(qs, "$skip", 0)
+    if qs.get("$count", "false").lower() not in ("true", "false"):
+        raise StaError(400, "$count must be true or false")
     if id_ is None:
         if nav:
             raise StaError(404, f"no such resource: {path}")
@@ -378,12 +384,9 @@ def _shape(conn: Any, base: str, set_name: str, entity: dict[str, Any], expand: 
 
 
 def _int_option(qs: dict[str, str], name: str, default: int) -> int:
+    # A fixed pattern, not int(): that takes "-1", " 7", "1_0", other scripts' digits and 4,000 digits.
     if name not in qs:
         return default
-    try:
-        v = int(qs[name])
-    except ValueError as exc:
-        raise StaError(400, f"{name} must be a non-negative integer") from exc
-    if v < 0:
-        raise StaError(400, f"{name} must be a non-negative integer")
-    return v
+    if not _NUMBER.fullmatch(qs[name]):
+        raise StaError(400, f"{name} must be a non-negative whole number (at most 15 digits)")
+    return int(qs[name])
