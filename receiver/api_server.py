@@ -94,11 +94,16 @@ class ApiServer:
             self._close()
             self._stopped.set()
 
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to return; safe from a signal handler (sets a flag, wakes the poll)."""
+        self._stop.set()
+        if not self._closed:
+            self._server.pull_trigger()
+
     def shutdown(self) -> None:
         """Stop ``serve_forever`` (from another thread) and wait until it has."""
-        self._stop.set()
+        self.request_stop()
         if self._serving:
-            self._server.pull_trigger()  # wake the poll at once
             self._stopped.wait(10)
 
     def server_close(self) -> None:

@@ -272,3 +272,35 @@ def test_aggregates_are_streamed_in_every_format(store: Path) -> None:
         assert json.loads(b"".join(body))["properties"]["count"] == n
     finally:
         app.close()
+
+
+def test_the_serve_command_applies_the_limits_and_stops_on_sigterm(store: Path) -> None:
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "receiver.cli", "serve", "--store", str(store), "--port", "0", "--threads", "3",
+         "--connection-limit", "50", "--idle-timeout", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "DATALAB_API_TOKEN": TOKEN},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, line
+        assert "3 threads, at most 50 connections, idle ones closed after 2 s" in line
+        port = int(m.group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            assert get(f"http://127.0.0.1:{port}/api/v1/fleet", TOKEN)[0] == 200
+            assert closed_by_server(idle, 30)  # --idle-timeout reached the server
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert TOKEN not in (proc.stderr.read() if proc.stderr else "")
