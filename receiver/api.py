@@ -54,7 +54,7 @@ from urllib.parse import parse_qsl, quote
 from receiver import dbapi, sensorthings
 from receiver.aggregate import QUANTITIES, parse_period
 from receiver.export import AGG_FIELDS, aggregate_feature, catalog, iso_ms, published_aggregates
-from receiver.jsonstream import Later, iter_json
+from receiver.jsonstream import Encoded, Later, encoded_items, iter_json
 from receiver.store_factory import is_postgres_url
 
 log = logging.getLogger(__name__)
@@ -503,34 +503,43 @@ def _csv_chunks(rows: Iterator[dict[str, Any]], fields: tuple[str, ...]) -> Iter
 
 
 class _Piece:
-    """One unbroken stretch of a track, written while it is read: coordinates go out at once;
-    times and speeds, which follow them in the feature, wait in compact arrays (8 bytes a
-    fix, not a Python object each); the first fix after a gap is handed to the next piece."""
+    """One unbroken stretch of a track, written while it is read: coordinates go out at once
+    (encoded a batch at a time); times and speeds, which follow them in the feature, wait in
+    compact arrays (8 bytes a fix, not a Python object each); the first fix after a gap is
+    handed to the next piece."""
+
+    BATCH = 1000
 
     def __init__(self, first: tuple[Any, ...], rows: Iterator[tuple[Any, ...]]) -> None:
         self.last = first
         self.times = array("q")
         self.speeds = array("d")  # NaN stands for a missing speed
         self.after: tuple[Any, ...] | None = None
-        self._rows = rows
+        self._rows = itertools.chain([first], rows)
 
-    def _keep(self, r: tuple[Any, ...]) -> None:
-        self.last = r
-        self.times.append(r[0])
-        self.speeds.append(_NAN if r[3] is None else r[3])
-
-    def coords(self) -> Iterator[list[float]]:
-        self._keep(self.last)
-        yield [self.last[2], self.last[1]]
+    def coords(self) -> Iterator[Encoded]:
+        batch: list[list[float]] = []
         for r in self._rows:
             if r[0] - self.last[0] > TRACK_GAP_MS:
                 self.after = r
-                return
-            self._keep(r)
-            yield [r[2], r[1]]
+                break
+            self.last = r
+            self.times.append(r[0])
+            self.speeds.append(_NAN if r[3] is None else r[3])
+            batch.append([r[2], r[1]])
+            if len(batch) == self.BATCH:
+                yield encoded_items(batch)
+                batch = []
+        if batch:
+            yield encoded_items(batch)
 
-    def speed_list(self) -> Iterator[float | None]:
-        return (None if v != v else v for v in self.speeds)
+    def time_list(self) -> Iterator[Encoded]:
+        for i in range(0, len(self.times), self.BATCH):
+            yield encoded_items(self.times[i:i + self.BATCH].tolist())
+
+    def speed_list(self) -> Iterator[Encoded]:
+        for i in range(0, len(self.speeds), self.BATCH):
+            yield encoded_items([None if v != v else v for v in self.speeds[i:i + self.BATCH]])
 
 
 def _track_features(device: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[dict[str, Any]]:
@@ -544,11 +553,11 @@ def _track_features(device: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[di
                                   "t_utc_ms": [row[0]], "speed_mps": [row[3]]}}
             row = nxt
             continue
-        piece = _Piece(row, itertools.chain([nxt], it))
+        piece = _Piece(row, itertools.chain([nxt], it))  # the first row is its own: no gap to itself
         yield {"type": "Feature", "geometry": {"type": "LineString", "coordinates": piece.coords()},
                "properties": {"device": device, "start_utc": iso_ms(row[0]),
                               "end_utc": Later(lambda p=piece: iso_ms(p.last[0])),
-                              "t_utc_ms": Later(lambda p=piece: iter(p.times)),
+                              "t_utc_ms": Later(lambda p=piece: p.time_list()),
                               "speed_mps": Later(lambda p=piece: p.speed_list())}}
         row = piece.after  # set once the writer has gone through the piece's coordinates
 

@@ -6,7 +6,10 @@ would give, except that two kinds of value are expanded while writing:
 * any iterator or generator becomes a JSON array, its items encoded one by one as they
   are produced (rows straight off a database cursor);
 * a ``Later`` becomes whatever its function returns *when the writer reaches it*, so a
-  count or a "next page" link can follow the rows it depends on.
+  count or a "next page" link can follow the rows it depends on;
+* an ``Encoded`` item of such an array is JSON text already: one or more comma-separated
+  items, written as they are (encoding rows a thousand at a time is ~5x faster than one
+  by one).
 
 Chunks are gathered up to ``chunk`` bytes to keep the number of socket writes small.
 """
@@ -27,6 +30,15 @@ class Later:
         self.fn = fn
 
 
+class Encoded(str):
+    """JSON text for one or more array items, comma-separated, never empty."""
+
+
+def encoded_items(items: list[Any]) -> Encoded:
+    """A batch of array items as one ``Encoded`` (one call into the C encoder)."""
+    return Encoded(_encode(items)[1:-1])
+
+
 def _parts(obj: Any) -> Iterator[str]:
     if isinstance(obj, Later):
         obj = obj.fn()
@@ -41,7 +53,10 @@ def _parts(obj: Any) -> Iterator[str]:
         for i, item in enumerate(obj):
             if i:
                 yield ","
-            yield from _parts(item)
+            if isinstance(item, Encoded):
+                yield item
+            else:
+                yield from _parts(item)
         yield "]"
     elif isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, Iterator, Later)) for v in obj):
         yield from _parts(iter(obj))
