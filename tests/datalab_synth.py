@@ -60,3 +60,17 @@ def make_store(path: Path, *, days: int = 3, vans: int = 2, minutes: float = 30.
     c.execute("COMMIT")
     store.close()
     return path
+
+
+def with_aggregates(path: Path, schemes: tuple[str, ...] = ("segment", "h3:10"), min_passes: int = 4,
+                    min_days: int = 2) -> Path:
+    """Build the all-time street maps of a synthetic store (the API and dashboard tests serve them)."""
+    from receiver import dbapi
+    from receiver.aggregate import Period, Rule, build
+    from receiver.mapunits import make_snapper
+
+    conn = dbapi.connect(path)
+    for scheme in schemes:
+        build(conn, make_snapper(scheme), [Period("all")], rule=Rule(min_passes, min_days))
+    conn.close()
+    return path

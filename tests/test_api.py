@@ -18,23 +18,16 @@ import pytest
 from click.testing import CliRunner
 
 from receiver import dbapi
-from receiver.aggregate import Period, Rule, build
 from receiver.api import make_server
 from receiver.commands import datalab_commands
-from receiver.mapunits import make_snapper
-from tests.datalab_synth import make_store
+from tests.datalab_synth import make_store, with_aggregates
 
 TOKEN = "s3cret-token-for-tests-only"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_store(tmp_path_factory.mktemp("api") / "datalab.sqlite")
-    conn = dbapi.connect(path)
-    for scheme in ("segment", "h3:10"):
-        build(conn, make_snapper(scheme), [Period("all")], rule=Rule(4, 2))
-    conn.close()
-    return path
+    return with_aggregates(make_store(tmp_path_factory.mktemp("api") / "datalab.sqlite"))
 
 
 def _serve(store: Path, token: str | None) -> Iterator[str]:

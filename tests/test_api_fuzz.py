@@ -32,7 +32,7 @@ from receiver.api import make_server
 from receiver.api_server import ServerLimits
 from receiver.mapunits import make_snapper
 from receiver.store_pg import PostgresStore
-from tests.datalab_synth import make_store
+from tests.datalab_synth import make_store, with_aggregates
 from tests.pg import pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
 
 TOKEN = "fuzz-token"
@@ -152,10 +152,8 @@ def _copy_to_postgres(src: Path, dsn: str) -> None:
 
 @pytest.fixture(scope="module")
 def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_store(tmp_path_factory.mktemp("fuzz") / "datalab.sqlite")
+    path = with_aggregates(make_store(tmp_path_factory.mktemp("fuzz") / "datalab.sqlite"))
     conn = dbapi.connect(path)
-    for scheme in ("segment", "h3:10"):
-        build(conn, make_snapper(scheme), [Period("all")], rule=Rule(4, 2))
     for es in SETS:  # one real id per entity set, for the fuzz's valid requests
         REAL_IDS[es] = sensorthings.handle(conn, f"/{es}", {"$top": "1"}, "")[1]["value"][0]["@iot.id"]
     conn.close()

@@ -23,22 +23,17 @@ from typing import Any
 import pytest
 
 from receiver import dbapi
-from receiver.aggregate import Period, Rule, build
 from receiver.api import MAX_TRACK_POINTS, App, make_server
 from receiver.api_server import ApiServer, ServerLimits
-from receiver.mapunits import make_snapper
-from tests.datalab_synth import make_store
+from tests.datalab_synth import make_store, with_aggregates
 
 TOKEN = "server-test-token"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_store(tmp_path_factory.mktemp("apiserver") / "datalab.sqlite", days=1)
-    conn = dbapi.connect(path)
-    build(conn, make_snapper("segment"), [Period("all")], rule=Rule(1, 1))
-    conn.close()
-    return path
+    return with_aggregates(make_store(tmp_path_factory.mktemp("apiserver") / "datalab.sqlite", days=1),
+                           ("segment",), min_passes=1, min_days=1)
 
 
 @contextmanager
@@ -192,7 +187,8 @@ def test_methods_head_and_options(store: Path) -> None:
 # -- streaming ---------------------------------------------------------------------------------
 
 
-def _call(app: App, path: str, query: str = "", token: str | None = TOKEN) -> tuple[str, dict[str, str], Iterator[bytes]]:
+def _call(app: App, path: str, query: str = "",
+          token: str | None = TOKEN) -> tuple[str, dict[str, str], Iterator[bytes]]:
     got: dict[str, Any] = {}
 
     def start_response(status: str, headers: list[tuple[str, str]]) -> None:
