@@ -230,7 +230,9 @@ class App:
         if path == "/sta/v1.1" or path.startswith("/sta/v1.1/"):
             status, body = sensorthings.handle(self.conn(), path[len("/sta/v1.1"):], qs,
                                                self._base_url(environ) + "/sta/v1.1")
-            return json_reply(status, body, public=True)
+            # A page's entities are written as their rows come (up to 10,000 of them).
+            return streamed_json("application/json", body, public=True) if status == 200 else \
+                json_reply(status, body, public=True)
         simple: dict[str, Callable[[], Any]] = {
             "/api/v1": lambda: {"routes": ROUTES},
             "/api/v1/health": lambda: {"ok": True, "time_utc": iso_ms(int(time.time() * 1000))},

@@ -6,7 +6,7 @@ would give, except that two kinds of value are expanded while writing:
 * any iterator or generator becomes a JSON array, its items encoded one by one as they
   are produced (rows straight off a database cursor);
 * a ``Later`` becomes whatever its function returns *when the writer reaches it*, so a
-  count or a "next page" link can follow the rows it depends on;
+  count or a "next page" link can follow the rows it depends on (``OMIT`` leaves the key out);
 * an ``Encoded`` item of such an array is JSON text already: one or more comma-separated
   items, written as they are (encoding rows a thousand at a time is ~5x faster than one
   by one).
@@ -30,6 +30,9 @@ class Later:
         self.fn = fn
 
 
+OMIT = object()  # a Later that returns this leaves its key out of the object
+
+
 class Encoded(str):
     """JSON text for one or more array items, comma-separated, never empty."""
 
@@ -44,8 +47,14 @@ def _parts(obj: Any) -> Iterator[str]:
         obj = obj.fn()
     if isinstance(obj, dict):
         yield "{"
-        for i, (k, v) in enumerate(obj.items()):
-            yield ("," if i else "") + _encode(str(k)) + ":"
+        first = True
+        for k, v in obj.items():
+            if isinstance(v, Later):
+                v = v.fn()
+                if v is OMIT:
+                    continue
+            yield ("" if first else ",") + _encode(str(k)) + ":"
+            first = False
             yield from _parts(v)
         yield "}"
     elif isinstance(obj, Iterator):

@@ -155,7 +155,7 @@ def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = with_aggregates(make_store(tmp_path_factory.mktemp("fuzz") / "datalab.sqlite"))
     conn = dbapi.connect(path)
     for es in SETS:  # one real id per entity set, for the fuzz's valid requests
-        REAL_IDS[es] = sensorthings.handle(conn, f"/{es}", {"$top": "1"}, "")[1]["value"][0]["@iot.id"]
+        REAL_IDS[es] = next(sensorthings.handle(conn, f"/{es}", {"$top": "1"}, "")[1]["value"])["@iot.id"]
     conn.close()
     return path
 

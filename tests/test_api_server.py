@@ -300,3 +300,23 @@ def test_the_serve_command_applies_the_limits_and_stops_on_sigterm(store: Path) 
             proc.kill()
             proc.wait()
     assert TOKEN not in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_sensorthings_pages_are_streamed_with_the_next_link_after_them(store: Path) -> None:
+    app = App(str(store))
+    try:
+        n = dbapi.fetchall(dbapi.connect(store), "SELECT count(*) FROM aggregates WHERE published = 1")[0][0]
+        assert n > 200
+        status, headers, body = _call(app, "/sta/v1.1/Observations", "$top=10000", None)
+        chunks = list(body)
+        page = json.loads(b"".join(chunks))
+        assert status.startswith("200") and "Content-Length" not in headers
+        assert len(page["value"]) == min(n, 10_000) and "@iot.nextLink" not in page
+        _, _, body = _call(app, "/sta/v1.1/Observations", "$top=150&$count=true", None)
+        page = json.loads(b"".join(body))
+        assert len(page["value"]) == 150 and page["@iot.count"] == n
+        assert "%24skip=150" in page["@iot.nextLink"] or "$skip=150" in page["@iot.nextLink"]
+        print(f"SensorThings page of {min(n, 10_000)} observations in {len(chunks)} chunks; "
+              f"a page of 150 of {n} ends with its nextLink")
+    finally:
+        app.close()
