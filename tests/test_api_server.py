@@ -320,3 +320,17 @@ def test_sensorthings_pages_are_streamed_with_the_next_link_after_them(store: Pa
               f"a page of 150 of {n} ends with its nextLink")
     finally:
         app.close()
+
+
+def test_a_client_that_never_reads_its_answer_does_not_hold_the_worker(big_track: Path) -> None:
+    limits = ServerLimits(threads=1, channel_timeout_s=2, cleanup_interval_s=1)
+    with serving(big_track, limits) as server:
+        (stuck,) = open_sockets(server, 1, b"GET /api/v1/tracks/van-big HTTP/1.1\r\nHost: x\r\n"
+                                           b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+        time.sleep(1.0)  # the one worker has taken the request; the answer (2.4 MB) waits in waitress' buffer
+        start = time.monotonic()
+        code, _ = get(url(server, "/api/v1/health"), timeout=30)
+        print(f"one worker, one client not reading a 2.4 MB track: the next client got {code} "
+              f"after {time.monotonic() - start:.1f} s")
+        assert code == 200
+        stuck.close()
