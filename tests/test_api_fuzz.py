@@ -27,12 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from receiver import dbapi, sensorthings
-from receiver.aggregate import Period, Rule, build
 from receiver.api import make_server
 from receiver.api_server import ServerLimits
-from receiver.mapunits import make_snapper
-from receiver.store_pg import PostgresStore
-from tests.datalab_synth import make_store, with_aggregates
+from tests.datalab_synth import copy_to_postgres, make_store, with_aggregates
 from tests.pg import pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
 
 TOKEN = "fuzz-token"
@@ -127,29 +124,6 @@ requests = st.one_of(free_form, one_wrong(), one_wrong())
 methods = st.sampled_from(["GET"] * 20 + ["HEAD", "POST", "OPTIONS", "DELETE", "PATCH"])
 
 
-def _copy_to_postgres(src: Path, dsn: str) -> None:
-    """The synthetic SQLite store's raw tables into a PostgreSQL store; aggregates built there."""
-    PostgresStore(dsn).close()  # the schema
-    a, b = dbapi.connect(src), dbapi.connect(dsn)
-    tables = {
-        "samples": "device, epoch, seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, batch_id, "
-                   "received_utc_ms",
-        "positions": "device, epoch, seq, t_utc_ms, state, lat, lon, speed_mps, fix_quality",
-        "fixes": "device, epoch, seq, t_utc_ms, lat, lon, speed_mps, fix_quality",
-        "batches": "batch_id, device, epoch, first_seq, last_seq, n_samples, sha256, received_utc_ms",
-        "device_status": "device, received_utc_ms, online, status",
-    }
-    with dbapi.transaction(b):
-        for table, cols in tables.items():
-            marks = ",".join("CAST(? AS jsonb)" if c.strip() == "vals" else "?" for c in cols.split(","))
-            dbapi.executemany(b, f"INSERT INTO {table} ({cols}) VALUES ({marks})",
-                              dbapi.fetchall(a, f"SELECT {cols} FROM {table}"))
-    for scheme in ("segment", "h3:10"):
-        build(b, make_snapper(scheme), [Period("all")], rule=Rule(4, 2))
-    a.close()
-    b.close()
-
-
 @pytest.fixture(scope="module")
 def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = with_aggregates(make_store(tmp_path_factory.mktemp("fuzz") / "datalab.sqlite"))
@@ -167,7 +141,7 @@ def base(request: pytest.FixtureRequest, sqlite_store: Path) -> Iterator[tuple[s
         cluster = request.getfixturevalue("pg_cluster")
         db = f"t_fuzz_{uuid.uuid4().hex[:8]}"
         store = cluster.create_database(db)
-        _copy_to_postgres(sqlite_store, store)
+        copy_to_postgres(sqlite_store, store)
     server = make_server(store, "127.0.0.1", 0, token=TOKEN, limits=ServerLimits(threads=2))
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import tracemalloc
+import uuid
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ import pytest
 from receiver import dbapi
 from receiver.api import MAX_TRACK_POINTS, App, make_server
 from receiver.api_server import ApiServer, ServerLimits
-from tests.datalab_synth import make_store, with_aggregates
+from tests.datalab_synth import copy_to_postgres, make_store, with_aggregates
+from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
 
 TOKEN = "server-test-token"
 
@@ -334,3 +336,28 @@ def test_a_client_that_never_reads_its_answer_does_not_hold_the_worker(big_track
               f"after {time.monotonic() - start:.1f} s")
         assert code == 200
         stuck.close()
+
+
+def test_a_postgresql_outage_answers_503_and_the_api_recovers(pg_cluster: PgCluster, store: Path) -> None:  # noqa: F811
+    import psycopg
+
+    db = f"t_outage_{uuid.uuid4().hex[:8]}"
+    dsn = pg_cluster.create_database(db)
+    copy_to_postgres(store, dsn, schemes=())
+    fleet = "/api/v1/fleet"
+    try:
+        with serving(dsn, ServerLimits(threads=2)) as server:
+            before = [get(url(server, fleet), TOKEN)[0] for _ in range(4)]
+            with psycopg.connect(pg_cluster.dsn(), autocommit=True) as admin:
+                # The database goes away under the open connections and refuses new ones.
+                admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [db])
+                during = [get(url(server, fleet), TOKEN) for _ in range(4)]
+                admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+            after = [get(url(server, fleet), TOKEN)[0] for _ in range(4)]
+            print(f"PostgreSQL: before {before}, database down {[c for c, _ in during]}, back {after}")
+            assert before == [200] * 4
+            assert [c for c, _ in during] == [503] * 4 and all(b"not reachable" in b for _, b in during)
+            assert after == [200] * 4
+    finally:
+        pg_cluster.drop_database(db)
