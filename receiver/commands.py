@@ -178,31 +178,51 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
               help=f"File holding the token for the fleet page and raw tracks (else ${TOKEN_ENV}).")
 @click.option("--public-url", help="Base URL as seen by clients behind a proxy (for SensorThings links).")
 @click.option("--tz", default=DEFAULT_TZ, show_default=True)
+@click.option("--threads", default=8, show_default=True,
+              help="Worker threads (and so the most store connections held at once).")
+@click.option("--connection-limit", default=200, show_default=True,
+              help="Open connections at most, idle ones included; beyond it new ones wait in the kernel's queue.")
+@click.option("--idle-timeout", default=30, show_default=True, help="Close a connection idle this many seconds.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(store: str, host: str, port: int, token_file: str | None, public_url: str | None, tz: str,
-          verbose: bool) -> None:
+          threads: int, connection_limit: int, idle_timeout: int, verbose: bool) -> None:
     """Serve the read-only API, the SensorThings view and the dashboard.
 
     Public: published aggregates (/api/v1/aggregates, /sta/v1.1/...) and the dashboard
     (/web/). With a token (Authorization: Bearer): /api/v1/fleet and /api/v1/tracks/<van>.
-    Without a token configured, those stay closed.
+    Without a token configured, those stay closed. Served by waitress with a fixed thread
+    pool, a connection cap and an idle timeout; put TLS and rate limits in the proxy in front.
 
     \b
     Examples:
       datalab-receiver serve --store datalab.sqlite
       DATALAB_API_TOKEN=$(cat /etc/datalab/api-token) datalab-receiver serve --store datalab.sqlite --port 8081
       datalab-receiver serve --store datalab.sqlite --host 0.0.0.0 --token-file /etc/datalab/api-token \\
-          --public-url https://datalab.example.org
+          --public-url https://datalab.example.org --threads 16 --connection-limit 500
     """
+    import signal
+
     from receiver.api import make_server
+    from receiver.api_server import ServerLimits
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in (("--threads", threads), ("--connection-limit", connection_limit),
+                        ("--idle-timeout", idle_timeout)):
+        if value < 1:
+            raise click.BadParameter("must be at least 1", param_hint=name)
     token = Path(token_file).read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
-    server = make_server(store, host, port, token=token or None, public_url=public_url, tz=tz)
+    limits = ServerLimits(threads=threads, connection_limit=connection_limit, channel_timeout_s=idle_timeout,
+                          cleanup_interval_s=max(1, min(5, idle_timeout // 2)))
+    try:
+        server = make_server(store, host, port, token=token or None, public_url=public_url, tz=tz, limits=limits)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
     h, p = server.server_address[:2]
     click.echo(f"DataLab API on http://{h}:{p}/  (dashboard /web/, SensorThings /sta/v1.1); "
-               f"protected routes {'enabled' if token else 'closed: no token configured'}")
+               f"protected routes {'enabled' if token else 'closed: no token configured'}; "
+               f"{threads} threads, at most {connection_limit} connections, idle ones closed after {idle_timeout} s")
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())  # systemd stops us cleanly
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -14,25 +14,32 @@ its shapes. The mapping (one map unit behaves like a fixed virtual station):
 
 Vans are not Things here on purpose: per-van data is never public.
 
-Supported query options: ``$top`` (default 100, at most 10000), ``$skip``,
-``$count``, ``$expand`` (one level, by navigation property name) and ``$select``.
+Supported query options: ``$top`` (default 100, at most 10000; at most 100 with
+``$expand``, whose every entity brings up to 100 more), ``$skip`` (at most 15 digits),
+``$count`` (true or false), ``$expand`` (one level, by navigation property name) and
+``$select``. Any other value is a 400, never a way around a cap.
 ``$filter`` and ``$orderby`` answer 400 rather than being silently ignored.
 Ids are strings, in quotes as OData wants: ``Things('s012-0-004')``.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 from urllib.parse import quote, urlencode
 
 from receiver import dbapi
 from receiver.aggregate import QUANTITIES
 from receiver.export import iso_ms
+from receiver.jsonstream import OMIT, Later
 
 DEFAULT_TOP = 100
 MAX_TOP = 10_000
+MAX_TOP_EXPANDED = 100  # with $expand each entity carries up to DEFAULT_TOP more
+_NUMBER = re.compile(r"[0-9]{1,15}")  # $top/$skip: far beyond any table, well inside a 64-bit OFFSET
 SENSOR_ID = "datalab-mobile-median"
 
 UOM = {
@@ -173,10 +180,15 @@ def _where(key: Key) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def _page(conn: Any, select: str, group: str, order: str, key: Key, top: int, skip: int) -> list[tuple[Any, ...]]:
+def _page(conn: Any, select: str, group: str, order: str, key: Key, top: int,
+          skip: int) -> Iterator[tuple[Any, ...]]:
+    """Rows as the cursor hands them out (on SQLite straight from the file; psycopg's client
+    cursor holds the page, at most MAX_TOP + 1 rows, and leaves the connection free for $expand)."""
     w, p = _where(key)
     sql = f"SELECT {select} {_PUB}{w}{group} ORDER BY {order} LIMIT ? OFFSET ?"
-    return dbapi.fetchall(conn, sql, [*p, top, skip])
+    cur = dbapi.execute(conn, sql, [*p, top, skip])
+    while rows := cur.fetchmany(500):
+        yield from rows
 
 
 def _count(conn: Any, distinct: str, key: Key) -> int:
@@ -195,7 +207,7 @@ _OBS_SELECT = ("scheme, cell, quantity, period, value, n_passes, n_days, n_sampl
 
 @dataclass(frozen=True)
 class EntitySet:
-    rows: Callable[[Any, str, Key, int, int], list[dict[str, Any]]]
+    rows: Callable[[Any, str, Key, int, int], Iterable[dict[str, Any]]]
     count: Callable[[Any, Key], int]
     parse: Callable[[str], Key]
     # navigation property -> (target set, single entity?, key for the target from this key)
@@ -227,28 +239,29 @@ def _published_quantities(conn: Any) -> list[str]:
 
 SETS: dict[str, EntitySet] = {
     "Things": EntitySet(
-        rows=lambda c, b, k, t, s: [_thing(b, r) for r in _page(c, _UNIT_SELECT, _UNIT_GROUP, "scheme, cell", k, t, s)],
+        rows=lambda c, b, k, t, s: (_thing(b, r) for r in _page(c, _UNIT_SELECT, _UNIT_GROUP, "scheme, cell", k, t, s)),
         count=lambda c, k: _count(c, "scheme, cell", k),
         parse=_cell_key,
         nav={"Locations": ("Locations", False, lambda k: Key(cell=k.cell)),
              "Datastreams": ("Datastreams", False, lambda k: Key(cell=k.cell))},
     ),
     "Locations": EntitySet(
-        rows=lambda c, b, k, t, s: [_location(b, r) for r in _page(c, _UNIT_SELECT, _UNIT_GROUP, "scheme, cell", k, t, s)],
+        rows=lambda c, b, k, t, s: (_location(b, r)
+                                    for r in _page(c, _UNIT_SELECT, _UNIT_GROUP, "scheme, cell", k, t, s)),
         count=lambda c, k: _count(c, "scheme, cell", k),
         parse=_cell_key,
         nav={"Things": ("Things", False, lambda k: Key(cell=k.cell))},
     ),
     "FeaturesOfInterest": EntitySet(
-        rows=lambda c, b, k, t, s: [_location(b, r, "FeaturesOfInterest")
-                                    for r in _page(c, _UNIT_SELECT, _UNIT_GROUP, "scheme, cell", k, t, s)],
+        rows=lambda c, b, k, t, s: (_location(b, r, "FeaturesOfInterest")
+                                    for r in _page(c, _UNIT_SELECT, _UNIT_GROUP, "scheme, cell", k, t, s)),
         count=lambda c, k: _count(c, "scheme, cell", k),
         parse=_cell_key,
         nav={"Observations": ("Observations", False, lambda k: Key(cell=k.cell))},
     ),
     "Datastreams": EntitySet(
-        rows=lambda c, b, k, t, s: [_datastream(b, r) for r in _page(
-            c, _DS_SELECT, " GROUP BY scheme, cell, quantity", "scheme, cell, quantity", k, t, s)],
+        rows=lambda c, b, k, t, s: (_datastream(b, r) for r in _page(
+            c, _DS_SELECT, " GROUP BY scheme, cell, quantity", "scheme, cell, quantity", k, t, s)),
         count=lambda c, k: _count(c, "scheme, cell, quantity", k),
         parse=_ds_key,
         nav={"Thing": ("Things", True, lambda k: Key(cell=k.cell)),
@@ -257,8 +270,8 @@ SETS: dict[str, EntitySet] = {
              "Sensor": ("Sensors", True, lambda k: Key())},
     ),
     "Observations": EntitySet(
-        rows=lambda c, b, k, t, s: [_observation(b, r) for r in _page(
-            c, _OBS_SELECT, "", "scheme, cell, quantity, period", k, t, s)],
+        rows=lambda c, b, k, t, s: (_observation(b, r) for r in _page(
+            c, _OBS_SELECT, "", "scheme, cell, quantity, period", k, t, s)),
         count=lambda c, k: _count(c, "scheme, cell, quantity, period", k),
         parse=_obs_key,
         nav={"Datastream": ("Datastreams", True, lambda k: Key(cell=k.cell, quantity=k.quantity)),
@@ -286,7 +299,7 @@ def _missing(kind: str, id_: str) -> Key:
 
 # -- request handling ----------------------------------------------------------------------
 
-_PATH = re.compile(r"^/(\w+)(?:\((?:'((?:[^']|'')*)'|(\d+))\))?(?:/(\w+))?/?$")
+_PATH = re.compile(r"^/(\w+)(?:\((?:'((?:[^']|'')*)'|(\d+))\))?(?:/(\w+))?/?$", re.ASCII)
 _SUPPORTED = {"$top", "$skip", "$count", "$expand", "$select"}
 
 
@@ -316,10 +329,12 @@ def _handle(conn: Any, path: str, qs: dict[str, str], base: str) -> dict[str, An
     set_name, sid, nid, nav = m.group(1), m.group(2), m.group(3), m.group(4)
     id_ = sid.replace("''", "'") if sid is not None else nid
     es = SETS[set_name]
-    top, skip = _int_option(qs, "$top", DEFAULT_TOP), _int_option(qs, "$skip", 0)
-    top = min(top, MAX_TOP)
-    expand = [e for e in qs.get("$expand", "").split(",") if e]
+    expand = list(dict.fromkeys(e for e in qs.get("$expand", "").split(",") if e))  # each once
     select = [s for s in qs.get("$select", "").split(",") if s]
+    top = min(_int_option(qs, "$top", DEFAULT_TOP), MAX_TOP_EXPANDED if expand else MAX_TOP)
+    skip = _int_option(qs, "$skip", 0)
+    if qs.get("$count", "false").lower() not in ("true", "false"):
+        raise StaError(400, "$count must be true or false")
     if id_ is None:
         if nav:
             raise StaError(404, f"no such resource: {path}")
@@ -337,26 +352,45 @@ def _handle(conn: Any, path: str, qs: dict[str, str], base: str) -> dict[str, An
 
 
 def _one(conn: Any, base: str, set_name: str, key: Key) -> dict[str, Any]:
-    rows = SETS[set_name].rows(conn, base, key, 1, 0)
-    if not rows:
+    entity = next(iter(SETS[set_name].rows(conn, base, key, 1, 0)), None)
+    if entity is None:
         raise StaError(404, f"no such {set_name} entity")
-    return rows[0]
+    return entity
 
 
 def _collection(conn: Any, base: str, set_name: str, key: Key, top: int, skip: int, qs: dict[str, str],
                 expand: list[str], select: list[str]) -> dict[str, Any]:
+    """A page whose ``value`` is written entity by entity as the rows come (receiver/jsonstream.py);
+    ``@iot.nextLink`` follows it, once it is known whether a row beyond ``$top`` came."""
     es = SETS[set_name]
-    rows = es.rows(conn, base, key, top + 1, skip)  # one more tells whether there is a next page
+    for nav in expand:  # checked before the first byte: a streamed answer cannot turn into a 400
+        if nav not in es.nav:
+            raise StaError(400, f"cannot $expand {nav} on {set_name}")
     out: dict[str, Any] = {}
     if qs.get("$count", "").lower() == "true":
         out["@iot.count"] = es.count(conn, key)
-    if len(rows) > top:
-        rows = rows[:top]
+    rows = iter(es.rows(conn, base, key, top + 1, skip))  # one more tells whether there is a next page
+    head = list(itertools.islice(rows, 1))  # runs the query now, so a failing store is a status, not a cut
+    more = False
+
+    def values() -> Iterator[dict[str, Any]]:
+        nonlocal more
+        for i, r in enumerate(itertools.chain(head, rows)):
+            if i == top:
+                more = True
+                return
+            yield _shape(conn, base, set_name, r, expand, select)
+
+    def next_link() -> Any:
+        if not more:
+            return OMIT
         nxt = {k: v for k, v in qs.items()}
         nxt["$skip"] = str(skip + top)
         nxt["$top"] = str(top)
-        out["@iot.nextLink"] = f"{base}/{set_name}?{urlencode(nxt)}"
-    out["value"] = [_shape(conn, base, set_name, r, expand, select) for r in rows]
+        return f"{base}/{set_name}?{urlencode(nxt)}"
+
+    out["value"] = values()
+    out["@iot.nextLink"] = Later(next_link)
     return out
 
 
@@ -368,22 +402,19 @@ def _shape(conn: Any, base: str, set_name: str, entity: dict[str, Any], expand: 
             raise StaError(400, f"cannot $expand {nav} on {set_name}")
         target, single, keyfn = es.nav[nav]
         key = es.parse(entity["@iot.id"])
-        if single:
-            entity[nav] = _one(conn, base, target, keyfn(key))
+        if single:  # None rather than a 404 in the middle of a streamed page
+            entity[nav] = next(iter(SETS[target].rows(conn, base, keyfn(key), 1, 0)), None)
         else:
-            entity[nav] = SETS[target].rows(conn, base, keyfn(key), DEFAULT_TOP, 0)
+            entity[nav] = list(SETS[target].rows(conn, base, keyfn(key), DEFAULT_TOP, 0))
     if select:
         entity = {k: v for k, v in entity.items() if k in select or k.split("@")[0] in select}
     return entity
 
 
 def _int_option(qs: dict[str, str], name: str, default: int) -> int:
+    # A fixed pattern, not int(): that takes "-1", " 7", "1_0", other scripts' digits and 4,000 digits.
     if name not in qs:
         return default
-    try:
-        v = int(qs[name])
-    except ValueError as exc:
-        raise StaError(400, f"{name} must be a non-negative integer") from exc
-    if v < 0:
-        raise StaError(400, f"{name} must be a non-negative integer")
-    return v
+    if not _NUMBER.fullmatch(qs[name]):
+        raise StaError(400, f"{name} must be a non-negative whole number (at most 15 digits)")
+    return int(qs[name])

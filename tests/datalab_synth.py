@@ -60,3 +60,45 @@ def make_store(path: Path, *, days: int = 3, vans: int = 2, minutes: float = 30.
     c.execute("COMMIT")
     store.close()
     return path
+
+
+def with_aggregates(path: Path, schemes: tuple[str, ...] = ("segment", "h3:10"), min_passes: int = 4,
+                    min_days: int = 2) -> Path:
+    """Build the all-time street maps of a synthetic store (the API and dashboard tests serve them)."""
+    from receiver import dbapi
+    from receiver.aggregate import Period, Rule, build
+    from receiver.mapunits import make_snapper
+
+    conn = dbapi.connect(path)
+    for scheme in schemes:
+        build(conn, make_snapper(scheme), [Period("all")], rule=Rule(min_passes, min_days))
+    conn.close()
+    return path
+
+
+def copy_to_postgres(src: Path, dsn: str, schemes: tuple[str, ...] = ("segment", "h3:10")) -> None:
+    """The synthetic SQLite store's raw tables into a PostgreSQL store; street maps built there."""
+    from receiver import dbapi
+    from receiver.aggregate import Period, Rule, build
+    from receiver.mapunits import make_snapper
+    from receiver.store_pg import PostgresStore
+
+    PostgresStore(dsn).close()  # the schema
+    a, b = dbapi.connect(src), dbapi.connect(dsn)
+    tables = {
+        "samples": "device, epoch, seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, batch_id, "
+                   "received_utc_ms",
+        "positions": "device, epoch, seq, t_utc_ms, state, lat, lon, speed_mps, fix_quality",
+        "fixes": "device, epoch, seq, t_utc_ms, lat, lon, speed_mps, fix_quality",
+        "batches": "batch_id, device, epoch, first_seq, last_seq, n_samples, sha256, received_utc_ms",
+        "device_status": "device, received_utc_ms, online, status",
+    }
+    with dbapi.transaction(b):
+        for table, cols in tables.items():
+            marks = ",".join("CAST(? AS jsonb)" if c.strip() == "vals" else "?" for c in cols.split(","))
+            dbapi.executemany(b, f"INSERT INTO {table} ({cols}) VALUES ({marks})",
+                              dbapi.fetchall(a, f"SELECT {cols} FROM {table}"))
+    for scheme in schemes:
+        build(b, make_snapper(scheme), [Period("all")], rule=Rule(4, 2))
+    a.close()
+    b.close()

@@ -10,6 +10,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +18,16 @@ import pytest
 from click.testing import CliRunner
 
 from receiver import dbapi
-from receiver.aggregate import Period, Rule, build
 from receiver.api import make_server
 from receiver.commands import datalab_commands
-from receiver.mapunits import make_snapper
-from tests.datalab_synth import make_store
+from tests.datalab_synth import make_store, with_aggregates
 
 TOKEN = "s3cret-token-for-tests-only"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_store(tmp_path_factory.mktemp("api") / "datalab.sqlite")
-    conn = dbapi.connect(path)
-    for scheme in ("segment", "h3:10"):
-        build(conn, make_snapper(scheme), [Period("all")], rule=Rule(4, 2))
-    conn.close()
-    return path
+    return with_aggregates(make_store(tmp_path_factory.mktemp("api") / "datalab.sqlite"))
 
 
 def _serve(store: Path, token: str | None) -> Iterator[str]:
@@ -50,13 +44,14 @@ def base(store: Path) -> Iterator[str]:
     yield from _serve(store, TOKEN)
 
 
-def get(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(url: str, token: str | None = None) -> tuple[int, Message, bytes]:
+    """Status, headers (case-insensitive, as HTTP has them) and body."""
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def get_json(url: str, token: str | None = None, status: int = 200) -> Any:
@@ -257,3 +252,38 @@ def test_export_commands(store: Path, tmp_path: Path) -> None:
                                      "--period", "2026-11-02", "--out", str(gj)])
     feats = json.loads(gj.read_text())["features"]
     assert len(feats) == 2 * 30 * 60 * 4 and feats[0]["geometry"]["type"] == "Point"
+
+
+# -- hostile input: the cases found on main (issue 13, point 8) ------------------------------
+
+
+@pytest.mark.parametrize("path", ["/web/%00", "/web/%00index.html", "/web/..%00", "/api/v1/tracks/van%00",
+                                  "/sta/v1.1/Things('%00')", "/web/%ff%fe", "/web/" + "a" * 5000])
+def test_bad_paths_get_4xx_not_500(base: str, path: str) -> None:
+    code, _, body = get(base + path, token=TOKEN)
+    assert 400 <= code < 500, (code, body[:200])
+    assert "error" in json.loads(body)
+
+
+@pytest.mark.parametrize("query", ["$skip=" + "9" * 400, f"$skip={2**63}", "$skip=-1", "$top=-1", "$top=1_0",
+                                   "$top=%D9%A1", "$top=%207", "$count=maybe", "$skip=1e3"])
+def test_sta_numbers_outside_the_pattern_get_400(base: str, query: str) -> None:
+    assert get_json(f"{base}/sta/v1.1/Observations?{query}", status=400)["code"] == 400
+
+
+def test_sta_expand_cannot_multiply_the_top_cap(base: str) -> None:
+    page = get_json(f"{base}/sta/v1.1/Things?$top=10000&$expand=Datastreams,Locations,Datastreams")
+    assert len(page["value"]) == 100 and "@iot.nextLink" in page  # $top capped at 100 with $expand
+    assert len(get_json(f"{base}/sta/v1.1/Things?$top=10000&$select=name")["value"]) > 100
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "-50000", "abc", "1.5", "", "1e9", "%D9%A1", "99999999999999999999"])
+def test_track_limits_that_are_not_a_plain_positive_number_get_400(base: str, limit: str) -> None:
+    body = get_json(f"{base}/api/v1/tracks/van-001?limit={limit}", token=TOKEN, status=400)
+    assert "limit" in body["error"]
+
+
+def test_a_huge_track_limit_gets_the_cap(base: str, store: Path) -> None:
+    fc = get_json(f"{base}/api/v1/tracks/van-001?limit=999999999999", token=TOKEN)
+    n = dbapi.fetchall(dbapi.connect(store), "SELECT count(*) FROM fixes WHERE device='van-001'")[0][0]
+    assert fc["properties"]["points"] == min(n, 50_000)  # (the cap itself: tests/test_api_server.py)

@@ -20,10 +20,8 @@ from pathlib import Path
 import pytest
 
 from receiver import dbapi
-from receiver.aggregate import Period, Rule, build
 from receiver.api import make_server
-from receiver.mapunits import make_snapper
-from tests.datalab_synth import make_store
+from tests.datalab_synth import make_store, with_aggregates
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "dashboard-test-token"
@@ -42,11 +40,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    store = make_store(tmp_path_factory.mktemp("dash") / "datalab.sqlite")
-    conn = dbapi.connect(store)
-    for scheme in ("segment", "h3:10"):
-        build(conn, make_snapper(scheme), [Period("all")], rule=Rule(4, 2))
-    conn.close()
+    store = with_aggregates(make_store(tmp_path_factory.mktemp("dash") / "datalab.sqlite"))
     server = make_server(str(store), "127.0.0.1", 0, token=TOKEN)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", store
