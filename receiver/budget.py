@@ -21,8 +21,6 @@ upload is decoded (and rejected) on its own.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
-
 from edge.errors import PayloadError
 from uplink.codec_v2 import MAX_VALUE_CELLS, _Reader, unpack
 from uplink.wire import MAGIC, MAX_DECOMPRESSED_BYTES, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH
@@ -61,13 +59,3 @@ def _v2_values(body: bytes) -> int:
             r.u("flag")
     n = r.count("sample count", MAX_SAMPLES_PER_BATCH)
     return n + min(MAX_VALUE_CELLS, n * n_strings)
-
-
-def cut(costs: Sequence[int], max_values: int, max_uploads: int) -> int:
-    """How many of the leading uploads (costs in values) make one group: at least one."""
-    total = 0
-    for i, c in enumerate(costs):
-        if i and (i >= max_uploads or total + c > max_values):
-            return i
-        total += c
-    return len(costs)

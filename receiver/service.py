@@ -140,19 +140,25 @@ class ReceiverService:
         self._inbox.put((msg, int(time.time() * 1000)))
 
     def _work_loop(self) -> None:
+        # Open the store now rather than at the first upload: a store that is down at start
+        # shows in the health file and the log at once (and is waited for).
+        opener = getattr(self.store, "get", None)
+        if opener is not None and self._until_stored(opener, 0) is None:
+            return
         while not self._stopping.is_set():
             group = self._next_group()
             if group:
                 self._handle_group(group)
 
-    def _next_group(self) -> list[Held]:
+    def _next_group(self, group: list[Held] | None = None) -> list[Held]:
         """What queued up, to one transaction: within the budget of decoded values and uploads.
 
         An upload's cost is known before it is decoded (receiver/budget.py); one
-        over the whole budget makes a group of its own.
+        over the whole budget makes a group of its own. Given ``group``: tops it
+        up with what is waiting (no waiting for more).
         """
-        group: list[Held] = []
-        total = 0
+        group = [] if group is None else group
+        total = sum(c for _, _, c in group)
         while len(group) < self.cfg.group_uploads:
             item = self._carry
             self._carry = None
@@ -169,23 +175,28 @@ class ReceiverService:
             total += item[2]
         return group
 
-    def _until_stored(self, work: Callable[[], T], held: int) -> T | None:
+    def _until_stored(self, work: Callable[[], T], held: int, before_retry: Callable[[], None] | None = None
+                      ) -> T | None:
         """``work()`` until the store takes it, with capped exponential backoff; None if stopping.
 
         Any exception is an outage here: the ingestor answers every upload it
         can judge (stored, duplicate, rejected) and raises only when the store
         fails, so retrying is right and nothing is acked without an outcome.
+        ``held``: messages kept un-acked meanwhile (for health);
+        ``before_retry`` runs before each new attempt.
         """
         delay = self.cfg.store_retry_min_s
         while True:
             try:
                 out = work()
             except Exception as exc:
-                self.health.store_failed(exc, held)
+                self.health.store_failed(exc, max(held, self.held))
                 log.debug("store attempt failed (%s); again in %.1f s", error_text(exc), delay)
                 if self._stopping.wait(delay):
                     return None  # un-acked: the broker delivers it to the next run
                 delay = min(delay * 2, self.cfg.store_retry_max_s)
+                if before_retry is not None:
+                    before_retry()
                 continue
             healed = self.health.store_ok()
             if healed is not None:
@@ -199,15 +210,25 @@ class ReceiverService:
         """Store the group's batches in one transaction, then answer and ack every message in order."""
         client = self.client
         self.held = len(group)
-        routes = [self.ingestor.route(m.topic) for m, _, _ in group]
-        uploads = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
-        outcomes: dict[int, Outcome] = {}
-        if uploads:
-            got = self._until_stored(lambda: self.ingestor.handle_many(
-                [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads]), len(group))
-            if got is None:
-                return
-            outcomes = dict(zip(uploads, got))
+        routes: list[tuple[str, str] | None] = []
+        uploads: list[int] = []
+
+        def ingest() -> list[Outcome]:
+            routes[:] = [self.ingestor.route(m.topic) for m, _, _ in group]
+            uploads[:] = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
+            return self.ingestor.handle_many(
+                [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads]) if uploads else []
+
+        def top_up() -> None:
+            # During an outage what arrives meanwhile joins the held group (within the budget):
+            # the retry that succeeds stores everything held in one commit.
+            self._next_group(group)
+            self.held = len(group)
+
+        got = self._until_stored(ingest, len(group), top_up)
+        if got is None:
+            return
+        outcomes = dict(zip(uploads, got))
         crash_point("receiver.commit.after")
         for i, ((msg, now_ms, _), route) in enumerate(zip(group, routes)):
             if route is not None and route[1] == "sync":
