@@ -684,8 +684,17 @@ def _transaction(c: sqlite3.Connection) -> Iterator[None]:
 
 
 def _values(v: Any) -> dict[str, Any]:
-    """A ``vals`` column as a dict (jsonb arrives decoded, SQLite text does not)."""
-    return v if isinstance(v, dict) else orjson.loads(v)
+    """A ``vals`` column as a dict (jsonb arrives decoded, SQLite text does not).
+
+    Read as a later batch's context: a row that is not an object (damaged, or
+    from an older writer) counts as no values, so it cannot stop the batches after it.
+    """
+    if isinstance(v, (str, bytes)):
+        try:
+            v = orjson.loads(v)
+        except orjson.JSONDecodeError:
+            return {}
+    return v if isinstance(v, dict) else {}
 
 
 # A stamp more than this far ahead of the receiver's own clock is a device clock fault.
