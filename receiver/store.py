@@ -88,6 +88,7 @@ class StoreReads:
 
     conn: Any
     PARAM = "?"  # the driver's placeholder
+    QUEUE_TIEBREAK = "rowid"  # derive_queue order among batches received in the same ms
 
     def fleet_status(self) -> list[dict[str, object]]:
         rows = self.conn.execute(
@@ -118,6 +119,27 @@ class StoreReads:
             "SELECT batch_id, device, reason, parked_utc_ms FROM derive_parked ORDER BY parked_utc_ms, batch_id"
         ).fetchall()
         return [{"batch_id": b, "device": d, "reason": r, "parked_utc_ms": t} for b, d, r, t in rows]
+
+    def _derive_queued(self, limit: int | None, claim: Callable[[int, str | None], int]) -> int:
+        """``derive_pending``'s loop: ``claim(take, None)`` derives up to ``take`` queued batches
+        in one transaction, ``claim(1, batch_id)`` that one; a claim failing for a batch's
+        content is done again one batch at a time (``_isolate``)."""
+        done = 0
+        while limit is None or done < limit:
+            take = DERIVE_CLAIM if limit is None else min(DERIVE_CLAIM, limit - done)
+            try:
+                n = claim(take, None)
+            except Exception as exc:
+                if self._store_failure(exc):
+                    raise
+                ids = [r[0] for r in self.conn.execute(
+                    f"SELECT batch_id FROM derive_queue ORDER BY received_utc_ms, {self.QUEUE_TIEBREAK}"
+                    f" LIMIT {self.PARAM}", (take,))]
+                n = self._isolate(ids, lambda bid: claim(1, bid))
+            if not n:
+                break
+            done += n
+        return done
 
     def _isolate(self, batch_ids: Sequence[str], derive_one: Callable[[str], object]) -> int:
         """A claim failed as a whole: derive its batches one transaction each.
@@ -507,21 +529,7 @@ class SQLiteStore(StoreReads):
         the store. A batch that cannot be derived is parked (see ``_isolate``),
         counted among those done.
         """
-        done = 0
-        while limit is None or done < limit:
-            take = DERIVE_CLAIM if limit is None else min(DERIVE_CLAIM, limit - done)
-            try:
-                n = self._derive_claim(take)
-            except Exception as exc:
-                if self._store_failure(exc):
-                    raise
-                ids = [r[0] for r in self.conn.execute(
-                    "SELECT batch_id FROM derive_queue ORDER BY received_utc_ms, rowid LIMIT ?", (take,))]
-                n = self._isolate(ids, lambda bid: self._derive_claim(1, bid))
-            if not n:
-                break
-            done += n
-        return done
+        return self._derive_queued(limit, self._derive_claim)
 
     def _derive_claim(self, take: int, batch_id: str | None = None) -> int:
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""

@@ -287,6 +287,7 @@ class PostgresStore(StoreReads):
     """
 
     PARAM = "%s"
+    QUEUE_TIEBREAK = "batch_id"
 
     def __init__(
         self,
@@ -557,21 +558,7 @@ class PostgresStore(StoreReads):
         and deletes the entries in one transaction (killed at any point:
         derived, or still queued).
         """
-        done = 0
-        while limit is None or done < limit:
-            take = DERIVE_CLAIM if limit is None else min(DERIVE_CLAIM, limit - done)
-            try:
-                n = self._run(lambda attempt: self._derive_claim(take))
-            except Exception as exc:
-                if self._store_failure(exc):
-                    raise
-                ids = [r[0] for r in self.conn.execute(
-                    "SELECT batch_id FROM derive_queue ORDER BY received_utc_ms, batch_id LIMIT %s", (take,))]
-                n = self._isolate(ids, lambda bid: self._run(lambda attempt: self._derive_claim(1, bid)))
-            if not n:
-                break
-            done += n
-        return done
+        return self._derive_queued(limit, lambda take, bid: self._run(lambda attempt: self._derive_claim(take, bid)))
 
     def _derive_claim(self, take: int, batch_id: str | None = None) -> int:
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
