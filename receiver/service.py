@@ -131,8 +131,10 @@ class ReceiverService:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self.connected.clear()
-        if not self._stopping.is_set():
+        if reason_code.is_failure:  # not our own disconnect() at stop
             self.health.broker_lost(f"disconnected: {reason_code}")
+        else:
+            log.info("receiver disconnected from the broker")
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
         # Handed to the worker thread: while it commits one group, the next one queues up
@@ -142,8 +144,7 @@ class ReceiverService:
     def _work_loop(self) -> None:
         # Open the store now rather than at the first upload: a store that is down at start
         # shows in the health file and the log at once (and is waited for).
-        opener = getattr(self.store, "get", None)
-        if opener is not None and self._until_stored(opener, 0) is None:
+        if isinstance(self.store, LazyStore) and self._until_stored(self.store.get, 0) is None:
             return
         while not self._stopping.is_set():
             group = self._next_group()

@@ -230,6 +230,7 @@ def test_postgres_stopped_store_outage_heals(tmp_path: Path, shipped_mosquitto: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_long_store_outages_heal(tmp_path: Path, shipped_mosquitto: LocalBroker,
                                  pg_cluster: PgCluster) -> None:  # noqa: F811
     (tmp_path / "a").mkdir()
