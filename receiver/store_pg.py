@@ -68,7 +68,6 @@ from receiver import quality
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.store import (
-    DERIVE_CLAIM,
     GPS_SENSOR,
     IngestResult,
     StoreReads,
