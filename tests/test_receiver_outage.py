@@ -151,7 +151,9 @@ def outage_run(*, n_outage: int, svc: ReceiverService, van: Van, stored: Any, do
     assert wait_until(lambda: len(stored()) > 20, RESUME_S + 20), "ingest resumes"
     resumed_s = time.monotonic() - t_up
     assert resumed_s <= RESUME_S, f"ingest resumed {resumed_s:.1f} s after the store came back"
-    assert wait_until(lambda: len(stored()) == 20 + n_outage, 180), f"{len(stored())} of {20 + n_outage}"
+    # Draining is ordinary ingest (tens of tiny batches a second on a loaded CI machine).
+    assert wait_until(lambda: len(stored()) == 20 + n_outage, max(180.0, n_outage * 0.06)), (
+        f"{len(stored())} of {20 + n_outage}")
     drained_s = time.monotonic() - t_up
     assert wait_until(lambda: all(b.batch_id in van.acks for b in before + during), 60)
     assert {van.acks[b.batch_id] for b in during} <= {"stored", "duplicate"}
@@ -231,12 +233,15 @@ def test_postgres_stopped_store_outage_heals(tmp_path: Path, shipped_mosquitto: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_long_store_outages_heal(tmp_path: Path, shipped_mosquitto: LocalBroker,
-                                 pg_cluster: PgCluster) -> None:  # noqa: F811
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    sqlite_outage(tmp_path / "a", shipped_mosquitto, 10_000)
-    pg_outage(tmp_path / "b", shipped_mosquitto, pg_cluster, 10_000)
+def test_long_sqlite_outage_heals(tmp_path: Path, shipped_mosquitto: LocalBroker) -> None:
+    sqlite_outage(tmp_path, shipped_mosquitto, 10_000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_long_postgres_outage_heals(tmp_path: Path, shipped_mosquitto: LocalBroker,
+                                    pg_cluster: PgCluster) -> None:  # noqa: F811
+    pg_outage(tmp_path, shipped_mosquitto, pg_cluster, 10_000)
 
 
 def test_receiver_starts_with_broker_and_store_down(tmp_path: Path) -> None:
