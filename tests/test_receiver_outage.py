@@ -231,6 +231,38 @@ def test_postgres_stopped_store_outage_heals(tmp_path: Path, shipped_mosquitto: 
     pg_outage(tmp_path, shipped_mosquitto, pg_cluster, 1_100)
 
 
+def test_receiver_starts_with_postgres_down(tmp_path: Path, mosquitto: LocalBroker,
+                                           pg_cluster: PgCluster) -> None:  # noqa: F811
+    """The store is opened lazily: a receiver started while PostgreSQL is stopped waits for it."""
+    dsn = pg_cluster.create_database()
+    pg_cluster.pause()
+    paused = True
+    svc = ReceiverService(ReceiverConfig(store=dsn, port=mosquitto.port, client_id="rx-pg-late",
+                                         health_file=str(tmp_path / "health.json")))
+    van = Van("van-001", mosquitto.port)
+    try:
+        svc.start()
+        assert svc.subscribed.wait(15), "subscribed without its store"
+        batches = tiny_batches("van-001", 30)
+        van.send(batches)
+        assert wait_until(lambda: health(svc)["store"]["failed_attempts"] >= 2, 60), health(svc)
+        waiting = health(svc)["store"]
+        assert waiting["state"] == "unavailable" and not van.acks
+        t_up = time.monotonic()
+        pg_cluster.resume()
+        paused = False
+        assert wait_until(lambda: len(pg_batches(dsn)) == 30, 60), len(pg_batches(dsn))
+        took = time.monotonic() - t_up
+        assert wait_until(lambda: len(van.acks) == 30, 30)
+    finally:
+        if paused:
+            pg_cluster.resume()
+        van.close()
+        svc.stop()
+    report("receiver started with postgresql down", failed_attempts=waiting["failed_attempts"],
+           last_error=waiting["last_error"][:50], all_30_stored_s=round(took, 2))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_long_sqlite_outage_heals(tmp_path: Path, shipped_mosquitto: LocalBroker) -> None:
