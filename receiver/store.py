@@ -160,6 +160,18 @@ class StoreReads:
                 self._park(bid, f"{type(exc).__name__}: {exc}"[:PARK_REASON_CHARS])
         return len(batch_ids)
 
+    def _park_new(self, batch: Batch, exc: BaseException, received_ms: int) -> None:
+        """Park a batch derived inline (never queued), inside the caller's transaction."""
+        p = self.PARAM
+        reason = f"{type(exc).__name__}: {exc}"[:PARK_REASON_CHARS]
+        self.conn.execute(
+            f"INSERT INTO derive_parked VALUES ({', '.join([p] * 8)}) ON CONFLICT (batch_id) DO UPDATE"
+            " SET reason = excluded.reason, parked_utc_ms = excluded.parked_utc_ms",
+            (batch.batch_id, batch.device, batch.epoch, batch.first_seq, batch.last_seq, received_ms, reason,
+             received_ms))
+        log.error("parked batch %s: it cannot be derived (%s); stored raw, the others go on", batch.batch_id,
+                  reason)
+
     def _store_failure(self, exc: BaseException) -> bool:
         raise NotImplementedError
 
@@ -458,7 +470,7 @@ class SQLiteStore(StoreReads):
                 result = self._store_raw(batch, sha256, received_ms)
                 if result.status == "stored":
                     if derive:
-                        self._derive(batch)
+                        self._derive_inline(batch, received_ms)
                     else:
                         c.execute(
                             "INSERT OR IGNORE INTO derive_queue VALUES (?,?,?,?,?,?)",
@@ -552,6 +564,23 @@ class SQLiteStore(StoreReads):
             c.execute("ROLLBACK")
             raise
         return len(rows)
+
+    def _derive_inline(self, batch: Batch, received_ms: int) -> None:
+        """``_derive`` inside the ingest transaction; a batch whose content cannot be derived is
+        stored raw and parked instead, so its upload is still answered and the group committed."""
+        c = self.conn
+        c.execute("SAVEPOINT derive")
+        try:
+            self._derive(batch)
+        except Exception as exc:
+            c.execute("ROLLBACK TO derive")
+            c.execute("RELEASE derive")
+            if self._store_failure(exc):
+                raise
+            self._park_new(batch, exc, received_ms)
+            self._bump("batches_parked")
+            return
+        c.execute("RELEASE derive")
 
     def _store_failure(self, exc: BaseException) -> bool:
         # Locked, read-only, full, unreadable: sqlite3 says OperationalError (DatabaseError

@@ -488,7 +488,14 @@ class PostgresStore(StoreReads):
                     if to_copy:
                         self._copy("samples", _SAMPLE_COLS, to_copy)
                         to_copy = []
-                    self._derive(batch)
+                    try:
+                        with c.transaction():  # a savepoint: a batch that cannot be derived is parked
+                            self._derive(batch)
+                    except Exception as exc:
+                        if self._store_failure(exc):
+                            raise
+                        self._park_new(batch, exc, received_ms)
+                        bump("batches_parked", 1)
                 else:
                     queued.append((bid, device, epoch, batch.first_seq, batch.last_seq, received_ms))
                 bump("batches_stored", 1)

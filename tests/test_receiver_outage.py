@@ -403,6 +403,54 @@ def test_underivable_batch_is_parked_and_the_fleet_goes_on(tmp_path: Path, mosqu
     store.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_underivable_batch_inline_is_answered_and_the_fleet_goes_on(tmp_path: Path, mosquitto: LocalBroker,
+                                                                  backend: str, request: pytest.FixtureRequest
+                                                                  ) -> None:
+    """derive = "inline" (the default): a van whose stored calibration record is damaged (not JSON,
+    as an older writer or a hand edit could leave it) makes deriving its NO2 batches fail. Its
+    uploads are still stored and answered (parked for deriving), never retried for ever as if the
+    store were down, and the other van of the same groups gets its positions."""
+    from receiver.store_factory import open_store
+
+    target = str(tmp_path / "store.sqlite")
+    if backend == "postgres":
+        target = request.getfixturevalue("pg_cluster").create_database()
+    store = open_store(target)
+    p = "?" if isinstance(store, SQLiteStore) else "%s"
+    store.conn.execute(
+        f"INSERT INTO calibrations (id, device, kind, serial, version, status, record, received_utc_ms)"
+        f" VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
+        ("no2:damaged:v1", "van-001", "no2", "damaged", 1, "active", "{not json", T0_MS))
+    a = shift_batches(3, 100, seed=7, device="van-001")
+    b = shift_batches(3, 100, seed=8, device="van-002")
+    svc = ReceiverService(ReceiverConfig(store=target, port=mosquitto.port, client_id="rx-inline"))
+    svc.start()
+    assert svc.subscribed.wait(15)
+    van_a, van_b = Van("van-001", mosquitto.port), Van("van-002", mosquitto.port)
+    try:
+        for x, y in zip(a, b):
+            van_a.send([x])
+            van_b.send([y])
+        assert wait_until(lambda: len(van_a.acks) == len(a) and len(van_b.acks) == len(b), 30), (
+            van_a.acks, van_b.acks)
+    finally:
+        van_a.close()
+        van_b.close()
+        svc.stop()
+    parked = store.derive_parked()
+    exact = dict(store.conn.execute(
+        "SELECT device, count(*) FROM positions WHERE state = 'exact' GROUP BY device").fetchall())
+    counts = store.counts()
+    store.close()
+    assert set(van_a.acks.values()) == {"stored"} == set(van_b.acks.values()), (van_a.acks, van_b.acks)
+    assert sorted(p["batch_id"] for p in parked) == sorted(x.batch_id for x in a), parked
+    assert all(p["reason"] for p in parked) and counts["batches_parked"] == len(a)
+    assert exact.get("van-002", 0) > 0, exact
+    report(f"underivable batch inline on {backend}", parked=len(parked), reason=parked[0]["reason"][:50],
+           van_b_exact_positions=exact["van-002"])
+
+
 def test_group_budget_bounds_what_is_decoded_at_once() -> None:
     """The cost known before decoding is never below what decoding gives, and groups keep to it."""
     cases = [shift_batches(2, n, seed=3)[0] for n in (1, 50, 400)] + tiny_batches("van-009", 3)
