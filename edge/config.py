@@ -186,8 +186,8 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("time.gps_valid_s", "must be above 0")
     if cfg.time.hold_unsync_s < 0:
         raise ConfigError("time.hold_unsync_s", "must be 0 or more")
-    if not 1 <= cfg.batch.max_samples <= 100_000:
-        raise ConfigError("batch.max_samples", "must be between 1 and 100000")
+    if not 1 <= cfg.batch.max_samples <= 20_000:  # uplink/wire.py MAX_SAMPLES_PER_BATCH
+        raise ConfigError("batch.max_samples", "must be between 1 and 20000")
     if cfg.batch.max_age_s <= 0:
         raise ConfigError("batch.max_age_s", "must be above 0")
     if cfg.buffer.max_bytes < 1024 * 1024:

@@ -52,6 +52,10 @@ class PayloadError(RecoverableError):
     """An uploaded payload is malformed, of an unknown version or too large: rejected for good."""
 
 
+class StoreUnavailable(RecoverableError):
+    """The DataLab store cannot be reached or written now (down, locked, disk full): retry later."""
+
+
 class FatalError(DatalabError):
     """Carrying on would be wrong; stop with a clear message."""
 

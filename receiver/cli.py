@@ -35,8 +35,10 @@ def main() -> None:
               help="Where positions and flags are derived (overrides the config; default inline).")
 @click.option("--ready-file", type=click.Path(dir_okay=False),
               help="Write this file once subscribed (for supervisors and tests).")
+@click.option("--health-file", type=click.Path(dir_okay=False),
+              help="Keep the store's and broker's state in this JSON file (see `stats --health-file`).")
 @click.option("-v", "--verbose", is_flag=True)
-def run(config_path, store, host, port, client_id, share_group, derive, ready_file, verbose) -> None:  # type: ignore[no-untyped-def]
+def run(config_path, store, host, port, client_id, share_group, derive, ready_file, health_file, verbose) -> None:  # type: ignore[no-untyped-def]
     """Consume batches from the broker, store them, acknowledge to the devices.
 
     \b
@@ -52,7 +54,7 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     try:
         cfg = load_receiver_config(
             config_path, store=store, host=host, port=port, client_id=client_id, share_group=share_group,
-            derive=derive,
+            derive=derive, health_file=health_file,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -78,12 +80,15 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
               help="With --follow: seconds between looks when nothing is queued.")
 @click.option("--max-gap-s", type=float, default=10.0, show_default=True,
               help="Longest GPS gap to interpolate a position across.")
-def derive(store: str, follow: bool, interval: float, max_gap_s: float) -> None:
+@click.option("--retry-parked", is_flag=True,
+              help="First queue again the batches parked because they could not be derived (after a fix).")
+def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_parked: bool) -> None:
     """Derive fixes, positions, calibrations and quality flags of queued batches.
 
     Workers run with ``derive = "separate"`` only store and acknowledge; this
     does the rest, oldest batch first. Several may run at once on PostgreSQL.
-    Safe to kill at any moment: a batch is derived whole or stays queued.
+    Safe to kill at any moment: a batch is derived whole or stays queued. A batch that
+    cannot be derived is parked with the reason (see `stats`) and the others go on.
 
     \b
     Examples:
@@ -96,6 +101,8 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = open_store(store, max_gap_s=max_gap_s)
+    if retry_parked:
+        click.echo(f"queued {s.requeue_parked()} parked batches again")
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -106,37 +113,81 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float) -> None:
     signal.signal(signal.SIGINT, _stop)
     total = 0
     while not stopping:
-        n = s.derive_pending(limit=50)
+        try:
+            n = s.derive_pending(limit=50)
+        except Exception as exc:  # the store failed (a bad batch is parked, not raised)
+            if not follow:
+                raise click.ClickException(f"the store failed: {exc}") from exc
+            logging.getLogger("receiver.derive").error("the store failed (%s); trying again", type(exc).__name__)
+            time.sleep(max(interval, 5.0))
+            continue
         total += n
         if n == 0:
             if not follow:
                 break
             time.sleep(interval)
-    click.echo(f"derived {total} batches; {s.derive_backlog()} still queued")
+    click.echo(f"derived {total} batches; {s.derive_backlog()} still queued, {len(s.derive_parked())} parked")
     s.close()
 
 
 @main.command()
 @click.option("--store", required=True, help="SQLite path or postgresql:// URL.")
+@click.option("--health-file", type=click.Path(dir_okay=False),
+              help="A running receiver's health file (run --health-file): store and broker state.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def stats(store: str, as_json: bool) -> None:
-    """Counts in the store: samples per device, duplicates ignored, dead letters, derive backlog.
+def stats(store: str, health_file: str | None, as_json: bool) -> None:
+    """Counts in the store: samples per device, duplicates ignored, dead letters, derive backlog,
+    batches parked (could not be derived, with the reason); with --health-file, whether the
+    receiver reaches its store and broker.
 
     \b
-    Example:
+    Examples:
       datalab-receiver stats --store datalab.sqlite
+      datalab-receiver stats --store datalab.sqlite --health-file /run/datalab/receiver-health.json
     """
+    from receiver.health import describe, error_text
     from receiver.store_factory import open_store
 
-    s = open_store(store)
-    data = {"counters": s.counts(), "derive_backlog": s.derive_backlog(), "devices": s.device_summary()}
-    s.close()
+    data: dict[str, object] = {}
+    if health_file:
+        try:
+            data["health"] = json.loads(open(health_file, encoding="utf-8").read())
+        except (OSError, ValueError) as exc:
+            data["health"] = {"error": f"cannot read {health_file}: {exc}"}
+    try:
+        s = open_store(store)
+    except Exception as exc:  # stats must say the store is down, not print a traceback
+        data["store_error"] = error_text(exc)
+    else:
+        try:
+            data.update(counters=s.counts(), derive_backlog=s.derive_backlog(), derive_parked=s.derive_parked(),
+                        devices=s.device_summary())
+        finally:
+            s.close()
     if as_json:
         click.echo(json.dumps(data, indent=2))
+    else:
+        _print_stats(data, describe)
+    if "store_error" in data:
+        sys.exit(1)
+
+
+def _print_stats(data: dict, describe) -> None:  # type: ignore[no-untyped-def, type-arg]
+    health = data.get("health")
+    if isinstance(health, dict):
+        for line in [health["error"]] if "error" in health else describe(health):
+            click.echo(line)
+    if "store_error" in data:
+        click.echo(f"store: cannot be opened now ({data['store_error']})")
         return
     for k, v in sorted(data["counters"].items()):
         click.echo(f"{k:>20}: {v}")
     click.echo(f"{'derive_backlog':>20}: {data['derive_backlog']} batches stored, positions and flags still to come")
+    parked = data["derive_parked"]
+    click.echo(f"{'derive_parked':>20}: {len(parked)} batches that could not be derived"
+               + (" (datalab-receiver derive --retry-parked to try them again)" if parked else ""))
+    for p in parked[:20]:
+        click.echo(f"{'':>22}{p['batch_id']}: {p['reason']}")
     for d in data["devices"]:
         click.echo(f"{d['device']:>12} epoch {d['epoch']}: {d['samples']} samples, seq {d['min_seq']}-{d['max_seq']}")
 

@@ -36,6 +36,22 @@ class ReceiverConfig:
     #   background in a thread of this worker, after the ack (the ack waits for raw storage only)
     #   separate   elsewhere: run `datalab-receiver derive --follow` (large fleets)
     derive: str = "inline"
+    # Outages (docs/architecture.md, "Outages"): a failed store attempt is retried, the
+    # messages held un-acked, after store_retry_min_s doubling up to store_retry_max_s (the
+    # cap bounds how long ingest waits after the store is back). The broker is dialled again
+    # after broker_retry_min_s doubling up to broker_retry_max_s (first retry at once).
+    store_retry_min_s: float = 0.2
+    store_retry_max_s: float = 2.0
+    broker_retry_min_s: float = 0.1
+    broker_retry_max_s: float = 2.0
+    # JSON file kept up to date with the store's and broker's state ("" = none); read by
+    # `datalab-receiver stats --health-file` and supervisors.
+    health_file: str = ""
+    # Memory budget (docs/architecture.md, "Memory"): what one ingest transaction may hold
+    # decoded, in values (a sample counts as its values plus one), and in uploads. An
+    # upload over the budget is stored alone.
+    group_values: int = 400_000
+    group_uploads: int = 64
 
 
 def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverConfig:
@@ -65,4 +81,13 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
         raise ConfigError("receiver.derive", f"must be one of {', '.join(DERIVE_MODES)}, got {cfg.derive!r}")
     if cfg.max_gap_s <= 0:
         raise ConfigError("receiver.max_gap_s", "must be above 0")
+    for key in ("store_retry_min_s", "broker_retry_min_s"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"receiver.{key}", "must be above 0")
+    for key in ("store_retry", "broker_retry"):
+        if getattr(cfg, f"{key}_max_s") < getattr(cfg, f"{key}_min_s"):
+            raise ConfigError(f"receiver.{key}_max_s", f"must be at least {key}_min_s")
+    if cfg.group_values < 1 or cfg.group_uploads < 1:
+        raise ConfigError("receiver.group_values" if cfg.group_values < 1 else "receiver.group_uploads",
+                          "must be at least 1")
     return cfg

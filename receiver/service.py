@@ -4,6 +4,14 @@ paho with ``manual_ack=True``: a message is acknowledged to the broker only
 after its batch is committed in the store and the device has been answered,
 so a receiver killed at any point makes the broker deliver the batch again
 (and the store's idempotence turns that into a ``duplicate`` ack).
+
+Outages (docs/architecture.md, "Outages"): when the store fails, the worker
+keeps the group it holds and tries it again with capped exponential backoff,
+taking nothing new meanwhile. Every message stays un-acked but is never
+dropped, so nothing depends on the broker re-sending it: the broker stops at
+its in-flight window (which bounds what waits in the inbox) and goes on as soon
+as the held group is stored and acked. The store is opened lazily and the
+broker dialled until it answers, so the receiver starts while either is down.
 """
 
 from __future__ import annotations
@@ -16,16 +24,23 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from edge.faultpoints import crash_point
+from receiver.budget import upload_values
 from receiver.config import ReceiverConfig
-from receiver.ingest import Ingestor
+from receiver.health import Health, error_text
+from receiver.ingest import Ingestor, Outcome
+from receiver.lazy_store import LazyStore
 from receiver.store import Store
 from receiver.store_factory import open_store
 from uplink.wire import ack_topic, encode_ack
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP = 64  # uploads stored in one transaction at most (the broker's in-flight window is less)
+T = TypeVar("T")
+Held = tuple[mqtt.MQTTMessage, int, int]  # message, received_ms, its budget cost in values
 DERIVE_POLL_S = 0.5  # an idle background deriver looks for queued batches this often
 DERIVE_IDLE_POLL_S = 30.0  # and with derive = "inline" (nothing new is queued then)
 DERIVE_RETRY_S = 5.0  # and after a failure (store unreachable) waits this long
@@ -38,10 +53,16 @@ class ReceiverService:
         self.cfg = cfg
         self.ready_file = ready_file
         self.subscribed = threading.Event()
-        self.store = store or open_store(cfg.store, max_gap_s=cfg.max_gap_s)
+        self.health = Health(cfg.health_file or None)
+        # Opened on first use (and again until it opens): the receiver starts with the store down.
+        self.store: Store = store or LazyStore(lambda: open_store(cfg.store, max_gap_s=cfg.max_gap_s))  # type: ignore[assignment]
         self.ingestor = Ingestor(self.store, cfg.topic_prefix, derive=cfg.derive == "inline")
         self._stopping = threading.Event()
+        # At most the broker's in-flight window (max_inflight_messages): the worker acks only
+        # what has an outcome, and the broker sends nothing more past that window.
         self._inbox: queue.Queue[tuple[mqtt.MQTTMessage, int]] = queue.Queue()
+        self._carry: Held | None = None  # taken from the inbox but over the last group's budget
+        self.held = 0  # messages the worker holds un-acked right now (a figure for tests and health)
         self.worker = threading.Thread(target=self._work_loop, name="ingest", daemon=True)
         # Also in inline mode: it drains what a previous run in another mode left queued.
         self.deriver: threading.Thread | None = None
@@ -64,8 +85,11 @@ class ReceiverService:
                 keyfile=cfg.key_file or None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Small on purpose: after a broker restart the receiver re-subscribes (session kept:
+        # clean_session=False) at once, so vans' first batches are stored within seconds.
+        self.client.reconnect_delay_set(min_delay=cfg.broker_retry_min_s, max_delay=cfg.broker_retry_max_s)  # type: ignore[arg-type]
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -84,9 +108,11 @@ class ReceiverService:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
             log.error("broker refused the receiver: %s", reason_code)
+            self.health.broker_lost(f"refused: {reason_code}")
             return
         client.subscribe([(t, 1) for t in self.subscriptions])
         self.connected.set()
+        self.health.broker_connected()
         log.info("receiver subscribed to %s", ", ".join(self.subscriptions))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
@@ -99,9 +125,16 @@ class ReceiverService:
             with open(self.ready_file, "w", encoding="ascii") as f:
                 f.write("subscribed\n")
 
+    def _on_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+        # Broker down or unreachable: paho dials again after the reconnect delay.
+        self.health.broker_lost("connection failed")
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self.connected.clear()
-        log.warning("receiver disconnected: %s", reason_code)
+        if reason_code.is_failure:  # not our own disconnect() at stop
+            self.health.broker_lost(f"disconnected: {reason_code}")
+        else:
+            log.info("receiver disconnected from the broker")
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
         # Handed to the worker thread: while it commits one group, the next one queues up
@@ -109,64 +142,143 @@ class ReceiverService:
         self._inbox.put((msg, int(time.time() * 1000)))
 
     def _work_loop(self) -> None:
+        # Open the store now rather than at the first upload: a store that is down at start
+        # shows in the health file and the log at once (and is waited for).
+        if isinstance(self.store, LazyStore) and self._until_stored(self.store.get, 0) is None:
+            return
         while not self._stopping.is_set():
-            try:
-                group = [self._inbox.get(timeout=0.2)]
-            except queue.Empty:
-                continue
-            while len(group) < MAX_GROUP:
+            group = self._next_group()
+            if group:
+                self._handle_group(group)
+
+    def _next_group(self, group: list[Held] | None = None) -> list[Held]:
+        """What queued up, to one transaction: within the budget of decoded values and uploads.
+
+        An upload's cost is known before it is decoded (receiver/budget.py); one
+        over the whole budget makes a group of its own. Given ``group``: tops it
+        up with what is waiting (no waiting for more).
+        """
+        group = [] if group is None else group
+        total = sum(c for _, _, c in group)
+        while len(group) < self.cfg.group_uploads:
+            item = self._carry
+            self._carry = None
+            if item is None:
                 try:
-                    group.append(self._inbox.get_nowait())
+                    msg, now_ms = self._inbox.get(timeout=0.2) if not group else self._inbox.get_nowait()
                 except queue.Empty:
                     break
-            self._handle_group(group)
+                item = (msg, now_ms, upload_values(msg.payload))
+            if group and total + item[2] > self.cfg.group_values:
+                self._carry = item
+                break
+            group.append(item)
+            total += item[2]
+        return group
 
-    def _handle_group(self, group: list[tuple[mqtt.MQTTMessage, int]]) -> None:
+    def _until_stored(self, work: Callable[[], T], held: int, before_retry: Callable[[], None] | None = None
+                      ) -> T | None:
+        """``work()`` until the store takes it, with capped exponential backoff; None if stopping.
+
+        Any exception is an outage here: the ingestor answers every upload it
+        can judge (stored, duplicate, rejected) and raises only when the store
+        fails, so retrying is right and nothing is acked without an outcome.
+        ``held``: messages kept un-acked meanwhile (for health);
+        ``before_retry`` runs before each new attempt.
+        """
+        delay = self.cfg.store_retry_min_s
+        while True:
+            try:
+                out = work()
+            except Exception as exc:
+                self.health.store_failed(exc, max(held, self.held))
+                log.debug("store attempt failed (%s); again in %.1f s", error_text(exc), delay)
+                if self._stopping.wait(delay):
+                    return None  # un-acked: the broker delivers it to the next run
+                delay = min(delay * 2, self.cfg.store_retry_max_s)
+                if before_retry is not None:
+                    before_retry()
+                continue
+            healed = self.health.store_ok()
+            if healed is not None:
+                try:
+                    self.store.count("store_outages")
+                except Exception:  # the figure is worth a try, not a second outage
+                    pass
+            return out
+
+    def _handle_group(self, group: list[Held]) -> None:
         """Store the group's batches in one transaction, then answer and ack every message in order."""
         client = self.client
-        routes = [self.ingestor.route(m.topic) for m, _ in group]
-        uploads = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
-        try:
-            outcomes = dict(zip(uploads, self.ingestor.handle_many(
-                [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads])))
-        except Exception:
-            # The store failed (not the payloads): leave them un-acked so the broker
-            # delivers them again, and keep running.
-            log.exception("store failure while ingesting %d uploads; they will be redelivered", len(uploads))
-            outcomes = None
+        self.held = len(group)
+        routes: list[tuple[str, str] | None] = []
+        uploads: list[int] = []
+
+        def ingest() -> list[Outcome]:
+            routes[:] = [self.ingestor.route(m.topic) for m, _, _ in group]
+            uploads[:] = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
+            return self.ingestor.handle_many(
+                [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads]) if uploads else []
+
+        def top_up() -> None:
+            # During an outage what arrives meanwhile joins the held group (within the budget):
+            # the retry that succeeds stores everything held in one commit.
+            self._next_group(group)
+            self.held = len(group)
+
+        got = self._until_stored(ingest, len(group), top_up)
+        if got is None:
+            return
+        outcomes = dict(zip(uploads, got))
         crash_point("receiver.commit.after")
-        for i, ((msg, now_ms), route) in enumerate(zip(group, routes)):
-            try:
-                if route is not None and route[1] == "sync":
-                    for ack in self.ingestor.handle_sync(route[0], msg.payload):
-                        client.publish(ack_topic(self.cfg.topic_prefix, route[0]), encode_ack(ack), qos=1)
-                elif route is not None and route[1] == "status":
-                    self.ingestor.handle_status(route[0], msg.payload, now_ms)
-                elif outcomes is None:
-                    continue
-                else:
-                    outcome = outcomes[i]
-                    if outcome.device is not None and outcome.ack is not None:
-                        client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack),
-                                       qos=1)
-            except Exception:
-                log.exception("store failure on %s; will be redelivered", msg.topic)
-                continue
+        for i, ((msg, now_ms, _), route) in enumerate(zip(group, routes)):
+            if route is not None and route[1] == "sync":
+                acks = self._until_stored(lambda: self.ingestor.handle_sync(route[0], msg.payload), len(group) - i)
+                if acks is None:
+                    return
+                for ack in acks:
+                    client.publish(ack_topic(self.cfg.topic_prefix, route[0]), encode_ack(ack), qos=1)
+            elif route is not None and route[1] == "status":
+                if self._until_stored(lambda: self.ingestor.handle_status(route[0], msg.payload, now_ms) or True,
+                                      len(group) - i) is None:
+                    return
+            else:
+                outcome = outcomes[i]
+                if outcome.device is not None and outcome.ack is not None:
+                    client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack),
+                                   qos=1)
             client.ack(msg.mid, msg.qos)
+        self.held = 0
 
     def _derive_loop(self) -> None:
-        """Derive queued batches on a connection of its own, until stopped; never dies of an error."""
+        """Derive queued batches on a connection of its own, until stopped; never dies of an error.
+
+        A batch that cannot be derived is parked by the store (with its reason) and the
+        others go on; what reaches here is the store failing: one log line when that
+        starts and one when it ends, not one per retry.
+        """
         store: Store | None = None
+        failing = False
         while not self._stopping.is_set():
             try:
                 store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s)
                 # A read first: an empty queue then costs no write lock.
-                if store.derive_backlog() and store.derive_pending(limit=20):
+                busy = bool(store.derive_backlog() and store.derive_pending(limit=20))
+                if failing:
+                    log.warning("deriving again: the store answers")
+                    failing = False
+                if busy:
                     continue
-            except Exception:
-                log.exception("deriving failed; the batches stay queued and are tried again")
+            except Exception as exc:
+                if not failing:
+                    log.error("deriving failed (%s); the batches stay queued and are tried again",
+                              error_text(exc))
+                    failing = True
                 if store is not None:
-                    store.close()
+                    try:
+                        store.close()
+                    except Exception:
+                        pass
                     store = None
                 self._stopping.wait(DERIVE_RETRY_S)
             # Inline, the thread only drains what another mode left queued: a look now and then.
@@ -187,7 +299,9 @@ class ReceiverService:
 
     def run_forever(self) -> None:
         self._start_threads()
-        self.client.connect(self.cfg.host, self.cfg.port, keepalive=30)
+        # connect_async: a broker that is down at start is dialled again (health says so),
+        # instead of the process exiting.
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30)
         self.client.loop_forever(retry_first_connection=True)
 
     def stop(self) -> None:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -36,6 +39,7 @@ from edge.model import Sample
 from uplink.wire import Batch
 
 GPS_SENSOR = "gps"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,10 @@ class Store(Protocol):
     def derive_pending(self, limit: int | None = None) -> int: ...
 
     def derive_backlog(self) -> int: ...
+
+    def derive_parked(self) -> list[dict[str, object]]: ...
+
+    def requeue_parked(self) -> int: ...
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
@@ -80,6 +88,7 @@ class StoreReads:
 
     conn: Any
     PARAM = "?"  # the driver's placeholder
+    QUEUE_TIEBREAK = "rowid"  # derive_queue order among batches received in the same ms
 
     def fleet_status(self) -> list[dict[str, object]]:
         rows = self.conn.execute(
@@ -103,6 +112,71 @@ class StoreReads:
             {"device": r[0], "epoch": r[1], "samples": r[2], "min_seq": r[3], "max_seq": r[4], "last_utc_ms": r[5]}
             for r in rows
         ]
+
+    def derive_parked(self) -> list[dict[str, object]]:
+        """Batches a deriver set aside because deriving them failed on their own, with the reason."""
+        rows = self.conn.execute(
+            "SELECT batch_id, device, reason, parked_utc_ms FROM derive_parked ORDER BY parked_utc_ms, batch_id"
+        ).fetchall()
+        return [{"batch_id": b, "device": d, "reason": r, "parked_utc_ms": t} for b, d, r, t in rows]
+
+    def _derive_queued(self, limit: int | None, claim: Callable[[int, str | None], int]) -> int:
+        """``derive_pending``'s loop: ``claim(take, None)`` derives up to ``take`` queued batches
+        in one transaction, ``claim(1, batch_id)`` that one; a claim failing for a batch's
+        content is done again one batch at a time (``_isolate``)."""
+        done = 0
+        while limit is None or done < limit:
+            take = DERIVE_CLAIM if limit is None else min(DERIVE_CLAIM, limit - done)
+            try:
+                n = claim(take, None)
+            except Exception as exc:
+                if self._store_failure(exc):
+                    raise
+                ids = [r[0] for r in self.conn.execute(
+                    f"SELECT batch_id FROM derive_queue ORDER BY received_utc_ms, {self.QUEUE_TIEBREAK}"
+                    f" LIMIT {self.PARAM}", (take,))]
+                n = self._isolate(ids, lambda bid: claim(1, bid))
+            if not n:
+                break
+            done += n
+        return done
+
+    def _isolate(self, batch_ids: Sequence[str], derive_one: Callable[[str], object]) -> int:
+        """A claim failed as a whole: derive its batches one transaction each.
+
+        A batch that fails on its own is parked (``derive_parked``, with the
+        reason, counted in ``batches_parked``) so the rest of the fleet keeps
+        getting positions and flags. What fails is told by what it is: an error
+        of the store itself (locked, unreachable, full; ``_store_failure``)
+        parks nothing and propagates, and so does a store that cannot take the
+        parking. How many batches were dealt with (derived or parked).
+        """
+        for bid in batch_ids:
+            try:
+                derive_one(bid)
+            except Exception as exc:
+                if self._store_failure(exc):
+                    raise
+                self._park(bid, f"{type(exc).__name__}: {exc}"[:PARK_REASON_CHARS])
+        return len(batch_ids)
+
+    def _park_new(self, batch: Batch, exc: BaseException, received_ms: int) -> None:
+        """Park a batch derived inline (never queued), inside the caller's transaction."""
+        p = self.PARAM
+        reason = f"{type(exc).__name__}: {exc}"[:PARK_REASON_CHARS]
+        self.conn.execute(
+            f"INSERT INTO derive_parked VALUES ({', '.join([p] * 8)}) ON CONFLICT (batch_id) DO UPDATE"
+            " SET reason = excluded.reason, parked_utc_ms = excluded.parked_utc_ms",
+            (batch.batch_id, batch.device, batch.epoch, batch.first_seq, batch.last_seq, received_ms, reason,
+             received_ms))
+        log.error("parked batch %s: it cannot be derived (%s); stored raw, the others go on", batch.batch_id,
+                  reason)
+
+    def _store_failure(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def _park(self, batch_id: str, reason: str) -> None:
+        raise NotImplementedError
 
     def _load_batch(self, bid: str, device: str, epoch: str, first: int, last: int) -> Batch:
         """The samples a queued batch stored, read back as the batch they came in."""
@@ -315,6 +389,13 @@ class SQLiteStore(StoreReads):
             pk="batch_id",
             if_not_exists=True,
         )
+        # Queued batches that could not be derived on their own (StoreReads._isolate).
+        db["derive_parked"].create(
+            {"batch_id": str, "device": str, "epoch": str, "first_seq": int, "last_seq": int,
+             "received_utc_ms": int, "reason": str, "parked_utc_ms": int},
+            pk="batch_id",
+            if_not_exists=True,
+        )
         db["device_status"].create(
             {"device": str, "received_utc_ms": int, "online": int, "status": str},
             pk="device",
@@ -392,7 +473,7 @@ class SQLiteStore(StoreReads):
                 result = self._store_raw(batch, sha256, received_ms)
                 if result.status == "stored":
                     if derive:
-                        self._derive(batch)
+                        self._derive_inline(batch, received_ms)
                     else:
                         c.execute(
                             "INSERT OR IGNORE INTO derive_queue VALUES (?,?,?,?,?,?)",
@@ -460,32 +541,74 @@ class SQLiteStore(StoreReads):
         Up to DERIVE_CLAIM batches per transaction, their queue entries deleted
         in the same one: a deriver killed at any point leaves every batch either
         derived or still queued, never half done. Samples are read back from
-        the store.
+        the store. A batch that cannot be derived is parked (see ``_isolate``),
+        counted among those done.
         """
+        return self._derive_queued(limit, self._derive_claim)
+
+    def _derive_claim(self, take: int, batch_id: str | None = None) -> int:
+        """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
         c = self.conn
-        done = 0
-        while limit is None or done < limit:
-            take = DERIVE_CLAIM if limit is None else min(DERIVE_CLAIM, limit - done)
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                rows = c.execute(
-                    "SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue"
-                    " ORDER BY received_utc_ms, rowid LIMIT ?", (take,)
-                ).fetchall()
-                if not rows:
-                    c.execute("COMMIT")
-                    break
+        only = " WHERE batch_id = ?" if batch_id is not None else ""
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            rows = c.execute(
+                f"SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue{only}"
+                " ORDER BY received_utc_ms, rowid LIMIT ?", (*([batch_id] if only else []), take)
+            ).fetchall()
+            if rows:
                 for batch in self._merged(rows):
                     self._derive(batch)
                 c.executemany("DELETE FROM derive_queue WHERE batch_id=?", [(r[0],) for r in rows])
                 self._bump("batches_derived", len(rows))
                 crash_point("receiver.derive.before")
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def _derive_inline(self, batch: Batch, received_ms: int) -> None:
+        """``_derive`` inside the ingest transaction; a batch whose content cannot be derived is
+        stored raw and parked instead, so its upload is still answered and the group committed."""
+        c = self.conn
+        c.execute("SAVEPOINT derive")
+        try:
+            self._derive(batch)
+        except Exception as exc:
+            c.execute("ROLLBACK TO derive")
+            c.execute("RELEASE derive")
+            if self._store_failure(exc):
                 raise
-            done += len(rows)
-        return done
+            self._park_new(batch, exc, received_ms)
+            self._bump("batches_parked")
+            return
+        c.execute("RELEASE derive")
+
+    def _store_failure(self, exc: BaseException) -> bool:
+        # Locked, read-only, full, unreadable: sqlite3 says OperationalError (DatabaseError
+        # itself for a damaged file); a batch's content fails as ValueError, TypeError ...
+        return isinstance(exc, (sqlite3.OperationalError, sqlite3.InterfaceError)) or type(exc) is sqlite3.DatabaseError
+
+    def _park(self, batch_id: str, reason: str) -> None:
+        c = self.conn
+        with _transaction(c):
+            c.execute(
+                "INSERT OR REPLACE INTO derive_parked SELECT batch_id, device, epoch, first_seq, last_seq,"
+                " received_utc_ms, ?, CAST(strftime('%s', 'now') AS INTEGER) * 1000 FROM derive_queue"
+                " WHERE batch_id = ?", (reason, batch_id))
+            c.execute("DELETE FROM derive_queue WHERE batch_id = ?", (batch_id,))
+            self._bump("batches_parked")
+        log.error("parked batch %s: it cannot be derived (%s); the others go on", batch_id, reason)
+
+    def requeue_parked(self) -> int:
+        """Queue every parked batch for deriving again (after a fix); how many."""
+        c = self.conn
+        with _transaction(c):
+            n = c.execute("INSERT OR IGNORE INTO derive_queue SELECT batch_id, device, epoch, first_seq, last_seq,"
+                          " received_utc_ms FROM derive_parked").rowcount
+            c.execute("DELETE FROM derive_parked")
+        return int(n)
 
     def derive_backlog(self) -> int:
         """Batches stored but not derived yet."""
@@ -583,13 +706,35 @@ class SQLiteStore(StoreReads):
 
 # Queued batches a deriver takes per transaction (and merges per van).
 DERIVE_CLAIM = 32
+PARK_REASON_CHARS = 500  # a parked batch's reason is the error, shortened
 # Seqs read back for the moving windows' context: each of up to 8 interleaved sensors' last CONTEXT.
 CONTEXT_SPAN = quality.CONTEXT * 8
 
 
+@contextmanager
+def _transaction(c: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on an autocommit connection (``with conn:`` would not begin one)."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
+
+
 def _values(v: Any) -> dict[str, Any]:
-    """A ``vals`` column as a dict (jsonb arrives decoded, SQLite text does not)."""
-    return v if isinstance(v, dict) else orjson.loads(v)
+    """A ``vals`` column as a dict (jsonb arrives decoded, SQLite text does not).
+
+    Read as a later batch's context: a row that is not an object (damaged, or
+    from an older writer) counts as no values, so it cannot stop the batches after it.
+    """
+    if isinstance(v, (str, bytes)):
+        try:
+            v = orjson.loads(v)
+        except orjson.JSONDecodeError:
+            return {}
+    return v if isinstance(v, dict) else {}
 
 
 # A stamp more than this far ahead of the receiver's own clock is a device clock fault.

@@ -68,7 +68,6 @@ from receiver import quality
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.store import (
-    DERIVE_CLAIM,
     GPS_SENSOR,
     IngestResult,
     StoreReads,
@@ -191,6 +190,17 @@ CREATE TABLE IF NOT EXISTS derive_queue (
     last_seq bigint,
     received_utc_ms bigint
 );
+-- Queued batches that could not be derived on their own (StoreReads._isolate).
+CREATE TABLE IF NOT EXISTS derive_parked (
+    batch_id text PRIMARY KEY,
+    device text,
+    epoch text,
+    first_seq bigint,
+    last_seq bigint,
+    received_utc_ms bigint,
+    reason text,
+    parked_utc_ms bigint
+);
 CREATE TABLE IF NOT EXISTS device_status (
     device text PRIMARY KEY,
     received_utc_ms bigint,
@@ -276,6 +286,7 @@ class PostgresStore(StoreReads):
     """
 
     PARAM = "%s"
+    QUEUE_TIEBREAK = "batch_id"
 
     def __init__(
         self,
@@ -477,7 +488,14 @@ class PostgresStore(StoreReads):
                     if to_copy:
                         self._copy("samples", _SAMPLE_COLS, to_copy)
                         to_copy = []
-                    self._derive(batch)
+                    try:
+                        with c.transaction():  # a savepoint: a batch that cannot be derived is parked
+                            self._derive(batch)
+                    except Exception as exc:
+                        if self._store_failure(exc):
+                            raise
+                        self._park_new(batch, exc, received_ms)
+                        bump("batches_parked", 1)
                 else:
                     queued.append((bid, device, epoch, batch.first_seq, batch.last_seq, received_ms))
                 bump("batches_stored", 1)
@@ -546,31 +564,58 @@ class PostgresStore(StoreReads):
         and deletes the entries in one transaction (killed at any point:
         derived, or still queued).
         """
-        done = 0
+        return self._derive_queued(limit, lambda take, bid: self._run(lambda attempt: self._derive_claim(take, bid)))
 
+    def _derive_claim(self, take: int, batch_id: str | None = None) -> int:
+        """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
+        c = self.conn
+        only = " WHERE batch_id = %s" if batch_id is not None else ""
+        with c.transaction():
+            rows = c.execute(
+                f"SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue{only}"  # type: ignore[arg-type]
+                " ORDER BY received_utc_ms, batch_id LIMIT %s FOR UPDATE SKIP LOCKED",
+                (*([batch_id] if only else []), take),
+            ).fetchall()
+            if not rows:
+                return 0
+            for batch in self._merged(rows):  # in device order: derivers lock vans in one order
+                self._derive(batch)
+            c.execute("DELETE FROM derive_queue WHERE batch_id = ANY(%s)", ([r[0] for r in rows],))
+            self._bump({"batches_derived": len(rows)})
+            crash_point("receiver.derive.before")
+        return len(rows)
+
+    def _store_failure(self, exc: BaseException) -> bool:
+        # Unreachable, shut down, out of space (OperationalError), or conflicts that outlived
+        # _run's attempts; a batch's content fails otherwise (DataError, ValueError, TypeError ...).
+        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, *_RETRY))
+
+    def _park(self, batch_id: str, reason: str) -> None:
+        def work(attempt: int) -> None:
+            c = self.conn
+            with c.transaction():
+                c.execute(
+                    "INSERT INTO derive_parked SELECT batch_id, device, epoch, first_seq, last_seq,"
+                    " received_utc_ms, %s, (extract(epoch FROM now()) * 1000)::bigint FROM derive_queue"
+                    " WHERE batch_id = %s ON CONFLICT (batch_id) DO UPDATE SET reason = excluded.reason,"
+                    " parked_utc_ms = excluded.parked_utc_ms", (reason, batch_id))
+                c.execute("DELETE FROM derive_queue WHERE batch_id = %s", (batch_id,))
+                self._bump({"batches_parked": 1})
+
+        self._run(work)
+        log.error("parked batch %s: it cannot be derived (%s); the others go on", batch_id, reason)
+
+    def requeue_parked(self) -> int:
+        """Queue every parked batch for deriving again (after a fix); how many."""
         def work(attempt: int) -> int:
             c = self.conn
-            take = DERIVE_CLAIM if limit is None else min(DERIVE_CLAIM, limit - done)
             with c.transaction():
-                rows = c.execute(
-                    "SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue"
-                    " ORDER BY received_utc_ms, batch_id LIMIT %s FOR UPDATE SKIP LOCKED", (take,)
-                ).fetchall()
-                if not rows:
-                    return 0
-                for batch in self._merged(rows):  # in device order: derivers lock vans in one order
-                    self._derive(batch)
-                c.execute("DELETE FROM derive_queue WHERE batch_id = ANY(%s)", ([r[0] for r in rows],))
-                self._bump({"batches_derived": len(rows)})
-                crash_point("receiver.derive.before")
-            return len(rows)
+                n = c.execute("INSERT INTO derive_queue SELECT batch_id, device, epoch, first_seq, last_seq,"
+                              " received_utc_ms FROM derive_parked ON CONFLICT DO NOTHING").rowcount
+                c.execute("DELETE FROM derive_parked")
+            return int(n)
 
-        while limit is None or done < limit:
-            n = self._run(work)
-            if not n:
-                break
-            done += n
-        return done
+        return self._run(work)
 
     def derive_backlog(self) -> int:
         """Batches stored but not derived yet."""

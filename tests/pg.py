@@ -145,11 +145,8 @@ class PgCluster:
         last = ""
         for _ in range(5):  # the free port may be taken between our probe and the bind
             self.port = _free_port()
-            opts = [f"-p {self.port}", f"-k {self.sockdir}", "-c listen_addresses=127.0.0.1"]
-            opts += [f"-c {k}={v}" for k, v in self.settings.items()]
             try:
-                self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                           "-w", "-t", "60", "-o", " ".join(opts), "start"])
+                self._pg_ctl_start()
                 self.running = True
                 break
             except RuntimeError as exc:
@@ -159,6 +156,19 @@ class PgCluster:
         atexit.register(self.stop)  # also when the session dies before its teardown
         self._make_template()
         return self
+
+    def _pg_ctl_start(self) -> None:
+        opts = [f"-p {self.port}", f"-k {self.sockdir}", "-c listen_addresses=127.0.0.1"]
+        opts += [f"-c {k}={v}" for k, v in self.settings.items()]
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                   "-w", "-t", "60", "-o", " ".join(opts), "start"])
+
+    def pause(self) -> None:
+        """Stop the server but keep its data and port (a store outage); ``resume()`` starts it again."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def resume(self) -> None:
+        self._pg_ctl_start()
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

@@ -36,8 +36,9 @@ from uplink.wire import MAX_DECOMPRESSED_BYTES, MAX_SAMPLES_PER_BATCH, Batch, Ga
 
 # Cells of the value grid (samples of a stream x keys of that stream, summed over
 # streams). Real batches have ~8,000 (2000 samples x 4 keys on average); the
-# bound keeps a few bytes of run-length tags from expanding into a huge grid.
-MAX_VALUE_CELLS = 4_000_000
+# bound keeps a few bytes of run-length tags from expanding into a huge grid
+# (decoded, 500,000 values are ~60 MB of Python objects in the receiver).
+MAX_VALUE_CELLS = 500_000
 MAX_VARINT_BYTES = 10  # 70 bits: any int64 delta of delta, zigzagged, fits
 MAX_SCALE = 15  # decimal digits a scaled float column may carry
 MAX_EXACT = 1 << 53  # scaled mantissas stay below this: exact in float arithmetic too

@@ -33,9 +33,12 @@ SUPPORTED_VERSIONS = (VERSION_JSON, VERSION_COLUMNAR)
 DEFAULT_VERSION = VERSION_COLUMNAR
 
 # Bounds that keep a hostile or broken payload from costing the receiver much.
+# Decoded, a batch costs ~100 bytes of Python objects per value: these keep the
+# largest batch the format allows to tens of MB in the receiver (its memory budget,
+# docs/architecture.md "Memory"), 10-60 times what a van seals by default (2000 samples).
 MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB on the wire
-MAX_DECOMPRESSED_BYTES = 16 << 20  # 16 MiB once inflated: no zip bombs
-MAX_SAMPLES_PER_BATCH = 100_000
+MAX_DECOMPRESSED_BYTES = 4 << 20  # 4 MiB once inflated: no zip bombs (version 1 JSON: < 1M values)
+MAX_SAMPLES_PER_BATCH = 20_000
 
 
 @dataclass(frozen=True, slots=True)

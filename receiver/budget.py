@@ -1,0 +1,61 @@
+"""How much an upload costs decoded, known before decoding it: the receiver's memory budget.
+
+The receiver stores the uploads that queued up together in one transaction, and
+decodes all of them first. Decoded, a value costs ~40-100 bytes of Python
+objects against well under a byte on the wire, so a group is cut by what its
+uploads *can* hold decoded, not by their count or wire size. ``upload_values``
+gives an upper bound on values (a sample counts as its values plus one) from
+the body's header after decompression only (C speed; the Python objects are
+what cost):
+
+* version 2: ``n`` samples and a string table of ``k`` entries; a sample holds
+  each key at most once and every key is in the table, so at most ``n * (k + 1)``
+  (and the codec's cell bound).
+* version 1: the inflated JSON; a value takes at least 4 bytes of it (``"k":0``
+  is 5, and a sample's row is longer still), so at most ``len(json) // 4``.
+
+Anything the peek cannot read costs ``UNKNOWN``: more than any budget, so that
+upload is decoded (and rejected) on its own.
+"""
+
+from __future__ import annotations
+
+import zlib
+from edge.errors import PayloadError
+from uplink.codec_v2 import MAX_VALUE_CELLS, _Reader, unpack
+from uplink.wire import MAGIC, MAX_DECOMPRESSED_BYTES, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH
+
+UNKNOWN = 1 << 62
+MIN_JSON_BYTES_PER_VALUE = 4
+
+
+def upload_values(payload: bytes) -> int:
+    """Upper bound on the values ``payload`` decodes to (samples count one each, too)."""
+    try:
+        if len(payload) > MAX_PAYLOAD_BYTES or not payload.startswith(MAGIC) or len(payload) <= len(MAGIC):
+            return 1  # refused before anything is decoded
+        version, body = payload[len(MAGIC)], payload[len(MAGIC) + 1 :]
+        if version == 2:
+            return _v2_values(body)
+        if version == 1:
+            d = zlib.decompressobj()
+            return max(1, len(d.decompress(body, MAX_DECOMPRESSED_BYTES)) // MIN_JSON_BYTES_PER_VALUE)
+        return 1  # an unknown version is refused on the version byte
+    except (PayloadError, zlib.error, ValueError, IndexError, MemoryError):
+        return UNKNOWN
+
+
+def _v2_values(body: bytes) -> int:
+    r = _Reader(unpack(body))
+    r.string("device")
+    r.string("epoch")
+    r.s("first_seq")
+    r.s("sequence span")
+    n_strings = r.count("string count", r.left())
+    for _ in range(n_strings):
+        r.string("string")
+    for _ in range(r.count("flag set count", r.left())):
+        for _ in range(r.count("flag set size", r.left())):
+            r.u("flag")
+    n = r.count("sample count", MAX_SAMPLES_PER_BATCH)
+    return n + min(MAX_VALUE_CELLS, n * n_strings)
