@@ -168,7 +168,7 @@ class Agent:
             if reading is None:
                 continue
             stamp = self.timekeeper.stamp()
-            values, flags = _finite(reading.values, reading.flags)
+            values, flags = _finite(reading.values, reading.flags + stamp.flags)
             self._pending.append(
                 Sample(
                     sensor=reading.sensor,
