@@ -69,6 +69,7 @@ class _InFlight:
     n_samples: int
     sha256: str
     sent_at: float
+    retry_s: float  # re-send after this long without an ack (short until the path is proven)
 
 
 class Agent:
@@ -108,6 +109,7 @@ class Agent:
         self._in_flight: dict[str, _InFlight] = {}  # by batch id (salvaged batches keep their epoch)
         self._last_heartbeat = -1e18
         self._hold_uploads_until = -1e18
+        self._path_proven = False  # an ack came back since the last (re)connection
         self._stop = threading.Event()
         self._error_logged: dict[str, float] = {}
 
@@ -277,7 +279,7 @@ class Agent:
             self.send_heartbeat()
         timeout = self.cfg.uplink.ack_timeout_s
         for key, f in list(self._in_flight.items()):
-            if now - f.sent_at < timeout:
+            if now - f.sent_at < f.retry_s:
                 continue
             sb = self.buffer.get(key)
             if sb is None:  # acknowledged meanwhile
@@ -285,6 +287,7 @@ class Agent:
             elif self.link.publish(sb.batch_id, sb.payload):
                 # Same id, same bytes: the receiver deduplicates if the first one did arrive.
                 f.sent_at = now
+                f.retry_s = timeout if self._path_proven else min(max(FAST_RETRY_S, 2 * f.retry_s), timeout)
                 self.stats.resent += 1
         room = self.cfg.uplink.window - len(self._in_flight)
         if room <= 0 or now < self._hold_uploads_until:
@@ -302,7 +305,8 @@ class Agent:
                 continue
             if not self.link.publish(sb.batch_id, sb.payload):
                 break
-            self._in_flight[sb.batch_id] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)
+            retry = timeout if self._path_proven else min(FAST_RETRY_S, timeout)
+            self._in_flight[sb.batch_id] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now, retry)
             self.stats.published += 1
             crash_point("agent.publish.after")
 
@@ -313,9 +317,13 @@ class Agent:
             self.stats.syncs += 1
             # Give the receiver a moment to answer before uploading what it may hold.
             self._hold_uploads_until = self.timer() + SYNC_GRACE_S
-        # What was in flight may or may not have arrived: the sync or a re-send tells.
+        # What was in flight may or may not have arrived (a restarted broker forgets what it
+        # held): re-send it now, not after the ack timeout, and again soon if no ack comes, as
+        # the receiver may subscribe again only after us. The sync covers the rest of the
+        # backlog; the receiver drops what it already has as a duplicate.
+        self._path_proven = False
         for f in self._in_flight.values():
-            f.sent_at = min(f.sent_at, self.timer() - self.cfg.uplink.ack_timeout_s / 2)
+            f.retry_s = 0.0  # due now; then 1 s, 2 s, 4 s ... up to the ack timeout
         self.send_heartbeat()
 
     def status(self) -> dict[str, Any]:
@@ -352,6 +360,11 @@ class Agent:
 
     def _handle_acks(self) -> None:
         for ack in self.link.acks():
+            if not self._path_proven:
+                # The receiver hears us: back to the normal ack timeout, so a slow ack is not re-sent.
+                self._path_proven = True
+                for f in self._in_flight.values():
+                    f.retry_s = self.cfg.uplink.ack_timeout_s
             key = ack.batch_id
             try:
                 device, _epoch, _first, last = parse_batch_id(ack.batch_id)
@@ -409,6 +422,7 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
 MAX_PENDING_IN_MEMORY = 4 * 3600  # an hour of four sensors at 1 Hz, if the disk stays full
 SYNC_BATCHES = 256  # batch ids named in a resync request
 SYNC_GRACE_S = 2.0  # real seconds to wait for the receiver's answer to a resync
+FAST_RETRY_S = 1.0  # first re-send after a (re)connection until an ack proves the path, doubling
 
 
 def _disk_free(path: str) -> int | None:
