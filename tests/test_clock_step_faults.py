@@ -27,8 +27,8 @@ from simulator.hardware import SimulatedHardware
 from simulator.oracle import check
 from simulator.sensors import OracleSensor
 from simulator.world import VanWorld
-from tests.delivery_harness import Receiver, report
-from tests.test_delivery_faults import assert_all_delivered
+from tests.delivery_harness import report
+from tests.test_delivery_faults import assert_all_delivered, rx  # noqa: F401  (rx: the receiver fixture)
 from uplink.mqtt import MqttLink
 
 T0 = 1_795_000_000.0  # 2026-11-18, in the past of the receiver's clock
@@ -53,14 +53,6 @@ SCENARIOS = {
     "gps+1d-under-ntp": Scenario("gps", 86400.0, ntp=True, gps=True, expect="right"),
     "gps-week-rollover": Scenario("gps", -GPS_ROLLOVER_S, ntp=False, gps=True, expect="right"),
 }
-
-
-@pytest.fixture
-def rx(tmp_path, mosquitto):
-    r = Receiver(tmp_path / "store.sqlite", mosquitto.port)
-    r.start()
-    yield r
-    r.stop()
 
 
 def _van(tmp_path, port: int, sc: Scenario) -> tuple[Agent, MqttLink, SimClock, Callable[[], None], list]:

@@ -41,7 +41,8 @@ class FakeGps:
         pass
 
 
-def run_agent(tmp_path, clock, drivers, seconds, final_seal=True, **cfg_over):
+def run_agent(tmp_path, clock, drivers, seconds, final_seal=True, on_tick=None, **cfg_over):
+    """Tick once a virtual second for ``seconds`` (``on_tick(i)`` first: faults); every sample, sealed."""
     data = {"device": {"id": "van-001", "data_dir": str(tmp_path)},
             "batch": {"max_samples": 10_000, "max_age_s": 30.0}}
     for k, v in cfg_over.items():
@@ -50,9 +51,13 @@ def run_agent(tmp_path, clock, drivers, seconds, final_seal=True, **cfg_over):
     agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, "van-001"), FakeLink(), timer=Timer(),
                   boot_id="boot-A")
     end = clock.monotonic() + seconds
+    i = 0
     while clock.monotonic() < end:
+        if on_tick is not None:
+            on_tick(i)
         agent.tick()
         clock.sleep(1.0)
+        i += 1
     agent.commit()
     agent.maybe_seal(force=final_seal)
     out = []
@@ -154,23 +159,10 @@ def test_default_dates_are_not_time():
 # -- steps of the system clock and of GPS time (issue 14, point 4) ---------------------------
 
 
-def run_with_step(tmp_path, clock, drivers, step, before=120, after=240, **cfg_over):
-    """Tick ``before`` s, apply ``step()``, tick ``after`` s; every sample, sealed."""
-    data = {"device": {"id": "van-001", "data_dir": str(tmp_path)},
-            "batch": {"max_samples": 10_000, "max_age_s": 30.0}}
-    for k, v in cfg_over.items():
-        data.setdefault(k, {}).update(v)
-    cfg = parse_config(data)
-    agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, "van-001"), FakeLink(), timer=Timer(),
-                  boot_id="boot-A")
-    for i in range(before + after):
-        if i == before:
-            step()
-        agent.tick()
-        clock.sleep(1.0)
-    agent.commit()
-    agent.maybe_seal(force=True)
-    samples = [s for b in agent.buffer.pending(1000) for s in decode_batch(b.payload).samples]
+def run_with_step(tmp_path, clock, drivers, step, before=120, after=240):
+    """Tick ``before`` s, apply ``step()``, tick ``after`` s; the PM samples, sealed."""
+    agent, samples = run_agent(tmp_path, clock, drivers, before + after,
+                               on_tick=lambda i: step() if i == before else None)
     return agent, [s for s in samples if s.sensor == "pm"]
 
 
@@ -237,17 +229,12 @@ def test_system_step_with_nobody_to_ask_is_flagged_then_followed(tmp_path, step_
 def test_gps_glitch_that_returns_is_corrected_back(tmp_path):
     clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)  # no NTP: GPS alone
     gps = FakeGps(clock, fix_after=0)
-    data = {"device": {"id": "van-001", "data_dir": str(tmp_path)}, "batch": {"max_samples": 10_000}}
-    cfg = parse_config(data)
-    agent = Agent(cfg, [Counter(), gps], clock, Buffer(cfg.buffer_path, "van-001"), FakeLink(),
-                  timer=Timer(), boot_id="b")
-    for i in range(200):
+
+    def glitch(i):
         gps.error_s = 86400.0 if 100 <= i < 130 else 0.0  # a day off for 30 s, then right again
-        agent.tick()
-        clock.sleep(1.0)
-    agent.commit()
-    agent.maybe_seal(force=True)
-    pm = [s for b in agent.buffer.pending(100) for s in decode_batch(b.payload).samples if s.sensor == "pm"]
+
+    agent, samples = run_agent(tmp_path, clock, [Counter(), gps], 200, on_tick=glitch)
+    pm = [s for s in samples if s.sensor == "pm"]
     assert agent.timekeeper.stats.gps_steps == 1 and agent.timekeeper.stats.rebases == 0
     assert all(s.t_utc_ms == truth_ms(s) for s in pm)
     assert len(flagged(pm)) == 30
