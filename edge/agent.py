@@ -170,7 +170,7 @@ class Agent:
             if reading is None:
                 continue
             stamp = self.timekeeper.stamp()
-            values, flags = _finite(reading.values, reading.flags + stamp.flags)
+            values, flags = _finite(reading.values, (*reading.flags, *stamp.flags))
             self._pending.append(
                 Sample(
                     sensor=reading.sensor,
@@ -344,6 +344,7 @@ class Agent:
             "buffer_bytes": st.file_bytes,
             "sensor_errors": dict(self.stats.read_errors),
             "time_source": str(stamp.source),
+            "time_steps": self.timekeeper.steps_seen,  # GPS or system clock steps seen this run
             "disk_free_bytes": _disk_free(self.cfg.device.data_dir),
             "cpu_temp_c": _cpu_temp_c(),
             "taken": self.stats.taken,

@@ -11,6 +11,8 @@ where a second reference could decide, every time is right.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import sqlite3
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,6 +124,9 @@ def test_clock_step_is_caught(tmp_path, mosquitto, rx, name):
     # the step happened and was seen
     if sc.step_s == -GPS_ROLLOVER_S:
         assert rollovers > 0 and tk.gps_steps == 0
+        # the GPS samples' own gps_time is moved forward too, to the true time
+        gps_off = _stored_gps_time_errors(rx.store, "van-clk")
+        assert gps_off and max(gps_off) < 2.0, gps_off[:5]
     elif sc.what == "system":
         assert tk.system_steps == 1
     else:
@@ -138,3 +143,18 @@ def test_clock_step_is_caught(tmp_path, mosquitto, rx, name):
         assert verdict.quality_flagged == verdict.flagged // 3
         if sc.step_s < 0:
             assert tk.overlap_stamps > 0
+
+
+def _stored_gps_time_errors(store, device: str) -> list[float]:
+    """|gps_time - true UTC| in seconds of every stored GPS sample that has a gps_time."""
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT t_mono_ms, vals FROM samples WHERE device=? AND sensor='gps'", (device,)).fetchall()
+    finally:
+        db.close()
+    out = []
+    for mono_ms, vals in rows:
+        g = json.loads(vals).get("gps_time")
+        if g is not None:
+            out.append(abs(g - (T0 + mono_ms / 1000 - 1000.0)))
+    return out

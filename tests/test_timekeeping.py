@@ -189,6 +189,7 @@ def test_system_step_under_a_gps_fix_is_ignored(tmp_path):
     gps = FakeGps(clock, fix_after=0)
     agent, pm = run_with_step(tmp_path, clock, [Counter(), gps], lambda: clock.step(86400.0))
     assert agent.timekeeper.stats.system_steps == 1
+    assert agent.status()["time_steps"] == 1  # the heartbeat tells the dashboard
     assert all(abs(s.t_utc_ms - truth_ms(s)) <= 1 for s in pm)
     assert not flagged(pm) and not silent_disorder(pm)
 
