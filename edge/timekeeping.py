@@ -11,10 +11,11 @@ stamp is always ``monotonic + offset``, and the offset comes from the best
 
 1. GPS: a time fix from a receiver with a fix (fresh for ``gps_valid_s``).
 2. NTP: the system clock while the kernel says it is disciplined (adjtimex).
-3. Neither: the system time, stamped ``unsync``; samples of this boot stamped
-   so are re-stamped from their monotonic time once the offset is known
-   (``corrected``). A stamp in a year the sensors never lived in is never
-   sent: it goes out as "time unknown".
+3. Neither: with an offset known from earlier in this boot, holdover on it
+   (``corrected``); before any, the system time, stamped ``unsync``: samples
+   of this boot stamped so are re-stamped from their monotonic time once the
+   offset is known (``corrected``). A stamp in a year the sensors never lived
+   in is never sent: it goes out as "time unknown".
 
 Steps. A reference whose offset moves by more than ``tolerance_s`` from the
 spine's is *suspect*; who is right is decided, not assumed:
@@ -215,10 +216,13 @@ class TimeKeeper:
         elif refs:
             self._judge(refs, mono)
         t = int(round((mono + self._offset) * 1000))
-        if self._contested or not refs:
-            # Nobody vouches for the spine right now: unsync, re-stamped when a reference decides.
-            self.stats.contested_stamps += self._contested
-            return Stamp(t, mono_ms, TimeSource.UNSYNC, (CLOCK_STEP_FLAG,) if self._contested else ())
+        if self._contested:
+            # Nobody can say which time is right yet: unsync, re-stamped when it is decided.
+            self.stats.contested_stamps += 1
+            return Stamp(t, mono_ms, TimeSource.UNSYNC, (CLOCK_STEP_FLAG,))
+        # No reference right now (GPS lost, no NTP): holdover on the last offset one gave,
+        # as the stale-clock correction does.
+        source = self._source if refs else TimeSource.CORRECTED
         flags: tuple[str, ...] = ()
         if self._overlap_until_ms is not None:
             if t <= self._overlap_until_ms:
@@ -229,7 +233,7 @@ class TimeKeeper:
         elif self._last_ms is not None and t < self._last_ms:
             t = self._last_ms  # a step within the tolerance: slew, never go backwards
         self._last_ms = t if self._last_ms is None else max(t, self._last_ms)
-        return Stamp(t, mono_ms, self._source, flags)
+        return Stamp(t, mono_ms, source, flags)
 
     def correction_offset_ms(self) -> int | None:
         """utc - monotonic in ms from a trusted source of this boot, or None (also while contested)."""

@@ -26,8 +26,11 @@ class FakeGps:
     def __init__(self, clock: SimClock, fix_after: float, default_date: float | None = None):
         self.clock, self.fix_after, self.default_date = clock, fix_after, default_date
         self.error_s = 0.0  # what the receiver's time is off by (a glitch, a rollover)
+        self.lost_after: float | None = None
 
     def time_fix(self):
+        if self.lost_after is not None and self.clock.monotonic() - 1000.0 >= self.lost_after:
+            return None  # a tunnel: the last fix stays the newest
         if self.clock.monotonic() - 1000.0 < self.fix_after:
             if self.default_date is not None:
                 return (self.default_date, self.clock.monotonic())  # 1980-style garbage
@@ -267,3 +270,14 @@ def test_unroll_gps_week_moves_one_period_only():
     assert unroll_gps_week(TRUE_T0 - GPS_ROLLOVER_S) == (TRUE_T0, True)
     assert unroll_gps_week(TRUE_T0) == (TRUE_T0, False)
     assert unroll_gps_week(315_964_800.0) == (315_964_800.0, False)  # 1980-01-06: a default date
+
+
+def test_gps_lost_without_ntp_holds_over_on_the_monotonic_clock(tmp_path):
+    clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)
+    gps = FakeGps(clock, fix_after=0)
+    gps.lost_after = 60.0
+    agent, samples = run_agent(tmp_path, clock, [Counter(), gps], 200, time={"gps_valid_s": 30.0})
+    pm = [s for s in samples if s.sensor == "pm"]
+    srcs = [str(s.time_src) for s in pm]
+    assert srcs == ["gps"] * 90 + ["corrected"] * 110  # the last fix (59 s) is fresh up to 89 s
+    assert all(s.t_utc_ms == truth_ms(s) for s in pm) and not flagged(pm)
