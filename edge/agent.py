@@ -109,6 +109,7 @@ class Agent:
         self._in_flight: dict[str, _InFlight] = {}  # by batch id (salvaged batches keep their epoch)
         self._last_heartbeat = -1e18
         self._hold_uploads_until = -1e18
+        self._sync_named: frozenset[str] = frozenset()  # batch ids the last resync asked about
         self._path_proven = False  # an ack came back since the last (re)connection
         self._stop = threading.Event()
         self._error_logged: dict[str, float] = {}
@@ -290,12 +291,17 @@ class Agent:
                 f.retry_s = timeout if self._path_proven else min(max(FAST_RETRY_S, 2 * f.retry_s), timeout)
                 self.stats.resent += 1
         room = self.cfg.uplink.window - len(self._in_flight)
-        if room <= 0 or now < self._hold_uploads_until:
+        if room <= 0:
             return
+        # Batches named in a resync wait a moment for the receiver's answer; batches sealed
+        # since cannot be in the store and go at once (fresh data right after a reconnect).
+        exclude = frozenset(self._in_flight)
+        if now < self._hold_uploads_until:
+            exclude |= self._sync_named
         # Newest data flows while an old backlog drains: part of the window goes to the
         # newest batches, the rest to the oldest, so the backlog still drains.
-        fresh = self.buffer.newest(max(1, room // 4), exclude=frozenset(self._in_flight))
-        todo = fresh + self.buffer.pending(room, exclude=frozenset(self._in_flight) | {b.batch_id for b in fresh})
+        fresh = self.buffer.newest(max(1, room // 4), exclude=exclude)
+        todo = fresh + self.buffer.pending(room, exclude=exclude | {b.batch_id for b in fresh})
         for sb in todo[:room]:
             if content_hash(sb.payload) != sb.sha256:
                 # Bit rot on the card since sealing: never send it as data; own up with a gap.
@@ -317,6 +323,7 @@ class Agent:
             self.stats.syncs += 1
             # Give the receiver a moment to answer before uploading what it may hold.
             self._hold_uploads_until = self.timer() + SYNC_GRACE_S
+            self._sync_named = frozenset(held)
         # What was in flight may or may not have arrived (a restarted broker forgets what it
         # held): re-send it now, not after the ack timeout, and again soon if no ack comes, as
         # the receiver may subscribe again only after us. The sync covers the rest of the

@@ -60,6 +60,27 @@ def test_in_flight_batches_go_again_at_reconnect_not_after_the_ack_timeout(tmp_p
     assert agent.stats.resent == 6 and agent.buffer.stats().batches == 3
 
 
+def test_batches_sealed_after_the_resync_do_not_wait_for_its_answer(tmp_path):
+    agent, clock, link, timer = make(tmp_path, uplink={"window": 4, "ack_timeout_s": 30.0})
+    link.connected = False
+    agent.run(duration_s=200)  # offline: 4 batches of 50 wait
+    agent.maybe_seal()
+    link.connected, link.new_connection = True, True
+    agent.pump()
+    named = set(link.syncs[-1][1])
+    assert len(named) == 4 and link.published == []  # the receiver may hold them: wait for its answer
+    agent.run(duration_s=50)  # still within the grace (real time has not moved)
+    agent.maybe_seal()
+    agent.pump()
+    sent = [bid for bid, _ in link.published]
+    report("fresh-after-resync", named=len(named), sent_within_grace=len(sent))
+    assert len(sent) == 1 and sent[0] not in named  # new since the resync: it cannot be a duplicate
+    timer.t += 2.5  # the grace is over: the named ones fill the rest of the window
+    agent.pump()
+    later = [bid for bid, _ in link.published[1:] if bid != sent[0]]
+    assert len(later) == 3 and set(later) <= named
+
+
 def _store_count(store) -> int:
     try:
         db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
@@ -140,7 +161,10 @@ def test_broker_restart_first_sample_stored_soon_after_its_return(tmp_path, mosq
         time.sleep(1.0)
         rx.kill()
         rx_killed = time.monotonic()
-        time.sleep(3.0)  # a window of 4 fills in about a second
+        while len({bid for t, bid in link.sent if t >= rx_killed}) < cfg.uplink.window:
+            assert time.monotonic() < rx_killed + 30, "the window never filled"
+            time.sleep(0.05)  # a window of 4 fills in about a second
+        time.sleep(0.5)
         mosquitto.kill()
         killed = time.monotonic()
         waiting = {bid for t, bid in link.sent if rx_killed <= t <= killed}
