@@ -52,8 +52,8 @@ FLAGGED = set(RANGES)
 # sorted: the store works on integer masks of whole series at once (numpy) and turns
 # each distinct mask into its text once.
 FLAG_NAMES = tuple(sorted((
-    "clock_step", "clock_untrusted", "humid", "negative", "no_fix", "no_time", "out_of_range", "outlier", "stuck",
-    "time_implausible", "warming_up",
+    "clock_step", "clock_untrusted", "humid", "negative", "no_fix", "no_time", "out_of_range",
+    "outlier", "stuck", "time_implausible", "warming_up",
 )))
 BIT = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
 _SENTINELS = np.array(sorted(SENTINELS))
