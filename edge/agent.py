@@ -96,6 +96,8 @@ class Agent:
             clock,
             [d for d in drivers if isinstance(d, TimeFixSource)],
             gps_valid_s=cfg.time.gps_valid_s,
+            tolerance_s=cfg.time.step_tolerance_s,
+            confirm_s=cfg.time.step_confirm_s,
         )
         self.stats = AgentStats()
         # Things to close when the agent ends (simulated hardware, ...).

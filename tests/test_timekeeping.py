@@ -281,3 +281,17 @@ def test_gps_lost_without_ntp_holds_over_on_the_monotonic_clock(tmp_path):
     srcs = [str(s.time_src) for s in pm]
     assert srcs == ["gps"] * 90 + ["corrected"] * 110  # the last fix (59 s) is fresh up to 89 s
     assert all(s.t_utc_ms == truth_ms(s) for s in pm) and not flagged(pm)
+
+
+def test_step_confirmation_time_comes_from_the_config(tmp_path):
+    clock = SimClock(TRUE_T0)
+
+    def step(i):
+        if i == 30:
+            clock.step(-600.0)
+
+    agent, samples = run_agent(tmp_path, clock, [Counter()], 90, on_tick=step,
+                               time={"step_confirm_s": 10.0, "step_tolerance_s": 5.0})
+    assert agent.timekeeper.tolerance_s == 5.0
+    assert agent.timekeeper.stats.contested_stamps == 10 and agent.timekeeper.stats.rebases == 1
+    assert not silent_disorder(samples)
