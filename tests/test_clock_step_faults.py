@@ -130,7 +130,10 @@ def test_clock_step_is_caught(tmp_path, mosquitto, rx, name):
     elif sc.what == "system":
         assert tk.system_steps == 1
     else:
-        assert tk.gps_steps == 1
+        # At least once: right after a jump a receiver's first fixes may not be corroborated
+        # (their date differs from the last one's), so the last good fix speaks again for a
+        # moment and the step is seen anew; the contest still holds until one time wins.
+        assert tk.gps_steps >= 1
     assert not verdict.silent_disorder, f"unflagged samples out of order: {verdict.silent_disorder[:10]}"
     if sc.expect == "right":
         assert tk.rebases == 0 and verdict.flagged == 0
