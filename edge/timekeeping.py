@@ -40,6 +40,7 @@ The error budget is in docs/architecture.md ("Time").
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -55,6 +56,10 @@ MAX_PLAUSIBLE_UTC_MS = 2_524_608_000_000  # 2050-01-01T00:00:00Z
 # GPS broadcasts the week number in 10 bits: it wraps every 1024 weeks (1999-08-22, 2019-04-07).
 GPS_ROLLOVER_S = 1024 * 7 * 86400
 CLOCK_STEP_FLAG = "clock_step"
+# A GPS time fix is timed when its bytes are read: a late read (a stalled loop, a busy card)
+# makes it look early, never late. Of the fixes of the last GPS_FILTER_S seconds the least
+# delayed one counts (NTP's minimum-delay filter), so a stall is not taken for a step.
+GPS_FILTER_S = 10.0
 
 
 def plausible_utc_ms(t: int | None) -> bool:
@@ -121,6 +126,7 @@ class TimeKeeper:
         self.confirm_s = confirm_s
         self.stats = TimeStats()
         self._gps: tuple[float, float] | None = None  # (utc - monotonic, monotonic of the fix)
+        self._fixes: deque[tuple[float, float]] = deque()  # recent (utc - monotonic, monotonic)
         self._offset: float | None = None  # the spine: utc - monotonic, seconds
         self._source = TimeSource.UNSYNC  # the reference the spine follows
         self._suspects: dict[str, tuple[float, float]] = {}  # reference -> (its offset, monotonic since)
@@ -145,9 +151,13 @@ class TimeKeeper:
             utc, rolled = unroll_gps_week(utc)
             if not plausible_utc_ms(int(utc * 1000)):
                 continue  # a receiver's default date before its first fix is not time
-            if rolled and (self._gps is None or self._gps[1] != mono):
-                self.stats.gps_rollovers += 1
-            self._gps = (utc - mono, mono)
+            if self._fixes and self._fixes[-1][1] == mono:
+                return  # the same fix again
+            self.stats.gps_rollovers += rolled
+            self._fixes.append((utc - mono, mono))
+            while mono - self._fixes[0][1] > GPS_FILTER_S:
+                self._fixes.popleft()
+            self._gps = (max(o for o, _ in self._fixes), mono)
             return
 
     def _references(self, mono: float) -> dict[str, tuple[float, TimeSource]]:

@@ -10,7 +10,7 @@ from edge.agent import Agent
 from edge.clock import SimClock
 from edge.config import parse_config
 from edge.model import TimeSource
-from edge.timekeeping import GPS_ROLLOVER_S, TimeKeeper, plausible_utc_ms, unroll_gps_week
+from edge.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S, TimeKeeper, plausible_utc_ms, unroll_gps_week
 from tests.test_agent import Counter, FakeLink, Timer
 from uplink.wire import decode_batch
 
@@ -241,7 +241,8 @@ def test_gps_glitch_that_returns_is_corrected_back(tmp_path):
     pm = [s for s in samples if s.sensor == "pm"]
     assert agent.timekeeper.stats.gps_steps == 1 and agent.timekeeper.stats.rebases == 0
     assert all(s.t_utc_ms == truth_ms(s) for s in pm)
-    assert len(flagged(pm)) == 30
+    # flagged while it was off, and as long again as the filter still remembers the day-late fixes
+    assert len(flagged(pm)) == 30 + GPS_FILTER_S
 
 
 def test_gps_alone_stepping_is_contested_then_followed(tmp_path):
@@ -295,3 +296,17 @@ def test_step_confirmation_time_comes_from_the_config(tmp_path):
     assert agent.timekeeper.tolerance_s == 5.0
     assert agent.timekeeper.stats.contested_stamps == 10 and agent.timekeeper.stats.rebases == 1
     assert not silent_disorder(samples)
+
+
+def test_a_late_gps_read_is_not_a_step(tmp_path):
+    """A stalled loop reads an epoch seconds late: the fix looks early, and the filter ignores it."""
+    clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)
+    gps = FakeGps(clock, fix_after=0)
+
+    def stall(i):
+        gps.error_s = -5.0 if i in (50, 51) else 0.0  # two fixes timed 5 s after they were sent
+
+    agent, samples = run_agent(tmp_path, clock, [Counter(), gps], 100, on_tick=stall)
+    pm = [s for s in samples if s.sensor == "pm"]
+    assert agent.timekeeper.stats.gps_steps == 0 and not flagged(pm)
+    assert all(s.t_utc_ms == truth_ms(s) for s in pm)
