@@ -26,6 +26,7 @@ from typing import Any, Callable
 from drivers.base import Reading
 from drivers.nmea import Fix, FixAssembler, Gga, Gll, Rmc, SentenceFramer, Zda, parse_sentence
 from edge.errors import BusError, FrameError, ReadError
+from edge.timekeeping import unroll_gps_week
 
 __all__ = ["NmeaGpsDriver", "GpsdSource", "DriverStats", "fix_values"]
 
@@ -70,6 +71,7 @@ class DriverStats:
     checksum_errors: int = 0
     frame_errors: int = 0
     fixes: int = 0
+    rollovers: int = 0  # fixes whose date was 1024 weeks behind (10-bit week number wrapped)
 
 
 class NmeaGpsDriver:
@@ -91,6 +93,11 @@ class NmeaGpsDriver:
     the record forever. Its monotonic reading is taken when the bytes of the
     epoch's first timed sentence were read, so its precision is bounded by
     how often ``read()`` is called.
+
+    ``rollover_pivot_utc``: no true fix is older than this (UTC seconds); a
+    date up to 1024 weeks before it is a receiver whose 10-bit GPS week number
+    wrapped, and is moved forward 1024 weeks (``edge.timekeeping.unroll_gps_week``).
+    None (the default, for decoding old logs) takes dates as they come.
     """
 
     def __init__(
@@ -103,8 +110,10 @@ class NmeaGpsDriver:
         flush_after: float = 0.5,
         max_bytes_per_read: int = 65536,
         require_confirmed_time: bool = True,
+        rollover_pivot_utc: float | None = None,
     ) -> None:
         self.name = name
+        self._pivot = rollover_pivot_utc
         self._port = port
         self._clock = clock
         self._asm = assembler or FixAssembler()
@@ -199,6 +208,9 @@ class NmeaGpsDriver:
         self.stats.fixes += 1
         self.last_fix = fix
         gps_time = fix.utc_seconds if (fix.time_confirmed or not self._require_confirmed) else None
+        if gps_time is not None and self._pivot is not None:
+            gps_time, rolled = unroll_gps_week(gps_time, self._pivot)
+            self.stats.rollovers += rolled
         rx = self._rx_by_tod.get(fix.tod)
         if gps_time is not None and rx is not None:
             self._time_fix = (gps_time, rx)

@@ -69,6 +69,7 @@ class _InFlight:
     n_samples: int
     sha256: str
     sent_at: float
+    retry_s: float  # re-send after this long without an ack (short until the path is proven)
 
 
 class Agent:
@@ -95,6 +96,8 @@ class Agent:
             clock,
             [d for d in drivers if isinstance(d, TimeFixSource)],
             gps_valid_s=cfg.time.gps_valid_s,
+            tolerance_s=cfg.time.step_tolerance_s,
+            confirm_s=cfg.time.step_confirm_s,
         )
         self.stats = AgentStats()
         # Things to close when the agent ends (simulated hardware, ...).
@@ -108,6 +111,8 @@ class Agent:
         self._in_flight: dict[str, _InFlight] = {}  # by batch id (salvaged batches keep their epoch)
         self._last_heartbeat = -1e18
         self._hold_uploads_until = -1e18
+        self._sync_named: frozenset[str] = frozenset()  # batch ids the last resync asked about
+        self._path_proven = False  # an ack came back since the last (re)connection
         self._stop = threading.Event()
         self._error_logged: dict[str, float] = {}
 
@@ -168,7 +173,7 @@ class Agent:
             if reading is None:
                 continue
             stamp = self.timekeeper.stamp()
-            values, flags = _finite(reading.values, reading.flags)
+            values, flags = _finite(reading.values, (*reading.flags, *stamp.flags))
             self._pending.append(
                 Sample(
                     sensor=reading.sensor,
@@ -277,7 +282,7 @@ class Agent:
             self.send_heartbeat()
         timeout = self.cfg.uplink.ack_timeout_s
         for key, f in list(self._in_flight.items()):
-            if now - f.sent_at < timeout:
+            if now - f.sent_at < f.retry_s:
                 continue
             sb = self.buffer.get(key)
             if sb is None:  # acknowledged meanwhile
@@ -285,14 +290,20 @@ class Agent:
             elif self.link.publish(sb.batch_id, sb.payload):
                 # Same id, same bytes: the receiver deduplicates if the first one did arrive.
                 f.sent_at = now
+                f.retry_s = timeout if self._path_proven else min(max(FAST_RETRY_S, 2 * f.retry_s), timeout)
                 self.stats.resent += 1
         room = self.cfg.uplink.window - len(self._in_flight)
-        if room <= 0 or now < self._hold_uploads_until:
+        if room <= 0:
             return
+        # Batches named in a resync wait a moment for the receiver's answer; batches sealed
+        # since cannot be in the store and go at once (fresh data right after a reconnect).
+        exclude = frozenset(self._in_flight)
+        if now < self._hold_uploads_until:
+            exclude |= self._sync_named
         # Newest data flows while an old backlog drains: part of the window goes to the
         # newest batches, the rest to the oldest, so the backlog still drains.
-        fresh = self.buffer.newest(max(1, room // 4), exclude=frozenset(self._in_flight))
-        todo = fresh + self.buffer.pending(room, exclude=frozenset(self._in_flight) | {b.batch_id for b in fresh})
+        fresh = self.buffer.newest(max(1, room // 4), exclude=exclude)
+        todo = fresh + self.buffer.pending(room, exclude=exclude | {b.batch_id for b in fresh})
         for sb in todo[:room]:
             if content_hash(sb.payload) != sb.sha256:
                 # Bit rot on the card since sealing: never send it as data; own up with a gap.
@@ -302,7 +313,8 @@ class Agent:
                 continue
             if not self.link.publish(sb.batch_id, sb.payload):
                 break
-            self._in_flight[sb.batch_id] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now)
+            retry = timeout if self._path_proven else min(FAST_RETRY_S, timeout)
+            self._in_flight[sb.batch_id] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now, retry)
             self.stats.published += 1
             crash_point("agent.publish.after")
 
@@ -313,9 +325,14 @@ class Agent:
             self.stats.syncs += 1
             # Give the receiver a moment to answer before uploading what it may hold.
             self._hold_uploads_until = self.timer() + SYNC_GRACE_S
-        # What was in flight may or may not have arrived: the sync or a re-send tells.
+            self._sync_named = frozenset(held)
+        # What was in flight may or may not have arrived (a restarted broker forgets what it
+        # held): re-send it now, not after the ack timeout, and again soon if no ack comes, as
+        # the receiver may subscribe again only after us. The sync covers the rest of the
+        # backlog; the receiver drops what it already has as a duplicate.
+        self._path_proven = False
         for f in self._in_flight.values():
-            f.sent_at = min(f.sent_at, self.timer() - self.cfg.uplink.ack_timeout_s / 2)
+            f.retry_s = 0.0  # due now; then 1 s, 2 s, 4 s ... up to the ack timeout
         self.send_heartbeat()
 
     def status(self) -> dict[str, Any]:
@@ -336,6 +353,7 @@ class Agent:
             "buffer_bytes": st.file_bytes,
             "sensor_errors": dict(self.stats.read_errors),
             "time_source": str(stamp.source),
+            "time_steps": self.timekeeper.steps_seen,  # GPS or system clock steps seen this run
             "disk_free_bytes": _disk_free(self.cfg.device.data_dir),
             "cpu_temp_c": _cpu_temp_c(),
             "taken": self.stats.taken,
@@ -352,6 +370,11 @@ class Agent:
 
     def _handle_acks(self) -> None:
         for ack in self.link.acks():
+            if not self._path_proven:
+                # The receiver hears us: back to the normal ack timeout, so a slow ack is not re-sent.
+                self._path_proven = True
+                for f in self._in_flight.values():
+                    f.retry_s = self.cfg.uplink.ack_timeout_s
             key = ack.batch_id
             try:
                 device, _epoch, _first, last = parse_batch_id(ack.batch_id)
@@ -409,6 +432,7 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
 MAX_PENDING_IN_MEMORY = 4 * 3600  # an hour of four sensors at 1 Hz, if the disk stays full
 SYNC_BATCHES = 256  # batch ids named in a resync request
 SYNC_GRACE_S = 2.0  # real seconds to wait for the receiver's answer to a resync
+FAST_RETRY_S = 1.0  # first re-send after a (re)connection until an ack proves the path, doubling
 
 
 def _disk_free(path: str) -> int | None:

@@ -40,6 +40,12 @@ class TimeConfig:
     # Samples stamped before the clock was trusted wait this long for GPS or NTP time to
     # correct them, then go out flagged "unsync".
     hold_unsync_s: float = 3600.0
+    # A GPS or system clock step larger than this is judged against the monotonic clock
+    # (edge/timekeeping.py); smaller ones are followed by slewing.
+    step_tolerance_s: float = 2.0
+    # A step nothing else can confirm or refute is believed after this long; the samples of
+    # the wait are flagged clock_step.
+    step_confirm_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -186,6 +192,10 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("time.gps_valid_s", "must be above 0")
     if cfg.time.hold_unsync_s < 0:
         raise ConfigError("time.hold_unsync_s", "must be 0 or more")
+    if not 0.1 <= cfg.time.step_tolerance_s <= 3600:
+        raise ConfigError("time.step_tolerance_s", "must be between 0.1 and 3600 seconds")
+    if cfg.time.step_confirm_s < 0:
+        raise ConfigError("time.step_confirm_s", "must be 0 or more")
     if not 1 <= cfg.batch.max_samples <= 20_000:  # uplink/wire.py MAX_SAMPLES_PER_BATCH
         raise ConfigError("batch.max_samples", "must be between 1 and 20000")
     if cfg.batch.max_age_s <= 0:

@@ -469,6 +469,8 @@ class Runtime:
             if asdict(getattr(old, s)) != asdict(getattr(new, s)):
                 result.changed.append(s)
         agent.timekeeper.gps_valid_s = new.time.gps_valid_s
+        agent.timekeeper.tolerance_s = new.time.step_tolerance_s
+        agent.timekeeper.confirm_s = new.time.step_confirm_s
         if new_link is not None:
             result.changed.append("uplink")
             agent.link.stop()

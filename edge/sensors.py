@@ -29,6 +29,7 @@ from typing import Any, Callable
 from drivers.base import SensorDriver
 from edge.config import SensorConfig
 from edge.errors import ConfigError
+from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
 
 DriverFactory = Callable[[SensorConfig, dict[str, Any]], SensorDriver]
 
@@ -116,7 +117,9 @@ def _nmea(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.gps import NmeaGpsDriver
 
     o = _opts(sc, {"baudrate": 9600}, required=("port",))
-    return NmeaGpsDriver(_serial(sc, ctx, o["port"], o["baudrate"]), sc.name, _monotonic(ctx))
+    # No van measures before the plausible window: an earlier GPS date is a week-number rollover.
+    return NmeaGpsDriver(_serial(sc, ctx, o["port"], o["baudrate"]), sc.name, _monotonic(ctx),
+                         rollover_pivot_utc=MIN_PLAUSIBLE_UTC_MS / 1000)
 
 
 def _gpsd(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:

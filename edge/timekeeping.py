@@ -3,36 +3,79 @@
 A Pi has no real-time clock: it boots with whatever time it last saved (or
 1970), and NTP only helps once the van has a network. GPS brings true time
 as soon as there is a fix. The ``TimeKeeper`` decides, sample by sample,
-which time to stamp and how far to trust it:
+which time to stamp and how far to trust it.
 
-1. GPS: once a GPS driver reported a time with a fix, the stamp is
-   ``monotonic + offset``. It is immune to steps of the system clock, so an
-   NTP step can neither reorder nor duplicate anything.
-2. NTP: the kernel says the clock is disciplined (adjtimex); the system time.
-3. Unsynchronised: the system time, flagged ``unsync``.
+The spine is the monotonic clock: it never steps within a boot. A trusted
+stamp is always ``monotonic + offset``, and the offset comes from the best
+*reference* that agrees with it:
 
-Samples stamped ``unsync`` in this boot are corrected once trusted time
-arrives: the monotonic clock of the same boot ties them to it
-(``utc = t_mono + offset``) and they become ``corrected``. The agent holds them
-back from sealing until then (at most ``max_hold_s``). A stamp in a year the
-sensors never lived in is never sent: it goes out as "time unknown".
+1. GPS: a time fix from a receiver with a fix (fresh for ``gps_valid_s``).
+2. NTP: the system clock while the kernel says it is disciplined (adjtimex).
+3. Neither: with an offset known from earlier in this boot, holdover on it
+   (``corrected``); before any, the system time, stamped ``unsync``: samples
+   of this boot stamped so are re-stamped from their monotonic time once the
+   offset is known (``corrected``). A stamp in a year the sensors never lived
+   in is never sent: it goes out as "time unknown".
+
+Steps. A reference whose offset moves by more than ``tolerance_s`` from the
+spine's is *suspect*; who is right is decided, not assumed:
+
+* another reference agrees with the spine: the suspect is wrong and ignored
+  (a system clock stepped under a GPS fix, a GPS glitch under NTP);
+* another reference agrees with the suspect: the spine was wrong; re-base;
+* nobody else to ask: the step is *contested*. Samples keep the spine's time
+  but go out as ``unsync`` with the ``clock_step`` flag, so the agent holds
+  them back; if the reference returns to the spine it was a glitch, if it
+  keeps the new value for ``confirm_s`` the spine is re-based onto it, and the
+  held samples are re-stamped from monotonic time with the winning offset.
+
+After a backward re-base, stamps up to the newest one already issued overlap
+earlier samples: they are flagged ``clock_step`` too. Within the tolerance
+the spine follows its reference but never goes backwards (a slew): no sample
+is ever stored silently out of order. A GPS date 1024 weeks in the past (a
+receiver with a 10-bit week number past its rollover) is moved forward.
+The error budget is in docs/architecture.md ("Time").
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from edge.clock import Clock
 from edge.model import TimeSource
 
+log = logging.getLogger(__name__)
+
 # Nothing of this project measured before 2025 or after 2050 (receivers default to 2080): a stamp outside is a clock fault.
 MIN_PLAUSIBLE_UTC_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 MAX_PLAUSIBLE_UTC_MS = 2_524_608_000_000  # 2050-01-01T00:00:00Z
 
+# GPS broadcasts the week number in 10 bits: it wraps every 1024 weeks (1999-08-22, 2019-04-07).
+GPS_ROLLOVER_S = 1024 * 7 * 86400
+CLOCK_STEP_FLAG = "clock_step"
+# A GPS time fix is timed when its bytes are read: a late read (a stalled loop, a busy card)
+# makes it look early, never late. Of the fixes of the last GPS_FILTER_S seconds the least
+# delayed one counts (NTP's minimum-delay filter), so a stall is not taken for a step.
+GPS_FILTER_S = 10.0
+
 
 def plausible_utc_ms(t: int | None) -> bool:
     return t is not None and MIN_PLAUSIBLE_UTC_MS <= t < MAX_PLAUSIBLE_UTC_MS
+
+
+def unroll_gps_week(utc_s: float, pivot_s: float = MIN_PLAUSIBLE_UTC_MS / 1000) -> tuple[float, bool]:
+    """(UTC, whether it was moved): a GPS time within one 1024-week period before ``pivot_s`` moves forward.
+
+    Like gpsd's build-date pivot: no real fix is older than the pivot, so such a
+    date is a rolled-over week number. Only one period: the receiver default
+    date (1980-01-06) stays what it is, not time.
+    """
+    if pivot_s - GPS_ROLLOVER_S <= utc_s < pivot_s:
+        return utc_s + GPS_ROLLOVER_S, True
+    return utc_s, False
 
 
 @runtime_checkable
@@ -48,6 +91,20 @@ class Stamp:
     t_utc_ms: int | None
     t_mono_ms: int
     source: TimeSource
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class TimeStats:
+    gps_steps: int = 0  # GPS time left the spine by more than the tolerance
+    system_steps: int = 0  # so did the system clock (while trusted)
+    rebases: int = 0  # the spine moved to a new offset
+    contested_stamps: int = 0  # samples stamped while nobody could say which time was right
+    overlap_stamps: int = 0  # samples flagged because a backward re-base overlapped earlier stamps
+    gps_rollovers: int = 0  # GPS time fixes moved forward by 1024 weeks
+
+
+GPS, SYSTEM = "gps", "system"
 
 
 class TimeKeeper:
@@ -57,14 +114,29 @@ class TimeKeeper:
         sources: list[TimeFixSource] | None = None,
         *,
         gps_valid_s: float = 3600.0,
+        tolerance_s: float = 2.0,
+        confirm_s: float = 60.0,
     ) -> None:
         self.clock = clock
         self.sources = list(sources or [])
         self.gps_valid_s = gps_valid_s
-        self._gps_offset: float | None = None  # utc - monotonic, from GPS
-        self._gps_mono: float = 0.0  # monotonic time of the newest GPS time fix
-        self._trusted_offset: float | None = None  # utc - monotonic from any trusted source
-        self.steps_seen = 0
+        # Above a GPS time fix's jitter (it is timed when read(), once per tick) and NTP's
+        # slews; below any step worth the name.
+        self.tolerance_s = tolerance_s
+        self.confirm_s = confirm_s
+        self.stats = TimeStats()
+        self._gps: tuple[float, float] | None = None  # (utc - monotonic, monotonic of the fix)
+        self._fixes: deque[tuple[float, float]] = deque()  # recent (utc - monotonic, monotonic)
+        self._offset: float | None = None  # the spine: utc - monotonic, seconds
+        self._source = TimeSource.UNSYNC  # the reference the spine follows
+        self._suspects: dict[str, tuple[float, float]] = {}  # reference -> (its offset, monotonic since)
+        self._contested = False
+        self._last_ms: int | None = None  # newest stamp issued outside a contest
+        self._overlap_until_ms: int | None = None
+
+    @property
+    def steps_seen(self) -> int:
+        return self.stats.gps_steps + self.stats.system_steps
 
     def update(self) -> None:
         """Poll the time sources; call once per tick, before stamping."""
@@ -76,33 +148,105 @@ class TimeKeeper:
             if fix is None:
                 continue
             utc, mono = fix
+            utc, rolled = unroll_gps_week(utc)
             if not plausible_utc_ms(int(utc * 1000)):
                 continue  # a receiver's default date before its first fix is not time
-            self._gps_offset = utc - mono
-            self._gps_mono = mono
-            self._trusted_offset = self._gps_offset
+            if self._fixes and self._fixes[-1][1] == mono:
+                return  # the same fix again
+            self.stats.gps_rollovers += rolled
+            self._fixes.append((utc - mono, mono))
+            while mono - self._fixes[0][1] > GPS_FILTER_S:
+                self._fixes.popleft()
+            self._gps = (max(o for o, _ in self._fixes), mono)
             return
 
-    def _gps_fresh(self, mono: float) -> bool:
-        return self._gps_offset is not None and mono - self._gps_mono <= self.gps_valid_s
+    def _references(self, mono: float) -> dict[str, tuple[float, TimeSource]]:
+        refs: dict[str, tuple[float, TimeSource]] = {}
+        if self._gps is not None and mono - self._gps[1] <= self.gps_valid_s:
+            refs[GPS] = (self._gps[0], TimeSource.GPS)
+        src = self.clock.source()
+        if src.trusted:
+            refs[SYSTEM] = (self.clock.utc() - mono, src)
+        return refs
+
+    def _judge(self, refs: dict[str, tuple[float, TimeSource]], mono: float) -> None:
+        """Follow the references that agree with the spine; decide about those that do not."""
+        assert self._offset is not None
+        tol = self.tolerance_s
+        agree = [k for k, (o, _) in refs.items() if abs(o - self._offset) <= tol]
+        for k in agree:
+            self._suspects.pop(k, None)
+        if agree:
+            best = GPS if GPS in agree else SYSTEM
+            self._offset, self._source = refs[best]
+        self._contested = False
+        for k, (o, src) in refs.items():
+            if k in agree:
+                continue
+            seen = self._suspects.get(k)
+            if seen is None or abs(seen[0] - o) > tol:
+                self._suspects[k] = seen = (o, mono)
+                if k == GPS:
+                    self.stats.gps_steps += 1
+                else:
+                    self.stats.system_steps += 1
+                log.warning("%s time stepped %+.1f s from the monotonic spine", k, o - self._offset)
+            if any(abs(o2 - o) <= tol for k2, (o2, _) in refs.items() if k2 != k):
+                self._rebase(o, src, f"{k} corroborated")  # two references say the spine is wrong
+                return
+            if agree:
+                # Another reference vouches for the spine: this one is wrong. Its confirmation
+                # window starts again, so it cannot win the moment the other one goes quiet.
+                self._suspects[k] = (o, mono)
+                continue
+            if mono - seen[1] >= self.confirm_s:
+                self._rebase(o, src, f"{k} kept its new time for {self.confirm_s:.0f} s")
+                return
+            self._contested = True
+
+    def _rebase(self, offset: float, src: TimeSource, why: str) -> None:
+        assert self._offset is not None
+        log.warning("time re-based by %+.1f s (%s)", offset - self._offset, why)
+        if offset < self._offset and self._last_ms is not None:
+            self._overlap_until_ms = self._last_ms
+        self._offset, self._source = offset, src
+        self._suspects.clear()
+        self._contested = False
+        self.stats.rebases += 1
 
     def stamp(self) -> Stamp:
         mono = self.clock.monotonic()
         mono_ms = int(round(mono * 1000))
-        if self._gps_fresh(mono):
-            assert self._gps_offset is not None
-            return Stamp(int(round((mono + self._gps_offset) * 1000)), mono_ms, TimeSource.GPS)
-        utc = self.clock.utc()
-        src = self.clock.source()
-        if src.trusted:
-            offset = utc - mono
-            if self._trusted_offset is not None and abs(offset - self._trusted_offset) > 1.0:
-                self.steps_seen += 1
-            self._trusted_offset = offset
-            return Stamp(int(round(utc * 1000)), mono_ms, src)
-        t = int(round(utc * 1000))
-        return Stamp(t if plausible_utc_ms(t) else None, mono_ms, TimeSource.UNSYNC)
+        refs = self._references(mono)
+        if self._offset is None:
+            if not refs:
+                t = int(round(self.clock.utc() * 1000))
+                return Stamp(t if plausible_utc_ms(t) else None, mono_ms, TimeSource.UNSYNC)
+            self._offset, self._source = refs[GPS] if GPS in refs else refs[SYSTEM]
+        elif refs:
+            self._judge(refs, mono)
+        t = int(round((mono + self._offset) * 1000))
+        if self._contested:
+            # Nobody can say which time is right yet: unsync, re-stamped when it is decided.
+            self.stats.contested_stamps += 1
+            return Stamp(t, mono_ms, TimeSource.UNSYNC, (CLOCK_STEP_FLAG,))
+        # No reference right now (GPS lost, no NTP): holdover on the last offset one gave,
+        # as the stale-clock correction does.
+        source = self._source if refs else TimeSource.CORRECTED
+        flags: tuple[str, ...] = ()
+        if self._overlap_until_ms is not None:
+            if t <= self._overlap_until_ms:
+                flags = (CLOCK_STEP_FLAG,)
+                self.stats.overlap_stamps += 1
+            else:
+                self._overlap_until_ms = None
+        elif self._last_ms is not None and t < self._last_ms:
+            t = self._last_ms  # a step within the tolerance: slew, never go backwards
+        self._last_ms = t if self._last_ms is None else max(t, self._last_ms)
+        return Stamp(t, mono_ms, source, flags)
 
     def correction_offset_ms(self) -> int | None:
-        """utc - monotonic in ms from a trusted source of this boot, or None."""
-        return None if self._trusted_offset is None else int(round(self._trusted_offset * 1000))
+        """utc - monotonic in ms from a trusted source of this boot, or None (also while contested)."""
+        if self._offset is None or self._contested:
+            return None
+        return int(round(self._offset * 1000))

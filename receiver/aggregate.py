@@ -70,7 +70,8 @@ QUANTITIES: dict[str, Quantity] = {
     "laeq": Quantity("laeq", "noise", "dB(A)", "Noise LAeq", energy=True),
 }
 #: Samples with these flags are positioned but say nothing trustworthy about the air.
-EXCLUDED_FLAGS = frozenset({"warming_up", "time_implausible"})
+# clock_step: the time, and so the position joined by it, may be off by the step.
+EXCLUDED_FLAGS = frozenset({"warming_up", "time_implausible", "clock_step"})
 #: Column order of the quantities in the columnar path.
 QUANTITY_KEYS: tuple[str, ...] = tuple(QUANTITIES)
 #: Sensor sentinels (e.g. -999) are not measurements.

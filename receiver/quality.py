@@ -12,7 +12,9 @@ shared/reference/datalab-store.md:
 * ``humid``: PM measured at relative humidity above 75 % (optical PM reads high in fog);
 * ``warming_up``: the sensor said so;
 * ``no_fix``: the sample has no position (``no_time``: not even a time);
-* ``clock_untrusted``: its time was stamped before the clock could be trusted.
+* ``clock_untrusted``: its time was stamped before the clock could be trusted;
+* ``clock_step``: the van's clock or GPS time stepped around this sample and its time
+  could be wrong or out of order with its neighbours (edge/timekeeping.py).
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ FLAGGED = set(RANGES)
 # sorted: the store works on integer masks of whole series at once (numpy) and turns
 # each distinct mask into its text once.
 FLAG_NAMES = tuple(sorted((
-    "clock_untrusted", "humid", "negative", "no_fix", "no_time", "out_of_range", "outlier", "stuck",
-    "time_implausible", "warming_up",
+    "clock_step", "clock_untrusted", "humid", "negative", "no_fix", "no_time", "out_of_range",
+    "outlier", "stuck", "time_implausible", "warming_up",
 )))
 BIT = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
 _SENTINELS = np.array(sorted(SENTINELS))
@@ -134,7 +136,7 @@ def sample_mask(flags: tuple[str, ...], time_src: str) -> int:
     """Bits that hold for every value of one sample (its driver flags and clock)."""
     out = 0
     for f in flags:
-        if f in ("warming_up", "time_implausible"):
+        if f in ("warming_up", "time_implausible", "clock_step"):
             out |= BIT[f]
     if time_src == "unsync":
         out |= BIT["clock_untrusted"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from buffer.store import Buffer
 from drivers.base import Reading
 from edge.agent import Agent
 from edge.clock import SimClock
 from edge.config import parse_config
 from edge.model import TimeSource
-from edge.timekeeping import TimeKeeper, plausible_utc_ms
+from edge.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S, TimeKeeper, plausible_utc_ms, unroll_gps_week
 from tests.test_agent import Counter, FakeLink, Timer
 from uplink.wire import decode_batch
 
@@ -23,13 +25,17 @@ class FakeGps:
 
     def __init__(self, clock: SimClock, fix_after: float, default_date: float | None = None):
         self.clock, self.fix_after, self.default_date = clock, fix_after, default_date
+        self.error_s = 0.0  # what the receiver's time is off by (a glitch, a rollover)
+        self.lost_after: float | None = None
 
     def time_fix(self):
+        if self.lost_after is not None and self.clock.monotonic() - 1000.0 >= self.lost_after:
+            return None  # a tunnel: the last fix stays the newest
         if self.clock.monotonic() - 1000.0 < self.fix_after:
             if self.default_date is not None:
                 return (self.default_date, self.clock.monotonic())  # 1980-style garbage
             return None
-        return (self.clock.true_utc(), self.clock.monotonic())
+        return (self.clock.true_utc() + self.error_s, self.clock.monotonic())
 
     def read(self):
         return Reading("gps", {"fix": self.time_fix() is not None})
@@ -38,7 +44,8 @@ class FakeGps:
         pass
 
 
-def run_agent(tmp_path, clock, drivers, seconds, final_seal=True, **cfg_over):
+def run_agent(tmp_path, clock, drivers, seconds, final_seal=True, on_tick=None, **cfg_over):
+    """Tick once a virtual second for ``seconds`` (``on_tick(i)`` first: faults); every sample, sealed."""
     data = {"device": {"id": "van-001", "data_dir": str(tmp_path)},
             "batch": {"max_samples": 10_000, "max_age_s": 30.0}}
     for k, v in cfg_over.items():
@@ -47,9 +54,13 @@ def run_agent(tmp_path, clock, drivers, seconds, final_seal=True, **cfg_over):
     agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, "van-001"), FakeLink(), timer=Timer(),
                   boot_id="boot-A")
     end = clock.monotonic() + seconds
+    i = 0
     while clock.monotonic() < end:
+        if on_tick is not None:
+            on_tick(i)
         agent.tick()
         clock.sleep(1.0)
+        i += 1
     agent.commit()
     agent.maybe_seal(force=final_seal)
     out = []
@@ -146,3 +157,156 @@ def test_default_dates_are_not_time():
     assert tk.correction_offset_ms() is None
     assert tk.stamp().source == TimeSource.UNSYNC
     assert not plausible_utc_ms(315_964_800_000) and not plausible_utc_ms(3_502_915_200_000)
+
+
+# -- steps of the system clock and of GPS time (issue 14, point 4) ---------------------------
+
+
+def run_with_step(tmp_path, clock, drivers, step, before=120, after=240):
+    """Tick ``before`` s, apply ``step()``, tick ``after`` s; the PM samples, sealed."""
+    agent, samples = run_agent(tmp_path, clock, drivers, before + after,
+                               on_tick=lambda i: step() if i == before else None)
+    return agent, [s for s in samples if s.sensor == "pm"]
+
+
+def truth_ms(s) -> int:
+    return int(round((TRUE_T0 + s.t_mono_ms / 1000 - 1000.0) * 1000))
+
+
+def silent_disorder(samples) -> list[int]:
+    """Seqs of unflagged samples stamped earlier than a sample committed before them."""
+    out, newest = [], None
+    for s in sorted(samples, key=lambda x: x.seq):
+        if newest is not None and s.t_utc_ms < newest and "clock_step" not in s.flags:
+            out.append(s.seq)
+        newest = s.t_utc_ms if newest is None else max(newest, s.t_utc_ms)
+    return out
+
+
+def flagged(samples):
+    return [s for s in samples if "clock_step" in s.flags]
+
+
+def test_system_step_under_a_gps_fix_is_ignored(tmp_path):
+    clock = SimClock(TRUE_T0)
+    gps = FakeGps(clock, fix_after=0)
+    agent, pm = run_with_step(tmp_path, clock, [Counter(), gps], lambda: clock.step(86400.0))
+    assert agent.timekeeper.stats.system_steps == 1
+    assert agent.status()["time_steps"] == 1  # the heartbeat tells the dashboard
+    assert all(abs(s.t_utc_ms - truth_ms(s)) <= 1 for s in pm)
+    assert not flagged(pm) and not silent_disorder(pm)
+
+
+def test_gps_step_under_ntp_is_ignored(tmp_path):
+    clock = SimClock(TRUE_T0)
+    gps = FakeGps(clock, fix_after=0)
+
+    def glitch():
+        gps.error_s = 3600.0
+
+    agent, pm = run_with_step(tmp_path, clock, [Counter(), gps], glitch)
+    assert agent.timekeeper.stats.gps_steps == 1 and agent.timekeeper.stats.rebases == 0
+    assert all(abs(s.t_utc_ms - truth_ms(s)) <= 1 for s in pm)
+    assert not flagged(pm)
+
+
+@pytest.mark.parametrize("step_s", [86400.0, -7200.0])
+def test_system_step_with_nobody_to_ask_is_flagged_then_followed(tmp_path, step_s):
+    """No GPS: the step is contested for confirm_s (flagged), then the clock is believed."""
+    clock = SimClock(TRUE_T0)
+    agent, pm = run_with_step(tmp_path, clock, [Counter()], lambda: clock.step(step_s))
+    st = agent.timekeeper.stats
+    assert st.system_steps == 1 and st.rebases == 1 and st.contested_stamps == 60
+    assert not silent_disorder(pm)
+    before, contested, after = pm[:120], pm[120:180], pm[180:]
+    assert all(s.t_utc_ms == truth_ms(s) for s in before) and not flagged(before)
+    # held back, then re-stamped from monotonic time with the offset that won
+    assert all("clock_step" in s.flags and s.time_src == TimeSource.CORRECTED for s in contested)
+    assert all(s.t_utc_ms == truth_ms(s) + step_s * 1000 for s in contested + after)
+    overlap = flagged(after)
+    if step_s < 0:  # stamps that fall before the newest earlier one stay flagged
+        assert len(overlap) == 240 - 60 and st.overlap_stamps == len(overlap)
+    else:
+        assert not overlap
+
+
+def test_gps_glitch_that_returns_is_corrected_back(tmp_path):
+    clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)  # no NTP: GPS alone
+    gps = FakeGps(clock, fix_after=0)
+
+    def glitch(i):
+        gps.error_s = 86400.0 if 100 <= i < 130 else 0.0  # a day off for 30 s, then right again
+
+    agent, samples = run_agent(tmp_path, clock, [Counter(), gps], 200, on_tick=glitch)
+    pm = [s for s in samples if s.sensor == "pm"]
+    assert agent.timekeeper.stats.gps_steps == 1 and agent.timekeeper.stats.rebases == 0
+    assert all(s.t_utc_ms == truth_ms(s) for s in pm)
+    # flagged while it was off, and as long again as the filter still remembers the day-late fixes
+    assert len(flagged(pm)) == 30 + GPS_FILTER_S
+
+
+def test_gps_alone_stepping_is_contested_then_followed(tmp_path):
+    clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)
+    gps = FakeGps(clock, fix_after=0)
+
+    def glitch():
+        gps.error_s = -3600.0
+
+    agent, pm = run_with_step(tmp_path, clock, [Counter(), gps], glitch)
+    st = agent.timekeeper.stats
+    assert st.gps_steps == 1 and st.rebases == 1
+    assert not silent_disorder(pm) and len(flagged(pm)) > 60
+
+
+def test_gps_week_rollover_is_corrected(tmp_path):
+    clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)
+    gps = FakeGps(clock, fix_after=0)
+    gps.error_s = -GPS_ROLLOVER_S  # the receiver says 2007
+    agent, pm = run_with_step(tmp_path, clock, [Counter(), gps], lambda: None, before=10, after=50)
+    assert agent.timekeeper.stats.gps_rollovers == 60
+    assert all(s.t_utc_ms == truth_ms(s) for s in pm) and not flagged(pm)
+
+
+def test_unroll_gps_week_moves_one_period_only():
+    assert unroll_gps_week(TRUE_T0 - GPS_ROLLOVER_S) == (TRUE_T0, True)
+    assert unroll_gps_week(TRUE_T0) == (TRUE_T0, False)
+    assert unroll_gps_week(315_964_800.0) == (315_964_800.0, False)  # 1980-01-06: a default date
+
+
+def test_gps_lost_without_ntp_holds_over_on_the_monotonic_clock(tmp_path):
+    clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)
+    gps = FakeGps(clock, fix_after=0)
+    gps.lost_after = 60.0
+    agent, samples = run_agent(tmp_path, clock, [Counter(), gps], 200, time={"gps_valid_s": 30.0})
+    pm = [s for s in samples if s.sensor == "pm"]
+    srcs = [str(s.time_src) for s in pm]
+    assert srcs == ["gps"] * 90 + ["corrected"] * 110  # the last fix (59 s) is fresh up to 89 s
+    assert all(s.t_utc_ms == truth_ms(s) for s in pm) and not flagged(pm)
+
+
+def test_step_confirmation_time_comes_from_the_config(tmp_path):
+    clock = SimClock(TRUE_T0)
+
+    def step(i):
+        if i == 30:
+            clock.step(-600.0)
+
+    agent, samples = run_agent(tmp_path, clock, [Counter()], 90, on_tick=step,
+                               time={"step_confirm_s": 10.0, "step_tolerance_s": 5.0})
+    assert agent.timekeeper.tolerance_s == 5.0
+    assert agent.timekeeper.stats.contested_stamps == 10 and agent.timekeeper.stats.rebases == 1
+    assert not silent_disorder(samples)
+
+
+def test_a_late_gps_read_is_not_a_step(tmp_path):
+    """A stalled loop reads an epoch seconds late: the fix looks early, and the filter ignores it."""
+    clock = SimClock(TRUE_T0, trusted_after=1e9, boot_error_s=-THREE_YEARS)
+    gps = FakeGps(clock, fix_after=0)
+
+    def stall(i):
+        gps.error_s = -5.0 if i in (50, 51) else 0.0  # two fixes timed 5 s after they were sent
+
+    agent, samples = run_agent(tmp_path, clock, [Counter(), gps], 100, on_tick=stall)
+    pm = [s for s in samples if s.sensor == "pm"]
+    assert agent.timekeeper.stats.gps_steps == 0 and not flagged(pm)
+    assert all(s.t_utc_ms == truth_ms(s) for s in pm)
