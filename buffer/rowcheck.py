@@ -35,8 +35,6 @@ def _b(x: object) -> bytes:
         return b""
     if isinstance(x, bytes):
         return x
-    if isinstance(x, int) and not isinstance(x, bool):
-        return str(x).encode()
     return str(x).encode("utf-8")
 
 
@@ -44,6 +42,14 @@ def row_crc(seq: object, sensor: object, t_utc_ms: object, t_mono_ms: object, ti
             boot_id: object, vals: object, flags: object) -> int:
     """CRC32 of a row's canonical bytes (text may be given as str or as its UTF-8 bytes)."""
     return zlib.crc32(SEP.join(map(_b, (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags))))
+
+
+def commit_crc(seq: int, sensor: str, t_utc_ms: int | None, t_mono_ms: int, time_src: str,
+               boot_id: str, vals: str, flags: str) -> int:
+    """``row_crc`` for the commit path (all text as str): the same bytes, in one f-string."""
+    t = "" if t_utc_ms is None else t_utc_ms
+    return zlib.crc32(f"{seq}\x1f{sensor}\x1f{t}\x1f{t_mono_ms}\x1f{time_src}\x1f{boot_id}\x1f{vals}\x1f{flags}"
+                      .encode("utf-8"))
 
 
 def raw_bytes(row: tuple[object, ...]) -> bytes:
@@ -68,18 +74,23 @@ def check_row(row: tuple[object, ...]) -> Checked:
     ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (seq, t_mono))
     if not ints or not (t_utc is None or (isinstance(t_utc, int) and not isinstance(t_utc, bool))):
         return Checked(seq, None, "a key or time field is not an integer")
-    if crc is not None and crc != row_crc(seq, sensor, t_utc, t_mono, src, boot, vals, flags):
+    if not all(isinstance(x, bytes) for x in (sensor, src, boot, vals, flags)):
+        return Checked(seq, None, "a text field is missing")
+    if crc is not None and crc != zlib.crc32(SEP.join((
+        b"%d" % seq, sensor, b"" if t_utc is None else b"%d" % t_utc, b"%d" % t_mono, src, boot, vals, flags  # type: ignore[str-bytes-safe]
+    ))):
         return Checked(seq, None, "row checksum mismatch")
     try:
+        flag_text = flags.decode("utf-8")  # type: ignore[union-attr]
         sample = Sample(
-            sensor=_b(sensor).decode("utf-8"),
+            sensor=sensor.decode("utf-8"),  # type: ignore[union-attr]
             t_utc_ms=t_utc,  # type: ignore[arg-type]
             t_mono_ms=t_mono,  # type: ignore[arg-type]
-            time_src=TimeSource(_b(src).decode("utf-8")),
-            values=json.loads(_b(vals).decode("utf-8")),
-            flags=tuple(f for f in _b(flags).decode("utf-8").split(",") if f),
+            time_src=TimeSource(src.decode("utf-8")),  # type: ignore[union-attr]
+            values=json.loads(vals),  # type: ignore[arg-type]
+            flags=tuple(f for f in flag_text.split(",") if f) if flag_text else (),
             seq=seq,  # type: ignore[arg-type]
-            boot_id=_b(boot).decode("utf-8"),
+            boot_id=boot.decode("utf-8"),  # type: ignore[union-attr]
         )
     except (UnicodeDecodeError, ValueError, TypeError) as exc:
         return Checked(seq, None, f"row unreadable: {type(exc).__name__}")

@@ -51,7 +51,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.errors import BufferFullError
@@ -211,6 +211,13 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
+            if self._stuck_at is not None and self._stuck_at == self._room_signature():
+                # Nothing freed since a write last found no room: do not try (and
+                # checkpoint) again every tick for nothing (CPU and card on a Pi).
+                if default is _RAISE:
+                    raise BufferFullError(f"buffer {self.path}: disk full in {fn.__name__}")
+                return default
+            self._stuck_at = None
             for attempt in range(2):
                 try:
                     return fn(self, *args, **kwargs)
@@ -221,6 +228,7 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
                         log.error("buffer: disk full in %s, making room", fn.__name__)
                         self._make_room()
             self._rollback_quietly()
+            self._stuck_at = self._room_signature()
             if default is _RAISE:
                 raise BufferFullError(f"buffer {self.path}: disk full in {fn.__name__}")
             return default
@@ -281,6 +289,8 @@ class Buffer:
         # True from a commit the file system refused until a commit succeeds.
         self.disk_full = False
         self.refused_commits = 0  # since this object was made (not kept: writing it needs room)
+        # (free bytes, free pages) when a write last gave up for want of room; None: not stuck.
+        self._stuck_at: tuple[int, int] | None = None
         # Acknowledged batches whose delete the full card refused, by batch id: never
         # handed out again, deleted by ``housekeep`` once there is room. Not kept across
         # a restart: the resync at the next connection has the receiver ack them again.
@@ -741,6 +751,10 @@ class Buffer:
         """
         if not samples:
             return []
+        # Refuse early, before encoding anything, when even a small row per sample cannot fit
+        # (held samples are offered again every few seconds while the card stays full).
+        if not self._fits_on_disk(len(samples) * 64):
+            return self._refuse()
         enc = _VALUES_ENCODER
         rows = [
             (s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values), ",".join(s.flags))
@@ -749,10 +763,7 @@ class Buffer:
         # What the rows will take in pages, roughly (record overhead + b-tree slack).
         extra = (sum(len(r[5]) for r in rows) + len(rows) * (len(rows[0][4]) + 64)) * 5 // 4
         if not self._fits_on_disk(extra):
-            self.disk_full = True
-            self.refused_commits += 1
-            raise BufferFullError(f"buffer {self.path}: file system full (its last {self.reserve_bytes}"
-                                  " bytes are kept for acknowledgements and sealing)")
+            return self._refuse()
         try:
             first = self._insert_with_room(rows, extra)
         except sqlite3.DatabaseError as exc:
@@ -779,6 +790,12 @@ class Buffer:
             self.housekeep()
         return seqs
 
+    def _refuse(self) -> NoReturn:
+        self.disk_full = True
+        self.refused_commits += 1
+        raise BufferFullError(f"buffer {self.path}: file system full (its last {self.reserve_bytes}"
+                              " bytes are kept for acknowledgements and sealing)")
+
     def _insert_with_room(self, rows: list[tuple[Any, ...]], extra: int) -> int:
         """Insert the rows with consecutive numbers after the last one ever used; returns the first."""
         try:
@@ -792,7 +809,7 @@ class Buffer:
             # The numbers are chosen here, inside the write transaction (one writer), so
             # the checksum can cover them; AUTOINCREMENT still never hands them out again.
             first = self.last_seq() + 1
-            crc = rowcheck.row_crc
+            crc = rowcheck.commit_crc
             self._db.executemany(
                 "INSERT INTO samples (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, crc)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
@@ -810,7 +827,13 @@ class Buffer:
         if self.reserve_bytes > 0 and not self.disk_full and not self.reserve_path.exists():
             self._ensure_reserve()
 
+    def _room_signature(self) -> tuple[int, int]:
+        """What a full file system's room depends on: its free bytes and this file's free pages."""
+        return self._disk_free(), self._pages()[1]
+
     def _flush_acks(self) -> None:
+        if self._stuck_at is not None and self._stuck_at == self._room_signature():
+            return  # nothing freed since the last try
         keys = sorted(self._deferred_acks)
         try:
             with self._tx():
@@ -820,6 +843,7 @@ class Buffer:
             self._rollback_quietly()
             if not recovery.is_disk_full(exc):
                 raise
+            self._stuck_at = self._room_signature()
             return  # still no room: they stay hidden and are tried again
         self._deferred_acks.difference_update(keys)
         log.warning("buffer: %d acknowledged batches deleted after the file system was full", len(keys))

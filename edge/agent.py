@@ -204,27 +204,40 @@ class Agent:
         self._last_commit = self.clock.monotonic()
         if not self._pending:
             return
-        batch, self._pending = self._pending, []
+        held, self._pending = self._pending, []
         crash_point("agent.commit.before")
-        try:
-            self.buffer.commit(batch)
-        except BufferFullError as exc:
-            # Nothing was stored (the card is full; committed data is never dropped for
-            # new): keep the samples in memory and try again next interval. Bounded: past
-            # the bound the oldest go, counted, and a gap record owns up once there is room.
-            held = batch + self._pending
-            over = len(held) - self.max_pending
-            if over > 0:
-                self._lost_in_memory += over
-                self.stats.lost_in_memory += over
-                held = held[over:]
-            self._pending = held
-            self.stats.buffer_full += 1
-            self._count_error("buffer", exc)
-            return
-        crash_point("agent.commit.after")
+        while held:
+            # Normally one transaction; what a full card held back goes in slices, oldest
+            # first, so each fits in the pages that acknowledgements freed meanwhile.
+            batch = held[:COMMIT_SLICE]
+            try:
+                self.buffer.commit(batch)
+            except BufferFullError as exc:
+                self._hold(held, exc)
+                return
+            held = held[len(batch):]
+            crash_point("agent.commit.after")
+            self._committed(batch)
         if self._lost_in_memory:
             self._own_up_to_memory_loss()
+
+    def _hold(self, held: list[Sample], exc: BufferFullError) -> None:
+        """Nothing of ``held`` was stored (a full card; committed data is never dropped for new).
+
+        Keep it in memory and try again next interval. Bounded: past the bound
+        the oldest go, counted, and a gap record owns up once there is room.
+        """
+        held = held + self._pending
+        over = len(held) - self.max_pending
+        if over > 0:
+            self._lost_in_memory += over
+            self.stats.lost_in_memory += over
+            held = held[over:]
+        self._pending = held
+        self.stats.buffer_full += 1
+        self._count_error("buffer", exc)
+
+    def _committed(self, batch: list[Sample]) -> None:
         self.stats.committed += len(batch)
         unsync = sum(1 for x in batch if not x.time_src.trusted)
         if unsync:
@@ -426,8 +439,13 @@ class Agent:
         deadline = self.timer() + timeout_s
         while self.timer() < deadline:
             self.pump()
+            if self._pending:
+                self.commit()  # held while the card was full: acks may have made room
+            self.buffer.housekeep()
             self.maybe_seal(force=True)
-            if self.buffer.stats().batches == 0 and self.buffer.unsealed_count == 0:
+            if self.buffer.stats().batches == 0 and self.buffer.unsealed_count == 0 and not (
+                self._pending or self._lost_in_memory
+            ):
                 return True
             time.sleep(poll_s)
         return False
@@ -444,6 +462,7 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
     return out, (*flags, "non_finite")
 
 
+COMMIT_SLICE = 1000  # samples per transaction when committing what a full card held back
 MAX_PENDING_IN_MEMORY = 4 * 3600  # an hour of four sensors at 1 Hz, if the disk stays full
 SYNC_BATCHES = 256  # batch ids named in a resync request
 SYNC_GRACE_S = 2.0  # real seconds to wait for the receiver's answer to a resync
