@@ -74,6 +74,9 @@ DEFAULT_WAL_AUTOCHECKPOINT = 1000
 CAP_HYSTERESIS = 0.9
 DROP_CHUNK_SAMPLES = 256  # unsealed samples dropped per step (one gap record per run)
 SALVAGE_BATCH_SAMPLES = 1000
+# On a full file system, a write that found no room is tried again when room changes,
+# and at least every this many calls (about every 30 s at one tick a second).
+STUCK_RETRY_EVERY = 30
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -211,22 +214,24 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
-            if self._stuck_at is not None and self._stuck_at == self._room_signature():
+            if self._still_stuck():
                 # Nothing freed since a write last found no room: do not try (and
                 # checkpoint) again every tick for nothing (CPU and card on a Pi).
                 if default is _RAISE:
                     raise BufferFullError(f"buffer {self.path}: disk full in {fn.__name__}")
                 return default
-            self._stuck_at = None
             for attempt in range(2):
                 try:
-                    return fn(self, *args, **kwargs)
+                    result = fn(self, *args, **kwargs)
                 except sqlite3.DatabaseError as exc:
                     if not recovery.is_disk_full(exc):
                         raise
                     if attempt == 0:
                         log.error("buffer: disk full in %s, making room", fn.__name__)
                         self._make_room()
+                else:
+                    self._stuck_at = None
+                    return result
             self._rollback_quietly()
             self._stuck_at = self._room_signature()
             if default is _RAISE:
@@ -291,6 +296,7 @@ class Buffer:
         self.refused_commits = 0  # since this object was made (not kept: writing it needs room)
         # (free bytes, free pages) when a write last gave up for want of room; None: not stuck.
         self._stuck_at: tuple[int, int] | None = None
+        self._stuck_skips = 0
         # Acknowledged batches whose delete the full card refused, by batch id: never
         # handed out again, deleted by ``housekeep`` once there is room. Not kept across
         # a restart: the resync at the next connection has the receiver ack them again.
@@ -827,12 +833,29 @@ class Buffer:
         if self.reserve_bytes > 0 and not self.disk_full and not self.reserve_path.exists():
             self._ensure_reserve()
 
+    def _still_stuck(self) -> bool:
+        """True while nothing that gives room changed since a write last gave up.
+
+        Every ``STUCK_RETRY_EVERY``-th call says False anyway: room can also come
+        from what the signature does not see (a WAL reset by a checkpoint).
+        """
+        if self._stuck_at is None:
+            return False
+        if self._stuck_at != self._room_signature():
+            self._stuck_at = None
+            return False
+        self._stuck_skips += 1
+        if self._stuck_skips >= STUCK_RETRY_EVERY:
+            self._stuck_skips = 0
+            return False
+        return True
+
     def _room_signature(self) -> tuple[int, int]:
         """What a full file system's room depends on: its free bytes and this file's free pages."""
         return self._disk_free(), self._pages()[1]
 
     def _flush_acks(self) -> None:
-        if self._stuck_at is not None and self._stuck_at == self._room_signature():
+        if self._still_stuck():
             return  # nothing freed since the last try
         keys = sorted(self._deferred_acks)
         try:
