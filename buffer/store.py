@@ -609,18 +609,18 @@ class Buffer:
         return self._pages()[1] * PAGE_SIZE >= 2 * extra
 
     def _fs_total(self) -> int:
-        try:
-            st = os.statvfs(self.path.parent)
-        except OSError:
-            return 0
-        return st.f_blocks * st.f_frsize
+        return self._statvfs()[0]
 
     def _disk_free(self) -> int:
+        return self._statvfs()[1]
+
+    def _statvfs(self) -> tuple[int, int]:
+        """(size, bytes free to us) of the file system under the buffer; zeros if unknown."""
         try:
             st = os.statvfs(self.path.parent)
         except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
+            return 0, 0
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
     def _ensure_reserve(self) -> None:
         """(Re)create the ballast file if it is missing and the file system has room for it."""
@@ -790,6 +790,7 @@ class Buffer:
         for s, q in zip(samples, seqs):
             s.seq = q
         self._unsealed += len(samples)
+        self._stuck_at = None  # a write went through: housekeeping may find room too
         if self.disk_full:
             self.disk_full = False
             log.warning("buffer: commits are written again after the file system was full")
@@ -868,6 +869,7 @@ class Buffer:
                 raise
             self._stuck_at = self._room_signature()
             return  # still no room: they stay hidden and are tried again
+        self._stuck_at = None
         self._deferred_acks.difference_update(keys)
         log.warning("buffer: %d acknowledged batches deleted after the file system was full", len(keys))
 
@@ -1149,13 +1151,13 @@ class Buffer:
 
     @_recovering
     @_tolerate_full(False)
-    def reject(self, key: Key, last_seq: int, reason: str) -> bool:
-        """The receiver refused this batch for good: drop it and own up with a gap record."""
+    def reject(self, key: Key, last_seq: int, reason: str, *, by: str = "receiver") -> bool:
+        """The receiver (or ``by`` someone else) refused this batch for good: drop it, own up with a gap."""
         where = self._where(key)
         if where is None:
             return False
         table, cond, params = where
-        why = f"rejected by receiver: {reason}"[:500]
+        why = f"rejected by {by}: {reason}"[:500]
         with self._tx():
             if table == "batches":
                 row = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()

@@ -344,7 +344,7 @@ class Agent:
             if content_hash(sb.payload) != sb.sha256:
                 # Bit rot on the card since sealing: never send it as data; own up with a gap.
                 log.error("batch %s is corrupt on the device (hash mismatch); recorded as a gap", sb.batch_id)
-                self.buffer.reject(sb.batch_id, sb.last_seq, "corrupt on the device: content hash mismatch")
+                self.buffer.reject(sb.batch_id, sb.last_seq, "corrupt on the device: content hash mismatch", by="device")
                 self.stats.corrupt_batches += 1
                 continue
             if not self.link.publish(sb.batch_id, sb.payload):

@@ -21,6 +21,7 @@ import buffer.store as store_mod
 from buffer.store import Buffer
 from edge.errors import RecoverableError
 from edge.model import Sample, TimeSource
+from tests.tmpfs import mounted_tmpfs
 from uplink.wire import decode_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,15 +153,8 @@ def test_deleted_pages_are_reused_not_grown(tmp_path):
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A real 3 MiB file system (tmpfs), or a skip when mounting is not allowed."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (need root): {r.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "3m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(path: Path, leave: int) -> None:

@@ -313,14 +313,9 @@ def test_flipped_bytes_in_the_buffer_are_quarantined_salvaged_and_owned_up_to(tm
 
 
 def test_disk_full_mid_commit_then_recovers(tmp_path, mosquitto, rx):
-    import subprocess
+    from tests.tmpfs import mounted_tmpfs
 
-    mnt = tmp_path / "card"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here (needs root): {r.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "card", "1m") as mnt:
         cfg = parse_config({
             "device": {"id": "van-full", "data_dir": str(mnt)},
             "batch": {"max_samples": 400, "max_age_s": 600.0},
@@ -348,5 +343,3 @@ def test_disk_full_mid_commit_then_recovers(tmp_path, mosquitto, rx):
         assert verdicts[0].gapped == agent.stats.lost_in_memory
         assert_all_delivered(verdicts)
         agent.buffer.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
