@@ -27,12 +27,17 @@ What a van does to the file, and what the buffer does about it:
   record (reason ``"buffer full: ..."``) that is uploaded like any other.
   Deleted rows put their pages on SQLite's freelist and the next inserts
   reuse them, so the file stops growing at the cap without any VACUUM.
-* **Disk full**: the failing commit is rolled back, the oldest data is
-  dropped as above, the commit is tried once more; if it still cannot be
-  written it raises ``BufferFullError`` (recoverable): nothing committed is
-  lost and the caller keeps the samples and retries. While the file system
-  stays full the budget shrinks to the file's present size, so the buffer
-  lives inside the pages it already owns.
+* **Disk full** (the file system, not the cap): committed data is never
+  dropped for it. The ballast file is given up, a checkpoint lets the WAL
+  restart, and the commit is tried once more; if it still cannot be written
+  it raises ``BufferFullError`` (recoverable): nothing committed is lost and
+  the caller keeps the samples and retries. Once the ballast is gone its size
+  is a floor commits may not take (``_fits_on_disk``, re-read at every
+  commit), kept for acknowledgements, sealing and checkpoints; an ack that
+  still cannot be written is hidden and applied later (``housekeep``).
+* **Row checksums**: each committed row carries a CRC32 (``buffer.rowcheck``);
+  a row that fails it (or cannot be decoded) is set aside in ``bad_rows`` at
+  sealing, with a gap record; salvage keeps only rows that verify.
 * **Corruption** (at open: damaged WAL, not a database, ``quick_check`` not
   ok; during use: SQLITE_CORRUPT/NOTADB): the files move to
   ``quarantine/<utc>-<epoch>/`` (never deleted), a fresh database with a new
