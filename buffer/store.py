@@ -299,6 +299,7 @@ class Buffer:
         # True from a commit the file system refused until a commit succeeds.
         self.disk_full = False
         self.refused_commits = 0  # since this object was made (not kept: writing it needs room)
+        self.reserve_releases = 0  # times the ballast file was given up, likewise
         # (free bytes, free pages) when a write last gave up for want of room; None: not stuck.
         self._stuck_at: tuple[int, int] | None = None
         self._stuck_skips = 0
@@ -651,6 +652,7 @@ class Buffer:
             self.reserve_path.unlink()
         except FileNotFoundError:
             return False
+        self.reserve_releases += 1
         log.error("buffer: file system full, released the %d-byte space reserve", self.reserve_bytes)
         return True
 

@@ -278,6 +278,44 @@ def test_page_limit_full_is_recoverable(tmp_path):
     assert present_seqs(b) == set(committed)
 
 
+# --- row checksums ----------------------------------------------------------------
+
+
+def test_correcting_unsync_rows_keeps_checksums_true_and_damage_visible(tmp_path):
+    b = Buffer(tmp_path / "b.sqlite", "van-001")
+    rows = [Sample("pm", None, 1000 * i, TimeSource.UNSYNC, {"pm25": float(i)}, boot_id="boot1")
+            for i in range(1, 11)]
+    seqs = b.commit(rows)
+    # The card changes one digit of one row before the time is corrected.
+    b._db.execute("UPDATE samples SET vals='{\"pm25\":9.5}' WHERE seq=?", (seqs[4],))
+    assert b.correct_unsync("boot1", 1_700_000_000_000) == 10
+    sb = b.seal(100, 0)
+    got = decode_batch(sb.payload)
+    print(f"[unsync-correct] sealed={len(got.samples)} set_aside={b.counters().get('rows_set_aside')}")
+    assert [s.seq for s in got.samples] == seqs[:4] + seqs[5:]  # corrected rows verify
+    assert all(s.time_src == TimeSource.CORRECTED and s.t_utc_ms == 1_700_000_000_000 + s.t_mono_ms
+               for s in got.samples)
+    # The correction did not bless the damaged row: it was set aside, with a gap.
+    assert [(g.first_seq, g.last_seq) for g in got.gaps] == [(seqs[4], seqs[4])]
+    assert "row checksum mismatch" in got.gaps[0].reason
+
+
+def test_file_from_before_checksums_is_upgraded_and_still_seals(tmp_path):
+    path = tmp_path / "b.sqlite"
+    b = Buffer(path, "van-001")
+    old = b.commit(samples(30))
+    b.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE samples DROP COLUMN crc")  # as a file of the previous release
+    db.close()
+    b = Buffer(path, "van-001")
+    new = b.commit(samples(10, 30))
+    crcs = dict(b._db.execute("SELECT seq, crc FROM samples"))
+    assert all(crcs[q] is None for q in old) and all(crcs[q] is not None for q in new)
+    sb = b.seal(100, 0)
+    assert [s.seq for s in decode_batch(sb.payload).samples] == old + new
+
+
 # --- corruption ------------------------------------------------------------------
 
 

@@ -160,6 +160,7 @@ def test_full_card_held_then_freed_loses_nothing_committed(tmp_path, mosquitto, 
     report("full-card", committed=v.last_seq, gap_records=len(gaps), stored=v.stored, gapped=v.gapped, refused_commits=agent.stats.buffer_full,
            lost_in_memory=agent.stats.lost_in_memory, max_at_risk=seen["max_at_risk"],
            acked_while_full=seen["acked_while_full"], acks_deferred=buf.counters().get("acks_deferred", 0),
+           reserve_releases=buf.reserve_releases,
            published=agent.stats.published, resent=agent.stats.resent,
            receiver_duplicates=counters.get("batches_duplicate", 0), resumed_after_free_s=round(resumed_s, 1))
     # The card really was full: commits refused, samples held in memory and some lost.
@@ -167,6 +168,7 @@ def test_full_card_held_then_freed_loses_nothing_committed(tmp_path, mosquitto, 
     assert status_full["health"] == "disk_full" and status_full["samples_at_risk"] > 0
     assert seen["disk_full_status"] > 0 and seen["max_at_risk"] > 0
     assert seen["acked_while_full"] > 0, "no ack arrived while the card was full"
+    assert buf.reserve_releases > 0  # the ballast was given up for them
     # Nothing committed was lost or doubled; the only gaps own up to the samples lost in memory.
     assert_all_delivered([v])
     assert v.gapped == agent.stats.lost_in_memory
