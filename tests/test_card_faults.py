@@ -380,3 +380,16 @@ def test_salvaged_flag_shows_in_observations_on_both_stores(make: MakeStore) -> 
     got = sorted(q(s, "SELECT seq, flags FROM observations WHERE device='van-001' AND quantity='pm25'"))
     print(f"[salvaged-flag] {type(s).__name__}: {got}")
     assert got == [(1, "salvaged"), (2, "")]
+
+
+def test_service_health_says_disk_full_and_keeps_the_watchdog_fed(tmp_path):
+    """A full card is reported, not 'fixed' by a watchdog restart that would lose what is held."""
+    from edge.service import Health
+
+    h = Health(60.0, writable=lambda: True)
+    h.commit_result(False, full=True, error="disk_full: 120 samples at risk")
+    ok, reason = h.check()
+    print(f"[health] {ok} {reason}")
+    assert ok and reason == "disk_full: 120 samples at risk"
+    h.commit_result(True)
+    assert h.check() == (True, "ok")
