@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
+from buffer import rowcheck
+from edge.model import Sample
 from uplink.wire import Gap, content_hash, decode_batch
 
 # Primary result codes (the low byte of an extended code).
@@ -434,7 +435,7 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
     except sqlite3.DatabaseError:
         pass
 
-    out.samples, samples_complete = _sample_rows(conn)
+    out.samples, failed, samples_complete = _sample_rows(conn)
     if not samples_complete:
         out.notes.append("samples table partly unreadable")
     out.gaps = _undelivered_gaps(conn)
@@ -449,6 +450,13 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
     out.carrier_base = top + 1 if certain else hi_seen + CARRIER_OFFSET_UNCERTAIN
     carried = [r for b in out.batches if b.epoch == out.epoch for r in b.carried]
     covered = own_ranges + _ranges(sorted(seen)) + carried + [(g.first_seq, g.last_seq) for g in out.gaps]
+    # Rows that failed their check: owned up to with the reason, at the seq they claim
+    # if it is a number this epoch can have used and nothing readable holds it (a
+    # garbled seq leaves its true number uncovered: the generic gap below takes it).
+    for q, why in failed:
+        if 0 < q <= top and not any(a <= q <= b for a, b in covered):
+            lost.append((q, q, f"corrupt database: unsealed row not salvaged ({why})"))
+            covered.append((q, q))
     if sealed_through is not None:
         # Everything above the seal watermark was never sent: what is missing there is lost.
         start, why = sealed_through + 1, "corrupt database: unsealed samples lost"
@@ -482,27 +490,41 @@ def _batch_rows(conn: sqlite3.Connection, sql: str, key: str) -> tuple[list[tupl
     return [r[:-1] for r in rows], complete
 
 
-def _sample_rows(conn: sqlite3.Connection) -> tuple[list[Sample], bool]:
+SALVAGED_FLAG = "salvaged"
+
+
+def _sample_rows(conn: sqlite3.Connection) -> tuple[list[Sample], list[tuple[int, str]], bool]:
+    """Unsealed rows that verify (flagged ``salvaged``), the seqs of those that do not, and why.
+
+    Only a row whose checksum matches is salvaged (``buffer.rowcheck``): a
+    changed digit would otherwise be stored as a value, a garbled boot id or
+    timestamp as the truth. A row without a checksum (a file from before
+    them) is salvaged if it decodes. The flag tells the store the sample came
+    back from a damaged file (it reaches ``observations`` through the flags).
+    """
+    cols = rowcheck.SELECT_COLS
     try:
-        rows, complete = _scan(
-            conn, "SELECT seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags FROM samples", "seq"
-        )
+        conn.execute("SELECT crc FROM samples LIMIT 0")
     except sqlite3.DatabaseError:
-        return [], False
+        cols = cols.replace(", crc", ", NULL")  # a file from before checksums
+    try:
+        rows, complete = _scan(conn, f"SELECT {cols} FROM samples", "seq")
+    except sqlite3.DatabaseError:
+        return [], [], False
     out: list[Sample] = []
+    failed: list[tuple[int, str]] = []
     for r in rows:
-        if not (_ints(r[0], r[3]) and (r[2] is None or _ints(r[2]))):
+        checked = rowcheck.check_row(r)
+        if checked.sample is None:
             complete = False
+            if _ints(r[0]):
+                failed.append((int(r[0]), checked.why))  # its own seq may be the damage: see caller
             continue
-        try:
-            out.append(Sample(
-                sensor=str(r[1]), t_utc_ms=r[2], t_mono_ms=int(r[3]), time_src=TimeSource(r[4]),
-                values=json.loads(r[6]), flags=tuple(f for f in str(r[7]).split(",") if f),
-                seq=int(r[0]), boot_id=str(r[5]),
-            ))
-        except (ValueError, TypeError):
-            complete = False  # one garbled row: its seq stays uncovered and becomes a gap
-    return out, complete
+        smp = checked.sample
+        if SALVAGED_FLAG not in smp.flags:
+            smp.flags = (*smp.flags, SALVAGED_FLAG)
+        out.append(smp)
+    return out, failed, complete
 
 
 def _undelivered_gaps(conn: sqlite3.Connection) -> list[Gap]:

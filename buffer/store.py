@@ -27,12 +27,17 @@ What a van does to the file, and what the buffer does about it:
   record (reason ``"buffer full: ..."``) that is uploaded like any other.
   Deleted rows put their pages on SQLite's freelist and the next inserts
   reuse them, so the file stops growing at the cap without any VACUUM.
-* **Disk full**: the failing commit is rolled back, the oldest data is
-  dropped as above, the commit is tried once more; if it still cannot be
-  written it raises ``BufferFullError`` (recoverable): nothing committed is
-  lost and the caller keeps the samples and retries. While the file system
-  stays full the budget shrinks to the file's present size, so the buffer
-  lives inside the pages it already owns.
+* **Disk full** (the file system, not the cap): committed data is never
+  dropped for it. The ballast file is given up, a checkpoint lets the WAL
+  restart, and the commit is tried once more; if it still cannot be written
+  it raises ``BufferFullError`` (recoverable): nothing committed is lost and
+  the caller keeps the samples and retries. Once the ballast is gone its size
+  is a floor commits may not take (``_fits_on_disk``, re-read at every
+  commit), kept for acknowledgements, sealing and checkpoints; an ack that
+  still cannot be written is hidden and applied later (``housekeep``).
+* **Row checksums**: each committed row carries a CRC32 (``buffer.rowcheck``);
+  a row that fails it (or cannot be decoded) is set aside in ``bad_rows`` at
+  sealing, with a gap record; salvage keeps only rows that verify.
 * **Corruption** (at open: damaged WAL, not a database, ``quick_check`` not
   ok; during use: SQLITE_CORRUPT/NOTADB): the files move to
   ``quarantine/<utc>-<epoch>/`` (never deleted), a fresh database with a new
@@ -51,9 +56,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
-from buffer import recovery
+from buffer import recovery, rowcheck
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
@@ -74,6 +79,9 @@ DEFAULT_WAL_AUTOCHECKPOINT = 1000
 CAP_HYSTERESIS = 0.9
 DROP_CHUNK_SAMPLES = 256  # unsealed samples dropped per step (one gap record per run)
 SALVAGE_BATCH_SAMPLES = 1000
+# On a full file system, a write that found no room is tried again when room changes,
+# and at least every this many calls (about every 30 s at one tick a second).
+STUCK_RETRY_EVERY = 30
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,7 +93,16 @@ CREATE TABLE IF NOT EXISTS samples (
     time_src TEXT NOT NULL,
     boot_id TEXT NOT NULL,
     vals TEXT NOT NULL,
-    flags TEXT NOT NULL
+    flags TEXT NOT NULL,
+    crc INTEGER  -- buffer.rowcheck.row_crc of the row; NULL in files made before checksums
+);
+-- Unsealed rows that could not be sealed (checksum mismatch, unreadable JSON): set
+-- aside with the bytes as read, never deleted by the buffer; a gap record owns up.
+CREATE TABLE IF NOT EXISTS bad_rows (
+    seq INTEGER,
+    reason TEXT NOT NULL,
+    raw BLOB NOT NULL,
+    set_aside_utc_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS batches (
     first_seq INTEGER PRIMARY KEY,
@@ -129,6 +146,11 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 
 # One encoder for every commit: json.dumps with separators builds a new one per call.
 _VALUES_ENCODER = json.JSONEncoder(separators=(",", ":")).encode
+
+# row_crc's arguments in SQL, text as bytes (see buffer.rowcheck).
+_CRC_ARGS = "seq, CAST(sensor AS BLOB), t_utc_ms, t_mono_ms, CAST(time_src AS BLOB), CAST(boot_id AS BLOB)," \
+    " CAST(vals AS BLOB), CAST(flags AS BLOB)"
+QUOTED_CORRECTED = "'corrected'"
 
 _BATCH_COLS = "first_seq, last_seq, n_samples, payload, sha256"
 _SALV_COLS = "first_seq, last_seq, n_samples, payload, sha256, epoch, device"
@@ -186,27 +208,37 @@ _RAISE = object()  # _tolerate_full: raise BufferFullError instead of skipping
 
 
 def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Housekeeping writes (seal, ack, ...) on a full disk: free room, retry once, else skip.
+    """Writes on a full file system: make room (never by dropping data), retry once, else give up.
 
-    Skipping is safe for each of them: the work is retried naturally on a later
-    tick (an unsealed sample stays unsealed, an unapplied ack is asked again
-    because the batch is re-sent). Only ``commit`` raises: its caller holds
-    samples that exist nowhere else.
+    Room comes from the space reserve and a checkpoint (see ``_make_room``).
+    Giving up is safe for each housekeeping write (seal, reject, ...): it is
+    retried naturally on a later tick. ``commit`` and ``add_gap`` raise
+    ``BufferFullError``: their caller holds something that exists nowhere else.
     """
 
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
+            if self._still_stuck():
+                # Nothing freed since a write last found no room: do not try (and
+                # checkpoint) again every tick for nothing (CPU and card on a Pi).
+                if default is _RAISE:
+                    raise BufferFullError(f"buffer {self.path}: disk full in {fn.__name__}")
+                return default
             for attempt in range(2):
                 try:
-                    return fn(self, *args, **kwargs)
+                    result = fn(self, *args, **kwargs)
                 except sqlite3.DatabaseError as exc:
                     if not recovery.is_disk_full(exc):
                         raise
                     if attempt == 0:
-                        log.error("buffer: disk full in %s, freeing the oldest data", fn.__name__)
-                        self._free_after_full(0)
-            self._count_outside_tx("disk_full")
+                        log.error("buffer: disk full in %s, making room", fn.__name__)
+                        self._make_room()
+                else:
+                    self._stuck_at = None
+                    return result
+            self._rollback_quietly()
+            self._stuck_at = self._room_signature()
             if default is _RAISE:
                 raise BufferFullError(f"buffer {self.path}: disk full in {fn.__name__}")
             return default
@@ -255,9 +287,26 @@ class Buffer:
         self.db_budget = self.max_bytes - 2 * self.wal_limit_bytes
         if self.db_budget < 64 * PAGE_SIZE:
             raise ValueError(f"max_bytes={max_bytes} is too small for a buffer")
-        self._disk_budget: int | None = None  # set while the file system is full
         self.reserve_path = Path(str(self.path) + ".reserve")
         self.reserve_bytes = 2 * self.wal_limit_bytes if reserve_bytes is None else int(reserve_bytes)
+        # On a small card the configured WAL and reserve would take a good part of it
+        # (the defaults are 4 MiB and 8 MiB): scale both down to 1/16 of the file system.
+        fs_pages = self._fs_total() // PAGE_SIZE
+        if fs_pages:
+            self.wal_pages = max(8, min(self.wal_pages, fs_pages // 16))
+            self.wal_limit_bytes = self.wal_pages * PAGE_SIZE
+            self.reserve_bytes = min(self.reserve_bytes, fs_pages // 16 * PAGE_SIZE)
+        # True from a commit the file system refused until a commit succeeds.
+        self.disk_full = False
+        self.refused_commits = 0  # since this object was made (not kept: writing it needs room)
+        self.reserve_releases = 0  # times the ballast file was given up, likewise
+        # (free bytes, free pages) when a write last gave up for want of room; None: not stuck.
+        self._stuck_at: tuple[int, int] | None = None
+        self._stuck_skips = 0
+        # Acknowledged batches whose delete the full card refused, by batch id: never
+        # handed out again, deleted by ``housekeep`` once there is room. Not kept across
+        # a restart: the resync at the next connection has the receiver ack them again.
+        self._deferred_acks: set[str] = set()
         self._db: sqlite3.Connection
         recovery.finish_quarantines(self.path, self.quarantine_dir)
         problem = self._check_files() if check_on_open else None
@@ -296,12 +345,18 @@ class Buffer:
         # space (impossible on a full disk) and a power cut in the middle of it
         # is the riskiest moment of the file's life. The freelist does the job.
         db.executescript(SCHEMA)
+        if "crc" not in {r[1] for r in db.execute("PRAGMA table_info(samples)")}:
+            db.execute("ALTER TABLE samples ADD COLUMN crc INTEGER")  # a file from before checksums
+        db.create_function("row_crc", 8, rowcheck.row_crc, deterministic=True)
         return db
 
     def _open(self) -> None:
         self._db = self._connect()
         self.epoch = self._init_epoch()
-        self._unsealed = self._db.execute("SELECT count(*) FROM samples").fetchone()[0]
+        self._unsealed = self._count_unsealed()
+
+    def _count_unsealed(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM samples").fetchone()[0])
 
     def _check_files(self) -> str | None:
         """Why the files at ``path`` cannot be trusted, or None. Never writes to them."""
@@ -533,21 +588,45 @@ class Buffer:
         return (pc - free) * PAGE_SIZE
 
     def _budget(self) -> int:
-        if self._disk_budget is not None and self._disk_has_room():
-            log.info("file system has room again: buffer back to its configured cap")
-            self._disk_budget = None
-            self._ensure_reserve()
-        return self.db_budget if self._disk_budget is None else min(self.db_budget, self._disk_budget)
+        """The configured cap, the only limit that drops data (read afresh at every commit).
+
+        A full file system is not a reason to drop what was committed: it is
+        read anew at every write (SQLite says SQLITE_FULL), nothing about it is
+        pinned, and the commit that does not fit is refused instead (see ``commit``).
+        """
+        return self.db_budget
+
+    def _fits_on_disk(self, extra: int) -> bool:
+        """The budget for new samples, re-read at every commit: may ``extra`` bytes be written?
+
+        While the reserve file stands, yes: SQLite says when the file system is
+        full, and the reserve is then given up (``_make_room``). Once it is gone
+        (or could never be made), its size stays a floor that only
+        acknowledgements, sealing and checkpoints may use: a commit goes ahead
+        only if it leaves that much free, or fits in the file's own free pages.
+        Without the floor, new samples would take the room the deletes of acked
+        batches need, and a full card could never drain (nothing is pinned:
+        when space returns, the next commit sees it).
+        """
+        if self.reserve_bytes <= 0 or self.reserve_path.exists():
+            return True
+        if self._disk_free() - 2 * extra >= self.reserve_bytes:
+            return True
+        return self._pages()[1] * PAGE_SIZE >= 2 * extra
+
+    def _fs_total(self) -> int:
+        return self._statvfs()[0]
 
     def _disk_free(self) -> int:
+        return self._statvfs()[1]
+
+    def _statvfs(self) -> tuple[int, int]:
+        """(size, bytes free to us) of the file system under the buffer; zeros if unknown."""
         try:
             st = os.statvfs(self.path.parent)
         except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
-
-    def _disk_has_room(self) -> bool:
-        return self._disk_free() > self.reserve_bytes + 4 * self.wal_limit_bytes
+            return 0, 0
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
     def _ensure_reserve(self) -> None:
         """(Re)create the ballast file if it is missing and the file system has room for it."""
@@ -573,6 +652,7 @@ class Buffer:
             self.reserve_path.unlink()
         except FileNotFoundError:
             return False
+        self.reserve_releases += 1
         log.error("buffer: file system full, released the %d-byte space reserve", self.reserve_bytes)
         return True
 
@@ -594,6 +674,9 @@ class Buffer:
                     break  # nothing left to drop
                 dropped += n
         if dropped:
+            # Counted only now the drop is committed: a rolled-back drop (a full disk)
+            # must not move the count (it once went negative and sealing stopped).
+            self._unsealed = self._count_unsealed()
             log.warning("%s: dropped %d samples (gap records written)", why, dropped)
         return dropped
 
@@ -629,7 +712,6 @@ class Buffer:
         self._db.execute("DELETE FROM samples WHERE seq <= ?", (seqs[-1],))
         for a, b in recovery._ranges(seqs):
             self._gap(a, b, f"{why}: unsealed samples dropped")
-        self._unsealed -= len(seqs)
         self._bump("samples_dropped", len(seqs))
         return len(seqs)
 
@@ -646,27 +728,17 @@ class Buffer:
         )
         self._bump("gap_records")
 
-    def _free_after_full(self, extra: int) -> None:
-        """The file system is full: make room inside the pages this buffer already owns.
+    def _make_room(self) -> None:
+        """The file system is full: make room for this buffer's writes without dropping data.
 
-        Order matters: give up the ballast (so the WAL can be checkpointed and
-        a delete can be logged), checkpoint so the next transactions overwrite
-        the WAL instead of growing it, drop the oldest data, checkpoint again
-        so the freed pages are on the main file's freelist for the retry.
+        Give up the ballast (so the WAL can be checkpointed and a delete or a
+        commit logged), then checkpoint, so the next transactions overwrite the
+        WAL from its start instead of growing it, into pages the main file
+        already owns (freed pages are reused). What still does not fit is
+        refused by the caller, never made to fit by dropping committed data.
         """
         self._rollback_quietly()
         self._release_reserve()
-        self._checkpoint()
-        pc, _ = self._pages()
-        self._disk_budget = pc * PAGE_SIZE  # the file cannot grow: live within it
-        used = self.used_bytes()
-        target = min(int(self._disk_budget * CAP_HYSTERESIS), used - 4 * extra) - extra
-        try:
-            self._drop_until(target, "buffer full: file system full")
-        except sqlite3.DatabaseError as exc:
-            self._rollback_quietly()
-            if not recovery.is_disk_full(exc):
-                raise
         self._checkpoint()
 
     def _checkpoint(self) -> None:
@@ -683,12 +755,19 @@ class Buffer:
         """Insert a group of samples in one transaction; returns their sequence numbers.
 
         When this returns, the samples are durable (WAL + synchronous=FULL) and
-        the device owes them to the store. Raises ``BufferFullError`` (nothing
-        stored, nothing lost) when the disk is full even after dropping the
-        oldest data: keep the samples and call again later.
+        the device owes them to the store. Each row carries its checksum
+        (``buffer.rowcheck``), computed here: no extra write, no extra fsync.
+        Raises ``BufferFullError`` (nothing stored, nothing lost) when the file
+        system is full even after ``_make_room``: keep the samples and call
+        again later. Committed data is never dropped to make room for new data
+        on a full file system; only the configured cap drops the oldest.
         """
         if not samples:
             return []
+        # Refuse early, before encoding anything, when even a small row per sample cannot fit
+        # (held samples are offered again every few seconds while the card stays full).
+        if not self._fits_on_disk(len(samples) * 64):
+            return self._refuse()
         enc = _VALUES_ENCODER
         rows = [
             (s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values), ",".join(s.flags))
@@ -696,29 +775,43 @@ class Buffer:
         ]
         # What the rows will take in pages, roughly (record overhead + b-tree slack).
         extra = (sum(len(r[5]) for r in rows) + len(rows) * (len(rows[0][4]) + 64)) * 5 // 4
+        if not self._fits_on_disk(extra):
+            return self._refuse()
         try:
-            last = self._insert_with_room(rows, extra)
+            first = self._insert_with_room(rows, extra)
         except sqlite3.DatabaseError as exc:
             if not recovery.is_disk_full(exc):
                 raise
-            log.error("buffer: disk full, freeing the oldest data (%s)", exc)
-            self._free_after_full(extra)
+            log.error("buffer: disk full, making room (%s)", exc)
+            self._make_room()
             try:
-                last = self._insert_with_room(rows, extra)
+                first = self._insert_with_room(rows, extra)
             except sqlite3.DatabaseError as exc2:
                 self._rollback_quietly()
                 if not recovery.is_disk_full(exc2):
                     raise
-                self._count_outside_tx("disk_full")
+                self.disk_full = True
+                self.refused_commits += 1
                 raise BufferFullError(f"buffer {self.path}: {exc2}") from exc2
-        # AUTOINCREMENT with one writer: the group got consecutive numbers.
-        seqs = list(range(last - len(samples) + 1, last + 1))
+        seqs = list(range(first, first + len(samples)))
         for s, q in zip(samples, seqs):
             s.seq = q
         self._unsealed += len(samples)
+        self._stuck_at = None  # a write went through: housekeeping may find room too
+        if self.disk_full:
+            self.disk_full = False
+            log.warning("buffer: commits are written again after the file system was full")
+            self.housekeep()
         return seqs
 
+    def _refuse(self) -> NoReturn:
+        self.disk_full = True
+        self.refused_commits += 1
+        raise BufferFullError(f"buffer {self.path}: file system full (its last {self.reserve_bytes}"
+                              " bytes are kept for acknowledgements and sealing)")
+
     def _insert_with_room(self, rows: list[tuple[Any, ...]], extra: int) -> int:
+        """Insert the rows with consecutive numbers after the last one ever used; returns the first."""
         try:
             self._enforce_cap(extra)
         except sqlite3.DatabaseError as exc:
@@ -727,19 +820,65 @@ class Buffer:
                 raise
             self._rollback_quietly()
         with self._tx():
+            # The numbers are chosen here, inside the write transaction (one writer), so
+            # the checksum can cover them; AUTOINCREMENT still never hands them out again.
+            first = self.last_seq() + 1
+            crc = rowcheck.commit_crc
             self._db.executemany(
-                "INSERT INTO samples (sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags)"
-                " VALUES (?,?,?,?,?,?,?)",
-                rows,
+                "INSERT INTO samples (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, crc)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                [(q, *r, crc(q, *r)) for q, r in enumerate(rows, first)],
             )
-            return int(self._db.execute("SELECT last_insert_rowid()").fetchone()[0])
+            return first
 
-    def _count_outside_tx(self, name: str) -> None:
+    def housekeep(self) -> None:
+        """Cheap unless there is work: delete deferred acks, re-create the space reserve.
+
+        The agent calls it every tick, so both happen as soon as room returns.
+        """
+        if self._deferred_acks:
+            self._flush_acks()
+        if self.reserve_bytes > 0 and not self.disk_full and not self.reserve_path.exists():
+            self._ensure_reserve()
+
+    def _still_stuck(self) -> bool:
+        """True while nothing that gives room changed since a write last gave up.
+
+        Every ``STUCK_RETRY_EVERY``-th call says False anyway: room can also come
+        from what the signature does not see (a WAL reset by a checkpoint).
+        """
+        if self._stuck_at is None:
+            return False
+        if self._stuck_at != self._room_signature():
+            self._stuck_at = None
+            return False
+        self._stuck_skips += 1
+        if self._stuck_skips >= STUCK_RETRY_EVERY:
+            self._stuck_skips = 0
+            return False
+        return True
+
+    def _room_signature(self) -> tuple[int, int]:
+        """What a full file system's room depends on: its free bytes and this file's free pages."""
+        return self._disk_free(), self._pages()[1]
+
+    def _flush_acks(self) -> None:
+        if self._still_stuck():
+            return  # nothing freed since the last try
+        keys = sorted(self._deferred_acks)
         try:
             with self._tx():
-                self._bump(name)
-        except sqlite3.DatabaseError:
-            self._rollback_quietly()  # a full disk may refuse even this
+                for key in keys:
+                    self._delete_batch(key)
+        except sqlite3.DatabaseError as exc:
+            self._rollback_quietly()
+            if not recovery.is_disk_full(exc):
+                raise
+            self._stuck_at = self._room_signature()
+            return  # still no room: they stay hidden and are tried again
+        self._stuck_at = None
+        self._deferred_acks.difference_update(keys)
+        log.warning("buffer: %d acknowledged batches deleted after the file system was full", len(keys))
 
     @_recovering
     @_tolerate_full(_RAISE)
@@ -750,6 +889,25 @@ class Buffer:
                 (first_seq, last_seq, reason),
             )
             self._bump("gap_records")
+
+    @_recovering
+    @_tolerate_full(_RAISE)
+    def record_lost(self, n: int, reason: str) -> tuple[int, int]:
+        """Own up to ``n`` samples that were taken but never committed (held in memory, then lost).
+
+        They get sequence numbers like committed samples, used by nothing but a
+        gap record: the store learns how many were lost and why, in order with
+        the rest, and an epoch's numbers stay exactly 1..last_seq for the oracle.
+        """
+        with self._tx():
+            first = self.last_seq() + 1
+            last = first + n - 1
+            self._db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='samples'", (last,))
+            if self._db.execute("SELECT changes()").fetchone()[0] == 0:
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
+            self._gap(first, last, reason)
+            self._bump("samples_lost_in_memory", n)
+        return first, last
 
     @_recovering
     def count_unsync(self, boot_id: str) -> int:
@@ -768,8 +926,12 @@ class Buffer:
         """
         with self._tx():
             cur = self._db.execute(
-                "UPDATE samples SET t_utc_ms = t_mono_ms + ?, time_src = 'corrected'"
-                " WHERE boot_id=? AND time_src='unsync'",
+                # The checksum is re-made only for a row that verified as it was: a damaged
+                # row must not be blessed by its correction (it is set aside at sealing).
+                "UPDATE samples SET t_utc_ms = t_mono_ms + ?1, time_src = 'corrected', crc = CASE"
+                f" WHEN crc = row_crc({_CRC_ARGS}) THEN"
+                f" row_crc({_CRC_ARGS.replace('t_utc_ms', 't_mono_ms + ?1').replace('time_src', QUOTED_CORRECTED)})"
+                " ELSE crc END WHERE boot_id=?2 AND time_src='unsync'",
                 (offset_ms, boot_id),
             )
         return cur.rowcount
@@ -781,25 +943,27 @@ class Buffer:
     @_recovering
     @_tolerate_full(None)
     def seal(self, max_samples: int, now_utc_ms: int) -> SealedBatch | None:
-        """Seal the oldest unsealed samples (at most ``max_samples``) into one batch."""
-        cur = self._db.execute(
-            "SELECT seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags"
-            " FROM samples ORDER BY seq LIMIT ?",
-            (max_samples,),
-        )
-        samples = [
-            Sample(
-                sensor=r[1],
-                t_utc_ms=r[2],
-                t_mono_ms=r[3],
-                time_src=TimeSource(r[4]),
-                values=json.loads(r[6]),
-                flags=tuple(f for f in r[7].split(",") if f),
-                seq=r[0],
-                boot_id=r[5],
-            )
-            for r in cur.fetchall()
-        ]
+        """Seal the oldest unsealed samples (at most ``max_samples``) into one batch.
+
+        Every row is verified first (``buffer.rowcheck``): a row whose checksum
+        does not match or that cannot be decoded is set aside in ``bad_rows``
+        with its bytes as read, and a gap record owns up to it, in the same
+        transaction as the batch. Sealing goes on with the rest: one bad row
+        must not stop every tick.
+        """
+        rows = self._db.execute(
+            f"SELECT {rowcheck.SELECT_COLS} FROM samples ORDER BY seq LIMIT ?", (max_samples,)
+        ).fetchall()
+        samples: list[Sample] = []
+        bad: list[tuple[tuple[Any, ...], str]] = []
+        for r in rows:
+            checked = rowcheck.check_row(r)
+            if checked.sample is None:
+                bad.append((r, checked.why))
+            else:
+                samples.append(checked.sample)
+        if bad:
+            self._set_aside(bad, now_utc_ms)
         gaps_rows = self._db.execute(
             "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id"
         ).fetchall()
@@ -850,6 +1014,20 @@ class Buffer:
         self._unsealed -= len(samples)
         return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
 
+    def _set_aside(self, bad: list[tuple[tuple[Any, ...], str]], now_utc_ms: int) -> None:
+        """Move rows that cannot be sealed to ``bad_rows``, each owned up to by a gap record."""
+        with self._tx():
+            for r, why in bad:
+                self._db.execute(
+                    "INSERT INTO bad_rows VALUES (?,?,?,?)", (r[0], why, rowcheck.raw_bytes(r), now_utc_ms)
+                )
+                self._db.execute("DELETE FROM samples WHERE rowid=?", (r[0],))
+                if isinstance(r[0], int) and r[0] > 0:
+                    self._gap(r[0], r[0], f"unsealable row set aside: {why}")
+                self._bump("rows_set_aside")
+        self._unsealed -= len(bad)
+        log.error("buffer: %d unsealable rows set aside in bad_rows (%s)", len(bad), bad[0][1])
+
     # -- read side ------------------------------------------------------------
 
     def _where(self, key: Key) -> tuple[str, str, tuple[Any, ...]] | None:
@@ -878,7 +1056,7 @@ class Buffer:
         ``exclude`` holds batches already in flight: ints are first_seq of this
         epoch's batches (the old form), strings are batch ids (any epoch).
         """
-        ex = set(exclude)
+        ex = set(exclude) | self._deferred_acks
         out: list[SealedBatch] = []
         sources = (
             (f"SELECT {_SALV_COLS} FROM salvaged ORDER BY rowid", self._salv),
@@ -903,7 +1081,7 @@ class Buffer:
     @_recovering
     def newest(self, limit: int, exclude: Iterable[Key] = frozenset()) -> list[SealedBatch]:
         """This epoch's newest sealed batches, newest first: fresh data while a backlog drains."""
-        ex = set(exclude)
+        ex = set(exclude) | self._deferred_acks
         rows = self._db.execute(
             f"SELECT {_BATCH_COLS} FROM batches ORDER BY first_seq DESC LIMIT ?", (limit + len(ex),)
         ).fetchall()
@@ -912,7 +1090,12 @@ class Buffer:
 
     @_recovering
     def get(self, key: Key) -> SealedBatch | None:
-        """A batch by this epoch's first_seq, or by batch id (any epoch); None if gone."""
+        """A batch by this epoch's first_seq, or by batch id (any epoch); None if gone (or acked)."""
+        sb = self._peek(key)
+        return None if sb is None or sb.batch_id in self._deferred_acks else sb
+
+    def _peek(self, key: Key) -> SealedBatch | None:
+        """A batch by key, acknowledged or not."""
         where = self._where(key)
         if where is None:
             return None
@@ -924,33 +1107,64 @@ class Buffer:
         return self._own(r) if table == "batches" else self._salv(r)
 
     @_recovering
-    @_tolerate_full(False)
     def acknowledge(self, key: Key) -> bool:
-        """The receiver committed this batch: delete it. True if it was here."""
+        """The receiver committed this batch: delete it. True if it was here.
+
+        On a full file system whose room is gone even after ``_make_room`` the
+        ack is still recorded: the batch is hidden from ``get``/``pending``/
+        ``newest`` at once (so it is not sent again) and deleted by
+        ``housekeep`` when there is room.
+        """
+        done = self._acknowledge(key)
+        if done is not None:
+            return done
+        sb = self.get(key)
+        if sb is None:
+            return False
+        self._deferred_acks.add(sb.batch_id)
+        self._bump_quietly("acks_deferred")
+        return True
+
+    @_tolerate_full(None)
+    def _acknowledge(self, key: Key) -> bool | None:
+        with self._tx():
+            return self._delete_batch(key)
+
+    def _delete_batch(self, key: Key) -> bool:
+        """Delete an acknowledged batch (inside the caller's transaction)."""
         where = self._where(key)
         if where is None:
             return False
         table, cond, params = where
-        with self._tx():
-            if table == "batches":
-                first = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()
-                cur = self._db.execute(f"DELETE FROM batches WHERE {cond}", params)
-                if first:
-                    # Gaps carried by that batch are delivered with it.
-                    self._db.execute("DELETE FROM gaps WHERE sent_in=?", (first[0],))
-            else:
-                cur = self._db.execute(f"DELETE FROM salvaged WHERE {cond}", params)
+        if table == "batches":
+            first = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()
+            cur = self._db.execute(f"DELETE FROM batches WHERE {cond}", params)
+            if first:
+                # Gaps carried by that batch are delivered with it.
+                self._db.execute("DELETE FROM gaps WHERE sent_in=?", (first[0],))
+        else:
+            cur = self._db.execute(f"DELETE FROM salvaged WHERE {cond}", params)
         return cur.rowcount > 0
+
+    def _bump_quietly(self, name: str) -> None:
+        """Count in its own transaction if the file system lets us; a count is not worth an error."""
+        try:
+            with self._tx():
+                self._bump(name)
+        except sqlite3.DatabaseError as exc:
+            self._rollback_quietly()
+            if not recovery.is_disk_full(exc):
+                raise
 
     @_recovering
     @_tolerate_full(False)
-    def reject(self, key: Key, last_seq: int, reason: str) -> bool:
-        """The receiver refused this batch for good: drop it and own up with a gap record."""
+    def reject(self, key: Key, last_seq: int, reason: str, *, by: str = "receiver") -> bool:
+        """The receiver (or ``by`` someone else) refused this batch for good: drop it, own up with a gap."""
         where = self._where(key)
         if where is None:
             return False
         table, cond, params = where
-        why = f"rejected by receiver: {reason}"[:500]
+        why = f"rejected by {by}: {reason}"[:500]
         with self._tx():
             if table == "batches":
                 row = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()
@@ -983,10 +1197,12 @@ class Buffer:
         present = [t for t in (oldest_b, oldest_s, oldest_sv) if t is not None]
         oldest = min(present) if present else None
         c = self.counters()
+        # Batches acknowledged but not yet deleted (a full card) are no longer owed.
+        hidden = [sb.n_samples for k in self._deferred_acks if (sb := self._peek(k)) is not None]
         return BufferStats(
             unsealed=self._unsealed,
-            batches=nb + ns,
-            backlog_samples=backlog + sbacklog + self._unsealed,
+            batches=nb + ns - len(hidden),
+            backlog_samples=backlog + sbacklog + self._unsealed - sum(hidden),
             oldest_unsent_utc_ms=oldest,
             last_seq=self.last_seq(),
             file_bytes=self.file_bytes(),

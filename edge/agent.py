@@ -56,7 +56,8 @@ class AgentStats:
     rejected_batches: int = 0
     time_corrected: int = 0
     syncs: int = 0
-    buffer_full: int = 0
+    buffer_full: int = 0  # commits the full card refused
+    lost_in_memory: int = 0  # samples discarded from memory while the card was full
     corrupt_batches: int = 0
     heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
@@ -84,6 +85,7 @@ class Agent:
         timer: Callable[[], float] = time.monotonic,
         boot_id: str | None = None,
         timekeeper: TimeKeeper | None = None,
+        max_pending: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.drivers = drivers
@@ -106,6 +108,9 @@ class Agent:
         self._unsync = buffer.count_unsync(self.boot_id)
         self._unsync_since: float | None = clock.monotonic() if self._unsync else None
         self._pending: list[Sample] = []
+        # Samples a full card refused are held here up to this many (then the oldest go).
+        self.max_pending = MAX_PENDING_IN_MEMORY if max_pending is None else max_pending
+        self._lost_in_memory = 0  # discarded from memory, gap record not yet written
         self._last_commit = clock.monotonic()
         self._first_unsealed_mono: float | None = None
         self._in_flight: dict[str, _InFlight] = {}  # by batch id (salvaged batches keep their epoch)
@@ -154,6 +159,8 @@ class Agent:
         now = self.clock.monotonic()
         if now - self._last_commit >= self.cfg.sampling.commit_interval_s:
             self.commit()
+        # Deletes acks a full card refused and re-creates the space reserve once there is room.
+        self.buffer.housekeep()
         self.maybe_seal()
         self.pump()
 
@@ -202,18 +209,40 @@ class Agent:
         self._last_commit = self.clock.monotonic()
         if not self._pending:
             return
-        batch, self._pending = self._pending, []
+        held, self._pending = self._pending, []
         crash_point("agent.commit.before")
-        try:
-            self.buffer.commit(batch)
-        except BufferFullError as exc:
-            # Nothing was stored: keep the samples in memory and try again next interval
-            # (the buffer frees space by its cap policy meanwhile). Bounded, oldest first out.
-            self._pending = (batch + self._pending)[-MAX_PENDING_IN_MEMORY:]
-            self.stats.buffer_full += 1
-            self._count_error("buffer", exc)
-            return
-        crash_point("agent.commit.after")
+        while held:
+            # Normally one transaction; what a full card held back goes in slices, oldest
+            # first, so each fits in the pages that acknowledgements freed meanwhile.
+            batch = held[:COMMIT_SLICE]
+            try:
+                self.buffer.commit(batch)
+            except BufferFullError as exc:
+                self._hold(held, exc)
+                return
+            held = held[len(batch):]
+            crash_point("agent.commit.after")
+            self._committed(batch)
+        if self._lost_in_memory:
+            self._own_up_to_memory_loss()
+
+    def _hold(self, held: list[Sample], exc: BufferFullError) -> None:
+        """Nothing of ``held`` was stored (a full card; committed data is never dropped for new).
+
+        Keep it in memory and try again next interval. Bounded: past the bound
+        the oldest go, counted, and a gap record owns up once there is room.
+        """
+        held = held + self._pending
+        over = len(held) - self.max_pending
+        if over > 0:
+            self._lost_in_memory += over
+            self.stats.lost_in_memory += over
+            held = held[over:]
+        self._pending = held
+        self.stats.buffer_full += 1
+        self._count_error("buffer", exc)
+
+    def _committed(self, batch: list[Sample]) -> None:
         self.stats.committed += len(batch)
         unsync = sum(1 for x in batch if not x.time_src.trusted)
         if unsync:
@@ -222,6 +251,24 @@ class Agent:
                 self._unsync_since = self.clock.monotonic()
         if self._first_unsealed_mono is None:
             self._first_unsealed_mono = batch[0].t_mono_ms / 1000.0
+
+    def _own_up_to_memory_loss(self) -> None:
+        # Only after a commit went through: the card has room again. One reason text for
+        # every such loss, so losses in a row merge into one gap record.
+        n = self._lost_in_memory
+        try:
+            first, last = self.buffer.record_lost(n, "card full: samples held in memory past the limit discarded")
+        except BufferFullError:
+            return  # owned up to at a later commit
+        self._lost_in_memory = 0
+        log.error("card full: %d samples discarded from memory, owned up to as gap %d-%d", n, first, last)
+
+    @property
+    def samples_at_risk(self) -> int:
+        """While the card refuses commits: the samples held in memory (lost if the agent stops now)."""
+        if not (self.buffer.disk_full or self._lost_in_memory):
+            return 0  # what waits for the next commit interval is not at risk
+        return len(self._pending)
 
     def _hold_for_time(self, force: bool) -> bool:
         """Correct unsynchronised samples if trusted time is known; else say whether to wait."""
@@ -308,7 +355,7 @@ class Agent:
             if content_hash(sb.payload) != sb.sha256:
                 # Bit rot on the card since sealing: never send it as data; own up with a gap.
                 log.error("batch %s is corrupt on the device (hash mismatch); recorded as a gap", sb.batch_id)
-                self.buffer.reject(sb.batch_id, sb.last_seq, "corrupt on the device: content hash mismatch")
+                self.buffer.reject(sb.batch_id, sb.last_seq, "corrupt on the device: content hash mismatch", by="device")
                 self.stats.corrupt_batches += 1
                 continue
             if not self.link.publish(sb.batch_id, sb.payload):
@@ -361,6 +408,10 @@ class Agent:
             "samples_dropped": st.samples_dropped,
             "quarantined": st.quarantined,
             "buffer_full": self.stats.buffer_full,
+            # A full card: commits refused, samples held in memory (or lost) until it has room.
+            "health": "disk_full" if self.buffer.disk_full or self._lost_in_memory else "ok",
+            "samples_at_risk": self.samples_at_risk,
+            "samples_lost_in_memory": self.stats.lost_in_memory,
         }
 
     def send_heartbeat(self) -> None:
@@ -411,8 +462,13 @@ class Agent:
         deadline = self.timer() + timeout_s
         while self.timer() < deadline:
             self.pump()
+            if self._pending:
+                self.commit()  # held while the card was full: acks may have made room
+            self.buffer.housekeep()
             self.maybe_seal(force=True)
-            if self.buffer.stats().batches == 0 and self.buffer.unsealed_count == 0:
+            if self.buffer.stats().batches == 0 and self.buffer.unsealed_count == 0 and not (
+                self._pending or self._lost_in_memory
+            ):
                 return True
             time.sleep(poll_s)
         return False
@@ -429,6 +485,7 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
     return out, (*flags, "non_finite")
 
 
+COMMIT_SLICE = 1000  # samples per transaction when committing what a full card held back
 MAX_PENDING_IN_MEMORY = 4 * 3600  # an hour of four sensors at 1 Hz, if the disk stays full
 SYNC_BATCHES = 256  # batch ids named in a resync request
 SYNC_GRACE_S = 2.0  # real seconds to wait for the receiver's answer to a resync

@@ -136,7 +136,8 @@ class Health:
             return False, f"sampling loop silent for {now - self._progress:.0f} s"
         if self.commit_failed:
             if self.commit_full_only and self._writable():
-                return True, "buffer full (dropping oldest data by its cap policy)"
+                # Keep the watchdog fed: a restart would not make room, and would lose what is held.
+                return True, self.last_error or "disk_full"
             return False, f"buffer commit failing: {self.last_error or 'unknown error'}"
         return True, "ok"
 
@@ -294,7 +295,8 @@ class Supervisor:
             self._log_error("sampling tick failed", exc)
         else:
             if agent.stats.buffer_full > full_before:
-                self.health.commit_result(False, full=True, error="buffer full")
+                at_risk = agent.samples_at_risk
+                self.health.commit_result(False, full=True, error=f"disk_full: {at_risk} samples at risk")
             elif agent.stats.committed > committed_before:
                 self.health.commit_result(True)
         self.health.progress()
