@@ -10,7 +10,8 @@ Two branches matter to callers:
 
 ``PayloadError`` is what the receiver raises for an upload it must reject for
 good; it is recoverable for the receiver (it keeps running) but permanent for
-that payload (it goes to the dead-letter table).
+that payload (it goes to the dead-letter table). ``StoreUnavailable`` is its
+opposite: the store failed, not the payload, so nothing is rejected.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class TransportError(RecoverableError):
 
 class PayloadError(RecoverableError):
     """An uploaded payload is malformed, of an unknown version or too large: rejected for good."""
+
+
+class StoreUnavailable(RecoverableError):
+    """The receiver's store is failing as a whole (unreachable, locked, disk full), not one upload.
+
+    Raised by the ingest path only after a trivial write to the store failed too:
+    the messages stay un-acknowledged and are tried again once the store is back.
+    """
 
 
 class FatalError(DatalabError):

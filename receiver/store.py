@@ -586,7 +586,24 @@ CONTEXT_SPAN = quality.CONTEXT * 8
 
 def _values(v: Any) -> dict[str, Any]:
     """A ``vals`` column as a dict (jsonb arrives decoded, SQLite text does not)."""
-    return v if isinstance(v, dict) else orjson.loads(v)
+    return v if isinstance(v, dict) else read_json(v)
+
+
+def read_json(raw: str | bytes) -> Any:
+    """Stored JSON read back: orjson, or for a row orjson refuses the stdlib, with numbers a
+    double cannot hold as NaN. Such rows predate the admission schema (receiver/validate.py):
+    a stored 10^309 made orjson fail on every later batch of its van that read it as context."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw, parse_int=_bounded_int, parse_constant=lambda _: _NAN)
+        except (ValueError, RecursionError):
+            return {}
+
+
+def _bounded_int(text: str) -> int | float:
+    return int(text) if len(text) <= 19 and -(2**63) <= int(text) < 2**63 else _NAN
 
 
 # A stamp more than this far ahead of the receiver's own clock is a device clock fault.
@@ -692,7 +709,7 @@ def _json(values: dict[str, Any]) -> str:
 
 def _sample_from_row(r: tuple[Any, ...]) -> Sample:
     """A sample read back from ``samples`` (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags)."""
-    vals = orjson.loads(r[6]) if isinstance(r[6], (str, bytes)) else dict(r[6] or {})
+    vals = read_json(r[6]) if isinstance(r[6], (str, bytes)) else dict(r[6] or {})
     return Sample(r[1], r[2], r[3], r[4], vals, tuple(r[7].split(",")) if r[7] else (), r[0], r[5] or "")
 
 
