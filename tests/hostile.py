@@ -337,3 +337,35 @@ def killers(device: str) -> list[Hostile]:
             rows[0][5].update(imax=INT64 - 1, imin=-INT64, f=1e15, g=-1e15, tiny=5e-324, z=-0.0, u="ünï ✓"),
             rows[1][5].update(lat=90.0, lon=-180.0, speed=1000.0, fix_quality=9)))),
     ]
+
+
+# -- status and sync requests ------------------------------------------------------------
+
+HOSTILE_STATUS = [
+    b'{"v":1,"online":true,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"v":1,"online":true,"x":' + b"[" * 40 + b"]" * 40 + b"}",
+    b'{"v":1,"online":true,"note":"a\\u0000b"}',
+    b'{"v":1,"online":true,"k\\u0000":1}',
+    b'{"v":1,"online":true,"note":"\\ud800"}',
+    b'{"v":1,"online":true,"n":NaN}',
+    b'{"v":1,"online":true,"n":1e309}',
+    b'{"v":1,"online":true,"n":' + b"9" * 400 + b"}",
+    b'{"v":1,"online":true,"n":' + b"9" * 5000 + b"}",
+    b'{"v":1,"online":true,"n":"' + b"x" * 2000 + b'"}',
+    b'{"v":1,"online":false,"note":"a\\u0000b"}',  # a last will is merged as jsonb on PostgreSQL
+    b"[1,2,3]",
+    b"\xff\xfe",
+    b"",
+]
+
+
+def hostile_sync(device: str, known_id: str) -> list[bytes]:
+    """Sync requests a broken van might send; ``known_id`` is one real batch id among junk."""
+    return [
+        b'{"v":1,"batches":["' + device.encode() + b'/\\u0000/1-2", "' + known_id.encode() + b'", 5, null]}',
+        b'{"v":1,"batches":"' + b"[" * 50_000 + b'"}',
+        b'{"v":1,"batches":' + b"[" * 50_000 + b"}",
+        b'{"v":1,"batches":["' + device.encode() + b"/" + b"x" * 100_000 + b'"]}',
+        b"\x00\x01",
+        b"{}",
+    ]

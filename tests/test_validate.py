@@ -23,7 +23,17 @@ from edge.errors import PayloadError, StoreUnavailable
 from receiver.ingest import PROBE_COUNTER, Ingestor, clean_text
 from receiver.store import SQLiteStore
 from receiver.validate import check_batch, check_status, json_depth, show
-from tests.hostile import DEFECTS, REJECTED, STORED, Hostile, hostile_upload, killers, ordinary
+from tests.hostile import (
+    DEFECTS,
+    HOSTILE_STATUS,
+    REJECTED,
+    STORED,
+    Hostile,
+    hostile_sync,
+    hostile_upload,
+    killers,
+    ordinary,
+)
 from tests.pg import PgCluster, pg_cluster, pg_dsn  # noqa: F401
 from uplink.wire import Batch, content_hash, decode_ack, encode_ack
 
@@ -187,24 +197,6 @@ def test_a_store_outage_raises_and_answers_nothing_postgres(pg_cluster: PgCluste
 
 # -- status and sync requests never stop the worker ----------------------------------------
 
-HOSTILE_STATUS = [
-    b'{"v":1,"online":true,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    b'{"v":1,"online":true,"x":' + b"[" * 40 + b"]" * 40 + b"}",
-    b'{"v":1,"online":true,"note":"a\\u0000b"}',
-    b'{"v":1,"online":true,"k\\u0000":1}',
-    b'{"v":1,"online":true,"note":"\\ud800"}',
-    b'{"v":1,"online":true,"n":NaN}',
-    b'{"v":1,"online":true,"n":1e309}',
-    b'{"v":1,"online":true,"n":' + b"9" * 400 + b"}",
-    b'{"v":1,"online":true,"n":' + b"9" * 5000 + b"}",
-    b'{"v":1,"online":true,"n":"' + b"x" * 2000 + b'"}',
-    b'{"v":1,"online":false,"note":"a\\u0000b"}',  # a last will is merged as jsonb on PostgreSQL
-    b"[1,2,3]",
-    b"\xff\xfe",
-    b"",
-]
-
-
 def test_hostile_status_is_ignored_and_a_good_one_kept(store: Any) -> None:
     ing = Ingestor(store)
     for p in HOSTILE_STATUS:
@@ -221,9 +213,7 @@ def test_hostile_sync_requests_answer_only_real_batches(store: Any) -> None:
     ing = Ingestor(store)
     good = ordinary("van-a").build("s1")
     bid = decode_ack(encode_ack(ing.handle(TOPIC, good, RECEIVED).ack)).batch_id
-    for p in (b'{"v":1,"batches":["van-a/\\u0000/1-2", "' + bid.encode() + b'", 5, null]}',
-              b'{"v":1,"batches":"' + b"[" * 50_000 + b'"}', b'{"v":1,"batches":' + b"[" * 50_000 + b"}",
-              b'{"v":1,"batches":["van-a/' + b"x" * 100_000 + b'"]}', b"\x00\x01", b"{}"):
+    for p in hostile_sync("van-a", bid):
         acks = ing.handle_sync("van-a", p)
         assert [a.batch_id for a in acks] in ([], [bid])
     assert [a.batch_id for a in ing.handle_sync("van-a", b'{"v":1,"batches":["' + bid.encode() + b'"]}')] == [bid]
