@@ -149,31 +149,59 @@ def _check_value(sensor: str, key: str, v: Any) -> None:
 
 
 def check_batch(batch: Batch) -> Batch:
-    """The batch itself if every field is within the domain bounds; else ``PayloadError``."""
+    """The batch itself if every field is within the domain bounds; else ``PayloadError``.
+
+    On the path of every upload, so the common case is cheap: a name (sensor, key,
+    flag ...) is checked once per batch, and a plain int or float in range costs
+    one chained comparison (NaN and infinity fail it too); anything else takes
+    the slow path, which names the problem.
+    """
     check_name(batch.device, "device", forbid="/+#")
     check_name(batch.epoch, "epoch", forbid="/")
     check_int(batch.first_seq, "first_seq", 1)
     check_int(batch.last_seq, "last_seq", 1)
+    names: set[str] = set()  # checked already in this batch
+
+    def name(s: str, what: str, forbid: str = "") -> None:
+        if s not in names:
+            check_name(s, what, forbid=forbid)
+            names.add(s)
+
+    lo_i, hi_i, big = INT64_MIN, INT64_MAX, MAX_ABS_FLOAT
     for s in batch.samples:
-        check_int(s.seq, "seq", 1)
-        check_name(s.sensor, "sensor")
-        if s.t_utc_ms is not None:
-            # Plausibility (year, future) is the store's screen: such a time becomes
-            # unknown and flagged, the sample is kept. Only what no column holds is refused.
-            check_int(s.t_utc_ms, "t_utc_ms")
-        check_int(s.t_mono_ms, "t_mono_ms", 0)
-        check_name(str(s.time_src), "time_src")
-        if s.boot_id:
-            check_name(s.boot_id, "boot id")
+        if not (type(s.seq) is int and 1 <= s.seq <= hi_i):
+            check_int(s.seq, "seq", 1)
+        if s.sensor not in names:
+            name(s.sensor, "sensor")
+        t = s.t_utc_ms
+        # Plausibility (year, future) is the store's screen: such a time becomes
+        # unknown and flagged, the sample is kept. Only what no column holds is refused.
+        if t is not None and not (type(t) is int and lo_i <= t <= hi_i):
+            check_int(t, "t_utc_ms")
+        if not (type(s.t_mono_ms) is int and 0 <= s.t_mono_ms <= hi_i):
+            check_int(s.t_mono_ms, "t_mono_ms", 0)
+        if s.time_src not in names:
+            name(str(s.time_src), "time_src")
+        if s.boot_id and s.boot_id not in names:
+            name(s.boot_id, "boot id")
         if len(s.flags) > MAX_FLAGS_PER_SAMPLE:
             raise PayloadError(f"more than {MAX_FLAGS_PER_SAMPLE} flags on one sample")
         for f in s.flags:
-            check_name(f, "flag", forbid=",")  # stored comma-joined
+            name(f, "flag", ",")  # stored comma-joined
         if len(s.values) > MAX_KEYS_PER_SAMPLE:
             raise PayloadError(f"more than {MAX_KEYS_PER_SAMPLE} values in one sample")
+        gps = s.sensor == GPS_SENSOR
         for key, v in s.values.items():
-            check_name(key, "value key")
-            _check_value(s.sensor, key, v)
+            if key not in names:
+                check_name(key, "value key")
+                names.add(key)
+            tv = type(v)
+            if gps and key in FIX_BOUNDS:
+                lo, hi, whole = FIX_BOUNDS[key]
+                if not (v is None or (tv is float or tv is int) and lo <= v <= hi and (not whole or v == int(v))):
+                    _check_value(s.sensor, key, v)
+            elif not (v is None or tv is float and -big <= v <= big or tv is int and lo_i <= v <= hi_i):
+                _check_value(s.sensor, key, v)
     if len(batch.gaps) > MAX_GAPS_PER_BATCH:
         raise PayloadError(f"more than {MAX_GAPS_PER_BATCH} gaps in one batch")
     for g in batch.gaps:
