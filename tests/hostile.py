@@ -224,8 +224,11 @@ def hostile_upload(draw: st.DrawFn, device: str, kind: str | None = None) -> Hos
                                               first, last), version=version)
     elif kind == "bad_structure":
         field = draw(st.sampled_from(["samples", "first", "gaps", "device", "row"]))
-        junk = draw(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5),
-                              st.lists(st.integers(), max_size=3), st.just({"a": 1})))
+        # Nothing here is right for any of those fields (an empty list would be: no samples, no gaps).
+        junk = draw(st.one_of(st.none(), st.booleans(), st.floats(), st.just({"a": 1}),
+                              st.lists(st.integers(), min_size=1, max_size=3)))
+        if field == "gaps" and isinstance(junk, list):
+            junk = [junk]  # a gap of the wrong shape
         body = body_of(device, rows, first, last)
         if field == "row":
             body["samples"].append(junk)
