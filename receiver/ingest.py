@@ -102,7 +102,10 @@ class Ingestor:
             try:
                 results: list[IngestResult] | None = self.store.ingest_many(
                     [(b, d, r) for _, _, b, d, r in good], derive=self.derive)
-            except Exception:  # noqa: BLE001 - which upload (or the store) is at fault: one by one
+            except Exception as exc:  # noqa: BLE001 - which upload (or the store) is at fault: one by one
+                if self.store.is_outage(exc):
+                    log.error("store unavailable while storing %d uploads: %s", len(good), _brief(exc))
+                    raise StoreUnavailable(f"store failed while storing a group: {_brief(exc)}") from exc
                 results = None
             if results is not None:
                 for (i, device, b, d, _), res in zip(good, results):
@@ -122,19 +125,25 @@ class Ingestor:
         return done
 
     def _guarded(self, write: Callable[[], T], what: str) -> T:
-        """``write()``; a failure it does not explain is the upload's (``PayloadError``) if
-        the store still takes a trivial write, else the store's (``StoreUnavailable``)."""
-        try:
-            return write()
-        except PayloadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - judged by the probe below
-            failure = exc
-        try:
-            self.store.count(PROBE_COUNTER)
-        except Exception as probe_exc:  # noqa: BLE001 - the store is failing as a whole
-            log.error("store unavailable while %s: %s; then %s", what, _brief(failure), _brief(probe_exc))
-            raise StoreUnavailable(f"store failed while {what}: {_brief(probe_exc)}") from probe_exc
+        """``write()``, judging a failure: the store's own (``is_outage``: locked, full,
+        unreachable) is ``StoreUnavailable``. Any other is tried once more if the store still
+        takes a trivial write (a transient conflict passes then); failing again it is the
+        upload's (``PayloadError``), and failing the trivial write it is the store's."""
+        for attempt in (1, 2):
+            try:
+                return write()
+            except PayloadError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - judged here
+                if self.store.is_outage(exc):
+                    log.error("store unavailable while %s: %s", what, _brief(exc))
+                    raise StoreUnavailable(f"store failed while {what}: {_brief(exc)}") from exc
+                failure = exc
+            try:
+                self.store.count(PROBE_COUNTER)
+            except Exception as probe_exc:  # noqa: BLE001 - the store is failing as a whole
+                log.error("store unavailable while %s: %s; then %s", what, _brief(failure), _brief(probe_exc))
+                raise StoreUnavailable(f"store failed while {what}: {_brief(probe_exc)}") from probe_exc
         log.warning("the store refused one upload (%s): %s", what, _brief(failure))
         raise PayloadError(f"the store could not hold this upload: {_brief(failure)}") from failure
 

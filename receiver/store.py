@@ -72,6 +72,11 @@ class Store(Protocol):
 
     def fleet_status(self) -> list[dict[str, object]]: ...
 
+    def is_outage(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the store itself failing, whatever was written (the Ingestor
+        then answers nothing and raises StoreUnavailable; anything else it judges by a probe)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -347,6 +352,11 @@ class SQLiteStore(StoreReads):
             replace=True,
         )
 
+    def is_outage(self, exc: BaseException) -> bool:
+        # Locked past busy_timeout, disk or database full, I/O error, read-only:
+        # never caused by one upload's content.
+        return isinstance(exc, sqlite3.OperationalError)
+
     # -- writes ---------------------------------------------------------------
 
     def _bump(self, name: str, by: int = 1, **more: int) -> None:
@@ -400,7 +410,8 @@ class SQLiteStore(StoreReads):
             crash_point("receiver.commit.before")
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # SQLite rolled back already on some errors (disk full)
+                c.execute("ROLLBACK")
             raise
         return results
 
@@ -539,7 +550,8 @@ class SQLiteStore(StoreReads):
             self._bump("dead_letters")
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:
+                c.execute("ROLLBACK")
             raise
 
     def count(self, name: str, by: int = 1) -> None:

@@ -275,6 +275,7 @@ class PostgresStore(StoreReads):
     True insists (fails if it cannot be enabled).
     """
 
+
     PARAM = "%s"
 
     def __init__(
@@ -365,6 +366,12 @@ class PostgresStore(StoreReads):
                 return False
         self._ddl(_POSTGIS)
         return True
+
+    def is_outage(self, exc: BaseException) -> bool:
+        # The server or the connection failing (unreachable, shut down, disk full, out of memory,
+        # too many connections, conflicts retried in vain) is psycopg's OperationalError, except
+        # class 54: a program limit one upload can reach (an index row too large).
+        return isinstance(exc, psycopg.OperationalError) and not isinstance(exc, pgerr.ProgramLimitExceeded)
 
     # -- retries ------------------------------------------------------------------
 

@@ -147,12 +147,15 @@ def test_generated_uploads_each_get_their_outcome_postgres(pg_dsn: str) -> None:
 
 
 class RefusesOne(SQLiteStore):
-    """A real SQLite store whose write fails, the way no validation foresaw, for one batch."""
+    """A real SQLite store whose write fails, the way no validation foresaw, for one batch
+    (``times`` times, then it works)."""
 
     culprit = ""
+    times = 1_000
 
     def _store_raw(self, batch: Batch, sha256: str, received_ms: int) -> Any:
-        if batch.epoch == self.culprit:
+        if batch.epoch == self.culprit and self.times > 0:
+            self.times -= 1
             raise sqlite3.IntegrityError("constraint failed in a way nobody expected")
         return super()._store_raw(batch, sha256, received_ms)
 
@@ -165,8 +168,45 @@ def test_an_upload_the_store_refuses_is_rejected_alone(tmp_path: Any) -> None:
     assert [o.ack.status for o in out] == [STORED, REJECTED, STORED]
     assert "the store could not hold this upload: IntegrityError" in out[1].ack.reason
     assert [sha for sha, _, _ in dead_letters(store)] == [content_hash(msgs[1][1])]
-    assert store.counts()[PROBE_COUNTER] == 1 and store.counts()["samples"] == 12
+    # Probed after each of its two tries: the store took both trivial writes.
+    assert store.counts()[PROBE_COUNTER] == 2 and store.counts()["samples"] == 12
     print(f"\ngroup of 3 with one refused write: {[o.ack.status for o in out]}")
+
+
+def test_a_write_that_fails_once_is_tried_again_not_rejected(tmp_path: Any) -> None:
+    store = RefusesOne(tmp_path / "d.sqlite")
+    store.culprit, store.times = "flaky", 2  # the group's try and the first single try
+    msgs = [(TOPIC, ordinary("van-a").build(e), RECEIVED) for e in ("one", "flaky")]
+    assert [o.ack.status for o in Ingestor(store).handle_many(msgs)] == [STORED, STORED]
+    assert dead_letters(store) == []
+
+
+def test_disk_full_is_an_outage_not_a_bad_upload(tmp_path: Any) -> None:
+    """SQLite's own "database or disk is full" (a page cap here): a tiny counter write may still
+    fit, so the probe alone would blame the upload; the store names it an outage."""
+    store = SQLiteStore(tmp_path / "d.sqlite")
+    ing = Ingestor(store)
+    assert ing.handle(TOPIC, ordinary("van-a").build("e0"), RECEIVED).ack.status == STORED
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    big = ordinary("van-a", 1, 400).build("e1")
+    with pytest.raises(StoreUnavailable, match="full"):
+        ing.handle_many([(TOPIC, big, RECEIVED)])
+    assert dead_letters(store) == []
+    store.conn.execute(f"PRAGMA max_page_count = {pages * 1000}")  # space again
+    assert ing.handle(TOPIC, big, RECEIVED).ack.status == STORED
+
+
+def test_a_locked_database_is_an_outage_not_a_bad_upload(tmp_path: Any) -> None:
+    store = SQLiteStore(tmp_path / "d.sqlite")
+    store.conn.execute("PRAGMA busy_timeout = 200")
+    other = sqlite3.connect(tmp_path / "d.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    msgs = [(TOPIC, ordinary("van-a").build("e1"), RECEIVED), (TOPIC, b"junk", RECEIVED)]
+    with pytest.raises(StoreUnavailable, match="locked"):
+        Ingestor(store).handle_many(msgs)
+    other.execute("ROLLBACK")
+    assert [o.ack.status for o in Ingestor(store).handle_many(msgs)] == [STORED, REJECTED]
 
 
 def test_a_store_outage_raises_and_answers_nothing_sqlite(tmp_path: Any) -> None:
