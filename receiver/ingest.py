@@ -13,9 +13,10 @@ The decision for every payload:
 A failure of the store itself (disk full, database locked too long or
 unreachable) is not the payload's fault: ``StoreUnavailable`` propagates, the
 broker messages stay un-acknowledged and are delivered again. The two are told
-apart by what fails, not by the exception's type: when a write fails in a way
-the store did not name, a trivial write (a counter) is tried; if that works
-too the upload was at fault, if not the store is.
+apart by what fails, never by an exception's type being unknown: a failure the
+store names its own (``Store.is_outage``) is an outage; after any other, a
+trivial write (a counter) is tried: if it fails too, the store is at fault; if
+it works, the upload is tried once more and, failing again, is at fault.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_REASON_CHARS = 500  # a reason quotes exceptions; hostile content must not make it huge
-PROBE_COUNTER = "uploads_store_refused"  # the trivial write that tells a bad upload from a bad store
+# The trivial write that tells a bad upload from a bad store; its count is how many
+# writes failed without the store naming an outage.
+PROBE_COUNTER = "store_probes"
 
 
 def clean_text(text: str | None, limit: int = MAX_REASON_CHARS) -> str | None:
