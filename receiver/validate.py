@@ -102,12 +102,14 @@ def check_text(s: str, what: str, limit: int = MAX_TEXT_CHARS) -> None:
         s.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PayloadError(f"{what} is not valid Unicode (a lone surrogate)") from exc
-    if s[:1] in ("{", "[") and json_depth(s) > MAX_JSON_DEPTH:
+    if (s[:1] in ("{", "[") and s.count("[") + s.count("{") > MAX_JSON_DEPTH  # (cheap, in C)
+            and json_depth(s, MAX_JSON_DEPTH) > MAX_JSON_DEPTH):
         raise PayloadError(f"{what} is JSON nested more than {MAX_JSON_DEPTH} deep")
 
 
-def json_depth(text: str) -> int:
-    """How deep JSON text nests (brackets outside strings), without parsing it."""
+def json_depth(text: str, limit: int | None = None) -> int:
+    """How deep JSON text nests (brackets outside strings, closed or not: a parser recurses on
+    the way in), without parsing it. Stops as soon as it passes ``limit``."""
     depth = deepest = 0
     in_str = escaped = False
     for ch in text:
@@ -122,7 +124,10 @@ def json_depth(text: str) -> int:
             in_str = True
         elif ch in "[{":
             depth += 1
-            deepest = max(deepest, depth)
+            if depth > deepest:
+                deepest = depth
+                if limit is not None and depth > limit:
+                    break
         elif ch in "]}":
             depth -= 1
     return deepest
@@ -161,6 +166,7 @@ def check_batch(batch: Batch) -> Batch:
     check_int(batch.first_seq, "first_seq", 1)
     check_int(batch.last_seq, "last_seq", 1)
     names: set[str] = set()  # checked already in this batch
+    texts: set[str] = set()
 
     def name(s: str, what: str, forbid: str = "") -> None:
         if s not in names:
@@ -200,6 +206,10 @@ def check_batch(batch: Batch) -> Batch:
                 lo, hi, whole = FIX_BOUNDS[key]
                 if not (v is None or (tv is float or tv is int) and lo <= v <= hi and (not whole or v == int(v))):
                     _check_value(s.sensor, key, v)
+            elif tv is str:
+                if v not in texts:  # version 2 shares one string among samples: check it once
+                    _check_value(s.sensor, key, v)
+                    texts.add(v)
             elif not (v is None or tv is float and -big <= v <= big or tv is int and lo_i <= v <= hi_i):
                 _check_value(s.sensor, key, v)
     if len(batch.gaps) > MAX_GAPS_PER_BATCH:
