@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from edge.model import Sample, TimeSource
+from receiver.quality import FLAGGED
 from uplink.wire import MAGIC, Batch, Gap, encode_batch
 
 STORED, REJECTED = "stored", "rejected"
@@ -100,11 +101,14 @@ def ordinary(device: str, first: int = 1, n: int = 6) -> Hostile:
 
 # -- the strategy ----------------------------------------------------------------------
 
-_NAME = st.text("abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=12)
+# Keys the receiver derives from (quality flags, humidity, calibration inputs) come up often,
+# so that valid extremes go through the whole derive path, not only into the raw table.
+_NAME = st.one_of(st.text("abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=12),
+                  st.sampled_from(sorted(FLAGGED | {"rh", "rh_pct", "no2_we_mv", "no2_ae_mv", "no2_temp_c"})))
 _TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=30)
 _GOOD_VALUE = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**12), 10**12),
-    st.floats(-1e9, 1e9, allow_nan=False, allow_infinity=False), _TEXT,
+    st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.integers(-INT64, INT64 - 1),
+    st.floats(-1e9, 1e9, allow_nan=False, allow_infinity=False), st.floats(-1e15, 1e15), _TEXT,
 )
 _FIX_KEYS = ("lat", "lon", "speed", "course", "alt", "hdop", "fix_quality", "fix_mode", "sats_used",
              "sats_in_view")
