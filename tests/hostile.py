@@ -369,7 +369,10 @@ HOSTILE_STATUS = [
 def hostile_sync(device: str, known_id: str) -> list[bytes]:
     """Sync requests a broken van might send; ``known_id`` is one real batch id among junk."""
     return [
-        b'{"v":1,"batches":["' + device.encode() + b'/\\u0000/1-2", "' + known_id.encode() + b'", 5, null]}',
+        # The real id among ids no store could look up, another van's, and one too long.
+        b'{"v":1,"batches":["' + device.encode() + b'/\\u0000/1-2", "' + known_id.encode() + b'", "van-b/e/1-2", "'
+        + device.encode() + b"/" + b"y" * 600 + b'"]}',
+        b'{"v":1,"batches":["' + known_id.encode() + b'", 5, null]}',  # not all strings: malformed
         b'{"v":1,"batches":"' + b"[" * 50_000 + b'"}',
         b'{"v":1,"batches":' + b"[" * 50_000 + b"}",
         b'{"v":1,"batches":["' + device.encode() + b"/" + b"x" * 100_000 + b'"]}',

@@ -164,7 +164,8 @@ def run_hostile(broker: LocalBroker, store_url: str, uploads: list[Hostile], wor
                         if i % 10 == 0:  # hostile heartbeats and sync requests among the uploads
                             k = i // 10
                             a.send(status_topic(P, "van-a"), HOSTILE_STATUS[k % len(HOSTILE_STATUS)])
-                            a.send(sync_topic(P, "van-a"), hostile_sync("van-a", "van-a/x/1-2")[k % 6])
+                            syncs = hostile_sync("van-a", "van-a/x/1-2")
+                            a.send(sync_topic(P, "van-a"), syncs[k % len(syncs)])
                             report.other_sent += 2
                 finally:
                     a_done.set()
