@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge.errors import PayloadError, StoreUnavailable
 from receiver.ingest import PROBE_COUNTER, Ingestor, clean_text
@@ -262,6 +263,32 @@ def test_hostile_sync_requests_answer_only_real_batches(store: Any) -> None:
     assert answers == [[bid]] + [[]] * 6  # the real id among the junk of the first is answered
     assert [a.batch_id for a in ing.handle_sync("van-a", b'{"v":1,"batches":["' + bid.encode() + b'"]}')] == [bid]
     print(f"\n{len(answers)} hostile sync requests: only the real batch id answered")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
+    max_leaves=40,
+)
+
+
+def test_any_status_or_sync_json_is_kept_or_ignored_never_raised(store: Any) -> None:
+    ing = Ingestor(store)
+    seen: Counter[str] = Counter()
+
+    @settings(FUZZ, max_examples=120)
+    @given(_JSON, st.booleans())
+    def one(value: Any, online: bool) -> None:
+        status = json.dumps({"v": 1, "online": online, "x": value}).encode()
+        before = store.fleet_status()
+        ing.handle_status("van-s", status, RECEIVED)  # must not raise
+        after = store.fleet_status()
+        seen["kept" if after != before else "ignored"] += 1
+        ing.handle_sync("van-s", json.dumps({"v": 1, "batches": value}).encode())  # must not raise
+
+    one()
+    print(f"\ngenerated status messages: {dict(seen)}")
+    assert seen["kept"] and seen["ignored"]
 
 
 # -- rows stored before the schema existed cannot poison later batches ---------------------
