@@ -54,11 +54,7 @@ class PayloadError(RecoverableError):
 
 
 class StoreUnavailable(RecoverableError):
-    """The receiver's store is failing as a whole (unreachable, locked, disk full), not one upload.
-
-    Raised by the ingest path only after a trivial write to the store failed too:
-    the messages stay un-acknowledged and are tried again once the store is back.
-    """
+    """The DataLab store cannot be reached or written now (down, locked, disk full): retry later."""
 
 
 class FatalError(DatalabError):

@@ -353,9 +353,10 @@ class SQLiteStore(StoreReads):
         )
 
     def is_outage(self, exc: BaseException) -> bool:
-        # Locked past busy_timeout, disk or database full, I/O error, read-only:
-        # never caused by one upload's content.
-        return isinstance(exc, sqlite3.OperationalError)
+        # Locked past busy_timeout, read-only, disk or database full, I/O error: OperationalError
+        # (DatabaseError itself for a damaged file); never caused by one upload's content, which
+        # fails as IntegrityError, DataError, OverflowError, ValueError ...
+        return isinstance(exc, (sqlite3.OperationalError, sqlite3.InterfaceError)) or type(exc) is sqlite3.DatabaseError
 
     # -- writes ---------------------------------------------------------------
 

@@ -368,10 +368,11 @@ class PostgresStore(StoreReads):
         return True
 
     def is_outage(self, exc: BaseException) -> bool:
-        # The server or the connection failing (unreachable, shut down, disk full, out of memory,
-        # too many connections, conflicts retried in vain) is psycopg's OperationalError, except
-        # class 54: a program limit one upload can reach (an index row too large).
-        return isinstance(exc, psycopg.OperationalError) and not isinstance(exc, pgerr.ProgramLimitExceeded)
+        # Unreachable, shut down, out of space or memory (OperationalError), or conflicts that
+        # outlived _run's attempts; except class 54, a program limit one upload can reach (an
+        # index row too large). A batch's content fails otherwise (DataError, ValueError ...).
+        return (isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, *_RETRY))
+                and not isinstance(exc, pgerr.ProgramLimitExceeded))
 
     # -- retries ------------------------------------------------------------------
 
