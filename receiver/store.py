@@ -598,25 +598,17 @@ CONTEXT_SPAN = quality.CONTEXT * 8
 
 
 def _values(v: Any) -> dict[str, Any]:
-    """A ``vals`` column as a dict (jsonb arrives decoded, SQLite text does not)."""
-    return v if isinstance(v, dict) else read_json(v)
+    """A ``vals`` column as a dict (jsonb arrives decoded, SQLite text does not).
 
-
-def read_json(raw: str | bytes) -> Any:
-    """Stored JSON read back: orjson, or for a row orjson refuses the stdlib, with numbers a
-    double cannot hold as NaN. Such rows predate the admission schema (receiver/validate.py):
-    a stored 10^309 made orjson fail on every later batch of its van that read it as context."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    Read as a later batch's context: a row that is not an object (damaged, or
+    from an older writer) counts as no values, so it cannot stop the batches after it.
+    """
+    if isinstance(v, (str, bytes)):
         try:
-            return json.loads(raw, parse_int=_bounded_int, parse_constant=lambda _: _NAN)
-        except (ValueError, RecursionError):
+            v = orjson.loads(v)
+        except orjson.JSONDecodeError:
             return {}
-
-
-def _bounded_int(text: str) -> int | float:
-    return int(text) if len(text) <= 19 and -(2**63) <= int(text) < 2**63 else _NAN
+    return v if isinstance(v, dict) else {}
 
 
 # A stamp more than this far ahead of the receiver's own clock is a device clock fault.
@@ -718,6 +710,24 @@ def _json(values: dict[str, Any]) -> str:
         return _encode_json(values)
     except ValueError as exc:
         raise PayloadError(f"values that JSON cannot hold (NaN or infinity): {exc}") from exc
+
+
+def read_json(raw: str | bytes) -> Any:
+    """Stored JSON read back: orjson, or for a row orjson refuses the stdlib, with numbers a
+    double cannot hold as NaN. Such rows predate the admission schema (receiver/validate.py):
+    a stored 10^309 made orjson fail on every later batch of its van that read it as context
+    (PostgreSQL decodes jsonb with this; SQLite's context reads skip such a row, ``_values``)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw, parse_int=_bounded_int, parse_constant=lambda _: _NAN)
+        except (ValueError, RecursionError):
+            return {}
+
+
+def _bounded_int(text: str) -> int | float:
+    return int(text) if len(text) <= 19 and -(2**63) <= int(text) < 2**63 else _NAN
 
 
 def _sample_from_row(r: tuple[Any, ...]) -> Sample:
