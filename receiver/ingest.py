@@ -178,12 +178,10 @@ class Ingestor:
             # Cleaned text and bytes should always store; if not, keep the record without the payload
             # (its hash stays) rather than leave the upload without an outcome.
             log.error("dead letter refused (%s); storing it without its payload", exc)
+            why = f"{reason} (payload not kept: {exc})"[:1000]
             try:
-                self._guarded(
-                    lambda: self.store.dead_letter(topic_text, who, f"{reason} (payload not kept: {exc})"[:1000],
-                                                   b"", digest, received_ms),
-                    "dead-lettering an upload without its payload",
-                )
+                self._guarded(lambda: self.store.dead_letter(topic_text, who, why, b"", digest, received_ms),
+                              "dead-lettering an upload without its payload")
             except PayloadError:
                 log.error("dead letter for %s refused twice; answered rejected all the same", digest)
         self.counters["rejected"] += 1

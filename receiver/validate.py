@@ -150,7 +150,8 @@ def _check_value(sensor: str, key: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise PayloadError(f"fix field {key!r} must be a number")
         if not lo <= v <= hi or whole and v != int(v):
-            raise PayloadError(f"fix field {key!r} outside {lo:g}..{hi:g}" + (" or not whole" if whole else ""))
+            tail = " or not whole" if whole else ""
+            raise PayloadError(f"fix field {key!r} outside {lo:g}..{hi:g}{tail}")
 
 
 def check_batch(batch: Batch) -> Batch:
@@ -204,7 +205,8 @@ def check_batch(batch: Batch) -> Batch:
             tv = type(v)
             if gps and key in FIX_BOUNDS:
                 lo, hi, whole = FIX_BOUNDS[key]
-                if not (v is None or (tv is float or tv is int) and lo <= v <= hi and (not whole or v == int(v))):
+                number = tv is float or tv is int
+                if not (v is None or number and lo <= v <= hi and (not whole or v == int(v))):
                     _check_value(s.sensor, key, v)
             elif tv is str:
                 if v not in texts:  # version 2 shares one string among samples: check it once

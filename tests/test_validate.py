@@ -183,6 +183,25 @@ def test_a_write_that_fails_once_is_tried_again_not_rejected(tmp_path: Any) -> N
     print("\na write that failed once (then the store took a probe) stored on its second try")
 
 
+class RefusesPayloads(SQLiteStore):
+    """A real SQLite store that cannot keep a dead letter's payload (and says nothing of why)."""
+
+    def dead_letter(self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str,
+                    received_ms: int) -> None:
+        if payload:
+            raise sqlite3.IntegrityError("no room for this payload")
+        super().dead_letter(topic, device, reason, payload, sha256, received_ms)
+
+
+def test_a_dead_letter_the_store_refuses_is_kept_without_its_payload(tmp_path: Any) -> None:
+    store = RefusesPayloads(tmp_path / "d.sqlite")
+    out = Ingestor(store).handle(TOPIC, b"junk", RECEIVED)
+    assert out.ack.status == REJECTED and out.ack.sha256 == content_hash(b"junk")
+    ((sha, reason, kept),) = dead_letters(store)
+    assert sha == content_hash(b"junk") and kept == b"" and "payload not kept" in reason
+    print(f"\ndead letter refused with its payload, kept without: {reason[:80]}")
+
+
 def test_disk_full_is_an_outage_not_a_bad_upload(tmp_path: Any) -> None:
     """SQLite's own "database or disk is full" (a page cap here): a tiny counter write may still
     fit, so the probe alone would blame the upload; the store names it an outage."""
