@@ -10,7 +10,8 @@ Two branches matter to callers:
 
 ``PayloadError`` is what the receiver raises for an upload it must reject for
 good; it is recoverable for the receiver (it keeps running) but permanent for
-that payload (it goes to the dead-letter table).
+that payload (it goes to the dead-letter table). ``StoreUnavailable`` is its
+opposite: the store failed, not the payload, so nothing is rejected.
 """
 
 from __future__ import annotations

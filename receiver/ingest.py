@@ -2,24 +2,33 @@
 
 The decision for every payload:
 
-* decodes, comes from the device its topic names, stores  -> ack ``stored``
+* decodes, passes the admission schema (receiver/validate.py),
+  comes from the device its topic names, stores             -> ack ``stored``
 * same batch id and bytes as one already stored             -> ack ``duplicate``
 * anything permanently wrong (malformed, unknown version,
-  too large, device mismatch, same id with other bytes)     -> dead-letter + ack ``rejected``
+  too large, out of bounds, device mismatch, same id with
+  other bytes, or a write the store refuses for this upload
+  alone)                                                    -> dead-letter + ack ``rejected``
 
-A failure of the store itself (disk full, database locked too long) is not the
-payload's fault: it propagates, the broker message stays un-acknowledged and
-is delivered again.
+A failure of the store itself (disk full, database locked too long or
+unreachable) is not the payload's fault: ``StoreUnavailable`` propagates, the
+broker messages stay un-acknowledged and are delivered again. The two are told
+apart by what fails, never by an exception's type being unknown: a failure the
+store names its own (``Store.is_outage``) is an outage; after any other, a
+trivial write (a counter) is tried: if it fails too, the store is at fault; if
+it works, the upload is tried once more and, failing again, is at fault.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-from edge.errors import PayloadError
+from edge.errors import PayloadError, StoreUnavailable
 from receiver.store import IngestResult, Store
+from receiver.validate import check_batch, check_status, clean_ids
 from uplink.wire import (
     ACK_DUPLICATE,
     decode_status,
@@ -36,6 +45,22 @@ from uplink.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_REASON_CHARS = 500  # a reason quotes exceptions; hostile content must not make it huge
+# The trivial write that tells a bad upload from a bad store; its count is how many
+# writes failed without the store naming an outage.
+PROBE_COUNTER = "store_probes"
+
+
+def clean_text(text: str | None, limit: int = MAX_REASON_CHARS) -> str | None:
+    """Text any store can hold in a text column: no NUL, valid UTF-8, bounded."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\x00")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +80,13 @@ class Ingestor:
         return self.handle_many([(topic, payload, received_ms)])[0]
 
     def handle_many(self, msgs: Sequence[tuple[str, bytes, int]]) -> list[Outcome]:
-        """Outcomes for several uploads (topic, payload, received_ms), stored in one transaction.
+        """Outcomes for several uploads (topic, payload, received_ms), in order, stored in one transaction.
 
-        Each payload is judged on its own: a malformed one is dead-lettered and
-        rejected without holding up the others. Should the store refuse the
-        group for one batch's content (a batch id arriving with other bytes),
-        the batches are stored one by one so only that one is rejected.
+        Each upload gets its own outcome whatever it contains: a malformed or
+        out-of-bounds one is dead-lettered and rejected before the store sees
+        it. Should the store refuse the group, the batches are stored one by
+        one so only the culprit is rejected. Raises ``StoreUnavailable`` only
+        when the store itself is failing (then none of the group is answered).
         """
         out: list[Outcome | None] = [None] * len(msgs)
         good: list[tuple[int, str, Batch, str, int]] = []
@@ -70,11 +96,19 @@ class Ingestor:
             try:
                 good.append((i, device or "", self._decode(topic, device, payload), digest, received_ms))
             except PayloadError as exc:
-                out[i] = self._reject(topic, device, "", exc, payload, digest, received_ms)
+                out[i] = self._reject(topic, device, "", str(exc), payload, digest, received_ms)
+            except Exception as exc:  # noqa: BLE001 - decoding never touches the store: the payload's fault
+                log.exception("decoder failed on an upload on %s", clean_text(topic))
+                reason = f"malformed payload: {type(exc).__name__}"
+                out[i] = self._reject(topic, device, "", reason, payload, digest, received_ms)
         if good:
             try:
-                results = self.store.ingest_many([(b, d, r) for _, _, b, d, r in good], derive=self.derive)
-            except PayloadError:
+                results: list[IngestResult] | None = self.store.ingest_many(
+                    [(b, d, r) for _, _, b, d, r in good], derive=self.derive)
+            except Exception as exc:  # noqa: BLE001 - which upload (or the store) is at fault: one by one
+                if self.store.is_outage(exc):
+                    log.error("store unavailable while storing %d uploads: %s", len(good), _brief(exc))
+                    raise StoreUnavailable(f"store failed while storing a group: {_brief(exc)}") from exc
                 results = None
             if results is not None:
                 for (i, device, b, d, _), res in zip(good, results):
@@ -83,30 +117,73 @@ class Ingestor:
                 for i, device, b, d, r in good:
                     topic, payload, _ = msgs[i]
                     try:
-                        res = self.store.ingest(b, d, r, derive=self.derive)
+                        res = self._guarded(lambda: self.store.ingest(b, d, r, derive=self.derive),
+                                            f"storing {b.batch_id}")
                     except PayloadError as exc:
-                        out[i] = self._reject(topic, device, b.batch_id, exc, payload, d, r)
+                        out[i] = self._reject(topic, device, b.batch_id, str(exc), payload, d, r)
                     else:
                         out[i] = self._answer(device, b, d, res)
         done = [o for o in out if o is not None]
         assert len(done) == len(msgs), "every upload gets an outcome, in order"  # the service zips them
         return done
 
+    def _guarded(self, write: Callable[[], T], what: str) -> T:
+        """``write()``, judging a failure: the store's own (``is_outage``: locked, full,
+        unreachable) is ``StoreUnavailable``. Any other is tried once more if the store still
+        takes a trivial write (a transient conflict passes then); failing again it is the
+        upload's (``PayloadError``), and failing the trivial write it is the store's."""
+        for attempt in (1, 2):
+            try:
+                return write()
+            except PayloadError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - judged here
+                if self.store.is_outage(exc):
+                    log.error("store unavailable while %s: %s", what, _brief(exc))
+                    raise StoreUnavailable(f"store failed while {what}: {_brief(exc)}") from exc
+                failure = exc
+            try:
+                self.store.count(PROBE_COUNTER)
+            except Exception as probe_exc:  # noqa: BLE001 - the store is failing as a whole
+                log.error("store unavailable while %s: %s; then %s", what, _brief(failure), _brief(probe_exc))
+                raise StoreUnavailable(f"store failed while {what}: {_brief(probe_exc)}") from probe_exc
+        log.warning("the store refused one upload (%s): %s", what, _brief(failure))
+        raise PayloadError(f"the store could not hold this upload: {_brief(failure)}") from failure
+
     def _decode(self, topic: str, device: str | None, payload: bytes) -> Batch:
         if device is None:
-            raise PayloadError(f"topic {topic!r} is not a device batch topic")
-        batch = decode_batch(payload)
+            raise PayloadError(f"topic {clean_text(topic, 200)!r} is not a device batch topic")
+        batch = check_batch(decode_batch(payload))
         if batch.device != device:
             raise PayloadError(f"payload claims device {batch.device!r} but arrived on {device!r}'s topic")
         return batch
 
     def _reject(
-        self, topic: str, device: str | None, bid: str, exc: PayloadError, payload: bytes, digest: str,
+        self, topic: str, device: str | None, bid: str, reason: str, payload: bytes, digest: str,
         received_ms: int,
     ) -> Outcome:
-        reason = str(exc)
-        log.warning("rejected upload on %s: %s", topic, reason)
-        self.store.dead_letter(topic, device, reason, payload[:MAX_PAYLOAD_BYTES], digest, received_ms)
+        """Dead-letter the upload and answer ``rejected``. Hostile text (NUL, lone surrogates,
+        huge reasons) is made storable first; the payload bytes are kept as they came."""
+        reason = clean_text(reason) or "rejected"
+        topic_text = clean_text(topic, 1000) or ""
+        log.warning("rejected upload on %s: %s", topic_text, reason)
+        who = clean_text(device, 200)
+        try:
+            self._guarded(
+                lambda: self.store.dead_letter(topic_text, who, reason, payload[:MAX_PAYLOAD_BYTES], digest,
+                                               received_ms),
+                "dead-lettering an upload",
+            )
+        except PayloadError as exc:
+            # Cleaned text and bytes should always store; if not, keep the record without the payload
+            # (its hash stays) rather than leave the upload without an outcome.
+            log.error("dead letter refused (%s); storing it without its payload", exc)
+            why = f"{reason} (payload not kept: {exc})"[:1000]
+            try:
+                self._guarded(lambda: self.store.dead_letter(topic_text, who, why, b"", digest, received_ms),
+                              "dead-lettering an upload without its payload")
+            except PayloadError:
+                log.error("dead letter for %s refused twice; answered rejected all the same", digest)
         self.counters["rejected"] += 1
         return Outcome(device, Ack(bid, ACK_REJECTED, reason, digest))
 
@@ -116,27 +193,46 @@ class Ingestor:
         return Outcome(device, Ack(batch.batch_id, status, "", digest))
 
     def handle_sync(self, device: str, payload: bytes) -> list[Ack]:
-        """Acks for the batches a device names that are already committed (lost-ack healing)."""
+        """Acks for the batches a device names that are already committed (lost-ack healing).
+
+        A request that is malformed or names ids no store can look up is ignored
+        (logged); only ``StoreUnavailable`` escapes."""
         try:
-            ids = decode_sync(payload)
+            ids = clean_ids(decode_sync(payload))
         except PayloadError as exc:
-            log.warning("ignored sync request from %s: %s", device, exc)
+            log.warning("ignored sync request from %s: %s", clean_text(device, 200), exc)
             return []
         # A device may only ask about its own batches.
         mine = [i for i in ids if i.startswith(device + "/")]
-        known = self.store.known_batches(mine)
-        if known:
-            self.store.count("resync_acks", len(known))
+        if not mine:
+            return []
+
+        def lookup() -> list[tuple[str, str]]:
+            found = self.store.known_batches(mine)
+            if found:
+                self.store.count("resync_acks", len(found))
+            return found
+
+        try:
+            known = self._guarded(lookup, "answering a sync request")
+        except PayloadError as exc:
+            log.warning("ignored sync request from %s: %s", clean_text(device, 200), exc)
+            return []
         return [Ack(bid, ACK_DUPLICATE, "already committed", sha) for bid, sha in known]
 
     def handle_status(self, device: str, payload: bytes, received_ms: int) -> None:
+        """Keep a heartbeat; a malformed or out-of-bounds one is ignored (logged).
+        Only ``StoreUnavailable`` escapes."""
         try:
-            status = decode_status(payload)
+            status = check_status(decode_status(payload))
+            status["device"] = device  # the topic, vouched for by the broker, names it
+            self._guarded(lambda: self.store.record_status(device, status, received_ms), "recording a status")
         except PayloadError as exc:
-            log.warning("ignored status from %s: %s", device, exc)
-            return
-        status["device"] = device  # the topic, vouched for by the broker, names it
-        self.store.record_status(device, status, received_ms)
+            log.warning("ignored status from %s: %s", clean_text(device, 200), exc)
 
     def route(self, topic: str) -> tuple[str, str] | None:
         return split_topic(self.prefix, topic)
+
+
+def _brief(exc: BaseException) -> str:
+    return clean_text(f"{type(exc).__name__}: {exc}", 300) or ""

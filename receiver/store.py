@@ -80,6 +80,11 @@ class Store(Protocol):
 
     def fleet_status(self) -> list[dict[str, object]]: ...
 
+    def is_outage(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the store itself failing, whatever was written (the Ingestor
+        then answers nothing and raises StoreUnavailable; anything else it judges by a probe)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -431,6 +436,12 @@ class SQLiteStore(StoreReads):
             replace=True,
         )
 
+    def is_outage(self, exc: BaseException) -> bool:
+        # Locked past busy_timeout, read-only, disk or database full, I/O error: OperationalError
+        # (DatabaseError itself for a damaged file); never caused by one upload's content, which
+        # fails as IntegrityError, DataError, OverflowError, ValueError ...
+        return isinstance(exc, (sqlite3.OperationalError, sqlite3.InterfaceError)) or type(exc) is sqlite3.DatabaseError
+
     # -- writes ---------------------------------------------------------------
 
     def _bump(self, name: str, by: int = 1, **more: int) -> None:
@@ -484,7 +495,8 @@ class SQLiteStore(StoreReads):
             crash_point("receiver.commit.before")
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # SQLite rolled back already on some errors (disk full)
+                c.execute("ROLLBACK")
             raise
         return results
 
@@ -665,7 +677,8 @@ class SQLiteStore(StoreReads):
             self._bump("dead_letters")
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:
+                c.execute("ROLLBACK")
             raise
 
     def count(self, name: str, by: int = 1) -> None:
@@ -838,9 +851,27 @@ def _json(values: dict[str, Any]) -> str:
         raise PayloadError(f"values that JSON cannot hold (NaN or infinity): {exc}") from exc
 
 
+def read_json(raw: str | bytes) -> Any:
+    """Stored JSON read back: orjson, or for a row orjson refuses the stdlib, with numbers a
+    double cannot hold as NaN. Such rows predate the admission schema (receiver/validate.py):
+    a stored 10^309 made orjson fail on every later batch of its van that read it as context
+    (PostgreSQL decodes jsonb with this; SQLite's context reads skip such a row, ``_values``)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw, parse_int=_bounded_int, parse_constant=lambda _: _NAN)
+        except (ValueError, RecursionError):
+            return {}
+
+
+def _bounded_int(text: str) -> int | float:
+    return int(text) if len(text) <= 19 and -(2**63) <= int(text) < 2**63 else _NAN
+
+
 def _sample_from_row(r: tuple[Any, ...]) -> Sample:
     """A sample read back from ``samples`` (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags)."""
-    vals = orjson.loads(r[6]) if isinstance(r[6], (str, bytes)) else dict(r[6] or {})
+    vals = read_json(r[6]) if isinstance(r[6], (str, bytes)) else dict(r[6] or {})
     return Sample(r[1], r[2], r[3], r[4], vals, tuple(r[7].split(",")) if r[7] else (), r[0], r[5] or "")
 
 

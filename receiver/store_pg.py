@@ -54,7 +54,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import orjson
 import psycopg
 from psycopg import errors as pgerr
 from psycopg import pq, sql
@@ -78,6 +77,7 @@ from receiver.store import (
     _sample_from_row,
     _screen_times,
     quality_rows,
+    read_json,
 )
 from uplink.wire import Batch
 
@@ -285,6 +285,7 @@ class PostgresStore(StoreReads):
     True insists (fails if it cannot be enabled).
     """
 
+
     PARAM = "%s"
     QUEUE_TIEBREAK = "batch_id"
 
@@ -310,7 +311,7 @@ class PostgresStore(StoreReads):
         # autocommit: every unit of work is an explicit ``transaction()`` block, so
         # nothing is ever left open (an idle-in-transaction worker would hold locks).
         conn = psycopg.connect(self.dsn, autocommit=True)
-        set_json_loads(orjson.loads, conn)  # jsonb read back by derivers: ~5x the stdlib's speed
+        set_json_loads(read_json, conn)  # orjson (~5x the stdlib's speed), tolerant of old rows
         _JsonbFromText.oid = conn.adapters.types["jsonb"].oid
         conn.adapters.register_dumper(_JsonText, _JsonbFromText)
         # public stays on the path for PostGIS' types and functions.
@@ -376,6 +377,13 @@ class PostgresStore(StoreReads):
                 return False
         self._ddl(_POSTGIS)
         return True
+
+    def is_outage(self, exc: BaseException) -> bool:
+        # Unreachable, shut down, out of space or memory (OperationalError), or conflicts that
+        # outlived _run's attempts; except class 54, a program limit one upload can reach (an
+        # index row too large). A batch's content fails otherwise (DataError, ValueError ...).
+        return (isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, *_RETRY))
+                and not isinstance(exc, pgerr.ProgramLimitExceeded))
 
     # -- retries ------------------------------------------------------------------
 

@@ -153,6 +153,18 @@ def _inflate(data: bytes) -> bytes:
     return out
 
 
+def _loads(raw: bytes, what: str) -> Any:
+    """JSON from an upload. The parser's own failures on hostile input are rejections too:
+    nesting deeper than its recursion guard (RecursionError) and an integer of more
+    than 4,300 digits (ValueError), besides malformed JSON and bad UTF-8."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise PayloadError(f"{what} is JSON nested too deep") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise PayloadError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
+
+
 def _req(obj: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
     if key not in obj:
         raise PayloadError(f"missing field {key!r}")
@@ -197,19 +209,23 @@ def decode_batch(payload: bytes) -> Batch:
         raise PayloadError(
             f"unsupported wire version {version} (this receiver reads {SUPPORTED_VERSIONS})"
         )
-    if version == VERSION_COLUMNAR:
-        from uplink.codec_v2 import decode_v2
+    try:
+        if version == VERSION_COLUMNAR:
+            from uplink.codec_v2 import decode_v2
 
-        return _validate(decode_v2(payload[len(MAGIC) + 1 :]))
-    return _validate(_decode_v1(payload[len(MAGIC) + 1 :]))
+            return _validate(decode_v2(payload[len(MAGIC) + 1 :]))
+        return _validate(_decode_v1(payload[len(MAGIC) + 1 :]))
+    except PayloadError:
+        raise
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+        # Whatever else a crafted payload makes a decoder raise is still the payload's
+        # fault: never let it pass for a store failure (retried forever).
+        raise PayloadError(f"malformed payload: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def _decode_v1(body_bytes: bytes) -> Batch:
     raw = _inflate(body_bytes)
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"body is not valid JSON: {exc}") from exc
+    body = _loads(raw, "body")
     if not isinstance(body, dict):
         raise PayloadError("body must be a JSON object")
     device = _req(body, "device", str)
@@ -298,10 +314,7 @@ def encode_ack(ack: Ack) -> bytes:
 
 
 def decode_ack(payload: bytes) -> Ack:
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"ack is not JSON: {exc}") from exc
+    obj = _loads(payload, "ack")
     if not isinstance(obj, dict) or obj.get("v") != 1:
         raise PayloadError("ack of unknown version")
     bid, status = obj.get("batch"), obj.get("status")
@@ -331,10 +344,7 @@ def encode_sync(epoch: str, batch_ids: list[str]) -> bytes:
 def decode_sync(payload: bytes) -> list[str]:
     if len(payload) > 256 * 1024:
         raise PayloadError("sync request too large")
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"sync request is not JSON: {exc}") from exc
+    obj = _loads(payload, "sync request")
     ids = obj.get("batches") if isinstance(obj, dict) and obj.get("v") == 1 else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise PayloadError("sync request lacks a list of batch ids")
@@ -349,10 +359,7 @@ def encode_status(status: dict[str, Any]) -> bytes:
 def decode_status(payload: bytes) -> dict[str, Any]:
     if len(payload) > 64 * 1024:
         raise PayloadError("status too large")
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"status is not JSON: {exc}") from exc
+    obj = _loads(payload, "status")
     if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("online"), bool):
         raise PayloadError("status of unknown version or without 'online'")
     return obj
