@@ -178,7 +178,8 @@ class StoreReads:
                   reason)
 
     def _store_failure(self, exc: BaseException) -> bool:
-        raise NotImplementedError
+        # One judgement for ingest and derive: the store's own is_outage.
+        return self.is_outage(exc)  # type: ignore[attr-defined]
 
     def _park(self, batch_id: str, reason: str) -> None:
         raise NotImplementedError
@@ -597,10 +598,6 @@ class SQLiteStore(StoreReads):
             return
         c.execute("RELEASE derive")
 
-    def _store_failure(self, exc: BaseException) -> bool:
-        # Locked, read-only, full, unreadable: sqlite3 says OperationalError (DatabaseError
-        # itself for a damaged file); a batch's content fails as ValueError, TypeError ...
-        return isinstance(exc, (sqlite3.OperationalError, sqlite3.InterfaceError)) or type(exc) is sqlite3.DatabaseError
 
     def _park(self, batch_id: str, reason: str) -> None:
         c = self.conn

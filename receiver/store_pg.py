@@ -593,11 +593,6 @@ class PostgresStore(StoreReads):
             crash_point("receiver.derive.before")
         return len(rows)
 
-    def _store_failure(self, exc: BaseException) -> bool:
-        # Unreachable, shut down, out of space (OperationalError), or conflicts that outlived
-        # _run's attempts; a batch's content fails otherwise (DataError, ValueError, TypeError ...).
-        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, *_RETRY))
-
     def _park(self, batch_id: str, reason: str) -> None:
         def work(attempt: int) -> None:
             c = self.conn
