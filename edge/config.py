@@ -16,7 +16,8 @@ from typing import Any
 
 from edge.errors import ConfigError
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# Used with fullmatch: "$" alone would also accept a trailing newline.
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 @dataclass(slots=True)
@@ -174,7 +175,7 @@ def _section(name: str, cls: type, raw: Any) -> Any:
 
 
 def _validate(cfg: AgentConfig) -> None:
-    if not DEVICE_ID_RE.match(cfg.device.id):
+    if not DEVICE_ID_RE.fullmatch(cfg.device.id):
         raise ConfigError(
             "device.id", "1-63 letters, digits, '-' or '_', starting with a letter or digit"
         )

@@ -181,7 +181,7 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else json.dumps(k)
+    return k if _BARE_KEY.fullmatch(k) else json.dumps(k)
 
 
 def _value(v: Any, key: str) -> str:

@@ -87,7 +87,7 @@ class ReceiverService:
             return
         client.subscribe([(t, 1) for t in self.subscriptions])
         self.connected.set()
-        log.info("receiver subscribed to %s", ", ".join(self.subscriptions))
+        log.info("receiver subscribed to %s", ", ".join(t.replace(f"$share/{self.cfg.share_group}/", "$share/***/") for t in self.subscriptions))  # the group is a secret  # noqa: E501
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
         if any(rc.is_failure for rc in reason_codes):

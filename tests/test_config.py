@@ -78,3 +78,18 @@ def test_agent_refuses_to_start_on_bad_config(tmp_path):
     r = CliRunner().invoke(main, ["run", "--config", str(bad)])
     assert r.exit_code == 1
     assert "sensors.pm.driver" in r.output and "pms9999" in r.output
+
+
+def test_device_id_with_a_trailing_newline_is_refused() -> None:
+    """``$`` in a regex also matches before a final newline: "van-001\\n" passed (issue 13, 6.4).
+    The id is an MQTT username, topic level and certificate CN: the whole string must match."""
+    from edge.config import parse_config
+    from edge.errors import ConfigError
+    from receiver.provision import ProvisionError, check_device_id
+
+    assert check_device_id("van-001") == "van-001"
+    for bad in ("van-001\n", "van-001\r\n", "\nvan-001", "van-001\n\n"):
+        with pytest.raises(ProvisionError):
+            check_device_id(bad)
+        with pytest.raises(ConfigError, match="device.id"):
+            parse_config({"device": {"id": bad}})
