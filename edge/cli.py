@@ -95,6 +95,11 @@ def config_check(path: str) -> None:
     out = redacted(cfg)
     out["power"], out["panel"] = asdict(svc.power), asdict(svc.panel)
     click.echo(json.dumps(out, indent=2))
+    from edge.remote_policy import no_working_sensor
+
+    # Only a warning here: a technician may bench-test a GPS alone; from afar it is refused.
+    if (none := no_working_sensor(cfg.sensors)) is not None:
+        click.echo(f"warning: {none}", err=True)
     click.echo(f"{path}: OK", err=True)
 
 

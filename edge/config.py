@@ -8,6 +8,7 @@ names the key and the problem.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -16,7 +17,8 @@ from typing import Any
 
 from edge.errors import ConfigError
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# Used with fullmatch: "$" alone would also accept a trailing newline.
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 @dataclass(slots=True)
@@ -180,7 +182,14 @@ def _section(name: str, cls: type, raw: Any) -> Any:
 
 
 def _validate(cfg: AgentConfig) -> None:
-    if not DEVICE_ID_RE.match(cfg.device.id):
+    # TOML has nan and inf: no bound below can be trusted with them (nan compares false).
+    for name in _SECTIONS:
+        sec = getattr(cfg, name)
+        for f in fields(sec):
+            v = getattr(sec, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}.{f.name}", f"must be a finite number, not {v!r}")
+    if not DEVICE_ID_RE.fullmatch(cfg.device.id):
         raise ConfigError(
             "device.id", "1-63 letters, digits, '-' or '_', starting with a letter or digit"
         )
@@ -198,24 +207,31 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("time.step_confirm_s", "must be 0 or more")
     if not 1 <= cfg.batch.max_samples <= 20_000:  # uplink/wire.py MAX_SAMPLES_PER_BATCH
         raise ConfigError("batch.max_samples", "must be between 1 and 20000")
-    if cfg.batch.max_age_s <= 0:
-        raise ConfigError("batch.max_age_s", "must be above 0")
+    if not 0 < cfg.batch.max_age_s <= 86400:
+        raise ConfigError("batch.max_age_s", "must be above 0 and at most 86400 seconds")
     if cfg.buffer.max_bytes < 1024 * 1024:
         raise ConfigError("buffer.max_bytes", "must be at least 1 MiB (1048576)")
     if cfg.buffer.reserve_bytes < 0 or cfg.buffer.reserve_bytes >= cfg.buffer.max_bytes:
         raise ConfigError("buffer.reserve_bytes", "must be 0 or more and below buffer.max_bytes")
-    if cfg.buffer.wal_autocheckpoint < 1:
-        raise ConfigError("buffer.wal_autocheckpoint", "must be at least 1 page")
+    if not 1 <= cfg.buffer.wal_autocheckpoint <= 1_000_000:
+        raise ConfigError("buffer.wal_autocheckpoint", "must be between 1 and 1000000 pages")
     if not 1 <= cfg.uplink.port <= 65535:
         raise ConfigError("uplink.port", "must be a TCP port, 1-65535")
     if not 1 <= cfg.uplink.window <= 1000:
         raise ConfigError("uplink.window", "must be between 1 and 1000")
-    if not 0 < cfg.uplink.reconnect_min_s <= cfg.uplink.reconnect_max_s:
-        raise ConfigError("uplink.reconnect_min_s", "must be above 0 and at most reconnect_max_s")
-    if cfg.uplink.heartbeat_s < 1:
-        raise ConfigError("uplink.heartbeat_s", "must be at least 1 second")
-    if cfg.uplink.ack_timeout_s <= 0:
-        raise ConfigError("uplink.ack_timeout_s", "must be above 0")
+    # Bounds that keep a van reachable, also against a remote change (issue 13, 7.3): MQTT's
+    # keepalive is 16 bits (0 would switch it off: a dead link is never noticed), and an
+    # ack timeout or reconnect delay of milliseconds turns into a re-send / reconnect storm.
+    if not 5 <= cfg.uplink.keepalive_s <= 65535:
+        raise ConfigError("uplink.keepalive_s", "must be between 5 and 65535 seconds (MQTT's range)")
+    if not 0.05 <= cfg.uplink.reconnect_min_s <= cfg.uplink.reconnect_max_s:
+        raise ConfigError("uplink.reconnect_min_s", "must be at least 0.05 s and at most reconnect_max_s")
+    if cfg.uplink.reconnect_max_s > 3600:
+        raise ConfigError("uplink.reconnect_max_s", "must be at most 3600 seconds")
+    if not 1 <= cfg.uplink.heartbeat_s <= 3600:
+        raise ConfigError("uplink.heartbeat_s", "must be between 1 and 3600 seconds")
+    if not 1 <= cfg.uplink.ack_timeout_s <= 3600:
+        raise ConfigError("uplink.ack_timeout_s", "must be between 1 and 3600 seconds")
     if not cfg.uplink.topic_prefix or any(c in cfg.uplink.topic_prefix for c in "#+"):
         raise ConfigError("uplink.topic_prefix", "must be a topic without wildcards")
     for f in ("ca_file", "cert_file", "key_file"):
@@ -229,8 +245,11 @@ def _validate(cfg: AgentConfig) -> None:
     for key in ("gps_corrupt_prob", "pm_corrupt_prob"):
         if not 0.0 <= getattr(cfg.simulation, key) <= 1.0:
             raise ConfigError(f"simulation.{key}", "must be a probability, 0 to 1")
-    if cfg.simulation.shift_hours <= 0:
-        raise ConfigError("simulation.shift_hours", "must be above 0")
+    if not 0 < cfg.simulation.shift_hours <= 24 * 366:
+        raise ConfigError("simulation.shift_hours", "must be above 0 and at most a year")
+    for key in ("speedup", "start_offset_m", "ntp_after_s"):
+        if getattr(cfg.simulation, key) < 0:
+            raise ConfigError(f"simulation.{key}", "must be 0 or more")
     names = [s.name for s in cfg.sensors]
     if len(set(names)) != len(names):
         raise ConfigError("sensors", "sensor names must be unique")

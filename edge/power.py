@@ -90,6 +90,17 @@ def parse_service_sections(data: Mapping[str, Any]) -> ServiceConfig:
 
 
 def _validate_service(p: PowerConfig, q: PanelConfig) -> None:
+    import math
+    from dataclasses import fields
+
+    # TOML has nan and inf, which pass every comparison below (issue 13, 7.3).
+    for name, sec in (("power", p), ("panel", q)):
+        for f in fields(sec):
+            v = getattr(sec, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}.{f.name}", f"must be a finite number, not {v!r}")
+    if p.duty_every_s > 86400:
+        raise ConfigError("power.duty_every_s", "must be at most 86400 seconds (a day)")
     pins = {
         "power.ignition_pin": p.ignition_pin, "panel.heartbeat_led_pin": q.heartbeat_led_pin,
         "panel.uplink_led_pin": q.uplink_led_pin, "panel.backlog_led_pin": q.backlog_led_pin,

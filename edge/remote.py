@@ -19,7 +19,11 @@ key), applies it on the sampling thread exactly as a SIGHUP reload does
 keeping the previous file as agent.toml.prev, and answers on
 ``{prefix}/{device}/config/ack``: ``{"id", "ok", "status", "reason", "errors",
 "changes", "restart_required"}``. An invalid request changes nothing. A request id seen
-before (a redelivery) is acknowledged again, not re-applied.
+before (a redelivery, or a retained request sent again at every reconnect) is acknowledged
+as ``duplicate`` with what became of it, never handled twice: the ids of the last
+``MAX_HANDLED`` requests are kept on the card (``remote-config.json``), so a retained bad
+request cannot loop through applied / rolled back / applied again. Acks not yet published
+are kept there too and go out after a restart.
 
 Remote is not local: keys that could hand the van to someone else or run code on it
 (shell commands, broker host/port/prefix, TLS and credentials, paths, the device id) are
@@ -56,6 +60,8 @@ from edge.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256 * 1024
+MAX_HANDLED = 256  # request ids remembered (a few a month in practice): far more than the broker can redeliver
+MAX_PENDING_ACKS = 50  # acks kept for an offline van: the newest, each a few hundred bytes
 
 
 def config_topic(prefix: str, device: str) -> str:
@@ -181,7 +187,7 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else json.dumps(k)
+    return k if _BARE_KEY.fullmatch(k) else json.dumps(k)
 
 
 def _value(v: Any, key: str) -> str:
@@ -277,6 +283,8 @@ class RemoteConfig:
         self._client: Any = None
         # A change on probation when the agent stopped: {"id", "previous_id"} (edge/remote_watch.py).
         self.probation: dict[str, str] | None = None
+        # Every request handled (id -> its last status), oldest first: never handled twice.
+        self.handled: dict[str, str] = {}
         self.last_id = self._load_state()
         self.results: list[Result] = []
 
@@ -294,14 +302,22 @@ class RemoteConfig:
             p = state.get("probation")
             if isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("previous_id"), str):
                 self.probation = {"id": p["id"], "previous_id": p["previous_id"]}
+            handled = state.get("handled")
+            if isinstance(handled, dict):
+                self.handled = {str(k): str(v) for k, v in handled.items()}
+            acks = state.get("pending_acks")
+            if isinstance(acks, list):
+                self._outbox = [a.encode() for a in acks if isinstance(a, str)][-MAX_PENDING_ACKS:]
             return str(state.get("last_id", ""))
         except (OSError, ValueError, AttributeError):
             return ""
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
+        state = {"last_id": self.last_id, "probation": self.probation, "handled": self.handled,
+                 "pending_acks": [a.decode() for a in self._outbox]}  # fmt: skip
         try:
-            tmp.write_text(json.dumps({"last_id": self.last_id, "probation": self.probation}))
+            tmp.write_text(json.dumps(state))
             os.replace(tmp, self.state_path)
         except OSError as exc:
             log.warning("cannot save %s: %s", self.state_path, exc)
@@ -349,13 +365,14 @@ class RemoteConfig:
             result = Result(id="", ok=False, status="refused", reason=str(exc),
                             errors=[{"key": exc.key, "problem": exc.problem}])  # fmt: skip
         else:
-            if req.id == self.last_id:
-                result = Result(id=req.id, ok=True, status="duplicate", reason="already applied")
+            before = self.handled.get(req.id) or ("applied" if req.id == self.last_id else None)
+            if before is not None:
+                result = Result(id=req.id, ok=before not in ("refused", "rolled_back"), status="duplicate",
+                                reason=f"already handled: {before}")  # fmt: skip
             else:
                 result = apply(req)
                 if result.ok:
                     self.last_id = req.id
-                    self._save_state()
         self.report(result)
         return result
 
@@ -369,7 +386,14 @@ class RemoteConfig:
                         f" (undone: {'; '.join(result.changes)})" if result.changes else "")  # fmt: skip
         self.results.append(result)
         del self.results[:-20]
+        if result.id and result.status != "duplicate":
+            self.handled.pop(result.id, None)
+            self.handled[result.id] = result.status
+            while len(self.handled) > MAX_HANDLED:
+                del self.handled[next(iter(self.handled))]
         self._outbox.append(result.to_json(self.device))
+        del self._outbox[:-MAX_PENDING_ACKS]
+        self._save_state()
 
     def begin_probation(self, request_id: str, previous_id: str) -> None:
         """Remember, across restarts, that ``request_id`` is not confirmed yet."""
@@ -390,11 +414,14 @@ class RemoteConfig:
         """Publish queued acks (QoS 1) once connected; they wait otherwise."""
         if not self._outbox or self._client is None or not connected:
             return
-        while self._outbox:
-            info = self._client.publish(self.ack_topic, self._outbox[0], qos=1)
-            if info.rc != 0:
-                return
-            self._outbox.pop(0)
+        try:
+            while self._outbox:
+                info = self._client.publish(self.ack_topic, self._outbox[0], qos=1)
+                if info.rc != 0:
+                    return
+                self._outbox.pop(0)
+        finally:
+            self._save_state()
 
 
 # -- central side -----------------------------------------------------------------------------

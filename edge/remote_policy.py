@@ -11,12 +11,15 @@ are local-only: set in agent.toml on the van (or by provisioning), refused from 
   ``cert_file``, ``key_file``): pointed at a plain-TCP host, a van sends its password
   in clear; on another prefix it can no longer be told to come back;
 * paths on the van (``device.data_dir``, ``buffer.quarantine_dir``, ``power.hours_file``) and its identity
-  (``device.id``).
+  (``device.id``);
+* the whole ``[simulation]`` table: a real van told to simulate would upload made-up values.
 
 In a sensor's table, ``calibration_file`` (a file the agent reads) is local-only too,
 and so is a ``port`` that is a network URL (pyserial would dial any host and take what it
 sends as sensor data); moving a sensor to another local port is a remote change like
-any other (and one that leaves it silent is rolled back: edge/remote_watch.py).
+any other (and one that leaves it silent is rolled back: edge/remote_watch.py). So are a
+sensor's ``host`` and a ``gpsd`` sensor's ``port``: pointed at a fake gpsd, the van would
+take its fixes and its time from whoever runs it.
 
 A request that does not mention a local-only key keeps the van's own value, also in
 ``replace`` mode (the sender does not know the van's password and need not). One that
@@ -26,8 +29,10 @@ sets a different value is refused, naming each key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
+from edge.config import SensorConfig, SimulationConfig
 from edge.errors import ConfigError
 
 LOCAL_ONLY: tuple[tuple[str, str], ...] = (
@@ -45,7 +50,11 @@ LOCAL_ONLY: tuple[tuple[str, str], ...] = (
     ("uplink", "ca_file"),
     ("uplink", "cert_file"),
     ("uplink", "key_file"),
+    # A simulated van is a test rig: switching simulation on (or its route, clock or fault
+    # rates) from afar would make a real van upload made-up data as measurements.
+    *(("simulation", f.name) for f in fields(SimulationConfig)),
 )
+GPSD_DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 2947}  # edge/sensors.py _gpsd
 # Values never written to a log (by the last part of their key).
 SECRET_KEYS = frozenset({"password", "secret", "token", "psk"})
 _ABSENT = object()
@@ -95,22 +104,43 @@ def _sensor_local_only(current: Mapping[str, Any], doc: dict[str, Any]) -> list[
         if not isinstance(table, Mapping):
             continue  # the schema check names it
         cur = cur_sensors.get(name) if isinstance(cur_sensors.get(name), Mapping) else {}
-        want, have = table.get("calibration_file", _ABSENT), cur.get("calibration_file", _ABSENT)
-        if want is _ABSENT and have is not _ABSENT:
-            new_sensors[name] = table = {**table, "calibration_file": have}
-        elif want != have:
-            errors.append(ConfigError(f"sensors.{name}.calibration_file",
-                                      "local-only: a file on the van; send the calibration itself instead"))  # fmt: skip
+        local = {"calibration_file": "local-only: a file on the van; send the calibration itself instead",
+                 "host": "local-only: where the sensor's data (and for gpsd the van's time) comes from"}  # fmt: skip
+        defaults: dict[str, Any] = {}
+        if "gpsd" in (table.get("driver"), cur.get("driver")):
+            local["port"] = "local-only for gpsd: a TCP port on the host above"
+            defaults = GPSD_DEFAULTS  # restating them is no change
+        for key, problem in local.items():
+            want, have = table.get(key, _ABSENT), cur.get(key, defaults.get(key, _ABSENT))
+            if want is _ABSENT and have is not _ABSENT:
+                new_sensors[name] = table = {**table, key: have}
+            elif want != have:
+                errors.append(ConfigError(f"sensors.{name}.{key}", problem))
         port = table.get("port")
         if isinstance(port, str) and "://" in port and port != cur.get("port"):
             errors.append(ConfigError(f"sensors.{name}.port", "local-only when it is a network URL"))
     return errors
 
 
-def no_working_sensor(sensor_names: list[str]) -> ConfigError | None:
-    """A configuration without a sensor leaves a van that only uses power: refused."""
-    if not sensor_names:
-        return ConfigError("sensors", "the change leaves no sensor: a van needs at least one")
+# What a van is for: particulate matter, NO2, noise (sim-oracle: the delivery tests' checkable values).
+MEASURING_DRIVERS = frozenset({
+    "pms5003", "pms7003", "pmsa003", "sds011", "sps30", "sim-pm",
+    "no2-b43f", "dgs-no2", "sim-no2",
+    "sound-module", "microphone", "sim-noise", "sim-oracle",
+})  # fmt: skip
+# Where and when, not what: a van with only these measures nothing.
+POSITION_DRIVERS = frozenset({"nmea-gps", "gpsd", "sim-gps"})
+
+
+def no_working_sensor(sensors: list[SensorConfig]) -> ConfigError | None:
+    """A configuration without a PM, NO2 or noise sensor leaves a van that only uses power
+    (a GPS alone gives positions of nothing): refused from afar, a warning in
+    ``edge config check`` (a technician may bench-test a GPS on its own)."""
+    if not sensors:
+        return ConfigError("sensors", "no sensor: a van needs at least one PM, NO2 or noise sensor")
+    if not any(sc.driver in MEASURING_DRIVERS for sc in sensors):
+        names = ", ".join(f"{sc.name} ({sc.driver})" for sc in sensors)
+        return ConfigError("sensors", f"no PM, NO2 or noise sensor, only {names}: a van needs at least one")
     return None
 
 

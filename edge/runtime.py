@@ -523,7 +523,7 @@ class Runtime:
             cfg, svc = parse_full_config(doc, source=str(self.config_path))
         except ConfigError as exc:
             return refuse([exc])
-        empty = no_working_sensor([sc.name for sc in cfg.sensors])
+        empty = no_working_sensor(cfg.sensors)
         if empty is not None:
             return refuse([empty])
         old_cfg, old_svc = self.agent.cfg, ServiceConfig(replace(self.svc.power), self.svc.panel)
@@ -562,7 +562,7 @@ class Runtime:
         """The local-only keys' sections as in force (defaults included)."""
         cfg = self.agent.cfg
         return {"device": asdict(cfg.device), "buffer": asdict(cfg.buffer), "uplink": asdict(cfg.uplink),
-                "power": asdict(self.svc.power)}  # fmt: skip
+                "power": asdict(self.svc.power), "simulation": asdict(cfg.simulation)}  # fmt: skip
 
     def _probation_path(self) -> Path:
         assert self.config_path is not None

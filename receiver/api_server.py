@@ -12,20 +12,36 @@ header and body sizes. Writing that ourselves would be a small web server to mai
 ``ApiServer`` keeps the ``serve_forever`` / ``shutdown`` / ``server_close`` /
 ``server_address`` shape of ``socketserver``, so callers and tests start it in a thread.
 
-Not handled here, on purpose: TLS and per-client rate limits belong to the reverse proxy
-in front (docs/datalab.md). A client trickling one byte at a time stays under the idle
-timeout; the connection cap bounds what such clients can hold.
+Two limits waitress lacks are added here (issue 13, 8: 210 connections each sending one
+header line every 20 s kept every normal request waiting, since none of them was ever idle):
+
+* a deadline for a whole request (``request_timeout_s`` from its first byte): a client that
+  trickles a header line now and then is closed when it passes, however active it looks;
+* a cap on open connections per client address (``per_address_limit``): beyond it a new
+  connection is answered 429 and closed at once, so one address cannot fill the global cap.
+
+Not handled here, on purpose: TLS, per-client rate limits and attacks from many addresses
+belong to the reverse proxy in front (docs/datalab.md). Behind such a proxy every
+connection comes from the proxy's address: raise ``per_address_limit`` to the connection
+limit there (or 0, off) and let the proxy limit per client.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from waitress import wasyncore
-from waitress.server import create_server
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+
+log = logging.getLogger(__name__)
+_REFUSED = b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
 class WsgiApp(Protocol):
@@ -43,6 +59,72 @@ class ServerLimits:
     backlog: int = 128  # connections the kernel queues while the cap is reached
     max_request_header_bytes: int = 16 * 1024
     max_request_body_bytes: int = 64 * 1024  # a read-only API: GETs carry no body
+    # A request's headers (and body) must be complete this long after its first byte.
+    request_timeout_s: float = 10.0
+    # Open connections per client address (0 = no cap: behind a proxy, which limits per client).
+    per_address_limit: int = 16
+
+
+class _DeadlineChannel(HTTPChannel):
+    """A connection that remembers when the request it is reading began."""
+
+    request_started: float | None = None  # wall clock, as waitress's own last_activity
+
+    def received(self, data: bytes) -> bool:
+        result = super().received(data)
+        if self.request is None:  # nothing half-read: the next request's clock starts at its first byte
+            self.request_started = None
+        elif self.request_started is None:
+            self.request_started = time.time()
+        return bool(result)
+
+
+class _GuardedServer(TcpWSGIServer):
+    """waitress's TCP server with the request deadline and the per-address cap."""
+
+    channel_class = _DeadlineChannel
+
+    def __init__(self, *args: Any, request_timeout_s: float, per_address_limit: int, **kw: Any) -> None:
+        self.request_timeout_s = request_timeout_s
+        self.per_address_limit = per_address_limit
+        self._refused_logged = 0.0
+        super().__init__(*args, **kw)
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # the idle timeout
+        cutoff = now - self.request_timeout_s
+        for channel in list(self.active_channels.values()):
+            started = getattr(channel, "request_started", None)
+            if started is not None and started < cutoff and not channel.will_close:
+                channel.will_close = True  # closed at the next turn of the loop
+                log.info("closed %s: request not complete %g s after its first byte",
+                         channel.addr[0] if channel.addr else "?", self.request_timeout_s)  # fmt: skip
+
+    def handle_accept(self) -> None:
+        try:
+            v = self.accept()
+            if v is None:
+                return
+            conn, addr = v
+            self.set_socket_options(conn)
+        except OSError:
+            return  # the peer is already gone (see waitress's own handle_accept)
+        host = addr[0] if isinstance(addr, tuple) else addr
+        if self.per_address_limit and sum(
+            1 for ch in self.active_channels.values() if ch.addr and ch.addr[0] == host
+        ) >= self.per_address_limit:
+            try:
+                conn.setblocking(False)
+                conn.send(_REFUSED)  # a fresh socket's send buffer takes it at once
+            except OSError:
+                pass
+            conn.close()
+            now = time.monotonic()
+            if now - self._refused_logged > 10:  # one line per 10 s, not one per connection
+                self._refused_logged = now
+                log.warning("%s holds %d connections: refusing more", host, self.per_address_limit)
+            return
+        self.channel_class(self, conn, addr, self.adj, map=self._map)
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -67,8 +149,7 @@ class ApiServer:
         sock = _listen(host, port, limits.backlog)
         self.server_address: tuple[str, int] = sock.getsockname()[:2]
         self._map: dict[int, Any] = {}
-        self._server = create_server(
-            app, map=self._map, sockets=[sock],
+        adj = Adjustments(
             threads=limits.threads,
             connection_limit=limits.connection_limit,
             channel_timeout=limits.channel_timeout_s,
@@ -80,6 +161,11 @@ class ApiServer:
             expose_tracebacks=False,
             ident="datalab-api",
         )
+        self._server = _GuardedServer(
+            app, map=self._map, _sock=sock, adj=adj, bind_socket=False,
+            sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
+            request_timeout_s=limits.request_timeout_s, per_address_limit=limits.per_address_limit,
+        )  # fmt: skip
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._serving = False

@@ -119,25 +119,35 @@ def _migrate(conn: Any) -> None:
     under the device that wrote it, and what it derived for the row's device is deleted,
     since it was computed with another van's parameters. That van's own record comes
     back with its next announcement (every agent start), and recomputes its values.
+
+    The old code also took records naming no device at all (empty or absent), so the row's
+    device is not proof of who wrote one: such a row (and one that cannot be read) is
+    dropped with what it derived, and the van's own record comes back the same way.
     """
     _exec(conn, _CALIBRATIONS.format(name="calibrations_keyed"))
-    moved = 0
+    moved = dropped = 0
     for row in _exec(conn, f"SELECT {_COLUMNS} FROM calibrations").fetchall():
         rid, device, *rest = row
         try:
-            author = CalibrationRecord.from_json(row[8]).device or device
+            author = CalibrationRecord.from_json(row[8]).device
         except ValueError:
-            author = device
+            author = ""
         if author != device:
-            moved += 1
             _exec(conn, "DELETE FROM derived WHERE device=? AND calibration=?", (device, rid))
+            if not author:
+                dropped += 1
+                log.warning("calibration record %s stored under %s names no device: dropped, "
+                            "%s's values derived from it removed", rid, device, device)
+                continue
+            moved += 1
             log.warning("calibration record %s stored under %s was written by %s: moved to %s, "
                         "%s's values derived from it removed", rid, device, author, author, device)
         _exec(conn, f"INSERT INTO calibrations_keyed ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT DO NOTHING", (rid, author, *rest))
     _exec(conn, "DROP TABLE calibrations")
     _exec(conn, "ALTER TABLE calibrations_keyed RENAME TO calibrations")
-    log.info("calibrations migrated to the key (device, kind, serial, version); %d record(s) moved", moved)
+    log.info("calibrations migrated to the key (device, kind, serial, version); %d record(s) moved, "
+             "%d without a device dropped", moved, dropped)
 
 
 def _ms(t: float | None) -> int | None:

@@ -30,7 +30,8 @@ def main() -> None:
 @click.option("--host", help="Broker host.")
 @click.option("--port", type=int, help="Broker port.")
 @click.option("--client-id", help="MQTT client id of this worker.")
-@click.option("--share-group", help="Shared-subscription group, for several workers.")
+@click.option("--share-group", help="Shared-subscription group: a secret, best left to share_group in --config "
+                                    "(a flag shows in the process list).")
 @click.option("--derive", type=click.Choice(["inline", "background", "separate"]),
               help="Where positions and flags are derived (overrides the config; default inline).")
 @click.option("--ready-file", type=click.Path(dir_okay=False),
@@ -44,8 +45,12 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     \b
     Examples:
       datalab-receiver run --store datalab.sqlite --host localhost --port 1883
-      datalab-receiver run --config /etc/datalab/receiver.toml --client-id worker-2 --share-group ingest
-      datalab-receiver run --store postgresql://datalab@db/datalab --share-group ingest --derive separate
+      datalab-receiver run --config /etc/datalab/receiver.toml --client-id worker-2
+      datalab-receiver run --config /etc/datalab/receiver.toml --store postgresql://datalab@db/datalab \\
+          --derive separate
+
+    Several workers share the subscription with the share_group of the config file, a random
+    name made by `datalab-receiver provision add-receiver`: a van that knows it takes batches.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -58,6 +63,7 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    _warn_share_group(cfg.share_group, from_flag=share_group is not None)
     from receiver.service import ReceiverService
 
     svc = ReceiverService(cfg, ready_file=ready_file)
@@ -71,6 +77,20 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     svc.stop_threads()
     svc.store.close()
     sys.exit(0)
+
+
+def _warn_share_group(group: str, *, from_flag: bool) -> None:
+    """Loudly, on stderr and in the log: the receivers' group must be a secret."""
+    from receiver.config import weak_share_group
+
+    problems = []
+    if (weak := weak_share_group(group)) is not None:
+        problems.append(weak)
+    if group and from_flag:
+        problems.append("--share-group shows in the process list (/proc/*/cmdline): set share_group in --config")
+    for p in problems:
+        logging.getLogger("receiver").warning("INSECURE: %s", p)
+        click.echo(f"WARNING: {p}", err=True)
 
 
 @main.command()

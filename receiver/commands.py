@@ -183,9 +183,14 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
 @click.option("--connection-limit", default=200, show_default=True,
               help="Open connections at most, idle ones included; beyond it new ones wait in the kernel's queue.")
 @click.option("--idle-timeout", default=30, show_default=True, help="Close a connection idle this many seconds.")
+@click.option("--request-timeout", default=10.0, show_default=True,
+              help="Close a connection whose request is not complete this many seconds after its first byte.")
+@click.option("--per-address-limit", default=16, show_default=True,
+              help="Open connections per client address (0: no cap; behind a proxy raise it or use 0).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(store: str, host: str, port: int, token_file: str | None, public_url: str | None, tz: str,
-          threads: int, connection_limit: int, idle_timeout: int, verbose: bool) -> None:
+          threads: int, connection_limit: int, idle_timeout: int, request_timeout: float, per_address_limit: int,
+          verbose: bool) -> None:
     """Serve the read-only API, the SensorThings view and the dashboard.
 
     Public: published aggregates (/api/v1/aggregates, /sta/v1.1/...) and the dashboard
@@ -211,9 +216,14 @@ def serve(store: str, host: str, port: int, token_file: str | None, public_url: 
                         ("--idle-timeout", idle_timeout)):
         if value < 1:
             raise click.BadParameter("must be at least 1", param_hint=name)
+    if not request_timeout > 0:
+        raise click.BadParameter("must be above 0", param_hint="--request-timeout")
+    if per_address_limit < 0:
+        raise click.BadParameter("must be 0 (no cap) or more", param_hint="--per-address-limit")
     token = Path(token_file).read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
     limits = ServerLimits(threads=threads, connection_limit=connection_limit, channel_timeout_s=idle_timeout,
-                          cleanup_interval_s=max(1, min(5, idle_timeout // 2)))
+                          cleanup_interval_s=max(1, min(5, idle_timeout // 2, int(request_timeout // 2))),
+                          request_timeout_s=request_timeout, per_address_limit=per_address_limit)
     try:
         server = make_server(store, host, port, token=token or None, public_url=public_url, tz=tz, limits=limits)
     except OSError as exc:
@@ -221,7 +231,9 @@ def serve(store: str, host: str, port: int, token_file: str | None, public_url: 
     h, p = server.server_address[:2]
     click.echo(f"DataLab API on http://{h}:{p}/  (dashboard /web/, SensorThings /sta/v1.1); "
                f"protected routes {'enabled' if token else 'closed: no token configured'}; "
-               f"{threads} threads, at most {connection_limit} connections, idle ones closed after {idle_timeout} s")
+               f"{threads} threads, at most {connection_limit} connections, idle ones closed after {idle_timeout} s, "
+               f"requests complete within {request_timeout:g} s, "
+               f"{per_address_limit or 'no cap on'} connections per client address")
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())  # systemd stops us cleanly
     try:
         server.serve_forever()

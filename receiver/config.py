@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -52,6 +53,31 @@ class ReceiverConfig:
     # upload over the budget is stored alone.
     group_values: int = 400_000
     group_uploads: int = 64
+
+
+# What provisioning makes (receiver/provision.py generate_share_group: "ingest-" + 32 hex
+# digits), or another long random token: 16+ hex digits with a digit among them, or 22+
+# URL-safe characters mixing upper case, lower case and digits.
+_RANDOM_HEX = re.compile(r"[0-9a-fA-F]{16,}")
+_RANDOM_B64 = re.compile(r"[A-Za-z0-9_-]{22,}")
+
+
+def weak_share_group(group: str) -> str | None:
+    """Why a share group name could be guessed by a van, or None when it looks random.
+
+    A van that knows the group joins it and takes (and loses) a share of every van's batches
+    (issue 13: 20 of 40 with ``ingest``); Mosquitto 2.0 cannot refuse the subscription.
+    """
+    if not group:
+        return None  # a plain subscription: nothing to join
+    if any(any(c.isdigit() for c in m.group()) for m in _RANDOM_HEX.finditer(group)):
+        return None
+    for m in _RANDOM_B64.finditer(group):
+        t = m.group()
+        if any(c.isupper() for c in t) and any(c.islower() for c in t) and any(c.isdigit() for c in t):
+            return None
+    return (f"share group of {len(group)} characters without a random part: a van that guesses it takes "
+            "batches from the receivers; `datalab-receiver provision add-receiver` writes a random one")
 
 
 def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverConfig:

@@ -204,7 +204,7 @@ def subject_alt_names(names: list[str]) -> str:
         try:
             out.append(f"IP:{ipaddress.ip_address(n)}")
         except ValueError:
-            if not HOSTNAME_RE.match(n):
+            if not HOSTNAME_RE.fullmatch(n):
                 raise ProvisionError(f"{n!r} is neither an IP address nor a host name") from None
             out.append(f"DNS:{n}")
     return ",".join(out)
@@ -232,7 +232,7 @@ def issue_server_cert(
 
 def check_device_id(device_id: str) -> str:
     """The id doubles as MQTT username, client id, topic level and certificate CN."""
-    if not DEVICE_ID_RE.match(device_id):
+    if not DEVICE_ID_RE.fullmatch(device_id):
         raise ProvisionError(
             f"device id {device_id!r} must be 1-63 characters of A-Z a-z 0-9 _ - "
             "and start with a letter or digit"
@@ -501,7 +501,11 @@ def _existing_share_group(path: Path) -> str:
         group = tomllib.loads(path.read_text(encoding="utf-8")).get("receiver", {}).get("share_group", "")
     except (OSError, ValueError):
         return ""
-    return group if isinstance(group, str) else ""
+    from receiver.config import weak_share_group
+
+    # A guessable group from before (e.g. "ingest") is replaced, not kept: the workers all
+    # read it from this file, so they move to the new one together.
+    return group if isinstance(group, str) and weak_share_group(group) is None else ""
 
 
 def provision_receiver(

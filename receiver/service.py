@@ -113,7 +113,9 @@ class ReceiverService:
         client.subscribe([(t, 1) for t in self.subscriptions])
         self.connected.set()
         self.health.broker_connected()
-        log.info("receiver subscribed to %s", ", ".join(self.subscriptions))
+        # The share group is a secret (a van that knows it can join the receivers' group).
+        log.info("receiver subscribed to %s", ", ".join(
+            t.replace(f"$share/{self.cfg.share_group}/", "$share/***/") for t in self.subscriptions))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
         if any(rc.is_failure for rc in reason_codes):

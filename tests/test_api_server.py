@@ -89,7 +89,9 @@ def closed_by_server(s: socket.socket, within_s: float) -> bool:
 
 
 def test_idle_and_half_sent_connections_hold_no_thread_and_no_store_handle(store: Path) -> None:
-    limits = ServerLimits(threads=4, connection_limit=200, channel_timeout_s=60)
+    # All from one address, held on purpose: no per-address cap, no request deadline here.
+    limits = ServerLimits(threads=4, connection_limit=200, channel_timeout_s=60, per_address_limit=0,
+                          request_timeout_s=600)
     with serving(store, limits) as server:
         assert get(url(server, "/api/v1/health"))[0] == 200
         threads_before = threading.active_count()
@@ -146,7 +148,8 @@ def test_idle_connections_are_closed_after_the_timeout(store: Path) -> None:
 
 
 def test_more_idle_connections_than_the_cap_only_delay_a_client(store: Path) -> None:
-    limits = ServerLimits(threads=2, connection_limit=20, channel_timeout_s=2, cleanup_interval_s=1)
+    limits = ServerLimits(threads=2, connection_limit=20, channel_timeout_s=2, cleanup_interval_s=1,
+                          per_address_limit=0)  # the global cap, not the per-address one
     with serving(store, limits) as server:
         idle = open_sockets(server, 50)  # beyond the cap: the kernel queues them, no thread, no handle
         time.sleep(0.5)
@@ -284,7 +287,7 @@ def test_the_serve_command_applies_the_limits_and_stops_on_sigterm(store: Path) 
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "receiver.cli", "serve", "--store", str(store), "--port", "0", "--threads", "3",
-         "--connection-limit", "50", "--idle-timeout", "2"],
+         "--connection-limit", "50", "--idle-timeout", "2", "--request-timeout", "30", "--per-address-limit", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "DATALAB_API_TOKEN": TOKEN},
     )
@@ -294,7 +297,14 @@ def test_the_serve_command_applies_the_limits_and_stops_on_sigterm(store: Path) 
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         assert m, line
         assert "3 threads, at most 50 connections, idle ones closed after 2 s" in line
+        assert "requests complete within 30 s, 4 connections per client address" in line
         port = int(m.group(1))
+        four = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        time.sleep(0.5)  # accepted
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as fifth:
+            assert fifth.recv(100).startswith(b"HTTP/1.1 429")  # --per-address-limit reached the server
+        for s in four:
+            s.close()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
             assert get(f"http://127.0.0.1:{port}/api/v1/fleet", TOKEN)[0] == 200
             assert closed_by_server(idle, 30)  # --idle-timeout reached the server
@@ -364,3 +374,95 @@ def test_a_postgresql_outage_answers_503_and_the_api_recovers(pg_cluster: PgClus
             assert after == [200] * 4
     finally:
         pg_cluster.drop_database(db)
+
+
+def _trickle(socks: list[socket.socket], stop: threading.Event, every_s: float) -> None:
+    """Slowloris: one more header line on every socket now and then, never the blank line."""
+    n = 0
+    while not stop.wait(every_s):
+        n += 1
+        for s in socks:
+            try:
+                s.sendall(f"X-Trickle-{n}: {'a' * 20}\r\n".encode())
+            except OSError:
+                pass  # closed by the server: what the test expects for most of them
+
+
+def _get_from(server: ApiServer, path: str, source: str, timeout: float = 30) -> int:
+    """A GET from another loopback address (Linux routes all of 127/8 to lo): another client."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=timeout,
+                                      source_address=(source, 0))  # fmt: skip
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_slow_trickling_clients_from_one_address_do_not_deny_service(store: Path) -> None:
+    """Issue 13, 8: 210 connections from one address, each sending a header line every few
+    seconds (never idle, never complete), kept every other request waiting. Now the address
+    holds at most ``per_address_limit`` connections (the rest are refused at once) and each
+    of those is closed ``request_timeout_s`` after its first byte, so another client is served
+    at once, and the trickling address itself gets served again after the deadline."""
+    limits = ServerLimits(threads=4, connection_limit=200, channel_timeout_s=30, cleanup_interval_s=1,
+                          request_timeout_s=3, per_address_limit=16)  # fmt: skip
+    stop = threading.Event()
+    with serving(store, limits) as server:
+        socks = []
+        for _ in range(210):
+            try:
+                s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+                s.sendall(b"GET /api/v1/catalog HTTP/1.1\r\nHost: x\r\n")
+                socks.append(s)
+            except OSError:
+                pass  # refused under load: counts as not held
+        trickler = threading.Thread(target=_trickle, args=(socks, stop, 0.5), daemon=True)
+        trickler.start()
+        try:
+            time.sleep(1.0)
+            start = time.monotonic()
+            code = _get_from(server, "/api/v1/catalog", "127.0.0.2")
+            took = time.monotonic() - start
+            held = [s for s in socks if not closed_by_server(s, 0.01)]
+            # Still trickling, the held ones are closed after the deadline (3 s, checked every 1 s).
+            t0 = time.monotonic()
+            late = [closed_by_server(s, 15) for s in held]
+            closed_after = time.monotonic() - t0
+            again = _get_from(server, "/api/v1/catalog", "127.0.0.1")
+        finally:
+            stop.set()
+            trickler.join(10)
+            for s in socks:
+                s.close()
+    print(f"210 trickling connections from 127.0.0.1: {len(held)} held (cap 16), the rest refused; "
+          f"a client from 127.0.0.2 got {code} in {took:.2f} s; the held ones closed by the 3 s deadline "
+          f"within {closed_after:.1f} s more; 127.0.0.1 itself then got {again}")
+    assert code == 200 and took < 5.0  # "served within a few seconds": a generous margin on a loaded machine
+    assert 1 <= len(held) <= 16
+    assert all(late), "a trickling client outlived the request deadline"
+    assert again == 200
+
+
+def test_a_complete_request_is_not_cut_by_the_deadline(store: Path) -> None:
+    """The deadline is per request from its first byte: a keep-alive client asking now and then is
+    served every time, however long its connection lives."""
+    limits = ServerLimits(threads=2, channel_timeout_s=30, cleanup_interval_s=1, request_timeout_s=1)
+    import http.client
+
+    with serving(store, limits) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        socks = set()
+        for _ in range(3):
+            conn.request("GET", "/api/v1/health")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            socks.add(id(conn.sock))
+            time.sleep(1.5)  # longer than the deadline, between requests
+        conn.close()
+        assert len(socks) == 1, "the connection was kept between the requests"

@@ -386,13 +386,16 @@ def test_a_van_in_a_known_share_group_takes_batches_from_the_receivers(
 
 
 def test_van_cannot_join_the_provisioned_share_group(
-    broker: LocalBroker, probes: Callable[..., Probe], tmp_path: Path
+    broker: LocalBroker, probes: Callable[..., Probe], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The receivers' group is a secret made by provisioning: every batch of van B reaches the
     receiver (stored and acknowledged) while van A subscribes to every share group and batch
     topic it might guess, and van A receives nothing."""
+    import logging
+
     from receiver.config import load_receiver_config
 
+    caplog.set_level(logging.INFO, logger="receiver.service")
     info = broker.secure_info
     assert info is not None
     toml = pv.provision_receiver(ca_dir=info.ca_dir, passwd_file=tmp_path / "r.passwd", out=tmp_path / "rx.toml",
@@ -430,8 +433,75 @@ def test_van_cannot_join_the_provisioned_share_group(
         assert a.drain() == [], "van A received something"
         print(f"provisioned group: {n} of {n} van-b batches stored and acked; van-a in {len(guesses)} "
               "guessed groups and on every batch topic received 0")
+        # The group is a secret: the log names the subscription without it (issue 13, 6.2).
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "$share/***/" in logged and group not in logged, logged
     finally:
         svc.stop()
+
+
+def _run_receiver_cli(args: list[str], ready: Path) -> str:
+    """``datalab-receiver run`` as deployed, until it has subscribed; what it wrote to stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "receiver.cli", "run", *args, "--ready-file", str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "receiver did not subscribe"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    return err.decode(errors="replace")
+
+
+def test_receiver_warns_loudly_of_a_guessable_share_group(broker: LocalBroker, tmp_path: Path) -> None:
+    """Issue 13, 6.1: no guessable example in the help, the group read from the provisioned file,
+    a loud warning for a short one (as the one the help used to suggest) or one on the command line,
+    and re-provisioning replaces a guessable group instead of keeping it."""
+    from click.testing import CliRunner
+
+    from receiver.cli import main
+    from receiver.config import load_receiver_config, weak_share_group
+
+    helptext = CliRunner().invoke(main, ["run", "--help"]).output
+    assert "--share-group ingest" not in helptext and "share_group" in helptext
+
+    info = broker.secure_info
+    assert info is not None
+    toml = tmp_path / "rx.toml"
+    pv.provision_receiver(ca_dir=info.ca_dir, passwd_file=tmp_path / "r.passwd", out=toml, host="127.0.0.1",
+                          port=info.receiver_port, backend="python")  # fmt: skip
+    group = load_receiver_config(toml).share_group
+    assert weak_share_group(group) is None
+    for weak in ("ingest", "datalab-receivers-production", "ingest-1", "workers-2026"):
+        assert weak_share_group(weak) is not None, weak
+
+    cfg = broker.receiver_config(str(tmp_path / "s.sqlite"))
+    own = tmp_path / "own.toml"
+    base = (f'[receiver]\nhost = "127.0.0.1"\nport = {cfg.port}\ntls = true\nca_file = "{cfg.ca_file}"\n'
+            f'username = "{cfg.username}"\npassword = "{cfg.password}"\nstore = "{tmp_path / "s.sqlite"}"\n')
+    own.write_text(base + f'share_group = "{group}"\n')
+    err = _run_receiver_cli(["--config", str(own)], tmp_path / "r1")
+    assert "INSECURE" not in err and "WARNING:" not in err and group not in err and "$share/***/" in err, err
+    own.write_text(base + 'share_group = "ingest"\n')
+    err = _run_receiver_cli(["--config", str(own)], tmp_path / "r2")
+    assert "WARNING: share group of 6 characters without a random part" in err, err
+    own.write_text(base)
+    err = _run_receiver_cli(["--config", str(own), "--share-group", group], tmp_path / "r3")
+    assert "process list" in err and "without a random part" not in err, err
+    print("help without a guessable group; a provisioned group starts quietly; 'ingest' and a group on the "
+          "command line warn on stderr")
+
+    # An old file with the guessable group: provisioning again gives it a random one.
+    old = tmp_path / "old.toml"
+    old.write_text('[receiver]\nshare_group = "ingest"\n')
+    pv.provision_receiver(ca_dir=info.ca_dir, passwd_file=tmp_path / "r.passwd", out=old, host="127.0.0.1",
+                          port=info.receiver_port, backend="python")  # fmt: skip
+    assert weak_share_group(load_receiver_config(old).share_group) is None
 
 
 # --- certificate mode ----------------------------------------------------------------------

@@ -171,3 +171,34 @@ def test_stores_keyed_by_record_id_are_migrated(make: MakeStore, tmp_path: Any) 
     s.close()
     s = make()  # and opening again changes nothing
     assert len(q(s, "SELECT device FROM calibrations")) == 3
+
+
+def test_migration_drops_records_naming_no_device(make: MakeStore, tmp_path: Any) -> None:
+    """The old code took a record with an empty or absent ``device`` (issue 13, tester's probe
+    p6_migrate.py): van A's record with ``device: ""`` overwrote van B's row and B's values were
+    derived from it. Such a row cannot be placed under its author: dropped, with what it derived."""
+    s = make()
+    rec_b = _record(tmp_path, "van-b")
+    rec_a = _record(tmp_path, "van-a", slope=1000.0)
+    rec_c = _record(tmp_path / "c", "van-c")
+    no_device = json.dumps({**json.loads(rec_a.to_json()), "device": ""})
+    absent = json.loads(rec_c.to_json())
+    del absent["device"]
+    _run(s, "DROP TABLE calibrations")
+    _run(s, _OLD_TABLE)
+    ins = "INSERT INTO calibrations VALUES (?,?,?,?,?,?,?,?,?,?)"
+    _run(s, ins, rec_a.id, "van-b", "no2", SERIAL, 1, "active", int(T0 * 1000), None, no_device, 1)
+    _run(s, ins, f"no2:{SERIAL}-c:v1", "van-c", "no2", f"{SERIAL}-c", 1,
+         "active", int(T0 * 1000), None, json.dumps(absent), 1)  # fmt: skip
+    _run(s, "INSERT INTO derived VALUES (?,?,?,?,?,?)", "van-b", "e1", 5, "no2_ppb", 118852.7, rec_a.id)
+    _run(s, "INSERT INTO derived VALUES (?,?,?,?,?,?)", "van-c", "e1", 5, "no2_ppb", 12.5, f"no2:{SERIAL}-c:v1")
+    s.close()
+
+    s = make()  # opening migrates
+    print("after migration:", q(s, "SELECT device, id FROM calibrations"), q(s, "SELECT device, value FROM derived"))
+    assert q(s, "SELECT device, id FROM calibrations") == []
+    assert q(s, "SELECT device, value FROM derived") == []
+    # Van B's own record (its next announcement) brings its values back, computed from its parameters.
+    assert _upload(Ingestor(s), "van-b", _van_batch("van-b", rec_b)) == "stored"
+    assert q(s, "SELECT device FROM calibrations WHERE id=?", rec_b.id) == [("van-b",)]
+    assert math.isclose(_derived(s, "van-b")[5][0], no2_ppb_from_record(rec_b.values, WE_MV[5], 306.0, 12.0))

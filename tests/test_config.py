@@ -78,3 +78,55 @@ def test_agent_refuses_to_start_on_bad_config(tmp_path):
     r = CliRunner().invoke(main, ["run", "--config", str(bad)])
     assert r.exit_code == 1
     assert "sensors.pm.driver" in r.output and "pms9999" in r.output
+
+
+def test_device_id_with_a_trailing_newline_is_refused() -> None:
+    """``$`` in a regex also matches before a final newline: "van-001\\n" passed (issue 13, 6.4).
+    The id is an MQTT username, topic level and certificate CN: the whole string must match."""
+    from edge.config import parse_config
+    from edge.errors import ConfigError
+    from receiver.provision import ProvisionError, check_device_id
+
+    assert check_device_id("van-001") == "van-001"
+    for bad in ("van-001\n", "van-001\r\n", "\nvan-001", "van-001\n\n"):
+        with pytest.raises(ProvisionError):
+            check_device_id(bad)
+        with pytest.raises(ConfigError, match="device.id"):
+            parse_config({"device": {"id": bad}})
+
+
+def test_config_check_bounds_and_measuring_sensor(tmp_path):
+    """Issue 13, 7.3/7.4: the bounds a remote change goes through hold for a local file too
+    (``edge config check`` refuses, each key named); a van with only a GPS is a warning here
+    (a bench test), refused from afar (tests/test_remote_config.py)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[uplink]\nkeepalive_s = -1\nack_timeout_s = 0.001\nheartbeat_s = 100000.0\nwindow = 0\n"
+                   "reconnect_max_s = 1e9\n[sampling]\nrate_hz = nan\n[batch]\nmax_age_s = inf\n"
+                   "[power]\nduty_every_s = inf\n")
+    r = CliRunner().invoke(main, ["config", "check", str(bad)])
+    assert r.exit_code == 1
+    for key in ("uplink.keepalive_s", "uplink.ack_timeout_s", "uplink.heartbeat_s", "uplink.window",
+                "uplink.reconnect_max_s", "sampling.rate_hz", "batch.max_age_s", "power.duty_every_s"):
+        assert key in r.output, (key, r.output)
+    for ok in ({"keepalive_s": 5}, {"keepalive_s": 65535}, {"ack_timeout_s": 1}, {"heartbeat_s": 3600}):
+        parse_config({"uplink": ok})
+    with pytest.raises(ConfigError, match="keepalive_s"):
+        parse_config({"uplink": {"keepalive_s": 65536}})
+
+    gps_only = tmp_path / "gps.toml"
+    gps_only.write_text('[sensors.gps]\ndriver = "nmea-gps"\nport = "/dev/serial0"\n')
+    r = CliRunner().invoke(main, ["config", "check", str(gps_only)])
+    assert r.exit_code == 0 and "warning: config key 'sensors': no PM, NO2 or noise sensor, only gps (nmea-gps)" in r.output
+    measuring = tmp_path / "pm.toml"
+    measuring.write_text(gps_only.read_text() + '[sensors.pm]\ndriver = "pms5003"\nport = "/dev/ttyUSB0"\n')
+    r = CliRunner().invoke(main, ["config", "check", str(measuring)])
+    assert r.exit_code == 0 and "warning" not in r.output
+
+
+def test_every_driver_is_known_as_measuring_or_positioning():
+    """A new driver must be placed: else a van with only it would pass or fail the sensor rule by accident."""
+    from edge.remote_policy import MEASURING_DRIVERS, POSITION_DRIVERS
+    from edge.sensors import FACTORIES
+
+    assert set(FACTORIES) == MEASURING_DRIVERS | POSITION_DRIVERS
+    assert not MEASURING_DRIVERS & POSITION_DRIVERS

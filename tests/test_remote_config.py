@@ -376,3 +376,144 @@ def test_reload_logs_what_changed_and_ends_probation(tmp_path: Path, mosquitto, 
         rt.request_stop()
         t.join(15)
         rt.close()
+
+
+def test_remote_refuses_gpsd_source_simulation_gps_only_and_out_of_range(tmp_path: Path, mosquitto) -> None:
+    """Issue 13, 7.1/7.3/7.4/7.5 through a real broker and agent: a gpsd host or port (a fake gpsd
+    would set the van's time), any [simulation] key, a change leaving only a GPS, and uplink values
+    outside their bounds are refused by key; nothing of them takes effect."""
+    rt, t, conf = _running(tmp_path, mosquitto.port)
+    before = conf.read_text()
+    refused: dict[str, set[str]] = {}
+    try:
+        cases = {
+            "g1": {"config": {"sensors": {"gps": {"driver": "gpsd", "host": "203.0.113.7"}}}},
+            "g2": {"config": {"sensors": {"gps": {"driver": "gpsd", "port": 12947}}}},
+            "s1": {"config": {"simulation": {"speedup": 1000}, "sampling": {"rate_hz": 2}}},
+            "s2": {"config": {"simulation": {"enabled": False}}},
+            "u1": {"config": {"uplink": {"keepalive_s": -1, "ack_timeout_s": 0.001, "heartbeat_s": 100000,
+                                         "window": 0}}},
+        }  # fmt: skip
+        doc = tomllib.loads(before)
+        del doc["sensors"]["pm"]
+        cases["o1"] = {"mode": "replace", "toml": dump_toml(doc)}
+        for rid, body in cases.items():
+            ack = _send(mosquitto.port, {"id": rid, **body})
+            assert not ack["ok"] and ack["status"] == "refused", ack
+            refused[rid] = {e["key"] for e in ack["errors"]}
+        assert refused["g1"] == {"sensors.gps.host"}
+        assert refused["g2"] == {"sensors.gps.port"}
+        assert refused["s1"] == {"simulation.speedup"} and refused["s2"] == {"simulation.enabled"}
+        assert refused["u1"] == {"uplink.keepalive_s", "uplink.ack_timeout_s", "uplink.heartbeat_s", "uplink.window"}
+        assert refused["o1"] == {"sensors"}
+        assert conf.read_text() == before and rt.agent.cfg.simulation.speedup == 20
+        assert [sc.driver for sc in rt.agent.cfg.sensors] == ["sim-pm", "sim-gps"]
+        # A gpsd on the van itself (the driver's defaults restated) and unchanged simulation keys are fine.
+        ack = _send(mosquitto.port, {"id": "ok1", "config": {"simulation": {"enabled": True, "speedup": 20},
+                                                             "uplink": {"keepalive_s": 60}}})
+        assert ack["ok"] and ack["changes"] == ["uplink.keepalive_s: (unset) -> 60"], ack
+        print("refused by key:", {k: sorted(v) for k, v in refused.items()}, "| ok1 applied:", ack["changes"])
+    finally:
+        rt.request_stop()
+        t.join(15)
+        rt.close()
+
+
+def test_retained_bad_request_is_handled_once_across_reconnects_and_restarts(tmp_path: Path, mosquitto) -> None:
+    """Issue 13, 7.2: a bad change sent retained came back at every reconnect and was applied,
+    rolled back and applied again forever. Handled ids are kept on the card: once only."""
+    import os
+
+    import paho.mqtt.client as mqtt
+
+    rt, t, conf = _running(tmp_path, mosquitto.port, remote_grace_s=3.0)
+    master, slave = os.openpty()
+    before = conf.read_text()
+    sender = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="retainer")
+    sender.connect("127.0.0.1", mosquitto.port)
+    sender.loop_start()
+    change = {"id": "ret1", "config": {"sensors": {"pm": {"driver": "pms5003", "port": os.ttyname(slave)}}}}
+    sender.publish("datalab/v1/van-rc/config", json.dumps(change).encode(), qos=1, retain=True).wait_for_publish(5)
+    sender.loop_stop()
+    sender.disconnect()
+
+    def statuses(r: Runtime) -> list[str]:
+        return [x.status for x in r.remote.results if x.id == "ret1"]
+
+    def wait_for(r: Runtime, status: str, n: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while statuses(r).count(status) < n:
+            assert time.monotonic() < deadline, f"waiting for {n} {status!r}: {statuses(r)}"
+            time.sleep(0.1)
+
+    rt2 = None
+    try:
+        wait_for(rt, "rolled_back")
+        assert rt.agent.cfg.sensors[0].driver == "sim-pm" and conf.read_text() == before
+        for i in range(2):
+            # The van's connection is taken over (same client id), so it reconnects, subscribes
+            # again and the broker hands it the retained request again.
+            kick = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="van-rc")
+            kick.connect("127.0.0.1", mosquitto.port)
+            kick.loop_start()
+            time.sleep(0.5)
+            kick.loop_stop()
+            kick.disconnect()
+            wait_for(rt, "duplicate", i + 1)
+        time.sleep(4)  # longer than the grace period: nothing was applied again
+        assert statuses(rt) == ["applied", "rolled_back", "duplicate", "duplicate"], statuses(rt)
+        assert rt.agent.cfg.sensors[0].driver == "sim-pm" and conf.read_text() == before
+        rt.request_stop()
+        t.join(15)
+        rt.close()
+        # A restarted agent remembers it too (remote-config.json).
+        cfg, svc = load_full_config(conf)
+        rt2 = Runtime(cfg, svc, config_path=conf, notifier=Notifier(""), remote_grace_s=3.0)
+        t2 = threading.Thread(target=rt2.run, daemon=True)
+        t2.start()
+        wait_for(rt2, "duplicate")
+        time.sleep(1)
+        assert statuses(rt2) == ["duplicate"] and rt2.agent.cfg.sensors[0].driver == "sim-pm"
+        dup = next(x for x in rt2.remote.results if x.id == "ret1")
+        assert not dup.ok and dup.reason == "already handled: rolled_back"
+        print("retained bad request: applied once, rolled back, then duplicate after 2 reconnects and "
+              "an agent restart")
+    finally:
+        os.close(master)
+        os.close(slave)
+        if rt2 is not None:
+            rt2.request_stop()
+            t2.join(15)
+            rt2.close()
+        else:
+            rt.request_stop()
+            t.join(15)
+            rt.close()
+
+
+def test_pending_acks_survive_a_restart(tmp_path: Path, mosquitto) -> None:
+    """Issue 13, 7.6: an answer the van could not publish yet (offline) is on the card, and goes
+    out through a real broker after the agent starts again."""
+    import paho.mqtt.client as mqtt
+
+    from edge.remote import RemoteConfig, Result
+
+    state = tmp_path / "remote-config.json"
+    rc = RemoteConfig("van-rc", "datalab/v1", state)
+    rc.handle(b"{not json", lambda req: Result(req.id, True, "applied"))  # offline: no client
+    assert json.loads(state.read_text())["pending_acks"], "the refusal waits on the card"
+    acks = AckListener(mosquitto.port)
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="van-rc")
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    try:
+        again = RemoteConfig("van-rc", "datalab/v1", state)  # the agent started again
+        again._client = client
+        again.flush(connected=True)
+        got = acks.wait("", "refused")
+        assert "not valid JSON" in got["reason"]
+        assert json.loads(state.read_text())["pending_acks"] == []
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        acks.close()

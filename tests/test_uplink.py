@@ -119,7 +119,7 @@ id = "van-009"
 data_dir = "{tmp_path / 'van9'}"
 [uplink]
 port = {mosquitto.port}
-keepalive_s = 1
+keepalive_s = 5
 heartbeat_s = 1.0
 [sensors.pm]
 driver = "sim-pm"
