@@ -23,6 +23,11 @@ spine's is *suspect*; who is right is decided, not assumed:
 * another reference agrees with the spine: the suspect is wrong and ignored
   (a system clock stepped under a GPS fix, a GPS glitch under NTP);
 * another reference agrees with the suspect: the spine was wrong; re-base;
+* the other reference left the spine too, to a time of its own (both stepped at
+  once, opposite ways): *contested*, as below, but neither can win by waiting
+  while the other contradicts it; the spine is kept until they agree (with it or
+  with each other), or one of them goes quiet and the other then keeps its time
+  unopposed for ``confirm_s``;
 * nobody else to ask: the step is *contested*. Samples keep the spine's time
   but go out as ``unsync`` with the ``clock_step`` flag, so the agent holds
   them back; if the reference returns to the spine it was a glitch, if it
@@ -191,13 +196,18 @@ class TimeKeeper:
                 else:
                     self.stats.system_steps += 1
                 log.warning("%s time stepped %+.1f s from the monotonic spine", k, o - self._offset)
-            if any(abs(o2 - o) <= tol for k2, (o2, _) in refs.items() if k2 != k):
+            others = [o2 for k2, (o2, _) in refs.items() if k2 != k]
+            if any(abs(o2 - o) <= tol for o2 in others):
                 self._rebase(o, src, f"{k} corroborated")  # two references say the spine is wrong
                 return
-            if agree:
-                # Another reference vouches for the spine: this one is wrong. Its confirmation
-                # window starts again, so it cannot win the moment the other one goes quiet.
+            if others:
+                # Another reference contradicts this one: it vouches for the spine (this one is
+                # wrong), or it left the spine too, elsewhere (both stepped at once, opposite
+                # ways: nobody can tell which is right, so neither wins by waiting and the spine
+                # is kept). The confirmation window starts again, so this one cannot win the
+                # moment the other goes quiet; it must then keep its time unopposed for confirm_s.
                 self._suspects[k] = (o, mono)
+                self._contested = self._contested or not agree
                 continue
             if mono - seen[1] >= self.confirm_s:
                 self._rebase(o, src, f"{k} kept its new time for {self.confirm_s:.0f} s")

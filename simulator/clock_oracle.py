@@ -23,6 +23,7 @@ class TimeVerdict:
     flagged: int = 0  # samples carrying the clock_step flag
     silent_disorder: list[int] = field(default_factory=list)  # unflagged, earlier than one committed before
     wrong_unflagged: list[int] = field(default_factory=list)  # unflagged, further from the truth than allowed
+    wrong_flagged: list[int] = field(default_factory=list)  # flagged and off the truth (the spine was not kept)
     observations_flagged: int = 0  # samples whose rows in the observations view name clock_step (flags)
     quality_flagged: int = 0  # samples whose quality (per value, measured quantities only) names clock_step
     sources: dict[str, int] = field(default_factory=dict)  # time_src -> samples
@@ -62,5 +63,7 @@ def check_times(
                 v.silent_disorder.append(seq)
             if abs(t - truth_ms(mono)) > tolerance_ms:
                 v.wrong_unflagged.append(seq)
+        elif abs(t - truth_ms(mono)) > tolerance_ms:
+            v.wrong_flagged.append(seq)
         newest[sensor] = max(t, newest.get(sensor, t))
     return v

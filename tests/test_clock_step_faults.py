@@ -23,7 +23,7 @@ from edge.agent import Agent
 from edge.clock import SimClock
 from edge.config import parse_config
 from edge.sensors import build_drivers
-from edge.timekeeping import GPS_ROLLOVER_S
+from edge.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S
 from simulator.clock_oracle import check_times
 from simulator.hardware import SimulatedHardware
 from simulator.oracle import check
@@ -39,11 +39,14 @@ BEFORE_S, AFTER_S = 300, 300  # virtual seconds around the step (GPS has a fix f
 
 @dataclass(frozen=True)
 class Scenario:
-    what: str  # "system" or "gps"
+    what: str  # "system", "gps", or "both" (system by step_s and GPS by gps_step_s at the same moment)
     step_s: float
     ntp: bool  # the system clock is NTP-synchronised (a second reference)
     gps: bool  # the van has a GPS receiver
-    expect: str  # "flagged": decided alone, samples across the step flagged; "right": another reference decided
+    # "flagged": decided alone, samples across the step flagged; "right": another reference decided;
+    # "contested": both references left the spine to different times: flagged, spine kept, no re-base
+    expect: str
+    gps_step_s: float = 0.0
 
 
 SCENARIOS = {
@@ -54,6 +57,9 @@ SCENARIOS = {
     "gps+1d": Scenario("gps", 86400.0, ntp=False, gps=True, expect="flagged"),
     "gps+1d-under-ntp": Scenario("gps", 86400.0, ntp=True, gps=True, expect="right"),
     "gps-week-rollover": Scenario("gps", -GPS_ROLLOVER_S, ntp=False, gps=True, expect="right"),
+    # Both references step at once, opposite ways (issue 14, finding A): nobody can tell which is right.
+    "system+1h-gps-1h": Scenario("both", 3600.0, ntp=True, gps=True, expect="contested", gps_step_s=-3600.0),
+    "system-90s-gps+90s": Scenario("both", -90.0, ntp=True, gps=True, expect="contested", gps_step_s=90.0),
 }
 
 
@@ -82,12 +88,12 @@ def _van(tmp_path, port: int, sc: Scenario) -> tuple[Agent, MqttLink, SimClock, 
     closers += drivers
 
     def step() -> None:
-        if sc.what == "system":
+        if sc.what in ("system", "both"):
             clock.step(sc.step_s)  # as NTP or an administrator would; monotonic time is unmoved
-        elif sc.step_s == -GPS_ROLLOVER_S:
-            # A 10-bit week counter past its rollover: the receiver's dates are 1024 weeks back.
-            hw.gps.utc_origin -= dt.timedelta(seconds=GPS_ROLLOVER_S)
-        else:
+        if sc.what == "both":
+            hw.gps.utc_origin += dt.timedelta(seconds=sc.gps_step_s)  # at the same moment
+        elif sc.what == "gps":
+            # -GPS_ROLLOVER_S: a 10-bit week counter past its rollover, the receiver's dates 1024 weeks back.
             hw.gps.utc_origin += dt.timedelta(seconds=sc.step_s)
 
     return agent, link, clock, step, closers
@@ -117,7 +123,7 @@ def test_clock_step_is_caught(tmp_path, mosquitto, rx, name):
     report(f"clock-step {name}", gps_steps=tk.gps_steps, system_steps=tk.system_steps, rebases=tk.rebases,
            contested=tk.contested_stamps, overlap=tk.overlap_stamps, rollovers=rollovers,
            samples=verdict.samples, flagged=verdict.flagged, observations_flagged=verdict.observations_flagged,
-           quality_flagged=verdict.quality_flagged,
+           quality_flagged=verdict.quality_flagged, wrong_flagged=len(verdict.wrong_flagged),
            sources=verdict.sources)
     assert_all_delivered(check(rx.store, [agent.buffer.path]))
     assert verdict.samples == 3 * (BEFORE_S + AFTER_S)
@@ -129,6 +135,8 @@ def test_clock_step_is_caught(tmp_path, mosquitto, rx, name):
         assert gps_off and max(gps_off) < 2.0, gps_off[:5]
     elif sc.what == "system":
         assert tk.system_steps == 1
+    elif sc.what == "both":
+        assert tk.system_steps == 1 and tk.gps_steps >= 1
     else:
         # At least once: right after a jump a receiver's first fixes may not be corroborated
         # (their date differs from the last one's), so the last good fix speaks again for a
@@ -138,6 +146,18 @@ def test_clock_step_is_caught(tmp_path, mosquitto, rx, name):
     if sc.expect == "right":
         assert tk.rebases == 0 and verdict.flagged == 0
         assert not verdict.wrong_unflagged, f"times off the truth: {verdict.wrong_unflagged[:10]}"
+    elif sc.expect == "contested":
+        # Undecided to the end: nothing re-based onto either reference, nothing off the truth
+        # unflagged, and every sample stamped after the two left the spine flagged and still on
+        # the spine's (true) time.
+        assert tk.rebases == 0, "re-based onto one of two references that contradict each other"
+        assert not verdict.wrong_unflagged, f"unflagged times off the truth: {verdict.wrong_unflagged[:10]}"
+        assert not verdict.wrong_flagged, f"the spine was not kept: {verdict.wrong_flagged[:10]}"
+        assert tk.contested_stamps > 0 and verdict.flagged >= tk.contested_stamps * 3 // 4
+        # from (at latest) GPS_FILTER_S after the step, when the GPS filter lets its new time through
+        assert verdict.flagged >= 3 * (AFTER_S - GPS_FILTER_S - 2)
+        assert verdict.observations_flagged == verdict.flagged
+        assert verdict.quality_flagged == verdict.flagged // 3
     else:
         assert tk.rebases == 1 and tk.contested_stamps > 0
         assert verdict.flagged >= tk.contested_stamps * 3 // 4  # 3 of every 4 stamps are sensor samples

@@ -310,3 +310,32 @@ def test_a_late_gps_read_is_not_a_step(tmp_path):
     pm = [s for s in samples if s.sensor == "pm"]
     assert agent.timekeeper.stats.gps_steps == 0 and not flagged(pm)
     assert all(s.t_utc_ms == truth_ms(s) for s in pm)
+
+
+def test_both_references_stepping_apart_keep_the_spine_until_one_is_unopposed(tmp_path):
+    """System +1 h and GPS -1 h at the same moment (issue 14, finding A): nobody can tell which is
+    right, so neither wins by waiting; the samples are flagged on the spine's time. Only once GPS
+    goes quiet does the system clock, unopposed for confirm_s, win."""
+    clock = SimClock(TRUE_T0)
+    gps = FakeGps(clock, fix_after=0)
+
+    def fault(i):
+        if i == 120:
+            clock.step(3600.0)
+            gps.error_s = -3600.0
+        if i == 300:
+            gps.lost_after = 300.0  # GPS goes quiet; its last fix counts for gps_valid_s = 30 s
+
+    agent, samples = run_agent(tmp_path, clock, [Counter(), gps], 420, on_tick=fault, time={"gps_valid_s": 30.0})
+    st = agent.timekeeper.stats
+    pm = sorted((s for s in samples if s.sensor == "pm"), key=lambda s: s.seq)
+    # Contested from when GPS's filter lets its new time through (10 s after the step) until the
+    # system clock has been alone for confirm_s: GPS's last fix counts until 330 s, + 60 s.
+    # (Before this fix the system clock won at 180 s, with GPS still contradicting it.)
+    contested = [i for i, s in enumerate(pm) if "clock_step" in s.flags]
+    assert contested == list(range(contested[0], contested[-1] + 1))
+    assert abs(contested[0] - (120 + GPS_FILTER_S)) <= 2 and abs(contested[-1] - 390) <= 2, contested[::50]
+    assert st.contested_stamps == 2 * len(contested)  # a PM sample and a GPS reading each tick
+    assert all(s.t_utc_ms == truth_ms(s) and not s.flags for s in pm[: contested[0]])
+    assert not silent_disorder(pm)
+    assert st.system_steps == 1 and st.gps_steps == 1 and st.rebases == 1
