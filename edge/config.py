@@ -82,9 +82,11 @@ class UplinkConfig:
     keepalive_s: int = 30
     window: int = 8  # batches published and not yet acknowledged by the receiver
     ack_timeout_s: float = 30.0  # re-send (same batch id) after this long without an ack
-    # Reconnect delays: full jitter between 0 and min(max, min * 2^attempt) seconds.
+    # Reconnect delays: full jitter between 0 and min(max, min * 2^attempt) seconds. The cap is
+    # short so a van is back within 3 s of a broker's return (issue 14, 5: first sample stored
+    # within 5 s); the fleet's arrival spread this gives is in uplink/backoff.py.
     reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 60.0
+    reconnect_max_s: float = 3.0
     heartbeat_s: float = 60.0  # retained status message (backlog, sensor health, disk ...)
 
 

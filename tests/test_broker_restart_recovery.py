@@ -4,20 +4,27 @@ A restarted broker forgets what it held and the receiver subscribes again only
 after it reconnects; a van that waited for its ack timeout (30 s) before
 re-sending left the store without news for that long. The agent now re-sends
 what is unacknowledged as soon as it reconnects, and again after 1, 2, 4 ... s
-until an ack proves the path.
+until an ack proves the path. With the DEFAULT reconnect policy (full jitter
+capped at 3 s) the van is back within 3 s of the broker's return, where the old
+60 s cap left it away for up to a minute; the fleet's spread is worked out from
+the same policy for 10,000 vans.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import statistics
 import threading
 import time
+
+import pytest
 
 from buffer.store import Buffer
 from edge.agent import FAST_RETRY_S, Agent
 from edge.clock import SimClock
-from edge.config import parse_config
+from edge.config import UplinkConfig, parse_config
 from simulator.oracle import check
+from simulator.reconnect_herd import herd_figures
 from simulator.sensors import OracleSensor
 from simulator.world import VanWorld
 from tests.delivery_harness import Receiver, report
@@ -121,6 +128,29 @@ def _wait_for_new_sample(store, since: float, before: int) -> float:
     return round(time.monotonic() - since, 2)
 
 
+# Of the issue's 5 s from the broker's return to the first stored sample, what the rest takes
+# (connect, resync, upload, the receiver's own reconnect and commit): the end-to-end test below
+# measures 0.4-1.7 s; the van's wait for its next attempt must fit in what is left.
+REST_OF_RECOVERY_S = 1.5
+
+
+@pytest.mark.parametrize("down_s", [2.0, 10.0, 60.0, 600.0])
+def test_a_fleet_is_back_within_the_default_cap_and_spread_over_it(down_s):
+    """10,000 vans under the default reconnect policy: when does each reach the returned broker?"""
+    d = UplinkConfig()
+    f = herd_figures(10_000, down_s, d.reconnect_min_s, d.reconnect_max_s)
+    report("fleet-reconnect", cap_s=d.reconnect_max_s, **vars(f))
+    # the last van of the fleet is back in time for the 5 s target (with the old 60 s cap: up to 59 s)
+    assert f.max_s + REST_OF_RECOVERY_S <= 5.0
+    # and they do not come in one wave: full jitter spreads them over the cap, the busiest moment
+    # near the theory's 2 N / cap per second (the residual of a uniform sleep is triangular)
+    assert f.first_second < 0.7 * f.vans and f.max_s > 0.8 * d.reconnect_max_s
+    assert f.peak_per_s <= 1.3 * 2 * f.vans / d.reconnect_max_s
+
+
+BROKER_DOWN_S = (1.0, 3.0, 6.0, 1.5, 4.0)  # several outages: short ones, and ones long enough to reach the cap
+
+
 def test_broker_restart_first_sample_stored_soon_after_its_return(tmp_path, mosquitto):
     rx = Receiver(tmp_path / "store.sqlite", mosquitto.port)
     rx.start()
@@ -128,10 +158,13 @@ def test_broker_restart_first_sample_stored_soon_after_its_return(tmp_path, mosq
         "device": {"id": "van-rst", "data_dir": str(tmp_path / "van-rst")},
         "sampling": {"rate_hz": 1.0, "commit_interval_s": 1.0},
         "batch": {"max_samples": 500, "max_age_s": 1.0},
-        # the default ack timeout: the recovery must not wait for it
-        "uplink": {"port": mosquitto.port, "ack_timeout_s": 30.0, "window": 4, "reconnect_min_s": 0.05,
-                   "reconnect_max_s": 0.5, "keepalive_s": 5},
+        # The DEFAULT uplink settings, as a van in the field runs them (reconnect backoff, ack
+        # timeout, window, keepalive): the recovery must not depend on test-only tuning.
+        "uplink": {"port": mosquitto.port},
     })
+    defaults = UplinkConfig()
+    assert (cfg.uplink.reconnect_min_s, cfg.uplink.reconnect_max_s) == (defaults.reconnect_min_s,
+                                                                      defaults.reconnect_max_s)
     clock = SimClock(1_795_000_000.0, speedup=5.0)  # 5 samples per sensor and real second
     world = VanWorld(clock, shift_start_utc=1_795_000_000.0)
     link = RecordingLink(cfg.uplink, cfg.device.id)
@@ -141,20 +174,27 @@ def test_broker_restart_first_sample_stored_soon_after_its_return(tmp_path, mosq
     runner = threading.Thread(target=agent.run, name="agent", daemon=True)
     runner.start()
     fig: dict[str, float] = {}
+    broker_s: list[float] = []
+    reconnect_s: list[float] = []
     try:
         deadline = time.monotonic() + 30
         while _store_count(rx.store) < 50:
             assert time.monotonic() < deadline, "nothing reached the store before the outage"
             time.sleep(0.1)
 
-        # 1. The broker alone restarts (SIGKILL: sessions and queued messages not saved are gone).
-        mosquitto.kill()
-        killed = time.monotonic()
-        time.sleep(1.5)
-        mosquitto.start()
-        back = time.monotonic()
-        fig["broker_first_store_s"] = _wait_for_new_sample(rx.store, back, _store_count(rx.store))
-        fig["broker_van_reconnect_s"] = round(next(t for t in link.connected_at if t > killed) - back, 2)
+        # 1. The broker alone restarts (SIGKILL: sessions and queued messages not saved are gone),
+        # several times, after outages short and long (long ones take the backoff to its cap).
+        for down_s in BROKER_DOWN_S:
+            time.sleep(1.0)
+            mosquitto.kill()
+            killed = time.monotonic()
+            time.sleep(down_s)
+            mosquitto.start()
+            back = time.monotonic()
+            broker_s.append(_wait_for_new_sample(rx.store, back, _store_count(rx.store)))
+            reconnect_s.append(round(next(t for t in link.connected_at if t > killed) - back, 2))
+            print(f"broker down {down_s:.1f} s: van reconnected {reconnect_s[-1]:.2f} s and first new sample "
+                  f"stored {broker_s[-1]:.2f} s after its return", flush=True)
 
         # 2. The central side restarts while batches wait for acks: the receiver dies first, so
         # the window fills with batches nobody acknowledges; then the broker; then both return.
@@ -163,7 +203,7 @@ def test_broker_restart_first_sample_stored_soon_after_its_return(tmp_path, mosq
         rx_killed = time.monotonic()
         while len({bid for t, bid in link.sent if t >= rx_killed}) < cfg.uplink.window:
             assert time.monotonic() < rx_killed + 30, "the window never filled"
-            time.sleep(0.05)  # a window of 4 fills in about a second
+            time.sleep(0.05)  # a window of 8 fills in about two seconds
         time.sleep(0.5)
         mosquitto.kill()
         killed = time.monotonic()
@@ -187,9 +227,17 @@ def test_broker_restart_first_sample_stored_soon_after_its_return(tmp_path, mosq
         agent.request_stop()
         link.stop()
         rx.stop()
-    report("broker-restart", resent=agent.stats.resent, syncs=agent.stats.syncs, **fig)
-    # end to end: the issue's 5 s from the broker's (or receiver's) return, with a margin for a loaded machine
-    assert fig["broker_first_store_s"] < 10.0 and fig["central_first_store_s"] < 10.0
+    fig["broker_first_store_median_s"] = statistics.median(broker_s)
+    fig["broker_first_store_max_s"] = max(broker_s)
+    fig["max_reconnect_delay_drawn_s"] = round(max(link.delays), 2)
+    report("broker-restart", resent=agent.stats.resent, syncs=agent.stats.syncs, restarts=len(broker_s),
+           broker_first_store_s=broker_s, van_reconnect_s=reconnect_s, **fig)
+    # The default backoff was what ran: a delay before every attempt after a loss, none above its cap.
+    assert len(link.delays) > len(BROKER_DOWN_S) and fig["max_reconnect_delay_drawn_s"] <= defaults.reconnect_max_s
+    # End to end, the issue's 5 s from the broker's (or receiver's) return: the median holds it; a
+    # margin on the worst one for a loaded machine (the van's share of it is at most the 3 s cap).
+    assert fig["broker_first_store_median_s"] <= 5.0, broker_s
+    assert fig["broker_first_store_max_s"] <= 8.0 and fig["central_first_store_s"] <= 8.0, fig
     # the van half: what waited for an ack went again at the first pump after reconnecting
     assert fig["window_full"] and 0.0 <= fig["resent_after_reconnect_s"] < 1.0
     assert agent.stats.resent >= fig["unacked_at_outage"]

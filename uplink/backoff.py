@@ -5,6 +5,11 @@ exponential backoff (paho's, without jitter) they stay in lock-step and hit the
 broker in waves. Full jitter draws each delay uniformly from [0, min(cap,
 base * 2^attempt)], which spreads them out (the AWS Architecture Blog's
 analysis of backoff strategies found it the best of the usual variants).
+
+The van's default cap is short (3 s, ``edge/config.py``): a van is back within
+3 s of a broker's return, and 10,000 vans arrive spread over those 3 s, at most
+~6,700 a second (``simulator/reconnect_herd.py``; the trade-off is in
+docs/architecture.md, "Uplink").
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import random
 
 
 class FullJitterBackoff:
-    def __init__(self, base_s: float = 1.0, cap_s: float = 60.0, rng: random.Random | None = None) -> None:
+    def __init__(self, base_s: float = 1.0, cap_s: float = 3.0, rng: random.Random | None = None) -> None:
         if base_s <= 0 or cap_s < base_s:
             raise ValueError("need 0 < base_s <= cap_s")
         self.base_s = base_s
