@@ -1,0 +1,209 @@
+"""Real power cuts (issue 14, point 6): unsynced writes are lost, not only the process.
+
+The van's data directory is a power-cut file system (simulator/powercut.py):
+at each cut the agent is SIGKILLed and every write it had not fsynced is thrown
+away (all of it, or a random part of it as a cache that wrote some pages back),
+the file system is unmounted and mounted again, and the agent restarts on what
+is left. At the end the van drains to a real receiver through a real Mosquitto
+and the oracle counts every committed sample.
+
+"Committed" is what the agent treated as durable, seen from outside the van:
+every batch it published (the receiver stored it) and every heartbeat's
+``last_seq`` (read from its buffer after the commit returned). After each cut
+the buffer must still hold at least that much, so a lost commit is caught at
+the cut where it happened, not hidden by the sequence numbers being reused.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from simulator.oracle import check, device_side
+from simulator.powercut import PAGE as PAGE_SIZE
+from simulator.powercut import PowerCutMount
+from tests.delivery_harness import Receiver, Van, finish_and_check, report, store_counters
+from tests.test_delivery_faults import assert_all_delivered
+
+
+class HeartbeatWitness:
+    """Every heartbeat the van sends: the highest ``last_seq`` it called committed, per epoch."""
+
+    def __init__(self, port: int, device: str) -> None:
+        self.max_seq: dict[str, int] = {}
+        self.heartbeats = 0
+        self._lock = threading.Lock()
+        self._c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="hb-witness")
+        self._c.on_message = self._on_message
+        self._c.on_connect = lambda c, *_: c.subscribe(f"datalab/v1/{device}/status", qos=1)
+        self._c.connect("127.0.0.1", port)
+        self._c.loop_start()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        st = json.loads(msg.payload)
+        if "last_seq" not in st or "epoch" not in st:
+            return  # a last will: online false
+        with self._lock:
+            self.heartbeats += 1
+            self.max_seq[st["epoch"]] = max(self.max_seq.get(st["epoch"], 0), int(st["last_seq"]))
+
+    def seen(self, epoch: str) -> int:
+        with self._lock:
+            return self.max_seq.get(epoch, 0)
+
+    def close(self) -> None:
+        self._c.loop_stop()
+        self._c.disconnect()
+
+
+def settle(store: Path, quiet_s: float = 0.15, limit_s: float = 5.0) -> None:
+    """Wait until the receiver has stored what was on its way (its counters stop moving)."""
+    last, still_since, deadline = None, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        now = store_counters(store) if store.exists() else {}
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet_s:
+            return
+        time.sleep(0.03)
+
+
+@pytest.fixture
+def card(tmp_path):
+    if not Path("/dev/fuse").exists():
+        pytest.skip("no /dev/fuse on this machine: a power-cut file system cannot be mounted")
+    if not shutil.which("fusermount3"):
+        pytest.fail("fusermount3 is not installed: run scripts/test, which installs fuse3")
+    m = PowerCutMount(tmp_path / "card", seed=14)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def rx(tmp_path, mosquitto):
+    r = Receiver(tmp_path / "store.sqlite", mosquitto.port)
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.mark.parametrize("cuts", [pytest.param(100, id="ci"),
+                                  pytest.param(1000, id="slow", marks=[pytest.mark.slow,
+                                                                       pytest.mark.timeout(3 * 3600)])])
+def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto, rx, card, cuts):
+    rng = random.Random(20261206)
+    van = Van("van-pc", tmp_path / "vans", mosquitto.port, forked=True, data_dir=card.path)
+    # A heartbeat a second (the minimum): one more outside witness of what was committed.
+    van.config.write_text(van.config.read_text().replace("keepalive_s = 5", "keepalive_s = 5\nheartbeat_s = 1"))
+    witness = HeartbeatWitness(mosquitto.port, van.device)
+    t0 = time.monotonic()
+    mid_run = partial = 0
+    epochs: set[str] = set()
+    try:
+        for i in range(cuts):
+            van.start()
+            time.sleep(rng.uniform(0.05, 1.2))
+            mid_run += van.kill()  # False: the short shift had ended (drained) before the cut
+            settle(rx.store)
+            keep = 0.0 if i % 2 == 0 else 0.5  # all unsynced pages lost, or half of them written back
+            partial += keep > 0
+            card.cut(keep)
+            try:
+                device, epoch, last_seq, integrity = device_side(van.buffer)
+            except sqlite3.Error as exc:
+                pytest.fail(f"cut {i}: the buffer is unreadable after a power cut: {exc}")
+            epochs.add(epoch)
+            assert integrity == "ok", f"cut {i}: the buffer is damaged after a power cut: {integrity}"
+            assert len(epochs) == 1, f"cut {i}: the buffer started a new epoch (quarantined?): {epochs}"
+            # Nothing the agent treated as committed is gone: not what it published ...
+            v = check(rx.store, [van.buffer])[0]
+            assert not v.extra, f"cut {i}: the store holds seqs the buffer lost: {v.extra[:10]}"
+            assert not v.doubled and not v.altered, v
+            # ... nor what it said it had committed.
+            assert witness.seen(epoch) <= last_seq, (
+                f"cut {i}: a heartbeat reported last_seq {witness.seen(epoch)}, the buffer has {last_seq}")
+        verdicts = finish_and_check([van], rx.store)
+    finally:
+        witness.close()
+    fs = card.stats()
+    counters = store_counters(rx.store)
+    report("power-cuts", cuts=card.cuts, mid_run=mid_run, partial_writeback=partial,
+           unsynced_bytes_lost=card.bytes_lost, entries_lost=card.entries_lost, fsyncs=fs["fsyncs"],
+           dir_fsyncs=fs["dir_fsyncs"], heartbeats=witness.heartbeats, committed=verdicts[0].last_seq,
+           stored=verdicts[0].stored, gapped=verdicts[0].gapped, duplicates=counters.get("batches_duplicate", 0),
+           resync_acks=counters.get("resync_acks", 0), wall_s=round(time.monotonic() - t0))
+    # The cuts happened and cost something: the agent was running and lost unsynced writes.
+    assert card.cuts == cuts
+    assert mid_run >= cuts * 0.9, f"only {mid_run} of {cuts} cuts found the agent running"
+    assert card.bytes_lost > 0, "no cut ever found unsynced data: nothing was tested"
+    assert witness.heartbeats > 0
+    assert_all_delivered(verdicts)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_the_card_keeps_only_what_was_synced(card):
+    """The file system itself: the POSIX rules SQLite relies on, and nothing more."""
+    root = card.path
+    (root / "kept").write_bytes(b"durable")
+    _fsync(root / "kept")
+    (root / "old").write_bytes(b"x")
+    _fsync(root / "old")
+    (root / "db").mkdir()  # SQLite's directory syncs must not make the names below durable
+    _fsync(root)  # names made durable: kept, old, db
+    with open(root / "kept", "ab") as f:
+        f.write(b" and lost")  # never fsynced
+    (root / "unnamed").write_bytes(b"synced, but its name never was")
+    _fsync(root / "unnamed")
+    os.rename(root / "old", root / "new")  # no directory fsync after it
+    # SQLite in WAL mode as the buffer uses it (synchronous=FULL), and the same without syncs.
+    for name, sync in (("full.sqlite", "FULL"), ("off.sqlite", "OFF")):
+        db = sqlite3.connect(root / "db" / name)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={sync}")
+        with db:
+            db.execute("CREATE TABLE t (x)")
+        for i in range(50):
+            with db:
+                db.execute("INSERT INTO t VALUES (?)", (i,))
+        db.close()  # a clean close (checkpoint) too: with OFF it still syncs nothing
+    # SQLite maps its -shm file shared: that must work on this mount.
+    with open(root / "map", "w+b") as f:
+        f.truncate(PAGE_SIZE)
+        with mmap.mmap(f.fileno(), PAGE_SIZE, mmap.MAP_SHARED) as m:
+            m[:5] = b"shmok"
+        assert (root / "map").read_bytes()[:5] == b"shmok"
+
+    lost_bytes, lost_entries = card.cut()
+
+    names = set(os.listdir(root))
+    report("card-rules", lost_bytes=lost_bytes, lost_entries=lost_entries, after_cut=sorted(names))
+    assert (root / "kept").read_bytes() == b"durable"
+    assert "unnamed" not in names and "new" not in names and "old" in names
+    full = sqlite3.connect(root / "db" / "full.sqlite")
+    assert full.execute("SELECT count(*) FROM t").fetchone()[0] == 50
+    assert full.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    full.close()
+    off_rows = 0
+    if (root / "db" / "off.sqlite").exists():
+        off = sqlite3.connect(root / "db" / "off.sqlite")
+        off_rows = off.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        off.close()
+    assert off_rows == 0, "unsynced SQLite commits must not survive a cut"
+    assert lost_bytes > 0 and lost_entries >= 2
