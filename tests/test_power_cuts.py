@@ -33,7 +33,7 @@ from simulator.oracle import check, device_side
 from simulator.powercut import PAGE as PAGE_SIZE
 from simulator.powercut import PowerCutMount
 from tests.delivery_harness import Receiver, Van, finish_and_check, report, store_counters
-from tests.test_delivery_faults import assert_all_delivered
+from tests.test_delivery_faults import assert_all_delivered, rx  # noqa: F401 (rx: the receiver fixture)
 
 
 class HeartbeatWitness:
@@ -87,14 +87,6 @@ def card(tmp_path):
     m = PowerCutMount(tmp_path / "card", seed=14)
     yield m
     m.close()
-
-
-@pytest.fixture
-def rx(tmp_path, mosquitto):
-    r = Receiver(tmp_path / "store.sqlite", mosquitto.port)
-    r.start()
-    yield r
-    r.stop()
 
 
 @pytest.mark.parametrize("cuts", [pytest.param(100, id="ci"),
