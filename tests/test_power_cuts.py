@@ -92,7 +92,7 @@ def card(tmp_path):
 @pytest.mark.parametrize("cuts", [pytest.param(100, id="ci"),
                                   pytest.param(1000, id="slow", marks=[pytest.mark.slow,
                                                                        pytest.mark.timeout(3 * 3600)])])
-def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto, rx, card, cuts):
+def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto, rx, card, cuts):  # noqa: F811 (rx: the imported fixture)
     rng = random.Random(20261206)
     van = Van("van-pc", tmp_path / "vans", mosquitto.port, forked=True, data_dir=card.path)
     # A heartbeat a second (the minimum): one more outside witness of what was committed.
@@ -111,7 +111,7 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
             partial += keep > 0
             card.cut(keep)
             try:
-                device, epoch, last_seq, integrity = device_side(van.buffer)
+                _device, epoch, last_seq, integrity = device_side(van.buffer)
             except sqlite3.Error as exc:
                 pytest.fail(f"cut {i}: the buffer is unreadable after a power cut: {exc}")
             epochs.add(epoch)
@@ -124,6 +124,9 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
             # ... nor what it said it had committed.
             assert witness.seen(epoch) <= last_seq, (
                 f"cut {i}: a heartbeat reported last_seq {witness.seen(epoch)}, the buffer has {last_seq}")
+            if (i + 1) % 100 == 0:  # progress of long runs (pytest -s)
+                report("power-cuts-progress", cuts=i + 1, last_seq=last_seq, stored=v.stored,
+                       unsynced_bytes_lost=card.bytes_lost, wall_s=round(time.monotonic() - t0))
         verdicts = finish_and_check([van], rx.store)
     finally:
         witness.close()
