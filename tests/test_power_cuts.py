@@ -78,6 +78,30 @@ def settle(store: Path, quiet_s: float = 0.15, limit_s: float = 5.0) -> None:
         time.sleep(0.03)
 
 
+def wait_for_line(log: Path, offset: int, text: str, timeout: float = 60.0) -> None:
+    """Until ``text`` appears in ``log`` after ``offset`` (the run started then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if log.exists():  # the forked run creates it
+            with open(log, "rb") as f:
+                f.seek(offset)
+                if text.encode() in f.read():
+                    return
+        assert time.monotonic() < deadline, f"{text!r} not in {log} after {timeout} s"
+        time.sleep(0.02)
+
+
+def wait_for_uploads(store: Path, timeout: float = 10.0) -> bool:
+    """Until the receiver stores another batch (True), or ``timeout`` (False: nothing to send)."""
+    before = store_counters(store).get("batches_stored", 0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store_counters(store).get("batches_stored", 0) > before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 @pytest.fixture
 def card(tmp_path):
     if not Path("/dev/fuse").exists():
@@ -99,12 +123,23 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
     van.config.write_text(van.config.read_text().replace("keepalive_s = 5", "keepalive_s = 5\nheartbeat_s = 1"))
     witness = HeartbeatWitness(mosquitto.port, van.device)
     t0 = time.monotonic()
-    mid_run = partial = 0
+    mid_run = partial = in_startup = in_upload = 0
     epochs: set[str] = set()
     try:
         for i in range(cuts):
+            offset = van.log.stat().st_size if van.log.exists() else 0
             van.start()
-            time.sleep(rng.uniform(0.05, 1.2))
+            moment = rng.random()
+            if moment < 0.1:  # while it starts: opening and recovering the buffer
+                in_startup += 1
+                time.sleep(rng.uniform(0.0, 0.3))
+            else:  # however slow the start on a busy machine, then at a random moment ...
+                wait_for_line(van.log, offset, " started, epoch ")
+                if moment < 0.7:  # ... while it samples, commits and seals
+                    time.sleep(rng.uniform(0.05, 1.0))
+                else:  # ... while batches go up and acks come back (uploads wait for the resync)
+                    in_upload += wait_for_uploads(rx.store)
+                    time.sleep(rng.uniform(0.0, 0.4))
             mid_run += van.kill()  # False: the short shift had ended (drained) before the cut
             settle(rx.store)
             keep = 0.0 if i % 2 == 0 else 0.5  # all unsynced pages lost, or half of them written back
@@ -129,10 +164,12 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
                        unsynced_bytes_lost=card.bytes_lost, wall_s=round(time.monotonic() - t0))
         verdicts = finish_and_check([van], rx.store)
     finally:
+        van.kill()  # a failed run must not keep the card busy
         witness.close()
     fs = card.stats()
     counters = store_counters(rx.store)
-    report("power-cuts", cuts=card.cuts, mid_run=mid_run, partial_writeback=partial,
+    report("power-cuts", cuts=card.cuts, mid_run=mid_run, in_startup=in_startup, in_upload=in_upload,
+           partial_writeback=partial,
            unsynced_bytes_lost=card.bytes_lost, entries_lost=card.entries_lost, fsyncs=fs["fsyncs"],
            dir_fsyncs=fs["dir_fsyncs"], heartbeats=witness.heartbeats, committed=verdicts[0].last_seq,
            stored=verdicts[0].stored, gapped=verdicts[0].gapped, duplicates=counters.get("batches_duplicate", 0),
@@ -142,6 +179,7 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
     assert mid_run >= cuts * 0.9, f"only {mid_run} of {cuts} cuts found the agent running"
     assert card.bytes_lost > 0, "no cut ever found unsynced data: nothing was tested"
     assert witness.heartbeats > 0
+    assert in_upload > 0, "no cut fell while batches were going up"
     assert_all_delivered(verdicts)
 
 
