@@ -65,10 +65,9 @@ class Node:
             self.dirty.update(range(start // PAGE, (end - 1) // PAGE + 1))
 
     def sync(self) -> None:
-        if self.synced == self.data:  # cheap when nothing changed (bytearray compare is memcmp)
-            self.dirty.clear()
-            return
         n = len(self.data)
+        if not self.dirty and len(self.synced) == n:
+            return  # every change marks its pages dirty: nothing changed since the last sync
         if len(self.dirty) * PAGE * 2 > n:
             self.synced = bytearray(self.data)
         else:

@@ -271,3 +271,28 @@ def test_receiver_power_cuts_lose_nothing_acked(tmp_path, mosquitto, card):
            lost=sum(len(v.missing) for v in verdicts))
     assert card.cuts >= 3, "the vans finished before the receiver was cut often enough"
     assert_all_delivered(verdicts)
+
+
+def test_partial_write_back_keeps_whole_pages_of_unsynced_writes():
+    """The model alone (no mount): with ``keep`` a cut keeps each unsynced page or loses it whole."""
+    from simulator.powercut import PowerCutFS
+
+    fs = PowerCutFS(seed=3)
+    fh = fs.create("/f", 0o644)
+    fs.write("/f", b"a" * PAGE_SIZE, 0, fh)
+    fs.fsync("/f", 0, fh)
+    fs.fsyncdir("/", 0, fs.opendir("/"))
+    for page in range(1, 41):  # 40 unsynced pages after the synced one
+        fs.write("/f", bytes([page]) * PAGE_SIZE, page * PAGE_SIZE, fh)
+    fs.cut(keep=0.5)
+    fs.thaw()
+    data = fs.read("/f", 41 * PAGE_SIZE, 0, fs.open("/f", os.O_RDONLY))
+    pages = [data[i:i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
+    kept = [i for i, pg in enumerate(pages) if i and pg == bytes([i]) * PAGE_SIZE]
+    report("partial-write-back", unsynced_pages=40, kept=len(kept), file_pages=len(pages))
+    assert pages[0] == b"a" * PAGE_SIZE, "the synced page survives"
+    assert all(pg in (bytes([i]) * PAGE_SIZE, bytes(PAGE_SIZE)) for i, pg in enumerate(pages) if i), "torn page"
+    assert 5 < len(kept) < 35, "about half the unsynced pages survive"
+    fs.cut(keep=0.0)
+    fs.thaw()
+    assert fs.getattr("/f")["st_size"] == len(data), "what the first cut kept is on the card now"
