@@ -243,10 +243,6 @@ def test_the_card_keeps_only_what_was_synced(card):
     assert lost_bytes > 0 and lost_entries >= 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 14 finding: the receiver's SQLite store runs synchronous=NORMAL, so a batch it acked "
-    "is not on disk until the next checkpoint; the van deletes it on the ack and a power cut "
-    "loses it (with synchronous=FULL this test passes: remove this mark then)"))
 def test_receiver_power_cuts_lose_nothing_acked(tmp_path, mosquitto, card):
     rng = random.Random(11)
     r = Receiver(card.path / "store.sqlite", mosquitto.port, client_id="rx-pc")
