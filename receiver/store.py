@@ -285,9 +285,12 @@ class SQLiteStore(StoreReads):
         self.max_gap_ms = int(max_gap_s * 1000)
         # Workers starting together would race on switching a new file to WAL ("database
         # is locked") and on the schema (a view is dropped and made again; "already exists"
-        # for the loser): one at a time. flock on the database file is apart from SQLite's
-        # own (fcntl) locks.
-        with open(self.path, "ab") as f:
+        # for the loser): one at a time, under flock on a lock file of its own. Never on the
+        # database file itself: closing any descriptor of that file drops every POSIX lock
+        # SQLite holds on it in this process, and another process closing its connection
+        # then takes itself for the last user, checkpoints and deletes our live WAL (acked
+        # batches lost).
+        with open(self.path.with_name(self.path.name + ".schema-lock"), "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 self.db.execute("PRAGMA journal_mode=WAL")

@@ -44,3 +44,33 @@ def test_the_store_commits_durably_before_anything_is_acknowledged(tmp_path: Pat
         assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         s.close()
+
+
+def test_another_process_closing_its_connection_does_not_take_our_wal(tmp_path: Path) -> None:
+    """Commits after another process opened and closed the store (`stats`, the API, a backup)
+    are seen by a fresh reader and survive. Opening the database file with a descriptor of our
+    own (the schema lock once did) drops SQLite's POSIX locks: the other process then believed
+    it was the last user, checkpointed, and deleted the receiver's live WAL."""
+    import subprocess
+    import sys
+
+    from receiver.store import SQLiteStore
+
+    path = tmp_path / "store.sqlite"
+    s = SQLiteStore(path)
+    try:
+        s.conn.execute("CREATE TABLE probe (x INTEGER)")
+        s.conn.execute("INSERT INTO probe VALUES (1)")
+        count = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+                 " print(c.execute('SELECT count(*) FROM probe').fetchone()[0]); c.close()")
+        first = subprocess.run([sys.executable, "-c", count, str(path)], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        for i in range(5):
+            s.conn.execute("INSERT INTO probe VALUES (?)", (i + 2,))
+        assert (tmp_path / "store.sqlite-wal").exists(), "the live WAL was deleted under the store"
+        after = subprocess.run([sys.executable, "-c", count, str(path)], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        print(f"rows seen by another process: {first} before, {after} after 5 more commits")
+        assert (first, after) == ("1", "6")
+    finally:
+        s.close()
