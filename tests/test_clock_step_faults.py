@@ -132,7 +132,9 @@ def test_clock_step_is_caught(tmp_path, mosquitto, rx, name):
         assert rollovers > 0 and tk.gps_steps == 0
         # the GPS samples' own gps_time is moved forward too, to the true time
         gps_off = _stored_gps_time_errors(rx.store, "van-clk")
-        assert gps_off and max(gps_off) < 2.0, gps_off[:5]
+        # Uncorrected, the error would be 1024 weeks; a few seconds is the read latency of a
+        # loaded test machine (gps_time is compared with the monotonic time the line was read).
+        assert gps_off and max(gps_off) < 5.0, sorted(gps_off)[-5:]
     elif sc.what == "system":
         assert tk.system_steps == 1
     elif sc.what == "both":
