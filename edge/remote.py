@@ -256,7 +256,12 @@ def write_config_atomically(path: Path, text: str) -> None:
         os.chmod(prev_tmp, mode)
         os.replace(prev_tmp, prev)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new name in ``folder`` durable (POSIX: an fsync of the directory)."""
+    dfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
@@ -317,8 +322,15 @@ class RemoteConfig:
         state = {"last_id": self.last_id, "probation": self.probation, "handled": self.handled,
                  "pending_acks": [a.decode() for a in self._outbox]}  # fmt: skip
         try:
-            tmp.write_text(json.dumps(state))
+            # Synced before and after the rename: a power cut must leave the old state or the
+            # new one, never an empty file (the handled ids keep a retained request from being
+            # applied twice). Written only when a configuration request comes or goes.
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(state))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.state_path)
+            _fsync_dir(self.state_path.parent)
         except OSError as exc:
             log.warning("cannot save %s: %s", self.state_path, exc)
 
