@@ -82,6 +82,8 @@ SALVAGE_BATCH_SAMPLES = 1000
 # On a full file system, a write that found no room is tried again when room changes,
 # and at least every this many calls (about every 30 s at one tick a second).
 STUCK_RETRY_EVERY = 30
+# Below this much free space an I/O error at open is taken for a full card (see Buffer._no_room).
+NO_ROOM_BYTES = 64 * PAGE_SIZE
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,6 +221,11 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
+            if self._unborn and not self._be_born():
+                # No database file yet (a full card at start): nothing to write into.
+                if default is _RAISE:
+                    raise BufferFullError(f"buffer {self.path}: no room to create it ({fn.__name__})")
+                return default
             if self._still_stuck():
                 # Nothing freed since a write last found no room: do not try (and
                 # checkpoint) again every tick for nothing (CPU and card on a Pi).
@@ -308,26 +315,48 @@ class Buffer:
         # a restart: the resync at the next connection has the receiver ack them again.
         self._deferred_acks: set[str] = set()
         self._db: sqlite3.Connection
+        # A card already full at start (see ``_open_without_room``): True while the
+        # connection is exclusive (no -shm file could be made), or while there is no
+        # database file yet at all (``_unborn``: an empty one in memory stands in).
+        self._exclusive = False
+        self._unborn = False
+        self._check_deferred = False  # quick_check could not run read-only for want of room
         recovery.finish_quarantines(self.path, self.quarantine_dir)
         problem = self._check_files() if check_on_open else None
         if problem:
             self._quarantine(problem, epoch=self._peek_epoch())
         try:
             self._open()
+            if self._check_deferred and not self._unborn:
+                self._check_in_place()
         except sqlite3.DatabaseError as exc:
             if not recovery.is_corruption(exc):
                 raise
             self._recover(f"open: {exc}")  # found without (or despite) the check at open
         else:
-            self._salvage_pending()
+            if not self._unborn:
+                self._salvage_pending()
         self._ensure_reserve()
 
     # -- opening ----------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, exclusive: bool = False) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a group of
         # samples is exactly one transaction and one fsync.
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return self._prepare(db, exclusive)
+        except BaseException:
+            db.close()  # an exclusive lock left behind would keep every later open out
+            raise
+
+    def _prepare(self, db: sqlite3.Connection, exclusive: bool) -> sqlite3.Connection:
+        if exclusive:
+            # Set before the WAL is first touched: SQLite then keeps the WAL index in
+            # heap memory and never makes the -shm file, which a full card cannot hold
+            # (growing it fails as "disk I/O error"). Other processes cannot read the
+            # file meanwhile; ``housekeep`` goes back to shared mode once there is room.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
         # Both only take effect on a new, empty file. auto_vacuum=NONE: freed
         # pages stay on the freelist and the next inserts reuse them, so the
         # file settles at its working size; FULL would move pages at every
@@ -351,9 +380,102 @@ class Buffer:
         return db
 
     def _open(self) -> None:
-        self._db = self._connect()
+        try:
+            self._db = self._connect()
+            self._exclusive = False
+        except sqlite3.DatabaseError as exc:
+            if not self._no_room(exc):
+                raise
+            self._db = self._open_without_room(exc)
         self.epoch = self._init_epoch()
         self._unsealed = self._count_unsealed()
+
+    def _no_room(self, exc: BaseException) -> bool:
+        """An error that means "the card is full", not "the file is bad".
+
+        SQLITE_FULL, or SQLITE_IOERR while the file system has (almost) no room:
+        making or growing the -shm file on a full card fails as a plain I/O error.
+        """
+        if recovery.is_disk_full(exc):
+            return True
+        return (isinstance(exc, sqlite3.OperationalError) and "disk i/o error" in str(exc).lower()
+                and self._disk_free() < NO_ROOM_BYTES)
+
+    def _open_without_room(self, exc: BaseException) -> sqlite3.Connection:
+        """Open on a card that is already full: the agent must start anyway.
+
+        An existing buffer opens in exclusive mode (no -shm file needed): its
+        sealed backlog can be read and sent, acks deferred, commits refused
+        until there is room. A buffer that does not exist yet cannot be made:
+        an empty database in memory stands in (nothing is ever written to it;
+        ``commit`` refuses) and the real file is made at the first commit that
+        finds room (``_be_born``).
+        """
+        log.error("buffer %s: card full at open (%s): opening without a -shm file", self.path, exc)
+        try:
+            db = self._connect(exclusive=True)
+            if db.execute("SELECT 1 FROM meta WHERE key='epoch'").fetchone():
+                self._exclusive = True
+                self.disk_full = True
+                return db
+            db.close()
+        except sqlite3.DatabaseError as exc2:
+            if not self._no_room(exc2):
+                raise
+        log.error("buffer %s: no room to create the buffer; samples are held until there is", self.path)
+        self._unborn = True
+        self.disk_full = True
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        db.executescript(SCHEMA)
+        db.create_function("row_crc", 8, rowcheck.row_crc, deterministic=True)
+        return db
+
+    def _be_born(self) -> bool:
+        """Make the real database file once the card has room; False while it has not."""
+        if self._disk_free() < NO_ROOM_BYTES:
+            return False
+        try:
+            db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not self._no_room(exc):
+                raise
+            return False
+        stand_in, self._db = self._db, db
+        try:
+            self.epoch = self._init_epoch()
+        except sqlite3.DatabaseError as exc:
+            self._db = stand_in
+            db.close()
+            if not self._no_room(exc):
+                raise
+            return False
+        stand_in.close()
+        self._unborn = False
+        self._unsealed = self._count_unsealed()
+        log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
+        self._salvage_pending()
+        return True
+
+    def _share_again(self) -> None:
+        """Leave the exclusive mode a full card forced at open, once the card has room."""
+        if self._disk_free() < max(2 * self.reserve_bytes, NO_ROOM_BYTES):
+            return
+        self._db.close()
+        try:
+            self._db = self._connect()
+            self._exclusive = False
+            log.warning("buffer %s: card has room again, back to shared mode", self.path)
+        except sqlite3.DatabaseError as exc:
+            if not self._no_room(exc):
+                raise
+            self._db = self._connect(exclusive=True)
+
+    def _check_in_place(self) -> None:
+        """The check at open that a full card prevented, run on the (exclusive) connection."""
+        rows = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
+        self._check_deferred = False
+        if rows != ["ok"]:
+            raise sqlite3.DatabaseError("database disk image is malformed: quick_check: " + "; ".join(rows[:5]))
 
     def _count_unsealed(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM samples").fetchone()[0])
@@ -376,6 +498,11 @@ class Buffer:
         except sqlite3.DatabaseError as exc:
             if recovery.is_corruption(exc):
                 return f"open: {exc}"
+            if self._no_room(exc):
+                # A read-only connection needs a -shm file too: check after opening instead.
+                log.error("buffer %s: card full, checking it after opening (%s)", self.path, exc)
+                self._check_deferred = True
+                return None
             raise
         result = [str(r[0]) for r in rows]
         return None if result == ["ok"] else "quick_check: " + "; ".join(result[:5])
@@ -764,6 +891,8 @@ class Buffer:
         """
         if not samples:
             return []
+        if self._unborn and not self._be_born():
+            return self._refuse()
         # Refuse early, before encoding anything, when even a small row per sample cannot fit
         # (held samples are offered again every few seconds while the card stays full).
         if not self._fits_on_disk(len(samples) * 64):
@@ -836,6 +965,10 @@ class Buffer:
 
         The agent calls it every tick, so both happen as soon as room returns.
         """
+        if self._unborn:
+            return  # nothing to keep house for; the first commit with room makes the file
+        if self._exclusive:
+            self._share_again()
         if self._deferred_acks:
             self._flush_acks()
         if self.reserve_bytes > 0 and not self.disk_full and not self.reserve_path.exists():

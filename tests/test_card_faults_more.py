@@ -1,0 +1,107 @@
+"""The van's buffer after an independent tester's findings on issue 14, points 1-3.
+
+A card already full when the agent starts, a stop while samples are held in
+memory, values the wire cannot carry, damage to the schema itself. Real tmpfs,
+real Mosquitto, a receiver process and ``simulator.oracle`` where delivery is
+the point. Every test prints what it exercised and asserts that it happened.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from buffer.errors import BufferFullError
+from buffer.store import Buffer
+from edge.model import Sample, TimeSource
+from simulator.oracle import check
+from tests.delivery_harness import report
+from tests.test_card_faults import card, drive, fill, make_agent, stored_rows, wait_for  # noqa: F401  (card: fixture)
+from tests.test_delivery_faults import assert_all_delivered, rx  # noqa: F401  (fixture, used by name)
+
+
+def _samples(n: int, t0: int = 0) -> list[Sample]:
+    return [Sample("pm", 1_795_000_000_000 + t0 + i, t0 + i, TimeSource("gps"), {"v": float(i)}, (), None, "boot")
+            for i in range(n)]
+
+
+def _readable_by_others(path: Path) -> bool:
+    """Another process (the oracle, a technician's tool) can read the file: shared mode."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
+    try:
+        db.execute("SELECT count(*) FROM meta").fetchone()
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        db.close()
+
+
+# --- A. the agent starts on a full card ------------------------------------------------------
+
+
+def test_new_buffer_on_a_full_card_opens_holds_and_is_made_when_room_returns(card):
+    (card / "d").mkdir()
+    fill(card / "filler")
+    buf = Buffer(card / "d" / "buffer.sqlite", "van-new")  # raised "database or disk is full" before
+    refused = 0
+    for _ in range(3):
+        try:
+            buf.commit(_samples(10))
+        except BufferFullError:
+            refused += 1
+    before = (buf.disk_full, buf.seal(100, 0), buf.pending(10), buf.stats().backlog_samples)
+    (card / "filler").unlink()
+    seqs = buf.commit(_samples(10))
+    buf.housekeep()
+    sealed = buf.seal(100, 0)
+    report("new-buffer-full-card", refused=refused, disk_full_while_full=before[0], seqs=seqs,
+           sealed=sealed and sealed.n_samples, reserve=buf.reserve_path.exists())
+    assert refused == 3 and before == (True, None, [], 0)
+    assert seqs == list(range(1, 11)) and not buf.disk_full
+    assert sealed is not None and sealed.n_samples == 10
+    assert buf.path.exists() and _readable_by_others(buf.path)
+    buf.close()
+    again = Buffer(card / "d" / "buffer.sqlite", "van-new")
+    assert again.epoch == buf.epoch and again.pending(10)[0].batch_id == sealed.batch_id
+    again.close()
+
+
+def test_agent_starts_on_a_card_that_filled_while_it_was_down(card, mosquitto, rx):
+    # A backlog sealed and committed, the agent stops, someone fills the card.
+    agent, link = make_agent(card, mosquitto.port, device="van-fullstart", sensors=4, batch=100)
+    agent.run(duration_s=120)  # offline: 480 samples, 4 batches sealed
+    epoch = agent.buffer.epoch
+    backlog = agent.buffer.last_seq()
+    agent.buffer.close()
+    fill(card / "filler")
+    assert shutil.disk_usage(card).free < 64 * 1024
+    # Start on the full card (raised "disk I/O error" in _check_files before).
+    agent, link = make_agent(card, mosquitto.port, device="van-fullstart", sensors=4, batch=100, max_pending=100_000)
+    buf = agent.buffer
+    exclusive_at_start = buf._exclusive
+    link.start()
+    drive(agent, 30)
+    full_status = agent.status()
+    delivered_s = wait_for(lambda: len(stored_rows(rx.store, "van-fullstart", epoch)) >= backlog - 80, 60,
+                           "the sealed backlog reaching the store while the card is full", lambda: drive(agent, 5))
+    full_status2 = agent.status()
+    (card / "filler").unlink()
+    last_before = buf.last_seq()
+    resumed_s = wait_for(lambda: bool(stored_rows(rx.store, "van-fullstart", epoch, "seq > ?", (last_before,))),
+                         60, "a sample committed after space returned reaching the store", lambda: drive(agent, 5))
+    assert agent.drain(timeout_s=120)
+    link.stop()
+    (v,) = check(rx.store, [buf.path])
+    report("agent-start-full-card", backlog=backlog, exclusive_at_start=exclusive_at_start,
+           health_while_full=full_status["health"], at_risk=full_status2["samples_at_risk"],
+           refused_commits=agent.stats.buffer_full, delivered_while_full_s=round(delivered_s, 1),
+           resumed_after_free_s=round(resumed_s, 1), stored=v.stored, gapped=v.gapped, shared_again=not buf._exclusive)
+    assert exclusive_at_start and not buf._exclusive  # opened without a -shm file, shared again with room
+    assert full_status["health"] == "disk_full" and full_status2["samples_at_risk"] > 0
+    assert agent.stats.buffer_full > 0
+    assert_all_delivered([v])
+    assert v.gapped == 0 and v.last_seq > backlog and agent.stats.lost_in_memory == 0
