@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
+from buffer.heldledger import HeldLedger, HeldNote
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
@@ -321,6 +322,12 @@ class Buffer:
         self._exclusive = False
         self._unborn = False
         self._check_deferred = False  # quick_check could not run read-only for want of room
+        # Samples the agent holds in memory on a full card, noted outside the database
+        # (buffer.heldledger); losses of earlier runs not yet written as gap records.
+        self._held = HeldLedger(Path(str(self.path) + ".held"))
+        self._held_ready = False
+        self._noted = False
+        self._carried: list[tuple[int, str]] = []
         recovery.finish_quarantines(self.path, self.quarantine_dir)
         problem = self._check_files() if check_on_open else None
         if problem:
@@ -337,6 +344,7 @@ class Buffer:
             if not self._unborn:
                 self._salvage_pending()
         self._ensure_reserve()
+        self._take_held_note()
 
     # -- opening ----------------------------------------------------------------
 
@@ -893,6 +901,11 @@ class Buffer:
             return []
         if self._unborn and not self._be_born():
             return self._refuse()
+        if self._carried:
+            try:
+                self._own_up_to_carried()  # before the commit moves last_seq past the note
+            except BufferFullError:
+                return self._refuse()
         # Refuse early, before encoding anything, when even a small row per sample cannot fit
         # (held samples are offered again every few seconds while the card stays full).
         if not self._fits_on_disk(len(samples) * 64):
@@ -969,6 +982,8 @@ class Buffer:
             return  # nothing to keep house for; the first commit with room makes the file
         if self._exclusive:
             self._share_again()
+        if not self._held_ready:
+            self._held_ready = self._held.ensure()
         if self._deferred_acks:
             self._flush_acks()
         if self.reserve_bytes > 0 and not self.disk_full and not self.reserve_path.exists():
@@ -1033,14 +1048,65 @@ class Buffer:
         the rest, and an epoch's numbers stay exactly 1..last_seq for the oracle.
         """
         with self._tx():
-            first = self.last_seq() + 1
-            last = first + n - 1
-            self._db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='samples'", (last,))
-            if self._db.execute("SELECT changes()").fetchone()[0] == 0:
-                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
-            self._gap(first, last, reason)
-            self._bump("samples_lost_in_memory", n)
+            first, last = self._lose(n, reason)
         return first, last
+
+    def _lose(self, n: int, reason: str) -> tuple[int, int]:
+        """``record_lost`` inside the caller's transaction."""
+        first = self.last_seq() + 1
+        last = first + n - 1
+        self._db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='samples'", (last,))
+        if self._db.execute("SELECT changes()").fetchone()[0] == 0:
+            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
+        self._gap(first, last, reason)
+        self._bump("samples_lost_in_memory", n)
+        return first, last
+
+    # -- samples held in memory on a full card (buffer.heldledger) ------------
+
+    def note_held(self, held: int, owed: int) -> None:
+        """The agent holds ``held`` samples a full card refused (``owed`` more already discarded).
+
+        Written in place to the side file and fsynced, so a stop, a kill or a
+        power cut that loses them still leaves their count; the next open turns
+        it into gap records. Costs nothing while nothing is held.
+        """
+        if not (held or owed or self._noted or self._carried) or self._unborn:
+            return
+        note = HeldNote(self.epoch, self.last_seq(), held, owed, list(self._carried))
+        empty = not (held or owed or self._carried)
+        if self._held_ready and self._held.write(None if empty else note):
+            self._noted = not empty
+
+    def _take_held_note(self) -> None:
+        """At open: what the last run noted and never settled becomes gap records."""
+        if self._unborn:
+            return
+        self._held_ready = self._held.ensure()
+        note = self._held.read()
+        if note is None or note.epoch != self.epoch or note.last_seq != self.last_seq():
+            return  # none, or settled since (every settling write takes a new sequence number)
+        self._carried = note.losses()
+        self._noted = True
+        if self._carried:
+            try:
+                self._own_up_to_carried()
+            except BufferFullError:
+                log.error("buffer: no room yet to record %s; kept in %s", self._carried, self._held.path)
+
+    @_recovering
+    @_tolerate_full(_RAISE)
+    def _own_up_to_carried(self) -> None:
+        carried = list(self._carried)
+        with self._tx():
+            for n, reason in carried:
+                first, last = self._lose(n, reason)
+                log.error("buffer: %d samples lost at the last run's end, owned up to as gap %d-%d (%s)",
+                          n, first, last, reason)
+        self._carried = []
+        # The note is void now (last_seq moved past it); clear it anyway so it is not read again.
+        if self._held_ready and self._held.write(None):
+            self._noted = False
 
     @_recovering
     def count_unsync(self, boot_id: str) -> int:

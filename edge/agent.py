@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from buffer.errors import BufferFullError
+from buffer.heldledger import OWED_REASON
 from buffer.store import Buffer
 from drivers.base import SensorDriver
 from edge.clock import Clock
@@ -225,6 +226,7 @@ class Agent:
             self._committed(batch)
         if self._lost_in_memory:
             self._own_up_to_memory_loss()
+        self.buffer.note_held(0, self._lost_in_memory)  # settled: clears the note (if one was written)
 
     def _hold(self, held: list[Sample], exc: BufferFullError) -> None:
         """Nothing of ``held`` was stored (a full card; committed data is never dropped for new).
@@ -239,6 +241,9 @@ class Agent:
             self.stats.lost_in_memory += over
             held = held[over:]
         self._pending = held
+        # Their count goes outside the database (which refuses writes): if the agent ends
+        # now, the next start owns up to them with a gap record (buffer.heldledger).
+        self.buffer.note_held(len(held), self._lost_in_memory)
         self.stats.buffer_full += 1
         self._count_error("buffer", exc)
 
@@ -257,7 +262,7 @@ class Agent:
         # every such loss, so losses in a row merge into one gap record.
         n = self._lost_in_memory
         try:
-            first, last = self.buffer.record_lost(n, "card full: samples held in memory past the limit discarded")
+            first, last = self.buffer.record_lost(n, OWED_REASON)
         except BufferFullError:
             return  # owned up to at a later commit
         self._lost_in_memory = 0

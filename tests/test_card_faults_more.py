@@ -105,3 +105,41 @@ def test_agent_starts_on_a_card_that_filled_while_it_was_down(card, mosquitto, r
     assert agent.stats.buffer_full > 0
     assert_all_delivered([v])
     assert v.gapped == 0 and v.last_seq > backlog and agent.stats.lost_in_memory == 0
+
+
+# --- B. samples held in memory when the agent ends on a full card ----------------------------
+
+
+@pytest.mark.parametrize("how", ["graceful-stop", "abandoned"])
+def test_samples_held_at_the_end_are_owned_up_to_after_restart(card, mosquitto, rx, how):
+    agent, link = make_agent(card, mosquitto.port, device="van-heldstop", sensors=4, batch=100, max_pending=300)
+    agent.run(duration_s=60)  # offline, room: 240 committed
+    fill(card / "filler")
+    drive(agent, 150)  # full: commits refused, samples held (300 at most, the rest discarded and counted)
+    if how == "graceful-stop":
+        agent.request_stop()
+        agent.drain(timeout_s=1)  # cannot commit: the card is still full
+    # "abandoned": the object is dropped as a kill would (nothing runs at the end); only the
+    # fsynced note written at each refused commit is left.
+    held, owed = len(agent._pending), agent._lost_in_memory
+    note = agent.buffer._held.read()
+    agent.buffer.close()
+    taken1, committed1 = agent.stats.taken, agent.stats.committed
+    (card / "filler").unlink()
+    agent2, link2 = make_agent(card, mosquitto.port, device="van-heldstop", sensors=4, batch=100)
+    gaps_at_open = agent2.buffer._db.execute("SELECT first_seq, last_seq, reason FROM gaps").fetchall()
+    agent2.run(duration_s=30)
+    link2.start()
+    assert agent2.drain(timeout_s=120)
+    link2.stop()
+    (v,) = check(rx.store, [agent2.buffer.path])
+    report("held-at-end", how=how, taken=taken1 + agent2.stats.taken, committed_first_run=committed1, held=held,
+           owed=owed, note=note and (note.held, note.owed), gaps_at_open=gaps_at_open, stored=v.stored,
+           gapped=v.gapped)
+    assert held > 0 and owed > 0 and note is not None and (note.held, note.owed) == (held, owed)
+    assert taken1 == committed1 + held + owed  # the first run's ledger: every sample is somewhere
+    assert sorted(b - a + 1 for a, b, _ in gaps_at_open) == sorted([held, owed])
+    assert_all_delivered([v])
+    # Every sample taken is stored or named by a gap record: none lost without a record.
+    assert v.gapped == held + owed and v.stored + v.gapped == taken1 + agent2.stats.taken
+    assert agent2.buffer._held.read() is None  # settled and cleared
