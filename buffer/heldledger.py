@@ -32,6 +32,22 @@ HELD_REASON = "card full: samples held in memory lost when the agent ended"
 OWED_REASON = "card full: samples held in memory past the limit discarded"
 
 
+def make_with_real_blocks(path: Path, size: int) -> None:
+    """Write ``size`` zero bytes to ``path`` atomically and fsync: a sparse file would reserve nothing."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            chunk = b"\0" * min(size, 65536)
+            for _ in range(0, size, len(chunk)):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @dataclass
 class HeldNote:
     epoch: str
@@ -60,16 +76,10 @@ class HeldLedger:
         """Make the file with real blocks if it is missing; False if there is no room yet."""
         if self.path.exists():
             return True
-        tmp = Path(str(self.path) + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(b"\0" * SIZE)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            make_with_real_blocks(self.path, SIZE)
         except OSError as exc:
             log.warning("buffer: cannot make %s yet: %s", self.path, exc)
-            tmp.unlink(missing_ok=True)
             return False
         return True
 

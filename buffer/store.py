@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
-from buffer.heldledger import HeldLedger, HeldNote
+from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
@@ -769,18 +769,10 @@ class Buffer:
             return
         if self._disk_free() < 2 * self.reserve_bytes:
             return  # taking the last free space ourselves would only move the problem
-        tmp = Path(str(self.reserve_path) + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                chunk = b"\0" * 65536
-                for _ in range(0, self.reserve_bytes, len(chunk)):
-                    f.write(chunk)  # real blocks: a sparse file would reserve nothing
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.reserve_path)
+            make_with_real_blocks(self.reserve_path, self.reserve_bytes)
         except OSError as exc:
             log.warning("buffer: cannot create the space reserve %s: %s", self.reserve_path, exc)
-            tmp.unlink(missing_ok=True)
 
     def _release_reserve(self) -> bool:
         try:
