@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -62,7 +63,7 @@ from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
+from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id, values_problem
 from edge.errors import PayloadError
 
 log = logging.getLogger(__name__)
@@ -903,23 +904,30 @@ class Buffer:
         if not self._fits_on_disk(len(samples) * 64):
             return self._refuse()
         enc = _VALUES_ENCODER
-        rows = [
-            (s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values), ",".join(s.flags))
-            for s in samples
-        ]
+        rows: list[tuple[Any, ...] | None] = []
+        refused: list[tuple[int, str, bytes]] = []  # (index, why, the sample as given)
+        for i, s in enumerate(samples):
+            why = _admit(s)
+            if why is None:
+                rows.append((s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values),
+                             ",".join(s.flags)))
+            else:
+                rows.append(None)
+                refused.append((i, why, repr(s).encode("utf-8", "replace")[:65536]))
         # What the rows will take in pages, roughly (record overhead + b-tree slack).
-        extra = (sum(len(r[5]) for r in rows) + len(rows) * (len(rows[0][4]) + 64)) * 5 // 4
+        extra = (sum(len(r[5]) + len(r[4]) + 64 for r in rows if r)
+                 + sum(len(raw) + 64 for _, _, raw in refused)) * 5 // 4
         if not self._fits_on_disk(extra):
             return self._refuse()
         try:
-            first = self._insert_with_room(rows, extra)
+            first = self._insert_with_room(rows, extra, refused)
         except sqlite3.DatabaseError as exc:
             if not recovery.is_disk_full(exc):
                 raise
             log.error("buffer: disk full, making room (%s)", exc)
             self._make_room()
             try:
-                first = self._insert_with_room(rows, extra)
+                first = self._insert_with_room(rows, extra, refused)
             except sqlite3.DatabaseError as exc2:
                 self._rollback_quietly()
                 if not recovery.is_disk_full(exc2):
@@ -930,7 +938,10 @@ class Buffer:
         seqs = list(range(first, first + len(samples)))
         for s, q in zip(samples, seqs):
             s.seq = q
-        self._unsealed += len(samples)
+        self._unsealed += len(samples) - len(refused)
+        if refused:
+            log.error("buffer: %d samples refused at commit (%s), kept in bad_rows with a gap record",
+                      len(refused), refused[0][1])
         self._stuck_at = None  # a write went through: housekeeping may find room too
         if self.disk_full:
             self.disk_full = False
@@ -944,8 +955,14 @@ class Buffer:
         raise BufferFullError(f"buffer {self.path}: file system full (its last {self.reserve_bytes}"
                               " bytes are kept for acknowledgements and sealing)")
 
-    def _insert_with_room(self, rows: list[tuple[Any, ...]], extra: int) -> int:
-        """Insert the rows with consecutive numbers after the last one ever used; returns the first."""
+    def _insert_with_room(self, rows: list[tuple[Any, ...] | None], extra: int,
+                          refused: list[tuple[int, str, bytes]]) -> int:
+        """Insert the rows with consecutive numbers after the last one ever used; returns the first.
+
+        A refused sample (None in ``rows``) takes its number too, and goes to
+        ``bad_rows`` with a gap record in the same transaction: nothing handed
+        to ``commit`` is lost without a record, and no batch ever holds it.
+        """
         try:
             self._enforce_cap(extra)
         except sqlite3.DatabaseError as exc:
@@ -961,8 +978,16 @@ class Buffer:
             self._db.executemany(
                 "INSERT INTO samples (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, crc)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
-                [(q, *r, crc(q, *r)) for q, r in enumerate(rows, first)],
+                [(q, *r, crc(q, *r)) for q, r in enumerate(rows, first) if r is not None],
             )
+            if refused:
+                now_ms = int(time.time() * 1000)
+                for i, why, raw in refused:
+                    self._db.execute("INSERT INTO bad_rows VALUES (?,?,?,?)",
+                                     (first + i, f"refused at commit: {why}", raw, now_ms))
+                    self._gap(first + i, first + i, f"sample refused at commit: {why}")
+                self._bump("samples_refused", len(refused))
+                self._set_last_seq(first + len(rows) - 1)  # a refused last sample still used its number
             return first
 
     def housekeep(self) -> None:
@@ -1047,12 +1072,16 @@ class Buffer:
         """``record_lost`` inside the caller's transaction."""
         first = self.last_seq() + 1
         last = first + n - 1
-        self._db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='samples'", (last,))
-        if self._db.execute("SELECT changes()").fetchone()[0] == 0:
-            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
+        self._set_last_seq(last)
         self._gap(first, last, reason)
         self._bump("samples_lost_in_memory", n)
         return first, last
+
+    def _set_last_seq(self, last: int) -> None:
+        """Numbers up to ``last`` are used (by a gap record): AUTOINCREMENT never hands them out."""
+        self._db.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='samples'", (last,))
+        if self._db.execute("SELECT changes()").fetchone()[0] == 0:
+            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
 
     # -- samples held in memory on a full card (buffer.heldledger) ------------
 
@@ -1149,10 +1178,15 @@ class Buffer:
         bad: list[tuple[tuple[Any, ...], str]] = []
         for r in rows:
             checked = rowcheck.check_row(r)
-            if checked.sample is None:
-                bad.append((r, checked.why))
+            smp = checked.sample
+            # A row can verify and still not travel (a row from before checksums, a value a
+            # driver should never have given): the receiver would refuse the whole batch,
+            # or it would not even encode. Set aside like a damaged row.
+            why = checked.why if smp is None else values_problem(smp.sensor, smp.values)
+            if why:
+                bad.append((r, why if smp is None else f"cannot travel: {why}"))
             else:
-                samples.append(checked.sample)
+                samples.append(smp)  # type: ignore[arg-type]
         if bad:
             self._set_aside(bad, now_utc_ms)
         gaps_rows = self._db.execute(
@@ -1169,7 +1203,18 @@ class Buffer:
         assert first is not None and last is not None
         gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
         batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
-        payload = encode_batch(batch)
+        try:
+            payload = encode_batch(batch)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # Something the checks above did not foresee: set aside the rows that do not
+            # encode alone, and let the next call seal the rest (never the same failure twice).
+            by_seq = {r[0]: r for r in rows}
+            culprits = [(by_seq[x.seq], f"cannot be encoded: {type(exc).__name__}") for x in samples
+                        if not _encodes(x)]
+            if not culprits:
+                raise
+            self._set_aside(culprits, now_utc_ms)
+            return None
         digest = content_hash(payload)
         with self._tx():
             if self._db.execute("SELECT 1 FROM batches WHERE first_seq=?", (first,)).fetchone():
@@ -1419,6 +1464,30 @@ class Buffer:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _admit(s: Sample) -> str | None:
+    """Make a sample fit for the wire, or say why it cannot be: checked at commit.
+
+    NaN and infinity are no measurement: stored as unknown (None) and flagged
+    ``non_finite`` (as the agent does with a driver's readings). Anything else
+    the wire cannot carry (an empty sensor name, a list value, values that are
+    not an object) is refused: the receiver would reject the whole batch.
+    """
+    vals = s.values
+    if isinstance(vals, dict) and any(isinstance(v, float) and not math.isfinite(v) for v in vals.values()):
+        s.values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in vals.items()}
+        s.flags = (*s.flags, "non_finite")
+    return values_problem(s.sensor, s.values)
+
+
+def _encodes(s: Sample) -> bool:
+    try:
+        encode_batch(Batch("d", "e", 1, 1, [Sample(s.sensor, s.t_utc_ms, s.t_mono_ms, s.time_src, s.values,
+                                                   s.flags, 1, s.boot_id)], []))
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return False
+    return True
 
 
 class _Tx:

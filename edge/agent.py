@@ -60,6 +60,7 @@ class AgentStats:
     buffer_full: int = 0  # commits the full card refused
     lost_in_memory: int = 0  # samples discarded from memory while the card was full
     corrupt_batches: int = 0
+    seal_failures: int = 0  # seal() raised; caught in tick so the agent keeps sampling
     heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
 
@@ -162,7 +163,13 @@ class Agent:
             self.commit()
         # Deletes acks a full card refused and re-creates the space reserve once there is room.
         self.buffer.housekeep()
-        self.maybe_seal()
+        try:
+            self.maybe_seal()
+        except Exception as exc:  # noqa: BLE001  one bad seal must not become a crash loop at every start
+            # The buffer sets aside what it can name (bad_rows + gap); anything else is
+            # logged (once a minute), counted, and tried again next tick while sampling goes on.
+            self.stats.seal_failures += 1
+            self._count_error("seal", exc, unexpected=True)
         self.pump()
 
     # -- sampling -------------------------------------------------------------
@@ -413,6 +420,7 @@ class Agent:
             "samples_dropped": st.samples_dropped,
             "quarantined": st.quarantined,
             "buffer_full": self.stats.buffer_full,
+            "seal_failures": self.stats.seal_failures,
             # A full card: commits refused, samples held in memory (or lost) until it has room.
             "health": "disk_full" if self.buffer.disk_full or self._lost_in_memory else "ok",
             "samples_at_risk": self.samples_at_risk,

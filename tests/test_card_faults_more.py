@@ -21,6 +21,7 @@ from simulator.oracle import check
 from tests.delivery_harness import report
 from tests.test_card_faults import card, drive, fill, make_agent, stored_rows, wait_for  # noqa: F401  (card: fixture)
 from tests.test_delivery_faults import assert_all_delivered, rx  # noqa: F401  (fixture, used by name)
+from uplink.wire import decode_batch
 
 
 def _samples(n: int, t0: int = 0) -> list[Sample]:
@@ -143,3 +144,80 @@ def test_samples_held_at_the_end_are_owned_up_to_after_restart(card, mosquitto, 
     # Every sample taken is stored or named by a gap record: none lost without a record.
     assert v.gapped == held + owed and v.stored + v.gapped == taken1 + agent2.stats.taken
     assert agent2.buffer._held.read() is None  # settled and cleared
+
+
+# --- C. values the wire cannot carry -----------------------------------------------------------
+
+
+def _mk(sensor: str, values: object) -> Sample:
+    return Sample(sensor, 1_795_000_000_000, 1, TimeSource("gps"), values, (), None, "boot")  # type: ignore[arg-type]
+
+
+def test_commit_refuses_or_normalises_what_the_wire_cannot_carry(tmp_path):
+    buf = Buffer(tmp_path / "b.sqlite", "van-values", reserve_bytes=0)
+    given = [_mk("pm", {"v": 1.0}), _mk("pm", {"v": [1, 2]}), _mk("pm", {"v": float("nan"), "w": 2}),
+             _mk("pm", {"v": float("inf")}), _mk("pm", [1.0]), _mk("", {"v": 1.0}), _mk("pm", {"v": "ok"})]
+    seqs = buf.commit(given)
+    bad = buf._db.execute("SELECT seq, reason FROM bad_rows ORDER BY seq").fetchall()
+    gaps = buf._db.execute("SELECT first_seq, last_seq, reason FROM gaps ORDER BY first_seq").fetchall()
+    sealed = buf.seal(100, 0)
+    assert sealed is not None
+    batch = decode_batch(sealed.payload)  # the receiver's decoder accepts the whole batch
+    after = buf.commit([_mk("pm", {"v": 3.0})])
+    report("commit-values", seqs=seqs, refused=bad, gaps=[(a, b) for a, b, _ in gaps],
+           sealed=[(x.seq, x.values, x.flags) for x in batch.samples], next_seq=after)
+    assert seqs == [1, 2, 3, 4, 5, 6, 7] and after == [8]  # a refused sample still used its number
+    assert [s for s, _ in bad] == [2, 5, 6]
+    assert "must be a number" in bad[0][1] and "object" in bad[1][1] and "non-empty" in bad[2][1]
+    assert [(a, b) for a, b, _ in gaps] == [(2, 2), (5, 5), (6, 6)]
+    assert [(x.seq, x.values, x.flags) for x in batch.samples] == [
+        (1, {"v": 1.0}, ()), (3, {"v": None, "w": 2}, ("non_finite",)), (4, {"v": None}, ("non_finite",)),
+        (7, {"v": "ok"}, ())]
+    assert buf.unsealed_count == 1 == buf._count_unsealed()
+    buf.close()
+
+
+@pytest.mark.parametrize("vals", ['{"v":[1,2]}', '{"v":NaN}', '{"v":1e999}', '[1]', "sensor"])
+def test_a_row_that_verifies_but_cannot_travel_is_set_aside_at_sealing(tmp_path, vals):
+    from buffer import rowcheck
+    buf = Buffer(tmp_path / "b.sqlite", "van-travel", reserve_bytes=0)
+    buf.commit([_mk("pm", {"v": float(i)}) for i in range(30)])
+    db = sqlite3.connect(buf.path, isolation_level=None)  # what a driver bug or an old file leaves
+    col, val = ("sensor", "") if vals == "sensor" else ("vals", vals)
+    db.execute(f"UPDATE samples SET {col}=? WHERE seq=10", (val,))
+    r = db.execute("SELECT seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags FROM samples WHERE seq=10")
+    db.execute("UPDATE samples SET crc=? WHERE seq=10", (rowcheck.row_crc(*r.fetchone()),))  # checksum is right
+    db.close()
+    sealed = [buf.seal(20, 0), buf.seal(20, 0), buf.seal(20, 0)]
+    bad = buf._db.execute("SELECT seq, reason FROM bad_rows").fetchall()
+    got = [x.seq for sb in sealed if sb for x in decode_batch(sb.payload).samples]
+    gaps = [g for sb in sealed if sb for g in decode_batch(sb.payload).gaps]
+    report("travel", vals=vals, set_aside=bad, sealed_seqs=len(got), gaps=gaps)
+    assert [s for s, _ in bad] == [10] and got == [s for s in range(1, 31) if s != 10]
+    assert [(g.first_seq, g.last_seq) for g in gaps] == [(10, 10)]
+    buf.close()
+
+
+def test_agent_does_not_crash_loop_on_a_row_that_cannot_travel(tmp_path):
+    from buffer import rowcheck
+    from simulator.broker import free_port
+    d = tmp_path / "van"
+    agent, _ = make_agent(d, free_port(), device="van-crashloop", batch=50)
+    agent.run(duration_s=20)
+    db = sqlite3.connect(agent.buffer.path, isolation_level=None)
+    seq = db.execute("SELECT max(seq) FROM samples").fetchone()[0]
+    db.execute("UPDATE samples SET vals='{\"v\":[1,2]}' WHERE seq=?", (seq,))
+    r = db.execute("SELECT seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags FROM samples WHERE seq=?",
+                   (seq,)).fetchone()
+    db.execute("UPDATE samples SET crc=? WHERE seq=?", (rowcheck.row_crc(*r), seq))
+    db.close()
+    runs = []
+    for _ in range(3):  # it crash-looped here: every start raised from maybe_seal
+        agent.run(duration_s=60)
+        runs.append(agent.stats.sealed_batches)
+        agent.buffer.close()
+        agent, _ = make_agent(d, free_port(), device="van-crashloop", batch=50)
+    bad = agent.buffer._db.execute("SELECT seq FROM bad_rows").fetchall()
+    report("agent-no-crash-loop", sealed_per_run=runs, set_aside=bad)
+    assert [s for (s,) in bad] == [seq] and all(n > 0 for n in runs)
+    agent.buffer.close()
