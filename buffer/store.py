@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
+from buffer.identity import IdentityFile
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id, values_problem
@@ -198,7 +199,7 @@ def _recovering(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
         try:
             return fn(self, *args, **kwargs)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not recovery.is_corruption(exc):
                 raise
             self._rollback_quietly()
@@ -326,6 +327,7 @@ class Buffer:
         # Samples the agent holds in memory on a full card, noted outside the database
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
         self._held = HeldLedger(Path(str(self.path) + ".held"))
+        self._identity = IdentityFile(Path(str(self.path) + ".id"))
         self._held_ready = False
         self._noted = False
         self._carried: list[tuple[int, str]] = []
@@ -337,7 +339,7 @@ class Buffer:
             self._open()
             if self._check_deferred and not self._unborn:
                 self._check_in_place()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not recovery.is_corruption(exc):
                 raise
             self._recover(f"open: {exc}")  # found without (or despite) the check at open
@@ -398,6 +400,7 @@ class Buffer:
             self._db = self._open_without_room(exc)
         self.epoch = self._init_epoch()
         self._unsealed = self._count_unsealed()
+        self._identity.write(self.epoch, self.device_id)
 
     def _no_room(self, exc: BaseException) -> bool:
         """An error that means "the card is full", not "the file is bad".
@@ -504,7 +507,7 @@ class Buffer:
                 rows = conn.execute("PRAGMA quick_check").fetchall()
             finally:
                 conn.close()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if recovery.is_corruption(exc):
                 return f"open: {exc}"
             if self._no_room(exc):
@@ -523,8 +526,8 @@ class Buffer:
                 row = conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
             finally:
                 conn.close()
-        except sqlite3.DatabaseError:
-            return None
+        except (sqlite3.DatabaseError, UnicodeDecodeError):
+            return self._identity.epoch_of()
         return str(row[0]) if row else None
 
     # -- identity -------------------------------------------------------------
@@ -569,6 +572,7 @@ class Buffer:
     def _quarantine(self, reason: str, epoch: str | None) -> Path:
         log.error("buffer %s is corrupt (%s): quarantining it", self.path, reason)
         qdir = recovery.quarantine(self.path, self.quarantine_dir, epoch, reason)
+        self._identity.copy_to(qdir, epoch)  # names the epoch if the file cannot
         return qdir
 
     def _recover(self, reason: str) -> None:
@@ -601,7 +605,8 @@ class Buffer:
             if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
                 recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
                 continue
-            found = recovery.salvage(qdir / self.path.name)
+            found = recovery.salvage(qdir / self.path.name,
+                                     IdentityFile(qdir / self._identity.path.name).read())
             try:
                 summary = self._apply_salvage(found, mark)
             except sqlite3.DatabaseError as exc:
@@ -667,7 +672,11 @@ class Buffer:
 
     def _seal_salvaged_samples(self, epoch: str, device: str, samples: list[Sample]) -> int:
         """Seal runs of consecutive unsealed samples into batches of their old epoch."""
-        samples = sorted(samples, key=lambda x: x.seq or 0)
+        # One row per number: a damaged b-tree can hand the same row out twice (read forwards
+        # and backwards, or "Rowid out of order"), and a second run starting at a number
+        # already used would be dropped by INSERT OR IGNORE without a trace. The checksum
+        # covers seq, so two rows that verify with one number are the same sample.
+        samples = sorted({x.seq: x for x in reversed(samples)}.values(), key=lambda x: x.seq or 0)
         runs: list[list[Sample]] = []
         for smp in samples:
             if runs and smp.seq == (runs[-1][-1].seq or 0) + 1 and len(runs[-1]) < SALVAGE_BATCH_SAMPLES:

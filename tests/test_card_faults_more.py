@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,3 +222,121 @@ def test_agent_does_not_crash_loop_on_a_row_that_cannot_travel(tmp_path):
     report("agent-no-crash-loop", sealed_per_run=runs, set_aside=bad)
     assert [s for (s,) in bad] == [seq] and all(n > 0 for n in runs)
     agent.buffer.close()
+
+
+# --- D. damage to the table definitions and the b-trees: never a crash, never a silent loss -----
+
+
+def _mk_p3(i: int) -> Sample:
+    return Sample("pm%d" % (i % 3), 1_795_000_000_000 + i * 333, 5_000 + i * 333,
+                  TimeSource("gps" if i % 5 else "ntp"), {"pm25": round(i * 1.37, 2), "n": i},
+                  ("warming_up",) if i % 7 == 0 else (), None, "boot-%04d" % (i % 2))
+
+
+def _build_p3(d: Path) -> tuple[Buffer, dict[int, Sample], dict[tuple[str, int], int]]:
+    """The tester's file (verify-b probes/p3_bitflip.py): 300 samples, 8 batches, the first two delivered."""
+    buf = Buffer(d / "b.db", "van-p3")
+    ledger: dict[int, Sample] = {}
+    for k in range(30):
+        ss = [_mk_p3(k * 10 + j) for j in range(10)]
+        buf.commit(ss)
+        ledger.update({s.seq: s for s in ss})  # type: ignore[misc]
+        if k % 3 == 2 and k < 24:
+            buf.seal(25, 1)
+    delivered: dict[tuple[str, int], int] = {}
+    for sb in buf.pending(2):
+        for s in decode_batch(sb.payload).samples:
+            delivered[(buf.epoch, s.seq)] = delivered.get((buf.epoch, s.seq), 0) + 1  # type: ignore[index]
+        buf.acknowledge(sb.batch_id)
+    return buf, ledger, delivered
+
+
+def _p3_flips(trial: int, seed: int = 11, size: int = 65536) -> list[tuple[int, int]]:
+    """The (offset, bit) flips of the tester's trial ``trial`` (its random stream, replayed)."""
+    import random
+    rng = random.Random(seed)
+    for t in range(trial + 1):
+        flips = [(rng.randrange(size), rng.randrange(8)) for _ in range(rng.choice([1, 1, 2, 8]))]
+    return flips
+
+
+def _drain_and_account(d: Path, epoch0: str, ledger: dict[int, Sample],
+                       delivered: dict[tuple[str, int], int]) -> dict[str, Any]:
+    """Open the damaged file as the agent would, deliver everything, and account for every number."""
+    buf = Buffer(d / "b.db", "van-p3")
+    gaps: list[tuple[int, int, str]] = []
+    altered = 0
+    for _ in range(50):
+        while buf.seal(100, 2):
+            pass
+        pend = buf.pending(20)
+        if not pend:
+            break
+        for sb in pend:
+            b = decode_batch(sb.payload)
+            for s in b.samples:
+                delivered[(b.epoch, s.seq)] = delivered.get((b.epoch, s.seq), 0) + 1  # type: ignore[index]
+                exp = ledger.get(s.seq) if b.epoch == epoch0 else None  # type: ignore[arg-type]
+                if b.epoch == epoch0 and (exp is None or (s.values, s.t_utc_ms, s.boot_id) !=
+                                          (exp.values, exp.t_utc_ms, exp.boot_id)):
+                    altered += 1
+            gaps += [(g.first_seq, g.last_seq, g.reason) for g in b.gaps if b.epoch == epoch0]
+            buf.acknowledge(sb.batch_id)
+    reasons = [p.read_text().strip()[:80] for p in (d / "quarantine").rglob("reason.txt")]
+    out = {"new_epoch": buf.epoch != epoch0, "quarantine": reasons, "altered": altered,
+           "doubled": [q for q in ledger if delivered.get((epoch0, q), 0) > 1],
+           "silent": [q for q in ledger if not delivered.get((epoch0, q)) and not any(a <= q <= b for a, b, _ in gaps)],
+           "gapped": sum(1 for q in ledger if not delivered.get((epoch0, q))),
+           "gap_reasons": sorted({r[:50] for _, _, r in gaps})}
+    buf.close()
+    return out
+
+
+@pytest.mark.parametrize("trial", [54, 149, 162, 191])
+def test_bit_flips_that_crashed_or_lost_silently_now_quarantine_and_name_the_loss(tmp_path, trial):
+    buf, ledger, delivered = _build_p3(tmp_path)
+    epoch0 = buf.epoch
+    buf.close()
+    data = bytearray((tmp_path / "b.db").read_bytes())
+    assert len(data) == 65536  # the tester's layout, so the replayed flips land where theirs did
+    flips = _p3_flips(trial)
+    for off, bit in flips:
+        data[off] ^= 1 << bit
+    (tmp_path / "b.db").write_bytes(bytes(data))
+    out = _drain_and_account(tmp_path, epoch0, ledger, delivered)
+    report("bitflip", trial=trial, flips=flips, **out)
+    assert out["new_epoch"] and out["quarantine"]  # the damage was found and the file set aside
+    assert not out["silent"] and not out["doubled"] and out["altered"] == 0
+
+
+def test_garbled_table_definitions_salvage_the_rest_and_name_the_loss(tmp_path):
+    buf, ledger, delivered = _build_p3(tmp_path)
+    epoch0 = buf.epoch
+    buf.close()
+    data = bytearray((tmp_path / "b.db").read_bytes())
+    at = data.find(b"CREATE TABLE batches")
+    data[at + 14] ^= 0x40  # "batches" -> "bAtches": the schema no longer has the table the code reads
+    (tmp_path / "b.db").write_bytes(bytes(data))
+    out = _drain_and_account(tmp_path, epoch0, ledger, delivered)
+    report("schema-damage", **out)
+    assert out["new_epoch"] and out["quarantine"]
+    assert not out["silent"] and not out["doubled"] and out["altered"] == 0
+    assert out["gapped"] < len(ledger)  # the tables that still read were salvaged, not given up
+
+
+def test_a_file_with_nothing_readable_still_names_its_epoch_and_loss(tmp_path):
+    from buffer.recovery import EPOCH_END
+    buf, ledger, delivered = _build_p3(tmp_path)
+    epoch0 = buf.epoch
+    buf.close()
+    data = bytearray((tmp_path / "b.db").read_bytes())
+    data[100:4096] = bytes(range(256)) * 15 + bytes(range(236))  # page 1: header tail and sqlite_master
+    (tmp_path / "b.db").write_bytes(bytes(data))
+    nb = Buffer(tmp_path / "b.db", "van-p3")
+    carriers = [decode_batch(sb.payload) for sb in nb.pending(50) if sb.epoch == epoch0]
+    gaps = [(g.first_seq, g.last_seq, g.reason) for b in carriers for g in b.gaps]
+    report("nothing-readable", new_epoch=nb.epoch, gaps=gaps)
+    assert nb.epoch != epoch0
+    assert (1, EPOCH_END) in [(a, b) for a, b, _ in gaps] or any(
+        a <= 51 and b == EPOCH_END for a, b, _ in gaps)  # named: epoch X, rows after N unreadable
+    nb.close()
