@@ -224,6 +224,24 @@ def test_agent_does_not_crash_loop_on_a_row_that_cannot_travel(tmp_path):
     agent.buffer.close()
 
 
+def test_a_seal_that_fails_is_logged_and_counted_not_a_crash(tmp_path):
+    from simulator.broker import free_port
+    agent, _ = make_agent(tmp_path / "van", free_port(), device="van-sealguard", batch=50, sensors=0)
+    agent.buffer.commit(_samples(60))
+    other = sqlite3.connect(agent.buffer.path, isolation_level=None)  # a technician's shell holding a write lock
+    other.execute("BEGIN IMMEDIATE")
+    agent.run(duration_s=1)  # one tick: seal waits out SQLite's busy timeout and raises "database is locked"
+    failures, sealed_locked = agent.stats.seal_failures, agent.stats.sealed_batches
+    other.execute("ROLLBACK")
+    other.close()
+    agent.run(duration_s=1)
+    report("seal-guard", seal_failures=failures, sealed_while_locked=sealed_locked,
+           sealed_after=agent.stats.sealed_batches, status_failures=agent.status()["seal_failures"])
+    assert failures == 1 and sealed_locked == 0  # raised inside tick, caught, counted
+    assert agent.stats.sealed_batches == 1 and agent.buffer.unsealed_count == 10  # and sealing went on
+    agent.buffer.close()
+
+
 # --- D. damage to the table definitions and the b-trees: never a crash, never a silent loss -----
 
 
