@@ -147,6 +147,60 @@ def test_samples_held_at_the_end_are_owned_up_to_after_restart(card, mosquitto, 
     assert agent2.buffer._held.read() is None  # settled and cleared
 
 
+_KILLED_AGENT = """
+import sys, time
+from pathlib import Path
+from tests.test_card_faults import fill, make_agent
+card, port = Path(sys.argv[1]), int(sys.argv[2])
+agent, _ = make_agent(card, port, device="van-kill9", sensors=4, batch=100, max_pending=300)
+agent.run(duration_s=60)
+fill(card / "filler")
+while True:
+    agent.run(duration_s=5)
+    print("held", len(agent._pending), agent._lost_in_memory, agent.stats.taken, flush=True)
+"""
+
+
+def test_samples_held_when_the_agent_is_killed_are_owned_up_to(card):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from simulator.broker import free_port
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_AGENT, str(card), str(free_port())], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    note_path = card / "buffer.sqlite.held"
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until it holds samples and has discarded some
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("held") and int(line.split()[2]) > 0:
+                break
+        os.kill(proc.pid, signal.SIGKILL)  # no stop, no drain, no close: only what is on the card counts
+    finally:
+        proc.kill()
+        proc.wait()
+    note = json.loads(note_path.read_bytes().rstrip(b"\0"))
+    (card / "filler").unlink()
+    buf = Buffer(card / "buffer.sqlite", "van-kill9")
+    gaps = buf._db.execute("SELECT first_seq, last_seq, reason FROM gaps").fetchall()
+    present = {q for (q,) in buf._db.execute("SELECT seq FROM samples")}
+    for (payload,) in buf._db.execute("SELECT payload FROM batches"):
+        present |= {x.seq for x in decode_batch(payload).samples}  # type: ignore[misc]
+    covered = {q for a, b, _ in gaps for q in range(a, b + 1)}
+    report("kill9-while-full", last_line=lines[-1].strip(), note=note, gaps=gaps, last_seq=buf.last_seq())
+    assert note["held"] > 0 and note["owed"] > 0
+    assert sorted(b - a + 1 for a, b, _ in gaps) == sorted([note["held"], note["owed"]])
+    # Every number 1..last_seq is a committed sample or named by a gap record; no hole, no overlap.
+    assert present | covered == set(range(1, buf.last_seq() + 1)) and not present & covered
+    buf.close()
+
+
 # --- C. values the wire cannot carry -----------------------------------------------------------
 
 
