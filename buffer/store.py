@@ -1103,7 +1103,12 @@ class Buffer:
         """
         if not (held or owed or self._noted or self._carried) or self._unborn:
             return
-        note = HeldNote(self.epoch, self.last_seq(), held, owed, list(self._carried))
+        try:
+            last = self.last_seq()
+        except sqlite3.DatabaseError as exc:
+            log.error("buffer: cannot note %d held samples: %s", held, exc)  # the next write finds the damage
+            return
+        note = HeldNote(self.epoch, last, held, owed, list(self._carried))
         empty = not (held or owed or self._carried)
         if self._held_ready and self._held.write(None if empty else note):
             self._noted = not empty
