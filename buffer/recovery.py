@@ -62,13 +62,22 @@ def _code(exc: BaseException) -> int | None:
     return code & 0xFF if isinstance(code, int) else None
 
 
+# Errors that mean the table definitions themselves are damaged (a flipped bit on page 1
+# or in sqlite_master): the code never names a table or column the schema lacks.
+SCHEMA_DAMAGE = ("no such column", "no such table", "has no column named", "malformed database schema")
+
+
 def is_corruption(exc: BaseException) -> bool:
     """True for the errors that mean the file itself is damaged (not busy, not full)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return True  # text SQLite hands out (a pragma's report, a name) that was never written
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
     msg = str(exc).lower()
     if "could not decode to utf-8" in msg:
         return True  # text that was never written: a garbled page SQLite did not notice
+    if any(m in msg for m in SCHEMA_DAMAGE):
+        return True  # our schema is fixed: a table or column it lacks was garbled away
     code = _code(exc)
     if code is not None:
         return code in (SQLITE_CORRUPT, SQLITE_NOTADB)
@@ -278,14 +287,30 @@ class Salvage:
 def _open_ro(db: Path) -> sqlite3.Connection:
     """Open the quarantined copy without changing it (no checkpoint, no recovery write)."""
     try:
-        conn = sqlite3.connect(db.as_uri() + "?mode=ro", uri=True)
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        conn = _connect_tolerant(db.as_uri() + "?mode=ro")
     except sqlite3.DatabaseError:
         # A WAL that cannot even be opened: read the main file alone.
-        conn = sqlite3.connect(db.as_uri() + "?immutable=1", uri=True)
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        conn = _connect_tolerant(db.as_uri() + "?immutable=1")
     # Garbled text must not stop a scan: the row's fields are type-checked below.
     conn.text_factory = lambda b: b.decode("utf-8", "replace")
+    return conn
+
+
+def _connect_tolerant(uri: str) -> sqlite3.Connection:
+    """A read-only connection that reads what it can of a damaged schema.
+
+    With ``writable_schema`` on, SQLite skips table definitions it cannot parse
+    instead of refusing the whole file ("malformed database schema"): one
+    garbled definition then costs that table, not every table (the connection
+    is read-only, so nothing is ever written through it).
+    """
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        conn.execute("PRAGMA writable_schema=ON")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -374,22 +399,36 @@ def _missing(lo: int, hi: int, covered: list[tuple[int, int]]) -> list[tuple[int
     return out
 
 
-def salvage(db: Path) -> Salvage:
-    """Read back what can be read from a quarantined database file (opened read-only)."""
+def salvage(db: Path, identity: tuple[str, str] | None = None) -> Salvage:
+    """Read back what can be read from a quarantined database file (opened read-only).
+
+    ``identity``: (epoch, device) kept outside the file (``buffer.identity``),
+    so a file whose every table is unreadable still has its loss named.
+    """
     out = Salvage()
     try:
         conn = _open_ro(db)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         out.notes.append(f"unreadable: {exc}")
+        if identity is not None:
+            out.epoch, out.device = identity
+            _name_unread_rest(out, 0)
         return out
     try:
-        _salvage_into(conn, out, wal_damaged=wal_problem(Path(str(db) + "-wal")) is not None)
+        _salvage_into(conn, out, wal_damaged=wal_problem(Path(str(db) + "-wal")) is not None, identity=identity)
     finally:
         conn.close()
     return out
 
 
-def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool = False) -> None:
+def _name_unread_rest(out: Salvage, top: int) -> None:
+    """How far the epoch went is unknown: own up to every number past what was read."""
+    out.gaps.append(Gap(top + 1, EPOCH_END, f"corrupt database: rows after seq {top} unreadable"))
+    out.carrier_base = EPOCH_END + 1
+
+
+def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool = False,
+                  identity: tuple[str, str] | None = None) -> None:
     out.epoch = _meta(conn, "epoch")
     out.device = _meta(conn, "device")
     watermark = _meta(conn, "sealed_through")
@@ -439,6 +478,9 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
     if not samples_complete:
         out.notes.append("samples table partly unreadable")
     out.gaps = _undelivered_gaps(conn)
+    if out.epoch is None and identity is not None:
+        out.epoch, out.device = out.epoch or identity[0], out.device or identity[1]
+        out.notes.append("epoch from the identity file: meta unreadable")
     if out.epoch is None:
         out.notes.append("epoch unknown: losses cannot be named")
         return
@@ -480,6 +522,10 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
         lost.append((top + 1, EPOCH_END, "corrupt WAL: commits after the damage unreadable"))
         out.carrier_base = EPOCH_END + 1
     out.gaps.extend(Gap(a, b, r) for a, b, r in sorted(lost))
+    if last_seq is None and not wal_damaged:
+        # sqlite_sequence (or the whole schema) unreadable: rows past the last one read
+        # may exist unseen. Silent loss is the bug: name it, open-ended.
+        _name_unread_rest(out, top)
 
 
 def _batch_rows(conn: sqlite3.Connection, sql: str, key: str) -> tuple[list[tuple], bool]:

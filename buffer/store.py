@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -59,9 +60,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
+from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
+from buffer.identity import IdentityFile
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
+from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id, values_problem
 from edge.errors import PayloadError
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ SALVAGE_BATCH_SAMPLES = 1000
 # On a full file system, a write that found no room is tried again when room changes,
 # and at least every this many calls (about every 30 s at one tick a second).
 STUCK_RETRY_EVERY = 30
+# Below this much free space an I/O error at open is taken for a full card (see Buffer._no_room).
+NO_ROOM_BYTES = 64 * PAGE_SIZE
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -194,7 +199,7 @@ def _recovering(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
         try:
             return fn(self, *args, **kwargs)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not recovery.is_corruption(exc):
                 raise
             self._rollback_quietly()
@@ -219,6 +224,11 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
+            if self._unborn and not self._be_born():
+                # No database file yet (a full card at start): nothing to write into.
+                if default is _RAISE:
+                    raise BufferFullError(f"buffer {self.path}: no room to create it ({fn.__name__})")
+                return default
             if self._still_stuck():
                 # Nothing freed since a write last found no room: do not try (and
                 # checkpoint) again every tick for nothing (CPU and card on a Pi).
@@ -308,26 +318,56 @@ class Buffer:
         # a restart: the resync at the next connection has the receiver ack them again.
         self._deferred_acks: set[str] = set()
         self._db: sqlite3.Connection
+        # A card already full at start (see ``_open_without_room``): True while the
+        # connection is exclusive (no -shm file could be made), or while there is no
+        # database file yet at all (``_unborn``: an empty one in memory stands in).
+        self._exclusive = False
+        self._unborn = False
+        self._check_deferred = False  # quick_check could not run read-only for want of room
+        # Samples the agent holds in memory on a full card, noted outside the database
+        # (buffer.heldledger); losses of earlier runs not yet written as gap records.
+        self._held = HeldLedger(Path(str(self.path) + ".held"))
+        self._identity = IdentityFile(Path(str(self.path) + ".id"))
+        self._held_ready = False
+        self._noted = False
+        self._carried: list[tuple[int, str]] = []
         recovery.finish_quarantines(self.path, self.quarantine_dir)
         problem = self._check_files() if check_on_open else None
         if problem:
             self._quarantine(problem, epoch=self._peek_epoch())
         try:
             self._open()
-        except sqlite3.DatabaseError as exc:
+            if self._check_deferred and not self._unborn:
+                self._check_in_place()
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not recovery.is_corruption(exc):
                 raise
             self._recover(f"open: {exc}")  # found without (or despite) the check at open
         else:
-            self._salvage_pending()
+            if not self._unborn:
+                self._salvage_pending()
         self._ensure_reserve()
+        self._take_held_note()
 
     # -- opening ----------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, exclusive: bool = False) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a group of
         # samples is exactly one transaction and one fsync.
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return self._prepare(db, exclusive)
+        except BaseException:
+            db.close()  # an exclusive lock left behind would keep every later open out
+            raise
+
+    def _prepare(self, db: sqlite3.Connection, exclusive: bool) -> sqlite3.Connection:
+        if exclusive:
+            # Set before the WAL is first touched: SQLite then keeps the WAL index in
+            # heap memory and never makes the -shm file, which a full card cannot hold
+            # (growing it fails as "disk I/O error"). Other processes cannot read the
+            # file meanwhile; ``housekeep`` goes back to shared mode once there is room.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
         # Both only take effect on a new, empty file. auto_vacuum=NONE: freed
         # pages stay on the freelist and the next inserts reuse them, so the
         # file settles at its working size; FULL would move pages at every
@@ -351,9 +391,103 @@ class Buffer:
         return db
 
     def _open(self) -> None:
-        self._db = self._connect()
+        try:
+            self._db = self._connect()
+            self._exclusive = False
+        except sqlite3.DatabaseError as exc:
+            if not self._no_room(exc):
+                raise
+            self._db = self._open_without_room(exc)
         self.epoch = self._init_epoch()
         self._unsealed = self._count_unsealed()
+        self._identity.write(self.epoch, self.device_id)
+
+    def _no_room(self, exc: BaseException) -> bool:
+        """An error that means "the card is full", not "the file is bad".
+
+        SQLITE_FULL, or SQLITE_IOERR while the file system has (almost) no room:
+        making or growing the -shm file on a full card fails as a plain I/O error.
+        """
+        if recovery.is_disk_full(exc):
+            return True
+        return (isinstance(exc, sqlite3.OperationalError) and "disk i/o error" in str(exc).lower()
+                and self._disk_free() < NO_ROOM_BYTES)
+
+    def _open_without_room(self, exc: BaseException) -> sqlite3.Connection:
+        """Open on a card that is already full: the agent must start anyway.
+
+        An existing buffer opens in exclusive mode (no -shm file needed): its
+        sealed backlog can be read and sent, acks deferred, commits refused
+        until there is room. A buffer that does not exist yet cannot be made:
+        an empty database in memory stands in (nothing is ever written to it;
+        ``commit`` refuses) and the real file is made at the first commit that
+        finds room (``_be_born``).
+        """
+        log.error("buffer %s: card full at open (%s): opening without a -shm file", self.path, exc)
+        try:
+            db = self._connect(exclusive=True)
+            if db.execute("SELECT 1 FROM meta WHERE key='epoch'").fetchone():
+                self._exclusive = True
+                self.disk_full = True
+                return db
+            db.close()
+        except sqlite3.DatabaseError as exc2:
+            if not self._no_room(exc2):
+                raise
+        log.error("buffer %s: no room to create the buffer; samples are held until there is", self.path)
+        self._unborn = True
+        self.disk_full = True
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        db.executescript(SCHEMA)
+        db.create_function("row_crc", 8, rowcheck.row_crc, deterministic=True)
+        return db
+
+    def _be_born(self) -> bool:
+        """Make the real database file once the card has room; False while it has not."""
+        if self._disk_free() < NO_ROOM_BYTES:
+            return False
+        try:
+            db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not self._no_room(exc):
+                raise
+            return False
+        stand_in, self._db = self._db, db
+        try:
+            self.epoch = self._init_epoch()
+        except sqlite3.DatabaseError as exc:
+            self._db = stand_in
+            db.close()
+            if not self._no_room(exc):
+                raise
+            return False
+        stand_in.close()
+        self._unborn = False
+        self._unsealed = self._count_unsealed()
+        log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
+        self._salvage_pending()
+        return True
+
+    def _share_again(self) -> None:
+        """Leave the exclusive mode a full card forced at open, once the card has room."""
+        if self._disk_free() < max(2 * self.reserve_bytes, NO_ROOM_BYTES):
+            return
+        self._db.close()
+        try:
+            self._db = self._connect()
+            self._exclusive = False
+            log.warning("buffer %s: card has room again, back to shared mode", self.path)
+        except sqlite3.DatabaseError as exc:
+            if not self._no_room(exc):
+                raise
+            self._db = self._connect(exclusive=True)
+
+    def _check_in_place(self) -> None:
+        """The check at open that a full card prevented, run on the (exclusive) connection."""
+        rows = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
+        self._check_deferred = False
+        if rows != ["ok"]:
+            raise sqlite3.DatabaseError("database disk image is malformed: quick_check: " + "; ".join(rows[:5]))
 
     def _count_unsealed(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM samples").fetchone()[0])
@@ -373,9 +507,14 @@ class Buffer:
                 rows = conn.execute("PRAGMA quick_check").fetchall()
             finally:
                 conn.close()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if recovery.is_corruption(exc):
                 return f"open: {exc}"
+            if self._no_room(exc):
+                # A read-only connection needs a -shm file too: check after opening instead.
+                log.error("buffer %s: card full, checking it after opening (%s)", self.path, exc)
+                self._check_deferred = True
+                return None
             raise
         result = [str(r[0]) for r in rows]
         return None if result == ["ok"] else "quick_check: " + "; ".join(result[:5])
@@ -387,8 +526,8 @@ class Buffer:
                 row = conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
             finally:
                 conn.close()
-        except sqlite3.DatabaseError:
-            return None
+        except (sqlite3.DatabaseError, UnicodeDecodeError):
+            return self._identity.epoch_of()
         return str(row[0]) if row else None
 
     # -- identity -------------------------------------------------------------
@@ -433,6 +572,7 @@ class Buffer:
     def _quarantine(self, reason: str, epoch: str | None) -> Path:
         log.error("buffer %s is corrupt (%s): quarantining it", self.path, reason)
         qdir = recovery.quarantine(self.path, self.quarantine_dir, epoch, reason)
+        self._identity.copy_to(qdir, epoch)  # names the epoch if the file cannot
         return qdir
 
     def _recover(self, reason: str) -> None:
@@ -465,7 +605,8 @@ class Buffer:
             if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
                 recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
                 continue
-            found = recovery.salvage(qdir / self.path.name)
+            found = recovery.salvage(qdir / self.path.name,
+                                     IdentityFile(qdir / self._identity.path.name).read())
             try:
                 summary = self._apply_salvage(found, mark)
             except sqlite3.DatabaseError as exc:
@@ -531,7 +672,11 @@ class Buffer:
 
     def _seal_salvaged_samples(self, epoch: str, device: str, samples: list[Sample]) -> int:
         """Seal runs of consecutive unsealed samples into batches of their old epoch."""
-        samples = sorted(samples, key=lambda x: x.seq or 0)
+        # One row per number: a damaged b-tree can hand the same row out twice (read forwards
+        # and backwards, or "Rowid out of order"), and a second run starting at a number
+        # already used would be dropped by INSERT OR IGNORE without a trace. The checksum
+        # covers seq, so two rows that verify with one number are the same sample.
+        samples = sorted({x.seq: x for x in reversed(samples)}.values(), key=lambda x: x.seq or 0)
         runs: list[list[Sample]] = []
         for smp in samples:
             if runs and smp.seq == (runs[-1][-1].seq or 0) + 1 and len(runs[-1]) < SALVAGE_BATCH_SAMPLES:
@@ -634,18 +779,10 @@ class Buffer:
             return
         if self._disk_free() < 2 * self.reserve_bytes:
             return  # taking the last free space ourselves would only move the problem
-        tmp = Path(str(self.reserve_path) + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                chunk = b"\0" * 65536
-                for _ in range(0, self.reserve_bytes, len(chunk)):
-                    f.write(chunk)  # real blocks: a sparse file would reserve nothing
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.reserve_path)
+            make_with_real_blocks(self.reserve_path, self.reserve_bytes)
         except OSError as exc:
             log.warning("buffer: cannot create the space reserve %s: %s", self.reserve_path, exc)
-            tmp.unlink(missing_ok=True)
 
     def _release_reserve(self) -> bool:
         try:
@@ -764,28 +901,42 @@ class Buffer:
         """
         if not samples:
             return []
+        if self._unborn and not self._be_born():
+            return self._refuse()
+        if self._carried:
+            try:
+                self._own_up_to_carried()  # before the commit moves last_seq past the note
+            except BufferFullError:
+                return self._refuse()
         # Refuse early, before encoding anything, when even a small row per sample cannot fit
         # (held samples are offered again every few seconds while the card stays full).
         if not self._fits_on_disk(len(samples) * 64):
             return self._refuse()
         enc = _VALUES_ENCODER
-        rows = [
-            (s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values), ",".join(s.flags))
-            for s in samples
-        ]
+        rows: list[tuple[Any, ...] | None] = []
+        refused: list[tuple[int, str, bytes]] = []  # (index, why, the sample as given)
+        for i, s in enumerate(samples):
+            why = _admit(s)
+            if why is None:
+                rows.append((s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values),
+                             ",".join(s.flags)))
+            else:
+                rows.append(None)
+                refused.append((i, why, repr(s).encode("utf-8", "replace")[:65536]))
         # What the rows will take in pages, roughly (record overhead + b-tree slack).
-        extra = (sum(len(r[5]) for r in rows) + len(rows) * (len(rows[0][4]) + 64)) * 5 // 4
+        extra = (sum(len(r[5]) + len(r[4]) + 64 for r in rows if r)
+                 + sum(len(raw) + 64 for _, _, raw in refused)) * 5 // 4
         if not self._fits_on_disk(extra):
             return self._refuse()
         try:
-            first = self._insert_with_room(rows, extra)
+            first = self._insert_with_room(rows, extra, refused)
         except sqlite3.DatabaseError as exc:
             if not recovery.is_disk_full(exc):
                 raise
             log.error("buffer: disk full, making room (%s)", exc)
             self._make_room()
             try:
-                first = self._insert_with_room(rows, extra)
+                first = self._insert_with_room(rows, extra, refused)
             except sqlite3.DatabaseError as exc2:
                 self._rollback_quietly()
                 if not recovery.is_disk_full(exc2):
@@ -796,7 +947,10 @@ class Buffer:
         seqs = list(range(first, first + len(samples)))
         for s, q in zip(samples, seqs):
             s.seq = q
-        self._unsealed += len(samples)
+        self._unsealed += len(samples) - len(refused)
+        if refused:
+            log.error("buffer: %d samples refused at commit (%s), kept in bad_rows with a gap record",
+                      len(refused), refused[0][1])
         self._stuck_at = None  # a write went through: housekeeping may find room too
         if self.disk_full:
             self.disk_full = False
@@ -810,8 +964,14 @@ class Buffer:
         raise BufferFullError(f"buffer {self.path}: file system full (its last {self.reserve_bytes}"
                               " bytes are kept for acknowledgements and sealing)")
 
-    def _insert_with_room(self, rows: list[tuple[Any, ...]], extra: int) -> int:
-        """Insert the rows with consecutive numbers after the last one ever used; returns the first."""
+    def _insert_with_room(self, rows: list[tuple[Any, ...] | None], extra: int,
+                          refused: list[tuple[int, str, bytes]]) -> int:
+        """Insert the rows with consecutive numbers after the last one ever used; returns the first.
+
+        A refused sample (None in ``rows``) takes its number too, and goes to
+        ``bad_rows`` with a gap record in the same transaction: nothing handed
+        to ``commit`` is lost without a record, and no batch ever holds it.
+        """
         try:
             self._enforce_cap(extra)
         except sqlite3.DatabaseError as exc:
@@ -827,8 +987,16 @@ class Buffer:
             self._db.executemany(
                 "INSERT INTO samples (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, crc)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
-                [(q, *r, crc(q, *r)) for q, r in enumerate(rows, first)],
+                [(q, *r, crc(q, *r)) for q, r in enumerate(rows, first) if r is not None],
             )
+            if refused:
+                now_ms = int(time.time() * 1000)
+                for i, why, raw in refused:
+                    self._db.execute("INSERT INTO bad_rows VALUES (?,?,?,?)",
+                                     (first + i, f"refused at commit: {why}", raw, now_ms))
+                    self._gap(first + i, first + i, f"sample refused at commit: {why}")
+                self._bump("samples_refused", len(refused))
+                self._set_last_seq(first + len(rows) - 1)  # a refused last sample still used its number
             return first
 
     def housekeep(self) -> None:
@@ -836,6 +1004,12 @@ class Buffer:
 
         The agent calls it every tick, so both happen as soon as room returns.
         """
+        if self._unborn:
+            return  # nothing to keep house for; the first commit with room makes the file
+        if self._exclusive:
+            self._share_again()
+        if not self._held_ready:
+            self._held_ready = self._held.ensure()
         if self._deferred_acks:
             self._flush_acks()
         if self.reserve_bytes > 0 and not self.disk_full and not self.reserve_path.exists():
@@ -900,14 +1074,74 @@ class Buffer:
         the rest, and an epoch's numbers stay exactly 1..last_seq for the oracle.
         """
         with self._tx():
-            first = self.last_seq() + 1
-            last = first + n - 1
-            self._db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='samples'", (last,))
-            if self._db.execute("SELECT changes()").fetchone()[0] == 0:
-                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
-            self._gap(first, last, reason)
-            self._bump("samples_lost_in_memory", n)
+            first, last = self._lose(n, reason)
         return first, last
+
+    def _lose(self, n: int, reason: str) -> tuple[int, int]:
+        """``record_lost`` inside the caller's transaction."""
+        first = self.last_seq() + 1
+        last = first + n - 1
+        self._set_last_seq(last)
+        self._gap(first, last, reason)
+        self._bump("samples_lost_in_memory", n)
+        return first, last
+
+    def _set_last_seq(self, last: int) -> None:
+        """Numbers up to ``last`` are used (by a gap record): AUTOINCREMENT never hands them out."""
+        self._db.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='samples'", (last,))
+        if self._db.execute("SELECT changes()").fetchone()[0] == 0:
+            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
+
+    # -- samples held in memory on a full card (buffer.heldledger) ------------
+
+    def note_held(self, held: int, owed: int) -> None:
+        """The agent holds ``held`` samples a full card refused (``owed`` more already discarded).
+
+        Written in place to the side file and fsynced, so a stop, a kill or a
+        power cut that loses them still leaves their count; the next open turns
+        it into gap records. Costs nothing while nothing is held.
+        """
+        if not (held or owed or self._noted or self._carried) or self._unborn:
+            return
+        try:
+            last = self.last_seq()
+        except sqlite3.DatabaseError as exc:
+            log.error("buffer: cannot note %d held samples: %s", held, exc)  # the next write finds the damage
+            return
+        note = HeldNote(self.epoch, last, held, owed, list(self._carried))
+        empty = not (held or owed or self._carried)
+        if self._held_ready and self._held.write(None if empty else note):
+            self._noted = not empty
+
+    def _take_held_note(self) -> None:
+        """At open: what the last run noted and never settled becomes gap records."""
+        if self._unborn:
+            return
+        self._held_ready = self._held.ensure()
+        note = self._held.read()
+        if note is None or note.epoch != self.epoch or note.last_seq != self.last_seq():
+            return  # none, or settled since (every settling write takes a new sequence number)
+        self._carried = note.losses()
+        self._noted = True
+        if self._carried:
+            try:
+                self._own_up_to_carried()
+            except BufferFullError:
+                log.error("buffer: no room yet to record %s; kept in %s", self._carried, self._held.path)
+
+    @_recovering
+    @_tolerate_full(_RAISE)
+    def _own_up_to_carried(self) -> None:
+        carried = list(self._carried)
+        with self._tx():
+            for n, reason in carried:
+                first, last = self._lose(n, reason)
+                log.error("buffer: %d samples lost at the last run's end, owned up to as gap %d-%d (%s)",
+                          n, first, last, reason)
+        self._carried = []
+        # The note is void now (last_seq moved past it); clear it anyway so it is not read again.
+        if self._held_ready and self._held.write(None):
+            self._noted = False
 
     @_recovering
     def count_unsync(self, boot_id: str) -> int:
@@ -958,10 +1192,15 @@ class Buffer:
         bad: list[tuple[tuple[Any, ...], str]] = []
         for r in rows:
             checked = rowcheck.check_row(r)
-            if checked.sample is None:
-                bad.append((r, checked.why))
+            smp = checked.sample
+            # A row can verify and still not travel (a row from before checksums, a value a
+            # driver should never have given): the receiver would refuse the whole batch,
+            # or it would not even encode. Set aside like a damaged row.
+            why = checked.why if smp is None else values_problem(smp.sensor, smp.values)
+            if why:
+                bad.append((r, why if smp is None else f"cannot travel: {why}"))
             else:
-                samples.append(checked.sample)
+                samples.append(smp)  # type: ignore[arg-type]
         if bad:
             self._set_aside(bad, now_utc_ms)
         gaps_rows = self._db.execute(
@@ -978,7 +1217,18 @@ class Buffer:
         assert first is not None and last is not None
         gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
         batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
-        payload = encode_batch(batch)
+        try:
+            payload = encode_batch(batch)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # Something the checks above did not foresee: set aside the rows that do not
+            # encode alone, and let the next call seal the rest (never the same failure twice).
+            by_seq = {r[0]: r for r in rows}
+            culprits = [(by_seq[x.seq], f"cannot be encoded: {type(exc).__name__}") for x in samples
+                        if not _encodes(x)]
+            if not culprits:
+                raise
+            self._set_aside(culprits, now_utc_ms)
+            return None
         digest = content_hash(payload)
         with self._tx():
             if self._db.execute("SELECT 1 FROM batches WHERE first_seq=?", (first,)).fetchone():
@@ -1228,6 +1478,30 @@ class Buffer:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _admit(s: Sample) -> str | None:
+    """Make a sample fit for the wire, or say why it cannot be: checked at commit.
+
+    NaN and infinity are no measurement: stored as unknown (None) and flagged
+    ``non_finite`` (as the agent does with a driver's readings). Anything else
+    the wire cannot carry (an empty sensor name, a list value, values that are
+    not an object) is refused: the receiver would reject the whole batch.
+    """
+    vals = s.values
+    if isinstance(vals, dict) and any(isinstance(v, float) and not math.isfinite(v) for v in vals.values()):
+        s.values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in vals.items()}
+        s.flags = (*s.flags, "non_finite")
+    return values_problem(s.sensor, s.values)
+
+
+def _encodes(s: Sample) -> bool:
+    try:
+        encode_batch(Batch("d", "e", 1, 1, [Sample(s.sensor, s.t_utc_ms, s.t_mono_ms, s.time_src, s.values,
+                                                   s.flags, 1, s.boot_id)], []))
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return False
+    return True
 
 
 class _Tx:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from buffer.errors import BufferFullError
+from buffer.heldledger import OWED_REASON
 from buffer.store import Buffer
 from drivers.base import SensorDriver
 from edge.clock import Clock
@@ -59,6 +60,7 @@ class AgentStats:
     buffer_full: int = 0  # commits the full card refused
     lost_in_memory: int = 0  # samples discarded from memory while the card was full
     corrupt_batches: int = 0
+    seal_failures: int = 0  # seal() raised; caught in tick so the agent keeps sampling
     heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
 
@@ -161,7 +163,13 @@ class Agent:
             self.commit()
         # Deletes acks a full card refused and re-creates the space reserve once there is room.
         self.buffer.housekeep()
-        self.maybe_seal()
+        try:
+            self.maybe_seal()
+        except Exception as exc:  # noqa: BLE001  one bad seal must not become a crash loop at every start
+            # The buffer sets aside what it can name (bad_rows + gap); anything else is
+            # logged (once a minute), counted, and tried again next tick while sampling goes on.
+            self.stats.seal_failures += 1
+            self._count_error("seal", exc, unexpected=True)
         self.pump()
 
     # -- sampling -------------------------------------------------------------
@@ -225,6 +233,7 @@ class Agent:
             self._committed(batch)
         if self._lost_in_memory:
             self._own_up_to_memory_loss()
+        self.buffer.note_held(0, self._lost_in_memory)  # settled: clears the note (if one was written)
 
     def _hold(self, held: list[Sample], exc: BufferFullError) -> None:
         """Nothing of ``held`` was stored (a full card; committed data is never dropped for new).
@@ -239,6 +248,9 @@ class Agent:
             self.stats.lost_in_memory += over
             held = held[over:]
         self._pending = held
+        # Their count goes outside the database (which refuses writes): if the agent ends
+        # now, the next start owns up to them with a gap record (buffer.heldledger).
+        self.buffer.note_held(len(held), self._lost_in_memory)
         self.stats.buffer_full += 1
         self._count_error("buffer", exc)
 
@@ -257,7 +269,7 @@ class Agent:
         # every such loss, so losses in a row merge into one gap record.
         n = self._lost_in_memory
         try:
-            first, last = self.buffer.record_lost(n, "card full: samples held in memory past the limit discarded")
+            first, last = self.buffer.record_lost(n, OWED_REASON)
         except BufferFullError:
             return  # owned up to at a later commit
         self._lost_in_memory = 0
@@ -408,6 +420,7 @@ class Agent:
             "samples_dropped": st.samples_dropped,
             "quarantined": st.quarantined,
             "buffer_full": self.stats.buffer_full,
+            "seal_failures": self.stats.seal_failures,
             # A full card: commits refused, samples held in memory (or lost) until it has room.
             "health": "disk_full" if self.buffer.disk_full or self._lost_in_memory else "ok",
             "samples_at_risk": self.samples_at_risk,

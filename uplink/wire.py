@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,26 @@ def _req(obj: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
     if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
         raise PayloadError(f"field {key!r} has the wrong type")
     return value
+
+
+def values_problem(sensor: object, values: object) -> str | None:
+    """Why a sample's sensor name or values cannot travel in a batch, or None if they can.
+
+    The device's side of ``_decode_sample``'s rules (plus finite numbers, as
+    ``encode_batch`` refuses NaN and infinity): the buffer checks at commit and
+    at sealing, so one such sample never reaches a batch the receiver would
+    refuse whole, or one that cannot even be encoded.
+    """
+    if not isinstance(sensor, str) or not sensor:
+        return "sensor must be a non-empty string"
+    if not isinstance(values, dict):
+        return "values must be an object"
+    for k, v in values.items():
+        if not isinstance(k, str) or not (v is None or isinstance(v, (int, float, str))):
+            return f"value {str(k)[:40]!r} must be a number, a string or null"
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"value {k[:40]!r} is not finite"
+    return None
 
 
 def _decode_sample(row: Any) -> Sample:

@@ -1,0 +1,58 @@
+"""The buffer's epoch and device id, also kept outside the database.
+
+A bit flipped in the table definitions (page 1, ``sqlite_master``) can make
+every table of the file unreadable, ``meta`` with it; salvage then cannot even
+say *which* epoch was lost. This small file beside the buffer, written when an
+epoch is born (and at an open that finds it missing), lets salvage name the
+loss anyway: "epoch X: rows after seq N unreadable", with the open-ended range
+the architecture allows. It is copied into the quarantine folder with the
+damaged file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class IdentityFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> tuple[str, str] | None:
+        """(epoch, device), or None if missing or unreadable."""
+        try:
+            d = json.loads(self.path.read_bytes())
+            return str(d["epoch"]), str(d["device"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def epoch_of(self) -> str | None:
+        found = self.read()
+        return found[0] if found else None
+
+    def write(self, epoch: str, device: str) -> None:
+        """Replace the file atomically (fsynced); a full card only delays it (logged)."""
+        if self.read() == (epoch, device):
+            return
+        tmp = Path(str(self.path) + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"epoch": epoch, "device": device}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("buffer: cannot write %s: %s", self.path, exc)
+            tmp.unlink(missing_ok=True)
+
+    def copy_to(self, folder: Path, epoch: str | None) -> None:
+        """Leave a copy in a quarantine folder, if it names ``epoch`` (or no epoch is known)."""
+        found = self.read()
+        if found is None or (epoch is not None and found[0] != epoch):
+            return
+        IdentityFile(folder / self.path.name).write(*found)
