@@ -50,7 +50,9 @@ def rx(tmp_path, mosquitto):
 
 
 @pytest.mark.parametrize("kills,n_vans,forked", [
-    pytest.param(200, 2, False, id="ci"),
+    # Forked from a warm process (simulator/launcher.py) in CI too: fresh interpreters on a loaded
+    # machine spend most of a short run importing, and too few kills then land in an ack's round trip.
+    pytest.param(200, 2, True, id="ci"),
     pytest.param(1000, 2, False, id="slow", marks=pytest.mark.slow),
     # The long run (issue 14): runs forked from a warm process, or 10,000 fresh
     # interpreters would spend the time importing and most kills would land there.
@@ -67,9 +69,9 @@ def test_agent_sigkill_at_random_moments(tmp_path, mosquitto, rx, kills, n_vans,
         return c.get("batches_duplicate", 0) + c.get("resync_acks", 0)
 
     # A kill must land inside an ack's round trip (milliseconds) to need healing: at
-    # least ``kills`` kills, and more (up to 4x) until that has happened at least once.
+    # least ``kills`` kills, and more (up to 8x) until that has happened at least once.
     while sum(v.kills for v in vans) < kills or (
-        healed_so_far() == 0 and sum(v.kills for v in vans) < 4 * kills
+        healed_so_far() == 0 and sum(v.kills for v in vans) < 8 * kills
     ):
         for v in vans:
             v.start()
