@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from edge.faultpoints import crash_point
 from receiver.budget import upload_values
-from receiver.config import ReceiverConfig
+from receiver.config import ReceiverConfig, pg_timeouts
 from receiver.health import Health, error_text
 from receiver.ingest import Ingestor, Outcome
 from receiver.lazy_store import LazyStore
@@ -55,7 +55,8 @@ class ReceiverService:
         self.subscribed = threading.Event()
         self.health = Health(cfg.health_file or None)
         # Opened on first use (and again until it opens): the receiver starts with the store down.
-        self.store: Store = store or LazyStore(lambda: open_store(cfg.store, max_gap_s=cfg.max_gap_s))  # type: ignore[assignment]
+        self.store: Store = store or LazyStore(lambda: open_store(cfg.store, max_gap_s=cfg.max_gap_s,
+                                                                             pg_timeouts=pg_timeouts(cfg)))  # type: ignore[assignment]
         self.ingestor = Ingestor(self.store, cfg.topic_prefix, derive=cfg.derive == "inline")
         self._stopping = threading.Event()
         # At most the broker's in-flight window (max_inflight_messages): the worker acks only
@@ -263,7 +264,8 @@ class ReceiverService:
         failing = False
         while not self._stopping.is_set():
             try:
-                store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s)
+                store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s,
+                                              pg_timeouts=pg_timeouts(self.cfg))
                 # A read first: an empty queue then costs no write lock.
                 busy = bool(store.derive_backlog() and store.derive_pending(limit=20))
                 if failing:
