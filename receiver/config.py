@@ -59,6 +59,9 @@ class ReceiverConfig:
     # upload over the budget is stored alone.
     group_values: int = 400_000
     group_uploads: int = 64
+    # ... and in bytes: the sum of the group's inflated bodies (what its strings, keys and gap
+    # reasons take decoded, ~1-2x), which values alone do not see.
+    group_bytes: int = 32 * 2**20
 
 
 # What provisioning makes (receiver/provision.py generate_share_group: "ingest-" + 32 hex
@@ -122,6 +125,8 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
     for key in ("store_retry", "broker_retry"):
         if getattr(cfg, f"{key}_max_s") < getattr(cfg, f"{key}_min_s"):
             raise ConfigError(f"receiver.{key}_max_s", f"must be at least {key}_min_s")
+    if cfg.group_bytes < 1:
+        raise ConfigError("receiver.group_bytes", "must be at least 1")
     if cfg.group_values < 1 or cfg.group_uploads < 1:
         raise ConfigError("receiver.group_values" if cfg.group_values < 1 else "receiver.group_uploads",
                           "must be at least 1")
