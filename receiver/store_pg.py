@@ -410,7 +410,7 @@ class PostgresStore(StoreReads):
             except psycopg.OperationalError:
                 if attempt == MAX_ATTEMPTS - 1 or not self.conn.broken and not self.conn.closed:
                     raise
-                log.warning("store connection lost, reconnecting")
+                log.debug("store connection lost, reconnecting")  # per attempt: Health logs the outage
                 self._reconnect_later(attempt)
                 continue
             time.sleep(random.uniform(0, 0.01 * 2**attempt))

@@ -10,6 +10,7 @@ the server is thawed every batch is stored exactly once.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from receiver.config import ReceiverConfig
 from receiver.pg_timeouts import PgTimeouts
@@ -82,7 +84,9 @@ def test_frozen_postgres_is_an_outage_for_the_store_and_stats(pg_cluster: PgClus
 
 
 def test_receiver_notices_a_frozen_postgres_and_heals(tmp_path: Path, mosquitto: LocalBroker,
-                                                      pg_cluster: PgCluster) -> None:
+                                                      pg_cluster: PgCluster, caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    caplog.set_level(logging.DEBUG, logger="receiver")
     dsn = pg_cluster.create_database()
     cfg = ReceiverConfig(store=dsn, port=mosquitto.port, client_id="rx-pg-frozen",
                          health_file=str(tmp_path / "health.json"), store_connect_timeout_s=2.0,
@@ -114,6 +118,15 @@ def test_receiver_notices_a_frozen_postgres_and_heals(tmp_path: Path, mosquitto:
     print("stats while frozen:", st.returncode, st.stdout.strip())
     assert h["state"] == "unavailable" and h["failed_attempts"] >= 3
     assert st.returncode == 1 and "does not answer now" in st.stdout
+    # The log: one line when the outage starts and one when it ends (a summary a minute if it
+    # lasts), never one per failed attempt (the tester saw ~220 reconnect warnings in 100 s).
+    outage_lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                    and ("store" in r.getMessage() or "reconnect" in r.getMessage())]
+    print(f"{len(outage_lines)} warning lines about the store for {h['failed_attempts']}+ failed attempts:",
+          *outage_lines, sep="\n  ")
+    assert any(m.startswith("store unavailable") for m in outage_lines)
+    assert any(m.startswith("store available again") for m in outage_lines)
+    assert len(outage_lines) <= 3, outage_lines
     with psycopg.connect(dsn) as c:
         oracle(c.execute("SELECT device, seq FROM datalab.samples").fetchall(), tiny_batches("van-001", 20 + n))
     report("postgresql frozen (SIGSTOP)", **figures, stored_once=20 + n)

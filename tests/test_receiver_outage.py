@@ -160,7 +160,7 @@ def outage_run(*, n_outage: int, svc: ReceiverService, van: Van, stored: Any, do
     after = health(svc)
     assert after["store"]["state"] == "ok" and after["store"]["outages"] == 1, after
     return {"uploads_during_outage": n_outage, "failed_attempts": h["store"]["failed_attempts"],
-            "failed_uploads": h["store"]["failed_uploads"], "held_at_once": held,
+            "uploads_held": h["store"]["uploads_held"], "held_at_once": held,
             "resumed_s": round(resumed_s, 2), "drained_s": round(drained_s, 1)}
 
 
