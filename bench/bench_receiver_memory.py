@@ -18,6 +18,15 @@ run:
   MAX_PAYLOAD_BYTES: random floats, which compress little), ~60 MiB
   arriving at once; again one payload 64 times (encoding takes seconds each).
 
+* the tester's adversarial shapes (issue 13, probe 5), which cost little in
+  values but much in bytes: ``STRINGS_UPLOADS`` uploads of one sample whose 250
+  values are distinct 16,000-character strings, and ``GAPS_UPLOADS`` uploads of
+  no samples and 4,000 gaps with distinct 1,000-character reasons (7-35 KB on
+  the wire, ~4 MiB inflated each). All with one batch id per shape, so each is
+  decoded and held in its group in full, then refused by the store (same id,
+  other bytes) without writing megabytes of text: the memory is the group's.
+  The byte budget (``group_bytes``, receiver/budget.py) bounds these.
+
 Target: peak RSS at most 300 MB (the documented bound, docs/architecture.md).
 
     python bench/bench_receiver_memory.py
@@ -39,8 +48,9 @@ import paho.mqtt.client as mqtt
 
 from bench.bench_wire import simulated_batch
 from edge.model import Sample, TimeSource
+from uplink import codec_v2
 from uplink.codec_v2 import MAX_VALUE_CELLS
-from uplink.wire import MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, Batch, decode_ack, encode_batch
+from uplink.wire import MAGIC, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, Batch, Gap, decode_ack, encode_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 AT_ONCE = 64
@@ -67,6 +77,34 @@ def wire_maximal_batch(device: str) -> Batch:
     samples = [Sample("pm", 1_795_000_000_000 + i * 1000, i * 1000, TimeSource.NTP,
                       {k: rnd.random() for k in keys}, (), i + 1, "boot") for i in range(n)]
     return Batch(device, "e-wire", 1, n, samples)
+
+
+STRINGS_UPLOADS = 130  # the tester's worst counts (308-355 MB before the byte budget)
+GAPS_UPLOADS = 130
+
+
+def _v2(batch: Batch) -> bytes:
+    return MAGIC + b"\x02" + codec_v2.pack(codec_v2.encode_plain(batch), 1)  # zlib: fast to build
+
+
+def strings_upload(device: str, variant: int) -> bytes:
+    """One sample, 250 distinct 16,000-character strings (~4 MB decoded, ~250 values of budget)."""
+    vals = {f"k{i:03d}": f"{i:05d}{variant:08d}" + "x" * 15_987 for i in range(250)}
+    return _v2(Batch(device, "same", 1, 1, [Sample("pm", 1_795_000_000_000, 1, TimeSource.GPS, vals, (), 1, "b")]))
+
+
+def gaps_upload(device: str, variant: int) -> bytes:
+    """No samples, 4,000 gaps with distinct 1,000-character reasons (0 values of budget)."""
+    gaps = [Gap(2 + i, 2 + i, f"{i:06d}{variant:08d}" + "r" * 986) for i in range(4000)]
+    return _v2(Batch(device, "same", 1, 5000, [], gaps))
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), MB: the kernel's own high-water mark."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def ordinary_batches(n: int) -> list[Batch]:
@@ -138,50 +176,74 @@ def publish_and_wait(port: int, payloads: list[tuple[str, bytes]], expect: int, 
     return took
 
 
-def measure() -> dict[str, float]:
-    from simulator.broker import LocalBroker
+class ReceiverRig:
+    """A real Mosquitto (shipped limits) and a real ``datalab-receiver run`` (SQLite), RSS probed."""
 
-    with tempfile.TemporaryDirectory(prefix="bench-rx-mem-") as tmp:
-        root = Path(tmp)
+    def __enter__(self) -> ReceiverRig:
+        from simulator.broker import LocalBroker
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-rx-mem-")
+        root = Path(self._tmp.name)
         (root / "broker").mkdir()
-        broker = LocalBroker("mosquitto", workdir=root / "broker", extra_config=SHIPPED_LIMITS).start()
+        self.broker = LocalBroker("mosquitto", workdir=root / "broker", extra_config=SHIPPED_LIMITS).start()
         ready = root / "ready"
-        proc = subprocess.Popen(
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "receiver.cli", "run", "--store", str(root / "store.sqlite"), "--port",
-             str(broker.port), "--client-id", "bench-mem", "--ready-file", str(ready)],
+             str(self.broker.port), "--client-id", "bench-mem", "--ready-file", str(ready)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        probe = RssProbe(proc.pid)
-        try:
-            deadline = time.monotonic() + 30
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the receiver did not come up")
-                time.sleep(0.05)
-            time.sleep(1.0)
-            idle = probe.now()
-            ordinary = [(b.device, encode_batch(b)) for b in ordinary_batches(AT_ONCE)]
-            probe.reset()
-            t_ord = publish_and_wait(broker.port, ordinary, AT_ONCE)
-            ord_peak = probe.peak()
-            big = encode_batch(maximal_batch("van-max"))
-            probe.reset()
-            t_max = publish_and_wait(broker.port, [("van-max", big)] * AT_ONCE, AT_ONCE)
-            max_peak = probe.peak()
-            wide = encode_batch(wire_maximal_batch("van-wire"))
-            if len(wide) > MAX_PAYLOAD_BYTES:
-                raise RuntimeError("the wire-maximal batch came out over the payload limit")
-            probe.reset()
-            t_wide = publish_and_wait(broker.port, [("van-wire", wide)] * AT_ONCE, AT_ONCE)
-            wide_peak = probe.peak()
-            after = probe.now()
-        finally:
-            probe.close()
-            proc.terminate()
-            proc.wait(30)
-            broker.close()
+        self.probe = RssProbe(self.proc.pid)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("the receiver did not come up")
+            time.sleep(0.05)
+        time.sleep(1.0)
+        return self
+
+    def phase(self, payloads: list[tuple[str, bytes]], timeout: float = 300) -> tuple[float, float]:
+        """Publish all at once, wait for every ack: (peak RSS MB during it, seconds)."""
+        self.probe.reset()
+        took = publish_and_wait(self.broker.port, payloads, len(payloads), timeout)
+        return self.probe.peak(), took
+
+    def hwm(self) -> float:
+        return vm_hwm_mb(self.proc.pid)
+
+    def __exit__(self, *exc: object) -> None:
+        self.probe.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.broker.close()
+        self._tmp.cleanup()
+
+
+def adversarial(n_strings: int = STRINGS_UPLOADS, n_gaps: int = GAPS_UPLOADS) -> tuple[list[tuple[str, bytes]], ...]:
+    return ([("van-str", strings_upload("van-str", i)) for i in range(n_strings)],
+            [("van-gap", gaps_upload("van-gap", i)) for i in range(n_gaps)])
+
+
+def measure() -> dict[str, float]:
+    strings, gaps = adversarial()
+    with ReceiverRig() as rig:
+        idle = rig.probe.now()
+        ordinary = [(b.device, encode_batch(b)) for b in ordinary_batches(AT_ONCE)]
+        ord_peak, t_ord = rig.phase(ordinary)
+        big = encode_batch(maximal_batch("van-max"))
+        max_peak, t_max = rig.phase([("van-max", big)] * AT_ONCE)
+        wide = encode_batch(wire_maximal_batch("van-wire"))
+        if len(wide) > MAX_PAYLOAD_BYTES:
+            raise RuntimeError("the wire-maximal batch came out over the payload limit")
+        wide_peak, t_wide = rig.phase([("van-wire", wide)] * AT_ONCE)
+        after = rig.probe.now()
+        str_peak, t_str = rig.phase(strings)
+        gap_peak, t_gap = rig.phase(gaps)
+        hwm = rig.hwm()
     return {"idle": idle, "ordinary_peak": ord_peak, "ordinary_s": t_ord, "max_peak": max_peak,
             "max_s": t_max, "after": after, "max_bytes": len(big), "wide_peak": wide_peak, "wide_s": t_wide,
-            "wide_bytes": len(wide)}
+            "wide_bytes": len(wide), "strings_peak": str_peak, "strings_s": t_str, "gaps_peak": gap_peak,
+            "gaps_s": t_gap, "hwm": hwm, "strings_bytes": max(len(p) for _, p in strings),
+            "gaps_bytes": max(len(p) for _, p in gaps)}
 
 
 def run() -> list[dict]:
@@ -201,6 +263,15 @@ def run() -> list[dict]:
          "target": f"<= {TARGET_MB:.0f} MB", "ok": m["wide_peak"] <= TARGET_MB,
          "note": f"{m['wide_bytes'] / 2**20:.2f} MiB each, random floats; acked in {m['wide_s']:.0f} s; "
                  f"{m['after']:.0f} MB after"},
+        {"name": f"receiver RSS, {STRINGS_UPLOADS} uploads of 250 distinct 16,000-char strings",
+         "value": round(m["strings_peak"], 1), "unit": "MB", "baseline": round(m["ordinary_peak"], 1),
+         "baseline_name": "ordinary batches", "target": f"<= {TARGET_MB:.0f} MB", "ok": m["strings_peak"] <= TARGET_MB,
+         "note": f"{m['strings_bytes'] / 1024:.0f} KB on the wire each; answered in {m['strings_s']:.0f} s"},
+        {"name": f"receiver RSS, {GAPS_UPLOADS} uploads of 4,000 gaps with 1,000-char reasons",
+         "value": round(m["gaps_peak"], 1), "unit": "MB", "baseline": round(m["ordinary_peak"], 1),
+         "baseline_name": "ordinary batches", "target": f"<= {TARGET_MB:.0f} MB", "ok": m["gaps_peak"] <= TARGET_MB,
+         "note": f"{m['gaps_bytes'] / 1024:.0f} KB on the wire each; answered in {m['gaps_s']:.0f} s; "
+                 f"VmHWM over the whole run {m['hwm']:.0f} MB"},
     ]
 
 

@@ -14,6 +14,15 @@ what cost):
 * version 1: the inflated JSON; a value takes at least 4 bytes of it (``"k":0``
   is 5, and a sample's row is longer still), so at most ``len(json) // 4``.
 
+Values alone miss what is *long*: a string or a gap reason costs one value
+however many characters it holds, so uploads of a few distinct 16,000-character
+strings, or 4,000 gaps with 1,000-character reasons (0 values), filled a group
+of 64 with ~4 MB of text each and pushed a receiver past 300 MB (issue 13, the
+tester's probe 5). ``upload_cost`` therefore also gives the body's inflated size
+in bytes: every string, key and reason is in it once (version 2 shares strings
+through its table, and decoding makes one Python string of each), so the group's
+sum of inflated sizes bounds its text, and ``group_bytes`` caps it.
+
 Anything the peek cannot read costs ``UNKNOWN``: more than any budget, so that
 upload is decoded (and rejected) on its own.
 """
@@ -21,6 +30,8 @@ upload is decoded (and rejected) on its own.
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple
+
 from edge.errors import PayloadError
 from uplink.codec_v2 import MAX_VALUE_CELLS, _Reader, unpack
 from uplink.wire import MAGIC, MAX_DECOMPRESSED_BYTES, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH
@@ -29,24 +40,38 @@ UNKNOWN = 1 << 62
 MIN_JSON_BYTES_PER_VALUE = 4
 
 
-def upload_values(payload: bytes) -> int:
-    """Upper bound on the values ``payload`` decodes to (samples count one each, too)."""
+class Cost(NamedTuple):
+    """What an upload can hold decoded: values (samples count one each, too) and inflated bytes."""
+
+    values: int
+    bytes: int
+
+
+def upload_cost(payload: bytes) -> Cost:
+    """Upper bounds on what ``payload`` decodes to, from its header after decompression only."""
     try:
         if len(payload) > MAX_PAYLOAD_BYTES or not payload.startswith(MAGIC) or len(payload) <= len(MAGIC):
-            return 1  # refused before anything is decoded
+            return Cost(1, len(payload))  # refused before anything is decoded
         version, body = payload[len(MAGIC)], payload[len(MAGIC) + 1 :]
         if version == 2:
-            return _v2_values(body)
+            return _v2_cost(body)
         if version == 1:
             d = zlib.decompressobj()
-            return max(1, len(d.decompress(body, MAX_DECOMPRESSED_BYTES)) // MIN_JSON_BYTES_PER_VALUE)
-        return 1  # an unknown version is refused on the version byte
+            size = len(d.decompress(body, MAX_DECOMPRESSED_BYTES))
+            return Cost(max(1, size // MIN_JSON_BYTES_PER_VALUE), size)
+        return Cost(1, len(payload))  # an unknown version is refused on the version byte
     except (PayloadError, zlib.error, ValueError, IndexError, MemoryError):
-        return UNKNOWN
+        return Cost(UNKNOWN, UNKNOWN)
 
 
-def _v2_values(body: bytes) -> int:
-    r = _Reader(unpack(body))
+def upload_values(payload: bytes) -> int:
+    """Upper bound on the values ``payload`` decodes to (samples count one each, too)."""
+    return upload_cost(payload).values
+
+
+def _v2_cost(body: bytes) -> Cost:
+    plain = unpack(body)
+    r = _Reader(plain)
     r.string("device")
     r.string("epoch")
     r.s("first_seq")
@@ -58,4 +83,4 @@ def _v2_values(body: bytes) -> int:
         for _ in range(r.count("flag set size", r.left())):
             r.u("flag")
     n = r.count("sample count", MAX_SAMPLES_PER_BATCH)
-    return n + min(MAX_VALUE_CELLS, n * n_strings)
+    return Cost(n + min(MAX_VALUE_CELLS, n * n_strings), len(plain))

@@ -155,7 +155,9 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_pa
 @click.option("--health-file", type=click.Path(dir_okay=False),
               help="A running receiver's health file (run --health-file): store and broker state.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def stats(store: str, health_file: str | None, as_json: bool) -> None:
+@click.option("--timeout-s", type=float, default=10.0, show_default=True,
+              help="PostgreSQL: give up on a store that does not answer within this (connect, each query).")
+def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) -> None:
     """Counts in the store: samples per device, duplicates ignored, dead letters, derive backlog,
     batches parked (could not be derived, with the reason); with --health-file, whether the
     receiver reaches its store and broker.
@@ -165,6 +167,7 @@ def stats(store: str, health_file: str | None, as_json: bool) -> None:
       datalab-receiver stats --store datalab.sqlite
       datalab-receiver stats --store datalab.sqlite --health-file /run/datalab/receiver-health.json
     """
+    from receiver.config import ReceiverConfig, pg_timeouts
     from receiver.health import describe, error_text
     from receiver.store_factory import open_store
 
@@ -174,16 +177,22 @@ def stats(store: str, health_file: str | None, as_json: bool) -> None:
             data["health"] = json.loads(open(health_file, encoding="utf-8").read())
         except (OSError, ValueError) as exc:
             data["health"] = {"error": f"cannot read {health_file}: {exc}"}
+    bounds = ReceiverConfig(store=store, store_connect_timeout_s=timeout_s)
     try:
-        s = open_store(store)
+        s = open_store(store, pg_timeouts=pg_timeouts(bounds, statement_s=timeout_s))
     except Exception as exc:  # stats must say the store is down, not print a traceback
         data["store_error"] = error_text(exc)
     else:
         try:
             data.update(counters=s.counts(), derive_backlog=s.derive_backlog(), derive_parked=s.derive_parked(),
                         devices=s.device_summary())
+        except Exception as exc:  # the store stopped answering mid-way (a timeout): the same
+            data["store_error"] = error_text(exc)
         finally:
-            s.close()
+            try:
+                s.close()
+            except Exception:  # closing a connection the deadline cut
+                pass
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -198,7 +207,7 @@ def _print_stats(data: dict, describe) -> None:  # type: ignore[no-untyped-def, 
         for line in [health["error"]] if "error" in health else describe(health):
             click.echo(line)
     if "store_error" in data:
-        click.echo(f"store: cannot be opened now ({data['store_error']})")
+        click.echo(f"store: does not answer now ({data['store_error']})")
         return
     for k, v in sorted(data["counters"].items()):
         click.echo(f"{k:>20}: {v}")

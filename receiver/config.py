@@ -45,6 +45,12 @@ class ReceiverConfig:
     store_retry_max_s: float = 2.0
     broker_retry_min_s: float = 0.1
     broker_retry_max_s: float = 2.0
+    # PostgreSQL waits (receiver/pg_timeouts.py): a connection attempt, one statement of
+    # ingest and derivation, a lock wait (`datalab-receiver stats` has --timeout-s). A store
+    # that answers nothing within them is an outage (health, log), never a hang.
+    store_connect_timeout_s: float = 10.0
+    store_statement_timeout_s: float = 30.0
+    store_lock_timeout_s: float = 10.0
     # JSON file kept up to date with the store's and broker's state ("" = none); read by
     # `datalab-receiver stats --health-file` and supervisors.
     health_file: str = ""
@@ -53,6 +59,9 @@ class ReceiverConfig:
     # upload over the budget is stored alone.
     group_values: int = 400_000
     group_uploads: int = 64
+    # ... and in bytes: the sum of the group's inflated bodies (what its strings, keys and gap
+    # reasons take decoded, ~1-2x), which values alone do not see.
+    group_bytes: int = 32 * 2**20
 
 
 # What provisioning makes (receiver/provision.py generate_share_group: "ingest-" + 32 hex
@@ -110,10 +119,28 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
     for key in ("store_retry_min_s", "broker_retry_min_s"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"receiver.{key}", "must be above 0")
+    for key in ("store_connect_timeout_s", "store_statement_timeout_s", "store_lock_timeout_s"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"receiver.{key}", "must be above 0")
     for key in ("store_retry", "broker_retry"):
         if getattr(cfg, f"{key}_max_s") < getattr(cfg, f"{key}_min_s"):
             raise ConfigError(f"receiver.{key}_max_s", f"must be at least {key}_min_s")
+    if cfg.group_bytes < 1:
+        raise ConfigError("receiver.group_bytes", "must be at least 1")
     if cfg.group_values < 1 or cfg.group_uploads < 1:
         raise ConfigError("receiver.group_values" if cfg.group_values < 1 else "receiver.group_uploads",
                           "must be at least 1")
     return cfg
+
+
+def pg_timeouts(cfg: ReceiverConfig, *, statement_s: float | None = None) -> Any:
+    """The PostgreSQL bounds ``cfg`` sets (``statement_s``: another statement timeout);
+    None for a SQLite store (whose waits are its busy_timeout)."""
+    from receiver.store_factory import is_postgres_url
+
+    if not is_postgres_url(cfg.store):
+        return None
+    from receiver.pg_timeouts import PgTimeouts  # psycopg only when PostgreSQL is used
+
+    statement = cfg.store_statement_timeout_s if statement_s is None else statement_s
+    return PgTimeouts(cfg.store_connect_timeout_s, statement, min(cfg.store_lock_timeout_s, statement))

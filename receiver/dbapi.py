@@ -21,12 +21,16 @@ from receiver.store_factory import is_postgres_url, sqlite_path
 PG_SCHEMA = "datalab"  # the schema PostgresStore creates its tables in
 
 
-def connect(store: str | Path, *, readonly: bool = False, schema: str = PG_SCHEMA) -> Any:
-    """A DB-API connection to the store named like the receiver's ``store`` setting."""
-    if is_postgres_url(store):
-        import psycopg  # only when a PostgreSQL URL is given
+def connect(store: str | Path, *, readonly: bool = False, schema: str = PG_SCHEMA, timeouts: Any = None) -> Any:
+    """A DB-API connection to the store named like the receiver's ``store`` setting.
 
-        conn = psycopg.connect(str(store), autocommit=True)
+    PostgreSQL: bounded by ``timeouts`` (receiver/pg_timeouts.py ``PgTimeouts``); by default
+    a reader's (exports and the API read more than ingest writes: 5 minutes a statement).
+    """
+    if is_postgres_url(store):
+        from receiver.pg_timeouts import PgTimeouts, connect as pg_connect  # psycopg only when needed
+
+        conn = pg_connect(str(store), timeouts or PgTimeouts(statement_s=300.0), autocommit=True)
         conn.execute(f'SET search_path TO "{schema}", public')
         if readonly:
             conn.execute("SET default_transaction_read_only = on")

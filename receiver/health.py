@@ -7,8 +7,14 @@ and, when given a path, keeps a small JSON file up to date that
 ``datalab-receiver stats --health-file`` and a supervisor read::
 
     {"store": {"state": "unavailable", "since_utc": "2026-12-06T08:30:01Z",
-               "failed_attempts": 412, "uploads_held": 100, "last_error": "OperationalError"},
+               "failed_attempts": 412, "uploads_held": 100, "most_uploads_held": 164,
+               "last_error": "OperationalError"},
      "broker": {"state": "connected", "since_utc": "..."}, "updated_utc": "..."}
+
+``failed_attempts`` counts tries at the store in this outage; ``uploads_held`` is how
+many uploads wait un-acknowledged now (``most_uploads_held``: the most at once in this
+outage). During an outage the log gets one line when it starts, one when it ends, and a
+summary every ``summary_s`` (60 s) in between: never one per retry.
 
 The last error is its type and first line only: a driver message may quote a
 connection string, and secrets never reach logs or this file.
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 OK, UNAVAILABLE = "ok", "unavailable"
 CONNECTED, DISCONNECTED = "connected", "disconnected"
 MAX_ERROR_CHARS = 200
+SUMMARY_S = 60.0  # a line "still unavailable" this often during an outage
 
 
 def utc_text(epoch_s: float) -> str:
@@ -44,13 +51,16 @@ def error_text(exc: BaseException) -> str:
 
 
 class Health:
-    def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str | Path | None = None, *, clock: Callable[[], float] = time.time,
+                 summary_s: float = SUMMARY_S) -> None:
         self.path = Path(path) if path else None
         self.clock = clock
+        self.summary_s = summary_s
         self._lock = threading.Lock()
         now = clock()
-        self.store: dict[str, Any] = {"state": OK, "since": now, "failed_attempts": 0, "failed_uploads": 0,
-                                      "uploads_held": 0, "last_error": "", "outages": 0}
+        self._summarised = now
+        self.store: dict[str, Any] = {"state": OK, "since": now, "failed_attempts": 0, "uploads_held": 0,
+                                      "most_uploads_held": 0, "last_error": "", "outages": 0}
         self.broker: dict[str, Any] = {"state": DISCONNECTED, "since": now, "failed_attempts": 0}
         self._write()
 
@@ -61,26 +71,33 @@ class Health:
         with self._lock:
             s = self.store
             s["failed_attempts"] += 1
-            s["failed_uploads"] += uploads_held
             s["uploads_held"] = uploads_held
+            s["most_uploads_held"] = max(s["most_uploads_held"], uploads_held)
             s["last_error"] = error_text(exc)
+            now = self.clock()
             if s["state"] != UNAVAILABLE:
-                s.update(state=UNAVAILABLE, since=self.clock(), outages=s["outages"] + 1)
+                s.update(state=UNAVAILABLE, since=now, outages=s["outages"] + 1)
+                self._summarised = now
                 log.error("store unavailable (%s); holding %d uploads un-acknowledged and retrying",
                           s["last_error"], uploads_held)
+            elif now - self._summarised >= self.summary_s:
+                self._summarised = now
+                log.warning("store still unavailable after %.0f s: %d failed attempts, %d uploads held now; "
+                            "last error %s", now - s["since"], s["failed_attempts"], uploads_held, s["last_error"])
             self._write()
 
     def store_ok(self) -> tuple[float, int, int] | None:
-        """The store answered. After an outage: (its length in s, failed attempts, failed
-        uploads: each attempt counts the uploads it held); else None."""
+        """The store answered. After an outage: (its length in s, failed attempts, the most
+        uploads held at once); else None."""
         with self._lock:
             s = self.store
             if s["state"] == OK:
                 return None
-            took, attempts, uploads = self.clock() - s["since"], s["failed_attempts"], s["failed_uploads"]
-            s.update(state=OK, since=self.clock(), failed_attempts=0, failed_uploads=0, uploads_held=0,
-                     last_outage_s=round(took, 1), last_outage_attempts=attempts, last_outage_uploads=uploads)
-            log.warning("store available again after %.1f s, %d failed attempts (%d failed uploads)",
+            took, attempts, uploads = self.clock() - s["since"], s["failed_attempts"], s["most_uploads_held"]
+            s.update(state=OK, since=self.clock(), failed_attempts=0, uploads_held=0, most_uploads_held=0,
+                     last_outage_s=round(took, 1), last_outage_attempts=attempts,
+                     last_outage_most_uploads_held=uploads)
+            log.warning("store available again after %.1f s, %d failed attempts, at most %d uploads held",
                         took, attempts, uploads)
             self._write()
             return took, attempts, uploads
@@ -137,7 +154,7 @@ def describe(health: dict[str, Any]) -> list[str]:
     out = []
     if s.get("state") == UNAVAILABLE:
         out.append(f"store: unavailable since {s.get('since_utc')} ({s.get('failed_attempts')} failed attempts, "
-                   f"{s.get('uploads_held')} uploads held; last error {s.get('last_error')})")
+                   f"{s.get('uploads_held')} uploads held now; last error {s.get('last_error')})")
     else:
         out.append(f"store: ok since {s.get('since_utc')} ({s.get('outages', 0)} outages in this run)")
     if b.get("state") == CONNECTED:

@@ -107,7 +107,7 @@ class Ingestor:
                     [(b, d, r) for _, _, b, d, r in good], derive=self.derive)
             except Exception as exc:  # noqa: BLE001 - which upload (or the store) is at fault: one by one
                 if self.store.is_outage(exc):
-                    log.error("store unavailable while storing %d uploads: %s", len(good), _brief(exc))
+                    log.debug("store unavailable while storing %d uploads: %s", len(good), _brief(exc))
                     raise StoreUnavailable(f"store failed while storing a group: {_brief(exc)}") from exc
                 results = None
             if results is not None:
@@ -139,13 +139,13 @@ class Ingestor:
                 raise
             except Exception as exc:  # noqa: BLE001 - judged here
                 if self.store.is_outage(exc):
-                    log.error("store unavailable while %s: %s", what, _brief(exc))
+                    log.debug("store unavailable while %s: %s", what, _brief(exc))
                     raise StoreUnavailable(f"store failed while {what}: {_brief(exc)}") from exc
                 failure = exc
             try:
                 self.store.count(PROBE_COUNTER)
             except Exception as probe_exc:  # noqa: BLE001 - the store is failing as a whole
-                log.error("store unavailable while %s: %s; then %s", what, _brief(failure), _brief(probe_exc))
+                log.debug("store unavailable while %s: %s; then %s", what, _brief(failure), _brief(probe_exc))
                 raise StoreUnavailable(f"store failed while {what}: {_brief(probe_exc)}") from probe_exc
         log.warning("the store refused one upload (%s): %s", what, _brief(failure))
         raise PayloadError(f"the store could not hold this upload: {_brief(failure)}") from failure

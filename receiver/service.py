@@ -28,8 +28,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from edge.faultpoints import crash_point
-from receiver.budget import upload_values
-from receiver.config import ReceiverConfig
+from receiver.budget import Cost, upload_cost
+from receiver.config import ReceiverConfig, pg_timeouts
 from receiver.health import Health, error_text
 from receiver.ingest import Ingestor, Outcome
 from receiver.lazy_store import LazyStore
@@ -40,7 +40,7 @@ from uplink.wire import ack_topic, encode_ack
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Held = tuple[mqtt.MQTTMessage, int, int]  # message, received_ms, its budget cost in values
+Held = tuple[mqtt.MQTTMessage, int, Cost]  # message, received_ms, its budget cost (values, bytes)
 DERIVE_POLL_S = 0.5  # an idle background deriver looks for queued batches this often
 DERIVE_IDLE_POLL_S = 30.0  # and with derive = "inline" (nothing new is queued then)
 DERIVE_RETRY_S = 5.0  # and after a failure (store unreachable) waits this long
@@ -55,7 +55,8 @@ class ReceiverService:
         self.subscribed = threading.Event()
         self.health = Health(cfg.health_file or None)
         # Opened on first use (and again until it opens): the receiver starts with the store down.
-        self.store: Store = store or LazyStore(lambda: open_store(cfg.store, max_gap_s=cfg.max_gap_s))  # type: ignore[assignment]
+        self.store: Store = store or LazyStore(lambda: open_store(cfg.store, max_gap_s=cfg.max_gap_s,
+                                                                             pg_timeouts=pg_timeouts(cfg)))  # type: ignore[assignment]
         self.ingestor = Ingestor(self.store, cfg.topic_prefix, derive=cfg.derive == "inline")
         self._stopping = threading.Event()
         # At most the broker's in-flight window (max_inflight_messages): the worker acks only
@@ -154,14 +155,15 @@ class ReceiverService:
                 self._handle_group(group)
 
     def _next_group(self, group: list[Held] | None = None) -> list[Held]:
-        """What queued up, to one transaction: within the budget of decoded values and uploads.
+        """What queued up, to one transaction: within the budget of decoded values, bytes and uploads.
 
         An upload's cost is known before it is decoded (receiver/budget.py); one
         over the whole budget makes a group of its own. Given ``group``: tops it
         up with what is waiting (no waiting for more).
         """
         group = [] if group is None else group
-        total = sum(c for _, _, c in group)
+        values = sum(c.values for _, _, c in group)
+        size = sum(c.bytes for _, _, c in group)
         while len(group) < self.cfg.group_uploads:
             item = self._carry
             self._carry = None
@@ -170,12 +172,14 @@ class ReceiverService:
                     msg, now_ms = self._inbox.get(timeout=0.2) if not group else self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                item = (msg, now_ms, upload_values(msg.payload))
-            if group and total + item[2] > self.cfg.group_values:
+                item = (msg, now_ms, upload_cost(msg.payload))
+            cost = item[2]
+            if group and (values + cost.values > self.cfg.group_values or size + cost.bytes > self.cfg.group_bytes):
                 self._carry = item
                 break
             group.append(item)
-            total += item[2]
+            values += cost.values
+            size += cost.bytes
         return group
 
     def _until_stored(self, work: Callable[[], T], held: int, before_retry: Callable[[], None] | None = None
@@ -263,7 +267,8 @@ class ReceiverService:
         failing = False
         while not self._stopping.is_set():
             try:
-                store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s)
+                store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s,
+                                              pg_timeouts=pg_timeouts(self.cfg))
                 # A read first: an empty queue then costs no write lock.
                 busy = bool(store.derive_backlog() and store.derive_pending(limit=20))
                 if failing:

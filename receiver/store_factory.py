@@ -36,9 +36,11 @@ def sqlite_path(url_or_path: str | Path) -> Path:
 
 
 def open_store(url_or_path: str | Path, **kw: Any) -> Store:
-    """A ready store for ``url_or_path``; ``kw`` go to the backend (``max_gap_s`` ...)."""
+    """A ready store for ``url_or_path``; ``kw`` go to the backend (``max_gap_s`` ...);
+    ``pg_timeouts`` (receiver/pg_timeouts.py) to PostgreSQL only."""
+    timeouts = kw.pop("pg_timeouts", None)
     if is_postgres_url(url_or_path):
         from receiver.store_pg import PostgresStore  # psycopg only when needed
 
-        return PostgresStore(str(url_or_path), **kw)
+        return PostgresStore(str(url_or_path), timeouts=timeouts, **kw)
     return SQLiteStore(sqlite_path(url_or_path), **kw)

@@ -61,6 +61,9 @@ from psycopg.adapt import Dumper
 from psycopg.types.json import Jsonb, set_json_loads
 
 from edge.errors import PayloadError
+from receiver.pg_timeouts import PgTimeouts
+from receiver.pg_timeouts import connect as pg_connect
+from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.faultpoints import crash_point
 from receiver import quality
@@ -296,8 +299,10 @@ class PostgresStore(StoreReads):
         max_gap_s: float = 10.0,
         schema: str = "datalab",
         postgis: bool | None = None,
+        timeouts: PgTimeouts | None = None,
     ) -> None:
         self.dsn = dsn
+        self.timeouts = timeouts or PgTimeouts()
         self.schema = schema
         self.max_gap_ms = int(max_gap_s * 1000)
         self._want_postgis = postgis
@@ -310,7 +315,7 @@ class PostgresStore(StoreReads):
     def _connect(self) -> psycopg.Connection[Any]:
         # autocommit: every unit of work is an explicit ``transaction()`` block, so
         # nothing is ever left open (an idle-in-transaction worker would hold locks).
-        conn = psycopg.connect(self.dsn, autocommit=True)
+        conn = pg_connect(self.dsn, self.timeouts, autocommit=True)  # bounded waits: receiver/pg_timeouts.py
         set_json_loads(read_json, conn)  # orjson (~5x the stdlib's speed), tolerant of old rows
         _JsonbFromText.oid = conn.adapters.types["jsonb"].oid
         conn.adapters.register_dumper(_JsonText, _JsonbFromText)
@@ -396,7 +401,8 @@ class PostgresStore(StoreReads):
         """
         for attempt in range(MAX_ATTEMPTS):
             try:
-                return work(attempt)
+                with pg_guard(self.conn):  # a server that answers nothing: the commit too is bounded
+                    return work(attempt)
             except _RETRY as exc:
                 if attempt == MAX_ATTEMPTS - 1:
                     raise
@@ -404,18 +410,18 @@ class PostgresStore(StoreReads):
             except psycopg.OperationalError:
                 if attempt == MAX_ATTEMPTS - 1 or not self.conn.broken and not self.conn.closed:
                     raise
-                log.warning("store connection lost, reconnecting")
+                log.debug("store connection lost, reconnecting")  # per attempt: Health logs the outage
                 self._reconnect_later(attempt)
                 continue
             time.sleep(random.uniform(0, 0.01 * 2**attempt))
         raise AssertionError("unreachable")
 
     def _reconnect_later(self, attempt: int) -> None:
+        # One reconnect per failed attempt; if the server does not take it, that is an
+        # outage for the caller (the service retries with backoff and reports it) rather
+        # than more attempts here, each as long as connect_timeout, before anyone knows.
         time.sleep(min(2.0, 0.1 * 2**attempt))
-        try:
-            self._reconnect()
-        except psycopg.OperationalError:
-            log.warning("store still unreachable")
+        self._reconnect()
 
     # -- writes -------------------------------------------------------------------
 

@@ -21,6 +21,9 @@ Why each bound (docs/wire-format.md, "What the receiver accepts", lists them):
   (device, epoch, sensor, keys, flags, boot id) printable and short.
 * JSON carried inside a value (a calibration record) or as a status nests at
   most ``MAX_JSON_DEPTH`` deep: parsers recurse.
+* a calibration record (sensor ``calibration``, value ``record``) has the fields
+  and types derivation needs (receiver/calibration_check.py): a stored record
+  with ``"algorithm": null`` made every later NO2 batch of its van fail.
 * GPS fix fields in their physical range: they become ``fixes`` and
   ``positions`` rows (``double precision``, ``integer`` for the quality).
 """
@@ -31,7 +34,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from edge.calibration import CALIBRATION_SENSOR
 from edge.errors import PayloadError
+from receiver.calibration_check import check_record
 from uplink.codec_v2 import INT64_MAX, INT64_MIN
 from uplink.wire import Batch
 
@@ -214,6 +219,8 @@ def check_batch(batch: Batch) -> Batch:
                     texts.add(v)
             elif not (v is None or tv is float and -big <= v <= big or tv is int and lo_i <= v <= hi_i):
                 _check_value(s.sensor, key, v)
+        if s.sensor == CALIBRATION_SENSOR and type(s.values.get("record")) is str:
+            check_record(s.values["record"])  # a record derivation cannot use is refused here
     if len(batch.gaps) > MAX_GAPS_PER_BATCH:
         raise PayloadError(f"more than {MAX_GAPS_PER_BATCH} gaps in one batch")
     for g in batch.gaps:

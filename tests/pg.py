@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import glob
 import os
+import signal
 import pwd
 import shutil
 import socket
@@ -169,6 +170,21 @@ class PgCluster:
 
     def resume(self) -> None:
         self._pg_ctl_start()
+
+    def _server_pids(self) -> list[int]:
+        """The postmaster (first line of postmaster.pid) and its children."""
+        pm = int((self.data / "postmaster.pid").read_text().split()[0])
+        kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True).stdout.split()
+        return [pm, *map(int, kids)]
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole server: sockets stay open, nothing answers (a hung host); ``thaw()``."""
+        for pid in self._server_pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._server_pids():
+            os.kill(pid, signal.SIGCONT)
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

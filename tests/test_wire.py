@@ -43,6 +43,8 @@ def _raw(body: dict, version: int = 1) -> bytes:
         (wire.MAGIC + b"\x01" + b"not zlib", "not valid zlib"),
         (wire.MAGIC + b"\x01" + zlib.compress(b"[1,2"), "not valid JSON"),
         (wire.MAGIC + b"\x01" + zlib.compress(b"{}")[:-3], "truncated"),
+        # Issue 13: version 1 took bytes after the zlib stream; version 2 refuses them, so does 1.
+        (encode_batch(make_batch()) + b"junk", "trailing bytes after the compressed body"),
         (_raw({"device": "v", "epoch": "e", "first": 5, "last": 1, "samples": [], "gaps": []}), "bad sequence range"),
         (_raw({"device": "v", "epoch": "e", "first": 1, "last": 2, "samples": [[1]], "gaps": []}), "8 fields"),
         (_raw({"device": "v", "epoch": "e", "first": 1, "last": 1,

@@ -151,6 +151,8 @@ def _inflate(data: bytes) -> bytes:
         raise PayloadError(f"body inflates to more than {MAX_DECOMPRESSED_BYTES} bytes")
     if not d.eof:
         raise PayloadError("body is truncated")
+    if d.unused_data:  # as version 2 does: bytes nobody checked must not ride along
+        raise PayloadError("trailing bytes after the compressed body")
     return out
 
 

@@ -1,0 +1,132 @@
+"""A PostgreSQL that stops answering (SIGSTOP: sockets open, nothing replies) is an outage, not a hang.
+
+Issue 13 (tester, 45 s SIGSTOP): health said ok, nothing was logged and `stats` hung, because
+no wait on the server had a bound. Now every connection has connect/statement/lock timeouts
+and a client-side deadline (receiver/pg_timeouts.py). Through a real Mosquitto and a real
+PostgreSQL cluster, frozen with SIGSTOP (tests/pg.py ``freeze``) and short timeouts:
+health shows the outage, `stats` returns with a clear error and exit code 1, and after
+the server is thawed every batch is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from receiver.config import ReceiverConfig
+from receiver.pg_timeouts import PgTimeouts
+from receiver.service import ReceiverService
+from receiver.store_pg import PostgresStore
+from simulator.broker import LocalBroker
+from tests.delivery_harness import report
+from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
+from tests.test_receiver_outage import Van, health, oracle, outage_run, pg_batches, tiny_batches
+
+SHORT = PgTimeouts(connect_s=2.0, statement_s=1.5, lock_s=1.0)
+# Not a speed claim: without a bound these calls never return; the margin is for a loaded machine.
+RETURNS_WITHIN_S = 60.0
+
+
+def _in_thread(fn: Any) -> tuple[Any, BaseException | None, float, bool]:
+    """fn() in a thread: (result, error, seconds taken, returned at all within RETURNS_WITHIN_S)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        t = time.monotonic()
+        try:
+            box["out"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            box["err"] = exc
+        box["s"] = time.monotonic() - t
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(RETURNS_WITHIN_S)
+    return box.get("out"), box.get("err"), box.get("s", -1.0), not th.is_alive()
+
+
+def _stats(dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "receiver.cli", "stats", "--store", dsn, "--timeout-s", "2"],
+                          capture_output=True, text=True, timeout=RETURNS_WITHIN_S)
+
+
+def test_frozen_postgres_is_an_outage_for_the_store_and_stats(pg_cluster: PgCluster) -> None:
+    dsn = pg_cluster.create_database()
+    store = PostgresStore(dsn, timeouts=SHORT)
+    batches = tiny_batches("van-001", 3)
+    store.ingest(batches[0], "a" * 64, 1)
+    pg_cluster.freeze()
+    try:
+        _, err, took, returned = _in_thread(lambda: store.ingest(batches[1], "b" * 64, 2))
+        print(f"ingest on a frozen server: {type(err).__name__} after {took:.1f} s "
+              f"(deadline cut {store.conn.deadline.expired if not store.conn.closed else '?'} time(s))")
+        assert returned, "ingest returned"
+        assert err is not None and store.is_outage(err), repr(err)
+        st = _stats(dsn)
+        print("stats on a frozen server:", st.returncode, st.stdout.strip().splitlines()[-1:])
+        assert st.returncode == 1 and "does not answer now" in st.stdout, st.stdout + st.stderr
+    finally:
+        pg_cluster.thaw()
+    for i, b in enumerate(batches[1:], 1):  # the same store object heals itself
+        assert store.ingest(b, str(i) * 64, 3).status == "stored"
+    assert _stats(dsn).returncode == 0
+    with psycopg.connect(dsn) as c:
+        oracle(c.execute("SELECT device, seq FROM datalab.samples").fetchall(), batches)
+    store.close()
+
+
+def test_receiver_notices_a_frozen_postgres_and_heals(tmp_path: Path, mosquitto: LocalBroker,
+                                                      pg_cluster: PgCluster, caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    caplog.set_level(logging.DEBUG, logger="receiver")
+    dsn = pg_cluster.create_database()
+    cfg = ReceiverConfig(store=dsn, port=mosquitto.port, client_id="rx-pg-frozen",
+                         health_file=str(tmp_path / "health.json"), store_connect_timeout_s=2.0,
+                         store_statement_timeout_s=1.5, store_lock_timeout_s=1.0)
+    svc = ReceiverService(cfg)
+    svc.start()
+    assert svc.subscribed.wait(15)
+    van = Van("van-001", mosquitto.port)
+    seen: dict[str, Any] = {}
+
+    def down() -> None:
+        pg_cluster.freeze()
+        seen["t"] = time.monotonic()
+
+    def up() -> None:
+        seen["health"] = health(svc)
+        seen["stats"] = _stats(dsn)
+        pg_cluster.thaw()
+
+    n = 30
+    try:
+        figures = outage_run(n_outage=n, svc=svc, van=van, stored=lambda: pg_batches(dsn), down=down, up=up)
+    finally:
+        pg_cluster.thaw()
+        van.close()
+        svc.stop()
+    h, st = seen["health"]["store"], seen["stats"]
+    print("health while frozen:", h)
+    print("stats while frozen:", st.returncode, st.stdout.strip())
+    assert h["state"] == "unavailable" and h["failed_attempts"] >= 3
+    assert st.returncode == 1 and "does not answer now" in st.stdout
+    # The log: one line when the outage starts and one when it ends (a summary a minute if it
+    # lasts), never one per failed attempt (the tester saw ~220 reconnect warnings in 100 s).
+    outage_lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                    and ("store" in r.getMessage() or "reconnect" in r.getMessage())]
+    print(f"{len(outage_lines)} warning lines about the store for {h['failed_attempts']}+ failed attempts:",
+          *outage_lines, sep="\n  ")
+    assert any(m.startswith("store unavailable") for m in outage_lines)
+    assert any(m.startswith("store available again") for m in outage_lines)
+    assert len(outage_lines) <= 3, outage_lines
+    with psycopg.connect(dsn) as c:
+        oracle(c.execute("SELECT device, seq FROM datalab.samples").fetchall(), tiny_batches("van-001", 20 + n))
+    report("postgresql frozen (SIGSTOP)", **figures, stored_once=20 + n)
