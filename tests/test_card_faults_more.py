@@ -412,3 +412,27 @@ def test_a_file_with_nothing_readable_still_names_its_epoch_and_loss(tmp_path):
     assert (1, EPOCH_END) in [(a, b) for a, b, _ in gaps] or any(
         a <= 51 and b == EPOCH_END for a, b, _ in gaps)  # named: epoch X, rows after N unreadable
     nb.close()
+
+
+def test_values_the_receiver_would_refuse_are_set_aside_at_commit_not_the_whole_batch(tmp_path):
+    """A number beyond 64 bits or +-1e15, an over-long string or key: the receiver's schema
+    (receiver/validate.py) refuses a batch holding one, so the good samples around it would be
+    lost with it. The buffer refuses such a sample alone, at commit, and the batch passes."""
+    from receiver.validate import check_batch
+
+    buf = Buffer(tmp_path / "b.sqlite", "van-bounds", reserve_bytes=0)
+    given = [_mk("pm", {"v": 1.0}), _mk("pm", {"v": 10**30}), _mk("pm", {"v": -(10**19)}),
+             _mk("pm", {"v": 2e15}), _mk("pm", {"v": "x" * 20_000}), _mk("pm", {"k" * 200: 1.0}),
+             _mk("pm", {f"k{i}": 1.0 for i in range(300)}), _mk("pm", {"v": 2**62}), _mk("pm", {"v": -1e15})]
+    buf.commit(given)
+    refused = [s for s, in buf._db.execute("SELECT seq FROM bad_rows ORDER BY seq")]
+    sealed = buf.seal(100, 0)
+    assert sealed is not None
+    batch = check_batch(decode_batch(sealed.payload))  # the receiver's own door: no PayloadError
+    report("commit-bounds", refused=refused, sealed=[x.seq for x in batch.samples],
+           gaps=[(g.first_seq, g.last_seq) for g in batch.gaps])
+    assert refused == [2, 3, 4, 5, 6, 7]
+    assert [x.seq for x in batch.samples] == [1, 8, 9]
+    covered = sorted(s for g in batch.gaps for s in range(g.first_seq, g.last_seq + 1))
+    assert covered == refused  # every refused sample owned up to, once
+    buf.close()
