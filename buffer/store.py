@@ -537,12 +537,18 @@ class Buffer:
         if row:
             return str(row[0])
         epoch = secrets.token_hex(8)
-        with self._tx():
-            self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
-            self._db.execute("INSERT INTO meta VALUES ('device', ?)", (self.device_id,))
-            self._db.execute(
-                "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
-            )
+        try:
+            with self._tx():
+                self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
+                self._db.execute("INSERT INTO meta VALUES ('device', ?)", (self.device_id,))
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
+                )
+        except sqlite3.IntegrityError as exc:
+            # The epoch could not be read, yet a key of meta is taken: the table or its index
+            # is damaged (one flipped bit does it). Corruption, so the file is quarantined and
+            # salvaged rather than the agent failing to start for good.
+            raise sqlite3.DatabaseError(f"database disk image is malformed (meta: {exc})") from exc
         return epoch
 
     def _tx(self) -> "_Tx":

@@ -436,3 +436,26 @@ def test_values_the_receiver_would_refuse_are_set_aside_at_commit_not_the_whole_
     covered = sorted(s for g in batch.gaps for s in range(g.first_seq, g.last_seq + 1))
     assert covered == refused  # every refused sample owned up to, once
     buf.close()
+
+
+def test_a_flipped_bit_in_the_meta_index_quarantines_instead_of_stopping_the_agent(tmp_path):
+    """tests/data/buffer-meta-index-flip.sqlite: a buffer (300 samples committed, 1-50 acked, six
+    sealed batches of 25 pending, 201-300 unsealed) with one bit flipped in the index of `meta`
+    (offset 12285, bit 4; found by an independent tester's bit-flip run). The epoch row can no
+    longer be found through the index, and writing a new one hit a UNIQUE error: the agent could
+    not start, for good. Now it is damage like any other: quarantine, salvage, a new epoch."""
+    from pathlib import Path
+
+    src = Path(__file__).parent / "data" / "buffer-meta-index-flip.sqlite"
+    path = tmp_path / "b.db"
+    path.write_bytes(src.read_bytes())
+    buf = Buffer(path, "van-p3")
+    pending = list(buf.pending(100))
+    samples = [s.seq for sb in pending for s in decode_batch(sb.payload).samples]
+    report("meta-index-flip", quarantined=sorted(p.name for p in (tmp_path / "quarantine").iterdir()),
+           new_epoch=buf.epoch, pending_batches=len(pending), salvaged_samples=len(samples))
+    assert (tmp_path / "quarantine").is_dir() and any((tmp_path / "quarantine").iterdir())
+    # Everything not yet delivered (51-300) comes back: the sealed batches as they were, the
+    # unsealed rows salvaged; nothing is silently gone.
+    assert sorted(samples) == list(range(51, 301))
+    buf.close()
