@@ -153,7 +153,7 @@ def _derive_work(target: str) -> Callable[[], None]:
 def _raw_sqlite_work(target: str, share: list[Batch], prebuilt: bool) -> Callable[[], None]:
     pre = sample_rows(share) if prebuilt else None
     conn = sqlite3.connect(target, isolation_level=None, timeout=60)
-    conn.execute("PRAGMA synchronous=NORMAL")  # as SQLiteStore (WAL: set when the file was made)
+    conn.execute("PRAGMA synchronous=FULL")  # as SQLiteStore: acks rest on fsynced commits (WAL: set when the file was made)
 
     def go() -> None:
         rows = pre if pre is not None else sample_rows(share)
