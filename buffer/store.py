@@ -1494,11 +1494,17 @@ def _admit(s: Sample) -> str | None:
     the wire cannot carry (an empty sensor name, a list value, values that are
     not an object) is refused: the receiver would reject the whole batch.
     """
+    # One pass over the values for a sample that travels (every commit of every sample):
+    # values_problem refuses non-finite floats, so None also says there is nothing to replace.
+    why = values_problem(s.sensor, s.values)
+    if why is None:
+        return None
     vals = s.values
     if isinstance(vals, dict) and any(isinstance(v, float) and not math.isfinite(v) for v in vals.values()):
         s.values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in vals.items()}
         s.flags = (*s.flags, "non_finite")
-    return values_problem(s.sensor, s.values)
+        return values_problem(s.sensor, s.values)
+    return why
 
 
 def _encodes(s: Sample) -> bool:
