@@ -19,9 +19,10 @@ from typing import Any
 from edge.calibration import CalibrationRecord, no2_ppb_from_record
 from edge.errors import PayloadError
 from drivers.no2 import ALGORITHMS
+from uplink.codec_v2 import INT64_MAX
+# The admission schema's float bound (receiver/validate.py), kept with the wire format.
+from uplink.wire import MAX_ABS_FLOAT as MAX_ABS_NUMBER
 
-INT64_MAX = 2**63 - 1
-MAX_ABS_NUMBER = 1e15  # the admission schema's float bound (receiver/validate.py)
 MAX_ABS_TIME_S = 1e11  # UTC seconds (year ~5100): x1000 must fit a bigint millisecond column
 _TEXT_FIELDS = ("id", "kind", "serial", "method", "status")
 # Numeric parameters per kind (absent = the default in edge/calibration.py).

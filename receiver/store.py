@@ -566,8 +566,7 @@ class SQLiteStore(StoreReads):
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
         c = self.conn
         only = " WHERE batch_id = ?" if batch_id is not None else ""
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(c):
             rows = c.execute(
                 f"SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue{only}"
                 " ORDER BY received_utc_ms, rowid LIMIT ?", (*([batch_id] if only else []), take)
@@ -578,10 +577,6 @@ class SQLiteStore(StoreReads):
                 c.executemany("DELETE FROM derive_queue WHERE batch_id=?", [(r[0],) for r in rows])
                 self._bump("batches_derived", len(rows))
                 crash_point("receiver.derive.before")
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
         return len(rows)
 
     def _derive_inline(self, batch: Batch, received_ms: int) -> None:
@@ -600,7 +595,6 @@ class SQLiteStore(StoreReads):
             self._bump("batches_parked")
             return
         c.execute("RELEASE derive")
-
 
     def _park(self, batch_id: str, reason: str) -> None:
         c = self.conn

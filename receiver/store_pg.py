@@ -288,7 +288,6 @@ class PostgresStore(StoreReads):
     True insists (fails if it cannot be enabled).
     """
 
-
     PARAM = "%s"
     QUEUE_TIEBREAK = "batch_id"
 

@@ -38,11 +38,10 @@ from edge.calibration import CALIBRATION_SENSOR
 from edge.errors import PayloadError
 from receiver.calibration_check import check_record
 from uplink.codec_v2 import INT64_MAX, INT64_MIN
-from uplink.wire import Batch
-
 # The bounds a van's values must keep live with the wire format, so the device's buffer can
 # refuse at commit what the receiver would refuse here (one such value costs its whole batch).
-from uplink.wire import MAX_ABS_FLOAT, MAX_KEYS_PER_SAMPLE, MAX_NAME_CHARS, MAX_TEXT_CHARS  # noqa: E402
+from uplink.wire import MAX_ABS_FLOAT, MAX_KEYS_PER_SAMPLE, MAX_NAME_CHARS, MAX_TEXT_CHARS, Batch
+
 MAX_FLAGS_PER_SAMPLE = 64
 MAX_GAPS_PER_BATCH = 10_000
 MAX_JSON_DEPTH = 32  # JSON text inside a value, and status messages
