@@ -171,6 +171,7 @@ def check_batch(batch: Batch) -> Batch:
     check_int(batch.last_seq, "last_seq", 1)
     names: set[str] = set()  # checked already in this batch
     texts: set[str] = set()
+    flags: set[str] = set()  # apart from names: a flag has a rule of its own (no comma)
 
     def name(s: str, what: str, forbid: str = "") -> None:
         if s not in names:
@@ -197,7 +198,9 @@ def check_batch(batch: Batch) -> Batch:
         if len(s.flags) > MAX_FLAGS_PER_SAMPLE:
             raise PayloadError(f"more than {MAX_FLAGS_PER_SAMPLE} flags on one sample")
         for f in s.flags:
-            name(f, "flag", ",")  # stored comma-joined
+            if f not in flags:
+                check_name(f, "flag", forbid=",")  # stored comma-joined
+                flags.add(f)
         if len(s.values) > MAX_KEYS_PER_SAMPLE:
             raise PayloadError(f"more than {MAX_KEYS_PER_SAMPLE} values in one sample")
         gps = s.sensor == GPS_SENSOR

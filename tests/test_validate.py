@@ -353,3 +353,19 @@ def test_bounds_are_inclusive_at_the_edges() -> None:
     from uplink.wire import decode_batch
 
     check_batch(decode_batch(h.build("e")))  # int64 ends, +-1e15, lat 90, lon -180, quality 9
+
+
+def test_a_flag_with_a_comma_is_refused_even_when_a_name_of_the_batch_has_the_same_text() -> None:
+    """Flags are stored comma-joined, so 'a,b' would come back as two flags. The check once
+    shared its per-batch cache with sensor names and value keys: a sensor named 'a,b' let the
+    flag 'a,b' through."""
+    from edge.model import Sample, TimeSource
+
+    def batch(sensor: str, flag: str) -> Batch:
+        s = Sample(sensor, 1_795_000_000_000, 1, TimeSource.GPS, {"v": 1.0}, (flag,), 1, "boot")
+        return Batch("van-f", "e1", 1, 1, [s])
+
+    check_batch(batch("pm", "ok"))
+    for sensor in ("pm", "a,b"):
+        with pytest.raises(PayloadError, match="flag"):
+            check_batch(batch(sensor, "a,b"))
