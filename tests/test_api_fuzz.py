@@ -177,13 +177,13 @@ class Client:
         return r.status, r.getheader("Content-Type") or "", body
 
 
-def test_no_route_and_no_parameter_gives_a_5xx(base: tuple[str, int]) -> None:
-    fuzz(*base, EXAMPLES)
+# Each fuzz test at CI size, and at LONG_EXAMPLES with --run-slow.
+SIZES = [pytest.param(EXAMPLES, id="ci"), pytest.param(LONG_EXAMPLES, id="long", marks=pytest.mark.slow)]
 
 
-@pytest.mark.slow
-def test_no_route_and_no_parameter_gives_a_5xx_long(base: tuple[str, int]) -> None:
-    fuzz(*base, LONG_EXAMPLES)
+@pytest.mark.parametrize("examples", SIZES)
+def test_no_route_and_no_parameter_gives_a_5xx(base: tuple[str, int], examples: int) -> None:
+    fuzz(*base, examples)
 
 
 def fuzz(backend: str, port: int, examples: int) -> None:
@@ -219,13 +219,9 @@ def fuzz(backend: str, port: int, examples: int) -> None:
 PAIRS = sorted({(template, name) for template, options in VALID_ROUTES for name in options})
 
 
-def test_every_parameter_of_every_route_with_any_value(base: tuple[str, int]) -> None:
-    every_parameter(*base, EXAMPLES)
-
-
-@pytest.mark.slow
-def test_every_parameter_of_every_route_with_any_value_long(base: tuple[str, int]) -> None:
-    every_parameter(*base, LONG_EXAMPLES)
+@pytest.mark.parametrize("examples", SIZES)
+def test_every_parameter_of_every_route_with_any_value(base: tuple[str, int], examples: int) -> None:
+    every_parameter(*base, examples)
 
 
 def every_parameter(backend: str, port: int, examples: int) -> None:

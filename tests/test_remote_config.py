@@ -64,6 +64,12 @@ def _running(tmp_path: Path, port: int, **kw) -> tuple[Runtime, threading.Thread
     return rt, t, conf
 
 
+def _stop(rt: Runtime, t: threading.Thread) -> None:
+    rt.request_stop()
+    t.join(15)
+    rt.close()
+
+
 def test_remote_config_roundtrip(tmp_path: Path, mosquitto) -> None:
     rt, t, conf = _running(tmp_path, mosquitto.port)
     data = tmp_path / "data"
@@ -231,9 +237,7 @@ def test_remote_config_refuses_local_only_keys_and_sensorless_vans(tmp_path: Pat
         print("refused by key:", sorted(keys), "| replace without uplink keys kept host/port; h4 confirmed")
     finally:
         acks.close()
-        rt.request_stop()
-        t.join(15)
-        rt.close()
+        _stop(rt, t)
 
 
 def test_remote_change_that_leaves_a_silent_sensor_rolls_back(tmp_path: Path, mosquitto, caplog) -> None:
@@ -276,9 +280,7 @@ def test_remote_change_that_leaves_a_silent_sensor_rolls_back(tmp_path: Path, mo
         os.close(master)
         os.close(slave)
         acks.close()
-        rt.request_stop()
-        t.join(15)
-        rt.close()
+        _stop(rt, t)
     assert before != good
 
 
@@ -324,9 +326,7 @@ def test_probation_survives_a_restart(tmp_path: Path, mosquitto) -> None:
         kept = tmp_path / "agent.toml.probation"
         assert kept.read_text() == before and stat.S_IMODE(kept.stat().st_mode) == 0o600  # it may hold secrets
     finally:
-        rt.request_stop()
-        t.join(15)
-        rt.close()
+        _stop(rt, t)
     assert "pms5003" in conf.read_text()
     # Started again from the file with the change in it, with a short grace period this time.
     acks = AckListener(mosquitto.port)
@@ -345,9 +345,7 @@ def test_probation_survives_a_restart(tmp_path: Path, mosquitto) -> None:
         os.close(master)
         os.close(slave)
         acks.close()
-        rt2.request_stop()
-        t2.join(15)
-        rt2.close()
+        _stop(rt2, t2)
 
 
 def test_reload_logs_what_changed_and_ends_probation(tmp_path: Path, mosquitto, caplog) -> None:
@@ -373,9 +371,7 @@ def test_reload_logs_what_changed_and_ends_probation(tmp_path: Path, mosquitto, 
     finally:
         os.close(master)
         os.close(slave)
-        rt.request_stop()
-        t.join(15)
-        rt.close()
+        _stop(rt, t)
 
 
 def test_remote_refuses_gpsd_source_simulation_gps_only_and_out_of_range(tmp_path: Path, mosquitto) -> None:
@@ -414,9 +410,7 @@ def test_remote_refuses_gpsd_source_simulation_gps_only_and_out_of_range(tmp_pat
         assert ack["ok"] and ack["changes"] == ["uplink.keepalive_s: (unset) -> 60"], ack
         print("refused by key:", {k: sorted(v) for k, v in refused.items()}, "| ok1 applied:", ack["changes"])
     finally:
-        rt.request_stop()
-        t.join(15)
-        rt.close()
+        _stop(rt, t)
 
 
 def test_retained_bad_request_is_handled_once_across_reconnects_and_restarts(tmp_path: Path, mosquitto) -> None:
@@ -463,9 +457,7 @@ def test_retained_bad_request_is_handled_once_across_reconnects_and_restarts(tmp
         time.sleep(4)  # longer than the grace period: nothing was applied again
         assert statuses(rt) == ["applied", "rolled_back", "duplicate", "duplicate"], statuses(rt)
         assert rt.agent.cfg.sensors[0].driver == "sim-pm" and conf.read_text() == before
-        rt.request_stop()
-        t.join(15)
-        rt.close()
+        _stop(rt, t)
         # A restarted agent remembers it too (remote-config.json).
         cfg, svc = load_full_config(conf)
         rt2 = Runtime(cfg, svc, config_path=conf, notifier=Notifier(""), remote_grace_s=3.0)
@@ -482,13 +474,9 @@ def test_retained_bad_request_is_handled_once_across_reconnects_and_restarts(tmp
         os.close(master)
         os.close(slave)
         if rt2 is not None:
-            rt2.request_stop()
-            t2.join(15)
-            rt2.close()
+            _stop(rt2, t2)
         else:
-            rt.request_stop()
-            t.join(15)
-            rt.close()
+            _stop(rt, t)
 
 
 def test_pending_acks_survive_a_restart(tmp_path: Path, mosquitto) -> None:
