@@ -22,7 +22,7 @@ it works, the upload is tried once more and, failing again, is at fault.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -79,7 +79,8 @@ class Ingestor:
     def handle(self, topic: str, payload: bytes, received_ms: int) -> Outcome:
         return self.handle_many([(topic, payload, received_ms)])[0]
 
-    def handle_many(self, msgs: Sequence[tuple[str, bytes, int]]) -> list[Outcome]:
+    def handle_many(self, msgs: Sequence[tuple[str, bytes, int]],
+                    redelivered: Collection[int] = ()) -> list[Outcome]:
         """Outcomes for several uploads (topic, payload, received_ms), in order, stored in one transaction.
 
         Each upload gets its own outcome whatever it contains: a malformed or
@@ -96,11 +97,11 @@ class Ingestor:
             try:
                 good.append((i, device or "", self._decode(topic, device, payload), digest, received_ms))
             except PayloadError as exc:
-                out[i] = self._reject(topic, device, "", str(exc), payload, digest, received_ms)
+                out[i] = self._reject(topic, device, "", str(exc), payload, digest, received_ms, i in redelivered)
             except Exception as exc:  # noqa: BLE001 - decoding never touches the store: the payload's fault
                 log.exception("decoder failed on an upload on %s", clean_text(topic))
                 reason = f"malformed payload: {type(exc).__name__}"
-                out[i] = self._reject(topic, device, "", reason, payload, digest, received_ms)
+                out[i] = self._reject(topic, device, "", reason, payload, digest, received_ms, i in redelivered)
         if good:
             try:
                 results: list[IngestResult] | None = self.store.ingest_many(
@@ -120,7 +121,7 @@ class Ingestor:
                         res = self._guarded(lambda: self.store.ingest(b, d, r, derive=self.derive),
                                             f"storing {b.batch_id}")
                     except PayloadError as exc:
-                        out[i] = self._reject(topic, device, b.batch_id, str(exc), payload, d, r)
+                        out[i] = self._reject(topic, device, b.batch_id, str(exc), payload, d, r, i in redelivered)
                     else:
                         out[i] = self._answer(device, b, d, res)
         done = [o for o in out if o is not None]
@@ -160,7 +161,7 @@ class Ingestor:
 
     def _reject(
         self, topic: str, device: str | None, bid: str, reason: str, payload: bytes, digest: str,
-        received_ms: int,
+        received_ms: int, redelivered: bool = False,
     ) -> Outcome:
         """Dead-letter the upload and answer ``rejected``. Hostile text (NUL, lone surrogates,
         huge reasons) is made storable first; the payload bytes are kept as they came."""
@@ -171,7 +172,7 @@ class Ingestor:
         try:
             self._guarded(
                 lambda: self.store.dead_letter(topic_text, who, reason, payload[:MAX_PAYLOAD_BYTES], digest,
-                                               received_ms),
+                                               received_ms, once=redelivered),
                 "dead-lettering an upload",
             )
         except PayloadError as exc:
@@ -180,7 +181,8 @@ class Ingestor:
             log.error("dead letter refused (%s); storing it without its payload", exc)
             why = f"{reason} (payload not kept: {exc})"[:1000]
             try:
-                self._guarded(lambda: self.store.dead_letter(topic_text, who, why, b"", digest, received_ms),
+                self._guarded(lambda: self.store.dead_letter(topic_text, who, why, b"", digest, received_ms,
+                                                            once=redelivered),
                               "dead-lettering an upload without its payload")
             except PayloadError:
                 log.error("dead letter for %s refused twice; answered rejected all the same", digest)

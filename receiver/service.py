@@ -223,8 +223,11 @@ class ReceiverService:
         def ingest() -> list[Outcome]:
             routes[:] = [self.ingestor.route(m.topic) for m, _, _ in group]
             uploads[:] = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
+            # A message the broker delivers again (DUP: the receiver lost its connection before
+            # the ack) may already be a dead letter: it is then not written twice.
             return self.ingestor.handle_many(
-                [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads]) if uploads else []
+                [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads],
+                redelivered={k for k, i in enumerate(uploads) if group[i][0].dup}) if uploads else []
 
         def top_up() -> None:
             # During an outage what arrives meanwhile joins the held group (within the budget):

@@ -67,7 +67,8 @@ class Store(Protocol):
     def requeue_parked(self) -> int: ...
 
     def dead_letter(
-        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
+        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
+        *, once: bool = False,
     ) -> None: ...
 
     def counts(self) -> dict[str, int]: ...
@@ -658,17 +659,21 @@ class SQLiteStore(StoreReads):
         return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float))]
 
     def dead_letter(
-        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
+        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
+        *, once: bool = False,
     ) -> None:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.execute(
-                "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
-                " VALUES (?,?,?,?,?,?)",
-                (received_ms, topic, device, reason, sha256, payload),
-            )
-            self._bump("dead_letters")
+            # once: a redelivered upload whose bytes are already a dead letter is not written again.
+            if not once or c.execute("SELECT 1 FROM dead_letters WHERE sha256 = ? AND topic = ? LIMIT 1",
+                                     (sha256, topic)).fetchone() is None:
+                c.execute(
+                    "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (received_ms, topic, device, reason, sha256, payload),
+                )
+                self._bump("dead_letters")
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:

@@ -768,10 +768,15 @@ class PostgresStore(StoreReads):
         self._run(work)
 
     def dead_letter(
-        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int
+        self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
+        *, once: bool = False,
     ) -> None:
         def work(attempt: int) -> None:
             with self.conn.transaction():
+                # once: a redelivered upload whose bytes are already a dead letter (as SQLite).
+                if once and self.conn.execute("SELECT 1 FROM dead_letters WHERE sha256 = %s AND topic = %s"
+                                              " LIMIT 1", (sha256, topic)).fetchone() is not None:
+                    return
                 self.conn.execute(
                     "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
                     " VALUES (%s,%s,%s,%s,%s,%s)",

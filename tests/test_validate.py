@@ -187,10 +187,10 @@ class RefusesPayloads(SQLiteStore):
     """A real SQLite store that cannot keep a dead letter's payload (and says nothing of why)."""
 
     def dead_letter(self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str,
-                    received_ms: int) -> None:
+                    received_ms: int, *, once: bool = False) -> None:
         if payload:
             raise sqlite3.IntegrityError("no room for this payload")
-        super().dead_letter(topic, device, reason, payload, sha256, received_ms)
+        super().dead_letter(topic, device, reason, payload, sha256, received_ms, once=once)
 
 
 def test_a_dead_letter_the_store_refuses_is_kept_without_its_payload(tmp_path: Any) -> None:
@@ -369,3 +369,20 @@ def test_a_flag_with_a_comma_is_refused_even_when_a_name_of_the_batch_has_the_sa
     for sensor in ("pm", "a,b"):
         with pytest.raises(PayloadError, match="flag"):
             check_batch(batch(sensor, "a,b"))
+
+
+def test_a_redelivered_rejection_is_not_dead_lettered_twice(tmp_path: Any) -> None:
+    """The broker delivers an upload again (DUP) when the receiver lost its connection before
+    the ack: the same bytes on the same topic then stay one dead letter. A van sending the
+    same bad bytes twice on purpose (not a redelivery) still gets two."""
+    store = SQLiteStore(tmp_path / "s.sqlite")
+    try:
+        ing = Ingestor(store)
+        bad = ("datalab/v1/van-r/batch", b"DLB\x09garbage", 1)
+        ing.handle_many([bad])
+        ing.handle_many([bad], redelivered={0})
+        assert len(dead_letters(store)) == 1
+        ing.handle_many([bad])
+        assert len(dead_letters(store)) == 2
+    finally:
+        store.close()
