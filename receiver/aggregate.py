@@ -49,6 +49,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from receiver import dbapi
+from receiver.flag_policy import FlagPolicy, is_sentinel, sentinel_mask
 from receiver.mapunits import ArraySnapper, Snapper, run_starts
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,10 @@ QUANTITIES: dict[str, Quantity] = {
     "no2_ppb": Quantity("no2_ppb", "no2", "ppb", "NO2"),
     "laeq": Quantity("laeq", "noise", "dB(A)", "Noise LAeq", energy=True),
 }
-#: Samples with these flags are positioned but say nothing trustworthy about the air.
-# clock_step: the time, and so the position joined by it, may be off by the step.
-EXCLUDED_FLAGS = frozenset({"warming_up", "time_implausible", "clock_step"})
+# Which flagged values are left out (sample flags and the value's quality flags), and what a
+# sentinel is: receiver/flag_policy.py, one policy for every product.
 #: Column order of the quantities in the columnar path.
 QUANTITY_KEYS: tuple[str, ...] = tuple(QUANTITIES)
-#: Sensor sentinels (e.g. -999) are not measurements.
-SENTINEL_BELOW = -900.0
 TRUSTED_POSITIONS = ("exact", "interpolated")
 
 DEFAULT_MIN_PASSES = 4
@@ -201,6 +199,7 @@ class Sample:
     lat: float
     lon: float
     values: dict[str, float]  # quantity -> value (only usable values)
+    excluded: tuple[str, ...] = ()  # quantities whose value the flag policy (or the sentinel rule) left out
 
 
 @dataclass(slots=True)
@@ -212,6 +211,7 @@ class Pass:
     start_ms: int
     end_ms: int
     values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    excluded: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # quantity -> values left out
 
     def means(self) -> dict[str, tuple[float, int]]:
         """quantity -> (pass mean, number of samples)."""
@@ -239,6 +239,8 @@ def split_passes(samples: Iterable[Sample], snapper: Snapper, max_gap_s: float =
         cur.end_ms = s.t_ms
         for k, v in s.values.items():
             cur.values[k].append(v)
+        for k in s.excluded:
+            cur.excluded[k] += 1
     yield from open_.values()
 
 
@@ -254,20 +256,25 @@ class UnitValue:
     n_samples: int
     value: float
     published: bool
+    n_excluded: int = 0  # values in the unit the flag policy left out
 
 
 def combine(passes: Iterable[Pass], rule: Rule = Rule(), tz: str = DEFAULT_TZ) -> list[UnitValue]:
     """The median of pass means per (unit, quantity), with passes, days and the publication flag.
 
     A pass counts for a quantity only if it holds at least one usable value of it;
-    its day is the local date it started on.
+    its day is the local date it started on. Values the flag policy left out are counted
+    per unit, from every pass.
     """
     z = ZoneInfo(tz)
     means: dict[tuple[str, str], list[float]] = defaultdict(list)
     days: dict[tuple[str, str], set[dt.date]] = defaultdict(set)
     counts: dict[tuple[str, str], int] = defaultdict(int)
+    excluded: dict[tuple[str, str], int] = defaultdict(int)
     for p in passes:
         day = dt.datetime.fromtimestamp(p.start_ms / 1000, z).date()
+        for k, n in p.excluded.items():
+            excluded[(p.unit, k)] += n
         for k, (m, n) in p.means().items():
             key = (p.unit, k)
             means[key].append(m)
@@ -277,25 +284,41 @@ def combine(passes: Iterable[Pass], rule: Rule = Rule(), tz: str = DEFAULT_TZ) -
     for (unit, k), xs in sorted(means.items()):
         nd = len(days[(unit, k)])
         out.append(UnitValue(unit, k, len(xs), nd, counts[(unit, k)], median_of(QUANTITIES[k], xs),
-                             rule.allows(len(xs), nd)))
+                             rule.allows(len(xs), nd), excluded[(unit, k)]))
     return out
 
 
 # -- reading the store -------------------------------------------------------------------
 
 
-def usable_values(sensor: str, vals: dict[str, Any], flags: str | None) -> dict[str, float]:
-    """The map quantities in one sample's values, without flagged, sentinel or non-finite ones."""
-    if flags and EXCLUDED_FLAGS.intersection(flags.split(",")):
-        return {}
-    out = {}
+def split_values(sensor: str, vals: dict[str, Any], flags: str | None, value_flags: dict[str, str | None],
+                 policy: FlagPolicy = FlagPolicy()) -> tuple[dict[str, float], tuple[str, ...]]:
+    """(usable values, quantities left out) of the map quantities in one sample.
+
+    A number is left out when it is a sentinel or not finite, or when the sample's flags or
+    its own quality flags (``value_flags``: quantity -> flags text) hold a flag the policy
+    excludes for it. Booleans, strings and nulls are not measurements: neither kept nor
+    counted.
+    """
+    out, excluded = {}, []
     for k, q in QUANTITIES.items():
         if q.sensor != sensor:
             continue
         v = vals.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > SENTINEL_BELOW:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if not math.isfinite(v) or is_sentinel(float(v)) or policy.excludes(k, flags, value_flags.get(k)):
+            excluded.append(k)
+        else:
             out[k] = float(v)
-    return out
+    return out, tuple(excluded)
+
+
+def usable_values(sensor: str, vals: dict[str, Any], flags: str | None,
+                  value_flags: dict[str, str | None] | None = None,
+                  policy: FlagPolicy = FlagPolicy()) -> dict[str, float]:
+    """The map quantities in one sample's values, without flagged, sentinel or non-finite ones."""
+    return split_values(sensor, vals, flags, value_flags or {}, policy)[0]
 
 
 def _period_where(period: Period, table: str) -> list[str]:
@@ -308,25 +331,33 @@ def _period_params(period: Period) -> list[int]:
     return [t for t in (period.start_ms, period.end_ms) if t is not None]
 
 
-def read_samples(conn: Any, period: Period) -> Iterator[Sample]:
+def _quality_flags_sql(quantity: str) -> str:
+    """SQL for the quality flags of sample ``s``'s value of ``quantity`` (NULL: none)."""
+    return ("(SELECT q.flags FROM quality q WHERE q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq"
+            f" AND q.quantity = '{quantity}')")
+
+
+def read_samples(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> Iterator[Sample]:
     """Positioned sensor samples in ``period``, per van in time order (streamed, not loaded)."""
     sensors = sorted({q.sensor for q in QUANTITIES.values()})
     where = [f"s.sensor IN ({','.join('?' * len(sensors))})", "p.state IN (?, ?)", *_period_where(period, "s")]
     params: list[Any] = [*sensors, *TRUSTED_POSITIONS, *_period_params(period)]
     cur = dbapi.execute(
         conn,
-        "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon"
-        " FROM samples s JOIN positions p"
+        "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon, "
+        + ", ".join(_quality_flags_sql(k) for k in QUANTITY_KEYS)
+        + " FROM samples s JOIN positions p"
         " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
         f" WHERE {' AND '.join(where)} ORDER BY s.device, s.t_utc_ms",
         params,
     )
     while rows := cur.fetchmany(5000):
-        for device, t, sensor, vals, flags, lat, lon in rows:
+        for device, t, sensor, vals, flags, lat, lon, *qflags in rows:
             if t is None or lat is None or lon is None:
                 continue
-            yield Sample(device, int(t), float(lat), float(lon),
-                         usable_values(sensor, dbapi.decode_json(vals) or {}, flags))
+            usable, excluded = split_values(sensor, dbapi.decode_json(vals) or {}, flags,
+                                            dict(zip(QUANTITY_KEYS, qflags)), policy)
+            yield Sample(device, int(t), float(lat), float(lon), usable, excluded)
 
 
 # -- the columnar path: one van at a time ------------------------------------------------
@@ -341,6 +372,7 @@ class Track:
     lat: np.ndarray  # float64
     lon: np.ndarray  # float64
     values: np.ndarray  # float64 (samples x QUANTITY_KEYS); NaN where the sample has no usable value
+    excluded: np.ndarray  # bool (samples x QUANTITY_KEYS): a number the flag policy or sentinel rule left out
 
 
 def _number_sql(conn: Any, key: str) -> str:
@@ -352,11 +384,22 @@ def _number_sql(conn: Any, key: str) -> str:
     return f"CASE WHEN jsonb_typeof(s.vals -> '{key}') = 'number' THEN (s.vals ->> '{key}')::float8 END"
 
 
-def _excluded_sql(conn: Any) -> str:
-    """SQL that is 1 when the sample's flags hold an excluded flag (whole comma-separated items)."""
+def _hits_sql(conn: Any, text: str, flags: frozenset[str]) -> str:
+    """SQL true when the comma-separated flags ``text`` hold one of ``flags`` (whole items)."""
     find = "instr" if dbapi.is_sqlite(conn) else "strpos"
-    hits = " OR ".join(f"{find}(',' || s.flags || ',', ',{f},') > 0" for f in sorted(EXCLUDED_FLAGS))
-    return f"CASE WHEN s.flags IS NULL OR s.flags = '' THEN 0 WHEN {hits} THEN 1 ELSE 0 END"
+    return "(" + " OR ".join(f"{find}(',' || {text} || ',', ',{f},') > 0" for f in sorted(flags)) + ")" \
+        if flags else "(1 = 0)"
+
+
+def _excluded_sql(conn: Any, quantity: str, policy: FlagPolicy) -> str:
+    """SQL that is 1 when the policy leaves sample ``s``'s value of ``quantity`` out: its sample
+    flags or its quality flags hold an excluded flag. The quality row is probed once (EXISTS on
+    its primary key) and its flags tested there."""
+    flags = policy.excluded_for(quantity)
+    return (f"CASE WHEN s.flags <> '' AND {_hits_sql(conn, 's.flags', flags)} THEN 1"
+            " WHEN EXISTS (SELECT 1 FROM quality q WHERE q.device = s.device AND q.epoch = s.epoch"
+            f" AND q.seq = s.seq AND q.quantity = '{quantity}' AND {_hits_sql(conn, 'q.flags', flags)})"
+            " THEN 1 ELSE 0 END")
 
 
 #: The sensors the map quantities come from, and each one's quantities in column order.
@@ -367,11 +410,12 @@ SENSOR_QUANTITIES: dict[str, list[int]] = {
 SLOTS = max(len(v) for v in SENSOR_QUANTITIES.values())
 
 
-def track_sql(conn: Any, period: Period) -> tuple[str, list[Any]]:
+def track_sql(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> tuple[str, list[Any]]:
     """One van's positioned samples in ``period`` (device is the first parameter), in time order.
 
-    Columns: time, lat, lon, *kind* (the sensor's index in SENSORS, plus len(SENSORS) when
-    a flag excludes the sample), then the sensor's quantities in SLOTS value columns. The
+    Columns: time, lat, lon, *kind* (the sensor's index in SENSORS), then the sensor's
+    quantities in SLOTS value columns, then SLOTS columns that are 1 where the flag policy
+    leaves that value out (:func:`_excluded_sql`). The
     database pulls the numbers out of ``vals`` (json_extract / jsonb), so Python never
     parses JSON; few columns, because every value fetched costs a Python object.
     """
@@ -381,12 +425,16 @@ def track_sql(conn: Any, period: Period) -> tuple[str, list[Any]]:
         whens = " ".join(f"WHEN '{sn}' THEN {_number_sql(conn, QUANTITY_KEYS[qs[i]])}"
                          for sn, qs in SENSOR_QUANTITIES.items() if len(qs) > i)
         slots.append(f"CASE s.sensor {whens} END")
+    for i in range(SLOTS):
+        whens = " ".join(f"WHEN '{sn}' THEN {_excluded_sql(conn, QUANTITY_KEYS[qs[i]], policy)}"
+                         for sn, qs in SENSOR_QUANTITIES.items() if len(qs) > i)
+        slots.append(f"CASE s.sensor {whens} END")
     # Filtered and ordered on the positions' copy of the time: positions(device, t_utc_ms) is
     # indexed (samples has no time index: it would slow the ingest path, see receiver/store.py).
     where = ["p.device = ?", f"s.sensor IN ({','.join('?' * len(SENSORS))})", "p.state IN (?, ?)",
              "p.t_utc_ms IS NOT NULL", "p.lat IS NOT NULL", "p.lon IS NOT NULL", *_period_where(period, "p")]
     params: list[Any] = [*SENSORS, *TRUSTED_POSITIONS, *_period_params(period)]
-    sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, CASE s.sensor {kind} END + {len(SENSORS)} * {_excluded_sql(conn)},"
+    sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, CASE s.sensor {kind} END,"
            f" {', '.join(slots)}"
            " FROM samples s JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
            f" WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
@@ -408,19 +456,24 @@ def _track(device: str, rows: np.ndarray) -> Track:
     """A :class:`Track` from the rows of :func:`track_sql` (float64, NULL as NaN)."""
     kind = rows[:, 3]
     values = np.full((len(rows), len(QUANTITY_KEYS)), np.nan)
-    for i, sn in enumerate(SENSORS):  # excluded samples (kind >= len(SENSORS)) keep NaN: nothing usable
+    flagged = np.zeros((len(rows), len(QUANTITY_KEYS)), dtype=bool)
+    for i, sn in enumerate(SENSORS):
         mine = kind == i
         for slot, j in enumerate(SENSOR_QUANTITIES[sn]):
             values[mine, j] = rows[mine, 4 + slot]
-    values[~(np.isfinite(values) & (values > SENTINEL_BELOW))] = np.nan  # sentinels, infinities
+            flagged[mine, j] = rows[mine, 4 + SLOTS + slot] == 1
+    number = ~np.isnan(values)  # NULL (not a JSON number) is no value: neither kept nor counted
+    excluded = number & (flagged | ~np.isfinite(values) | sentinel_mask(values))
+    values[excluded] = np.nan
     # ms times are below 2**53: exact in float64.
-    return Track(device, rows[:, 0].astype(np.int64), rows[:, 1].copy(), rows[:, 2].copy(), values)
+    return Track(device, rows[:, 0].astype(np.int64), rows[:, 1].copy(), rows[:, 2].copy(), values, excluded)
 
 
-def read_tracks(conn: Any, period: Period, chunk: int = 100_000) -> Iterator[Track]:
+def read_tracks(conn: Any, period: Period, chunk: int = 100_000,
+                policy: FlagPolicy = FlagPolicy()) -> Iterator[Track]:
     """Each van's positioned samples in ``period`` as a :class:`Track` (one van in memory at a time)."""
-    sql, params = track_sql(conn, period)
-    n_cols = 4 + SLOTS
+    sql, params = track_sql(conn, period, policy)
+    n_cols = 4 + 2 * SLOTS
     for device in devices(conn):
         cur = dbapi.execute(conn, sql, [device, *params])
         parts = []
@@ -475,6 +528,9 @@ class TrackPasses:
     quantity: np.ndarray  # int64 column of QUANTITY_KEYS per entry
     mean: np.ndarray  # float64 per entry
     n: np.ndarray  # int64 per entry
+    # Values the flag policy left out, per (unit code, quantity) with any: unit, quantity, count.
+    excluded: tuple[np.ndarray, np.ndarray, np.ndarray] = (
+        np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
 
 
 def _pass_means(pid: np.ndarray, x: np.ndarray, n_passes: int, energy: bool) -> tuple[np.ndarray, ...]:
@@ -519,7 +575,16 @@ def track_passes(track: Track, codes: np.ndarray, max_gap_s: float = DEFAULT_MAX
             mean.append(means)
             n.append(cnt)
     return TrackPasses(codes[starts], t[starts], np.concatenate(index), np.concatenate(quantity),
-                       np.concatenate(mean), np.concatenate(n))
+                       np.concatenate(mean), np.concatenate(n), _excluded_counts(track, codes))
+
+
+def _excluded_counts(track: Track, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unit code, quantity column, count) of the values left out in each unit."""
+    row, col = np.nonzero(track.excluded & (codes >= 0)[:, None])
+    if not len(row):
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    pairs, n = np.unique(np.stack([codes[row], col.astype(np.int64)], axis=1), axis=0, return_counts=True)
+    return pairs[:, 0], pairs[:, 1], n.astype(np.int64)
 
 
 class LocalDays:
@@ -561,6 +626,7 @@ class Accumulator:
         self._means: list[np.ndarray] = []
         self._counts: list[tuple[np.ndarray, np.ndarray]] = []  # (group, samples) per van
         self._group_days: list[np.ndarray] = []  # distinct (group, day) per van
+        self._excluded: dict[tuple[int, int], int] = defaultdict(int)  # (unit code, quantity) -> left out
         self.samples = 0
         self.passes = 0
         self.first_ms: int | None = None
@@ -584,6 +650,8 @@ class Accumulator:
             lo, hi = int(track.t_ms.min()), int(track.t_ms.max())
             self.first_ms = lo if self.first_ms is None else min(self.first_ms, lo)
             self.last_ms = hi if self.last_ms is None else max(self.last_ms, hi)
+        for c, j, n in zip(*(a.tolist() for a in passes.excluded)):
+            self._excluded[(c, j)] += n
         if not len(passes.pass_index):
             return
         unit = self._dense_units(passes.unit)[passes.pass_index]
@@ -617,7 +685,8 @@ class Accumulator:
         for g, med in zip(present.tolist(), medians.tolist()):
             unit, k = unit_of(self.codes[g // self.nq]), QUANTITY_KEYS[g % self.nq]
             npas, nd = int(n_passes[g]), int(n_days[g])
-            out.append(UnitValue(unit, k, npas, nd, int(n_samples[g]), med, rule.allows(npas, nd)))
+            left_out = self._excluded.get((self.codes[g // self.nq], g % self.nq), 0)
+            out.append(UnitValue(unit, k, npas, nd, int(n_samples[g]), med, rule.allows(npas, nd), left_out))
         out.sort(key=lambda v: (v.unit, v.quantity))
         return out
 
@@ -651,6 +720,7 @@ AGGREGATES_DDL = [
         n_passes INTEGER NOT NULL,
         n_days INTEGER NOT NULL,
         n_samples INTEGER NOT NULL,
+        n_excluded INTEGER,
         value DOUBLE PRECISION,
         published INTEGER NOT NULL,
         period_start_utc_ms BIGINT,
@@ -677,7 +747,8 @@ AGGREGATES_DDL = [
     )""",
 ]
 AGGREGATE_COLUMNS = (
-    "scheme", "cell", "period", "quantity", "unit", "n_passes", "n_days", "n_samples", "value", "published",
+    "scheme", "cell", "period", "quantity", "unit", "n_passes", "n_days", "n_samples", "n_excluded", "value",
+    "published",
     "period_start_utc_ms", "period_end_utc_ms", "properties", "geometry", "built_utc_ms",
 )
 
@@ -685,6 +756,13 @@ AGGREGATE_COLUMNS = (
 def create_tables(conn: Any) -> None:
     for ddl in AGGREGATES_DDL:
         dbapi.execute(conn, ddl)
+    # Tables made before the flag policy lack n_excluded (NULL in old rows: not counted then).
+    if dbapi.is_sqlite(conn):
+        have = {r[0] for r in dbapi.fetchall(conn, "SELECT name FROM pragma_table_info('aggregates')")}
+        if "n_excluded" not in have:
+            dbapi.execute(conn, "ALTER TABLE aggregates ADD COLUMN n_excluded INTEGER")
+    else:
+        dbapi.execute(conn, "ALTER TABLE aggregates ADD COLUMN IF NOT EXISTS n_excluded INTEGER")
 
 
 @dataclass
@@ -706,8 +784,12 @@ def build(
     rule: Rule = Rule(),
     tz: str = DEFAULT_TZ,
     max_gap_s: float = DEFAULT_MAX_GAP_S,
+    policy: FlagPolicy = FlagPolicy(),
 ) -> list[BuildReport]:
-    """Rebuild the ``aggregates`` rows of ``snapper.scheme`` for each period (replacing old ones)."""
+    """Rebuild the ``aggregates`` rows of ``snapper.scheme`` for each period (replacing old ones).
+
+    ``policy``: which flagged values are left out (receiver/flag_policy.py); each row counts them.
+    """
     create_tables(conn)
     # Snappers with a columnar interface (segments, H3) snap whole tracks; others one run at a time.
     coder: ArraySnapper = (cast(ArraySnapper, snapper) if hasattr(snapper, "snap_array")
@@ -717,7 +799,7 @@ def build(
         t0 = time.perf_counter()
         rep = BuildReport(snapper.scheme, period.label)
         acc = Accumulator(tz)
-        for track in read_tracks(conn, period):
+        for track in read_tracks(conn, period, policy=policy):
             acc.add(track, track_passes(track, coder.snap_array(track.lat, track.lon), max_gap_s))
         rep.samples, rep.passes = acc.samples, acc.passes
         values = acc.unit_values(coder.unit_of, rule)
@@ -732,7 +814,7 @@ def build(
                 geometry[v.unit] = json.dumps(snapper.geometry(v.unit), separators=(",", ":"))
                 props[v.unit] = json.dumps(snapper.properties(v.unit), separators=(",", ":"), ensure_ascii=False)
             rows.append((snapper.scheme, v.unit, period.label, v.quantity, QUANTITIES[v.quantity].unit,
-                         v.n_passes, v.n_days, v.n_samples, round(v.value, 3), int(v.published),
+                         v.n_passes, v.n_days, v.n_samples, v.n_excluded, round(v.value, 3), int(v.published),
                          start, end, props[v.unit], geometry[v.unit], now))
         rep.rows = len(rows)
         rep.published = sum(1 for v in values if v.published)
@@ -750,7 +832,8 @@ def build(
                 " period_end_utc_ms, min_passes, min_days, params, n_rows, n_published, elapsed_s)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (snapper.scheme, period.label, now, start, end, rule.min_passes, rule.min_days,
-                 json.dumps({"tz": tz, "max_gap_s": max_gap_s, "samples": rep.samples, "passes": rep.passes}),
+                 json.dumps({"tz": tz, "max_gap_s": max_gap_s, "samples": rep.samples, "passes": rep.passes,
+                             "flag_policy": policy.describe()}),
                  rep.rows, rep.published, round(rep.elapsed_s, 3)),
             )
         log.info("aggregated %s %s: %d samples, %d passes, %d rows (%d published) in %.2f s",

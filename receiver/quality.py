@@ -3,7 +3,8 @@
 Pure functions, no I/O (the store feeds them). Flags, after the practice in
 shared/reference/datalab-store.md:
 
-* ``out_of_range``: outside what the sensor can report, or a sentinel (-999);
+* ``out_of_range``: outside what the sensor can report, or a sentinel (-999 ...: the one
+  rule, receiver/flag_policy.py ``sentinel_mask``, that the maps use too);
 * ``negative``: below zero where the quantity cannot be;
 * ``stuck``: the same value over and over: the reference practice says 3+ repeats for
   per-minute data; at 1 Hz, integer-resolution sensors repeat three times in clean
@@ -15,6 +16,8 @@ shared/reference/datalab-store.md:
 * ``clock_untrusted``: its time was stamped before the clock could be trusted;
 * ``clock_step``: the van's clock or GPS time stepped around this sample and its time
   could be wrong or out of order with its neighbours (edge/timekeeping.py).
+
+Which of these keep a value out of maps and exports is receiver/flag_policy.py's business.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+# PM_QUANTITIES and SENTINELS live with the policy; still importable from here.
+from receiver.flag_policy import PM_QUANTITIES, SENTINELS, sentinel_mask  # noqa: F401
 
 # Physical or instrument limits per quantity (inclusive); values outside are not measurements.
 RANGES: dict[str, tuple[float, float]] = {
@@ -36,8 +42,6 @@ RANGES: dict[str, tuple[float, float]] = {
     "lamin": (20.0, 140.0),
 }
 NON_NEGATIVE = {"pm1", "pm25", "pm10", "no2_ppb"}
-SENTINELS = {-999.0, -9999.0, 65535.0}
-PM_QUANTITIES = {"pm1", "pm25", "pm10", "pm1_cf1", "pm25_cf1", "pm10_cf1"}
 HUMID_RH = 75.0
 STUCK_RUN = 30
 WINDOW = 15
@@ -56,7 +60,6 @@ FLAG_NAMES = tuple(sorted((
     "outlier", "stuck", "time_implausible", "warming_up",
 )))
 BIT = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
-_SENTINELS = np.array(sorted(SENTINELS))
 
 
 @lru_cache(maxsize=1024)
@@ -71,7 +74,7 @@ def names(mask: int) -> set[str]:
 
 def value_masks(quantity: str, v: np.ndarray) -> np.ndarray:
     """``out_of_range``/``negative`` for each value (NaN: not a number, no flag)."""
-    sentinel = np.isin(v, _SENTINELS)
+    sentinel = sentinel_mask(v)
     lo, hi = RANGES.get(quantity, (-np.inf, np.inf))
     with np.errstate(invalid="ignore"):
         out = np.where(~np.isnan(v) & ~((v >= lo) & (v <= hi)), BIT["out_of_range"], 0)

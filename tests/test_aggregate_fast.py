@@ -39,7 +39,7 @@ from tests.datalab_synth import make_store
 from tests.pg import pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
 
 AWKWARD_T0 = int(dt.datetime(2026, 11, 4, 22, 50, tzinfo=dt.timezone.utc).timestamp() * 1000)
-ROWS = ("SELECT cell, quantity, n_passes, n_days, n_samples, value, published FROM aggregates"
+ROWS = ("SELECT cell, quantity, n_passes, n_days, n_samples, value, published, n_excluded FROM aggregates"
         " WHERE scheme = ? AND period = ?")
 
 
@@ -101,21 +101,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _reference(conn: Any, snapper: Any, period: Period, rule: Rule, max_gap_s: float = 30.0) -> dict:
     """The per-sample definition: read_samples -> split_passes -> combine, as build would store it."""
     passes = list(split_passes(read_samples(conn, period), snapper, max_gap_s))
-    return {(v.unit, v.quantity): (v.n_passes, v.n_days, v.n_samples, round(v.value, 3), int(v.published))
-            for v in combine(passes, rule)}, len(passes)
+    return {(v.unit, v.quantity): (v.n_passes, v.n_days, v.n_samples, round(v.value, 3), int(v.published),
+                                   v.n_excluded) for v in combine(passes, rule)}, len(passes)
 
 
 def _built(conn: Any, snapper: Any, period: Period, rule: Rule, max_gap_s: float = 30.0) -> tuple[dict, int]:
     (rep,) = build(conn, snapper, [period], rule=rule, max_gap_s=max_gap_s)
     rows = dbapi.fetchall(conn, ROWS, (snapper.scheme, period.label))
-    return {(r[0], r[1]): (r[2], r[3], r[4], r[5], r[6]) for r in rows}, rep.passes
+    return {(r[0], r[1]): (r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}, rep.passes
 
 
 def _assert_same(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
-    for key, (np_, nd, ns, value, pub) in want.items():
+    for key, (np_, nd, ns, value, pub, excluded) in want.items():
         g = got[key]
-        assert g[:3] == (np_, nd, ns) and g[4] == pub, key
+        assert g[:3] == (np_, nd, ns) and g[4:] == (pub, excluded), key
         assert g[3] == pytest.approx(value, abs=1e-9), key
 
 
@@ -167,8 +167,15 @@ def test_the_awkward_cases_are_dropped_or_split(store: Path) -> None:
     assert (np.diff(track.t_ms) >= 0).all()
     col = QUANTITY_KEYS.index("pm25")
     pm25 = track.values[:, col][~np.isnan(track.values[:, col])]
-    usable = [s for s in kept if s >= 40 and s % 53 and s % 31 and s % 37 and s % 41 and s % 43]
+    # Flag policy: warming_up (s < 40), time_implausible (s % 53) and, for PM, humid (s % 7) leave
+    # a value out; so does the sentinel -999 (s % 31). True, "12.5" and null are no values at all.
+    number = [s for s in kept if s % 31 == 0 or (s % 37 and s % 41 and s % 43)]
+    usable = [s for s in number if s >= 40 and s % 53 and s % 31 and s % 7]
     assert len(pm25) == len(usable)
+    assert int(track.excluded[:, col].sum()) == len(number) - len(usable)
+    # NO2 has no humid rule: only warming_up and time_implausible leave it out.
+    no2 = track.values[:, QUANTITY_KEYS.index("no2_ppb")]
+    assert int((~np.isnan(no2)).sum()) == len([s for s in kept if s >= 40 and s % 53])
     # Off the road for 30 s: no segment, and the pass before it ends there.
     codes = make_snapper("segment").snap_array(track.lat, track.lon)
     off = (track.t_ms - AWKWARD_T0 >= 200_000) & (track.t_ms - AWKWARD_T0 < 230_000)
