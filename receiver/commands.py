@@ -52,6 +52,22 @@ def _store_option(f):  # type: ignore[no-untyped-def]
                         help="SQLite path (or sqlite:///...) or postgresql:// URL of the DataLab store.")(f)
 
 
+def _policy_option(f):  # type: ignore[no-untyped-def]
+    return click.option("--config", "config", type=click.Path(exists=True, dir_okay=False),
+                        help="Receiver TOML whose exclude_flags / exclude_flags_pm set the flag policy "
+                             "(default: the documented policy, docs/datalab.md).")(f)
+
+
+def _flag_policy(config: str | None):  # type: ignore[no-untyped-def]
+    from edge.errors import ConfigError
+    from receiver.config import load_receiver_config
+
+    try:
+        return load_receiver_config(config).flag_policy()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _connect(store: str, readonly: bool = False):  # type: ignore[no-untyped-def]
     from receiver import dbapi
 
@@ -79,8 +95,10 @@ def _connect(store: str, readonly: bool = False):  # type: ignore[no-untyped-def
 @click.option("--piece-m", default=DEFAULT_PIECE_M, show_default=True, help="Road segment length (m).")
 @click.option("--snap-m", default=DEFAULT_SNAP_M, show_default=True,
               help="Samples farther than this from any road are left out (m).")
+@_policy_option
 def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], monthly: bool, min_passes: int,
-              min_days: int, max_gap_s: float, tz: str, roads: str | None, piece_m: float, snap_m: float) -> None:
+              min_days: int, max_gap_s: float, tz: str, roads: str | None, piece_m: float, snap_m: float,
+              config: str | None) -> None:
     """(Re)build the aggregates table: street-map values per segment or H3 cell.
 
     Each van's track is split into passes through a unit; the value is the median of
@@ -100,6 +118,7 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
         chosen: list[Period] = [parse_period(p, tz) for p in periods]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--period") from exc
+    policy = _flag_policy(config)
     conn = _connect(store)
     if monthly:
         chosen += [p for p in months_in_data(conn, tz) if p.label not in {c.label for c in chosen}]
@@ -110,7 +129,7 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
             snapper = make_snapper(scheme, roads=roads, piece_m=piece_m, snap_m=snap_m)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--scheme") from exc
-        for rep in build(conn, snapper, chosen, rule=rule, tz=tz, max_gap_s=max_gap_s):
+        for rep in build(conn, snapper, chosen, rule=rule, tz=tz, max_gap_s=max_gap_s, policy=policy):
             click.echo(f"{rep.scheme:8} {rep.period:24} {rep.samples:>9,} samples {rep.passes:>8,} passes "
                        f"{rep.rows:>7,} rows {rep.published:>7,} published  {rep.elapsed_s:6.2f} s")
     click.echo(f"done in {time.perf_counter() - t0:.2f} s (publication rule: {min_passes} passes on {min_days} days)")
@@ -132,8 +151,10 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
 @click.option("--all-positions", is_flag=True,
               help="measurements: also values without a trusted position (empty lat/lon).")
 @click.option("--tz", default=DEFAULT_TZ, show_default=True)
+@_policy_option
 def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period: str | None,
-           quantities: tuple[str, ...], device: str | None, all_positions: bool, tz: str) -> None:
+           quantities: tuple[str, ...], device: str | None, all_positions: bool, tz: str,
+           config: str | None) -> None:
     """Export published aggregates (public) or raw measurements (internal) as CSV or GeoJSON.
 
     Aggregates: only units that meet the publication rule are written, always.
@@ -148,6 +169,7 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
     """
     from receiver.export import export_aggregates, export_measurements
 
+    policy = _flag_policy(config)
     conn = _connect(store, readonly=True)
     stream = sys.stdout if out == "-" else open(out, "w", encoding="utf-8", newline="")
     try:
@@ -162,7 +184,8 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--period") from exc
             n = export_measurements(conn, stream, fmt, period=window, device=device,
-                                    quantities=quantities or tuple(QUANTITIES), positioned_only=not all_positions)
+                                    quantities=quantities or tuple(QUANTITIES), positioned_only=not all_positions,
+                                    policy=policy)
     finally:
         if stream is not sys.stdout:
             stream.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
+from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
 
 
 DERIVE_MODES = ("inline", "background", "separate")
@@ -62,6 +63,13 @@ class ReceiverConfig:
     # ... and in bytes: the sum of the group's inflated bodies (what its strings, keys and gap
     # reasons take decoded, ~1-2x), which values alone do not see.
     group_bytes: int = 32 * 2**20
+    # Flag policy (docs/datalab.md "Flag policy", receiver/flag_policy.py): flags that keep a
+    # value out of the street maps and their exports, for every quantity and for PM only.
+    exclude_flags: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    exclude_flags_pm: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_PM))
+
+    def flag_policy(self) -> FlagPolicy:
+        return FlagPolicy.of(self.exclude_flags, self.exclude_flags_pm)
 
 
 # What provisioning makes (receiver/provision.py generate_share_group: "ingest-" + 32 hex
@@ -127,6 +135,14 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
             raise ConfigError(f"receiver.{key}_max_s", f"must be at least {key}_min_s")
     if cfg.group_bytes < 1:
         raise ConfigError("receiver.group_bytes", "must be at least 1")
+    for key in ("exclude_flags", "exclude_flags_pm"):
+        names = getattr(cfg, key)
+        if not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"receiver.{key}", "expected a list of flag names")
+        try:
+            FlagPolicy.of(names, ())
+        except ValueError as exc:
+            raise ConfigError(f"receiver.{key}", str(exc)) from exc
     if cfg.group_values < 1 or cfg.group_uploads < 1:
         raise ConfigError("receiver.group_values" if cfg.group_values < 1 else "receiver.group_uploads",
                           "must be at least 1")

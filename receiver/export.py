@@ -9,6 +9,13 @@ Two kinds of output, with different audiences:
 
 Both are streamed row by row, so a month of a city's fleet does not need to fit in
 memory. The query helpers here are also what the HTTP API serves from.
+
+Every measurement carries its unit, its flags (the van's ``flags`` and the receiver's
+``quality``), whether the flag policy keeps it out of the maps (``excluded``,
+receiver/flag_policy.py) and the calibration record its value came from. Aggregates
+carry their unit and ``n_excluded``, the values the policy left out of the unit.
+GeoJSON stays RFC 7946: a FeatureCollection has no ``properties`` member (section 7.1),
+so what describes the whole export goes in the foreign member ``metadata``.
 """
 
 from __future__ import annotations
@@ -21,11 +28,23 @@ from typing import IO, Any
 
 from receiver import dbapi
 from receiver.aggregate import QUANTITIES, TRUSTED_POSITIONS, Period
+from receiver.flag_policy import FlagPolicy, is_sentinel
 
 AGG_FIELDS = ("scheme", "cell", "period", "quantity", "unit", "value", "n_passes", "n_days", "n_samples",
-              "period_start_utc", "period_end_utc", "street", "road_class")
-MEASUREMENT_FIELDS = ("device", "time_utc", "t_utc_ms", "sensor", "quantity", "value", "flags", "lat", "lon",
-                      "speed_mps", "position")
+              "n_excluded", "period_start_utc", "period_end_utc", "street", "road_class")
+MEASUREMENT_FIELDS = ("device", "time_utc", "t_utc_ms", "sensor", "quantity", "value", "unit", "flags", "quality",
+                      "excluded", "calibration", "lat", "lon", "speed_mps", "position")
+# What the query gives; unit and excluded are added per row in Python.
+_QUERIED = tuple(f for f in MEASUREMENT_FIELDS if f not in ("unit", "excluded"))
+#: Units of the measured values that are not map quantities (those have theirs in QUANTITIES).
+OTHER_UNITS = {"pm1": "µg/m³", "pm1_cf1": "µg/m³", "pm25_cf1": "µg/m³", "pm10_cf1": "µg/m³", "lamax": "dB(A)",
+               "lamin": "dB(A)", "no2_we_mv": "mV", "no2_ae_mv": "mV", "no2_temp_c": "°C", "rh": "%",
+               "temp_c": "°C"}
+
+
+def unit_of(quantity: str) -> str | None:
+    q = QUANTITIES.get(quantity)
+    return q.unit if q is not None else OTHER_UNITS.get(quantity)
 
 
 def iso_ms(ms: int | None) -> str | None:
@@ -58,7 +77,7 @@ def published_aggregates(
             params.append(val)
     sql = (
         "SELECT scheme, cell, period, quantity, unit, value, n_passes, n_days, n_samples,"
-        " period_start_utc_ms, period_end_utc_ms, properties, geometry, built_utc_ms FROM aggregates"
+        " period_start_utc_ms, period_end_utc_ms, properties, geometry, built_utc_ms, n_excluded FROM aggregates"
         f" WHERE {' AND '.join(where)} ORDER BY scheme, period, quantity, cell"
     )
     if limit is not None:
@@ -70,7 +89,7 @@ def published_aggregates(
             props = dbapi.decode_json(r[11]) or {}
             yield {
                 "scheme": r[0], "cell": r[1], "period": r[2], "quantity": r[3], "unit": r[4], "value": r[5],
-                "n_passes": r[6], "n_days": r[7], "n_samples": r[8],
+                "n_passes": r[6], "n_days": r[7], "n_samples": r[8], "n_excluded": r[14],
                 "period_start_utc": iso_ms(r[9]), "period_end_utc": iso_ms(r[10]),
                 "street": props.get("street"), "road_class": props.get("road_class"),
                 "h3_resolution": props.get("h3_resolution"),
@@ -113,34 +132,61 @@ def measurements(
     device: str | None = None,
     quantities: tuple[str, ...] = tuple(QUANTITIES),
     positioned_only: bool = True,
+    policy: FlagPolicy = FlagPolicy(),
 ) -> Iterator[dict[str, Any]]:
-    """Rows of the ``observations`` view: one measured value with where it was taken."""
+    """Rows of the ``observations`` view: one measured value with where it was taken, its unit,
+    flags, calibration record and whether ``policy`` keeps it out of the maps (``excluded``)."""
     where, params = [], []
     if quantities:
-        where.append(f"quantity IN ({','.join('?' * len(quantities))})")
+        where.append(f"o.quantity IN ({','.join('?' * len(quantities))})")
         params += list(quantities)
     if positioned_only:
-        where.append("position IN (?, ?)")
+        where.append("o.position IN (?, ?)")
         params += list(TRUSTED_POSITIONS)
     if device:
-        where.append("device = ?")
+        where.append("o.device = ?")
         params.append(device)
     if period.start_ms is not None:
-        where.append("t_utc_ms >= ?")
+        where.append("o.t_utc_ms >= ?")
         params.append(period.start_ms)
     if period.end_ms is not None:
-        where.append("t_utc_ms < ?")
+        where.append("o.t_utc_ms < ?")
         params.append(period.end_ms)
+    value, calibration, join = calibrated_value_sql(conn)
+    cols = {"value": value, "calibration": calibration}
     cur = dbapi.execute(
         conn,
-        f"SELECT {', '.join(MEASUREMENT_FIELDS)} FROM observations"
+        f"SELECT {', '.join(cols.get(f, f'o.{f}') for f in _QUERIED)} FROM observations o {join}"
         + (f" WHERE {' AND '.join(where)}" if where else "")
-        + " ORDER BY device, t_utc_ms, quantity",
+        + " ORDER BY o.device, o.t_utc_ms, o.quantity",
         params,
     )
     while rows := cur.fetchmany(5000):
         for r in rows:
-            yield dict(zip(MEASUREMENT_FIELDS, r))
+            row = dict(zip(_QUERIED, r))
+            v, q = row["value"], row["quantity"]
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            row["unit"] = unit_of(q)
+            row["excluded"] = int(number and (is_sentinel(float(v)) or policy.excludes(q, row["flags"],
+                                                                                      row["quality"])))
+            yield row
+
+
+def calibrated_value_sql(conn: Any) -> tuple[str, str, str]:
+    """SQL for (each value, the id of the calibration record it came from, the JOIN they need).
+
+    Where the receiver recomputed a value with a calibration record (``derived``,
+    receiver/calibration.py), that value and the record's id; elsewhere the value as
+    stored and no id. The one place exports choose a value: the "best value" work
+    re-points this function.
+    """
+    if not dbapi.table_exists(conn, "derived"):
+        return "o.value", "NULL", ""
+    # PostgreSQL's view gives jsonb values: the derived double joins them as jsonb.
+    derived = "d.value" if dbapi.is_sqlite(conn) else "to_jsonb(d.value)"
+    return (f"CASE WHEN d.calibration IS NULL THEN o.value ELSE {derived} END", "d.calibration",
+            "LEFT JOIN derived d ON d.device = o.device AND d.epoch = o.epoch AND d.seq = o.seq"
+            " AND d.quantity = o.quantity")
 
 
 def measurement_feature(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -165,11 +211,15 @@ def write_csv(rows: Iterator[dict[str, Any]], fields: tuple[str, ...], out: IO[s
 
 
 def write_geojson(features: Iterator[dict[str, Any] | None], out: IO[str],
-                  properties: dict[str, Any] | None = None) -> int:
-    """A FeatureCollection written feature by feature (never built whole in memory)."""
+                  metadata: dict[str, Any] | None = None) -> int:
+    """A FeatureCollection written feature by feature (never built whole in memory).
+
+    ``metadata`` goes in a foreign member of that name: RFC 7946 (7.1) forbids a
+    ``properties`` member on a FeatureCollection.
+    """
     head: dict[str, Any] = {"type": "FeatureCollection"}
-    if properties:
-        head["properties"] = properties
+    if metadata:
+        head["metadata"] = metadata
     out.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "features": [\n')
     n = 0
     for f in features:
@@ -186,7 +236,8 @@ def export_aggregates(conn: Any, out: IO[str], fmt: str, *, scheme: str | None =
     rows = published_aggregates(conn, scheme=scheme, period=period, quantity=quantity)
     if fmt == "csv":
         return write_csv(rows, AGG_FIELDS, out)
-    meta = {"published_only": True, "statistic": "median of per-pass means (noise: energy means)"}
+    meta = {"published_only": True, "statistic": "median of per-pass means (noise: energy means)",
+            "n_excluded": "values the flag policy left out of the unit (docs/datalab.md, Flag policy)"}
     return write_geojson((aggregate_feature(r) for r in rows), out, meta)
 
 
@@ -194,5 +245,7 @@ def export_measurements(conn: Any, out: IO[str], fmt: str, **kw: Any) -> int:
     rows = measurements(conn, **kw)
     if fmt == "csv":
         return write_csv(rows, MEASUREMENT_FIELDS, out)
+    policy: FlagPolicy = kw.get("policy", FlagPolicy())
     return write_geojson((measurement_feature(r) for r in rows), out,
-                         {"internal": "raw per-van measurements: not for publication"})
+                         {"internal": "raw per-van measurements: not for publication",
+                          "flag_policy": policy.describe()})

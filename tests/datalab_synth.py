@@ -62,6 +62,23 @@ def make_store(path: Path, *, days: int = 3, vans: int = 2, minutes: float = 30.
     return path
 
 
+def flag_values(path: Path, changes: list[tuple[str, str, int, dict, str, dict[str, str]]]) -> None:
+    """Give samples new values and flags: (device, epoch, seq, values to set, sample flags, quality
+    flags per quantity). The values are merged into ``vals`` (None: JSON null); quality rows are
+    what the receiver's derivation would have written (receiver/quality.py)."""
+    conn = SQLiteStore(path).conn
+    conn.execute("BEGIN")
+    for device, epoch, seq, values, flags, quality in changes:
+        (vals,) = conn.execute("SELECT vals FROM samples WHERE device = ? AND epoch = ? AND seq = ?",
+                               (device, epoch, seq)).fetchone()
+        conn.execute("UPDATE samples SET vals = ?, flags = ? WHERE device = ? AND epoch = ? AND seq = ?",
+                     (json.dumps({**json.loads(vals), **values}), flags, device, epoch, seq))
+        conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)",
+                         [(device, epoch, seq, q, f) for q, f in quality.items()])
+    conn.execute("COMMIT")
+    conn.close()
+
+
 def with_aggregates(path: Path, schemes: tuple[str, ...] = ("segment", "h3:10"), min_passes: int = 4,
                     min_days: int = 2) -> Path:
     """Build the all-time street maps of a synthetic store (the API and dashboard tests serve them)."""
@@ -92,6 +109,7 @@ def copy_to_postgres(src: Path, dsn: str, schemes: tuple[str, ...] = ("segment",
         "fixes": "device, epoch, seq, t_utc_ms, lat, lon, speed_mps, fix_quality",
         "batches": "batch_id, device, epoch, first_seq, last_seq, n_samples, sha256, received_utc_ms",
         "device_status": "device, received_utc_ms, online, status",
+        "quality": "device, epoch, seq, quantity, flags",
     }
     with dbapi.transaction(b):
         for table, cols in tables.items():

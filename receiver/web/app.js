@@ -99,8 +99,11 @@ function drawMap(fc, quantity) {
     el.dataset.value = p.value;
     el.dataset.passes = p.n_passes;
     el.dataset.days = p.n_days;
+    // Values the flag policy left out (docs/datalab.md, "Flag policy"); absent in maps built before it.
+    el.dataset.excluded = p.n_excluded == null ? "" : p.n_excluded;
     el.dataset.text = (p.street ? p.street + " · " : "") + p.cell + ": " + fmt(p.value, 1) + " " + unit +
-      " (" + p.n_passes + " passes on " + p.n_days + " days)";
+      " (" + p.n_passes + " passes on " + p.n_days + " days" +
+      (p.n_excluded == null ? "" : ", " + p.n_excluded + " flagged values left out") + ")";
     g.appendChild(el);
   }
   drawLegend(quantity);
