@@ -21,7 +21,7 @@ import pytest
 
 from receiver import dbapi
 from receiver.api import make_server
-from tests.datalab_synth import make_store, with_aggregates
+from tests.datalab_synth import flag_values, make_store, with_aggregates
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "dashboard-test-token"
@@ -40,7 +40,11 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    store = with_aggregates(make_store(tmp_path_factory.mktemp("dash") / "datalab.sqlite"))
+    store = make_store(tmp_path_factory.mktemp("dash") / "datalab.sqlite")
+    # Every 50th PM sample is flagged stuck: the flag policy leaves it out, the popup counts it.
+    flag_values(store, [(f"van-{v}", f"e{d}", 3 * s + 1, {}, "", {"pm25": "stuck", "pm10": "stuck"})
+                        for v in ("001", "002") for d in range(3) for s in range(0, 1800, 50)])
+    with_aggregates(store)
     server = make_server(str(store), "127.0.0.1", 0, token=TOKEN)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", store
@@ -116,6 +120,11 @@ def test_dashboard_lists_the_vans_and_draws_the_segments(site: tuple[str, Path],
     assert len(dom.paths) == n and all(p["class"] == "unit line" and p["d"].startswith("M") for p in dom.paths)
     assert dom.attrs_by_id["map"]["data-drawn"] == str(n)
     assert re.search(rf"\b{n} segments drawn", dom.text_by_id["map-status"])
+    # Hover text: value, passes, days and the values the flag policy left out, per unit.
+    left_out = dict(dbapi.fetchall(dbapi.connect(store), "SELECT cell, n_excluded FROM aggregates WHERE"
+                                   " published = 1 AND scheme = 'segment' AND period = 'all' AND quantity = 'pm25'"))
+    assert {p["data-cell"]: int(p["data-excluded"]) for p in dom.paths} == left_out and sum(left_out.values()) > 0
+    assert all(f", {left_out[p['data-cell']]} flagged values left out)" in p["data-text"] for p in dom.paths)
     strokes = {p["stroke"] for p in dom.paths}  # coloured by value: PM2.5 ~20 on primary roads, ~9 on service
     assert "#91cf60" in strokes and strokes & {"#fee08b", "#fc8d59"}
 
