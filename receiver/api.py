@@ -315,8 +315,9 @@ class App:
         return streamed_json("application/geo+json", {
             "type": "FeatureCollection",
             "features": (aggregate_feature(r) for r in counted),
-            # After the features: the count is known only once they are written.
-            "properties": Later(lambda: {"published_only": True, "scheme": scheme, "period": period,
+            # After the features: the count is known only once they are written. A foreign
+            # member, not "properties": RFC 7946 (7.1) keeps that for Features.
+            "metadata": Later(lambda: {"published_only": True, "scheme": scheme, "period": period,
                                          "quantity": quantity, "count": counted.n}),
         }, public=True)
 

@@ -70,7 +70,7 @@ def db_count(store: Path, where: str) -> int:
 
 def test_aggregates_geojson_are_published_only_with_filters(base: str, store: Path) -> None:
     fc = get_json(f"{base}/api/v1/aggregates?scheme=segment&period=all&quantity=pm25")
-    assert fc["type"] == "FeatureCollection"
+    assert fc["type"] == "FeatureCollection" and "properties" not in fc  # RFC 7946 7.1
     expected = db_count(store, "scheme='segment' AND period='all' AND quantity='pm25' AND published=1")
     unpublished = db_count(store, "scheme='segment' AND period='all' AND quantity='pm25' AND published=0")
     assert expected > 50 and unpublished > 0  # the data hold both kinds
@@ -78,7 +78,7 @@ def test_aggregates_geojson_are_published_only_with_filters(base: str, store: Pa
     for f in fc["features"]:
         p = f["properties"]
         assert p["quantity"] == "pm25" and p["scheme"] == "segment" and p["period"] == "all"
-        assert p["n_passes"] >= 4 and p["n_days"] >= 2
+        assert p["n_passes"] >= 4 and p["n_days"] >= 2 and p["n_excluded"] == 0 and p["unit"] == "µg/m³"
         assert f["geometry"]["type"] == "LineString"
         assert not any("van" in str(v) for v in p.values())  # nothing per van
     cells = get_json(f"{base}/api/v1/aggregates?scheme=h3:10&quantity=laeq")
