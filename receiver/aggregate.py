@@ -4,7 +4,8 @@ The pipeline (docs/datalab.md, after Apte et al. 2017 and Messier et al. 2018):
 
 1. every sensor sample with a trusted position (``positions.state`` exact or
    interpolated) is assigned to a map unit: a ~30 m road segment or an H3 cell
-   (:mod:`receiver.mapunits`);
+   (:mod:`receiver.mapunits`). Values the flag policy excludes, and sentinels, are
+   left out and counted per unit (receiver/flag_policy.py);
 2. each van's track is split into *passes*: a pass is a run of consecutive samples
    of one van in one unit. It ends when the van leaves the unit (or is not near any
    road), or when its samples stop for longer than ``max_gap_s`` (data missing:
@@ -29,7 +30,9 @@ columns, values pulled out of the JSON by the database, each distinct position
 snapped once. It gives the same rows as the reference (tests/test_aggregate_fast.py)
 at about 2.3x its speed: a month of a 50-van fleet (95 M samples, SQLite) took 327 s
 for segments and 352 s for H3 cells (bench/bench_aggregate.py). Most of what is left
-is the database handing over one row per sample (reading alone: 80 s).
+is the database handing over one row per sample (reading alone: 80 s). Those figures predate
+the flag policy (receiver/flag_policy.py): its probe of each value's ``quality`` row made a
+segment build of 162,000 synthetic samples 1.7 -> 2.3 s on SQLite.
 """
 
 from __future__ import annotations
