@@ -296,3 +296,25 @@ def test_a_map_table_made_before_the_policy_gets_the_column(tmp_path: Path) -> N
 
 def test_quantity_columns_match_the_map_quantities() -> None:
     assert set(QUANTITY_KEYS) == ALL
+
+
+def test_measurement_export_is_the_same_on_postgresql(stores: tuple[Path, Path, Counter],
+                                                      pg_dsn: str) -> None:  # noqa: F811
+    flagged, _, _ = stores
+    copy_to_postgres(flagged, pg_dsn, schemes=())
+    out = {}
+    for name, conn in (("sqlite", dbapi.connect(flagged)), ("pg", dbapi.connect(pg_dsn))):
+        with dbapi.transaction(conn):
+            dbapi.execute(conn, "DELETE FROM derived")
+            dbapi.execute(conn, "INSERT INTO derived VALUES ('van-002', 'e1', 5, 'no2_ppb', 7.5, 'no2:SN9:v1')")
+        buf = io.StringIO()
+        export_measurements(conn, buf, "csv", device="van-002", period=Period("all"))
+        out[name] = list(csv.DictReader(io.StringIO(buf.getvalue())))
+        conn.close()
+    assert len(out["pg"]) == len(out["sqlite"]) > 1000
+    cols = ("t_utc_ms", "quantity", "unit", "flags", "quality", "excluded", "calibration")
+    assert [tuple(r[c] for c in cols) for r in out["pg"]] == [tuple(r[c] for c in cols) for r in out["sqlite"]]
+    assert [float(r["value"]) for r in out["pg"]] == [float(r["value"]) for r in out["sqlite"]]
+    assert sum(r["excluded"] == "1" for r in out["pg"]) > 50
+    (cal,) = [r for r in out["pg"] if r["calibration"]]
+    assert (cal["calibration"], float(cal["value"])) == ("no2:SN9:v1", 7.5)
