@@ -221,16 +221,38 @@ FACTORIES: dict[str, DriverFactory] = {
 }
 
 
+# What each driver measures, for the message about an unknown one: the [sensors.NAME] name
+# is the owner's choice (products select by the values' keys), the driver names the hardware.
+MEASURES = {
+    "PM2.5, PM10 in µg/m³ (pm25, pm10)": ("pms5003", "pms7003", "pmsa003", "sds011", "sps30"),
+    "NO2 in ppb (no2_ppb)": ("no2-b43f", "dgs-no2"),
+    "noise in dB (laeq, or lceq/lzeq when weighted C/Z)": ("microphone", "sound-module"),
+    "position and time": ("nmea-gps", "gpsd"),
+    "simulation": ("sim-pm", "sim-no2", "sim-noise", "sim-gps", "sim-oracle"),
+}
+
+
+def unknown_driver(sc: SensorConfig) -> ConfigError:
+    """The error for a driver we do not know, with a near miss and what each known one measures."""
+    import difflib
+
+    near = difflib.get_close_matches(str(sc.driver), list(FACTORIES), n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    kinds = "; ".join(f"{', '.join(ds)}: {what}" for what, ds in MEASURES.items())
+    return ConfigError(
+        f"sensors.{sc.name}.driver",
+        f"unknown driver {sc.driver!r}: {hint}the section name is free, `driver` names the hardware, "
+        f"one of: {kinds}",
+    )
+
+
 def build_drivers(sensors: list[SensorConfig], ctx: dict[str, Any]) -> list[SensorDriver]:
     out: list[SensorDriver] = []
     try:
         for sc in sensors:
             factory = FACTORIES.get(sc.driver)
             if factory is None:
-                raise ConfigError(
-                    f"sensors.{sc.name}.driver",
-                    f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})",
-                )
+                raise unknown_driver(sc)
             out.append(factory(sc, ctx))
     except BaseException:
         for d in out:

@@ -56,19 +56,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Quantity:
+    """A map quantity, selected by its value key, which fixes quantity and unit (never a sensor name).
+
+    The key is the wire's vocabulary (docs/wire-format.md, "Quantities"): any sample whose
+    ``vals`` hold ``pm25`` is PM2.5 in µg/m³, whatever the van called its ``[sensors.X]``
+    section; a driver measuring in another unit converts or uses another key.
+    """
+
     key: str  # the key in samples.vals
-    sensor: str  # the samples.sensor that carries it
     unit: str
     label: str
     energy: bool = False  # averaged on the energy scale (sound levels)
 
 
 QUANTITIES: dict[str, Quantity] = {
-    "pm25": Quantity("pm25", "pm", "µg/m³", "PM2.5"),
-    "pm10": Quantity("pm10", "pm", "µg/m³", "PM10"),
-    "no2_ppb": Quantity("no2_ppb", "no2", "ppb", "NO2"),
-    "laeq": Quantity("laeq", "noise", "dB(A)", "Noise LAeq", energy=True),
+    "pm25": Quantity("pm25", "µg/m³", "PM2.5"),
+    "pm10": Quantity("pm10", "µg/m³", "PM10"),
+    "no2_ppb": Quantity("no2_ppb", "ppb", "NO2"),
+    "laeq": Quantity("laeq", "dB(A)", "Noise LAeq", energy=True),
+    # The sound module set to C or Z weighting: a level of another weighting is another quantity.
+    "lceq": Quantity("lceq", "dB(C)", "Noise LCeq", energy=True),
+    "lzeq": Quantity("lzeq", "dB(Z)", "Noise LZeq", energy=True),
 }
+#: Samples of these sensors are no measurement of the air, whatever keys they hold.
+NOT_MEASUREMENTS = ("gps", "calibration")
 #: Samples with these flags are positioned but say nothing trustworthy about the air.
 # clock_step: the time, and so the position joined by it, may be off by the step.
 EXCLUDED_FLAGS = frozenset({"warming_up", "time_implausible", "clock_step"})
@@ -285,17 +296,30 @@ def combine(passes: Iterable[Pass], rule: Rule = Rule(), tz: str = DEFAULT_TZ) -
 
 
 def usable_values(sensor: str, vals: dict[str, Any], flags: str | None) -> dict[str, float]:
-    """The map quantities in one sample's values, without flagged, sentinel or non-finite ones."""
+    """The map quantities in one sample's values, without flagged, sentinel or non-finite ones.
+
+    Selected by value key (quantity and unit), never by the sensor's (section) name."""
+    if sensor in NOT_MEASUREMENTS:
+        return {}
     if flags and EXCLUDED_FLAGS.intersection(flags.split(",")):
         return {}
     out = {}
-    for k, q in QUANTITIES.items():
-        if q.sensor != sensor:
-            continue
+    for k in QUANTITIES:
         v = vals.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > SENTINEL_BELOW:
             out[k] = float(v)
     return out
+
+
+def _measurement_sql(conn: Any) -> tuple[str, list[Any]]:
+    """SQL condition (and parameters) for samples that carry a map quantity: any sensor name
+    whose ``vals`` hold one of the QUANTITIES keys (even as null or flagged), GPS and calibration
+    records apart. Both build paths select with it, so they see the same samples."""
+    if dbapi.is_sqlite(conn):
+        has = " OR ".join(f"json_type(s.vals, '$.{k}') IS NOT NULL" for k in QUANTITY_KEYS)
+    else:
+        has = f"jsonb_exists_any(s.vals, ARRAY[{', '.join(repr(k) for k in QUANTITY_KEYS)}])"
+    return (f"s.sensor NOT IN ({','.join('?' * len(NOT_MEASUREMENTS))}) AND ({has})", list(NOT_MEASUREMENTS))
 
 
 def _period_where(period: Period, table: str) -> list[str]:
@@ -310,9 +334,9 @@ def _period_params(period: Period) -> list[int]:
 
 def read_samples(conn: Any, period: Period) -> Iterator[Sample]:
     """Positioned sensor samples in ``period``, per van in time order (streamed, not loaded)."""
-    sensors = sorted({q.sensor for q in QUANTITIES.values()})
-    where = [f"s.sensor IN ({','.join('?' * len(sensors))})", "p.state IN (?, ?)", *_period_where(period, "s")]
-    params: list[Any] = [*sensors, *TRUSTED_POSITIONS, *_period_params(period)]
+    measured, mparams = _measurement_sql(conn)
+    where = [measured, "p.state IN (?, ?)", *_period_where(period, "s")]
+    params: list[Any] = [*mparams, *TRUSTED_POSITIONS, *_period_params(period)]
     cur = dbapi.execute(
         conn,
         "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon"
@@ -359,35 +383,22 @@ def _excluded_sql(conn: Any) -> str:
     return f"CASE WHEN s.flags IS NULL OR s.flags = '' THEN 0 WHEN {hits} THEN 1 ELSE 0 END"
 
 
-#: The sensors the map quantities come from, and each one's quantities in column order.
-SENSORS: tuple[str, ...] = tuple(sorted({q.sensor for q in QUANTITIES.values()}))
-SENSOR_QUANTITIES: dict[str, list[int]] = {
-    sn: [j for j, k in enumerate(QUANTITY_KEYS) if QUANTITIES[k].sensor == sn] for sn in SENSORS}
-#: Value columns per row: a sample carries at most this many map quantities (pm: pm25 and pm10).
-SLOTS = max(len(v) for v in SENSOR_QUANTITIES.values())
-
-
 def track_sql(conn: Any, period: Period) -> tuple[str, list[Any]]:
     """One van's positioned samples in ``period`` (device is the first parameter), in time order.
 
-    Columns: time, lat, lon, *kind* (the sensor's index in SENSORS, plus len(SENSORS) when
-    a flag excludes the sample), then the sensor's quantities in SLOTS value columns. The
-    database pulls the numbers out of ``vals`` (json_extract / jsonb), so Python never
-    parses JSON; few columns, because every value fetched costs a Python object.
+    Columns: time, lat, lon, *excluded* (1 when a flag excludes the sample), then one
+    column per quantity in QUANTITY_KEYS order. The database pulls the numbers out of
+    ``vals`` (json_extract / jsonb), so Python never parses JSON. Quantities are chosen
+    by value key, whatever sensor (section) name carries them.
     """
-    kind = " ".join(f"WHEN '{sn}' THEN {i}" for i, sn in enumerate(SENSORS))
-    slots = []
-    for i in range(SLOTS):
-        whens = " ".join(f"WHEN '{sn}' THEN {_number_sql(conn, QUANTITY_KEYS[qs[i]])}"
-                         for sn, qs in SENSOR_QUANTITIES.items() if len(qs) > i)
-        slots.append(f"CASE s.sensor {whens} END")
+    values = [_number_sql(conn, k) for k in QUANTITY_KEYS]
+    measured, mparams = _measurement_sql(conn)
     # Filtered and ordered on the positions' copy of the time: positions(device, t_utc_ms) is
     # indexed (samples has no time index: it would slow the ingest path, see receiver/store.py).
-    where = ["p.device = ?", f"s.sensor IN ({','.join('?' * len(SENSORS))})", "p.state IN (?, ?)",
+    where = ["p.device = ?", measured, "p.state IN (?, ?)",
              "p.t_utc_ms IS NOT NULL", "p.lat IS NOT NULL", "p.lon IS NOT NULL", *_period_where(period, "p")]
-    params: list[Any] = [*SENSORS, *TRUSTED_POSITIONS, *_period_params(period)]
-    sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, CASE s.sensor {kind} END + {len(SENSORS)} * {_excluded_sql(conn)},"
-           f" {', '.join(slots)}"
+    params: list[Any] = [*mparams, *TRUSTED_POSITIONS, *_period_params(period)]
+    sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, {_excluded_sql(conn)}, {', '.join(values)}"
            " FROM samples s JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
            f" WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
     return sql, params
@@ -406,12 +417,8 @@ def devices(conn: Any) -> list[str]:
 
 def _track(device: str, rows: np.ndarray) -> Track:
     """A :class:`Track` from the rows of :func:`track_sql` (float64, NULL as NaN)."""
-    kind = rows[:, 3]
-    values = np.full((len(rows), len(QUANTITY_KEYS)), np.nan)
-    for i, sn in enumerate(SENSORS):  # excluded samples (kind >= len(SENSORS)) keep NaN: nothing usable
-        mine = kind == i
-        for slot, j in enumerate(SENSOR_QUANTITIES[sn]):
-            values[mine, j] = rows[mine, 4 + slot]
+    values = rows[:, 4:].copy()
+    values[rows[:, 3] != 0] = np.nan  # excluded samples keep NaN: nothing usable
     values[~(np.isfinite(values) & (values > SENTINEL_BELOW))] = np.nan  # sentinels, infinities
     # ms times are below 2**53: exact in float64.
     return Track(device, rows[:, 0].astype(np.int64), rows[:, 1].copy(), rows[:, 2].copy(), values)
@@ -420,7 +427,7 @@ def _track(device: str, rows: np.ndarray) -> Track:
 def read_tracks(conn: Any, period: Period, chunk: int = 100_000) -> Iterator[Track]:
     """Each van's positioned samples in ``period`` as a :class:`Track` (one van in memory at a time)."""
     sql, params = track_sql(conn, period)
-    n_cols = 4 + SLOTS
+    n_cols = 4 + len(QUANTITY_KEYS)
     for device in devices(conn):
         cur = dbapi.execute(conn, sql, [device, *params])
         parts = []
