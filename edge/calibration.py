@@ -547,8 +547,8 @@ def apply_record(r: Reading, rec: CalibrationRecord, sc: SensorCalibration) -> R
 def sensor_calibrations(cfg: Any) -> dict[str, SensorCalibration]:
     """For each configured sensor name, the (kind, serial) its records are kept under.
 
-    NO2 sensors are known by their sheet serial; PM and noise sensors have none in the
-    configuration, so they are known as ``<device id>/<sensor name>``.
+    NO2 sensors are known by their sheet serial; noise sensors by their configured ``serial``
+    if any; PM sensors (and noise without one) as ``<device id>/<sensor name>``.
     """
     out: dict[str, SensorCalibration] = {}
     for sc in cfg.sensors:
@@ -558,8 +558,15 @@ def sensor_calibrations(cfg: Any) -> dict[str, SensorCalibration]:
             out[sc.name] = SensorCalibration("pm", f"{cfg.device.id}/{sc.name}")
         elif sc.driver in ("microphone", "sound-module", "sim-noise"):
             base = float(sc.options.get("calibration_offset_db", 0.0)) if sc.driver == "microphone" else 0.0
-            out[sc.name] = SensorCalibration("noise", f"{cfg.device.id}/{sc.name}", base)
+            out[sc.name] = SensorCalibration("noise", noise_serial(cfg, sc), base)
     return out
+
+
+def noise_serial(cfg: Any, sc: Any) -> str:
+    """The id a noise sensor's records are kept under: its configured ``serial`` (a microphone
+    moved to another van keeps its calibration), else ``<device id>/<sensor name>``. The agent
+    and ``edge noise calibrate`` both ask here, so a record is always one the agent applies."""
+    return str(sc.options.get("serial") or f"{cfg.device.id}/{sc.name}")
 
 
 def attach_calibrations(drivers: list[Any], cfg: Any, store: CalibrationStore) -> list[Any]:

@@ -17,7 +17,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 | ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, temp_every_s (10), fsr_v (4.096), data_rate (128) |
 | ``dgs-no2`` | port, baudrate (9600) |
 | ``sound-module`` | bus (1), address (0x48), weighting ("A"), averaging_ms (1000) |
-| ``microphone`` | device ("default"), sensitivity_dbfs (-26), calibration_offset_db (0), noise_floor_db (29) |
+| ``microphone`` | device ("default"), sensitivity_dbfs (-26), calibration_offset_db (0), noise_floor_db (29), serial ("": calibration records under ``<device id>/<name>``) |
 | ``sim-pm`` ``sim-no2`` ``sim-noise`` ``sim-gps`` | value-level simulated sensors (seed) |
 | ``sim-oracle`` | checkable values for the delivery tests |
 """
@@ -185,8 +185,9 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.noise.capture import AlsaSource, MicrophoneDriver
     from drivers.noise.levels import LevelMeter, MeterConfig
 
+    # serial: the capsule's id its calibration records are kept under (edge/calibration.py).
     o = _opts(sc, {"device": "default", "sensitivity_dbfs": -26.0, "calibration_offset_db": 0.0,
-                   "noise_floor_db": 29.0})
+                   "noise_floor_db": 29.0, "serial": ""})
     meter = LevelMeter(MeterConfig(sensitivity_dbfs=o["sensitivity_dbfs"],
                                    calibration_offset_db=o["calibration_offset_db"],
                                    noise_floor_db=o["noise_floor_db"]))
