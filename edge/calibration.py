@@ -465,7 +465,9 @@ def pm_corrected(values: Mapping[str, Any], reading: Mapping[str, Any]) -> float
     return max(0.0, y)
 
 
-NOISE_LEVEL_KEYS = ("laeq", "lamax", "lamin", "la10", "la50", "la90", "laeq_1min")
+NOISE_LEVEL_KEYS = ("laeq", "lamax", "lamin", "la10", "la50", "la90", "laeq_1min",
+                    # the sound module set to C or Z weighting (drivers/sound_module.level_keys)
+                    "lceq", "lcmax", "lcmin", "lzeq", "lzmax", "lzmin")
 
 
 # -- on the van: applying records to readings, and announcing them -------------------------

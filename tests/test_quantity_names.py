@@ -33,7 +33,9 @@ def renamed_van(device: str, data_dir: Path, port: int, hours: float) -> str:
     for old, new in RENAMED.items():
         assert old in text  # the fleet's names: renaming must really happen
         text = text.replace(old, new)
-    return text
+    # The PCB Artists module set to C weighting: its levels must arrive as LCeq, not LAeq.
+    assert 'driver = "sound-module"\n' in text
+    return text.replace('driver = "sound-module"\n', 'driver = "sound-module"\nweighting = "C"\n')
 
 
 def test_values_are_selected_by_key_whatever_the_sensor_name() -> None:
@@ -88,8 +90,9 @@ def test_renamed_sections_reach_the_map_through_agent_and_receiver(tmp_path: Pat
         rows = dbapi.fetchall(conn, "SELECT quantity, unit, count(*) FROM aggregates"
                                     " WHERE scheme = 'segment' AND published = 1 GROUP BY quantity, unit")
         got = {(q, u): n for q, u, n in rows}
-        for q, u in (("pm25", "µg/m³"), ("pm10", "µg/m³"), ("no2_ppb", "ppb")):
+        for q, u in (("pm25", "µg/m³"), ("pm10", "µg/m³"), ("no2_ppb", "ppb"), ("lceq", "dB(C)")):
             assert got.get((q, u), 0) > 5, got  # map units, for a 6-minute drive
+        assert not any(q == "laeq" for q, _ in got), got  # C-weighted levels are never mapped as A
         # The measurement export finds them by quantity too.
         seen = {r["quantity"] for r in measurements(conn, device="van-names")}
         assert {"pm25", "pm10", "no2_ppb"} <= seen
@@ -102,3 +105,14 @@ def test_every_driver_says_what_it_measures() -> None:
     from edge.sensors import FACTORIES, MEASURES
 
     assert sorted(d for ds in MEASURES.values() for d in ds) == sorted(FACTORIES)
+
+
+def test_sound_module_names_its_levels_for_its_weighting() -> None:
+    from tests.test_sound_module import rig
+
+    for weighting, keys in (("A", {"laeq", "lamin", "lamax"}), ("C", {"lceq", "lcmin", "lcmax"}),
+                            ("Z", {"lzeq", "lzmin", "lzmax"})):
+        drv, _, _ = rig(weighting=weighting)
+        r = drv.read()
+        assert set(r.values) == keys, weighting
+        assert set(usable_values("noise", r.values, "")) == {f"l{weighting.lower()}eq"}
