@@ -101,3 +101,36 @@ def test_a_serial_the_agent_does_not_look_up_is_refused_not_stored(tmp_path: Pat
     assert calibrate(cfg).exit_code == 0
     with CalibrationStore.for_data_dir(tmp_path / "data") as s:
         assert [x.serial for x in s.history()] == ["van-017/mic"]
+
+
+def test_a_reload_that_changes_the_serial_applies_that_serials_record(tmp_path: Path) -> None:
+    """SIGHUP path: the running van re-reads agent.toml; the microphone is rebuilt and looked up anew."""
+    from edge.runtime import Runtime, load_full_config
+    from edge.service import Notifier
+
+    data = tmp_path / "data"
+    conf = tmp_path / "agent.toml"
+
+    def write(serial: str) -> None:
+        conf.write_text(f'[device]\nid = "van-017"\ndata_dir = "{data}"\n[uplink]\nport = 1\n'
+                        f'[simulation]\nenabled = true\ndevices = "hardware"\nnoise = "microphone"\n'
+                        f'[sensors.mic]\ndriver = "microphone"\ndevice = "sim"\nserial = "{serial}"\n')
+
+    write("MIC-A")
+    with CalibrationStore.for_data_dir(data) as s:  # the capsule MIC-B was calibrated on the bench
+        s.confirm(s.add("noise", "MIC-B", "acoustic", {"offset_db": 1.3}, technician="t").id)
+    cfg, svc = load_full_config(conf)
+    rt = Runtime(cfg, svc, config_path=conf, notifier=Notifier(""))
+    try:
+        def mic() -> Any:
+            (d,) = [d for d in rt.agent.drivers if d.name == "mic"]
+            d.inner.refresh()
+            return d.inner
+
+        assert mic().sc.serial == "MIC-A" and mic().record is None
+        write("MIC-B")  # the technician swapped the capsule and edited the file; then SIGHUP
+        result = rt.reload()
+        assert result is not None and result.rebuilt == ["mic"]
+        assert mic().sc.serial == "MIC-B" and mic().record.id == "noise:MIC-B:v1"
+    finally:
+        rt.close()
