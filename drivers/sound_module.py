@@ -40,6 +40,16 @@ FAST_MS = 125
 SLOW_MS = 1000
 
 
+def level_keys(weighting: str) -> tuple[str, str, str]:
+    """The value keys (Leq, min, max) for a weighting: ``laeq`` only when A-weighted.
+
+    A C- or Z-weighted level is another quantity (low frequencies count in full), so it
+    must never travel as ``laeq`` and be mapped as A-weighted noise (issue 15).
+    """
+    w = weighting.lower()
+    return f"l{w}eq", f"l{w}min", f"l{w}max"
+
+
 def control_with_weighting(control: int, weighting: str) -> int:
     """CONTROL with bits 2:1 set to ``weighting``.
 
@@ -62,6 +72,9 @@ def averaging_bytes(ms: int) -> tuple[int, int]:
 
 class SoundLevelModule:
     """``SensorDriver`` for the module: Reading(sensor="noise", values={laeq, lamin, lamax}).
+
+    The keys follow the configured weighting: ``lceq lcmin lcmax`` for C, ``lzeq lzmin
+    lzmax`` for Z (see :func:`level_keys`).
 
     Configuration (weighting, averaging time, an initial min/max reset) is
     written on the first read, so building the driver needs no bus. With
@@ -143,12 +156,13 @@ class SoundLevelModule:
         level = self._read(REG_DECIBEL)
         if level == 0:
             return None
-        values: dict[str, float] = {"laeq": float(level)}
+        eq, lo_key, hi_key = level_keys(self.weighting)
+        values: dict[str, float] = {eq: float(level)}
         lo, hi = self._read(REG_MIN), self._read(REG_MAX)
         if lo:
-            values["lamin"] = float(lo)
+            values[lo_key] = float(lo)
         if hi:
-            values["lamax"] = float(hi)
+            values[hi_key] = float(hi)
         if self.reset_each_read:
             self.reset_min_max()
         meta = {

@@ -425,6 +425,8 @@ class Agent:
             "health": "disk_full" if self.buffer.disk_full or self._lost_in_memory else "ok",
             "samples_at_risk": self.samples_at_risk,
             "samples_lost_in_memory": self.stats.lost_in_memory,
+            # Microphones: seconds of audio skipped by late reads, ALSA overruns (never silent).
+            "audio": {d.name: h() for d in self.drivers if callable(h := getattr(d, "audio_health", None))},
         }
 
     def send_heartbeat(self) -> None:

@@ -465,7 +465,9 @@ def pm_corrected(values: Mapping[str, Any], reading: Mapping[str, Any]) -> float
     return max(0.0, y)
 
 
-NOISE_LEVEL_KEYS = ("laeq", "lamax", "lamin", "la10", "la50", "la90", "laeq_1min")
+NOISE_LEVEL_KEYS = ("laeq", "lamax", "lamin", "la10", "la50", "la90", "laeq_1min",
+                    # the sound module set to C or Z weighting (drivers/sound_module.level_keys)
+                    "lceq", "lcmax", "lcmin", "lzeq", "lzmax", "lzmin")
 
 
 # -- on the van: applying records to readings, and announcing them -------------------------
@@ -547,8 +549,8 @@ def apply_record(r: Reading, rec: CalibrationRecord, sc: SensorCalibration) -> R
 def sensor_calibrations(cfg: Any) -> dict[str, SensorCalibration]:
     """For each configured sensor name, the (kind, serial) its records are kept under.
 
-    NO2 sensors are known by their sheet serial; PM and noise sensors have none in the
-    configuration, so they are known as ``<device id>/<sensor name>``.
+    NO2 sensors are known by their sheet serial; noise sensors by their configured ``serial``
+    if any; PM sensors (and noise without one) as ``<device id>/<sensor name>``.
     """
     out: dict[str, SensorCalibration] = {}
     for sc in cfg.sensors:
@@ -558,8 +560,15 @@ def sensor_calibrations(cfg: Any) -> dict[str, SensorCalibration]:
             out[sc.name] = SensorCalibration("pm", f"{cfg.device.id}/{sc.name}")
         elif sc.driver in ("microphone", "sound-module", "sim-noise"):
             base = float(sc.options.get("calibration_offset_db", 0.0)) if sc.driver == "microphone" else 0.0
-            out[sc.name] = SensorCalibration("noise", f"{cfg.device.id}/{sc.name}", base)
+            out[sc.name] = SensorCalibration("noise", noise_serial(cfg, sc), base)
     return out
+
+
+def noise_serial(cfg: Any, sc: Any) -> str:
+    """The id a noise sensor's records are kept under: its configured ``serial`` (a microphone
+    moved to another van keeps its calibration), else ``<device id>/<sensor name>``. The agent
+    and ``edge noise calibrate`` both ask here, so a record is always one the agent applies."""
+    return str(sc.options.get("serial") or f"{cfg.device.id}/{sc.name}")
 
 
 def attach_calibrations(drivers: list[Any], cfg: Any, store: CalibrationStore) -> list[Any]:

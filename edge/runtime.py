@@ -49,7 +49,7 @@ from edge.power import (
     speed_from,
 )
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
-from edge.sensors import FACTORIES, build_drivers
+from edge.sensors import FACTORIES, build_drivers, unknown_driver
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
 from edge.timekeeping import TimeFixSource
 from uplink.mqtt import MqttLink
@@ -137,8 +137,7 @@ def check_config_data(data: dict[str, Any]) -> list[ConfigError]:
 
 def _check_sensor(sc: SensorConfig) -> list[ConfigError]:
     if sc.driver not in FACTORIES:
-        return [ConfigError(f"sensors.{sc.name}.driver",
-                            f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})")]  # fmt: skip
+        return [unknown_driver(sc)]
     return []
 
 

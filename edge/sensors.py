@@ -17,7 +17,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 | ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, temp_every_s (10), fsr_v (4.096), data_rate (128) |
 | ``dgs-no2`` | port, baudrate (9600) |
 | ``sound-module`` | bus (1), address (0x48), weighting ("A"), averaging_ms (1000) |
-| ``microphone`` | device ("default"), sensitivity_dbfs (-26), calibration_offset_db (0), noise_floor_db (29) |
+| ``microphone`` | device ("default"), sensitivity_dbfs (-26), calibration_offset_db (0), noise_floor_db (29), serial ("": calibration records under ``<device id>/<name>``) |
 | ``sim-pm`` ``sim-no2`` ``sim-noise`` ``sim-gps`` | value-level simulated sensors (seed) |
 | ``sim-oracle`` | checkable values for the delivery tests |
 """
@@ -185,8 +185,9 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.noise.capture import AlsaSource, MicrophoneDriver
     from drivers.noise.levels import LevelMeter, MeterConfig
 
+    # serial: the capsule's id its calibration records are kept under (edge/calibration.py).
     o = _opts(sc, {"device": "default", "sensitivity_dbfs": -26.0, "calibration_offset_db": 0.0,
-                   "noise_floor_db": 29.0})
+                   "noise_floor_db": 29.0, "serial": ""})
     meter = LevelMeter(MeterConfig(sensitivity_dbfs=o["sensitivity_dbfs"],
                                    calibration_offset_db=o["calibration_offset_db"],
                                    noise_floor_db=o["noise_floor_db"]))
@@ -221,16 +222,38 @@ FACTORIES: dict[str, DriverFactory] = {
 }
 
 
+# What each driver measures, for the message about an unknown one: the [sensors.NAME] name
+# is the owner's choice (products select by the values' keys), the driver names the hardware.
+MEASURES = {
+    "PM2.5, PM10 in µg/m³ (pm25, pm10)": ("pms5003", "pms7003", "pmsa003", "sds011", "sps30"),
+    "NO2 in ppb (no2_ppb)": ("no2-b43f", "dgs-no2"),
+    "noise in dB (laeq, or lceq/lzeq when weighted C/Z)": ("microphone", "sound-module"),
+    "position and time": ("nmea-gps", "gpsd"),
+    "simulation": ("sim-pm", "sim-no2", "sim-noise", "sim-gps", "sim-oracle"),
+}
+
+
+def unknown_driver(sc: SensorConfig) -> ConfigError:
+    """The error for a driver we do not know, with a near miss and what each known one measures."""
+    import difflib
+
+    near = difflib.get_close_matches(str(sc.driver), list(FACTORIES), n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    kinds = "; ".join(f"{', '.join(ds)}: {what}" for what, ds in MEASURES.items())
+    return ConfigError(
+        f"sensors.{sc.name}.driver",
+        f"unknown driver {sc.driver!r}: {hint}the section name is free, `driver` names the hardware, "
+        f"one of: {kinds}",
+    )
+
+
 def build_drivers(sensors: list[SensorConfig], ctx: dict[str, Any]) -> list[SensorDriver]:
     out: list[SensorDriver] = []
     try:
         for sc in sensors:
             factory = FACTORIES.get(sc.driver)
             if factory is None:
-                raise ConfigError(
-                    f"sensors.{sc.name}.driver",
-                    f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})",
-                )
+                raise unknown_driver(sc)
             out.append(factory(sc, ctx))
     except BaseException:
         for d in out:

@@ -60,21 +60,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Quantity:
+    """A map quantity, selected by its value key, which fixes quantity and unit (never a sensor name).
+
+    The key is the wire's vocabulary (docs/wire-format.md, "Quantities"): any sample whose
+    ``vals`` hold ``pm25`` is PM2.5 in µg/m³, whatever the van called its ``[sensors.X]``
+    section; a driver measuring in another unit converts or uses another key.
+    """
+
     key: str  # the key in samples.vals
-    sensor: str  # the samples.sensor that carries it
     unit: str
     label: str
     energy: bool = False  # averaged on the energy scale (sound levels)
 
 
 QUANTITIES: dict[str, Quantity] = {
-    "pm25": Quantity("pm25", "pm", "µg/m³", "PM2.5"),
-    "pm10": Quantity("pm10", "pm", "µg/m³", "PM10"),
-    "no2_ppb": Quantity("no2_ppb", "no2", "ppb", "NO2"),
-    "laeq": Quantity("laeq", "noise", "dB(A)", "Noise LAeq", energy=True),
+    "pm25": Quantity("pm25", "µg/m³", "PM2.5"),
+    "pm10": Quantity("pm10", "µg/m³", "PM10"),
+    "no2_ppb": Quantity("no2_ppb", "ppb", "NO2"),
+    "laeq": Quantity("laeq", "dB(A)", "Noise LAeq", energy=True),
+    # The sound module set to C or Z weighting: a level of another weighting is another quantity.
+    "lceq": Quantity("lceq", "dB(C)", "Noise LCeq", energy=True),
+    "lzeq": Quantity("lzeq", "dB(Z)", "Noise LZeq", energy=True),
 }
 # Which flagged values are left out (sample flags and the value's quality flags), and what a
 # sentinel is: receiver/flag_policy.py, one policy for every product.
+#: Samples of these sensors are no measurement of the air, whatever keys they hold.
+NOT_MEASUREMENTS = ("gps", "calibration")
 #: Column order of the quantities in the columnar path.
 QUANTITY_KEYS: tuple[str, ...] = tuple(QUANTITIES)
 TRUSTED_POSITIONS = ("exact", "interpolated")
@@ -298,15 +309,16 @@ def split_values(sensor: str, vals: dict[str, Any], flags: str | None, value_fla
                  policy: FlagPolicy = FlagPolicy()) -> tuple[dict[str, float], tuple[str, ...]]:
     """(usable values, quantities left out) of the map quantities in one sample.
 
-    A number is left out when it is a sentinel or not finite, or when the sample's flags or
-    its own quality flags (``value_flags``: quantity -> flags text) hold a flag the policy
-    excludes for it. Booleans, strings and nulls are not measurements: neither kept nor
-    counted.
+    Selected by value key (quantity and unit), never by the sensor's (section) name. A number
+    is left out when it is a sentinel or not finite, or when the sample's flags or its own
+    quality flags (``value_flags``: quantity -> flags text) hold a flag the policy excludes for
+    it. Booleans, strings and nulls are not measurements: neither kept nor counted.
     """
-    out, excluded = {}, []
-    for k, q in QUANTITIES.items():
-        if q.sensor != sensor:
-            continue
+    out: dict[str, float] = {}
+    excluded: list[str] = []
+    if sensor in NOT_MEASUREMENTS:
+        return out, ()
+    for k in QUANTITIES:
         v = vals.get(k)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
@@ -322,6 +334,17 @@ def usable_values(sensor: str, vals: dict[str, Any], flags: str | None,
                   policy: FlagPolicy = FlagPolicy()) -> dict[str, float]:
     """The map quantities in one sample's values, without flagged, sentinel or non-finite ones."""
     return split_values(sensor, vals, flags, value_flags or {}, policy)[0]
+
+
+def _measurement_sql(conn: Any) -> tuple[str, list[Any]]:
+    """SQL condition (and parameters) for samples that carry a map quantity: any sensor name
+    whose ``vals`` hold one of the QUANTITIES keys (even as null or flagged), GPS and calibration
+    records apart. Both build paths select with it, so they see the same samples."""
+    if dbapi.is_sqlite(conn):
+        has = " OR ".join(f"json_type(s.vals, '$.{k}') IS NOT NULL" for k in QUANTITY_KEYS)
+    else:
+        has = f"jsonb_exists_any(s.vals, ARRAY[{', '.join(repr(k) for k in QUANTITY_KEYS)}])"
+    return (f"s.sensor NOT IN ({','.join('?' * len(NOT_MEASUREMENTS))}) AND ({has})", list(NOT_MEASUREMENTS))
 
 
 def _period_where(period: Period, table: str) -> list[str]:
@@ -342,9 +365,9 @@ def _quality_flags_sql(quantity: str) -> str:
 
 def read_samples(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> Iterator[Sample]:
     """Positioned sensor samples in ``period``, per van in time order (streamed, not loaded)."""
-    sensors = sorted({q.sensor for q in QUANTITIES.values()})
-    where = [f"s.sensor IN ({','.join('?' * len(sensors))})", "p.state IN (?, ?)", *_period_where(period, "s")]
-    params: list[Any] = [*sensors, *TRUSTED_POSITIONS, *_period_params(period)]
+    measured, mparams = _measurement_sql(conn)
+    where = [measured, "p.state IN (?, ?)", *_period_where(period, "s")]
+    params: list[Any] = [*mparams, *TRUSTED_POSITIONS, *_period_params(period)]
     cur = dbapi.execute(
         conn,
         "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon, "
@@ -405,40 +428,25 @@ def _excluded_sql(conn: Any, quantity: str, policy: FlagPolicy) -> str:
             " THEN 1 ELSE 0 END")
 
 
-#: The sensors the map quantities come from, and each one's quantities in column order.
-SENSORS: tuple[str, ...] = tuple(sorted({q.sensor for q in QUANTITIES.values()}))
-SENSOR_QUANTITIES: dict[str, list[int]] = {
-    sn: [j for j, k in enumerate(QUANTITY_KEYS) if QUANTITIES[k].sensor == sn] for sn in SENSORS}
-#: Value columns per row: a sample carries at most this many map quantities (pm: pm25 and pm10).
-SLOTS = max(len(v) for v in SENSOR_QUANTITIES.values())
-
-
 def track_sql(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> tuple[str, list[Any]]:
     """One van's positioned samples in ``period`` (device is the first parameter), in time order.
 
-    Columns: time, lat, lon, *kind* (the sensor's index in SENSORS), then the sensor's
-    quantities in SLOTS value columns, then SLOTS columns that are 1 where the flag policy
-    leaves that value out (:func:`_excluded_sql`). The
-    database pulls the numbers out of ``vals`` (json_extract / jsonb), so Python never
-    parses JSON; few columns, because every value fetched costs a Python object.
+    Columns: time, lat, lon, then one column per quantity in QUANTITY_KEYS order, then one per
+    quantity that is 1 where the flag policy leaves that value out (:func:`_excluded_sql`, only
+    probed where the value is a number). The database pulls the numbers out of ``vals``
+    (json_extract / jsonb), so Python never parses JSON. Quantities are chosen by value key,
+    whatever sensor (section) name carries them.
     """
-    kind = " ".join(f"WHEN '{sn}' THEN {i}" for i, sn in enumerate(SENSORS))
-    slots = []
-    for i in range(SLOTS):
-        whens = " ".join(f"WHEN '{sn}' THEN {_number_sql(conn, QUANTITY_KEYS[qs[i]])}"
-                         for sn, qs in SENSOR_QUANTITIES.items() if len(qs) > i)
-        slots.append(f"CASE s.sensor {whens} END")
-    for i in range(SLOTS):
-        whens = " ".join(f"WHEN '{sn}' THEN {_excluded_sql(conn, QUANTITY_KEYS[qs[i]], policy)}"
-                         for sn, qs in SENSOR_QUANTITIES.items() if len(qs) > i)
-        slots.append(f"CASE s.sensor {whens} END")
+    values = [_number_sql(conn, k) for k in QUANTITY_KEYS]
+    flagged = [f"CASE WHEN {_number_sql(conn, k)} IS NULL THEN 0 ELSE {_excluded_sql(conn, k, policy)} END"
+               for k in QUANTITY_KEYS]
+    measured, mparams = _measurement_sql(conn)
     # Filtered and ordered on the positions' copy of the time: positions(device, t_utc_ms) is
     # indexed (samples has no time index: it would slow the ingest path, see receiver/store.py).
-    where = ["p.device = ?", f"s.sensor IN ({','.join('?' * len(SENSORS))})", "p.state IN (?, ?)",
+    where = ["p.device = ?", measured, "p.state IN (?, ?)",
              "p.t_utc_ms IS NOT NULL", "p.lat IS NOT NULL", "p.lon IS NOT NULL", *_period_where(period, "p")]
-    params: list[Any] = [*SENSORS, *TRUSTED_POSITIONS, *_period_params(period)]
-    sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, CASE s.sensor {kind} END,"
-           f" {', '.join(slots)}"
+    params: list[Any] = [*mparams, *TRUSTED_POSITIONS, *_period_params(period)]
+    sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, {', '.join(values + flagged)}"
            " FROM samples s JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
            f" WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
     return sql, params
@@ -457,14 +465,9 @@ def devices(conn: Any) -> list[str]:
 
 def _track(device: str, rows: np.ndarray) -> Track:
     """A :class:`Track` from the rows of :func:`track_sql` (float64, NULL as NaN)."""
-    kind = rows[:, 3]
-    values = np.full((len(rows), len(QUANTITY_KEYS)), np.nan)
-    flagged = np.zeros((len(rows), len(QUANTITY_KEYS)), dtype=bool)
-    for i, sn in enumerate(SENSORS):
-        mine = kind == i
-        for slot, j in enumerate(SENSOR_QUANTITIES[sn]):
-            values[mine, j] = rows[mine, 4 + slot]
-            flagged[mine, j] = rows[mine, 4 + SLOTS + slot] == 1
+    n = len(QUANTITY_KEYS)
+    values = rows[:, 3:3 + n].copy()
+    flagged = rows[:, 3 + n:3 + 2 * n] == 1
     number = ~np.isnan(values)  # NULL (not a JSON number) is no value: neither kept nor counted
     excluded = number & (flagged | ~np.isfinite(values) | sentinel_mask(values))
     values[excluded] = np.nan
@@ -476,7 +479,7 @@ def read_tracks(conn: Any, period: Period, chunk: int = 100_000,
                 policy: FlagPolicy = FlagPolicy()) -> Iterator[Track]:
     """Each van's positioned samples in ``period`` as a :class:`Track` (one van in memory at a time)."""
     sql, params = track_sql(conn, period, policy)
-    n_cols = 4 + 2 * SLOTS
+    n_cols = 3 + 2 * len(QUANTITY_KEYS)
     for device in devices(conn):
         cur = dbapi.execute(conn, sql, [device, *params])
         parts = []

@@ -66,6 +66,10 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
                    "values are sound"),
     "salvaged": ("van", "keep", "recovered from a damaged buffer with its row checksum verified"),
     "no_gps_time": ("van", "keep", "GPS samples only: not a map quantity"),
+    "audio_gap": ("van", "keep", "seconds of audio before this one were skipped by a late read; this "
+                  "second's level is measured whole"),
+    "audio_overrun": ("van", "keep", "the sound card dropped frames before this reading; the level is of "
+                      "the audio that arrived, still the street's"),
     # positions (the observations view's quality column): maps use trusted positions only anyway
     "no_fix": ("receiver", "keep", "positions: maps take only exact or interpolated positions"),
     "no_time": ("receiver", "keep", "positions: maps take only exact or interpolated positions"),

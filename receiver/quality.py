@@ -40,6 +40,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "laeq": (20.0, 140.0),
     "lamax": (20.0, 140.0),
     "lamin": (20.0, 140.0),
+    "lceq": (20.0, 140.0),  # the sound module set to C or Z weighting (drivers/sound_module.py)
+    "lzeq": (20.0, 140.0),
 }
 NON_NEGATIVE = {"pm1", "pm25", "pm10", "no2_ppb"}
 HUMID_RH = 75.0

@@ -10,7 +10,7 @@ its shapes. The mapping (one map unit behaves like a fixed virtual station):
 * **Observation**: one period's value, the median of per-pass means (id
   ``<unit>:<quantity>:<period>``), with ``phenomenonTime`` the period and
   ``parameters`` the passes and days behind it;
-* **ObservedProperty**: pm25, pm10, no2_ppb, laeq; **Sensor**: one, the method.
+* **ObservedProperty**: pm25, pm10, no2_ppb, laeq (lceq, lzeq); **Sensor**: one, the method.
 
 Vans are not Things here on purpose: per-van data is never public.
 
@@ -47,12 +47,16 @@ UOM = {
               "definition": "http://unitsofmeasure.org/ucum.html#ug/m3"},
     "ppb": {"name": "parts per billion", "symbol": "ppb", "definition": "http://unitsofmeasure.org/ucum.html#[ppb]"},
     "dB(A)": {"name": "decibel, A-weighted", "symbol": "dB(A)", "definition": "http://unitsofmeasure.org/ucum.html#dB"},
+    "dB(C)": {"name": "decibel, C-weighted", "symbol": "dB(C)", "definition": "http://unitsofmeasure.org/ucum.html#dB"},
+    "dB(Z)": {"name": "decibel, unweighted (Z)", "symbol": "dB(Z)", "definition": "http://unitsofmeasure.org/ucum.html#dB"},
 }
 DESCRIPTIONS = {
     "pm25": "Mass concentration of particulate matter up to 2.5 µm (optical sensor, raw)",
     "pm10": "Mass concentration of particulate matter up to 10 µm (optical sensor, raw)",
     "no2_ppb": "Nitrogen dioxide mixing ratio (electrochemical sensor)",
     "laeq": "A-weighted equivalent continuous sound level (per-pass energy mean)",
+    "lceq": "C-weighted equivalent continuous sound level (per-pass energy mean)",
+    "lzeq": "Unweighted (Z) equivalent continuous sound level (per-pass energy mean)",
 }
 OM_MEASUREMENT = "http://www.opengis.net/def/observationType/OGC-OM/2.0/OM_Measurement"
 
@@ -139,7 +143,7 @@ def _observation(base: str, r: tuple[Any, ...]) -> dict[str, Any]:
         "resultTime": iso_ms(built),
         "result": value,
         "parameters": {"period": period, "n_passes": n_passes, "n_days": n_days, "n_samples": n_samples,
-                       "statistic": "median of per-pass means" + (" (energy means)" if quantity == "laeq" else ""),
+                       "statistic": "median of per-pass means" + (" (energy means)" if QUANTITIES[quantity].energy else ""),
                        "scheme": scheme},
         "Datastream@iot.navigationLink": f"{self_}/Datastream",
         "FeatureOfInterest@iot.navigationLink": f"{self_}/FeatureOfInterest",

@@ -14,7 +14,9 @@ calibrated analytically, so a correctly calibrated meter reads about the request
 * microphone self-noise (white, at ``self_noise_db`` dB(A)) is added, and samples clip at
   full scale like a real microphone.
 
-:func:`sine` and :func:`pink_noise` are pure generators for tests and calibration.
+:func:`sine` and :func:`pink_noise` are pure generators for tests and calibration;
+:class:`CalibratorTone` is a 94 dB / 1 kHz acoustic calibrator seated on a microphone whose
+real sensitivity is off its data sheet by ``sensitivity_error_db`` (what calibration fixes).
 """
 
 from __future__ import annotations
@@ -227,3 +229,45 @@ class SimulatedMicrophone:
 
     def close(self) -> None:
         """Nothing to release; present for symmetry with real sources."""
+
+
+class CalibratorTone:
+    """A block source: an acoustic calibrator's tone on a microphone that reads off.
+
+    The microphone's real sensitivity is ``sensitivity_dbfs + sensitivity_error_db`` while
+    the meter is configured with the data sheet's ``sensitivity_dbfs``, so an uncalibrated
+    meter reads ``level_db + sensitivity_error_db`` (94 dB reads 92.7 dB at -1.3 dB). A little
+    self-noise (30 dB) keeps it from being a mathematically pure tone.
+    """
+
+    def __init__(self, freq_hz: float = 1000.0, level_db: float = 94.0, sensitivity_dbfs: float = -26.0, *,
+                 sensitivity_error_db: float = 0.0, sample_rate: int = 48_000, block_s: float = 0.1,
+                 seed: int = 3, speed: float | None = None) -> None:
+        self.freq_hz, self.level_db = freq_hz, level_db
+        # speed: audio paced at this many times real time (None: as fast as it is read), so a
+        # capture thread reading it does not spin a core.
+        self.speed = speed
+        self._wall_start: float | None = None
+        self.sensitivity_dbfs = sensitivity_dbfs + sensitivity_error_db  # what the capsule really does
+        self.sample_rate = sample_rate
+        self.block = int(block_s * sample_rate)
+        self._n = 0
+        self._rng = np.random.default_rng(seed)
+
+    def read_block(self) -> NDArray[np.float32]:
+        if self.speed:
+            now = time.monotonic()
+            if self._wall_start is None:
+                self._wall_start = now
+            due = self._wall_start + self._n / self.sample_rate / self.speed
+            if due > now:
+                time.sleep(due - now)
+        phase = 2.0 * math.pi * self.freq_hz * self._n / self.sample_rate
+        x = sine(self.freq_hz, self.level_db, self.block / self.sample_rate, sample_rate=self.sample_rate,
+                 sensitivity_dbfs=self.sensitivity_dbfs, phase=phase)
+        x = x + self._rng.normal(0.0, level_to_rms(30.0, self.sensitivity_dbfs), len(x))
+        self._n += self.block
+        return x.astype(np.float32)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -101,7 +101,9 @@ def test_aggregates_json_csv_and_bad_parameters(base: str) -> None:
 
 def test_catalog_lists_what_is_published(base: str) -> None:
     cat = get_json(f"{base}/api/v1/catalog")
-    assert set(cat["quantities"]) == {"pm25", "pm10", "no2_ppb", "laeq"}
+    # C- and Z-weighted levels (a sound module set so) are quantities of their own, with their unit.
+    assert set(cat["quantities"]) == {"pm25", "pm10", "no2_ppb", "laeq", "lceq", "lzeq"}
+    assert cat["quantities"]["lceq"]["unit"] == "dB(C)"
     combos = {(r["scheme"], r["period"], r["quantity"]) for r in cat["published"]}
     assert ("segment", "all", "pm25") in combos and ("h3:10", "all", "laeq") in combos
 

@@ -50,8 +50,11 @@ class MicrophoneDriver:
     ``values`` always holds ``laeq``, ``lamax``, ``lamin`` (LAeq,1s, LAFmax, LAFmin of the
     newest complete second) and, on the first read after a minute completes, ``la10``,
     ``la50``, ``la90`` and ``laeq_1min``.  ``flags``: ``overload``, ``noise_floor``,
-    ``warming_up`` (first second).  ``read()`` returns ``None`` when no new second has
-    completed since the last call, and raises ``ReadError`` if the capture thread died.
+    ``warming_up`` (first second), ``audio_gap`` (seconds before this one completed but were
+    never read: a late read; counted in ``seconds_skipped``), ``audio_overrun`` (audio was lost
+    in capture since the last reading: ALSA overruns or source errors, counted in
+    ``audio_health``).  ``read()`` returns ``None`` when no new second has completed since the
+    last call, and raises ``ReadError`` if the capture thread died.
     """
 
     def __init__(
@@ -74,6 +77,10 @@ class MicrophoneDriver:
         self._pending_minute: MinuteLevels | None = None
         self._failure: Exception | None = None
         self.source_errors = 0  # recoverable errors from the source (e.g. ALSA overruns)
+        # Audio lost, never silently (issue 15): seconds the agent read too late to see, and
+        # capture losses (source overruns + errors) up to the last delivered reading.
+        self.seconds_skipped = 0
+        self._losses_delivered = 0
         self._thread = threading.Thread(target=self._run, name=f"{name}-capture", daemon=True)
         if start:
             self.start()
@@ -87,8 +94,12 @@ class MicrophoneDriver:
                 if failure is not None:
                     raise ReadError(f"{self.name}: capture stopped: {failure!r}")
                 return None
+            skipped = latest.index - self._delivered_index - 1
             self._delivered_index = latest.index
             self._pending_minute = None
+        self.seconds_skipped += skipped
+        losses = self._capture_losses()
+        lost_audio, self._losses_delivered = losses > self._losses_delivered, losses
         values: dict[str, Any] = {
             "laeq": round(latest.laeq, 2),
             "lamax": round(latest.lafmax, 2),
@@ -101,7 +112,11 @@ class MicrophoneDriver:
             flags.append("noise_floor")
         if latest.settling:
             flags.append("warming_up")
-        meta: dict[str, Any] = {"second": latest.index}
+        if skipped > 0:
+            flags.append("audio_gap")
+        if lost_audio:
+            flags.append("audio_overrun")
+        meta: dict[str, Any] = {"second": latest.index, "seconds_skipped": skipped}
         if minute is not None:
             values.update(
                 la10=round(minute.la10, 2),
@@ -111,6 +126,14 @@ class MicrophoneDriver:
             )
             meta["minute"] = minute.index
         return Reading(sensor="noise", values=values, flags=tuple(flags), meta=meta)
+
+    def _capture_losses(self) -> int:
+        return int(getattr(self.source, "overruns", 0) or 0) + self.source_errors
+
+    def audio_health(self) -> dict[str, int]:
+        """For the heartbeat: audio that never became a level, so a loss is seen, not silent."""
+        return {"seconds_skipped": self.seconds_skipped, "overruns": int(getattr(self.source, "overruns", 0) or 0),
+                "source_errors": self.source_errors}
 
     def close(self) -> None:
         self._stop.set()

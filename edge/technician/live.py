@@ -15,13 +15,16 @@ from rich.table import Table
 from edge.errors import RecoverableError
 from edge.technician.common import Van, console, handle_errors, load_van_config, van_options
 
-# The values worth a glance per channel, in order; others show the first few they have.
-_SHOW = {
-    "pm": ("pm1", "pm25", "pm10"),
-    "no2": ("no2_ppb", "no2_we_mv", "no2_ae_mv", "no2_temp_c"),
-    "noise": ("laeq", "lamax", "lamin"),
-    "gps": ("lat", "lon", "speed", "sats_used", "hdop"),
-}
+# The values worth a glance per kind of reading, in order, known by their keys (a section may
+# be called anything); others show the first few they have.
+_SHOW = (
+    ("pm1", "pm25", "pm10"),
+    ("no2_ppb", "no2_we_mv", "no2_ae_mv", "no2_temp_c"),
+    ("laeq", "lamax", "lamin"),
+    ("lceq", "lcmax", "lcmin"),
+    ("lzeq", "lzmax", "lzmin"),
+    ("lat", "lon", "speed", "sats_used", "hdop"),
+)
 
 
 def _fmt(v: Any) -> str:
@@ -44,7 +47,8 @@ def render(van: Van, latest: dict[str, Any], errors: dict[str, str], t0: float) 
             t.add_row(d.name, f"[red]{errors.get(d.name, 'no reading yet')}[/]", "", "-")
             continue
         r, at = item
-        keys = [k for k in _SHOW.get(r.sensor, ()) if k in r.values] or list(r.values)[:5]
+        show = next((ks for ks in _SHOW if ks[0] in r.values), ())
+        keys = [k for k in show if k in r.values] or list(r.values)[:5]
         vals = "  ".join(f"{k} {_fmt(r.values[k])}" for k in keys)
         if "cal" in r.values:
             vals += f"  [dim]cal {r.values['cal']}[/]"

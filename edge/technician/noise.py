@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from drivers.noise.levels import LevelMeter, MeterConfig, SecondLevels, measure_calibrator
-from edge.calibration import CalibrationError, Proposal
+from edge.calibration import CalibrationError, Proposal, noise_serial
 from edge.technician.common import (
     confirm_options,
     console,
@@ -77,31 +77,6 @@ def analyse_tone(x: NDArray[np.float64], meter_cfg: MeterConfig, *, reference_db
             "range_db": spread, "seconds": float(len(secs))}
 
 
-class ToneSource:
-    """A simulated calibrator on a simulated microphone: a sine plus a little self-noise."""
-
-    def __init__(self, freq_hz: float, level_db: float, sensitivity_dbfs: float, *, sample_rate: int = 48_000,
-                 block_s: float = 0.1, seed: int = 3) -> None:
-        self.freq_hz, self.level_db, self.sensitivity_dbfs = freq_hz, level_db, sensitivity_dbfs
-        self.sample_rate = sample_rate
-        self.block = int(block_s * sample_rate)
-        self._n = 0
-        self._rng = np.random.default_rng(seed)
-
-    def read_block(self) -> NDArray[np.float32]:
-        from simulator.microphone import level_to_rms, sine
-
-        phase = 2.0 * math.pi * self.freq_hz * self._n / self.sample_rate
-        x = sine(self.freq_hz, self.level_db, self.block / self.sample_rate, sample_rate=self.sample_rate,
-                 sensitivity_dbfs=self.sensitivity_dbfs, phase=phase)
-        x = x + self._rng.normal(0.0, level_to_rms(30.0, self.sensitivity_dbfs), len(x))
-        self._n += self.block
-        return x.astype(np.float32)
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
 def record_audio(source: Any, seconds: float, sample_rate: int) -> NDArray[np.float64]:
     need = int(seconds * sample_rate)
     blocks, have, empty = [], 0, 0
@@ -134,7 +109,8 @@ def noise() -> None:
 @click.option("--reference-db", default=CALIBRATOR_DB, show_default=True, help="The calibrator's level, dB SPL.")
 @click.option("--max-range", default=DEFAULT_MAX_RANGE_DB, show_default=True,
               help="Refuse if the 1 s levels spread more than this, dB.")
-@click.option("--serial", help="The microphone's id in the records (default <device id>/<sensor name>).")
+@click.option("--serial", help="The microphone's serial, as a check: it must be the one the sensor's table "
+              "configures (serial = ...; without one the id is <device id>/<sensor name>).")
 @click.option("--sensor", help="The noise sensor's name in the configuration (if several).")
 @click.option("--sim-freq", default=CALIBRATOR_HZ, show_default=True, help="--simulate: the calibrator's frequency.")
 @click.option("--sim-error-db", default=-1.3, show_default=True,
@@ -166,8 +142,15 @@ def calibrate(seconds: float, reference_db: float, max_range: float, serial: str
     if sc.driver != "microphone":
         raise CalibrationError("acoustic calibration needs the I2S microphone; the sound module is calibrated by its maker")
     meter_cfg = MeterConfig.from_mapping({k: v for k, v in sc.options.items() if k != "device"})
+    # The record must go under the serial the agent looks this microphone up by, or it would
+    # be "active" and never applied (issue 15: the van kept reading 92.7 dB on 94 dB).
+    sid = noise_serial(cfg, sc)
+    if serial is not None and serial != sid:
+        raise CalibrationError(
+            f"the agent knows this microphone as {sid!r}, not {serial!r}: a record under {serial!r} would "
+            f"never be applied. Set serial = \"{serial}\" in [sensors.{sc.name}] (then reload the agent) "
+            f"and calibrate again, or leave out --serial")
     store = open_store(cfg)
-    sid = serial or f"{cfg.device.id}/{sc.name}"
     prev = store.active("noise", sid)
     # The offset is computed on top of the configured one; the record holds the absolute offset.
     meter_cfg = MeterConfig(sample_rate=meter_cfg.sample_rate, sensitivity_dbfs=meter_cfg.sensitivity_dbfs,
@@ -175,8 +158,10 @@ def calibrate(seconds: float, reference_db: float, max_range: float, serial: str
                             noise_floor_db=meter_cfg.noise_floor_db)
     source: Any
     if simulate or str(sc.options.get("device", "")) == "sim":
-        source = ToneSource(sim_freq, reference_db + sim_error_db, meter_cfg.sensitivity_dbfs,
-                            sample_rate=meter_cfg.sample_rate)
+        from simulator.microphone import CalibratorTone
+
+        source = CalibratorTone(sim_freq, reference_db, meter_cfg.sensitivity_dbfs,
+                                sensitivity_error_db=sim_error_db, sample_rate=meter_cfg.sample_rate)
     else:
         from drivers.noise.capture import AlsaSource
 

@@ -50,6 +50,7 @@ def plausible(values: dict[str, Any]) -> str | None:
     limits = {
         "pm25": (0, 1000), "pm10": (0, 2000), "pm1": (0, 1000), "no2_ppb": (-50, 2000),
         "no2_we_mv": (5, 3000), "no2_ae_mv": (5, 3000), "no2_temp_c": (-30, 70), "laeq": (20, 140),
+        "lceq": (20, 140), "lzeq": (20, 140),
         "lat": (-90, 90), "lon": (-180, 180),
     }
     for k, (lo, hi) in limits.items():
@@ -64,7 +65,7 @@ def plausible(values: dict[str, Any]) -> str | None:
 
 
 def _summary(values: dict[str, Any]) -> str:
-    keys = [k for k in ("pm25", "pm10", "no2_ppb", "no2_we_mv", "no2_ae_mv", "no2_temp_c", "laeq", "lat", "lon",
+    keys = [k for k in ("pm25", "pm10", "no2_ppb", "no2_we_mv", "no2_ae_mv", "no2_temp_c", "laeq", "lceq", "lzeq", "lat", "lon",
                         "sats_used") if k in values] or list(values)[:4]
     return ", ".join(f"{k} {values[k]:.4g}" if _num(values[k]) is not None else f"{k} {values[k]}" for k in keys)
 

@@ -14,6 +14,8 @@ const BREAKS = {
   pm10: [15, 20, 30, 45, 60, 80],
   no2_ppb: [5, 10, 15, 20, 30, 40],
   laeq: [50, 55, 60, 65, 70, 75],
+  lceq: [50, 55, 60, 65, 70, 75],  // the sound module set to C or Z weighting: the same bands
+  lzeq: [50, 55, 60, 65, 70, 75],
 };
 const COLOURS = ["#1a9850", "#91cf60", "#d9ef8b", "#fee08b", "#fc8d59", "#d73027", "#7b0a3c"];
 
