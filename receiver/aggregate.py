@@ -49,6 +49,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from receiver import dbapi
+from receiver.calibration import NO2_QUANTITY as BEST_KEY  # the quantity the receiver recomputes
+from receiver.calibration import value_source
 from receiver.mapunits import ArraySnapper, Snapper, run_starts
 
 log = logging.getLogger(__name__)
@@ -315,18 +317,21 @@ def read_samples(conn: Any, period: Period) -> Iterator[Sample]:
     params: list[Any] = [*sensors, *TRUSTED_POSITIONS, *_period_params(period)]
     cur = dbapi.execute(
         conn,
-        "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon"
+        "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon,"
+        f" {value_source(BEST_KEY, 'NULL')}"  # the receiver's recomputed value, if any
         " FROM samples s JOIN positions p"
         " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
         f" WHERE {' AND '.join(where)} ORDER BY s.device, s.t_utc_ms",
         params,
     )
     while rows := cur.fetchmany(5000):
-        for device, t, sensor, vals, flags, lat, lon in rows:
+        for device, t, sensor, vals, flags, lat, lon, best in rows:
             if t is None or lat is None or lon is None:
                 continue
-            yield Sample(device, int(t), float(lat), float(lon),
-                         usable_values(sensor, dbapi.decode_json(vals) or {}, flags))
+            values = dbapi.decode_json(vals) or {}
+            if best is not None:
+                values = {**values, BEST_KEY: best}
+            yield Sample(device, int(t), float(lat), float(lon), usable_values(sensor, values, flags))
 
 
 # -- the columnar path: one van at a time ------------------------------------------------
@@ -378,7 +383,8 @@ def track_sql(conn: Any, period: Period) -> tuple[str, list[Any]]:
     kind = " ".join(f"WHEN '{sn}' THEN {i}" for i, sn in enumerate(SENSORS))
     slots = []
     for i in range(SLOTS):
-        whens = " ".join(f"WHEN '{sn}' THEN {_number_sql(conn, QUANTITY_KEYS[qs[i]])}"
+        # The best value: the receiver's recomputed one where it has one (receiver/calibration.py).
+        whens = " ".join(f"WHEN '{sn}' THEN {value_source(QUANTITY_KEYS[qs[i]], _number_sql(conn, QUANTITY_KEYS[qs[i]]))}"
                          for sn, qs in SENSOR_QUANTITIES.items() if len(qs) > i)
         slots.append(f"CASE s.sensor {whens} END")
     # Filtered and ordered on the positions' copy of the time: positions(device, t_utc_ms) is

@@ -24,8 +24,10 @@ from receiver.aggregate import QUANTITIES, TRUSTED_POSITIONS, Period
 
 AGG_FIELDS = ("scheme", "cell", "period", "quantity", "unit", "value", "n_passes", "n_days", "n_samples",
               "period_start_utc", "period_end_utc", "street", "road_class")
-MEASUREMENT_FIELDS = ("device", "time_utc", "t_utc_ms", "sensor", "quantity", "value", "flags", "lat", "lon",
-                      "speed_mps", "position")
+# value is the best one and calibration the record it used (the observations view,
+# receiver/calibration.py value_source): an export never restates how that is chosen.
+MEASUREMENT_FIELDS = ("device", "time_utc", "t_utc_ms", "sensor", "quantity", "value", "calibration", "flags",
+                      "lat", "lon", "speed_mps", "position")
 
 
 def iso_ms(ms: int | None) -> str | None:
