@@ -11,11 +11,14 @@ van is a second chain of records there, and no van can touch another van's recor
 Stores made when the key was the record id alone (``no2:<serial>:vN``, so one van's
 upload overwrote another's) are migrated when the store opens (``ensure_tables``).
 
-Raw samples are never touched. What a record derives goes to ``derived`` with the id of
-the record that produced it: ``recompute_no2`` recomputes ``no2_ppb`` from the raw
-electrode mV and temperature of every NO2 sample inside the record's validity, so a
-corrected (e.g. retroactive co-location) record repairs data already stored, and
-``derive_batch_no2`` does the same for samples that arrive after their record.
+Raw samples are never touched, and older record versions stay (history). What records
+derive goes to ``derived`` with the id of the record used: each NO2 sample gets ``no2_ppb``
+from its raw electrode mV and temperature by the record valid at its time (``record_at``:
+the newest version in effect then). ``recompute_no2`` redoes a span when a record is new or
+changed (the union of its old and new window), so a corrected (e.g. retroactive
+co-location) record repairs data already stored, and ``derive_batch_no2`` derives samples
+that arrive after their record. Every reader takes the best value through ``value_source``
+/ ``derived_join`` / ``calibration_sql`` (end of this module): derived if any, else the van's.
 
 Functions take a DB-API connection and run inside the caller's transaction (no commit).
 """
