@@ -50,7 +50,7 @@ import numpy as np
 
 from receiver import dbapi
 from receiver.calibration import NO2_QUANTITY as BEST_KEY  # the quantity the receiver recomputes
-from receiver.calibration import value_source
+from receiver.calibration import best_join, value_source
 from receiver.mapunits import ArraySnapper, Snapper, run_starts
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,7 @@ def read_samples(conn: Any, period: Period) -> Iterator[Sample]:
         f" {value_source(BEST_KEY, 'NULL')}"  # the receiver's recomputed value, if any
         " FROM samples s JOIN positions p"
         " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
+        f" {best_join()}"
         f" WHERE {' AND '.join(where)} ORDER BY s.device, s.t_utc_ms",
         params,
     )
@@ -395,7 +396,7 @@ def track_sql(conn: Any, period: Period) -> tuple[str, list[Any]]:
     sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, CASE s.sensor {kind} END + {len(SENSORS)} * {_excluded_sql(conn)},"
            f" {', '.join(slots)}"
            " FROM samples s JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
-           f" WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
+           f" {best_join()} WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
     return sql, params
 
 

@@ -419,15 +419,19 @@ def calibration_sql(sqlite: bool, s: str = "s", key: str = "j.key", d: str = "d"
     return f"coalesce({d}.calibration, CASE WHEN {key} IN ({keys}) OR {suffix} = '_cal' THEN {tag} END)"
 
 
-def value_source(key: str, raw_sql: str, s: str = "s") -> str:
-    """SQL for the best value of quantity ``key`` (a literal name) of sample alias ``s``.
+def value_source(key: str, raw_sql: str, d: str = "bv") -> str:
+    """SQL for the best value of quantity ``key`` (a literal name), given the van's as ``raw_sql``.
 
-    ``raw_sql`` is the van's value as a number. For a quantity the receiver derives this is
-    ``coalesce(<derived value>, raw)`` through a correlated primary-key probe of
-    ``derived`` (no join to add to the caller's FROM); for any other, ``raw_sql`` itself.
+    For the quantity the receiver derives: ``coalesce(<derived value>, raw)``, reading the
+    ``derived`` row that ``best_join`` (same ``d``) joins in; for any other, ``raw_sql``.
     """
-    if key != NO2_QUANTITY:
-        return raw_sql
-    probe = (f"(SELECT dv.value FROM derived dv WHERE dv.device = {s}.device AND dv.epoch = {s}.epoch"
-             f" AND dv.seq = {s}.seq AND dv.quantity = '{key}')")
-    return f"coalesce({probe}, {raw_sql})"
+    return f"coalesce({d}.value, {raw_sql})" if key == NO2_QUANTITY else raw_sql
+
+
+def best_join(s: str = "s", d: str = "bv") -> str:
+    """The LEFT JOIN ``value_source`` reads (the derived NO2 row of sample alias ``s``).
+
+    A join, not a correlated subquery: PostgreSQL then hashes a van's derived rows once
+    instead of probing the index per sample (a map build took 1.5x as long with the probe).
+    """
+    return derived_join(s, f"'{NO2_QUANTITY}'", d)
