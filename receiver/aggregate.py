@@ -382,10 +382,11 @@ def track_sql(conn: Any, period: Period) -> tuple[str, list[Any]]:
     parses JSON; few columns, because every value fetched costs a Python object.
     """
     kind = " ".join(f"WHEN '{sn}' THEN {i}" for i, sn in enumerate(SENSORS))
+    # The best value: the receiver's recomputed one where it has one (receiver/calibration.py).
+    best = {k: value_source(k, _number_sql(conn, k)) for k in QUANTITY_KEYS}
     slots = []
     for i in range(SLOTS):
-        # The best value: the receiver's recomputed one where it has one (receiver/calibration.py).
-        whens = " ".join(f"WHEN '{sn}' THEN {value_source(QUANTITY_KEYS[qs[i]], _number_sql(conn, QUANTITY_KEYS[qs[i]]))}"
+        whens = " ".join(f"WHEN '{sn}' THEN {best[QUANTITY_KEYS[qs[i]]]}"
                          for sn, qs in SENSOR_QUANTITIES.items() if len(qs) > i)
         slots.append(f"CASE s.sensor {whens} END")
     # Filtered and ordered on the positions' copy of the time: positions(device, t_utc_ms) is

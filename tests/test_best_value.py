@@ -197,6 +197,15 @@ def test_a_window_recomputes_only_what_it_covers(make: MakeStore, tmp_path: Any)
         assert cal == rec.id and math.isclose(v, _ppb(rec, i), rel_tol=1e-9), (i, cal)
     assert [i for i, _ in _history(s, "van-a")] == [v1.id, v2.id]
 
+    # v1 closed at second 10: seconds no record covers lose their derived value and serve the
+    # van's own again (tagged v1 by the van), the rest is kept.
+    _upload(ing, _records("van-a", 400, dataclasses.replace(v1_closed, valid_to=T0 + 10.5)), LATER + 2000)
+    derived = {round(t / 1000 - T0): cal for t, cal in q(
+        s, "SELECT p.t_utc_ms, d.calibration FROM derived d JOIN positions p"
+        " ON p.device = d.device AND p.epoch = d.epoch AND p.seq = d.seq")}
+    assert derived == {**{i: v1.id for i in range(1, 11)}, **{i: v2.id for i in range(30, 50)}}
+    assert _observed(s, "van-a")[20] == (_ppb(v1, 20), v1.id)
+
 
 def test_a_moved_sensor_keeps_both_vans_records(make: MakeStore, tmp_path: Any) -> None:
     """Serial X rides in van A on day 1, then moves to van B with a record of B's own."""
@@ -243,3 +252,20 @@ def test_received_time_is_the_receivers(make: MakeStore, tmp_path: Any) -> None:
     assert q(s, "SELECT id, received_utc_ms FROM calibrations ORDER BY version") == [
         (v1.id, LATER), (v2.id, LATER)]
     assert {c for _, c in _observed(s, "van-a").values()} == {v2.id}
+
+
+def test_without_a_record_at_the_receiver_the_vans_value_and_tag_are_served(make: MakeStore,
+                                                                             tmp_path: Any) -> None:
+    """Records not (yet) at the DataLab: the van's own value, with the record id it was tagged with;
+    a value no record calibrated (PM here) says so with NULL."""
+    s = make()
+    v1 = _confirmed(tmp_path, "van-a")
+    day = _day("van-a", v1)
+    day.samples = [smp for smp in day.samples if smp.sensor != "calibration"]
+    day.samples.append(Sample("pm", int((T0 + 5.5) * 1000), 0, TimeSource.GPS, {"pm25": 7.0}, (), 500, "boot"))
+    day.last_seq = 500
+    _upload(Ingestor(s), day, RECEIVED)
+    got = _observed(s, "van-a")
+    assert len(got) == N and all(cal == v1.id and math.isclose(v, _ppb(v1, i)) for i, (v, cal) in got.items())
+    assert q(s, "SELECT count(*) FROM derived") == [(0,)]
+    assert q(s, "SELECT value, calibration FROM observations WHERE quantity='pm25'") == [(7.0, None)]
