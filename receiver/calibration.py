@@ -217,12 +217,12 @@ def store_calibrations(conn: Any, batch: Any, received_ms: int | None = None,
             continue
         text = rec.to_json()
         key = (device, rec.kind, rec.serial, rec.version)
-        row = _exec(conn, "SELECT record, valid_from_ms, valid_to_ms FROM calibrations"
+        row = _exec(conn, "SELECT record, status, valid_from_ms, valid_to_ms FROM calibrations"
                           " WHERE device=? AND kind=? AND serial=? AND version=?", key).fetchone()
         if row is not None and row[0] == text:
             continue
         span = _union(_window(rec.status, _ms(rec.valid_from), _ms(rec.valid_to)),
-                      None if row is None else _window(rec.status, row[1], row[2]))
+                      None if row is None else _window(*row[1:]))
         _exec(
             conn,
             f"INSERT INTO calibrations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -393,8 +393,8 @@ def _merged(spans: list[Span]) -> list[Span]:
 #
 # Every reader (the ``observations`` views, maps, exports, the API through the maps) takes a
 # value from here: the receiver's derived value when it has one, else the van's own. The
-# derived row is found by its primary key (device, epoch, seq, quantity), one index probe per
-# value, so serving the best value adds no scan at any fleet size.
+# derived row is joined on its primary key (device, epoch, seq, quantity), so serving the best
+# value needs no index beyond it (none on the ingest path) and no scan at any fleet size.
 
 # Keys a van's ``cal`` tag speaks for (edge/calibration.py ``apply_record``): NO2 and the sound
 # levels recomputed on the van, and a PM record's ``<quantity>_cal``. Other keys of the same
