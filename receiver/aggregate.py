@@ -52,6 +52,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from receiver import dbapi
+from receiver.calibration import NO2_QUANTITY as BEST_KEY  # the quantity the receiver recomputes
+from receiver.calibration import best_join, value_source
 from receiver.flag_policy import FlagPolicy, is_sentinel, sentinel_mask
 from receiver.mapunits import ArraySnapper, Snapper, run_starts
 
@@ -370,19 +372,23 @@ def read_samples(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -
     params: list[Any] = [*mparams, *TRUSTED_POSITIONS, *_period_params(period)]
     cur = dbapi.execute(
         conn,
-        "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon, "
+        "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon,"
+        f" {value_source(BEST_KEY, 'NULL')}, "  # the receiver's recomputed value, if any
         + ", ".join(_quality_flags_sql(k) for k in QUANTITY_KEYS)
         + " FROM samples s JOIN positions p"
         " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
+        f" {best_join()}"
         f" WHERE {' AND '.join(where)} ORDER BY s.device, s.t_utc_ms",
         params,
     )
     while rows := cur.fetchmany(5000):
-        for device, t, sensor, vals, flags, lat, lon, *qflags in rows:
+        for device, t, sensor, vals, flags, lat, lon, best, *qflags in rows:
             if t is None or lat is None or lon is None:
                 continue
-            usable, excluded = split_values(sensor, dbapi.decode_json(vals) or {}, flags,
-                                            dict(zip(QUANTITY_KEYS, qflags)), policy)
+            values = dbapi.decode_json(vals) or {}
+            if best is not None:
+                values = {**values, BEST_KEY: best}
+            usable, excluded = split_values(sensor, values, flags, dict(zip(QUANTITY_KEYS, qflags)), policy)
             yield Sample(device, int(t), float(lat), float(lon), usable, excluded)
 
 
@@ -437,9 +443,10 @@ def track_sql(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> t
     (json_extract / jsonb), so Python never parses JSON. Quantities are chosen by value key,
     whatever sensor (section) name carries them.
     """
-    values = [_number_sql(conn, k) for k in QUANTITY_KEYS]
-    flagged = [f"CASE WHEN {_number_sql(conn, k)} IS NULL THEN 0 ELSE {_excluded_sql(conn, k, policy)} END"
-               for k in QUANTITY_KEYS]
+    # The best value: the receiver's recomputed one where it has one (receiver/calibration.py).
+    values = [value_source(k, _number_sql(conn, k)) for k in QUANTITY_KEYS]
+    flagged = [f"CASE WHEN {v} IS NULL THEN 0 ELSE {_excluded_sql(conn, k, policy)} END"
+               for k, v in zip(QUANTITY_KEYS, values)]
     measured, mparams = _measurement_sql(conn)
     # Filtered and ordered on the positions' copy of the time: positions(device, t_utc_ms) is
     # indexed (samples has no time index: it would slow the ingest path, see receiver/store.py).
@@ -448,7 +455,7 @@ def track_sql(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> t
     params: list[Any] = [*mparams, *TRUSTED_POSITIONS, *_period_params(period)]
     sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, {', '.join(values + flagged)}"
            " FROM samples s JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
-           f" WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
+           f" {best_join()} WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
     return sql, params
 
 

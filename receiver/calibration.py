@@ -11,11 +11,14 @@ van is a second chain of records there, and no van can touch another van's recor
 Stores made when the key was the record id alone (``no2:<serial>:vN``, so one van's
 upload overwrote another's) are migrated when the store opens (``ensure_tables``).
 
-Raw samples are never touched. What a record derives goes to ``derived`` with the id of
-the record that produced it: ``recompute_no2`` recomputes ``no2_ppb`` from the raw
-electrode mV and temperature of every NO2 sample inside the record's validity, so a
-corrected (e.g. retroactive co-location) record repairs data already stored, and
-``derive_batch_no2`` does the same for samples that arrive after their record.
+Raw samples are never touched, and older record versions stay (history). What records
+derive goes to ``derived`` with the id of the record used: each NO2 sample gets ``no2_ppb``
+from its raw electrode mV and temperature by the record valid at its time (``record_at``:
+the newest version in effect then). ``recompute_no2`` redoes a span when a record is new or
+changed (the union of its old and new window), so a corrected (e.g. retroactive
+co-location) record repairs data already stored, and ``derive_batch_no2`` derives samples
+that arrive after their record. Every reader takes the best value through ``value_source``
+/ ``derived_join`` / ``calibration_sql`` (end of this module): derived if any, else the van's.
 
 Functions take a DB-API connection and run inside the caller's transaction (no commit).
 """
@@ -27,13 +30,15 @@ import logging
 import math
 from typing import Any
 
-from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, no2_ppb_from_record, record_id
+from edge.calibration import (CALIBRATION_SENSOR, NOISE_LEVEL_KEYS, CalibrationRecord, no2_ppb_from_record,
+                              record_id)
 from edge.errors import PayloadError
 from receiver.calibration_check import check_record
 
 log = logging.getLogger(__name__)
 
 NO2_SENSOR = "no2"
+NO2_QUANTITY = "no2_ppb"  # the one quantity the receiver derives (from the raw electrode values)
 _RAW = ("no2_we_mv", "no2_ae_mv", "no2_temp_c")
 
 _CALIBRATIONS = """CREATE TABLE IF NOT EXISTS {name} (
@@ -156,23 +161,48 @@ def _ms(t: float | None) -> int | None:
     return None if t is None else int(round(t * 1000))
 
 
-def records_in_batch(batch: Any) -> list[CalibrationRecord]:
-    """The calibration records a batch carries (malformed ones are logged and skipped)."""
+def records_in_batch(batch: Any) -> list[tuple[int | None, CalibrationRecord]]:
+    """(sample seq, record) for each calibration record a batch carries (malformed ones logged, skipped)."""
     out = []
     for s in batch.samples:
         if s.sensor != CALIBRATION_SENSOR or not isinstance(s.values.get("record"), str):
             continue
         try:
-            out.append(CalibrationRecord.from_json(s.values["record"]))
+            out.append((s.seq, CalibrationRecord.from_json(s.values["record"])))
         except ValueError as exc:
             log.warning("device %s sent a malformed calibration record: %s", batch.device, exc)
-    return sorted(out, key=lambda r: (r.kind, r.serial, r.version))
+    return sorted(out, key=lambda sr: (sr[1].kind, sr[1].serial, sr[1].version))
 
 
-def store_calibrations(conn: Any, batch: Any, received_ms: int) -> list[str]:
-    """Upsert the batch's records; return the ids that are new or changed (to recompute)."""
-    changed: list[str] = []
-    for rec in records_in_batch(batch):
+# A time span in UTC ms, [lo, hi); None = open on that side.
+Span = tuple[int | None, int | None]
+
+
+def _received_ms(conn: Any, batch: Any, seq: int | None, fallback: int | None) -> int:
+    """When the receiver took the sample that carried a record: its stored ``received_utc_ms``.
+
+    Read from ``samples`` so it is right however the batch is derived (inline at
+    ingest, or later from the queue, where the batch is read back without it).
+    """
+    if seq is not None:
+        row = _exec(conn, "SELECT received_utc_ms FROM samples WHERE device=? AND epoch=? AND seq=?",
+                    (batch.device, batch.epoch, seq)).fetchone()
+        if row is not None and row[0] is not None:
+            return int(row[0])
+    return int(fallback or 0)
+
+
+def store_calibrations(conn: Any, batch: Any, received_ms: int | None = None,
+                       ) -> list[tuple[CalibrationRecord, Span | None]]:
+    """Upsert the batch's records; for each new or changed one, it and the span to recompute (None: none).
+
+    The span covers the record's validity before and after the change (a record whose
+    window shrank leaves values outside it that must go back to another record's).
+    Older versions stay as they are: they are the history. ``received_utc_ms`` is when
+    the receiver took the record (the sample's stored time; ``received_ms`` if absent).
+    """
+    changed: list[tuple[CalibrationRecord, Span | None]] = []
+    for seq, rec in records_in_batch(batch):
         if rec.status == "pending":
             continue  # a proposal has no effect anywhere
         device = rec.device or batch.device
@@ -187,10 +217,12 @@ def store_calibrations(conn: Any, batch: Any, received_ms: int) -> list[str]:
             continue
         text = rec.to_json()
         key = (device, rec.kind, rec.serial, rec.version)
-        row = _exec(conn, "SELECT record FROM calibrations WHERE device=? AND kind=? AND serial=? AND version=?",
-                    key).fetchone()
+        row = _exec(conn, "SELECT record, status, valid_from_ms, valid_to_ms FROM calibrations"
+                          " WHERE device=? AND kind=? AND serial=? AND version=?", key).fetchone()
         if row is not None and row[0] == text:
             continue
+        span = _union(_window(rec.status, _ms(rec.valid_from), _ms(rec.valid_to)),
+                      None if row is None else _window(*row[1:]))
         _exec(
             conn,
             f"INSERT INTO calibrations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -198,10 +230,23 @@ def store_calibrations(conn: Any, batch: Any, received_ms: int) -> list[str]:
             " valid_from_ms=excluded.valid_from_ms, valid_to_ms=excluded.valid_to_ms, record=excluded.record,"
             " received_utc_ms=excluded.received_utc_ms",
             (rec.id, device, rec.kind, rec.serial, rec.version, rec.status, _ms(rec.valid_from), _ms(rec.valid_to),
-             text, received_ms),
+             text, _received_ms(conn, batch, seq, received_ms)),
         )
-        changed.append(rec.id)
+        changed.append((rec, span))
     return changed
+
+
+def _window(status: str, lo: int | None, hi: int | None) -> Span | None:
+    """A record's validity as a span; None when it is in effect nowhere (no start: never confirmed)."""
+    return None if status == "pending" or lo is None else (lo, hi)
+
+
+def _union(a: Span | None, b: Span | None) -> Span | None:
+    """The smallest span holding both (a record's window before and after a change)."""
+    if a is None or b is None:
+        return a or b
+    return (min(a[0], b[0]) if a[0] is not None and b[0] is not None else None,  # type: ignore[type-var]
+            max(a[1], b[1]) if a[1] is not None and b[1] is not None else None)
 
 
 # Stored records derivation skipped as unusable (stored before the admission check, or by
@@ -225,9 +270,19 @@ def _usable(device: str, text: str) -> CalibrationRecord | None:
         return None
 
 
-def _load(conn: Any, device: str, rid: str) -> CalibrationRecord | None:
-    row = _exec(conn, "SELECT record FROM calibrations WHERE device=? AND id=?", (device, rid)).fetchone()
-    return None if row is None else _usable(device, row[0])
+def _no2_records(conn: Any, device: str) -> list[CalibrationRecord]:
+    """``device``'s usable NO2 records that can be in effect, newest version first."""
+    recs = [rec for r in _exec(
+        conn, "SELECT record FROM calibrations WHERE device=? AND kind=? AND status!=?",
+        (device, NO2_SENSOR, "pending")).fetchall() if (rec := _usable(device, r[0])) is not None]
+    return sorted(recs, key=lambda r: r.version, reverse=True)
+
+
+def record_at(recs: list[CalibrationRecord], t_ms: int, values: dict[str, Any]) -> CalibrationRecord | None:
+    """The record valid for a sample at ``t_ms``: of those in effect then for its serial, the newest
+    version (a correction made later, valid from before, wins over the one it corrects)."""
+    t = t_ms / 1000.0
+    return next((r for r in recs if r.in_effect_at(t) and _carried_by_serial(values, r.serial)), None)
 
 
 def _derive(values: dict[str, Any], rec: CalibrationRecord) -> float | None:
@@ -247,72 +302,136 @@ def _carried_by_serial(values: dict[str, Any], serial: str) -> bool:
     return not isinstance(cal, str) or cal.startswith(f"no2:{serial}:")
 
 
-def _upsert_derived(conn: Any, rows: list[tuple[Any, ...]]) -> None:
-    sql = _q(conn, "INSERT INTO derived (device, epoch, seq, quantity, value, calibration) VALUES (?,?,?,?,?,?)"
-                   " ON CONFLICT (device, epoch, seq, quantity) DO UPDATE SET value=excluded.value,"
-                   " calibration=excluded.calibration")
-    if rows:
-        conn.cursor().executemany(sql, rows)
+def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[str, Any]]],
+                   recs: list[CalibrationRecord], *, prune: bool) -> int:
+    """Derive ``no2_ppb`` for (epoch, seq, t_ms, values) by the record valid at each one's time.
 
-
-def recompute_no2(conn: Any, device: str, rid: str) -> int:
-    """Recompute ``no2_ppb`` by ``device``'s record ``rid`` for its NO2 samples inside its validity.
-
-    Writes ``derived`` rows (quantity ``no2_ppb``, calibration = the record id) from the
-    raw ``no2_we_mv``/``no2_ae_mv``/``no2_temp_c``; raw samples stay as they arrived.
-    Returns the number of rows written.
+    ``prune``: a sample no record covers (any more) loses its derived row, so what it
+    serves is the van's own value again (a new sample has none to lose). One statement
+    for the writes, one for the deletes. Returns the number of rows written.
     """
-    rec = _load(conn, device, rid)
-    if rec is None:
-        return 0
-    if rec.kind != "no2" or rec.status == "pending" or rec.valid_from is None:
-        return 0
-    lo, hi = _ms(rec.valid_from), _ms(rec.valid_to)
-    sql = "SELECT epoch, seq, vals FROM samples WHERE device=? AND sensor=? AND t_utc_ms>=?"
-    args: tuple[Any, ...] = (device, NO2_SENSOR, lo)
-    if hi is not None:
-        sql, args = sql + " AND t_utc_ms<?", (*args, hi)
-    rows = []
-    for epoch, seq, vals in _exec(conn, sql, args).fetchall():
-        values = json.loads(vals) if isinstance(vals, str) else dict(vals)
-        if not _carried_by_serial(values, rec.serial):
-            continue
-        v = _derive(values, rec)
-        if v is not None:
-            rows.append((device, epoch, seq, "no2_ppb", v, rec.id))
-    _upsert_derived(conn, rows)
+    rows, gone = [], []
+    for epoch, seq, t_ms, values in todo:
+        rec = record_at(recs, t_ms, values)
+        v = None if rec is None else _derive(values, rec)
+        if v is None:
+            gone.append((device, epoch, seq, NO2_QUANTITY))
+        else:
+            rows.append((device, epoch, seq, NO2_QUANTITY, v, rec.id))  # type: ignore[union-attr]
+    cur = conn.cursor()
+    if rows:
+        cur.executemany(_q(conn, "INSERT INTO derived (device, epoch, seq, quantity, value, calibration)"
+                                 " VALUES (?,?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
+                                 " DO UPDATE SET value=excluded.value, calibration=excluded.calibration"), rows)
+    if gone and prune:
+        cur.executemany(_q(conn, "DELETE FROM derived WHERE device=? AND epoch=? AND seq=? AND quantity=?"), gone)
     return len(rows)
 
 
+def recompute_no2(conn: Any, device: str, span: Span) -> int:
+    """Recompute ``device``'s ``no2_ppb`` for its NO2 samples timed inside ``span``.
+
+    Each sample gets the record valid at its time (``record_at``), from its raw
+    ``no2_we_mv``/``no2_ae_mv``/``no2_temp_c``; raw samples stay as they arrived. The
+    samples are found through ``positions(device, t_utc_ms)``, the time index of a
+    van's derived samples (``samples`` has none: it would slow every upload), so a
+    correction of one day reads that day, not the van's whole history.
+    Returns the number of rows written.
+    """
+    lo, hi = span
+    where, args = ["p.device=?", "s.sensor=?"], [device, NO2_SENSOR]
+    if lo is not None:
+        where, args = [*where, "p.t_utc_ms>=?"], [*args, lo]
+    else:
+        where.append("p.t_utc_ms IS NOT NULL")
+    if hi is not None:
+        where, args = [*where, "p.t_utc_ms<?"], [*args, hi]
+    rows = _exec(conn, "SELECT s.epoch, s.seq, s.t_utc_ms, s.vals FROM positions p JOIN samples s"
+                       " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                       f" WHERE {' AND '.join(where)}", tuple(args)).fetchall()
+    todo = [(e, q, t, json.loads(v) if isinstance(v, str) else dict(v)) for e, q, t, v in rows if t is not None]
+    return _write_derived(conn, device, todo, _no2_records(conn, device), prune=True)
+
+
 def derive_batch_no2(conn: Any, batch: Any) -> int:
-    """Derive ``no2_ppb`` for a batch's NO2 samples by the record in effect at their time.
+    """Derive ``no2_ppb`` for a batch's NO2 samples by the record valid at their time.
 
     For samples that arrive after their record (a van's backlog); ``recompute_no2``
     covers those that were there first.
     """
-    recs = [rec for r in _exec(
-        conn, "SELECT record FROM calibrations WHERE device=? AND kind=? AND status!=?",
-        (batch.device, "no2", "pending")).fetchall() if (rec := _usable(batch.device, r[0])) is not None]
-    if not recs:
+    todo = [(batch.epoch, s.seq, s.t_utc_ms, s.values) for s in batch.samples
+            if s.sensor == NO2_SENSOR and s.t_utc_ms is not None]
+    if not todo:
         return 0
-    recs.sort(key=lambda r: r.version, reverse=True)
-    rows = []
-    for s in batch.samples:
-        if s.sensor != NO2_SENSOR or s.t_utc_ms is None:
-            continue
-        t = s.t_utc_ms / 1000.0
-        rec = next((r for r in recs if r.in_effect_at(t) and _carried_by_serial(s.values, r.serial)), None)
-        if rec is None:
-            continue
-        v = _derive(s.values, rec)
-        if v is not None:
-            rows.append((batch.device, batch.epoch, s.seq, "no2_ppb", v, rec.id))
-    _upsert_derived(conn, rows)
-    return len(rows)
+    recs = _no2_records(conn, batch.device)
+    return _write_derived(conn, batch.device, todo, recs, prune=False) if recs else 0
 
 
-def ingest_calibrations(conn: Any, batch: Any, received_ms: int) -> None:
+def ingest_calibrations(conn: Any, batch: Any, received_ms: int | None = None) -> None:
     """All of the above for one stored batch: the single call ``SQLiteStore.ingest`` needs."""
     derive_batch_no2(conn, batch)
-    for rid in store_calibrations(conn, batch, received_ms):
-        recompute_no2(conn, batch.device, rid)
+    spans = [span for rec, span in store_calibrations(conn, batch, received_ms)
+             if rec.kind == NO2_SENSOR and span is not None]
+    for span in _merged(spans):  # a correction and the record it closes overlap: each sample once
+        recompute_no2(conn, batch.device, span)
+
+
+def _merged(spans: list[Span]) -> list[Span]:
+    """Overlapping or touching spans joined (None = open: sorts first as a start, last as an end)."""
+    out: list[Span] = []
+    for lo, hi in sorted(spans, key=lambda sp: -math.inf if sp[0] is None else sp[0]):
+        if out:
+            plo, phi = out[-1]
+            if phi is None or lo is None or lo <= phi:
+                out[-1] = (plo, None if phi is None or hi is None else max(phi, hi))
+                continue
+        out.append((lo, hi))
+    return out
+
+
+# -- reading: one best value ---------------------------------------------------------------
+#
+# Every reader (the ``observations`` views, maps, exports, the API through the maps) takes a
+# value from here: the receiver's derived value when it has one, else the van's own. The
+# derived row is joined on its primary key (device, epoch, seq, quantity), so serving the best
+# value needs no index beyond it (none on the ingest path) and no scan at any fleet size.
+
+# Keys a van's ``cal`` tag speaks for (edge/calibration.py ``apply_record``): NO2 and the sound
+# levels recomputed on the van, and a PM record's ``<quantity>_cal``. Other keys of the same
+# sample (raw electrode mV, humidity) are not calibrated values.
+_VAN_CALIBRATED = (NO2_QUANTITY, *NOISE_LEVEL_KEYS)
+
+
+def derived_join(s: str = "s", key: str = "j.key", d: str = "d") -> str:
+    """A LEFT JOIN of ``derived`` as ``d`` onto sample alias ``s`` for the quantity ``key`` (SQL)."""
+    return (f"LEFT JOIN derived {d} ON {d}.device = {s}.device AND {d}.epoch = {s}.epoch"
+            f" AND {d}.seq = {s}.seq AND {d}.quantity = {key}")
+
+
+def calibration_sql(sqlite: bool, s: str = "s", key: str = "j.key", d: str = "d") -> str:
+    """The id of the record a value was calibrated with: the receiver's (``derived``), else the
+    van's ``cal`` tag for a key the tag speaks for, else NULL (not calibrated)."""
+    keys = ", ".join(f"'{k}'" for k in _VAN_CALIBRATED)
+    if sqlite:
+        tag, suffix = f"json_extract({s}.vals, '$.cal')", f"substr({key}, -4)"
+    else:
+        tag, suffix = f"({s}.vals ->> 'cal')", f"right({key}, 4)"
+    return f"coalesce({d}.calibration, CASE WHEN {key} IN ({keys}) OR {suffix} = '_cal' THEN {tag} END)"
+
+
+def value_source(key: str, raw_sql: str, d: str = "bv") -> str:
+    """SQL for the best value of quantity ``key`` (a literal name), given the van's as ``raw_sql``.
+
+    For the quantity the receiver derives: ``coalesce(<derived value>, raw)``, reading the
+    ``derived`` row that ``best_join`` (same ``d``) joins in; for any other, ``raw_sql``.
+    """
+    return f"coalesce({d}.value, {raw_sql})" if key == NO2_QUANTITY else raw_sql
+
+
+def best_join(s: str = "s", d: str = "bv") -> str:
+    """The LEFT JOIN ``value_source`` reads (the derived NO2 row of sample alias ``s``).
+
+    A join, not a correlated subquery: PostgreSQL then hashes a van's derived rows once
+    instead of probing the index per sample (a map build took 1.5x as long with the probe).
+    """
+    return derived_join(s, f"'{NO2_QUANTITY}'", d)

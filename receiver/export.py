@@ -152,11 +152,11 @@ def measurements(
     if period.end_ms is not None:
         where.append("o.t_utc_ms < ?")
         params.append(period.end_ms)
-    value, calibration, join = calibrated_value_sql(conn)
-    cols = {"value": value, "calibration": calibration}
+    # value is the best one and calibration the record it used (the observations view,
+    # receiver/calibration.py value_source): an export never restates how that is chosen.
     cur = dbapi.execute(
         conn,
-        f"SELECT {', '.join(cols.get(f, f'o.{f}') for f in _QUERIED)} FROM observations o {join}"
+        f"SELECT {', '.join(f'o.{f}' for f in _QUERIED)} FROM observations o"
         + (f" WHERE {' AND '.join(where)}" if where else "")
         + " ORDER BY o.device, o.t_utc_ms, o.quantity",
         params,
@@ -170,23 +170,6 @@ def measurements(
             row["excluded"] = int(number and (is_sentinel(float(v)) or policy.excludes(q, row["flags"],
                                                                                       row["quality"])))
             yield row
-
-
-def calibrated_value_sql(conn: Any) -> tuple[str, str, str]:
-    """SQL for (each value, the id of the calibration record it came from, the JOIN they need).
-
-    Where the receiver recomputed a value with a calibration record (``derived``,
-    receiver/calibration.py), that value and the record's id; elsewhere the value as
-    stored and no id. The one place exports choose a value: the "best value" work
-    re-points this function.
-    """
-    if not dbapi.table_exists(conn, "derived"):
-        return "o.value", "NULL", ""
-    # PostgreSQL's view gives jsonb values: the derived double joins them as jsonb.
-    derived = "d.value" if dbapi.is_sqlite(conn) else "to_jsonb(d.value)"
-    return (f"CASE WHEN d.calibration IS NULL THEN o.value ELSE {derived} END", "d.calibration",
-            "LEFT JOIN derived d ON d.device = o.device AND d.epoch = o.epoch AND d.seq = o.seq"
-            " AND d.quantity = o.quantity")
 
 
 def measurement_feature(row: dict[str, Any]) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from edge.errors import PayloadError
 from edge.faultpoints import crash_point
 from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
 from receiver import quality
+from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
@@ -421,12 +422,15 @@ class SQLiteStore(StoreReads):
             "CREATE INDEX IF NOT EXISTS positions_open ON positions(device, t_utc_ms)"
             " WHERE state IN ('pending', 'no_fix')"
         )
+        # value: the best one (the receiver's recomputed value, else the van's); calibration:
+        # the record it was calibrated with (receiver/calibration.py).
         db.create_view(
             "observations",
-            """
+            f"""
             SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
                    strftime('%Y-%m-%dT%H:%M:%fZ', s.t_utc_ms / 1000.0, 'unixepoch') AS time_utc,
-                   s.time_src, j.key AS quantity, j.value AS value, s.flags,
+                   s.time_src, j.key AS quantity, coalesce(d.value, j.value) AS value,
+                   {calibration_sql(True)} AS calibration, s.flags,
                    trim(coalesce(q.flags, '') ||
                         CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
                         ',') AS quality,
@@ -436,6 +440,7 @@ class SQLiteStore(StoreReads):
             LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
             LEFT JOIN quality q ON q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq
                                AND q.quantity = j.key
+            {derived_join()}
             WHERE s.sensor NOT IN ('gps', 'calibration') AND j.type IN ('integer', 'real', 'null')
             """,
             replace=True,
@@ -549,7 +554,7 @@ class SQLiteStore(StoreReads):
         ]
         self.conn.executemany("INSERT OR IGNORE INTO fixes VALUES (?,?,?,?,?,?,?,?)", fixes)
         self._join_positions(batch, fixes)
-        ingest_calibrations(self.conn, batch, 0)
+        ingest_calibrations(self.conn, batch)  # received time: each record's sample's
         self._flag_quality(batch)
 
     def derive_pending(self, limit: int | None = None) -> int:

@@ -67,6 +67,7 @@ from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.faultpoints import crash_point
 from receiver import quality
+from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.store import (
@@ -221,7 +222,9 @@ CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
        to_char(to_timestamp(s.t_utc_ms / 1000.0) AT TIME ZONE 'UTC',
                'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS time_utc,
-       s.time_src, j.key AS quantity, j.value AS value, s.flags,
+       s.time_src, j.key AS quantity,
+       CASE WHEN d.value IS NULL THEN j.value ELSE to_jsonb(d.value) END AS value,
+       {calibration} AS calibration, s.flags,
        trim(coalesce(q.flags, '') ||
             CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
             ',') AS quality,
@@ -231,8 +234,12 @@ CROSS JOIN LATERAL jsonb_each(s.vals) j
 LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
 LEFT JOIN quality q ON q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq
                    AND q.quantity = j.key
+{derived_join}
 WHERE s.sensor <> 'gps';
 """
+# value: the best one (the receiver's recomputed value, else the van's); calibration: the
+# record it was calibrated with (receiver/calibration.py).
+_TABLES = _TABLES.replace("{calibration}", calibration_sql(False)).replace("{derived_join}", derived_join())
 
 # Generated from lat/lon: the write path (COPY, upserts) stays the same with or without PostGIS.
 _POSTGIS = """
@@ -356,8 +363,9 @@ class PostgresStore(StoreReads):
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
 
     def _create(self) -> None:
-        self._ddl(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)), _TABLES,
-                  ensure_calibration_tables)
+        # Calibration tables first: the observations view reads ``derived``.
+        self._ddl(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
+                  ensure_calibration_tables, _TABLES)
         if self._want_postgis is not False:
             self.postgis = self._enable_postgis()
             if self._want_postgis and not self.postgis:
@@ -550,7 +558,7 @@ class PostgresStore(StoreReads):
                     "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING", fixes
                 )
         self._join_positions(batch, fixes, fresh)
-        ingest_calibrations(c, batch, 0)
+        ingest_calibrations(c, batch)  # received time: each record's sample's
         self._flag_quality(batch, fresh)
 
     def _nothing_derived(self, batch: Batch) -> bool:
