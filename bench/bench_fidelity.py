@@ -24,7 +24,7 @@ function each, so the next session wires them to the final implementations:
 :func:`flag_filter`, :func:`calibrate`, :func:`dehumidify`.
 
 Run: ``python -m bench --only bench_fidelity`` or ``python -m bench.bench_fidelity``;
-BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 4 h).
+BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 3 h).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ COARSE_KAPPA = 0.09  # middle of Huang et al.'s PM2.5-10 range
 class Fleet:
     vans: int = 10
     days: int = 5
-    hours: float = 4.0
+    hours: float = 3.0
     seed: int = 1
     start: dt.datetime = START
 
@@ -395,7 +395,7 @@ def measure(fleet: Fleet, sw: se.ErrorSwitches = se.ErrorSwitches(), scheme: str
 
 def run() -> list[dict]:
     return measure(Fleet(int(os.environ.get("BENCH_FIDELITY_VANS", "10")), int(os.environ.get("BENCH_FIDELITY_DAYS", "5")),
-                         float(os.environ.get("BENCH_FIDELITY_HOURS", "4"))))
+                         float(os.environ.get("BENCH_FIDELITY_HOURS", "3"))))
 
 
 if __name__ == "__main__":

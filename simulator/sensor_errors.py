@@ -306,3 +306,54 @@ def stamp_errors(n: int, has_fix: np.ndarray, aligned: bool, sw: ErrorSwitches,
         reads = np.where(before, reads + gps[first], reads)
         sound = np.where(before, sound + gps[first], sound)
     return StampErrors(gps, reads, sound)
+
+
+class DeviceErrorModel:
+    """One van's error models, one reading at a time: the hook of the byte-level devices.
+
+    :class:`simulator.hardware.SimulatedHardware` calls it when it is given one, so the
+    errors are in the bytes the real drivers decode (PMS frames, ADS1115 volts, sound
+    levels, NMEA). The devices keep adding their own scatter; this adds the systematic
+    part: growth, gains, zero, temperature, ozone, drift, microphone offset, GPS noise.
+    """
+
+    def __init__(self, dev: DeviceErrors, sw: ErrorSwitches = ErrorSwitches(), *, seed: int = 0,
+                 calibrated_utc: float | None = None) -> None:
+        self.dev = dev
+        self.sw = replace(sw, read_noise=False, faults=False)
+        self.seed = seed
+        self.calibrated_utc = calibrated_utc
+        self._rng = np.random.default_rng([seed, 4])
+        self._gps: tuple[float, float] | None = None  # Gauss-Markov state, metres north/east
+
+    def _one(self, x: float) -> np.ndarray:
+        return np.array([x], dtype=float)
+
+    def pm(self, pm25: float, pm10: float, rh_pct: float, utc: float) -> tuple[float, float]:
+        day = int(utc // 86400)
+        a, b = measure_pm(self._one(pm25), self._one(pm10), self._one(rh_pct), day_kappa(self.seed, day),
+                          self.dev, self.sw, self._rng)
+        return float(a[0]), float(b[0])
+
+    def no2(self, no2_ppb: float, o3_ppb: float, temp_c: float, utc: float) -> float:
+        days = 0.0 if self.calibrated_utc is None else max(0.0, (utc - self.calibrated_utc) / 86400.0)
+        return float(measure_no2(self._one(no2_ppb), self._one(o3_ppb), self._one(temp_c), self._one(days),
+                                 self.dev, self.sw, self._rng)[0])
+
+    def laeq(self, level_db: float) -> float:
+        return float(measure_laeq(self._one(level_db), self.dev, self.sw, self._rng)[0])
+
+    def gps(self, lat: float, lon: float) -> tuple[float, float]:
+        """The position a receiver reports for one epoch (called once a second)."""
+        sigma = self.sw.gps_noise_m / math.sqrt(2.0)
+        if sigma <= 0:
+            return lat, lon
+        a = math.exp(-1.0 / GPS_TAU_S)
+        if self._gps is None:
+            self._gps = (float(self._rng.normal(0, sigma)), float(self._rng.normal(0, sigma)))
+        else:
+            s = sigma * math.sqrt(1 - a * a)
+            self._gps = (a * self._gps[0] + float(self._rng.normal(0, s)),
+                         a * self._gps[1] + float(self._rng.normal(0, s)))
+        n, e = self._gps
+        return lat + n / EARTH_M_PER_DEG, lon + e / (EARTH_M_PER_DEG * math.cos(math.radians(lat)))
