@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,27 @@ from receiver.store import SQLiteStore
 from simulator import sensor_errors as se
 from simulator.environment import Environment
 from simulator.route import Route
-from simulator.truth import VanDay, sensor_track, truth_track, unit_map
+from simulator.truth import VanDay, truth_track, unit_map
 from uplink.wire import Batch
 
-START = dt.datetime(2026, 11, 2, 7, 0, tzinfo=dt.timezone.utc)  # a Monday, 08:00 in Alphen
+START = dt.datetime(2026, 11, 2, 7, 0, tzinfo=dt.UTC)  # a Monday, 08:00 in Alphen
 SENSORS = ("gps", "pm", "no2", "noise")  # one sample each per second, in this seq order
 BATCH_S = 60
 #: The flag policy of issue 15 part 2: every error flag keeps a value out; ``humid`` for PM.
-ERROR_FLAGS = frozenset({"out_of_range", "negative", "stuck", "outlier", "warming_up", "time_implausible",
-                         "clock_step", "clock_untrusted", "no_fix", "no_time"})
+ERROR_FLAGS = frozenset(
+    {
+        "out_of_range",
+        "negative",
+        "stuck",
+        "outlier",
+        "warming_up",
+        "time_implausible",
+        "clock_step",
+        "clock_untrusted",
+        "no_fix",
+        "no_time",
+    }
+)
 PM_KEYS = ("pm25", "pm10")
 COARSE_KAPPA = 0.09  # middle of Huang et al.'s PM2.5-10 range
 
@@ -108,8 +120,15 @@ class Simulated:
     samples: int = 0
 
 
-def van_day_samples(vd: VanDay, day: int, dev: se.DeviceErrors, sw: se.ErrorSwitches, seed: int, van: int,
-                    aligned_variants: tuple[bool, ...]) -> dict[bool, list[Sample]]:
+def van_day_samples(
+    vd: VanDay,
+    day: int,
+    dev: se.DeviceErrors,
+    sw: se.ErrorSwitches,
+    seed: int,
+    van: int,
+    aligned_variants: tuple[bool, ...],
+) -> dict[bool, list[Sample]]:
     """The samples one van's agent would commit in a day, per time alignment."""
     n = vd.n
     rng = np.random.default_rng([seed, van, day, 10])
@@ -126,12 +145,26 @@ def van_day_samples(vd: VanDay, day: int, dev: se.DeviceErrors, sw: se.ErrorSwit
         glat, glon = np.round(glat, 7), np.round(glon, 7)
     t_true = vd.t0_utc + shift_s
     first_fix = int(np.argmax(fix)) if fix.any() else n
-    lists = (glat.tolist(), glon.tolist(), vd.speed.tolist(), vd.course.tolist(), pm25.tolist(), pm10.tolist(),
-             rh_m.tolist(), no2.tolist(), temp_m.tolist(), laeq.tolist(), fix.tolist(), warming.tolist())
+    lists = (
+        glat.tolist(),
+        glon.tolist(),
+        vd.speed.tolist(),
+        vd.course.tolist(),
+        pm25.tolist(),
+        pm10.tolist(),
+        rh_m.tolist(),
+        no2.tolist(),
+        temp_m.tolist(),
+        laeq.tolist(),
+        fix.tolist(),
+        warming.tolist(),
+    )
     out = {}
     for aligned in aligned_variants:
-        st = se.stamp_errors(n, fix, aligned, sw, np.random.default_rng([seed, van, day, 20 + aligned]))
-        ms = lambda err: np.round((t_true + err) * 1000).astype(np.int64).tolist()  # noqa: E731
+        st = se.stamp_errors(
+            n, fix, aligned, sw, np.random.default_rng([seed, van, day, 20 + aligned])
+        )
+        ms = lambda err: np.round((t_true + err) * 1000).astype(np.int64).tolist()
         t_gps, t_read, t_sound = ms(st.gps), ms(st.reads), ms(st.sound)
         mono0 = day * 86_400_000
         samples = []
@@ -140,12 +173,34 @@ def van_day_samples(vd: VanDay, day: int, dev: se.DeviceErrors, sw: se.ErrorSwit
             src = TimeSource.GPS if k >= first_fix else TimeSource.CORRECTED
             mono = mono0 + k * 1000
             wf = ("warming_up",) if warm else ()
-            gps = ({"lat": la, "lon": lo, "speed": round(sp, 2), "course": round(co, 1), "fix_quality": 1,
-                    "sats_used": 8, "hdop": 0.9} if fx else {"fix_quality": 0, "sats_used": 0})
+            gps = (
+                {
+                    "lat": la,
+                    "lon": lo,
+                    "speed": round(sp, 2),
+                    "course": round(co, 1),
+                    "fix_quality": 1,
+                    "sats_used": 8,
+                    "hdop": 0.9,
+                }
+                if fx
+                else {"fix_quality": 0, "sats_used": 0}
+            )
             samples += [
                 Sample("gps", t_gps[k], mono, src, gps, () if fx else ("no_fix",), seq + 1, "boot"),
-                Sample("pm", t_read[k], mono, src, {"pm25": p25, "pm10": p10, "rh": rh}, wf, seq + 2, "boot"),
-                Sample("no2", t_read[k], mono, src, {"no2_ppb": n2, "temp_c": tc}, wf, seq + 3, "boot"),
+                Sample(
+                    "pm",
+                    t_read[k],
+                    mono,
+                    src,
+                    {"pm25": p25, "pm10": p10, "rh": rh},
+                    wf,
+                    seq + 2,
+                    "boot",
+                ),
+                Sample(
+                    "no2", t_read[k], mono, src, {"no2_ppb": n2, "temp_c": tc}, wf, seq + 3, "boot"
+                ),
                 Sample("noise", t_sound[k], mono, src, {"laeq": lq}, (), seq + 4, "boot"),
             ]
             seq += 4
@@ -158,18 +213,24 @@ def ingest(store: SQLiteStore, device: str, epoch: str, samples: list[Sample]) -
     per = BATCH_S * len(SENSORS)
     items = []
     for a in range(0, len(samples), per):
-        chunk = samples[a:a + per]
+        chunk = samples[a : a + per]
         b = Batch(device, epoch, chunk[0].seq or 0, chunk[-1].seq or 0, chunk)
         received = max(s.t_utc_ms or 0 for s in chunk) + 2000
         items.append((b, hashlib.sha256(b.batch_id.encode()).hexdigest(), received))
     for a in range(0, len(items), 20):  # what a busy receiver groups in one commit
-        store.ingest_many(items[a:a + 20])
+        store.ingest_many(items[a : a + 20])
 
 
-def simulate(fleet: Fleet, sw: se.ErrorSwitches, workdir: Path, aligned_variants: tuple[bool, ...] = (True, False)
-             ) -> Simulated:
+def simulate(
+    fleet: Fleet,
+    sw: se.ErrorSwitches,
+    workdir: Path,
+    aligned_variants: tuple[bool, ...] = (True, False),
+) -> Simulated:
     route, env = Route.load(), Environment(seed=fleet.seed)
-    stores = {a: workdir / f"store-{'aligned' if a else 'unaligned'}.sqlite" for a in aligned_variants}
+    stores = {
+        a: workdir / f"store-{'aligned' if a else 'unaligned'}.sqlite" for a in aligned_variants
+    }
     opened = {a: SQLiteStore(p) for a, p in stores.items()}
     sim = Simulated(stores)
     seconds = int(fleet.hours * 3600)
@@ -183,12 +244,21 @@ def simulate(fleet: Fleet, sw: se.ErrorSwitches, workdir: Path, aligned_variants
                 t0 = (fleet.start + dt.timedelta(days=d, minutes=3 * v)).timestamp()
                 # Every van and day starts elsewhere on the loop, so the units see many vans.
                 offset = (1900.0 * v + 7816.0 * d) % route.length_m
-                vd = VanDay.drive(route, env, device, t0_utc=t0, seconds=seconds, seed=fleet.seed * 1000 + v * 50 + d,
-                                  offset_m=offset)
+                vd = VanDay.drive(
+                    route,
+                    env,
+                    device,
+                    t0_utc=t0,
+                    seconds=seconds,
+                    seed=fleet.seed * 1000 + v * 50 + d,
+                    offset_m=offset,
+                )
                 epoch = f"e{d}"
                 sim.truth[(device, epoch)] = vd
                 days.append(vd)
-                for aligned, samples in van_day_samples(vd, d, dev, sw, fleet.seed, v, aligned_variants).items():
+                for aligned, samples in van_day_samples(
+                    vd, d, dev, sw, fleet.seed, v, aligned_variants
+                ).items():
                     ingest(opened[aligned], device, epoch, samples)
                     sim.samples += len(samples) if aligned == aligned_variants[0] else 0
             sim.truth_tracks.append(truth_track(days))
@@ -224,21 +294,41 @@ def read_rows(conn: Any, device: str) -> Rows:
     ex = ", ".join(f"json_extract(s.vals, '$.{k}')" for k in VAL_KEYS)
     rows = dbapi.fetchall(
         conn,
-        f"SELECT s.epoch, s.seq, s.sensor, s.t_utc_ms, p.lat, p.lon, s.flags, {ex} FROM samples s JOIN positions p"
-        " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq WHERE p.device = ? AND s.sensor != 'gps'"
-        " AND p.state IN ('exact', 'interpolated') AND p.t_utc_ms IS NOT NULL ORDER BY p.t_utc_ms",
-        (device,))
+        f"SELECT s.epoch, s.seq, s.sensor, s.t_utc_ms, p.lat, p.lon, s.flags, {ex}"
+        " FROM samples s JOIN positions p"
+        " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
+        " WHERE p.device = ? AND s.sensor != 'gps' AND p.state IN ('exact', 'interpolated')"
+        " AND p.t_utc_ms IS NOT NULL ORDER BY p.t_utc_ms",
+        (device,),
+    )
     q: dict[tuple[str, int, str], str] = {
-        (e, s, k): f for e, s, k, f in dbapi.fetchall(
-            conn, "SELECT epoch, seq, quantity, flags FROM quality WHERE device = ?", (device,))}
+        (e, s, k): f
+        for e, s, k, f in dbapi.fetchall(
+            conn, "SELECT epoch, seq, quantity, flags FROM quality WHERE device = ?", (device,)
+        )
+    }
     cols = list(zip(*rows)) if rows else [[] for _ in range(7 + len(VAL_KEYS))]
     epoch, seq = np.array(cols[0], dtype=object), np.array(cols[1], dtype=np.int64)
-    vals = {k: np.array([np.nan if x is None else x for x in cols[7 + i]], dtype=float)
-            for i, k in enumerate(VAL_KEYS)}
-    quality = {k: [q.get((e, s, k), "") for e, s in zip(cols[0], cols[1])] for k in ("pm25", "pm10", "no2_ppb", "laeq")}
-    return Rows(device, epoch, seq, np.array([SENSORS.index(x) for x in cols[2]], dtype=np.int64),
-                np.array(cols[3], dtype=np.int64), np.array(cols[4], dtype=float), np.array(cols[5], dtype=float),
-                vals, list(cols[6]), quality)
+    vals = {
+        k: np.array([np.nan if x is None else x for x in cols[7 + i]], dtype=float)
+        for i, k in enumerate(VAL_KEYS)
+    }
+    quality = {
+        k: [q.get((e, s, k), "") for e, s in zip(cols[0], cols[1])]
+        for k in ("pm25", "pm10", "no2_ppb", "laeq")
+    }
+    return Rows(
+        device,
+        epoch,
+        seq,
+        np.array([SENSORS.index(x) for x in cols[2]], dtype=np.int64),
+        np.array(cols[3], dtype=np.int64),
+        np.array(cols[4], dtype=float),
+        np.array(cols[5], dtype=float),
+        vals,
+        list(cols[6]),
+        quality,
+    )
 
 
 def flag_filter(r: Rows, vals: dict[str, np.ndarray], c: Corrections) -> None:
@@ -248,14 +338,19 @@ def flag_filter(r: Rows, vals: dict[str, np.ndarray], c: Corrections) -> None:
     clock_step; sentinels below -900). On: the flag policy of issue 15 part 2 on the
     receiver's quality flags (h5 will move it into aggregate.py; then this calls it).
     """
-    agent_out = np.array([bool(f) and bool(EXCLUDED_FLAGS.intersection(f.split(","))) for f in r.agent_flags],
-                         dtype=bool)
+    agent_out = np.array(
+        [bool(f) and bool(EXCLUDED_FLAGS.intersection(f.split(","))) for f in r.agent_flags],
+        dtype=bool,
+    )
     for k in ("pm25", "pm10", "no2_ppb", "laeq"):
         v = vals[k]
         bad = agent_out | ~np.isfinite(v) | (v <= SENTINEL_BELOW)
         if c.flags:
             policy = ERROR_FLAGS | ({"humid"} if c.exclude_humid and k in PM_KEYS else set())
-            bad |= np.array([bool(f) and bool(policy.intersection(f.split(","))) for f in r.quality[k]], dtype=bool)
+            bad |= np.array(
+                [bool(f) and bool(policy.intersection(f.split(","))) for f in r.quality[k]],
+                dtype=bool,
+            )
         v[bad] = np.nan
 
 
@@ -265,7 +360,9 @@ def calibrate(vals: dict[str, np.ndarray], fit: se.CalibrationFit) -> None:
     NO2: zero, temperature coefficient and gain of the co-location fit, with the
     temperature the van measured; PM: the co-location gain; noise: the calibrator offset.
     """
-    vals["no2_ppb"] = (vals["no2_ppb"] - fit.no2_zero - fit.no2_temp_coef * (vals["temp_c"] - 20.0)) / fit.no2_gain
+    vals["no2_ppb"] = (
+        vals["no2_ppb"] - fit.no2_zero - fit.no2_temp_coef * (vals["temp_c"] - 20.0)
+    ) / fit.no2_gain
     vals["pm25"] = vals["pm25"] / fit.pm_gain
     vals["pm10"] = vals["pm10"] / fit.pm_gain
     vals["laeq"] = vals["laeq"] - fit.mic_offset
@@ -305,8 +402,9 @@ class Figures:
     time_p99_ms: float = math.nan
 
 
-def compare(measured: dict[tuple[str, str], UnitValue], truth: dict[tuple[str, str], UnitValue]
-            ) -> dict[str, dict[str, float]]:
+def compare(
+    measured: dict[tuple[str, str], UnitValue], truth: dict[tuple[str, str], UnitValue]
+) -> dict[str, dict[str, float]]:
     """Bias and RMSE of published units against the truth over the same unit's true passes."""
     err: dict[str, list[float]] = {k: [] for k in QUANTITY_KEYS}
     for key, mv in measured.items():
@@ -316,8 +414,11 @@ def compare(measured: dict[tuple[str, str], UnitValue], truth: dict[tuple[str, s
     out = {}
     for k, e in err.items():
         a = np.array(e)
-        out[k] = {"units": float(len(a)), "bias": float(a.mean()) if len(a) else math.nan,
-                  "rmse": float(np.sqrt((a * a).mean())) if len(a) else math.nan}
+        out[k] = {
+            "units": float(len(a)),
+            "bias": float(a.mean()) if len(a) else math.nan,
+            "rmse": float(np.sqrt((a * a).mean())) if len(a) else math.nan,
+        }
     return out
 
 
@@ -328,7 +429,9 @@ def place_and_time_errors(rows: list[Rows], sim: Simulated) -> tuple[float, floa
         for epoch in np.unique(r.epoch):
             vd = sim.truth[(r.device, epoch)]
             m = r.epoch == epoch
-            k = (r.seq[m] - 1) // len(SENSORS)  # the tick of each sample (seq layout of van_day_samples)
+            k = (r.seq[m] - 1) // len(
+                SENSORS
+            )  # the tick of each sample (seq layout of van_day_samples)
             dy = (r.lat[m] - vd.lat[k]) * se.EARTH_M_PER_DEG
             dx = (r.lon[m] - vd.lon[k]) * se.EARTH_M_PER_DEG * np.cos(np.radians(vd.lat[k]))
             dists.append(np.hypot(dx, dy))
@@ -337,8 +440,14 @@ def place_and_time_errors(rows: list[Rows], sim: Simulated) -> tuple[float, floa
     return float(np.percentile(d, 50)), float(np.percentile(d, 95)), float(np.percentile(t, 99))
 
 
-def evaluate(sim: Simulated, snapper: ArraySnapper, rule: Rule = Rule(),
-             configs: tuple[tuple[str, Corrections], ...] = CONFIGS) -> list[Figures]:
+def evaluate(
+    sim: Simulated,
+    snapper: ArraySnapper,
+    rule: Rule | None = None,
+    configs: tuple[tuple[str, Corrections], ...] = CONFIGS,
+) -> list[Figures]:
+    """Figures per configuration; ``rule`` is the publishing rule (default: the receiver's)."""
+    rule = rule or Rule()
     truth = unit_map(sim.truth_tracks, snapper, rule)
     out: list[Figures] = []
     for aligned, path in sim.stores.items():
@@ -357,45 +466,87 @@ def evaluate(sim: Simulated, snapper: ArraySnapper, rule: Rule = Rule(),
     return sorted(out, key=lambda f: order.index(f.config))
 
 
-TARGETS = {"pm25": ("RMSE <= 2, |bias| <= 1", lambda b, r: r <= 2 and abs(b) <= 1),
-           "no2_ppb": ("RMSE <= 5", lambda b, r: r <= 5), "laeq": ("RMSE <= 1", lambda b, r: r <= 1),
-           "pm10": ("(none)", None)}
+TARGETS = {
+    "pm25": ("RMSE <= 2, |bias| <= 1", lambda b, r: r <= 2 and abs(b) <= 1),
+    "no2_ppb": ("RMSE <= 5", lambda b, r: r <= 5),
+    "laeq": ("RMSE <= 1", lambda b, r: r <= 1),
+    "pm10": ("(none)", None),
+}
 UNITS = {"pm25": "µg/m³", "pm10": "µg/m³", "no2_ppb": "ppb", "laeq": "dB"}
 
 
 def table_rows(figs: list[Figures], note: str) -> list[dict]:
+    """Bench table rows; each figure's baseline: the same with no correction (today's main)."""
+    base = next((f for f in figs if f.config == CONFIGS[-1][0]), None)
     rows = []
     for f in figs:
         for k, q in f.per_quantity.items():
             tgt, ok = TARGETS[k]
-            rows.append({"name": f"{f.config}: {k} bias / RMSE ({UNITS[k]})",
-                         "value": f"{q['bias']:+.2f} / {q['rmse']:.2f}", "unit": "",
-                         "target": tgt, "ok": None if ok is None or math.isnan(q["rmse"]) else ok(q["bias"], q["rmse"]),
-                         "note": f"{int(q['units'])} published units"})
-        rows.append({"name": f"{f.config}: placed position p50 / p95", "value": f"{f.pos_p50_m:.1f} / {f.pos_p95_m:.1f}",
-                     "unit": "m", "target": "p95 <= 10", "ok": f.pos_p95_m <= 10, "note": "5 m GPS noise"})
-        rows.append({"name": f"{f.config}: timestamp error p99", "value": round(f.time_p99_ms, 1), "unit": "ms",
-                     "target": "<= 100", "ok": f.time_p99_ms <= 100, "note": note})
+            b = base.per_quantity[k] if base else None
+            rows.append(
+                {
+                    "name": f"{f.config}: {k} bias / RMSE ({UNITS[k]})",
+                    "value": f"{q['bias']:+.2f} / {q['rmse']:.2f}",
+                    "unit": "",
+                    "baseline": f"{b['bias']:+.2f} / {b['rmse']:.2f}" if b else None,
+                    "target": tgt,
+                    "ok": None if ok is None or math.isnan(q["rmse"]) else ok(q["bias"], q["rmse"]),
+                    "note": f"{int(q['units'])} published units",
+                }
+            )
+        rows.append(
+            {
+                "name": f"{f.config}: placed position p50 / p95",
+                "value": f"{f.pos_p50_m:.1f} / {f.pos_p95_m:.1f}",
+                "unit": "m",
+                "baseline": f"{base.pos_p50_m:.1f} / {base.pos_p95_m:.1f}" if base else None,
+                "target": "p95 <= 10",
+                "ok": f.pos_p95_m <= 10,
+                "note": "5 m GPS noise",
+            }
+        )
+        rows.append(
+            {
+                "name": f"{f.config}: timestamp error p99",
+                "value": round(f.time_p99_ms, 1),
+                "unit": "ms",
+                "baseline": round(base.time_p99_ms, 1) if base else None,
+                "target": "<= 100",
+                "ok": f.time_p99_ms <= 100,
+                "note": note,
+            }
+        )
     return rows
 
 
-def measure(fleet: Fleet, sw: se.ErrorSwitches = se.ErrorSwitches(), scheme: str = "segment") -> list[dict]:
+def measure(
+    fleet: Fleet, sw: se.ErrorSwitches | None = None, scheme: str = "segment"
+) -> list[dict]:
+    sw = sw or se.ErrorSwitches()
     tmp = Path(tempfile.mkdtemp(prefix="bench-fidelity-"))
     try:
         t0 = time.perf_counter()
         sim = simulate(fleet, sw, tmp)
         t_sim = time.perf_counter() - t0
         figs = evaluate(sim, make_snapper(scheme))
-        note = (f"{fleet.vans} vans x {fleet.days} days x {fleet.hours:g} h, {sim.samples:,} samples per store; "
-                f"simulate+ingest {t_sim:.0f} s, maps {time.perf_counter() - t0 - t_sim:.0f} s")
+        note = (
+            f"{fleet.vans} vans x {fleet.days} days x {fleet.hours:g} h, "
+            f"{sim.samples:,} samples per store; "
+            f"simulate+ingest {t_sim:.0f} s, maps {time.perf_counter() - t0 - t_sim:.0f} s"
+        )
         return table_rows(figs, note)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run() -> list[dict]:
-    return measure(Fleet(int(os.environ.get("BENCH_FIDELITY_VANS", "10")), int(os.environ.get("BENCH_FIDELITY_DAYS", "5")),
-                         float(os.environ.get("BENCH_FIDELITY_HOURS", "3"))))
+    return measure(
+        Fleet(
+            int(os.environ.get("BENCH_FIDELITY_VANS", "10")),
+            int(os.environ.get("BENCH_FIDELITY_DAYS", "5")),
+            float(os.environ.get("BENCH_FIDELITY_HOURS", "3")),
+        )
+    )
 
 
 if __name__ == "__main__":

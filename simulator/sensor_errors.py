@@ -119,14 +119,17 @@ class CalibrationFit:
     mic_offset: float
 
     @classmethod
-    def fit(cls, dev: DeviceErrors, seed: int, device: str, sw: ErrorSwitches, mean_o3_ppb: float = 25.0) -> CalibrationFit:
+    def fit(
+        cls, dev: DeviceErrors, seed: int, device: str, sw: ErrorSwitches, mean_o3_ppb: float = 25.0
+    ) -> CalibrationFit:
         r = np.random.default_rng([seed, _h(device), 2])
         noisy = sw.read_noise  # with a perfect fleet the fit is perfect too
         e = (lambda s: float(r.normal(0.0, s))) if noisy else (lambda s: 0.0)
         return cls(
             pm_gain=(dev.pm_gain if sw.pm_gain else 1.0) * (1 + e(0.02)),
             no2_gain=(dev.no2_gain if sw.no2_gain else 1.0) * (1 + e(0.03)),
-            no2_zero=(dev.no2_zero if sw.no2_zero else 0.0) + e(1.0)
+            no2_zero=(dev.no2_zero if sw.no2_zero else 0.0)
+            + e(1.0)
             + (dev.no2_o3 * mean_o3_ppb if sw.no2_ozone else 0.0),
             no2_temp_coef=(dev.no2_temp_coef if sw.no2_temperature else 0.0) + e(0.05),
             mic_offset=(dev.mic_offset if sw.mic_offset else 0.0) + e(0.2),
@@ -158,8 +161,9 @@ def inlet_rh(rh_pct: np.ndarray) -> np.ndarray:
 # -- readings --------------------------------------------------------------------------
 
 
-def measure_rh_temp(rh: np.ndarray, temp: np.ndarray, dev: DeviceErrors, sw: ErrorSwitches,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def measure_rh_temp(
+    rh: np.ndarray, temp: np.ndarray, dev: DeviceErrors, sw: ErrorSwitches, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """The BME280 in the PM housing: inlet RH and air temperature as reported."""
     rh_in = inlet_rh(rh) if sw.pm_growth else rh
     if sw.rh_temp_error:
@@ -168,8 +172,15 @@ def measure_rh_temp(rh: np.ndarray, temp: np.ndarray, dev: DeviceErrors, sw: Err
     return rh_in, temp
 
 
-def measure_pm(pm25: np.ndarray, pm10: np.ndarray, rh: np.ndarray, kappa: tuple[float, float],
-               dev: DeviceErrors, sw: ErrorSwitches, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def measure_pm(
+    pm25: np.ndarray,
+    pm10: np.ndarray,
+    rh: np.ndarray,
+    kappa: tuple[float, float],
+    dev: DeviceErrors,
+    sw: ErrorSwitches,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """(pm25, pm10) an optical sensor reports for the true dry mass at ambient ``rh``."""
     n = len(pm25)
     if sw.pm_growth:
@@ -188,8 +199,15 @@ def measure_pm(pm25: np.ndarray, pm10: np.ndarray, rh: np.ndarray, kappa: tuple[
     return pm25, pm10
 
 
-def measure_no2(no2: np.ndarray, o3: np.ndarray, temp: np.ndarray, days: np.ndarray, dev: DeviceErrors,
-                sw: ErrorSwitches, rng: np.random.Generator) -> np.ndarray:
+def measure_no2(
+    no2: np.ndarray,
+    o3: np.ndarray,
+    temp: np.ndarray,
+    days: np.ndarray,
+    dev: DeviceErrors,
+    sw: ErrorSwitches,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """ppb as the van computes it from the sheet (algorithm 1), before any field calibration.
 
     ``days``: days since the sensor was calibrated (zero drift).
@@ -207,15 +225,23 @@ def measure_no2(no2: np.ndarray, o3: np.ndarray, temp: np.ndarray, days: np.ndar
     return out
 
 
-def measure_laeq(laeq: np.ndarray, dev: DeviceErrors, sw: ErrorSwitches, rng: np.random.Generator) -> np.ndarray:
+def measure_laeq(
+    laeq: np.ndarray, dev: DeviceErrors, sw: ErrorSwitches, rng: np.random.Generator
+) -> np.ndarray:
     out = laeq + (dev.mic_offset if sw.mic_offset else 0.0) + sw.laeq_bias
     if sw.read_noise:
         out = np.round(out + rng.normal(0, 0.5, len(out)), 1)
     return out
 
 
-def add_faults(pm25: np.ndarray, pm10: np.ndarray, no2: np.ndarray, sw: ErrorSwitches, rng: np.random.Generator,
-               shift_s: np.ndarray) -> np.ndarray:
+def add_faults(
+    pm25: np.ndarray,
+    pm10: np.ndarray,
+    no2: np.ndarray,
+    sw: ErrorSwitches,
+    rng: np.random.Generator,
+    shift_s: np.ndarray,
+) -> np.ndarray:
     """Spikes, sentinels, a stuck run and warm-up, in place; the warming-up mask.
 
     PM: 0.2 % spikes x3-8 (an insect, a dust puff), 0.05 % 65535 sentinels (a corrupt
@@ -235,8 +261,8 @@ def add_faults(pm25: np.ndarray, pm10: np.ndarray, no2: np.ndarray, sw: ErrorSwi
     pm10[sent] = 65535.0
     if rng.random() < 0.5 and n > 600:
         a = int(rng.integers(300, n - 200))
-        pm25[a:a + 120] = pm25[a]
-        pm10[a:a + 120] = pm10[a]
+        pm25[a : a + 120] = pm25[a]
+        pm10[a : a + 120] = pm10[a]
     ns = rng.random(n) < 0.001
     no2[ns] += rng.uniform(50, 150, ns.sum())
     pm25[warming] *= 0.5
@@ -248,7 +274,9 @@ def add_faults(pm25: np.ndarray, pm10: np.ndarray, no2: np.ndarray, sw: ErrorSwi
 # -- position and time ----------------------------------------------------------------
 
 
-def gps_noise(n: int, sw: ErrorSwitches, rng: np.random.Generator, lat0: float) -> tuple[np.ndarray, np.ndarray]:
+def gps_noise(
+    n: int, sw: ErrorSwitches, rng: np.random.Generator, lat0: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(dlat, dlon) degrees of first-order Gauss-Markov error at 1 Hz, 2D RMS ``gps_noise_m``."""
     if sw.gps_noise_m <= 0:
         return np.zeros(n), np.zeros(n)
@@ -280,8 +308,9 @@ class StampErrors:
     sound: np.ndarray
 
 
-def stamp_errors(n: int, has_fix: np.ndarray, aligned: bool, sw: ErrorSwitches,
-                 rng: np.random.Generator) -> StampErrors:
+def stamp_errors(
+    n: int, has_fix: np.ndarray, aligned: bool, sw: ErrorSwitches, rng: np.random.Generator
+) -> StampErrors:
     """Stamp errors for one van-day of 1 Hz ticks.
 
     Aligned (issue 15 part 1 done): GPS from the epoch's arrival, a few ms of jitter;
@@ -293,7 +322,7 @@ def stamp_errors(n: int, has_fix: np.ndarray, aligned: bool, sw: ErrorSwitches,
     z = np.zeros(n)
     if not sw.stamp_errors:
         return StampErrors(z, z.copy(), z.copy())
-    jitter = lambda s: rng.normal(0, s, n)  # noqa: E731
+    jitter = lambda s: rng.normal(0, s, n)
     if aligned:
         gps, sound = jitter(0.005), jitter(0.005)
     else:
@@ -317,8 +346,14 @@ class DeviceErrorModel:
     part: growth, gains, zero, temperature, ozone, drift, microphone offset, GPS noise.
     """
 
-    def __init__(self, dev: DeviceErrors, sw: ErrorSwitches = ErrorSwitches(), *, seed: int = 0,
-                 calibrated_utc: float | None = None) -> None:
+    def __init__(
+        self,
+        dev: DeviceErrors,
+        sw: ErrorSwitches = ErrorSwitches(),
+        *,
+        seed: int = 0,
+        calibrated_utc: float | None = None,
+    ) -> None:
         self.dev = dev
         self.sw = replace(sw, read_noise=False, faults=False)
         self.seed = seed
@@ -331,14 +366,32 @@ class DeviceErrorModel:
 
     def pm(self, pm25: float, pm10: float, rh_pct: float, utc: float) -> tuple[float, float]:
         day = int(utc // 86400)
-        a, b = measure_pm(self._one(pm25), self._one(pm10), self._one(rh_pct), day_kappa(self.seed, day),
-                          self.dev, self.sw, self._rng)
+        a, b = measure_pm(
+            self._one(pm25),
+            self._one(pm10),
+            self._one(rh_pct),
+            day_kappa(self.seed, day),
+            self.dev,
+            self.sw,
+            self._rng,
+        )
         return float(a[0]), float(b[0])
 
     def no2(self, no2_ppb: float, o3_ppb: float, temp_c: float, utc: float) -> float:
-        days = 0.0 if self.calibrated_utc is None else max(0.0, (utc - self.calibrated_utc) / 86400.0)
-        return float(measure_no2(self._one(no2_ppb), self._one(o3_ppb), self._one(temp_c), self._one(days),
-                                 self.dev, self.sw, self._rng)[0])
+        days = (
+            0.0 if self.calibrated_utc is None else max(0.0, (utc - self.calibrated_utc) / 86400.0)
+        )
+        return float(
+            measure_no2(
+                self._one(no2_ppb),
+                self._one(o3_ppb),
+                self._one(temp_c),
+                self._one(days),
+                self.dev,
+                self.sw,
+                self._rng,
+            )[0]
+        )
 
     def laeq(self, level_db: float) -> float:
         return float(measure_laeq(self._one(level_db), self.dev, self.sw, self._rng)[0])
@@ -353,7 +406,9 @@ class DeviceErrorModel:
             self._gps = (float(self._rng.normal(0, sigma)), float(self._rng.normal(0, sigma)))
         else:
             s = sigma * math.sqrt(1 - a * a)
-            self._gps = (a * self._gps[0] + float(self._rng.normal(0, s)),
-                         a * self._gps[1] + float(self._rng.normal(0, s)))
+            self._gps = (
+                a * self._gps[0] + float(self._rng.normal(0, s)),
+                a * self._gps[1] + float(self._rng.normal(0, s)),
+            )
         n, e = self._gps
         return lat + n / EARTH_M_PER_DEG, lon + e / (EARTH_M_PER_DEG * math.cos(math.radians(lat)))

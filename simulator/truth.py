@@ -53,26 +53,61 @@ class VanDay:
         return np.round((self.t0_utc + np.arange(self.n)) * 1000).astype(np.int64)
 
     @classmethod
-    def drive(cls, route: Route, env: Environment, device: str, *, t0_utc: float, seconds: int, seed: int,
-              offset_m: float) -> VanDay:
+    def drive(
+        cls,
+        route: Route,
+        env: Environment,
+        device: str,
+        *,
+        t0_utc: float,
+        seconds: int,
+        seed: int,
+        offset_m: float,
+    ) -> VanDay:
         d = Drive(route, seed, start_offset_m=offset_m, params=DriveParams(shift_s=float(seconds)))
-        cols: dict[str, list[float]] = {k: [] for k in ("lat", "lon", "blocked", "speed", "course", "pm25", "pm10",
-                                                        "no2", "o3", "laeq", "temp", "rh")}
+        cols: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "lat",
+                "lon",
+                "blocked",
+                "speed",
+                "course",
+                "pm25",
+                "pm10",
+                "no2",
+                "o3",
+                "laeq",
+                "temp",
+                "rh",
+            )
+        }
         hour0 = local_time(t0_utc).hour
         for s in range(seconds):
             v = d.state_at(float(s))
             a = env.at(v.lat, v.lon, v.road_class, t0_utc + s)
-            for k, x in (("lat", v.lat), ("lon", v.lon), ("blocked", v.gps_blocked), ("speed", v.speed_mps),
-                         ("course", v.course_deg), ("pm25", a.pm25), ("pm10", a.pm10), ("no2", a.no2_ppb),
-                         ("o3", ozone_ppb(a.no2_ppb, hour0 + s / 3600.0)), ("laeq", a.noise_laeq_db),
-                         ("temp", a.temp_c), ("rh", a.rh_pct)):
+            for k, x in (
+                ("lat", v.lat),
+                ("lon", v.lon),
+                ("blocked", v.gps_blocked),
+                ("speed", v.speed_mps),
+                ("course", v.course_deg),
+                ("pm25", a.pm25),
+                ("pm10", a.pm10),
+                ("no2", a.no2_ppb),
+                ("o3", ozone_ppb(a.no2_ppb, hour0 + s / 3600.0)),
+                ("laeq", a.noise_laeq_db),
+                ("temp", a.temp_c),
+                ("rh", a.rh_pct),
+            ):
                 cols[k].append(x)
         arr = {k: np.asarray(v, dtype=bool if k == "blocked" else float) for k, v in cols.items()}
         return cls(device, t0_utc, **arr)
 
 
-def sensor_track(device: str, t_ms: np.ndarray, lat: np.ndarray, lon: np.ndarray,
-                 values: dict[str, np.ndarray]) -> Track:
+def sensor_track(
+    device: str, t_ms: np.ndarray, lat: np.ndarray, lon: np.ndarray, values: dict[str, np.ndarray]
+) -> Track:
     """A :class:`Track` with one row per second and sensor, as the store holds them.
 
     ``values``: quantity -> one value per second (NaN: none usable). Rows of one second
@@ -92,13 +127,19 @@ def sensor_track(device: str, t_ms: np.ndarray, lat: np.ndarray, lon: np.ndarray
 def truth_track(days: list[VanDay]) -> Track:
     """The true track of one van over several days: true times, places and field."""
     t = np.concatenate([d.t_ms() for d in days])
-    cat = lambda name: np.concatenate([getattr(d, name) for d in days])  # noqa: E731
-    return sensor_track(days[0].device, t, cat("lat"), cat("lon"),
-                        {"pm25": cat("pm25"), "pm10": cat("pm10"), "no2_ppb": cat("no2"), "laeq": cat("laeq")})
+    cat = lambda name: np.concatenate([getattr(d, name) for d in days])
+    return sensor_track(
+        days[0].device,
+        t,
+        cat("lat"),
+        cat("lon"),
+        {"pm25": cat("pm25"), "pm10": cat("pm10"), "no2_ppb": cat("no2"), "laeq": cat("laeq")},
+    )
 
 
-def unit_map(tracks: list[Track], snapper: ArraySnapper, rule: Rule, max_gap_s: float = 30.0
-             ) -> dict[tuple[str, str], UnitValue]:
+def unit_map(
+    tracks: list[Track], snapper: ArraySnapper, rule: Rule, max_gap_s: float = 30.0
+) -> dict[tuple[str, str], UnitValue]:
     """(unit, quantity) -> value, with the receiver's passes, pass means and medians."""
     acc = Accumulator()
     for tr in tracks:
