@@ -156,3 +156,16 @@ def test_device_errors_reach_the_bytes_the_real_drivers_decode():
         means[label] = {k: float(np.mean(v)) for k, v in got.items()}
     assert means["errors"]["no2"] - means["plain"]["no2"] == pytest.approx(25.0, abs=2.0)
     assert means["errors"]["noise"] - means["plain"]["noise"] == pytest.approx(4.0, abs=1.0)
+
+
+@pytest.mark.slow
+def test_the_full_fleet_meets_the_targets(tmp_path, snapper):
+    """The issue's fleet (10 vans x 5 days; 1 h shifts to keep it near 10 minutes): all targets."""
+    sim = bf.simulate(bf.Fleet(vans=10, days=5, hours=1.0), se.ErrorSwitches(), tmp_path)
+    figs = {f.config: f for f in bf.evaluate(sim, snapper)}
+    allc = figs["all corrections"]
+    q = allc.per_quantity
+    assert abs(q["pm25"]["bias"]) <= 1 and q["pm25"]["rmse"] <= 2
+    assert q["no2_ppb"]["rmse"] <= 5 and q["laeq"]["rmse"] <= 1
+    assert allc.pos_p95_m <= 10 and allc.time_p99_ms <= 100
+    assert figs["none (today's main)"].time_p99_ms > 100
