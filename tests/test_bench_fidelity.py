@@ -120,42 +120,41 @@ def test_growth_factor_follows_kappa_koehler():
 
 
 def test_device_errors_reach_the_bytes_the_real_drivers_decode():
-    """The same van with and without its error model: the drivers read the model's offsets."""
+    """The same van with and without its error model: the drivers read the model's effects."""
     t0 = 1_795_000_000.0
-    dev = se.DeviceErrors(
-        pm_gain=1.0,
-        rh_offset=0.0,
-        temp_offset=0.0,
-        no2_gain=1.0,
-        no2_zero=25.0,
-        no2_temp_coef=0.0,
-        no2_drift=0.0,
-        no2_o3=0.0,
-        mic_offset=4.0,
-    )
-    sw = se.ErrorSwitches(pm_growth=False, gps_noise_m=0.0)
-    means = {}
+    dev = se.DeviceErrors(pm_gain=1.0, rh_offset=0.0, temp_offset=0.0, no2_gain=1.0, no2_zero=25.0,
+                          no2_temp_coef=0.0, no2_drift=0.0, no2_o3=0.0, mic_offset=4.0)
+    sw = se.ErrorSwitches(gps_noise_m=0.0)
+    keys = {"pm": "pm25", "no2": "no2_ppb", "noise": "laeq"}
+    means, air = {}, None
     for label, errors in (("plain", None), ("errors", se.DeviceErrorModel(dev, sw, seed=3))):
         clock = SimClock(t0)
         world = VanWorld(clock, shift_start_utc=t0, seed=3)
         hw = SimulatedHardware(world, clock, seed=3, errors=errors)
-        cfg = parse_config({"sensors": {"no2": HARDWARE_SENSORS["no2"], "noise": NOISE_MODULE}})
+        cfg = parse_config({"sensors": {"pm": HARDWARE_SENSORS["pm"], "no2": HARDWARE_SENSORS["no2"],
+                                        "noise": NOISE_MODULE}})
         drivers = build_drivers(cfg.sensors, {"clock": clock, "world": world, "hardware": hw})
-        got: dict[str, list[float]] = {"no2": [], "noise": []}
+        got: dict[str, list[float]] = {k: [] for k in keys}
         try:
-            for _ in range(40):
+            for _ in range(70):
                 for d in drivers:
                     r = d.read()
-                    if r is not None and r.sensor in got:
-                        got[r.sensor].append(r.values["no2_ppb" if r.sensor == "no2" else "laeq"])
+                    if r is not None and r.sensor in got and "warming_up" not in r.flags:
+                        got[r.sensor].append(r.values[keys[r.sensor]])
                 clock.sleep(1.0)
         finally:
             for d in drivers:
                 d.close()
             hw.close()
         means[label] = {k: float(np.mean(v)) for k, v in got.items()}
+        air = world.truth().air
     assert means["errors"]["no2"] - means["plain"]["no2"] == pytest.approx(25.0, abs=2.0)
     assert means["errors"]["noise"] - means["plain"]["noise"] == pytest.approx(4.0, abs=1.0)
+    # PM: kappa-Koehler growth at the housing's RH instead of the plain devices' rough humid factor.
+    kappa = se.day_kappa(3, int(t0 // 86400))[0]
+    growth = float(se.growth_factor(kappa, se.inlet_rh(np.array([air.rh_pct])))[0])
+    plain = 1.0 + max(0.0, air.rh_pct - 75.0) * 0.01
+    assert means["errors"]["pm"] / means["plain"]["pm"] == pytest.approx(growth / plain, rel=0.15)
 
 
 @pytest.mark.slow
