@@ -44,19 +44,29 @@ import numpy as np
 
 from edge.model import Sample, TimeSource
 from receiver import dbapi
-from receiver.aggregate import EXCLUDED_FLAGS, QUANTITY_KEYS, SENTINEL_BELOW, Rule, Track, UnitValue
+from receiver.aggregate import QUANTITY_KEYS, Rule, Track, UnitValue
 from receiver.mapunits import ArraySnapper, make_snapper
 from receiver.store import SQLiteStore
 from simulator import sensor_errors as se
 from simulator.environment import Environment
 from simulator.route import Route
-from simulator.truth import VanDay, truth_track, unit_map
+from simulator.truth import MAP_KEYS, VanDay, make_track, truth_track, unit_map
+
+try:  # issue 15 part 2's flag policy (h5): the receiver's own, where this tree has it
+    from receiver.flag_policy import FlagPolicy, sentinel_mask
+except ImportError:  # pragma: no cover - the tree before h5
+    FlagPolicy = None  # type: ignore[assignment,misc]
+    sentinel_mask = None  # type: ignore[assignment]
 from uplink.wire import Batch
 
 START = dt.datetime(2026, 11, 2, 7, 0, tzinfo=dt.UTC)  # a Monday, 08:00 in Alphen
 SENSORS = ("gps", "pm", "no2", "noise")  # one sample each per second, in this seq order
 BATCH_S = 60
-#: The flag policy of issue 15 part 2: every error flag keeps a value out; ``humid`` for PM.
+#: What receiver/aggregate.py left out before issue 15's flag policy ("no flags" in the table).
+OLD_EXCLUDED = frozenset({"warming_up", "time_implausible", "clock_step"})
+OLD_SENTINEL_AT_OR_BELOW = -900.0
+#: The flag policy of issue 15 part 2 where the tree has no receiver/flag_policy.py yet:
+#: every error flag keeps a value out; ``humid`` for PM.
 ERROR_FLAGS = frozenset(
     {
         "out_of_range",
@@ -331,26 +341,37 @@ def read_rows(conn: Any, device: str) -> Rows:
     )
 
 
+def policy_flags(quantity: str, c: Corrections) -> frozenset[str]:
+    """The flags that keep a value of ``quantity`` out of the map with the policy on."""
+    if FlagPolicy is not None:
+        out = FlagPolicy().excluded_for(quantity)
+    else:
+        out = ERROR_FLAGS | ({"humid"} if quantity in PM_KEYS else frozenset())
+    return out if c.exclude_humid else out - {"humid"}
+
+
+def _hits(texts: list[str], flags: frozenset[str]) -> np.ndarray:
+    return np.array([bool(t) and not flags.isdisjoint(t.split(",")) for t in texts], dtype=bool)
+
+
 def flag_filter(r: Rows, vals: dict[str, np.ndarray], c: Corrections) -> None:
     """Keep flagged values out of the map, in place.
 
-    Off: what receiver/aggregate.py does today (the agent's warming_up, time_implausible,
-    clock_step; sentinels below -900). On: the flag policy of issue 15 part 2 on the
-    receiver's quality flags (h5 will move it into aggregate.py; then this calls it).
+    Off: what receiver/aggregate.py did before issue 15 (the agent's warming_up,
+    time_implausible, clock_step; sentinels at or below -900). On: the flag policy of
+    issue 15 part 2 (receiver/flag_policy.py's default where it exists) on the sample's
+    flags and the value's quality flags, and its sentinel rule.
     """
-    agent_out = np.array(
-        [bool(f) and bool(EXCLUDED_FLAGS.intersection(f.split(","))) for f in r.agent_flags],
-        dtype=bool,
-    )
-    for k in ("pm25", "pm10", "no2_ppb", "laeq"):
+    old_out = _hits(r.agent_flags, OLD_EXCLUDED)
+    for k in MAP_KEYS:
         v = vals[k]
-        bad = agent_out | ~np.isfinite(v) | (v <= SENTINEL_BELOW)
+        with np.errstate(invalid="ignore"):
+            bad = old_out | ~np.isfinite(v) | (v <= OLD_SENTINEL_AT_OR_BELOW)
         if c.flags:
-            policy = ERROR_FLAGS | ({"humid"} if c.exclude_humid and k in PM_KEYS else set())
-            bad |= np.array(
-                [bool(f) and bool(policy.intersection(f.split(","))) for f in r.quality[k]],
-                dtype=bool,
-            )
+            flags = policy_flags(k, c)
+            bad |= _hits(r.agent_flags, flags) | _hits(r.quality[k], flags)
+            if sentinel_mask is not None:
+                bad |= sentinel_mask(v)
         v[bad] = np.nan
 
 
@@ -385,9 +406,9 @@ def measured_track(r: Rows, c: Corrections, fit: se.CalibrationFit) -> Track:
     if c.humidity:
         dehumidify(vals)
     out = np.full((len(r.t_ms), len(QUANTITY_KEYS)), np.nan)
-    for j, k in enumerate(QUANTITY_KEYS):
-        out[:, j] = vals[k]
-    return Track(r.device, r.t_ms, r.lat, r.lon, out)
+    for k in MAP_KEYS:
+        out[:, QUANTITY_KEYS.index(k)] = vals[k]
+    return make_track(r.device, r.t_ms, r.lat, r.lon, out)
 
 
 # -- comparing --------------------------------------------------------------------------
@@ -406,10 +427,10 @@ def compare(
     measured: dict[tuple[str, str], UnitValue], truth: dict[tuple[str, str], UnitValue]
 ) -> dict[str, dict[str, float]]:
     """Bias and RMSE of published units against the truth over the same unit's true passes."""
-    err: dict[str, list[float]] = {k: [] for k in QUANTITY_KEYS}
+    err: dict[str, list[float]] = {k: [] for k in MAP_KEYS}
     for key, mv in measured.items():
         tv = truth.get(key)
-        if mv.published and tv is not None:
+        if mv.published and tv is not None and key[1] in err:
             err[key[1]].append(mv.value - tv.value)
     out = {}
     for k, e in err.items():

@@ -24,6 +24,21 @@ from simulator.route import Drive, DriveParams, Route
 
 #: Rows per second of a truth track: one per map sensor (pm, no2, noise), like the samples.
 SENSOR_ROWS = (("pm", ("pm25", "pm10")), ("no2", ("no2_ppb",)), ("noise", ("laeq",)))
+#: The map quantities the fidelity bench compares.
+MAP_KEYS = ("pm25", "pm10", "no2_ppb", "laeq")
+
+
+def make_track(
+    device: str, t_ms: np.ndarray, lat: np.ndarray, lon: np.ndarray, values: np.ndarray
+) -> Track:
+    """An aggregate :class:`Track`; nothing in it counts as left out by a flag policy.
+
+    With issue 15's flag policy the receiver's Track also carries an ``excluded`` mask
+    (values the policy left out, counted per unit): filled with False when it has one.
+    """
+    if "excluded" in getattr(Track, "__dataclass_fields__", {}):
+        return Track(device, t_ms, lat, lon, values, np.zeros(values.shape, dtype=bool))  # type: ignore[call-arg]
+    return Track(device, t_ms, lat, lon, values)
 
 
 @dataclass
@@ -121,7 +136,9 @@ def sensor_track(
             vals[i::k, QUANTITY_KEYS.index(q)] = values[q]
     t = np.repeat(t_ms, k)
     order = np.argsort(t, kind="stable")
-    return Track(device, t[order], np.repeat(lat, k)[order], np.repeat(lon, k)[order], vals[order])
+    return make_track(
+        device, t[order], np.repeat(lat, k)[order], np.repeat(lon, k)[order], vals[order]
+    )
 
 
 def truth_track(days: list[VanDay]) -> Track:

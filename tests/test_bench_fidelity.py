@@ -71,7 +71,8 @@ def test_an_injected_bias_is_reported_as_that_bias(tmp_path, snapper):
 
 
 def test_the_bench_map_is_the_published_map(realistic, snapper):
-    """With today's rules (no corrections), the bench's map equals aggregate.build's rows."""
+    """The bench's map with aggregate.build's own rules equals build's published rows: before
+    issue 15's flag policy its old exclusions, with it (receiver/flag_policy.py) the policy."""
     sim, _ = realistic
     conn = dbapi.connect(sim.stores[False])
     build(conn, snapper, [Period("all")], rule=RULE)
@@ -81,12 +82,10 @@ def test_the_bench_map_is_the_published_map(realistic, snapper):
             conn, "SELECT cell, quantity, value FROM aggregates WHERE published = 1"
         )
     }
-    tracks = [
-        bf.measured_track(
-            bf.read_rows(conn, d), bf.Corrections(False, False, False, False), sim.fits[d]
-        )
-        for d in sorted(sim.fits)
-    ]
+    rules = bf.Corrections(
+        time_alignment=False, flags=bf.FlagPolicy is not None, calibration=False, humidity=False
+    )
+    tracks = [bf.measured_track(bf.read_rows(conn, d), rules, sim.fits[d]) for d in sorted(sim.fits)]
     conn.close()
     ours = {k: v.value for k, v in bf.unit_map(tracks, snapper, RULE).items() if v.published}
     assert len(published) > 100 and ours.keys() == published.keys()
