@@ -35,6 +35,7 @@ MODULES = [
     ("bench_receiver_memory", "receiver memory, largest batches at once"),
     ("bench_aggregate", "street aggregates"),
     ("bench_soak", "fleet soak"),
+    ("bench_fidelity", "map fidelity against the simulated truth"),
 ]
 
 

@@ -291,6 +291,12 @@ def _phases(seed: int) -> tuple[tuple[float, float, float], ...]:
     return tuple(out)
 
 
+def ozone_ppb(no2_ppb: float, hour: float) -> float:
+    """O3, for the NO2 cells' cross-sensitivity: a photochemical afternoon maximum,
+    titrated by fresh NO next to roads (where NO2 is high, O3 is low: Ox stays ~constant)."""
+    return max(2.0, 28.0 + 10.0 * math.cos(2 * math.pi * (hour - 15.0) / 24.0) - 0.6 * (no2_ppb - 14.0))
+
+
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------

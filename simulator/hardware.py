@@ -31,10 +31,12 @@ from typing import Any
 from drivers.i2c import FakeI2CBus
 from drivers.no2 import N_T, No2Calibration, interpolate_factor
 from edge.clock import SimClock
+from simulator.environment import local_time, ozone_ppb
 from simulator.gps_device import FakeGpsReceiver
 from simulator.i2c_devices import FakeADS1115, FakeSoundModule
 from simulator.microphone import SimulatedMicrophone
 from simulator.pm_devices import PMSSimulator
+from simulator.sensor_errors import DeviceErrorModel
 from simulator.world import VanWorld
 
 GPS_TTFF_S = 35.0  # cold start: no fix (and a 1980 receiver date) before this
@@ -152,8 +154,10 @@ class SimulatedHardware:
         noise: str = "module",  # "module" (I2C sound level module) or "microphone"
         gps_corrupt_prob: float = 0.0,
         pm_corrupt_prob: float = 0.0,
+        errors: DeviceErrorModel | None = None,  # realistic sensor and GPS errors (simulator/sensor_errors.py)
     ) -> None:
         self.world = world
+        self.errors = errors
         self.clock = clock
         self._rng = random.Random(f"hw:{seed}")
         self.ports: dict[str, str] = {}
@@ -208,6 +212,9 @@ class SimulatedHardware:
         if t < GPS_TTFF_S or van.gps_blocked:
             return None
         g = self._rng.gauss
+        if self.errors is not None:
+            lat, lon = self.errors.gps(van.lat, van.lon)
+            return (lat, lon, max(0.0, van.speed_mps + g(0, 0.2)), van.course_deg)
         # a consumer receiver: a couple of metres of scatter
         return (van.lat + g(0, 2e-5), van.lon + g(0, 3e-5), max(0.0, van.speed_mps + g(0, 0.2)),
                 van.course_deg)
@@ -217,9 +224,13 @@ class SimulatedHardware:
         g = self._rng.gauss
         # An optical sensor: a few percent of scatter, reads high in humid air.
         humid = 1.0 + max(0.0, a.rh_pct - 75.0) * 0.01
-        pm25 = max(0.0, a.pm25 * humid * (1 + g(0, 0.05)) + g(0, 0.8))
+        true25, true10 = a.pm25 * humid, a.pm10 * humid
+        if self.errors is not None:  # kappa-Koehler growth and gain instead of the rough factor
+            true25, true10 = self.errors.pm(a.pm25, a.pm10, a.rh_pct, self.world.now_utc())
+            humid = true25 / a.pm25 if a.pm25 > 0 else 1.0
+        pm25 = max(0.0, true25 * (1 + g(0, 0.05)) + g(0, 0.8))
         return (max(0.0, min(pm25, a.pm1 * humid + g(0, 0.5))), pm25,
-                max(pm25, a.pm10 * humid * (1 + g(0, 0.07)) + g(0, 1.2)))
+                max(pm25, true10 * (1 + g(0, 0.07)) + g(0, 1.2)))
 
     def _adc_volts(self, channel: int) -> float:
         air = self.world.truth().air
@@ -232,16 +243,24 @@ class SimulatedHardware:
         if channel == 0:
             # Inverse of AAN 803 algorithm 1: WEu = WEe + n_T (AEu - AEe) + ppb * sensitivity.
             n_t = interpolate_factor(air.temp_c, N_T)
-            ppb = air.no2_ppb + self._rng.gauss(0, 2.0)  # electrochemical noise
+            ppb = air.no2_ppb
+            if self.errors is not None:  # gain, zero, drift, temperature and ozone of the real cell
+                utc = self.world.now_utc()
+                ppb = self.errors.no2(ppb, ozone_ppb(ppb, local_time(utc).hour), air.temp_c, utc)
+            ppb += self._rng.gauss(0, 2.0)  # electrochemical noise
             we = cal.we_e_mv + n_t * (ae_mv - cal.ae_e_mv) + ppb * cal.sensitivity_mv_per_ppb
             return we / 1000.0
         return 0.0
 
     def _sound_level(self) -> float:
-        return self.world.truth().air.noise_laeq_db + self._rng.gauss(0, 1.5)
+        return self._heard(self.world.truth().air.noise_laeq_db) + self._rng.gauss(0, 1.5)
 
     def _mic_level(self, t: float) -> float:
-        return self.world.truth_at(self.world.shift_start_utc + t).air.noise_laeq_db
+        return self._heard(self.world.truth_at(self.world.shift_start_utc + t).air.noise_laeq_db)
+
+    def _heard(self, level_db: float) -> float:
+        """The level the microphone's sensitivity makes of the true one."""
+        return level_db if self.errors is None else self.errors.laeq(level_db)
 
     def close(self) -> None:
         if self.microphone is not None:
