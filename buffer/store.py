@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
-from buffer.identity import IdentityFile
+from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id, values_problem
@@ -328,6 +328,7 @@ class Buffer:
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
         self._held = HeldLedger(Path(str(self.path) + ".held"))
         self._identity = IdentityFile(Path(str(self.path) + ".id"))
+        self._damaged_epoch: str | None = None  # the true epoch when meta's failed its check
         self._held_ready = False
         self._noted = False
         self._carried: list[tuple[int, str]] = []
@@ -520,6 +521,8 @@ class Buffer:
         return None if result == ["ok"] else "quick_check: " + "; ".join(result[:5])
 
     def _peek_epoch(self) -> str | None:
+        if self._damaged_epoch is not None:
+            return self._damaged_epoch  # meta's epoch failed its check: the side file's
         try:
             conn = sqlite3.connect(self.path.as_uri() + "?immutable=1", uri=True)
             try:
@@ -535,11 +538,12 @@ class Buffer:
     def _init_epoch(self) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row:
-            return str(row[0])
+            return self._vouch(str(row[0]))
         epoch = secrets.token_hex(8)
         try:
             with self._tx():
                 self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
+                self._db.execute("INSERT INTO meta VALUES ('epoch_check', ?)", (epoch_check(epoch),))
                 self._db.execute("INSERT INTO meta VALUES ('device', ?)", (self.device_id,))
                 self._db.execute(
                     "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
@@ -549,6 +553,36 @@ class Buffer:
             # is damaged (one flipped bit does it). Corruption, so the file is quarantined and
             # salvaged rather than the agent failing to start for good.
             raise sqlite3.DatabaseError(f"database disk image is malformed (meta: {exc})") from exc
+        return epoch
+
+    def _vouch(self, epoch: str) -> str:
+        """``meta``'s epoch if its witnesses vouch for it; else the file is damaged (raises).
+
+        A flipped bit in the epoch text would otherwise make every later batch
+        carry a new identity, silently: the receiver would take it for a new
+        buffer, and the old epoch's numbers would end without a word. Damage
+        goes the way of all damage: quarantine, salvage under the true epoch
+        (``recovery.salvage`` checks the same way), a named loss.
+        """
+        row = self._db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
+        check = str(row[0]) if row else None
+        trusted, true_epoch = vouched_epoch(epoch, check, self._identity.epoch_of())
+        if not trusted:
+            self._damaged_epoch = true_epoch
+            raise sqlite3.DatabaseError(
+                f"database disk image is malformed (meta: epoch {epoch[:40]!r} fails its check;"
+                f" the identity file says {true_epoch!r})")
+        if check != epoch_check(epoch) and not self._exclusive and not self._unborn:
+            # A file from before the check, or the check itself damaged (the side file
+            # agreed): write it now; a full card only delays it to the next open.
+            try:
+                with self._tx():
+                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_check', ?)",
+                                     (epoch_check(epoch),))
+            except sqlite3.DatabaseError as exc:
+                self._rollback_quietly()
+                if not recovery.is_disk_full(exc):
+                    raise
         return epoch
 
     def _tx(self) -> "_Tx":
@@ -599,6 +633,7 @@ class Buffer:
         except sqlite3.DatabaseError:
             pass
         self._quarantine(reason, old_epoch)
+        self._damaged_epoch = None
         if keeper is not None:
             keeper.close()
         self._open()
