@@ -64,7 +64,8 @@ from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id, values_problem
+from uplink.sample_rules import sample_problem
+from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
 from edge.errors import PayloadError
 
 log = logging.getLogger(__name__)
@@ -1237,7 +1238,7 @@ class Buffer:
             # A row can verify and still not travel (a row from before checksums, a value a
             # driver should never have given): the receiver would refuse the whole batch,
             # or it would not even encode. Set aside like a damaged row.
-            why = checked.why if smp is None else values_problem(smp.sensor, smp.values)
+            why = checked.why if smp is None else sample_problem(smp)
             if why:
                 bad.append((r, why if smp is None else f"cannot travel: {why}"))
             else:
@@ -1524,21 +1525,23 @@ class Buffer:
 def _admit(s: Sample) -> str | None:
     """Make a sample fit for the wire, or say why it cannot be: checked at commit.
 
-    NaN and infinity are no measurement: stored as unknown (None) and flagged
-    ``non_finite`` (as the agent does with a driver's readings). Anything else
-    the wire cannot carry (an empty sensor name, a list value, values that are
-    not an object) is refused: the receiver would reject the whole batch.
+    The rules are the receiver's own (``uplink.sample_rules``, the one function
+    both sides call): a sample the receiver would refuse is refused here alone,
+    not with the whole batch it would ride in. NaN and infinity are no
+    measurement: stored as unknown (None) and flagged ``non_finite`` (as the
+    agent does with a driver's readings). A flag with a comma, or an empty one,
+    is refused, not split or dropped (flags are stored comma-joined).
     """
-    # One pass over the values for a sample that travels (every commit of every sample):
-    # values_problem refuses non-finite floats, so None also says there is nothing to replace.
-    why = values_problem(s.sensor, s.values)
+    # One pass for a sample that travels (every commit of every sample): the rules refuse
+    # non-finite floats, so None also says there is nothing to replace.
+    why = sample_problem(s)
     if why is None:
         return None
     vals = s.values
     if isinstance(vals, dict) and any(isinstance(v, float) and not math.isfinite(v) for v in vals.values()):
         s.values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in vals.items()}
         s.flags = (*s.flags, "non_finite")
-        return values_problem(s.sensor, s.values)
+        return sample_problem(s)
     return why
 
 
