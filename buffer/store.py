@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
+from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
@@ -88,6 +89,9 @@ SALVAGE_BATCH_SAMPLES = 1000
 STUCK_RETRY_EVERY = 30
 # Below this much free space an I/O error at open is taken for a full card (see Buffer._no_room).
 NO_ROOM_BYTES = 64 * PAGE_SIZE
+# The gap reason for numbers a commit made durable that an open no longer finds (buffer.highwater).
+# Their batches may have gone out before the loss: the receiver subtracts what it holds.
+WAL_LOST_REASON = "WAL lost committed transactions: samples missing at open (may include delivered ones)"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -330,6 +334,8 @@ class Buffer:
         self._held = HeldLedger(Path(str(self.path) + ".held"))
         self._identity = IdentityFile(Path(str(self.path) + ".id"))
         self._damaged_epoch: str | None = None  # the true epoch when meta's failed its check
+        # The last number a commit made durable, outside the WAL (buffer.highwater).
+        self._highwater = HighWater(Path(str(self.path) + ".seq"))
         self._held_ready = False
         self._noted = False
         self._carried: list[tuple[int, str]] = []
@@ -987,6 +993,7 @@ class Buffer:
                 self.refused_commits += 1
                 raise BufferFullError(f"buffer {self.path}: {exc2}") from exc2
         seqs = list(range(first, first + len(samples)))
+        self._highwater.mark(self.epoch, seqs[-1])  # durable now: the witness may say so
         for s, q in zip(samples, seqs):
             s.seq = q
         self._unsealed += len(samples) - len(refused)
@@ -1117,6 +1124,7 @@ class Buffer:
         """
         with self._tx():
             first, last = self._lose(n, reason)
+        self._highwater.mark(self.epoch, last)
         return first, last
 
     def _lose(self, n: int, reason: str) -> tuple[int, int]:
@@ -1125,7 +1133,7 @@ class Buffer:
         last = first + n - 1
         self._set_last_seq(last)
         self._gap(first, last, reason)
-        self._bump("samples_lost_in_memory", n)
+        self._bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
         return first, last
 
     def _set_last_seq(self, last: int) -> None:
@@ -1161,10 +1169,18 @@ class Buffer:
             return
         self._held_ready = self._held.ensure()
         note = self._held.read()
-        if note is None or note.epoch != self.epoch or note.last_seq != self.last_seq():
-            return  # none, or settled since (every settling write takes a new sequence number)
-        self._carried = note.losses()
-        self._noted = True
+        last = self.last_seq()
+        if note is not None and note.epoch == self.epoch and note.last_seq == last:
+            # (Otherwise none, or settled since: every settling write takes a new sequence number.)
+            self._carried = note.losses()
+            self._noted = True
+        wal_lost = self._highwater.behind(self.epoch, last)
+        if wal_lost and all(r != WAL_LOST_REASON for _, r in self._carried):  # not yet in a note
+            # Committed transactions are gone from the WAL (cut at a frame boundary): their
+            # numbers are owned up to first, so the gap names exactly the lost range.
+            log.error("buffer %s: %d committed sample numbers (%d-%d) are missing: the WAL lost"
+                      " committed transactions", self.path, wal_lost, last + 1, last + wal_lost)
+            self._carried.insert(0, (wal_lost, WAL_LOST_REASON))
         if self._carried:
             try:
                 self._own_up_to_carried()
@@ -1181,6 +1197,7 @@ class Buffer:
                 log.error("buffer: %d samples lost at the last run's end, owned up to as gap %d-%d (%s)",
                           n, first, last, reason)
         self._carried = []
+        self._highwater.mark(self.epoch, self.last_seq())
         # The note is void now (last_seq moved past it); clear it anyway so it is not read again.
         if self._held_ready and self._held.write(None):
             self._noted = False
@@ -1520,6 +1537,7 @@ class Buffer:
 
     def close(self) -> None:
         self._db.close()
+        self._highwater.close()
 
 
 def _admit(s: Sample) -> str | None:

@@ -104,3 +104,93 @@ def test_the_epoch_flip_found_while_only_the_side_file_survives_still_names_the_
     report("epoch-flip-no-check", **out)
     assert out["new_epoch"] and out["quarantine"]
     assert not out["silent"] and not out["doubled"] and out["altered"] == 0 and out["gapped"] == 0
+
+
+# --- 2. a WAL cut at a frame boundary ----------------------------------------------------------
+
+
+def _commit_frame_ends(wal: bytes) -> list[int]:
+    """Offsets just past each commit frame of a WAL (where a cut leaves a WAL that reads as whole)."""
+    page = int.from_bytes(wal[8:12], "big")
+    ends, off = [], 32
+    while off + 24 + page <= len(wal):
+        if int.from_bytes(wal[off + 4:off + 8], "big"):  # "size after commit": a commit frame
+            ends.append(off + 24 + page)
+        off += 24 + page
+    return ends
+
+
+def _crash_image(src: Path, dst: Path) -> None:
+    """The files as a power cut would leave them with the agent running (no checkpoint on close)."""
+    dst.mkdir()
+    for suffix in ("", "-wal", ".id", ".seq", ".held"):
+        f = Path(str(src) + suffix)
+        if f.exists():
+            (dst / f.name).write_bytes(f.read_bytes())
+
+
+@pytest.mark.parametrize("lost_commits", [1, 2, 5])  # the seal, then 1 or 4 sample commits too
+def test_a_wal_cut_at_a_frame_boundary_owns_up_to_the_lost_commits(tmp_path, lost_commits):
+    """SQLite takes a WAL cut at a frame boundary for a clean end: the transactions after the cut
+    were gone, their numbers handed out again, and nothing said so. The high-water side file
+    (buffer/highwater.py) names the loss: a gap record over exactly those numbers, a counter."""
+    from buffer.recovery import wal_problem
+    from buffer.store import WAL_LOST_REASON
+    from tests.test_card_faults_more import _samples
+
+    buf = Buffer(tmp_path / "b.db", "van-wal", reserve_bytes=0)
+    committed = [buf.commit(_samples(5, t0=10 * k)) for k in range(10)]  # 10 commits, 50 samples
+    buf.seal(20, 1)  # sealing is a commit too (not a sample number): the cut may take it back
+    image = tmp_path / "image"
+    _crash_image(buf.path, image)
+    buf.close()
+    wal = (image / "b.db-wal").read_bytes()
+    ends = _commit_frame_ends(wal)
+    (image / "b.db-wal").write_bytes(wal[:ends[-1 - lost_commits]])  # the last commits gone, cleanly
+    assert wal_problem(image / "b.db-wal") is None  # the WAL check cannot see it: it ends at a commit
+
+    ro = sqlite3.connect(f"file:{image / 'b.db'}?mode=ro", uri=True)
+    survived = ro.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()[0]
+    ro.close()
+    nb = Buffer(image / "b.db", "van-wal", reserve_bytes=0)
+    counters = nb.counters()
+    (after,) = nb.commit(_samples(1, t0=999))  # a new sample must not take a lost number
+    batches = []
+    while (sb := nb.seal(100, 2)) is not None:
+        batches.append(decode_batch(sb.payload))
+        nb.acknowledge(sb.batch_id)
+    gaps = [(g.first_seq, g.last_seq, g.reason) for b in batches for g in b.gaps]
+    report("wal-cut", lost_commits=lost_commits, committed_last=committed[-1][-1], survived_last=survived,
+           gaps=[(a, b) for a, b, _ in gaps], counter=counters.get("samples_lost_wal"), next_seq=after)
+    lost = [q for seqs in committed for q in seqs if q > survived]
+    assert len(lost) == 5 * (lost_commits - 1)  # the cut took what it was meant to take
+    wal_gaps = [(a, b) for a, b, r in gaps if r == WAL_LOST_REASON]
+    if lost:
+        assert wal_gaps == [(lost[0], committed[-1][-1])]  # exactly the lost range, named
+    else:
+        assert wal_gaps == []  # only the seal was lost: its samples are back unsealed, nothing to own up to
+        assert sorted(x.seq for b in batches for x in b.samples) == list(range(1, 52))  # type: ignore[type-var]
+    assert counters.get("samples_lost_wal", 0) == len(lost)
+    assert after == committed[-1][-1] + 1  # the lost numbers are never reused
+    assert not (image / "quarantine").exists()  # the file itself is sound: no quarantine
+    nb.close()
+
+
+def test_an_intact_buffer_reopened_reports_no_wal_loss(tmp_path):
+    """The witness lags (written after the commit), never leads: a clean stop and a crash image
+    of an intact WAL own up to nothing."""
+    from tests.test_card_faults_more import _samples
+
+    buf = Buffer(tmp_path / "b.db", "van-ok", reserve_bytes=0)
+    for k in range(5):
+        buf.commit(_samples(3, t0=10 * k))
+    _crash_image(buf.path, tmp_path / "image")
+    buf.close()
+    found = []
+    for path in (tmp_path / "b.db", tmp_path / "image" / "b.db"):
+        b = Buffer(path, "van-ok", reserve_bytes=0)
+        found.append((b.last_seq(), b.counters().get("samples_lost_wal", 0),
+                      b._db.execute("SELECT count(*) FROM gaps").fetchone()[0]))
+        b.close()
+    report("wal-intact", found=found)
+    assert found == [(15, 0, 0), (15, 0, 0)]
