@@ -471,6 +471,7 @@ class Buffer:
             return False
         stand_in.close()
         self._unborn = False
+        self._identity.write(self.epoch, self.device_id)  # the stand-in's epoch was never real
         self._unsealed = self._count_unsealed()
         log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
         self._salvage_pending()
