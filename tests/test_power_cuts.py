@@ -113,6 +113,10 @@ def card(tmp_path):
     m.close()
 
 
+# How long a cut waits for the receiver to store a batch before it falls anyway. The van samples
+# at 200 a second meanwhile: with a receiver that slows as its store grows (docs/durability.md)
+# a 10 s wait made late cuts ~2,000 samples each, and the backlog fed the slowdown.
+UPLOAD_WAIT_S = 4.0
 # The final drain's window (batches in flight); see the drain below.
 DRAIN_WINDOW = 16
 # DATALAB_POWER_CUTS=200 runs the slow parameter shorter (a loaded machine); the default is the brief's.
@@ -144,7 +148,7 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
                 if moment < 0.7:  # ... while it samples, commits and seals
                     time.sleep(rng.uniform(0.05, 1.0))
                 else:  # ... while batches go up and acks come back (uploads wait for the resync)
-                    in_upload += wait_for_uploads(rx.store)
+                    in_upload += wait_for_uploads(rx.store, timeout=UPLOAD_WAIT_S)
                     time.sleep(rng.uniform(0.0, 0.4))
             mid_run += van.kill()  # False: the short shift had ended (drained) before the cut
             settle(rx.store)
