@@ -43,6 +43,11 @@ What a van does to the file, and what the buffer does about it:
   ``quarantine/<utc>-<epoch>/`` (never deleted), a fresh database with a new
   epoch starts, and what can be read is salvaged (see ``buffer.recovery``).
   Batches of an earlier epoch stay publishable and acknowledgeable by batch id.
+  ``meta``'s epoch is vouched for by a checksum row and the ``.id`` side file
+  (``buffer.identity``): a garbled epoch is damage too, never a new identity.
+* **A WAL cut at a frame boundary** (reads as a clean end): the ``.seq`` side
+  file (``buffer.highwater``) keeps the last durable ``seq``; an open that
+  finds the database behind it owns up with a gap record (``samples_lost_wal``).
 """
 
 from __future__ import annotations
