@@ -14,9 +14,36 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def epoch_check(epoch: str) -> str:
+    """The checksum kept beside the epoch in ``meta`` (key ``epoch_check``).
+
+    Why both this and the side file: one flipped bit in the epoch text still
+    reads as an epoch, and the buffer would carry on under a new identity
+    silently. Two copies (``meta`` and this file) can tell that they differ,
+    not which one is right; the checksum says which copy ``meta`` really wrote.
+    """
+    return "%08x" % zlib.crc32(b"epoch:" + epoch.encode("utf-8", "surrogateescape"))
+
+
+def vouched_epoch(meta_epoch: str, check: str | None, side: str | None) -> tuple[bool, str | None]:
+    """(meta's epoch can be trusted, the true epoch as far as known).
+
+    Trusted when the side file agrees (two independent copies), or when the
+    checksum matches (the side file is the stale or damaged copy), or when
+    neither witness exists (a file from before both). Otherwise ``meta`` is
+    damaged: the side file names the true epoch if it has one.
+    """
+    if side == meta_epoch or check == epoch_check(meta_epoch):
+        return True, meta_epoch
+    if side is None and check is None:
+        return True, meta_epoch
+    return False, side
 
 
 class IdentityFile:

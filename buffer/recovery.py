@@ -34,6 +34,7 @@ from pathlib import Path
 
 from edge.errors import PayloadError
 from buffer import rowcheck
+from buffer.identity import vouched_epoch
 from edge.model import Sample
 from uplink.wire import Gap, content_hash, decode_batch
 
@@ -431,6 +432,14 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
                   identity: tuple[str, str] | None = None) -> None:
     out.epoch = _meta(conn, "epoch")
     out.device = _meta(conn, "device")
+    if out.epoch is not None:
+        trusted, true_epoch = vouched_epoch(out.epoch, _meta(conn, "epoch_check"),
+                                            identity[0] if identity else None)
+        if not trusted:
+            # A garbled epoch must not name the salvage: the batches' own payloads (or the
+            # identity file, below) name the true one.
+            out.notes.append(f"meta epoch {out.epoch[:40]!r} fails its check; true epoch {true_epoch!r}")
+            out.epoch = None
     watermark = _meta(conn, "sealed_through")
     sealed_through = int(watermark) if watermark and watermark.isdigit() else None
     last_seq: int | None = None

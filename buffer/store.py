@@ -43,6 +43,11 @@ What a van does to the file, and what the buffer does about it:
   ``quarantine/<utc>-<epoch>/`` (never deleted), a fresh database with a new
   epoch starts, and what can be read is salvaged (see ``buffer.recovery``).
   Batches of an earlier epoch stay publishable and acknowledgeable by batch id.
+  ``meta``'s epoch is vouched for by a checksum row and the ``.id`` side file
+  (``buffer.identity``): a garbled epoch is damage too, never a new identity.
+* **A WAL cut at a frame boundary** (reads as a clean end): the ``.seq`` side
+  file (``buffer.highwater``) keeps the last durable ``seq``; an open that
+  finds the database behind it owns up with a gap record (``samples_lost_wal``).
 """
 
 from __future__ import annotations
@@ -61,10 +66,12 @@ from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
-from buffer.identity import IdentityFile
+from buffer.highwater import HighWater
+from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id, values_problem
+from uplink.sample_rules import sample_problem
+from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
 from edge.errors import PayloadError
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,9 @@ SALVAGE_BATCH_SAMPLES = 1000
 STUCK_RETRY_EVERY = 30
 # Below this much free space an I/O error at open is taken for a full card (see Buffer._no_room).
 NO_ROOM_BYTES = 64 * PAGE_SIZE
+# The gap reason for numbers a commit made durable that an open no longer finds (buffer.highwater).
+# Their batches may have gone out before the loss: the receiver subtracts what it holds.
+WAL_LOST_REASON = "WAL lost committed transactions: samples missing at open (may include delivered ones)"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -328,6 +338,9 @@ class Buffer:
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
         self._held = HeldLedger(Path(str(self.path) + ".held"))
         self._identity = IdentityFile(Path(str(self.path) + ".id"))
+        self._damaged_epoch: str | None = None  # the true epoch when meta's failed its check
+        # The last number a commit made durable, outside the WAL (buffer.highwater).
+        self._highwater = HighWater(Path(str(self.path) + ".seq"))
         self._held_ready = False
         self._noted = False
         self._carried: list[tuple[int, str]] = []
@@ -463,6 +476,7 @@ class Buffer:
             return False
         stand_in.close()
         self._unborn = False
+        self._identity.write(self.epoch, self.device_id)  # the stand-in's epoch was never real
         self._unsealed = self._count_unsealed()
         log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
         self._salvage_pending()
@@ -520,6 +534,8 @@ class Buffer:
         return None if result == ["ok"] else "quick_check: " + "; ".join(result[:5])
 
     def _peek_epoch(self) -> str | None:
+        if self._damaged_epoch is not None:
+            return self._damaged_epoch  # meta's epoch failed its check: the side file's
         try:
             conn = sqlite3.connect(self.path.as_uri() + "?immutable=1", uri=True)
             try:
@@ -535,11 +551,12 @@ class Buffer:
     def _init_epoch(self) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row:
-            return str(row[0])
+            return self._vouch(str(row[0]))
         epoch = secrets.token_hex(8)
         try:
             with self._tx():
                 self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
+                self._db.execute("INSERT INTO meta VALUES ('epoch_check', ?)", (epoch_check(epoch),))
                 self._db.execute("INSERT INTO meta VALUES ('device', ?)", (self.device_id,))
                 self._db.execute(
                     "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
@@ -549,6 +566,36 @@ class Buffer:
             # is damaged (one flipped bit does it). Corruption, so the file is quarantined and
             # salvaged rather than the agent failing to start for good.
             raise sqlite3.DatabaseError(f"database disk image is malformed (meta: {exc})") from exc
+        return epoch
+
+    def _vouch(self, epoch: str) -> str:
+        """``meta``'s epoch if its witnesses vouch for it; else the file is damaged (raises).
+
+        A flipped bit in the epoch text would otherwise make every later batch
+        carry a new identity, silently: the receiver would take it for a new
+        buffer, and the old epoch's numbers would end without a word. Damage
+        goes the way of all damage: quarantine, salvage under the true epoch
+        (``recovery.salvage`` checks the same way), a named loss.
+        """
+        row = self._db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
+        check = str(row[0]) if row else None
+        trusted, true_epoch = vouched_epoch(epoch, check, self._identity.epoch_of())
+        if not trusted:
+            self._damaged_epoch = true_epoch
+            raise sqlite3.DatabaseError(
+                f"database disk image is malformed (meta: epoch {epoch[:40]!r} fails its check;"
+                f" the identity file says {true_epoch!r})")
+        if check != epoch_check(epoch) and not self._exclusive and not self._unborn:
+            # A file from before the check, or the check itself damaged (the side file
+            # agreed): write it now; a full card only delays it to the next open.
+            try:
+                with self._tx():
+                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_check', ?)",
+                                     (epoch_check(epoch),))
+            except sqlite3.DatabaseError as exc:
+                self._rollback_quietly()
+                if not recovery.is_disk_full(exc):
+                    raise
         return epoch
 
     def _tx(self) -> "_Tx":
@@ -599,6 +646,7 @@ class Buffer:
         except sqlite3.DatabaseError:
             pass
         self._quarantine(reason, old_epoch)
+        self._damaged_epoch = None
         if keeper is not None:
             keeper.close()
         self._open()
@@ -951,6 +999,7 @@ class Buffer:
                 self.refused_commits += 1
                 raise BufferFullError(f"buffer {self.path}: {exc2}") from exc2
         seqs = list(range(first, first + len(samples)))
+        self._highwater.mark(self.epoch, seqs[-1])  # durable now: the witness may say so
         for s, q in zip(samples, seqs):
             s.seq = q
         self._unsealed += len(samples) - len(refused)
@@ -1081,6 +1130,7 @@ class Buffer:
         """
         with self._tx():
             first, last = self._lose(n, reason)
+        self._highwater.mark(self.epoch, last)
         return first, last
 
     def _lose(self, n: int, reason: str) -> tuple[int, int]:
@@ -1089,7 +1139,7 @@ class Buffer:
         last = first + n - 1
         self._set_last_seq(last)
         self._gap(first, last, reason)
-        self._bump("samples_lost_in_memory", n)
+        self._bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
         return first, last
 
     def _set_last_seq(self, last: int) -> None:
@@ -1125,10 +1175,18 @@ class Buffer:
             return
         self._held_ready = self._held.ensure()
         note = self._held.read()
-        if note is None or note.epoch != self.epoch or note.last_seq != self.last_seq():
-            return  # none, or settled since (every settling write takes a new sequence number)
-        self._carried = note.losses()
-        self._noted = True
+        last = self.last_seq()
+        if note is not None and note.epoch == self.epoch and note.last_seq == last:
+            # (Otherwise none, or settled since: every settling write takes a new sequence number.)
+            self._carried = note.losses()
+            self._noted = True
+        wal_lost = self._highwater.behind(self.epoch, last)
+        if wal_lost and all(r != WAL_LOST_REASON for _, r in self._carried):  # not yet in a note
+            # Committed transactions are gone from the WAL (cut at a frame boundary): their
+            # numbers are owned up to first, so the gap names exactly the lost range.
+            log.error("buffer %s: %d committed sample numbers (%d-%d) are missing: the WAL lost"
+                      " committed transactions", self.path, wal_lost, last + 1, last + wal_lost)
+            self._carried.insert(0, (wal_lost, WAL_LOST_REASON))
         if self._carried:
             try:
                 self._own_up_to_carried()
@@ -1145,6 +1203,7 @@ class Buffer:
                 log.error("buffer: %d samples lost at the last run's end, owned up to as gap %d-%d (%s)",
                           n, first, last, reason)
         self._carried = []
+        self._highwater.mark(self.epoch, self.last_seq())
         # The note is void now (last_seq moved past it); clear it anyway so it is not read again.
         if self._held_ready and self._held.write(None):
             self._noted = False
@@ -1202,7 +1261,7 @@ class Buffer:
             # A row can verify and still not travel (a row from before checksums, a value a
             # driver should never have given): the receiver would refuse the whole batch,
             # or it would not even encode. Set aside like a damaged row.
-            why = checked.why if smp is None else values_problem(smp.sensor, smp.values)
+            why = checked.why if smp is None else sample_problem(smp)
             if why:
                 bad.append((r, why if smp is None else f"cannot travel: {why}"))
             else:
@@ -1484,26 +1543,29 @@ class Buffer:
 
     def close(self) -> None:
         self._db.close()
+        self._highwater.close()
 
 
 def _admit(s: Sample) -> str | None:
     """Make a sample fit for the wire, or say why it cannot be: checked at commit.
 
-    NaN and infinity are no measurement: stored as unknown (None) and flagged
-    ``non_finite`` (as the agent does with a driver's readings). Anything else
-    the wire cannot carry (an empty sensor name, a list value, values that are
-    not an object) is refused: the receiver would reject the whole batch.
+    The rules are the receiver's own (``uplink.sample_rules``, the one function
+    both sides call): a sample the receiver would refuse is refused here alone,
+    not with the whole batch it would ride in. NaN and infinity are no
+    measurement: stored as unknown (None) and flagged ``non_finite`` (as the
+    agent does with a driver's readings). A flag with a comma, or an empty one,
+    is refused, not split or dropped (flags are stored comma-joined).
     """
-    # One pass over the values for a sample that travels (every commit of every sample):
-    # values_problem refuses non-finite floats, so None also says there is nothing to replace.
-    why = values_problem(s.sensor, s.values)
+    # One pass for a sample that travels (every commit of every sample): the rules refuse
+    # non-finite floats, so None also says there is nothing to replace.
+    why = sample_problem(s)
     if why is None:
         return None
     vals = s.values
     if isinstance(vals, dict) and any(isinstance(v, float) and not math.isfinite(v) for v in vals.values()):
         s.values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in vals.items()}
         s.flags = (*s.flags, "non_finite")
-        return values_problem(s.sensor, s.values)
+        return sample_problem(s)
     return why
 
 

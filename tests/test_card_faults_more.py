@@ -223,7 +223,7 @@ def test_commit_refuses_or_normalises_what_the_wire_cannot_carry(tmp_path):
            sealed=[(x.seq, x.values, x.flags) for x in batch.samples], next_seq=after)
     assert seqs == [1, 2, 3, 4, 5, 6, 7] and after == [8]  # a refused sample still used its number
     assert [s for s, _ in bad] == [2, 5, 6]
-    assert "must be a number" in bad[0][1] and "object" in bad[1][1] and "non-empty" in bad[2][1]
+    assert "must be a number" in bad[0][1] and "object" in bad[1][1] and "1 to 128 characters" in bad[2][1]
     assert [(a, b) for a, b, _ in gaps] == [(2, 2), (5, 5), (6, 6)]
     assert [(x.seq, x.values, x.flags) for x in batch.samples] == [
         (1, {"v": 1.0}, ()), (3, {"v": None, "w": 2}, ("non_finite",)), (4, {"v": None}, ("non_finite",)),

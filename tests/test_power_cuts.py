@@ -113,8 +113,18 @@ def card(tmp_path):
     m.close()
 
 
+# How long a cut waits for the receiver to store a batch before it falls anyway. The van samples
+# at 200 a second meanwhile: with a receiver that slows as its store grows (docs/durability.md)
+# a 10 s wait made late cuts ~2,000 samples each, and the backlog fed the slowdown.
+UPLOAD_WAIT_S = 4.0
+# The final drain's window (batches in flight); see the drain below.
+DRAIN_WINDOW = 16
+# DATALAB_POWER_CUTS=200 runs the slow parameter shorter (a loaded machine); the default is the brief's.
+SLOW_CUTS = int(os.environ.get("DATALAB_POWER_CUTS", "1000"))
+
+
 @pytest.mark.parametrize("cuts", [pytest.param(100, id="ci"),
-                                  pytest.param(1000, id="slow", marks=[pytest.mark.slow,
+                                  pytest.param(SLOW_CUTS, id="slow", marks=[pytest.mark.slow,
                                                                        pytest.mark.timeout(3 * 3600)])])
 def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto, rx, card, cuts):  # noqa: F811 (rx: the imported fixture)
     rng = random.Random(20261206)
@@ -138,7 +148,7 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
                 if moment < 0.7:  # ... while it samples, commits and seals
                     time.sleep(rng.uniform(0.05, 1.0))
                 else:  # ... while batches go up and acks come back (uploads wait for the resync)
-                    in_upload += wait_for_uploads(rx.store)
+                    in_upload += wait_for_uploads(rx.store, timeout=UPLOAD_WAIT_S)
                     time.sleep(rng.uniform(0.0, 0.4))
             mid_run += van.kill()  # False: the short shift had ended (drained) before the cut
             settle(rx.store)
@@ -163,7 +173,16 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
                 report("power-cuts-progress", cuts=i + 1, last_seq=last_seq, stored=v.stored,
                        unsynced_bytes_lost=card.bytes_lost, wall_s=round(time.monotonic() - t0))
         # Runs cut short leave a backlog (uploads wait for the resync's answer): time to hand it in.
+        # With 4 batches of 40 samples in flight per ack round trip, the van's drain is bound by
+        # the round trip through this FUSE card and a loaded receiver, whose per-batch cost grows
+        # with the store (docs/durability.md). A van back in coverage may use a wider window
+        # (uplink.window is per van), with an ack timeout that a deep queue does not outrun (else
+        # re-sends): the drain and the final oracle are what is tested here, not the pace.
+        van.config.write_text(van.config.read_text().replace("window = 4", f"window = {DRAIN_WINDOW}")
+                              .replace("ack_timeout_s = 2.0", "ack_timeout_s = 10.0"))
+        drain_t0 = time.monotonic()
         verdicts = finish_and_check([van], rx.store, timeout=120.0 if cuts <= 100 else 1800.0)
+        drain_s = round(time.monotonic() - drain_t0, 1)
     finally:
         van.kill()  # a failed run must not keep the card busy
         witness.close()
@@ -174,7 +193,7 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
            unsynced_bytes_lost=card.bytes_lost, entries_lost=card.entries_lost, fsyncs=fs["fsyncs"],
            dir_fsyncs=fs["dir_fsyncs"], heartbeats=witness.heartbeats, committed=verdicts[0].last_seq,
            stored=verdicts[0].stored, gapped=verdicts[0].gapped, duplicates=counters.get("batches_duplicate", 0),
-           resync_acks=counters.get("resync_acks", 0), wall_s=round(time.monotonic() - t0))
+           resync_acks=counters.get("resync_acks", 0), drain_s=drain_s, wall_s=round(time.monotonic() - t0))
     # The cuts happened and cost something: the agent was running and lost unsynced writes.
     assert card.cuts == cuts
     assert mid_run >= cuts * 0.9, f"only {mid_run} of {cuts} cuts found the agent running"
@@ -182,6 +201,9 @@ def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto
     assert witness.heartbeats > 0
     assert in_upload > 0, "no cut fell while batches were going up"
     assert_all_delivered(verdicts)
+    # Nothing committed was lost, so nothing may be owned up to as lost either: the WAL
+    # high-water record (buffer/highwater.py) lags the database at a cut, it never leads it.
+    assert verdicts[0].gapped == 0, verdicts[0]
 
 
 def _fsync(path: Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,41 +176,12 @@ def _req(obj: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
     return value
 
 
-# What a sample's values may hold: the receiver refuses a batch with anything beyond
-# (receiver/validate.py imports these), so the buffer checks them at commit and at sealing.
+# Bounds of what a sample may hold: the receiver refuses a batch with anything beyond, and the
+# van's buffer refuses such a sample alone at commit; both through uplink.sample_rules.
 MAX_ABS_FLOAT = 1e15  # no sensor measures beyond this in any unit; derived arithmetic stays exact
 MAX_NAME_CHARS = 128  # device, epoch, sensor, boot id, time source, value keys, flags
 MAX_TEXT_CHARS = 16_384  # a string value (a calibration record is ~1 KB), a gap reason
 MAX_KEYS_PER_SAMPLE = 256
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-
-
-def values_problem(sensor: object, values: object) -> str | None:
-    """Why a sample's sensor name or values cannot travel in a batch, or None if they can.
-
-    The device's side of ``_decode_sample``'s rules (plus finite numbers, as
-    ``encode_batch`` refuses NaN and infinity): the buffer checks at commit and
-    at sealing, so one such sample never reaches a batch the receiver would
-    refuse whole, or one that cannot even be encoded.
-    """
-    if not isinstance(sensor, str) or not sensor:
-        return "sensor must be a non-empty string"
-    if not isinstance(values, dict):
-        return "values must be an object"
-    if len(values) > MAX_KEYS_PER_SAMPLE:
-        return f"more than {MAX_KEYS_PER_SAMPLE} values in one sample"
-    for k, v in values.items():
-        if not isinstance(k, str) or not (v is None or isinstance(v, (int, float, str))):
-            return f"value {str(k)[:40]!r} must be a number, a string or null"
-        if not k or len(k) > MAX_NAME_CHARS:
-            return f"value key {k[:40]!r} must have 1 to {MAX_NAME_CHARS} characters"
-        if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= MAX_ABS_FLOAT):
-            return f"value {k[:40]!r} is not finite or beyond +-{MAX_ABS_FLOAT:g}"
-        if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
-            return f"value {k[:40]!r} does not fit in 64 bits"
-        if isinstance(v, str) and len(v) > MAX_TEXT_CHARS:
-            return f"value {k[:40]!r} is longer than {MAX_TEXT_CHARS} characters"
-    return None
 
 
 def _decode_sample(row: Any) -> Sample:
