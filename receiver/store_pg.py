@@ -705,7 +705,8 @@ class PostgresStore(StoreReads):
             return
         lo, hi = min(times) - gap, max(times) + gap  # type: ignore[type-var,operator]
         device = batch.device
-        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap)
+        fix_times = [f[3] for f in fixes]
+        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap, fix_times)
 
         def place(epoch: str, seq: int, t: int) -> tuple[Any, ...]:
             p = locate(fx, ft, t, gap, newest)
@@ -721,6 +722,7 @@ class PostgresStore(StoreReads):
         if again:
             with c.cursor() as cur:
                 cur.executemany(_UPSERT_POSITION, again)
+        self._close_pending(device, newest, gap, fix_times)
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
         """Quality flags for this batch's values (the same ``quality_rows`` as SQLite)."""
