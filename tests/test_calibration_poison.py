@@ -50,6 +50,13 @@ POISONS = {
     "version 2^70": {"version": 2**70},
     "valid_from 1e300": {"valid_from": 1e300},
     "values a list": {"values_raw": [1, 2]},
+    # Issue 13 re-test: accepted before, and NO2 then stayed uncalibrated without a count.
+    "sensitivity subnormal 1e-320": {"values": {"sensitivity_na_per_ppb": 1e-320}},
+    "sensitivity 1e-300 (ppb overflows)": {"values": {"sensitivity_na_per_ppb": 1e-300}},
+    "gain subnormal 5e-324": {"values": {"gain_mv_per_na": 5e-324}},
+    "sensitivity -1e-320": {"values": {"sensitivity_na_per_ppb": -1e-320}},
+    "valid_to before valid_from": {"valid_from": 1_795_000_000, "valid_to": 1_794_999_999},
+    "slope 1e14 (ppb beyond what the store holds)": {"values": {"slope": 1e14}},
 }
 
 
