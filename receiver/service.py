@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from edge.faultpoints import crash_point
-from receiver.budget import Cost, upload_cost
+from receiver.budget import Cost, peek
 from receiver.config import ReceiverConfig, pg_timeouts
 from receiver.health import Health, error_text
 from receiver.ingest import Ingestor, Outcome
@@ -40,7 +40,8 @@ from uplink.wire import ack_topic, encode_ack
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Held = tuple[mqtt.MQTTMessage, int, Cost]  # message, received_ms, its budget cost (values, bytes)
+# message, received_ms, its budget cost (values, bytes), its inflated body (decoded from it: inflated once)
+Held = tuple[mqtt.MQTTMessage, int, Cost, bytes | None]
 DERIVE_POLL_S = 0.5  # an idle background deriver looks for queued batches this often
 DERIVE_IDLE_POLL_S = 30.0  # and with derive = "inline" (nothing new is queued then)
 DERIVE_RETRY_S = 5.0  # and after a failure (store unreachable) waits this long
@@ -162,8 +163,8 @@ class ReceiverService:
         up with what is waiting (no waiting for more).
         """
         group = [] if group is None else group
-        values = sum(c.values for _, _, c in group)
-        size = sum(c.bytes for _, _, c in group)
+        values = sum(c.values for _, _, c, _ in group)
+        size = sum(c.bytes for _, _, c, _ in group)
         while len(group) < self.cfg.group_uploads:
             item = self._carry
             self._carry = None
@@ -172,7 +173,7 @@ class ReceiverService:
                     msg, now_ms = self._inbox.get(timeout=0.2) if not group else self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                item = (msg, now_ms, upload_cost(msg.payload))
+                item = (msg, now_ms, *peek(msg.payload))
             cost = item[2]
             if group and (values + cost.values > self.cfg.group_values or size + cost.bytes > self.cfg.group_bytes):
                 self._carry = item
@@ -221,13 +222,14 @@ class ReceiverService:
         uploads: list[int] = []
 
         def ingest() -> list[Outcome]:
-            routes[:] = [self.ingestor.route(m.topic) for m, _, _ in group]
+            routes[:] = [self.ingestor.route(m.topic) for m, _, _, _ in group]
             uploads[:] = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
             # A message the broker delivers again (DUP: the receiver lost its connection before
             # the ack) may already be a dead letter: it is then not written twice.
             return self.ingestor.handle_many(
                 [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads],
-                redelivered={k for k, i in enumerate(uploads) if group[i][0].dup}) if uploads else []
+                redelivered={k for k, i in enumerate(uploads) if group[i][0].dup},
+                inflated=[group[i][3] for i in uploads]) if uploads else []
 
         def top_up() -> None:
             # During an outage what arrives meanwhile joins the held group (within the budget):
@@ -240,7 +242,7 @@ class ReceiverService:
             return
         outcomes = dict(zip(uploads, got))
         crash_point("receiver.commit.after")
-        for i, ((msg, now_ms, _), route) in enumerate(zip(group, routes)):
+        for i, ((msg, now_ms, _, _), route) in enumerate(zip(group, routes)):
             if route is not None and route[1] == "sync":
                 acks = self._until_stored(lambda: self.ingestor.handle_sync(route[0], msg.payload), len(group) - i)
                 if acks is None:
