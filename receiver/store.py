@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -901,13 +902,25 @@ def read_json(raw: str | bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(raw, parse_int=_bounded_int, parse_constant=lambda _: _NAN)
+            return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float,
+                              parse_constant=lambda _: _NAN)
         except (ValueError, RecursionError):
             return {}
 
 
 def _bounded_int(text: str) -> int | float:
-    return int(text) if len(text) <= 19 and -(2**63) <= int(text) < 2**63 else _NAN
+    """A JSON integer as int when 64-bit, else NaN. The sign does not count as a digit: a
+    negative 19-digit number (20 characters) used to read as NaN (issue 13 review)."""
+    if len(text.lstrip("-")) > 19:  # never convert thousands of digits just to refuse them
+        return _NAN
+    v = int(text)
+    return v if -(2**63) <= v < 2**63 else _NAN
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as float, NaN where a double cannot hold it (``1e999`` read as inf)."""
+    v = float(text)
+    return v if math.isfinite(v) else _NAN
 
 
 def _sample_from_row(r: tuple[Any, ...]) -> Sample:
