@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from edge.faultpoints import crash_point
 from receiver.budget import Cost, peek
+from receiver.liveness import PgPing, StoreProbe
 from receiver.config import ReceiverConfig, pg_timeouts
 from receiver.health import Health, error_text
 from receiver.ingest import Ingestor, Outcome
@@ -70,6 +71,12 @@ class ReceiverService:
         self.deriver: threading.Thread | None = None
         if cfg.derive != "separate":
             self.deriver = threading.Thread(target=self._derive_loop, name="deriver", daemon=True)
+        # A frozen PostgreSQL shows within seconds, also while no upload arrives (liveness.py).
+        self.probe: StoreProbe | None = None
+        self._heals_uncounted = 0  # outages the probe ended: counted in the store by the worker
+        if cfg.store_probe_s > 0 and pg_timeouts(cfg) is not None:
+            self.probe = StoreProbe(PgPing(cfg.store, cfg.store_probe_timeout_s), self.health, cfg.store_probe_s,
+                                    held=lambda: self.held, on_heal=self._probe_healed, stopping=self._stopping)
         self.connected = threading.Event()
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -207,12 +214,17 @@ class ReceiverService:
                     before_retry()
                 continue
             healed = self.health.store_ok()
-            if healed is not None:
+            if healed is not None or self._heals_uncounted:
+                n, self._heals_uncounted = (healed is not None) + self._heals_uncounted, 0
                 try:
-                    self.store.count("store_outages")
+                    self.store.count("store_outages", n)
                 except Exception:  # the figure is worth a try, not a second outage
                     pass
             return out
+
+    def _probe_healed(self) -> None:
+        # The probe thread must not use the worker's store connection: the worker counts it.
+        self._heals_uncounted += 1
 
     def _handle_group(self, group: list[Held]) -> None:
         """Store the group's batches in one transaction, then answer and ack every message in order."""
@@ -301,6 +313,8 @@ class ReceiverService:
     def _start_threads(self) -> None:
         if not self.worker.is_alive():
             self.worker.start()
+        if self.probe is not None and not self.probe.thread.is_alive():
+            self.probe.start()
         if self.deriver is not None and not self.deriver.is_alive():
             self.deriver.start()
 
@@ -325,6 +339,6 @@ class ReceiverService:
     def stop_threads(self) -> None:
         """Stop the worker and deriver threads (after the MQTT loop has stopped)."""
         self._stopping.set()
-        for t in (self.worker, self.deriver):
+        for t in (self.worker, self.deriver, self.probe.thread if self.probe else None):
             if t is not None and t.is_alive():
                 t.join(timeout=30)
