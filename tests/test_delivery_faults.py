@@ -373,3 +373,69 @@ def test_disk_full_mid_commit_then_recovers(tmp_path, mosquitto, rx):
         assert verdicts[0].gapped == agent.stats.lost_in_memory
         assert_all_delivered(verdicts)
         agent.buffer.close()
+
+
+def test_a_rejected_upload_redelivered_after_a_crash_has_one_dead_letter(tmp_path, mosquitto):
+    """Issue 13 re-test (416 dead letters for 401 uploads), re-attacked through the real broker:
+    the receiver dead-letters a group of bad uploads, commits, and is killed before any
+    PUBACK (``receiver.commit.after``). Restarted on its session, the broker delivers them
+    again (MQTT DUP): still one dead letter each. The same bytes published anew (a van
+    retrying, not a redelivery) are a new upload: each gets a dead letter of its own."""
+    import sqlite3
+
+    from uplink.wire import content_hash, decode_ack
+
+    store = tmp_path / "store.sqlite"
+    bad = [b"not a batch %d" % i for i in range(5)] + [b"DLB\x02\x01broken %d" % i for i in range(5)]
+    shas = {content_hash(p) for p in bad}
+    acks: list[tuple[str, str]] = []
+    van = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="van-dl-test", clean_session=True)
+    van.on_message = lambda c, u, m: acks.append((lambda a: (a.status, a.sha256))(decode_ack(m.payload)))
+    van.connect("127.0.0.1", mosquitto.port)
+    van.subscribe("datalab/v1/van-dl/ack", qos=1)
+    van.loop_start()
+
+    def rows() -> dict[str, int]:
+        db = sqlite3.connect(store, timeout=30)
+        try:
+            return dict(db.execute("SELECT sha256, count(*) FROM dead_letters GROUP BY sha256").fetchall())
+        finally:
+            db.close()
+
+    def publish_all() -> None:
+        for p in bad:
+            van.publish("datalab/v1/van-dl/batch", p, qos=1).wait_for_publish(10)
+
+    def wait(cond, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return cond()
+
+    r = Receiver(store, mosquitto.port, client_id="rx-dead-letters")
+    try:
+        r.start()  # makes the receiver's session, then away: the uploads queue for it at the broker
+        r.stop()
+        publish_all()
+        r.start(crash_at="receiver.commit.after:1")  # takes them as one group, dead-letters, dies
+        assert wait(lambda: not r.alive(), 30), "the receiver reached its crash point"
+        before_crash = rows()
+        acked_before_crash = len(acks)
+        r.start()  # the same client id: its session's un-acked messages come again, marked DUP
+        assert wait(lambda: len(acks) >= len(bad)), acks
+        after_redelivery = rows()
+        publish_all()  # the same bytes anew: not a redelivery
+        assert wait(lambda: len(acks) >= 2 * len(bad)), acks
+        time.sleep(0.5)  # anything more (a dead letter too many) would come now
+        after_resend = rows()
+    finally:
+        van.loop_stop()
+        van.disconnect()
+        r.stop()
+    report("dead letters across a crash", uploads=len(bad), written_before_crash=sum(before_crash.values()),
+           acked_before_crash=acked_before_crash, after_redelivery=sum(after_redelivery.values()),
+           after_sending_again=sum(after_resend.values()))
+    assert sum(before_crash.values()) >= 1 and acked_before_crash == 0, "dead-lettered, then killed before any ack"
+    assert after_redelivery == {s: 1 for s in shas}, after_redelivery
+    assert after_resend == {s: 2 for s in shas}, after_resend
+    assert {status for status, _ in acks} == {"rejected"} and len(acks) == 2 * len(bad), acks
