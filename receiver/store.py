@@ -219,8 +219,8 @@ class StoreReads:
         for a, b in _windows(fix_times, gap):
             reopened += [tuple(r) for r in c.execute(  # type: ignore[misc]
                 f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
-                f" AND t_utc_ms BETWEEN {p} AND {p} AND state IN ({p}, {p})",
-                (device, a, b, PENDING, NO_FIX),
+                f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN}",
+                (device, a, b),
             ).fetchall()]
         fx = [Fix(*r) for r in c.execute(
             f"SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
@@ -240,14 +240,14 @@ class StoreReads:
         than ``gap`` before them exists with none closer.
         """
         p, c = self.PARAM, self.conn
-        c.execute(f"UPDATE positions SET state = {p} WHERE device = {p} AND state = {p} AND t_utc_ms < {p}",
-                  (NO_FIX, device, PENDING, newest - gap))
+        # States as literals: they let both stores use the partial index ``positions_pending``.
+        close = f"UPDATE positions SET state = '{NO_FIX}' WHERE device = {p} AND state = '{PENDING}'"
+        c.execute(f"{close} AND t_utc_ms < {p}", (device, newest - gap))
         if fix_times:
             c.execute(
-                f"UPDATE positions SET state = {p} WHERE device = {p} AND state = {p} AND t_utc_ms > {p}"
-                f" AND NOT EXISTS (SELECT 1 FROM fixes f WHERE f.device = {p}"
+                f"{close} AND t_utc_ms > {p} AND NOT EXISTS (SELECT 1 FROM fixes f WHERE f.device = {p}"
                 f" AND f.t_utc_ms BETWEEN positions.t_utc_ms - {p} AND positions.t_utc_ms)",
-                (NO_FIX, device, PENDING, min(fix_times) + gap, device, gap))
+                (device, min(fix_times) + gap, device, gap))
 
     def _merged(self, queued: Sequence[tuple[str, str, str, int, int]]) -> list[Batch]:
         """Queued batches (batch_id, device, epoch, first, last) read back, one per van and epoch.
@@ -451,6 +451,10 @@ class SQLiteStore(StoreReads):
             "CREATE INDEX IF NOT EXISTS positions_open ON positions(device, t_utc_ms)"
             " WHERE state IN ('pending', 'no_fix')"
         )
+        # StoreReads._close_pending's: without it, closing a van's pending samples walked all
+        # its older positions with every batch.
+        db.execute("CREATE INDEX IF NOT EXISTS positions_pending ON positions(device, t_utc_ms)"
+                   " WHERE state = 'pending'")
         db.create_view(
             "observations",
             """
@@ -835,6 +839,9 @@ def quality_rows(
 
 
 _NAN = float("nan")
+
+
+_OPEN = f"state IN ('{PENDING}', '{NO_FIX}')"  # literal: matches the partial index positions_open
 
 
 def _windows(times: Sequence[int], gap: int) -> list[tuple[int, int]]:

@@ -216,6 +216,7 @@ CREATE INDEX IF NOT EXISTS positions_device_time ON positions (device, t_utc_ms)
 CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
     WHERE state IN ('pending', 'no_fix');
+CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
