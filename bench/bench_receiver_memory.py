@@ -99,6 +99,23 @@ def gaps_upload(device: str, variant: int) -> bytes:
     return _v2(Batch(device, "same", 1, 5000, [], gaps))
 
 
+GPSLESS_UPLOADS = 40  # the re-tester's count (341 MB before positions reopened only near new fixes)
+
+
+def gpsless_upload(device: str, k: int, uploads: int = GPSLESS_UPLOADS) -> bytes:
+    """20,000 samples with empty values and distinct times, no GPS fix (~170 bytes on the wire; the tester sent 338).
+
+    Upload ``k`` of ``uploads`` interleaves its times with the others' (one ms apart), so every
+    upload's time range covers what the van already stored: a receiver that re-reads the open
+    (no-fix) samples of a batch's time range re-read everything with each batch (issue 13).
+    """
+    n = MAX_SAMPLES_PER_BATCH
+    first = k * n + 1
+    samples = [Sample("pm", 1_795_000_000_000 + i * uploads + k, i, TimeSource.NTP, {}, (), first + i, "b")
+               for i in range(n)]
+    return _v2(Batch(device, "e-nofix", first, first + n - 1, samples))
+
+
 def vm_hwm_mb(pid: int) -> float:
     """The process's peak resident set (VmHWM), MB: the kernel's own high-water mark."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -238,12 +255,15 @@ def measure() -> dict[str, float]:
         after = rig.probe.now()
         str_peak, t_str = rig.phase(strings)
         gap_peak, t_gap = rig.phase(gaps)
+        gpsless = [("van-nofix", gpsless_upload("van-nofix", k)) for k in range(GPSLESS_UPLOADS)]
+        nofix_peak, t_nofix = rig.phase(gpsless, timeout=900)
         hwm = rig.hwm()
     return {"idle": idle, "ordinary_peak": ord_peak, "ordinary_s": t_ord, "max_peak": max_peak,
             "max_s": t_max, "after": after, "max_bytes": len(big), "wide_peak": wide_peak, "wide_s": t_wide,
             "wide_bytes": len(wide), "strings_peak": str_peak, "strings_s": t_str, "gaps_peak": gap_peak,
             "gaps_s": t_gap, "hwm": hwm, "strings_bytes": max(len(p) for _, p in strings),
-            "gaps_bytes": max(len(p) for _, p in gaps)}
+            "gaps_bytes": max(len(p) for _, p in gaps), "nofix_peak": nofix_peak, "nofix_s": t_nofix,
+            "nofix_bytes": max(len(p) for _, p in gpsless)}
 
 
 def run() -> list[dict]:
@@ -272,6 +292,11 @@ def run() -> list[dict]:
          "baseline_name": "ordinary batches", "target": f"<= {TARGET_MB:.0f} MB", "ok": m["gaps_peak"] <= TARGET_MB,
          "note": f"{m['gaps_bytes'] / 1024:.0f} KB on the wire each; answered in {m['gaps_s']:.0f} s; "
                  f"VmHWM over the whole run {m['hwm']:.0f} MB"},
+        {"name": f"receiver RSS, {GPSLESS_UPLOADS} GPS-less uploads of {MAX_SAMPLES_PER_BATCH:,} samples",
+         "value": round(m["nofix_peak"], 1), "unit": "MB", "baseline": round(m["ordinary_peak"], 1),
+         "baseline_name": "ordinary batches", "target": f"<= {TARGET_MB:.0f} MB", "ok": m["nofix_peak"] <= TARGET_MB,
+         "note": f"empty values, distinct interleaved times, {m['nofix_bytes']} bytes each; "
+                 f"all answered in {m['nofix_s']:.0f} s (341 MB when every batch re-read the van's open samples)"},
     ]
 
 

@@ -25,6 +25,9 @@ sum of inflated sizes bounds its text, and ``group_bytes`` caps it.
 
 Anything the peek cannot read costs ``UNKNOWN``: more than any budget, so that
 upload is decoded (and rejected) on its own.
+
+``peek`` also keeps the checked inflated body it measured, and the ingestor decodes
+from it: every upload is inflated once (it was twice, issue 13 review).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import zlib
 from typing import NamedTuple
 
 from edge.errors import PayloadError
-from uplink.codec_v2 import MAX_VALUE_CELLS, _Reader, unpack
-from uplink.wire import MAGIC, MAX_DECOMPRESSED_BYTES, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH
+from uplink.codec_v2 import MAX_VALUE_CELLS, _Reader
+from uplink.wire import MAGIC, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, inflate_body
 
 UNKNOWN = 1 << 62
 MIN_JSON_BYTES_PER_VALUE = 4
@@ -47,21 +50,31 @@ class Cost(NamedTuple):
     bytes: int
 
 
-def upload_cost(payload: bytes) -> Cost:
+class Peek(NamedTuple):
+    """An upload's cost, and its checked inflated body for ``decode_batch`` (None: not read)."""
+
+    cost: Cost
+    inflated: bytes | None
+
+
+def peek(payload: bytes) -> Peek:
     """Upper bounds on what ``payload`` decodes to, from its header after decompression only."""
     try:
         if len(payload) > MAX_PAYLOAD_BYTES or not payload.startswith(MAGIC) or len(payload) <= len(MAGIC):
-            return Cost(1, len(payload))  # refused before anything is decoded
-        version, body = payload[len(MAGIC)], payload[len(MAGIC) + 1 :]
+            return Peek(Cost(1, len(payload)), None)  # refused before anything is decoded
+        version = payload[len(MAGIC)]
+        if version not in (1, 2):
+            return Peek(Cost(1, len(payload)), None)  # an unknown version is refused on the version byte
+        plain = inflate_body(payload)
         if version == 2:
-            return _v2_cost(body)
-        if version == 1:
-            d = zlib.decompressobj()
-            size = len(d.decompress(body, MAX_DECOMPRESSED_BYTES))
-            return Cost(max(1, size // MIN_JSON_BYTES_PER_VALUE), size)
-        return Cost(1, len(payload))  # an unknown version is refused on the version byte
+            return Peek(_v2_cost(plain), plain)
+        return Peek(Cost(max(1, len(plain) // MIN_JSON_BYTES_PER_VALUE), len(plain)), plain)
     except (PayloadError, zlib.error, ValueError, IndexError, MemoryError):
-        return Cost(UNKNOWN, UNKNOWN)
+        return Peek(Cost(UNKNOWN, UNKNOWN), None)
+
+
+def upload_cost(payload: bytes) -> Cost:
+    return peek(payload).cost
 
 
 def upload_values(payload: bytes) -> int:
@@ -69,8 +82,7 @@ def upload_values(payload: bytes) -> int:
     return upload_cost(payload).values
 
 
-def _v2_cost(body: bytes) -> Cost:
-    plain = unpack(body)
+def _v2_cost(plain: bytes) -> Cost:
     r = _Reader(plain)
     r.string("device")
     r.string("epoch")

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from edge.calibration import (CALIBRATION_SENSOR, NOISE_LEVEL_KEYS, CalibrationRecord, no2_ppb_from_record,
@@ -261,13 +263,39 @@ def _usable(device: str, text: str) -> CalibrationRecord | None:
     before: it must leave its van's values uncalibrated, never fail the batch.
     """
     global skipped_records
-    try:
-        return check_record(text)
-    except PayloadError as exc:
+    checked = _checked(text)
+    if isinstance(checked, str):
         skipped_records += 1
         log.warning("device %s: stored calibration record %s is unusable (%s); its values stay "
-                    "uncalibrated", device, text[:60], exc)
+                    "uncalibrated", device, text[:60], checked)
         return None
+    return checked
+
+
+# Records checked, by their text: every batch reads its van's records, and checking them
+# (JSON, field types, trial conversions) each time cost more than deriving a small batch
+# (issue 13 review). A record's text decides the check, so the result is kept; bounded
+# (~16 KB of text at most each, ~1 KB real) and shared by the ingest and deriver threads.
+_CHECKED: OrderedDict[str, CalibrationRecord | str] = OrderedDict()
+_CHECKED_MAX = 256
+_CHECKED_LOCK = threading.Lock()
+
+
+def _checked(text: str) -> CalibrationRecord | str:
+    """``check_record(text)``, or the reason it fails, remembered."""
+    with _CHECKED_LOCK:
+        if text in _CHECKED:
+            _CHECKED.move_to_end(text)
+            return _CHECKED[text]
+    try:
+        out: CalibrationRecord | str = check_record(text)
+    except PayloadError as exc:
+        out = str(exc)
+    with _CHECKED_LOCK:
+        _CHECKED[text] = out
+        while len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.popitem(last=False)
+    return out
 
 
 def _no2_records(conn: Any, device: str) -> list[CalibrationRecord]:

@@ -33,9 +33,16 @@ _NUMBERS = {
     "noise": ("offset_db",),
 }
 _PM_TEXTS = ("quantity", "input")
-# A trial conversion at ordinary electrode readings: a sheet that cannot convert these
-# (a zero sensitivity or gain, algorithm 2 with AEo = 0) cannot convert anything.
-_TRIAL = (300.0, 300.0, 20.0)
+# Trial conversions: at ordinary electrode readings (a sheet that cannot convert these, a zero
+# sensitivity or gain, algorithm 2 with AEo = 0, cannot convert anything) and at the ends of
+# the ADC's range (ADS1115, +-6.144 V) and of the operating temperatures: a sheet whose ppb
+# there is not a number the store can hold (a sensitivity of 1e-300 gives ~1e303 ppb) would
+# leave NO2 uncalibrated, or poison the van's derived rows, at the first real reading.
+_TRIALS = ((300.0, 300.0, 20.0), (6144.0, -6144.0, 50.0), (-6144.0, 6144.0, -40.0))
+# The smallest sensitivity (nA/ppb) or gain (mV/nA) taken: real ones are ~0.2-0.8; a subnormal
+# or 1e-300 is a broken sheet (issue 13 re-test), not a sensor.
+MIN_ABS_SCALE = 1e-6
+_SCALES = ("sensitivity_na_per_ppb", "gain_mv_per_na")
 
 
 def _number(v: Any, what: str) -> None:
@@ -67,12 +74,18 @@ def _values(kind: str, values: Mapping[str, Any]) -> None:
         alg = values["algorithm"]
         if isinstance(alg, bool) or not isinstance(alg, int) or alg not in ALGORITHMS:
             raise PayloadError(f"calibration record algorithm must be one of {ALGORITHMS}")
-    try:
-        ppb = no2_ppb_from_record(values, *_TRIAL)
-    except Exception as exc:  # noqa: BLE001 - whatever the sheet does wrong, it is this record's fault
-        raise PayloadError(f"calibration record cannot convert NO2: {type(exc).__name__}: {exc}"[:200]) from exc
-    if not math.isfinite(ppb):
-        raise PayloadError("calibration record converts NO2 to a non-finite value")
+    for key in _SCALES:
+        v = values.get(key)
+        if isinstance(v, (int, float)) and abs(v) < MIN_ABS_SCALE:
+            raise PayloadError(f"calibration record value {key} {v:g} is below {MIN_ABS_SCALE:g} in magnitude")
+    for trial in _TRIALS:
+        try:
+            ppb = no2_ppb_from_record(values, *trial)
+        except Exception as exc:  # noqa: BLE001 - whatever the sheet does wrong, it is this record's fault
+            raise PayloadError(f"calibration record cannot convert NO2: {type(exc).__name__}: {exc}"[:200]) from exc
+        if not math.isfinite(ppb) or abs(ppb) > MAX_ABS_NUMBER:
+            raise PayloadError(f"calibration record converts NO2 to {ppb:g} ppb, not a finite number"
+                               f" within +-{MAX_ABS_NUMBER:g}")
 
 
 def check_record(text: str | bytes) -> CalibrationRecord:
@@ -91,6 +104,9 @@ def check_record(text: str | bytes) -> CalibrationRecord:
         raise PayloadError(f"calibration record version must be an integer 1..{INT64_MAX}")
     for key in ("valid_from", "valid_to", "created"):
         _time(d, key)
+    if d.get("valid_from") is not None and d.get("valid_to") is not None and d["valid_to"] < d["valid_from"]:
+        # Valid for no time at all: derivation would never pick it, and NO2 would stay raw unseen.
+        raise PayloadError("calibration record valid_to is before its valid_from")
     if d.get("values") is not None and not isinstance(d["values"], dict):
         raise PayloadError("calibration record values must be a JSON object")
     try:

@@ -155,7 +155,7 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_pa
 @click.option("--health-file", type=click.Path(dir_okay=False),
               help="A running receiver's health file (run --health-file): store and broker state.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--timeout-s", type=float, default=10.0, show_default=True,
+@click.option("--timeout-s", type=float, default=5.0, show_default=True,
               help="PostgreSQL: give up on a store that does not answer within this (connect, each query).")
 def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) -> None:
     """Counts in the store: samples per device, duplicates ignored, dead letters, derive backlog,

@@ -49,9 +49,14 @@ class ReceiverConfig:
     # PostgreSQL waits (receiver/pg_timeouts.py): a connection attempt, one statement of
     # ingest and derivation, a lock wait (`datalab-receiver stats` has --timeout-s). A store
     # that answers nothing within them is an outage (health, log), never a hang.
-    store_connect_timeout_s: float = 10.0
-    store_statement_timeout_s: float = 30.0
-    store_lock_timeout_s: float = 10.0
+    store_connect_timeout_s: float = 5.0
+    store_statement_timeout_s: float = 15.0
+    store_lock_timeout_s: float = 5.0
+    # PostgreSQL liveness probe (receiver/liveness.py): SELECT 1 every store_probe_s (0: off)
+    # on a connection of its own, bounded by store_probe_timeout_s: a frozen server shows in
+    # health within ~10 s also when no upload arrives.
+    store_probe_s: float = 3.0
+    store_probe_timeout_s: float = 2.0
     # JSON file kept up to date with the store's and broker's state ("" = none); read by
     # `datalab-receiver stats --health-file` and supervisors.
     health_file: str = ""
@@ -127,9 +132,12 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
     for key in ("store_retry_min_s", "broker_retry_min_s"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"receiver.{key}", "must be above 0")
-    for key in ("store_connect_timeout_s", "store_statement_timeout_s", "store_lock_timeout_s"):
+    for key in ("store_connect_timeout_s", "store_statement_timeout_s", "store_lock_timeout_s",
+                "store_probe_timeout_s"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"receiver.{key}", "must be above 0")
+    if cfg.store_probe_s < 0:
+        raise ConfigError("receiver.store_probe_s", "must be 0 (off) or above")
     for key in ("store_retry", "broker_retry"):
         if getattr(cfg, f"{key}_max_s") < getattr(cfg, f"{key}_min_s"):
             raise ConfigError(f"receiver.{key}_max_s", f"must be at least {key}_min_s")

@@ -66,10 +66,12 @@ class Health:
 
     # -- the store ----------------------------------------------------------------
 
-    def store_failed(self, exc: BaseException, uploads_held: int) -> None:
-        """One attempt at the store failed; ``uploads_held``: messages kept un-acked meanwhile."""
+    def store_failed(self, exc: BaseException, uploads_held: int, *, by: str = "ingest") -> None:
+        """One attempt at the store failed; ``uploads_held``: messages kept un-acked meanwhile;
+        ``by``: who met it (the ingest worker, or the liveness probe: receiver/liveness.py)."""
         with self._lock:
             s = self.store
+            s["failed_by"] = by
             s["failed_attempts"] += 1
             s["uploads_held"] = uploads_held
             s["most_uploads_held"] = max(s["most_uploads_held"], uploads_held)
@@ -78,8 +80,8 @@ class Health:
             if s["state"] != UNAVAILABLE:
                 s.update(state=UNAVAILABLE, since=now, outages=s["outages"] + 1)
                 self._summarised = now
-                log.error("store unavailable (%s); holding %d uploads un-acknowledged and retrying",
-                          s["last_error"], uploads_held)
+                log.error("store unavailable (%s, seen by %s); holding %d uploads un-acknowledged and retrying",
+                          s["last_error"], by, uploads_held)
             elif now - self._summarised >= self.summary_s:
                 self._summarised = now
                 log.warning("store still unavailable after %.0f s: %d failed attempts, %d uploads held now; "

@@ -80,7 +80,7 @@ class Ingestor:
         return self.handle_many([(topic, payload, received_ms)])[0]
 
     def handle_many(self, msgs: Sequence[tuple[str, bytes, int]],
-                    redelivered: Collection[int] = ()) -> list[Outcome]:
+                    redelivered: Collection[int] = (), inflated: Sequence[bytes | None] = ()) -> list[Outcome]:
         """Outcomes for several uploads (topic, payload, received_ms), in order, stored in one transaction.
 
         Each upload gets its own outcome whatever it contains: a malformed or
@@ -88,6 +88,7 @@ class Ingestor:
         it. Should the store refuse the group, the batches are stored one by
         one so only the culprit is rejected. Raises ``StoreUnavailable`` only
         when the store itself is failing (then none of the group is answered).
+        ``inflated[i]``: upload i's body already inflated by the budget's peek (or None).
         """
         out: list[Outcome | None] = [None] * len(msgs)
         good: list[tuple[int, str, Batch, str, int]] = []
@@ -95,7 +96,8 @@ class Ingestor:
             device = device_from_topic(self.prefix, topic)
             digest = content_hash(payload)
             try:
-                good.append((i, device or "", self._decode(topic, device, payload), digest, received_ms))
+                body = inflated[i] if i < len(inflated) else None
+                good.append((i, device or "", self._decode(topic, device, payload, body), digest, received_ms))
             except PayloadError as exc:
                 out[i] = self._reject(topic, device, "", str(exc), payload, digest, received_ms, i in redelivered)
             except Exception as exc:  # noqa: BLE001 - decoding never touches the store: the payload's fault
@@ -151,10 +153,10 @@ class Ingestor:
         log.warning("the store refused one upload (%s): %s", what, _brief(failure))
         raise PayloadError(f"the store could not hold this upload: {_brief(failure)}") from failure
 
-    def _decode(self, topic: str, device: str | None, payload: bytes) -> Batch:
+    def _decode(self, topic: str, device: str | None, payload: bytes, inflated: bytes | None = None) -> Batch:
         if device is None:
             raise PayloadError(f"topic {clean_text(topic, 200)!r} is not a device batch topic")
-        batch = check_batch(decode_batch(payload))
+        batch = check_batch(decode_batch(payload, inflated))
         if batch.device != device:
             raise PayloadError(f"payload claims device {batch.device!r} but arrived on {device!r}'s topic")
         return batch

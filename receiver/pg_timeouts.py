@@ -13,6 +13,22 @@ its commands open gets:
 * a client-side deadline (``Deadline``): a server that answers nothing at all
   (so its own statement_timeout never fires) gets its socket shut after the
   statement timeout plus a grace; the driver then fails with OperationalError.
+  The deadline runs from the last statement's start or end, not from the start
+  of a unit of work: a long ingest transaction (many statements, Python work
+  between them) is never cut while the server keeps answering.
+
+A frozen server is *seen* by the receiver's liveness probe (receiver/liveness.py,
+``SELECT 1`` every few seconds under a deadline of its own), also when no upload
+arrives; these bounds only end the calls that were waiting on it.
+
+The defaults (5 s connect, 15 s statement, 5 s lock; issue 13 re-test: 10/30/10 made a
+frozen server show after ~45 s) keep legitimate work well inside them. The longest
+statement the receiver sends is one group's COPY and its commit: at most ``group_values``
+(400,000) values and ``group_bytes`` (32 MiB) of text, which a PostgreSQL on ordinary
+disks takes in one or two seconds, fsync included; 15 s leaves a wide margin for a
+checkpoint or a slow disk, and a statement cut by it is retried (nothing lost), never
+answered wrongly. Lock waits are short by design: rows locked by another receiver are
+released within its own transaction.
 
 All of these end in ``psycopg.OperationalError`` (QueryCanceled and
 LockNotAvailable are subclasses), which the stores count as an outage.
@@ -35,16 +51,17 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-DEADLINE_GRACE_S = 5.0  # the server's own statement_timeout should win when it can answer
+DEADLINE_GRACE_S = 2.0  # the server's own statement_timeout should win when it can answer
 
 
 @dataclass(frozen=True, slots=True)
 class PgTimeouts:
     """Bounds for one connection; see receiver.example.toml ``store_*_timeout_s``."""
 
-    connect_s: float = 10.0
-    statement_s: float = 30.0
-    lock_s: float = 10.0
+    connect_s: float = 5.0
+    statement_s: float = 15.0
+    lock_s: float = 5.0
+    grace_s: float = DEADLINE_GRACE_S
 
     def conninfo(self, dsn: str) -> str:
         """``dsn`` with our connection parameters where it names none of its own."""
@@ -58,7 +75,7 @@ class PgTimeouts:
 
     @property
     def deadline_s(self) -> float:
-        return self.statement_s + DEADLINE_GRACE_S
+        return self.statement_s + self.grace_s
 
 
 def connect(dsn: str, timeouts: PgTimeouts, **kw: Any) -> psycopg.Connection[Any]:
@@ -128,24 +145,33 @@ class Deadline:
         self.seconds = seconds
         self.expired = 0  # how many times it cut (a figure for tests and logs)
         self._depth = 0
+        self._token = -1
 
     @contextmanager
     def guard(self) -> Iterator[None]:
-        """Nested guards share the outer one's deadline (one timer per unit of work)."""
+        """One timer per unit of work; a nested guard (a statement) starts it again when the
+        statement starts and when it ends, so the deadline bounds each wait on the server
+        (and the commit after the last statement), not the whole unit's length."""
         if self._depth:
             self._depth += 1
+            self._rearm()
             try:
                 yield
             finally:
                 self._depth -= 1
+                self._rearm()
             return
         self._depth = 1
-        token = _WATCHDOG.arm(self.seconds, self._cut)
+        self._token = _WATCHDOG.arm(self.seconds, self._cut)
         try:
             yield
         finally:
-            _WATCHDOG.cancel(token)
+            _WATCHDOG.cancel(self._token)
             self._depth = 0
+
+    def _rearm(self) -> None:
+        _WATCHDOG.cancel(self._token)
+        self._token = _WATCHDOG.arm(self.seconds, self._cut)
 
     def _cut(self) -> None:
         self.expired += 1

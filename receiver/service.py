@@ -28,7 +28,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from edge.faultpoints import crash_point
-from receiver.budget import Cost, upload_cost
+from receiver.budget import Cost, peek
+from receiver.liveness import PgPing, StoreProbe
 from receiver.config import ReceiverConfig, pg_timeouts
 from receiver.health import Health, error_text
 from receiver.ingest import Ingestor, Outcome
@@ -40,7 +41,8 @@ from uplink.wire import ack_topic, encode_ack
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Held = tuple[mqtt.MQTTMessage, int, Cost]  # message, received_ms, its budget cost (values, bytes)
+# message, received_ms, its budget cost (values, bytes), its inflated body (decoded from it: inflated once)
+Held = tuple[mqtt.MQTTMessage, int, Cost, bytes | None]
 DERIVE_POLL_S = 0.5  # an idle background deriver looks for queued batches this often
 DERIVE_IDLE_POLL_S = 30.0  # and with derive = "inline" (nothing new is queued then)
 DERIVE_RETRY_S = 5.0  # and after a failure (store unreachable) waits this long
@@ -69,6 +71,12 @@ class ReceiverService:
         self.deriver: threading.Thread | None = None
         if cfg.derive != "separate":
             self.deriver = threading.Thread(target=self._derive_loop, name="deriver", daemon=True)
+        # A frozen PostgreSQL shows within seconds, also while no upload arrives (liveness.py).
+        self.probe: StoreProbe | None = None
+        self._heals_uncounted = 0  # outages the probe ended: counted in the store by the worker
+        if cfg.store_probe_s > 0 and pg_timeouts(cfg) is not None:
+            self.probe = StoreProbe(PgPing(cfg.store, cfg.store_probe_timeout_s), self.health, cfg.store_probe_s,
+                                    held=lambda: self.held, on_heal=self._probe_healed, stopping=self._stopping)
         self.connected = threading.Event()
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -162,8 +170,8 @@ class ReceiverService:
         up with what is waiting (no waiting for more).
         """
         group = [] if group is None else group
-        values = sum(c.values for _, _, c in group)
-        size = sum(c.bytes for _, _, c in group)
+        values = sum(c.values for _, _, c, _ in group)
+        size = sum(c.bytes for _, _, c, _ in group)
         while len(group) < self.cfg.group_uploads:
             item = self._carry
             self._carry = None
@@ -172,7 +180,7 @@ class ReceiverService:
                     msg, now_ms = self._inbox.get(timeout=0.2) if not group else self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                item = (msg, now_ms, upload_cost(msg.payload))
+                item = (msg, now_ms, *peek(msg.payload))
             cost = item[2]
             if group and (values + cost.values > self.cfg.group_values or size + cost.bytes > self.cfg.group_bytes):
                 self._carry = item
@@ -206,12 +214,17 @@ class ReceiverService:
                     before_retry()
                 continue
             healed = self.health.store_ok()
-            if healed is not None:
+            if healed is not None or self._heals_uncounted:
+                n, self._heals_uncounted = (healed is not None) + self._heals_uncounted, 0
                 try:
-                    self.store.count("store_outages")
+                    self.store.count("store_outages", n)
                 except Exception:  # the figure is worth a try, not a second outage
                     pass
             return out
+
+    def _probe_healed(self) -> None:
+        # The probe thread must not use the worker's store connection: the worker counts it.
+        self._heals_uncounted += 1
 
     def _handle_group(self, group: list[Held]) -> None:
         """Store the group's batches in one transaction, then answer and ack every message in order."""
@@ -221,13 +234,14 @@ class ReceiverService:
         uploads: list[int] = []
 
         def ingest() -> list[Outcome]:
-            routes[:] = [self.ingestor.route(m.topic) for m, _, _ in group]
+            routes[:] = [self.ingestor.route(m.topic) for m, _, _, _ in group]
             uploads[:] = [i for i, r in enumerate(routes) if r is None or r[1] not in ("sync", "status")]
             # A message the broker delivers again (DUP: the receiver lost its connection before
             # the ack) may already be a dead letter: it is then not written twice.
             return self.ingestor.handle_many(
                 [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads],
-                redelivered={k for k, i in enumerate(uploads) if group[i][0].dup}) if uploads else []
+                redelivered={k for k, i in enumerate(uploads) if group[i][0].dup},
+                inflated=[group[i][3] for i in uploads]) if uploads else []
 
         def top_up() -> None:
             # During an outage what arrives meanwhile joins the held group (within the budget):
@@ -239,8 +253,9 @@ class ReceiverService:
         if got is None:
             return
         outcomes = dict(zip(uploads, got))
-        crash_point("receiver.commit.after")
-        for i, ((msg, now_ms, _), route) in enumerate(zip(group, routes)):
+        if uploads:  # after a commit: a group of status and sync messages alone commits nothing here
+            crash_point("receiver.commit.after")
+        for i, ((msg, now_ms, _, _), route) in enumerate(zip(group, routes)):
             if route is not None and route[1] == "sync":
                 acks = self._until_stored(lambda: self.ingestor.handle_sync(route[0], msg.payload), len(group) - i)
                 if acks is None:
@@ -299,6 +314,8 @@ class ReceiverService:
     def _start_threads(self) -> None:
         if not self.worker.is_alive():
             self.worker.start()
+        if self.probe is not None and not self.probe.thread.is_alive():
+            self.probe.start()
         if self.deriver is not None and not self.deriver.is_alive():
             self.deriver.start()
 
@@ -323,6 +340,6 @@ class ReceiverService:
     def stop_threads(self) -> None:
         """Stop the worker and deriver threads (after the MQTT loop has stopped)."""
         self._stopping.set()
-        for t in (self.worker, self.deriver):
+        for t in (self.worker, self.deriver, self.probe.thread if self.probe else None):
             if t is not None and t.is_alive():
                 t.join(timeout=30)

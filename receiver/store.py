@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,28 +198,57 @@ class StoreReads:
         return Batch(device, epoch, first, last, [_sample_from_row(r) for r in rows])
 
     def _join_inputs(
-        self, device: str, lo: int, hi: int, gap: int
+        self, device: str, lo: int, hi: int, gap: int, fix_times: Sequence[int]
     ) -> tuple[int, list[tuple[str, int, int]], list[Fix], list[int]]:
         """What the position join needs besides the batch: (newest known time, samples to
-        place again, fixes around them, their times). ``lo``/``hi``: the batch's times ± gap."""
+        place again, fixes around them, their times). ``lo``/``hi``: the batch's times ± gap;
+        ``fix_times``: the times of the batch's fixes.
+
+        Only an open sample (pending or no_fix) within ``gap`` of one of this batch's fixes
+        can change because of them (``locate`` looks no further than ``gap`` from a sample),
+        so only those are read again. Reading every open sample of the batch's time range
+        instead (as before) made a van without GPS re-read all it had stored with each
+        batch: 40 fix-less uploads of 20,000 samples took a receiver past 300 MB and each
+        batch longer than the one before (issue 13). A pending sample that newer data
+        closes without a fix near it is closed in SQL (``_close_pending``), never read.
+        """
         p, c = self.PARAM, self.conn
         newest = max(hi - gap, *(r[0] or 0 for r in c.execute(
             f"SELECT max(t_utc_ms) FROM positions WHERE device = {p} UNION ALL"
             f" SELECT max(t_utc_ms) FROM fixes WHERE device = {p}", (device, device)).fetchall()))
-        # Reopen: every sample still waiting for a later fix (newer samples may now say none
-        # is coming, however far back it is), and those without one near this batch's fixes.
-        reopened = [tuple(r) for r in c.execute(
-            f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p} AND t_utc_ms <= {p}"
-            f" AND (state = {p} OR (state = {p} AND t_utc_ms >= {p}))",
-            (device, hi, PENDING, NO_FIX, lo),
-        ).fetchall()]
-        lo = min([lo, *(r[2] for r in reopened)])
+        reopened: list[tuple[str, int, int]] = []
+        for a, b in _windows(fix_times, gap):
+            reopened += [tuple(r) for r in c.execute(  # type: ignore[misc]
+                f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
+                f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN}",
+                (device, a, b),
+            ).fetchall()]
         fx = [Fix(*r) for r in c.execute(
             f"SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
             f" WHERE device = {p} AND t_utc_ms BETWEEN {p} AND {p} ORDER BY t_utc_ms",
             (device, lo - gap, hi + gap),
         ).fetchall()]
-        return newest, reopened, fx, [f.t_utc_ms for f in fx]  # type: ignore[return-value]
+        return newest, reopened, fx, [f.t_utc_ms for f in fx]
+
+    def _close_pending(self, device: str, newest: int, gap: int, fix_times: Sequence[int]) -> None:
+        """Pending samples that can no longer get a position become ``no_fix``, in SQL.
+
+        ``locate`` keeps a sample pending only while no later fix came, the newest known
+        time is within ``gap`` of it and it has no earlier fix or one within ``gap``.
+        Run after this batch's positions are written: a pending sample that a new fix
+        could place was within ``gap`` of it and placed by ``_join_inputs``; the others
+        close here once ``newest`` is more than ``gap`` past them, or once a fix older
+        than ``gap`` before them exists with none closer.
+        """
+        p, c = self.PARAM, self.conn
+        # States as literals: they let both stores use the partial index ``positions_pending``.
+        close = f"UPDATE positions SET state = '{NO_FIX}' WHERE device = {p} AND state = '{PENDING}'"
+        c.execute(f"{close} AND t_utc_ms < {p}", (device, newest - gap))
+        if fix_times:
+            c.execute(
+                f"{close} AND t_utc_ms > {p} AND NOT EXISTS (SELECT 1 FROM fixes f WHERE f.device = {p}"
+                f" AND f.t_utc_ms BETWEEN positions.t_utc_ms - {p} AND positions.t_utc_ms)",
+                (device, min(fix_times) + gap, device, gap))
 
     def _merged(self, queued: Sequence[tuple[str, str, str, int, int]]) -> list[Batch]:
         """Queued batches (batch_id, device, epoch, first, last) read back, one per van and epoch.
@@ -422,6 +452,10 @@ class SQLiteStore(StoreReads):
             "CREATE INDEX IF NOT EXISTS positions_open ON positions(device, t_utc_ms)"
             " WHERE state IN ('pending', 'no_fix')"
         )
+        # StoreReads._close_pending's: without it, closing a van's pending samples walked all
+        # its older positions with every batch.
+        db.execute("CREATE INDEX IF NOT EXISTS positions_pending ON positions(device, t_utc_ms)"
+                   " WHERE state = 'pending'")
         # value: the best one (the receiver's recomputed value, else the van's); calibration:
         # the record it was calibrated with (receiver/calibration.py).
         db.create_view(
@@ -642,13 +676,15 @@ class SQLiteStore(StoreReads):
         lo, hi = min(times) - gap, max(times) + gap
         device = batch.device
         c = self.conn
-        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap)
+        fix_times = [f[3] for f in fixes]
+        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap, fix_times)
         todo = [(batch.epoch, s.seq, s.t_utc_ms) for s in sensor] + reopened
         out = []
         for epoch, seq, t in todo:
             p = locate(fx, ft, t, gap, newest)
             out.append((device, epoch, seq, t, p.state, p.lat, p.lon, p.speed_mps, p.fix_quality))
         c.executemany("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?,?,?,?)", out)
+        self._close_pending(device, newest, gap, fix_times)
 
     def _flag_quality(self, batch: Batch) -> None:
         """Quality flags for this batch's values, with the preceding values as window context."""
@@ -810,6 +846,20 @@ def quality_rows(
 _NAN = float("nan")
 
 
+_OPEN = f"state IN ('{PENDING}', '{NO_FIX}')"  # literal: matches the partial index positions_open
+
+
+def _windows(times: Sequence[int], gap: int) -> list[tuple[int, int]]:
+    """``[t - gap, t + gap]`` around each time, overlapping ones merged (a fix a second: one)."""
+    out: list[tuple[int, int]] = []
+    for t in sorted(times):
+        if out and t - gap <= out[-1][1]:
+            out[-1] = (out[-1][0], t + gap)
+        else:
+            out.append((t - gap, t + gap))
+    return out
+
+
 def _num_or_nan(v: object) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _NAN
 
@@ -864,13 +914,25 @@ def read_json(raw: str | bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(raw, parse_int=_bounded_int, parse_constant=lambda _: _NAN)
+            return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float,
+                              parse_constant=lambda _: _NAN)
         except (ValueError, RecursionError):
             return {}
 
 
 def _bounded_int(text: str) -> int | float:
-    return int(text) if len(text) <= 19 and -(2**63) <= int(text) < 2**63 else _NAN
+    """A JSON integer as int when 64-bit, else NaN. The sign does not count as a digit: a
+    negative 19-digit number (20 characters) used to read as NaN (issue 13 review)."""
+    if len(text.lstrip("-")) > 19:  # never convert thousands of digits just to refuse them
+        return _NAN
+    v = int(text)
+    return v if -(2**63) <= v < 2**63 else _NAN
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as float, NaN where a double cannot hold it (``1e999`` read as inf)."""
+    v = float(text)
+    return v if math.isfinite(v) else _NAN
 
 
 def _sample_from_row(r: tuple[Any, ...]) -> Sample:

@@ -217,6 +217,7 @@ CREATE INDEX IF NOT EXISTS positions_device_time ON positions (device, t_utc_ms)
 CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
     WHERE state IN ('pending', 'no_fix');
+CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
@@ -713,7 +714,8 @@ class PostgresStore(StoreReads):
             return
         lo, hi = min(times) - gap, max(times) + gap  # type: ignore[type-var,operator]
         device = batch.device
-        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap)
+        fix_times = [f[3] for f in fixes]
+        newest, reopened, fx, ft = self._join_inputs(device, lo, hi, gap, fix_times)
 
         def place(epoch: str, seq: int, t: int) -> tuple[Any, ...]:
             p = locate(fx, ft, t, gap, newest)
@@ -729,6 +731,7 @@ class PostgresStore(StoreReads):
         if again:
             with c.cursor() as cur:
                 cur.executemany(_UPSERT_POSITION, again)
+        self._close_pending(device, newest, gap, fix_times)
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
         """Quality flags for this batch's values (the same ``quality_rows`` as SQLite)."""

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 import receiver.calibration as rcal
-from edge.calibration import CalibrationRecord
+from edge.calibration import CalibrationRecord, CalibrationStore
 from receiver.ingest import Ingestor
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
-from tests.test_calibration import T0, _cal_sample, _no2_sample
+from tests.test_calibration import SERIAL, T0, FakeClock, _cal_sample, _no2_sample, sheet_values
 from tests.test_calibration_identity import RECEIVED, _record, _upload, _van_batch
 from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (make: fixture, used by name)
 from uplink.wire import Batch, encode_batch
@@ -50,6 +50,13 @@ POISONS = {
     "version 2^70": {"version": 2**70},
     "valid_from 1e300": {"valid_from": 1e300},
     "values a list": {"values_raw": [1, 2]},
+    # Issue 13 re-test: accepted before, and NO2 then stayed uncalibrated without a count.
+    "sensitivity subnormal 1e-320": {"values": {"sensitivity_na_per_ppb": 1e-320}},
+    "sensitivity 1e-300 (ppb overflows)": {"values": {"sensitivity_na_per_ppb": 1e-300}},
+    "gain subnormal 5e-324": {"values": {"gain_mv_per_na": 5e-324}},
+    "sensitivity -1e-320": {"values": {"sensitivity_na_per_ppb": -1e-320}},
+    "valid_to before valid_from": {"valid_from": 1_795_000_000, "valid_to": 1_794_999_999},
+    "slope 1e14 (ppb beyond what the store holds)": {"values": {"slope": 1e14}},
 }
 
 
@@ -104,3 +111,31 @@ def test_a_poisoned_stored_record_is_skipped_not_fatal(make: MakeStore, tmp_path
     assert _upload(ing, "van-a", _van_batch("van-a", rec_a, epoch="e10")) == "stored"
     print("van-a derived after the good record:", q(s, "SELECT COUNT(*) FROM derived WHERE device=?", "van-a"))
     assert q(s, "SELECT COUNT(*) FROM derived WHERE device=?", "van-a")[0][0] >= 10
+
+
+def test_stored_records_are_checked_once_not_per_batch(make: MakeStore, tmp_path: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deriving a batch reads its van's records; each used to be checked again (JSON, fields,
+    trial conversions) with every batch (issue 13 review). Now a record is checked once per
+    text: three versions, eight NO2 batches, three checks; still right and still skipped
+    when unusable."""
+    s = make()
+    ing = Ingestor(s)
+    with CalibrationStore.for_data_dir(tmp_path / "van-a", clock=FakeClock()) as cs:  # three versions, one sensor
+        recs = [cs.confirm(cs.add("no2", SERIAL, "sheet", sheet_values(slope=1.0 + v / 10), technician="t",
+                                  device="van-a").id) for v in range(3)]
+    for i, rec in enumerate(recs):
+        assert _upload(ing, "van-a", _van_batch("van-a", rec, epoch=f"r{i}")) == "stored"
+    checks: list[str] = []
+    real = rcal.check_record
+    monkeypatch.setattr(rcal, "check_record", lambda text: checks.append(text) or real(text))
+    getattr(rcal, "_CHECKED", {}).clear()  # what earlier tests checked does not count here
+    for k in range(8):
+        no2 = Batch("van-a", f"n{k}", 1, 5, [_no2_sample(i, T0 + 100 * k + i, 320.0 + i, cal=recs[-1].id)
+                                             for i in range(1, 6)])
+        assert _upload(ing, "van-a", no2) == "stored"
+    stored = q(s, "SELECT COUNT(*) FROM calibrations WHERE device=?", "van-a")[0][0]
+    derived = q(s, "SELECT COUNT(*) FROM derived WHERE device=? AND epoch LIKE ?", "van-a", "n%")[0][0]
+    print(f"{stored} stored records, 8 NO2 batches: {len(checks)} record checks, {derived} values derived")
+    assert derived == 40, "every NO2 value of the eight batches calibrated"
+    assert len(checks) == stored, checks

@@ -138,25 +138,41 @@ def test_broker_killed_and_restarted_during_uploads(tmp_path, mosquitto, rx):
 def test_receiver_killed_before_and_after_commit(tmp_path, mosquitto):
     store = tmp_path / "store.sqlite"
     r = Receiver(store, mosquitto.port, client_id="rx-crashy")
+    """Killed (SIGKILL) just before a commit, and just after one before any ack: every batch
+    stored once. Each death after a commit must be followed by a redelivery of what that
+    commit held (the broker re-sends un-acked messages to the receiver's session), answered
+    ``duplicate``: at least one duplicate per such death.
+
+    Flaky before (0 duplicates once under load): the "after commit" point was also reached
+    after a group of status/sync messages alone, which commits nothing, so a death there had
+    nothing to redeliver. The point is now reached only after a group with uploads
+    (receiver/service.py), and the test counts the deaths that were after a commit."""
+    store = tmp_path / "store.sqlite"
+    r = Receiver(store, mosquitto.port, client_id="rx-crashy")
     plans = ["receiver.commit.before:3", "receiver.commit.after:2"] * 3
-    r.start(crash_at=plans.pop(0))
+    plan = plans.pop(0)
+    r.start(crash_at=plan)
     vans = [Van(f"van-r{i}", tmp_path / "vans", mosquitto.port, speedup=40.0) for i in range(2)]
     for v in vans:
         v.start()
-    deaths = 0
+    deaths: list[str] = []
     while any(v.proc.poll() is None for v in vans):
         if not r.alive():
-            deaths += 1
-            r.start(crash_at=plans.pop(0) if plans else "")
+            deaths.append(plan)
+            plan = plans.pop(0) if plans else ""
+            r.start(crash_at=plan)
         time.sleep(0.05)
     if not r.alive():
+        deaths.append(plan)
         r.start()
     verdicts = finish_and_check(vans, store)
     counters = store_counters(store)
-    report("receiver-crashes", deaths=deaths, duplicates=counters.get("batches_duplicate", 0))
+    after_commit = sum(p.startswith("receiver.commit.after") for p in deaths)
+    dups = counters.get("batches_duplicate", 0)
+    report("receiver-crashes", deaths=len(deaths), after_commit=after_commit, duplicates=dups)
     r.stop()
-    assert deaths >= 4, "the receiver did not die often enough to test anything"
-    assert counters.get("batches_duplicate", 0) > 0, "a commit-then-crash must lead to a redelivery"
+    assert len(deaths) >= 4 and after_commit >= 2, f"the receiver did not die often enough: {deaths}"
+    assert dups >= after_commit, f"each commit-then-crash must lead to a redelivery: {dups} for {deaths}"
     assert_all_delivered(verdicts)
 
 
@@ -357,3 +373,69 @@ def test_disk_full_mid_commit_then_recovers(tmp_path, mosquitto, rx):
         assert verdicts[0].gapped == agent.stats.lost_in_memory
         assert_all_delivered(verdicts)
         agent.buffer.close()
+
+
+def test_a_rejected_upload_redelivered_after_a_crash_has_one_dead_letter(tmp_path, mosquitto):
+    """Issue 13 re-test (416 dead letters for 401 uploads), re-attacked through the real broker:
+    the receiver dead-letters a group of bad uploads, commits, and is killed before any
+    PUBACK (``receiver.commit.after``). Restarted on its session, the broker delivers them
+    again (MQTT DUP): still one dead letter each. The same bytes published anew (a van
+    retrying, not a redelivery) are a new upload: each gets a dead letter of its own."""
+    import sqlite3
+
+    from uplink.wire import content_hash, decode_ack
+
+    store = tmp_path / "store.sqlite"
+    bad = [b"not a batch %d" % i for i in range(5)] + [b"DLB\x02\x01broken %d" % i for i in range(5)]
+    shas = {content_hash(p) for p in bad}
+    acks: list[tuple[str, str]] = []
+    van = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="van-dl-test", clean_session=True)
+    van.on_message = lambda c, u, m: acks.append((lambda a: (a.status, a.sha256))(decode_ack(m.payload)))
+    van.connect("127.0.0.1", mosquitto.port)
+    van.subscribe("datalab/v1/van-dl/ack", qos=1)
+    van.loop_start()
+
+    def rows() -> dict[str, int]:
+        db = sqlite3.connect(store, timeout=30)
+        try:
+            return dict(db.execute("SELECT sha256, count(*) FROM dead_letters GROUP BY sha256").fetchall())
+        finally:
+            db.close()
+
+    def publish_all() -> None:
+        for p in bad:
+            van.publish("datalab/v1/van-dl/batch", p, qos=1).wait_for_publish(10)
+
+    def wait(cond, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return cond()
+
+    r = Receiver(store, mosquitto.port, client_id="rx-dead-letters")
+    try:
+        r.start()  # makes the receiver's session, then away: the uploads queue for it at the broker
+        r.stop()
+        publish_all()
+        r.start(crash_at="receiver.commit.after:1")  # takes them as one group, dead-letters, dies
+        assert wait(lambda: not r.alive(), 30), "the receiver reached its crash point"
+        before_crash = rows()
+        acked_before_crash = len(acks)
+        r.start()  # the same client id: its session's un-acked messages come again, marked DUP
+        assert wait(lambda: len(acks) >= len(bad)), acks
+        after_redelivery = rows()
+        publish_all()  # the same bytes anew: not a redelivery
+        assert wait(lambda: len(acks) >= 2 * len(bad)), acks
+        time.sleep(0.5)  # anything more (a dead letter too many) would come now
+        after_resend = rows()
+    finally:
+        van.loop_stop()
+        van.disconnect()
+        r.stop()
+    report("dead letters across a crash", uploads=len(bad), written_before_crash=sum(before_crash.values()),
+           acked_before_crash=acked_before_crash, after_redelivery=sum(after_redelivery.values()),
+           after_sending_again=sum(after_resend.values()))
+    assert sum(before_crash.values()) >= 1 and acked_before_crash == 0, "dead-lettered, then killed before any ack"
+    assert after_redelivery == {s: 1 for s in shas}, after_redelivery
+    assert after_resend == {s: 2 for s in shas}, after_resend
+    assert {status for status, _ in acks} == {"rejected"} and len(acks) == 2 * len(bad), acks

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 
 from bench.bench_wire import simulated_batch
+from edge.model import Sample, TimeSource
+from receiver.positions import Fix, locate
 from receiver.store import SQLiteStore
 from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
 from uplink.wire import Batch, content_hash, encode_batch
@@ -259,3 +261,62 @@ def test_an_inline_receiver_drains_what_another_mode_left_queued(tmp_path: Path,
     finally:
         svc.stop()
         s.close()
+
+
+def _pm(seq: int, t: int) -> Sample:
+    return Sample("pm", T0 + t, t, TimeSource.NTP, {"pm25": 3.0}, (), seq, "b")
+
+
+def _fix(seq: int, t: int, lat: float) -> Sample:
+    return Sample("gps", T0 + t, t, TimeSource.GPS, {"lat": lat, "lon": 4.0, "speed": 5.0, "fix_quality": 1},
+                  (), seq, "b")
+
+
+T0 = 1_795_000_000_000
+
+
+def _positions(store: Any) -> dict[int, tuple[Any, ...]]:
+    rows = store.conn.execute("SELECT seq, state, lat FROM positions ORDER BY seq").fetchall()
+    return {r[0]: (r[1], None if r[2] is None else round(r[2], 9)) for r in rows}
+
+
+def test_a_late_fix_places_the_samples_within_its_window_and_only_those(backend: Any) -> None:
+    """Positions only reopen near new fixes (issue 13: a van without GPS made every batch
+    re-read all it had stored). A fix arriving late (a backlog batch) must still place the
+    samples within the join window (10 s) and leave the others; whatever the arrival order,
+    every sample ends where a join over all the data at once puts it."""
+    open_, _ = backend()
+    s = open_()
+    # 0-9 s: samples, no fix yet; 100 s: one lone sample; 200-214 s: samples with fixes at 200 s
+    # and 205 s, then none: the last ones stay open (pending) until later data closes them.
+    early = Batch("van-late", "e", 1, 11, [_pm(i + 1, i * 1000) for i in range(10)] + [_pm(11, 100_000)])
+    driving = Batch("van-late", "e", 12, 28, [_fix(12, 200_000, 52.2), _fix(13, 205_000, 52.205)]
+                    + [_pm(14 + i, 200_000 + i * 1000) for i in range(15)])
+    put(s, early, derive=True)
+    put(s, driving, derive=True)
+    before = _positions(s)
+    assert {before[i][0] for i in range(1, 12)} == {"no_fix"}, before  # newer data says no fix is coming
+    assert before[14 + 3][0] == "interpolated"
+    assert before[14 + 12][0] == "pending"  # 212 s: within 10 s of the newest data, a fix may still come
+    # The late backlog batch: fixes at 0 s and 9.5 s (the van's buffer sent them last).
+    late = Batch("van-late", "e", 29, 30, [_fix(29, 0, 52.0), _fix(30, 9_500, 52.0095)])
+    put(s, late, derive=True)
+    after = _positions(s)
+    for i in range(10):  # within the window of the late fixes: placed on the line between them
+        assert after[i + 1] == ("exact" if i == 0 else "interpolated", round(52.0 + 0.001 * i, 9)), after[i + 1]
+    assert after[11] == ("no_fix", None), "100 s is 90 s from any fix: not placed, not guessed"
+    assert {k: v for k, v in after.items() if k > 11} == {k: v for k, v in before.items() if k > 11}
+    # A fix-less batch much later closes what was pending (in SQL, not re-read) ...
+    put(s, Batch("van-late", "e", 31, 31, [_pm(31, 300_000)]), derive=True)
+    final = _positions(s)
+    assert final[14 + 12] == ("no_fix", None)
+    # ... and the whole equals a join over all the data at once (positions.locate, given the
+    # fixes of each sample's neighbourhood: the store joins within twice the window).
+    fixes = sorted([x for b in (driving, late) for x in b.samples if x.sensor == "gps"], key=lambda x: x.t_utc_ms)
+    newest, gap = T0 + 300_000, s.max_gap_ms
+    every = [x for b in (early, driving, late) for x in b.samples if x.sensor != "gps"] + [_pm(31, 300_000)]
+    for x in every:
+        fx = [Fix(f.t_utc_ms, f.values["lat"], f.values["lon"], 5.0, 1) for f in fixes  # type: ignore[arg-type]
+              if abs(f.t_utc_ms - x.t_utc_ms) <= 2 * gap]  # type: ignore[operator]
+        p = locate(fx, [f.t_utc_ms for f in fx], x.t_utc_ms, gap, newest)  # type: ignore[arg-type]
+        assert final[x.seq] == (p.state, None if p.lat is None else round(p.lat, 9)), (x.seq, final[x.seq], p)

@@ -11,9 +11,17 @@ at the old limit), the real 300 MB bound on the process's VmHWM; the bench
 
 from __future__ import annotations
 
-from bench.bench_receiver_memory import TARGET_MB, ReceiverRig, adversarial
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.bench_receiver_memory import GPSLESS_UPLOADS, TARGET_MB, ReceiverRig, adversarial, gpsless_upload
 from receiver.budget import upload_cost
 from receiver.config import ReceiverConfig
+from receiver.store import SQLiteStore
+from uplink.wire import content_hash, decode_batch
 
 UPLOADS = 64
 
@@ -38,3 +46,51 @@ def test_byte_heavy_uploads_stay_within_the_memory_bound() -> None:
           f"VmHWM {hwm:.0f} MB (bound {TARGET_MB:.0f} MB)")
     assert alive, "the receiver survived"
     assert hwm <= TARGET_MB, f"receiver peak RSS {hwm:.0f} MB over {TARGET_MB:.0f} MB"
+
+
+def test_gps_less_uploads_cost_the_same_however_much_the_van_stored(tmp_path: Path) -> None:
+    """Issue 13 re-test: 40 uploads of 20,000 samples with empty values and no GPS fix took a
+    receiver to 341 MB, each batch costing more than the one before: deriving positions
+    re-read every open (no-fix) sample of the batch's time range, i.e. all the van had sent
+    (measured: 20,000 more rows read and ~5 MiB more peak per batch). Now only samples near
+    a new fix are read again. In-process on the store, traced by tracemalloc: the peak of
+    the last of 6 such batches is that of the second, and nothing open is re-read."""
+    store = SQLiteStore(tmp_path / "s.sqlite")
+    reread: list[int] = []
+    join_inputs = store._join_inputs
+
+    def counting(*a: Any) -> Any:
+        out = join_inputs(*a)
+        reread.append(len(out[1]))
+        return out
+
+    store._join_inputs = counting  # type: ignore[method-assign]
+    peaks = []
+    tracemalloc.start()
+    try:
+        for k in range(6):
+            payload = gpsless_upload("van-nofix", k)
+            batch = decode_batch(payload)
+            tracemalloc.reset_peak()
+            assert store.ingest(batch, content_hash(payload), 1_795_000_000_000).status == "stored"
+            peaks.append(tracemalloc.get_traced_memory()[1] / 2**20)
+    finally:
+        tracemalloc.stop()
+        store.close()
+    print(f"6 GPS-less uploads of {len(batch.samples):,} samples ({len(payload)} bytes): "
+          f"traced peak per batch {', '.join(f'{p:.1f}' for p in peaks)} MiB; open samples re-read {reread}")
+    assert len(batch.samples) == 20_000 and not any(s.sensor == "gps" for s in batch.samples)
+    assert reread == [0] * 6, "a batch without fixes cannot place older samples: nothing to re-read"
+    assert peaks[-1] <= peaks[1] * 1.25 + 1, f"per-batch peak grows with what the van stored: {peaks}"
+
+
+@pytest.mark.slow
+def test_gps_less_uploads_stay_within_the_memory_bound() -> None:
+    """The re-tester's full shape through a real receiver: 40 GPS-less uploads at once."""
+    uploads = [("van-nofix", gpsless_upload("van-nofix", k)) for k in range(GPSLESS_UPLOADS)]
+    with ReceiverRig() as rig:
+        peak, took = rig.phase(uploads, timeout=900)
+        hwm = rig.hwm()
+        alive = rig.proc.poll() is None
+    print(f"{GPSLESS_UPLOADS} GPS-less uploads: peak {peak:.0f} MB, VmHWM {hwm:.0f} MB, all answered in {took:.0f} s")
+    assert alive and hwm <= TARGET_MB, f"receiver peak RSS {hwm:.0f} MB over {TARGET_MB:.0f} MB"

@@ -465,3 +465,39 @@ def test_group_budget_bounds_what_is_decoded_at_once() -> None:
             real = sum(1 + len(s.values) for s in decoded.samples)
             assert real <= upload_values(payload), (version, real, upload_values(payload))
     assert upload_values(b"DLB\x02garbage") > 10**12, "a body the peek cannot read goes alone"
+
+
+def test_every_upload_is_inflated_once(tmp_path: Path, mosquitto: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget's peek inflates a body to measure it, and decoding used to inflate it again
+    (issue 13 review): twice the zlib work on the ack path. Now the peek's checked body is what
+    is decoded. Through a real broker and the in-process receiver: every inflation counted,
+    version 1 and 2 uploads, and a corrupt one still rejected with its reason."""
+    import uplink.codec_v2 as v2
+    import uplink.wire as wire
+
+    inflated: list[int] = []
+    for mod in (v2, wire):
+        real = mod._inflate
+        monkeypatch.setattr(mod, "_inflate", lambda *a, _real=real: inflated.append(1) or _real(*a))
+    batches = tiny_batches("van-001", 6)
+    payloads = [encode_batch(b, 1 + i % 2) for i, b in enumerate(batches)]
+    corrupt = bytearray(encode_batch(tiny_batches("van-001", 7)[6], 2))
+    corrupt[-3] ^= 0xFF  # inside the compressed body: it fails its check, whoever inflates it
+    cfg = ReceiverConfig(store=str(tmp_path / "s.sqlite"), port=mosquitto.port, client_id="rx-once")
+    svc = ReceiverService(cfg, SQLiteStore(tmp_path / "s.sqlite"))
+    svc.start()
+    van = Van("van-001", mosquitto.port)
+    try:
+        assert svc.subscribed.wait(15)
+        for p in [*payloads, bytes(corrupt)]:
+            van.client.publish("datalab/v1/van-001/batch", p, qos=1).wait_for_publish(10)
+        assert wait_until(lambda: len(van.acks) == 7, 30), van.acks
+    finally:
+        van.close()
+        svc.stop()
+    print(f"{len(payloads)} good uploads (v1 and v2) and 1 corrupt one: {len(inflated)} inflations")
+    assert [van.acks[b.batch_id] for b in batches] == ["stored"] * 6
+    assert list(van.acks.values()).count("rejected") == 1
+    # One inflation per good upload (it was two); the corrupt one is tried by the peek and
+    # again by the decoder that words its rejection.
+    assert len(inflated) == len(payloads) + 2, inflated

@@ -140,3 +140,20 @@ def test_impossible_times_are_never_stored(tmp_path):
     flags = s.conn.execute("SELECT flags FROM samples WHERE seq=1").fetchone()[0]
     assert "time_implausible" in flags
     assert s.conn.execute("SELECT state FROM positions WHERE seq=1").fetchone()[0] == "no_time"
+
+
+def test_stored_json_orjson_refuses_reads_back_with_64_bit_integers_exact() -> None:
+    """``read_json``'s fallback (rows orjson refuses, e.g. a 10^400 stored before the admission
+    schema): a negative 19-digit integer is 20 characters with its sign and used to read as
+    NaN (issue 13 review); what 64 bits or a double cannot hold is NaN, never inf or a bigint."""
+    import math
+
+    from receiver.store import read_json
+
+    row = ('{"neg19": -1234567890123456789, "min": -9223372036854775808, "max": 9223372036854775807,'
+           ' "over": 9223372036854775808, "under": -9223372036854775809, "huge": 1e400, "pos19": 1234567890123456789,'
+           ' "digits": -' + "9" * 5000 + "}")
+    got = read_json(row)
+    assert got["neg19"] == -1234567890123456789 and got["pos19"] == 1234567890123456789
+    assert got["min"] == -(2**63) and got["max"] == 2**63 - 1
+    assert all(math.isnan(got[k]) for k in ("over", "under", "huge", "digits")), got

@@ -657,9 +657,10 @@ def decode_plain(plain: bytes) -> Batch:
     return Batch(device, epoch, first, last, samples, gaps)
 
 
-def decode_v2(body: bytes) -> Batch:
-    """A Batch from a version 2 body (after MAGIC and the version byte)."""
-    plain = unpack(body)
+def decode_v2(body: bytes, plain: bytes | None = None) -> Batch:
+    """A Batch from a version 2 body (after MAGIC and the version byte); ``plain``: the body
+    already unpacked (checked) by the caller, so it is not inflated twice (the receiver's budget)."""
+    plain = unpack(body) if plain is None else plain
     try:
         return decode_plain(plain)
     except PayloadError:

@@ -208,8 +208,11 @@ def _decode_sample(row: Any) -> Sample:
     return Sample(sensor, t_utc, t_mono, time_src, values, tuple(flags), seq, boot)
 
 
-def decode_batch(payload: bytes) -> Batch:
-    """Decode and validate; raise ``PayloadError`` with the reason for anything off."""
+def decode_batch(payload: bytes, inflated: bytes | None = None) -> Batch:
+    """Decode and validate; raise ``PayloadError`` with the reason for anything off.
+
+    ``inflated``: the body already inflated and checked (``inflate_body``), so a receiver
+    that measured it first does not inflate it again."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     if len(payload) < len(MAGIC) + 1 or not payload.startswith(MAGIC):
@@ -223,8 +226,8 @@ def decode_batch(payload: bytes) -> Batch:
         if version == VERSION_COLUMNAR:
             from uplink.codec_v2 import decode_v2
 
-            return _validate(decode_v2(payload[len(MAGIC) + 1 :]))
-        return _validate(_decode_v1(payload[len(MAGIC) + 1 :]))
+            return _validate(decode_v2(payload[len(MAGIC) + 1 :], inflated))
+        return _validate(_decode_v1(payload[len(MAGIC) + 1 :], inflated))
     except PayloadError:
         raise
     except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
@@ -233,8 +236,23 @@ def decode_batch(payload: bytes) -> Batch:
         raise PayloadError(f"malformed payload: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
-def _decode_v1(body_bytes: bytes) -> Batch:
-    raw = _inflate(body_bytes)
+def inflate_body(payload: bytes) -> bytes:
+    """The checked inflated body of a batch (version 1: its JSON, 2: its plain columns), as
+    ``decode_batch`` takes it; PayloadError as decoding would raise it."""
+    if len(payload) > MAX_PAYLOAD_BYTES or len(payload) < len(MAGIC) + 1 or not payload.startswith(MAGIC):
+        raise PayloadError("not a datalab batch within the payload limit")
+    version, body = payload[len(MAGIC)], payload[len(MAGIC) + 1 :]
+    if version == VERSION_COLUMNAR:
+        from uplink.codec_v2 import unpack
+
+        return unpack(body)
+    if version not in SUPPORTED_VERSIONS:
+        raise PayloadError(f"unsupported wire version {version}")
+    return _inflate(body)
+
+
+def _decode_v1(body_bytes: bytes, raw: bytes | None = None) -> Batch:
+    raw = _inflate(body_bytes) if raw is None else raw
     body = _loads(raw, "body")
     if not isinstance(body, dict):
         raise PayloadError("body must be a JSON object")
