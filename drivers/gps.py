@@ -12,6 +12,21 @@ the monotonic clock reading at which it was received, so the agent can map its
 monotonic clock onto UTC without trusting the kernel clock.
 
 Neither blocks: ``read()`` takes what has arrived, decodes it and returns.
+
+When a fix was measured (issue 15, 1): a fix is the receiver's position at the
+UTC second its sentences name, and its first bytes leave the receiver a few tens
+of ms later. ``read()`` runs once per sampling tick, at any phase of the
+receiver's second, so a fix timed at its read was 0.1-0.99 s late. The NMEA
+driver therefore times bytes as they come off the port: with ``reader_thread``
+a thread blocks on the port (no polling: one wake-up per burst of bytes, then a
+short ``collect_s`` wait so an epoch's ~500 bytes cost two or three wake-ups,
+not one per UART interrupt) and stamps each chunk with the monotonic clock. A
+line is timed by the chunk its first byte came in; an epoch by its first timed
+sentence. Each Reading carries that arrival (``meta[MEASURED_MONO]``) and, when
+the receiver's time is confirmed, the fix's own UTC (``meta[MEASURED_UTC]``),
+which the TimeKeeper prefers when it agrees with the spine: it has no output
+latency at all. Without the thread (a simulated van, whose virtual clock the
+sampling loop itself moves) bytes are timed at ``read()``.
 """
 
 from __future__ import annotations
@@ -19,14 +34,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import socket
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from drivers.base import Reading
-from drivers.nmea import Fix, FixAssembler, Gga, Gll, Rmc, SentenceFramer, Zda, parse_sentence
+from drivers.nmea import TIMED_RECORDS, Fix, FixAssembler, SentenceFramer, parse_sentence
 from edge.errors import BusError, FrameError, ReadError
-from edge.timekeeping import unroll_gps_week
+from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, unroll_gps_week
 
 __all__ = ["NmeaGpsDriver", "GpsdSource", "DriverStats", "fix_values"]
 
@@ -72,6 +89,10 @@ class DriverStats:
     frame_errors: int = 0
     fixes: int = 0
     rollovers: int = 0  # fixes whose date was 1024 weeks behind (10-bit week number wrapped)
+    chunks_lost: int = 0  # chunks the reader thread dropped because read() was not called for long
+
+
+_POSITION_KINDS = frozenset({"RMC", "GGA", "GLL", "GNS"})
 
 
 class NmeaGpsDriver:
@@ -98,6 +119,16 @@ class NmeaGpsDriver:
     date up to 1024 weeks before it is a receiver whose 10-bit GPS week number
     wrapped, and is moved forward 1024 weeks (``edge.timekeeping.unroll_gps_week``).
     None (the default, for decoding old logs) takes dates as they come.
+
+    ``single_sentence``: the receiver sends one position sentence per epoch
+    (``FixAssembler(single_sentence=True)``); its fixes carry the flag
+    ``single_sentence`` (position not cross-checked by a second sentence) and
+    None for what that sentence lacks (RMC: altitude, satellites, HDOP; GGA:
+    date, hence no GPS time, flagged ``no_gps_time``).
+
+    ``reader_thread``: time bytes as they arrive (module docstring); the
+    thread blocks on the port for at most ``block_s`` at a time (so ``close``
+    is prompt) and keeps at most ``max_chunks`` unread chunks.
     """
 
     def __init__(
@@ -111,12 +142,18 @@ class NmeaGpsDriver:
         max_bytes_per_read: int = 65536,
         require_confirmed_time: bool = True,
         rollover_pivot_utc: float | None = None,
+        single_sentence: bool = False,
+        reader_thread: bool = False,
+        collect_s: float = 0.25,
+        block_s: float = 1.0,
+        max_chunks: int = 512,
+        retry_s: float = 1.0,
     ) -> None:
         self.name = name
         self._pivot = rollover_pivot_utc
         self._port = port
         self._clock = clock
-        self._asm = assembler or FixAssembler()
+        self._asm = assembler or FixAssembler(single_sentence=single_sentence)
         self._framer = SentenceFramer()
         self._flush_after = flush_after
         self._max_bytes = max_bytes_per_read
@@ -127,19 +164,37 @@ class NmeaGpsDriver:
         self._time_fix: tuple[float, float] | None = None
         self.last_fix: Fix | None = None
         self.stats = DriverStats()
+        self._pending_t = 0.0  # arrival of the first byte of the framer's unfinished line
+        self._collect_s = collect_s
+        self._block_s = block_s
+        self._retry_s = retry_s
+        self._chunks: deque[tuple[float, bytes]] = deque()
+        self._max_chunks = max_chunks
+        self._reader_errors: deque[ReadError] = deque(maxlen=1)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if reader_thread:
+            self._thread = threading.Thread(target=self._reader, name=f"{name}-reader", daemon=True)
+            self._thread.start()
 
     # -- SensorDriver ------------------------------------------------------
 
     def read(self) -> Reading | None:
         now = self._clock()
-        data = self._drain()
+        chunks = self._take_chunks(now)
         fixes: list[Fix] = []
         good = 0
         last_error: ReadError | None = None
-        if data:
-            self._last_rx = now
+        for t, data in chunks:
+            self._last_rx = t
             self.stats.bytes += len(data)
-            for line in self._framer.feed(data):
+            # A line is timed by the chunk its first byte came in.
+            line_t = self._pending_t if self._framer.pending() else t
+            lines = self._framer.feed(data)
+            if self._framer.pending():
+                self._pending_t = t if lines else line_t
+            for line in lines:
+                rx, line_t = line_t, t
                 try:
                     rec = parse_sentence(line)
                 except ReadError as exc:  # ChecksumError or FrameError
@@ -151,13 +206,13 @@ class NmeaGpsDriver:
                     continue
                 good += 1
                 self.stats.sentences += 1
-                if isinstance(rec, (Rmc, Gga, Gll, Zda)) and rec.tod is not None and rec.tod != self._last_tod:
+                if isinstance(rec, TIMED_RECORDS) and rec.tod is not None and rec.tod != self._last_tod:
                     self._last_tod = rec.tod
-                    self._rx_by_tod[rec.tod] = now
+                    self._rx_by_tod[rec.tod] = rx
                     if len(self._rx_by_tod) > 8:
                         del self._rx_by_tod[next(iter(self._rx_by_tod))]
                 fixes.extend(self._asm.feed(rec))
-        elif self._last_rx is not None and now - self._last_rx >= self._flush_after:
+        if not chunks and self._last_rx is not None and now - self._last_rx >= self._flush_after:
             # The port went quiet: the receiver's cycle is over even if the
             # assembler has not learnt its last sentence yet.
             fixes.extend(self._asm.flush())
@@ -169,13 +224,39 @@ class NmeaGpsDriver:
             return reading
         if last_error is not None and good == 0:
             raise last_error
+        if not chunks and self._reader_errors:
+            raise self._reader_errors.popleft()
         return None
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            cancel = getattr(self._port, "cancel_read", None)  # pyserial: wakes a blocked read at once
+            if cancel is not None:
+                try:
+                    cancel()
+                except Exception:  # a port that already failed: the read timeout ends the wait
+                    pass
+            if threading.current_thread() is not self._thread:
+                self._thread.join(timeout=self._block_s + 1.0)
         try:
             self._port.close()
         except Exception:  # closing a port that already failed must not raise
             pass
+
+    def epoch_health(self) -> dict[str, int]:
+        """Epoch counters for the heartbeat: how many epochs gave no fix, and why."""
+        st = self._asm.stats
+        return {
+            "epochs": st.epochs + st.missed,
+            "fixes": st.fixes,
+            "dropped": st.dropped,
+            "no_fix": st.no_fix,
+            "unconfirmed": st.unconfirmed,
+            "inconsistent": st.inconsistent,
+            "incomplete": st.incomplete,
+            "missed": st.missed,
+        }
 
     # -- time source ---------------------------------------------------------
 
@@ -184,6 +265,46 @@ class NmeaGpsDriver:
         return self._time_fix
 
     # -- internals -------------------------------------------------------------
+
+    def _take_chunks(self, now: float) -> list[tuple[float, bytes]]:
+        if self._thread is None:
+            data = self._drain()
+            return [(now, data)] if data else []
+        out = []
+        while self._chunks:
+            out.append(self._chunks.popleft())
+        return out
+
+    def _reader(self) -> None:
+        """The reader thread: block for the first byte of a burst, time it, collect the burst."""
+        port = self._port
+        while not self._stop.is_set():
+            try:
+                if getattr(port, "timeout", None) != self._block_s:
+                    port.timeout = self._block_s  # bounded, so close() is prompt without cancel_read
+                first = port.read(1)
+                if not first:
+                    continue
+                t = self._clock()
+                # The rest of the burst (an epoch is ~500 bytes, 0.5 s at 9600 baud) in one read.
+                if self._collect_s > 0 and self._stop.wait(self._collect_s):
+                    break
+                n = port.in_waiting
+                data = first + (port.read(min(n, self._max_bytes)) if n else b"")
+            except ReadError as exc:  # ReconnectingPort: gone, or its reopen is not due yet
+                self._reader_errors.append(exc)
+                self._stop.wait(self._retry_s)
+                continue
+            except (OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    break
+                self._reader_errors.append(BusError(f"{self.name}: serial port failed: {exc}"))
+                self._stop.wait(self._retry_s)
+                continue
+            if len(self._chunks) >= self._max_chunks:
+                self._chunks.popleft()  # read() has not been called for minutes: keep the newest
+                self.stats.chunks_lost += 1
+            self._chunks.append((t, data))
 
     def _drain(self) -> bytes:
         chunks: list[bytes] = []
@@ -214,13 +335,15 @@ class NmeaGpsDriver:
         rx = self._rx_by_tod.get(fix.tod)
         if gps_time is not None and rx is not None:
             self._time_fix = (gps_time, rx)
-        flags = () if gps_time is not None else ("no_gps_time",)
-        return Reading(
-            sensor="gps",
-            values=fix_values(fix, gps_time),
-            flags=flags,
-            meta={"source": "nmea", "tod": fix.tod, "received_mono": rx, "sentences": len(fix.sentences)},
-        )
+        flags: tuple[str, ...] = () if gps_time is not None else ("no_gps_time",)
+        if sum(1 for k in fix.sentences if k[2:] in _POSITION_KINDS) < 2:
+            flags += ("single_sentence",)  # the position was not cross-checked by a second sentence
+        meta: dict[str, Any] = {"source": "nmea", "tod": fix.tod, "received_mono": rx, "sentences": len(fix.sentences)}
+        if rx is not None:
+            meta[MEASURED_MONO] = rx
+        if gps_time is not None:
+            meta[MEASURED_UTC] = gps_time
+        return Reading(sensor="gps", values=fix_values(fix, gps_time), flags=flags, meta=meta)
 
 
 # ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from edge.config import AgentConfig
 from edge.errors import PayloadError, RecoverableError
 from edge.faultpoints import crash_point
 from edge.model import Sample
-from edge.timekeeping import TimeFixSource, TimeKeeper
+from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, TimeFixSource, TimeKeeper
 from uplink.mqtt import Link
 from uplink.wire import content_hash, parse_batch_id
 
@@ -187,7 +187,9 @@ class Agent:
                 continue
             if reading is None:
                 continue
-            stamp = self.timekeeper.stamp()
+            # A driver that knows when its value was measured says so in its meta (a GPS epoch's
+            # arrival, the end of a second of audio); anything else is stamped at its read.
+            stamp = self.timekeeper.stamp(reading.meta.get(MEASURED_MONO), reading.meta.get(MEASURED_UTC))
             values, flags = _finite(reading.values, (*reading.flags, *stamp.flags))
             self._pending.append(
                 Sample(

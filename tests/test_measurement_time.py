@@ -1,0 +1,155 @@
+"""Every value carries the time it was measured (issue 15, 1).
+
+A simulated GPS receiver on a real pseudo-terminal sends each epoch at a known
+phase of the monotonic clock; the driver is read once per "tick" at another
+phase, as the agent does. The stamps must land within 50 ms of when the fix was
+measured, whatever the tick phase (they used to be late by the phase: up to 1 s).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from typing import Iterator
+
+import pytest
+import serial
+
+from drivers.base import Reading
+from drivers.gps import NmeaGpsDriver
+from edge.model import TimeSource
+from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, TimeKeeper
+from simulator.gps_device import FakeGpsReceiver
+
+UTC = dt.timezone.utc
+ORIGIN = dt.datetime(2026, 5, 6, 7, 30, tzinfo=UTC)
+TOLERANCE_S = 0.050  # the issue's requirement; the machine is loaded, the truth is exact
+
+
+def path(t: float) -> tuple[float, float, float, float]:
+    return (51.4545 + t * 7.6e-5, -2.5879 + t * 1.2e-4, 12.0, 45.0)
+
+
+class NtpClock:
+    """The real monotonic clock with a kernel clock that NTP keeps exactly on UTC.
+
+    UTC = monotonic + ``offset``: the same mapping the simulated receiver uses, so
+    the truth of every epoch is known in both scales.
+    """
+
+    def __init__(self, offset: float, source: TimeSource = TimeSource.NTP) -> None:
+        self.offset = offset
+        self._source = source
+
+    def utc(self) -> float:
+        return time.monotonic() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
+
+    def source(self) -> TimeSource:
+        return self._source
+
+
+@pytest.fixture
+def receiver() -> Iterator:
+    made: list[tuple[FakeGpsReceiver, NmeaGpsDriver]] = []
+
+    def make(phase: float, output_delay_s: float = 0.0) -> tuple[FakeGpsReceiver, NmeaGpsDriver]:
+        # The receiver's second k starts at monotonic k - phase.
+        sim = FakeGpsReceiver(path, clock=lambda: time.monotonic() + phase, utc_origin=ORIGIN,
+                              output_delay_s=output_delay_s, poll_interval=0.002)
+        sim.start(background=True)
+        port = serial.serial_for_url(sim.port_name, baudrate=9600, timeout=0)
+        drv = NmeaGpsDriver(port, reader_thread=True, collect_s=0.05)
+        made.append((sim, drv))
+        return sim, drv
+
+    yield make
+    for sim, drv in made:
+        drv.close()
+        sim.stop()
+
+
+def tick_readings(drv: NmeaGpsDriver, tick_phase: float, n: int) -> list[tuple[float, Reading]]:
+    """Read the driver once a second at ``tick_phase`` of the monotonic second, like the agent."""
+    out: list[tuple[float, Reading]] = []
+    deadline = time.monotonic() + n + 4.0
+    while len(out) < n and time.monotonic() < deadline:
+        now = time.monotonic()
+        nxt = math.floor(now) + tick_phase
+        if nxt <= now:
+            nxt += 1.0
+        time.sleep(nxt - now)
+        reading = drv.read()
+        # The first fix's date is not yet corroborated (no GPS time): it cannot be checked here.
+        if reading is not None and reading.values["gps_time"] is not None:
+            out.append((time.monotonic(), reading))
+    assert len(out) >= n, f"only {len(out)} fixes"
+    return out
+
+
+def truth_mono(reading: Reading, phase: float) -> float:
+    """When the fix was measured, in monotonic seconds: its receiver second k, at k - phase."""
+    k = reading.values["gps_time"] - ORIGIN.timestamp()
+    assert k == round(k)
+    return k - phase
+
+
+@pytest.mark.parametrize("tick_phase", [0.1, 0.5, 0.9])
+def test_fix_is_timed_by_the_arrival_of_its_epoch_not_by_the_tick(receiver, tick_phase: float) -> None:
+    phase = 0.3  # the receiver's seconds start at monotonic x.7
+    _, drv = receiver(phase)
+    readings = tick_readings(drv, tick_phase, 3)
+    for read_at, r in readings:
+        truth = truth_mono(r, phase)
+        assert abs(r.meta[MEASURED_MONO] - truth) < TOLERANCE_S, (r.meta, truth)
+        # The read came later by the tick's phase after the epoch: the old stamp was that wrong.
+        late_by = (read_at - truth) % 1.0
+        assert abs(late_by - ((tick_phase + phase) % 1.0)) < 0.2
+    # The time fix the TimeKeeper follows is timed the same way.
+    utc, mono = drv.time_fix()
+    assert abs(mono - (utc - ORIGIN.timestamp() - phase)) < TOLERANCE_S
+
+
+@pytest.mark.parametrize(("spine", "tick_phase"), [("ntp", 0.2), ("gps", 0.6)])
+def test_stamps_are_within_50_ms_of_the_measurement(receiver, tick_phase: float, spine: str) -> None:
+    """End to end through the TimeKeeper, on NTP time or on the receiver's own time."""
+    phase = 0.55
+    # The receiver sends 80 ms after its second (a real receiver computes first): arrival
+    # alone would be 80 ms late; the fix's own UTC, mapped through the spine, is not.
+    _, drv = receiver(phase, output_delay_s=0.08)
+    offset = ORIGIN.timestamp() + phase  # UTC - monotonic, the same for receiver and kernel
+    clock = NtpClock(offset, TimeSource.NTP if spine == "ntp" else TimeSource.UNSYNC)
+    tk = TimeKeeper(clock, [drv] if spine == "gps" else [])
+    errors_hint, errors_arrival = [], []
+    for _, r in tick_readings(drv, tick_phase, 3):
+        tk.update()
+        true_utc = r.values["gps_time"]
+        st = tk.stamp(r.meta.get(MEASURED_MONO), r.meta.get(MEASURED_UTC))
+        assert st.source is (TimeSource.NTP if spine == "ntp" else TimeSource.GPS)
+        errors_hint.append(st.t_utc_ms / 1000 - true_utc)
+        arrival = tk.stamp(r.meta.get(MEASURED_MONO))
+        errors_arrival.append(arrival.t_utc_ms / 1000 - true_utc)
+    assert max(abs(e) for e in errors_hint) < TOLERANCE_S, errors_hint
+    if spine == "ntp":
+        # Timed by arrival only, a fix is late by the receiver's output delay (and no more).
+        assert all(0.05 < e < 0.08 + TOLERANCE_S for e in errors_arrival), errors_arrival
+
+
+def test_stamp_of_an_earlier_measurement_keeps_its_age() -> None:
+    """A value measured before another one read in the same tick is not clamped to it."""
+    clock = NtpClock(1.8e9)
+    tk = TimeKeeper(clock)
+    now = clock.monotonic()
+    later = tk.stamp()  # a PM reading read first in the tick
+    earlier = tk.stamp(now - 0.6)  # the GPS epoch that arrived 0.6 s before
+    assert later.t_utc_ms - earlier.t_utc_ms == pytest.approx(600, abs=20)
+    assert earlier.t_mono_ms == round((now - 0.6) * 1000)
+    # A UTC that disagrees with the spine (a wrong receiver time) does not move the stamp.
+    wrong = tk.stamp(now - 0.6, at_utc=now - 0.6 + 1.8e9 + 30.0)
+    assert abs(wrong.t_utc_ms - earlier.t_utc_ms) < 20
