@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from buffer.errors import BufferFullError
 from buffer.heldledger import OWED_REASON
@@ -63,6 +63,13 @@ class AgentStats:
     seal_failures: int = 0  # seal() raised; caught in tick so the agent keeps sampling
     heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class EpochCounted(Protocol):
+    """A GPS driver that counts its receiver's epochs (drivers/gps.py NmeaGpsDriver)."""
+
+    def epoch_health(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -413,6 +420,8 @@ class Agent:
             "oldest_unsent_age_s": (now_ms - oldest) / 1000 if oldest and now_ms else None,
             "buffer_bytes": st.file_bytes,
             "sensor_errors": dict(self.stats.read_errors),
+            # Per GPS: epochs, fixes, dropped (no usable fix, or never seen), incomplete ...
+            "gps_epochs": {d.name: d.epoch_health() for d in self.drivers if isinstance(d, EpochCounted)},
             "time_source": str(stamp.source),
             "time_steps": self.timekeeper.steps_seen,  # GPS or system clock steps seen this run
             "disk_free_bytes": _disk_free(self.cfg.device.data_dir),

@@ -213,7 +213,7 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
         source: Any = hw.microphone
     else:
         source = AlsaSource(device=o["device"])
-    return MicrophoneDriver(source, meter, name=sc.name)
+    return MicrophoneDriver(source, meter, name=sc.name, clock=_monotonic(ctx))
 
 
 def _sim_factory(kind: str) -> DriverFactory:

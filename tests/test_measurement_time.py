@@ -153,3 +153,40 @@ def test_stamp_of_an_earlier_measurement_keeps_its_age() -> None:
     # A UTC that disagrees with the spine (a wrong receiver time) does not move the stamp.
     wrong = tk.stamp(now - 0.6, at_utc=now - 0.6 + 1.8e9 + 30.0)
     assert abs(wrong.t_utc_ms - earlier.t_utc_ms) < 20
+
+
+# -- sound levels ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tick_phase", [0.25, 0.75])
+def test_sound_level_is_stamped_at_the_end_of_its_second_of_audio(tick_phase: float) -> None:
+    """A real-time microphone; levels picked up at any phase carry the end of their own second."""
+    from drivers.noise.capture import MicrophoneDriver
+    from drivers.noise.levels import LevelMeter
+    from simulator.microphone import SimulatedMicrophone
+
+    mic = SimulatedMicrophone(lambda t: 60.0, seed=3, realtime=True, passby_rate_per_min=0.0)
+    drv = MicrophoneDriver(mic, LevelMeter())
+    try:
+        got: list[tuple[float, Reading]] = []
+        deadline = time.monotonic() + 8.0
+        while len(got) < 3 and time.monotonic() < deadline:
+            start = mic.started_at
+            now = time.monotonic()
+            # Ticks at tick_phase of the audio's seconds (once the stream has started).
+            nxt = now + 0.05 if start is None else start + math.floor(now - start) + tick_phase
+            if nxt <= now:
+                nxt += 1.0
+            time.sleep(nxt - now)
+            r = drv.read()
+            if r is not None:
+                got.append((time.monotonic(), r))
+        assert len(got) >= 3
+        start = mic.started_at
+        assert start is not None
+        for read_at, r in got:
+            end_of_second = start + r.meta["second"] + 1
+            assert abs(r.meta[MEASURED_MONO] - end_of_second) < TOLERANCE_S, (r.meta, end_of_second)
+            assert read_at - end_of_second > tick_phase - 0.15  # picked up that much later
+    finally:
+        drv.close()
