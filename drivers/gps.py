@@ -90,6 +90,7 @@ class DriverStats:
     fixes: int = 0
     rollovers: int = 0  # fixes whose date was 1024 weeks behind (10-bit week number wrapped)
     chunks_lost: int = 0  # chunks the reader thread dropped because read() was not called for long
+    fixes_superseded: int = 0  # fixes not handed out: a newer one completed in the same read()
 
 
 _POSITION_KINDS = frozenset({"RMC", "GGA", "GLL", "GNS"})
@@ -101,7 +102,8 @@ class NmeaGpsDriver:
     ``port`` is an open pyserial port (``serial.serial_for_url(...)``, a pty in
     the tests). Each ``read()`` drains what the port holds (never waits for
     more), decodes it and returns a Reading for the newest fix completed
-    since the previous call, or None.
+    since the previous call (older ones completed in the same call are
+    counted in ``stats.fixes_superseded``), or None.
 
     Corrupt sentences are dropped and counted in ``stats``; ``read()`` raises
     their error (a ``ReadError``) only when nothing valid arrived in that
@@ -128,7 +130,10 @@ class NmeaGpsDriver:
 
     ``reader_thread``: time bytes as they arrive (module docstring); the
     thread blocks on the port for at most ``block_s`` at a time (so ``close``
-    is prompt) and keeps at most ``max_chunks`` unread chunks.
+    is prompt) and keeps at most ``max_chunks`` unread chunks. ``collect_s``
+    (below the receiver's quiet gap between epochs: 0.4 s suits 1 Hz at 9600
+    baud; lower it for 5-10 Hz receivers) and ``gap_s`` set how it gathers
+    a burst after its first byte.
     """
 
     def __init__(
@@ -144,7 +149,8 @@ class NmeaGpsDriver:
         rollover_pivot_utc: float | None = None,
         single_sentence: bool = False,
         reader_thread: bool = False,
-        collect_s: float = 0.25,
+        collect_s: float = 0.4,
+        gap_s: float = 0.05,
         block_s: float = 1.0,
         max_chunks: int = 512,
         retry_s: float = 1.0,
@@ -159,16 +165,17 @@ class NmeaGpsDriver:
         self._max_bytes = max_bytes_per_read
         self._require_confirmed = require_confirmed_time
         self._last_rx: float | None = None
-        self._rx_by_tod: dict[float, float] = {}
+        self._rx_by_tod: dict[float, float | None] = {}
         self._last_tod: float | None = None
         self._time_fix: tuple[float, float] | None = None
         self.last_fix: Fix | None = None
         self.stats = DriverStats()
-        self._pending_t = 0.0  # arrival of the first byte of the framer's unfinished line
+        self._pending_t: float | None = None  # arrival of the first byte of the framer's unfinished line
         self._collect_s = collect_s
+        self._gap_s = gap_s
         self._block_s = block_s
         self._retry_s = retry_s
-        self._chunks: deque[tuple[float, bytes]] = deque()
+        self._chunks: deque[tuple[float, bytes, bool]] = deque()  # (arrival, bytes, timed)
         self._max_chunks = max_chunks
         self._reader_errors: deque[ReadError] = deque(maxlen=1)
         self._stop = threading.Event()
@@ -185,16 +192,20 @@ class NmeaGpsDriver:
         fixes: list[Fix] = []
         good = 0
         last_error: ReadError | None = None
-        for t, data in chunks:
+        for t, data, timed in chunks:
             self._last_rx = t
             self.stats.bytes += len(data)
-            # A line is timed by the chunk its first byte came in.
-            line_t = self._pending_t if self._framer.pending() else t
+            if self._thread is None:
+                first_t = later_t = t  # timed at the read
+            else:
+                # A line's arrival is known when its "$" is the byte the reader blocked for.
+                first_t, later_t = (t if timed and data[:1] == b"$" else None), None
+            line_t = self._pending_t if self._framer.pending() else first_t
             lines = self._framer.feed(data)
             if self._framer.pending():
-                self._pending_t = t if lines else line_t
+                self._pending_t = later_t if lines else line_t
             for line in lines:
-                rx, line_t = line_t, t
+                rx, line_t = line_t, later_t
                 try:
                     rec = parse_sentence(line)
                 except ReadError as exc:  # ChecksumError or FrameError
@@ -221,6 +232,7 @@ class NmeaGpsDriver:
         for fix in fixes:
             reading = self._accept(fix)
         if reading is not None:
+            self.stats.fixes_superseded += len(fixes) - 1
             return reading
         if last_error is not None and good == 0:
             raise last_error
@@ -266,31 +278,49 @@ class NmeaGpsDriver:
 
     # -- internals -------------------------------------------------------------
 
-    def _take_chunks(self, now: float) -> list[tuple[float, bytes]]:
+    def _take_chunks(self, now: float) -> list[tuple[float, bytes, bool]]:
         if self._thread is None:
             data = self._drain()
-            return [(now, data)] if data else []
+            return [(now, data, True)] if data else []
         out = []
         while self._chunks:
             out.append(self._chunks.popleft())
         return out
 
     def _reader(self) -> None:
-        """The reader thread: block for the first byte of a burst, time it, collect the burst."""
+        """The reader thread: block for the first byte of a burst, time it, collect the burst.
+
+        Only a byte the thread blocked for is timed: bytes already waiting (the tail of a
+        burst that outlasted ``collect_s``) are taken untimed, so an epoch whose first
+        sentence began inside them has no arrival time rather than a wrong one.
+        Two or three wake-ups per epoch, whatever the UART's interrupt rate.
+        """
         port = self._port
         while not self._stop.is_set():
             try:
                 if getattr(port, "timeout", None) != self._block_s:
                     port.timeout = self._block_s  # bounded, so close() is prompt without cancel_read
-                first = port.read(1)
-                if not first:
-                    continue
-                t = self._clock()
-                # The rest of the burst (an epoch is ~500 bytes, 0.5 s at 9600 baud) in one read.
-                if self._collect_s > 0 and self._stop.wait(self._collect_s):
-                    break
-                n = port.in_waiting
-                data = first + (port.read(min(n, self._max_bytes)) if n else b"")
+                waiting = port.in_waiting
+                if waiting:
+                    data, t, timed = port.read(min(waiting, self._max_bytes)), self._clock(), False
+                else:
+                    first = port.read(1)  # blocks until the next burst starts
+                    if not first:
+                        continue
+                    t, timed = self._clock(), True
+                    # Most of the burst (an epoch is ~500 bytes, 0.5 s at 9600 baud) in one read,
+                    # then its tail in steps of gap_s until the line goes quiet: a handful of
+                    # wake-ups per epoch, and the next epoch's first byte is again one the
+                    # thread blocks for (so timed) unless the receiver never pauses.
+                    parts = [first]
+                    wait = self._collect_s
+                    while not self._stop.wait(wait):
+                        n = port.in_waiting
+                        if not n or sum(map(len, parts)) >= self._max_bytes:
+                            break
+                        parts.append(port.read(min(n, self._max_bytes)))
+                        wait = self._gap_s
+                    data = b"".join(parts)
             except ReadError as exc:  # ReconnectingPort: gone, or its reopen is not due yet
                 self._reader_errors.append(exc)
                 self._stop.wait(self._retry_s)
@@ -304,7 +334,7 @@ class NmeaGpsDriver:
             if len(self._chunks) >= self._max_chunks:
                 self._chunks.popleft()  # read() has not been called for minutes: keep the newest
                 self.stats.chunks_lost += 1
-            self._chunks.append((t, data))
+            self._chunks.append((t, data, timed))
 
     def _drain(self) -> bytes:
         chunks: list[bytes] = []
