@@ -424,6 +424,7 @@ class Agent:
             "gps_epochs": {d.name: d.epoch_health() for d in self.drivers if isinstance(d, EpochCounted)},
             "time_source": str(stamp.source),
             "time_steps": self.timekeeper.steps_seen,  # GPS or system clock steps seen this run
+            "gps_minus_ntp_ms": self.timekeeper.stats.gps_minus_system_ms,  # ~ -receiver latency (docs: Time)
             "disk_free_bytes": _disk_free(self.cfg.device.data_dir),
             "cpu_temp_c": _cpu_temp_c(),
             "taken": self.stats.taken,

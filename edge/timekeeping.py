@@ -118,6 +118,9 @@ class TimeStats:
     contested_stamps: int = 0  # samples stamped while nobody could say which time was right
     overlap_stamps: int = 0  # samples flagged because a backward re-base overlapped earlier stamps
     gps_rollovers: int = 0  # GPS time fixes moved forward by 1024 weeks
+    # GPS offset minus the NTP-disciplined system clock's, ms, when both were last there:
+    # about minus the receiver's output latency (GPS time is taken at its bytes' arrival).
+    gps_minus_system_ms: int | None = None
 
 
 GPS, SYSTEM = "gps", "system"
@@ -183,6 +186,8 @@ class TimeKeeper:
         src = self.clock.source()
         if src.trusted:
             refs[SYSTEM] = (self.clock.utc() - mono, src)
+            if GPS in refs:
+                self.stats.gps_minus_system_ms = int(round((refs[GPS][0] - refs[SYSTEM][0]) * 1000))
         return refs
 
     def _judge(self, refs: dict[str, tuple[float, TimeSource]], mono: float) -> None:

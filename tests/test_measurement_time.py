@@ -190,3 +190,21 @@ def test_sound_level_is_stamped_at_the_end_of_its_second_of_audio(tick_phase: fl
             assert read_at - end_of_second > tick_phase - 0.15  # picked up that much later
     finally:
         drv.close()
+
+
+def test_gps_minus_ntp_shows_the_receivers_output_latency() -> None:
+    """With both references there, the heartbeat's gps_minus_ntp_ms measures the latency GPS time carries."""
+    clock = NtpClock(1.8e9)
+
+    epoch_mono = clock.monotonic() - 0.5  # an epoch half a second ago
+
+    class LateReceiver:
+        """A receiver whose epoch's first byte arrived 80 ms after the second it names."""
+
+        def time_fix(self) -> tuple[float, float]:
+            return epoch_mono + clock.offset, epoch_mono + 0.08
+
+    tk = TimeKeeper(clock, [LateReceiver()])
+    tk.update()
+    tk.stamp()
+    assert tk.stats.gps_minus_system_ms == pytest.approx(-80, abs=2)
