@@ -72,10 +72,13 @@ MEASURED_UTC = "measured_utc"
 # A value measured longer ago than this is stamped as if this old (a bound, not a case:
 # drivers hand over their newest measurement within a tick or two).
 MAX_MEASUREMENT_AGE_S = 5.0
-# A measuring instrument's own UTC (a GPS fix's time) places its value when it agrees with
-# the spine within this: above a receiver's output latency (first byte of an epoch within
-# ~0.1 s at 9600 baud), below a time step (which the spine judges separately).
-UTC_HINT_AGREE_S = 1.0
+# A measuring instrument's own UTC (a GPS fix's time) places its value when, mapped through
+# the spine, it falls at most this long before the value's arrival (the receiver's output
+# latency, tens of ms, plus one read period where bytes are timed at the read: 1 s at 1 Hz)
+# or this long after it (the spine's own error): well inside a time step, which the spine
+# judges separately.
+UTC_HINT_BEFORE_S = 1.5
+UTC_HINT_AFTER_S = 0.25
 
 
 def plausible_utc_ms(t: int | None) -> bool:
@@ -247,9 +250,9 @@ class TimeKeeper:
         of a second of audio); the spine is judged at the current monotonic time as always, and
         the stamp moves back by the measurement's age, so the no-step-backwards rule and the
         flags apply as to a value read now. ``at_utc`` is a measuring instrument's own UTC for
-        the value (a GPS fix's time): when it agrees with the spine within ``UTC_HINT_AGREE_S``
-        it places the value exactly (no output latency), mapped through the spine's offset so
-        it stays consistent with every other stamp of this boot.
+        the value (a GPS fix's time): when it agrees with the spine (``UTC_HINT_BEFORE_S``,
+        ``UTC_HINT_AFTER_S``) it places the value exactly (no output latency), mapped through
+        the spine's offset so it stays consistent with every other stamp of this boot.
         """
         mono_now = self.clock.monotonic()
         refs = self._references(mono_now)
@@ -264,8 +267,12 @@ class TimeKeeper:
             self._offset, self._source = refs[GPS] if GPS in refs else refs[SYSTEM]
         elif refs:
             self._judge(refs, mono_now)
-        if at_utc is not None and not self._contested and abs(at_utc - (mono + self._offset)) <= UTC_HINT_AGREE_S:
-            mono = min(max(at_utc - self._offset, mono_now - MAX_MEASUREMENT_AGE_S), mono_now)
+        if at_utc is not None and not self._contested:
+            # Measured before it arrived: within the receiver's latency plus a read period
+            # before, and no later than the spine's own error after.
+            measured = at_utc - self._offset
+            if -UTC_HINT_BEFORE_S <= measured - mono <= UTC_HINT_AFTER_S:
+                mono = min(max(measured, mono_now - MAX_MEASUREMENT_AGE_S), mono_now)
         mono_ms = int(round(mono * 1000))
         age_ms = int(round(mono_now * 1000)) - mono_ms
         t = int(round((mono_now + self._offset) * 1000))
@@ -283,7 +290,7 @@ class TimeKeeper:
                 self.stats.overlap_stamps += 1
             elif t - MAX_MEASUREMENT_AGE_S * 1000 > self._overlap_until_ms:
                 self._overlap_until_ms = None  # no later value can be measured inside the overlap
-        elif self._last_ms is not None and t < self._last_ms:
+        if not flags and self._last_ms is not None and t < self._last_ms:
             t = self._last_ms  # a step within the tolerance: slew, never go backwards
         # The rules above run on the time of the read (t); the value keeps its own age.
         self._last_ms = t if self._last_ms is None else max(t, self._last_ms)

@@ -150,6 +150,9 @@ def test_stamp_of_an_earlier_measurement_keeps_its_age() -> None:
     earlier = tk.stamp(now - 0.6)  # the GPS epoch that arrived 0.6 s before
     assert later.t_utc_ms - earlier.t_utc_ms == pytest.approx(600, abs=20)
     assert earlier.t_mono_ms == round((now - 0.6) * 1000)
+    # Timed at the read (a simulated van), 0.9 s after the epoch: the fix's own UTC places it.
+    hinted = tk.stamp(now, at_utc=now - 0.9 + 1.8e9)
+    assert hinted.t_utc_ms == pytest.approx((now - 0.9 + 1.8e9) * 1000, abs=2)
     # A UTC that disagrees with the spine (a wrong receiver time) does not move the stamp.
     wrong = tk.stamp(now - 0.6, at_utc=now - 0.6 + 1.8e9 + 30.0)
     assert abs(wrong.t_utc_ms - earlier.t_utc_ms) < 20
