@@ -600,4 +600,7 @@ class GpsdSource:
             "gps_time": gps_time,
         }
         flags = () if gps_time is not None else ("no_gps_time",)
-        return Reading(sensor="gps", values=values, flags=flags, meta={"source": "gpsd", "received_mono": now})
+        meta: dict[str, Any] = {"source": "gpsd", "received_mono": now}
+        if gps_time is not None:
+            meta[MEASURED_UTC] = gps_time  # the TPV's time is the fix's: it places the fix (edge/timekeeping.py)
+        return Reading(sensor="gps", values=values, flags=flags, meta=meta)

@@ -211,3 +211,30 @@ def test_gps_minus_ntp_shows_the_receivers_output_latency() -> None:
     tk.update()
     tk.stamp()
     assert tk.stats.gps_minus_system_ms == pytest.approx(-80, abs=2)
+
+
+def test_agent_stamps_a_reading_at_its_measured_time(tmp_path) -> None:
+    """The agent hands the driver's measured time to the time keeper; a plain reading is stamped at its read."""
+    from tests.test_agent import make
+
+    class Measured:
+        name = "late"
+
+        def __init__(self) -> None:
+            self.clock = None
+
+        def read(self) -> Reading:
+            return Reading(sensor="late", values={"x": 1.0}, meta={MEASURED_MONO: self.clock.monotonic() - 0.4})
+
+        def close(self) -> None:
+            pass
+
+    drv = Measured()
+    agent, clock, _, _ = make(tmp_path, drivers=[drv])
+    drv.clock = clock
+    clock.advance(5.0)  # past the make() clock's untrusted start
+    agent.sample()
+    now_ms = round(clock.monotonic() * 1000)
+    (sample,) = agent._pending
+    assert sample.t_mono_ms == now_ms - 400
+    assert sample.t_utc_ms == round(clock.utc() * 1000) - 400
