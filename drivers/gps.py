@@ -18,11 +18,12 @@ UTC second its sentences name, and its first bytes leave the receiver a few tens
 of ms later. ``read()`` runs once per sampling tick, at any phase of the
 receiver's second, so a fix timed at its read was 0.1-0.99 s late. The NMEA
 driver therefore times bytes as they come off the port: with ``reader_thread``
-a thread blocks on the port (no polling: one wake-up per burst of bytes, then a
-short ``collect_s`` wait so an epoch's ~500 bytes cost two or three wake-ups,
-not one per UART interrupt) and stamps each chunk with the monotonic clock. A
-line is timed by the chunk its first byte came in; an epoch by its first timed
-sentence. Each Reading carries that arrival (``meta[MEASURED_MONO]``) and, when
+a thread, every few seconds, blocks on the port for the first byte of the next
+epoch (no polling) and stamps it with the monotonic clock; an epoch is timed
+by its first timed sentence, and the epochs between probes are dated from the
+timed one, as a receiver sends each epoch at the same latency after its
+second. The probes cost a few wake-ups every ``probe_every_s``, not two or
+three per epoch (issue 18's CPU budget). Each Reading carries that arrival (``meta[MEASURED_MONO]``) and, when
 the receiver's time is confirmed, the fix's own UTC (``meta[MEASURED_UTC]``),
 which the TimeKeeper prefers when it agrees with the spine: it has no output
 latency at all. Without the thread (a simulated van, whose virtual clock the
@@ -96,6 +97,16 @@ class DriverStats:
 _POSITION_KINDS = frozenset({"RMC", "GGA", "GLL", "GNS"})
 
 
+# The timing thread's byte counts as a burst's first when read(1) blocked at least this long.
+PROBE_BLOCKED_S = 0.02
+# With the timing thread: completed fixes waiting to be handed out, one per read.
+MAX_READY = 3
+# Probe chunks kept for read() (a probe adds at most three).
+MAX_CHUNKS = 64
+# An untimed epoch is dated from a timed one at most this far away (50 ppm: 3 ms).
+MAX_PREDICT_S = 60.0
+
+
 class NmeaGpsDriver:
     """SensorDriver for an NMEA receiver on a serial port.
 
@@ -103,7 +114,9 @@ class NmeaGpsDriver:
     the tests). Each ``read()`` drains what the port holds (never waits for
     more), decodes it and returns a Reading for the newest fix completed
     since the previous call (older ones completed in the same call are
-    counted in ``stats.fixes_superseded``), or None.
+    counted in ``stats.fixes_superseded``), or None. With ``reader_thread``
+    fixes are handed out one per call, oldest first (up to ``MAX_READY``
+    wait), as a probe makes one tick find none and the next two.
 
     Corrupt sentences are dropped and counted in ``stats``; ``read()`` raises
     their error (a ``ReadError``) only when nothing valid arrived in that
@@ -128,12 +141,15 @@ class NmeaGpsDriver:
     None for what that sentence lacks (RMC: altitude, satellites, HDOP; GGA:
     date, hence no GPS time, flagged ``no_gps_time``).
 
-    ``reader_thread``: time bytes as they arrive (module docstring); the
-    thread blocks on the port for at most ``block_s`` at a time (so ``close``
-    is prompt) and keeps at most ``max_chunks`` unread chunks. ``collect_s``
-    (below the receiver's quiet gap between epochs: 0.4 s suits 1 Hz at 9600
-    baud; lower it for 5-10 Hz receivers) and ``gap_s`` set how it gathers
-    a burst after its first byte.
+    ``reader_thread``: time epochs by their bytes' arrival (module
+    docstring): every ``probe_every_s`` a thread takes the port, blocks for
+    the first byte of the next burst (at most ``block_s``, so ``close`` is
+    prompt) and times it; ``collect_s`` (below the receiver's quiet gap
+    between epochs: 0.4 s suits 1 Hz at 9600 baud; lower it for 5-10 Hz
+    receivers) and ``gap_s`` set how it gathers the rest of that burst.
+    Between probes ``read()`` drains the port as without the thread, and
+    dates each epoch from the last timed one (epochs leave the receiver at a
+    fixed latency after their second), up to ``MAX_PREDICT_S`` away.
     """
 
     def __init__(
@@ -152,7 +168,7 @@ class NmeaGpsDriver:
         collect_s: float = 0.4,
         gap_s: float = 0.05,
         block_s: float = 1.0,
-        max_chunks: int = 512,
+        probe_every_s: float = 4.0,
         retry_s: float = 1.0,
     ) -> None:
         self.name = name
@@ -176,7 +192,11 @@ class NmeaGpsDriver:
         self._block_s = block_s
         self._retry_s = retry_s
         self._chunks: deque[tuple[float, bytes, bool]] = deque()  # (arrival, bytes, timed)
-        self._max_chunks = max_chunks
+        self._lock = threading.Lock()
+        self._ready: deque[Reading] = deque()  # with the thread: fixes completed, not yet handed out
+        self._probing = False
+        self._probe_every_s = probe_every_s
+        self._arrival_ref: tuple[float, float] | None = None  # (time of day, arrival) of a timed epoch
         self._reader_errors: deque[ReadError] = deque(maxlen=1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,6 +240,14 @@ class NmeaGpsDriver:
                 if isinstance(rec, TIMED_RECORDS) and rec.tod is not None and rec.tod != self._last_tod:
                     self._last_tod = rec.tod
                     self._rx_by_tod[rec.tod] = rx
+                    if rx is not None and self._thread is not None:
+                        self._arrival_ref = (rec.tod, rx)
+                    elif rx is None and self._arrival_ref is not None:
+                        # Epochs leave the receiver at a fixed latency after their second:
+                        # one timed epoch dates the untimed ones around it.
+                        step = (rec.tod - self._arrival_ref[0]) % 86400.0
+                        if step <= MAX_PREDICT_S:
+                            self._rx_by_tod[rec.tod] = self._arrival_ref[1] + step
                     if len(self._rx_by_tod) > 8:
                         del self._rx_by_tod[next(iter(self._rx_by_tod))]
                 fixes.extend(self._asm.feed(rec))
@@ -228,12 +256,22 @@ class NmeaGpsDriver:
             # assembler has not learnt its last sentence yet.
             fixes.extend(self._asm.flush())
 
-        reading = None
-        for fix in fixes:
-            reading = self._accept(fix)
-        if reading is not None:
-            self.stats.fixes_superseded += len(fixes) - 1
-            return reading
+        if self._thread is not None:
+            # While the thread probes, ticks find nothing and the next one two epochs: hand
+            # them out one per read, oldest first (each carries its own time), a few at most.
+            self._ready.extend(self._accept(fix) for fix in fixes)
+            while len(self._ready) > MAX_READY:
+                self._ready.popleft()
+                self.stats.fixes_superseded += 1
+            if self._ready:
+                return self._ready.popleft()
+        else:
+            reading = None
+            for fix in fixes:
+                reading = self._accept(fix)
+            if reading is not None:
+                self.stats.fixes_superseded += len(fixes) - 1
+                return reading
         if last_error is not None and good == 0:
             raise last_error
         if not chunks and self._reader_errors:
@@ -282,59 +320,78 @@ class NmeaGpsDriver:
         if self._thread is None:
             data = self._drain()
             return [(now, data, True)] if data else []
-        out = []
-        while self._chunks:
-            out.append(self._chunks.popleft())
+        with self._lock:
+            out = list(self._chunks)
+            self._chunks.clear()
+            if not self._probing:
+                # Between probes the tick reads the port itself, untimed: no wake-up of its own.
+                data = self._drain()
+                if data:
+                    out.append((now, data, False))
         return out
 
     def _reader(self) -> None:
-        """The reader thread: block for the first byte of a burst, time it, collect the burst.
+        """The timing thread: every ``probe_every_s``, block for the first byte of a burst and time it.
 
-        Only a byte the thread blocked for is timed: bytes already waiting (the tail of a
-        burst that outlasted ``collect_s``) are taken untimed, so an epoch whose first
-        sentence began inside them has no arrival time rather than a wrong one.
-        Two or three wake-ups per epoch, whatever the UART's interrupt rate.
+        While it probes, the tick leaves the port to it (``_probing``); it drains what is
+        waiting, blocks for the next byte (at most ``block_s``), and gathers that burst
+        (``collect_s``, then ``gap_s`` steps until the line is quiet). A byte that came back
+        at once was already there (mid-burst): that burst is gathered and the next one waited
+        for. Only the byte it blocked for is timed, so an epoch that began inside other bytes
+        has no arrival of its own rather than a wrong one. Four or five wake-ups per probe.
         """
         port = self._port
-        while not self._stop.is_set():
+        first_probe = True
+        while first_probe or not self._stop.wait(self._probe_every_s):
+            first_probe = False  # at once: the first epochs are timed too
+            chunks: list[tuple[float, bytes, bool]] = []
             try:
+                with self._lock:
+                    self._probing = True
                 if getattr(port, "timeout", None) != self._block_s:
                     port.timeout = self._block_s  # bounded, so close() is prompt without cancel_read
                 waiting = port.in_waiting
                 if waiting:
-                    data, t, timed = port.read(min(waiting, self._max_bytes)), self._clock(), False
-                else:
+                    chunks.append((self._clock(), port.read(min(waiting, self._max_bytes)), False))
+                for _ in range(2):
+                    before = self._clock()
                     first = port.read(1)  # blocks until the next burst starts
                     if not first:
-                        continue
-                    t, timed = self._clock(), True
-                    # Most of the burst (an epoch is ~500 bytes, 0.5 s at 9600 baud) in one read,
-                    # then its tail in steps of gap_s until the line goes quiet: a handful of
-                    # wake-ups per epoch, and the next epoch's first byte is again one the
-                    # thread blocks for (so timed) unless the receiver never pauses.
-                    parts = [first]
-                    wait = self._collect_s
-                    while not self._stop.wait(wait):
-                        n = port.in_waiting
-                        if not n or sum(map(len, parts)) >= self._max_bytes:
-                            break
-                        parts.append(port.read(min(n, self._max_bytes)))
-                        wait = self._gap_s
-                    data = b"".join(parts)
+                        break
+                    t = self._clock()
+                    data = self._gather(port, first)
+                    if data is None:
+                        return
+                    blocked = t - before >= PROBE_BLOCKED_S
+                    chunks.append((t, data, blocked))
+                    if blocked:
+                        break
             except ReadError as exc:  # ReconnectingPort: gone, or its reopen is not due yet
                 self._reader_errors.append(exc)
-                self._stop.wait(self._retry_s)
-                continue
             except (OSError, ValueError) as exc:
                 if self._stop.is_set():
-                    break
+                    return
                 self._reader_errors.append(BusError(f"{self.name}: serial port failed: {exc}"))
-                self._stop.wait(self._retry_s)
-                continue
-            if len(self._chunks) >= self._max_chunks:
-                self._chunks.popleft()  # read() has not been called for minutes: keep the newest
-                self.stats.chunks_lost += 1
-            self._chunks.append((t, data, timed))
+            finally:
+                with self._lock:
+                    self._chunks.extend(chunks)
+                    while len(self._chunks) > MAX_CHUNKS:  # read() has not been called for minutes
+                        self._chunks.popleft()
+                        self.stats.chunks_lost += 1
+                    self._probing = False
+
+    def _gather(self, port: Any, first: bytes) -> bytes | None:
+        """The rest of a burst: most of it after ``collect_s``, its tail in ``gap_s`` steps; None when stopped."""
+        parts = [first]
+        wait = self._collect_s
+        while True:
+            if self._stop.wait(wait):
+                return None
+            n = port.in_waiting
+            if not n or sum(map(len, parts)) >= self._max_bytes:
+                return b"".join(parts)
+            parts.append(port.read(min(n, self._max_bytes)))
+            wait = self._gap_s
 
     def _drain(self) -> bytes:
         chunks: list[bytes] = []
