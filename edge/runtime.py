@@ -136,12 +136,12 @@ def check_config_data(data: dict[str, Any]) -> list[ConfigError]:
 
 
 def _check_sensor(sc: SensorConfig) -> list[ConfigError]:
-    if sc.driver not in FACTORIES:
-        return [ConfigError(f"sensors.{sc.name}.driver",
-                            f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})")]  # fmt: skip
     if sc.driver == "nmea-gps" and not isinstance(sc.options.get("single_sentence", False), bool):
         return [ConfigError(f"sensors.{sc.name}.single_sentence",
                             "expected true (one position sentence per epoch: RMC, GGA or GNS only) or false")]  # fmt: skip
+    if sc.driver not in FACTORIES:
+        return [ConfigError(f"sensors.{sc.name}.driver",
+                            f"unknown driver {sc.driver!r} (known: {', '.join(sorted(FACTORIES))})")]  # fmt: skip
     return []
 
 

@@ -118,8 +118,6 @@ class MicrophoneDriver:
         if latest.settling:
             flags.append("warming_up")
         meta: dict[str, Any] = {"second": latest.index}
-        if self._anchor is not None:
-            meta[MEASURED_MONO] = self._anchor + latest.index + 1  # the end of its second of audio
         if minute is not None:
             values.update(
                 la10=round(minute.la10, 2),
@@ -128,6 +126,8 @@ class MicrophoneDriver:
                 laeq_1min=round(minute.laeq, 2),
             )
             meta["minute"] = minute.index
+        if self._anchor is not None:
+            meta[MEASURED_MONO] = self._anchor + latest.index + 1  # the end of its second of audio
         return Reading(sensor="noise", values=values, flags=tuple(flags), meta=meta)
 
     def close(self) -> None:
