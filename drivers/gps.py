@@ -91,6 +91,7 @@ class DriverStats:
     fixes: int = 0
     rollovers: int = 0  # fixes whose date was 1024 weeks behind (10-bit week number wrapped)
     chunks_lost: int = 0  # chunks the reader thread dropped because read() was not called for long
+    probes: int = 0  # timing probes the thread made (each a few wake-ups)
     fixes_superseded: int = 0  # fixes not handed out: a newer one completed in the same read()
 
 
@@ -345,6 +346,7 @@ class NmeaGpsDriver:
         while first_probe or not self._stop.wait(self._probe_every_s):
             first_probe = False  # at once: the first epochs are timed too
             chunks: list[tuple[float, bytes, bool]] = []
+            self.stats.probes += 1
             try:
                 with self._lock:
                     self._probing = True
