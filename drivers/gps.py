@@ -12,6 +12,22 @@ the monotonic clock reading at which it was received, so the agent can map its
 monotonic clock onto UTC without trusting the kernel clock.
 
 Neither blocks: ``read()`` takes what has arrived, decodes it and returns.
+
+When a fix was measured (issue 15, 1): a fix is the receiver's position at the
+UTC second its sentences name, and its first bytes leave the receiver a few tens
+of ms later. ``read()`` runs once per sampling tick, at any phase of the
+receiver's second, so a fix timed at its read was 0.1-0.99 s late. The NMEA
+driver therefore times bytes as they come off the port: with ``reader_thread``
+a thread, every few seconds, blocks on the port for the first byte of the next
+epoch (no polling) and stamps it with the monotonic clock; an epoch is timed
+by its first timed sentence, and the epochs between probes are dated from the
+timed one, as a receiver sends each epoch at the same latency after its
+second. The probes cost a few wake-ups every ``probe_every_s``, not two or
+three per epoch (issue 18's CPU budget). Each Reading carries that arrival (``meta[MEASURED_MONO]``) and, when
+the receiver's time is confirmed, the fix's own UTC (``meta[MEASURED_UTC]``),
+which the TimeKeeper prefers when it agrees with the spine: it has no output
+latency at all. Without the thread (a simulated van, whose virtual clock the
+sampling loop itself moves) bytes are timed at ``read()``.
 """
 
 from __future__ import annotations
@@ -19,14 +35,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import socket
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from drivers.base import Reading
-from drivers.nmea import Fix, FixAssembler, Gga, Gll, Rmc, SentenceFramer, Zda, parse_sentence
+from drivers.nmea import TIMED_RECORDS, Fix, FixAssembler, SentenceFramer, parse_sentence
 from edge.errors import BusError, FrameError, ReadError
-from edge.timekeeping import unroll_gps_week
+from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, unroll_gps_week
 
 __all__ = ["NmeaGpsDriver", "GpsdSource", "DriverStats", "fix_values"]
 
@@ -72,6 +90,22 @@ class DriverStats:
     frame_errors: int = 0
     fixes: int = 0
     rollovers: int = 0  # fixes whose date was 1024 weeks behind (10-bit week number wrapped)
+    chunks_lost: int = 0  # chunks the reader thread dropped because read() was not called for long
+    probes: int = 0  # timing probes the thread made (each a few wake-ups)
+    fixes_superseded: int = 0  # fixes not handed out: a newer one completed in the same read()
+
+
+_POSITION_KINDS = frozenset({"RMC", "GGA", "GLL", "GNS"})
+
+
+# The timing thread's byte counts as a burst's first when read(1) blocked at least this long.
+PROBE_BLOCKED_S = 0.02
+# With the timing thread: completed fixes waiting to be handed out, one per read.
+MAX_READY = 3
+# Probe chunks kept for read() (a probe adds at most three).
+MAX_CHUNKS = 64
+# An untimed epoch is dated from a timed one at most this far away (50 ppm: 3 ms).
+MAX_PREDICT_S = 60.0
 
 
 class NmeaGpsDriver:
@@ -80,7 +114,10 @@ class NmeaGpsDriver:
     ``port`` is an open pyserial port (``serial.serial_for_url(...)``, a pty in
     the tests). Each ``read()`` drains what the port holds (never waits for
     more), decodes it and returns a Reading for the newest fix completed
-    since the previous call, or None.
+    since the previous call (older ones completed in the same call are
+    counted in ``stats.fixes_superseded``), or None. With ``reader_thread``
+    fixes are handed out one per call, oldest first (up to ``MAX_READY``
+    wait), as a probe makes one tick find none and the next two.
 
     Corrupt sentences are dropped and counted in ``stats``; ``read()`` raises
     their error (a ``ReadError``) only when nothing valid arrived in that
@@ -98,6 +135,22 @@ class NmeaGpsDriver:
     date up to 1024 weeks before it is a receiver whose 10-bit GPS week number
     wrapped, and is moved forward 1024 weeks (``edge.timekeeping.unroll_gps_week``).
     None (the default, for decoding old logs) takes dates as they come.
+
+    ``single_sentence``: the receiver sends one position sentence per epoch
+    (``FixAssembler(single_sentence=True)``); its fixes carry the flag
+    ``single_sentence`` (position not cross-checked by a second sentence) and
+    None for what that sentence lacks (RMC: altitude, satellites, HDOP; GGA:
+    date, hence no GPS time, flagged ``no_gps_time``).
+
+    ``reader_thread``: time epochs by their bytes' arrival (module
+    docstring): every ``probe_every_s`` a thread takes the port, blocks for
+    the first byte of the next burst (at most ``block_s``, so ``close`` is
+    prompt) and times it; ``collect_s`` (below the receiver's quiet gap
+    between epochs: 0.4 s suits 1 Hz at 9600 baud; lower it for 5-10 Hz
+    receivers) and ``gap_s`` set how it gathers the rest of that burst.
+    Between probes ``read()`` drains the port as without the thread, and
+    dates each epoch from the last timed one (epochs leave the receiver at a
+    fixed latency after their second), up to ``MAX_PREDICT_S`` away.
     """
 
     def __init__(
@@ -111,35 +164,69 @@ class NmeaGpsDriver:
         max_bytes_per_read: int = 65536,
         require_confirmed_time: bool = True,
         rollover_pivot_utc: float | None = None,
+        single_sentence: bool = False,
+        reader_thread: bool = False,
+        collect_s: float = 0.4,
+        gap_s: float = 0.05,
+        block_s: float = 1.0,
+        probe_every_s: float = 4.0,
+        retry_s: float = 1.0,
     ) -> None:
         self.name = name
         self._pivot = rollover_pivot_utc
         self._port = port
         self._clock = clock
-        self._asm = assembler or FixAssembler()
+        self._asm = assembler or FixAssembler(single_sentence=single_sentence)
         self._framer = SentenceFramer()
         self._flush_after = flush_after
         self._max_bytes = max_bytes_per_read
         self._require_confirmed = require_confirmed_time
         self._last_rx: float | None = None
-        self._rx_by_tod: dict[float, float] = {}
+        self._rx_by_tod: dict[float, float | None] = {}
         self._last_tod: float | None = None
         self._time_fix: tuple[float, float] | None = None
         self.last_fix: Fix | None = None
         self.stats = DriverStats()
+        self._pending_t: float | None = None  # arrival of the first byte of the framer's unfinished line
+        self._collect_s = collect_s
+        self._gap_s = gap_s
+        self._block_s = block_s
+        self._retry_s = retry_s
+        self._chunks: deque[tuple[float, bytes, bool]] = deque()  # (arrival, bytes, timed)
+        self._lock = threading.Lock()
+        self._ready: deque[Reading] = deque()  # with the thread: fixes completed, not yet handed out
+        self._probing = False
+        self._probe_every_s = probe_every_s
+        self._arrival_ref: tuple[float, float] | None = None  # (time of day, arrival) of a timed epoch
+        self._reader_errors: deque[ReadError] = deque(maxlen=1)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if reader_thread:
+            self._thread = threading.Thread(target=self._reader, name=f"{name}-reader", daemon=True)
+            self._thread.start()
 
     # -- SensorDriver ------------------------------------------------------
 
     def read(self) -> Reading | None:
         now = self._clock()
-        data = self._drain()
+        chunks = self._take_chunks(now)
         fixes: list[Fix] = []
         good = 0
         last_error: ReadError | None = None
-        if data:
-            self._last_rx = now
+        for t, data, timed in chunks:
+            self._last_rx = t
             self.stats.bytes += len(data)
-            for line in self._framer.feed(data):
+            if self._thread is None:
+                first_t = later_t = t  # timed at the read
+            else:
+                # A line's arrival is known when its "$" is the byte the reader blocked for.
+                first_t, later_t = (t if timed and data[:1] == b"$" else None), None
+            line_t = self._pending_t if self._framer.pending() else first_t
+            lines = self._framer.feed(data)
+            if self._framer.pending():
+                self._pending_t = later_t if lines else line_t
+            for line in lines:
+                rx, line_t = line_t, later_t
                 try:
                     rec = parse_sentence(line)
                 except ReadError as exc:  # ChecksumError or FrameError
@@ -151,31 +238,76 @@ class NmeaGpsDriver:
                     continue
                 good += 1
                 self.stats.sentences += 1
-                if isinstance(rec, (Rmc, Gga, Gll, Zda)) and rec.tod is not None and rec.tod != self._last_tod:
+                if isinstance(rec, TIMED_RECORDS) and rec.tod is not None and rec.tod != self._last_tod:
                     self._last_tod = rec.tod
-                    self._rx_by_tod[rec.tod] = now
+                    self._rx_by_tod[rec.tod] = rx
+                    if rx is not None and self._thread is not None:
+                        self._arrival_ref = (rec.tod, rx)
+                    elif rx is None and self._arrival_ref is not None:
+                        # Epochs leave the receiver at a fixed latency after their second:
+                        # one timed epoch dates the untimed ones around it.
+                        step = (rec.tod - self._arrival_ref[0]) % 86400.0
+                        if step <= MAX_PREDICT_S:
+                            self._rx_by_tod[rec.tod] = self._arrival_ref[1] + step
                     if len(self._rx_by_tod) > 8:
                         del self._rx_by_tod[next(iter(self._rx_by_tod))]
                 fixes.extend(self._asm.feed(rec))
-        elif self._last_rx is not None and now - self._last_rx >= self._flush_after:
+        if not chunks and self._last_rx is not None and now - self._last_rx >= self._flush_after:
             # The port went quiet: the receiver's cycle is over even if the
             # assembler has not learnt its last sentence yet.
             fixes.extend(self._asm.flush())
 
-        reading = None
-        for fix in fixes:
-            reading = self._accept(fix)
-        if reading is not None:
-            return reading
+        if self._thread is not None:
+            # While the thread probes, ticks find nothing and the next one two epochs: hand
+            # them out one per read, oldest first (each carries its own time), a few at most.
+            self._ready.extend(self._accept(fix) for fix in fixes)
+            while len(self._ready) > MAX_READY:
+                self._ready.popleft()
+                self.stats.fixes_superseded += 1
+            if self._ready:
+                return self._ready.popleft()
+        else:
+            reading = None
+            for fix in fixes:
+                reading = self._accept(fix)
+            if reading is not None:
+                self.stats.fixes_superseded += len(fixes) - 1
+                return reading
         if last_error is not None and good == 0:
             raise last_error
+        if not chunks and self._reader_errors:
+            raise self._reader_errors.popleft()
         return None
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            cancel = getattr(self._port, "cancel_read", None)  # pyserial: wakes a blocked read at once
+            if cancel is not None:
+                try:
+                    cancel()
+                except Exception:  # a port that already failed: the read timeout ends the wait
+                    pass
+            if threading.current_thread() is not self._thread:
+                self._thread.join(timeout=self._block_s + 1.0)
         try:
             self._port.close()
         except Exception:  # closing a port that already failed must not raise
             pass
+
+    def epoch_health(self) -> dict[str, int]:
+        """Epoch counters for the heartbeat: how many epochs gave no fix, and why."""
+        st = self._asm.stats
+        return {
+            "epochs": st.epochs + st.missed,
+            "fixes": st.fixes,
+            "dropped": st.dropped,
+            "no_fix": st.no_fix,
+            "unconfirmed": st.unconfirmed,
+            "inconsistent": st.inconsistent,
+            "incomplete": st.incomplete,
+            "missed": st.missed,
+        }
 
     # -- time source ---------------------------------------------------------
 
@@ -184,6 +316,84 @@ class NmeaGpsDriver:
         return self._time_fix
 
     # -- internals -------------------------------------------------------------
+
+    def _take_chunks(self, now: float) -> list[tuple[float, bytes, bool]]:
+        if self._thread is None:
+            data = self._drain()
+            return [(now, data, True)] if data else []
+        with self._lock:
+            out = list(self._chunks)
+            self._chunks.clear()
+            if not self._probing:
+                # Between probes the tick reads the port itself, untimed: no wake-up of its own.
+                data = self._drain()
+                if data:
+                    out.append((now, data, False))
+        return out
+
+    def _reader(self) -> None:
+        """The timing thread: every ``probe_every_s``, block for the first byte of a burst and time it.
+
+        While it probes, the tick leaves the port to it (``_probing``); it drains what is
+        waiting, blocks for the next byte (at most ``block_s``), and gathers that burst
+        (``collect_s``, then ``gap_s`` steps until the line is quiet). A byte that came back
+        at once was already there (mid-burst): that burst is gathered and the next one waited
+        for. Only the byte it blocked for is timed, so an epoch that began inside other bytes
+        has no arrival of its own rather than a wrong one. Four or five wake-ups per probe.
+        """
+        port = self._port
+        first_probe = True
+        while first_probe or not self._stop.wait(self._probe_every_s):
+            first_probe = False  # at once: the first epochs are timed too
+            chunks: list[tuple[float, bytes, bool]] = []
+            self.stats.probes += 1
+            try:
+                with self._lock:
+                    self._probing = True
+                if getattr(port, "timeout", None) != self._block_s:
+                    port.timeout = self._block_s  # bounded, so close() is prompt without cancel_read
+                waiting = port.in_waiting
+                if waiting:
+                    chunks.append((self._clock(), port.read(min(waiting, self._max_bytes)), False))
+                for _ in range(2):
+                    before = self._clock()
+                    first = port.read(1)  # blocks until the next burst starts
+                    if not first:
+                        break
+                    t = self._clock()
+                    data = self._gather(port, first)
+                    if data is None:
+                        return
+                    blocked = t - before >= PROBE_BLOCKED_S
+                    chunks.append((t, data, blocked))
+                    if blocked:
+                        break
+            except ReadError as exc:  # ReconnectingPort: gone, or its reopen is not due yet
+                self._reader_errors.append(exc)
+            except (OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    return
+                self._reader_errors.append(BusError(f"{self.name}: serial port failed: {exc}"))
+            finally:
+                with self._lock:
+                    self._chunks.extend(chunks)
+                    while len(self._chunks) > MAX_CHUNKS:  # read() has not been called for minutes
+                        self._chunks.popleft()
+                        self.stats.chunks_lost += 1
+                    self._probing = False
+
+    def _gather(self, port: Any, first: bytes) -> bytes | None:
+        """The rest of a burst: most of it after ``collect_s``, its tail in ``gap_s`` steps; None when stopped."""
+        parts = [first]
+        wait = self._collect_s
+        while True:
+            if self._stop.wait(wait):
+                return None
+            n = port.in_waiting
+            if not n or sum(map(len, parts)) >= self._max_bytes:
+                return b"".join(parts)
+            parts.append(port.read(min(n, self._max_bytes)))
+            wait = self._gap_s
 
     def _drain(self) -> bytes:
         chunks: list[bytes] = []
@@ -214,13 +424,15 @@ class NmeaGpsDriver:
         rx = self._rx_by_tod.get(fix.tod)
         if gps_time is not None and rx is not None:
             self._time_fix = (gps_time, rx)
-        flags = () if gps_time is not None else ("no_gps_time",)
-        return Reading(
-            sensor="gps",
-            values=fix_values(fix, gps_time),
-            flags=flags,
-            meta={"source": "nmea", "tod": fix.tod, "received_mono": rx, "sentences": len(fix.sentences)},
-        )
+        flags: tuple[str, ...] = () if gps_time is not None else ("no_gps_time",)
+        if sum(1 for k in fix.sentences if k[2:] in _POSITION_KINDS) < 2:
+            flags += ("single_sentence",)  # the position was not cross-checked by a second sentence
+        meta: dict[str, Any] = {"source": "nmea", "tod": fix.tod, "received_mono": rx, "sentences": len(fix.sentences)}
+        if rx is not None:
+            meta[MEASURED_MONO] = rx
+        if gps_time is not None:
+            meta[MEASURED_UTC] = gps_time
+        return Reading(sensor="gps", values=fix_values(fix, gps_time), flags=flags, meta=meta)
 
 
 # ---------------------------------------------------------------------------
@@ -447,4 +659,7 @@ class GpsdSource:
             "gps_time": gps_time,
         }
         flags = () if gps_time is not None else ("no_gps_time",)
-        return Reading(sensor="gps", values=values, flags=flags, meta={"source": "gpsd", "received_mono": now})
+        meta: dict[str, Any] = {"source": "gpsd", "received_mono": now}
+        if gps_time is not None:
+            meta[MEASURED_UTC] = gps_time  # the TPV's time is the fix's: it places the fix (edge/timekeeping.py)
+        return Reading(sensor="gps", values=values, flags=flags, meta=meta)

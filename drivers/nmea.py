@@ -34,6 +34,12 @@ Where pynmea2 1.19 gets NMEA 4.10+ wrong, and what is done instead:
   plus one when a signal id is present.
 * GSA: the 4.10 system-id field (18th) is not in pynmea2's table; it is read
   here so multi-constellation "GN" GSA sentences can be told apart.
+* GNS (multi-constellation fix data, the position sentence of some receivers
+  instead of GGA): framed and split by pynmea2 (not by the fast path above:
+  new sentence types go through pynmea2, towards one parse path, issue 16),
+  fields converted and range-checked here like the others. Its mode field has
+  one character per constellation (GPS, GLONASS, Galileo, BeiDou...): the fix
+  is valid if any of them is not ``N``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ __all__ = [
     "Vtg",
     "Gll",
     "Zda",
+    "Gns",
     "OtherSentence",
     "SatInView",
     "NmeaRecord",
@@ -66,6 +73,7 @@ __all__ = [
     "nmea_checksum",
     "decode_stream",
     "AssemblerStats",
+    "TIMED_RECORDS",
 ]
 
 #: 1 international knot = 1852 m per hour (exact).
@@ -126,6 +134,26 @@ class Gga:
     hdop: float | None
     altitude: float | None  # metres above mean sea level
     geoid_sep: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Gns:
+    """GNS: time, position, per-constellation mode, satellites used, HDOP, altitude (MSL)."""
+
+    kind: ClassVar[str] = "GNS"
+    talker: str
+    tod: float | None
+    lat: float | None
+    lon: float | None
+    mode: str  # one character per constellation: N no fix, A autonomous, D differential ...
+    sats_used: int | None
+    hdop: float | None
+    altitude: float | None
+    geoid_sep: float | None
+
+    @property
+    def valid(self) -> bool:
+        return any(c != "N" for c in self.mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +272,7 @@ class OtherSentence:
     fields: tuple[str, ...]
 
 
-NmeaRecord = Union[Gga, Rmc, Gsa, Gsv, Vtg, Gll, Zda, OtherSentence]
+NmeaRecord = Union[Gga, Rmc, Gsa, Gsv, Vtg, Gll, Zda, Gns, OtherSentence]
 
 
 # --------------------------------------------------------------------------
@@ -447,7 +475,7 @@ def _convert(msg: pynmea2.NMEASentence) -> NmeaRecord:
     talker, kind, f = msg.talker, msg.sentence_type, msg.data
     if not _TALKER_RE.match(talker):
         raise FrameError(f"bad talker id {talker!r}")
-    conv = _CONVERTERS.get(kind)
+    conv = _CONVERTERS.get(kind) or _PYNMEA2_CONVERTERS.get(kind)
     if conv is None:
         return OtherSentence(talker=talker, kind=kind, fields=tuple(f))
     return conv(talker, f)
@@ -620,7 +648,29 @@ def _zda(talker: str, f: list[str]) -> Zda:
     return Zda(talker=talker, tod=_tod(f[0]), date=date)
 
 
+def _gns(talker: str, f: list[str]) -> Gns:
+    # pynmea2's GNS field table: time, lat, N/S, lon, E/W, mode (one character per
+    # constellation), sats, hdop, alt, geoid sep, dgps age, station id [, nav status (4.10)].
+    _need(f, 10, "GNS")
+    mode = f[5]
+    if not mode or any(c not in "ADEFMNPRS" for c in mode):
+        raise FrameError(f"GNS mode out of range: {mode!r}")
+    return Gns(
+        talker=talker,
+        tod=_tod(f[0]),
+        lat=_coord(f[1], f[2], True),
+        lon=_coord(f[3], f[4], False),
+        mode=mode,
+        sats_used=_opt_int(f[6], "GNS satellites"),
+        hdop=_opt_float(f[7], "GNS hdop"),
+        altitude=_opt_float(f[8], "GNS altitude"),
+        geoid_sep=_opt_float(f[9], "GNS geoid separation"),
+    )
+
+
 _CONVERTERS = {"GGA": _gga, "RMC": _rmc, "GSA": _gsa, "GSV": _gsv, "VTG": _vtg, "GLL": _gll, "ZDA": _zda}
+# Converted from pynmea2's split, never by the fast path (see the module docstring).
+_PYNMEA2_CONVERTERS = {"GNS": _gns}
 
 # "$" + talker + one of the types above + ",": what pynmea2 would hand to a
 # TalkerSentence with the rest split at commas. Not for talkers starting with
@@ -684,6 +734,17 @@ class SentenceFramer:
 # Epoch assembly
 # --------------------------------------------------------------------------
 
+# The sentences that carry the epoch's UTC time of day (and open an epoch).
+TIMED_RECORDS = (Gga, Rmc, Gll, Zda, Gns)
+# GNS mode character -> the GGA quality indicator it corresponds to.
+_GNS_QUALITY = {"A": 1, "D": 2, "P": 3, "R": 4, "F": 5, "E": 6, "M": 7, "S": 8}
+# Single-sentence receivers: an epoch's time counts as confirmed when it follows the previous
+# fix's by more than 0 and at most this (a corrupted time of day breaks the sequence).
+MAX_EPOCH_STEP_S = 2.0
+# Epochs missing from the sequence are counted up to this many intervals; a longer silence
+# is the receiver stopped or unplugged, which the port's errors say.
+MAX_COUNTED_GAP = 10
+
 
 @dataclass(frozen=True, slots=True)
 class Fix:
@@ -742,6 +803,13 @@ class AssemblerStats:
     implausible_dates: int = 0
     unconfirmed: int = 0  # valid fix claimed by a single sentence only
     orphans: int = 0  # untimed sentences before the first timed one
+    incomplete: int = 0  # epochs whose learnt last sentence never came (lost or corrupted)
+    missed: int = 0  # epochs never seen: a gap in the sequence of times of day
+
+    @property
+    def dropped(self) -> int:
+        """Epochs that gave no fix: seen without a usable one, or never seen at all."""
+        return self.epochs - self.fixes + self.missed
 
 
 class FixAssembler:
@@ -762,6 +830,13 @@ class FixAssembler:
     corrupted into the same wrong position do not happen in practice. Every
     u-blox default configuration sends RMC, GGA and GLL; set it False only
     for a receiver configured to send a single position sentence.
+
+    ``single_sentence``: the receiver sends one position sentence per epoch
+    (RMC only, GGA only or GNS only: Meinberg, Hemisphere and others set up
+    so). Implies ``require_confirmation=False``; the epoch's time counts as
+    confirmed when its date is corroborated and its time of day follows the
+    previous fix's by at most ``MAX_EPOCH_STEP_S`` (the sequence stands in for
+    the second sentence). Fields the sentence does not carry are None.
     """
 
     def __init__(
@@ -771,11 +846,16 @@ class FixAssembler:
         max_year: int = 2079,
         max_disagreement_deg: float = 1e-5,
         require_confirmation: bool = True,
+        single_sentence: bool = False,
     ) -> None:
         self.min_year = min_year
         self.max_year = max_year
         self.max_disagreement_deg = max_disagreement_deg
-        self.require_confirmation = require_confirmation
+        self.single_sentence = single_sentence
+        self.require_confirmation = require_confirmation and not single_sentence
+        self._prev_fix_tod: float | None = None
+        self._prev_tod: float | None = None
+        self._interval: float | None = None  # shortest step between epochs seen
         self._prev_date: tuple[dt.date, float] | None = None
         self.stats = AssemblerStats()
         self._cur: _Epoch | None = None
@@ -790,13 +870,16 @@ class FixAssembler:
 
     def feed(self, rec: NmeaRecord) -> list[Fix]:
         out: list[Fix] = []
-        tod = rec.tod if isinstance(rec, (Gga, Rmc, Gll, Zda)) else None
+        tod = rec.tod if isinstance(rec, TIMED_RECORDS) else None
         cur = self._cur
         if tod is not None and (cur is None or cur.tod != tod):
             if cur is not None:
                 if not cur.emitted:
+                    if self._ender is not None:
+                        self.stats.incomplete += 1  # its last sentence never came
                     out.extend(self._close(cur))
                 self._observe_cycle_end(cur)
+            self._count_gap(tod)
             cur = self._cur = _Epoch(tod)
         if cur is None:
             self.stats.orphans += 1  # tail of a cycle whose start we did not see
@@ -818,11 +901,29 @@ class FixAssembler:
         cur = self._cur
         if cur is None or cur.emitted:
             return []
+        if self._ender is not None:
+            self.stats.incomplete += 1  # the port went quiet before its last sentence
         return self._close(cur)
 
     def reset(self) -> None:
         """Forget the pending epoch (after a port reopen)."""
         self._cur = None
+        self._prev_tod = None
+
+    def _count_gap(self, tod: float) -> None:
+        """Count the epochs missing between the previous epoch's time of day and this one."""
+        prev, self._prev_tod = self._prev_tod, tod
+        if prev is None:
+            return
+        step = (tod - prev) % 86400.0
+        if step <= 0.0 or step > 43200.0:  # the same or an earlier time: a repeat or a corrupt time
+            return
+        if self._interval is None or step < self._interval:
+            self._interval = step
+            return
+        gaps = round(step / self._interval) - 1
+        if 0 < gaps <= MAX_COUNTED_GAP:
+            self.stats.missed += gaps
 
     @staticmethod
     def _key(ep: _Epoch, rec: NmeaRecord) -> tuple:
@@ -866,7 +967,10 @@ class FixAssembler:
         gsvs: list[Gsv] = []
         vtgs: list[Vtg] = []
         zdas: list[Zda] = []
-        by_type: dict[type, list] = {Rmc: rmcs, Gga: ggas, Gll: glls, Gsa: gsas, Gsv: gsvs, Vtg: vtgs, Zda: zdas}
+        gnss: list[Gns] = []
+        by_type: dict[type, list] = {
+            Rmc: rmcs, Gga: ggas, Gll: glls, Gsa: gsas, Gsv: gsvs, Vtg: vtgs, Zda: zdas, Gns: gnss,
+        }
         for r in ep.records:
             bucket = by_type.get(type(r))
             if bucket is not None:
@@ -875,7 +979,7 @@ class FixAssembler:
         # A valid fix: some sentence says so and none says otherwise. Plain
         # loops rather than any(...) generators: this runs every epoch.
         valid = invalid = False
-        for sentences in (rmcs, glls):  # both carry a valid/invalid status
+        for sentences in (rmcs, glls, gnss):  # these carry a valid/invalid status
             for r in sentences:
                 if r.valid:
                     valid = True
@@ -896,7 +1000,9 @@ class FixAssembler:
             self.stats.no_fix += 1
             return None
 
-        positions = [(r.lat, r.lon) for r in (*ggas, *rmcs, *glls) if r.lat is not None and r.lon is not None]
+        positions = [
+            (r.lat, r.lon) for r in (*ggas, *gnss, *rmcs, *glls) if r.lat is not None and r.lon is not None
+        ]
         if not positions:
             self.stats.no_fix += 1
             return None
@@ -912,6 +1018,7 @@ class FixAssembler:
         utc, date_confirmed = self._utc(ep.tod, rmcs, zdas)
 
         gga = ggas[0] if ggas else None
+        gns = gnss[0] if gnss else None
         speed = next((r.speed_knots * KNOT_MPS for r in rmcs if r.speed_knots is not None), None)
         if speed is None:
             speed = next((v.speed_mps for v in vtgs if v.speed_mps is not None), None)
@@ -924,15 +1031,18 @@ class FixAssembler:
             fix_mode = max(fix_types)
         else:
             # No GSA: an altitude from GGA means a 3D solution, otherwise 2D.
-            fix_mode = 3 if gga is not None and gga.altitude is not None else 2
+            alt_known = (gga is not None and gga.altitude is not None) or (gns is not None and gns.altitude is not None)
+            fix_mode = 3 if alt_known else 2
 
         if gsas:
             # One GSA per constellation; the same PRN number can mean different
             # satellites in different systems (4.10 system id tells them apart).
             used = {(g.system_id, p) for g in gsas for p in g.prns}
             sats_used: int | None = len(used)
+        elif gga is not None:
+            sats_used = gga.sats_used
         else:
-            sats_used = gga.sats_used if gga is not None else None
+            sats_used = gns.sats_used if gns is not None else None
 
         sats_in_view = None
         if gsvs:
@@ -944,28 +1054,42 @@ class FixAssembler:
             sats_in_view = sum(per_talker.values())
 
         hdop = gga.hdop if gga is not None and gga.hdop is not None else None
+        if hdop is None and gns is not None:
+            hdop = gns.hdop
         if hdop is None:
             hdop = next((g.hdop for g in gsas if g.hdop is not None), None)
         pdop = next((g.pdop for g in gsas if g.pdop is not None), None)
         vdop = next((g.vdop for g in gsas if g.vdop is not None), None)
 
-        timed_kinds = {r.kind for r in ep.records if isinstance(r, (Gga, Rmc, Gll, Zda))}
+        timed_kinds = {r.kind for r in ep.records if isinstance(r, TIMED_RECORDS)}
+        # A single-sentence receiver has no second sentence to vouch for the time: the
+        # sequence does (this epoch follows the previous fix by at most MAX_EPOCH_STEP_S).
+        prev_fix_tod, self._prev_fix_tod = self._prev_fix_tod, ep.tod
+        time_vouched = len(timed_kinds) >= 2
+        if self.single_sentence and not time_vouched and prev_fix_tod is not None:
+            time_vouched = 0.0 < (ep.tod - prev_fix_tod) % 86400.0 <= MAX_EPOCH_STEP_S
+        altitude = gga.altitude if gga is not None else None
+        if altitude is None and gns is not None:
+            altitude = gns.altitude
+        quality = gga.quality if gga is not None else None
+        if quality is None and gns is not None:
+            quality = next((_GNS_QUALITY[c] for c in gns.mode if c in _GNS_QUALITY), None)
         return Fix(
             tod=ep.tod,
             utc=utc,
             lat=lat,
             lon=lon,
-            altitude=gga.altitude if gga is not None else None,
+            altitude=altitude,
             speed=speed,
             course=course,
-            fix_quality=gga.quality if gga is not None else None,
+            fix_quality=quality,
             fix_mode=fix_mode,
             sats_used=sats_used,
             sats_in_view=sats_in_view,
             hdop=hdop,
             pdop=pdop,
             vdop=vdop,
-            time_confirmed=utc is not None and date_confirmed and len(timed_kinds) >= 2,
+            time_confirmed=utc is not None and date_confirmed and time_vouched,
             sentences=tuple(f"{r.talker}{r.kind}" for r in ep.records),
         )
 

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from buffer.errors import BufferFullError
 from buffer.heldledger import OWED_REASON
@@ -36,7 +36,7 @@ from edge.config import AgentConfig
 from edge.errors import PayloadError, RecoverableError
 from edge.faultpoints import crash_point
 from edge.model import Sample
-from edge.timekeeping import TimeFixSource, TimeKeeper
+from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, TimeFixSource, TimeKeeper
 from uplink.mqtt import Link
 from uplink.wire import content_hash, parse_batch_id
 
@@ -63,6 +63,13 @@ class AgentStats:
     seal_failures: int = 0  # seal() raised; caught in tick so the agent keeps sampling
     heartbeats: int = 0
     read_errors: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class EpochCounted(Protocol):
+    """A GPS driver that counts its receiver's epochs (drivers/gps.py NmeaGpsDriver)."""
+
+    def epoch_health(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -187,7 +194,9 @@ class Agent:
                 continue
             if reading is None:
                 continue
-            stamp = self.timekeeper.stamp()
+            # A driver that knows when its value was measured says so in its meta (a GPS epoch's
+            # arrival, the end of a second of audio); anything else is stamped at its read.
+            stamp = self.timekeeper.stamp(reading.meta.get(MEASURED_MONO), reading.meta.get(MEASURED_UTC))
             values, flags = _finite(reading.values, (*reading.flags, *stamp.flags))
             self._pending.append(
                 Sample(
@@ -411,8 +420,11 @@ class Agent:
             "oldest_unsent_age_s": (now_ms - oldest) / 1000 if oldest and now_ms else None,
             "buffer_bytes": st.file_bytes,
             "sensor_errors": dict(self.stats.read_errors),
+            # Per GPS: epochs, fixes, dropped (no usable fix, or never seen), incomplete ...
+            "gps_epochs": {d.name: d.epoch_health() for d in self.drivers if isinstance(d, EpochCounted)},
             "time_source": str(stamp.source),
             "time_steps": self.timekeeper.steps_seen,  # GPS or system clock steps seen this run
+            "gps_minus_ntp_ms": self.timekeeper.stats.gps_minus_system_ms,  # ~ -receiver latency (docs: Time)
             "disk_free_bytes": _disk_free(self.cfg.device.data_dir),
             "cpu_temp_c": _cpu_temp_c(),
             "taken": self.stats.taken,

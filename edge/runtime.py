@@ -136,6 +136,9 @@ def check_config_data(data: dict[str, Any]) -> list[ConfigError]:
 
 
 def _check_sensor(sc: SensorConfig) -> list[ConfigError]:
+    if sc.driver == "nmea-gps" and not isinstance(sc.options.get("single_sentence", False), bool):
+        return [ConfigError(f"sensors.{sc.name}.single_sentence",
+                            "expected true (one position sentence per epoch: RMC, GGA or GNS only) or false")]  # fmt: skip
     if sc.driver not in FACTORIES:
         return [unknown_driver(sc)]
     return []

@@ -12,7 +12,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 | ``pms5003`` ``pms7003`` ``pmsa003`` | port, baudrate (9600), mode ("passive") |
 | ``sds011`` | port, baudrate (9600), mode ("query") |
 | ``sps30`` | port, baudrate (115200) |
-| ``nmea-gps`` | port, baudrate (9600) |
+| ``nmea-gps`` | port, baudrate (9600), single_sentence (false: the receiver sends RMC, GGA ...; true: one position sentence per epoch) |
 | ``gpsd`` | host ("127.0.0.1"), port (2947) |
 | ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, temp_every_s (10), fsr_v (4.096), data_rate (128) |
 | ``dgs-no2`` | port, baudrate (9600) |
@@ -116,10 +116,26 @@ def _sps30(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
 def _nmea(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.gps import NmeaGpsDriver
 
-    o = _opts(sc, {"baudrate": 9600}, required=("port",))
+    o = _opts(sc, {"baudrate": 9600, "single_sentence": False}, required=("port",))
     # No van measures before the plausible window: an earlier GPS date is a week-number rollover.
+    # A real port is timed by a reader thread (drivers/gps.py); a simulated one emits in
+    # lock-step with the virtual clock the sampling loop moves, so it is timed at the read.
     return NmeaGpsDriver(_serial(sc, ctx, o["port"], o["baudrate"]), sc.name, _monotonic(ctx),
-                         rollover_pivot_utc=MIN_PLAUSIBLE_UTC_MS / 1000)
+                         rollover_pivot_utc=MIN_PLAUSIBLE_UTC_MS / 1000, single_sentence=o["single_sentence"],
+                         reader_thread=not str(o["port"]).startswith("sim"))
+
+
+def explain(sc: SensorConfig) -> list[str]:
+    """What a technician should know about a sensor's settings (``edge config check`` prints it)."""
+    if sc.driver == "nmea-gps" and sc.options.get("single_sentence") is True:
+        return [
+            f"sensors.{sc.name}.single_sentence = true: fixes from a receiver that sends one position "
+            "sentence per epoch (RMC, GGA or GNS only). Positions are not cross-checked by a second "
+            "sentence (flag single_sentence); fields the sentence lacks are unknown (RMC: altitude, "
+            "satellites, HDOP; GGA: date, so no GPS time, flag no_gps_time); the time of day is "
+            "trusted when each epoch follows the previous one."
+        ]
+    return []
 
 
 def _gpsd(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
@@ -198,7 +214,7 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
         source: Any = hw.microphone
     else:
         source = AlsaSource(device=o["device"])
-    return MicrophoneDriver(source, meter, name=sc.name)
+    return MicrophoneDriver(source, meter, name=sc.name, clock=_monotonic(ctx))
 
 
 def _sim_factory(kind: str) -> DriverFactory:

@@ -65,6 +65,20 @@ CLOCK_STEP_FLAG = "clock_step"
 # makes it look early, never late. Of the fixes of the last GPS_FILTER_S seconds the least
 # delayed one counts (NTP's minimum-delay filter), so a stall is not taken for a step.
 GPS_FILTER_S = 10.0
+# Reading.meta keys by which a driver says when its value was measured (see TimeKeeper.stamp):
+# monotonic seconds (of the clock the agent runs on), and the instrument's own UTC seconds.
+MEASURED_MONO = "measured_mono"
+MEASURED_UTC = "measured_utc"
+# A value measured longer ago than this is stamped as if this old (a bound, not a case:
+# drivers hand over their newest measurement within a tick or two).
+MAX_MEASUREMENT_AGE_S = 5.0
+# A measuring instrument's own UTC (a GPS fix's time) places its value when, mapped through
+# the spine, it falls at most this long before the value's arrival (the receiver's output
+# latency, tens of ms, plus one read period where bytes are timed at the read: 1 s at 1 Hz)
+# or this long after it (the spine's own error): well inside a time step, which the spine
+# judges separately.
+UTC_HINT_BEFORE_S = 1.5
+UTC_HINT_AFTER_S = 0.25
 
 
 def plausible_utc_ms(t: int | None) -> bool:
@@ -107,6 +121,9 @@ class TimeStats:
     contested_stamps: int = 0  # samples stamped while nobody could say which time was right
     overlap_stamps: int = 0  # samples flagged because a backward re-base overlapped earlier stamps
     gps_rollovers: int = 0  # GPS time fixes moved forward by 1024 weeks
+    # GPS offset minus the NTP-disciplined system clock's, ms, when both were last there:
+    # about minus the receiver's output latency (GPS time is taken at its bytes' arrival).
+    gps_minus_system_ms: int | None = None
 
 
 GPS, SYSTEM = "gps", "system"
@@ -172,6 +189,8 @@ class TimeKeeper:
         src = self.clock.source()
         if src.trusted:
             refs[SYSTEM] = (self.clock.utc() - mono, src)
+            if GPS in refs:
+                self.stats.gps_minus_system_ms = int(round((refs[GPS][0] - refs[SYSTEM][0]) * 1000))
         return refs
 
     def _judge(self, refs: dict[str, tuple[float, TimeSource]], mono: float) -> None:
@@ -224,36 +243,58 @@ class TimeKeeper:
         self._contested = False
         self.stats.rebases += 1
 
-    def stamp(self) -> Stamp:
-        mono = self.clock.monotonic()
-        mono_ms = int(round(mono * 1000))
-        refs = self._references(mono)
+    def stamp(self, at_mono: float | None = None, at_utc: float | None = None) -> Stamp:
+        """The stamp of a value measured now, or at monotonic ``at_mono`` (seconds, not later than now).
+
+        ``at_mono`` is when the sensor measured (a GPS epoch's first byte off the port, the end
+        of a second of audio); the spine is judged at the current monotonic time as always, and
+        the stamp moves back by the measurement's age, so the no-step-backwards rule and the
+        flags apply as to a value read now. ``at_utc`` is a measuring instrument's own UTC for
+        the value (a GPS fix's time): when it agrees with the spine (``UTC_HINT_BEFORE_S``,
+        ``UTC_HINT_AFTER_S``) it places the value exactly (no output latency), mapped through
+        the spine's offset so it stays consistent with every other stamp of this boot.
+        """
+        mono_now = self.clock.monotonic()
+        refs = self._references(mono_now)
+        if at_mono is None or not at_mono == at_mono:  # None or NaN: measured now
+            mono = mono_now
+        else:
+            mono = min(max(at_mono, mono_now - MAX_MEASUREMENT_AGE_S), mono_now)
         if self._offset is None:
             if not refs:
-                t = int(round(self.clock.utc() * 1000))
-                return Stamp(t if plausible_utc_ms(t) else None, mono_ms, TimeSource.UNSYNC)
+                t = int(round((self.clock.utc() - (mono_now - mono)) * 1000))
+                return Stamp(t if plausible_utc_ms(t) else None, int(round(mono * 1000)), TimeSource.UNSYNC)
             self._offset, self._source = refs[GPS] if GPS in refs else refs[SYSTEM]
         elif refs:
-            self._judge(refs, mono)
-        t = int(round((mono + self._offset) * 1000))
+            self._judge(refs, mono_now)
+        if at_utc is not None and not self._contested:
+            # Measured before it arrived: within the receiver's latency plus a read period
+            # before, and no later than the spine's own error after.
+            measured = at_utc - self._offset
+            if -UTC_HINT_BEFORE_S <= measured - mono <= UTC_HINT_AFTER_S:
+                mono = min(max(measured, mono_now - MAX_MEASUREMENT_AGE_S), mono_now)
+        mono_ms = int(round(mono * 1000))
+        age_ms = int(round(mono_now * 1000)) - mono_ms
+        t = int(round((mono_now + self._offset) * 1000))
         if self._contested:
             # Nobody can say which time is right yet: unsync, re-stamped when it is decided.
             self.stats.contested_stamps += 1
-            return Stamp(t, mono_ms, TimeSource.UNSYNC, (CLOCK_STEP_FLAG,))
+            return Stamp(t - age_ms, mono_ms, TimeSource.UNSYNC, (CLOCK_STEP_FLAG,))
         # No reference right now (GPS lost, no NTP): holdover on the last offset one gave,
         # as the stale-clock correction does.
         source = self._source if refs else TimeSource.CORRECTED
         flags: tuple[str, ...] = ()
         if self._overlap_until_ms is not None:
-            if t <= self._overlap_until_ms:
+            if t - age_ms <= self._overlap_until_ms:
                 flags = (CLOCK_STEP_FLAG,)
                 self.stats.overlap_stamps += 1
-            else:
-                self._overlap_until_ms = None
-        elif self._last_ms is not None and t < self._last_ms:
+            elif t - MAX_MEASUREMENT_AGE_S * 1000 > self._overlap_until_ms:
+                self._overlap_until_ms = None  # no later value can be measured inside the overlap
+        if not flags and self._last_ms is not None and t < self._last_ms:
             t = self._last_ms  # a step within the tolerance: slew, never go backwards
+        # The rules above run on the time of the read (t); the value keeps its own age.
         self._last_ms = t if self._last_ms is None else max(t, self._last_ms)
-        return Stamp(t, mono_ms, source, flags)
+        return Stamp(t - age_ms, mono_ms, source, flags)
 
     def correction_offset_ms(self) -> int | None:
         """utc - monotonic in ms from a trusted source of this boot, or None (also while contested)."""

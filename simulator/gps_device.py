@@ -6,7 +6,8 @@ Two layers:
   GGA, GSA, GSV) for a receiver state, with correct checksums. Tests and the
   benchmark use it without any pty.
 * ``FakeGpsReceiver`` runs a receiver along ``position(t)`` on an injected
-  clock: once per whole second of that clock (background thread) or on demand
+  clock: once per whole second of that clock, ``output_delay_s`` late
+  (background thread), or on demand
   (``emit()``), it writes an epoch to the master side of ``os.openpty()``; the
   driver opens the slave side (``port_name``) with ``serial.serial_for_url``.
 
@@ -24,6 +25,7 @@ Receiver behaviour modelled after u-blox parts:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import math
@@ -70,6 +72,9 @@ class ReceiverState:
     pdop: float = 1.61
     vdop: float = 1.32
     nmea_410: bool = True  # RMC navigation status, GSV signal id, GSA system id
+    # A receiver set up to send one position sentence per epoch: "RMC", "GGA" or "GNS"
+    # (Meinberg, Hemisphere ...); None = the u-blox set.
+    only: str | None = None
 
 
 def _lat(v: float) -> tuple[str, str]:
@@ -91,7 +96,12 @@ def _lon(v: float) -> tuple[str, str]:
 
 
 def nmea_epoch(state: ReceiverState) -> list[bytes]:
-    """The sentences of one epoch, in u-blox order: RMC, VTG, GGA, GSA, GSV..."""
+    """The sentences of one epoch, in u-blox order: RMC, VTG, GGA, GSA, GSV...
+
+    With ``state.only`` the epoch is that one sentence (RMC, GGA or GNS).
+    """
+    if state.only is not None:
+        return [_only(state)]
     t = state.utc
     hms = f"{t.hour:02d}{t.minute:02d}{t.second:02d}.{t.microsecond // 10000:02d}"
     dmy = f"{t.day:02d}{t.month:02d}{t.year % 100:02d}"
@@ -125,6 +135,27 @@ def nmea_epoch(state: ReceiverState) -> list[bytes]:
     out.append(sentence(gsa))
     out.extend(_gsv(state))
     return out
+
+
+def _only(state: ReceiverState) -> bytes:
+    """The single position sentence of a one-sentence receiver."""
+    full = nmea_epoch(dataclasses.replace(state, only=None))
+    tk = state.talker
+    if state.only in ("RMC", "GGA"):
+        return next(s for s in full if s[3:6].decode() == state.only)
+    if state.only != "GNS":
+        raise ValueError(f"only: RMC, GGA or GNS, not {state.only!r}")
+    t = state.utc
+    hms = f"{t.hour:02d}{t.minute:02d}{t.second:02d}.{t.microsecond // 10000:02d}"
+    # One mode character per constellation (GPS, GLONASS): autonomous, or no fix.
+    if state.fix is None:
+        body = f"{tk}GNS,{hms},,,,,NN,00,99.99,,,,"
+    else:
+        la, ns = _lat(state.fix[0])
+        lo, ew = _lon(state.fix[1])
+        body = (f"{tk}GNS,{hms},{la},{ns},{lo},{ew},AA,{state.sats_used:02d},{state.hdop:.2f},"
+                f"{state.altitude:.1f},{state.geoid_sep:.1f},,")
+    return sentence(body + (",V" if state.nmea_410 else ""))
 
 
 def _prns(talker: str, n: int) -> list[int]:
@@ -176,6 +207,8 @@ class FakeGpsReceiver:
         sats_used: int = 9,
         sats_in_view: int = 12,
         poll_interval: float = 0.005,
+        output_delay_s: float = 0.0,
+        only: str | None = None,
     ) -> None:
         if not 0.0 <= corrupt_prob <= 1.0:
             raise ValueError("corrupt_prob must be within [0, 1]")
@@ -189,6 +222,10 @@ class FakeGpsReceiver:
         self.sats_used = sats_used
         self.sats_in_view = sats_in_view
         self.poll_interval = poll_interval
+        # A real receiver starts sending an epoch some tens of ms after the second it is for
+        # (the solution is computed first): the background thread sends that much late.
+        self.output_delay_s = output_delay_s
+        self.only = only
         self._rng = random.Random(seed)
         self._power_on: float | None = None
         self._has_fixed = False
@@ -225,6 +262,7 @@ class FakeGpsReceiver:
             sats_used=self.sats_used if fix is not None else 0,
             sats_in_view=self.sats_in_view if fix is not None else min(self.sats_in_view, 3),
             nmea_410=self.nmea_410,
+            only=self.only,
         )
 
     def lines_at(self, t: float) -> list[bytes]:
@@ -325,7 +363,7 @@ class FakeGpsReceiver:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            sec = math.floor(self.clock())
+            sec = math.floor(self.clock() - self.output_delay_s)
             if sec != self._last_sec:
                 self._last_sec = sec
                 try:

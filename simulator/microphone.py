@@ -106,7 +106,9 @@ class SimulatedMicrophone:
     """Block source of traffic-like noise whose A-weighted level follows ``level_db_fn(t)``.
 
     ``t`` is seconds of audio since start.  ``duration_s`` ends the stream (``read_block``
-    then returns None); ``realtime`` paces blocks at the wall clock like real hardware.
+    then returns None); ``realtime`` paces blocks at the wall clock like real hardware: each
+    is returned when its last sample would have been captured, ``wall_start`` (the real
+    monotonic time of the first call) plus its end in the stream.
     """
 
     def __init__(
@@ -186,7 +188,7 @@ class SimulatedMicrophone:
             if n <= 0:
                 return None
         if self.realtime:
-            self._pace()
+            self._pace(n)
         fs = self.sample_rate
         t0 = self._emitted / fs
         t = t0 + np.arange(n) / fs
@@ -219,13 +221,20 @@ class SimulatedMicrophone:
         self._emitted += n
         return np.clip(x, -1.0, 1.0).astype(np.float32)
 
-    def _pace(self) -> None:
+    def _pace(self, n: int) -> None:
+        # Like a capture device, a block is handed out once its last sample is in: sample i of
+        # the stream was heard at wall_start + i / sample_rate.
         now = time.monotonic()
         if self._wall_start is None:
             self._wall_start = now
-        due = self._wall_start + self._emitted / self.sample_rate
+        due = self._wall_start + (self._emitted + n) / self.sample_rate
         if due > now:
             time.sleep(due - now)
+
+    @property
+    def started_at(self) -> float | None:
+        """With ``realtime``: the monotonic time sample 0 was heard (the first ``read_block``)."""
+        return self._wall_start
 
     def close(self) -> None:
         """Nothing to release; present for symmetry with real sources."""

@@ -223,6 +223,7 @@ def test_driver_writes_no_files_and_readings_hold_only_levels(
     assert writes == []
     assert os.listdir(tmp_path) == []
     assert reading is not None and reading.sensor == "noise"
+    assert type(reading.meta.pop("measured_mono")) is float  # when its second ended: a scalar, no audio
     allowed = {"laeq", "lamax", "lamin", "la10", "la50", "la90", "laeq_1min"}
     assert set(reading.values) <= allowed and {"laeq", "lamax", "lamin"} <= set(reading.values)
     for value in reading.values.values():

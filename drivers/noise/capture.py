@@ -5,6 +5,14 @@ blocks from a :class:`BlockSource`, feeds them to a :class:`~.levels.LevelMeter`
 them; ``read()`` only picks up the newest per-second levels (and, once a minute, the
 minute statistics), so the agent's 1 Hz loop never waits on audio.
 
+Each second's levels are stamped at the end of that second of audio (issue 15, 1), not when
+``read()`` happens to pick them up (0-1 s later): the capture thread times every block as it
+arrives (a blocking source returns a block when its last sample is in) and keeps the least
+delayed of the recent blocks as the stream's anchor, the monotonic time of its sample 0
+(NTP's minimum-delay idea: a late wake-up only ever makes a block look later). Second k
+ends ``k + 1`` seconds after the anchor. A gap in the blocks (nothing available, an overrun)
+starts a new anchor, as samples may have been lost.
+
 Audio never leaves memory: no block is stored beyond the call that processes it, written to
 disk, logged, or put into a Reading.
 
@@ -20,6 +28,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -27,6 +37,7 @@ from numpy.typing import NDArray
 
 from drivers.base import Reading
 from edge.errors import DeviceNotFound, FatalError, ReadError, RecoverableError
+from edge.timekeeping import MEASURED_MONO
 
 from .levels import LevelMeter, MinuteLevels, SecondLevels
 
@@ -65,8 +76,13 @@ class MicrophoneDriver:
         *,
         start: bool = True,
         idle_sleep_s: float = 0.01,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self._clock = clock
+        # Monotonic time of the meter's sample 0, from the least delayed of the recent blocks.
+        self._anchors: deque[float] = deque(maxlen=ANCHOR_BLOCKS)
+        self._anchor: float | None = None
         self.source = source
         self.meter = meter
         self._idle_sleep_s = idle_sleep_s
@@ -125,6 +141,8 @@ class MicrophoneDriver:
                 laeq_1min=round(minute.laeq, 2),
             )
             meta["minute"] = minute.index
+        if self._anchor is not None:
+            meta[MEASURED_MONO] = self._anchor + latest.index + 1  # the end of its second of audio
         return Reading(sensor="noise", values=values, flags=tuple(flags), meta=meta)
 
     def _capture_losses(self) -> int:
@@ -165,6 +183,7 @@ class MicrophoneDriver:
             try:
                 block = self.source.read_block()
             except RecoverableError as exc:
+                self._anchors.clear()  # samples may be lost: the stream needs a new anchor
                 self.source_errors += 1
                 log.warning("%s: source error (continuing): %s", self.name, exc)
                 continue
@@ -174,9 +193,13 @@ class MicrophoneDriver:
                 log.error("%s: capture thread stopped: %r", self.name, exc)
                 return
             if block is None:
+                self._anchors.clear()
                 self._stop.wait(self._idle_sleep_s)
                 continue
+            arrived = self._clock()
             records = self.meter.process(block)
+            self._anchors.append(arrived - self.meter.samples_processed / self.meter.config.sample_rate)
+            self._anchor = min(self._anchors)
             del block  # audio is dropped here; only levels survive
             if records:
                 self._publish(records)
@@ -188,6 +211,11 @@ class MicrophoneDriver:
                     self._latest = rec
                 elif isinstance(rec, MinuteLevels):
                     self._pending_minute = rec
+
+
+# Blocks over which the least delayed arrival anchors the stream (2 s of ALSA periods): long
+# enough to ride out a busy moment, short enough that the audio clock's drift does not matter.
+ANCHOR_BLOCKS = 20
 
 
 class AlsaSource:
