@@ -45,7 +45,7 @@ class BlockSource(Protocol):
 
 
 class MicrophoneDriver:
-    """SensorDriver for the noise channel: ``Reading(sensor="noise", values={laeq, ...})``.
+    """SensorDriver for the noise channel: ``Reading(sensor=<section name>, values={laeq, ...})``.
 
     ``values`` always holds ``laeq``, ``lamax``, ``lamin`` (LAeq,1s, LAFmax, LAFmin of the
     newest complete second) and, on the first read after a minute completes, ``la10``,
@@ -125,7 +125,7 @@ class MicrophoneDriver:
                 laeq_1min=round(minute.laeq, 2),
             )
             meta["minute"] = minute.index
-        return Reading(sensor="noise", values=values, flags=tuple(flags), meta=meta)
+        return Reading(sensor=self.name, values=values, flags=tuple(flags), meta=meta)
 
     def _capture_losses(self) -> int:
         return int(getattr(self.source, "overruns", 0) or 0) + self.source_errors
