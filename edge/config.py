@@ -267,11 +267,17 @@ def _validate(cfg: AgentConfig) -> None:
     if len(set(names)) != len(names):
         raise ConfigError("sensors", "sensor names must be unique")
     for sc in cfg.sensors:
-        check_sensor_name(sc)
+        check_sensor_table(sc)
 
 
-def check_sensor_name(sc: SensorConfig) -> None:
-    """A [sensors.NAME] the receiver accepts, and that does not hide the values under a reserved name."""
+def check_sensor_table(sc: SensorConfig) -> None:
+    """A [sensors.NAME] the receiver accepts, that does not hide the values under a reserved name,
+    and whose ``serial`` (the key calibration records are found by) is text."""
+    serial = sc.options.get("serial")
+    if serial is not None and not isinstance(serial, str):
+        # TOML `serial = 0` is an integer: it would lose leading zeros, and 0 was taken as "none".
+        raise ConfigError(f"sensors.{sc.name}.serial",
+                          f"a serial is text: write it in quotes, serial = \"{serial}\"")
     key = f"sensors.{sc.name}"
     if not sc.name or len(sc.name) > MAX_NAME_CHARS:
         raise ConfigError(key, f"a sensor name has 1 to {MAX_NAME_CHARS} characters (the receiver refuses longer ones)")
