@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from edge.errors import ConfigError
 from edge.runtime import check_config_data
 from edge.technician import technician_group
 from simulator.i2c_devices import FakeSoundModule
+from tests.test_service import notify_socket  # noqa: F401  (fixture: a fake systemd socket)
 from uplink.wire import decode_batch
 
 DEVICE = "van-017"
@@ -173,3 +175,21 @@ def test_two_microphones_the_serial_alone_finds_the_sensor(tmp_path: Path) -> No
     assert res.exit_code != 0 and "--sensor" in res.output
     with CalibrationStore.for_data_dir(data) as s:
         assert len(s.history()) == 1
+
+
+def test_the_heartbeat_shows_a_damaged_calibration_file(tmp_path: Path, notify_socket) -> None:
+    from tests.test_service import _runtime
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "calibration.sqlite").write_bytes(b"this is not a database" * 200)
+    rt = _runtime(tmp_path, notify_socket.path)  # builds without raising: the van runs
+    try:
+        for _ in range(3):
+            time.sleep(0.06)  # the simulated clock runs 20x: a new PM reading each time
+            rt.agent.sample()
+        cal = rt.agent.status()["calibration"]
+        assert cal["available"] is False and "not a database" in cal["problem"]
+        assert cal["uncalibrated_readings"].get("pm", 0) >= 1, cal
+        assert all("cal_unavailable" in s.flags for s in rt.agent._pending if s.sensor == "pm")
+    finally:
+        rt.close()
