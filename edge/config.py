@@ -21,9 +21,10 @@ from edge.errors import ConfigError
 from uplink.wire import MAX_NAME_CHARS
 
 # Section names with a meaning of their own at the receiver (receiver/validate.py, store.py,
-# aggregate.py NOT_MEASUREMENTS): the track is built from the samples of sensor "gps", and
-# calibration records travel as samples of sensor "calibration" (edge/calibration.py
-# CALIBRATION_SENSOR). Another driver's values under these names would never reach a map.
+# aggregate.py NOT_MEASUREMENTS): the track is built from the samples of sensor "gps" (the
+# position drivers label theirs "gps" whatever their section), and calibration records travel
+# as samples of sensor "calibration" (edge/calibration.py CALIBRATION_SENSOR). Another
+# driver's values under these names would never reach a map.
 GPS_SECTION = "gps"
 GPS_DRIVERS = ("nmea-gps", "gpsd", "sim-gps")
 CALIBRATION_SECTION = "calibration"
@@ -288,8 +289,6 @@ def check_sensor_table(sc: SensorConfig) -> None:
     if sc.name == GPS_SECTION and sc.driver not in GPS_DRIVERS:
         raise ConfigError(key, f"'gps' is reserved for a position driver ({', '.join(GPS_DRIVERS)}): "
                                f"name the {sc.driver!r} section otherwise")
-    if sc.driver in GPS_DRIVERS and sc.name != GPS_SECTION:
-        raise ConfigError(key, f"a position driver goes in [sensors.gps]: the receiver builds the track from it")
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:

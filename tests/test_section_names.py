@@ -32,7 +32,9 @@ from edge.runtime import check_config_data
 from receiver.aggregate import NOT_MEASUREMENTS
 from receiver.store import quality_rows
 from receiver.validate import check_batch
+from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_dgs_no2 import open_driver  # noqa: F401  (fixture: a DGS simulator on a pty)
+from tests.test_store_contract import make  # noqa: F401  (fixture: SQLite and PostgreSQL stores)
 from simulator.i2c_devices import FakeSoundModule
 from uplink.wire import MAX_NAME_CHARS, Batch
 
@@ -55,12 +57,11 @@ def test_pm_under_a_reserved_name_is_refused_with_the_key(name: str) -> None:
     assert "reserved" in errors[0].problem
 
 
-def test_gps_only_in_its_own_section() -> None:
-    assert parse_config({"sensors": {"gps": {"driver": "nmea-gps", "port": "/dev/ttyACM0"}}}).sensors
-    with pytest.raises(ConfigError) as exc:
-        parse_config({"sensors": {"position": {"driver": "nmea-gps", "port": "/dev/ttyACM0"}}})
-    assert exc.value.key == "sensors.position" and "[sensors.gps]" in exc.value.problem
-    with pytest.raises(ConfigError):  # not even the calibration name for a GPS
+def test_a_position_driver_may_use_gps_or_any_free_name() -> None:
+    # Position drivers label their samples "gps" whatever the section: the track is built either way.
+    for name in ("gps", "position"):
+        assert parse_config({"sensors": {name: {"driver": "nmea-gps", "port": "/dev/ttyACM0"}}}).sensors
+    with pytest.raises(ConfigError):  # not the calibration name, though
         parse_config({"sensors": {"calibration": {"driver": "gpsd"}}})
 
 
@@ -138,3 +139,28 @@ def test_a_stuck_sound_module_beside_a_microphone_is_found() -> None:
     # Every second of the stuck module from the run's threshold on is flagged, none of the microphone's.
     assert stuck and {seq for seq, q in stuck if q == "laeq"} <= module_seqs
     assert len([1 for seq, q in stuck if q == "laeq"]) >= 30
+
+
+def test_the_receiver_recomputes_no2_under_any_section_name(make, tmp_path: Path) -> None:
+    """A corrected NO2 record reaches samples labelled with a free section name (found by no2_we_mv)."""
+    import dataclasses
+    import math
+
+    from receiver.ingest import Ingestor
+    from tests.test_best_value import T0, _confirmed, _correct, _day, _observed, _ppb, _records, _upload
+    from tests.test_best_value import LATER, RECEIVED
+
+    s = make()
+    ing = Ingestor(s)
+    v1 = _confirmed(tmp_path, "van-a")
+    day = _day("van-a", v1)
+    renamed = [dataclasses.replace(x, sensor="nox-front") if x.sensor == "no2" else x for x in day.samples]
+    assert sum(x.sensor == "nox-front" for x in renamed) > 50
+    _upload(ing, dataclasses.replace(day, samples=renamed), RECEIVED)
+    _, v2 = _correct(tmp_path, "van-a", T0 + 19.5, slope=0.8, intercept_ppb=-3.0)
+    _upload(ing, _records("van-a", 200, v2), LATER)
+    got = _observed(s, "van-a")
+    late = {i: v for i, v in got.items() if i >= 20}
+    assert len(late) > 30
+    for i, (v, cal) in late.items():
+        assert cal == v2.id and math.isclose(v, _ppb(v2, i), rel_tol=1e-9), (i, v, cal)
