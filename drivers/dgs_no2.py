@@ -368,7 +368,7 @@ class DgsNo2:
     def _reading(self, line: DgsLine) -> Reading:
         assert self.info is not None
         return Reading(
-            sensor="no2",
+            sensor=self.name,  # the section name: products select NO2 by its keys
             values={"no2_ppb": line.ppb, "no2_temp_c": line.temp_c, "no2_rh_pct": line.rh_pct},
             flags=("warming_up",) if self.warming_up else (),
             meta={

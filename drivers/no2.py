@@ -186,7 +186,7 @@ class LinearTemperature:
 
 
 class No2B43F:
-    """``SensorDriver`` for one NO2-B43F: Reading(sensor="no2", values={no2_ppb, no2_we_mv, ...}).
+    """``SensorDriver`` for one NO2-B43F: Reading(sensor=<section name>, values={no2_ppb, no2_we_mv, ...}).
 
     Temperature comes either from the ISB's own sensor on ``temp_channel``
     (converted by ``temp_from_mv``) or from ``temp_source`` (e.g. the van's
@@ -272,7 +272,7 @@ class No2B43F:
             if not TABLE_TEMPS_C[0] <= temp_c <= TABLE_TEMPS_C[-1]:
                 flags = ("temp_outside_correction_table",)
         return Reading(
-            sensor="no2",
+            sensor=self.name,  # the section name: products select NO2 by its keys
             values={"no2_ppb": ppb, "no2_we_mv": we_mv, "no2_ae_mv": ae_mv, "no2_temp_c": temp_c},
             flags=flags,
             meta={

@@ -71,7 +71,7 @@ def averaging_bytes(ms: int) -> tuple[int, int]:
 
 
 class SoundLevelModule:
-    """``SensorDriver`` for the module: Reading(sensor="noise", values={laeq, lamin, lamax}).
+    """``SensorDriver`` for the module: Reading(sensor=<section name>, values={laeq, lamin, lamax}).
 
     The keys follow the configured weighting: ``lceq lcmin lcmax`` for C, ``lzeq lzmin
     lzmax`` for Z (see :func:`level_keys`).
@@ -170,7 +170,8 @@ class SoundLevelModule:
             "averaging_ms": self.averaging_ms,
             "bus_retries": self.stats.retries,
         }
-        return Reading(sensor="noise", values=values, meta=meta)
+        # Labelled by its section, like every driver: two sound sensors on one van are two series.
+        return Reading(sensor=self.name, values=values, meta=meta)
 
     def close(self) -> None:
         """The module keeps measuring on its own; nothing to release on our side."""

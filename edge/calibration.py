@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -34,11 +35,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from drivers.base import Reading
 from drivers.no2 import ALGORITHMS, No2Calibration, no2_ppb
 from edge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("no2", "pm", "noise")
 METHODS = ("sheet", "zero", "span", "colocation", "acoustic", "humidity")
@@ -51,6 +54,15 @@ FILE_NAME = "calibration.sqlite"
 
 class CalibrationError(Exception):
     """A calibration step that cannot go ahead; nothing was changed."""
+
+
+class CalibrationUnavailable(Exception):
+    """The record a sensor needs cannot be read (damaged file or row): its values go out
+    uncalibrated, flagged ``cal_unavailable``; the van keeps measuring."""
+
+
+class DamagedRecord(CalibrationUnavailable):
+    """A stored record row that is no record (damaged JSON): warned about and counted."""
 
 
 def record_id(kind: str, serial: str, version: int) -> str:
@@ -138,6 +150,16 @@ CREATE TABLE IF NOT EXISTS calibrations (
 """
 
 
+class RecordSource(Protocol):
+    """What the agent's calibrated drivers and the announcer read: a CalibrationStore, or the
+    agent's GuardedStore (edge/calibration_guard.py) that survives a damaged file."""
+
+    def generation(self) -> int: ...
+    def active(self, kind: str, serial: str, at: float | None = None) -> CalibrationRecord | None: ...
+    def all_active(self) -> list[CalibrationRecord]: ...
+    def history(self, kind: str | None = None, serial: str | None = None) -> list[CalibrationRecord]: ...
+
+
 class CalibrationStore:
     """Calibration records on SQLite. Every change is one transaction (all or nothing)."""
 
@@ -145,10 +167,19 @@ class CalibrationStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock  # anything with utc(); None = time.time
+        self.damaged: set[str] = set()  # ids of record rows that could not be read (warned once each)
+        if not self.path.exists():
+            # A first start, or the file was lost (records from before are gone): never silent.
+            log.warning("calibration store %s did not exist: created empty (a first start, or its records "
+                        "were lost)", self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # rare writes, each one precious
-        self._db.executescript(_SCHEMA)
+        try:  # a file that is no database fails here ("file is not a database")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # rare writes, each one precious
+            self._db.executescript(_SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
 
     @classmethod
     def for_data_dir(cls, data_dir: str | Path, **kw: Any) -> CalibrationStore:
@@ -168,40 +199,62 @@ class CalibrationStore:
 
     # -- reads ----------------------------------------------------------------------
 
+    def _parse(self, rid: str, text: str) -> CalibrationRecord:
+        try:
+            return CalibrationRecord.from_json(text)
+        except ValueError as exc:  # json.JSONDecodeError too
+            if rid not in self.damaged:
+                self.damaged.add(rid)
+                log.warning("calibration record %s in %s is damaged (%s): its sensor goes uncalibrated, "
+                            "flagged cal_unavailable", rid, self.path, exc)
+            raise DamagedRecord(f"calibration record {rid} is damaged: {exc}") from exc
+
+    def _records(self, rows: list[Any]) -> list[CalibrationRecord]:
+        """Records of (id, record) rows; a damaged row is left out (warned and counted by _parse)."""
+        out = []
+        for rid, text in rows:
+            try:
+                out.append(self._parse(rid, text))
+            except DamagedRecord:
+                continue
+        return out
+
     def get(self, rid: str) -> CalibrationRecord | None:
-        row = self._db.execute("SELECT record FROM calibrations WHERE id=?", (rid,)).fetchone()
-        return CalibrationRecord.from_json(row[0]) if row else None
+        row = self._db.execute("SELECT id, record FROM calibrations WHERE id=?", (rid,)).fetchone()
+        return self._parse(*row) if row else None
 
     def history(self, kind: str | None = None, serial: str | None = None) -> list[CalibrationRecord]:
         """All records, oldest first (by serial, then version)."""
-        q, args = "SELECT record FROM calibrations WHERE 1=1", []
+        q, args = "SELECT id, record FROM calibrations WHERE 1=1", []
         if kind:
             q, args = q + " AND kind=?", [*args, kind]
         if serial:
             q, args = q + " AND serial=?", [*args, serial]
         rows = self._db.execute(q + " ORDER BY kind, serial, version", args).fetchall()
-        return [CalibrationRecord.from_json(r[0]) for r in rows]
+        return self._records(rows)
 
     def active(self, kind: str, serial: str, at: float | None = None) -> CalibrationRecord | None:
-        """The record in effect for (kind, serial) now, or at UTC ``at``."""
+        """The record in effect for (kind, serial) now, or at UTC ``at``.
+
+        Raises DamagedRecord if that record's row cannot be read (never a silent fallback)."""
         if at is None:
             row = self._db.execute(
-                "SELECT record FROM calibrations WHERE kind=? AND serial=? AND status=?",
+                "SELECT id, record FROM calibrations WHERE kind=? AND serial=? AND status=?",
                 (kind, serial, ACTIVE),
             ).fetchone()
-            return CalibrationRecord.from_json(row[0]) if row else None
+            return self._parse(*row) if row else None
         rows = self._db.execute(
-            "SELECT record FROM calibrations WHERE kind=? AND serial=? AND status!=? AND valid_from<=?"
+            "SELECT id, record FROM calibrations WHERE kind=? AND serial=? AND status!=? AND valid_from<=?"
             " AND (valid_to IS NULL OR valid_to>?) ORDER BY version DESC",
             (kind, serial, PENDING, at, at),
         ).fetchall()
-        return CalibrationRecord.from_json(rows[0][0]) if rows else None
+        return self._parse(*rows[0]) if rows else None
 
     def all_active(self) -> list[CalibrationRecord]:
         rows = self._db.execute(
-            "SELECT record FROM calibrations WHERE status=? ORDER BY kind, serial", (ACTIVE,)
+            "SELECT id, record FROM calibrations WHERE status=? ORDER BY kind, serial", (ACTIVE,)
         ).fetchall()
-        return [CalibrationRecord.from_json(r[0]) for r in rows]
+        return self._records(rows)
 
     def generation(self) -> int:
         """Grows by one with every confirmation: cheap polling for 'did anything change?'."""
@@ -491,15 +544,19 @@ class CalibratedDriver:
     confirmation by the technician's tool takes effect in the running agent.
     """
 
-    def __init__(self, driver: Any, store: CalibrationStore, sc: SensorCalibration, *, poll_every: int = 10) -> None:
+    def __init__(self, driver: Any, store: RecordSource, sc: SensorCalibration, *, poll_every: int = 10) -> None:
         self.driver = driver
         self.name = driver.name
         self.store = store
         self.sc = sc
         self.poll_every = poll_every
         self._reads = 0
-        self._gen = -1
+        self._gen: int | None = None
         self.record: CalibrationRecord | None = None
+        # Why the record cannot be read (damaged file or row), else None: the readings then go
+        # out uncalibrated and flagged, counted in ``unavailable_readings``.
+        self.unavailable: str | None = None
+        self.unavailable_readings = 0
 
     def __getattr__(self, item: str) -> Any:  # everything else is the driver's
         return getattr(self.driver, item)
@@ -508,14 +565,22 @@ class CalibratedDriver:
         gen = self.store.generation()
         if gen != self._gen:
             self._gen = gen
-            self.record = self.store.active(self.sc.kind, self.sc.serial)
+            try:
+                self.record, self.unavailable = self.store.active(self.sc.kind, self.sc.serial), None
+            except CalibrationUnavailable as exc:  # warned (once) by the store
+                self.record, self.unavailable = None, str(exc)
 
     def read(self) -> Reading | None:
         if self._reads % self.poll_every == 0:
             self.refresh()
         self._reads += 1
         r = self.driver.read()
-        if r is None or self.record is None:
+        if r is None:
+            return r
+        if self.unavailable is not None:
+            self.unavailable_readings += 1
+            return replace(r, flags=(*r.flags, "cal_unavailable"))
+        if self.record is None:
             return r
         return apply_record(r, self.record, self.sc)
 
@@ -571,7 +636,7 @@ def noise_serial(cfg: Any, sc: Any) -> str:
     return str(sc.options.get("serial") or f"{cfg.device.id}/{sc.name}")
 
 
-def attach_calibrations(drivers: list[Any], cfg: Any, store: CalibrationStore) -> list[Any]:
+def attach_calibrations(drivers: list[Any], cfg: Any, store: RecordSource) -> list[Any]:
     """The agent's drivers with calibrated ones wrapped (GPS and the rest untouched)."""
     cals = sensor_calibrations(cfg)
     return [CalibratedDriver(d, store, cals[d.name]) if d.name in cals else d for d in drivers]
@@ -630,7 +695,7 @@ class CalibrationAnnouncer:
 
     name = CALIBRATION_SENSOR
 
-    def __init__(self, store: CalibrationStore, *, poll_every: int = 10) -> None:
+    def __init__(self, store: RecordSource, *, poll_every: int = 10) -> None:
         self.store = store
         self.poll_every = poll_every
         self._reads = 0

@@ -16,6 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
+# The receiver refuses a sensor name longer than this (receiver/validate.py check_name, which
+# also refuses non-printable characters): the whole batch, GPS and all, would be lost.
+from uplink.wire import MAX_NAME_CHARS
+
+# Section names with a meaning of their own at the receiver (receiver/validate.py, store.py,
+# aggregate.py NOT_MEASUREMENTS): the track is built from the samples of sensor "gps" (the
+# position drivers label theirs "gps" whatever their section), and calibration records travel
+# as samples of sensor "calibration" (edge/calibration.py CALIBRATION_SENSOR). Another
+# driver's values under these names would never reach a map.
+GPS_SECTION = "gps"
+GPS_DRIVERS = ("nmea-gps", "gpsd", "sim-gps")
+CALIBRATION_SECTION = "calibration"
 
 # Used with fullmatch: "$" alone would also accept a trailing newline.
 DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -255,6 +267,28 @@ def _validate(cfg: AgentConfig) -> None:
     names = [s.name for s in cfg.sensors]
     if len(set(names)) != len(names):
         raise ConfigError("sensors", "sensor names must be unique")
+    for sc in cfg.sensors:
+        check_sensor_table(sc)
+
+
+def check_sensor_table(sc: SensorConfig) -> None:
+    """A [sensors.NAME] the receiver accepts, that does not hide the values under a reserved name,
+    and whose ``serial`` (the key calibration records are found by) is text."""
+    serial = sc.options.get("serial")
+    if serial is not None and not isinstance(serial, str):
+        # TOML `serial = 0` is an integer: it would lose leading zeros, and 0 was taken as "none".
+        raise ConfigError(f"sensors.{sc.name}.serial",
+                          f"a serial is text: write it in quotes, serial = \"{serial}\"")
+    key = f"sensors.{sc.name}"
+    if not sc.name or len(sc.name) > MAX_NAME_CHARS:
+        raise ConfigError(key, f"a sensor name has 1 to {MAX_NAME_CHARS} characters (the receiver refuses longer ones)")
+    if not sc.name.isprintable():
+        raise ConfigError(f"sensors.{sc.name!r}", "a sensor name cannot hold tabs, newlines or other control characters")
+    if sc.name == CALIBRATION_SECTION:
+        raise ConfigError(key, "'calibration' is reserved for calibration records: choose another name")
+    if sc.name == GPS_SECTION and sc.driver not in GPS_DRIVERS:
+        raise ConfigError(key, f"'gps' is reserved for a position driver ({', '.join(GPS_DRIVERS)}): "
+                               f"name the {sc.driver!r} section otherwise")
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:

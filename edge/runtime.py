@@ -30,7 +30,6 @@ from edge.agent import Agent
 from edge.clock import Clock, SimClock, SystemClock
 from edge.calibration import (
     CalibrationAnnouncer,
-    CalibrationStore,
     attach_calibrations,
     record_from_config,
 )
@@ -48,6 +47,7 @@ from edge.power import (
     parse_service_sections,
     speed_from,
 )
+from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
 from edge.sensors import FACTORIES, build_drivers, unknown_driver
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
@@ -216,14 +216,16 @@ def build_agent(cfg: AgentConfig) -> tuple[Agent, float | None]:
     return agent, until
 
 
-def _calibrations(cfg: AgentConfig, clock: Clock) -> tuple[CalibrationStore, CalibrationAnnouncer]:
+def _calibrations(cfg: AgentConfig, clock: Clock) -> tuple[GuardedStore, CalibrationAnnouncer]:
     """The van's calibration records, and the pseudo-sensor that uploads them.
 
     Configured NO2 sheets are recorded once, so every derived value carries the id of
     the calibration that produced it (its provenance), whatever the technician does later.
+    A damaged file does not stop the van (edge/calibration_guard.py): sensors run
+    uncalibrated and flagged until it is readable again.
     """
-    store = CalibrationStore.for_data_dir(cfg.device.data_dir, clock=clock)
-    record_from_config(cfg, store)
+    store = GuardedStore.for_data_dir(cfg.device.data_dir, clock=clock,
+                                      on_open=lambda s: record_from_config(cfg, s))
     return store, CalibrationAnnouncer(store)
 
 
@@ -355,6 +357,9 @@ class Runtime:
             # A remote change not yet confirmed healthy (it may still roll back by itself).
             "config_probation": self.watch.pending.request_id if self.watch.pending else None,
             "health": "ok" if ok else reason,
+            # A damaged calibration file: sensors run uncalibrated (readings flagged cal_unavailable).
+            "calibration": {**self.cal_store.health(), "uncalibrated_readings": {
+                d.name: n for d in self.agent.drivers if (n := getattr(d, "unavailable_readings", 0))}},
         }
 
     def default_self_test(self) -> dict[str, str]:

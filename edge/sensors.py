@@ -253,7 +253,8 @@ def unknown_driver(sc: SensorConfig) -> ConfigError:
     """The error for a driver we do not know, with a near miss and what each known one measures."""
     import difflib
 
-    near = difflib.get_close_matches(str(sc.driver), list(FACTORIES), n=1)
+    # Driver names are lower case; people write the part number as printed (SPS30, PMS5003).
+    near = difflib.get_close_matches(str(sc.driver).strip().lower(), list(FACTORIES), n=1)
     hint = f"did you mean {near[0]!r}? " if near else ""
     kinds = "; ".join(f"{', '.join(ds)}: {what}" for what, ds in MEASURES.items())
     return ConfigError(

@@ -39,9 +39,11 @@ from receiver.calibration_check import check_record
 
 log = logging.getLogger(__name__)
 
-NO2_SENSOR = "no2"
+NO2_SENSOR = "no2"  # the records' kind (an NO2 sample's sensor is its free section name)
 NO2_QUANTITY = "no2_ppb"  # the one quantity the receiver derives (from the raw electrode values)
 _RAW = ("no2_we_mv", "no2_ae_mv", "no2_temp_c")
+# NO2 samples are known by their raw electrode key, never by the section name they come under.
+NO2_RAW_KEY = _RAW[0]
 
 _CALIBRATIONS = """CREATE TABLE IF NOT EXISTS {name} (
         id TEXT NOT NULL,
@@ -367,7 +369,9 @@ def recompute_no2(conn: Any, device: str, span: Span) -> int:
     Returns the number of rows written.
     """
     lo, hi = span
-    where, args = ["p.device=?", "s.sensor=?"], [device, NO2_SENSOR]
+    has_raw = (f"json_type(s.vals, '$.{NO2_RAW_KEY}') IS NOT NULL" if _is_sqlite(conn)
+               else "jsonb_exists(s.vals, ?)")
+    where, args = ["p.device=?", has_raw], [device] + ([] if _is_sqlite(conn) else [NO2_RAW_KEY])
     if lo is not None:
         where, args = [*where, "p.t_utc_ms>=?"], [*args, lo]
     else:
@@ -388,7 +392,7 @@ def derive_batch_no2(conn: Any, batch: Any) -> int:
     covers those that were there first.
     """
     todo = [(batch.epoch, s.seq, s.t_utc_ms, s.values) for s in batch.samples
-            if s.sensor == NO2_SENSOR and s.t_utc_ms is not None]
+            if NO2_RAW_KEY in s.values and s.t_utc_ms is not None]
     if not todo:
         return 0
     recs = _no2_records(conn, batch.device)

@@ -39,7 +39,10 @@ _QUERIED = tuple(f for f in MEASUREMENT_FIELDS if f not in ("unit", "excluded"))
 #: Units of the measured values that are not map quantities (those have theirs in QUANTITIES).
 OTHER_UNITS = {"pm1": "µg/m³", "pm1_cf1": "µg/m³", "pm25_cf1": "µg/m³", "pm10_cf1": "µg/m³", "lamax": "dB(A)",
                "lamin": "dB(A)", "no2_we_mv": "mV", "no2_ae_mv": "mV", "no2_temp_c": "°C", "rh": "%",
-               "temp_c": "°C"}
+               "temp_c": "°C",
+               # the microphone's minute statistics, and the sound module's C/Z extremes
+               "la10": "dB(A)", "la50": "dB(A)", "la90": "dB(A)", "laeq_1min": "dB(A)",
+               "lcmax": "dB(C)", "lcmin": "dB(C)", "lzmax": "dB(Z)", "lzmin": "dB(Z)"}
 
 
 def unit_of(quantity: str) -> str | None:

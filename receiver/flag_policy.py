@@ -62,6 +62,10 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
                                       "temperature table: still the best value there is"),
     "no_temperature": ("van", "keep", "no2_ppb is null (not computed): nothing to leave out"),
     "cal_input_missing": ("van", "keep", "only the calibrated *_cal value is null; the raw value is sound"),
+    "cal_unavailable": ("van", "keep", "the van's calibration file could not be read: the value is the "
+                        "sensor's own (configured sheet/offset), uncalibrated; the receiver's best value "
+                        "recomputes NO2 by the record valid then, and blanking a van's maps for a file on "
+                        "its card would lose more than it protects"),
     "non_finite": ("van", "keep", "the NaN/inf value itself is stored as null; the sample's other "
                    "values are sound"),
     "salvaged": ("van", "keep", "recovered from a damaged buffer with its row checksum verified"),

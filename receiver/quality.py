@@ -40,8 +40,16 @@ RANGES: dict[str, tuple[float, float]] = {
     "laeq": (20.0, 140.0),
     "lamax": (20.0, 140.0),
     "lamin": (20.0, 140.0),
+    "la10": (20.0, 140.0),  # the microphone's minute statistics (drivers/noise/levels.py)
+    "la50": (20.0, 140.0),
+    "la90": (20.0, 140.0),
+    "laeq_1min": (20.0, 140.0),
     "lceq": (20.0, 140.0),  # the sound module set to C or Z weighting (drivers/sound_module.py)
+    "lcmax": (20.0, 140.0),
+    "lcmin": (20.0, 140.0),
     "lzeq": (20.0, 140.0),
+    "lzmax": (20.0, 140.0),
+    "lzmin": (20.0, 140.0),
 }
 NON_NEGATIVE = {"pm1", "pm25", "pm10", "no2_ppb"}
 HUMID_RH = 75.0

@@ -45,7 +45,7 @@ class SimPM(_SimSensor):
         pm10 = max(pm25, a.pm10 * (1 + g(0, 0.07)) + g(0, 1.2))
         pm1 = max(0.0, min(pm25, a.pm1 * (1 + g(0, 0.05)) + g(0, 0.5)))
         return Reading(
-            "pm",
+            self.name,  # the section name, as the real drivers label theirs
             {"pm1": round(pm1, 1), "pm25": round(pm25, 1), "pm10": round(pm10, 1), "rh": round(a.rh_pct, 1)},
             self._warming(),
         )
@@ -57,7 +57,7 @@ class SimNO2(_SimSensor):
     def read(self) -> Reading:
         a = self.world.truth().air
         no2 = a.no2_ppb + self._rng.gauss(0, 3.0)  # electrochemical noise: a few ppb
-        return Reading("no2", {"no2_ppb": round(no2, 1), "temp_c": round(a.temp_c, 1)}, self._warming())
+        return Reading(self.name, {"no2_ppb": round(no2, 1), "temp_c": round(a.temp_c, 1)}, self._warming())
 
 
 class SimNoise(_SimSensor):
@@ -68,7 +68,7 @@ class SimNoise(_SimSensor):
         g = self._rng.gauss
         laeq = a.noise_laeq_db + g(0, 1.5)
         return Reading(
-            "noise",
+            self.name,
             {
                 "laeq": round(laeq, 1),
                 "lamax": round(laeq + abs(g(4, 2)), 1),

@@ -164,7 +164,7 @@ def test_new_generation_probe(open_driver):
 def test_new_generation_on_demand_reading_and_warm_up(open_driver):
     sim, drv, clock = open_driver("new", sim_kw={"ppb": 31.4, "temp_c": 24.0, "rh_pct": 51.0})
     r = drv.read()
-    assert r.sensor == "no2"
+    assert r.sensor == drv.name == "dgs_no2"  # labelled by its section name
     assert r.values == {"no2_ppb": 31.0, "no2_temp_c": 24.0, "no2_rh_pct": 51.0}
     assert r.flags == ("warming_up",)
     assert r.meta["generation"] == "new" and r.meta["firmware"] == "15SEP17"

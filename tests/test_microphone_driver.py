@@ -135,8 +135,23 @@ def test_recoverable_source_errors_are_counted_and_capture_continues() -> None:
         driver.close()
 
 
-def test_a_dead_capture_thread_surfaces_as_read_error() -> None:
+def test_a_failing_source_surfaces_as_read_error_and_capture_goes_on() -> None:
+    # Any source error but a fatal one is counted and retried (ALSA errors other than an overrun,
+    # e.g. -EIO, used to stop capture for good); while there is no audio, read() says why.
     driver = MicrophoneDriver(ScriptedSource([RuntimeError("device unplugged")]), LevelMeter())
+    try:
+        deadline = time.monotonic() + 10
+        while driver.source_errors < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(ReadError, match="capture failing"):
+            driver.read()
+        assert driver.running
+    finally:
+        driver.close()
+
+
+def test_a_fatal_source_error_stops_capture_and_surfaces_as_read_error() -> None:
+    driver = MicrophoneDriver(ScriptedSource([FatalError("no such device")]), LevelMeter())
     try:
         driver._thread.join(timeout=5)
         with pytest.raises(ReadError, match="capture stopped"):

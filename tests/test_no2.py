@@ -226,7 +226,7 @@ def rig(**driver_kw):
 def test_driver_reading_from_the_board():
     drv, _, _ = rig()
     r = drv.read()
-    assert r.sensor == "no2"
+    assert r.sensor == drv.name == "no2_b43f"  # labelled by its section name
     assert r.values["no2_we_mv"] == pytest.approx(320.0)
     assert r.values["no2_ae_mv"] == pytest.approx(310.0)
     assert r.values["no2_temp_c"] == pytest.approx(25.0)

@@ -69,7 +69,7 @@ def test_a_late_read_flags_audio_gap_and_counts_the_skipped_seconds() -> None:
         late = drv.read()
         assert late is not None and late.meta["second"] == 6 and "audio_gap" in late.flags
         assert late.meta["seconds_skipped"] == 3 and drv.seconds_skipped == 4
-        assert drv.audio_health() == {"seconds_skipped": 4, "overruns": 0, "source_errors": 0}
+        assert drv.audio_health() == {"seconds_skipped": 4, "overruns": 0, "source_errors": 0, "minutes_dropped": 0}
         assert "audio_overrun" not in late.flags
     finally:
         drv.close()
@@ -93,7 +93,8 @@ def test_an_overrun_flags_the_next_reading_and_the_heartbeat_reports_both(tmp_pa
         flags = [s.flags for s in agent._pending]
         assert "audio_gap" in flags[0]  # the settling second 0 was never read
         assert "audio_overrun" in flags[1] and "audio_overrun" not in flags[2]
-        assert agent.status()["audio"] == {"mic": {"seconds_skipped": 1, "overruns": 2, "source_errors": 0}}
+        assert agent.status()["audio"] == {"mic": {"seconds_skipped": 1, "overruns": 2, "source_errors": 0,
+                                                   "minutes_dropped": 0}}
         # The flagged samples are stored, not dropped.
         agent.commit()
         assert agent.stats.committed == 3

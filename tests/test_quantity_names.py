@@ -80,12 +80,13 @@ def test_renamed_sections_reach_the_map_through_agent_and_receiver(tmp_path: Pat
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the agent drains before it exits; derivation may lag
             sensors = dict(dbapi.fetchall(conn, "SELECT sensor, count(*) FROM samples GROUP BY sensor"))
-            if sensors.get("pms5003") and sensors.get("no2"):
+            if sensors.get("pms5003") and sensors.get("nox"):
                 break
             time.sleep(0.5)
-        # PM arrives under the section's name (the case of the issue), never "pm". (The NO2 and
-        # noise drivers label their readings "no2"/"noise" whatever the section: no matter now.)
+        # Every driver labels its samples with the section's name (the case of the issue), never
+        # "pm" or "no2": the receiver finds them by their keys.
         assert "pms5003" in sensors and "pm" not in sensors, sensors
+        assert "nox" in sensors and "no2" not in sensors, sensors
         (rep,) = build(conn, make_snapper("segment"), [Period("all")], rule=Rule(1, 1))
         rows = dbapi.fetchall(conn, "SELECT quantity, unit, count(*) FROM aggregates"
                                     " WHERE scheme = 'segment' AND published = 1 GROUP BY quantity, unit")

@@ -32,7 +32,7 @@ def test_is_a_sensor_driver_and_reads_levels():
     assert isinstance(drv, SensorDriver)
     r = drv.read()
     assert r is not None
-    assert r.sensor == "noise"
+    assert r.sensor == drv.name == "sound_module"  # labelled by its section name
     assert r.values == {"laeq": 62.0, "lamin": 62.0, "lamax": 62.0}
     assert r.meta["weighting"] == "A" and r.meta["averaging_ms"] == 1000
 

@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from drivers.base import Reading
-from edge.errors import DeviceNotFound, FatalError, ReadError, RecoverableError
+from edge.errors import DeviceNotFound, FatalError, ReadError
 from edge.timekeeping import MEASURED_MONO
 
 from .levels import LevelMeter, MinuteLevels, SecondLevels
@@ -56,16 +56,20 @@ class BlockSource(Protocol):
 
 
 class MicrophoneDriver:
-    """SensorDriver for the noise channel: ``Reading(sensor="noise", values={laeq, ...})``.
+    """SensorDriver for the noise channel: ``Reading(sensor=<section name>, values={laeq, ...})``.
 
     ``values`` always holds ``laeq``, ``lamax``, ``lamin`` (LAeq,1s, LAFmax, LAFmin of the
     newest complete second) and, on the first read after a minute completes, ``la10``,
     ``la50``, ``la90`` and ``laeq_1min``.  ``flags``: ``overload``, ``noise_floor``,
     ``warming_up`` (first second), ``audio_gap`` (seconds before this one completed but were
-    never read: a late read; counted in ``seconds_skipped``), ``audio_overrun`` (audio was lost
-    in capture since the last reading: ALSA overruns or source errors, counted in
-    ``audio_health``).  ``read()`` returns ``None`` when no new second has completed since the
-    last call, and raises ``ReadError`` if the capture thread died.
+    never read: a late read; counted in ``seconds_skipped``), ``audio_overrun`` (this second's
+    audio has a hole: an ALSA overrun or a source error happened while it was being captured;
+    counted in ``audio_health``).  A source error (anything but a ``FatalError``) never stops
+    capture: it is counted, and the source is read again after a backoff (``AlsaSource``
+    reopens the device).  Minute statistics replaced by a newer minute before they were read
+    (a long stall) are counted in ``minutes_dropped``.  ``read()`` returns ``None`` when no
+    new second has completed since the last call, and raises ``ReadError`` if capture stopped
+    on a fatal error.
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class MicrophoneDriver:
         start: bool = True,
         idle_sleep_s: float = 0.01,
         clock: Callable[[], float] = time.monotonic,
+        backoff_min_s: float = 0.1,
+        backoff_max_s: float = 5.0,
     ) -> None:
         self.name = name
         self._clock = clock
@@ -86,17 +92,22 @@ class MicrophoneDriver:
         self.source = source
         self.meter = meter
         self._idle_sleep_s = idle_sleep_s
+        self._backoff = (backoff_min_s, backoff_max_s)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._latest: SecondLevels | None = None
         self._delivered_index = -1
         self._pending_minute: MinuteLevels | None = None
         self._failure: Exception | None = None
+        self._source_error: Exception | None = None  # the last one, until a block arrives again
         self.source_errors = 0  # recoverable errors from the source (e.g. ALSA overruns)
         # Audio lost, never silently (issue 15): seconds the agent read too late to see, and
         # capture losses (source overruns + errors) up to the last delivered reading.
         self.seconds_skipped = 0
-        self._losses_delivered = 0
+        self.minutes_dropped = 0  # minute statistics overwritten by the next minute before a read
+        # Seconds (meter index) whose audio has a hole, noted by the capture thread when the loss
+        # happens, so the flag lands on the second that lost audio, not on the next one delivered.
+        self._lost_seconds: set[int] = set()
         self._thread = threading.Thread(target=self._run, name=f"{name}-capture", daemon=True)
         if start:
             self.start()
@@ -109,13 +120,17 @@ class MicrophoneDriver:
             if latest is None or latest.index == self._delivered_index:
                 if failure is not None:
                     raise ReadError(f"{self.name}: capture stopped: {failure!r}")
+                if self._source_error is not None:  # no audio now: the agent counts a read error
+                    raise ReadError(f"{self.name}: capture failing ({self.source_errors} source errors, "
+                                    f"retrying): {self._source_error!r}")
                 return None
             skipped = latest.index - self._delivered_index - 1
             self._delivered_index = latest.index
             self._pending_minute = None
+            lost_audio = latest.index in self._lost_seconds
+            # Holes in skipped seconds are counted (overruns, source_errors); their levels are gone.
+            self._lost_seconds = {i for i in self._lost_seconds if i > latest.index}
         self.seconds_skipped += skipped
-        losses = self._capture_losses()
-        lost_audio, self._losses_delivered = losses > self._losses_delivered, losses
         values: dict[str, Any] = {
             "laeq": round(latest.laeq, 2),
             "lamax": round(latest.lafmax, 2),
@@ -143,15 +158,15 @@ class MicrophoneDriver:
             meta["minute"] = minute.index
         if self._anchor is not None:
             meta[MEASURED_MONO] = self._anchor + latest.index + 1  # the end of its second of audio
-        return Reading(sensor="noise", values=values, flags=tuple(flags), meta=meta)
+        return Reading(sensor=self.name, values=values, flags=tuple(flags), meta=meta)
 
-    def _capture_losses(self) -> int:
-        return int(getattr(self.source, "overruns", 0) or 0) + self.source_errors
+    def _overruns(self) -> int:
+        return int(getattr(self.source, "overruns", 0) or 0)
 
     def audio_health(self) -> dict[str, int]:
         """For the heartbeat: audio that never became a level, so a loss is seen, not silent."""
-        return {"seconds_skipped": self.seconds_skipped, "overruns": int(getattr(self.source, "overruns", 0) or 0),
-                "source_errors": self.source_errors}
+        return {"seconds_skipped": self.seconds_skipped, "overruns": self._overruns(),
+                "source_errors": self.source_errors, "minutes_dropped": self.minutes_dropped}
 
     def close(self) -> None:
         self._stop.set()
@@ -178,25 +193,45 @@ class MicrophoneDriver:
         with self._lock:
             return 0 if self._latest is None else self._latest.index + 1
 
+    def _capturing(self) -> int:
+        """The meter's index of the second being captured now (the one a loss now holes)."""
+        n = getattr(self.meter, "seconds_completed", None)
+        if isinstance(n, int):
+            return n
+        return 0 if self._latest is None else self._latest.index + 1
+
     def _run(self) -> None:
+        delay = self._backoff[0]
         while not self._stop.is_set():
+            overruns = self._overruns()
             try:
                 block = self.source.read_block()
-            except RecoverableError as exc:
-                self._anchors.clear()  # samples may be lost: the stream needs a new anchor
-                self.source_errors += 1
-                log.warning("%s: source error (continuing): %s", self.name, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - surfaced through read() as ReadError
+            except FatalError as exc:  # surfaced through read() as ReadError
                 with self._lock:
                     self._failure = exc
                 log.error("%s: capture thread stopped: %r", self.name, exc)
                 return
+            except Exception as exc:  # noqa: BLE001 - e.g. ALSAAudioError (-EIO): never stop capture
+                self._anchors.clear()  # samples may be lost: the stream needs a new anchor
+                self.source_errors += 1
+                with self._lock:
+                    self._lost_seconds.add(self._capturing())
+                    self._source_error = exc
+                log.warning("%s: source error %d (%r): reading again in %.1f s", self.name, self.source_errors,
+                            exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._backoff[1])
+                continue
+            if self._overruns() > overruns:  # frames lost before this read: the second in capture
+                self._anchors.clear()  # and the stream's time anchor with them
+                with self._lock:
+                    self._lost_seconds.add(self._capturing())
             if block is None:
                 self._anchors.clear()
                 self._stop.wait(self._idle_sleep_s)
                 continue
             arrived = self._clock()
+            delay, self._source_error = self._backoff[0], None
             records = self.meter.process(block)
             self._anchors.append(arrived - self.meter.samples_processed / self.meter.config.sample_rate)
             self._anchor = min(self._anchors)
@@ -210,6 +245,8 @@ class MicrophoneDriver:
                 if isinstance(rec, SecondLevels):
                     self._latest = rec
                 elif isinstance(rec, MinuteLevels):
+                    if self._pending_minute is not None:  # never read: a stall; counted, not silent
+                        self.minutes_dropped += 1
                     self._pending_minute = rec
 
 
@@ -234,37 +271,68 @@ class AlsaSource:
         channel: int = 0,
         period_frames: int = 4800,
         periods: int = 4,
+        *,
+        pcm_factory: Callable[[], Any] | None = None,
+        error_types: tuple[type[BaseException], ...] = (),
     ) -> None:
+        """``pcm_factory``/``error_types``: the seam to libasound (default: ``alsaaudio.PCM`` and
+        ``alsaaudio.ALSAAudioError``), so reopening is testable without a sound card."""
         if not 0 <= channel < channels:
             raise FatalError(f"microphone channel {channel} out of range for {channels} channels")
-        try:
-            import alsaaudio  # lazy: only the real device needs it
-        except ImportError as exc:
-            raise FatalError(
-                "pyalsaaudio is not installed (pip install pyalsaaudio, "
-                "or apt install python3-alsaaudio)"
-            ) from exc
+        if pcm_factory is None:
+            try:
+                import alsaaudio  # lazy: only the real device needs it
+            except ImportError as exc:
+                raise FatalError(
+                    "pyalsaaudio is not installed (pip install pyalsaaudio, "
+                    "or apt install python3-alsaaudio)"
+                ) from exc
+
+            def pcm_factory() -> Any:
+                return alsaaudio.PCM(
+                    type=alsaaudio.PCM_CAPTURE,
+                    mode=alsaaudio.PCM_NORMAL,
+                    device=device,
+                    rate=sample_rate,
+                    channels=channels,
+                    format=alsaaudio.PCM_FORMAT_S32_LE,
+                    periodsize=period_frames,
+                    periods=periods,
+                )
+
+            error_types = (alsaaudio.ALSAAudioError,)
+        self.device = device
         self.sample_rate = sample_rate
         self.channels = channels
         self.channel = channel
         self.overruns = 0
+        self.reopens = 0
+        self._open_pcm = pcm_factory
+        self._errors = error_types or (OSError,)
         try:
-            self._pcm = alsaaudio.PCM(
-                type=alsaaudio.PCM_CAPTURE,
-                mode=alsaaudio.PCM_NORMAL,
-                device=device,
-                rate=sample_rate,
-                channels=channels,
-                format=alsaaudio.PCM_FORMAT_S32_LE,
-                periodsize=period_frames,
-                periods=periods,
-            )
-        except alsaaudio.ALSAAudioError as exc:
+            self._pcm: Any = pcm_factory()
+        except self._errors as exc:
             raise DeviceNotFound(f"ALSA capture device {device!r}: {exc}") from exc
 
     def read_block(self) -> NDArray[np.float32] | None:
-        """One period (blocking), or None after an overrun (counted) or an empty read."""
-        length, data = self._pcm.read()
+        """One period (blocking), or None after an overrun (counted) or an empty read.
+
+        Any other ALSA error (-EIO when the I2S clock hiccups, -ENODEV ...) leaves the stream in
+        an unknown state: it is closed and ReadError raised; the next call reopens the device
+        (MicrophoneDriver waits a growing backoff in between and counts each error).
+        """
+        if self._pcm is None:
+            try:
+                self._pcm = self._open_pcm()
+            except self._errors as exc:
+                raise ReadError(f"reopening ALSA capture device {self.device!r}: {exc}") from exc
+            self.reopens += 1
+            log.warning("ALSA capture device %r reopened", self.device)
+        try:
+            length, data = self._pcm.read()
+        except self._errors as exc:
+            self._close_pcm()
+            raise ReadError(f"ALSA read on {self.device!r}: {exc}") from exc
         if length < 0:  # -EPIPE: the kernel buffer overran; ALSA re-prepares the stream
             self.overruns += 1
             return None
@@ -274,8 +342,16 @@ class AlsaSource:
         mono = frames.reshape(length, self.channels)[:, self.channel]
         return (mono * (1.0 / 2**31)).astype(np.float32)
 
+    def _close_pcm(self) -> None:
+        pcm, self._pcm = self._pcm, None
+        try:
+            pcm.close()
+        except self._errors:
+            pass  # closing a broken stream: nothing left to release
+
     def close(self) -> None:
-        self._pcm.close()
+        if self._pcm is not None:
+            self._close_pcm()
 
 
 def wait_for_seconds(driver: MicrophoneDriver, seconds: int, timeout_s: float = 30.0) -> bool:

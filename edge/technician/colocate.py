@@ -141,7 +141,7 @@ def colocate_no2(reference: str, device_data: str | None, store_path: str | None
     ref = load_reference(reference, formula="NO2", station=station, stamp=ref_stamp)
     if ref_unit == "ugm3":
         ref.hours = {h: v / NO2_UGM3_PER_PPB for h, v in ref.hours.items()}
-    pts = _device_points(device_data, store_path, device=device or cfg.device.id, sensor="no2",
+    pts = _device_points(device_data, store_path, device=device or cfg.device.id, sensor=sc.name,
                          quantity="no2_ppb", temp_key="no2_temp_c", rh_key=None)
     fr = fit(hourly(pts), ref.hours, temp=use_temp)
     ok, why = fr.accepted(min_r2, min_hours)

@@ -138,6 +138,10 @@ def calibrate(seconds: float, reference_db: float, max_range: float, serial: str
         from edge.config import SensorConfig
 
         cfg.sensors = [s for s in cfg.sensors if s.name != "noise"] + [SensorConfig("noise", "microphone", {"device": "sim"})]
+    if sensor is None and serial is not None:
+        # Two microphones: the serial alone names one (it is what is printed on the capsule).
+        by_serial = [s.name for s in cfg.sensors if s.driver == "microphone" and noise_serial(cfg, s) == serial]
+        sensor = by_serial[0] if len(by_serial) == 1 else None
     sc = find_sensor(cfg, ("microphone", "sound-module"), sensor)
     if sc.driver != "microphone":
         raise CalibrationError("acoustic calibration needs the I2S microphone; the sound module is calibrated by its maker")

@@ -14,19 +14,29 @@ const BREAKS = {
   pm10: [15, 20, 30, 45, 60, 80],
   no2_ppb: [5, 10, 15, 20, 30, 40],
   laeq: [50, 55, 60, 65, 70, 75],
-  lceq: [50, 55, 60, 65, 70, 75],  // the sound module set to C or Z weighting: the same bands
-  lzeq: [50, 55, 60, 65, 70, 75],
+  // The sound module set to C or Z weighting: no noise-map band is defined for these (traffic
+  // reads several dB higher in C and Z than in A), so the A bands would paint streets too loud.
+  // They get 5 dB steps on a neutral grey scale, with a note in the legend.
+  lceq: [55, 60, 65, 70, 75, 80],
+  lzeq: [55, 60, 65, 70, 75, 80],
 };
 const COLOURS = ["#1a9850", "#91cf60", "#d9ef8b", "#fee08b", "#fc8d59", "#d73027", "#7b0a3c"];
+const NEUTRAL = ["#f0f0f0", "#d0d0d0", "#b0b0b0", "#909090", "#707070", "#505050", "#303030"];
+const NEUTRAL_NOTE = {
+  lceq: "C-weighted: grey steps of 5 dB, not a health band (the A-weighted bands do not apply)",
+  lzeq: "Z-weighted (unweighted): grey steps of 5 dB, not a health band (the A-weighted bands do not apply)",
+};
+
+function paletteFor(quantity) { return NEUTRAL_NOTE[quantity] ? NEUTRAL : COLOURS; }
 
 const state = { catalog: null, token: "", view: null };
 
 function $(id) { return document.getElementById(id); }
 
 function colourFor(quantity, value) {
-  const b = BREAKS[quantity] || [];
-  for (let i = 0; i < b.length; i++) if (value < b[i]) return COLOURS[i];
-  return COLOURS[b.length];
+  const b = BREAKS[quantity] || [], colours = paletteFor(quantity);
+  for (let i = 0; i < b.length; i++) if (value < b[i]) return colours[i];
+  return colours[b.length];
 }
 
 async function getJSON(url, headers) {
@@ -119,10 +129,15 @@ function drawLegend(quantity) {
   const title = document.createElement("div");
   title.textContent = q.label + " (" + q.unit + ")";
   legend.appendChild(title);
-  const b = BREAKS[quantity] || [];
+  if (NEUTRAL_NOTE[quantity]) {
+    const note = document.createElement("div"); note.className = "note";
+    note.textContent = NEUTRAL_NOTE[quantity];
+    legend.appendChild(note);
+  }
+  const b = BREAKS[quantity] || [], colours = paletteFor(quantity);
   for (let i = 0; i <= b.length; i++) {
     const row = document.createElement("div"); row.className = "row";
-    const sw = document.createElement("span"); sw.className = "sw"; sw.style.background = COLOURS[i];
+    const sw = document.createElement("span"); sw.className = "sw"; sw.style.background = colours[i];
     const t = document.createElement("span");
     t.textContent = i === 0 ? "< " + b[0] : i === b.length ? "≥ " + b[b.length - 1] : b[i - 1] + " – " + b[i];
     row.append(sw, t); legend.appendChild(row);
