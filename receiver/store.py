@@ -237,12 +237,14 @@ class StoreReads:
                              samples))
         return out
 
-    def _contexts(self, batch: Batch) -> Callable[[str, str, int], list[float]]:
+    def _contexts(self, batch: Batch) -> Callable[[str, str, int], list[tuple[int, float, int]]]:
         """The moving windows' context for every stream of a batch, from one read.
 
         Reads the samples just before the batch once (CONTEXT_SPAN seqs: every
         sensor's last CONTEXT samples when sensors take turns); a stream the
-        read does not cover far enough is asked for on its own.
+        read does not cover far enough is asked for on its own. A context is
+        (seq, value, frame key) of the stream's last CONTEXT samples that hold the
+        quantity, a non-number as NaN (it ends a stuck run, as it does inside a batch).
         """
         firsts: dict[str, int] = {}
         for s in batch.samples:
@@ -256,18 +258,46 @@ class StoreReads:
             " ORDER BY seq".replace("?", self.PARAM),
             (batch.device, batch.epoch, lo, max(firsts.values())),
         ).fetchall()
-        by_sensor: dict[str, list[tuple[int, Any]]] = {}
+        by_sensor: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         for seq, sensor, vals in rows:
-            by_sensor.setdefault(sensor, []).append((seq, vals))
+            by_sensor.setdefault(sensor, []).append((seq, _values(vals)))
 
-        def context(sensor: str, q: str, before: int) -> list[float]:
-            have = [(seq, v) for seq, v in by_sensor.get(sensor, ()) if seq < before]
+        def context(sensor: str, q: str, before: int) -> list[tuple[int, float, int]]:
+            have = [(seq, v) for seq, v in by_sensor.get(sensor, ()) if seq < before and q in v]
             if len(have) < quality.CONTEXT and lo > 1:  # the read may not reach back far enough
                 return self._context(batch.device, batch.epoch, sensor, q, before)
-            values = (_values(v).get(q) for _, v in have[-quality.CONTEXT:])
-            return [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            return _context_of(have[-quality.CONTEXT:], q)
 
         return context
+
+    def _revise_quality(self, device: str, epoch: str, revised: list[tuple[int, str, int, int]]) -> None:
+        """Apply ``quality_rows``' revisits of earlier values: (seq, quantity, set, clear) bits."""
+        if not revised:
+            return
+        lo, hi = min(r[0] for r in revised), max(r[0] for r in revised)
+        stored = {(seq, q): f for seq, q, f in self.conn.execute(
+            "SELECT seq, quantity, flags FROM quality WHERE device = ? AND epoch = ? AND seq BETWEEN ? AND ?"
+            .replace("?", self.PARAM), (device, epoch, lo, hi)).fetchall()}
+        put, drop = [], []
+        for seq, q, bits, clear in revised:
+            old = stored.get((seq, q))
+            mask = (quality.mask_of(old) & ~clear) | bits
+            text = quality.mask_text(mask)
+            if text == (old or ""):
+                continue
+            if mask:
+                put.append((device, epoch, seq, q, text))
+            else:
+                drop.append((device, epoch, seq, q))
+        p = self.PARAM
+        cur = self.conn.cursor()  # psycopg connections have no executemany of their own
+        if put:
+            cur.executemany(
+                f"INSERT INTO quality VALUES ({p},{p},{p},{p},{p}) ON CONFLICT (device, epoch, seq, quantity)"
+                " DO UPDATE SET flags = excluded.flags", put)
+        if drop:
+            cur.executemany(
+                f"DELETE FROM quality WHERE device = {p} AND epoch = {p} AND seq = {p} AND quantity = {p}", drop)
 
     def close(self) -> None:
         self.conn.close()
@@ -652,16 +682,18 @@ class SQLiteStore(StoreReads):
 
     def _flag_quality(self, batch: Batch) -> None:
         """Quality flags for this batch's values, with the preceding values as window context."""
-        rows = quality_rows(batch, self._contexts(batch))
+        rows, revised = quality_rows(batch, self._contexts(batch))
         self.conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)", rows)
+        self._revise_quality(batch.device, batch.epoch, revised)
 
-    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int
+                 ) -> list[tuple[int, float, int]]:
         rows = self.conn.execute(
-            "SELECT json_extract(vals, '$.' || ?) FROM samples WHERE device=? AND epoch=? AND sensor=?"
-            " AND seq < ? ORDER BY seq DESC LIMIT ?",
-            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
+            "SELECT seq, vals FROM samples WHERE device=? AND epoch=? AND sensor=? AND seq < ?"
+            " AND json_type(vals, '$.' || ?) IS NOT NULL ORDER BY seq DESC LIMIT ?",
+            (device, epoch, sensor, before_seq, quantity, quality.CONTEXT),
         ).fetchall()
-        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float))]
+        return _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity)
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
@@ -724,8 +756,9 @@ class SQLiteStore(StoreReads):
 # Queued batches a deriver takes per transaction (and merges per van).
 DERIVE_CLAIM = 32
 PARK_REASON_CHARS = 500  # a parked batch's reason is the error, shortened
-# Seqs read back for the moving windows' context: each of up to 8 interleaved sensors' last CONTEXT.
-CONTEXT_SPAN = quality.CONTEXT * 8
+# Seqs read back for the moving windows' context: each of up to 4 interleaved sensors' last CONTEXT
+# (a van with more sensors, or a stream with gaps, reads its stream on its own).
+CONTEXT_SPAN = quality.CONTEXT * 4
 
 
 @contextmanager
@@ -768,35 +801,36 @@ def _screen_times(batch: Batch, received_ms: int) -> None:
 
 
 def quality_rows(
-    batch: Batch, context: Callable[[str, str, int], list[float]]
-) -> list[tuple[str, str, int, str, str]]:
-    """(device, epoch, seq, quantity, flags) for every flagged value of a batch.
+    batch: Batch, context: Callable[[str, str, int], list[tuple[int, float, int]]]
+) -> tuple[list[tuple[str, str, int, str, str]], list[tuple[int, str, int, int]]]:
+    """(device, epoch, seq, quantity, flags) for every flagged value of a batch, and revisits.
 
-    ``context(sensor, quantity, first_seq)`` gives the values just before the
-    batch, so moving windows run across batch boundaries. Backend-neutral: the
-    PostgreSQL store uses it too. Works on whole series at once (bit masks, see
-    ``quality.BIT``): this runs for every value the receiver derives.
+    ``context(sensor, quantity, first_seq)`` gives (seq, value, frame key) just before the
+    batch, so moving windows run across batch boundaries; the flags of those
+    earlier values that this batch settles come back as revisits (seq,
+    quantity, bits to set, bits to clear first; ``quality.revisit``), so a
+    stream's flags do not depend on where its batches split. Backend-neutral:
+    the PostgreSQL store uses it too. Works on whole series at once (bit masks,
+    see ``quality.BIT``): this runs for every value the receiver derives.
     """
     by_stream: dict[tuple[str, str], list[Sample]] = {}
-    rh_at: list[tuple[int, float]] = []
     for smp in batch.samples:
         if smp.sensor == GPS_SENSOR:
             continue
-        vals = smp.values
-        rh = vals.get("rh", vals.get("rh_pct"))
-        if isinstance(rh, (int, float)) and not isinstance(rh, bool) and smp.t_utc_ms is not None:
-            rh_at.append((smp.t_utc_ms, float(rh)))
-        for q in vals:
+        for q in smp.values:
             if q in quality.FLAGGED:
                 by_stream.setdefault((smp.sensor, q), []).append(smp)
-    rh_at.sort()
-    rh_t = np.array([r[0] for r in rh_at], dtype=float)
-    rh_v = np.array([r[1] for r in rh_at], dtype=float)
+    rh_t, rh_v = _rh_series(batch)
     out = []
+    revised: list[tuple[int, str, int, int]] = []
     for (sensor, q), samples in by_stream.items():
         samples.sort(key=lambda x: x.seq or 0)
         v = np.array([_num_or_nan(x.values.get(q)) for x in samples], dtype=float)
-        mask = quality.value_masks(q, v) | quality.series_masks(v, context(sensor, q, samples[0].seq or 0))
+        ctx = context(sensor, q, samples[0].seq or 0)
+        cv = [c[1] for c in ctx]
+        frames = [quality.frame_key(x.values) for x in samples]
+        full = quality.series_masks(v, cv, frames=frames, context_frames=[c[2] for c in ctx], with_context=True)
+        mask = quality.value_masks(q, v) | full[len(cv):]
         mask |= np.fromiter((quality.sample_mask(x.flags, str(x.time_src)) for x in samples),
                             dtype=np.int64, count=len(samples))
         if q in quality.PM_QUANTITIES:
@@ -804,7 +838,31 @@ def quality_rows(
             mask |= quality.humid_mask(t, rh_t, rh_v)
         for k in np.nonzero(mask)[0]:
             out.append((batch.device, batch.epoch, samples[k].seq, q, quality.mask_text(int(mask[k]))))
-    return out
+        pick, bits, clear = quality.revisit(cv, full)
+        revised += [(ctx[i][0], q, int(b), int(c)) for i, b, c in zip(pick, bits, clear)]
+    return out, revised
+
+
+def _context_of(rows: list[tuple[int, dict[str, Any]]], q: str) -> list[tuple[int, float, int]]:
+    """(seq, value or NaN, frame key) of a stream's earlier samples (``quality_rows``' context)."""
+    return [(seq, _num_or_nan(v.get(q)), quality.frame_key(v)) for seq, v in rows]
+
+
+def _rh_series(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """(times, values) of every relative humidity the van measured in this batch, by time.
+
+    Any sensor's RH counts (``quality.is_rh_key``): the DGS-NO2 sends ``no2_rh_pct``
+    beside the PM sensor, and fog is the van's air, not one sensor's.
+    """
+    rh_at: list[tuple[int, float]] = []
+    for smp in batch.samples:
+        if smp.t_utc_ms is None or smp.sensor == GPS_SENSOR:
+            continue
+        for key, rh in smp.values.items():
+            if quality.is_rh_key(key) and isinstance(rh, (int, float)) and not isinstance(rh, bool):
+                rh_at.append((smp.t_utc_ms, float(rh)))
+    rh_at.sort()
+    return (np.array([r[0] for r in rh_at], dtype=float), np.array([r[1] for r in rh_at], dtype=float))
 
 
 _NAN = float("nan")

@@ -80,6 +80,8 @@ from receiver.store import (
     _json_bytes,
     _sample_from_row,
     _screen_times,
+    _context_of,
+    _values,
     quality_rows,
     read_json,
 )
@@ -732,7 +734,7 @@ class PostgresStore(StoreReads):
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
         """Quality flags for this batch's values (the same ``quality_rows`` as SQLite)."""
-        rows = quality_rows(batch, self._contexts(batch))
+        rows, revised = quality_rows(batch, self._contexts(batch))
         if fresh:  # none of these samples had flags yet: COPY (humid air flags every PM value)
             self._copy("quality", ("device", "epoch", "seq", "quantity", "flags"), rows)
         elif rows:
@@ -742,14 +744,16 @@ class PostgresStore(StoreReads):
                     " DO UPDATE SET flags = excluded.flags",
                     rows,
                 )
+        self._revise_quality(batch.device, batch.epoch, revised)  # earlier values, never COPY
 
-    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int
+                 ) -> list[tuple[int, float, int]]:
         rows = self.conn.execute(
-            "SELECT vals -> %s FROM samples WHERE device = %s AND epoch = %s AND sensor = %s"
-            " AND seq < %s ORDER BY seq DESC LIMIT %s",
-            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
+            "SELECT seq, vals FROM samples WHERE device = %s AND epoch = %s AND sensor = %s"
+            " AND seq < %s AND vals ? %s ORDER BY seq DESC LIMIT %s",
+            (device, epoch, sensor, before_seq, quantity, quality.CONTEXT),
         ).fetchall()
-        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float)) and not isinstance(r[0], bool)]
+        return _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity)
 
     def count(self, name: str, by: int = 1) -> None:
         """Add to a running total (outside any ingest transaction)."""
