@@ -237,7 +237,8 @@ LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s
 LEFT JOIN quality q ON q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq
                    AND q.quantity = j.key
 {derived_join}
-WHERE s.sensor <> 'gps';
+-- numbers and nulls only, as in SQLite (a "n/a" or true in a value is no measurement)
+WHERE s.sensor NOT IN ('gps', 'calibration') AND jsonb_typeof(j.value) IN ('number', 'null');
 """
 # value: the best one (the receiver's recomputed value, else the van's); calibration: the
 # record it was calibrated with (receiver/calibration.py).
