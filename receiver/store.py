@@ -35,6 +35,7 @@ from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
+from receiver.requality import requality
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
 from uplink.wire import Batch
@@ -584,8 +585,9 @@ class SQLiteStore(StoreReads):
         ]
         self.conn.executemany("INSERT OR IGNORE INTO fixes VALUES (?,?,?,?,?,?,?,?)", fixes)
         self._join_positions(batch, fixes)
-        ingest_calibrations(self.conn, batch)  # received time: each record's sample's
+        touched = ingest_calibrations(self.conn, batch)  # received time: each record's sample's
         self._flag_quality(batch)
+        requality(self.conn, batch.device, touched)  # flags describe the value served
 
     def derive_pending(self, limit: int | None = None) -> int:
         """Derive the batches stored with ``derive=False``, oldest first; how many were done.

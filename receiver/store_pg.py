@@ -70,6 +70,7 @@ from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
+from receiver.requality import requality
 from receiver.store import (
     GPS_SENSOR,
     IngestResult,
@@ -561,8 +562,9 @@ class PostgresStore(StoreReads):
                     "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING", fixes
                 )
         self._join_positions(batch, fixes, fresh)
-        ingest_calibrations(c, batch)  # received time: each record's sample's
+        touched = ingest_calibrations(c, batch)  # received time: each record's sample's
         self._flag_quality(batch, fresh)
+        requality(c, batch.device, touched)  # flags describe the value served
 
     def _nothing_derived(self, batch: Batch) -> bool:
         """True when no fix, position or flag of the batch's range exists yet (so COPY cannot conflict)."""
