@@ -819,6 +819,8 @@ def quality_rows(
     for smp in batch.samples:
         if smp.sensor == GPS_SENSOR:
             continue
+        if not isinstance(smp.values, dict):  # a damaged row: the batch is parked, the others go on
+            raise TypeError(f"sample {smp.seq}: values are {type(smp.values).__name__}, not an object")
         for q in smp.values:
             if q in quality.FLAGGED:
                 by_stream.setdefault((smp.sensor, q), []).append(smp)
