@@ -60,7 +60,7 @@ STUCK_RUN = 30
 QUANTIZED_LOW = 5.0  # a few resolution steps of a whole-number sensor (see the module doc)
 WINDOW = 15
 MAD_K = 3.0
-CONTEXT = max(WINDOW, STUCK_RUN) - 1  # earlier values a batch needs to see
+CONTEXT = max(WINDOW, STUCK_RUN) - 1  # earlier real values a batch needs to see
 
 # The quantities that get flags (others, e.g. raw millivolts, are kept as they are).
 FLAGGED = set(RANGES)
@@ -117,13 +117,14 @@ def series_masks(
 ) -> np.ndarray:
     """``stuck`` and ``outlier`` bits for a time-ordered series (NaN: no value), with context.
 
-    ``context`` holds the values just before ``values`` (up to CONTEXT), so a
-    batch boundary does not reset the windows. ``frames``/``context_frames``:
+    ``context`` holds the values just before ``values`` (the caller bounds it:
+    CONTEXT real values, and the nulls among them), so a batch boundary does not
+    reset the windows. ``frames``/``context_frames``:
     each sample's :func:`frame_key` (None: a small whole number's run counts
     without them). ``with_context``: the bits of the context values too, as
     they stand now that ``values`` follow them (see :func:`revisit`).
     """
-    ctx = np.asarray([float(c) for c in context][-CONTEXT:], dtype=float)
+    ctx = np.asarray([float(c) for c in context], dtype=float)
     seq = np.concatenate([ctx, np.asarray(values, dtype=float)])
     # a sentinel is no value here either (flagged out_of_range by value_masks alone)
     seq[sentinel_mask(seq)] = np.nan
@@ -136,7 +137,7 @@ def series_masks(
     starts = np.r_[True, seq[1:] != seq[:-1]]
     if frames is not None:
         # a small whole number's run lasts only while the whole frame repeats
-        cf = list(context_frames)[-CONTEXT:]
+        cf = list(context_frames)[-len(ctx):] if len(ctx) else []
         cf = [0] * (len(ctx) - len(cf)) + cf  # a context without frames: one frame
         fr = np.concatenate([np.asarray(cf, dtype=np.int64), np.asarray(frames, dtype=np.int64)])
         with np.errstate(invalid="ignore"):
@@ -164,7 +165,7 @@ def series_masks(
     return mask if with_context else mask[offset:]
 
 
-def revisit(context: Sequence[float], full: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def revisit(context: Sequence[float], full: np.ndarray, cut: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which context values' ``stuck``/``outlier`` bits the values after them settle.
 
     A centred window cannot judge a series' last values until the values after
@@ -174,15 +175,16 @@ def revisit(context: Sequence[float], full: np.ndarray) -> tuple[np.ndarray, np.
     (a value's window is fixed once WINDOW - 1 values follow it, even at the
     start of a series) get their ``outlier`` bit set anew, and every member of
     a run reaching into the batch gets ``stuck`` (never taken away: a run only
-    grows). A context cut short (CONTEXT values, more before them) cannot judge
-    its first WINDOW // 2 real values, whose windows reach further back: those
-    stay as they were. With this, a stream's flags do not depend on where its
+    grows). A context ``cut`` short (more values before it) cannot judge its
+    first WINDOW // 2 real values, whose windows reach further back: those stay
+    as they were (with CONTEXT real values in the context, none of them needs
+    judging again). With this, a stream's flags do not depend on where its
     batches split (tests/test_quality_batches.py).
 
     ``full``: :func:`series_masks` of context + batch ``with_context``. Returns
     (indices into the context, bits to set, bits to clear first).
     """
-    ctx = np.asarray([float(c) for c in context][-CONTEXT:], dtype=float)
+    ctx = np.asarray([float(c) for c in context], dtype=float)
     n = len(ctx)
     if not n:
         empty = np.zeros(0, dtype=np.int64)
@@ -191,7 +193,7 @@ def revisit(context: Sequence[float], full: np.ndarray) -> tuple[np.ndarray, np.
     rank = np.cumsum(real) - 1
     total = int(real.sum())
     judge = real & (rank >= total - (WINDOW - 1))
-    if n >= CONTEXT:  # cut short: more values before it
+    if cut:  # more values before it
         judge &= rank >= WINDOW // 2
     head = full[:n]
     # stuck members of the run that reaches the batch (the context's last run)

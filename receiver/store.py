@@ -238,14 +238,15 @@ class StoreReads:
                              samples))
         return out
 
-    def _contexts(self, batch: Batch) -> Callable[[str, str, int], list[tuple[int, float, int]]]:
+    def _contexts(self, batch: Batch) -> Callable[[str, str, int], Context]:
         """The moving windows' context for every stream of a batch, from one read.
 
         Reads the samples just before the batch once (CONTEXT_SPAN seqs: every
         sensor's last CONTEXT samples when sensors take turns); a stream the
         read does not cover far enough is asked for on its own. A context is
-        (seq, value, frame key) of the stream's last CONTEXT samples that hold the
-        quantity, a non-number as NaN (it ends a stuck run, as it does inside a batch).
+        (seq, value, frame key) of the stream's samples that hold the quantity, back
+        to its CONTEXT-th real value, a non-number as NaN (it ends a stuck run, as it
+        does inside a batch), and whether the stream may go on before it.
         """
         firsts: dict[str, int] = {}
         for s in batch.samples:
@@ -263,11 +264,12 @@ class StoreReads:
         for seq, sensor, vals in rows:
             by_sensor.setdefault(sensor, []).append((seq, _values(vals)))
 
-        def context(sensor: str, q: str, before: int) -> list[tuple[int, float, int]]:
+        def context(sensor: str, q: str, before: int) -> Context:
             have = [(seq, v) for seq, v in by_sensor.get(sensor, ()) if seq < before and q in v]
-            if len(have) < quality.CONTEXT and lo > 1:  # the read may not reach back far enough
+            ctx, cut, enough = _context_of(have, q, more=lo > 1)
+            if not enough and lo > 1:  # the read may not reach back far enough
                 return self._context(batch.device, batch.epoch, sensor, q, before)
-            return _context_of(have[-quality.CONTEXT:], q)
+            return ctx, cut
 
         return context
 
@@ -688,14 +690,15 @@ class SQLiteStore(StoreReads):
         self.conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)", rows)
         self._revise_quality(batch.device, batch.epoch, revised)
 
-    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int
-                 ) -> list[tuple[int, float, int]]:
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> Context:
         rows = self.conn.execute(
             "SELECT seq, vals FROM samples WHERE device=? AND epoch=? AND sensor=? AND seq < ?"
             " AND json_type(vals, '$.' || ?) IS NOT NULL ORDER BY seq DESC LIMIT ?",
-            (device, epoch, sensor, before_seq, quantity, quality.CONTEXT),
+            (device, epoch, sensor, before_seq, quantity, CONTEXT_ROWS),
         ).fetchall()
-        return _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity)
+        ctx, cut, _ = _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity,
+                                  more=len(rows) == CONTEXT_ROWS)
+        return ctx, cut
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
@@ -761,6 +764,10 @@ PARK_REASON_CHARS = 500  # a parked batch's reason is the error, shortened
 # Seqs read back for the moving windows' context: each of up to 4 interleaved sensors' last CONTEXT
 # (a van with more sensors, or a stream with gaps, reads its stream on its own).
 CONTEXT_SPAN = quality.CONTEXT * 4
+# Rows a stream's own context read takes at most: a stream with more nulls than this gets
+# a shorter context (its windows reach back over fewer values), never an unbounded read.
+CONTEXT_ROWS = quality.CONTEXT * 4
+Context = tuple[list[tuple[int, float, int]], bool]  # (seq, value, frame key) ..., cut short
 
 
 @contextmanager
@@ -803,7 +810,7 @@ def _screen_times(batch: Batch, received_ms: int) -> None:
 
 
 def quality_rows(
-    batch: Batch, context: Callable[[str, str, int], list[tuple[int, float, int]]]
+    batch: Batch, context: Callable[[str, str, int], Context]
 ) -> tuple[list[tuple[str, str, int, str, str]], list[tuple[int, str, int, int]]]:
     """(device, epoch, seq, quantity, flags) for every flagged value of a batch, and revisits.
 
@@ -830,7 +837,7 @@ def quality_rows(
     for (sensor, q), samples in by_stream.items():
         samples.sort(key=lambda x: x.seq or 0)
         v = np.array([_num_or_nan(x.values.get(q)) for x in samples], dtype=float)
-        ctx = context(sensor, q, samples[0].seq or 0)
+        ctx, cut = context(sensor, q, samples[0].seq or 0)
         cv = [c[1] for c in ctx]
         frames = [quality.frame_key(x.values) for x in samples]
         full = quality.series_masks(v, cv, frames=frames, context_frames=[c[2] for c in ctx], with_context=True)
@@ -842,14 +849,26 @@ def quality_rows(
             mask |= quality.humid_mask(t, rh_t, rh_v)
         for k in np.nonzero(mask)[0]:
             out.append((batch.device, batch.epoch, samples[k].seq, q, quality.mask_text(int(mask[k]))))
-        pick, bits, clear = quality.revisit(cv, full)
+        pick, bits, clear = quality.revisit(cv, full, cut)
         revised += [(ctx[i][0], q, int(b), int(c)) for i, b, c in zip(pick, bits, clear)]
     return out, revised
 
 
-def _context_of(rows: list[tuple[int, dict[str, Any]]], q: str) -> list[tuple[int, float, int]]:
-    """(seq, value or NaN, frame key) of a stream's earlier samples (``quality_rows``' context)."""
-    return [(seq, _num_or_nan(v.get(q)), quality.frame_key(v)) for seq, v in rows]
+def _context_of(rows: list[tuple[int, dict[str, Any]]], q: str, *, more: bool
+                ) -> tuple[list[tuple[int, float, int]], bool, bool]:
+    """``quality_rows``' context from a stream's earlier samples (seq order): (seq, value or
+    NaN, frame key) back to the CONTEXT-th real value, whether the stream may go on before
+    it, and whether it holds that many (else a longer read may find more; ``more``: the
+    rows are not the stream's start)."""
+    out: list[tuple[int, float, int]] = []
+    real = 0
+    for seq, v in reversed(rows):
+        if real == quality.CONTEXT:
+            return out[::-1], True, True
+        x = _num_or_nan(v.get(q))
+        out.append((seq, x, quality.frame_key(v)))
+        real += not (x != x or quality.sentinel_mask(np.array([x]))[0])
+    return out[::-1], more, real == quality.CONTEXT
 
 
 def _rh_series(batch: Batch) -> tuple[np.ndarray, np.ndarray]:

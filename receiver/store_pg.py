@@ -72,6 +72,8 @@ from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.requality import requality
 from receiver.store import (
+    CONTEXT_ROWS,
+    Context,
     GPS_SENSOR,
     IngestResult,
     StoreReads,
@@ -749,14 +751,15 @@ class PostgresStore(StoreReads):
                 )
         self._revise_quality(batch.device, batch.epoch, revised)  # earlier values, never COPY
 
-    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int
-                 ) -> list[tuple[int, float, int]]:
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> Context:
         rows = self.conn.execute(
             "SELECT seq, vals FROM samples WHERE device = %s AND epoch = %s AND sensor = %s"
             " AND seq < %s AND vals ? %s ORDER BY seq DESC LIMIT %s",
-            (device, epoch, sensor, before_seq, quantity, quality.CONTEXT),
+            (device, epoch, sensor, before_seq, quantity, CONTEXT_ROWS),
         ).fetchall()
-        return _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity)
+        ctx, cut, _ = _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity,
+                                  more=len(rows) == CONTEXT_ROWS)
+        return ctx, cut
 
     def count(self, name: str, by: int = 1) -> None:
         """Add to a running total (outside any ingest transaction)."""

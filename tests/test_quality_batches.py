@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge.model import Sample, TimeSource
@@ -81,6 +81,10 @@ plans = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(1, 45)), min_size
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=plans, seed=st.integers(0, 1000), cuts=st.lists(st.integers(1, 400), max_size=6))
+# a stream's start with 15 nulls in the context: the context holds the start, not 29 real values
+@example(plan=[("noise", 1), ("noise", 6), ("null", 15), ("low_frame", 8)], seed=0, cuts=[29])
+# nulls longer than the context: the stream's own read reaches back over them
+@example(plan=[("noise", 30), ("null", 45), ("null", 45), ("spike", 20)], seed=3, cuts=[100, 121])
 def test_flags_do_not_depend_on_batch_splits_sqlite(plan: list[tuple[str, int]], seed: int, cuts: list[int]) -> None:
     samples = stream(plan, seed)
     with tempfile.TemporaryDirectory() as d:
