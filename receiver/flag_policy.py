@@ -21,6 +21,7 @@ and aggregate.py (leaves them out even where no quality row exists yet).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -107,7 +108,10 @@ class FlagPolicy:
     def of(cls, exclude: Iterable[str], exclude_pm: Iterable[str]) -> FlagPolicy:
         bad = unknown_flags([*exclude, *exclude_pm])
         if bad:
-            raise ValueError(f"unknown flag(s) {', '.join(bad)}: known are {', '.join(sorted(KNOWN_FLAGS))}")
+            hints = [f"'{b}': did you mean '{m[0]}'?" for b in bad
+                     if (m := difflib.get_close_matches(b.strip().lower(), KNOWN_FLAGS, n=1, cutoff=0.6))]
+            raise ValueError(f"unknown flag(s) {', '.join(bad)}{' (' + '; '.join(hints) + ')' if hints else ''}:"
+                             f" known are {', '.join(sorted(KNOWN_FLAGS))}")
         return cls(frozenset(exclude), frozenset(exclude_pm))
 
     def excluded_for(self, quantity: str) -> frozenset[str]:

@@ -25,6 +25,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ('[receiver]\nstroe = "x.sqlite"\n', "receiver.stroe", "did you mean 'store'"),
     ('[receiver]\nexclude_flag = ["stuck"]\n', "receiver.exclude_flag", "did you mean 'exclude_flags'"),
     ('[api]\nport = 8080\n', "api", "unknown table [api]"),
+    ('[receiver]\nexclude_flags = ["stuk"]\n', "receiver.exclude_flags", "'stuk': did you mean 'stuck'?"),
+    ('[receiver]\nexclude_flags_pm = ["Humid"]\n', "receiver.exclude_flags_pm", "did you mean 'humid'?"),
 ])
 def test_unknown_tables_and_keys_are_refused_by_name(tmp_path: Path, text: str, key: str, says: str) -> None:
     with pytest.raises(ConfigError) as err:
