@@ -1,7 +1,10 @@
-"""Quality flags judged again on the best value, after the receiver recomputed values.
+"""Quality flags judged again where one batch alone could not judge them.
 
-The flags must describe the number that is served: when receiver/calibration.py writes
-or removes a recomputed ``no2_ppb`` (``derived``), the value flags (``out_of_range``,
+``requality``: on the best value, after the receiver recomputed values.
+``humid_edges``: ``humid`` at a batch's time edges, with the RH of the batches around it.
+
+For ``requality``, the flags must describe the number that is served: when
+receiver/calibration.py writes or removes a recomputed ``no2_ppb`` (``derived``), the value flags (``out_of_range``,
 ``negative``) and the window flags (``stuck``, ``outlier``) of those samples are judged
 again on the best value (the derived one, else the van's), and so are the neighbours
 whose windows hold them. The flags of the sample itself (``warming_up``, clock flags,
@@ -64,25 +67,9 @@ def _epoch(conn: Any, device: str, epoch: str, lo: int, hi: int) -> int:
     series = quality.series_masks(best, frames=frames)
     value = quality.value_masks(NO2_QUANTITY, best)
     judge = _judged(best, cut_before, cut_after)
-    put, drop = [], []
-    for i, (seq, _, _, flags) in enumerate(rows):
-        if not judge[i]:
-            continue
-        old = quality.mask_of(flags)
-        mask = (old & ~_VALUE_BITS) | int(value[i]) | int(series[i])
-        if mask == old:
-            continue
-        if mask:
-            put.append((device, epoch, seq, NO2_QUANTITY, quality.mask_text(mask)))
-        else:
-            drop.append((device, epoch, seq, NO2_QUANTITY))
-    cur = conn.cursor()
-    if put:
-        cur.executemany(_q(conn, "INSERT INTO quality VALUES (?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
-                                 " DO UPDATE SET flags = excluded.flags"), put)
-    if drop:
-        cur.executemany(_q(conn, "DELETE FROM quality WHERE device=? AND epoch=? AND seq=? AND quantity=?"), drop)
-    return len(put) + len(drop)
+    return rewrite_flags(conn, device, (
+        (epoch, seq, NO2_QUANTITY, flags, (quality.mask_of(flags) & ~_VALUE_BITS) | int(value[i]) | int(series[i]))
+        for i, (seq, _, _, flags) in enumerate(rows) if judge[i]))
 
 
 def _judged(v: np.ndarray, cut_before: bool, cut_after: bool) -> np.ndarray:
@@ -111,3 +98,82 @@ def _first_run(v: np.ndarray) -> np.ndarray:
                 break
             out[i] = True
     return out
+
+
+def humid_edges(conn: Any, device: str, times: list[int]) -> int:
+    """``humid`` of PM values near a batch's time edges, judged with every RH the van sent.
+
+    A batch judges ``humid`` with the RH readings inside it; a PM value within
+    HUMID_WITHIN_MS of the batch's first or last time may have its closest RH in a
+    neighbouring batch (either side, whichever arrived first). So both edges are judged
+    again with the van's RH readings around them, read by time through
+    ``positions(device, t_utc_ms)``: two short windows per batch, whatever its length.
+    Only the ``humid`` bit changes. Returns rows changed.
+    """
+    if not times:
+        return 0
+    w = quality.HUMID_WITHIN_MS
+    changed = 0
+    lo, hi = min(times), max(times)
+    edges = [(lo - w, lo + w), (hi - w, hi + w)] if hi - lo > 2 * w else [(lo - w, hi + w)]
+    for a, b in edges:
+        changed += _humid_window(conn, device, a, b)
+    return changed
+
+
+def _humid_window(conn: Any, device: str, a: float, b: float) -> int:
+    w = quality.HUMID_WITHIN_MS
+    rows = _exec(conn, "SELECT s.epoch, s.seq, p.t_utc_ms, s.vals FROM positions p JOIN samples s"
+                       " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                       " WHERE p.device=? AND p.t_utc_ms >= ? AND p.t_utc_ms <= ? AND s.sensor <> 'gps'",
+                 (device, int(a - w), int(b + w))).fetchall()
+    from receiver.store import _values
+
+    rh_at: list[tuple[int, float]] = []
+    pm: list[tuple[str, int, int, str]] = []  # epoch, seq, t, quantity
+    for epoch, seq, t, vals in rows:
+        v = _values(vals)
+        for key, x in v.items():
+            if quality.is_rh_key(key) and isinstance(x, (int, float)) and not isinstance(x, bool):
+                rh_at.append((t, float(x)))
+            elif key in quality.PM_QUANTITIES and key in quality.FLAGGED and a <= t <= b:
+                pm.append((epoch, seq, t, key))
+    if not pm:
+        return 0
+    rh_at.sort()
+    rh_t = np.array([r[0] for r in rh_at], dtype=float)
+    rh_v = np.array([r[1] for r in rh_at], dtype=float)
+    bits = quality.humid_mask(np.array([p[2] for p in pm], dtype=float), rh_t, rh_v)
+    stored: dict[tuple[str, int, str], str] = {}
+    for epoch in {p[0] for p in pm}:
+        seqs = [p[1] for p in pm if p[0] == epoch]
+        stored.update({(epoch, seq, q): f for seq, q, f in _exec(
+            conn, "SELECT seq, quantity, flags FROM quality WHERE device=? AND epoch=? AND seq BETWEEN ? AND ?",
+            (device, epoch, min(seqs), max(seqs))).fetchall()})
+    humid = quality.BIT["humid"]
+    return rewrite_flags(conn, device, (
+        (epoch, seq, q, stored.get((epoch, seq, q)), (quality.mask_of(stored.get((epoch, seq, q))) & ~humid) | int(bit))
+        for (epoch, seq, _, q), bit in zip(pm, bits)))
+
+
+def rewrite_flags(conn: Any, device: str, items: Iterable[tuple[str, int, str, str | None, int]]) -> int:
+    """Store new flag masks of earlier values: (epoch, seq, quantity, stored text, new mask).
+
+    Only changed rows are written; a value left without flags loses its row (as one never
+    flagged has none). Returns rows changed.
+    """
+    put, drop = [], []
+    for epoch, seq, q, old, mask in items:
+        if quality.mask_text(mask) == (old or ""):
+            continue
+        if mask:
+            put.append((device, epoch, seq, q, quality.mask_text(mask)))
+        else:
+            drop.append((device, epoch, seq, q))
+    cur = conn.cursor()
+    if put:
+        cur.executemany(_q(conn, "INSERT INTO quality VALUES (?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
+                                 " DO UPDATE SET flags = excluded.flags"), put)
+    if drop:
+        cur.executemany(_q(conn, "DELETE FROM quality WHERE device=? AND epoch=? AND seq=? AND quantity=?"), drop)
+    return len(put) + len(drop)

@@ -35,7 +35,7 @@ from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
-from receiver.requality import requality
+from receiver.requality import humid_edges, requality, rewrite_flags
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
 from uplink.wire import Batch
@@ -281,26 +281,9 @@ class StoreReads:
         stored = {(seq, q): f for seq, q, f in self.conn.execute(
             "SELECT seq, quantity, flags FROM quality WHERE device = ? AND epoch = ? AND seq BETWEEN ? AND ?"
             .replace("?", self.PARAM), (device, epoch, lo, hi)).fetchall()}
-        put, drop = [], []
-        for seq, q, bits, clear in revised:
-            old = stored.get((seq, q))
-            mask = (quality.mask_of(old) & ~clear) | bits
-            text = quality.mask_text(mask)
-            if text == (old or ""):
-                continue
-            if mask:
-                put.append((device, epoch, seq, q, text))
-            else:
-                drop.append((device, epoch, seq, q))
-        p = self.PARAM
-        cur = self.conn.cursor()  # psycopg connections have no executemany of their own
-        if put:
-            cur.executemany(
-                f"INSERT INTO quality VALUES ({p},{p},{p},{p},{p}) ON CONFLICT (device, epoch, seq, quantity)"
-                " DO UPDATE SET flags = excluded.flags", put)
-        if drop:
-            cur.executemany(
-                f"DELETE FROM quality WHERE device = {p} AND epoch = {p} AND seq = {p} AND quantity = {p}", drop)
+        rewrite_flags(self.conn, device, (
+            (epoch, seq, q, stored.get((seq, q)), (quality.mask_of(stored.get((seq, q))) & ~clear) | bits)
+            for seq, q, bits, clear in revised))
 
     def close(self) -> None:
         self.conn.close()
@@ -590,6 +573,8 @@ class SQLiteStore(StoreReads):
         touched = ingest_calibrations(self.conn, batch)  # received time: each record's sample's
         self._flag_quality(batch)
         requality(self.conn, batch.device, touched)  # flags describe the value served
+        humid_edges(self.conn, batch.device, [s.t_utc_ms for s in batch.samples
+                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
 
     def derive_pending(self, limit: int | None = None) -> int:
         """Derive the batches stored with ``derive=False``, oldest first; how many were done.

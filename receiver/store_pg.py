@@ -70,7 +70,7 @@ from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
-from receiver.requality import requality
+from receiver.requality import humid_edges, requality
 from receiver.store import (
     CONTEXT_ROWS,
     Context,
@@ -567,6 +567,8 @@ class PostgresStore(StoreReads):
         touched = ingest_calibrations(c, batch)  # received time: each record's sample's
         self._flag_quality(batch, fresh)
         requality(c, batch.device, touched)  # flags describe the value served
+        humid_edges(c, batch.device, [s.t_utc_ms for s in batch.samples
+                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
 
     def _nothing_derived(self, batch: Batch) -> bool:
         """True when no fix, position or flag of the batch's range exists yet (so COPY cannot conflict)."""

@@ -4,7 +4,8 @@ The same stream of samples is stored once as one batch and once cut into batches
 random places, through the real ingest with inline derivation; the ``quality`` tables
 must be identical. The streams hold what moves the windows: stuck runs (also crossing a
 cut), a small whole number repeated with and without its whole frame, steps, spikes,
-sentinels, nulls and non-numbers.
+sentinels, nulls and non-numbers; and the NO2 sensor's RH now and then, so ``humid``
+at a cut depends on an RH reading in the batch before or after it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def stream(plan: list[tuple[str, int]], seed: int) -> list[Sample]:
         for v, other in segment_values(kind, n, rng):
             seq += 1
             samples.append(Sample("pm", T + seq * 1000, seq * 1000, TimeSource.GPS, {"pm25": v, **other}, (), seq))
+            if seq % 9 == 0:  # the NO2 sensor's RH (drivers/dgs_no2.py), sometimes fog: humid PM
+                seq += 1
+                rh = rng.choice((50.0, 70.0, 80.0, 95.0))
+                samples.append(Sample("no2", T + seq * 1000, seq * 1000, TimeSource.GPS, {"no2_rh_pct": rh}, (), seq))
     return samples
 
 
@@ -100,8 +105,10 @@ def test_named_cases_split_or_whole(tmp_path: Path) -> None:
     assert sum("stuck" in r[2] for r in whole if r[1] == "pm25") == 40
     assert store_in_batches(SQLiteStore(tmp_path / "b.sqlite"), run, [40]) == whole
     step = stream([("noise", 20), ("step", 40)], 2)
-    assert store_in_batches(SQLiteStore(tmp_path / "c.sqlite"), step, []) == []  # a step is the street
-    assert store_in_batches(SQLiteStore(tmp_path / "d.sqlite"), step, [27]) == []
+    whole = store_in_batches(SQLiteStore(tmp_path / "c.sqlite"), step, [])
+    assert not any("outlier" in r[2] for r in whole)  # a step is the street
+    cut = next(i for i, s in enumerate(step) if s.values.get("pm25", 0) > 30) + 7  # 7 values after the step
+    assert store_in_batches(SQLiteStore(tmp_path / "d.sqlite"), step, [cut]) == whole
 
 
 def test_flags_do_not_depend_on_batch_splits_postgresql(pg_cluster: PgCluster, tmp_path: Path) -> None:  # noqa: F811
