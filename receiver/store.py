@@ -746,9 +746,9 @@ class SQLiteStore(StoreReads):
 # Queued batches a deriver takes per transaction (and merges per van).
 DERIVE_CLAIM = 32
 PARK_REASON_CHARS = 500  # a parked batch's reason is the error, shortened
-# Seqs read back for the moving windows' context: each of up to 4 interleaved sensors' last CONTEXT
-# (a van with more sensors, or a stream with gaps, reads its stream on its own).
-CONTEXT_SPAN = quality.CONTEXT * 4
+# Seqs read back for the moving windows' context: each of up to 8 interleaved sensors' last CONTEXT
+# (a van with more sensors, or a stream with many nulls, reads its stream on its own).
+CONTEXT_SPAN = quality.CONTEXT * 8
 # Rows a stream's own context read takes at most: a stream with more nulls than this gets
 # a shorter context (its windows reach back over fewer values), never an unbounded read.
 CONTEXT_ROWS = quality.CONTEXT * 4
