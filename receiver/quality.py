@@ -111,6 +111,12 @@ def frame_key(values: dict[str, object]) -> int:
                              if isinstance(v, (int, float)) and not isinstance(v, bool))))
 
 
+def has_low_whole(v: np.ndarray) -> bool:
+    """Whether any value is a small whole number (the ``stuck`` rule then needs frames)."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.any((np.abs(v) <= QUANTIZED_LOW) & (v == np.round(v))))
+
+
 def series_masks(
     values: np.ndarray, context: Sequence[float] = (), *, frames: Sequence[int] | None = None,
     context_frames: Sequence[int] = (), with_context: bool = False,

@@ -35,6 +35,7 @@ from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
+from receiver.flag_policy import is_sentinel
 from receiver.requality import humid_edges, requality, rewrite_flags
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
@@ -244,7 +245,7 @@ class StoreReads:
         Reads the samples just before the batch once (CONTEXT_SPAN seqs: every
         sensor's last CONTEXT samples when sensors take turns); a stream the
         read does not cover far enough is asked for on its own. A context is
-        (seq, value, frame key) of the stream's samples that hold the quantity, back
+        (seq, value, values) of the stream's samples that hold the quantity, back
         to its CONTEXT-th real value, a non-number as NaN (it ends a stuck run, as it
         does inside a batch), and whether the stream may go on before it.
         """
@@ -752,7 +753,7 @@ CONTEXT_SPAN = quality.CONTEXT * 8
 # Rows a stream's own context read takes at most: a stream with more nulls than this gets
 # a shorter context (its windows reach back over fewer values), never an unbounded read.
 CONTEXT_ROWS = quality.CONTEXT * 4
-Context = tuple[list[tuple[int, float, int]], bool]  # (seq, value, frame key) ..., cut short
+Context = tuple[list[tuple[int, float, dict[str, Any]]], bool]  # (seq, value, values) ..., cut short
 
 
 @contextmanager
@@ -799,7 +800,7 @@ def quality_rows(
 ) -> tuple[list[tuple[str, str, int, str, str]], list[tuple[int, str, int, int]]]:
     """(device, epoch, seq, quantity, flags) for every flagged value of a batch, and revisits.
 
-    ``context(sensor, quantity, first_seq)`` gives (seq, value, frame key) just before the
+    ``context(sensor, quantity, first_seq)`` gives (seq, value, values) just before the
     batch, so moving windows run across batch boundaries; the flags of those
     earlier values that this batch settles come back as revisits (seq,
     quantity, bits to set, bits to clear first; ``quality.revisit``), so a
@@ -824,8 +825,12 @@ def quality_rows(
         v = np.array([_num_or_nan(x.values.get(q)) for x in samples], dtype=float)
         ctx, cut = context(sensor, q, samples[0].seq or 0)
         cv = [c[1] for c in ctx]
-        frames = [quality.frame_key(x.values) for x in samples]
-        full = quality.series_masks(v, cv, frames=frames, context_frames=[c[2] for c in ctx], with_context=True)
+        frames, ctx_frames = None, []
+        if quality.has_low_whole(v) or quality.has_low_whole(np.asarray(cv, dtype=float)):
+            # frames only where the stuck rule needs them: hashing every sample costs a third of this
+            frames = [quality.frame_key(x.values) for x in samples]
+            ctx_frames = [quality.frame_key(c[2]) for c in ctx]
+        full = quality.series_masks(v, cv, frames=frames, context_frames=ctx_frames, with_context=True)
         mask = quality.value_masks(q, v) | full[len(cv):]
         mask |= np.fromiter((quality.sample_mask(x.flags, str(x.time_src)) for x in samples),
                             dtype=np.int64, count=len(samples))
@@ -840,19 +845,19 @@ def quality_rows(
 
 
 def _context_of(rows: list[tuple[int, dict[str, Any]]], q: str, *, more: bool
-                ) -> tuple[list[tuple[int, float, int]], bool, bool]:
+                ) -> tuple[list[tuple[int, float, dict[str, Any]]], bool, bool]:
     """``quality_rows``' context from a stream's earlier samples (seq order): (seq, value or
-    NaN, frame key) back to the CONTEXT-th real value, whether the stream may go on before
+    NaN, the sample's values) back to the CONTEXT-th real value, whether the stream may go on before
     it, and whether it holds that many (else a longer read may find more; ``more``: the
     rows are not the stream's start)."""
-    out: list[tuple[int, float, int]] = []
+    out: list[tuple[int, float, dict[str, Any]]] = []
     real = 0
     for seq, v in reversed(rows):
         if real == quality.CONTEXT:
             return out[::-1], True, True
         x = _num_or_nan(v.get(q))
-        out.append((seq, x, quality.frame_key(v)))
-        real += not (x != x or quality.sentinel_mask(np.array([x]))[0])
+        out.append((seq, x, v))
+        real += not (x != x or is_sentinel(x))  # NaN != NaN
     return out[::-1], more, real == quality.CONTEXT
 
 
