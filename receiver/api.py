@@ -386,7 +386,8 @@ class App:
         return streamed_json("application/geo+json", {
             "type": "FeatureCollection",
             "features": _track_features(device, rows),
-            "properties": Later(lambda: {"device": device, "points": rows.n, "truncated": rows.n == limit}),
+            # a foreign member, as the exports: RFC 7946 (7.1) keeps "properties" for Features
+            "metadata": Later(lambda: {"device": device, "points": rows.n, "truncated": rows.n == limit}),
         })
 
 

@@ -333,12 +333,15 @@ def _carried_by_serial(values: dict[str, Any], serial: str) -> bool:
 
 
 def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[str, Any]]],
-                   recs: list[CalibrationRecord], *, prune: bool) -> int:
+                   recs: list[CalibrationRecord], *, prune: bool,
+                   touched: list[tuple[str, int]] | None = None) -> int:
     """Derive ``no2_ppb`` for (epoch, seq, t_ms, values) by the record valid at each one's time.
 
     ``prune``: a sample no record covers (any more) loses its derived row, so what it
     serves is the van's own value again (a new sample has none to lose). One statement
-    for the writes, one for the deletes. Returns the number of rows written.
+    for the writes, one for the deletes. Returns the number of rows written;
+    ``touched`` gets (epoch, seq) of every sample whose served value may have
+    changed (its flags are judged again: receiver/requality.py).
     """
     rows, gone = [], []
     for epoch, seq, t_ms, values in todo:
@@ -355,10 +358,14 @@ def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[
                                  " DO UPDATE SET value=excluded.value, calibration=excluded.calibration"), rows)
     if gone and prune:
         cur.executemany(_q(conn, "DELETE FROM derived WHERE device=? AND epoch=? AND seq=? AND quantity=?"), gone)
+    if touched is not None:
+        touched += [(r[1], r[2]) for r in rows]
+        if prune:
+            touched += [(g[1], g[2]) for g in gone]
     return len(rows)
 
 
-def recompute_no2(conn: Any, device: str, span: Span) -> int:
+def recompute_no2(conn: Any, device: str, span: Span, touched: list[tuple[str, int]] | None = None) -> int:
     """Recompute ``device``'s ``no2_ppb`` for its NO2 samples timed inside ``span``.
 
     Each sample gets the record valid at its time (``record_at``), from its raw
@@ -382,10 +389,10 @@ def recompute_no2(conn: Any, device: str, span: Span) -> int:
                        " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
                        f" WHERE {' AND '.join(where)}", tuple(args)).fetchall()
     todo = [(e, q, t, json.loads(v) if isinstance(v, str) else dict(v)) for e, q, t, v in rows if t is not None]
-    return _write_derived(conn, device, todo, _no2_records(conn, device), prune=True)
+    return _write_derived(conn, device, todo, _no2_records(conn, device), prune=True, touched=touched)
 
 
-def derive_batch_no2(conn: Any, batch: Any) -> int:
+def derive_batch_no2(conn: Any, batch: Any, touched: list[tuple[str, int]] | None = None) -> int:
     """Derive ``no2_ppb`` for a batch's NO2 samples by the record valid at their time.
 
     For samples that arrive after their record (a van's backlog); ``recompute_no2``
@@ -396,16 +403,22 @@ def derive_batch_no2(conn: Any, batch: Any) -> int:
     if not todo:
         return 0
     recs = _no2_records(conn, batch.device)
-    return _write_derived(conn, batch.device, todo, recs, prune=False) if recs else 0
+    return _write_derived(conn, batch.device, todo, recs, prune=False, touched=touched) if recs else 0
 
 
-def ingest_calibrations(conn: Any, batch: Any, received_ms: int | None = None) -> None:
-    """All of the above for one stored batch: the single call ``SQLiteStore.ingest`` needs."""
-    derive_batch_no2(conn, batch)
+def ingest_calibrations(conn: Any, batch: Any, received_ms: int | None = None) -> list[tuple[str, int]]:
+    """All of the above for one stored batch: the single call ``SQLiteStore.ingest`` needs.
+
+    Returns (epoch, seq) of the samples whose served value it may have changed: the store
+    judges their flags again once the batch's own are written (receiver/requality.py).
+    """
+    touched: list[tuple[str, int]] = []
+    derive_batch_no2(conn, batch, touched)
     spans = [span for rec, span in store_calibrations(conn, batch, received_ms)
              if rec.kind == NO2_SENSOR and span is not None]
     for span in _merged(spans):  # a correction and the record it closes overlap: each sample once
-        recompute_no2(conn, batch.device, span)
+        recompute_no2(conn, batch.device, span, touched)
+    return touched
 
 
 def _merged(spans: list[Span]) -> list[Span]:

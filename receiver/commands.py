@@ -11,6 +11,7 @@ They live in their own click group so the receiver's CLI can take them in one li
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -52,10 +53,14 @@ def _store_option(f):  # type: ignore[no-untyped-def]
                         help="SQLite path (or sqlite:///...) or postgresql:// URL of the DataLab store.")(f)
 
 
-def _policy_option(f):  # type: ignore[no-untyped-def]
+def _policy_option(f, only: str = ""):  # type: ignore[no-untyped-def]
     return click.option("--config", "config", type=click.Path(exists=True, dir_okay=False),
-                        help="Receiver TOML whose exclude_flags / exclude_flags_pm set the flag policy "
+                        help=f"{only}Receiver TOML whose exclude_flags / exclude_flags_pm set the flag policy "
                              "(default: the documented policy, docs/datalab.md).")(f)
+
+
+def _measurements_policy_option(f):  # type: ignore[no-untyped-def]
+    return _policy_option(f, "measurements only (aggregates carry the policy of their build): ")
 
 
 def _flag_policy(config: str | None):  # type: ignore[no-untyped-def]
@@ -151,7 +156,7 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
 @click.option("--all-positions", is_flag=True,
               help="measurements: also values without a trusted position (empty lat/lon).")
 @click.option("--tz", default=DEFAULT_TZ, show_default=True)
-@_policy_option
+@_measurements_policy_option
 def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period: str | None,
            quantities: tuple[str, ...], device: str | None, all_positions: bool, tz: str,
            config: str | None) -> None:
@@ -167,8 +172,12 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
       datalab-receiver export aggregates --store datalab.sqlite --scheme segment --quantity laeq > noise.csv
       datalab-receiver export measurements --store datalab.sqlite --period 2026-11-24 --device van-001 --out van1.csv
     """
-    from receiver.export import export_aggregates, export_measurements
+    from receiver.export import build_policies, export_aggregates, export_measurements
 
+    if kind == "aggregates" and config is not None:
+        # the maps were built with a policy (aggregate build); an export cannot change it
+        raise click.UsageError("--config sets the flag policy of measurement exports only: aggregates carry "
+                               "the policy their maps were built with (rebuild with `aggregate --config`)")
     policy = _flag_policy(config)
     conn = _connect(store, readonly=True)
     stream = sys.stdout if out == "-" else open(out, "w", encoding="utf-8", newline="")
@@ -178,6 +187,9 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
                 raise click.UsageError("aggregates: give at most one --quantity (or none for all)")
             n = export_aggregates(conn, stream, fmt, scheme=scheme, period=period,
                                   quantity=quantities[0] if quantities else None)
+            for build, used in build_policies(conn, scheme=scheme, period=period).items():
+                click.echo(f"{build}: built with flag policy {json.dumps(used) if used else '(none recorded)'}",
+                           err=True)
         else:
             try:
                 window = parse_period(period, tz) if period else Period("all")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -105,18 +106,32 @@ def weak_share_group(group: str) -> str | None:
 def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverConfig:
     cfg = ReceiverConfig()
     data: dict[str, Any] = {}
+    known = {f.name: f for f in fields(ReceiverConfig)}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("receiver", {})
+            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError("<file>", f"cannot read {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("<file>", f"{path} is not valid TOML: {exc}") from exc
+        # Everything lives in [receiver]: a key above it or a misspelt table would otherwise
+        # be ignored without a word, and the receiver run on defaults the operator did not choose.
+        for key, value in doc.items():
+            if key == "receiver":
+                continue
+            if isinstance(value, dict):
+                raise ConfigError(key, f"unknown table [{key}]{_did_you_mean(key, ['receiver'])}")
+            if key in known:
+                raise ConfigError(key, "a key at the top level is not read: put it under [receiver]")
+            raise ConfigError(key, f"unknown key at the top level{_did_you_mean(key, list(known))}"
+                              " (keys belong under [receiver])")
+        data = doc.get("receiver", {})
+        if not isinstance(data, dict):
+            raise ConfigError("receiver", "expected a table [receiver]")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name: f for f in fields(ReceiverConfig)}
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"receiver.{key}", "unknown key")
+            raise ConfigError(f"receiver.{key}", f"unknown key{_did_you_mean(key, list(known))}")
         default = getattr(cfg, key)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -155,6 +170,11 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
         raise ConfigError("receiver.group_values" if cfg.group_values < 1 else "receiver.group_uploads",
                           "must be at least 1")
     return cfg
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def pg_timeouts(cfg: ReceiverConfig, *, statement_s: float | None = None) -> Any:

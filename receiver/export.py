@@ -217,13 +217,40 @@ def write_geojson(features: Iterator[dict[str, Any] | None], out: IO[str],
     return n
 
 
+def build_policies(conn: Any, *, scheme: str | None = None, period: str | None = None) -> dict[str, Any]:
+    """The flag policy each map build used, by "scheme/period" (``aggregate_builds.params``).
+
+    An aggregate export serves what was built: its ``n_excluded`` and values follow the
+    policy of the build, not one given at export time. None: built before the policy.
+    """
+    if not dbapi.table_exists(conn, "aggregate_builds"):
+        return {}
+    where, params = [], []
+    for col, val in (("scheme", scheme), ("period", period)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            params.append(val)
+    rows = dbapi.fetchall(conn, "SELECT scheme, period, params FROM aggregate_builds"
+                                + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY scheme, period",
+                          tuple(params))
+    out: dict[str, Any] = {}
+    for sch, per, text in rows:
+        try:
+            built = json.loads(text) if text else {}
+        except ValueError:
+            built = {}
+        out[f"{sch}/{per}"] = built.get("flag_policy") if isinstance(built, dict) else None
+    return out
+
+
 def export_aggregates(conn: Any, out: IO[str], fmt: str, *, scheme: str | None = None,
                       period: str | None = None, quantity: str | None = None) -> int:
     rows = published_aggregates(conn, scheme=scheme, period=period, quantity=quantity)
     if fmt == "csv":
         return write_csv(rows, AGG_FIELDS, out)
     meta = {"published_only": True, "statistic": "median of per-pass means (noise: energy means)",
-            "n_excluded": "values the flag policy left out of the unit (docs/datalab.md, Flag policy)"}
+            "n_excluded": "values the flag policy left out of the unit (docs/datalab.md, Flag policy)",
+            "flag_policy": build_policies(conn, scheme=scheme, period=period)}
     return write_geojson((aggregate_feature(r) for r in rows), out, meta)
 
 

@@ -15,12 +15,13 @@ those would push clean streets up). The receiver config can change both lists
 (``exclude_flags``, ``exclude_flags_pm``, receiver/config.py).
 
 Sentinels (a sensor's "no value" codes, e.g. -999) are not measurements anywhere:
-:func:`sentinel_mask` is the one rule, used by quality.py (flags them ``out_of_range``)
+:func:`sentinel_mask` is the one rule, used by quality.py (flags them ``out_of_range``, no value in the windows)
 and aggregate.py (leaves them out even where no quality row exists yet).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -43,7 +44,8 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
     "out_of_range": ("receiver", "exclude", "outside what the sensor can report, or a sentinel"),
     "negative": ("receiver", "exclude PM", "a negative PM count is a fault; NO2 cells read a little below "
                  "zero in clean air, dropping those would bias clean streets up"),
-    "stuck": ("receiver", "exclude", "30 identical values in a row: the sensor stopped reporting"),
+    "stuck": ("receiver", "exclude", "30 identical values (a small whole number: whole frames) in a row: the "
+              "sensor stopped reporting"),
     "outlier": ("receiver", "exclude", "outside median ± 3·MAD of its 15 neighbours: a spike, not the street"),
     "humid": ("receiver", "exclude PM", "optical PM reads high above 75 % RH (hygroscopic growth); "
               "only PM gets it"),
@@ -110,7 +112,10 @@ class FlagPolicy:
     def of(cls, exclude: Iterable[str], exclude_pm: Iterable[str]) -> FlagPolicy:
         bad = unknown_flags([*exclude, *exclude_pm])
         if bad:
-            raise ValueError(f"unknown flag(s) {', '.join(bad)}: known are {', '.join(sorted(KNOWN_FLAGS))}")
+            hints = [f"'{b}': did you mean '{m[0]}'?" for b in bad
+                     if (m := difflib.get_close_matches(b.strip().lower(), KNOWN_FLAGS, n=1, cutoff=0.6))]
+            raise ValueError(f"unknown flag(s) {', '.join(bad)}{' (' + '; '.join(hints) + ')' if hints else ''}:"
+                             f" known are {', '.join(sorted(KNOWN_FLAGS))}")
         return cls(frozenset(exclude), frozenset(exclude_pm))
 
     def excluded_for(self, quantity: str) -> frozenset[str]:

@@ -8,9 +8,20 @@ shared/reference/datalab-store.md:
 * ``negative``: below zero where the quantity cannot be;
 * ``stuck``: the same value over and over: the reference practice says 3+ repeats for
   per-minute data; at 1 Hz, integer-resolution sensors repeat three times in clean
-  air all the time, so we flag runs of STUCK_RUN samples (30: half a minute);
+  air all the time, so we flag runs of STUCK_RUN samples (30: half a minute). A small
+  whole number (within QUANTIZED_LOW of zero: 0, 1, 2 ... µg/m³ from a PMS5003 in clean
+  air) repeats for minutes on a sound sensor, so there the run counts only while the
+  sample's whole frame repeats too (every number the sensor sent: the other PM channels,
+  the particle counts): a stuck sensor repeats its whole frame, a clean street repeats
+  one small count while the counts behind it move. We chose this over a longer window
+  because it still catches a sensor stuck at a low value within STUCK_RUN samples, and
+  it needs no more context than the other rules;
 * ``outlier``: outside median ± 3·MAD of a moving window of 15;
-* ``humid``: PM measured at relative humidity above 75 % (optical PM reads high in fog);
+* sentinels and non-numbers are no values in the ``stuck`` and ``outlier`` windows (like
+  nulls: they break a run and are skipped by the median), so a sensor that sends -999
+  every other second does not drag its real values into ``outlier``;
+* ``humid``: PM measured at relative humidity above 75 % (optical PM reads high in fog),
+  by any RH the van measured within 30 s (``RH_KEYS``, ``is_rh_key``);
 * ``warming_up``: the sensor said so;
 * ``no_fix``: the sample has no position (``no_time``: not even a time);
 * ``clock_untrusted``: its time was stamped before the clock could be trusted;
@@ -54,9 +65,10 @@ RANGES: dict[str, tuple[float, float]] = {
 NON_NEGATIVE = {"pm1", "pm25", "pm10", "no2_ppb"}
 HUMID_RH = 75.0
 STUCK_RUN = 30
+QUANTIZED_LOW = 5.0  # a few resolution steps of a whole-number sensor (see the module doc)
 WINDOW = 15
 MAD_K = 3.0
-CONTEXT = max(WINDOW, STUCK_RUN) - 1  # earlier values a batch needs to see
+CONTEXT = max(WINDOW, STUCK_RUN) - 1  # earlier real values a batch needs to see
 
 # The quantities that get flags (others, e.g. raw millivolts, are kept as they are).
 FLAGGED = set(RANGES)
@@ -101,14 +113,35 @@ def value_flags(quantity: str, value: object) -> set[str]:
     return names(int(value_masks(quantity, np.array([float(value)]))[0]))
 
 
-def series_masks(values: np.ndarray, context: Sequence[float] = ()) -> np.ndarray:
+def frame_key(values: dict[str, object]) -> int:
+    """One number for a sample's whole frame (all its numbers): equal frames, equal keys."""
+    return hash(tuple(sorted((k, v) for k, v in values.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool))))
+
+
+def has_low_whole(v: np.ndarray) -> bool:
+    """Whether any value is a small whole number (the ``stuck`` rule then needs frames)."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.any((np.abs(v) <= QUANTIZED_LOW) & (v == np.round(v))))
+
+
+def series_masks(
+    values: np.ndarray, context: Sequence[float] = (), *, frames: Sequence[int] | None = None,
+    context_frames: Sequence[int] = (), with_context: bool = False,
+) -> np.ndarray:
     """``stuck`` and ``outlier`` bits for a time-ordered series (NaN: no value), with context.
 
-    ``context`` holds the values just before ``values`` (up to CONTEXT), so a
-    batch boundary does not reset the windows.
+    ``context`` holds the values just before ``values`` (the caller bounds it:
+    CONTEXT real values, and the nulls among them), so a batch boundary does not
+    reset the windows. ``frames``/``context_frames``:
+    each sample's :func:`frame_key` (None: a small whole number's run counts
+    without them). ``with_context``: the bits of the context values too, as
+    they stand now that ``values`` follow them (see :func:`revisit`).
     """
-    ctx = np.asarray([float(c) for c in context][-CONTEXT:], dtype=float)
+    ctx = np.asarray([float(c) for c in context], dtype=float)
     seq = np.concatenate([ctx, np.asarray(values, dtype=float)])
+    # a sentinel is no value here either (flagged out_of_range by value_masks alone)
+    seq[sentinel_mask(seq)] = np.nan
     offset = len(ctx)
     mask = np.zeros(len(seq), dtype=np.int64)
     if not len(seq):
@@ -116,6 +149,14 @@ def series_masks(values: np.ndarray, context: Sequence[float] = ()) -> np.ndarra
     # stuck: runs of identical values of length >= STUCK_RUN (every member flagged);
     # NaN != NaN, so a missing value ends a run and is never part of one.
     starts = np.r_[True, seq[1:] != seq[:-1]]
+    if frames is not None:
+        # a small whole number's run lasts only while the whole frame repeats
+        cf = list(context_frames)[-len(ctx):] if len(ctx) else []
+        cf = [0] * (len(ctx) - len(cf)) + cf  # a context without frames: one frame
+        fr = np.concatenate([np.asarray(cf, dtype=np.int64), np.asarray(frames, dtype=np.int64)])
+        with np.errstate(invalid="ignore"):
+            low = (np.abs(seq) <= QUANTIZED_LOW) & (seq == np.round(seq))
+        starts |= np.r_[False, low[1:] & (fr[1:] != fr[:-1])]
     run = np.cumsum(starts) - 1
     long_run = np.bincount(run)[run] >= STUCK_RUN
     mask[long_run & ~np.isnan(seq)] |= BIT["stuck"]
@@ -135,7 +176,58 @@ def series_masks(values: np.ndarray, context: Sequence[float] = ()) -> np.ndarra
         # keeps a single spike in it an outlier without flagging ordinary wobble.
         d = np.maximum(np.maximum(d, 0.05 * np.abs(m)), 0.5)
         mask[idx[np.abs(vals - m) > MAD_K * 1.4826 * d]] |= BIT["outlier"]
-    return mask[offset:]
+    return mask if with_context else mask[offset:]
+
+
+def revisit(context: Sequence[float], full: np.ndarray, cut: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which context values' ``stuck``/``outlier`` bits the values after them settle.
+
+    A centred window cannot judge a series' last values until the values after
+    them arrive (it is shifted inward at the end), and a run becomes ``stuck``
+    only when it is long enough. So when a batch follows, the flags of the
+    previous batch's tail are judged again: the last WINDOW - 1 real values
+    (a value's window is fixed once WINDOW - 1 values follow it, even at the
+    start of a series) get their ``outlier`` bit set anew, and every member of
+    a run reaching into the batch gets ``stuck`` (never taken away: a run only
+    grows). A context ``cut`` short (more values before it) cannot judge its
+    first WINDOW // 2 real values, whose windows reach further back: those stay
+    as they were (with CONTEXT real values in the context, none of them needs
+    judging again). With this, a stream's flags do not depend on where its
+    batches split (tests/test_quality_batches.py).
+
+    ``full``: :func:`series_masks` of context + batch ``with_context``. Returns
+    (indices into the context, bits to set, bits to clear first).
+    """
+    ctx = np.asarray([float(c) for c in context], dtype=float)
+    n = len(ctx)
+    if not n:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    real = ~np.isnan(ctx) & ~sentinel_mask(ctx)
+    rank = np.cumsum(real) - 1
+    total = int(real.sum())
+    judge = real & (rank >= total - (WINDOW - 1))
+    if cut:  # more values before it
+        judge &= rank >= WINDOW // 2
+    head = full[:n]
+    # stuck members of the run that reaches the batch (the context's last run)
+    same = np.r_[ctx[1:] == ctx[:-1], False]  # same as the next
+    tail_run = np.zeros(n, dtype=bool)
+    tail_run[n - 1] = True
+    for i in range(n - 2, -1, -1):  # short: stops at the first change
+        if not same[i]:
+            break
+        tail_run[i] = True
+    stuck = tail_run & ((head & BIT["stuck"]) != 0)
+    pick = np.nonzero(judge | stuck)[0]
+    bits = head[pick] & np.where(judge[pick], BIT["outlier"] | BIT["stuck"], BIT["stuck"])
+    clear = np.where(judge[pick], BIT["outlier"], 0).astype(np.int64)
+    return pick, bits.astype(np.int64), clear
+
+
+def mask_of(text: str | None) -> int:
+    """The bits of a stored flags text (names we do not know are not ours to change)."""
+    return sum(BIT[n] for n in (text or "").split(",") if n in BIT)
 
 
 def series_flags(values: Sequence[float | None], context: Sequence[float] = ()) -> list[set[str]]:
@@ -164,8 +256,24 @@ def sample_flags(sample_flags_csv: str, time_src: str, position_state: str | Non
     return out
 
 
-def humid_mask(t: np.ndarray, rh_t: np.ndarray, rh: np.ndarray, within_ms: float = 60_000) -> np.ndarray:
-    """``humid`` where the relative humidity measured closest in time (within a minute) is above 75 %.
+#: Value keys that are a relative humidity in %: the simulator's PM sample sends ``rh``,
+#: others ``rh_pct``, and a sensor that measures it beside its own quantity prefixes its
+#: name (the DGS-NO2: ``no2_rh_pct``). The one list: the receiver takes any of them.
+RH_KEYS = frozenset({"rh", "rh_pct"})
+RH_SUFFIX = "_rh_pct"
+#: How far in time an RH reading speaks for a PM value (the van's air changes slowly).
+HUMID_WITHIN_MS = 30_000
+
+
+def is_rh_key(key: str) -> bool:
+    """Whether a value key is a relative humidity (any sensor's: fog is the van's air)."""
+    return key in RH_KEYS or key.endswith(RH_SUFFIX)
+
+
+def humid_mask(
+    t: np.ndarray, rh_t: np.ndarray, rh: np.ndarray, within_ms: float = HUMID_WITHIN_MS
+) -> np.ndarray:
+    """``humid`` where the relative humidity measured closest in time (within 30 s) is above 75 %.
 
     ``t``: the values' times (NaN: unknown); ``rh_t`` sorted, ``rh`` beside it.
     Of two equally close measurements the earlier counts.

@@ -36,6 +36,8 @@ from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
+from receiver.flag_policy import is_sentinel
+from receiver.requality import humid_edges, requality, rewrite_flags
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
 from uplink.wire import Batch
@@ -267,12 +269,15 @@ class StoreReads:
                              samples))
         return out
 
-    def _contexts(self, batch: Batch) -> Callable[[str, str, int], list[float]]:
+    def _contexts(self, batch: Batch) -> Callable[[str, str, int], Context]:
         """The moving windows' context for every stream of a batch, from one read.
 
         Reads the samples just before the batch once (CONTEXT_SPAN seqs: every
         sensor's last CONTEXT samples when sensors take turns); a stream the
-        read does not cover far enough is asked for on its own.
+        read does not cover far enough is asked for on its own. A context is
+        (seq, value, values) of the stream's samples that hold the quantity, back
+        to its CONTEXT-th real value, a non-number as NaN (it ends a stuck run, as it
+        does inside a batch), and whether the stream may go on before it.
         """
         firsts: dict[str, int] = {}
         for s in batch.samples:
@@ -286,18 +291,30 @@ class StoreReads:
             " ORDER BY seq".replace("?", self.PARAM),
             (batch.device, batch.epoch, lo, max(firsts.values())),
         ).fetchall()
-        by_sensor: dict[str, list[tuple[int, Any]]] = {}
+        by_sensor: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         for seq, sensor, vals in rows:
-            by_sensor.setdefault(sensor, []).append((seq, vals))
+            by_sensor.setdefault(sensor, []).append((seq, _values(vals)))
 
-        def context(sensor: str, q: str, before: int) -> list[float]:
-            have = [(seq, v) for seq, v in by_sensor.get(sensor, ()) if seq < before]
-            if len(have) < quality.CONTEXT and lo > 1:  # the read may not reach back far enough
+        def context(sensor: str, q: str, before: int) -> Context:
+            have = [(seq, v) for seq, v in by_sensor.get(sensor, ()) if seq < before and q in v]
+            ctx, cut, enough = _context_of(have, q, more=lo > 1)
+            if not enough and lo > 1:  # the read may not reach back far enough
                 return self._context(batch.device, batch.epoch, sensor, q, before)
-            values = (_values(v).get(q) for _, v in have[-quality.CONTEXT:])
-            return [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            return ctx, cut
 
         return context
+
+    def _revise_quality(self, device: str, epoch: str, revised: list[tuple[int, str, int, int]]) -> None:
+        """Apply ``quality_rows``' revisits of earlier values: (seq, quantity, set, clear) bits."""
+        if not revised:
+            return
+        lo, hi = min(r[0] for r in revised), max(r[0] for r in revised)
+        stored = {(seq, q): f for seq, q, f in self.conn.execute(
+            "SELECT seq, quantity, flags FROM quality WHERE device = ? AND epoch = ? AND seq BETWEEN ? AND ?"
+            .replace("?", self.PARAM), (device, epoch, lo, hi)).fetchall()}
+        rewrite_flags(self.conn, device, (
+            (epoch, seq, q, stored.get((seq, q)), (quality.mask_of(stored.get((seq, q))) & ~clear) | bits)
+            for seq, q, bits, clear in revised))
 
     def close(self) -> None:
         self.conn.close()
@@ -588,8 +605,11 @@ class SQLiteStore(StoreReads):
         ]
         self.conn.executemany("INSERT OR IGNORE INTO fixes VALUES (?,?,?,?,?,?,?,?)", fixes)
         self._join_positions(batch, fixes)
-        ingest_calibrations(self.conn, batch)  # received time: each record's sample's
+        touched = ingest_calibrations(self.conn, batch)  # received time: each record's sample's
         self._flag_quality(batch)
+        requality(self.conn, batch.device, touched)  # flags describe the value served
+        humid_edges(self.conn, batch.device, [s.t_utc_ms for s in batch.samples
+                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
 
     def derive_pending(self, limit: int | None = None) -> int:
         """Derive the batches stored with ``derive=False``, oldest first; how many were done.
@@ -688,16 +708,19 @@ class SQLiteStore(StoreReads):
 
     def _flag_quality(self, batch: Batch) -> None:
         """Quality flags for this batch's values, with the preceding values as window context."""
-        rows = quality_rows(batch, self._contexts(batch))
+        rows, revised = quality_rows(batch, self._contexts(batch))
         self.conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)", rows)
+        self._revise_quality(batch.device, batch.epoch, revised)
 
-    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> Context:
         rows = self.conn.execute(
-            "SELECT json_extract(vals, '$.' || ?) FROM samples WHERE device=? AND epoch=? AND sensor=?"
-            " AND seq < ? ORDER BY seq DESC LIMIT ?",
-            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
+            "SELECT seq, vals FROM samples WHERE device=? AND epoch=? AND sensor=? AND seq < ?"
+            " AND json_type(vals, '$.' || ?) IS NOT NULL ORDER BY seq DESC LIMIT ?",
+            (device, epoch, sensor, before_seq, quantity, CONTEXT_ROWS),
         ).fetchall()
-        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float))]
+        ctx, cut, _ = _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity,
+                                  more=len(rows) == CONTEXT_ROWS)
+        return ctx, cut
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
@@ -760,8 +783,13 @@ class SQLiteStore(StoreReads):
 # Queued batches a deriver takes per transaction (and merges per van).
 DERIVE_CLAIM = 32
 PARK_REASON_CHARS = 500  # a parked batch's reason is the error, shortened
-# Seqs read back for the moving windows' context: each of up to 8 interleaved sensors' last CONTEXT.
+# Seqs read back for the moving windows' context: each of up to 8 interleaved sensors' last CONTEXT
+# (a van with more sensors, or a stream with many nulls, reads its stream on its own).
 CONTEXT_SPAN = quality.CONTEXT * 8
+# Rows a stream's own context read takes at most: a stream with more nulls than this gets
+# a shorter context (its windows reach back over fewer values), never an unbounded read.
+CONTEXT_ROWS = quality.CONTEXT * 4
+Context = tuple[list[tuple[int, float, dict[str, Any]]], bool]  # (seq, value, values) ..., cut short
 
 
 @contextmanager
@@ -804,35 +832,42 @@ def _screen_times(batch: Batch, received_ms: int) -> None:
 
 
 def quality_rows(
-    batch: Batch, context: Callable[[str, str, int], list[float]]
-) -> list[tuple[str, str, int, str, str]]:
-    """(device, epoch, seq, quantity, flags) for every flagged value of a batch.
+    batch: Batch, context: Callable[[str, str, int], Context]
+) -> tuple[list[tuple[str, str, int, str, str]], list[tuple[int, str, int, int]]]:
+    """(device, epoch, seq, quantity, flags) for every flagged value of a batch, and revisits.
 
-    ``context(sensor, quantity, first_seq)`` gives the values just before the
-    batch, so moving windows run across batch boundaries. Backend-neutral: the
-    PostgreSQL store uses it too. Works on whole series at once (bit masks, see
-    ``quality.BIT``): this runs for every value the receiver derives.
+    ``context(sensor, quantity, first_seq)`` gives (seq, value, values) just before the
+    batch, so moving windows run across batch boundaries; the flags of those
+    earlier values that this batch settles come back as revisits (seq,
+    quantity, bits to set, bits to clear first; ``quality.revisit``), so a
+    stream's flags do not depend on where its batches split. Backend-neutral:
+    the PostgreSQL store uses it too. Works on whole series at once (bit masks,
+    see ``quality.BIT``): this runs for every value the receiver derives.
     """
     by_stream: dict[tuple[str, str], list[Sample]] = {}
-    rh_at: list[tuple[int, float]] = []
     for smp in batch.samples:
         if smp.sensor == GPS_SENSOR:
             continue
-        vals = smp.values
-        rh = vals.get("rh", vals.get("rh_pct"))
-        if isinstance(rh, (int, float)) and not isinstance(rh, bool) and smp.t_utc_ms is not None:
-            rh_at.append((smp.t_utc_ms, float(rh)))
-        for q in vals:
+        if not isinstance(smp.values, dict):  # a damaged row: the batch is parked, the others go on
+            raise TypeError(f"sample {smp.seq}: values are {type(smp.values).__name__}, not an object")
+        for q in smp.values:
             if q in quality.FLAGGED:
                 by_stream.setdefault((smp.sensor, q), []).append(smp)
-    rh_at.sort()
-    rh_t = np.array([r[0] for r in rh_at], dtype=float)
-    rh_v = np.array([r[1] for r in rh_at], dtype=float)
+    rh_t, rh_v = _rh_series(batch)
     out = []
+    revised: list[tuple[int, str, int, int]] = []
     for (sensor, q), samples in by_stream.items():
         samples.sort(key=lambda x: x.seq or 0)
         v = np.array([_num_or_nan(x.values.get(q)) for x in samples], dtype=float)
-        mask = quality.value_masks(q, v) | quality.series_masks(v, context(sensor, q, samples[0].seq or 0))
+        ctx, cut = context(sensor, q, samples[0].seq or 0)
+        cv = [c[1] for c in ctx]
+        frames, ctx_frames = None, []
+        if quality.has_low_whole(v) or quality.has_low_whole(np.asarray(cv, dtype=float)):
+            # frames only where the stuck rule needs them: hashing every sample costs a third of this
+            frames = [quality.frame_key(x.values) for x in samples]
+            ctx_frames = [quality.frame_key(c[2]) for c in ctx]
+        full = quality.series_masks(v, cv, frames=frames, context_frames=ctx_frames, with_context=True)
+        mask = quality.value_masks(q, v) | full[len(cv):]
         mask |= np.fromiter((quality.sample_mask(x.flags, str(x.time_src)) for x in samples),
                             dtype=np.int64, count=len(samples))
         if q in quality.PM_QUANTITIES:
@@ -840,7 +875,43 @@ def quality_rows(
             mask |= quality.humid_mask(t, rh_t, rh_v)
         for k in np.nonzero(mask)[0]:
             out.append((batch.device, batch.epoch, samples[k].seq, q, quality.mask_text(int(mask[k]))))
-    return out
+        pick, bits, clear = quality.revisit(cv, full, cut)
+        revised += [(ctx[i][0], q, int(b), int(c)) for i, b, c in zip(pick, bits, clear)]
+    return out, revised
+
+
+def _context_of(rows: list[tuple[int, dict[str, Any]]], q: str, *, more: bool
+                ) -> tuple[list[tuple[int, float, dict[str, Any]]], bool, bool]:
+    """``quality_rows``' context from a stream's earlier samples (seq order): (seq, value or
+    NaN, the sample's values) back to the CONTEXT-th real value, whether the stream may go on before
+    it, and whether it holds that many (else a longer read may find more; ``more``: the
+    rows are not the stream's start)."""
+    out: list[tuple[int, float, dict[str, Any]]] = []
+    real = 0
+    for seq, v in reversed(rows):
+        if real == quality.CONTEXT:
+            return out[::-1], True, True
+        x = _num_or_nan(v.get(q))
+        out.append((seq, x, v))
+        real += not (x != x or is_sentinel(x))  # NaN != NaN
+    return out[::-1], more, real == quality.CONTEXT
+
+
+def _rh_series(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """(times, values) of every relative humidity the van measured in this batch, by time.
+
+    Any sensor's RH counts (``quality.is_rh_key``): the DGS-NO2 sends ``no2_rh_pct``
+    beside the PM sensor, and fog is the van's air, not one sensor's.
+    """
+    rh_at: list[tuple[int, float]] = []
+    for smp in batch.samples:
+        if smp.t_utc_ms is None or smp.sensor == GPS_SENSOR:
+            continue
+        for key, rh in smp.values.items():
+            if quality.is_rh_key(key) and isinstance(rh, (int, float)) and not isinstance(rh, bool):
+                rh_at.append((smp.t_utc_ms, float(rh)))
+    rh_at.sort()
+    return (np.array([r[0] for r in rh_at], dtype=float), np.array([r[1] for r in rh_at], dtype=float))
 
 
 _NAN = float("nan")

@@ -70,7 +70,10 @@ from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
+from receiver.requality import humid_edges, requality
 from receiver.store import (
+    CONTEXT_ROWS,
+    Context,
     GPS_SENSOR,
     IngestResult,
     StoreReads,
@@ -80,6 +83,8 @@ from receiver.store import (
     _json_bytes,
     _sample_from_row,
     _screen_times,
+    _context_of,
+    _values,
     quality_rows,
     read_json,
 )
@@ -236,7 +241,8 @@ LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s
 LEFT JOIN quality q ON q.device = s.device AND q.epoch = s.epoch AND q.seq = s.seq
                    AND q.quantity = j.key
 {derived_join}
-WHERE s.sensor <> 'gps';
+-- numbers and nulls only, as in SQLite (a "n/a" or true in a value is no measurement)
+WHERE s.sensor NOT IN ('gps', 'calibration') AND jsonb_typeof(j.value) IN ('number', 'null');
 """
 # value: the best one (the receiver's recomputed value, else the van's); calibration: the
 # record it was calibrated with (receiver/calibration.py).
@@ -559,8 +565,11 @@ class PostgresStore(StoreReads):
                     "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING", fixes
                 )
         self._join_positions(batch, fixes, fresh)
-        ingest_calibrations(c, batch)  # received time: each record's sample's
+        touched = ingest_calibrations(c, batch)  # received time: each record's sample's
         self._flag_quality(batch, fresh)
+        requality(c, batch.device, touched)  # flags describe the value served
+        humid_edges(c, batch.device, [s.t_utc_ms for s in batch.samples
+                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
 
     def _nothing_derived(self, batch: Batch) -> bool:
         """True when no fix, position or flag of the batch's range exists yet (so COPY cannot conflict)."""
@@ -735,7 +744,7 @@ class PostgresStore(StoreReads):
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
         """Quality flags for this batch's values (the same ``quality_rows`` as SQLite)."""
-        rows = quality_rows(batch, self._contexts(batch))
+        rows, revised = quality_rows(batch, self._contexts(batch))
         if fresh:  # none of these samples had flags yet: COPY (humid air flags every PM value)
             self._copy("quality", ("device", "epoch", "seq", "quantity", "flags"), rows)
         elif rows:
@@ -745,14 +754,17 @@ class PostgresStore(StoreReads):
                     " DO UPDATE SET flags = excluded.flags",
                     rows,
                 )
+        self._revise_quality(batch.device, batch.epoch, revised)  # earlier values, never COPY
 
-    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> list[float]:
+    def _context(self, device: str, epoch: str, sensor: str, quantity: str, before_seq: int) -> Context:
         rows = self.conn.execute(
-            "SELECT vals -> %s FROM samples WHERE device = %s AND epoch = %s AND sensor = %s"
-            " AND seq < %s ORDER BY seq DESC LIMIT %s",
-            (quantity, device, epoch, sensor, before_seq, quality.CONTEXT),
+            "SELECT seq, vals FROM samples WHERE device = %s AND epoch = %s AND sensor = %s"
+            " AND seq < %s AND vals ? %s ORDER BY seq DESC LIMIT %s",
+            (device, epoch, sensor, before_seq, quantity, CONTEXT_ROWS),
         ).fetchall()
-        return [r[0] for r in reversed(rows) if isinstance(r[0], (int, float)) and not isinstance(r[0], bool)]
+        ctx, cut, _ = _context_of([(seq, _values(v)) for seq, v in reversed(rows)], quantity,
+                                  more=len(rows) == CONTEXT_ROWS)
+        return ctx, cut
 
     def count(self, name: str, by: int = 1) -> None:
         """Add to a running total (outside any ingest transaction)."""

@@ -136,7 +136,8 @@ def test_tracks_are_geojson_per_van(base: str) -> None:
     listing = get_json(f"{base}/api/v1/tracks", token=TOKEN)
     assert [d["device"] for d in listing["devices"]] == ["van-001", "van-002"]
     fc = get_json(f"{base}/api/v1/tracks/van-001?limit=100", token=TOKEN)
-    assert fc["properties"] == {"device": "van-001", "points": 100, "truncated": True}
+    assert fc["metadata"] == {"device": "van-001", "points": 100, "truncated": True}
+    assert "properties" not in fc  # RFC 7946 7.1: a FeatureCollection has none
     assert fc["features"][0]["geometry"]["type"] == "LineString"
     # Three days: the track breaks at the gaps between shifts.
     full = get_json(f"{base}/api/v1/tracks/van-001", token=TOKEN)
@@ -288,4 +289,4 @@ def test_track_limits_that_are_not_a_plain_positive_number_get_400(base: str, li
 def test_a_huge_track_limit_gets_the_cap(base: str, store: Path) -> None:
     fc = get_json(f"{base}/api/v1/tracks/van-001?limit=999999999999", token=TOKEN)
     n = dbapi.fetchall(dbapi.connect(store), "SELECT count(*) FROM fixes WHERE device='van-001'")[0][0]
-    assert fc["properties"]["points"] == min(n, 50_000)  # (the cap itself: tests/test_api_server.py)
+    assert fc["metadata"]["points"] == min(n, 50_000)  # (the cap itself: tests/test_api_server.py)

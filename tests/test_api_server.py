@@ -249,7 +249,7 @@ def test_a_large_track_is_streamed_not_built_in_memory(big_track: Path) -> None:
         assert status.startswith("200") and "Content-Length" not in headers
         assert chunks > 10 and largest < size / 10
         assert peak < size and peak < baseline / 4  # the whole answer never sat in memory
-        assert tail.endswith(b'"properties":{"device":"van-big","points":50000,"truncated":true}}')  # the cap held
+        assert tail.endswith(b'"metadata":{"device":"van-big","points":50000,"truncated":true}}')  # the cap held
         # And the streamed text is the right GeoJSON.
         _, _, body = _call(app, "/api/v1/tracks/van-big", "limit=45000")
         fc = json.loads(b"".join(body))
@@ -257,7 +257,7 @@ def test_a_large_track_is_streamed_not_built_in_memory(big_track: Path) -> None:
         assert [len(f["properties"]["t_utc_ms"]) for f in feats] == [20_000, 20_000, 5_000]
         assert sum(len(f["geometry"]["coordinates"]) for f in feats) == 45_000
         assert feats[0]["properties"]["speed_mps"][:2] == [None, 9.5]
-        assert fc["properties"] == {"device": "van-big", "points": 45_000, "truncated": True}
+        assert fc["metadata"] == {"device": "van-big", "points": 45_000, "truncated": True}
     finally:
         app.close()
 

@@ -16,11 +16,11 @@ def test_value_flags():
 
 def test_stuck_runs_across_the_context():
     run = quality.STUCK_RUN
-    ctx = [5.0] * (run - 2)
-    flags = quality.series_flags([5.0, 5.0, 6.0, 7.0], ctx)
+    ctx = [12.5] * (run - 2)
+    flags = quality.series_flags([12.5, 12.5, 6.0, 7.0], ctx)
     assert [("stuck" in f) for f in flags] == [True, True, False, False]
     # a shorter run is ordinary in clean air at 1 Hz
-    flags = quality.series_flags([5.0] * (run - 1) + [6.0])
+    flags = quality.series_flags([12.5] * (run - 1) + [6.0])
     assert not any("stuck" in f for f in flags)
 
 
@@ -54,3 +54,51 @@ def test_flags_reach_the_observations(tmp_path):
     assert "stuck" not in q[(11, "pm25")]  # 20 s before it is not enough to say
     assert "humid" in q[(131, "pm10")] and "humid" not in q[(21, "pm10")]
     assert q[(21, "pm10")] == ""
+
+
+def _pm_store(tmp_path, name, rows):
+    """rows: (sensor, values) one a second, stored as one batch; pm25 flags by seq."""
+    s = SQLiteStore(tmp_path / f"{name}.sqlite")
+    samples = [Sample(sensor, T + i * 1000, i * 1000, TimeSource.GPS, vals, (), i + 1)
+               for i, (sensor, vals) in enumerate(rows)]
+    put(s, Batch("van-001", "e1", 1, len(samples), samples))
+    out = dict(s.conn.execute("SELECT seq, flags FROM quality WHERE quantity = 'pm25'").fetchall())
+    s.close()
+    return out
+
+
+def test_sentinels_are_no_values_in_the_windows(tmp_path):
+    """-999 every other second: the sentinels are out_of_range, the real values untouched (was 26 of 30)."""
+    rows = [("pm", {"pm25": round(10 + 0.1 * (k % 5), 2) if k % 2 == 0 else -999.0}) for k in range(60)]
+    flags = _pm_store(tmp_path, "s", rows)
+    assert {seq for seq, f in flags.items()} == {k + 1 for k in range(60) if k % 2}
+    assert set(flags.values()) == {"out_of_range"}
+    assert quality.series_flags([10.0, -999.0] * 15) == quality.series_flags([10.0, None] * 15)
+
+
+def test_humid_from_the_no2_sensors_rh(tmp_path):
+    """No driver sends ``rh``: the DGS-NO2's ``no2_rh_pct`` (drivers/dgs_no2.py) marks PM humid."""
+    assert quality.is_rh_key("no2_rh_pct") and quality.is_rh_key("rh") and not quality.is_rh_key("no2_ppb")
+    rows = []
+    for k in range(20):
+        rows.append(("pm", {"pm25": 10.0 + 0.1 * (k % 3)}))
+        rows.append(("no2", {"no2_ppb": 5.0, "no2_rh_pct": 95.0 if k < 10 else 50.0}))
+    flags = _pm_store(tmp_path, "h", rows)
+    humid = sorted(seq for seq, f in flags.items() if "humid" in f)
+    # the PM value at 20 s is as close to the last 95 % (19 s) as to the first 50 % (21 s): the earlier counts
+    assert humid == [2 * k + 1 for k in range(11)]
+    # an RH reading more than 30 s away says nothing
+    far = [("no2", {"no2_rh_pct": 95.0})] + [("pm", {"pm25": 10.0 + 0.1 * (k % 3)}) for k in range(40)]
+    flags = _pm_store(tmp_path, "far", far)
+    assert sorted(seq for seq, f in flags.items() if "humid" in f) == list(range(2, 32))  # up to 30 s
+
+
+def test_quantized_pm_in_clean_air_is_not_stuck_but_a_stuck_frame_is(tmp_path):
+    """A PMS5003 at 2 µg/m³ for 40 s while its counts move is a clean street; a repeated frame is stuck."""
+    clean = [("pm", {"pm25": 2.0, "pm10": 3.0 + k % 2, "n0_3": 150.0 + k}) for k in range(40)]
+    assert _pm_store(tmp_path, "clean", clean) == {}
+    frozen = [("pm", {"pm25": 2.0, "pm10": 3.0, "n0_3": 150.0}) for k in range(40)]
+    assert set(_pm_store(tmp_path, "frozen", frozen).values()) == {"stuck"}
+    # a value that is not a small whole number is stuck by its own run, as before
+    high = [("pm", {"pm25": 12.34, "pm10": 20.0 + k, "n0_3": 150.0 + k}) for k in range(40)]
+    assert set(_pm_store(tmp_path, "high", high).values()) == {"stuck"}

@@ -1,0 +1,179 @@
+"""Quality flags judged again where one batch alone could not judge them.
+
+``requality``: on the best value, after the receiver recomputed values.
+``humid_edges``: ``humid`` at a batch's time edges, with the RH of the batches around it.
+
+For ``requality``, the flags must describe the number that is served: when
+receiver/calibration.py writes or removes a recomputed ``no2_ppb`` (``derived``), the value flags (``out_of_range``,
+``negative``) and the window flags (``stuck``, ``outlier``) of those samples are judged
+again on the best value (the derived one, else the van's), and so are the neighbours
+whose windows hold them. The flags of the sample itself (``warming_up``, clock flags,
+``humid``) stay as they were. Backend-neutral (sqlite3 or psycopg connection), inside
+the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from receiver import quality
+from receiver.calibration import NO2_QUANTITY, NO2_SENSOR, _exec, _q
+
+# The bits judged from the value (and its neighbours); the others belong to the sample.
+_VALUE_BITS = quality.BIT["out_of_range"] | quality.BIT["negative"] | quality.BIT["outlier"] | quality.BIT["stuck"]
+_HALF = quality.WINDOW // 2
+
+
+def requality(conn: Any, device: str, touched: Iterable[tuple[str, int]]) -> int:
+    """Judge the ``no2_ppb`` flags of ``touched`` (epoch, seq) samples again; rows changed."""
+    by_epoch: dict[str, list[int]] = {}
+    for epoch, seq in touched:
+        by_epoch.setdefault(epoch, []).append(seq)
+    return sum(_epoch(conn, device, epoch, min(seqs), max(seqs)) for epoch, seqs in by_epoch.items())
+
+
+def _edge(conn: Any, device: str, epoch: str, seq: int, before: bool) -> tuple[int, bool]:
+    """The seq CONTEXT NO2 samples before (after) ``seq``, and whether the stream goes on past it."""
+    op, order = ("<", "DESC") if before else (">", "ASC")
+    rows = _exec(conn, f"SELECT seq FROM samples WHERE device=? AND epoch=? AND sensor=? AND seq {op} ?"
+                       f" ORDER BY seq {order} LIMIT ?",
+                 (device, epoch, NO2_SENSOR, seq, quality.CONTEXT + 1)).fetchall()
+    if len(rows) <= quality.CONTEXT:
+        return (rows[-1][0] if rows else seq), False
+    return rows[-2][0], True
+
+
+def _epoch(conn: Any, device: str, epoch: str, lo: int, hi: int) -> int:
+    first, cut_before = _edge(conn, device, epoch, lo, True)
+    last, cut_after = _edge(conn, device, epoch, hi, False)
+    rows = _exec(conn, "SELECT s.seq, s.vals, d.value, q.flags FROM samples s"
+                       " LEFT JOIN derived d ON d.device=s.device AND d.epoch=s.epoch AND d.seq=s.seq"
+                       " AND d.quantity=?"
+                       " LEFT JOIN quality q ON q.device=s.device AND q.epoch=s.epoch AND q.seq=s.seq"
+                       " AND q.quantity=?"
+                       " WHERE s.device=? AND s.epoch=? AND s.sensor=? AND s.seq BETWEEN ? AND ? ORDER BY s.seq",
+                 (NO2_QUANTITY, NO2_QUANTITY, device, epoch, NO2_SENSOR, first, last)).fetchall()
+    from receiver.store import _num_or_nan, _values  # the store's readers of a vals column
+
+    rows = [(seq, _values(vals), d, flags) for seq, vals, d, flags in rows]
+    rows = [r for r in rows if NO2_QUANTITY in r[1]]
+    if not rows:
+        return 0
+    best = np.array([_num_or_nan(d if d is not None else vals[NO2_QUANTITY]) for _, vals, d, _ in rows])
+    frames = [quality.frame_key(vals) for _, vals, _, _ in rows]
+    series = quality.series_masks(best, frames=frames)
+    value = quality.value_masks(NO2_QUANTITY, best)
+    judge = _judged(best, cut_before, cut_after)
+    return rewrite_flags(conn, device, (
+        (epoch, seq, NO2_QUANTITY, flags, (quality.mask_of(flags) & ~_VALUE_BITS) | int(value[i]) | int(series[i]))
+        for i, (seq, _, _, flags) in enumerate(rows) if judge[i]))
+
+
+def _judged(v: np.ndarray, cut_before: bool, cut_after: bool) -> np.ndarray:
+    """Which values of the read the read can judge: where the stream was cut short, the
+    first (last) WINDOW // 2 real values' windows reach past it, and a run at the cut may be
+    longer than what was read; those keep their flags (they are far from the change)."""
+    real = ~np.isnan(v) & ~quality.sentinel_mask(v)
+    rank = np.cumsum(real) - 1
+    total = int(real.sum())
+    ok = np.ones(len(v), dtype=bool)
+    if cut_before:
+        ok &= rank >= _HALF
+        ok &= ~_first_run(v)
+    if cut_after:
+        ok &= rank < total - _HALF
+        ok &= ~_first_run(v[::-1])[::-1]
+    return ok
+
+
+def _first_run(v: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(v), dtype=bool)
+    if len(v):
+        out[0] = True
+        for i in range(1, len(v)):
+            if not v[i] == v[i - 1]:
+                break
+            out[i] = True
+    return out
+
+
+def humid_edges(conn: Any, device: str, times: list[int]) -> int:
+    """``humid`` of PM values near a batch's time edges, judged with every RH the van sent.
+
+    A batch judges ``humid`` with the RH readings inside it; a PM value within
+    HUMID_WITHIN_MS of the batch's first or last time may have its closest RH in a
+    neighbouring batch (either side, whichever arrived first). So both edges are judged
+    again with the van's RH readings around them, read by time through
+    ``positions(device, t_utc_ms)``: two short windows per batch, whatever its length.
+    Only the ``humid`` bit changes. Returns rows changed.
+    """
+    if not times:
+        return 0
+    w = quality.HUMID_WITHIN_MS
+    changed = 0
+    lo, hi = min(times), max(times)
+    edges = [(lo - w, lo + w), (hi - w, hi + w)] if hi - lo > 2 * w else [(lo - w, hi + w)]
+    for a, b in edges:
+        changed += _humid_window(conn, device, a, b)
+    return changed
+
+
+def _humid_window(conn: Any, device: str, a: float, b: float) -> int:
+    w = quality.HUMID_WITHIN_MS
+    rows = _exec(conn, "SELECT s.epoch, s.seq, p.t_utc_ms, s.vals FROM positions p JOIN samples s"
+                       " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                       " WHERE p.device=? AND p.t_utc_ms >= ? AND p.t_utc_ms <= ? AND s.sensor <> 'gps'",
+                 (device, int(a - w), int(b + w))).fetchall()
+    from receiver.store import _values
+
+    rh_at: list[tuple[int, float]] = []
+    pm: list[tuple[str, int, int, str]] = []  # epoch, seq, t, quantity
+    for epoch, seq, t, vals in rows:
+        v = _values(vals)
+        for key, x in v.items():
+            if quality.is_rh_key(key) and isinstance(x, (int, float)) and not isinstance(x, bool):
+                rh_at.append((t, float(x)))
+            elif key in quality.PM_QUANTITIES and key in quality.FLAGGED and a <= t <= b:
+                pm.append((epoch, seq, t, key))
+    if not pm:
+        return 0
+    rh_at.sort()
+    rh_t = np.array([r[0] for r in rh_at], dtype=float)
+    rh_v = np.array([r[1] for r in rh_at], dtype=float)
+    bits = quality.humid_mask(np.array([p[2] for p in pm], dtype=float), rh_t, rh_v)
+    stored: dict[tuple[str, int, str], str] = {}
+    for epoch in {p[0] for p in pm}:
+        seqs = [p[1] for p in pm if p[0] == epoch]
+        stored.update({(epoch, seq, q): f for seq, q, f in _exec(
+            conn, "SELECT seq, quantity, flags FROM quality WHERE device=? AND epoch=? AND seq BETWEEN ? AND ?",
+            (device, epoch, min(seqs), max(seqs))).fetchall()})
+    humid = quality.BIT["humid"]
+    return rewrite_flags(conn, device, (
+        (epoch, seq, q, stored.get((epoch, seq, q)), (quality.mask_of(stored.get((epoch, seq, q))) & ~humid) | int(bit))
+        for (epoch, seq, _, q), bit in zip(pm, bits)))
+
+
+def rewrite_flags(conn: Any, device: str, items: Iterable[tuple[str, int, str, str | None, int]]) -> int:
+    """Store new flag masks of earlier values: (epoch, seq, quantity, stored text, new mask).
+
+    Only changed rows are written; a value left without flags loses its row (as one never
+    flagged has none). Returns rows changed.
+    """
+    put, drop = [], []
+    for epoch, seq, q, old, mask in items:
+        if quality.mask_text(mask) == (old or ""):
+            continue
+        if mask:
+            put.append((device, epoch, seq, q, quality.mask_text(mask)))
+        else:
+            drop.append((device, epoch, seq, q))
+    cur = conn.cursor()
+    if put:
+        cur.executemany(_q(conn, "INSERT INTO quality VALUES (?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
+                                 " DO UPDATE SET flags = excluded.flags"), put)
+    if drop:
+        cur.executemany(_q(conn, "DELETE FROM quality WHERE device=? AND epoch=? AND seq=? AND quantity=?"), drop)
+    return len(put) + len(drop)
