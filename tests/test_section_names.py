@@ -133,7 +133,7 @@ def test_a_stuck_sound_module_beside_a_microphone_is_found() -> None:
         for sensor, vals in ((r.sensor, r.values), (mic_name, {"laeq": 60.0 + (i % 7) * 0.37})):
             samples.append(Sample(sensor, T0 + i * 1000, 0, TimeSource.GPS, dict(vals), (), seq))
             seq += 1
-    rows = quality_rows(Batch("van-x", "e1", 1, seq - 1, samples), lambda sensor, q, first: [])
+    rows, _ = quality_rows(Batch("van-x", "e1", 1, seq - 1, samples), lambda sensor, q, first: ([], 0))
     stuck = {(r[2], r[3]) for r in rows if "stuck" in r[4]}
     module_seqs = {s.seq for s in samples if s.sensor == "street"}
     # Every second of the stuck module from the run's threshold on is flagged, none of the microphone's.
