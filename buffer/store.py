@@ -411,7 +411,7 @@ class Buffer:
             if not self._no_room(exc):
                 raise
             self._db = self._open_without_room(exc)
-        self.epoch = self._init_epoch()
+        self.epoch = self._init_epoch(real=not self._unborn)
         self._unsealed = self._count_unsealed()
         self._identity.write(self.epoch, self.device_id)
 
@@ -548,11 +548,17 @@ class Buffer:
 
     # -- identity -------------------------------------------------------------
 
-    def _init_epoch(self) -> str:
+    def _init_epoch(self, real: bool = True) -> str:
+        """This file's epoch; a new one for a new file. ``real``: False for the in-memory stand-in."""
         row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row:
             return self._vouch(str(row[0]))
+        if self._has_data():
+            # Rows without an epoch: meta lost its row (damage), not a new buffer. Quarantine
+            # and salvage (the side files name the epoch) rather than renumber them silently.
+            raise sqlite3.DatabaseError("database disk image is malformed (meta: no epoch, yet rows)")
         epoch = secrets.token_hex(8)
+        witness = self._highwater.read() if real else None
         try:
             with self._tx():
                 self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
@@ -561,12 +567,34 @@ class Buffer:
                 self._db.execute(
                     "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
                 )
+                if witness is not None and witness[1] > 0:
+                    self._own_up_to_lost_epoch(*witness)
         except sqlite3.IntegrityError as exc:
             # The epoch could not be read, yet a key of meta is taken: the table or its index
             # is damaged (one flipped bit does it). Corruption, so the file is quarantined and
             # salvaged rather than the agent failing to start for good.
             raise sqlite3.DatabaseError(f"database disk image is malformed (meta: {exc})") from exc
+        if real and not self._exclusive:
+            # The epoch row into the main file now (once per epoch, cheap): a WAL lost before the
+            # first automatic checkpoint then still leaves the epoch and its witnesses agreeing.
+            self._checkpoint()
         return epoch
+
+    def _has_data(self) -> bool:
+        return any(self._db.execute(sql).fetchone() for sql in (
+            "SELECT 1 FROM samples LIMIT 1", "SELECT 1 FROM batches LIMIT 1",
+            "SELECT 1 FROM sqlite_sequence WHERE name='samples' AND seq > 0"))
+
+    def _own_up_to_lost_epoch(self, lost_epoch: str, last: int) -> None:
+        """A new, empty database while ``.seq`` names an epoch with committed numbers: all of
+        them are gone (the WAL cut to nothing before the first checkpoint, or the file deleted).
+        Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
+        ident = self._identity.read()
+        device = ident[1] if ident is not None and ident[0] == lost_epoch else self.device_id
+        log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
+                  " to as lost", self.path, lost_epoch, last, self._highwater.path)
+        self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
+        self._bump("samples_lost_wal", last)
 
     def _vouch(self, epoch: str) -> str:
         """``meta``'s epoch if its witnesses vouch for it; else the file is damaged (raises).
@@ -579,7 +607,7 @@ class Buffer:
         """
         row = self._db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
         check = str(row[0]) if row else None
-        trusted, true_epoch = vouched_epoch(epoch, check, self._identity.epoch_of())
+        trusted, true_epoch = vouched_epoch(epoch, check, self._side_epoch(check is not None))
         if not trusted:
             self._damaged_epoch = true_epoch
             raise sqlite3.DatabaseError(
@@ -597,6 +625,18 @@ class Buffer:
                 if not recovery.is_disk_full(exc):
                     raise
         return epoch
+
+    def _side_epoch(self, seq_too: bool) -> str | None:
+        """The epoch the side files name: ``.id``, else ``.seq`` (the third witness).
+
+        ``.seq`` only where meta has a checksum: a file from before the checksum has no
+        witness to break a tie with a stale ``.seq``.
+        """
+        side = self._identity.epoch_of()
+        if side is None and seq_too:
+            found = self._highwater.read()
+            side = found[0] if found else None
+        return side
 
     def _tx(self) -> "_Tx":
         return _Tx(self._db)
@@ -626,6 +666,7 @@ class Buffer:
         log.error("buffer %s is corrupt (%s): quarantining it", self.path, reason)
         qdir = recovery.quarantine(self.path, self.quarantine_dir, epoch, reason)
         self._identity.copy_to(qdir, epoch)  # names the epoch if the file cannot
+        self._highwater.move_to(qdir)  # a third witness; the new epoch starts without it
         return qdir
 
     def _recover(self, reason: str) -> None:
@@ -659,8 +700,12 @@ class Buffer:
             if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
                 recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
                 continue
-            found = recovery.salvage(qdir / self.path.name,
-                                     IdentityFile(qdir / self._identity.path.name).read())
+            ident = IdentityFile(qdir / self._identity.path.name).read()
+            if ident is None:
+                # No identity file: the .seq copy still names the epoch (the third witness).
+                seq = HighWater(qdir / self._highwater.path.name).read()
+                ident = (seq[0], self.device_id) if seq else None
+            found = recovery.salvage(qdir / self.path.name, ident)
             try:
                 summary = self._apply_salvage(found, mark)
             except sqlite3.DatabaseError as exc:
@@ -1181,6 +1226,8 @@ class Buffer:
             self._carried = note.losses()
             self._noted = True
         wal_lost = self._highwater.behind(self.epoch, last)
+        if self._highwater.damaged:
+            self._highwater.mark(self.epoch, last)  # rewritten now: ignored, never a loss
         if wal_lost and all(r != WAL_LOST_REASON for _, r in self._carried):  # not yet in a note
             # Committed transactions are gone from the WAL (cut at a frame boundary): their
             # numbers are owned up to first, so the gap names exactly the lost range.
