@@ -62,7 +62,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn, TypeVar
+from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
@@ -70,6 +70,7 @@ from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
+from uplink.batch_limits import MAX_GAPS_PER_BATCH, batch_problem, sample_never_fits
 from uplink.sample_rules import sample_problem
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
 from edge.errors import PayloadError
@@ -1297,40 +1298,25 @@ class Buffer:
         transaction as the batch. Sealing goes on with the rest: one bad row
         must not stop every tick.
         """
-        rows = self._db.execute(
-            f"SELECT {rowcheck.SELECT_COLS} FROM samples ORDER BY seq LIMIT ?", (max_samples,)
-        ).fetchall()
-        samples: list[Sample] = []
-        bad: list[tuple[tuple[Any, ...], str]] = []
-        for r in rows:
-            checked = rowcheck.check_row(r)
-            smp = checked.sample
-            # A row can verify and still not travel (a row from before checksums, a value a
-            # driver should never have given): the receiver would refuse the whole batch,
-            # or it would not even encode. Set aside like a damaged row.
-            why = checked.why if smp is None else sample_problem(smp)
-            if why:
-                bad.append((r, why if smp is None else f"cannot travel: {why}"))
-            else:
-                samples.append(smp)  # type: ignore[arg-type]
-        if bad:
-            self._set_aside(bad, now_utc_ms)
+        # Gaps the WAL lost travel alone, in a gaps-only batch named after their range, never
+        # merged into a batch of samples: a cut that took back a delivered seal brings those
+        # samples back unsealed, and their re-seal must give the very bytes of the original
+        # (encoding is deterministic) so the receiver answers "duplicate", not "different".
         gaps_rows = self._db.execute(
-            "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id"
-        ).fetchall()
+            "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason=?"
+            " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
+        samples: list[Sample] = []
+        rows: list[tuple[Any, ...]] = []
+        if not gaps_rows:
+            gaps_rows = self._db.execute(
+                "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason!=?"
+                " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
+            rows, samples = self._sealable(max_samples, now_utc_ms)
         if not samples and not gaps_rows:
             return None
-        if samples:
-            first, last = samples[0].seq, samples[-1].seq
-        else:
-            # Gaps alone still travel: they ride in an empty batch named after the gap range.
-            first = min(g[1] for g in gaps_rows)
-            last = max(g[2] for g in gaps_rows)
-        assert first is not None and last is not None
         gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
-        batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
         try:
-            payload = encode_batch(batch)
+            samples, payload = self._fit(samples, gaps)
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # Something the checks above did not foresee: set aside the rows that do not
             # encode alone, and let the next call seal the rest (never the same failure twice).
@@ -1341,15 +1327,24 @@ class Buffer:
                 raise
             self._set_aside(culprits, now_utc_ms)
             return None
+        except _TooLarge as big:
+            by_seq = {r[0]: r for r in rows}
+            self._set_aside([(by_seq[big.sample.seq], f"too large for any batch: {big}")], now_utc_ms)
+            return None
+        if samples:
+            first, last = samples[0].seq, samples[-1].seq
+        else:
+            # Gaps alone still travel: they ride in an empty batch named after the gap range.
+            first = min(g[1] for g in gaps_rows)
+            last = max(g[2] for g in gaps_rows)
+        assert first is not None and last is not None
+        batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
         digest = content_hash(payload)
         with self._tx():
             if self._db.execute("SELECT 1 FROM batches WHERE first_seq=?", (first,)).fetchone():
                 # Only a gaps-only batch can collide (its range was a batch before); such
                 # gaps are already known to the receiver through that rejected range.
-                self._db.execute(
-                    "UPDATE gaps SET sent_in=-1 WHERE sent_in IS NULL AND id<=?",
-                    (gaps_rows[-1][0],),
-                )
+                self._db.executemany("UPDATE gaps SET sent_in=-1 WHERE id=?", [(g[0],) for g in gaps_rows])
                 return None
             self._db.execute(
                 "INSERT INTO batches VALUES (?,?,?,?,?,?,?)",
@@ -1369,12 +1364,56 @@ class Buffer:
                 # was never sent, so it is known lost (see recovery.salvage).
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sealed_through', ?)", (str(last),))
             if gaps_rows:
-                self._db.execute(
-                    "UPDATE gaps SET sent_in=? WHERE sent_in IS NULL AND id<=?",
-                    (first, gaps_rows[-1][0]),
-                )
+                self._db.executemany("UPDATE gaps SET sent_in=? WHERE id=?", [(first, g[0]) for g in gaps_rows])
         self._unsealed -= len(samples)
         return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
+
+    def _sealable(self, max_samples: int, now_utc_ms: int) -> tuple[list[tuple[Any, ...]], list[Sample]]:
+        """The oldest unsealed rows and the samples among them that can travel.
+
+        Every row is verified first (``buffer.rowcheck``); one that fails, or
+        that verifies and still could not travel (a row from before checksums, a
+        value a driver should never have given: the receiver would refuse the
+        whole batch, or it would not even encode), is set aside with a gap record.
+        """
+        rows = self._db.execute(
+            f"SELECT {rowcheck.SELECT_COLS} FROM samples ORDER BY seq LIMIT ?", (max_samples,)
+        ).fetchall()
+        samples: list[Sample] = []
+        bad: list[tuple[tuple[Any, ...], str]] = []
+        for r in rows:
+            checked = rowcheck.check_row(r)
+            smp = checked.sample
+            why = checked.why if smp is None else sample_problem(smp)
+            if why:
+                bad.append((r, why if smp is None else f"cannot travel: {why}"))
+            else:
+                samples.append(smp)  # type: ignore[arg-type]
+        if bad:
+            self._set_aside(bad, now_utc_ms)
+        return rows, samples
+
+    def _fit(self, samples: list[Sample], gaps: list[Gap]) -> tuple[list[Sample], bytes]:
+        """The longest prefix of ``samples`` whose batch the receiver's limits allow, encoded.
+
+        Halved until it fits (``uplink.batch_limits``): only a batch over a limit pays for
+        more than one encode. A single sample over a limit raises ``_TooLarge``.
+        """
+        n = len(samples)
+        while True:
+            part = samples[:n]
+            first = part[0].seq if part else min(g.first_seq for g in gaps)
+            last = part[-1].seq if part else max(g.last_seq for g in gaps)
+            assert first is not None and last is not None
+            payload = encode_batch(Batch(self.device_id, self.epoch, first, last, part, gaps))
+            why = batch_problem(part, len(gaps), payload)
+            if why is None:
+                return part, payload
+            if n <= 1:
+                if not part:
+                    raise ValueError(f"a gaps-only batch over the limits: {why}")
+                raise _TooLarge(part[0], why)
+            n //= 2
 
     def _set_aside(self, bad: list[tuple[tuple[Any, ...], str]], now_utc_ms: int) -> None:
         """Move rows that cannot be sealed to ``bad_rows``, each owned up to by a gap record."""
@@ -1529,14 +1568,25 @@ class Buffer:
         why = f"rejected by {by}: {reason}"[:500]
         with self._tx():
             if table == "batches":
-                row = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()
+                row = self._db.execute(f"SELECT first_seq, n_samples FROM batches WHERE {cond}",
+                                       params).fetchone()
                 cur = self._db.execute(f"DELETE FROM batches WHERE {cond}", params)
-                if cur.rowcount:
+                if cur.rowcount and row[1] > 0:
+                    # The gap records it carried were not delivered: back in the queue with their
+                    # own reasons, for the gaps-only batch that replaces it (acking that one deletes
+                    # the gaps it carries, so marked "sent" here they would be lost unsaid).
+                    self._db.execute("UPDATE gaps SET sent_in=NULL WHERE sent_in=?", (row[0],))
                     self._db.execute(
                         "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
                         (row[0], last_seq, why),
                     )
                     self._bump("gap_records")
+                elif cur.rowcount:
+                    # A gaps-only batch refused: sent again it would be refused again, forever.
+                    # Its records stay marked sent (-1: not delivered), and the log says so.
+                    self._db.execute("UPDATE gaps SET sent_in=-1 WHERE sent_in=?", (row[0],))
+                    log.error("buffer: gaps-only batch %s refused (%s): its gap records are not delivered",
+                              key, why)
             else:
                 row = self._db.execute(
                     f"SELECT epoch, device, first_seq, last_seq, n_samples FROM salvaged WHERE {cond}", params
@@ -1607,7 +1657,9 @@ def _admit(s: Sample) -> str | None:
     # non-finite floats, so None also says there is nothing to replace.
     why = sample_problem(s)
     if why is None:
-        return None
+        # A sample no batch could carry (payload, inflated or cell limits) is refused alone
+        # here; the exact check (an encode) runs only for a sample that is large at all.
+        return sample_never_fits(s, _encode_alone)
     vals = s.values
     if isinstance(vals, dict) and any(isinstance(v, float) and not math.isfinite(v) for v in vals.values()):
         s.values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in vals.items()}
@@ -1616,13 +1668,27 @@ def _admit(s: Sample) -> str | None:
     return why
 
 
+def _encode_alone(samples: Sequence[Sample]) -> bytes:
+    """A batch of these samples alone (numbered from 1), as sealing would encode it."""
+    return encode_batch(Batch("d", "e", 1, len(samples), [
+        Sample(s.sensor, s.t_utc_ms, s.t_mono_ms, s.time_src, s.values, s.flags, i, s.boot_id)
+        for i, s in enumerate(samples, 1)], []))
+
+
 def _encodes(s: Sample) -> bool:
     try:
-        encode_batch(Batch("d", "e", 1, 1, [Sample(s.sensor, s.t_utc_ms, s.t_mono_ms, s.time_src, s.values,
-                                                   s.flags, 1, s.boot_id)], []))
+        _encode_alone([s])
     except (ValueError, TypeError, OverflowError, RecursionError):
         return False
     return True
+
+
+class _TooLarge(Exception):
+    """One sample alone breaks a batch limit: it can never travel (set aside at sealing)."""
+
+    def __init__(self, sample: Sample, why: str) -> None:
+        super().__init__(why)
+        self.sample = sample
 
 
 class _Tx:

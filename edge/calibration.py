@@ -243,6 +243,7 @@ class CalibrationStore:
                 technician=technician, method=method, values=json.loads(json.dumps(dict(values))),
                 valid_from=valid_from, created=self._now(), status=PENDING, device=device, note=note,
             )
+            _admissible(rec)
             self._put(rec)
             db.execute("COMMIT")
         except BaseException:
@@ -291,6 +292,20 @@ class CalibrationStore:
             "INSERT OR REPLACE INTO calibrations VALUES (?,?,?,?,?,?,?,?)",
             (rec.id, rec.kind, rec.serial, rec.version, rec.status, rec.valid_from, rec.valid_to, rec.to_json()),
         )
+
+
+def _admissible(rec: "CalibrationRecord") -> None:
+    """Refuse a record the receiver would refuse (the same rules: edge/calibration_rules.py).
+
+    Else it is stored here, announced at every start, and takes a whole batch down with it.
+    """
+    from edge.calibration_rules import check_record  # imported here: it imports this module
+    from edge.errors import PayloadError
+
+    try:
+        check_record(rec.to_json())
+    except PayloadError as exc:
+        raise CalibrationError(f"the receiver would refuse this record: {exc}") from exc
 
 
 def _check_values(kind: str, values: Mapping[str, Any]) -> None:
