@@ -1308,10 +1308,10 @@ class Buffer:
         samples: list[Sample] = []
         rows: list[tuple[Any, ...]] = []
         if not gaps_rows:
+            rows, samples = self._sealable(max_samples, now_utc_ms)  # first: its set-aside gaps ride too
             gaps_rows = self._db.execute(
                 "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason!=?"
                 " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
-            rows, samples = self._sealable(max_samples, now_utc_ms)
         if not samples and not gaps_rows:
             return None
         gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
