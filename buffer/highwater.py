@@ -73,7 +73,7 @@ class HighWater:
             ok, epoch, seq = False, "", 0
         if not ok or not 0 <= seq <= MAX_SEQ:
             self.damaged = True
-            log.warning("buffer: %s is damaged (%r): ignored, rewritten at the next commit",
+            log.warning("buffer: %s is damaged (%r): ignored (never taken for a loss), rewritten",
                         self.path, raw[:RECORD])
             return None
         return epoch, seq
