@@ -70,7 +70,8 @@ from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.batch_limits import MAX_GAPS_PER_BATCH, batch_problem, sample_never_fits
+from uplink.batch_limits import (MAX_DECOMPRESSED_BYTES, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
+                                 sample_never_fits)
 from uplink.sample_rules import sample_problem
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
 from edge.errors import PayloadError
@@ -590,6 +591,8 @@ class Buffer:
         """A new, empty database while ``.seq`` names an epoch with committed numbers: all of
         them are gone (the WAL cut to nothing before the first checkpoint, or the file deleted).
         Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
+        if self.quarantine_dir.is_dir() and any(lost_epoch in q.name for q in self.quarantine_dir.iterdir()):
+            return  # quarantined (a move cut short before .seq was blanked): salvage accounts for it
         ident = self._identity.read()
         device = ident[1] if ident is not None and ident[0] == lost_epoch else self.device_id
         log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
@@ -1017,8 +1020,13 @@ class Buffer:
         refused: list[tuple[int, str, bytes]] = []  # (index, why, the sample as given)
         for i, s in enumerate(samples):
             why = _admit(s)
+            vals = enc(s.values) if why is None else ""
+            if len(vals) >= SMALL_SAMPLE_BYTES:
+                # Large enough that no batch might carry it (payload or inflated limit): the exact
+                # check, an encode, is paid only here, never by an ordinary sample.
+                why = sample_never_fits(s, _encode_alone)
             if why is None:
-                rows.append((s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values),
+                rows.append((s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, vals,
                              ",".join(s.flags)))
             else:
                 rows.append(None)
@@ -1312,6 +1320,7 @@ class Buffer:
             gaps_rows = self._db.execute(
                 "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason!=?"
                 " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
+        gaps_rows = _within_gap_budget(gaps_rows)
         if not samples and not gaps_rows:
             return None
         gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
@@ -1657,15 +1666,26 @@ def _admit(s: Sample) -> str | None:
     # non-finite floats, so None also says there is nothing to replace.
     why = sample_problem(s)
     if why is None:
-        # A sample no batch could carry (payload, inflated or cell limits) is refused alone
-        # here; the exact check (an encode) runs only for a sample that is large at all.
-        return sample_never_fits(s, _encode_alone)
+        return None
     vals = s.values
     if isinstance(vals, dict) and any(isinstance(v, float) and not math.isfinite(v) for v in vals.values()):
         s.values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in vals.items()}
         s.flags = (*s.flags, "non_finite")
         return sample_problem(s)
     return why
+
+
+def _within_gap_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The first gap rows whose text stays within a quarter of a batch's inflated limit (at least
+    one): gap records alone must never push a batch over a limit ``_fit`` can only meet by
+    dropping samples. The rest ride in the next batch."""
+    budget, out = MAX_DECOMPRESSED_BYTES // 4, []
+    for r in rows:
+        budget -= len(str(r[3]).encode("utf-8", "replace")) + 48
+        if budget < 0 and out:
+            break
+        out.append(r)
+    return out
 
 
 def _encode_alone(samples: Sequence[Sample]) -> bytes:

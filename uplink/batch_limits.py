@@ -9,7 +9,6 @@ sides read the numbers from here, so they cannot drift apart.
 
 from __future__ import annotations
 
-import json
 from typing import Callable, Sequence
 
 from edge.errors import PayloadError
@@ -26,7 +25,7 @@ SMALL_SAMPLE_BYTES = MAX_PAYLOAD_BYTES // 4
 Encode = Callable[[Sequence[Sample]], bytes]  # samples -> a batch's payload
 
 __all__ = ["MAX_GAPS_PER_BATCH", "MAX_VALUE_CELLS", "MAX_PAYLOAD_BYTES", "MAX_DECOMPRESSED_BYTES",
-           "MAX_SAMPLES_PER_BATCH", "value_cells", "batch_problem", "sample_never_fits"]
+           "MAX_SAMPLES_PER_BATCH", "SMALL_SAMPLE_BYTES", "value_cells", "batch_problem", "sample_never_fits"]
 
 
 def value_cells(samples: Sequence[Sample]) -> int:
@@ -58,17 +57,13 @@ def batch_problem(samples: Sequence[Sample], n_gaps: int, payload: bytes) -> str
 
 
 def sample_never_fits(s: Sample, encode: Encode) -> str | None:
-    """Why ``s`` alone exceeds a batch limit (so no batch can ever carry it), or None."""
-    try:
-        size = len(json.dumps(s.values, ensure_ascii=False, default=str).encode("utf-8", "replace"))
-    except (TypeError, ValueError, RecursionError):
-        return None  # the sample rules say what is wrong with it
-    if size < SMALL_SAMPLE_BYTES and len(s.values if isinstance(s.values, dict) else ()) <= MAX_VALUE_CELLS:
-        return None
+    """Why ``s`` alone exceeds a batch limit (so no batch can ever carry it), or None.
+
+    An encode: call it only for a sample whose values take ``SMALL_SAMPLE_BYTES`` or more.
+    """
     try:
         payload = encode([s])
     except (ValueError, TypeError, OverflowError, RecursionError):
-        return None
+        return None  # the sample rules, or sealing, say what is wrong with it
     why = batch_problem([s], 0, payload)
     return None if why is None else f"too large for any batch: {why}"
-
