@@ -323,3 +323,26 @@ def test_sealing_splits_a_batch_over_the_cell_limit(tmp_path):
     assert stored == set(seqs) and not silent
     assert len(log) >= 2 and all(x.endswith(":stored") for x in log)
     buf.close()
+
+
+def test_sealing_splits_a_batch_over_the_payload_limit(tmp_path):
+    """Samples that each fit a batch alone but together seal past 1 MiB: sealed in parts, all stored."""
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    rnd = random.Random(2)
+    group = [Sample("pm", 1_795_000_000_000 + i, i, TimeSource.GPS,
+                    {f"t{j}": "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(16384)) for j in range(8)},
+                    (), None, "boot") for i in range(5)]
+    seqs = buf.commit(group)
+    sizes = []
+    while (sb := buf.seal(2000, 1)) is not None:
+        sizes.append(len(sb.payload))
+    log: list[str] = []
+    _deliver(buf, ing, log)
+    stored, _, silent = _account(tmp_path / "store.sqlite", buf.epoch, set(seqs))
+    report("payload-split", payload_sizes=sizes, limit=MAX_PAYLOAD_BYTES, deliveries=log)
+    assert sum(sizes) > MAX_PAYLOAD_BYTES and all(x <= MAX_PAYLOAD_BYTES for x in sizes) and len(sizes) >= 2
+    assert stored == set(seqs) and not silent and all(x.endswith(":stored") for x in log)
+    buf.close()
