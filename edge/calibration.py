@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -306,6 +307,17 @@ def _admissible(rec: "CalibrationRecord") -> None:
         check_record(rec.to_json())
     except PayloadError as exc:
         raise CalibrationError(f"the receiver would refuse this record: {exc}") from exc
+
+
+def _announceable(rec: "CalibrationRecord") -> bool:
+    """False (logged) for a record stored before the van ran the receiver's check: announced,
+    it would be set aside at every start; the technician must propose it again."""
+    try:
+        _admissible(rec)
+    except CalibrationError as exc:
+        logging.getLogger(__name__).error("calibration %s not announced: %s", rec.id, exc)
+        return False
+    return True
 
 
 def _check_values(kind: str, values: Mapping[str, Any]) -> None:
@@ -651,7 +663,7 @@ class CalibrationAnnouncer:
         self._reads = 0
         self._gen = store.generation()
         self._sent: dict[str, str] = {}
-        self._queue: list[CalibrationRecord] = list(store.all_active())
+        self._queue: list[CalibrationRecord] = [r for r in store.all_active() if _announceable(r)]
 
     def _poll(self) -> None:
         gen = self.store.generation()
@@ -660,7 +672,8 @@ class CalibrationAnnouncer:
         self._gen = gen
         queued = {r.id for r in self._queue}
         for rec in self.store.history():
-            if rec.status != PENDING and self._sent.get(rec.id) != rec.to_json() and rec.id not in queued:
+            if (rec.status != PENDING and self._sent.get(rec.id) != rec.to_json() and rec.id not in queued
+                    and _announceable(rec)):
                 self._queue.append(rec)
 
     def read(self) -> Reading | None:

@@ -346,3 +346,24 @@ def test_sealing_splits_a_batch_over_the_payload_limit(tmp_path):
     assert sum(sizes) > MAX_PAYLOAD_BYTES and all(x <= MAX_PAYLOAD_BYTES for x in sizes) and len(sizes) >= 2
     assert stored == set(seqs) and not silent and all(x.endswith(":stored") for x in log)
     buf.close()
+
+
+def test_a_stored_record_the_receiver_would_refuse_is_not_announced(tmp_path):
+    """A record stored before the van's check (written straight into the table, as an old store
+    holds it) used to be re-announced at every start and take its batch down each time."""
+    from dataclasses import replace
+
+    from edge.calibration import CalibrationAnnouncer
+
+    store = CalibrationStore(tmp_path / "cal.db")
+    good = store.add("pm", "SER-1", "colocation", {"slope": 1.1}, technician="t")
+    store.confirm(good.id)
+    bad = replace(store.get(good.id), id="pm/SER-2/1", serial="SER-2", values={"slope": 1e16})
+    store._put(bad)
+    store._db.commit()
+    ann = CalibrationAnnouncer(store)
+    announced = []
+    while (r := ann.read()) is not None:
+        announced.append(r.values["id"])
+    report("announce", announced=announced)
+    assert announced == [good.id]
