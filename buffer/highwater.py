@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from pathlib import Path
 
 from buffer.heldledger import make_with_real_blocks
@@ -27,7 +28,16 @@ from buffer.heldledger import make_with_real_blocks
 log = logging.getLogger(__name__)
 
 SIZE = 4096  # one block, overwritten in place
-RECORD = 96  # bytes written per commit: "epoch last_seq", padded
+RECORD = 96  # bytes written per commit: "epoch last_seq crc", padded
+# The largest number the file may name. Far above any real buffer (2^50 samples at 1 kHz is 35,000
+# years), far below SQLite's 2^63 - 1: a value past it could only be damage, and believing it would
+# burn the number space (every later commit failing) or not even fit an INTEGER (every open failing).
+MAX_SEQ = 2**50
+
+
+def _check(epoch: str, last_seq: int) -> str:
+    """CRC32 of the record: one flipped bit in the digits must not read as a loss."""
+    return "%08x" % zlib.crc32(f"seq:{epoch} {last_seq}".encode("ascii", "replace"))
 
 
 class HighWater:
@@ -37,19 +47,36 @@ class HighWater:
         self.path = path
         self._fd: int | None = None
         self._failed = False  # logged once; a missing witness only costs the detection
+        self.damaged = False  # the last read found a record that fails its check (see ``read``)
 
     def read(self) -> tuple[str, int] | None:
-        """(epoch, last_seq) on file, or None (missing, blank or unreadable)."""
+        """(epoch, last_seq) on file, or None (missing, blank, unreadable or damaged).
+
+        A record that fails its CRC, or names a number past ``MAX_SEQ``, is
+        damaged: ignored with a warning (``damaged`` set), never taken for a
+        loss; the next ``mark`` rewrites it. A record of two fields is from
+        before the checksum and is believed (within the bound).
+        """
+        self.damaged = False
         try:
             with open(self.path, "rb") as f:
                 raw = f.read(RECORD).rstrip(b"\0 \n")
         except OSError:
             return None
-        try:
-            epoch, seq = raw.decode("ascii").split()
-            return epoch, int(seq)
-        except (UnicodeDecodeError, ValueError):
+        if not raw:
             return None
+        try:
+            fields = raw.decode("ascii").split()
+            epoch, seq = fields[0], int(fields[1])
+            ok = len(fields) == 2 or (len(fields) == 3 and fields[2] == _check(epoch, seq))
+        except (UnicodeDecodeError, ValueError, IndexError):
+            ok, epoch, seq = False, "", 0
+        if not ok or not 0 <= seq <= MAX_SEQ:
+            self.damaged = True
+            log.warning("buffer: %s is damaged (%r): ignored (never taken for a loss), rewritten",
+                        self.path, raw[:RECORD])
+            return None
+        return epoch, seq
 
     def behind(self, epoch: str, last_seq: int) -> int:
         """How many numbers of ``epoch`` were committed past ``last_seq`` (0: none known)."""
@@ -60,7 +87,7 @@ class HighWater:
 
     def mark(self, epoch: str, last_seq: int) -> None:
         """Record ``last_seq`` as durable (call after the commit returned)."""
-        body = f"{epoch} {last_seq}\n".encode("ascii", "replace")
+        body = f"{epoch} {last_seq} {_check(epoch, last_seq)}\n".encode("ascii", "replace")
         if len(body) > RECORD:
             return  # an epoch is 16 hex digits: cannot happen; never write past the record
         try:
@@ -77,6 +104,29 @@ class HighWater:
             self._failed = True
             return
         self._failed = False
+
+    def move_to(self, folder: Path) -> None:
+        """Leave a copy in a quarantine folder (a witness of the epoch for salvage), then blank it.
+
+        Blanked, not deleted: the quarantined epoch is accounted for by salvage;
+        the next epoch must not take its numbers for its own loss.
+        """
+        found = self.read()
+        if found is not None:
+            copy = HighWater(folder / self.path.name)
+            copy.mark(*found)
+            copy.close()
+        if self.path.exists():
+            try:
+                self.close()
+                fd = os.open(self.path, os.O_RDWR)
+                try:
+                    os.pwrite(fd, b"\0" * RECORD, 0)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.error("buffer: cannot blank %s (%s)", self.path, exc)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -62,7 +62,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn, TypeVar
+from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
@@ -70,6 +70,8 @@ from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
+from uplink.batch_limits import (MAX_DECOMPRESSED_BYTES, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
+                                 sample_never_fits)
 from uplink.sample_rules import sample_problem
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
 from edge.errors import PayloadError
@@ -411,7 +413,7 @@ class Buffer:
             if not self._no_room(exc):
                 raise
             self._db = self._open_without_room(exc)
-        self.epoch = self._init_epoch()
+        self.epoch = self._init_epoch(real=not self._unborn)
         self._unsealed = self._count_unsealed()
         self._identity.write(self.epoch, self.device_id)
 
@@ -548,11 +550,17 @@ class Buffer:
 
     # -- identity -------------------------------------------------------------
 
-    def _init_epoch(self) -> str:
+    def _init_epoch(self, real: bool = True) -> str:
+        """This file's epoch; a new one for a new file. ``real``: False for the in-memory stand-in."""
         row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row:
             return self._vouch(str(row[0]))
+        if self._has_data():
+            # Rows without an epoch: meta lost its row (damage), not a new buffer. Quarantine
+            # and salvage (the side files name the epoch) rather than renumber them silently.
+            raise sqlite3.DatabaseError("database disk image is malformed (meta: no epoch, yet rows)")
         epoch = secrets.token_hex(8)
+        witness = self._highwater.read() if real else None
         try:
             with self._tx():
                 self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
@@ -561,12 +569,36 @@ class Buffer:
                 self._db.execute(
                     "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
                 )
+                if witness is not None and witness[1] > 0:
+                    self._own_up_to_lost_epoch(*witness)
         except sqlite3.IntegrityError as exc:
             # The epoch could not be read, yet a key of meta is taken: the table or its index
             # is damaged (one flipped bit does it). Corruption, so the file is quarantined and
             # salvaged rather than the agent failing to start for good.
             raise sqlite3.DatabaseError(f"database disk image is malformed (meta: {exc})") from exc
+        if real and not self._exclusive:
+            # The epoch row into the main file now (once per epoch, cheap): a WAL lost before the
+            # first automatic checkpoint then still leaves the epoch and its witnesses agreeing.
+            self._checkpoint()
         return epoch
+
+    def _has_data(self) -> bool:
+        return any(self._db.execute(sql).fetchone() for sql in (
+            "SELECT 1 FROM samples LIMIT 1", "SELECT 1 FROM batches LIMIT 1",
+            "SELECT 1 FROM sqlite_sequence WHERE name='samples' AND seq > 0"))
+
+    def _own_up_to_lost_epoch(self, lost_epoch: str, last: int) -> None:
+        """A new, empty database while ``.seq`` names an epoch with committed numbers: all of
+        them are gone (the WAL cut to nothing before the first checkpoint, or the file deleted).
+        Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
+        if self.quarantine_dir.is_dir() and any(lost_epoch in q.name for q in self.quarantine_dir.iterdir()):
+            return  # quarantined (a move cut short before .seq was blanked): salvage accounts for it
+        ident = self._identity.read()
+        device = ident[1] if ident is not None and ident[0] == lost_epoch else self.device_id
+        log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
+                  " to as lost", self.path, lost_epoch, last, self._highwater.path)
+        self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
+        self._bump("samples_lost_wal", last)
 
     def _vouch(self, epoch: str) -> str:
         """``meta``'s epoch if its witnesses vouch for it; else the file is damaged (raises).
@@ -579,7 +611,7 @@ class Buffer:
         """
         row = self._db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
         check = str(row[0]) if row else None
-        trusted, true_epoch = vouched_epoch(epoch, check, self._identity.epoch_of())
+        trusted, true_epoch = vouched_epoch(epoch, check, self._side_epoch(check is not None))
         if not trusted:
             self._damaged_epoch = true_epoch
             raise sqlite3.DatabaseError(
@@ -597,6 +629,18 @@ class Buffer:
                 if not recovery.is_disk_full(exc):
                     raise
         return epoch
+
+    def _side_epoch(self, seq_too: bool) -> str | None:
+        """The epoch the side files name: ``.id``, else ``.seq`` (the third witness).
+
+        ``.seq`` only where meta has a checksum: a file from before the checksum has no
+        witness to break a tie with a stale ``.seq``.
+        """
+        side = self._identity.epoch_of()
+        if side is None and seq_too:
+            found = self._highwater.read()
+            side = found[0] if found else None
+        return side
 
     def _tx(self) -> "_Tx":
         return _Tx(self._db)
@@ -626,6 +670,7 @@ class Buffer:
         log.error("buffer %s is corrupt (%s): quarantining it", self.path, reason)
         qdir = recovery.quarantine(self.path, self.quarantine_dir, epoch, reason)
         self._identity.copy_to(qdir, epoch)  # names the epoch if the file cannot
+        self._highwater.move_to(qdir)  # a third witness; the new epoch starts without it
         return qdir
 
     def _recover(self, reason: str) -> None:
@@ -659,8 +704,12 @@ class Buffer:
             if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
                 recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
                 continue
-            found = recovery.salvage(qdir / self.path.name,
-                                     IdentityFile(qdir / self._identity.path.name).read())
+            ident = IdentityFile(qdir / self._identity.path.name).read()
+            if ident is None:
+                # No identity file: the .seq copy still names the epoch (the third witness).
+                seq = HighWater(qdir / self._highwater.path.name).read()
+                ident = (seq[0], self.device_id) if seq else None
+            found = recovery.salvage(qdir / self.path.name, ident)
             try:
                 summary = self._apply_salvage(found, mark)
             except sqlite3.DatabaseError as exc:
@@ -971,8 +1020,13 @@ class Buffer:
         refused: list[tuple[int, str, bytes]] = []  # (index, why, the sample as given)
         for i, s in enumerate(samples):
             why = _admit(s)
+            vals = enc(s.values) if why is None else ""
+            if len(vals) >= SMALL_SAMPLE_BYTES:
+                # Large enough that no batch might carry it (payload or inflated limit): the exact
+                # check, an encode, is paid only here, never by an ordinary sample.
+                why = sample_never_fits(s, _encode_alone)
             if why is None:
-                rows.append((s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, enc(s.values),
+                rows.append((s.sensor, s.t_utc_ms, s.t_mono_ms, str(s.time_src), s.boot_id, vals,
                              ",".join(s.flags)))
             else:
                 rows.append(None)
@@ -1181,6 +1235,8 @@ class Buffer:
             self._carried = note.losses()
             self._noted = True
         wal_lost = self._highwater.behind(self.epoch, last)
+        if self._highwater.damaged:
+            self._highwater.mark(self.epoch, last)  # rewritten now: ignored, never a loss
         if wal_lost and all(r != WAL_LOST_REASON for _, r in self._carried):  # not yet in a note
             # Committed transactions are gone from the WAL (cut at a frame boundary): their
             # numbers are owned up to first, so the gap names exactly the lost range.
@@ -1250,40 +1306,26 @@ class Buffer:
         transaction as the batch. Sealing goes on with the rest: one bad row
         must not stop every tick.
         """
-        rows = self._db.execute(
-            f"SELECT {rowcheck.SELECT_COLS} FROM samples ORDER BY seq LIMIT ?", (max_samples,)
-        ).fetchall()
-        samples: list[Sample] = []
-        bad: list[tuple[tuple[Any, ...], str]] = []
-        for r in rows:
-            checked = rowcheck.check_row(r)
-            smp = checked.sample
-            # A row can verify and still not travel (a row from before checksums, a value a
-            # driver should never have given): the receiver would refuse the whole batch,
-            # or it would not even encode. Set aside like a damaged row.
-            why = checked.why if smp is None else sample_problem(smp)
-            if why:
-                bad.append((r, why if smp is None else f"cannot travel: {why}"))
-            else:
-                samples.append(smp)  # type: ignore[arg-type]
-        if bad:
-            self._set_aside(bad, now_utc_ms)
+        # Gaps the WAL lost travel alone, in a gaps-only batch named after their range, never
+        # merged into a batch of samples: a cut that took back a delivered seal brings those
+        # samples back unsealed, and their re-seal must give the very bytes of the original
+        # (encoding is deterministic) so the receiver answers "duplicate", not "different".
         gaps_rows = self._db.execute(
-            "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id"
-        ).fetchall()
+            "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason=?"
+            " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
+        samples: list[Sample] = []
+        rows: list[tuple[Any, ...]] = []
+        if not gaps_rows:
+            rows, samples = self._sealable(max_samples, now_utc_ms)  # first: its set-aside gaps ride too
+            gaps_rows = self._db.execute(
+                "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason!=?"
+                " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
+        gaps_rows = _within_gap_budget(gaps_rows)
         if not samples and not gaps_rows:
             return None
-        if samples:
-            first, last = samples[0].seq, samples[-1].seq
-        else:
-            # Gaps alone still travel: they ride in an empty batch named after the gap range.
-            first = min(g[1] for g in gaps_rows)
-            last = max(g[2] for g in gaps_rows)
-        assert first is not None and last is not None
         gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
-        batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
         try:
-            payload = encode_batch(batch)
+            samples, payload = self._fit(samples, gaps)
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # Something the checks above did not foresee: set aside the rows that do not
             # encode alone, and let the next call seal the rest (never the same failure twice).
@@ -1294,15 +1336,24 @@ class Buffer:
                 raise
             self._set_aside(culprits, now_utc_ms)
             return None
+        except _TooLarge as big:
+            by_seq = {r[0]: r for r in rows}
+            self._set_aside([(by_seq[big.sample.seq], f"too large for any batch: {big}")], now_utc_ms)
+            return None
+        if samples:
+            first, last = samples[0].seq, samples[-1].seq
+        else:
+            # Gaps alone still travel: they ride in an empty batch named after the gap range.
+            first = min(g[1] for g in gaps_rows)
+            last = max(g[2] for g in gaps_rows)
+        assert first is not None and last is not None
+        batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
         digest = content_hash(payload)
         with self._tx():
             if self._db.execute("SELECT 1 FROM batches WHERE first_seq=?", (first,)).fetchone():
                 # Only a gaps-only batch can collide (its range was a batch before); such
                 # gaps are already known to the receiver through that rejected range.
-                self._db.execute(
-                    "UPDATE gaps SET sent_in=-1 WHERE sent_in IS NULL AND id<=?",
-                    (gaps_rows[-1][0],),
-                )
+                self._db.executemany("UPDATE gaps SET sent_in=-1 WHERE id=?", [(g[0],) for g in gaps_rows])
                 return None
             self._db.execute(
                 "INSERT INTO batches VALUES (?,?,?,?,?,?,?)",
@@ -1322,12 +1373,56 @@ class Buffer:
                 # was never sent, so it is known lost (see recovery.salvage).
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sealed_through', ?)", (str(last),))
             if gaps_rows:
-                self._db.execute(
-                    "UPDATE gaps SET sent_in=? WHERE sent_in IS NULL AND id<=?",
-                    (first, gaps_rows[-1][0]),
-                )
+                self._db.executemany("UPDATE gaps SET sent_in=? WHERE id=?", [(first, g[0]) for g in gaps_rows])
         self._unsealed -= len(samples)
         return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
+
+    def _sealable(self, max_samples: int, now_utc_ms: int) -> tuple[list[tuple[Any, ...]], list[Sample]]:
+        """The oldest unsealed rows and the samples among them that can travel.
+
+        Every row is verified first (``buffer.rowcheck``); one that fails, or
+        that verifies and still could not travel (a row from before checksums, a
+        value a driver should never have given: the receiver would refuse the
+        whole batch, or it would not even encode), is set aside with a gap record.
+        """
+        rows = self._db.execute(
+            f"SELECT {rowcheck.SELECT_COLS} FROM samples ORDER BY seq LIMIT ?", (max_samples,)
+        ).fetchall()
+        samples: list[Sample] = []
+        bad: list[tuple[tuple[Any, ...], str]] = []
+        for r in rows:
+            checked = rowcheck.check_row(r)
+            smp = checked.sample
+            why = checked.why if smp is None else sample_problem(smp)
+            if why:
+                bad.append((r, why if smp is None else f"cannot travel: {why}"))
+            else:
+                samples.append(smp)  # type: ignore[arg-type]
+        if bad:
+            self._set_aside(bad, now_utc_ms)
+        return rows, samples
+
+    def _fit(self, samples: list[Sample], gaps: list[Gap]) -> tuple[list[Sample], bytes]:
+        """The longest prefix of ``samples`` whose batch the receiver's limits allow, encoded.
+
+        Halved until it fits (``uplink.batch_limits``): only a batch over a limit pays for
+        more than one encode. A single sample over a limit raises ``_TooLarge``.
+        """
+        n = len(samples)
+        while True:
+            part = samples[:n]
+            first = part[0].seq if part else min(g.first_seq for g in gaps)
+            last = part[-1].seq if part else max(g.last_seq for g in gaps)
+            assert first is not None and last is not None
+            payload = encode_batch(Batch(self.device_id, self.epoch, first, last, part, gaps))
+            why = batch_problem(part, len(gaps), payload)
+            if why is None:
+                return part, payload
+            if n <= 1:
+                if not part:
+                    raise ValueError(f"a gaps-only batch over the limits: {why}")
+                raise _TooLarge(part[0], why)
+            n //= 2
 
     def _set_aside(self, bad: list[tuple[tuple[Any, ...], str]], now_utc_ms: int) -> None:
         """Move rows that cannot be sealed to ``bad_rows``, each owned up to by a gap record."""
@@ -1482,14 +1577,25 @@ class Buffer:
         why = f"rejected by {by}: {reason}"[:500]
         with self._tx():
             if table == "batches":
-                row = self._db.execute(f"SELECT first_seq FROM batches WHERE {cond}", params).fetchone()
+                row = self._db.execute(f"SELECT first_seq, n_samples FROM batches WHERE {cond}",
+                                       params).fetchone()
                 cur = self._db.execute(f"DELETE FROM batches WHERE {cond}", params)
-                if cur.rowcount:
+                if cur.rowcount and row[1] > 0:
+                    # The gap records it carried were not delivered: back in the queue with their
+                    # own reasons, for the gaps-only batch that replaces it (acking that one deletes
+                    # the gaps it carries, so marked "sent" here they would be lost unsaid).
+                    self._db.execute("UPDATE gaps SET sent_in=NULL WHERE sent_in=?", (row[0],))
                     self._db.execute(
                         "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
                         (row[0], last_seq, why),
                     )
                     self._bump("gap_records")
+                elif cur.rowcount:
+                    # A gaps-only batch refused: sent again it would be refused again, forever.
+                    # Its records stay marked sent (-1: not delivered), and the log says so.
+                    self._db.execute("UPDATE gaps SET sent_in=-1 WHERE sent_in=?", (row[0],))
+                    log.error("buffer: gaps-only batch %s refused (%s): its gap records are not delivered",
+                              key, why)
             else:
                 row = self._db.execute(
                     f"SELECT epoch, device, first_seq, last_seq, n_samples FROM salvaged WHERE {cond}", params
@@ -1569,13 +1675,40 @@ def _admit(s: Sample) -> str | None:
     return why
 
 
+def _within_gap_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The first gap rows whose text stays within a quarter of a batch's inflated limit (at least
+    one): gap records alone must never push a batch over a limit ``_fit`` can only meet by
+    dropping samples. The rest ride in the next batch."""
+    budget, out = MAX_DECOMPRESSED_BYTES // 4, []
+    for r in rows:
+        budget -= len(str(r[3]).encode("utf-8", "replace")) + 48
+        if budget < 0 and out:
+            break
+        out.append(r)
+    return out
+
+
+def _encode_alone(samples: Sequence[Sample]) -> bytes:
+    """A batch of these samples alone (numbered from 1), as sealing would encode it."""
+    return encode_batch(Batch("d", "e", 1, len(samples), [
+        Sample(s.sensor, s.t_utc_ms, s.t_mono_ms, s.time_src, s.values, s.flags, i, s.boot_id)
+        for i, s in enumerate(samples, 1)], []))
+
+
 def _encodes(s: Sample) -> bool:
     try:
-        encode_batch(Batch("d", "e", 1, 1, [Sample(s.sensor, s.t_utc_ms, s.t_mono_ms, s.time_src, s.values,
-                                                   s.flags, 1, s.boot_id)], []))
+        _encode_alone([s])
     except (ValueError, TypeError, OverflowError, RecursionError):
         return False
     return True
+
+
+class _TooLarge(Exception):
+    """One sample alone breaks a batch limit: it can never travel (set aside at sealing)."""
+
+    def __init__(self, sample: Sample, why: str) -> None:
+        super().__init__(why)
+        self.sample = sample
 
 
 class _Tx:

@@ -296,6 +296,7 @@ class CalibrationStore:
                 technician=technician, method=method, values=json.loads(json.dumps(dict(values))),
                 valid_from=valid_from, created=self._now(), status=PENDING, device=device, note=note,
             )
+            _admissible(rec)
             self._put(rec)
             db.execute("COMMIT")
         except BaseException:
@@ -344,6 +345,31 @@ class CalibrationStore:
             "INSERT OR REPLACE INTO calibrations VALUES (?,?,?,?,?,?,?,?)",
             (rec.id, rec.kind, rec.serial, rec.version, rec.status, rec.valid_from, rec.valid_to, rec.to_json()),
         )
+
+
+def _admissible(rec: "CalibrationRecord") -> None:
+    """Refuse a record the receiver would refuse (the same rules: edge/calibration_rules.py).
+
+    Else it is stored here, announced at every start, and takes a whole batch down with it.
+    """
+    from edge.calibration_rules import check_record  # imported here: it imports this module
+    from edge.errors import PayloadError
+
+    try:
+        check_record(rec.to_json())
+    except PayloadError as exc:
+        raise CalibrationError(f"the receiver would refuse this record: {exc}") from exc
+
+
+def _announceable(rec: "CalibrationRecord") -> bool:
+    """False (logged) for a record stored before the van ran the receiver's check: announced,
+    it would be set aside at every start; the technician must propose it again."""
+    try:
+        _admissible(rec)
+    except CalibrationError as exc:
+        logging.getLogger(__name__).error("calibration %s not announced: %s", rec.id, exc)
+        return False
+    return True
 
 
 def _check_values(kind: str, values: Mapping[str, Any]) -> None:
@@ -701,7 +727,7 @@ class CalibrationAnnouncer:
         self._reads = 0
         self._gen = store.generation()
         self._sent: dict[str, str] = {}
-        self._queue: list[CalibrationRecord] = list(store.all_active())
+        self._queue: list[CalibrationRecord] = [r for r in store.all_active() if _announceable(r)]
 
     def _poll(self) -> None:
         gen = self.store.generation()
@@ -710,7 +736,8 @@ class CalibrationAnnouncer:
         self._gen = gen
         queued = {r.id for r in self._queue}
         for rec in self.store.history():
-            if rec.status != PENDING and self._sent.get(rec.id) != rec.to_json() and rec.id not in queued:
+            if (rec.status != PENDING and self._sent.get(rec.id) != rec.to_json() and rec.id not in queued
+                    and _announceable(rec)):
                 self._queue.append(rec)
 
     def read(self) -> Reading | None:

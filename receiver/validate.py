@@ -47,9 +47,9 @@ from uplink.sample_rules import (  # noqa: F401  (re-exported: check_status, tes
     FIX_BOUNDS, GPS_SENSOR, MAX_FLAGS_PER_SAMPLE, MAX_JSON_DEPTH, MAX_SHOWN, Seen, check_float, check_int,
     check_name, check_sample, check_text, json_depth, show,
 )
+from uplink.batch_limits import MAX_GAPS_PER_BATCH  # one place for every batch limit (the van seals to it)
 from uplink.wire import MAX_NAME_CHARS, Batch
 
-MAX_GAPS_PER_BATCH = 10_000
 MAX_STATUS_ITEMS = 4_000  # scalars and containers in one status message
 
 

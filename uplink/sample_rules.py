@@ -23,10 +23,11 @@ Why each bound (docs/wire-format.md, "What the receiver accepts", lists them):
 * GPS fix fields in their physical range (they become ``double``/``integer``
   columns of ``fixes`` and ``positions``).
 
-Imports only what the wire format already uses (edge.errors, edge.model): the
-van does not carry the receiver's code. A calibration record's fields are the
-receiver's own extra check (receiver/calibration_check.py: it needs the
-derivation code); the van writes those records itself.
+Imports only what the wire format already uses (edge.errors, edge.model) and
+the van's own calibration rules: the van does not carry the receiver's code.
+A calibration record's fields are checked by ``sample_problem`` (the van's
+commit and sealing) with edge/calibration_rules.py, the module the receiver's
+admission schema calls too.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge.calibration import CALIBRATION_SENSOR
+from edge.calibration_rules import check_record
 from edge.errors import PayloadError
-from edge.model import Sample
+from edge.model import Sample, TimeSource
 from uplink.codec_v2 import INT64_MAX, INT64_MIN
 from uplink.wire import MAX_ABS_FLOAT, MAX_KEYS_PER_SAMPLE, MAX_NAME_CHARS, MAX_TEXT_CHARS
 
 MAX_FLAGS_PER_SAMPLE = 64
 MAX_JSON_DEPTH = 32  # JSON text inside a value, and status messages
 MAX_SHOWN = 40  # characters of a hostile name quoted back in a reason
+TIME_SOURCES = frozenset(t.value for t in TimeSource)  # the receiver decodes no other
 
 GPS_SENSOR = "gps"
 # Fix fields: (lowest, highest, must be a whole number). None is always allowed (no fix).
@@ -188,9 +192,9 @@ def check_sample(s: Sample, seen: Seen | None = None) -> None:
     if not (type(s.t_mono_ms) is int and 0 <= s.t_mono_ms <= hi_i):
         check_int(s.t_mono_ms, "t_mono_ms", 0)
     src = str(s.time_src)
-    if src not in names:
+    if src not in TIME_SOURCES:  # the receiver decodes no other: refused at commit, not at sealing
         check_name(src, "time_src")
-        names.add(src)
+        raise PayloadError(f"unknown time source {show(src)}")
     if s.boot_id and s.boot_id not in names:
         check_name(s.boot_id, "boot id")
         names.add(s.boot_id)
@@ -229,6 +233,8 @@ def sample_problem(s: Sample) -> str | None:
     """Why ``s`` could not be stored (the reason ``check_sample`` gives), or None if it can."""
     try:
         check_sample(s)
+        if s.sensor == CALIBRATION_SENSOR and type(s.values.get("record")) is str:
+            check_record(s.values["record"])  # as receiver/validate.py does: else the batch goes
     except PayloadError as exc:
         return str(exc)
     except TypeError as exc:  # a name that is not even hashable (a driver's bug): no sample either

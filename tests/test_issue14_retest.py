@@ -1,0 +1,369 @@
+"""Issue 14, what an independent re-test found (probes on branch v2): each fault done to real files
+and passed through the real receiver (``receiver.ingest.Ingestor`` over ``SQLiteStore``) where the
+question is "does it reach the store". Every committed number must end up stored, or inside a gap
+record the store holds; nothing silent. Each test prints what it exercised and asserts it happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from buffer import highwater
+from buffer.store import SCHEMA, WAL_LOST_REASON, Buffer
+from edge.calibration import CALIBRATION_SENSOR, CalibrationError, CalibrationStore
+from edge.model import Sample, TimeSource
+from receiver.ingest import Ingestor
+from receiver.store import SQLiteStore
+from tests.delivery_harness import report
+from tests.test_card_faults_more import _samples
+from tests.test_meta_and_wal_faults import _crash_image, _flip_epoch_text
+from uplink.batch_limits import MAX_VALUE_CELLS
+from uplink.wire import batch_topic, content_hash, decode_batch, parse_batch_id
+
+DEV = "van-rt"
+
+
+def _deliver(buf: Buffer, ing: Ingestor, log: list[str], max_samples: int = 2000) -> None:
+    """The agent's loop in small: seal, publish, acknowledge or reject (edge/agent.py's rule)."""
+    for _ in range(30):
+        sbs = buf.pending(100)
+        if not sbs:
+            sb = buf.seal(max_samples, 1)
+            if sb is None:
+                return
+            sbs = [sb]
+        for sb in sbs:
+            ack = ing.handle(batch_topic("datalab/v1", DEV), sb.payload, 1).ack
+            log.append(f"{sb.batch_id}:{ack.status}")
+            if ack.committed:
+                buf.acknowledge(sb.batch_id)
+            else:
+                buf.reject(sb.batch_id, parse_batch_id(sb.batch_id)[3], ack.reason)
+    raise AssertionError(f"delivery does not end: {log[-5:]}")
+
+
+def _account(store: Path, epoch: str, committed: set[int]) -> tuple[set[int], list[tuple[int, int, str]], set[int]]:
+    """(stored seqs, gap records, committed numbers neither stored nor in a gap) of one epoch."""
+    c = sqlite3.connect(store)
+    stored = {q for (q,) in c.execute("SELECT seq FROM samples WHERE device=? AND epoch=?", (DEV, epoch))}
+    gaps = list(c.execute("SELECT first_seq, last_seq, reason FROM gaps WHERE device=? AND epoch=?", (DEV, epoch)))
+    c.close()
+    covered = {q for a, b, _ in gaps for q in range(a, min(b, 10**6) + 1)}
+    return stored, gaps, committed - stored - covered
+
+
+# --- 1. a whole epoch lost before its first checkpoint -----------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["db-gone", "schema-only", "wal-header-only"])
+def test_an_epoch_gone_from_the_database_is_owned_up_to_under_that_epoch(tmp_path, loss):
+    """The reopened buffer used to start a new epoch silently although .seq and .id named the lost
+    one. Now: a gap over its committed numbers under the old epoch (reaching the receiver), counted.
+    "wal-header-only": the checkpoint at epoch birth keeps the epoch, so the loss is named in it."""
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    old = buf.epoch
+    committed = {q for k in range(10) for q in buf.commit(_samples(5, t0=10 * k))}  # 1..50
+    image = tmp_path / "img"
+    _crash_image(buf.path, image)
+    buf.close()
+    db, wal = image / "b.db", image / "b.db-wal"
+    if loss == "wal-header-only":
+        wal.write_bytes(wal.read_bytes()[:32])
+    else:
+        db.unlink()
+        wal.unlink()
+        if loss == "schema-only":  # the main file as it was before the epoch row reached it
+            c = sqlite3.connect(db)
+            c.executescript(SCHEMA)
+            c.close()
+    nb = Buffer(db, DEV, reserve_bytes=0)
+    counters = nb.counters()
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    log: list[str] = []
+    _deliver(nb, ing, log)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", old, committed)
+    report("epoch-gone", loss=loss, new_epoch=nb.epoch != old, gaps=[(a, b) for a, b, _ in gaps],
+           samples_lost_wal=counters.get("samples_lost_wal"), deliveries=log)
+    assert not silent, f"committed numbers of {old} gone without a record: {sorted(silent)[:5]}"
+    assert (1, 50, WAL_LOST_REASON) in gaps
+    assert counters.get("samples_lost_wal") == 50
+    assert (nb.epoch == old) == (loss == "wal-header-only")
+    nb.close()
+
+
+def test_the_epoch_row_reaches_the_main_file_at_birth(tmp_path):
+    """The checkpoint once per epoch: the main file alone (no WAL) already names the epoch."""
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    buf.commit(_samples(3))
+    ro = sqlite3.connect(f"file:{tmp_path / 'b.db'}?immutable=1", uri=True)  # the main file, WAL ignored
+    row = ro.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+    ro.close()
+    report("epoch-at-birth", epoch=buf.epoch, main_file=row)
+    assert row == (buf.epoch,)
+    buf.close()
+
+
+# --- 2. the .seq witness itself damaged ---------------------------------------------------------
+
+
+def _seq_record(path: Path, text: str) -> None:
+    path.write_bytes(text.encode().ljust(highwater.RECORD, b"\0"))
+
+
+@pytest.mark.parametrize("damage", ["digit-flip", "crc-flip", "legacy-2^63+5", "legacy-10^30", "legacy-2^63-2",
+                                    "crc-valid-2^63-2", "garbage"])
+def test_a_damaged_seq_file_is_ignored_and_rewritten_never_a_loss(tmp_path, damage, caplog):
+    """One flipped digit used to invent a loss (gap 21-60); 2^63+5 made every open raise, 2^63-2
+    every later commit fail. A record that fails its CRC or passes the bound is damaged: ignored
+    with a warning, rewritten at open; the buffer goes on from its own numbers."""
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    epoch = buf.epoch
+    for k in range(4):
+        buf.commit(_samples(5, t0=10 * k))  # 1..20
+    buf.close()
+    seq = tmp_path / "b.db.seq"
+    good = seq.read_bytes().rstrip(b"\0").decode()
+    assert good.split()[:2] == [epoch, "20"] and len(good.split()) == 3  # epoch, last_seq, CRC
+    big = {"legacy-2^63+5": 2**63 + 5, "legacy-10^30": 10**30, "legacy-2^63-2": 2**63 - 2}
+    if damage == "digit-flip":
+        _seq_record(seq, good.replace(f"{epoch} 20 ", f"{epoch} 60 "))
+    elif damage == "crc-flip":
+        crc = good.split()[2]
+        _seq_record(seq, f"{epoch} 20 {crc[:-1]}{'0' if crc[-1] != '0' else '1'}\n")
+    elif damage in big:
+        _seq_record(seq, f"{epoch} {big[damage]}\n")  # a record from before the CRC: the bound still holds
+    elif damage == "crc-valid-2^63-2":
+        _seq_record(seq, f"{epoch} {2**63 - 2} {highwater._check(epoch, 2**63 - 2)}\n")
+    else:
+        seq.write_bytes(bytes(range(256)) * 16)
+    with caplog.at_level(logging.WARNING, logger="buffer.highwater"):
+        nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    rewritten = seq.read_bytes().rstrip(b"\0").decode(errors="replace")
+    nxt = nb.commit(_samples(2, t0=900))
+    report("seq-damage", damage=damage, warned=len(warned), rewritten=rewritten.strip(),
+           lost=nb.counters().get("samples_lost_wal", 0), next=nxt)
+    assert nb.counters().get("samples_lost_wal", 0) == 0
+    assert nb._db.execute("SELECT count(*) FROM gaps").fetchone()[0] == 0
+    assert nxt == [21, 22]
+    assert warned, "the damage is logged"
+    assert rewritten.split()[:2] == [epoch, "20"] and highwater.HighWater(seq).read() == (epoch, 22)
+    nb.close()
+
+
+def test_a_seq_file_from_before_the_checksum_still_names_a_wal_loss(tmp_path):
+    """The old two-field record is believed (within the bound): an upgrade does not blind the witness."""
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    for k in range(4):
+        buf.commit(_samples(5, t0=10 * k))
+    epoch = buf.epoch
+    buf.close()
+    _seq_record(tmp_path / "b.db.seq", f"{epoch} 25\n")
+    nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    gaps = nb._db.execute("SELECT first_seq, last_seq, reason FROM gaps").fetchall()
+    report("seq-legacy", gaps=gaps)
+    assert gaps == [(21, 25, WAL_LOST_REASON)]
+    nb.close()
+
+
+# --- 3. a WAL cut that takes back a delivered seal ----------------------------------------------
+
+
+def test_a_wal_cut_that_takes_back_a_delivered_seal_resends_identical_bytes(tmp_path):
+    """Batch 1-20 stored and acked, 21-30 committed, then the WAL cut before the seal: 1-20 came
+    back unsealed and were re-sealed with the lost gap 21-30 inside (same id, other bytes), refused
+    forever, the gap marked sent and lost. Now the gap travels alone and 1-20 is a duplicate."""
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    log: list[str] = []
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    committed = {q for k in range(4) for q in buf.commit(_samples(5, t0=10 * k))}  # 1..20
+    buf._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    _deliver(buf, ing, log)
+    committed |= {q for k in range(2) for q in buf.commit(_samples(5, t0=100 + 10 * k))}  # 21..30
+    image = tmp_path / "img"
+    _crash_image(buf.path, image)
+    buf.close()
+    wal = image / "b.db-wal"
+    wal.write_bytes(wal.read_bytes()[:32])  # everything after the checkpoint: seal, ack, 21-30
+    nb = Buffer(image / "b.db", DEV, reserve_bytes=0)
+    resealed = []
+    while (sb := nb.seal(2000, 1)) is not None:
+        resealed.append(sb)
+    for sb in resealed:
+        ack = ing.handle(batch_topic("datalab/v1", DEV), sb.payload, 1).ack
+        log.append(f"{sb.batch_id}:{ack.status}")
+        assert ack.committed, f"{sb.batch_id} refused: {ack.reason}"
+        nb.acknowledge(sb.batch_id)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", nb.epoch, committed)
+    report("wal-cut-delivered-seal", deliveries=log, gaps=[(a, b) for a, b, _ in gaps], silent=len(silent))
+    assert [sb.n_samples for sb in resealed] == [0, 20]  # the gap alone first, then 1-20 as before
+    assert log[-1].endswith("1-20:duplicate")
+    assert (21, 30, WAL_LOST_REASON) in gaps and not silent
+    assert nb._db.execute("SELECT count(*) FROM gaps").fetchone()[0] == 0  # nothing stranded as "sent"
+    nb.close()
+
+
+# --- 4. gap records carried by a rejected batch -------------------------------------------------
+
+
+def test_gaps_carried_by_a_rejected_batch_are_delivered_with_their_own_reasons(tmp_path):
+    """A batch rotted on the card carried the gap of samples 1-5; the agent rejected it (hash
+    mismatch) and the gap was left marked sent, then deleted by the replacement's ack."""
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    reason = "card full: samples held in memory lost when the agent ended"
+    a, b = buf.record_lost(5, reason)  # 1-5
+    committed = set(range(a, b + 1)) | set(buf.commit(_samples(5)))  # 6-10
+    sb = buf.seal(2000, 1)
+    assert sb is not None and [(g.first_seq, g.last_seq) for g in decode_batch(sb.payload).gaps] == [(1, 5)]
+    buf._db.execute("UPDATE batches SET payload = CAST(substr(payload,1,10) || 'X' || substr(payload, 12) AS BLOB)")
+    log: list[str] = []
+    for x in buf.pending(10):
+        if content_hash(x.payload) != x.sha256:  # the agent's own check and call (edge/agent.py)
+            buf.reject(x.batch_id, x.last_seq, "corrupt on the device: content hash mismatch", by="device")
+            log.append(f"{x.batch_id}:rejected-by-device")
+    _deliver(buf, ing, log)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, committed)
+    report("reject-carried-gaps", deliveries=log, gaps=[(a_, b_, r[:30]) for a_, b_, r in gaps])
+    assert log[0].endswith("6-10:rejected-by-device")
+    assert (1, 5, reason) in gaps  # its own reason, not the rejection's
+    assert any(g[:2] == (6, 10) and "rejected by device" in g[2] for g in gaps)
+    assert not silent
+    buf.close()
+
+
+# --- 5. two faults: meta's epoch flipped and .id gone: .seq names the epoch ----------------------
+
+
+def test_a_flipped_epoch_with_the_identity_file_gone_is_salvaged_under_the_seq_epoch(tmp_path):
+    """Only unsealed rows (no batch payload to name the epoch), meta's epoch flipped and ``.id``
+    gone: 10 readable rows were dropped with "epoch unknown". ``.seq`` is the third witness."""
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    epoch0 = buf.epoch
+    committed = {q for k in range(2) for q in buf.commit(_samples(5, t0=10 * k))}
+    buf.close()
+    (tmp_path / "b.db.id").unlink()
+    _flip_epoch_text(tmp_path / "b.db", epoch0)
+    nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    log: list[str] = []
+    _deliver(nb, Ingestor(SQLiteStore(tmp_path / "store.sqlite")), log)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", epoch0, committed)
+    report("epoch-flip-no-id", new_epoch=nb.epoch, old=epoch0, deliveries=log, stored=len(stored), gaps=gaps)
+    assert nb.epoch != epoch0 and (tmp_path / "quarantine").exists()
+    assert stored == committed and not silent
+    nb.close()
+
+
+# --- 6. what the van admits, the receiver must take ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, values, valid_from, says", [
+    ("pm", {"slope": 1e16}, None, "slope"),
+    ("pm", {"quantity": 5}, None, "quantity must be text"),
+    ("noise", {"offset_db": 1.0}, 1e12, "valid_from"),
+])
+def test_the_calibration_store_refuses_a_record_the_receiver_would_refuse(tmp_path, kind, values, valid_from, says):
+    store = CalibrationStore(tmp_path / "cal.db")
+    with pytest.raises(CalibrationError, match=says):
+        store.add(kind, "SER-1", "colocation", values, technician="t", valid_from=valid_from)
+    ok = store.add(kind, "SER-1", "colocation", {}, technician="t")  # the good one still goes in
+    report("cal-refused", kind=kind, values=values, valid_from=valid_from, next_version=ok.version)
+    assert store.get(ok.id) is not None and ok.version == 1  # nothing of the refused one was kept
+
+
+def _record_sample(record: dict) -> Sample:
+    return Sample(CALIBRATION_SENSOR, 1_795_000_000_000, 5, TimeSource.GPS, {"record": json.dumps(record)}, (),
+                  None, "boot")
+
+
+def test_samples_the_receiver_would_refuse_are_set_aside_at_commit_and_the_rest_arrive(tmp_path):
+    """A calibration record failing the receiver's check (announced from an old store), a time
+    source the receiver cannot decode, and a sample too large for any batch: each set aside alone
+    at commit (bad_rows + gap record), the good samples around them stored."""
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    rnd = random.Random(1)
+    huge = {f"t{j}": "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(16384)) for j in range(64)}
+    bad_record = {"id": "pm/S/1", "kind": "pm", "serial": "S", "version": 1, "method": "colocation",
+                  "status": "active", "values": {"slope": 1e16}}
+    group = _samples(2) + [_record_sample(bad_record)] + _samples(1, t0=50)
+    group.append(Sample("pm", 1_795_000_000_100, 100, "bogus", {"v": 1.0}, (), None, "boot"))  # type: ignore[arg-type]
+    group += [Sample("pm", 1_795_000_000_200, 200, TimeSource.GPS, huge, (), None, "boot")] + _samples(2, t0=60)
+    seqs = buf.commit(group)
+    bad = dict(buf._db.execute("SELECT seq, reason FROM bad_rows").fetchall())
+    log: list[str] = []
+    _deliver(buf, ing, log)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, set(seqs))
+    report("refused-at-commit", bad={k: v[:60] for k, v in bad.items()}, deliveries=log, stored=sorted(stored))
+    assert sorted(bad) == [seqs[2], seqs[4], seqs[5]]
+    assert "calibration record" in bad[seqs[2]] and "time source" in bad[seqs[4]]
+    assert "too large for any batch" in bad[seqs[5]]
+    assert stored == set(seqs) - set(bad) and not silent
+    assert all(":stored" in x or ":duplicate" in x for x in log), log  # no batch refused
+    buf.close()
+
+
+def test_sealing_splits_a_batch_over_the_cell_limit(tmp_path):
+    """2,000 samples x 251 keys = 502,000 value cells > 500,000: the whole batch was refused."""
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    group = [Sample("pm", 1_795_000_000_000 + i, i, TimeSource.GPS, {f"k{i % 251}": 1.0}, (), None, "boot")
+             for i in range(2000)]
+    seqs = buf.commit(group)
+    log: list[str] = []
+    _deliver(buf, ing, log, max_samples=2000)
+    stored, _, silent = _account(tmp_path / "store.sqlite", buf.epoch, set(seqs))
+    report("cells-split", cells=2000 * 251, limit=MAX_VALUE_CELLS, deliveries=log)
+    assert stored == set(seqs) and not silent
+    assert len(log) >= 2 and all(x.endswith(":stored") for x in log)
+    buf.close()
+
+
+def test_sealing_splits_a_batch_over_the_payload_limit(tmp_path):
+    """Samples that each fit a batch alone but together seal past 1 MiB: sealed in parts, all stored."""
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    rnd = random.Random(2)
+    group = [Sample("pm", 1_795_000_000_000 + i, i, TimeSource.GPS,
+                    {f"t{j}": "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(16384)) for j in range(8)},
+                    (), None, "boot") for i in range(5)]
+    seqs = buf.commit(group)
+    sizes = []
+    while (sb := buf.seal(2000, 1)) is not None:
+        sizes.append(len(sb.payload))
+    log: list[str] = []
+    _deliver(buf, ing, log)
+    stored, _, silent = _account(tmp_path / "store.sqlite", buf.epoch, set(seqs))
+    report("payload-split", payload_sizes=sizes, limit=MAX_PAYLOAD_BYTES, deliveries=log)
+    assert sum(sizes) > MAX_PAYLOAD_BYTES and all(x <= MAX_PAYLOAD_BYTES for x in sizes) and len(sizes) >= 2
+    assert stored == set(seqs) and not silent and all(x.endswith(":stored") for x in log)
+    buf.close()
+
+
+def test_a_stored_record_the_receiver_would_refuse_is_not_announced(tmp_path):
+    """A record stored before the van's check (written straight into the table, as an old store
+    holds it) used to be re-announced at every start and take its batch down each time."""
+    from dataclasses import replace
+
+    from edge.calibration import CalibrationAnnouncer
+
+    store = CalibrationStore(tmp_path / "cal.db")
+    good = store.add("pm", "SER-1", "colocation", {"slope": 1.1}, technician="t")
+    store.confirm(good.id)
+    bad = replace(store.get(good.id), id="pm/SER-2/1", serial="SER-2", values={"slope": 1e16})
+    store._put(bad)
+    store._db.commit()
+    ann = CalibrationAnnouncer(store)
+    announced = []
+    while (r := ann.read()) is not None:
+        announced.append(r.values["id"])
+    report("announce", announced=announced)
+    assert announced == [good.id]
