@@ -11,17 +11,22 @@ timestamps' error (ms, p99); and the same with each correction switched off in t
 
 The path the samples take, and why it is faithful (docs/fidelity.md): the values are
 those the simulated devices report (the error models run on the truth the devices
-would read), stamped as the agent stamps them, and become the agent's own ``Sample``
-and ``Batch`` objects, stored by ``SQLiteStore.ingest_many``: the code the receiver
-runs on every upload, deriving fixes, positions and flags. Left out are the serial
-bytes and drivers, the van's buffer and MQTT: lossless for values and times (the
-decoder, delivery and fleet-oracle tests show it) and far too slow for 10 vans x 5
+would read; NO2 as raw electrode mV plus the sheet's ppb, as drivers/no2.py sends),
+stamped by the agent's real ``TimeKeeper`` from the drivers' measurement times, and
+become the agent's own ``Sample`` and ``Batch`` objects, stored by
+``SQLiteStore.ingest_many``: the code the receiver runs on every upload, deriving fixes,
+positions and quality flags. Each van's NO2 co-location record reaches the receiver as a
+``calibration`` sample, and the receiver recomputes the NO2 it covers. Maps are read with
+``receiver.aggregate.read_tracks`` (best value, flag policy, sentinel rule). Left out are
+the serial bytes and drivers, the van's buffer and MQTT: lossless for values and times
+(the decoder, delivery and fleet-oracle tests show it) and far too slow for 10 vans x 5
 days on 2 cores.
 
-The corrections (issue 15, built by others in parallel) are switched here, one
-function each, so the next session wires them to the final implementations:
-``time_alignment`` (which stamps the store holds: :func:`simulator.sensor_errors.stamp_errors`),
-:func:`flag_filter`, :func:`calibrate`, :func:`dehumidify`.
+What the bench switches is only what is not the shipped pipeline's content: which
+stamps the store holds (``time_alignment``: the shipped TimeKeeper or the old agent's
+measured errors), which ``FlagPolicy`` the maps are read with, whether the NO2 records
+have reached the receiver (``calibration``), and, as a what-if that is NOT shipped,
+undoing PM growth (:func:`dehumidify`).
 
 Run: ``python -m bench --only bench_fidelity`` or ``python -m bench.bench_fidelity``;
 BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 3 h).
@@ -128,7 +133,8 @@ class Simulated:
     fits: dict[str, se.CalibrationFit] = field(default_factory=dict)
     truth_tracks: list[Track] = field(default_factory=list)
     samples: int = 0
-    record_time: dict[str, float] = field(default_factory=dict)  # device -> UTC s after its last shift
+    #: device -> UTC s after its last shift (when its NO2 record is sent)
+    record_time: dict[str, float] = field(default_factory=dict)
     announced: set[bool] = field(default_factory=set)  # stores that hold the NO2 records
 
 
@@ -150,14 +156,17 @@ def van_day_samples(
     rh_m, temp_m = se.measure_rh_temp(vd.rh, vd.temp, dev, sw, rng)
     pm25, pm10 = se.measure_pm(vd.pm25, vd.pm10, vd.rh, se.day_kappa(seed, day), dev, sw, rng)
     sheet_ppb = se.measure_no2(vd.no2, vd.o3, vd.temp, day + shift_s / 86400.0, dev, sw, rng)
-    # The van's noise record (a calibrator's offset) is applied on the van (CalibratedDriver).
-    laeq = se.measure_laeq(vd.laeq, dev, sw, rng) - fit.mic_offset
+    t_true = vd.t0_utc + shift_s
+    geo_rng = np.random.default_rng([seed, van, day, 30])
+    geo = se.Geometry.draw(vd.t0_utc, n, geo_rng, exact=not sw.stamp_errors)
+    # The second of audio ended before the tick: it heard the street there and then. The van's
+    # noise record (a calibrator's offset) is applied on the van (CalibratedDriver).
+    heard = np.interp(geo.sound, t_true, vd.laeq)
+    laeq = se.measure_laeq(heard, dev, sw, rng) - fit.mic_offset
     warming = se.add_faults(pm25, pm10, sheet_ppb, sw, rng, shift_s)
     # What the ISB's electrodes put out for that; the van's no2_ppb is the sheet's (drivers/no2.py).
     we, ae = se.no2_electrodes(sheet_ppb, temp_m, SIM_NO2_CAL, rng, round_uv=sw.read_noise)
     fix = se.gps_has_fix(vd.blocked, shift_s, sw)
-    t_true = vd.t0_utc + shift_s
-    geo = se.Geometry.draw(vd.t0_utc, n, np.random.default_rng([seed, van, day, 30]), exact=not sw.stamp_errors)
     true_ms = np.round(np.stack([geo.gps, geo.reads, geo.reads, geo.sound], axis=1) * 1000)
     # The receiver reports where the van was at its epoch (before the tick by the phase).
     dlat, dlon = se.gps_noise(n, sw, rng, float(vd.lat[0]))
@@ -209,7 +218,8 @@ def van_day_samples(
             }
             samples += [
                 Sample("gps", st.gps[k], mono, src, gps, () if fx else ("no_fix",), seq + 1, "boot"),
-                Sample("pm", st.reads[k], mono, src, {"pm25": p25, "pm10": p10, "rh": rh}, wf, seq + 2, "boot"),
+                Sample("pm", st.reads[k], mono, src, {"pm25": p25, "pm10": p10, "rh": rh}, wf,
+                       seq + 2, "boot"),
                 Sample("no2", st.reads[k], mono, src, no2, wf, seq + 3, "boot"),
                 Sample("noise", st.sound[k], mono, src, {"laeq": lq}, (), seq + 4, "boot"),
             ]
@@ -226,7 +236,7 @@ def _stamps(
     if aligned and sw.stamp_errors:
         return se.agent_stamps(geo, fix, rng)
     n = len(geo.reads)
-    err = se.stamp_errors(n, fix, False, sw, rng)
+    err = se.stamp_errors(n, fix, sw, rng)
     ms = lambda t: np.round(t * 1000).astype(np.int64).tolist()  # noqa: E731
     first = int(np.argmax(fix)) if fix.any() else n
     src = [TimeSource.CORRECTED] * first + [TimeSource.GPS] * (n - first)
@@ -249,7 +259,9 @@ def ingest(store: SQLiteStore, device: str, epoch: str, samples: list[Sample]) -
         store.ingest_many(items[a : a + 20])
 
 
-def no2_record(device: str, fit: se.CalibrationFit, valid_from: float, created: float) -> CalibrationRecord:
+def no2_record(
+    device: str, fit: se.CalibrationFit, valid_from: float, created: float
+) -> CalibrationRecord:
     """The van's NO2 record from its co-location, active, as edge/calibration.py keeps it."""
     serial = SIM_NO2_CAL.serial
     return CalibrationRecord(
@@ -274,7 +286,8 @@ def announce_records(sim: Simulated, aligned: bool) -> None:
             vals = {"id": rec.id, "kind": rec.kind, "serial": rec.serial, "version": rec.version,
                     "status": rec.status, "record": rec.to_json()}
             ms = int(t * 1000)
-            ingest(store, device, "cal", [Sample(CALIBRATION_SENSOR, ms, 1000, TimeSource.GPS, vals, (), 1, "cal")])
+            sample = Sample(CALIBRATION_SENSOR, ms, 1000, TimeSource.GPS, vals, (), 1, "cal")
+            ingest(store, device, "cal", [sample])
     finally:
         store.close()
     sim.announced.add(aligned)
@@ -339,7 +352,8 @@ def _tracks_with_rh(conn: Any, policy: FlagPolicy) -> Iterator[tuple[Track, np.n
     marker = " FROM samples s JOIN positions p"
     assert sql.count(marker) == 1, "receiver/aggregate.py track_sql changed: adapt the what-if"
     sql = sql.replace(marker, ", json_extract(s.vals, '$.rh')" + marker)
-    for device in sorted({d for (d,) in dbapi.fetchall(conn, "SELECT DISTINCT device FROM positions")}):
+    devices = {d for (d,) in dbapi.fetchall(conn, "SELECT DISTINCT device FROM positions")}
+    for device in sorted(devices):
         rows = np.array(dbapi.fetchall(conn, sql, [device, *params]), dtype=np.float64)
         if len(rows):
             yield _track(device, rows[:, :-1]), rows[:, -1]
@@ -430,7 +444,8 @@ def place_and_time_errors(conn: Any, sim: Simulated) -> tuple[float, float, floa
         for e in np.unique(epoch):
             vd, true_ms = sim.truth[(device, e)], sim.true_ms[(device, e)]
             m = epoch == e
-            k = ((seq[m] - 1) // len(SENSORS)).astype(np.int64)  # tick (seq layout of van_day_samples)
+            # tick and stream by the seq layout of van_day_samples
+            k = ((seq[m] - 1) // len(SENSORS)).astype(np.int64)
             stream = ((seq[m] - 1) % len(SENSORS)).astype(np.int64)
             when = true_ms[k, stream]
             grid = vd.t_ms().astype(float)
@@ -473,7 +488,7 @@ def evaluate(
                 announce_records(sim, aligned)
                 conn = dbapi.connect(path)
             elif aligned in sim.announced:
-                raise ValueError("rows without calibration need a store the records have not reached")
+                raise ValueError("rows without calibration need a store no record has reached")
             for name, c in todo:
                 measured = unit_map(measured_tracks(conn, sim, c), snapper, rule)
                 out.append(Figures(name, compare(measured, truth), p50, p95, p99))

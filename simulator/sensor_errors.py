@@ -16,9 +16,12 @@ docs/fidelity.md ("Error models"). In short:
 * RH and temperature of the BME280 beside them (+-3 %RH, +-1 degC);
 * GPS: 5 m (2D RMS) first-order Gauss-Markov position noise, no fix in street canyons
   (the route's ``gps_blocked`` stretches) and before the first fix of a shift;
-* clock: GPS fixes stamped early by the agent's tick phase and sound levels 0.5-1.5 s
-  late when the time alignment is off (issue 15's measurements), and samples taken
-  before the first fix carrying the error of the time fix that corrected them.
+* clock: with time alignment (shipped) the agent's real ``TimeKeeper`` stamps every
+  reading from the meta the drivers give (:func:`agent_stamps`); without it, GPS fixes
+  stamped early by the agent's tick phase and sound levels 0.5-1.5 s late (issue 15's
+  measurements of the old agent, :func:`stamp_errors`);
+* NO2's raw electrode millivolts for what the cell reads (:func:`no2_electrodes`), and
+  the co-location fit as a calibration record's values (:meth:`CalibrationFit.no2_record_values`).
 
 Everything is numpy over one van-day at once and deterministic for its seed. The
 calibration a technician would make (a co-location, a 94 dB calibrator) is simulated
@@ -350,25 +353,22 @@ class StampErrors:
 
 
 def stamp_errors(
-    n: int, has_fix: np.ndarray, aligned: bool, sw: ErrorSwitches, rng: np.random.Generator
+    n: int, has_fix: np.ndarray, sw: ErrorSwitches, rng: np.random.Generator
 ) -> StampErrors:
-    """Stamp errors for one van-day of 1 Hz ticks.
+    """Stamp errors of the agent before issue 15 part 1, for one van-day of 1 Hz ticks.
 
-    Aligned (issue 15 part 1 done): GPS from the epoch's arrival, a few ms of jitter;
-    sound at the end of its second of audio. Not aligned: GPS stamped when the agent
-    read the port, early by the tick phase (0.10-0.99 s, one per run); sound 0.5-1.5 s
-    late. Samples before the first fix were stamped by an unset clock and corrected by
-    that first GPS time: they carry its error.
+    That code is gone, so it cannot be run: this is issue 15's measurement of it. GPS
+    stamped when the agent read the port, early by the tick phase (0.10-0.99 s, one per
+    run); sound 0.5-1.5 s late; reads +-2 ms. Samples before the first fix were stamped by
+    an unset clock and corrected by that first GPS time: they carry its error. The shipped
+    agent's stamps come from :func:`agent_stamps`.
     """
     z = np.zeros(n)
     if not sw.stamp_errors:
         return StampErrors(z, z.copy(), z.copy())
-    jitter = lambda s: rng.normal(0, s, n)
-    if aligned:
-        gps, sound = jitter(0.005), jitter(0.005)
-    else:
-        gps = -rng.uniform(0.10, 0.99) + jitter(0.005)
-        sound = rng.uniform(0.5, 1.5, n)
+    jitter = lambda s: rng.normal(0, s, n)  # noqa: E731
+    gps = -rng.uniform(0.10, 0.99) + jitter(0.005)
+    sound = rng.uniform(0.5, 1.5, n)
     reads = jitter(0.002)
     first = int(np.argmax(has_fix)) if has_fix.any() else n
     if first < n:

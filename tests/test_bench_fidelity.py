@@ -109,7 +109,8 @@ def test_the_maps_no2_is_the_receivers_recompute(realistic):
         v, fit = json.loads(vals), sim.fits[device]
         assert cal == "no2:202-SIM-0001:v1" and "cal" not in v  # the van itself had no record
         # The co-location fit, applied to the van's sheet value, is what the record encodes.
-        want = (v["no2_ppb"] - fit.no2_zero - fit.no2_temp_coef * (v["no2_temp_c"] - 20.0)) / fit.no2_gain
+        zero = fit.no2_zero + fit.no2_temp_coef * (v["no2_temp_c"] - 20.0)
+        want = (v["no2_ppb"] - zero) / fit.no2_gain
         assert value == pytest.approx(want, abs=0.02)
     no_cal, allc = figs["no calibration"], figs["all corrections (shipped)"]
     assert no_cal.per_quantity["no2_ppb"]["rmse"] > allc.per_quantity["no2_ppb"]["rmse"] + 1.0
