@@ -11,17 +11,22 @@ timestamps' error (ms, p99); and the same with each correction switched off in t
 
 The path the samples take, and why it is faithful (docs/fidelity.md): the values are
 those the simulated devices report (the error models run on the truth the devices
-would read), stamped as the agent stamps them, and become the agent's own ``Sample``
-and ``Batch`` objects, stored by ``SQLiteStore.ingest_many``: the code the receiver
-runs on every upload, deriving fixes, positions and flags. Left out are the serial
-bytes and drivers, the van's buffer and MQTT: lossless for values and times (the
-decoder, delivery and fleet-oracle tests show it) and far too slow for 10 vans x 5
+would read; NO2 as raw electrode mV plus the sheet's ppb, as drivers/no2.py sends),
+stamped by the agent's real ``TimeKeeper`` from the drivers' measurement times, and
+become the agent's own ``Sample`` and ``Batch`` objects, stored by
+``SQLiteStore.ingest_many``: the code the receiver runs on every upload, deriving fixes,
+positions and quality flags. Each van's NO2 co-location record reaches the receiver as a
+``calibration`` sample, and the receiver recomputes the NO2 it covers. Maps are read with
+``receiver.aggregate.read_tracks`` (best value, flag policy, sentinel rule). Left out are
+the serial bytes and drivers, the van's buffer and MQTT: lossless for values and times
+(the decoder, delivery and fleet-oracle tests show it) and far too slow for 10 vans x 5
 days on 2 cores.
 
-The corrections (issue 15, built by others in parallel) are switched here, one
-function each, so the next session wires them to the final implementations:
-``time_alignment`` (which stamps the store holds: :func:`simulator.sensor_errors.stamp_errors`),
-:func:`flag_filter`, :func:`calibrate`, :func:`dehumidify`.
+What the bench switches is only what is not the shipped pipeline's content: which
+stamps the store holds (``time_alignment``: the shipped TimeKeeper or the old agent's
+measured errors), which ``FlagPolicy`` the maps are read with, whether the NO2 records
+have reached the receiver (``calibration``), and, as a what-if that is NOT shipped,
+undoing PM growth (:func:`dehumidify`).
 
 Run: ``python -m bench --only bench_fidelity`` or ``python -m bench.bench_fidelity``;
 BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 3 h).
@@ -36,53 +41,38 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from drivers.no2 import no2_ppb
+from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, record_id
 from edge.model import Sample, TimeSource
 from receiver import dbapi
-from receiver.aggregate import QUANTITY_KEYS, Rule, Track, UnitValue
+from receiver.aggregate import (QUANTITY_KEYS, Period, Rule, Track, UnitValue, _track, read_tracks,
+                                track_sql)
+from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
 from receiver.mapunits import ArraySnapper, make_snapper
 from receiver.store import SQLiteStore
 from simulator import sensor_errors as se
 from simulator.environment import Environment
+from simulator.hardware import SIM_NO2_CAL
 from simulator.route import Route
-from simulator.truth import MAP_KEYS, VanDay, make_track, truth_track, unit_map
-
-try:  # issue 15 part 2's flag policy (h5): the receiver's own, where this tree has it
-    from receiver.flag_policy import FlagPolicy, sentinel_mask
-except ImportError:  # pragma: no cover - the tree before h5
-    FlagPolicy = None  # type: ignore[assignment,misc]
-    sentinel_mask = None  # type: ignore[assignment]
+from simulator.truth import MAP_KEYS, VanDay, truth_track, unit_map
 from uplink.wire import Batch
 
 START = dt.datetime(2026, 11, 2, 7, 0, tzinfo=dt.UTC)  # a Monday, 08:00 in Alphen
 SENSORS = ("gps", "pm", "no2", "noise")  # one sample each per second, in this seq order
 BATCH_S = 60
-#: What receiver/aggregate.py left out before issue 15's flag policy ("no flags" in the table).
+#: What receiver/aggregate.py left out before issue 15's flag policy ("no flags" in the table):
+#: the agent's own flags; its sentinel rule is the shipped one (read_tracks always applies it).
 OLD_EXCLUDED = frozenset({"warming_up", "time_implausible", "clock_step"})
-OLD_SENTINEL_AT_OR_BELOW = -900.0
-#: The flag policy of issue 15 part 2 where the tree has no receiver/flag_policy.py yet:
-#: every error flag keeps a value out; ``humid`` for PM.
-ERROR_FLAGS = frozenset(
-    {
-        "out_of_range",
-        "negative",
-        "stuck",
-        "outlier",
-        "warming_up",
-        "time_implausible",
-        "clock_step",
-        "clock_untrusted",
-        "no_fix",
-        "no_time",
-    }
-)
-PM_KEYS = ("pm25", "pm10")
 COARSE_KAPPA = 0.09  # middle of Huang et al.'s PM2.5-10 range
+#: The co-location that made each van's NO2 record was done a week before the fleet's first day.
+RECORD_VALID_BEFORE = dt.timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -96,23 +86,36 @@ class Fleet:
 
 @dataclass(frozen=True)
 class Corrections:
-    """The corrections of issue 15 the table switches off one at a time."""
+    """The corrections of issue 15 the table switches off one at a time.
+
+    ``exclude_humid`` is the shipped flag policy's ``humid`` for PM; ``correct_growth`` is
+    NOT shipped (a what-if for the next session's design): PM's hygroscopic growth undone at
+    the van's RH instead of leaving humid PM out.
+    """
 
     time_alignment: bool = True
     flags: bool = True
     calibration: bool = True
-    humidity: bool = True
-    exclude_humid: bool = True  # the flag policy's ``humid`` for PM (with flags on)
+    exclude_humid: bool = True
+    correct_growth: bool = False
+
+    def policy(self) -> FlagPolicy:
+        """The receiver's flag policy this row builds maps with (receiver/flag_policy.py)."""
+        if not self.flags:
+            return FlagPolicy(OLD_EXCLUDED, frozenset())
+        pm = set(DEFAULT_EXCLUDE_PM) - (set() if self.exclude_humid else {"humid"})
+        return FlagPolicy.of(DEFAULT_EXCLUDE, pm)
 
 
+WHAT_IF = "what-if, NOT shipped: humid PM kept, growth corrected"
 CONFIGS: tuple[tuple[str, Corrections], ...] = (
-    ("all corrections", Corrections()),
+    ("all corrections (shipped)", Corrections()),
     ("no time alignment", Corrections(time_alignment=False)),
     ("no flags", Corrections(flags=False)),
     ("no calibration", Corrections(calibration=False)),
-    ("no humidity handling", Corrections(humidity=False)),
-    ("humid PM kept, corrected", Corrections(exclude_humid=False)),
-    ("none (today's main)", Corrections(False, False, False, False)),
+    ("no humidity handling", Corrections(exclude_humid=False)),
+    (WHAT_IF, Corrections(exclude_humid=False, correct_growth=True)),
+    ("none (before issue 15)", Corrections(False, False, False, False)),
 )
 
 
@@ -125,36 +128,52 @@ class Simulated:
 
     stores: dict[bool, Path]
     truth: dict[tuple[str, str], VanDay] = field(default_factory=dict)  # (device, epoch)
+    #: (device, epoch) -> true measurement time (UTC ms) per tick and SENSORS stream
+    true_ms: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     fits: dict[str, se.CalibrationFit] = field(default_factory=dict)
     truth_tracks: list[Track] = field(default_factory=list)
     samples: int = 0
+    #: device -> UTC s after its last shift (when its NO2 record is sent)
+    record_time: dict[str, float] = field(default_factory=dict)
+    announced: set[bool] = field(default_factory=set)  # stores that hold the NO2 records
 
 
 def van_day_samples(
     vd: VanDay,
     day: int,
     dev: se.DeviceErrors,
+    fit: se.CalibrationFit,
     sw: se.ErrorSwitches,
     seed: int,
     van: int,
     aligned_variants: tuple[bool, ...],
-) -> dict[bool, list[Sample]]:
-    """The samples one van's agent would commit in a day, per time alignment."""
+) -> tuple[dict[bool, list[Sample]], np.ndarray]:
+    """The samples one van's agent would commit in a day, per time alignment, and the true
+    measurement times (ms, ticks x SENSORS)."""
     n = vd.n
     rng = np.random.default_rng([seed, van, day, 10])
     shift_s = np.arange(n, dtype=float)
     rh_m, temp_m = se.measure_rh_temp(vd.rh, vd.temp, dev, sw, rng)
     pm25, pm10 = se.measure_pm(vd.pm25, vd.pm10, vd.rh, se.day_kappa(seed, day), dev, sw, rng)
-    no2 = se.measure_no2(vd.no2, vd.o3, vd.temp, day + shift_s / 86400.0, dev, sw, rng)
-    laeq = se.measure_laeq(vd.laeq, dev, sw, rng)
-    warming = se.add_faults(pm25, pm10, no2, sw, rng, shift_s)
+    sheet_ppb = se.measure_no2(vd.no2, vd.o3, vd.temp, day + shift_s / 86400.0, dev, sw, rng)
+    t_true = vd.t0_utc + shift_s
+    geo_rng = np.random.default_rng([seed, van, day, 30])
+    geo = se.Geometry.draw(vd.t0_utc, n, geo_rng, exact=not sw.stamp_errors)
+    # The second of audio ended before the tick: it heard the street there and then. The van's
+    # noise record (a calibrator's offset) is applied on the van (CalibratedDriver).
+    heard = np.interp(geo.sound, t_true, vd.laeq)
+    laeq = se.measure_laeq(heard, dev, sw, rng) - fit.mic_offset
+    warming = se.add_faults(pm25, pm10, sheet_ppb, sw, rng, shift_s)
+    # What the ISB's electrodes put out for that; the van's no2_ppb is the sheet's (drivers/no2.py).
+    we, ae = se.no2_electrodes(sheet_ppb, temp_m, SIM_NO2_CAL, rng, round_uv=sw.read_noise)
     fix = se.gps_has_fix(vd.blocked, shift_s, sw)
+    true_ms = np.round(np.stack([geo.gps, geo.reads, geo.reads, geo.sound], axis=1) * 1000)
+    # The receiver reports where the van was at its epoch (before the tick by the phase).
     dlat, dlon = se.gps_noise(n, sw, rng, float(vd.lat[0]))
-    glat, glon = vd.lat + dlat, vd.lon + dlon
+    glat = np.interp(geo.gps, t_true, vd.lat) + dlat
+    glon = np.interp(geo.gps, t_true, vd.lon) + dlon
     if sw.read_noise:
         glat, glon = np.round(glat, 7), np.round(glon, 7)
-    t_true = vd.t0_utc + shift_s
-    first_fix = int(np.argmax(fix)) if fix.any() else n
     lists = (
         glat.tolist(),
         glon.tolist(),
@@ -163,7 +182,8 @@ def van_day_samples(
         pm25.tolist(),
         pm10.tolist(),
         rh_m.tolist(),
-        no2.tolist(),
+        we.tolist(),
+        ae.tolist(),
         temp_m.tolist(),
         laeq.tolist(),
         fix.tolist(),
@@ -171,17 +191,11 @@ def van_day_samples(
     )
     out = {}
     for aligned in aligned_variants:
-        st = se.stamp_errors(
-            n, fix, aligned, sw, np.random.default_rng([seed, van, day, 20 + aligned])
-        )
-        ms = lambda err: np.round((t_true + err) * 1000).astype(np.int64).tolist()
-        t_gps, t_read, t_sound = ms(st.gps), ms(st.reads), ms(st.sound)
-        mono0 = day * 86_400_000
+        st = _stamps(geo, fix, aligned, sw, np.random.default_rng([seed, van, day, 20 + aligned]))
         samples = []
         seq = 0
-        for k, (la, lo, sp, co, p25, p10, rh, n2, tc, lq, fx, warm) in enumerate(zip(*lists)):
-            src = TimeSource.GPS if k >= first_fix else TimeSource.CORRECTED
-            mono = mono0 + k * 1000
+        for k, (la, lo, sp, co, p25, p10, rh, w, a, tc, lq, fx, warm) in enumerate(zip(*lists)):
+            src, mono = st.source[k], st.mono[k]
             wf = ("warming_up",) if warm else ()
             gps = (
                 {
@@ -196,30 +210,44 @@ def van_day_samples(
                 if fx
                 else {"fix_quality": 0, "sats_used": 0}
             )
+            no2 = {
+                "no2_ppb": no2_ppb(w, a, tc, SIM_NO2_CAL),
+                "no2_we_mv": w,
+                "no2_ae_mv": a,
+                "no2_temp_c": tc,
+            }
             samples += [
-                Sample("gps", t_gps[k], mono, src, gps, () if fx else ("no_fix",), seq + 1, "boot"),
-                Sample(
-                    "pm",
-                    t_read[k],
-                    mono,
-                    src,
-                    {"pm25": p25, "pm10": p10, "rh": rh},
-                    wf,
-                    seq + 2,
-                    "boot",
-                ),
-                Sample(
-                    "no2", t_read[k], mono, src, {"no2_ppb": n2, "temp_c": tc}, wf, seq + 3, "boot"
-                ),
-                Sample("noise", t_sound[k], mono, src, {"laeq": lq}, (), seq + 4, "boot"),
+                Sample("gps", st.gps[k], mono, src, gps, () if fx else ("no_fix",), seq + 1, "boot"),
+                Sample("pm", st.reads[k], mono, src, {"pm25": p25, "pm10": p10, "rh": rh}, wf,
+                       seq + 2, "boot"),
+                Sample("no2", st.reads[k], mono, src, no2, wf, seq + 3, "boot"),
+                Sample("noise", st.sound[k], mono, src, {"laeq": lq}, (), seq + 4, "boot"),
             ]
             seq += 4
         out[aligned] = samples
-    return out
+    return out, true_ms.astype(np.int64)
+
+
+def _stamps(
+    geo: se.Geometry, fix: np.ndarray, aligned: bool, sw: se.ErrorSwitches, rng: np.random.Generator
+) -> se.AgentStamps:
+    """Aligned: the shipped agent's TimeKeeper (se.agent_stamps). Not aligned: the stamps issue 15
+    measured on main before part 1 (se.stamp_errors), whose code is gone and cannot be run."""
+    if aligned and sw.stamp_errors:
+        return se.agent_stamps(geo, fix, rng)
+    n = len(geo.reads)
+    err = se.stamp_errors(n, fix, sw, rng)
+    ms = lambda t: np.round(t * 1000).astype(np.int64).tolist()  # noqa: E731
+    first = int(np.argmax(fix)) if fix.any() else n
+    src = [TimeSource.CORRECTED] * first + [TimeSource.GPS] * (n - first)
+    return se.AgentStamps(
+        ms(geo.gps + err.gps), ms(geo.reads + err.reads), ms(geo.sound + err.sound),
+        ms(geo.reads - geo.reads[0] + 1000.0), src,
+    )
 
 
 def ingest(store: SQLiteStore, device: str, epoch: str, samples: list[Sample]) -> None:
-    """The day's samples as the agent uploads them: 60-second batches, stored by the receiver."""
+    """Samples as the agent uploads them: 60-second batches, stored by the receiver."""
     per = BATCH_S * len(SENSORS)
     items = []
     for a in range(0, len(samples), per):
@@ -229,6 +257,40 @@ def ingest(store: SQLiteStore, device: str, epoch: str, samples: list[Sample]) -
         items.append((b, hashlib.sha256(b.batch_id.encode()).hexdigest(), received))
     for a in range(0, len(items), 20):  # what a busy receiver groups in one commit
         store.ingest_many(items[a : a + 20])
+
+
+def no2_record(
+    device: str, fit: se.CalibrationFit, valid_from: float, created: float
+) -> CalibrationRecord:
+    """The van's NO2 record from its co-location, active, as edge/calibration.py keeps it."""
+    serial = SIM_NO2_CAL.serial
+    return CalibrationRecord(
+        id=record_id("no2", serial, 1), kind="no2", serial=serial, version=1, technician="bench",
+        method="colocation", values=fit.no2_record_values(SIM_NO2_CAL), valid_from=valid_from,
+        created=created, status="active", device=device,
+    )
+
+
+def announce_records(sim: Simulated, aligned: bool) -> None:
+    """Each van's NO2 record reaches the receiver as the agent sends it: a ``calibration`` sample
+    (CalibrationAnnouncer) in its own boot's batch after the fleet's days. The receiver stores it
+    and recomputes the NO2 it covers from the raw electrode mV (receiver/calibration.py)."""
+    if aligned in sim.announced:
+        return
+    store = SQLiteStore(sim.stores[aligned])
+    try:
+        for device, fit in sorted(sim.fits.items()):
+            t = sim.record_time[device]
+            first = min(vd.t0_utc for (d, _), vd in sim.truth.items() if d == device)
+            rec = no2_record(device, fit, first - RECORD_VALID_BEFORE.total_seconds(), t)
+            vals = {"id": rec.id, "kind": rec.kind, "serial": rec.serial, "version": rec.version,
+                    "status": rec.status, "record": rec.to_json()}
+            ms = int(t * 1000)
+            sample = Sample(CALIBRATION_SENSOR, ms, 1000, TimeSource.GPS, vals, (), 1, "cal")
+            ingest(store, device, "cal", [sample])
+    finally:
+        store.close()
+    sim.announced.add(aligned)
 
 
 def simulate(
@@ -248,7 +310,7 @@ def simulate(
         for v in range(fleet.vans):
             device = f"van-{v + 1:03d}"
             dev = se.DeviceErrors.draw(fleet.seed, device)
-            sim.fits[device] = se.CalibrationFit.fit(dev, fleet.seed, device, sw)
+            fit = sim.fits[device] = se.CalibrationFit.fit(dev, fleet.seed, device, sw)
             days = []
             for d in range(fleet.days):
                 t0 = (fleet.start + dt.timedelta(days=d, minutes=3 * v)).timestamp()
@@ -266,11 +328,13 @@ def simulate(
                 epoch = f"e{d}"
                 sim.truth[(device, epoch)] = vd
                 days.append(vd)
-                for aligned, samples in van_day_samples(
-                    vd, d, dev, sw, fleet.seed, v, aligned_variants
-                ).items():
+                per_alignment, sim.true_ms[(device, epoch)] = van_day_samples(
+                    vd, d, dev, fit, sw, fleet.seed, v, aligned_variants
+                )
+                for aligned, samples in per_alignment.items():
                     ingest(opened[aligned], device, epoch, samples)
                     sim.samples += len(samples) if aligned == aligned_variants[0] else 0
+                sim.record_time[device] = t0 + seconds + 3600.0
             sim.truth_tracks.append(truth_track(days))
     finally:
         for s in opened.values():
@@ -278,137 +342,51 @@ def simulate(
     return sim
 
 
-# -- reading the store back, with the corrections as seams ----------------------------
+# -- reading the store back: the receiver's own reads -----------------------------------
 
 
-@dataclass
-class Rows:
-    """One van's positioned sensor samples from the store, as columns (one row per sample)."""
-
-    device: str
-    epoch: np.ndarray
-    seq: np.ndarray
-    sensor: np.ndarray  # index into SENSORS
-    t_ms: np.ndarray
-    lat: np.ndarray
-    lon: np.ndarray
-    vals: dict[str, np.ndarray]  # pm25 pm10 rh no2_ppb temp_c laeq (NaN where absent)
-    agent_flags: list[str]
-    quality: dict[str, list[str]]  # quantity -> its receiver flags per row ('' none)
+def _tracks_with_rh(conn: Any, policy: FlagPolicy) -> Iterator[tuple[Track, np.ndarray]]:
+    """``read_tracks``'s tracks plus the PM sample's RH per row (for the NOT shipped growth
+    correction only): the receiver's own track SQL with one column more."""
+    sql, params = track_sql(conn, Period("all"), policy)
+    marker = " FROM samples s JOIN positions p"
+    assert sql.count(marker) == 1, "receiver/aggregate.py track_sql changed: adapt the what-if"
+    sql = sql.replace(marker, ", json_extract(s.vals, '$.rh')" + marker)
+    devices = {d for (d,) in dbapi.fetchall(conn, "SELECT DISTINCT device FROM positions")}
+    for device in sorted(devices):
+        rows = np.array(dbapi.fetchall(conn, sql, [device, *params]), dtype=np.float64)
+        if len(rows):
+            yield _track(device, rows[:, :-1]), rows[:, -1]
 
 
-VAL_KEYS = ("pm25", "pm10", "rh", "no2_ppb", "temp_c", "laeq")
+def dehumidify(track: Track, rh: np.ndarray) -> None:
+    """NOT shipped (what-if): dry PM from wet, inverting kappa-Koehler growth at the RH the van
+    measured with the fleet kappa. The receiver applies no PM humidity correction."""
+    i25, i10 = QUANTITY_KEYS.index("pm25"), QUANTITY_KEYS.index("pm10")
+    v = track.values
+    fine = v[:, i25] / se.growth_factor(se.FLEET_KAPPA, rh)
+    v[:, i10] = fine + (v[:, i10] - v[:, i25]) / se.growth_factor(COARSE_KAPPA, rh)
+    v[:, i25] = fine
 
 
-def read_rows(conn: Any, device: str) -> Rows:
-    ex = ", ".join(f"json_extract(s.vals, '$.{k}')" for k in VAL_KEYS)
-    rows = dbapi.fetchall(
-        conn,
-        f"SELECT s.epoch, s.seq, s.sensor, s.t_utc_ms, p.lat, p.lon, s.flags, {ex}"
-        " FROM samples s JOIN positions p"
-        " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
-        " WHERE p.device = ? AND s.sensor != 'gps' AND p.state IN ('exact', 'interpolated')"
-        " AND p.t_utc_ms IS NOT NULL ORDER BY p.t_utc_ms",
-        (device,),
-    )
-    q: dict[tuple[str, int, str], str] = {
-        (e, s, k): f
-        for e, s, k, f in dbapi.fetchall(
-            conn, "SELECT epoch, seq, quantity, flags FROM quality WHERE device = ?", (device,)
-        )
-    }
-    cols = list(zip(*rows)) if rows else [[] for _ in range(7 + len(VAL_KEYS))]
-    epoch, seq = np.array(cols[0], dtype=object), np.array(cols[1], dtype=np.int64)
-    vals = {
-        k: np.array([np.nan if x is None else x for x in cols[7 + i]], dtype=float)
-        for i, k in enumerate(VAL_KEYS)
-    }
-    quality = {
-        k: [q.get((e, s, k), "") for e, s in zip(cols[0], cols[1])]
-        for k in ("pm25", "pm10", "no2_ppb", "laeq")
-    }
-    return Rows(
-        device,
-        epoch,
-        seq,
-        np.array([SENSORS.index(x) for x in cols[2]], dtype=np.int64),
-        np.array(cols[3], dtype=np.int64),
-        np.array(cols[4], dtype=float),
-        np.array(cols[5], dtype=float),
-        vals,
-        list(cols[6]),
-        quality,
-    )
-
-
-def policy_flags(quantity: str, c: Corrections) -> frozenset[str]:
-    """The flags that keep a value of ``quantity`` out of the map with the policy on."""
-    if FlagPolicy is not None:
-        out = FlagPolicy().excluded_for(quantity)
+def measured_tracks(conn: Any, sim: Simulated, c: Corrections) -> list[Track]:
+    """The tracks the receiver's map build reads (``read_tracks``: best value, flag policy,
+    sentinel rule), with the correction switches that are not a store's content applied."""
+    policy = c.policy()
+    if c.correct_growth:
+        pairs = list(_tracks_with_rh(conn, policy))
+        for tr, rh in pairs:
+            dehumidify(tr, rh)
+        tracks = [tr for tr, _ in pairs]
     else:
-        out = ERROR_FLAGS | ({"humid"} if quantity in PM_KEYS else frozenset())
-    return out if c.exclude_humid else out - {"humid"}
-
-
-def _hits(texts: list[str], flags: frozenset[str]) -> np.ndarray:
-    return np.array([bool(t) and not flags.isdisjoint(t.split(",")) for t in texts], dtype=bool)
-
-
-def flag_filter(r: Rows, vals: dict[str, np.ndarray], c: Corrections) -> None:
-    """Keep flagged values out of the map, in place.
-
-    Off: what receiver/aggregate.py did before issue 15 (the agent's warming_up,
-    time_implausible, clock_step; sentinels at or below -900). On: the flag policy of
-    issue 15 part 2 (receiver/flag_policy.py's default where it exists) on the sample's
-    flags and the value's quality flags, and its sentinel rule.
-    """
-    old_out = _hits(r.agent_flags, OLD_EXCLUDED)
-    for k in MAP_KEYS:
-        v = vals[k]
-        with np.errstate(invalid="ignore"):
-            bad = old_out | ~np.isfinite(v) | (v <= OLD_SENTINEL_AT_OR_BELOW)
-        if c.flags:
-            flags = policy_flags(k, c)
-            bad |= _hits(r.agent_flags, flags) | _hits(r.quality[k], flags)
-            if sentinel_mask is not None:
-                bad |= sentinel_mask(v)
-        v[bad] = np.nan
-
-
-def calibrate(vals: dict[str, np.ndarray], fit: se.CalibrationFit) -> None:
-    """The best value with the van's calibration record (h6 will serve it from the store).
-
-    NO2: zero, temperature coefficient and gain of the co-location fit, with the
-    temperature the van measured; PM: the co-location gain; noise: the calibrator offset.
-    """
-    vals["no2_ppb"] = (
-        vals["no2_ppb"] - fit.no2_zero - fit.no2_temp_coef * (vals["temp_c"] - 20.0)
-    ) / fit.no2_gain
-    vals["pm25"] = vals["pm25"] / fit.pm_gain
-    vals["pm10"] = vals["pm10"] / fit.pm_gain
-    vals["laeq"] = vals["laeq"] - fit.mic_offset
-
-
-def dehumidify(vals: dict[str, np.ndarray]) -> None:
-    """Dry PM from wet: invert kappa-Koehler growth at the RH the van measured, with the
-    fleet kappa (the receiver applies no PM humidity correction today; see docs/fidelity.md)."""
-    rh = vals["rh"]
-    fine = vals["pm25"] / se.growth_factor(se.FLEET_KAPPA, rh)
-    vals["pm10"] = fine + (vals["pm10"] - vals["pm25"]) / se.growth_factor(COARSE_KAPPA, rh)
-    vals["pm25"] = fine
-
-
-def measured_track(r: Rows, c: Corrections, fit: se.CalibrationFit) -> Track:
-    vals = {k: v.copy() for k, v in r.vals.items()}
-    flag_filter(r, vals, c)
-    if c.calibration:
-        calibrate(vals, fit)
-    if c.humidity:
-        dehumidify(vals)
-    out = np.full((len(r.t_ms), len(QUANTITY_KEYS)), np.nan)
-    for k in MAP_KEYS:
-        out[:, QUANTITY_KEYS.index(k)] = vals[k]
-    return make_track(r.device, r.t_ms, r.lat, r.lon, out)
+        tracks = list(read_tracks(conn, Period("all"), policy=policy))
+    tracks = [tr for tr in tracks if tr.device in sim.fits]
+    if not c.calibration:
+        # The van without its noise record: it would have sent the level its microphone gave.
+        j = QUANTITY_KEYS.index("laeq")
+        for tr in tracks:
+            tr.values[:, j] += sim.fits[tr.device].mic_offset
+    return tracks
 
 
 # -- comparing --------------------------------------------------------------------------
@@ -443,22 +421,41 @@ def compare(
     return out
 
 
-def place_and_time_errors(rows: list[Rows], sim: Simulated) -> tuple[float, float, float]:
-    """(p50, p95) metres between placed and true positions; p99 |stamp - true time| in ms."""
+def place_and_time_errors(conn: Any, sim: Simulated) -> tuple[float, float, float]:
+    """(p50, p95) metres between placed and true positions; p99 |stamp - true time| in ms.
+
+    Over the positioned PM, NO2 and sound samples: the position the receiver's join gave each
+    against where the van really was when it was measured (the truth interpolated to that time).
+    """
     dists, terr = [], []
-    for r in rows:
-        for epoch in np.unique(r.epoch):
-            vd = sim.truth[(r.device, epoch)]
-            m = r.epoch == epoch
-            k = (r.seq[m] - 1) // len(
-                SENSORS
-            )  # the tick of each sample (seq layout of van_day_samples)
-            dy = (r.lat[m] - vd.lat[k]) * se.EARTH_M_PER_DEG
-            dx = (r.lon[m] - vd.lon[k]) * se.EARTH_M_PER_DEG * np.cos(np.radians(vd.lat[k]))
+    for device in sorted(sim.fits):
+        rows = dbapi.fetchall(
+            conn,
+            "SELECT s.epoch, s.seq, s.t_utc_ms, p.lat, p.lon FROM samples s JOIN positions p"
+            " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
+            " WHERE p.device = ? AND s.sensor IN ('pm', 'no2', 'noise')"
+            " AND p.state IN ('exact', 'interpolated') AND p.t_utc_ms IS NOT NULL",
+            (device,),
+        )
+        if not rows:
+            continue
+        epoch = np.array([r[0] for r in rows], dtype=object)
+        seq, t, lat, lon = (np.array([r[i] for r in rows], dtype=float) for i in range(1, 5))
+        for e in np.unique(epoch):
+            vd, true_ms = sim.truth[(device, e)], sim.true_ms[(device, e)]
+            m = epoch == e
+            # tick and stream by the seq layout of van_day_samples
+            k = ((seq[m] - 1) // len(SENSORS)).astype(np.int64)
+            stream = ((seq[m] - 1) % len(SENSORS)).astype(np.int64)
+            when = true_ms[k, stream]
+            grid = vd.t_ms().astype(float)
+            tlat, tlon = np.interp(when, grid, vd.lat), np.interp(when, grid, vd.lon)
+            dy = (lat[m] - tlat) * se.EARTH_M_PER_DEG
+            dx = (lon[m] - tlon) * se.EARTH_M_PER_DEG * np.cos(np.radians(tlat))
             dists.append(np.hypot(dx, dy))
-            terr.append(np.abs(r.t_ms[m] - vd.t_ms()[k]))
-    d, t = np.concatenate(dists), np.concatenate(terr)
-    return float(np.percentile(d, 50)), float(np.percentile(d, 95)), float(np.percentile(t, 99))
+            terr.append(np.abs(t[m] - when))
+    d, te = np.concatenate(dists), np.concatenate(terr)
+    return float(np.percentile(d, 50)), float(np.percentile(d, 95)), float(np.percentile(te, 99))
 
 
 def evaluate(
@@ -467,22 +464,35 @@ def evaluate(
     rule: Rule | None = None,
     configs: tuple[tuple[str, Corrections], ...] = CONFIGS,
 ) -> list[Figures]:
-    """Figures per configuration; ``rule`` is the publishing rule (default: the receiver's)."""
+    """Figures per configuration; ``rule`` is the publishing rule (default: the receiver's).
+
+    Per store, the rows without calibration are read first (no record has reached the receiver:
+    it serves the van's own NO2); then the NO2 records are announced, the receiver recomputes,
+    and the calibrated rows are read.
+    """
     rule = rule or Rule()
     truth = unit_map(sim.truth_tracks, snapper, rule)
     out: list[Figures] = []
     for aligned, path in sim.stores.items():
+        mine = [(n, c) for n, c in configs if c.time_alignment == aligned]
+        if not mine:
+            continue
         conn = dbapi.connect(path)
-        rows = [read_rows(conn, dev) for dev in sorted(sim.fits)]
-        conn.close()
-        p50, p95, p99 = place_and_time_errors(rows, sim)
-        for name, c in configs:
-            if c.time_alignment != aligned:
+        p50, p95, p99 = place_and_time_errors(conn, sim)
+        for calibrated in (False, True):
+            todo = [(n, c) for n, c in mine if c.calibration == calibrated]
+            if not todo:
                 continue
-            tracks = [measured_track(r, c, sim.fits[r.device]) for r in rows]
-            f = Figures(name, compare(unit_map(tracks, snapper, rule), truth), p50, p95, p99)
-            out.append(f)
-        del rows
+            if calibrated:
+                conn.close()
+                announce_records(sim, aligned)
+                conn = dbapi.connect(path)
+            elif aligned in sim.announced:
+                raise ValueError("rows without calibration need a store no record has reached")
+            for name, c in todo:
+                measured = unit_map(measured_tracks(conn, sim, c), snapper, rule)
+                out.append(Figures(name, compare(measured, truth), p50, p95, p99))
+        conn.close()
     order = [n for n, _ in configs]
     return sorted(out, key=lambda f: order.index(f.config))
 

@@ -16,9 +16,12 @@ docs/fidelity.md ("Error models"). In short:
 * RH and temperature of the BME280 beside them (+-3 %RH, +-1 degC);
 * GPS: 5 m (2D RMS) first-order Gauss-Markov position noise, no fix in street canyons
   (the route's ``gps_blocked`` stretches) and before the first fix of a shift;
-* clock: GPS fixes stamped early by the agent's tick phase and sound levels 0.5-1.5 s
-  late when the time alignment is off (issue 15's measurements), and samples taken
-  before the first fix carrying the error of the time fix that corrected them.
+* clock: with time alignment (shipped) the agent's real ``TimeKeeper`` stamps every
+  reading from the meta the drivers give (:func:`agent_stamps`); without it, GPS fixes
+  stamped early by the agent's tick phase and sound levels 0.5-1.5 s late (issue 15's
+  measurements of the old agent, :func:`stamp_errors`);
+* NO2's raw electrode millivolts for what the cell reads (:func:`no2_electrodes`), and
+  the co-location fit as a calibration record's values (:meth:`CalibrationFit.no2_record_values`).
 
 Everything is numpy over one van-day at once and deterministic for its seed. The
 calibration a technician would make (a co-location, a 94 dB calibrator) is simulated
@@ -32,6 +35,12 @@ import math
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
+
+from drivers.no2 import N_T, TABLE_TEMPS_C, No2Calibration
+from edge.calibration import no2_values_from_sheet
+from edge.clock import SimClock
+from edge.model import TimeSource
+from edge.timekeeping import Stamp, TimeKeeper
 
 #: PM sensor housing warms the air it draws by about this much, lowering its RH.
 HOUSING_WARMING_C = 1.5
@@ -136,6 +145,22 @@ class CalibrationFit:
         )
 
 
+    def no2_record_values(self, sheet: No2Calibration) -> dict[str, float | int]:
+        """The fit as an NO2 calibration record's values (edge/calibration.py ``no2_finish``).
+
+        The record's finish is ``intercept + slope * sheet_ppb + temp_coef * temp_c``; the fit
+        says ``true = (sheet_ppb - zero - coef * (temp_c - 20)) / gain``, so slope = 1/gain,
+        intercept = (20 coef - zero)/gain, temp_coef = -coef/gain.
+        """
+        g = self.no2_gain
+        return {
+            **no2_values_from_sheet(sheet),
+            "slope": 1.0 / g,
+            "intercept_ppb": (20.0 * self.no2_temp_coef - self.no2_zero) / g,
+            "temp_coef_ppb_per_c": -self.no2_temp_coef / g,
+        }
+
+
 def _h(text: str) -> int:
     """A stable integer of a string (Python's hash() changes per process)."""
     return int.from_bytes(text.encode()[:16].ljust(16, b"\0"), "little") % (2**63)
@@ -225,6 +250,25 @@ def measure_no2(
     return out
 
 
+def no2_electrodes(
+    sheet_ppb: np.ndarray,
+    temp_c: np.ndarray,
+    cal: No2Calibration,
+    rng: np.random.Generator,
+    round_uv: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(WE, AE) mV an ISB reports when the sheet's AAN 803 algorithm 1 gives ``sheet_ppb`` at
+    ``temp_c``: the inverse simulator/hardware.py's ADS1115 uses, in columns.
+
+    WEu = WEe + n_T (AEu - AEe) + ppb * sensitivity; the AE electrode sits near its zero.
+    Rounded to 1 uV, below the ADS1115's 62.5 uV step at +-2.048 V.
+    """
+    ae = cal.ae_e_mv + cal.ae_o_mv + rng.normal(0.0, 0.3, len(sheet_ppb))
+    n_t = np.interp(temp_c, TABLE_TEMPS_C, N_T)  # interpolate_factor, clamped at the ends alike
+    we = cal.we_e_mv + n_t * (ae - cal.ae_e_mv) + sheet_ppb * cal.sensitivity_mv_per_ppb
+    return (np.round(we, 3), np.round(ae, 3)) if round_uv else (we, ae)
+
+
 def measure_laeq(
     laeq: np.ndarray, dev: DeviceErrors, sw: ErrorSwitches, rng: np.random.Generator
 ) -> np.ndarray:
@@ -309,25 +353,22 @@ class StampErrors:
 
 
 def stamp_errors(
-    n: int, has_fix: np.ndarray, aligned: bool, sw: ErrorSwitches, rng: np.random.Generator
+    n: int, has_fix: np.ndarray, sw: ErrorSwitches, rng: np.random.Generator
 ) -> StampErrors:
-    """Stamp errors for one van-day of 1 Hz ticks.
+    """Stamp errors of the agent before issue 15 part 1, for one van-day of 1 Hz ticks.
 
-    Aligned (issue 15 part 1 done): GPS from the epoch's arrival, a few ms of jitter;
-    sound at the end of its second of audio. Not aligned: GPS stamped when the agent
-    read the port, early by the tick phase (0.10-0.99 s, one per run); sound 0.5-1.5 s
-    late. Samples before the first fix were stamped by an unset clock and corrected by
-    that first GPS time: they carry its error.
+    That code is gone, so it cannot be run: this is issue 15's measurement of it. GPS
+    stamped when the agent read the port, early by the tick phase (0.10-0.99 s, one per
+    run); sound 0.5-1.5 s late; reads +-2 ms. Samples before the first fix were stamped by
+    an unset clock and corrected by that first GPS time: they carry its error. The shipped
+    agent's stamps come from :func:`agent_stamps`.
     """
     z = np.zeros(n)
     if not sw.stamp_errors:
         return StampErrors(z, z.copy(), z.copy())
-    jitter = lambda s: rng.normal(0, s, n)
-    if aligned:
-        gps, sound = jitter(0.005), jitter(0.005)
-    else:
-        gps = -rng.uniform(0.10, 0.99) + jitter(0.005)
-        sound = rng.uniform(0.5, 1.5, n)
+    jitter = lambda s: rng.normal(0, s, n)  # noqa: E731
+    gps = -rng.uniform(0.10, 0.99) + jitter(0.005)
+    sound = rng.uniform(0.5, 1.5, n)
     reads = jitter(0.002)
     first = int(np.argmax(has_fix)) if has_fix.any() else n
     if first < n:
@@ -335,6 +376,103 @@ def stamp_errors(
         reads = np.where(before, reads + gps[first], reads)
         sound = np.where(before, sound + gps[first], sound)
     return StampErrors(gps, reads, sound)
+
+
+#: The receiver's NMEA output latency after its epoch (u-blox at 9600 baud: tens of ms).
+GPS_LATENCY_S = (0.02, 0.08)
+#: The Pi's clock at boot: its last saved time (fake-hwclock), hours behind; no NTP on the road.
+BOOT_CLOCK_ERROR_S = -14 * 3600.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """When each stream of one van-day is really measured, as UTC seconds per tick.
+
+    Reads (PM, NO2) happen at the agent's ticks, ``t0 + k`` (the truth's seconds); the GPS
+    epoch the tick reads came ``phase`` before it (a per-run tick phase, U(0.10, 0.99) s as
+    issue 15 measured), the second of audio delivered at the tick ended ``capture`` before
+    it (the capture thread's seconds run on their own phase).
+    """
+
+    reads: np.ndarray
+    gps: np.ndarray
+    sound: np.ndarray
+    gps_latency: np.ndarray  # s from each epoch to its first byte at the agent
+
+    @classmethod
+    def draw(cls, t0_utc: float, n: int, rng: np.random.Generator, exact: bool = False) -> Geometry:
+        """``exact``: every stream measured at the tick (the perfect fleet's zero)."""
+        k = t0_utc + np.arange(n, dtype=float)
+        phase, capture = (0.0, 0.0) if exact else (rng.uniform(0.10, 0.99), rng.uniform(0.0, 0.9))
+        return cls(k, k - phase, k - capture, rng.uniform(*GPS_LATENCY_S, n))
+
+
+@dataclass(frozen=True)
+class AgentStamps:
+    """What one van-day's samples carry, per tick: UTC ms stamps, monotonic ms and time source."""
+
+    gps: list[int | None]
+    reads: list[int | None]
+    sound: list[int | None]
+    mono: list[int]
+    source: list[TimeSource]
+
+
+class _GpsTime:
+    """The GPS driver's ``time_fix`` (drivers/gps.py): the latest fix's UTC and its arrival."""
+
+    def __init__(self) -> None:
+        self.fix: tuple[float, float] | None = None
+
+    def time_fix(self) -> tuple[float, float] | None:
+        return self.fix
+
+
+def agent_stamps(geo: Geometry, has_fix: np.ndarray, rng: np.random.Generator) -> AgentStamps:
+    """Stamp one van-day as the shipped agent does (edge/agent.py, issue 15 part 1).
+
+    The real :class:`edge.timekeeping.TimeKeeper` on a simulated clock (monotonic spine,
+    the Pi's stale boot time, no NTP): each tick ``update()``, then ``stamp`` per reading
+    with the meta the drivers give: GPS its epoch's arrival (``measured_mono``) and the fix's
+    UTC (``measured_utc``), sound the end of its second of audio (``measured_mono``, with
+    the capture anchor's ~5 ms error), PM and NO2 nothing (stamped at their read). Samples
+    stamped ``unsync`` before the first fix are re-stamped from monotonic time with the first
+    trusted offset, as ``Agent._hold_for_time`` / ``buffer.correct_unsync`` do.
+    """
+    t0 = float(geo.reads[0])
+    clock = SimClock(t0, trusted_after=math.inf, boot_error_s=BOOT_CLOCK_ERROR_S)
+    src = _GpsTime()
+    tk = TimeKeeper(clock, [src])
+    m0 = clock.monotonic()
+    mono_of = lambda utc: m0 + (utc - t0)  # noqa: E731 - true UTC -> this boot's monotonic
+    anchor = rng.normal(0.0, 0.005, len(geo.reads))
+    stamps: tuple[list[Stamp], list[Stamp], list[Stamp]] = ([], [], [])
+    offset: int | None = None
+    fix = has_fix.tolist()
+    for k, (e, lat, snd, a) in enumerate(
+        zip(geo.gps.tolist(), geo.gps_latency.tolist(), geo.sound.tolist(), anchor.tolist())
+    ):
+        if k:
+            clock.advance(1.0)
+        arrival = mono_of(e) + lat
+        if fix[k]:
+            src.fix = (e, arrival)
+        tk.update()
+        stamps[0].append(tk.stamp(arrival, e if fix[k] else None))
+        stamps[1].append(tk.stamp())
+        stamps[2].append(tk.stamp(min(mono_of(snd) + a, clock.monotonic())))
+        if offset is None:
+            offset = tk.correction_offset_ms()
+    utc = [
+        [s.t_mono_ms + offset if s.source == TimeSource.UNSYNC and offset is not None else s.t_utc_ms
+         for s in col]
+        for col in stamps
+    ]
+    source = [
+        TimeSource.CORRECTED if s.source == TimeSource.UNSYNC and offset is not None else s.source
+        for s in stamps[1]
+    ]
+    return AgentStamps(utc[0], utc[1], utc[2], [s.t_mono_ms for s in stamps[1]], source)
 
 
 class DeviceErrorModel:
