@@ -268,3 +268,41 @@ def test_changed_spans_compare_the_record_in_effect() -> None:
     moved = dataclasses.replace(w, valid_from=T0 + 15, valid_to=T0 + 25.0005)
     assert rcal.changed_spans(recs(v1, w), recs(v1, moved)) == [(T0MS + 10_000, T0MS + 15_000),
                                                                 (T0MS + 20_000, T0MS + 25_001)]
+
+
+# -- 5. PostgreSQL: the observations view is planned well before any ANALYZE ---------------------
+
+def test_observations_plan_probes_derived_and_quality_by_key_without_statistics(pg_cluster: Any) -> None:  # noqa: F811
+    """A fresh store (never ANALYZEd): the docs' check query and a full read of the view probe
+    ``derived`` and ``quality`` by their primary key per value, never a nested loop filtering
+    samples x derived (8.3 s at 10,000 samples before this view; a plan, not a clock, is asserted)."""
+    import uuid
+
+    from receiver.store_pg import PostgresStore
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    s = PostgresStore(pg_cluster.create_database(name))
+    try:
+        van = Van(Ingestor(s), "van-o")
+        v1 = _rec("van-o", "A", 1, T0 - 100)
+        van.records([v1], RECEIVED)
+        van.no2(_secs(*range(0, 300)), v1, RECEIVED + 1000)
+        analyzed = q(s, "SELECT count(*) FROM pg_stat_user_tables WHERE relname IN ('samples', 'derived')"
+                        " AND (last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL)")
+        assert analyzed == [(0,)], "the point is a store without statistics"
+        check = ("SELECT calibration, count(*), avg(value::float8) FROM observations WHERE device = 'van-o'"
+                 " AND quantity = 'no2_ppb' GROUP BY 1")
+        for sql in (check, "SELECT * FROM observations WHERE device = 'van-o'"):
+            plan = "\n".join(r[0] for r in q(s, "EXPLAIN " + sql))
+            for table in ("derived", "quality"):
+                scans = [line for line in plan.splitlines() if f" on {table} " in line]
+                assert scans, plan
+                assert all("_pkey" in line for line in scans), plan
+                assert f"Join Filter: (({table[0]}.device = s.device)" not in plan, plan
+            assert "(seq = s.seq)" in plan, plan  # the probe is parameterized by the sample's key
+        ((cal, n, mean),) = q(s, check)
+        assert (cal, n) == (v1.id, 300)
+        want = van.want(lambda t, _: v1)
+        assert math.isclose(mean, sum(v for v, _ in want.values()) / 300, rel_tol=1e-9)
+    finally:
+        s.close()
+        pg_cluster.drop_database(name)
