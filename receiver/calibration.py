@@ -14,10 +14,15 @@ upload overwrote another's) are migrated when the store opens (``ensure_tables``
 Raw samples are never touched, and older record versions stay (history). What records
 derive goes to ``derived`` with the id of the record used: each NO2 sample gets ``no2_ppb``
 from its raw electrode mV and temperature by the record valid at its time (``record_at``:
-the newest version in effect then). ``recompute_no2`` redoes a span when a record is new or
-changed (the union of its old and new window), so a corrected (e.g. retroactive
-co-location) record repairs data already stored, and ``derive_batch_no2`` derives samples
-that arrive after their record. Every reader takes the best value through ``value_source``
+of its serial's records in effect then, the newest version; windows compared in whole ms,
+``_bound_ms``; an untagged sample is tied to the van's only NO2 serial, else to none).
+When records arrive, ``changed_spans`` compares the record in effect before and after, per
+span between record bounds, and ``recompute_no2`` redoes only those spans, a chunk of
+samples at a time: a corrected (e.g. retroactive co-location) record repairs data already
+stored, a routine confirmation after all data touches nothing. ``derive_batch_no2``
+derives samples that arrive after their record. A version's status follows the set of
+versions (``store_calibrations``), so arrival order and inline vs queued derivation end
+with the same history. Every reader takes the best value through ``value_source``
 / ``derived_join`` / ``calibration_sql`` (end of this module): derived if any, else the van's.
 
 Functions take a DB-API connection and run inside the caller's transaction (no commit).
