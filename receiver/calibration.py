@@ -388,20 +388,26 @@ def _derive(values: dict[str, Any], rec: CalibrationRecord) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[str, Any]]],
-                   recs: Records, *, prune: bool, touched: list[tuple[str, int]] | None = None) -> int:
-    """Derive ``no2_ppb`` for (epoch, seq, t_ms, values) by the record valid at each one's time.
+# (epoch, seq, sensor) of a sample whose served value may have changed: requality judges its
+# stream (the sensor is the section name, so a van's two NO2 sensors are two streams).
+Touched = list[tuple[str, int, str]]
+
+
+def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[str, Any], str]],
+                   recs: Records, *, prune: bool, touched: Touched | None = None) -> int:
+    """Derive ``no2_ppb`` for (epoch, seq, t_ms, values, sensor) by the record valid at each one's time.
 
     ``prune``: a sample no record covers (any more) loses its derived row, so what it
     serves is the van's own value again (a new sample has none to lose). One statement
     for the writes, one for the deletes. Returns the number of rows written;
-    ``touched`` gets (epoch, seq) of every sample whose served value may have
+    ``touched`` gets (epoch, seq, sensor) of every sample whose served value may have
     changed (its flags are judged again: receiver/requality.py).
     """
-    rows, gone = [], []
-    for epoch, seq, t_ms, values in todo:
+    rows, gone, sensors = [], [], {}
+    for epoch, seq, t_ms, values, sensor in todo:
         rec = record_at(recs, t_ms, values)
         v = None if rec is None else _derive(values, rec)
+        sensors[(epoch, seq)] = sensor
         if v is None:
             gone.append((device, epoch, seq, NO2_QUANTITY))
         else:
@@ -414,9 +420,9 @@ def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[
     if gone and prune:
         cur.executemany(_q(conn, "DELETE FROM derived WHERE device=? AND epoch=? AND seq=? AND quantity=?"), gone)
     if touched is not None:
-        touched += [(r[1], r[2]) for r in rows]
+        touched += [(r[1], r[2], sensors[(r[1], r[2])]) for r in rows]
         if prune:
-            touched += [(g[1], g[2]) for g in gone]
+            touched += [(g[1], g[2], sensors[(g[1], g[2])]) for g in gone]
     return len(rows)
 
 
@@ -432,7 +438,7 @@ stats = RecomputeStats()
 CHUNK = 5000  # samples read, derived and written at a time: memory stays bounded on any history
 
 
-def recompute_no2(conn: Any, device: str, span: Span, touched: list[tuple[str, int]] | None = None,
+def recompute_no2(conn: Any, device: str, span: Span, touched: Touched | None = None,
                   recs: Records | None = None) -> int:
     """Recompute ``device``'s ``no2_ppb`` for its NO2 samples timed inside ``span`` ([lo, hi) in ms).
 
@@ -458,28 +464,29 @@ def recompute_no2(conn: Any, device: str, span: Span, touched: list[tuple[str, i
         if after is not None:  # past the last sample read: (t, epoch, seq) orders a van's samples
             page += ["p.t_utc_ms>=?", "(p.t_utc_ms, p.epoch, p.seq) > (?, ?, ?)"]
             page_args += [after[0], *after]
-        rows = _exec(conn, "SELECT s.epoch, s.seq, s.t_utc_ms, s.vals, p.t_utc_ms FROM positions p JOIN samples s"
+        rows = _exec(conn, "SELECT s.epoch, s.seq, s.t_utc_ms, s.vals, p.t_utc_ms, s.sensor FROM positions p"
+                           " JOIN samples s"
                            " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
                            f" WHERE {' AND '.join(page)} ORDER BY p.t_utc_ms, p.epoch, p.seq LIMIT ?",
                      (*page_args, CHUNK)).fetchall()
         stats.rows_read += len(rows)
         stats.largest_read = max(stats.largest_read, len(rows))
-        todo = [(e, q, t, json.loads(v) if isinstance(v, str) else dict(v)) for e, q, t, v, _ in rows
-                if t is not None]
+        todo = [(e, q, t, json.loads(v) if isinstance(v, str) else dict(v), sensor)
+                for e, q, t, v, _, sensor in rows if t is not None]
         n += _write_derived(conn, device, todo, recs, prune=True, touched=touched)
         if len(rows) < CHUNK:
             return n
         after = (rows[-1][4], rows[-1][0], rows[-1][1])
 
 
-def derive_batch_no2(conn: Any, batch: Any, touched: list[tuple[str, int]] | None = None,
+def derive_batch_no2(conn: Any, batch: Any, touched: Touched | None = None,
                      recs: Records | None = None) -> int:
     """Derive ``no2_ppb`` for a batch's NO2 samples by the record valid at their time.
 
     For samples that arrive after their record (a van's backlog); ``recompute_no2``
     covers those that were there first.
     """
-    todo = [(batch.epoch, s.seq, s.t_utc_ms, s.values) for s in batch.samples
+    todo = [(batch.epoch, s.seq, s.t_utc_ms, s.values, s.sensor) for s in batch.samples
             if NO2_RAW_KEY in s.values and s.t_utc_ms is not None]
     if not todo:
         return 0
@@ -487,15 +494,15 @@ def derive_batch_no2(conn: Any, batch: Any, touched: list[tuple[str, int]] | Non
     return _write_derived(conn, batch.device, todo, recs, prune=False, touched=touched) if recs.items else 0
 
 
-def ingest_calibrations(conn: Any, batch: Any, received_ms: int | None = None) -> list[tuple[str, int]]:
+def ingest_calibrations(conn: Any, batch: Any, received_ms: int | None = None) -> Touched:
     """All of the above for one stored batch: the single call ``SQLiteStore.ingest`` needs.
 
     Records first: the spans where the record in effect changed (for any serial, or for
     untagged samples) are recomputed, nothing else; then the batch's own NO2 samples are
-    derived. Returns (epoch, seq) of the samples whose served value it may have changed:
+    derived. Returns (epoch, seq, sensor) of the samples whose served value it may have changed:
     the store judges their flags again once the batch's own are written (receiver/requality.py).
     """
-    touched: list[tuple[str, int]] = []
+    touched: Touched = []
     recs = None
     if records_in_batch(batch):
         before = _no2_records(conn, batch.device)

@@ -306,3 +306,23 @@ def test_observations_plan_probes_derived_and_quality_by_key_without_statistics(
     finally:
         s.close()
         pg_cluster.drop_database(name)
+
+
+# -- flags judge the served value, under any section name ---------------------------------------
+
+@pytest.mark.parametrize("section", ["no2", "dgs_no2"])
+def test_flags_of_a_recomputed_value_follow_it_under_any_section_name(make: MakeStore, section: str) -> None:
+    """The van computed with a wrong electronic zero (values far below -50 ppb: out_of_range); the
+    correction makes them ordinary, so their flags go and the maps count them."""
+    s = make()
+    van = Van(Ingestor(s), "van-f")
+    bad = _rec("van-f", "A", 1, T0 - 100, we_e_mv=400.0)
+    van.records([bad], RECEIVED)
+    van.no2(_secs(*range(0, 40)), bad, RECEIVED + 1000, sensor=section)
+    rows = q(s, "SELECT value, quality FROM observations WHERE device='van-f' AND quantity='no2_ppb'")
+    assert all(v < -50 and "out_of_range" in (f or "") for v, f in rows), rows[:3]
+    good = _rec("van-f", "A", 2, T0 - 100)
+    van.records([dataclasses.replace(bad, status="superseded", valid_to=T0 - 100), good], RECEIVED + 2000)
+    rows = q(s, "SELECT value, quality FROM observations WHERE device='van-f' AND quantity='no2_ppb'")
+    assert len(rows) == 40 and all(v > -50 for v, _ in rows)
+    assert not [f for _, f in rows if "out_of_range" in (f or "")], "flags of the van's value stayed"
