@@ -266,8 +266,7 @@ def store_calibrations(conn: Any, batch: Any, received_ms: int | None = None) ->
              _bound_ms(rec.valid_to), text, _received_ms(conn, batch, seq, received_ms)),
         )
         changed.append(rec)
-        if rec.status == "active":
-            _supersede_older(conn, chain, rec.version)
+        _supersede_older(conn, chain, rec.version)  # even a closed newer version ends the older ones
     return changed
 
 

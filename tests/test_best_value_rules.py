@@ -219,6 +219,19 @@ def test_a_version_going_backwards_never_reactivates(make: MakeStore, inline: bo
         lambda t, _: v3 if t >= T0MS + 40_000 else v2 if t >= T0MS + 20_000 else v1))
 
 
+def test_any_newer_version_supersedes_the_older_ones(make: MakeStore) -> None:
+    """v3 arrives already closed (its successor not yet here): v1, still active, is history now."""
+    s = make()
+    van = Van(Ingestor(s), "van-c")
+    v1 = _rec("van-c", "A", 1, T0 - 100)
+    van.records([v1], RECEIVED)
+    van.records([_rec("van-c", "A", 3, T0 + 40, T0 + 50, status="superseded", slope=0.7)], RECEIVED + 1000)
+    assert q(s, "SELECT version, status FROM calibrations WHERE device='van-c' ORDER BY version") == [
+        (1, "superseded"), (3, "superseded")]
+    stored = CalibrationRecord.from_json(q(s, "SELECT record FROM calibrations WHERE version=1")[0][0])
+    assert stored == dataclasses.replace(v1, status="superseded"), "the stored record says what the row says"
+
+
 # -- 4. cost: a confirmation recomputes nothing; reads are chunked ----------------------------
 
 def test_a_routine_confirmation_reads_and_rewrites_nothing(make: MakeStore, monkeypatch: Any) -> None:
