@@ -20,42 +20,46 @@ from typing import Any
 import numpy as np
 
 from receiver import quality
-from receiver.calibration import NO2_QUANTITY, NO2_SENSOR, _exec, _q
+from receiver.calibration import NO2_QUANTITY, _exec, _q
 
 # The bits judged from the value (and its neighbours); the others belong to the sample.
 _VALUE_BITS = quality.BIT["out_of_range"] | quality.BIT["negative"] | quality.BIT["outlier"] | quality.BIT["stuck"]
 _HALF = quality.WINDOW // 2
 
 
-def requality(conn: Any, device: str, touched: Iterable[tuple[str, int]]) -> int:
-    """Judge the ``no2_ppb`` flags of ``touched`` (epoch, seq) samples again; rows changed."""
-    by_epoch: dict[str, list[int]] = {}
-    for epoch, seq in touched:
-        by_epoch.setdefault(epoch, []).append(seq)
-    return sum(_epoch(conn, device, epoch, min(seqs), max(seqs)) for epoch, seqs in by_epoch.items())
+def requality(conn: Any, device: str, touched: Iterable[tuple[str, int, str]]) -> int:
+    """Judge the ``no2_ppb`` flags of ``touched`` (epoch, seq, sensor) samples again; rows changed.
+
+    A stream is a sensor's (its section name: any name, not only ``no2``) in one epoch.
+    """
+    by_stream: dict[tuple[str, str], list[int]] = {}
+    for epoch, seq, sensor in touched:
+        by_stream.setdefault((epoch, sensor), []).append(seq)
+    return sum(_epoch(conn, device, epoch, sensor, min(seqs), max(seqs))
+               for (epoch, sensor), seqs in by_stream.items())
 
 
-def _edge(conn: Any, device: str, epoch: str, seq: int, before: bool) -> tuple[int, bool]:
+def _edge(conn: Any, device: str, epoch: str, sensor: str, seq: int, before: bool) -> tuple[int, bool]:
     """The seq CONTEXT NO2 samples before (after) ``seq``, and whether the stream goes on past it."""
     op, order = ("<", "DESC") if before else (">", "ASC")
     rows = _exec(conn, f"SELECT seq FROM samples WHERE device=? AND epoch=? AND sensor=? AND seq {op} ?"
                        f" ORDER BY seq {order} LIMIT ?",
-                 (device, epoch, NO2_SENSOR, seq, quality.CONTEXT + 1)).fetchall()
+                 (device, epoch, sensor, seq, quality.CONTEXT + 1)).fetchall()
     if len(rows) <= quality.CONTEXT:
         return (rows[-1][0] if rows else seq), False
     return rows[-2][0], True
 
 
-def _epoch(conn: Any, device: str, epoch: str, lo: int, hi: int) -> int:
-    first, cut_before = _edge(conn, device, epoch, lo, True)
-    last, cut_after = _edge(conn, device, epoch, hi, False)
+def _epoch(conn: Any, device: str, epoch: str, sensor: str, lo: int, hi: int) -> int:
+    first, cut_before = _edge(conn, device, epoch, sensor, lo, True)
+    last, cut_after = _edge(conn, device, epoch, sensor, hi, False)
     rows = _exec(conn, "SELECT s.seq, s.vals, d.value, q.flags FROM samples s"
                        " LEFT JOIN derived d ON d.device=s.device AND d.epoch=s.epoch AND d.seq=s.seq"
                        " AND d.quantity=?"
                        " LEFT JOIN quality q ON q.device=s.device AND q.epoch=s.epoch AND q.seq=s.seq"
                        " AND q.quantity=?"
                        " WHERE s.device=? AND s.epoch=? AND s.sensor=? AND s.seq BETWEEN ? AND ? ORDER BY s.seq",
-                 (NO2_QUANTITY, NO2_QUANTITY, device, epoch, NO2_SENSOR, first, last)).fetchall()
+                 (NO2_QUANTITY, NO2_QUANTITY, device, epoch, sensor, first, last)).fetchall()
     from receiver.store import _num_or_nan, _values  # the store's readers of a vals column
 
     rows = [(seq, _values(vals), d, flags) for seq, vals, d, flags in rows]
