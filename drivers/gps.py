@@ -491,6 +491,10 @@ class NmeaGpsDriver:
         flags: tuple[str, ...] = () if gps_time is not None else ("no_gps_time",)
         if fix.position_sentences < 2:
             flags += ("single_sentence",)  # the position was not cross-checked by a second sentence
+        if self._thread is not None and rx is None and gps_time is None:
+            # Neither its arrival (before the first timed epoch) nor its own time (date not yet
+            # confirmed: the first fix of a run) is known: stamped at its read, up to a few s late.
+            flags += ("time_untimed",)
         meta: dict[str, Any] = {"source": "nmea", "tod": fix.tod, "received_mono": rx, "sentences": len(fix.sentences)}
         if rx is not None:
             meta[MEASURED_MONO] = rx

@@ -476,6 +476,7 @@ class Runtime:
         agent.timekeeper.gps_valid_s = new.time.gps_valid_s
         agent.timekeeper.tolerance_s = new.time.step_tolerance_s
         agent.timekeeper.confirm_s = new.time.step_confirm_s
+        agent.timekeeper.gps_latency_s = new.time.gps_latency_s
         if new_link is not None:
             result.changed.append("uplink")
             agent.link.stop()
