@@ -12,7 +12,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 | ``pms5003`` ``pms7003`` ``pmsa003`` | port, baudrate (9600), mode ("passive") |
 | ``sds011`` | port, baudrate (9600), mode ("query") |
 | ``sps30`` | port, baudrate (115200) |
-| ``nmea-gps`` | port, baudrate (9600), single_sentence (false: the receiver sends RMC, GGA ...; true: one position sentence per epoch) |
+| ``nmea-gps`` | port, baudrate (9600), single_sentence (false: the receiver sends RMC, GGA ...; true: one position sentence per epoch), collect_s (0.4), gap_s (0.05): upper bounds for the timing probe, which derives both from the baud and epoch rates |
 | ``gpsd`` | host ("127.0.0.1"), port (2947) |
 | ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, temp_every_s (10), fsr_v (4.096), data_rate (128) |
 | ``dgs-no2`` | port, baudrate (9600) |
