@@ -123,7 +123,8 @@ class NmeaGpsDriver:
     since the previous call (older ones completed in the same call are
     counted in ``stats.fixes_superseded``), or None. With ``reader_thread``
     fixes are handed out one per call, oldest first (up to ``MAX_READY``
-    wait), as a probe makes one tick find none and the next two.
+    wait), as a tick may complete two epochs (one whose end a probe was
+    still reading, and the next).
 
     Corrupt sentences are dropped and counted in ``stats``; ``read()`` raises
     their error (a ``ReadError``) only when nothing valid arrived in that
@@ -271,8 +272,8 @@ class NmeaGpsDriver:
             fixes.extend(self._asm.flush())
 
         if self._thread is not None:
-            # While the thread probes, ticks find nothing and the next one two epochs: hand
-            # them out one per read, oldest first (each carries its own time), a few at most.
+            # A tick may complete two epochs (the probe was still reading the first one's end):
+            # hand them out one per read, oldest first (each carries its own time), a few at most.
             self._ready.extend(self._accept(fix) for fix in fixes)
             while len(self._ready) > MAX_READY:
                 self._ready.popleft()
