@@ -395,9 +395,12 @@ class NmeaGpsDriver:
         # Silence this long means the burst is over: above a USB adapter's delivery period
         # (PROBE_BLOCKED_S), at most gap_s, and below half the receiver's quiet gap.
         quiet = max(PROBE_BLOCKED_S, min(self._gap_s, 0.5 * (period - burst)))
-        # Mid-burst, sleep over part of the rest in one go (fewer wake-ups), at most half a
-        # burst so the sleep rarely runs past the gap into the next burst.
-        collect = min(self._collect_s, 0.5 * burst) if burst else min(self._collect_s, 0.5 * period)
+        # Mid-burst, sleep over part of the rest in one go (fewer wake-ups). A sleep shorter
+        # than the quiet gap cannot run past it into the next burst; on a busy line (gap of
+        # tens of ms) half a burst, which rarely does (a probe that overshoots gives up at
+        # hold_s and the next one tries again).
+        gap = period - burst
+        collect = min(self._collect_s, max(gap - quiet, 0.5 * burst)) if burst else min(self._collect_s, 0.5 * period)
         # The hard cap: after one epoch period the tick gets its port back, timed or not.
         return ProbeTiming(collect_s=collect, quiet_s=quiet, hold_s=max(period, 4 * quiet))
 
