@@ -92,13 +92,12 @@ class DriverStats:
     rollovers: int = 0  # fixes whose date was 1024 weeks behind (10-bit week number wrapped)
     chunks_lost: int = 0  # chunks the reader thread dropped because read() was not called for long
     probes: int = 0  # timing probes the thread made (each a few wake-ups)
+    probes_untimed: int = 0  # probes that gave the port back without timing an epoch (quiet or busy line)
     fixes_superseded: int = 0  # fixes not handed out: a newer one completed in the same read()
 
 
-_POSITION_KINDS = frozenset({"RMC", "GGA", "GLL", "GNS"})
-
-
-# The timing thread's byte counts as a burst's first when read(1) blocked at least this long.
+# The shortest silence that ends a burst: above a USB serial adapter's delivery period (an
+# FTDI chip hands bytes over every 16 ms), so a burst delivered in chunks is still one burst.
 PROBE_BLOCKED_S = 0.02
 # With the timing thread: completed fixes waiting to be handed out, one per read.
 MAX_READY = 3
@@ -106,6 +105,13 @@ MAX_READY = 3
 MAX_CHUNKS = 64
 # An untimed epoch is dated from a timed one at most this far away (50 ppm: 3 ms).
 MAX_PREDICT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTiming:
+    collect_s: float  # mid-burst: the first sleep over the rest of the burst
+    quiet_s: float  # silence that ends a burst (the next byte is the first of an epoch)
+    hold_s: float  # the longest a probe holds the port
 
 
 class NmeaGpsDriver:
@@ -117,7 +123,8 @@ class NmeaGpsDriver:
     since the previous call (older ones completed in the same call are
     counted in ``stats.fixes_superseded``), or None. With ``reader_thread``
     fixes are handed out one per call, oldest first (up to ``MAX_READY``
-    wait), as a probe makes one tick find none and the next two.
+    wait), as a tick may complete two epochs (one whose end a probe was
+    still reading, and the next).
 
     Corrupt sentences are dropped and counted in ``stats``; ``read()`` raises
     their error (a ``ReadError``) only when nothing valid arrived in that
@@ -145,12 +152,16 @@ class NmeaGpsDriver:
     ``reader_thread``: time epochs by their bytes' arrival (module
     docstring): every ``probe_every_s`` a thread takes the port, blocks for
     the first byte of the next burst (at most ``block_s``, so ``close`` is
-    prompt) and times it; ``collect_s`` (below the receiver's quiet gap
-    between epochs: 0.4 s suits 1 Hz at 9600 baud; lower it for 5-10 Hz
-    receivers) and ``gap_s`` set how it gathers the rest of that burst.
-    Between probes ``read()`` drains the port as without the thread, and
-    dates each epoch from the last timed one (epochs leave the receiver at a
-    fixed latency after their second), up to ``MAX_PREDICT_S`` away.
+    prompt) and times it. ``collect_s`` and ``gap_s`` are upper bounds of
+    how it sleeps over a burst it met midway and of the silence that ends a
+    burst; the values used are derived from the epoch period and the burst's
+    length at ``baudrate`` (``probe_timing()``), and a probe gives the port
+    back after one epoch period whether it timed an epoch or not. Every byte
+    the thread reads is handed to the next ``read()`` as it is read (one
+    buffer under a lock), so no half-read epoch is ever cut short. Between
+    probes ``read()`` drains the port as without the thread, and dates each
+    epoch from the last timed one (epochs leave the receiver at a fixed
+    latency after their second), up to ``MAX_PREDICT_S`` away.
     """
 
     def __init__(
@@ -166,6 +177,7 @@ class NmeaGpsDriver:
         rollover_pivot_utc: float | None = None,
         single_sentence: bool = False,
         reader_thread: bool = False,
+        baudrate: int | None = None,
         collect_s: float = 0.4,
         gap_s: float = 0.05,
         block_s: float = 1.0,
@@ -189,6 +201,8 @@ class NmeaGpsDriver:
         self.stats = DriverStats()
         self._pending_t: float | None = None  # arrival of the first byte of the framer's unfinished line
         self._collect_s = collect_s
+        # The line's speed sets how long a burst lasts (probe_timing); a pyserial port knows it.
+        self._baudrate = baudrate or getattr(port, "baudrate", None)
         self._gap_s = gap_s
         self._block_s = block_s
         self._retry_s = retry_s
@@ -258,8 +272,8 @@ class NmeaGpsDriver:
             fixes.extend(self._asm.flush())
 
         if self._thread is not None:
-            # While the thread probes, ticks find nothing and the next one two epochs: hand
-            # them out one per read, oldest first (each carries its own time), a few at most.
+            # A tick may complete two epochs (the probe was still reading the first one's end):
+            # hand them out one per read, oldest first (each carries its own time), a few at most.
             self._ready.extend(self._accept(fix) for fix in fixes)
             while len(self._ready) > MAX_READY:
                 self._ready.popleft()
@@ -298,15 +312,19 @@ class NmeaGpsDriver:
     def epoch_health(self) -> dict[str, int]:
         """Epoch counters for the heartbeat: how many epochs gave no fix, and why."""
         st = self._asm.stats
+        # Disjoint reasons that sum to dropped; a fix decoded but never handed out (a newer
+        # one replaced it, or the hand-out queue overflowed) is lost too.
+        superseded = self.stats.fixes_superseded
         return {
             "epochs": st.epochs + st.missed,
-            "fixes": st.fixes,
-            "dropped": st.dropped,
+            "fixes": st.fixes - superseded,
+            "dropped": st.dropped + superseded,
             "no_fix": st.no_fix,
             "unconfirmed": st.unconfirmed,
             "inconsistent": st.inconsistent,
             "incomplete": st.incomplete,
             "missed": st.missed,
+            "superseded": superseded,
         }
 
     # -- time source ---------------------------------------------------------
@@ -332,42 +350,25 @@ class NmeaGpsDriver:
         return out
 
     def _reader(self) -> None:
-        """The timing thread: every ``probe_every_s``, block for the first byte of a burst and time it.
+        """The timing thread: every ``probe_every_s``, take the port and time the first byte of a burst.
 
-        While it probes, the tick leaves the port to it (``_probing``); it drains what is
-        waiting, blocks for the next byte (at most ``block_s``), and gathers that burst
-        (``collect_s``, then ``gap_s`` steps until the line is quiet). A byte that came back
-        at once was already there (mid-burst): that burst is gathered and the next one waited
-        for. Only the byte it blocked for is timed, so an epoch that began inside other bytes
-        has no arrival of its own rather than a wrong one. Four or five wake-ups per probe.
+        Until an epoch has been timed it probes every second: fixes before the first timed
+        epoch have no arrival of their own (issue 15 B3).
         """
         port = self._port
-        first_probe = True
-        while first_probe or not self._stop.wait(self._probe_every_s):
-            first_probe = False  # at once: the first epochs are timed too
-            chunks: list[tuple[float, bytes, bool]] = []
+        wait = 0.0  # at once: the first epochs are timed too
+        timed_once = False
+        while not self._stop.wait(wait):
             self.stats.probes += 1
             try:
                 with self._lock:
                     self._probing = True
                 if getattr(port, "timeout", None) != self._block_s:
                     port.timeout = self._block_s  # bounded, so close() is prompt without cancel_read
-                waiting = port.in_waiting
-                if waiting:
-                    chunks.append((self._clock(), port.read(min(waiting, self._max_bytes)), False))
-                for _ in range(2):
-                    before = self._clock()
-                    first = port.read(1)  # blocks until the next burst starts
-                    if not first:
-                        break
-                    t = self._clock()
-                    data = self._gather(port, first)
-                    if data is None:
-                        return
-                    blocked = t - before >= PROBE_BLOCKED_S
-                    chunks.append((t, data, blocked))
-                    if blocked:
-                        break
+                if self._probe(port):
+                    timed_once = True
+                else:
+                    self.stats.probes_untimed += 1
             except ReadError as exc:  # ReconnectingPort: gone, or its reopen is not due yet
                 self._reader_errors.append(exc)
             except (OSError, ValueError) as exc:
@@ -376,24 +377,91 @@ class NmeaGpsDriver:
                 self._reader_errors.append(BusError(f"{self.name}: serial port failed: {exc}"))
             finally:
                 with self._lock:
-                    self._chunks.extend(chunks)
-                    while len(self._chunks) > MAX_CHUNKS:  # read() has not been called for minutes
-                        self._chunks.popleft()
-                        self.stats.chunks_lost += 1
                     self._probing = False
+            wait = self._probe_every_s if timed_once else min(self._probe_every_s, 1.0)
 
-    def _gather(self, port: Any, first: bytes) -> bytes | None:
-        """The rest of a burst: most of it after ``collect_s``, its tail in ``gap_s`` steps; None when stopped."""
-        parts = [first]
-        wait = self._collect_s
-        while True:
-            if self._stop.wait(wait):
-                return None
-            n = port.in_waiting
-            if not n or sum(map(len, parts)) >= self._max_bytes:
-                return b"".join(parts)
-            parts.append(port.read(min(n, self._max_bytes)))
-            wait = self._gap_s
+    def probe_timing(self) -> ProbeTiming:
+        """How the next probe gathers and how long it may hold the port, from the line's shape.
+
+        The epoch period is learnt from the times of day, the burst's length from the bytes
+        per epoch at the baud rate (10 bits a byte on the wire, 8N1). A busy line (924-byte
+        bursts at 9600 baud leave 40 ms of 1 s quiet) must still look quiet between bursts.
+        """
+        period = self._asm.epoch_interval or 1.0
+        epochs = self._asm.stats.epochs
+        burst = 0.0
+        if self._baudrate and epochs >= 2:
+            burst = min(period, self.stats.bytes / epochs * 10.0 / self._baudrate)
+        # Silence this long means the burst is over: above a USB adapter's delivery period
+        # (PROBE_BLOCKED_S), at most gap_s, and below half the receiver's quiet gap.
+        quiet = max(PROBE_BLOCKED_S, min(self._gap_s, 0.5 * (period - burst)))
+        # Mid-burst, sleep over part of the rest in one go (fewer wake-ups). A sleep shorter
+        # than the quiet gap cannot run past it into the next burst; on a busy line (gap of
+        # tens of ms) half a burst, which rarely does (a probe that overshoots gives up at
+        # hold_s and the next one tries again).
+        gap = period - burst
+        collect = min(self._collect_s, max(gap - quiet, 0.5 * burst)) if burst else min(self._collect_s, 0.5 * period)
+        # The hard cap: after one epoch period the tick gets its port back, timed or not.
+        return ProbeTiming(collect_s=collect, quiet_s=quiet, hold_s=max(period, 4 * quiet))
+
+    def _probe(self, port: Any) -> bool:
+        """Block for the first byte of the next burst and time it; whether one was timed.
+
+        It hands every byte over as it reads it (``_hand_over``), so a tick during the probe
+        decodes what the probe read (an epoch half-read by the tick is never cut short), and
+        holds the port at most ``hold_s``. Only a byte that followed ``quiet_s`` of silence is
+        timed: one that came back at once was mid-burst, so the probe sleeps over that burst,
+        polls until a step finds the line quiet, and then blocks for the next burst's first
+        byte. An epoch that began inside other bytes has no arrival rather than a wrong one.
+        """
+        timing = self.probe_timing()
+        start = self._clock()
+        self._pass_on(port)  # what waits began before we looked: untimed
+        before = self._clock()
+        first = port.read(1)
+        if not first:
+            return False  # quiet for block_s: no receiver talking
+        t = self._clock()
+        if t - before >= timing.quiet_s:
+            self._hand_over(t, first, True)
+            return True
+        self._hand_over(t, first, False)
+        step = timing.collect_s
+        while self._clock() - start < timing.hold_s:
+            if self._stop.wait(step):
+                return False
+            step = timing.quiet_s
+            if self._pass_on(port):
+                continue  # still inside a burst
+            first = port.read(1)  # the line was quiet for a whole step: the next byte starts a burst
+            if not first:
+                return False
+            self._hand_over(self._clock(), first, True)
+            return True
+        return False  # a line that never went quiet for quiet_s: give the port back (B1)
+
+    def _pass_on(self, port: Any) -> int:
+        """Hand over what the port holds now, untimed; how many bytes."""
+        n = port.in_waiting
+        if not n:
+            return 0
+        data = port.read(min(n, self._max_bytes))
+        self._hand_over(self._clock(), data, False)
+        return len(data)
+
+    def _hand_over(self, t: float, data: bytes, timed: bool) -> None:
+        """Queue bytes the thread read for the next ``read()``: one buffer for thread and tick."""
+        if not data:
+            return
+        with self._lock:
+            last = self._chunks[-1] if self._chunks else None
+            if last is not None and not timed and not last[2]:
+                self._chunks[-1] = (t, last[1] + data, False)  # untimed bytes join: few chunks per probe
+            else:
+                self._chunks.append((t, data, timed))
+            while len(self._chunks) > MAX_CHUNKS:  # read() has not been called for minutes
+                self._chunks.popleft()
+                self.stats.chunks_lost += 1
 
     def _drain(self) -> bytes:
         chunks: list[bytes] = []
@@ -425,8 +493,12 @@ class NmeaGpsDriver:
         if gps_time is not None and rx is not None:
             self._time_fix = (gps_time, rx)
         flags: tuple[str, ...] = () if gps_time is not None else ("no_gps_time",)
-        if sum(1 for k in fix.sentences if k[2:] in _POSITION_KINDS) < 2:
+        if fix.position_sentences < 2:
             flags += ("single_sentence",)  # the position was not cross-checked by a second sentence
+        if self._thread is not None and rx is None and gps_time is None:
+            # Neither its arrival (before the first timed epoch) nor its own time (date not yet
+            # confirmed: the first fix of a run) is known: stamped at its read, up to a few s late.
+            flags += ("time_untimed",)
         meta: dict[str, Any] = {"source": "nmea", "tod": fix.tod, "received_mono": rx, "sentences": len(fix.sentences)}
         if rx is not None:
             meta[MEASURED_MONO] = rx

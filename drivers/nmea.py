@@ -776,6 +776,9 @@ class Fix:
     vdop: float | None = None
     time_confirmed: bool = False
     sentences: tuple[str, ...] = ()
+    # Sentences of the epoch that carried the position (a GNGNS followed by GPGNS/GLGNS with
+    # empty positions is one: the single_sentence flag counts these, not sentences).
+    position_sentences: int = 0
 
     @property
     def utc_seconds(self) -> float | None:
@@ -792,6 +795,7 @@ class _Epoch:
     closed_by_ender: bool = False
     had_fix: bool = False
     late: bool = False  # records arrived after it was emitted
+    cut_short: bool = False  # closed before its learnt last sentence came
 
 
 @dataclass(slots=True)
@@ -801,9 +805,14 @@ class AssemblerStats:
     no_fix: int = 0
     inconsistent: int = 0
     implausible_dates: int = 0
-    unconfirmed: int = 0  # valid fix claimed by a single sentence only
+    # The reasons an epoch gave no fix are disjoint: no_fix + unconfirmed + inconsistent +
+    # incomplete + missed == dropped (the heartbeat shows them as one breakdown).
+    unconfirmed: int = 0  # valid fix claimed by a single sentence only (epoch complete)
     orphans: int = 0  # untimed sentences before the first timed one
-    incomplete: int = 0  # epochs whose learnt last sentence never came (lost or corrupted)
+    # Epochs whose learnt last sentence never came (lost or corrupted) and that gave no fix for
+    # want of it (unconfirmed or inconsistent as received); a cut-short epoch that still gave a
+    # fix is not a loss, and one the receiver called void is no_fix.
+    incomplete: int = 0
     missed: int = 0  # epochs never seen: a gap in the sequence of times of day
 
     @property
@@ -862,6 +871,11 @@ class FixAssembler:
         self._ender: tuple | None = None
         self._ender_candidate: tuple | None = None
 
+    @property
+    def epoch_interval(self) -> float | None:
+        """The receiver's epoch period (the shortest step seen between times of day), once known."""
+        return self._interval
+
     # -- feeding ---------------------------------------------------------
 
     def feed_line(self, line: bytes | str) -> list[Fix]:
@@ -875,8 +889,7 @@ class FixAssembler:
         if tod is not None and (cur is None or cur.tod != tod):
             if cur is not None:
                 if not cur.emitted:
-                    if self._ender is not None:
-                        self.stats.incomplete += 1  # its last sentence never came
+                    cur.cut_short = self._ender is not None  # its last sentence never came
                     out.extend(self._close(cur))
                 self._observe_cycle_end(cur)
             self._count_gap(tod)
@@ -901,8 +914,7 @@ class FixAssembler:
         cur = self._cur
         if cur is None or cur.emitted:
             return []
-        if self._ender is not None:
-            self.stats.incomplete += 1  # the port went quiet before its last sentence
+        cur.cut_short = self._ender is not None  # the port went quiet before its last sentence
         return self._close(cur)
 
     def reset(self) -> None:
@@ -1007,12 +1019,18 @@ class FixAssembler:
             self.stats.no_fix += 1
             return None
         if self.require_confirmation and len(positions) < 2:
-            self.stats.unconfirmed += 1
+            if ep.cut_short:
+                self.stats.incomplete += 1  # its second position sentence may be what was lost
+            else:
+                self.stats.unconfirmed += 1
             return None
         lat, lon = positions[0]
         tol = self.max_disagreement_deg
         if any(abs(a - lat) > tol or abs(b - lon) > tol for a, b in positions[1:]):
-            self.stats.inconsistent += 1
+            if ep.cut_short:
+                self.stats.incomplete += 1
+            else:
+                self.stats.inconsistent += 1
             return None
 
         utc, date_confirmed = self._utc(ep.tod, rmcs, zdas)
@@ -1091,6 +1109,7 @@ class FixAssembler:
             vdop=vdop,
             time_confirmed=utc is not None and date_confirmed and time_vouched,
             sentences=tuple(f"{r.talker}{r.kind}" for r in ep.records),
+            position_sentences=len(positions),
         )
 
     def _utc(self, tod: float, rmcs: list[Rmc], zdas: list[Zda]) -> tuple[dt.datetime | None, bool]:

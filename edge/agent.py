@@ -109,6 +109,7 @@ class Agent:
             gps_valid_s=cfg.time.gps_valid_s,
             tolerance_s=cfg.time.step_tolerance_s,
             confirm_s=cfg.time.step_confirm_s,
+            gps_latency_s=cfg.time.gps_latency_s,
         )
         self.stats = AgentStats()
         # Things to close when the agent ends (simulated hardware, ...).
@@ -425,6 +426,7 @@ class Agent:
             "time_source": str(stamp.source),
             "time_steps": self.timekeeper.steps_seen,  # GPS or system clock steps seen this run
             "gps_minus_ntp_ms": self.timekeeper.stats.gps_minus_system_ms,  # ~ -receiver latency (docs: Time)
+            "gps_time_disagrees": self.timekeeper.gps_time_disagrees,  # beyond that latency for a minute
             "disk_free_bytes": _disk_free(self.cfg.device.data_dir),
             "cpu_temp_c": _cpu_temp_c(),
             "taken": self.stats.taken,

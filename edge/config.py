@@ -60,6 +60,10 @@ class TimeConfig:
     # A step nothing else can confirm or refute is believed after this long; the samples of
     # the wait are flagged clock_step.
     step_confirm_s: float = 60.0
+    # The GPS receiver's output latency (its epoch's first byte after the second it names):
+    # gps_minus_ntp_ms is expected near minus this; further off by 0.25 s for a minute, the
+    # heartbeat says gps_time_disagrees (edge/timekeeping.py).
+    gps_latency_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -219,6 +223,8 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("time.step_tolerance_s", "must be between 0.1 and 3600 seconds")
     if cfg.time.step_confirm_s < 0:
         raise ConfigError("time.step_confirm_s", "must be 0 or more")
+    if not 0 <= cfg.time.gps_latency_s <= 1:
+        raise ConfigError("time.gps_latency_s", "must be between 0 and 1 second")
     if not 1 <= cfg.batch.max_samples <= 20_000:  # uplink/wire.py MAX_SAMPLES_PER_BATCH
         raise ConfigError("batch.max_samples", "must be between 1 and 20000")
     if not 0 < cfg.batch.max_age_s <= 86400:

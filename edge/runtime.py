@@ -49,7 +49,7 @@ from edge.power import (
 )
 from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
-from edge.sensors import FACTORIES, build_drivers, unknown_driver
+from edge.sensors import build_drivers, check_options
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
 from edge.timekeeping import TimeFixSource
 from uplink.mqtt import MqttLink
@@ -139,9 +139,7 @@ def _check_sensor(sc: SensorConfig) -> list[ConfigError]:
     if sc.driver == "nmea-gps" and not isinstance(sc.options.get("single_sentence", False), bool):
         return [ConfigError(f"sensors.{sc.name}.single_sentence",
                             "expected true (one position sentence per epoch: RMC, GGA or GNS only) or false")]  # fmt: skip
-    if sc.driver not in FACTORIES:
-        return [unknown_driver(sc)]
-    return []
+    return check_options(sc)  # unknown keys (with a did-you-mean hint) and types, as `edge run` checks them
 
 
 def check_config_file(path: str | Path) -> tuple[list[ConfigError], tuple[AgentConfig, ServiceConfig] | None]:
@@ -478,6 +476,7 @@ class Runtime:
         agent.timekeeper.gps_valid_s = new.time.gps_valid_s
         agent.timekeeper.tolerance_s = new.time.step_tolerance_s
         agent.timekeeper.confirm_s = new.time.step_confirm_s
+        agent.timekeeper.gps_latency_s = new.time.gps_latency_s
         if new_link is not None:
             result.changed.append("uplink")
             agent.link.stop()

@@ -12,7 +12,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 | ``pms5003`` ``pms7003`` ``pmsa003`` | port, baudrate (9600), mode ("passive") |
 | ``sds011`` | port, baudrate (9600), mode ("query") |
 | ``sps30`` | port, baudrate (115200) |
-| ``nmea-gps`` | port, baudrate (9600), single_sentence (false: the receiver sends RMC, GGA ...; true: one position sentence per epoch) |
+| ``nmea-gps`` | port, baudrate (9600), single_sentence (false: the receiver sends RMC, GGA ...; true: one position sentence per epoch), collect_s (0.4), gap_s (0.05): upper bounds for the timing probe, which derives both from the baud and epoch rates |
 | ``gpsd`` | host ("127.0.0.1"), port (2947) |
 | ``no2-b43f`` | bus (1), address (0x49), serial, calibration_file or calibration table, algorithm (1), we_channel ("AIN0"), ae_channel ("AIN1"), temp_channel ("AIN2"), temp_mv_at_0c, temp_mv_per_c, temp_every_s (10), fsr_v (4.096), data_rate (128) |
 | ``dgs-no2`` | port, baudrate (9600) |
@@ -24,6 +24,7 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable
 
 from drivers.base import SensorDriver
@@ -44,8 +45,12 @@ def _opts(sc: SensorConfig, defaults: dict[str, Any], required: tuple[str, ...] 
     for key, value in sc.options.items():
         full = f"sensors.{sc.name}.{key}"
         if key not in defaults and key not in required:
-            known = ", ".join(sorted([*defaults, *required]))
-            raise ConfigError(full, f"unknown option for driver {sc.driver!r} (known: {known})")
+            import difflib
+
+            known = sorted([*defaults, *required])
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(full, f"unknown option for driver {sc.driver!r}: {hint}(known: {', '.join(known)})")
         default = defaults.get(key)
         if default is not None and key not in _LOOSE and not isinstance(value, type(default)):
             if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
@@ -55,7 +60,36 @@ def _opts(sc: SensorConfig, defaults: dict[str, Any], required: tuple[str, ...] 
     for key in required:
         if key not in out:
             raise ConfigError(f"sensors.{sc.name}.{key}", f"required by driver {sc.driver!r}")
+    if _CHECK_ONLY.get():
+        raise _OptionsChecked  # `edge config check`: the options are valid; open nothing
     return out
+
+
+class _OptionsChecked(Exception):
+    """Raised by ``_opts`` under ``check_options``: the options passed, build no driver."""
+
+
+# Set by check_options: the factories run their own option checks (the same code `edge run`
+# runs, so the two cannot disagree about a key) and stop before opening any device.
+_CHECK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("check_only", default=False)
+
+
+def check_options(sc: SensorConfig) -> list[ConfigError]:
+    """The errors of a sensor table's driver and options, without opening its device."""
+    factory = FACTORIES.get(sc.driver)
+    if factory is None:
+        return [unknown_driver(sc)]
+    token = _CHECK_ONLY.set(True)
+    try:
+        # A stand-in world: simulated drivers check for one before their options.
+        factory(sc, {"world": object()})
+    except _OptionsChecked:
+        return []
+    except ConfigError as exc:
+        return [exc]
+    finally:
+        _CHECK_ONLY.reset(token)
+    return []  # a factory that takes no options
 
 
 def _monotonic(ctx: dict[str, Any]) -> Callable[[], float]:
@@ -116,13 +150,20 @@ def _sps30(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
 def _nmea(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.gps import NmeaGpsDriver
 
-    o = _opts(sc, {"baudrate": 9600, "single_sentence": False}, required=("port",))
+    # collect_s, gap_s: upper bounds for the timing probe; the values used follow from the
+    # baud rate and the epoch rate (NmeaGpsDriver.probe_timing), so few vans need to set them.
+    o = _opts(sc, {"baudrate": 9600, "single_sentence": False, "collect_s": 0.4, "gap_s": 0.05},
+              required=("port",))
+    for key in ("collect_s", "gap_s"):
+        if not 0.0 < o[key] <= 1.0:
+            raise ConfigError(f"sensors.{sc.name}.{key}", f"seconds above 0 and at most 1, not {o[key]!r}")
     # No van measures before the plausible window: an earlier GPS date is a week-number rollover.
     # A real port is timed by a reader thread (drivers/gps.py); a simulated one emits in
     # lock-step with the virtual clock the sampling loop moves, so it is timed at the read.
     return NmeaGpsDriver(_serial(sc, ctx, o["port"], o["baudrate"]), sc.name, _monotonic(ctx),
                          rollover_pivot_utc=MIN_PLAUSIBLE_UTC_MS / 1000, single_sentence=o["single_sentence"],
-                         reader_thread=not str(o["port"]).startswith("sim"))
+                         reader_thread=not str(o["port"]).startswith("sim"), baudrate=o["baudrate"],
+                         collect_s=o["collect_s"], gap_s=o["gap_s"])
 
 
 def explain(sc: SensorConfig) -> list[str]:

@@ -79,6 +79,21 @@ MAX_MEASUREMENT_AGE_S = 5.0
 # judges separately.
 UTC_HINT_BEFORE_S = 1.5
 UTC_HINT_AFTER_S = 0.25
+# A value whose arrival was not measured (a GPS fix before the driver's timing thread has
+# timed an epoch) is known only to have been measured before its read, by up to the delivery
+# lag the driver allows: its hand-out queue (drivers/gps.py MAX_READY = 3 fixes, one per
+# read) times the read period plus the read that found it and the receiver's latency, 4-5 s
+# at 1 Hz. Its own UTC is taken within that, bounded by the age clamp; outside it, it is
+# stamped at its read as before. (Flagging such values instead would leave them 1-3.5 s late
+# for nothing: the fix's UTC, checked against the spine, is the better time.)
+UNTIMED_HINT_BEFORE_S = MAX_MEASUREMENT_AGE_S
+# GPS time and an NTP-disciplined clock should differ by the receiver's output latency only
+# (GPS time is taken at its bytes' arrival). A difference beyond the expected latency by more
+# than this, for GPS_DISAGREE_FOR_S, is a receiver whose UTC is off (or an NTP server that
+# is): the heartbeat says gps_time_disagrees. Well above NTP's error over a mobile link
+# (tens of ms), well below a step (judged separately).
+GPS_DISAGREE_S = 0.25
+GPS_DISAGREE_FOR_S = 60.0
 
 
 def plausible_utc_ms(t: int | None) -> bool:
@@ -124,6 +139,7 @@ class TimeStats:
     # GPS offset minus the NTP-disciplined system clock's, ms, when both were last there:
     # about minus the receiver's output latency (GPS time is taken at its bytes' arrival).
     gps_minus_system_ms: int | None = None
+    gps_disagreements: int = 0  # times GPS and NTP began to disagree for GPS_DISAGREE_FOR_S
 
 
 GPS, SYSTEM = "gps", "system"
@@ -138,6 +154,9 @@ class TimeKeeper:
         gps_valid_s: float = 3600.0,
         tolerance_s: float = 2.0,
         confirm_s: float = 60.0,
+        gps_latency_s: float = 0.0,
+        disagree_s: float = GPS_DISAGREE_S,
+        disagree_for_s: float = GPS_DISAGREE_FOR_S,
     ) -> None:
         self.clock = clock
         self.sources = list(sources or [])
@@ -146,6 +165,13 @@ class TimeKeeper:
         # slews; below any step worth the name.
         self.tolerance_s = tolerance_s
         self.confirm_s = confirm_s
+        # The receiver's output latency (first byte of an epoch after its second), expected in
+        # gps - ntp as -gps_latency_s; beyond it by disagree_s for disagree_for_s: disagreement.
+        self.gps_latency_s = gps_latency_s
+        self.disagree_s = disagree_s
+        self.disagree_for_s = disagree_for_s
+        self._disagree_since: float | None = None
+        self.gps_time_disagrees = False
         self.stats = TimeStats()
         self._gps: tuple[float, float] | None = None  # (utc - monotonic, monotonic of the fix)
         self._fixes: deque[tuple[float, float]] = deque()  # recent (utc - monotonic, monotonic)
@@ -191,7 +217,31 @@ class TimeKeeper:
             refs[SYSTEM] = (self.clock.utc() - mono, src)
             if GPS in refs:
                 self.stats.gps_minus_system_ms = int(round((refs[GPS][0] - refs[SYSTEM][0]) * 1000))
+                self._watch_agreement(refs[GPS][0] - refs[SYSTEM][0], mono)
         return refs
+
+    def _watch_agreement(self, gps_minus_system: float, mono: float) -> None:
+        """Say when GPS and NTP time disagree beyond the receiver's latency for a sustained time.
+
+        GPS stays the spine's reference (it is there in every street; NTP over a mobile link
+        may be the one that is wrong): this only tells. Fixes are placed by their own UTC, so
+        a receiver whose UTC is off shifts their stamps by that much; the heartbeat shows it
+        (``gps_time_disagrees``) for a person to look at the receiver or the NTP server.
+        """
+        beyond = abs(gps_minus_system + self.gps_latency_s) > self.disagree_s
+        if not beyond:
+            if self.gps_time_disagrees:
+                log.warning("GPS and NTP time agree again (gps - ntp %+d ms)", int(gps_minus_system * 1000))
+            self._disagree_since, self.gps_time_disagrees = None, False
+            return
+        if self._disagree_since is None:
+            self._disagree_since = mono
+        if not self.gps_time_disagrees and mono - self._disagree_since >= self.disagree_for_s:
+            self.gps_time_disagrees = True
+            self.stats.gps_disagreements += 1
+            log.warning("GPS time disagrees with NTP: gps - ntp %+d ms for %.0f s (expected %+d ms, the receiver's "
+                        "latency): GPS fixes are stamped by the receiver's UTC; check the receiver and NTP",
+                        int(gps_minus_system * 1000), mono - self._disagree_since, -int(self.gps_latency_s * 1000))
 
     def _judge(self, refs: dict[str, tuple[float, TimeSource]], mono: float) -> None:
         """Follow the references that agree with the spine; decide about those that do not."""
@@ -256,7 +306,8 @@ class TimeKeeper:
         """
         mono_now = self.clock.monotonic()
         refs = self._references(mono_now)
-        if at_mono is None or not at_mono == at_mono:  # None or NaN: measured now
+        untimed = at_mono is None or not at_mono == at_mono  # None or NaN: measured now, or not timed
+        if untimed:
             mono = mono_now
         else:
             mono = min(max(at_mono, mono_now - MAX_MEASUREMENT_AGE_S), mono_now)
@@ -269,9 +320,11 @@ class TimeKeeper:
             self._judge(refs, mono_now)
         if at_utc is not None and not self._contested:
             # Measured before it arrived: within the receiver's latency plus a read period
-            # before, and no later than the spine's own error after.
+            # before (a value with no measured arrival: the driver's delivery lag), and no
+            # later than the spine's own error after.
+            before = UNTIMED_HINT_BEFORE_S if untimed else UTC_HINT_BEFORE_S
             measured = at_utc - self._offset
-            if -UTC_HINT_BEFORE_S <= measured - mono <= UTC_HINT_AFTER_S:
+            if -before <= measured - mono <= UTC_HINT_AFTER_S:
                 mono = min(max(measured, mono_now - MAX_MEASUREMENT_AGE_S), mono_now)
         mono_ms = int(round(mono * 1000))
         age_ms = int(round(mono_now * 1000)) - mono_ms

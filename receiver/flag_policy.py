@@ -72,6 +72,8 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
                    "values are sound"),
     "salvaged": ("van", "keep", "recovered from a damaged buffer with its row checksum verified"),
     "no_gps_time": ("van", "keep", "GPS samples only: not a map quantity"),
+    "time_untimed": ("van", "keep", "GPS samples only (the first fix of a run, before its arrival was "
+                     "timed or its date confirmed): stamped at its read, up to a few s late"),
     "audio_gap": ("van", "keep", "seconds of audio before this one were skipped by a late read; this "
                   "second's level is measured whole"),
     "audio_overrun": ("van", "keep", "the sound card dropped frames before this reading; the level is of "

@@ -42,6 +42,24 @@ def stream(only: str | None, seconds: range, talker: str = "GP", fix=path) -> by
     return b"".join(out)
 
 
+class BytesPort:
+    """A port whose bytes are all there: each read() of the driver takes what it holds."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = data
+
+    @property
+    def in_waiting(self) -> int:
+        return len(self.data)
+
+    def read(self, n: int) -> bytes:
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 def _log_lines(name: str) -> list[bytes]:
     lines = (GPS_DIR / name).read_bytes().split(b"\n")
     return [ln.strip() + b"\r\n" for ln in lines if ln.startswith(b"$")]
@@ -173,11 +191,44 @@ def test_gns_decodes_through_pynmea2_and_joins_the_epoch() -> None:
     assert fixes[-1].altitude == 48.5 and fixes[-1].time_confirmed and fixes[-1].sats_used == 9
 
 
+def test_multi_system_gns_fix_is_flagged_single_sentence() -> None:
+    """GNGNS with the combined position, then GPGNS/GLGNS with empty positions (NMEA 4.10).
+
+    Three sentences, one position: the position was not cross-checked, so the flag is set
+    (the tester's gns_multi.py: 19 of 19 fixes went out without it).
+    """
+    port = BytesPort()
+    drv = NmeaGpsDriver(port, single_sentence=True)
+    flags = []
+    for k in range(6):
+        t = (ORIGIN + dt.timedelta(seconds=k)).strftime("%H%M%S") + ".00"
+        port.data += b"".join([
+            sentence(f"GNGNS,{t},5127.2700,N,00235.2740,W,AAN,14,0.9,25.0,47.0,,,V"),
+            sentence(f"GPGNS,{t},,,,,A,09,,,,,,V"),
+            sentence(f"GLGNS,{t},,,,,A,05,,,,,,V"),
+        ])
+        r = drv.read()
+        if r is not None:
+            assert r.meta["sentences"] == 3
+            flags.append(r.flags)
+    assert len(flags) >= 4 and all("single_sentence" in f for f in flags)
+    # RMC + GNS from one receiver: two sentences carry the position, no flag.
+    rmc = stream("RMC", range(3), talker="GN").split(b"\r\n")
+    gns = stream("GNS", range(3), talker="GN").split(b"\r\n")
+    fixes, _ = decode_stream([b"".join(r + b"\r\n" + g + b"\r\n" for r, g in zip(rmc[:3], gns[:3]))])
+    assert [f.position_sentences for f in fixes] == [2, 2, 2]
+
+
 # -- dropped epochs -----------------------------------------------------------------------------
 
 
 def test_dropped_epochs_are_counted_and_shown_in_the_heartbeat(tmp_path) -> None:
-    """A tunnel (void epochs), two epochs lost on the line, one cut short: all in the heartbeat."""
+    """A tunnel (void epochs), two epochs lost on the line, one cut short: all in the heartbeat.
+
+    The reasons are disjoint and add up to ``dropped``: an epoch cut short that still gave a
+    fix (13: its last GSV lost) is no loss; one cut short before its second position
+    sentence (12: only RMC and VTG came) is ``incomplete``, not also ``unconfirmed``.
+    """
     tunnel = range(5, 8)
 
     def pos(t):
@@ -188,38 +239,30 @@ def test_dropped_epochs_are_counted_and_shown_in_the_heartbeat(tmp_path) -> None
         epoch = nmea_epoch(ReceiverState(utc=ORIGIN + dt.timedelta(seconds=t), fix=pos(t)))
         if t in (10, 11):
             continue  # lost entirely (e.g. a reconnecting adapter)
+        if t == 12:
+            epoch = epoch[:2]  # RMC and VTG, then the line dropped the rest
         if t == 13:
             epoch = epoch[:-1]  # its last GSV never came
         data += b"".join(epoch)
     asm = FixAssembler()
     fixes, _ = decode_stream([data], asm)
     st = asm.stats
-    assert st.missed == 2 and st.no_fix == len(tunnel) and st.incomplete >= 1
-    assert st.dropped == len(tunnel) + 2 and len(fixes) == 15 - len(tunnel) - 2
+    assert st.missed == 2 and st.no_fix == len(tunnel) and st.incomplete == 1 and st.unconfirmed == 0
+    assert st.dropped == len(tunnel) + 3 and len(fixes) == 15 - len(tunnel) - 3
+    assert st.no_fix + st.unconfirmed + st.inconsistent + st.incomplete + st.missed == st.dropped
 
     # The same numbers reach the heartbeat through the driver.
-    class Port:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        @property
-        def in_waiting(self) -> int:
-            return len(self.data)
-
-        def read(self, n: int) -> bytes:
-            out, self.data = self.data[:n], self.data[n:]
-            return out
-
-        def close(self) -> None:
-            pass
-
-    drv = NmeaGpsDriver(Port(data), clock=lambda: 0.0)
+    drv = NmeaGpsDriver(BytesPort(data), clock=lambda: 0.0)
     agent, *_ = make(tmp_path, drivers=[drv])
     agent.sample()
     drv._asm.flush()
     gps = agent.status()["gps_epochs"]["gps"]
-    assert gps["dropped"] == len(tunnel) + 2 and gps["missed"] == 2 and gps["no_fix"] == len(tunnel)
-    assert gps["fixes"] == 15 - len(tunnel) - 2
+    # One read() decodes the whole stream: the newest fix is handed out, the others superseded.
+    assert gps["superseded"] == 15 - len(tunnel) - 3 - 1 and gps["fixes"] == 1
+    assert gps["dropped"] == len(tunnel) + 3 + gps["superseded"] and gps["missed"] == 2
+    assert gps["no_fix"] == len(tunnel) and gps["incomplete"] == 1
+    reasons = ("no_fix", "unconfirmed", "inconsistent", "incomplete", "missed", "superseded")
+    assert sum(gps[k] for k in reasons) == gps["dropped"] and gps["fixes"] + gps["dropped"] == gps["epochs"]
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -238,3 +281,25 @@ def test_config_check_accepts_and_explains_the_setting(tmp_path) -> None:
     assert explain(SensorConfig("gps", "nmea-gps", {"single_sentence": False})) == []
     with pytest.raises(ConfigError, match="single_sentence"):
         build_drivers([SensorConfig("gps", "nmea-gps", {"port": "loop://", "single_sentence": 1})], {})
+
+
+def test_config_check_refuses_a_misspelt_option_as_run_does(tmp_path) -> None:
+    """`single_sentance = true` was OK for `edge config check` and refused by `edge run`."""
+    cfg = tmp_path / "gps.toml"
+    cfg.write_text('[sensors.gps]\ndriver = "nmea-gps"\nport = "/dev/serial0"\nsingle_sentance = true\n')
+    r = CliRunner().invoke(main, ["config", "check", str(cfg)])
+    assert r.exit_code != 0, r.output
+    assert "sensors.gps.single_sentance" in r.output and "did you mean 'single_sentence'?" in r.output
+    # The same error, from the same code, when the agent builds its drivers.
+    sc = SensorConfig("gps", "nmea-gps", {"port": "loop://", "single_sentance": True})
+    with pytest.raises(ConfigError, match="did you mean 'single_sentence'") as run_err:
+        build_drivers([sc], {})
+    (check_err,) = check_config_data({"sensors": {"gps": {"driver": "nmea-gps", "port": "loop://",
+                                                           "single_sentance": True}}})
+    assert (check_err.key, str(check_err)) == (run_err.value.key, str(run_err.value))
+    # Other drivers go the same way; a good table still passes, and no device is opened.
+    bad_pm = {"sensors": {"pm": {"driver": "pms5003", "port": "/dev/nonexistent", "moed": "active"}}}
+    assert [e.key for e in check_config_data(bad_pm)] == ["sensors.pm.moed"]
+    good = {"sensors": {"pm": {"driver": "pms5003", "port": "/dev/nonexistent"},
+                        "gps": {"driver": "nmea-gps", "port": "/dev/nonexistent", "gap_s": 0.03}}}
+    assert check_config_data(good) == []

@@ -248,6 +248,83 @@ def test_gps_minus_ntp_shows_the_receivers_output_latency() -> None:
     assert tk.stats.gps_minus_system_ms == pytest.approx(-80, abs=2)
 
 
+def test_an_untimed_fix_is_placed_by_its_own_utc_within_the_delivery_lag() -> None:
+    """Before the timing thread has timed an epoch a fix has no arrival, only its UTC (B3).
+
+    It may have waited in the driver's hand-out queue (3 fixes, one per 1 Hz read) plus the
+    read that found it: 1.1-3.5 s late were seen. Its UTC used to be refused beyond 1.5 s, so
+    it was stamped at its read; now it places the fix up to the age clamp (5 s). A value whose
+    arrival was measured keeps the tight window, and a UTC older than any possible lag is
+    not believed.
+    """
+    clock = NtpClock(1.8e9)
+    tk = TimeKeeper(clock, [])
+    for lag in (0.3, 2.1, 3.5, 4.5):
+        now_utc = clock.utc()
+        st = tk.stamp(None, now_utc - lag)
+        assert st.t_utc_ms / 1000 == pytest.approx(now_utc - lag, abs=0.01), lag
+    now_utc, now_mono = clock.utc(), clock.monotonic()
+    st = tk.stamp(None, now_utc - 7.0)  # older than any lag the driver allows: not this fix's time
+    assert st.t_utc_ms / 1000 == pytest.approx(now_utc, abs=0.05)
+    st = tk.stamp(now_mono - 0.1, now_utc - 3.0)  # timed 0.1 s ago: 3 s is no latency, the arrival wins
+    assert st.t_utc_ms / 1000 == pytest.approx(now_utc - 0.1, abs=0.05)
+
+
+class OffsetReceiver:
+    """A receiver whose UTC is off by ``error_s``; its epochs arrive ``latency_s`` after their second."""
+
+    def __init__(self, clock: NtpClock, error_s: float, latency_s: float = 0.08) -> None:
+        self.clock, self.error_s, self.latency_s = clock, error_s, latency_s
+
+    def time_fix(self) -> tuple[float, float]:
+        arrival = math.floor(self.clock.monotonic() - self.latency_s) + self.latency_s
+        return arrival - self.latency_s + self.clock.offset + self.error_s, arrival
+
+
+class FastClock(NtpClock):
+    """NtpClock whose monotonic time runs ``scale`` times faster (a minute of watching in a second)."""
+
+    def __init__(self, offset: float, scale: float) -> None:
+        super().__init__(offset)
+        self._t0, self.scale = time.monotonic(), scale
+
+    def monotonic(self) -> float:
+        return self._t0 + (time.monotonic() - self._t0) * self.scale
+
+    def utc(self) -> float:
+        return self.monotonic() + self.offset
+
+
+@pytest.mark.parametrize(("error_s", "disagrees"), [(0.0, False), (0.2, False), (-0.5, True), (1.0, True)])
+def test_gps_time_that_disagrees_with_ntp_for_a_minute_is_reported(error_s: float, disagrees: bool) -> None:
+    """A receiver whose UTC is off shifts fix stamps silently (B4): now the heartbeat says so.
+
+    gps - ntp is expected at minus the receiver's latency (time.gps_latency_s); beyond it by
+    more than 250 ms for a minute, gps_time_disagrees is set (GPS stays the reference).
+    """
+    clock = FastClock(1.8e9, scale=120.0)
+    tk = TimeKeeper(clock, [OffsetReceiver(clock, error_s)], gps_latency_s=0.08)
+    start = clock.monotonic()
+    while clock.monotonic() - start < 90.0:
+        tk.update()
+        tk.stamp()
+        if clock.monotonic() - start < 50.0:
+            assert not tk.gps_time_disagrees  # not before a sustained minute
+        time.sleep(0.02)
+    assert tk.stats.gps_minus_system_ms == pytest.approx((error_s - 0.08) * 1000, abs=20)
+    assert tk.gps_time_disagrees is disagrees
+    assert tk.stats.gps_disagreements == int(disagrees)
+
+
+def test_heartbeat_carries_the_gps_ntp_disagreement(tmp_path) -> None:
+    from tests.test_agent import make
+
+    agent, *_ = make(tmp_path, drivers=[])
+    assert agent.status()["gps_time_disagrees"] is False
+    agent.timekeeper.gps_time_disagrees = True
+    assert agent.status()["gps_time_disagrees"] is True
+
+
 def test_agent_stamps_a_reading_at_its_measured_time(tmp_path) -> None:
     """The agent hands the driver's measured time to the time keeper; a plain reading is stamped at its read."""
     from tests.test_agent import make
