@@ -365,7 +365,13 @@ def test_sds_garbage_resynchronises(sds_sim: SDS011Simulator, clock: FakeClock) 
     assert driver.read() is not None
     good = sds011.build_data_frame(55.5, 66.6)
     sds_sim.inject(b"\xaa\xaa\xc0\x01\x02" + b"\xab" * 3 + good[:6] + b"\x13\x37")
-    reading = driver.read()
+    # Usually the garbage is skipped inside this read. On a loaded machine the answer to the
+    # query can come after the read's deadline: then that read ends with the frame error it met
+    # (recoverable, as the agent treats it) and the next one must be sound.
+    try:
+        reading = driver.read()
+    except ReadError:
+        reading = driver.read()
     assert reading is not None and reading.values == {"pm25": 8.0, "pm10": 12.0}
     assert driver.parser.garbage_bytes > 0
     driver.close()
