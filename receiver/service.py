@@ -288,7 +288,8 @@ class ReceiverService:
                 store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s,
                                               pg_timeouts=pg_timeouts(self.cfg))
                 # A read first: an empty queue then costs no write lock.
-                busy = bool(store.derive_backlog() and store.derive_pending(limit=20))
+                busy = bool((store.derive_backlog() or store.positions_deferred())
+                            and store.derive_pending(limit=20))
                 if failing:
                     log.warning("deriving again: the store answers")
                     failing = False

@@ -223,6 +223,9 @@ CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
     WHERE state IN ('pending', 'no_fix');
 CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
+-- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
+CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text NOT NULL,
+    lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
@@ -304,6 +307,7 @@ class PostgresStore(StoreReads):
 
     PARAM = "%s"
     QUEUE_TIEBREAK = "batch_id"
+    REDO_CLAIM = " FOR UPDATE SKIP LOCKED"
 
     def __init__(
         self,
@@ -595,7 +599,20 @@ class PostgresStore(StoreReads):
         and deletes the entries in one transaction (killed at any point:
         derived, or still queued).
         """
-        return self._derive_queued(limit, lambda take, bid: self._run(lambda attempt: self._derive_claim(take, bid)))
+        done = self._derive_queued(limit, lambda take, bid: self._run(lambda attempt: self._derive_claim(take, bid)))
+
+        def chunk(attempt: int) -> int:
+            with self.conn.transaction():
+                return self._redo_chunk()
+
+        return done + self._redo_positions(None if limit is None else limit - done, lambda: self._run(chunk))
+
+    def _lock_van(self, device: str) -> None:
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_DERIVE, device))
+
+    def _upsert_positions(self, rows: list[tuple[Any, ...]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(_UPSERT_POSITION, rows)
 
     def _derive_claim(self, take: int, batch_id: str | None = None) -> int:
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
@@ -738,8 +755,7 @@ class PostgresStore(StoreReads):
         else:
             again = mine + again
         if again:
-            with c.cursor() as cur:
-                cur.executemany(_UPSERT_POSITION, again)
+            self._upsert_positions(again)
         self._close_pending(device, newest, gap, fix_times)
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
