@@ -74,9 +74,11 @@ class ReceiverService:
         # A frozen PostgreSQL shows within seconds, also while no upload arrives (liveness.py).
         self.probe: StoreProbe | None = None
         self._heals_uncounted = 0  # outages the probe ended: counted in the store by the worker
+        self._call_began: float | None = None  # monotonic start of the worker's store call now
         if cfg.store_probe_s > 0 and pg_timeouts(cfg) is not None:
             self.probe = StoreProbe(PgPing(cfg.store, cfg.store_probe_timeout_s), self.health, cfg.store_probe_s,
-                                    held=lambda: self.held, on_heal=self._probe_healed, stopping=self._stopping)
+                                    held=lambda: self.held, on_heal=self._probe_healed, stopping=self._stopping,
+                                    held_for=self._held_for)
         self.connected = threading.Event()
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -202,9 +204,11 @@ class ReceiverService:
         """
         delay = self.cfg.store_retry_min_s
         while True:
+            self._call_began = time.monotonic()
             try:
                 out = work()
             except Exception as exc:
+                self._call_began = None
                 self.health.store_failed(exc, max(held, self.held))
                 log.debug("store attempt failed (%s); again in %.1f s", error_text(exc), delay)
                 if self._stopping.wait(delay):
@@ -213,6 +217,7 @@ class ReceiverService:
                 if before_retry is not None:
                     before_retry()
                 continue
+            self._call_began = None
             healed = self.health.store_ok()
             if healed is not None or self._heals_uncounted:
                 n, self._heals_uncounted = (healed is not None) + self._heals_uncounted, 0
@@ -221,6 +226,11 @@ class ReceiverService:
                 except Exception:  # the figure is worth a try, not a second outage
                     pass
             return out
+
+    def _held_for(self) -> float | None:
+        """Seconds the worker's current store call has taken (None: not in one); for the probe."""
+        began = self._call_began
+        return None if began is None else time.monotonic() - began
 
     def _probe_healed(self) -> None:
         # The probe thread must not use the worker's store connection: the worker counts it.
