@@ -137,6 +137,7 @@ class StoreProbe:
                 # The worker committed within an interval of this ping: the store works; the
                 # probe's own connection does not (e.g. max_connections reached).
                 self.vetoed += 1
+                self._streak = 0  # and the next ping after a whole interval, not hammering a full server
                 log.debug("store probe failed (%s) while the worker succeeds; not an outage", type(exc).__name__)
                 return False
             if self._streak >= self.fails_needed:

@@ -231,6 +231,19 @@ def _backends(dsn: str) -> list[tuple[int, str]]:
                          (db,)).fetchall()
 
 
+def _running(tmp_path: Path, dsn: str, port: int, name: str, n: int) -> tuple[ReceiverService, Van, list[Any]]:
+    """A receiver on ``dsn`` and van ``name`` with ``n`` small batches, the first 2 stored and acked."""
+    svc = ReceiverService(ReceiverConfig(store=dsn, port=port, client_id=f"rx-{name}",
+                                         health_file=str(tmp_path / f"{name}.json")))
+    svc.start()
+    van = Van(name, port)
+    batches = tiny_batches(name, n)
+    assert svc.subscribed.wait(15)
+    van.send(batches[:2])
+    assert wait_until(lambda: len(van.acks) == 2, 30)
+    return svc, van, batches
+
+
 def test_a_probe_that_cannot_reconnect_does_not_flap_health_while_the_worker_commits(
         tmp_path: Path, mosquitto: LocalBroker, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 13 re-test (v1): max_connections reached and the probe's own connection cut, the
@@ -241,16 +254,8 @@ def test_a_probe_that_cannot_reconnect_does_not_flap_health_while_the_worker_com
     hold: list[Any] = []
     try:
         dsn = cl.create_database()
-        cfg = ReceiverConfig(store=dsn, port=mosquitto.port, client_id="rx-pg-flap",
-                             health_file=str(tmp_path / "h.json"))
-        svc = ReceiverService(cfg)
-        svc.start()
-        van = Van("van-flap", mosquitto.port)
-        batches = tiny_batches("van-flap", 30)
+        svc, van, batches = _running(tmp_path, dsn, mosquitto.port, "van-flap", 30)
         try:
-            assert svc.subscribed.wait(15)
-            van.send(batches[:2])
-            assert wait_until(lambda: len(van.acks) == 2, 30)
             assert wait_until(lambda: any(q.strip().upper() == "SELECT 1" for _, q in _backends(dsn)), 15)
             probe_pids = [p for p, q in _backends(dsn) if q.strip().upper() == "SELECT 1"]
             killer = psycopg.connect(cl.dsn(), autocommit=True)
@@ -305,16 +310,9 @@ def test_a_frozen_worker_backend_shows_as_store_slow(tmp_path: Path, mosquitto: 
 
     caplog.set_level(logging.INFO, logger="receiver")
     dsn = pg_cluster.create_database()
-    cfg = ReceiverConfig(store=dsn, port=mosquitto.port, client_id="rx-pg-slow", health_file=str(tmp_path / "h.json"))
-    svc = ReceiverService(cfg)
-    svc.start()
-    van = Van("van-slow", mosquitto.port)
-    batches = tiny_batches("van-slow", 4)
+    svc, van, batches = _running(tmp_path, dsn, mosquitto.port, "van-slow", 4)
     stopped: list[int] = []
     try:
-        assert svc.subscribed.wait(15)
-        van.send(batches[:2])
-        assert wait_until(lambda: len(van.acks) == 2, 30)
         # The worker's session: its last statement wrote (the probe's and the deriver's only read).
         worker = [p for p, q in _backends(dsn) if not q.strip().upper().startswith("SELECT")]
         assert len(worker) == 1, _backends(dsn)
