@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 PROBE = "probe"  # the ``by`` of the failures this module reports
 FAILS_NEEDED = 2  # pings failed in a row before the probe declares an outage
 RETRY_S = 0.5  # the next ping after a failed one
+VETOED_RETRY_S = 1.0  # the next ping after one failed while the worker succeeded
 SLOW_S = 5.0  # a worker call held this long shows as store_slow_s
 
 
@@ -105,6 +106,7 @@ class StoreProbe:
         self.failures = 0  # pings failed (a figure for tests)
         self.vetoed = 0  # failures not reported because the worker succeeded meanwhile
         self._streak = 0
+        self._next_s = interval_s  # until the next ping: shorter while pings fail
         self.thread = threading.Thread(target=self._loop, name="store-probe", daemon=True)
 
     def start(self) -> None:
@@ -115,7 +117,7 @@ class StoreProbe:
         while not self.stopping.wait(wait):
             self.once()
             self.watch_worker()
-            wait = min(self.retry_s, self.interval_s) if self._streak else self.interval_s
+            wait = min(self._next_s, self.interval_s)
         self.ping.close()
 
     def watch_worker(self) -> None:
@@ -137,13 +139,15 @@ class StoreProbe:
                 # The worker committed within an interval of this ping: the store works; the
                 # probe's own connection does not (e.g. max_connections reached).
                 self.vetoed += 1
-                self._streak = 0  # and the next ping after a whole interval, not hammering a full server
+                self._next_s = VETOED_RETRY_S  # soon: that success may predate a freeze just begun
                 log.debug("store probe failed (%s) while the worker succeeds; not an outage", type(exc).__name__)
                 return False
+            self._next_s = self.retry_s
             if self._streak >= self.fails_needed:
                 self.health.store_failed(exc, self.held(), by=PROBE)
             return False
         self._streak = 0
+        self._next_s = self.interval_s
         s = self.health.store
         if s["state"] == UNAVAILABLE and s.get("failed_by") == PROBE and self.held() == 0:
             if self.health.store_ok() is not None:
