@@ -36,7 +36,7 @@ from receiver.ingest import Ingestor, Outcome
 from receiver.lazy_store import LazyStore
 from receiver.store import Store
 from receiver.store_factory import open_store
-from uplink.wire import ack_topic, encode_ack
+from uplink.wire import ACK_REJECTED, ack_topic, encode_ack
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,12 @@ class ReceiverService:
                                    qos=1)
             client.ack(msg.mid, msg.qos)
         self.held = 0
+        if any(o.ack is not None and o.ack.status == ACK_REJECTED for o in outcomes.values()):
+            # Acked: a DUP copy of these bytes is now a new upload, with a dead letter of its own.
+            try:
+                self.store.dead_letters_acked()
+            except Exception as exc:  # the marks stay: at worst a later DUP copy is not counted again
+                log.warning("could not clear the dead letters' un-acked marks (%s)", error_text(exc))
 
     def _derive_loop(self) -> None:
         """Derive queued batches on a connection of its own, until stopped; never dies of an error.

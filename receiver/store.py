@@ -19,9 +19,11 @@ import json
 import logging
 import math
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -68,6 +70,8 @@ class Store(Protocol):
 
     def positions_deferred(self) -> int: ...
 
+    def dead_letters_acked(self) -> None: ...
+
     def derive_parked(self) -> list[dict[str, object]]: ...
 
     def requeue_parked(self) -> int: ...
@@ -101,6 +105,11 @@ class StoreReads:
     conn: Any
     PARAM = "?"  # the driver's placeholder
     QUEUE_TIEBREAK = "rowid"  # derive_queue order among batches received in the same ms
+    @cached_property
+    def run(self) -> str:
+        """This store object's token in dead_letters_unacked (one receiver run's worker)."""
+        return uuid.uuid4().hex
+
     REDO_CLAIM = ""  # how _redo_chunk claims its window (PostgreSQL: skip one another's)
 
     def fleet_status(self) -> list[dict[str, object]]:
@@ -326,6 +335,35 @@ class StoreReads:
         """Time windows whose open samples still wait to be placed again (``redo_positions``)."""
         return int(self.conn.execute("SELECT count(*) FROM positions_redo").fetchone()[0])
 
+    def _dead_letter_again(self, once: bool, sha256: str, topic: str) -> bool:
+        """Is this redelivered upload (``once``: MQTT DUP) one already dead-lettered but never acked?
+
+        A DUP copy is of a message the broker saw no ack for; a dead letter whose upload was
+        acked (``dead_letters_acked``) is another upload of the same bytes, so a copy matches
+        only a dead letter still marked un-acked (issue 13 re-test: the same bytes sent again,
+        held in an outage, receiver killed, redelivered: 1 dead letter for 2 uploads). The
+        match is taken over by this run, so it is cleared when this run acks.
+        """
+        if not once:
+            return False
+        p, c = self.PARAM, self.conn
+        row = c.execute(
+            f"SELECT u.id FROM dead_letters_unacked u JOIN dead_letters d ON d.id = u.id"
+            f" WHERE d.sha256 = {p} AND d.topic = {p} LIMIT 1", (sha256, topic)).fetchone()
+        if row is None:
+            return False
+        c.execute(f"UPDATE dead_letters_unacked SET run = {p} WHERE id = {p}", (self.run, row[0]))
+        return True
+
+    def dead_letters_acked(self) -> None:
+        """The uploads this run dead-lettered are acked: a DUP copy of their bytes is new."""
+        p = self.PARAM
+        self._in_transaction(lambda: self.conn.execute(f"DELETE FROM dead_letters_unacked WHERE run = {p}",
+                                                       (self.run,)))
+
+    def _in_transaction(self, work: Callable[[], object]) -> None:
+        raise NotImplementedError
+
     def _close_pending(self, device: str, newest: int, gap: int, fix_times: Sequence[int]) -> None:
         """Pending samples that can no longer get a position become ``no_fix``, in SQL.
 
@@ -541,6 +579,8 @@ class SQLiteStore(StoreReads):
             pk="batch_id",
             if_not_exists=True,
         )
+        # Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
+        db.execute("CREATE TABLE IF NOT EXISTS dead_letters_unacked (id INTEGER PRIMARY KEY, run TEXT NOT NULL)")
         # Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
         db.execute("CREATE TABLE IF NOT EXISTS positions_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
                    " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
@@ -725,6 +765,10 @@ class SQLiteStore(StoreReads):
 
         return done + self._redo_positions(None if limit is None else limit - done, chunk)
 
+    def _in_transaction(self, work: Callable[[], object]) -> None:
+        with _transaction(self.conn):
+            work()
+
     def _upsert_positions(self, rows: list[tuple[Any, ...]]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
@@ -835,14 +879,13 @@ class SQLiteStore(StoreReads):
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            # once: a redelivered upload whose bytes are already a dead letter is not written again.
-            if not once or c.execute("SELECT 1 FROM dead_letters WHERE sha256 = ? AND topic = ? LIMIT 1",
-                                     (sha256, topic)).fetchone() is None:
-                c.execute(
+            if not self._dead_letter_again(once, sha256, topic):
+                cur = c.execute(
                     "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
                     " VALUES (?,?,?,?,?,?)",
                     (received_ms, topic, device, reason, sha256, payload),
                 )
+                c.execute("INSERT INTO dead_letters_unacked VALUES (?, ?)", (cur.lastrowid, self.run))
                 self._bump("dead_letters")
             c.execute("COMMIT")
         except BaseException:

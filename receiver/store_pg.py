@@ -223,6 +223,8 @@ CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
     WHERE state IN ('pending', 'no_fix');
 CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
+-- Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
+CREATE TABLE IF NOT EXISTS dead_letters_unacked (id bigint PRIMARY KEY, run text NOT NULL);
 -- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
 CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text NOT NULL,
     lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
@@ -607,6 +609,13 @@ class PostgresStore(StoreReads):
 
         return done + self._redo_positions(None if limit is None else limit - done, lambda: self._run(chunk))
 
+    def _in_transaction(self, work: Callable[[], object]) -> None:
+        def tx(attempt: int) -> None:
+            with self.conn.transaction():
+                work()
+
+        self._run(tx)
+
     def _lock_van(self, device: str) -> None:
         self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_DERIVE, device))
 
@@ -812,14 +821,14 @@ class PostgresStore(StoreReads):
     ) -> None:
         def work(attempt: int) -> None:
             with self.conn.transaction():
-                # once: a redelivered upload whose bytes are already a dead letter (as SQLite).
-                if once and self.conn.execute("SELECT 1 FROM dead_letters WHERE sha256 = %s AND topic = %s"
-                                              " LIMIT 1", (sha256, topic)).fetchone() is not None:
+                # once: a redelivered upload already a dead letter, never acked (as SQLite).
+                if self._dead_letter_again(once, sha256, topic):
                     return
                 self.conn.execute(
-                    "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
-                    " VALUES (%s,%s,%s,%s,%s,%s)",
-                    (received_ms, topic, device, reason, sha256, payload),
+                    "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                    " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
+                    " INSERT INTO dead_letters_unacked SELECT id, %s FROM d",
+                    (received_ms, topic, device, reason, sha256, payload, self.run),
                 )
                 self._bump({"dead_letters": 1})
 
