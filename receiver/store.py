@@ -45,6 +45,12 @@ from edge.model import Sample
 from uplink.wire import Batch
 
 GPS_SENSOR = "gps"
+# Open samples one ingest group (or derive claim) may place again in the ack path (issue 13:
+# 800,000 took 12 s on SQLite, over the 15 s + 2 s deadline on PostgreSQL); ~0.3 s of work
+# on SQLite. The rest waits in positions_redo.
+REPLACE_BUDGET = 20_000
+REDO_CHUNK = 20_000  # open samples per deferred-positions transaction of the deriver
+
 log = logging.getLogger(__name__)
 
 
@@ -235,7 +241,7 @@ class StoreReads:
         # would otherwise have them all re-read and re-placed in the ack path, one statement
         # longer than the PostgreSQL deadline. Beyond the budget the windows go to
         # positions_redo, placed later in chunks by the deriver (``redo_positions``).
-        budget, later = REPLACE_BUDGET, []
+        budget, later = self._replace_left, []
         for a, b in _windows(fix_times, gap):
             if budget <= 0:
                 later.append((a, b))
@@ -250,6 +256,7 @@ class StoreReads:
                 later.append((rows[-1][2], b))  # from the last time read: its twins may be unread
             reopened += rows  # type: ignore[arg-type]
             budget -= len(rows)
+        self._replace_left = budget
         if later:
             self._defer_positions(device, later)
         fx = [Fix(*r) for r in c.execute(
@@ -258,6 +265,13 @@ class StoreReads:
             (device, lo - gap, hi + gap),
         ).fetchall()]
         return newest, reopened, fx, [f.t_utc_ms for f in fx]
+
+    # What is left of REPLACE_BUDGET in this transaction: a group of 64 fix uploads shares one
+    # budget (reset by ``_new_unit`` at the start of each ingest group and derive claim).
+    _replace_left = REPLACE_BUDGET
+
+    def _new_unit(self) -> None:
+        self._replace_left = REPLACE_BUDGET
 
     def _defer_positions(self, device: str, windows: Sequence[tuple[int, int]]) -> None:
         """Queue time windows of a van whose open samples must be placed again, later; counted."""
@@ -675,6 +689,7 @@ class SQLiteStore(StoreReads):
         c = self.conn
         for batch, _, received_ms in items:
             _screen_times(batch, received_ms)
+        self._new_unit()
         c.execute("BEGIN IMMEDIATE")
         try:
             results = []
@@ -776,6 +791,7 @@ class SQLiteStore(StoreReads):
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
         c = self.conn
         only = " WHERE batch_id = ?" if batch_id is not None else ""
+        self._new_unit()
         with _transaction(c):
             rows = c.execute(
                 f"SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue{only}"
@@ -931,10 +947,6 @@ class SQLiteStore(StoreReads):
 
 # Queued batches a deriver takes per transaction (and merges per van).
 DERIVE_CLAIM = 32
-# Open samples one batch may place again in the ack path (issue 13: 800,000 took 12 s on
-# SQLite, over the 15 s + 2 s deadline on PostgreSQL); ~0.3 s of work. The rest: positions_redo.
-REPLACE_BUDGET = 20_000
-REDO_CHUNK = 20_000  # open samples per deferred-positions transaction of the deriver
 PARK_REASON_CHARS = 500  # a parked batch's reason is the error, shortened
 # Seqs read back for the moving windows' context: each of up to 8 interleaved sensors' last CONTEXT
 # (a van with more sensors, or a stream with many nulls, reads its stream on its own).

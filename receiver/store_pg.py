@@ -476,6 +476,7 @@ class PostgresStore(StoreReads):
         def bump(name: str, by: int) -> None:
             bumps[name] = bumps.get(name, 0) + by
 
+        self._new_unit()
         with c.transaction():
             # Every van of the group locked up front, in one order for all workers (no deadlock).
             c.execute(
@@ -627,6 +628,7 @@ class PostgresStore(StoreReads):
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
         c = self.conn
         only = " WHERE batch_id = %s" if batch_id is not None else ""
+        self._new_unit()
         with c.transaction():
             rows = c.execute(
                 f"SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue{only}"  # type: ignore[arg-type]
