@@ -24,7 +24,7 @@ from typing import Any
 
 from edge.calibration import CalibrationRecord, no2_ppb_from_record
 from edge.errors import PayloadError
-from drivers.no2 import ALGORITHMS
+from drivers.no2 import ALGORITHMS, TABLE_TEMPS_C
 from uplink.codec_v2 import INT64_MAX
 # The admission schema's float bound (receiver/validate.py), kept with the wire format.
 from uplink.wire import MAX_ABS_FLOAT as MAX_ABS_NUMBER
@@ -44,7 +44,13 @@ _PM_TEXTS = ("quantity", "input")
 # the ADC's range (ADS1115, +-6.144 V) and of the operating temperatures: a sheet whose ppb
 # there is not a number the store can hold (a sensitivity of 1e-300 gives ~1e303 ppb) would
 # leave NO2 uncalibrated, or poison the van's derived rows, at the first real reading.
-_TRIALS = ((300.0, 300.0, 20.0), (6144.0, -6144.0, 50.0), (-6144.0, 6144.0, -40.0))
+# ppb is linear in WE and AE at a given temperature and piecewise linear in the temperature
+# (the factor tables' breakpoints, clamped beyond), so its extremes over the range lie at
+# the corners: every (WE, AE) corner at every breakpoint and -40 C. Two corners only let a
+# sheet giving -1.21e15 ppb at WE = AE = -6144 mV through (issue 13 re-test, v1).
+_ADC_MV = 6144.0
+_TRIALS = ((300.0, 300.0, 20.0), *((we, ae, t) for t in (-40.0, *TABLE_TEMPS_C)
+                                   for we in (-_ADC_MV, _ADC_MV) for ae in (-_ADC_MV, _ADC_MV)))
 # The smallest sensitivity (nA/ppb) or gain (mV/nA) taken: real ones are ~0.2-0.8; a subnormal
 # or 1e-300 is a broken sheet (issue 13 re-test), not a sensor.
 MIN_ABS_SCALE = 1e-6
@@ -110,9 +116,9 @@ def check_record(text: str | bytes) -> CalibrationRecord:
         raise PayloadError(f"calibration record version must be an integer 1..{INT64_MAX}")
     for key in ("valid_from", "valid_to", "created"):
         _time(d, key)
-    if d.get("valid_from") is not None and d.get("valid_to") is not None and d["valid_to"] < d["valid_from"]:
+    if d.get("valid_from") is not None and d.get("valid_to") is not None and d["valid_to"] <= d["valid_from"]:
         # Valid for no time at all: derivation would never pick it, and NO2 would stay raw unseen.
-        raise PayloadError("calibration record valid_to is before its valid_from")
+        raise PayloadError("calibration record valid_to is not after its valid_from")
     if d.get("values") is not None and not isinstance(d["values"], dict):
         raise PayloadError("calibration record values must be a JSON object")
     try:

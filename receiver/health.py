@@ -62,6 +62,7 @@ class Health:
         self.store: dict[str, Any] = {"state": OK, "since": now, "failed_attempts": 0, "uploads_held": 0,
                                       "most_uploads_held": 0, "last_error": "", "outages": 0}
         self.broker: dict[str, Any] = {"state": DISCONNECTED, "since": now, "failed_attempts": 0}
+        self.worker_ok_at: float | None = None  # the worker's last successful store call (clock)
         self._write()
 
     # -- the store ----------------------------------------------------------------
@@ -93,6 +94,13 @@ class Health:
         uploads held at once); else None."""
         with self._lock:
             s = self.store
+            self.worker_ok_at = self.clock()
+            if "store_slow_s" in s:  # a held group answered at last
+                log.warning("store answered again after holding %d uploads for %.1f s or more",
+                            s["uploads_held"], s.pop("store_slow_s"))
+                if s["state"] == OK:
+                    s["uploads_held"] = 0
+                    self._write()
             if s["state"] == OK:
                 return None
             took, attempts, uploads = self.clock() - s["since"], s["failed_attempts"], s["most_uploads_held"]
@@ -103,6 +111,19 @@ class Health:
                         took, attempts, uploads)
             self._write()
             return took, attempts, uploads
+
+    def store_slow(self, held_s: float, uploads_held: int) -> None:
+        """The worker has waited ``held_s`` on one store call with ``uploads_held`` uploads un-acked
+        (a backend frozen or blocked while the server answers others): shown as ``store_slow_s``,
+        one log line when it starts; cleared by the worker's next success (``store_ok``)."""
+        with self._lock:
+            s = self.store
+            if s["state"] != OK:
+                return  # an outage says more already
+            if "store_slow_s" not in s:
+                log.warning("store slow: %d uploads held for %.1f s on one call", uploads_held, held_s)
+            s.update(store_slow_s=round(held_s, 1), uploads_held=uploads_held)
+            self._write()
 
     @property
     def store_up(self) -> bool:
@@ -159,6 +180,8 @@ def describe(health: dict[str, Any]) -> list[str]:
                    f"{s.get('uploads_held')} uploads held now; last error {s.get('last_error')})")
     else:
         out.append(f"store: ok since {s.get('since_utc')} ({s.get('outages', 0)} outages in this run)")
+        if "store_slow_s" in s:
+            out.append(f"store: slow, {s.get('uploads_held')} uploads held for {s['store_slow_s']} s on one call")
     if b.get("state") == CONNECTED:
         out.append(f"broker: connected since {b.get('since_utc')}")
     else:

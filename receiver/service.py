@@ -36,7 +36,7 @@ from receiver.ingest import Ingestor, Outcome
 from receiver.lazy_store import LazyStore
 from receiver.store import Store
 from receiver.store_factory import open_store
-from uplink.wire import ack_topic, encode_ack
+from uplink.wire import ACK_REJECTED, ack_topic, encode_ack
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,11 @@ class ReceiverService:
         # A frozen PostgreSQL shows within seconds, also while no upload arrives (liveness.py).
         self.probe: StoreProbe | None = None
         self._heals_uncounted = 0  # outages the probe ended: counted in the store by the worker
+        self._call_began: float | None = None  # monotonic start of the worker's store call now
         if cfg.store_probe_s > 0 and pg_timeouts(cfg) is not None:
             self.probe = StoreProbe(PgPing(cfg.store, cfg.store_probe_timeout_s), self.health, cfg.store_probe_s,
-                                    held=lambda: self.held, on_heal=self._probe_healed, stopping=self._stopping)
+                                    held=lambda: self.held, on_heal=self._probe_healed, stopping=self._stopping,
+                                    held_for=self._held_for)
         self.connected = threading.Event()
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -202,9 +204,11 @@ class ReceiverService:
         """
         delay = self.cfg.store_retry_min_s
         while True:
+            self._call_began = time.monotonic()
             try:
                 out = work()
             except Exception as exc:
+                self._call_began = None
                 self.health.store_failed(exc, max(held, self.held))
                 log.debug("store attempt failed (%s); again in %.1f s", error_text(exc), delay)
                 if self._stopping.wait(delay):
@@ -213,6 +217,7 @@ class ReceiverService:
                 if before_retry is not None:
                     before_retry()
                 continue
+            self._call_began = None
             healed = self.health.store_ok()
             if healed is not None or self._heals_uncounted:
                 n, self._heals_uncounted = (healed is not None) + self._heals_uncounted, 0
@@ -221,6 +226,11 @@ class ReceiverService:
                 except Exception:  # the figure is worth a try, not a second outage
                     pass
             return out
+
+    def _held_for(self) -> float | None:
+        """Seconds the worker's current store call has taken (None: not in one); for the probe."""
+        began = self._call_began
+        return None if began is None else time.monotonic() - began
 
     def _probe_healed(self) -> None:
         # The probe thread must not use the worker's store connection: the worker counts it.
@@ -273,6 +283,12 @@ class ReceiverService:
                                    qos=1)
             client.ack(msg.mid, msg.qos)
         self.held = 0
+        if any(o.ack is not None and o.ack.status == ACK_REJECTED for o in outcomes.values()):
+            # Acked: a DUP copy of these bytes is now a new upload, with a dead letter of its own.
+            try:
+                self.store.dead_letters_acked()
+            except Exception as exc:  # the marks stay: at worst a later DUP copy is not counted again
+                log.warning("could not clear the dead letters' un-acked marks (%s)", error_text(exc))
 
     def _derive_loop(self) -> None:
         """Derive queued batches on a connection of its own, until stopped; never dies of an error.
@@ -288,7 +304,8 @@ class ReceiverService:
                 store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s,
                                               pg_timeouts=pg_timeouts(self.cfg))
                 # A read first: an empty queue then costs no write lock.
-                busy = bool(store.derive_backlog() and store.derive_pending(limit=20))
+                busy = bool((store.derive_backlog() or store.positions_deferred())
+                            and store.derive_pending(limit=20))
                 if failing:
                     log.warning("deriving again: the store answers")
                     failing = False

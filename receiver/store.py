@@ -19,9 +19,11 @@ import json
 import logging
 import math
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -43,6 +45,12 @@ from edge.model import Sample
 from uplink.wire import Batch
 
 GPS_SENSOR = "gps"
+# Open samples one ingest group (or derive claim) may place again in the ack path (issue 13:
+# 800,000 took 12 s on SQLite, over the 15 s + 2 s deadline on PostgreSQL); ~0.3 s of work
+# on SQLite. The rest waits in positions_redo.
+REPLACE_BUDGET = 20_000
+REDO_CHUNK = 20_000  # open samples per deferred-positions transaction of the deriver
+
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +73,10 @@ class Store(Protocol):
     def derive_pending(self, limit: int | None = None) -> int: ...
 
     def derive_backlog(self) -> int: ...
+
+    def positions_deferred(self) -> int: ...
+
+    def dead_letters_acked(self) -> None: ...
 
     def derive_parked(self) -> list[dict[str, object]]: ...
 
@@ -99,6 +111,12 @@ class StoreReads:
     conn: Any
     PARAM = "?"  # the driver's placeholder
     QUEUE_TIEBREAK = "rowid"  # derive_queue order among batches received in the same ms
+    @cached_property
+    def run(self) -> str:
+        """This store object's token in dead_letters_unacked (one receiver run's worker)."""
+        return uuid.uuid4().hex
+
+    REDO_CLAIM = ""  # how _redo_chunk claims its window (PostgreSQL: skip one another's)
 
     def fleet_status(self) -> list[dict[str, object]]:
         rows = self.conn.execute(
@@ -219,18 +237,146 @@ class StoreReads:
             f"SELECT max(t_utc_ms) FROM positions WHERE device = {p} UNION ALL"
             f" SELECT max(t_utc_ms) FROM fixes WHERE device = {p}", (device, device)).fetchall()))
         reopened: list[tuple[str, int, int]] = []
+        # Bounded (issue 13): a van with hundreds of thousands of open samples under new fixes
+        # would otherwise have them all re-read and re-placed in the ack path, one statement
+        # longer than the PostgreSQL deadline. Beyond the budget the windows go to
+        # positions_redo, placed later in chunks by the deriver (``redo_positions``).
+        budget, later = self._replace_left, []
         for a, b in _windows(fix_times, gap):
-            reopened += [tuple(r) for r in c.execute(  # type: ignore[misc]
+            if budget <= 0:
+                later.append((a, b))
+                continue
+            rows = [tuple(r) for r in c.execute(
                 f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
-                f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN}",
-                (device, a, b),
+                f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN} ORDER BY t_utc_ms LIMIT {p}",
+                (device, a, b, budget + 1),
             ).fetchall()]
+            if len(rows) > budget:
+                rows = rows[:budget]
+                later.append((rows[-1][2], b))  # from the last time read: its twins may be unread
+            reopened += rows  # type: ignore[arg-type]
+            budget -= len(rows)
+        self._replace_left = budget
+        if later:
+            self._defer_positions(device, later)
         fx = [Fix(*r) for r in c.execute(
             f"SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
             f" WHERE device = {p} AND t_utc_ms BETWEEN {p} AND {p} ORDER BY t_utc_ms",
             (device, lo - gap, hi + gap),
         ).fetchall()]
         return newest, reopened, fx, [f.t_utc_ms for f in fx]
+
+    # What is left of REPLACE_BUDGET in this transaction: a group of 64 fix uploads shares one
+    # budget (reset by ``_new_unit`` at the start of each ingest group and derive claim).
+    _replace_left = REPLACE_BUDGET
+
+    def _new_unit(self) -> None:
+        self._replace_left = REPLACE_BUDGET
+
+    def _defer_positions(self, device: str, windows: Sequence[tuple[int, int]]) -> None:
+        """Queue time windows of a van whose open samples must be placed again, later; counted."""
+        p, c = self.PARAM, self.conn
+        c.execute(  # executemany would be one statement per window anyway; windows are few
+            "INSERT INTO positions_redo (device, lo_ms, hi_ms) VALUES "
+            + ", ".join([f"({p}, {p}, {p})"] * len(windows)), [x for w in windows for x in (device, *w)])
+        self._count_here("position_windows_deferred", len(windows))
+
+    def _count_here(self, name: str, by: int) -> None:
+        """Add to a counter inside the caller's transaction (the same SQL on both stores)."""
+        p = self.PARAM
+        self.conn.execute(
+            f"INSERT INTO counters (name, value) VALUES ({p}, {p})"
+            " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (name, by))
+
+    def _redo_chunk(self) -> int:
+        """Place again up to REDO_CHUNK open samples of the oldest deferred window, inside the
+        caller's transaction; how many (0: nothing deferred). The window shrinks as it is
+        done and goes when empty, so a deriver killed at any point loses nothing."""
+        p, c = self.PARAM, self.conn
+        row = c.execute(f"SELECT id, device, lo_ms, hi_ms FROM positions_redo ORDER BY id LIMIT 1"
+                        f"{self.REDO_CLAIM}").fetchone()
+        if row is None:
+            return 0
+        rid, device, lo, hi = row
+        self._lock_van(device)
+        rows = [tuple(r) for r in c.execute(
+            f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
+            f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN} ORDER BY t_utc_ms LIMIT {p}",
+            (device, lo, hi, REDO_CHUNK + 1)).fetchall()]
+        more = len(rows) > REDO_CHUNK
+        rows = rows[:REDO_CHUNK]
+        if rows:
+            gap = self.max_gap_ms  # type: ignore[attr-defined]
+            newest = max(r[0] or 0 for r in c.execute(
+                f"SELECT max(t_utc_ms) FROM positions WHERE device = {p} UNION ALL"
+                f" SELECT max(t_utc_ms) FROM fixes WHERE device = {p}", (device, device)).fetchall())
+            fx = [Fix(*r) for r in c.execute(
+                f"SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
+                f" WHERE device = {p} AND t_utc_ms BETWEEN {p} AND {p} ORDER BY t_utc_ms",
+                (device, rows[0][2] - gap, rows[-1][2] + gap)).fetchall()]
+            ft = [f.t_utc_ms for f in fx]
+            out = []
+            for epoch, seq, t in rows:
+                pos = locate(fx, ft, t, gap, newest)
+                out.append((device, epoch, seq, t, pos.state, pos.lat, pos.lon, pos.speed_mps, pos.fix_quality))
+            self._upsert_positions(out)
+            self._count_here("positions_placed_later", len(out))
+        if more:
+            # Next time from the last time done (its twins may be unread); a whole chunk at one
+            # millisecond moves on by one, or the window would never end.
+            nxt = rows[-1][2] if rows[-1][2] > lo else lo + 1
+            c.execute(f"UPDATE positions_redo SET lo_ms = {p} WHERE id = {p}", (nxt, rid))
+        else:
+            c.execute(f"DELETE FROM positions_redo WHERE id = {p}", (rid,))
+        return max(len(rows), 1)
+
+    def _redo_positions(self, limit: int | None, chunk: Callable[[], int]) -> int:
+        """Deferred position windows, one ``chunk()`` transaction each, up to ``limit`` chunks."""
+        done = 0
+        while limit is None or done < limit:
+            if not chunk():
+                break
+            done += 1
+        return done
+
+    def _lock_van(self, device: str) -> None:
+        """Serialise with other derivers of the same van (PostgreSQL); SQLite writes one at a time."""
+
+    def _upsert_positions(self, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def positions_deferred(self) -> int:
+        """Time windows whose open samples still wait to be placed again (``redo_positions``)."""
+        return int(self.conn.execute("SELECT count(*) FROM positions_redo").fetchone()[0])
+
+    def _dead_letter_again(self, once: bool, sha256: str, topic: str) -> bool:
+        """Is this redelivered upload (``once``: MQTT DUP) one already dead-lettered but never acked?
+
+        A DUP copy is of a message the broker saw no ack for; a dead letter whose upload was
+        acked (``dead_letters_acked``) is another upload of the same bytes, so a copy matches
+        only a dead letter still marked un-acked (issue 13 re-test: the same bytes sent again,
+        held in an outage, receiver killed, redelivered: 1 dead letter for 2 uploads). The
+        match is taken over by this run, so it is cleared when this run acks.
+        """
+        if not once:
+            return False
+        p, c = self.PARAM, self.conn
+        row = c.execute(
+            f"SELECT u.id FROM dead_letters_unacked u JOIN dead_letters d ON d.id = u.id"
+            f" WHERE d.sha256 = {p} AND d.topic = {p} LIMIT 1", (sha256, topic)).fetchone()
+        if row is None:
+            return False
+        c.execute(f"UPDATE dead_letters_unacked SET run = {p} WHERE id = {p}", (self.run, row[0]))
+        return True
+
+    def dead_letters_acked(self) -> None:
+        """The uploads this run dead-lettered are acked: a DUP copy of their bytes is new."""
+        p = self.PARAM
+        self._in_transaction(lambda: self.conn.execute(f"DELETE FROM dead_letters_unacked WHERE run = {p}",
+                                                       (self.run,)))
+
+    def _in_transaction(self, work: Callable[[], object]) -> None:
+        raise NotImplementedError
 
     def _close_pending(self, device: str, newest: int, gap: int, fix_times: Sequence[int]) -> None:
         """Pending samples that can no longer get a position become ``no_fix``, in SQL.
@@ -447,6 +593,11 @@ class SQLiteStore(StoreReads):
             pk="batch_id",
             if_not_exists=True,
         )
+        # Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
+        db.execute("CREATE TABLE IF NOT EXISTS dead_letters_unacked (id INTEGER PRIMARY KEY, run TEXT NOT NULL)")
+        # Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
+        db.execute("CREATE TABLE IF NOT EXISTS positions_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
+                   " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
         # Queued batches that could not be derived on their own (StoreReads._isolate).
         db["derive_parked"].create(
             {"batch_id": str, "device": str, "epoch": str, "first_seq": int, "last_seq": int,
@@ -538,6 +689,7 @@ class SQLiteStore(StoreReads):
         c = self.conn
         for batch, _, received_ms in items:
             _screen_times(batch, received_ms)
+        self._new_unit()
         c.execute("BEGIN IMMEDIATE")
         try:
             results = []
@@ -620,12 +772,26 @@ class SQLiteStore(StoreReads):
         the store. A batch that cannot be derived is parked (see ``_isolate``),
         counted among those done.
         """
-        return self._derive_queued(limit, self._derive_claim)
+        done = self._derive_queued(limit, self._derive_claim)
+
+        def chunk() -> int:
+            with _transaction(self.conn):
+                return self._redo_chunk()
+
+        return done + self._redo_positions(None if limit is None else limit - done, chunk)
+
+    def _in_transaction(self, work: Callable[[], object]) -> None:
+        with _transaction(self.conn):
+            work()
+
+    def _upsert_positions(self, rows: list[tuple[Any, ...]]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     def _derive_claim(self, take: int, batch_id: str | None = None) -> int:
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
         c = self.conn
         only = " WHERE batch_id = ?" if batch_id is not None else ""
+        self._new_unit()
         with _transaction(c):
             rows = c.execute(
                 f"SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue{only}"
@@ -703,7 +869,7 @@ class SQLiteStore(StoreReads):
         for epoch, seq, t in todo:
             p = locate(fx, ft, t, gap, newest)
             out.append((device, epoch, seq, t, p.state, p.lat, p.lon, p.speed_mps, p.fix_quality))
-        c.executemany("INSERT OR REPLACE INTO positions VALUES (?,?,?,?,?,?,?,?,?)", out)
+        self._upsert_positions(out)
         self._close_pending(device, newest, gap, fix_times)
 
     def _flag_quality(self, batch: Batch) -> None:
@@ -729,14 +895,13 @@ class SQLiteStore(StoreReads):
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            # once: a redelivered upload whose bytes are already a dead letter is not written again.
-            if not once or c.execute("SELECT 1 FROM dead_letters WHERE sha256 = ? AND topic = ? LIMIT 1",
-                                     (sha256, topic)).fetchone() is None:
-                c.execute(
+            if not self._dead_letter_again(once, sha256, topic):
+                cur = c.execute(
                     "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
                     " VALUES (?,?,?,?,?,?)",
                     (received_ms, topic, device, reason, sha256, payload),
                 )
+                c.execute("INSERT INTO dead_letters_unacked VALUES (?, ?)", (cur.lastrowid, self.run))
                 self._bump("dead_letters")
             c.execute("COMMIT")
         except BaseException:

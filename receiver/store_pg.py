@@ -223,6 +223,11 @@ CREATE INDEX IF NOT EXISTS fixes_device_time ON fixes (device, t_utc_ms);
 CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
     WHERE state IN ('pending', 'no_fix');
 CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
+-- Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
+CREATE TABLE IF NOT EXISTS dead_letters_unacked (id bigint PRIMARY KEY, run text NOT NULL);
+-- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
+CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text NOT NULL,
+    lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
@@ -312,6 +317,7 @@ class PostgresStore(StoreReads):
 
     PARAM = "%s"
     QUEUE_TIEBREAK = "batch_id"
+    REDO_CLAIM = " FOR UPDATE SKIP LOCKED"
 
     def __init__(
         self,
@@ -478,6 +484,7 @@ class PostgresStore(StoreReads):
         def bump(name: str, by: int) -> None:
             bumps[name] = bumps.get(name, 0) + by
 
+        self._new_unit()
         with c.transaction():
             # Every van of the group locked up front, in one order for all workers (no deadlock).
             c.execute(
@@ -603,12 +610,33 @@ class PostgresStore(StoreReads):
         and deletes the entries in one transaction (killed at any point:
         derived, or still queued).
         """
-        return self._derive_queued(limit, lambda take, bid: self._run(lambda attempt: self._derive_claim(take, bid)))
+        done = self._derive_queued(limit, lambda take, bid: self._run(lambda attempt: self._derive_claim(take, bid)))
+
+        def chunk(attempt: int) -> int:
+            with self.conn.transaction():
+                return self._redo_chunk()
+
+        return done + self._redo_positions(None if limit is None else limit - done, lambda: self._run(chunk))
+
+    def _in_transaction(self, work: Callable[[], object]) -> None:
+        def tx(attempt: int) -> None:
+            with self.conn.transaction():
+                work()
+
+        self._run(tx)
+
+    def _lock_van(self, device: str) -> None:
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_DERIVE, device))
+
+    def _upsert_positions(self, rows: list[tuple[Any, ...]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(_UPSERT_POSITION, rows)
 
     def _derive_claim(self, take: int, batch_id: str | None = None) -> int:
         """One transaction: derive up to ``take`` queued batches (or that one) and dequeue them."""
         c = self.conn
         only = " WHERE batch_id = %s" if batch_id is not None else ""
+        self._new_unit()
         with c.transaction():
             rows = c.execute(
                 f"SELECT batch_id, device, epoch, first_seq, last_seq FROM derive_queue{only}"  # type: ignore[arg-type]
@@ -746,8 +774,7 @@ class PostgresStore(StoreReads):
         else:
             again = mine + again
         if again:
-            with c.cursor() as cur:
-                cur.executemany(_UPSERT_POSITION, again)
+            self._upsert_positions(again)
         self._close_pending(device, newest, gap, fix_times)
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
@@ -804,14 +831,14 @@ class PostgresStore(StoreReads):
     ) -> None:
         def work(attempt: int) -> None:
             with self.conn.transaction():
-                # once: a redelivered upload whose bytes are already a dead letter (as SQLite).
-                if once and self.conn.execute("SELECT 1 FROM dead_letters WHERE sha256 = %s AND topic = %s"
-                                              " LIMIT 1", (sha256, topic)).fetchone() is not None:
+                # once: a redelivered upload already a dead letter, never acked (as SQLite).
+                if self._dead_letter_again(once, sha256, topic):
                     return
                 self.conn.execute(
-                    "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
-                    " VALUES (%s,%s,%s,%s,%s,%s)",
-                    (received_ms, topic, device, reason, sha256, payload),
+                    "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                    " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
+                    " INSERT INTO dead_letters_unacked SELECT id, %s FROM d",
+                    (received_ms, topic, device, reason, sha256, payload, self.run),
                 )
                 self._bump({"dead_letters": 1})
 

@@ -57,6 +57,11 @@ POISONS = {
     "sensitivity -1e-320": {"values": {"sensitivity_na_per_ppb": -1e-320}},
     "valid_to before valid_from": {"valid_from": 1_795_000_000, "valid_to": 1_794_999_999},
     "slope 1e14 (ppb beyond what the store holds)": {"values": {"slope": 1e14}},
+    # Issue 13 re-test (v1): only two ADC corners were tried; this gives -1.21e15 ppb at
+    # WE = AE = -6144 mV and 50 C, a corner the trials skipped.
+    "algorithm 3, gain 1.88, slope -2.5e10 (out of bound at WE = AE = -6144 mV)":
+        {"values": {"algorithm": 3, "gain_mv_per_na": 1.88, "slope": -2.5e10}},
+    "valid_to == valid_from (valid for no time)": {"valid_from": 1_795_000_000, "valid_to": 1_795_000_000},
 }
 
 

@@ -439,3 +439,65 @@ def test_a_rejected_upload_redelivered_after_a_crash_has_one_dead_letter(tmp_pat
     assert after_redelivery == {s: 1 for s in shas}, after_redelivery
     assert after_resend == {s: 2 for s in shas}, after_resend
     assert {status for status, _ in acks} == {"rejected"} and len(acks) == 2 * len(bad), acks
+
+
+def test_the_same_bytes_held_in_an_outage_then_redelivered_get_a_dead_letter_of_their_own(tmp_path, mosquitto):
+    """Issue 13 re-test (v1): bytes X dead-lettered and acked; X sent again while the SQLite store
+    is locked (held, not acked); the receiver is SIGKILLed; the broker redelivers the second
+    upload with DUP. The "once" rule matched the first upload's dead letter: 1 dead letter for
+    2 uploads. A DUP copy now matches only a dead letter never acked (dead_letters_unacked)."""
+    import sqlite3
+
+    from uplink.wire import content_hash, decode_ack
+
+    store = tmp_path / "store.sqlite"
+    bad = b"not a batch v1"
+    acks: list[str] = []
+    van = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="van-dl-held", clean_session=True)
+    van.on_message = lambda c, u, m: acks.append(decode_ack(m.payload).status)
+    van.connect("127.0.0.1", mosquitto.port)
+    van.subscribe("datalab/v1/van-dl/ack", qos=1)
+    van.loop_start()
+
+    def wait(cond, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return cond()
+
+    def rows() -> int:
+        db = sqlite3.connect(store, timeout=30)
+        try:
+            return db.execute("SELECT count(*) FROM dead_letters WHERE sha256 = ?", (content_hash(bad),)).fetchone()[0]
+        finally:
+            db.close()
+
+    r = Receiver(store, mosquitto.port, client_id="rx-dl-held")
+    lock = None
+    try:
+        r.start()
+        van.publish("datalab/v1/van-dl/batch", bad, qos=1).wait_for_publish(10)
+        assert wait(lambda: len(acks) == 1)
+        first = rows()
+        lock = sqlite3.connect(store, timeout=30, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # the store locked: upload 2 is held, not answered
+        van.publish("datalab/v1/van-dl/batch", bad, qos=1).wait_for_publish(10)
+        time.sleep(3)
+        held = len(acks) == 1
+        r.kill()
+        lock.execute("ROLLBACK")
+        lock.close()
+        lock = None
+        r.start()  # the broker delivers upload 2 again, marked DUP
+        assert wait(lambda: len(acks) == 2, 30), acks
+        time.sleep(0.5)
+        total = rows()
+    finally:
+        if lock is not None:
+            lock.close()
+        van.loop_stop()
+        van.disconnect()
+        r.stop()
+    report("same bytes held, killed, redelivered", first=first, held_unacked=held, dead_letters=total)
+    assert first == 1 and held, "the second upload was held un-acked when the receiver died"
+    assert total == 2, f"{total} dead letter(s) for 2 uploads"

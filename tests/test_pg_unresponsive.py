@@ -221,3 +221,120 @@ def test_a_long_unit_of_work_is_not_cut_while_the_server_answers(pg_cluster: PgC
         assert store.conn.deadline.expired == 0
     finally:
         store.close()
+
+
+def _backends(dsn: str) -> list[tuple[int, str]]:
+    """(pid, query) of the other sessions on ``dsn``'s database."""
+    db = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return c.execute("SELECT pid, query FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                         (db,)).fetchall()
+
+
+def _running(tmp_path: Path, dsn: str, port: int, name: str, n: int) -> tuple[ReceiverService, Van, list[Any]]:
+    """A receiver on ``dsn`` and van ``name`` with ``n`` small batches, the first 2 stored and acked."""
+    svc = ReceiverService(ReceiverConfig(store=dsn, port=port, client_id=f"rx-{name}",
+                                         health_file=str(tmp_path / f"{name}.json")))
+    svc.start()
+    van = Van(name, port)
+    batches = tiny_batches(name, n)
+    assert svc.subscribed.wait(15)
+    van.send(batches[:2])
+    assert wait_until(lambda: len(van.acks) == 2, 30)
+    return svc, van, batches
+
+
+def test_a_probe_that_cannot_reconnect_does_not_flap_health_while_the_worker_commits(
+        tmp_path: Path, mosquitto: LocalBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13 re-test (v1): max_connections reached and the probe's own connection cut, the
+    worker's fine; a van sends a batch a second. Health flipped ok/unavailable 13 times in 20 s
+    (7 outages counted) though every batch was acked. Now the worker's recent success wins."""
+    caplog.set_level(logging.INFO, logger="receiver")
+    cl = PgCluster(settings={"fsync": "off", "max_connections": "12", "superuser_reserved_connections": "0"}).start()
+    hold: list[Any] = []
+    try:
+        dsn = cl.create_database()
+        svc, van, batches = _running(tmp_path, dsn, mosquitto.port, "van-flap", 30)
+        try:
+            assert wait_until(lambda: any(q.strip().upper() == "SELECT 1" for _, q in _backends(dsn)), 15)
+            probe_pids = [p for p, q in _backends(dsn) if q.strip().upper() == "SELECT 1"]
+            killer = psycopg.connect(cl.dsn(), autocommit=True)
+            while True:  # take every free slot
+                try:
+                    hold.append(psycopg.connect(cl.dsn(), autocommit=True, connect_timeout=3))
+                except psycopg.OperationalError:
+                    break
+            for p in probe_pids:
+                killer.execute("SELECT pg_terminate_backend(%s)", (p,))
+            killer.close()
+            for _ in range(3):  # and the slots the probe and the killer freed
+                time.sleep(0.2)
+                try:
+                    hold.append(psycopg.connect(cl.dsn(), autocommit=True, connect_timeout=3))
+                except psycopg.OperationalError:
+                    pass
+            assert svc.probe is not None
+            failed_before = svc.probe.failures
+            caplog.clear()
+            states, i, t0 = [], 2, time.monotonic()
+            while time.monotonic() - t0 < 12:
+                van.send([batches[i]])
+                i += 1
+                time.sleep(1.0)
+                states.append(health(svc)["store"]["state"][0])
+            assert wait_until(lambda: all(b.batch_id in van.acks for b in batches[:i]), 30)
+            probe_failed = svc.probe.failures - failed_before
+            store = health(svc)["store"]
+        finally:
+            for h in hold:
+                h.close()
+            van.close()
+            svc.stop()
+    finally:
+        cl.stop()
+    flips = [r.getMessage()[:80] for r in caplog.records
+             if r.getMessage().startswith(("store unavailable", "store available again"))]
+    print(f"\nsent {i}, all acked; probe failed {probe_failed} times; health each 1 s: {''.join(states)}; "
+          f"{len(flips)} state changes")
+    assert probe_failed >= 2, "the probe's reconnect was refused (the scenario happened)"
+    assert set(states) == {"o"} and not flips and store["outages"] == 0, (states, flips, store)
+
+
+def test_a_frozen_worker_backend_shows_as_store_slow(tmp_path: Path, mosquitto: LocalBroker, pg_cluster: PgCluster,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13 re-test (v1): only the worker's backend SIGSTOPped delayed a batch 17.3 s (15 s
+    statement + 2 s grace) with health `ok` and no log line. Now a call held past 5 s shows as
+    `store_slow_s` (with the uploads held) in health, `stats` and one log line, cleared after."""
+    import os
+    import signal
+
+    caplog.set_level(logging.INFO, logger="receiver")
+    dsn = pg_cluster.create_database()
+    svc, van, batches = _running(tmp_path, dsn, mosquitto.port, "van-slow", 4)
+    stopped: list[int] = []
+    try:
+        # The worker's session: its last statement wrote (the probe's and the deriver's only read).
+        worker = [p for p, q in _backends(dsn) if not q.strip().upper().startswith("SELECT")]
+        assert len(worker) == 1, _backends(dsn)
+        os.kill(worker[0], signal.SIGSTOP)
+        stopped.append(worker[0])
+        t0 = time.monotonic()
+        van.send(batches[2:3])
+        seen = wait_until(lambda: "store_slow_s" in health(svc)["store"], 14, step=0.1)
+        seen_s = time.monotonic() - t0
+        during = health(svc)["store"]
+        os.kill(worker[0], signal.SIGCONT)
+        stopped.clear()
+        assert wait_until(lambda: batches[2].batch_id in van.acks, 60)
+        van.send(batches[3:])
+        assert wait_until(lambda: len(van.acks) == 4, 60)
+        assert wait_until(lambda: "store_slow_s" not in health(svc)["store"], 10)
+    finally:
+        for p in stopped:
+            os.kill(p, signal.SIGCONT)
+        van.close()
+        svc.stop()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    print(f"\nworker backend frozen: store_slow after {seen_s:.1f} s: {during}")
+    assert seen and during["state"] == "ok" and during["store_slow_s"] >= 5.0 and during["uploads_held"] >= 1
+    assert any(m.startswith("store slow") for m in lines), lines
