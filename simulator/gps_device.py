@@ -294,6 +294,12 @@ class FakeGpsReceiver:
             self._port_name = os.ttyname(slave)
         if background and self._thread is None:
             self._stop.clear()
+            # Switched on part-way into a second: that second's epoch would leave late, at a
+            # latency no real receiver has (and a timing driver would date later epochs from it).
+            # The first goes out at the next second, like every later one. Decided here, not in
+            # the thread, which a loaded machine may start long after.
+            now = self.clock() - self.output_delay_s
+            self._last_sec = math.floor(now) if now > math.floor(now) else None
             self._thread = threading.Thread(target=self._run, name="fake-gps", daemon=True)
             self._thread.start()
         return self
