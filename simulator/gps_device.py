@@ -37,6 +37,8 @@ import tty
 from dataclasses import dataclass
 from typing import Callable
 
+from simulator.pty_delivery import queued, wait_queued
+
 __all__ = ["ReceiverState", "nmea_epoch", "sentence", "FakeGpsReceiver", "PositionFn"]
 
 PositionFn = Callable[[float], "tuple[float, float, float, float] | None"]
@@ -239,6 +241,7 @@ class FakeGpsReceiver:
         self.epochs_sent = 0
         self.bytes_dropped = 0
         self.bytes_corrupted = 0
+        self.late_deliveries = 0  # emit_readable() epochs the kernel had not delivered within its timeout
 
     # -- pure-ish generation ---------------------------------------------------
 
@@ -291,6 +294,12 @@ class FakeGpsReceiver:
             self._port_name = os.ttyname(slave)
         if background and self._thread is None:
             self._stop.clear()
+            # Switched on part-way into a second: that second's epoch would leave late, at a
+            # latency no real receiver has (and a timing driver would date later epochs from it).
+            # The first goes out at the next second, like every later one. Decided here, not in
+            # the thread, which a loaded machine may start long after.
+            now = self.clock() - self.output_delay_s
+            self._last_sec = math.floor(now) if now > math.floor(now) else None
             self._thread = threading.Thread(target=self._run, name="fake-gps", daemon=True)
             self._thread.start()
         return self
@@ -323,6 +332,25 @@ class FakeGpsReceiver:
         data = self._corrupt(data)
         self._write(data)
         self.epochs_sent += 1
+        return data
+
+    def emit_readable(self, t: float, timeout_s: float = 2.0) -> bytes:
+        """``emit(t)``, then wait until its bytes are readable on the port (``simulator.pty_delivery``).
+
+        For a receiver driven by a virtual clock: a pty delivers asynchronously, and what the
+        receiver sent at a virtual second must be in the port before the reader's next look,
+        however far the clock then jumps. Waits at most ``timeout_s`` of real time (a reader
+        that stopped reading must not hang the clock); a timeout is counted in
+        ``late_deliveries``.
+        """
+        slave = self._slave
+        if slave is None:
+            raise RuntimeError("receiver not started")
+        before, dropped = queued(slave), self.bytes_dropped
+        data = self.emit(t)
+        written = len(data) - (self.bytes_dropped - dropped)
+        if not wait_queued(slave, before + written, timeout_s):
+            self.late_deliveries += 1
         return data
 
     def write_raw(self, data: bytes) -> None:

@@ -4,7 +4,8 @@ Under the real drivers, in lock-step with the van's ``SimClock``:
 
 * GPS: a ``FakeGpsReceiver`` on a pseudo-terminal emits NMEA once per virtual
   second (``SimClock.on_advance``), with fix loss where the route is blocked and
-  before the receiver's time to first fix;
+  before the receiver's time to first fix; the clock moves on only once the
+  epoch is readable on the port (``FakeGpsReceiver.emit_readable``);
 * NO2: a ``FakeADS1115`` on a ``FakeI2CBus`` presents the Alphasense ISB's WE,
   AE and temperature voltages for the true NO2 level (inverse of AAN 803
   algorithm 1 for the simulated sensor's calibration sheet);
@@ -201,7 +202,9 @@ class SimulatedHardware:
         second = int(math.floor(elapsed + 1e-9))
         if second != self._last_gps_second:
             self._last_gps_second = second
-            self.gps.emit(float(second))
+            # Readable before the clock moves on: a pty delivers asynchronously, and the few ms
+            # a loaded kernel takes would be seconds of virtual time (simulator/pty_delivery.py).
+            self.gps.emit_readable(float(second))
         if self.microphone is not None:
             self.microphone.advanced(elapsed)
 
