@@ -116,9 +116,11 @@ def check_record(text: str | bytes) -> CalibrationRecord:
         raise PayloadError(f"calibration record version must be an integer 1..{INT64_MAX}")
     for key in ("valid_from", "valid_to", "created"):
         _time(d, key)
-    if d.get("valid_from") is not None and d.get("valid_to") is not None and d["valid_to"] <= d["valid_from"]:
-        # Valid for no time at all: derivation would never pick it, and NO2 would stay raw unseen.
-        raise PayloadError("calibration record valid_to is not after its valid_from")
+    if d.get("valid_from") is not None and d.get("valid_to") is not None and d["valid_to"] < d["valid_from"]:
+        # An interval that ends before it starts is a broken record. An empty one (valid_to ==
+        # valid_from) is not: it is how a record is retracted whole, when a correction takes over
+        # from its very start (the van closes the old record where the new one begins).
+        raise PayloadError("calibration record valid_to is before its valid_from")
     if d.get("values") is not None and not isinstance(d["values"], dict):
         raise PayloadError("calibration record values must be a JSON object")
     try:

@@ -61,7 +61,6 @@ POISONS = {
     # WE = AE = -6144 mV and 50 C, a corner the trials skipped.
     "algorithm 3, gain 1.88, slope -2.5e10 (out of bound at WE = AE = -6144 mV)":
         {"values": {"algorithm": 3, "gain_mv_per_na": 1.88, "slope": -2.5e10}},
-    "valid_to == valid_from (valid for no time)": {"valid_from": 1_795_000_000, "valid_to": 1_795_000_000},
 }
 
 
