@@ -515,6 +515,7 @@ class Buffer:
             return wal_problem
         if not self.path.exists():
             return None
+        self._roll_back_hot_journal()
         try:
             # Read-only: a read-write connection would checkpoint a damaged WAL
             # into the main file on close, destroying the evidence.
@@ -534,6 +535,28 @@ class Buffer:
             raise
         result = [str(r[0]) for r in rows]
         return None if result == ["ok"] else "quick_check: " + "; ".join(result[:5])
+
+    def _roll_back_hot_journal(self) -> None:
+        """A kill inside a rollback-journal transaction (the epoch birth, before WAL mode)
+        leaves a hot ``-journal``; a read-only connection cannot roll it back, so every
+        later check would fail with "readonly database" and the agent never start. A
+        read-write connection rolls it back on first read; with no ``-wal`` present
+        there is no WAL it could checkpoint, so no evidence is destroyed."""
+        journal = Path(str(self.path) + "-journal")
+        if not journal.exists() or journal.stat().st_size == 0:
+            return
+        if Path(str(self.path) + "-wal").exists():
+            return  # WAL mode: the journal is not hot; leave the WAL to the read-only check
+        try:
+            conn = sqlite3.connect(self.path)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                conn.close()
+            log.warning("buffer %s: rolled back a transaction cut short (hot journal)", self.path)
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            # Left to the read-only check below, which names corruption or a full card.
+            log.error("buffer %s: could not roll back its journal (%s)", self.path, exc)
 
     def _peek_epoch(self) -> str | None:
         if self._damaged_epoch is not None:

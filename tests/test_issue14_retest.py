@@ -367,3 +367,36 @@ def test_a_stored_record_the_receiver_would_refuse_is_not_announced(tmp_path):
         announced.append(r.values["id"])
     report("announce", announced=announced)
     assert announced == [good.id]
+
+
+_HOT_JOURNAL_CHILD = r'''
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=DELETE")
+conn.execute("PRAGMA cache_size=1")  # spill: the cut-short transaction reaches the main file
+conn.execute("BEGIN")
+conn.execute("CREATE TABLE filler (x BLOB)")
+for _ in range(64):
+    conn.execute("INSERT INTO filler VALUES (randomblob(4000))")
+os.kill(os.getpid(), signal.SIGKILL)  # a kill inside the epoch birth's transaction
+'''
+
+
+def test_a_kill_inside_a_rollback_journal_transaction_does_not_stop_the_next_start(tmp_path):
+    """Retest #14 f9.1: a SIGKILL during the epoch birth left a hot ``-journal``; the read-only
+    quick_check at every later open raised "attempt to write a readonly database"."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "b.db"
+    sqlite3.connect(db).close()  # the empty file the birth starts from
+    run = subprocess.run([sys.executable, "-c", _HOT_JOURNAL_CHILD, str(db)], check=False)
+    journal = Path(str(db) + "-journal")
+    assert run.returncode == -9 and journal.stat().st_size > 0, "no hot journal made"
+    report("hot journal after SIGKILL", journal_bytes=journal.stat().st_size)
+    buf = Buffer(db, DEV, reserve_bytes=0)  # raised OperationalError (readonly) before the fix
+    seqs = buf.commit(_samples(3))
+    assert seqs == [1, 2, 3]
+    names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
+    assert "filler" not in names, "the cut-short transaction was not rolled back"
+    assert not buf.quarantine_dir.exists() or not any(buf.quarantine_dir.iterdir()), "quarantined"
