@@ -413,7 +413,17 @@ class Buffer:
             if not self._no_room(exc):
                 raise
             self._db = self._open_without_room(exc)
-        self.epoch = self._init_epoch(real=not self._unborn)
+        try:
+            self.epoch = self._init_epoch(real=not self._unborn)
+        except sqlite3.DatabaseError as exc:
+            # The card had room for the schema but not for the epoch birth's COMMIT
+            # (~130 KiB free): start as on a card full at open, not crash-loop.
+            if self._unborn or not self._no_room(exc):
+                raise
+            self._rollback_quietly()
+            self._db.close()
+            self._db = self._open_without_room(exc)
+            self.epoch = self._init_epoch(real=not self._unborn)
         self._unsealed = self._count_unsealed()
         self._identity.write(self.epoch, self.device_id)
 

@@ -400,3 +400,50 @@ def test_a_kill_inside_a_rollback_journal_transaction_does_not_stop_the_next_sta
     names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
     assert "filler" not in names, "the cut-short transaction was not rolled back"
     assert not buf.quarantine_dir.exists() or not any(buf.quarantine_dir.iterdir()), "quarantined"
+
+
+def _leave_free(mnt: Path, leave: int) -> Path:
+    """Someone else takes all but ``leave`` bytes of the card."""
+    import os
+
+    f = mnt / "filler"
+    st = os.statvfs(mnt)
+    with open(f, "wb") as fh:
+        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return f
+
+
+def test_a_card_too_full_for_the_epoch_birth_starts_and_holds_samples(tmp_path):
+    """Retest #14 f9.2: with ~127-134 KiB free the epoch birth's COMMIT hit SQLITE_FULL and
+    Buffer() raised (a crash loop). It must start, say disk_full, refuse commits (the agent holds
+    the samples) and be born, with every sample delivered, once there is room."""
+    from buffer.errors import BufferFullError
+    from tests.tmpfs import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "card", "4m") as mnt:
+        opened = 0
+        for leave in range(112 * 1024, 148 * 1024 + 1, 4096):
+            for p in mnt.iterdir():
+                p.unlink()
+            filler = _leave_free(mnt, leave)
+            buf = Buffer(mnt / "b.db", DEV, reserve_bytes=0)  # raised "database or disk is full"
+            opened += 1
+            held: list[Sample] = []
+            committed: set[int] = set()
+            for s in _samples(20):
+                try:
+                    committed |= set(buf.commit(held + [s]))
+                    held = []
+                except BufferFullError:
+                    held.append(s)
+                    assert buf.disk_full, "a refused commit without disk_full"
+            filler.unlink()
+            if held:
+                committed |= set(buf.commit(held))
+            got: set[int] = set()
+            while (sb := buf.seal(500, 1)) is not None:
+                got |= {x.seq for x in decode_batch(sb.payload).samples}
+                buf.acknowledge(sb.batch_id)
+            assert got == committed == set(range(1, 21)), (leave, sorted(committed), sorted(got))
+            buf.close()
+        report("epoch birth on a nearly full card", opened=opened)
