@@ -157,18 +157,28 @@ def test_a_damaged_seq_file_is_ignored_and_rewritten_never_a_loss(tmp_path, dama
     nb.close()
 
 
-def test_a_seq_file_from_before_the_checksum_still_names_a_wal_loss(tmp_path):
-    """The old two-field record is believed (within the bound): an upgrade does not blind the witness."""
+@pytest.mark.parametrize("legacy", ["flip-20-to-60", "other-epoch"])
+def test_a_seq_file_from_before_the_checksum_is_not_evidence_of_a_loss(tmp_path, legacy, caplog):
+    """Retest #14 f9.3: the old two-field record has no checksum, so it was believed: one flipped
+    digit invented a loss (gap 21-60), a flipped epoch a loss under an epoch that never existed.
+    It is ignored with a warning and rewritten in the checked form; no gap, no counter."""
     buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
     for k in range(4):
         buf.commit(_samples(5, t0=10 * k))
     epoch = buf.epoch
     buf.close()
-    _seq_record(tmp_path / "b.db.seq", f"{epoch} 25\n")
-    nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    seq = tmp_path / "b.db.seq"
+    named = epoch if legacy == "flip-20-to-60" else "f" + epoch[1:]
+    _seq_record(seq, f"{named} 60\n")
+    with caplog.at_level(logging.WARNING, logger="buffer.highwater"):
+        nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
     gaps = nb._db.execute("SELECT first_seq, last_seq, reason FROM gaps").fetchall()
-    report("seq-legacy", gaps=gaps)
-    assert gaps == [(21, 25, WAL_LOST_REASON)]
+    warned = [r.getMessage() for r in caplog.records if "before the checksum" in r.getMessage()]
+    report("seq-legacy", legacy=legacy, gaps=gaps, warned=len(warned))
+    assert gaps == [] and nb.counters().get("samples_lost_wal", 0) == 0
+    assert warned, "the ignored record is logged"
+    assert highwater.HighWater(seq).read() == (epoch, 20), "rewritten in the checked form"
+    assert nb.commit(_samples(1, t0=900)) == [21]
     nb.close()
 
 
