@@ -624,7 +624,7 @@ class Buffer:
         """A new, empty database while ``.seq`` names an epoch with committed numbers: all of
         them are gone (the WAL cut to nothing before the first checkpoint, or the file deleted).
         Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
-        if self.quarantine_dir.is_dir() and any(lost_epoch in q.name for q in self.quarantine_dir.iterdir()):
+        if self._quarantine_holds(lost_epoch):
             return  # quarantined (a move cut short before .seq was blanked): salvage accounts for it
         ident = self._identity.read()
         device = ident[1] if ident is not None and ident[0] == lost_epoch else self.device_id
@@ -632,6 +632,30 @@ class Buffer:
                   " to as lost", self.path, lost_epoch, last, self._highwater.path)
         self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
         self._bump("samples_lost_wal", last)
+
+    def _quarantine_holds(self, epoch: str) -> bool:
+        """Whether a quarantine folder holds ``epoch``, by its contents, not only its name.
+
+        A folder is named ``<stamp>-unknown`` when the epoch could not be read at quarantine
+        time; its copied ``.seq`` and ``.id`` (and the salvage summary, once done) still name
+        it. Reading the name alone took salvaged, delivered samples for a WAL loss."""
+        if not self.quarantine_dir.is_dir():
+            return False
+        for q in self.quarantine_dir.iterdir():
+            if not q.is_dir():
+                continue
+            if epoch in q.name:
+                return True
+            seq = HighWater(q / self._highwater.path.name).read()
+            ident = IdentityFile(q / self._identity.path.name).read()
+            if epoch in (seq[0] if seq else None, ident[0] if ident else None):
+                return True
+            try:
+                if json.loads((q / recovery.SALVAGED_MARK).read_text()).get("from_epoch") == epoch:
+                    return True
+            except (OSError, ValueError, AttributeError):
+                pass  # not salvaged yet, or an unreadable summary: the copies above still speak
+        return False
 
     def _vouch(self, epoch: str) -> str:
         """``meta``'s epoch if its witnesses vouch for it; else the file is damaged (raises).

@@ -457,3 +457,51 @@ def test_a_card_too_full_for_the_epoch_birth_starts_and_holds_samples(tmp_path):
             assert got == committed == set(range(1, 21)), (leave, sorted(committed), sorted(got))
             buf.close()
         report("epoch birth on a nearly full card", opened=opened)
+
+
+def test_a_quarantine_folder_named_unknown_still_guards_its_epoch_against_a_false_loss(tmp_path, monkeypatch):
+    """Retest #14 f9.4: meta's pages unreadable and ``.id`` gone, so the quarantine folder is named
+    ``...-unknown``; a cut between copying ``.seq`` into it and blanking the live one left ``.seq``
+    naming the quarantined epoch. The guard looked for the epoch in the folder name only, so the
+    salvaged, delivered samples 1-10 also went out as "WAL lost" (samples_lost_wal=10)."""
+    db = tmp_path / "b.db"
+    buf = Buffer(db, DEV, reserve_bytes=0)
+    for k in range(2):
+        buf.commit(_samples(5, t0=10 * k))  # 1..10, never sent
+    epoch = buf.epoch
+    buf._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    roots = buf._db.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name='meta'").fetchall()
+    page = buf._db.execute("PRAGMA page_size").fetchone()[0]
+    buf.close()
+    Path(str(db) + ".id").unlink()
+    raw = bytearray(db.read_bytes())
+    for (r,) in roots:
+        raw[(r - 1) * page:r * page] = b"\xa5" * page  # meta unreadable: the epoch is unknown
+    db.write_bytes(bytes(raw))
+
+    def copy_then_cut(self: highwater.HighWater, folder: Path) -> None:
+        found = self.read()
+        if found is not None:
+            copy = highwater.HighWater(folder / self.path.name)
+            copy.mark(*found)
+            copy.close()
+        # the cut: the live .seq is never blanked
+
+    monkeypatch.setattr(highwater.HighWater, "move_to", copy_then_cut)
+    nb = Buffer(db, DEV, reserve_bytes=0)
+    monkeypatch.undo()
+    folders = [q.name for q in nb.quarantine_dir.iterdir()]
+    delivered: set[int] = set()
+    lost: set[int] = set()
+    for sb in nb.pending(100):
+        b = decode_batch(sb.payload)
+        if b.epoch == epoch:
+            delivered |= {x.seq for x in b.samples}
+            lost |= {q for g in b.gaps if g.reason == WAL_LOST_REASON for q in range(g.first_seq, g.last_seq + 1)}
+    report("quarantine-unknown", folders=folders, delivered=len(delivered), wal_lost=len(lost),
+           counter=nb.counters().get("samples_lost_wal", 0))
+    assert any(f.endswith("-unknown") for f in folders), "the case needs a folder named unknown"
+    assert delivered == set(range(1, 11)), "salvage delivers the readable rows"
+    assert not (delivered & lost), "salvaged samples declared WAL lost"
+    assert nb.counters().get("samples_lost_wal", 0) == 0
+    nb.close()
