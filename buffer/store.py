@@ -72,7 +72,7 @@ from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
 from uplink.batch_limits import (MAX_DECOMPRESSED_BYTES, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
                                  sample_never_fits)
-from uplink.sample_rules import sample_problem
+from uplink.sample_rules import gap_reason, sample_problem
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
 from edge.errors import PayloadError
 
@@ -199,6 +199,7 @@ class BufferStats:
     quarantined: int = 0  # databases moved to quarantine since this file was made
     salvaged_batches: int = 0  # earlier-epoch batches still waiting for their ack
     quarantine_bytes: int = 0
+    gaps_undelivered: int = 0  # gap records in gaps-only batches the receiver refused (never stored)
 
 
 T = TypeVar("T")
@@ -1014,6 +1015,7 @@ class Buffer:
 
     def _gap(self, first: int, last: int, reason: str) -> None:
         """Record a gap of this epoch, extending the previous unsent one if it is adjacent."""
+        reason = gap_reason(reason)  # a reason the receiver refuses would sink the batch's gaps
         prev = self._db.execute(
             "SELECT id, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id DESC LIMIT 1"
         ).fetchone()
@@ -1380,7 +1382,7 @@ class Buffer:
         gaps_rows = _within_gap_budget(gaps_rows)
         if not samples and not gaps_rows:
             return None
-        gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
+        gaps = [Gap(g[1], g[2], gap_reason(g[3])) for g in gaps_rows]  # rows of an older version too
         try:
             samples, payload = self._fit(samples, gaps)
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -1631,7 +1633,7 @@ class Buffer:
         if where is None:
             return False
         table, cond, params = where
-        why = f"rejected by {by}: {reason}"[:500]
+        why = gap_reason(f"rejected by {by}: {reason}"[:500])
         with self._tx():
             if table == "batches":
                 row = self._db.execute(f"SELECT first_seq, n_samples FROM batches WHERE {cond}",
@@ -1649,8 +1651,14 @@ class Buffer:
                     self._bump("gap_records")
                 elif cur.rowcount:
                     # A gaps-only batch refused: sent again it would be refused again, forever.
-                    # Its records stay marked sent (-1: not delivered), and the log says so.
+                    # Its records stay marked sent (-1: not delivered); the loss they told of stays
+                    # visible in persisted counters (heartbeat: gaps_undelivered), not only the log.
+                    n_gaps, n_seqs = self._db.execute(
+                        "SELECT count(*), coalesce(sum(last_seq - first_seq + 1), 0) FROM gaps WHERE sent_in=?",
+                        (row[0],)).fetchone()
                     self._db.execute("UPDATE gaps SET sent_in=-1 WHERE sent_in=?", (row[0],))
+                    self._bump("gap_records_undelivered", n_gaps)
+                    self._bump("samples_in_undelivered_gaps", n_seqs)
                     log.error("buffer: gaps-only batch %s refused (%s): its gap records are not delivered",
                               key, why)
             else:
@@ -1689,6 +1697,7 @@ class Buffer:
             quarantined=c.get("quarantined", 0),
             salvaged_batches=ns,
             quarantine_bytes=recovery.quarantine_bytes(self.quarantine_dir),
+            gaps_undelivered=c.get("gap_records_undelivered", 0),
         )
 
     def file_bytes(self) -> int:

@@ -505,3 +505,46 @@ def test_a_quarantine_folder_named_unknown_still_guards_its_epoch_against_a_fals
     assert not (delivered & lost), "salvaged samples declared WAL lost"
     assert nb.counters().get("samples_lost_wal", 0) == 0
     nb.close()
+
+
+@pytest.mark.parametrize("reason", ["x" * 1500, "lost\x00here", "[" * 200, "held \ud800 lost"])
+def test_a_loss_with_a_reason_the_receiver_would_refuse_still_reaches_the_store(tmp_path, reason):
+    """Retest #14 f9.5: ``record_lost`` took any reason; one over 1,024 characters or with a NUL
+    made the receiver refuse the batch, the replacement carried it again, and every gap was
+    dropped (committed numbers silent). The reason is sanitised and bounded at the buffer."""
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    log: list[str] = []
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    committed = set(buf.commit(_samples(5)))
+    first, last = buf.record_lost(8, reason)
+    committed |= set(buf.commit(_samples(5, t0=100)))
+    _deliver(buf, ing, log)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, committed | set(range(first, last + 1)))
+    report("loss-reason", reason=repr(reason[:12]), log=log, gaps=[(a, b, len(r)) for a, b, r in gaps])
+    assert log and all(entry.endswith(":stored") for entry in log), f"a batch refused: {log}"
+    assert not silent, f"numbers neither stored nor in a gap: {sorted(silent)}"
+    assert [(a, b) for a, b, _ in gaps] == [(first, last)]
+    assert len(gaps[0][2]) <= 1024 and "\x00" not in gaps[0][2]
+    buf.close()
+
+
+def test_a_refused_gaps_only_batch_keeps_its_loss_visible_in_a_persisted_counter(tmp_path):
+    """Retest #14 f9.5: a gaps-only batch the receiver refuses anyway is not sent again (it would
+    be refused forever); the loss it told of was only a log line. Now a persisted counter, in
+    ``stats()`` (the heartbeat's ``gaps_undelivered``), across a restart."""
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    buf.commit(_samples(3))
+    sb = buf.seal(500, 1)
+    assert sb is not None
+    buf.acknowledge(sb.batch_id)
+    buf.record_lost(4, "held in memory, lost at a kill")
+    sb = buf.seal(500, 1)
+    assert sb is not None and sb.n_samples == 0, "a gaps-only batch"
+    assert buf.reject(sb.batch_id, sb.last_seq, "refused by a future receiver rule")
+    buf.close()
+    nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    c = nb.counters()
+    report("gaps-only refused", counters=c, stats_gaps_undelivered=nb.stats().gaps_undelivered)
+    assert c.get("gap_records_undelivered") == 1 and c.get("samples_in_undelivered_gaps") == 4
+    assert nb.stats().gaps_undelivered == 1
+    nb.close()
