@@ -70,7 +70,7 @@ from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.batch_limits import (MAX_DECOMPRESSED_BYTES, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
+from uplink.batch_limits import (GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
                                  sample_never_fits)
 from uplink.sample_rules import gap_reason, sample_problem
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
@@ -1480,6 +1480,11 @@ class Buffer:
             if n <= 1:
                 if not part:
                     raise ValueError(f"a gaps-only batch over the limits: {why}")
+                if gaps:
+                    # One sample plus the pending gaps is too much, which says nothing about the
+                    # sample: the gaps go first in a batch of their own, the sample next time
+                    # (alone, and only then "too large for any batch" if it still does not fit).
+                    return self._fit([], gaps)
                 raise _TooLarge(part[0], why)
             n //= 2
 
@@ -1742,10 +1747,11 @@ def _admit(s: Sample) -> str | None:
 
 
 def _within_gap_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The first gap rows whose text stays within a quarter of a batch's inflated limit (at least
-    one): gap records alone must never push a batch over a limit ``_fit`` can only meet by
-    dropping samples. The rest ride in the next batch."""
-    budget, out = MAX_DECOMPRESSED_BYTES // 4, []
+    """The first gap rows whose text stays within ``GAP_TEXT_BUDGET`` (at least one): gap records
+    alone must never push a batch over a limit ``_fit`` can only meet by dropping samples. The
+    budget guards the compressed payload limit too (random text does not compress). The rest
+    ride in the next batch."""
+    budget, out = GAP_TEXT_BUDGET, []
     for r in rows:
         budget -= len(str(r[3]).encode("utf-8", "replace")) + 48
         if budget < 0 and out:

@@ -548,3 +548,80 @@ def test_a_refused_gaps_only_batch_keeps_its_loss_visible_in_a_persisted_counter
     assert c.get("gap_records_undelivered") == 1 and c.get("samples_in_undelivered_gaps") == 4
     assert nb.stats().gaps_undelivered == 1
     nb.close()
+
+
+def _sample_just_under_the_payload_limit(rnd: random.Random, margin: int) -> Sample:
+    """One valid sample whose batch alone is within ``margin`` bytes under the 1 MiB payload limit."""
+    from buffer.store import _encode_alone
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    def make(values: dict[str, str]) -> Sample:
+        return Sample("pm", 1_795_000_000_000, 0, TimeSource.GPS, values, (), None, "boot")
+
+    values: dict[str, str] = {}
+    while len(_encode_alone([make(values)])) < MAX_PAYLOAD_BYTES - margin - 40_000:
+        values[f"t{len(values)}"] = "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(16384))
+    lo, hi = 0, 16384  # the last value's length, bisected into the window
+    tail = "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(hi))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_encode_alone([make({**values, "tail": tail[:mid]})])) <= MAX_PAYLOAD_BYTES - margin // 2:
+            lo = mid
+        else:
+            hi = mid - 1
+    return make({**values, "tail": tail[:lo]})
+
+
+def test_pending_gaps_never_get_a_sample_that_fits_alone_set_aside(tmp_path):
+    """Retest #14 f9.6: 40 gaps of ~640 random characters + one large valid sample went over the
+    1 MiB compressed limit; halving reached one sample and set it aside as "too large for any
+    batch" though it fits alone. Now the gaps are sealed in a batch of their own first."""
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    rnd = random.Random(30)
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0, max_bytes=2 << 30)
+    lost: set[int] = set()
+    for k in range(40):
+        a, b = buf.record_lost(1, f"lost {k} " + "".join(rnd.choice("abcdef0123456789") for _ in range(640)))
+        lost |= set(range(a, b + 1))
+    big = _sample_just_under_the_payload_limit(rnd, 12_000)
+    seqs = buf.commit([big])
+    assert not buf._db.execute("SELECT 1 FROM bad_rows").fetchone(), "admitted at commit: it fits alone"
+    log: list[str] = []
+    _deliver(buf, ing, log)
+    aside = buf._db.execute("SELECT seq, reason FROM bad_rows").fetchall()
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, set(seqs) | lost)
+    report("gaps + one big sample", deliveries=log, set_aside=[(q, r[:60]) for q, r in aside],
+           stored=sorted(stored), gaps=len(gaps), limit=MAX_PAYLOAD_BYTES)
+    assert not aside, "a sample that fits alone was set aside"
+    assert stored == set(seqs) and not silent and all(x.endswith(":stored") for x in log)
+    assert len(gaps) == 40 and {q for a, b, _ in gaps for q in range(a, b + 1)} == lost
+    buf.close()
+
+
+def test_the_gap_budget_is_counted_against_the_compressed_limit(tmp_path):
+    """Retest #14 f9.6: the gap budget bounded 1 MiB of text before compression (a quarter of the
+    inflated 4 MiB); reasons of random 7-bit text barely compress, so one batch of gaps took ~0.9
+    MiB of the 1 MiB payload and crowded out every sample riding with it. Now a quarter of the
+    smaller limit: the gaps leave at least half the payload to samples; all gaps delivered."""
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    rnd = random.Random(7)
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0, max_bytes=2 << 30)
+    lost: set[int] = set()
+    for k in range(1200):  # 1.2 MB of reasons: past the old 1 MiB text budget
+        a, b = buf.record_lost(1, "".join(chr(rnd.randrange(1, 128)) for _ in range(1000)))
+        lost |= set(range(a, b + 1))
+    sizes: list[int] = []
+    while (sb := buf.seal(500, 1)) is not None:
+        sizes.append(len(sb.payload))
+        ack = ing.handle(batch_topic("datalab/v1", DEV), sb.payload, 1).ack
+        assert ack.committed, ack.reason
+        buf.acknowledge(sb.batch_id)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, lost)
+    report("gap budget", batches=len(sizes), largest=max(sizes), limit=MAX_PAYLOAD_BYTES)
+    assert max(sizes) <= MAX_PAYLOAD_BYTES // 2, "gaps alone took most of the payload"
+    assert not silent and len(gaps) == 1200
+    buf.close()
