@@ -54,8 +54,11 @@ class HighWater:
 
         A record that fails its CRC, or names a number past ``MAX_SEQ``, is
         damaged: ignored with a warning (``damaged`` set), never taken for a
-        loss; the next ``mark`` rewrites it. A record of two fields is from
-        before the checksum and is believed (within the bound).
+        loss; the next ``mark`` rewrites it. A record of two fields (from
+        before the checksum) is treated the same way: nothing shows a bit flip
+        in it, and believing one invents a loss (a digit 2 -> 6 reads as 40
+        numbers lost) or a loss under an epoch that never existed. An upgrade
+        costs one open's detection of a cut WAL, never a false gap record.
         """
         self.damaged = False
         try:
@@ -68,9 +71,14 @@ class HighWater:
         try:
             fields = raw.decode("ascii").split()
             epoch, seq = fields[0], int(fields[1])
-            ok = len(fields) == 2 or (len(fields) == 3 and fields[2] == _check(epoch, seq))
+            ok = len(fields) == 3 and fields[2] == _check(epoch, seq)
         except (UnicodeDecodeError, ValueError, IndexError):
-            ok, epoch, seq = False, "", 0
+            ok, epoch, seq, fields = False, "", 0, []
+        if len(fields) == 2 and not ok:
+            self.damaged = True
+            log.warning("buffer: %s holds a record from before the checksum (%r): not evidence of a"
+                        " loss, ignored and rewritten in the checked form", self.path, raw[:RECORD])
+            return None
         if not ok or not 0 <= seq <= MAX_SEQ:
             self.damaged = True
             log.warning("buffer: %s is damaged (%r): ignored (never taken for a loss), rewritten",

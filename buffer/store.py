@@ -70,9 +70,9 @@ from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
-from uplink.batch_limits import (MAX_DECOMPRESSED_BYTES, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
+from uplink.batch_limits import (GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
                                  sample_never_fits)
-from uplink.sample_rules import sample_problem
+from uplink.sample_rules import gap_reason, sample_problem
 from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
 from edge.errors import PayloadError
 
@@ -199,6 +199,7 @@ class BufferStats:
     quarantined: int = 0  # databases moved to quarantine since this file was made
     salvaged_batches: int = 0  # earlier-epoch batches still waiting for their ack
     quarantine_bytes: int = 0
+    gaps_undelivered: int = 0  # gap records in gaps-only batches the receiver refused (never stored)
 
 
 T = TypeVar("T")
@@ -413,7 +414,17 @@ class Buffer:
             if not self._no_room(exc):
                 raise
             self._db = self._open_without_room(exc)
-        self.epoch = self._init_epoch(real=not self._unborn)
+        try:
+            self.epoch = self._init_epoch(real=not self._unborn)
+        except sqlite3.DatabaseError as exc:
+            # The card had room for the schema but not for the epoch birth's COMMIT
+            # (~130 KiB free): start as on a card full at open, not crash-loop.
+            if self._unborn or not self._no_room(exc):
+                raise
+            self._rollback_quietly()
+            self._db.close()
+            self._db = self._open_without_room(exc)
+            self.epoch = self._init_epoch(real=not self._unborn)
         self._unsealed = self._count_unsealed()
         self._identity.write(self.epoch, self.device_id)
 
@@ -515,6 +526,7 @@ class Buffer:
             return wal_problem
         if not self.path.exists():
             return None
+        self._roll_back_hot_journal()
         try:
             # Read-only: a read-write connection would checkpoint a damaged WAL
             # into the main file on close, destroying the evidence.
@@ -534,6 +546,28 @@ class Buffer:
             raise
         result = [str(r[0]) for r in rows]
         return None if result == ["ok"] else "quick_check: " + "; ".join(result[:5])
+
+    def _roll_back_hot_journal(self) -> None:
+        """A kill inside a rollback-journal transaction (the epoch birth, before WAL mode)
+        leaves a hot ``-journal``; a read-only connection cannot roll it back, so every
+        later check would fail with "readonly database" and the agent never start. A
+        read-write connection rolls it back on first read; with no ``-wal`` present
+        there is no WAL it could checkpoint, so no evidence is destroyed."""
+        journal = Path(str(self.path) + "-journal")
+        if not journal.exists() or journal.stat().st_size == 0:
+            return
+        if Path(str(self.path) + "-wal").exists():
+            return  # WAL mode: the journal is not hot; leave the WAL to the read-only check
+        try:
+            conn = sqlite3.connect(self.path)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                conn.close()
+            log.warning("buffer %s: rolled back a transaction cut short (hot journal)", self.path)
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            # Left to the read-only check below, which names corruption or a full card.
+            log.error("buffer %s: could not roll back its journal (%s)", self.path, exc)
 
     def _peek_epoch(self) -> str | None:
         if self._damaged_epoch is not None:
@@ -591,7 +625,7 @@ class Buffer:
         """A new, empty database while ``.seq`` names an epoch with committed numbers: all of
         them are gone (the WAL cut to nothing before the first checkpoint, or the file deleted).
         Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
-        if self.quarantine_dir.is_dir() and any(lost_epoch in q.name for q in self.quarantine_dir.iterdir()):
+        if self._quarantine_holds(lost_epoch):
             return  # quarantined (a move cut short before .seq was blanked): salvage accounts for it
         ident = self._identity.read()
         device = ident[1] if ident is not None and ident[0] == lost_epoch else self.device_id
@@ -599,6 +633,30 @@ class Buffer:
                   " to as lost", self.path, lost_epoch, last, self._highwater.path)
         self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
         self._bump("samples_lost_wal", last)
+
+    def _quarantine_holds(self, epoch: str) -> bool:
+        """Whether a quarantine folder holds ``epoch``, by its contents, not only its name.
+
+        A folder is named ``<stamp>-unknown`` when the epoch could not be read at quarantine
+        time; its copied ``.seq`` and ``.id`` (and the salvage summary, once done) still name
+        it. Reading the name alone took salvaged, delivered samples for a WAL loss."""
+        if not self.quarantine_dir.is_dir():
+            return False
+        for q in self.quarantine_dir.iterdir():
+            if not q.is_dir():
+                continue
+            if epoch in q.name:
+                return True
+            seq = HighWater(q / self._highwater.path.name).read()
+            ident = IdentityFile(q / self._identity.path.name).read()
+            if epoch in (seq[0] if seq else None, ident[0] if ident else None):
+                return True
+            try:
+                if json.loads((q / recovery.SALVAGED_MARK).read_text()).get("from_epoch") == epoch:
+                    return True
+            except (OSError, ValueError, AttributeError):
+                pass  # not salvaged yet, or an unreadable summary: the copies above still speak
+        return False
 
     def _vouch(self, epoch: str) -> str:
         """``meta``'s epoch if its witnesses vouch for it; else the file is damaged (raises).
@@ -957,6 +1015,7 @@ class Buffer:
 
     def _gap(self, first: int, last: int, reason: str) -> None:
         """Record a gap of this epoch, extending the previous unsent one if it is adjacent."""
+        reason = gap_reason(reason)  # a reason the receiver refuses would sink the batch's gaps
         prev = self._db.execute(
             "SELECT id, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id DESC LIMIT 1"
         ).fetchone()
@@ -1323,7 +1382,7 @@ class Buffer:
         gaps_rows = _within_gap_budget(gaps_rows)
         if not samples and not gaps_rows:
             return None
-        gaps = [Gap(g[1], g[2], g[3]) for g in gaps_rows]
+        gaps = [Gap(g[1], g[2], gap_reason(g[3])) for g in gaps_rows]  # rows of an older version too
         try:
             samples, payload = self._fit(samples, gaps)
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -1421,6 +1480,11 @@ class Buffer:
             if n <= 1:
                 if not part:
                     raise ValueError(f"a gaps-only batch over the limits: {why}")
+                if gaps:
+                    # One sample plus the pending gaps is too much, which says nothing about the
+                    # sample: the gaps go first in a batch of their own, the sample next time
+                    # (alone, and only then "too large for any batch" if it still does not fit).
+                    return self._fit([], gaps)
                 raise _TooLarge(part[0], why)
             n //= 2
 
@@ -1574,7 +1638,7 @@ class Buffer:
         if where is None:
             return False
         table, cond, params = where
-        why = f"rejected by {by}: {reason}"[:500]
+        why = gap_reason(f"rejected by {by}: {reason}"[:500])
         with self._tx():
             if table == "batches":
                 row = self._db.execute(f"SELECT first_seq, n_samples FROM batches WHERE {cond}",
@@ -1592,8 +1656,14 @@ class Buffer:
                     self._bump("gap_records")
                 elif cur.rowcount:
                     # A gaps-only batch refused: sent again it would be refused again, forever.
-                    # Its records stay marked sent (-1: not delivered), and the log says so.
+                    # Its records stay marked sent (-1: not delivered); the loss they told of stays
+                    # visible in persisted counters (heartbeat: gaps_undelivered), not only the log.
+                    n_gaps, n_seqs = self._db.execute(
+                        "SELECT count(*), coalesce(sum(last_seq - first_seq + 1), 0) FROM gaps WHERE sent_in=?",
+                        (row[0],)).fetchone()
                     self._db.execute("UPDATE gaps SET sent_in=-1 WHERE sent_in=?", (row[0],))
+                    self._bump("gap_records_undelivered", n_gaps)
+                    self._bump("samples_in_undelivered_gaps", n_seqs)
                     log.error("buffer: gaps-only batch %s refused (%s): its gap records are not delivered",
                               key, why)
             else:
@@ -1632,6 +1702,7 @@ class Buffer:
             quarantined=c.get("quarantined", 0),
             salvaged_batches=ns,
             quarantine_bytes=recovery.quarantine_bytes(self.quarantine_dir),
+            gaps_undelivered=c.get("gap_records_undelivered", 0),
         )
 
     def file_bytes(self) -> int:
@@ -1676,10 +1747,11 @@ def _admit(s: Sample) -> str | None:
 
 
 def _within_gap_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The first gap rows whose text stays within a quarter of a batch's inflated limit (at least
-    one): gap records alone must never push a batch over a limit ``_fit`` can only meet by
-    dropping samples. The rest ride in the next batch."""
-    budget, out = MAX_DECOMPRESSED_BYTES // 4, []
+    """The first gap rows whose text stays within ``GAP_TEXT_BUDGET`` (at least one): gap records
+    alone must never push a batch over a limit ``_fit`` can only meet by dropping samples. The
+    budget guards the compressed payload limit too (random text does not compress). The rest
+    ride in the next batch."""
+    budget, out = GAP_TEXT_BUDGET, []
     for r in rows:
         budget -= len(str(r[3]).encode("utf-8", "replace")) + 48
         if budget < 0 and out:

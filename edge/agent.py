@@ -433,6 +433,7 @@ class Agent:
             "rejected_batches": self.stats.rejected_batches,
             "samples_dropped": st.samples_dropped,
             "quarantined": st.quarantined,
+            "gaps_undelivered": st.gaps_undelivered,  # gap records the receiver refused: loss unsaid in the store
             "buffer_full": self.stats.buffer_full,
             "seal_failures": self.stats.seal_failures,
             # A full card: commits refused, samples held in memory (or lost) until it has room.

@@ -157,18 +157,28 @@ def test_a_damaged_seq_file_is_ignored_and_rewritten_never_a_loss(tmp_path, dama
     nb.close()
 
 
-def test_a_seq_file_from_before_the_checksum_still_names_a_wal_loss(tmp_path):
-    """The old two-field record is believed (within the bound): an upgrade does not blind the witness."""
+@pytest.mark.parametrize("legacy", ["flip-20-to-60", "other-epoch"])
+def test_a_seq_file_from_before_the_checksum_is_not_evidence_of_a_loss(tmp_path, legacy, caplog):
+    """Retest #14 f9.3: the old two-field record has no checksum, so it was believed: one flipped
+    digit invented a loss (gap 21-60), a flipped epoch a loss under an epoch that never existed.
+    It is ignored with a warning and rewritten in the checked form; no gap, no counter."""
     buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
     for k in range(4):
         buf.commit(_samples(5, t0=10 * k))
     epoch = buf.epoch
     buf.close()
-    _seq_record(tmp_path / "b.db.seq", f"{epoch} 25\n")
-    nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    seq = tmp_path / "b.db.seq"
+    named = epoch if legacy == "flip-20-to-60" else "f" + epoch[1:]
+    _seq_record(seq, f"{named} 60\n")
+    with caplog.at_level(logging.WARNING, logger="buffer.highwater"):
+        nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
     gaps = nb._db.execute("SELECT first_seq, last_seq, reason FROM gaps").fetchall()
-    report("seq-legacy", gaps=gaps)
-    assert gaps == [(21, 25, WAL_LOST_REASON)]
+    warned = [r.getMessage() for r in caplog.records if "before the checksum" in r.getMessage()]
+    report("seq-legacy", legacy=legacy, gaps=gaps, warned=len(warned))
+    assert gaps == [] and nb.counters().get("samples_lost_wal", 0) == 0
+    assert warned, "the ignored record is logged"
+    assert highwater.HighWater(seq).read() == (epoch, 20), "rewritten in the checked form"
+    assert nb.commit(_samples(1, t0=900)) == [21]
     nb.close()
 
 
@@ -367,3 +377,251 @@ def test_a_stored_record_the_receiver_would_refuse_is_not_announced(tmp_path):
         announced.append(r.values["id"])
     report("announce", announced=announced)
     assert announced == [good.id]
+
+
+_HOT_JOURNAL_CHILD = r'''
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=DELETE")
+conn.execute("PRAGMA cache_size=1")  # spill: the cut-short transaction reaches the main file
+conn.execute("BEGIN")
+conn.execute("CREATE TABLE filler (x BLOB)")
+for _ in range(64):
+    conn.execute("INSERT INTO filler VALUES (randomblob(4000))")
+os.kill(os.getpid(), signal.SIGKILL)  # a kill inside the epoch birth's transaction
+'''
+
+
+def test_a_kill_inside_a_rollback_journal_transaction_does_not_stop_the_next_start(tmp_path):
+    """Retest #14 f9.1: a SIGKILL during the epoch birth left a hot ``-journal``; the read-only
+    quick_check at every later open raised "attempt to write a readonly database"."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "b.db"
+    sqlite3.connect(db).close()  # the empty file the birth starts from
+    run = subprocess.run([sys.executable, "-c", _HOT_JOURNAL_CHILD, str(db)], check=False)
+    journal = Path(str(db) + "-journal")
+    assert run.returncode == -9 and journal.stat().st_size > 0, "no hot journal made"
+    report("hot journal after SIGKILL", journal_bytes=journal.stat().st_size)
+    buf = Buffer(db, DEV, reserve_bytes=0)  # raised OperationalError (readonly) before the fix
+    seqs = buf.commit(_samples(3))
+    assert seqs == [1, 2, 3]
+    names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
+    assert "filler" not in names, "the cut-short transaction was not rolled back"
+    assert not buf.quarantine_dir.exists() or not any(buf.quarantine_dir.iterdir()), "quarantined"
+
+
+def _leave_free(mnt: Path, leave: int) -> Path:
+    """Someone else takes all but ``leave`` bytes of the card."""
+    import os
+
+    f = mnt / "filler"
+    st = os.statvfs(mnt)
+    with open(f, "wb") as fh:
+        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return f
+
+
+def test_a_card_too_full_for_the_epoch_birth_starts_and_holds_samples(tmp_path):
+    """Retest #14 f9.2: with ~127-134 KiB free the epoch birth's COMMIT hit SQLITE_FULL and
+    Buffer() raised (a crash loop). It must start, say disk_full, refuse commits (the agent holds
+    the samples) and be born, with every sample delivered, once there is room."""
+    from buffer.errors import BufferFullError
+    from tests.tmpfs import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "card", "4m") as mnt:
+        opened = 0
+        for leave in range(112 * 1024, 148 * 1024 + 1, 4096):
+            for p in mnt.iterdir():
+                p.unlink()
+            filler = _leave_free(mnt, leave)
+            buf = Buffer(mnt / "b.db", DEV, reserve_bytes=0)  # raised "database or disk is full"
+            opened += 1
+            held: list[Sample] = []
+            committed: set[int] = set()
+            for s in _samples(20):
+                try:
+                    committed |= set(buf.commit(held + [s]))
+                    held = []
+                except BufferFullError:
+                    held.append(s)
+                    assert buf.disk_full, "a refused commit without disk_full"
+            filler.unlink()
+            if held:
+                committed |= set(buf.commit(held))
+            got: set[int] = set()
+            while (sb := buf.seal(500, 1)) is not None:
+                got |= {x.seq for x in decode_batch(sb.payload).samples}
+                buf.acknowledge(sb.batch_id)
+            assert got == committed == set(range(1, 21)), (leave, sorted(committed), sorted(got))
+            buf.close()
+        report("epoch birth on a nearly full card", opened=opened)
+
+
+def test_a_quarantine_folder_named_unknown_still_guards_its_epoch_against_a_false_loss(tmp_path, monkeypatch):
+    """Retest #14 f9.4: meta's pages unreadable and ``.id`` gone, so the quarantine folder is named
+    ``...-unknown``; a cut between copying ``.seq`` into it and blanking the live one left ``.seq``
+    naming the quarantined epoch. The guard looked for the epoch in the folder name only, so the
+    salvaged, delivered samples 1-10 also went out as "WAL lost" (samples_lost_wal=10)."""
+    db = tmp_path / "b.db"
+    buf = Buffer(db, DEV, reserve_bytes=0)
+    for k in range(2):
+        buf.commit(_samples(5, t0=10 * k))  # 1..10, never sent
+    epoch = buf.epoch
+    buf._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    roots = buf._db.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name='meta'").fetchall()
+    page = buf._db.execute("PRAGMA page_size").fetchone()[0]
+    buf.close()
+    Path(str(db) + ".id").unlink()
+    raw = bytearray(db.read_bytes())
+    for (r,) in roots:
+        raw[(r - 1) * page:r * page] = b"\xa5" * page  # meta unreadable: the epoch is unknown
+    db.write_bytes(bytes(raw))
+
+    def copy_then_cut(self: highwater.HighWater, folder: Path) -> None:
+        found = self.read()
+        if found is not None:
+            copy = highwater.HighWater(folder / self.path.name)
+            copy.mark(*found)
+            copy.close()
+        # the cut: the live .seq is never blanked
+
+    monkeypatch.setattr(highwater.HighWater, "move_to", copy_then_cut)
+    nb = Buffer(db, DEV, reserve_bytes=0)
+    monkeypatch.undo()
+    folders = [q.name for q in nb.quarantine_dir.iterdir()]
+    delivered: set[int] = set()
+    lost: set[int] = set()
+    for sb in nb.pending(100):
+        b = decode_batch(sb.payload)
+        if b.epoch == epoch:
+            delivered |= {x.seq for x in b.samples}
+            lost |= {q for g in b.gaps if g.reason == WAL_LOST_REASON for q in range(g.first_seq, g.last_seq + 1)}
+    report("quarantine-unknown", folders=folders, delivered=len(delivered), wal_lost=len(lost),
+           counter=nb.counters().get("samples_lost_wal", 0))
+    assert any(f.endswith("-unknown") for f in folders), "the case needs a folder named unknown"
+    assert delivered == set(range(1, 11)), "salvage delivers the readable rows"
+    assert not (delivered & lost), "salvaged samples declared WAL lost"
+    assert nb.counters().get("samples_lost_wal", 0) == 0
+    nb.close()
+
+
+@pytest.mark.parametrize("reason", ["x" * 1500, "lost\x00here", "[" * 200, "held \ud800 lost"])
+def test_a_loss_with_a_reason_the_receiver_would_refuse_still_reaches_the_store(tmp_path, reason):
+    """Retest #14 f9.5: ``record_lost`` took any reason; one over 1,024 characters or with a NUL
+    made the receiver refuse the batch, the replacement carried it again, and every gap was
+    dropped (committed numbers silent). The reason is sanitised and bounded at the buffer."""
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    log: list[str] = []
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    committed = set(buf.commit(_samples(5)))
+    first, last = buf.record_lost(8, reason)
+    committed |= set(buf.commit(_samples(5, t0=100)))
+    _deliver(buf, ing, log)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, committed | set(range(first, last + 1)))
+    report("loss-reason", reason=repr(reason[:12]), log=log, gaps=[(a, b, len(r)) for a, b, r in gaps])
+    assert log and all(entry.endswith(":stored") for entry in log), f"a batch refused: {log}"
+    assert not silent, f"numbers neither stored nor in a gap: {sorted(silent)}"
+    assert [(a, b) for a, b, _ in gaps] == [(first, last)]
+    assert len(gaps[0][2]) <= 1024 and "\x00" not in gaps[0][2]
+    buf.close()
+
+
+def test_a_refused_gaps_only_batch_keeps_its_loss_visible_in_a_persisted_counter(tmp_path):
+    """Retest #14 f9.5: a gaps-only batch the receiver refuses anyway is not sent again (it would
+    be refused forever); the loss it told of was only a log line. Now a persisted counter, in
+    ``stats()`` (the heartbeat's ``gaps_undelivered``), across a restart."""
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    buf.commit(_samples(3))
+    sb = buf.seal(500, 1)
+    assert sb is not None
+    buf.acknowledge(sb.batch_id)
+    buf.record_lost(4, "held in memory, lost at a kill")
+    sb = buf.seal(500, 1)
+    assert sb is not None and sb.n_samples == 0, "a gaps-only batch"
+    assert buf.reject(sb.batch_id, sb.last_seq, "refused by a future receiver rule")
+    buf.close()
+    nb = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
+    c = nb.counters()
+    report("gaps-only refused", counters=c, stats_gaps_undelivered=nb.stats().gaps_undelivered)
+    assert c.get("gap_records_undelivered") == 1 and c.get("samples_in_undelivered_gaps") == 4
+    assert nb.stats().gaps_undelivered == 1
+    nb.close()
+
+
+def _sample_just_under_the_payload_limit(rnd: random.Random, margin: int) -> Sample:
+    """One valid sample whose batch alone is within ``margin`` bytes under the 1 MiB payload limit."""
+    from buffer.store import _encode_alone
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    def make(values: dict[str, str]) -> Sample:
+        return Sample("pm", 1_795_000_000_000, 0, TimeSource.GPS, values, (), None, "boot")
+
+    values: dict[str, str] = {}
+    while len(_encode_alone([make(values)])) < MAX_PAYLOAD_BYTES - margin - 40_000:
+        values[f"t{len(values)}"] = "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(16384))
+    lo, hi = 0, 16384  # the last value's length, bisected into the window
+    tail = "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(hi))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_encode_alone([make({**values, "tail": tail[:mid]})])) <= MAX_PAYLOAD_BYTES - margin // 2:
+            lo = mid
+        else:
+            hi = mid - 1
+    return make({**values, "tail": tail[:lo]})
+
+
+def test_pending_gaps_never_get_a_sample_that_fits_alone_set_aside(tmp_path):
+    """Retest #14 f9.6: 40 gaps of ~640 random characters + one large valid sample went over the
+    1 MiB compressed limit; halving reached one sample and set it aside as "too large for any
+    batch" though it fits alone. Now the gaps are sealed in a batch of their own first."""
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    rnd = random.Random(30)
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0, max_bytes=2 << 30)
+    lost: set[int] = set()
+    for k in range(40):
+        a, b = buf.record_lost(1, f"lost {k} " + "".join(rnd.choice("abcdef0123456789") for _ in range(640)))
+        lost |= set(range(a, b + 1))
+    big = _sample_just_under_the_payload_limit(rnd, 12_000)
+    seqs = buf.commit([big])
+    assert not buf._db.execute("SELECT 1 FROM bad_rows").fetchone(), "admitted at commit: it fits alone"
+    log: list[str] = []
+    _deliver(buf, ing, log)
+    aside = buf._db.execute("SELECT seq, reason FROM bad_rows").fetchall()
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, set(seqs) | lost)
+    report("gaps + one big sample", deliveries=log, set_aside=[(q, r[:60]) for q, r in aside],
+           stored=sorted(stored), gaps=len(gaps), limit=MAX_PAYLOAD_BYTES)
+    assert not aside, "a sample that fits alone was set aside"
+    assert stored == set(seqs) and not silent and all(x.endswith(":stored") for x in log)
+    assert len(gaps) == 40 and {q for a, b, _ in gaps for q in range(a, b + 1)} == lost
+    buf.close()
+
+
+def test_the_gap_budget_is_counted_against_the_compressed_limit(tmp_path):
+    """Retest #14 f9.6: the gap budget bounded 1 MiB of text before compression (a quarter of the
+    inflated 4 MiB); reasons of random 7-bit text barely compress, so one batch of gaps took ~0.9
+    MiB of the 1 MiB payload and crowded out every sample riding with it. Now a quarter of the
+    smaller limit: the gaps leave at least half the payload to samples; all gaps delivered."""
+    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+
+    rnd = random.Random(7)
+    ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
+    buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0, max_bytes=2 << 30)
+    lost: set[int] = set()
+    for k in range(1200):  # 1.2 MB of reasons: past the old 1 MiB text budget
+        a, b = buf.record_lost(1, "".join(chr(rnd.randrange(1, 128)) for _ in range(1000)))
+        lost |= set(range(a, b + 1))
+    sizes: list[int] = []
+    while (sb := buf.seal(500, 1)) is not None:
+        sizes.append(len(sb.payload))
+        ack = ing.handle(batch_topic("datalab/v1", DEV), sb.payload, 1).ack
+        assert ack.committed, ack.reason
+        buf.acknowledge(sb.batch_id)
+    stored, gaps, silent = _account(tmp_path / "store.sqlite", buf.epoch, lost)
+    report("gap budget", batches=len(sizes), largest=max(sizes), limit=MAX_PAYLOAD_BYTES)
+    assert max(sizes) <= MAX_PAYLOAD_BYTES // 2, "gaps alone took most of the payload"
+    assert not silent and len(gaps) == 1200
+    buf.close()

@@ -22,9 +22,14 @@ MAX_GAPS_PER_BATCH = 10_000
 # exact check at commit (an encode) is only paid by the rare huge sample.
 SMALL_SAMPLE_BYTES = MAX_PAYLOAD_BYTES // 4
 
+# Text of the gap records one batch may carry: a quarter of the *smaller* of the two byte
+# limits. Compression cannot be counted on (random text: ~1 byte per byte on the wire), so
+# bounding only the inflated 4 MiB let 1 MiB of reasons fill the 1 MiB payload on their own.
+GAP_TEXT_BUDGET = min(MAX_PAYLOAD_BYTES, MAX_DECOMPRESSED_BYTES) // 4
+
 Encode = Callable[[Sequence[Sample]], bytes]  # samples -> a batch's payload
 
-__all__ = ["MAX_GAPS_PER_BATCH", "MAX_VALUE_CELLS", "MAX_PAYLOAD_BYTES", "MAX_DECOMPRESSED_BYTES",
+__all__ = ["MAX_GAPS_PER_BATCH", "GAP_TEXT_BUDGET", "MAX_VALUE_CELLS", "MAX_PAYLOAD_BYTES", "MAX_DECOMPRESSED_BYTES",
            "MAX_SAMPLES_PER_BATCH", "SMALL_SAMPLE_BYTES", "value_cells", "batch_problem", "sample_never_fits"]
 
 

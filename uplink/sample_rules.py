@@ -110,6 +110,27 @@ def check_text(s: str, what: str, limit: int = MAX_TEXT_CHARS) -> None:
         raise PayloadError(f"{what} is JSON nested more than {MAX_JSON_DEPTH} deep")
 
 
+# The receiver's bound on a gap reason (receiver/validate.py: ``check_text(g.reason, "gap
+# reason", MAX_NAME_CHARS * 8)``): one over it refuses the whole batch carrying the gap.
+MAX_GAP_REASON_CHARS = MAX_NAME_CHARS * 8
+
+
+def gap_reason(reason: str) -> str:
+    """``reason`` made to pass the receiver's gap check, keeping what it says.
+
+    Lone surrogates and NUL escaped, a leading bracket (read as JSON, depth-checked) guarded,
+    cut to the bound with "...". A gap record whose reason the receiver refuses would take every
+    gap of its batch down with it (and of the replacement, which carries them again).
+    """
+    text = str(reason).encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    if text[:1] in ("{", "["):
+        text = "reason: " + text  # plain text, not nested JSON the receiver would depth-check
+    if len(text) > MAX_GAP_REASON_CHARS:
+        text = text[: MAX_GAP_REASON_CHARS - 3] + "..."
+    check_text(text, "gap reason", MAX_GAP_REASON_CHARS)  # the receiver's rule, exactly
+    return text
+
+
 def json_depth(text: str, limit: int | None = None) -> int:
     """How deep JSON text nests (brackets outside strings, closed or not: a parser recurses on
     the way in), without parsing it. Stops as soon as it passes ``limit``."""
