@@ -491,6 +491,18 @@ def _convert_fields(talker: str, kind: str, fields: list[str]) -> NmeaRecord:
         raise FrameError(f"cannot decode sentence: {exc!r}") from exc
 
 
+def _fix_fields(f: list[str], kind: str, geoid_at: int) -> dict[str, float | int | None]:
+    """The fields GGA and GNS share (same places but the geoid separation), parsed in order."""
+    return {
+        "lat": _coord(f[1], f[2], True),
+        "lon": _coord(f[3], f[4], False),
+        "sats_used": _opt_int(f[6], f"{kind} satellites"),
+        "hdop": _opt_float(f[7], f"{kind} hdop"),
+        "altitude": _opt_float(f[8], f"{kind} altitude"),
+        "geoid_sep": _opt_float(f[geoid_at], f"{kind} geoid separation"),
+    }
+
+
 def _gga(talker: str, f: list[str]) -> Gga:
     # pynmea2's GGA field table: time, lat, N/S, lon, E/W, quality, sats,
     # hdop, alt, M, geoid sep, M, dgps age, station id.
@@ -501,13 +513,8 @@ def _gga(talker: str, f: list[str]) -> Gga:
     return Gga(
         talker=talker,
         tod=_tod(f[0]),
-        lat=_coord(f[1], f[2], True),
-        lon=_coord(f[3], f[4], False),
         quality=quality,
-        sats_used=_opt_int(f[6], "GGA satellites"),
-        hdop=_opt_float(f[7], "GGA hdop"),
-        altitude=_opt_float(f[8], "GGA altitude"),
-        geoid_sep=_opt_float(f[10], "GGA geoid separation"),
+        **_fix_fields(f, "GGA", geoid_at=10),
     )
 
 
@@ -658,13 +665,8 @@ def _gns(talker: str, f: list[str]) -> Gns:
     return Gns(
         talker=talker,
         tod=_tod(f[0]),
-        lat=_coord(f[1], f[2], True),
-        lon=_coord(f[3], f[4], False),
         mode=mode,
-        sats_used=_opt_int(f[6], "GNS satellites"),
-        hdop=_opt_float(f[7], "GNS hdop"),
-        altitude=_opt_float(f[8], "GNS altitude"),
-        geoid_sep=_opt_float(f[9], "GNS geoid separation"),
+        **_fix_fields(f, "GNS", geoid_at=9),
     )
 
 

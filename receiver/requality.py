@@ -168,10 +168,11 @@ def rewrite_flags(conn: Any, device: str, items: Iterable[tuple[str, int, str, s
     """
     put, drop = [], []
     for epoch, seq, q, old, mask in items:
-        if quality.mask_text(mask) == (old or ""):
+        text = quality.mask_text(mask)
+        if text == (old or ""):
             continue
         if mask:
-            put.append((device, epoch, seq, q, quality.mask_text(mask)))
+            put.append((device, epoch, seq, q, text))
         else:
             drop.append((device, epoch, seq, q))
     cur = conn.cursor()

@@ -102,6 +102,15 @@ def _http_json(url: str) -> Any:
         return json.loads(r.read())
 
 
+def _van_a_day(make: MakeStore, tmp_path: Any) -> tuple[Any, Ingestor, CalibrationRecord]:
+    """A store holding van A's day, its NO2 by a confirmed record: (store, ingestor, record)."""
+    s = make()
+    ing = Ingestor(s)
+    rec = _confirmed(tmp_path, "van-a")
+    _upload(ing, _day("van-a", rec), RECEIVED)
+    return s, ing, rec
+
+
 def _api_values(store: Any) -> tuple[float, float]:
     """The NO2 map value as the HTTP API serves it: /api/v1/aggregates and SensorThings Observations."""
     server = make_server(str(store.path) if isinstance(store, SQLiteStore) else store.dsn, "127.0.0.1", 0)
@@ -120,10 +129,7 @@ def _api_values(store: Any) -> tuple[float, float]:
 
 
 def test_a_correction_reaches_every_reader(make: MakeStore, tmp_path: Any) -> None:
-    s = make()
-    ing = Ingestor(s)
-    v1 = _confirmed(tmp_path, "van-a")
-    _upload(ing, _day("van-a", v1), RECEIVED)
+    s, ing, v1 = _van_a_day(make, tmp_path)
     assert all(c == v1.id for _, c in _observed(s, "van-a").values())
 
     # A retroactive co-location: v2 valid from before the day's first sample.
@@ -167,10 +173,7 @@ def test_a_correction_reaches_every_reader(make: MakeStore, tmp_path: Any) -> No
 
 
 def test_a_window_recomputes_only_what_it_covers(make: MakeStore, tmp_path: Any) -> None:
-    s = make()
-    ing = Ingestor(s)
-    v1 = _confirmed(tmp_path, "van-a")
-    _upload(ing, _day("van-a", v1), RECEIVED)
+    s, ing, v1 = _van_a_day(make, tmp_path)
     before = _observed(s, "van-a")
 
     # v2 holds for seconds 20..39 only (a bounded window, as a superseded record has).
@@ -209,10 +212,7 @@ def test_a_window_recomputes_only_what_it_covers(make: MakeStore, tmp_path: Any)
 
 def test_a_moved_sensor_keeps_both_vans_records(make: MakeStore, tmp_path: Any) -> None:
     """Serial X rides in van A on day 1, then moves to van B with a record of B's own."""
-    s = make()
-    ing = Ingestor(s)
-    in_a = _confirmed(tmp_path, "van-a")
-    _upload(ing, _day("van-a", in_a), RECEIVED)
+    s, ing, in_a = _van_a_day(make, tmp_path)
     a_before = _observed(s, "van-a")
 
     in_b = _confirmed(tmp_path, "van-b", t=T0 + 86_000, slope=1.6)  # B's technician checked it on arrival
