@@ -71,7 +71,10 @@ class HighWater:
         try:
             fields = raw.decode("ascii").split()
             epoch, seq = fields[0], int(fields[1])
-            ok = len(fields) == 3 and fields[2] == _check(epoch, seq)
+            # Only the exact bytes ``mark`` writes: int() also reads "0009", "+9", "1_0" and
+            # split() other separators, and the CRC covers the number, not the text.
+            ok = (len(fields) == 3 and fields[2] == _check(epoch, seq)
+                  and raw == f"{epoch} {seq} {fields[2]}".encode("ascii"))
         except (UnicodeDecodeError, ValueError, IndexError):
             ok, epoch, seq, fields = False, "", 0, []
         if len(fields) == 2 and not ok:
@@ -79,7 +82,7 @@ class HighWater:
             log.warning("buffer: %s holds a record from before the checksum (%r): not evidence of a"
                         " loss, ignored and rewritten in the checked form", self.path, raw[:RECORD])
             return None
-        if not ok or not 0 <= seq <= MAX_SEQ:
+        if not ok or not 0 <= seq < MAX_SEQ:
             self.damaged = True
             log.warning("buffer: %s is damaged (%r): ignored (never taken for a loss), rewritten",
                         self.path, raw[:RECORD])

@@ -61,6 +61,9 @@ POISONS = {
     # WE = AE = -6144 mV and 50 C, a corner the trials skipped.
     "algorithm 3, gain 1.88, slope -2.5e10 (out of bound at WE = AE = -6144 mV)":
         {"values": {"algorithm": 3, "gain_mv_per_na": 1.88, "slope": -2.5e10}},
+    # Outside test: in bound up to 50 C, beyond 1e15 ppb from 53 C (the temperature term grows
+    # past the tables' last breakpoint); 85 C is the board's top.
+    "temperature coefficient 1.9e13 ppb/C (out of bound at 85 C)": {"values": {"temp_coef_ppb_per_c": 1.9e13}},
 }
 
 

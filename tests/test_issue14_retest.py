@@ -625,3 +625,20 @@ def test_the_gap_budget_is_counted_against_the_compressed_limit(tmp_path):
     assert max(sizes) <= MAX_PAYLOAD_BYTES // 2, "gaps alone took most of the payload"
     assert not silent and len(gaps) == 1200
     buf.close()
+
+
+@pytest.mark.parametrize("text", ["{e} 0009 {c9}", "{e} +9 {c9}", "{e} 1_0 {c10}", "\t{e}\x0b9\x0c{c9}",
+                                  "{e}\x1c9\x1d{c9}"])
+def test_a_seq_record_not_in_the_exact_written_form_is_no_evidence_of_a_loss(tmp_path: Path, text: str) -> None:
+    """Outside test: int() and split() read non-standard text whose CRC (over the number) is valid."""
+    from buffer.highwater import HighWater, _check
+
+    hw = HighWater(tmp_path / "b.db.seq")
+    hw.mark("e1", 5)
+    epoch = "e1"
+    hw.close()
+    body = text.format(e=epoch, c9=_check(epoch, 9), c10=_check(epoch, 10)).encode()
+    (tmp_path / "b.db.seq").write_bytes(body.ljust(96, b"\0"))
+    assert HighWater(tmp_path / "b.db.seq").behind(epoch, 5) == 0
+    (tmp_path / "b.db.seq").write_bytes(f"{epoch} 9 {_check(epoch, 9)}".encode().ljust(96, b"\0"))
+    assert HighWater(tmp_path / "b.db.seq").behind(epoch, 5) == 4  # the exact form still counts
