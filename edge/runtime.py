@@ -50,6 +50,7 @@ from edge.power import (
 from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
 from edge.sensors import build_drivers, check_options
+from edge.measuring import DEFAULT_GRACE_S as DEFAULT_READY_GRACE_S
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
 from edge.timekeeping import TimeFixSource
 from uplink.mqtt import MqttLink
@@ -263,6 +264,7 @@ class Runtime:
         on_secrets: Callable[[AgentConfig], None] | None = None,
         remote_grace_s: float = DEFAULT_GRACE_S,
         monotonic: Callable[[], float] | None = None,
+        ready_grace_s: float = DEFAULT_READY_GRACE_S,
     ) -> None:
         self.svc = svc or ServiceConfig.default()
         path = config_path or (cfg.source if Path(cfg.source).is_file() else None)
@@ -319,8 +321,10 @@ class Runtime:
             agent, notifier=notifier or Notifier(), watchdog_s=wd, stall_s=stall_s,
             tick_hooks=[self._reload_hook, self._remote_hook, self._watch_hook,
                         *([self.panel.service] if self.panel else [])],
-            fast_hooks=[self.power.poll], after_tick=[self._after_tick],
+            fast_hooks=[self.power.poll], after_tick=[self._after_tick], ready_grace_s=ready_grace_s,
         )  # fmt: skip
+        # A remote change on probation decides for itself (it rolls back when its sensors stay silent).
+        self.supervisor.measuring.excused = lambda: self.watch.pending is not None
         add_status_fields(agent, self._status_extra)
 
     # -- pieces --------------------------------------------------------------------------------
@@ -355,6 +359,8 @@ class Runtime:
             # A remote change not yet confirmed healthy (it may still roll back by itself).
             "config_probation": self.watch.pending.request_id if self.watch.pending else None,
             "health": "ok" if ok else reason,
+            # Which configured sensors read (the calibration pseudo-sensor not counted), issue #19.4.
+            **self.supervisor.measuring.status(),
             # A damaged calibration file: sensors run uncalibrated (readings flagged cal_unavailable).
             "calibration": {**self.cal_store.health(), "uncalibrated_readings": {
                 d.name: n for d in self.agent.drivers if (n := getattr(d, "unavailable_readings", 0))}},

@@ -2,15 +2,20 @@
 
 systemd (``Type=notify``, ``WatchdogSec=``) is told:
 
-* ``READY=1`` once the first sampling tick has completed (not merely when the
-  process started: a driver that hangs at start must not look like a running
-  service);
+* ``READY=1`` once a sampling tick has produced a reading of a configured sensor
+  (not merely when the process started: a driver that hangs at start, or a van
+  with no working sensor, must not look like a running service), or at the
+  latest after the start grace period (``edge.measuring.DEFAULT_GRACE_S``, 60 s),
+  then with a status line that says the van is not measuring;
 * ``WATCHDOG=1`` every third of the watchdog interval, but only while the loop
   is healthy: it made progress recently (a tick or a sleep step finished
-  within ``stall_s``) and the buffer takes data (the last commit succeeded, or
+  within ``stall_s``), the buffer takes data (the last commit succeeded, or
   it only failed because the buffer is full and the data folder is still
-  writable, which the buffer's cap policy deals with). A hung driver or a
-  failing SD card therefore stops the pings, and systemd kills and restarts us;
+  writable, which the buffer's cap policy deals with), and after the grace
+  period samples of real sensors are committed (``edge/measuring.py``; sensors
+  asleep in the parked duty cycle are excused). A hung driver, a failing SD card
+  or a van whose every sensor is silent therefore stops the pings, and systemd
+  kills and restarts us;
 * ``STOPPING=1`` as soon as a stop was asked for, ``RELOADING=1`` around a
   configuration reload, and a human ``STATUS=`` line (``systemctl status``).
 
@@ -29,6 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from edge.agent import Agent
+from edge.measuring import DEFAULT_GRACE_S, PSEUDO_SENSORS, Measuring
+from edge.power import ObservedDriver
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +110,12 @@ class Health:
     """Is the loop making progress, and does the buffer take data? (real time)."""
 
     def __init__(self, stall_s: float, *, writable: Callable[[], bool] = lambda: True,
-                 now: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 now: Callable[[], float] = time.monotonic,
+                 measuring: Measuring | None = None) -> None:  # fmt: skip
         self.stall_s = stall_s
         self._now = now
         self._writable = writable
+        self.measuring = measuring
         self._progress = now()
         self._busy_since: float | None = None
         self.commit_failed = False  # the last commit raised or found the buffer full
@@ -139,6 +148,8 @@ class Health:
                 # Keep the watchdog fed: a restart would not make room, and would lose what is held.
                 return True, self.last_error or "disk_full"
             return False, f"buffer commit failing: {self.last_error or 'unknown error'}"
+        if self.measuring is not None:
+            return self.measuring.check()
         return True, "ok"
 
 
@@ -212,6 +223,7 @@ class Supervisor:
         fast_hooks: list[Hook] | None = None,
         after_tick: list[Hook] | None = None,
         data_dir: str | None = None,
+        ready_grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         self.agent = agent
         self.notifier = notifier or Notifier("")
@@ -223,7 +235,13 @@ class Supervisor:
         self.fast_hooks = fast_hooks or []
         self.after_tick = after_tick or []
         self._data_dir = data_dir or agent.cfg.device.data_dir
-        self.health = Health(self.stall_s, writable=self._data_dir_writable)
+        # Samples of real sensors committed within the stall time plus a commit interval or two.
+        self.measuring = Measuring(grace_s=ready_grace_s, now=time.monotonic,
+                                   window_s=self.stall_s + 2 * agent.cfg.sampling.commit_interval_s)
+        # Every driver counts its readings (the runtime's are wrapped already).
+        agent.drivers = [d if isinstance(getattr(d, "reads", None), int) or d.name in PSEUDO_SENSORS
+                         else ObservedDriver(d) for d in agent.drivers]  # fmt: skip
+        self.health = Health(self.stall_s, writable=self._data_dir_writable, measuring=self.measuring)
         self.watchdog: Watchdog | None = None
         self.ready = threading.Event()
         self.tick_errors = 0
@@ -300,10 +318,15 @@ class Supervisor:
             elif agent.stats.committed > committed_before:
                 self.health.commit_result(True)
         self.health.progress()
-        if not self.ready.is_set():
+        self.measuring.observe(agent.drivers, agent.stats.committed)
+        if not self.ready.is_set() and self.measuring.ready:
             self.ready.set()
             self.notifier.ready(self._status_line())
-            log.info("sampling: ready")
+            if self.measuring.has_read:
+                log.info("sampling: ready")
+            else:
+                log.error("ready after %.0f s without a single reading: %s", self.measuring.grace_s,
+                          self._status_line())  # fmt: skip
 
     def _run_hooks(self, hooks: list[Hook]) -> None:
         for hook in hooks:
@@ -324,8 +347,17 @@ class Supervisor:
 
     def _status_line(self) -> str:
         a = self.agent
+        m = self.measuring.status()
+        if not m["sensors"]:
+            what = "NOT MEASURING: no sensor configured"
+        elif not m["measuring"] and not self.measuring.in_grace:
+            what = f"NOT MEASURING: none of {m['sensors']} sensors reads ({', '.join(m['sensors_silent'])} silent)"
+        else:
+            what = f"{len(m['sensors_reading'])} of {m['sensors']} sensors reading"
+            if m["sensors_asleep"]:
+                what += f", {len(m['sensors_asleep'])} asleep"
         return (
-            f"sampling {a.cfg.sampling.rate_hz:g} Hz, {len(a.drivers)} sensors, "
+            f"sampling {a.cfg.sampling.rate_hz:g} Hz, {what}, "
             f"{'connected' if a.link.connected else 'offline'}, {a.stats.committed} committed"
         )
 

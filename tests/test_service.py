@@ -311,3 +311,154 @@ def test_setup_logging_installs_one_redacting_handler() -> None:
         for h in list(root.handlers):
             if h not in before:
                 root.removeHandler(h)
+
+
+# -- health means measuring (issue #19.4) -------------------------------------------------------
+
+
+def _pty_pm_runtime(tmp_path: Path, notify_path: str, pty_path: str, *, grace_s: float) -> Runtime:
+    """A van with one real PMS5003 driver on a pseudo-terminal (no simulation), real time."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f"""
+[device]
+id = "van-deaf"
+data_dir = "{tmp_path / 'data'}"
+[sampling]
+rate_hz = 5
+commit_interval_s = 0.2
+[uplink]
+host = "127.0.0.1"
+port = {free_port()}
+[sensors.pm]
+driver = "pms5003"
+port = "{pty_path}"
+mode = "active"
+""")
+    cfg, svc = load_full_config(conf)
+    return Runtime(cfg, svc, config_path=conf, notifier=Notifier(notify_path), watchdog_s=0.6,
+                   ready_grace_s=grace_s)  # fmt: skip
+
+
+def test_a_van_whose_sensor_is_silent_is_not_ready_nor_fed_and_says_so(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """A PMS5003 on a line that stays silent: no READY before the grace period, then READY with a
+    status that says so, no watchdog pings, and the heartbeat names the silent sensor; frames on the
+    line bring the pings back."""
+    from drivers.pms import build_data_frame
+
+    master, slave = os.openpty()
+    rt = _pty_pm_runtime(tmp_path, notify_socket.path, os.ttyname(slave), grace_s=2.0)
+    t = threading.Thread(target=rt.run, daemon=True)
+    started = time.monotonic()
+    t.start()
+    feeding = threading.Event()
+    stop_feed = threading.Event()
+
+    def feed() -> None:  # the sensor comes alive: a frame every 0.1 s, as a PMS5003 in active mode
+        while not stop_feed.wait(0.1):
+            if feeding.is_set():
+                os.write(master, build_data_frame(pm_cf1=(5, 8, 12), pm_atm=(5, 8, 12), counts=(1, 2, 3, 4, 5, 6)))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        ready_at = notify_socket.wait_for("READY=1", timeout=20)
+        assert ready_at - started >= 1.5, "READY only after the grace period when no sensor read"
+        ready_msg = next(m for _, m in notify_socket.messages if "READY=1" in m.splitlines())
+        assert "NOT MEASURING" in ready_msg and "pm silent" in ready_msg, ready_msg
+        time.sleep(0.6)
+        n = len(notify_socket.has("WATCHDOG=1"))
+        time.sleep(1.2)
+        assert len(notify_socket.has("WATCHDOG=1")) == n, "no ping while no sensor sample is committed"
+        hb = rt.agent.status()
+        assert hb["measuring"] is False and hb["sensors"] == 1 and hb["sensors_silent"] == ["pm"]
+        assert "not measuring" in hb["health"]
+        assert any("STATUS=unhealthy: not measuring" in m for _, m in notify_socket.messages)
+
+        feeding.set()
+        deadline = time.monotonic() + 10
+        while len(notify_socket.has("WATCHDOG=1")) <= n + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(notify_socket.has("WATCHDOG=1")) > n + 2, "pings resume once readings are committed"
+        hb = rt.agent.status()
+        assert hb["measuring"] is True and hb["sensors_reading"] == ["pm"] and hb["health"] == "ok"
+    finally:
+        stop_feed.set()
+        feeder.join(2)
+        _stop(rt, t)
+        os.close(master)
+        os.close(slave)
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["committed"] > 0
+
+
+def test_ready_comes_with_the_first_reading_and_counts_real_sensors_only(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """Two simulated sensors and the calibration pseudo-sensor: READY says "2 of 2 sensors", not 3."""
+    rt = _runtime(tmp_path, notify_socket.path)
+    assert rt.announcer in rt.agent.drivers
+    t = _start(rt)
+    try:
+        notify_socket.wait_for("READY=1")
+        ready_msg = next(m for _, m in notify_socket.messages if "READY=1" in m.splitlines())
+        assert "2 of 2 sensors reading" in ready_msg, ready_msg
+        assert rt.supervisor.measuring.has_read
+        hb = rt.agent.status()
+        assert hb["sensors"] == 2 and "calibration" not in hb["sensors_reading"]
+    finally:
+        _stop(rt, t)
+
+
+class _Counted:
+    """What the Supervisor hands Measuring: a driver with a name and a reading count."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reads = 0
+        self.asleep = False
+
+
+def test_measuring_window_sleep_and_probation() -> None:
+    from edge.measuring import Measuring
+
+    now = [0.0]
+    m = Measuring(grace_s=10, window_s=5, now=lambda: now[0])
+    pm, cal = _Counted("pm"), _Counted("calibration")
+    cal.reads = 3  # the pseudo-sensor's records are not measurements
+    m.observe([pm, cal], committed=3)
+    assert not m.ready and m.check() == (True, "ok")  # in grace
+    now[0] = 11
+    m.observe([pm, cal], committed=3)
+    assert m.ready and not m.has_read
+    assert m.check() == (False, "not measuring: no sensor has produced a reading")
+    pm.reads = 1
+    m.observe([pm, cal], committed=3)
+    assert not m.check()[0], "read but not yet committed"
+    m.observe([pm, cal], committed=4)
+    assert m.check() == (True, "ok")
+    now[0] = 17
+    m.observe([pm, cal], committed=4)
+    assert m.check() == (False, "not measuring: no reading committed for 6 s")
+    pm.asleep = True  # parked: the duty cycle put the only sensor to sleep
+    m.observe([pm, cal], committed=4)
+    assert m.check() == (True, "ok") and m.status()["sensors_asleep"] == ["pm"]
+    pm.asleep = False
+    m.observe([pm, cal], committed=4)
+    m.excused = lambda: True  # a remote change on probation decides (and rolls back) itself
+    assert m.check() == (True, "ok")
+    m.excused = lambda: False
+    # A driver rebuilt by a reload counts from 0: its first reading counts.
+    pm2 = _Counted("pm")
+    pm2.reads = 1
+    m.observe([pm2, cal], committed=4)
+    m.observe([pm2, cal], committed=5)
+    assert m.check() == (True, "ok")
+    assert m.status() == {"measuring": True, "sensors": 1, "sensors_reading": ["pm"], "sensors_silent": [],
+                          "sensors_asleep": []}
+    # No sensor at all is never healthy after the grace.
+    empty = Measuring(grace_s=0, window_s=5, now=lambda: now[0])
+    empty.observe([cal], committed=0)
+    assert empty.check() == (False, "not measuring: no sensor configured")
