@@ -36,6 +36,7 @@ MODULES = [
     ("bench_aggregate", "street aggregates"),
     ("bench_soak", "fleet soak"),
     ("bench_fidelity", "map fidelity against the simulated truth"),
+    ("bench_install", "the van's install: size, agent import time and RSS"),
 ]
 
 

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"device": "device", "all": "device,central,sim"}
 CENTRAL_ONLY = ("amqtt", "h3", "psycopg", "psycopg-binary", "orjson", "waitress", "sqlite-utils")
-RUNS = 5
+RUNS = 9
 
 # Run inside the venv: import what `edge run` imports, then report time and memory.
 PROBE = """
@@ -86,24 +86,30 @@ def distributions(venv: Path) -> list[str]:
     return [n for n in names if n not in ("pip", "setuptools", "datalab-edge")]
 
 
-def probe(venv: Path) -> tuple[float, float]:
-    """Median import ms and RSS MiB of the agent in this venv."""
-    ms, mib = [], []
+def probe(venvs: dict[str, Path]) -> dict[str, tuple[float, float]]:
+    """Median import ms and RSS MiB of the agent in each venv, the venvs taken in turns.
+
+    In turns so that the load of a shared machine falls on both alike.
+    """
+    ms: dict[str, list[float]] = {n: [] for n in venvs}
+    mib: dict[str, list[float]] = {n: [] for n in venvs}
     with tempfile.TemporaryDirectory() as cwd:  # not the source tree: the venv's copy
         for _ in range(RUNS):
-            out = subprocess.run([str(venv / "bin/python"), "-c", PROBE], capture_output=True, text=True,
-                                 check=True, cwd=cwd).stdout.split()  # fmt: skip
-            ms.append(float(out[0]))
-            mib.append(float(out[1]))
-    return statistics.median(ms), statistics.median(mib)
+            for name, venv in venvs.items():
+                out = subprocess.run([str(venv / "bin/python"), "-c", PROBE], capture_output=True, text=True,
+                                     check=True, cwd=cwd).stdout.split()  # fmt: skip
+                ms[name].append(float(out[0]))
+                mib[name].append(float(out[1]))
+    return {n: (statistics.median(ms[n]), statistics.median(mib[n])) for n in venvs}
 
 
 def run() -> list[dict]:
     got = {}
     for name, extras in VARIANTS.items():
         venv, built_s = venv_for(extras)
-        dists = distributions(venv)
-        got[name] = {"mb": disk_bytes(venv) / 1e6, "dists": dists, "built_s": built_s, "probe": probe(venv)}
+        got[name] = {"venv": venv, "mb": disk_bytes(venv) / 1e6, "dists": distributions(venv), "built_s": built_s}
+    for name, figures in probe({n: g["venv"] for n, g in got.items()}).items():
+        got[name]["probe"] = figures
     d, a = got["device"], got["all"]
     central = sorted(n for n in d["dists"] if n in CENTRAL_ONLY)
 
