@@ -118,7 +118,8 @@ def run() -> list[dict]:
                 "note": note}
 
     rows = [
-        row("install.venv_mb", round(d["mb"], 1), "MB on disk", round(a["mb"], 1), ".[device] vs .[device,central,sim]"),
+        row("install.venv_mb", round(d["mb"], 1), "MB on disk", round(a["mb"], 1),
+            ".[device] vs .[device,central,sim]"),
         row("install.distributions", len(d["dists"]), "packages", len(a["dists"]),
             f"centre's on the van: {', '.join(central) or 'none'}"),
         row("install.agent_import_ms", round(d["probe"][0]), "ms", round(a["probe"][0]),
