@@ -159,7 +159,7 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:
 
     For library callers that bring their own simulated world (tests, benches): the rules
     about which van ``edge run`` can build (simulated parts need [simulation]) are left to
-    ``load_config`` and the agent's entry points.
+    the agent's entry points (``edge.config_schema.load``/``validate``).
     """
     from edge.config_schema import parse
 
@@ -167,10 +167,11 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:
 
 
 def load_config(path: str | Path) -> AgentConfig:
-    """agent.toml read and checked exactly as ``edge run`` checks it."""
-    from edge.config_schema import load
+    """agent.toml read and checked like ``parse_config`` (the agent's entry points use
+    ``edge.config_schema.load``, which adds what only a runnable van needs)."""
+    from edge.config_schema import parse, read_toml
 
-    return load(path)[0]
+    return parse(read_toml(path), str(path), runnable=False)[0]
 
 
 def redacted(cfg: AgentConfig) -> dict[str, Any]:
