@@ -51,6 +51,7 @@ class Option:
     choices: tuple[Any, ...] = ()
     check: Callable[[Any], str | None] | None = None
     doc: str = ""
+    secret: bool = False  # never shown in a problem (problems reach the journal)
 
     def types(self) -> tuple[type, ...]:
         if self.kind is not None:
@@ -149,6 +150,8 @@ def check_table(
             out.problems.append((key, unknown_key_text(key, options, what)))
             continue
         value, problem = coerce(opt, value)
+        if problem and opt.secret:
+            problem = problem.replace(repr(value), "***").replace(str(value), "***")
         if problem:
             out.problems.append((key, problem))
         else:

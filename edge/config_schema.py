@@ -158,7 +158,7 @@ SECTIONS: dict[str, Section] = {
         port=Option(lo=1, hi=65535, unit="(a TCP port)"),
         topic_prefix=Option(check=_topic),
         username=_ANY,
-        password=_ANY,
+        password=Option(secret=True),
         tls=_ANY,
         ca_file=Option(check=_file),
         cert_file=Option(check=_file),

@@ -289,6 +289,14 @@ def test_all_errors_at_once_and_missing_file(tmp_path: Path) -> None:
         assert r.exit_code == 2 and f"cannot read {missing}" in r.output, r.output
 
 
+def test_a_secret_is_never_in_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text("[uplink]\npassword = 98765432\n")  # a number: an error, but not shown
+    for args in (["config", "check", str(bad)], ["run", "--config", str(bad)]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "uplink.password" in r.output and "98765432" not in r.output, r.output
+
+
 def test_every_key_and_driver_is_declared() -> None:
     """A new setting or driver without a declaration would go unchecked."""
     from edge.config import AGENT_SECTIONS
