@@ -193,4 +193,4 @@ def i2c_bus(default: int = 1) -> Option:
 
 
 def i2c_address(default: int, lo: int = 0x03, hi: int = 0x77) -> Option:
-    return Option(default, lo=lo, hi=hi, check=lambda v: None, doc=f"0x{lo:02x}..0x{hi:02x}")
+    return Option(default, lo=lo, hi=hi, unit=f"(0x{lo:02x}..0x{hi:02x})")

@@ -116,7 +116,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
      "sensors.no2.fsr_v", "one of 0.256, 0.512"),
     ("no2-address", {"sensors": {"no2": {"driver": "no2-b43f", "bus": 1, "serial": SERIAL, "calibration": SHEET,
                                          "address": 0x50}}},
-     "sensors.no2.address", "between 72 and 75"),
+     "sensors.no2.address", "between 72 and 75 (0x48..0x4b)"),
     ("no2-channels-same", {"sensors": {"no2": {"driver": "no2-b43f", "bus": 1, "serial": SERIAL,
                                                "calibration": SHEET, "ae_channel": "AIN0"}}},
      "sensors.no2.ae_channel", "must differ"),
