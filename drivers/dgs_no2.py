@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from drivers.base import Reading
+from drivers.options import DriverOptions, baudrate, serial_port
 from edge.errors import BusError, ConfigError, FrameError, SensorTimeout
 
 WARM_UP_S = 3600.0
@@ -437,3 +438,6 @@ class DgsNo2:
         finally:
             self.port.close()
 
+
+# [sensors.NAME] options of driver = "dgs-no2" (edge/sensors.py builds it).
+OPTIONS = DriverOptions({"port": serial_port(), "baudrate": baudrate(9600)})

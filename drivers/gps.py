@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 from drivers.base import Reading
 from drivers.nmea import TIMED_RECORDS, Fix, FixAssembler, SentenceFramer, parse_sentence
+from drivers.options import DriverOptions, Option, baudrate, serial_port
 from edge.errors import BusError, FrameError, ReadError
 from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, unroll_gps_week
 
@@ -735,3 +736,21 @@ class GpsdSource:
         if gps_time is not None:
             meta[MEASURED_UTC] = gps_time  # the TPV's time is the fix's: it places the fix (edge/timekeeping.py)
         return Reading(sensor="gps", values=values, flags=flags, meta=meta)
+
+
+# [sensors.NAME] options of driver = "nmea-gps" (edge/sensors.py builds it). collect_s and gap_s
+# are upper bounds for the timing probe; the values used follow from the baud and epoch rates
+# (NmeaGpsDriver.probe_timing), so few vans need to set them.
+NMEA_OPTIONS = DriverOptions({
+    "port": serial_port("the GPS receiver's port, e.g. port = \"/dev/ttyACM0\""),
+    "baudrate": baudrate(9600),
+    "single_sentence": Option(False, check=lambda v: None,
+                              doc="true (one position sentence per epoch: RMC, GGA or GNS only) or false"),
+    "collect_s": Option(0.4, lo=0.0, lo_open=True, hi=1.0, unit="seconds"),
+    "gap_s": Option(0.05, lo=0.0, lo_open=True, hi=1.0, unit="seconds"),
+})
+# driver = "gpsd": a gpsd daemon's JSON on TCP.
+GPSD_OPTIONS = DriverOptions({
+    "host": Option("127.0.0.1", check=lambda v: None if v.strip() else "empty: name gpsd's host"),
+    "port": Option(2947, lo=1, hi=65535),
+})

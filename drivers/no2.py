@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.ads1115 import ADS1115, Mux, parse_mux
+from drivers.ads1115 import ADS1115, DATA_RATE_CODES, PGA_CODES, Mux, parse_mux
 from drivers.base import Reading
+from drivers.options import REQUIRED, DriverOptions, Option, Problem, i2c_address, i2c_bus
 from edge.errors import ConfigError
 
 # B4 NO2 factors from AAN 803 at these temperatures (°C).
@@ -284,3 +285,97 @@ class No2B43F:
 
     def close(self) -> None:
         """The ADC powers down by itself after each single shot; nothing to release."""
+
+
+# -- [sensors.NAME] options of driver = "no2-b43f" (edge/sensors.py builds it) -------------------
+
+
+def _channel_problem(v: Any) -> str | None:
+    try:
+        parse_mux(v)
+    except ConfigError as exc:
+        return exc.problem
+    return None
+
+
+def _channels_differ(o: Mapping[str, Any]) -> list[Problem]:
+    try:
+        chans = [parse_mux(o[k]) for k in ("we_channel", "ae_channel", "temp_channel")]
+    except ConfigError:
+        return []  # named by the option's own check
+    if len(set(chans)) != len(chans):
+        return [("temp_channel" if chans[2] in chans[:2] else "ae_channel",
+                 "WE, AE and temperature channels must differ")]
+    return []
+
+
+def configured_sheet(o: Mapping[str, Any]) -> No2Calibration | None:
+    """The sheet a table's options give (inline ``calibration`` first, then ``calibration_file``);
+    None when neither is set. Raises ConfigError (keyed by the option) when it cannot be read."""
+    serial = str(o.get("serial", ""))
+    if o.get("calibration"):
+        try:
+            return No2Calibration.from_mapping(serial, o["calibration"])
+        except ConfigError as exc:
+            raise ConfigError("calibration", f"{exc.key.removeprefix(f'no2.calibration.{serial}.')}: "
+                                             f"{exc.problem}") from exc  # fmt: skip
+    path = o.get("calibration_file")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError("calibration_file", f"no such file: {path}")
+    try:
+        cals = load_calibrations_toml(path)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("calibration_file", f"cannot read {path}: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError("calibration_file", f"{path}: {exc.key}: {exc.problem}") from exc
+    if serial not in cals:
+        raise ConfigError("serial", f"no calibration for {serial} in {path} (it has: {', '.join(cals) or 'none'})")
+    return cals[serial]
+
+
+_NO_SHEET: Problem = ("calibration_file", "required: the sensor's calibration sheet, calibration_file = "
+                                           "\"/etc/datalab-edge/no2-calibration.toml\" (or a calibration table)")
+
+
+def _sheet(o: Mapping[str, Any]) -> list[Problem]:
+    """Required-if: a real sensor needs its sheet (the simulated bus has its own); the file must
+    exist, parse and hold this serial, so `edge config check` finds what `edge run` would."""
+    if o["serial"] is REQUIRED or not isinstance(o["serial"], str):
+        # The serial is named on its own; a sheet is still needed (which one, the serial says).
+        if o["calibration"] or o["calibration_file"] or o["bus"] == "sim":
+            return []
+        return [_NO_SHEET]
+    try:
+        cal = configured_sheet(o)
+    except ConfigError as exc:
+        return [(exc.key, exc.problem)]
+    if cal is None:
+        if o["bus"] == "sim":
+            return []
+        return [_NO_SHEET]
+    if o["algorithm"] == 2 and cal.ae_o_mv == 0:
+        return [("algorithm", f"algorithm 2 divides by AEo, which is 0 for {cal.serial}")]
+    return []
+
+
+OPTIONS = DriverOptions(
+    {
+        "bus": i2c_bus(),
+        "address": i2c_address(0x49, 0x48, 0x4B),  # the ADDR pin: 0x48..0x4B
+        "serial": Option(REQUIRED, kind=str, doc="the sensor's serial, as on its sheet: serial = \"202123456\""),
+        "calibration_file": Option(""),
+        "calibration": Option({}),
+        "algorithm": Option(1, choices=ALGORITHMS),
+        "we_channel": Option("AIN0", kind=(str, int), check=_channel_problem),
+        "ae_channel": Option("AIN1", kind=(str, int), check=_channel_problem),
+        "temp_channel": Option("AIN2", kind=(str, int), check=_channel_problem),
+        "temp_mv_at_0c": Option(500.0),
+        "temp_mv_per_c": Option(10.0, check=lambda v: None if v else "must be non-zero"),
+        "temp_every_s": Option(10.0, lo=0.0, hi=3600.0, unit="seconds"),
+        "fsr_v": Option(4.096, choices=tuple(sorted(PGA_CODES))),
+        "data_rate": Option(128, choices=tuple(sorted(DATA_RATE_CODES))),
+    },
+    rules=(_channels_differ, _sheet),
+)

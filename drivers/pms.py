@@ -27,6 +27,7 @@ from typing import Literal
 
 from drivers.base import Reading
 from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
+from drivers.options import DriverOptions, Option, baudrate, serial_port
 from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
@@ -441,3 +442,12 @@ class PMSx003Driver(SerialSensor):
             flags=flags,
             meta={"device": "pmsx003", "mode": self._mode},
         )
+
+
+# [sensors.NAME] options of driver = "pms5003" / "pms7003" / "pmsa003" (edge/sensors.py builds it).
+OPTIONS = DriverOptions({
+    "port": serial_port(),
+    "baudrate": baudrate(9600),
+    # passive: the driver asks for each frame (and can put the sensor to sleep); active: it streams.
+    "mode": Option("passive", choices=("active", "passive")),
+})

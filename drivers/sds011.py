@@ -25,6 +25,7 @@ from typing import Literal
 
 from drivers.base import Reading
 from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
+from drivers.options import DriverOptions, Option, baudrate, serial_port
 from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
@@ -481,3 +482,11 @@ class SDS011Driver(SerialSensor):
             flags=flags,
             meta={"device": "sds011", "device_id": f"{data.device_id:04X}", "mode": self._mode},
         )
+
+
+# [sensors.NAME] options of driver = "sds011" (edge/sensors.py builds it).
+OPTIONS = DriverOptions({
+    "port": serial_port(),
+    "baudrate": baudrate(9600),
+    "mode": Option("query", choices=("active", "query")),
+})

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from drivers.base import Reading
 from drivers.i2c import BusRetry, BusStats, I2CBus
+from drivers.options import DriverOptions, Option, i2c_address, i2c_bus
 from edge.errors import ConfigError
 
 DEFAULT_ADDRESS = 0x48
@@ -175,3 +176,12 @@ class SoundLevelModule:
 
     def close(self) -> None:
         """The module keeps measuring on its own; nothing to release on our side."""
+
+
+# [sensors.NAME] options of driver = "sound-module" (edge/sensors.py builds it).
+OPTIONS = DriverOptions({
+    "bus": i2c_bus(),
+    "address": i2c_address(0x48),
+    "weighting": Option("A", choices=tuple(WEIGHTING_BITS)),
+    "averaging_ms": Option(1000, lo=1, hi=0xFFFF, unit="ms"),
+})

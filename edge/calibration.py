@@ -670,22 +670,17 @@ def attach_calibrations(drivers: list[Any], cfg: Any, store: RecordSource) -> li
 
 def configured_no2_sheet(sc: Any) -> No2Calibration | None:
     """The sheet a ``no2-b43f`` sensor table configures (as edge/sensors.py reads it), if any."""
-    from drivers.no2 import load_calibrations_toml
+    from drivers.no2 import configured_sheet
 
-    o = sc.options
-    serial = str(o.get("serial", ""))
-    if o.get("calibration"):
-        return No2Calibration.from_mapping(serial, o["calibration"])
-    if o.get("calibration_file"):
-        cals = load_calibrations_toml(o["calibration_file"])
-        if serial not in cals:
-            raise ConfigError(f"sensors.{sc.name}.serial", f"no calibration for {serial} in {o['calibration_file']}")
-        return cals[serial]
-    if o.get("bus") == "sim":
+    try:
+        cal = configured_sheet(sc.options)
+    except ConfigError as exc:
+        raise ConfigError(f"sensors.{sc.name}.{exc.key}", exc.problem) from exc
+    if cal is None and sc.options.get("bus") == "sim":
         from simulator.hardware import SIM_NO2_CAL
 
         return SIM_NO2_CAL
-    return None
+    return cal
 
 
 def record_from_config(cfg: Any, store: CalibrationStore, technician: str = "config-file") -> list[CalibrationRecord]:

@@ -13,8 +13,13 @@ from importlib import resources
 
 import click
 
-from edge.config import load_config, redacted
-from edge.errors import ConfigError
+from edge.config import redacted
+from edge.errors import ConfigError, ConfigInvalid
+
+# Exit codes, the same for every command (docs/technician.md, docs/install.md): a configuration
+# error is 2 everywhere, so a script or systemd (RestartPreventExitStatus=2) can tell a file to fix
+# from a failure to retry.
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -34,6 +39,10 @@ def main() -> None:
       edge run --config /etc/datalab-edge/agent.toml
       edge config check /etc/datalab-edge/agent.toml
       edge config example > agent.toml
+
+    \b
+    Exit codes: 0 done, 1 failed (a check failed, a step was refused),
+    2 the configuration is wrong (every error printed, each by key).
     """
 
 
@@ -53,20 +62,32 @@ def run(config_path: str, drain_timeout: float, verbose: bool) -> None:
     """
     _setup_logging(verbose)
     # agent.toml with the service's [power] and [panel] tables (edge/runtime.py).
+    from edge import config_schema
     from edge.logging_setup import setup_logging, update_secrets
-    from edge.runtime import load_full_config, run_agent
+    from edge.runtime import run_agent
 
-    try:
-        cfg, svc = load_full_config(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    # The same schema as `edge config check`, before any device is opened.
+    report = config_schema.check_file(config_path)
+    if report.errors:
+        _config_errors(config_path, report.errors)
+    cfg, svc = report.raise_if_invalid()
+    for note in report.warnings:
+        click.echo(f"warning: {note}", err=True)
     # Structured (JSON lines under systemd) and with every configured secret redacted.
     redactor = setup_logging(cfg, verbose=verbose)
     try:
         sys.exit(run_agent(cfg, drain_timeout_s=drain_timeout, svc=svc, config_path=config_path,
                            on_secrets=lambda c: update_secrets(redactor, c)))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except ConfigError as exc:  # found only while building (e.g. simulated hardware): still a config error
+        _config_errors(config_path, exc.errors if isinstance(exc, ConfigInvalid) else [exc])
+
+
+def _config_errors(path: str, errors: list[ConfigError]) -> None:
+    """Every error, one line each by key, then exit 2: the same lines from check and run."""
+    for exc in errors:
+        click.echo(f"error: {exc}", err=True)
+    click.echo(f"Error: {path}: {len(errors)} configuration error(s)", err=True)
+    sys.exit(EXIT_CONFIG)
 
 
 @main.group()
@@ -83,15 +104,13 @@ def config_check(path: str) -> None:
     Example:
       edge config check /etc/datalab-edge/agent.toml && echo fine
     """
-    from edge.runtime import check_config_file
+    from edge import config_schema
 
-    # Every error, each by key (not only the first).
-    errors, parsed = check_config_file(path)
-    if errors or parsed is None:
-        for exc in errors:
-            click.echo(f"error: {exc}", err=True)
-        raise click.ClickException(f"{path}: {len(errors)} error(s)")
-    cfg, svc = parsed
+    # Every error, each by key (not only the first): the schema `edge run` uses.
+    report = config_schema.check_file(path)
+    if report.errors:
+        _config_errors(path, report.errors)
+    cfg, svc = report.raise_if_invalid()
     out = redacted(cfg)
     out["power"], out["panel"] = asdict(svc.power), asdict(svc.panel)
     click.echo(json.dumps(out, indent=2))
@@ -105,6 +124,8 @@ def config_check(path: str) -> None:
     for sc in cfg.sensors:
         for note in explain(sc):
             click.echo(f"note: {note}", err=True)
+    for note in report.warnings:
+        click.echo(f"warning: {note}", err=True)
     click.echo(f"{path}: OK", err=True)
 
 

@@ -2,23 +2,16 @@
 
 Every key has a default (see ``config.example.toml``, which is generated from
 nothing: it is the documentation and is checked against these defaults by the
-tests). An invalid value stops the agent at start with a ``ConfigError`` that
-names the key and the problem.
+tests). The keys' types, bounds and rules are edge/config_schema.py's: an invalid
+file stops the agent at start (exit 2) with every error named by key.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from edge.errors import ConfigError
-# The receiver refuses a sensor name longer than this (receiver/validate.py check_name, which
-# also refuses non-printable characters): the whole batch, GPS and all, would be lost.
-from uplink.wire import MAX_NAME_CHARS
 
 # Section names with a meaning of their own at the receiver (receiver/validate.py, store.py,
 # aggregate.py NOT_MEASUREMENTS): the track is built from the samples of sensor "gps" (the
@@ -155,186 +148,36 @@ class AgentConfig:
         return Path(self.device.data_dir) / "buffer.sqlite"
 
 
-_SECTIONS = {
-    "device": DeviceConfig,
-    "sampling": SamplingConfig,
-    "time": TimeConfig,
-    "batch": BatchConfig,
-    "buffer": BufferConfig,
-    "uplink": UplinkConfig,
-    "simulation": SimulationConfig,
-}
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check a value against the type of its default; ints are accepted for floats."""
-    expected = type(default)
-    if expected is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if expected is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
-    if expected is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected a whole number, got {value!r}")
-        return value
-    if not isinstance(value, expected):
-        raise ConfigError(key, f"expected {expected.__name__}, got {value!r}")
-    return value
-
-
-def _section(name: str, cls: type, raw: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(name, "expected a table")
-    obj = cls()
-    known = {f.name for f in fields(cls)}
-    for key, value in raw.items():
-        full = f"{name}.{key}"
-        if key not in known:
-            raise ConfigError(full, f"unknown key (known: {', '.join(sorted(known))})")
-        setattr(obj, key, _coerce(full, value, getattr(obj, key)))
-    return obj
-
-
-def _validate(cfg: AgentConfig) -> None:
-    # TOML has nan and inf: no bound below can be trusted with them (nan compares false).
-    for name in _SECTIONS:
-        sec = getattr(cfg, name)
-        for f in fields(sec):
-            v = getattr(sec, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{name}.{f.name}", f"must be a finite number, not {v!r}")
-    if not DEVICE_ID_RE.fullmatch(cfg.device.id):
-        raise ConfigError(
-            "device.id", "1-63 letters, digits, '-' or '_', starting with a letter or digit"
-        )
-    if not 0 < cfg.sampling.rate_hz <= 50:
-        raise ConfigError("sampling.rate_hz", "must be above 0 and at most 50")
-    if not 0.1 <= cfg.sampling.commit_interval_s <= 60:
-        raise ConfigError("sampling.commit_interval_s", "must be between 0.1 and 60 seconds")
-    if cfg.time.gps_valid_s <= 0:
-        raise ConfigError("time.gps_valid_s", "must be above 0")
-    if cfg.time.hold_unsync_s < 0:
-        raise ConfigError("time.hold_unsync_s", "must be 0 or more")
-    if not 0.1 <= cfg.time.step_tolerance_s <= 3600:
-        raise ConfigError("time.step_tolerance_s", "must be between 0.1 and 3600 seconds")
-    if cfg.time.step_confirm_s < 0:
-        raise ConfigError("time.step_confirm_s", "must be 0 or more")
-    if not 0 <= cfg.time.gps_latency_s <= 1:
-        raise ConfigError("time.gps_latency_s", "must be between 0 and 1 second")
-    if not 1 <= cfg.batch.max_samples <= 20_000:  # uplink/wire.py MAX_SAMPLES_PER_BATCH
-        raise ConfigError("batch.max_samples", "must be between 1 and 20000")
-    if not 0 < cfg.batch.max_age_s <= 86400:
-        raise ConfigError("batch.max_age_s", "must be above 0 and at most 86400 seconds")
-    if cfg.buffer.max_bytes < 1024 * 1024:
-        raise ConfigError("buffer.max_bytes", "must be at least 1 MiB (1048576)")
-    if cfg.buffer.reserve_bytes < 0 or cfg.buffer.reserve_bytes >= cfg.buffer.max_bytes:
-        raise ConfigError("buffer.reserve_bytes", "must be 0 or more and below buffer.max_bytes")
-    if not 1 <= cfg.buffer.wal_autocheckpoint <= 1_000_000:
-        raise ConfigError("buffer.wal_autocheckpoint", "must be between 1 and 1000000 pages")
-    if not 1 <= cfg.uplink.port <= 65535:
-        raise ConfigError("uplink.port", "must be a TCP port, 1-65535")
-    if not 1 <= cfg.uplink.window <= 1000:
-        raise ConfigError("uplink.window", "must be between 1 and 1000")
-    # Bounds that keep a van reachable, also against a remote change (issue 13, 7.3): MQTT's
-    # keepalive is 16 bits (0 would switch it off: a dead link is never noticed), and an
-    # ack timeout or reconnect delay of milliseconds turns into a re-send / reconnect storm.
-    if not 5 <= cfg.uplink.keepalive_s <= 65535:
-        raise ConfigError("uplink.keepalive_s", "must be between 5 and 65535 seconds (MQTT's range)")
-    if not 0.05 <= cfg.uplink.reconnect_min_s <= cfg.uplink.reconnect_max_s:
-        raise ConfigError("uplink.reconnect_min_s", "must be at least 0.05 s and at most reconnect_max_s")
-    if cfg.uplink.reconnect_max_s > 3600:
-        raise ConfigError("uplink.reconnect_max_s", "must be at most 3600 seconds")
-    if not 1 <= cfg.uplink.heartbeat_s <= 3600:
-        raise ConfigError("uplink.heartbeat_s", "must be between 1 and 3600 seconds")
-    if not 1 <= cfg.uplink.ack_timeout_s <= 3600:
-        raise ConfigError("uplink.ack_timeout_s", "must be between 1 and 3600 seconds")
-    if not cfg.uplink.topic_prefix or any(c in cfg.uplink.topic_prefix for c in "#+"):
-        raise ConfigError("uplink.topic_prefix", "must be a topic without wildcards")
-    for f in ("ca_file", "cert_file", "key_file"):
-        path = getattr(cfg.uplink, f)
-        if path and not Path(path).is_file():
-            raise ConfigError(f"uplink.{f}", f"no such file: {path}")
-    if cfg.simulation.devices not in ("values", "hardware"):
-        raise ConfigError("simulation.devices", "must be 'values' or 'hardware'")
-    if cfg.simulation.noise not in ("module", "microphone"):
-        raise ConfigError("simulation.noise", "must be 'module' or 'microphone'")
-    for key in ("gps_corrupt_prob", "pm_corrupt_prob"):
-        if not 0.0 <= getattr(cfg.simulation, key) <= 1.0:
-            raise ConfigError(f"simulation.{key}", "must be a probability, 0 to 1")
-    if not 0 < cfg.simulation.shift_hours <= 24 * 366:
-        raise ConfigError("simulation.shift_hours", "must be above 0 and at most a year")
-    for key in ("speedup", "start_offset_m", "ntp_after_s"):
-        if getattr(cfg.simulation, key) < 0:
-            raise ConfigError(f"simulation.{key}", "must be 0 or more")
-    names = [s.name for s in cfg.sensors]
-    if len(set(names)) != len(names):
-        raise ConfigError("sensors", "sensor names must be unique")
-    for sc in cfg.sensors:
-        check_sensor_table(sc)
-
-
-def check_sensor_table(sc: SensorConfig) -> None:
-    """A [sensors.NAME] the receiver accepts, that does not hide the values under a reserved name,
-    and whose ``serial`` (the key calibration records are found by) is text."""
-    serial = sc.options.get("serial")
-    if serial is not None and not isinstance(serial, str):
-        # TOML `serial = 0` is an integer: it would lose leading zeros, and 0 was taken as "none".
-        raise ConfigError(f"sensors.{sc.name}.serial",
-                          f"a serial is text: write it in quotes, serial = \"{serial}\"")
-    key = f"sensors.{sc.name}"
-    if not sc.name or len(sc.name) > MAX_NAME_CHARS:
-        raise ConfigError(key, f"a sensor name has 1 to {MAX_NAME_CHARS} characters (the receiver refuses longer ones)")
-    if not sc.name.isprintable():
-        raise ConfigError(f"sensors.{sc.name!r}", "a sensor name cannot hold tabs, newlines or other control characters")
-    if sc.name == CALIBRATION_SECTION:
-        raise ConfigError(key, "'calibration' is reserved for calibration records: choose another name")
-    if sc.name == GPS_SECTION and sc.driver not in GPS_DRIVERS:
-        raise ConfigError(key, f"'gps' is reserved for a position driver ({', '.join(GPS_DRIVERS)}): "
-                               f"name the {sc.driver!r} section otherwise")
+# The agent's own sections (edge/power.py adds [power] and [panel]); their keys, bounds and
+# rules are declared once, in edge/config_schema.py.
+AGENT_SECTIONS = ("device", "sampling", "time", "batch", "buffer", "uplink", "simulation")
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:
-    cfg = AgentConfig(source=source)
-    for key, raw in data.items():
-        if key == "sensors":
-            if not isinstance(raw, dict):
-                raise ConfigError("sensors", "expected a table of [sensors.NAME] tables")
-            for sname, sraw in raw.items():
-                if not isinstance(sraw, dict):
-                    raise ConfigError(f"sensors.{sname}", "expected a table")
-                if "driver" not in sraw or not isinstance(sraw["driver"], str):
-                    raise ConfigError(f"sensors.{sname}.driver", "missing: name the driver")
-                options = {k: v for k, v in sraw.items() if k != "driver"}
-                cfg.sensors.append(SensorConfig(sname, sraw["driver"], options))
-        elif key in _SECTIONS:
-            setattr(cfg, key, _section(key, _SECTIONS[key], raw))
-        else:
-            raise ConfigError(key, f"unknown section (known: {', '.join([*_SECTIONS, 'sensors'])})")
-    _validate(cfg)
-    return cfg
+    """The configuration of a document, checked by the one schema (edge/config_schema.py);
+    ``ConfigInvalid`` (a ``ConfigError``) naming every error otherwise.
+
+    For library callers that bring their own simulated world (tests, benches): the rules
+    about which van ``edge run`` can build (simulated parts need [simulation]) are left to
+    the agent's entry points (``edge.config_schema.load``/``validate``).
+    """
+    from edge.config_schema import parse
+
+    return parse(data, source, runnable=False)[0]
 
 
 def load_config(path: str | Path) -> AgentConfig:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("<file>", f"cannot read {p}: {exc.strerror}") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("<file>", f"{p} is not valid TOML: {exc}") from exc
-    return parse_config(data, source=str(p))
+    """agent.toml read and checked like ``parse_config`` (the agent's entry points use
+    ``edge.config_schema.load``, which adds what only a runnable van needs)."""
+    from edge.config_schema import parse, read_toml
+
+    return parse(read_toml(path), str(path), runnable=False)[0]
 
 
 def redacted(cfg: AgentConfig) -> dict[str, Any]:
     """The configuration as a dict fit for logs: secrets replaced."""
     out: dict[str, Any] = {}
-    for name in _SECTIONS:
+    for name in AGENT_SECTIONS:
         sec = getattr(cfg, name)
         out[name] = {f.name: getattr(sec, f.name) for f in fields(sec)}
     if out["uplink"]["password"]:

@@ -70,5 +70,20 @@ class ConfigError(FatalError):
         super().__init__(f"config key '{key}': {problem}")
 
 
+class ConfigInvalid(ConfigError):
+    """Every error of one configuration document (edge/config_schema.py), not only the first."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = list(errors)
+        first = self.errors[0]
+        problem = first.problem if len(self.errors) == 1 else "; ".join(str(e) for e in self.errors)
+        super().__init__(first.key, problem)
+        if len(self.errors) > 1:  # not "config key 'a': config key 'a': ..."
+            self.args = (f"{len(self.errors)} configuration errors: {problem}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class DeviceNotFound(FatalError):
     """A configured device is not present at start (and the driver cannot wait for it)."""

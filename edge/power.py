@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -79,62 +78,11 @@ class ServiceConfig:
 
 
 def parse_service_sections(data: Mapping[str, Any]) -> ServiceConfig:
-    """``[power]`` and ``[panel]`` of an agent.toml (other tables are edge.config's)."""
-    # Same checks and messages as the agent's own sections.
-    from edge.config import _section
+    """``[power]`` and ``[panel]`` of an agent.toml, checked by the one schema (edge/config_schema.py,
+    which declares their bounds and rules); other tables are ignored here."""
+    from edge.config_schema import parse
 
-    power = _section("power", PowerConfig, data.get("power", {}))
-    panel = _section("panel", PanelConfig, data.get("panel", {}))
-    _validate_service(power, panel)
-    return ServiceConfig(power, panel)
-
-
-def _validate_service(p: PowerConfig, q: PanelConfig) -> None:
-    import math
-    from dataclasses import fields
-
-    # TOML has nan and inf, which pass every comparison below (issue 13, 7.3).
-    for name, sec in (("power", p), ("panel", q)):
-        for f in fields(sec):
-            v = getattr(sec, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{name}.{f.name}", f"must be a finite number, not {v!r}")
-    if p.duty_every_s > 86400:
-        raise ConfigError("power.duty_every_s", "must be at most 86400 seconds (a day)")
-    pins = {
-        "power.ignition_pin": p.ignition_pin, "panel.heartbeat_led_pin": q.heartbeat_led_pin,
-        "panel.uplink_led_pin": q.uplink_led_pin, "panel.backlog_led_pin": q.backlog_led_pin,
-        "panel.fault_led_pin": q.fault_led_pin, "panel.button_pin": q.button_pin,
-    }  # fmt: skip
-    used: dict[int, str] = {}
-    for key, pin in pins.items():
-        if pin == NO_PIN:
-            continue
-        if not 0 <= pin <= 27:
-            raise ConfigError(key, "a BCM GPIO number 0-27, or -1 for none")
-        if pin in used:
-            raise ConfigError(key, f"GPIO{pin} is already {used[pin]}")
-        used[pin] = key
-    if p.ignition_debounce_s < 0:
-        raise ConfigError("power.ignition_debounce_s", "must be 0 or more")
-    if p.shutdown_after_s < 0:
-        raise ConfigError("power.shutdown_after_s", "must be 0 (never) or more")
-    if p.shutdown_after_s and not shlex.split(p.shutdown_command):
-        raise ConfigError("power.shutdown_command", "empty: name the command that powers off")
-    if p.park_after_s < 0:
-        raise ConfigError("power.park_after_s", "must be 0 or more")
-    if p.duty_every_s <= 0:
-        raise ConfigError("power.duty_every_s", "must be above 0")
-    if not 0 < p.duty_measure_s <= p.duty_every_s:
-        raise ConfigError("power.duty_measure_s", "must be above 0 and at most power.duty_every_s")
-    if "/" in p.hours_file or not p.hours_file:
-        raise ConfigError("power.hours_file", "a file name (it lives in device.data_dir)")
-    if q.button_hold_s <= 0:
-        raise ConfigError("panel.button_hold_s", "must be above 0")
-    if q.backlog_threshold < 0:
-        raise ConfigError("panel.backlog_threshold", "must be 0 or more")
-    if q.fault_window_s <= 0:
-        raise ConfigError("panel.fault_window_s", "must be above 0")
+    return parse({k: data[k] for k in SERVICE_SECTIONS if k in data}, runnable=False)[1]
 
 
 def has_sleep(driver: Any) -> bool:

@@ -33,23 +33,23 @@ from edge.calibration import (
     attach_calibrations,
     record_from_config,
 )
-from edge.config import AgentConfig, SensorConfig, parse_config
+from edge import config_schema
+from edge.config import AgentConfig
+from edge.config_schema import read_toml
 from edge.errors import ConfigError
 from edge.power import (
     NO_PIN,
-    SERVICE_SECTIONS,
     ObservedDriver,
     OperatingHours,
     PowerManager,
     ServiceConfig,
     StatusPanel,
     has_sleep,
-    parse_service_sections,
     speed_from,
 )
 from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
-from edge.sensors import build_drivers, check_options
+from edge.sensors import build_drivers
 from edge.measuring import DEFAULT_GRACE_S as DEFAULT_READY_GRACE_S
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
 from edge.timekeeping import TimeFixSource
@@ -73,86 +73,21 @@ def parse_utc(text: str, key: str) -> float:
 
 
 # -- configuration: agent.toml with [power] and [panel] -------------------------------------------
+# One schema (edge/config_schema.py) for `edge config check`, `edge run`, a SIGHUP reload and a
+# remote change: the same document gives the same errors on every path.
 
 
 def parse_full_config(data: dict[str, Any], source: str = "<dict>") -> tuple[AgentConfig, ServiceConfig]:
-    agent_part = {k: v for k, v in data.items() if k not in SERVICE_SECTIONS}
-    return parse_config(agent_part, source=source), parse_service_sections(data)
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("<file>", f"cannot read {p}: {exc.strerror}") from exc
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("<file>", f"{p} is not valid TOML: {exc}") from exc
+    return config_schema.parse(data, source)
 
 
 def load_full_config(path: str | Path) -> tuple[AgentConfig, ServiceConfig]:
-    return parse_full_config(read_toml(path), source=str(path))
+    return config_schema.load(path)
 
 
 def check_config_data(data: dict[str, Any]) -> list[ConfigError]:
-    """Every error of a configuration document, not only the first, each naming its key.
-
-    Each key is checked alone over the defaults (so one bad value does not hide
-    the next), then the document as a whole without the bad keys (for rules
-    between keys). Sensor tables are checked for known drivers and options as
-    far as that is possible without opening the devices.
-    """
-    errors: list[ConfigError] = []
-    bad: set[tuple[str, str]] = set()
-    seen: set[str] = set()
-
-    def add(exc: ConfigError) -> None:
-        if exc.key not in seen:
-            seen.add(exc.key)
-            errors.append(exc)
-
-    for section, raw in data.items():
-        if section == "sensors" or not isinstance(raw, dict):
-            continue
-        for key, value in raw.items():
-            try:
-                parse_full_config({section: {key: value}})
-            except ConfigError as exc:
-                add(exc)
-                bad.add((section, key))
-    cleaned: dict[str, Any] = {}
-    for section, raw in data.items():
-        cleaned[section] = {k: v for k, v in raw.items() if (section, k) not in bad} if isinstance(raw, dict) and section != "sensors" else raw
-    try:
-        agent_cfg, _ = parse_full_config(cleaned)
-    except ConfigError as exc:
-        add(exc)
-        return errors
-    for sc in agent_cfg.sensors:
-        for exc in _check_sensor(sc):
-            add(exc)
-    return errors
-
-
-def _check_sensor(sc: SensorConfig) -> list[ConfigError]:
-    if sc.driver == "nmea-gps" and not isinstance(sc.options.get("single_sentence", False), bool):
-        return [ConfigError(f"sensors.{sc.name}.single_sentence",
-                            "expected true (one position sentence per epoch: RMC, GGA or GNS only) or false")]  # fmt: skip
-    return check_options(sc)  # unknown keys (with a did-you-mean hint) and types, as `edge run` checks them
-
-
-def check_config_file(path: str | Path) -> tuple[list[ConfigError], tuple[AgentConfig, ServiceConfig] | None]:
-    """For ``edge config check``: all errors, and the parsed configuration if there are none."""
-    try:
-        data = read_toml(path)
-    except ConfigError as exc:
-        return [exc], None
-    errors = check_config_data(data)
-    if errors:
-        return errors, None
-    return [], parse_full_config(data, source=str(path))
+    """Every error of a configuration document, not only the first, each naming its key."""
+    return config_schema.validate(data).errors
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -406,14 +341,17 @@ class Runtime:
             except ConfigError as exc:
                 log.error("reload: %s; keeping the running configuration", exc)
                 return None
-            errors = check_config_data(data)
-            if errors:
-                for exc in errors:
+            report = config_schema.validate(data, source=str(self.config_path))
+            if report.errors:
+                for exc in report.errors:
                     log.error("reload: %s", exc)
-                log.error("reload: %d error(s) in %s; keeping the running configuration", len(errors), self.config_path)
+                log.error("reload: %d error(s) in %s; keeping the running configuration", len(report.errors),
+                          self.config_path)  # fmt: skip
                 return None
+            for note in report.warnings:
+                log.warning("reload: %s", note)
             try:
-                cfg, svc = parse_full_config(data, source=str(self.config_path))
+                cfg, svc = report.raise_if_invalid()
                 result = self.reconfigure(cfg, svc)
             except ConfigError as exc:
                 log.error("reload: %s; keeping the running configuration", exc)

@@ -1,7 +1,9 @@
 """Build the configured sensor drivers.
 
-Each ``[sensors.NAME]`` table names a ``driver`` and its options; every option
-is checked here so that a typo stops the agent at start with the key named.
+Each ``[sensors.NAME]`` table names a ``driver`` and its options. Each driver
+declares its options next to its code (``OPTIONS``, see ``driver_options``);
+edge/config_schema.py checks them before anything is built, the same way for
+``edge config check``, ``edge run``, a reload and a remote change.
 Transports come from the options: a serial ``port`` (device path or pyserial
 URL), an I2C ``bus`` number, an ALSA ``device``. In a simulated van the value
 ``"sim"`` (or ``"sim:NAME"`` for ports) takes the simulated hardware's
@@ -24,72 +26,52 @@ pseudo-terminal or fake bus instead, so the same drivers run.
 
 from __future__ import annotations
 
-import contextvars
 from typing import Any, Callable
 
 from drivers.base import SensorDriver
 from edge.config import SensorConfig
-from edge.errors import ConfigError
+from drivers.options import DriverOptions, Option, check_table
+from edge.errors import ConfigError, ConfigInvalid
 from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
 
 DriverFactory = Callable[[SensorConfig, dict[str, Any]], SensorDriver]
 
 
-# Options whose value may be of another type than their default (checked where used).
-_LOOSE = {"bus", "calibration", "serial"}
+# Where each driver declares its options (``DriverOptions`` next to its code): the schema
+# (edge/config_schema.py) checks a [sensors.NAME] table against them for `edge config check`,
+# `edge run`, a reload and a remote change alike, and the factories below take the result.
+_OPTION_SPECS: dict[str, tuple[str, str]] = {
+    **{d: ("drivers.pms", "OPTIONS") for d in ("pms5003", "pms7003", "pmsa003")},
+    "sds011": ("drivers.sds011", "OPTIONS"), "sps30": ("drivers.sps30", "OPTIONS"),
+    "nmea-gps": ("drivers.gps", "NMEA_OPTIONS"), "gpsd": ("drivers.gps", "GPSD_OPTIONS"),
+    "no2-b43f": ("drivers.no2", "OPTIONS"), "dgs-no2": ("drivers.dgs_no2", "OPTIONS"),
+    "sound-module": ("drivers.sound_module", "OPTIONS"), "microphone": ("drivers.noise.capture", "OPTIONS"),
+}  # fmt: skip
+# The value-level simulated sensors take only a seed (declared here: checking a file must not
+# import the simulator).
+SIM_OPTIONS = DriverOptions({"seed": Option(0)})
 
 
-def _opts(sc: SensorConfig, defaults: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Options merged over defaults; unknown keys and wrong types are errors naming the key."""
-    out = dict(defaults)
-    for key, value in sc.options.items():
-        full = f"sensors.{sc.name}.{key}"
-        if key not in defaults and key not in required:
-            import difflib
+def driver_options(driver: str) -> DriverOptions | None:
+    """The options a driver declares; None for a driver we do not know."""
+    if driver in _OPTION_SPECS:
+        import importlib
 
-            known = sorted([*defaults, *required])
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            raise ConfigError(full, f"unknown option for driver {sc.driver!r}: {hint}(known: {', '.join(known)})")
-        default = defaults.get(key)
-        if default is not None and key not in _LOOSE and not isinstance(value, type(default)):
-            if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
-                raise ConfigError(full, f"expected {type(default).__name__}, got {value!r}")
-            value = float(value)
-        out[key] = value
-    for key in required:
-        if key not in out:
-            raise ConfigError(f"sensors.{sc.name}.{key}", f"required by driver {sc.driver!r}")
-    if _CHECK_ONLY.get():
-        raise _OptionsChecked  # `edge config check`: the options are valid; open nothing
-    return out
+        module, attr = _OPTION_SPECS[driver]
+        spec: DriverOptions = getattr(importlib.import_module(module), attr)
+        return spec
+    return SIM_OPTIONS if driver in FACTORIES else None
 
 
-class _OptionsChecked(Exception):
-    """Raised by ``_opts`` under ``check_options``: the options passed, build no driver."""
-
-
-# Set by check_options: the factories run their own option checks (the same code `edge run`
-# runs, so the two cannot disagree about a key) and stop before opening any device.
-_CHECK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("check_only", default=False)
-
-
-def check_options(sc: SensorConfig) -> list[ConfigError]:
-    """The errors of a sensor table's driver and options, without opening its device."""
-    factory = FACTORIES.get(sc.driver)
-    if factory is None:
-        return [unknown_driver(sc)]
-    token = _CHECK_ONLY.set(True)
-    try:
-        # A stand-in world: simulated drivers check for one before their options.
-        factory(sc, {"world": object()})
-    except _OptionsChecked:
-        return []
-    except ConfigError as exc:
-        return [exc]
-    finally:
-        _CHECK_ONLY.reset(token)
-    return []  # a factory that takes no options
+def _opts(sc: SensorConfig) -> dict[str, Any]:
+    """The table's options merged over the driver's defaults. Checked by the schema before any
+    build; checked again here (without the file rules) for callers that build directly."""
+    spec = driver_options(sc.driver)
+    assert spec is not None, sc.driver
+    checked = check_table(spec.options, sc.options, what=f"option for driver {sc.driver!r}")
+    if checked.problems:
+        raise ConfigInvalid([ConfigError(f"sensors.{sc.name}.{k}", p) for k, p in checked.problems])
+    return checked.values
 
 
 def _monotonic(ctx: dict[str, Any]) -> Callable[[], float]:
@@ -125,38 +107,28 @@ def _bus(sc: SensorConfig, ctx: dict[str, Any], bus: Any) -> Any:
 def _pms(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.pms import PMSx003Driver
 
-    o = _opts(sc, {"baudrate": 9600, "mode": "passive"}, required=("port",))
-    if o["mode"] not in ("active", "passive"):
-        raise ConfigError(f"sensors.{sc.name}.mode", "must be 'active' or 'passive'")
+    o = _opts(sc)
     return PMSx003Driver(_serial(sc, ctx, o["port"], o["baudrate"]), _monotonic(ctx), sc.name, mode=o["mode"])
 
 
 def _sds011(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.sds011 import SDS011Driver
 
-    o = _opts(sc, {"baudrate": 9600, "mode": "query"}, required=("port",))
-    if o["mode"] not in ("active", "query"):
-        raise ConfigError(f"sensors.{sc.name}.mode", "must be 'active' or 'query'")
+    o = _opts(sc)
     return SDS011Driver(_serial(sc, ctx, o["port"], o["baudrate"]), _monotonic(ctx), sc.name, mode=o["mode"])
 
 
 def _sps30(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.sps30 import SPS30Driver
 
-    o = _opts(sc, {"baudrate": 115200}, required=("port",))
+    o = _opts(sc)
     return SPS30Driver(_serial(sc, ctx, o["port"], o["baudrate"]), _monotonic(ctx), sc.name)
 
 
 def _nmea(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.gps import NmeaGpsDriver
 
-    # collect_s, gap_s: upper bounds for the timing probe; the values used follow from the
-    # baud rate and the epoch rate (NmeaGpsDriver.probe_timing), so few vans need to set them.
-    o = _opts(sc, {"baudrate": 9600, "single_sentence": False, "collect_s": 0.4, "gap_s": 0.05},
-              required=("port",))
-    for key in ("collect_s", "gap_s"):
-        if not 0.0 < o[key] <= 1.0:
-            raise ConfigError(f"sensors.{sc.name}.{key}", f"seconds above 0 and at most 1, not {o[key]!r}")
+    o = _opts(sc)  # collect_s, gap_s: upper bounds for the timing probe (drivers/gps.py NMEA_OPTIONS)
     # No van measures before the plausible window: an earlier GPS date is a week-number rollover.
     # A real port is timed by a reader thread (drivers/gps.py); a simulated one emits in
     # lock-step with the virtual clock the sampling loop moves, so it is timed at the read.
@@ -182,37 +154,19 @@ def explain(sc: SensorConfig) -> list[str]:
 def _gpsd(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.gps import GpsdSource
 
-    o = _opts(sc, {"host": "127.0.0.1", "port": 2947})
+    o = _opts(sc)
     return GpsdSource(host=o["host"], port=o["port"], name=sc.name, clock=_monotonic(ctx))
 
 
 def _no2_b43f(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.ads1115 import ADS1115
-    from drivers.no2 import LinearTemperature, No2B43F, No2Calibration, load_calibrations_toml
+    from drivers.no2 import LinearTemperature, No2B43F
+    from edge.calibration import configured_no2_sheet
 
-    o = _opts(
-        sc,
-        {
-            "bus": 1, "address": 0x49, "algorithm": 1, "we_channel": "AIN0", "ae_channel": "AIN1",
-            "temp_channel": "AIN2", "temp_mv_at_0c": 500.0, "temp_mv_per_c": 10.0, "fsr_v": 4.096,
-            "data_rate": 128, "calibration_file": "", "calibration": {}, "temp_every_s": 10.0,
-        },
-        required=("serial",),
-    )
-    serial = str(o["serial"])
-    if o["calibration"]:
-        cal = No2Calibration.from_mapping(serial, o["calibration"])
-    elif o["calibration_file"]:
-        cals = load_calibrations_toml(o["calibration_file"])
-        if serial not in cals:
-            raise ConfigError(f"sensors.{sc.name}.serial", f"no calibration for {serial} in {o['calibration_file']}")
-        cal = cals[serial]
-    elif o["bus"] == "sim":
-        from simulator.hardware import SIM_NO2_CAL
-
-        cal = SIM_NO2_CAL
-    else:
-        raise ConfigError(f"sensors.{sc.name}.calibration_file", "the sensor's calibration sheet is required")
+    o = _opts(sc)
+    cal = configured_no2_sheet(sc)  # the schema has checked it: file there, serial in it
+    if cal is None:
+        raise ConfigError(f"sensors.{sc.name}.calibration_file", "required: the sensor's calibration sheet")
     adc = ADS1115(_bus(sc, ctx, o["bus"]), o["address"], fsr_v=o["fsr_v"], data_rate=o["data_rate"],
                   clock=ctx["clock"])
     return No2B43F(
@@ -225,14 +179,14 @@ def _no2_b43f(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
 def _dgs(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.dgs_no2 import DgsNo2
 
-    o = _opts(sc, {"baudrate": 9600}, required=("port",))
+    o = _opts(sc)
     return DgsNo2(_serial(sc, ctx, o["port"], o["baudrate"]), clock=ctx["clock"], name=sc.name)
 
 
 def _sound_module(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.sound_module import SoundLevelModule
 
-    o = _opts(sc, {"bus": 1, "address": 0x48, "weighting": "A", "averaging_ms": 1000})
+    o = _opts(sc)
     # Reset min/max at every read: each sample's lamin/lamax then cover its own second.
     return SoundLevelModule(_bus(sc, ctx, o["bus"]), o["address"], weighting=o["weighting"],
                             averaging_ms=o["averaging_ms"], reset_each_read=True, name=sc.name)
@@ -242,9 +196,7 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.noise.capture import AlsaSource, MicrophoneDriver
     from drivers.noise.levels import LevelMeter, MeterConfig
 
-    # serial: the capsule's id its calibration records are kept under (edge/calibration.py).
-    o = _opts(sc, {"device": "default", "sensitivity_dbfs": -26.0, "calibration_offset_db": 0.0,
-                   "noise_floor_db": 29.0, "serial": ""})
+    o = _opts(sc)
     meter = LevelMeter(MeterConfig(sensitivity_dbfs=o["sensitivity_dbfs"],
                                    calibration_offset_db=o["calibration_offset_db"],
                                    noise_floor_db=o["noise_floor_db"]))
@@ -265,7 +217,7 @@ def _sim_factory(kind: str) -> DriverFactory:
         world = ctx.get("world")
         if world is None:
             raise ConfigError(f"sensors.{sc.name}.driver", f"{kind!r} needs [simulation] enabled = true")
-        o = _opts(sc, {"seed": 0})
+        o = _opts(sc)
         return SIM_DRIVERS[kind](world, name=sc.name, seed=o["seed"])
 
     return make

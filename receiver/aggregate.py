@@ -87,7 +87,7 @@ QUANTITIES: dict[str, Quantity] = {
 # Which flagged values are left out (sample flags and the value's quality flags), and what a
 # sentinel is: receiver/flag_policy.py, one policy for every product.
 #: Samples of these sensors are no measurement of the air, whatever keys they hold (the agent's
-#: config check refuses these names for any other driver: edge/config.py check_sensor_table).
+#: config check refuses these names for any other driver: edge/config_schema.py _sensor_name).
 NOT_MEASUREMENTS = ("gps", "calibration")
 #: Column order of the quantities in the columnar path.
 QUANTITY_KEYS: tuple[str, ...] = tuple(QUANTITIES)

@@ -399,7 +399,9 @@ def test_remote_refuses_gpsd_source_simulation_gps_only_and_out_of_range(tmp_pat
             refused[rid] = {e["key"] for e in ack["errors"]}
         assert refused["g1"] == {"sensors.gps.host"}
         assert refused["g2"] == {"sensors.gps.port"}
-        assert refused["s1"] == {"simulation.speedup"} and refused["s2"] == {"simulation.enabled"}
+        assert refused["s1"] == {"simulation.speedup"}
+        # Local-only, and the schema's own word: sim-* drivers need [simulation] enabled = true.
+        assert refused["s2"] == {"simulation.enabled", "sensors.pm.driver", "sensors.gps.driver"}
         assert refused["u1"] == {"uplink.keepalive_s", "uplink.ack_timeout_s", "uplink.heartbeat_s", "uplink.window"}
         assert refused["o1"] == {"sensors"}
         assert conf.read_text() == before and rt.agent.cfg.simulation.speedup == 20

@@ -50,6 +50,7 @@ def test_agent_unit_contract() -> None:
     assert d["Type"] == ["notify"]
     assert int(d["WatchdogSec"][0]) <= 60
     assert d["Restart"] == ["always"]
+    assert d["RestartPreventExitStatus"] == ["2"]  # a config error (exit 2): fix the file, no crash loop
     assert d["User"] == ["datalab"]
     assert set(d["SupplementaryGroups"][0].split()) == {"dialout", "i2c", "gpio", "audio"}
     assert d["NoNewPrivileges"] == ["yes"] and d["ProtectSystem"] == ["strict"]

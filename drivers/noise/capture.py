@@ -36,6 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from drivers.base import Reading
+from drivers.options import DriverOptions, Option
 from edge.errors import DeviceNotFound, FatalError, ReadError
 from edge.timekeeping import MEASURED_MONO
 
@@ -362,3 +363,15 @@ def wait_for_seconds(driver: MicrophoneDriver, seconds: int, timeout_s: float = 
             return driver.seconds_processed >= seconds
         time.sleep(0.005)
     return True
+
+
+# [sensors.NAME] options of driver = "microphone" (edge/sensors.py builds it); the bounds are
+# MeterConfig's (drivers/noise/levels.py). serial: the capsule's id its calibration records are
+# kept under (edge/calibration.py); "" = <device id>/<sensor name>.
+OPTIONS = DriverOptions({
+    "device": Option("default", check=lambda v: None if v.strip() else "empty: an ALSA device such as \"default\""),
+    "sensitivity_dbfs": Option(-26.0, lo=-80.0, hi=0.0, unit="dBFS"),
+    "calibration_offset_db": Option(0.0, lo=-20.0, hi=20.0, unit="dB"),
+    "noise_floor_db": Option(29.0),
+    "serial": Option(""),
+})

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge.calibration import CalibrationError, CalibrationRecord, CalibrationStore, Proposal, record_id
-from edge.config import AgentConfig, SensorConfig, load_config, parse_config
+from edge.config import AgentConfig, SensorConfig, parse_config
 from edge.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/datalab-edge/agent.toml"
@@ -89,7 +89,11 @@ def load_van_config(config_path: str | None, simulate: bool, data_dir: str | Non
     """The agent's configuration, adapted for --simulate; ConfigError if it is unusable."""
     path = config_path or DEFAULT_CONFIG
     if Path(path).exists() or config_path:
-        cfg = load_config(path)
+        # Checked by the agent's schema, except what needs [simulation]: the technician's van
+        # brings its simulated world itself (--simulate, or "sim" ports: Van below).
+        from edge.config_schema import read_toml
+
+        cfg = parse_config(read_toml(path), source=str(path))
     elif simulate:
         cfg = parse_config({}, source="<simulated van>")
     else:
