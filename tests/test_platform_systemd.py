@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.platform.container import Container
+from tests.platform.container import Container, sweep_stale
 from tests.platform.rootfs import ensure_rootfs
 from tests.platform.van import CONFIG, DATA, TOOLS, UNIT, VENV_PY, Van, van_config
 
@@ -42,6 +42,7 @@ def van() -> Iterator[Van]:
     for tool in ("debootstrap", "systemd-nspawn", "nsenter", "journalctl"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: scripts/bootstrap --with-tests installs it")
+    sweep_stale()  # a run killed before its teardown left its container behind
     box = Container(ensure_rootfs())
     try:
         box.boot()
@@ -195,7 +196,7 @@ def test_the_watchdog_restarts_a_hung_agent(van: Van) -> None:
         s = van.wait_running(timeout=120, other_than_pid=pid)
         print(f"hung agent running again after {time.monotonic() - t0:.1f} s")
         assert int(s["NRestarts"]) == restarts + 1, s
-        assert "Watchdog timeout" in van.box.journal()[mark:] or "watchdog" in van.journal()[mark:].lower()
+        assert "Watchdog timeout" in van.journal()[mark:]
         o = van.oracle()  # killed mid-run: what was committed before is all there
         assert o["last_seq"] >= committed and o["missing"] == [] and o["integrity"] == "ok", o
     finally:
@@ -208,9 +209,11 @@ def test_ignition_off_powers_the_van_off(van: Van) -> None:
     # the polkit rule install-pi wrote, as the datalab user.
     van.dropin("70-platform-gpio", "[Service]\nEnvironment=GPIOZERO_PIN_FACTORY=mock\n")
     van.write_config(van_config(extra="[power]\nignition_pin = 17\nignition_debounce_s = 0.5\nshutdown_after_s = 5\n"))
+    t0 = time.monotonic()
     van.box.run(["systemctl", "restart", UNIT], timeout=150)
     code = van.box.wait_exit(timeout=120)
     assert code is not None, "the container did not power off: " + van.box.log_tail()
+    print(f"powered off {time.monotonic() - t0:.1f} s after the restart with the ignition off")
     journal = subprocess.run(["journalctl", "--no-pager", "-o", "cat", "-D", str(van.box.path("/var/log/journal")),
                               "-u", UNIT], capture_output=True, text=True, timeout=60).stdout
     last_boot = journal[journal.rfind("agent van-platform started"):]

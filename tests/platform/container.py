@@ -56,13 +56,49 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
+WORK_PREFIX = "datalab-platform-"
+WORK_PARENT = Path("/var/tmp")
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def sweep_stale(parent: Path = WORK_PARENT) -> list[Path]:
+    """Tear down what a killed test run left (its own teardown never ran): the container of a
+    run whose pytest is gone, its overlay mount and folder. Runs still alive are left alone."""
+    swept = []
+    for work in parent.glob(WORK_PREFIX + "*"):
+        try:
+            owner, nspawn = (int(x) for x in (work / "owner").read_text().split())
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        if _alive(owner):
+            continue
+        try:  # the pid may have been reused: only a systemd-nspawn on this very folder
+            cmdline = Path(f"/proc/{nspawn}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            cmdline = []
+        if cmdline and cmdline[0].endswith(b"systemd-nspawn") and str(work).encode() in b" ".join(cmdline):
+            for kid in [*_children(nspawn), nspawn]:
+                try:
+                    os.kill(kid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        subprocess.run(["umount", "-l", str(work / "root")], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+        swept.append(work)
+    return swept
+
+
 class Container:
     """One booted container on a copy of ``base``; use as a context manager."""
 
     def __init__(self, base: Path, workdir: Path | None = None, *, name: str = "") -> None:
         self.base = base
         self.name = name or f"van-test-{os.getpid()}"  # unique: nspawn keeps per-name state in /run
-        self.work = Path(workdir or tempfile.mkdtemp(prefix="datalab-platform-", dir="/var/tmp"))
+        self.work = Path(workdir or tempfile.mkdtemp(prefix=WORK_PREFIX, dir=WORK_PARENT))
         self.root = self.work / "root"
         self.log = self.work / "nspawn.log"
         self._overlay = False
@@ -110,6 +146,8 @@ class Container:
         with open(self.log, "ab") as out:
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, start_new_session=True)
+        # Who owns this container: sweep_stale() tears it down if this process dies unannounced.
+        (self.work / "owner").write_text(f"{os.getpid()} {self._proc.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
