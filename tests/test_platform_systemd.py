@@ -59,6 +59,19 @@ def van() -> Iterator[Van]:
         box.close()
 
 
+def test_a_killed_runs_leftovers_are_swept_and_live_runs_kept(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs: the owner of a run killed before its teardown
+    dead = tmp_path / "datalab-platform-dead"
+    (dead / "root" / "etc").mkdir(parents=True)
+    (dead / "owner").write_text(f"{gone.pid} {gone.pid}\n")
+    live = tmp_path / "datalab-platform-live"
+    (live / "root").mkdir(parents=True)
+    (live / "owner").write_text(f"{os.getpid()} {gone.pid}\n")
+    assert sweep_stale(tmp_path) == [dead]
+    assert not dead.exists() and live.exists()
+
+
 def test_the_unit_starts_at_boot_and_reports_ready(van: Van) -> None:
     # Type=notify: "active (running)" is reached only with READY=1 from the agent.
     s = van.wait_running(timeout=120)
@@ -208,19 +221,21 @@ def test_ignition_off_powers_the_van_off(van: Van) -> None:
     # low = ignition off, as with the sense wire unplugged. The poweroff goes through logind and
     # the polkit rule install-pi wrote, as the datalab user.
     van.dropin("70-platform-gpio", "[Service]\nEnvironment=GPIOZERO_PIN_FACTORY=mock\n")
-    van.write_config(van_config(extra="[power]\nignition_pin = 17\nignition_debounce_s = 0.5\nshutdown_after_s = 5\n"))
+    power = "[power]\nignition_pin = 17\nignition_debounce_s = 0.5\nshutdown_after_s = 5\n"
+    van.write_config(van_config(extra=power))
     t0 = time.monotonic()
     van.box.run(["systemctl", "restart", UNIT], timeout=150)
     code = van.box.wait_exit(timeout=120)
     assert code is not None, "the container did not power off: " + van.box.log_tail()
     print(f"powered off {time.monotonic() - t0:.1f} s after the restart with the ignition off")
-    journal = subprocess.run(["journalctl", "--no-pager", "-o", "cat", "-D", str(van.box.path("/var/log/journal")),
-                              "-u", UNIT], capture_output=True, text=True, timeout=60).stdout
+    journal = subprocess.run(
+        ["journalctl", "--no-pager", "-o", "cat", "-D", str(van.box.path("/var/log/journal")), "-u", UNIT],
+        capture_output=True, text=True, timeout=60).stdout
     last_boot = journal[journal.rfind("agent van-platform started"):]
     assert "ignition off" in last_boot and "systemctl poweroff" in last_boot, last_boot[-3000:]
     # systemd stopped the agent cleanly on the way down: its account matches the buffer.
-    r = subprocess.run([sys.executable, str(ROOT / "tests/platform/buffer_oracle.py"),
-                        str(van.box.path(f"{DATA}/buffer.sqlite"))], capture_output=True, text=True, check=True)
+    oracle = [sys.executable, str(ROOT / "tests/platform/buffer_oracle.py"), str(van.box.path(f"{DATA}/buffer.sqlite"))]
+    r = subprocess.run(oracle, capture_output=True, text=True, check=True)
     o = json.loads(r.stdout)
     stats = json.loads(van.box.path(f"{DATA}/stats.json").read_text())
     assert o["missing"] == [] and o["integrity"] == "ok" and stats["last_seq"] == o["last_seq"], (o, stats)

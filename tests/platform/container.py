@@ -252,7 +252,8 @@ class Container:
                *[f"{k}={v}" for k, v in {**base_env, **(env or {})}.items()], *argv]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
         if check and r.returncode != 0:
-            raise ContainerError(f"{shlex.join(argv)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            raise ContainerError(
+                f"{shlex.join(argv)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         return r
 
     def journal(self, unit: str | None = None, since_cursor: str | None = None) -> str:

@@ -79,7 +79,9 @@ class RootfsError(RuntimeError):
     """The rootfs could not be built (debootstrap's log tail says why)."""
 
 
-def ensure_rootfs(recipe: Recipe | None = None, cache: Path = DEFAULT_CACHE, *, log: Path | None = None) -> Path:
+def ensure_rootfs(
+    recipe: Recipe | None = None, cache: Path = DEFAULT_CACHE, *, log: Path | None = None
+) -> Path:
     """The cached rootfs for ``recipe``, built first if missing (~2.5 min)."""
     recipe = recipe or Recipe()
     cache.mkdir(parents=True, exist_ok=True)

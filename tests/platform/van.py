@@ -82,7 +82,8 @@ class Van:
         tools.mkdir(parents=True, exist_ok=True)
         for name in ("sandbox_probe.py", "buffer_oracle.py"):
             (tools / name).write_bytes((HERE / name).read_bytes())
-        return self.box.run(f"cd {SRC} && scripts/install-pi", check=False, timeout=1200, env=self.box.pip_env)
+        return self.box.run(f"cd {SRC} && scripts/install-pi", check=False, timeout=1200,
+                            env=self.box.pip_env)
 
     def write_config(self, text: str) -> None:
         # As a technician would: in place, keeping install-pi's owner and mode.
@@ -109,7 +110,8 @@ class Van:
     def wait_running(self, timeout: float = 60.0, other_than_pid: str = "") -> dict[str, str]:
         def ok() -> bool:
             s = self.state()
-            return s["ActiveState"] == "active" and s["SubState"] == "running" and s["MainPID"] not in ("0", other_than_pid)
+            up = s["ActiveState"] == "active" and s["SubState"] == "running"
+            return up and s["MainPID"] not in ("0", other_than_pid)
         self.box.wait_for(f"{UNIT} active (running) and READY", ok, timeout)
         return self.state()
 
