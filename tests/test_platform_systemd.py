@@ -64,10 +64,10 @@ def test_a_killed_runs_leftovers_are_swept_and_live_runs_kept(tmp_path: Path) ->
     gone.wait()  # a pid that no longer runs: the owner of a run killed before its teardown
     dead = tmp_path / "datalab-platform-dead"
     (dead / "root" / "etc").mkdir(parents=True)
-    (dead / "owner").write_text(f"{gone.pid} {gone.pid}\n")
+    (dead / "owner").write_text(f"{gone.pid} {gone.pid} van-test-gone\n")
     live = tmp_path / "datalab-platform-live"
     (live / "root").mkdir(parents=True)
-    (live / "owner").write_text(f"{os.getpid()} {gone.pid}\n")
+    (live / "owner").write_text(f"{os.getpid()} {gone.pid} van-test-live\n")
     assert sweep_stale(tmp_path) == [dead]
     assert not dead.exists() and live.exists()
 
@@ -239,3 +239,26 @@ def test_ignition_off_powers_the_van_off(van: Van) -> None:
     o = json.loads(r.stdout)
     stats = json.loads(van.box.path(f"{DATA}/stats.json").read_text())
     assert o["missing"] == [] and o["integrity"] == "ok" and stats["last_seq"] == o["last_seq"], (o, stats)
+
+
+@pytest.mark.parametrize("bpf", [True, False], ids=["cgroup-bpf", "no-cgroup-bpf"])
+def test_the_policies_hold_only_with_cgroup_bpf(bpf: bool) -> None:
+    """The harness's flags are what makes the sandbox test mean anything: without the unified
+    hierarchy and bpf() the same properties are accepted and silently not enforced (issue #19)."""
+    if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
+        pytest.skip("needs root and systemd-nspawn (scripts/bootstrap --with-tests)")
+    with Container(ensure_rootfs()) as box:
+        box.boot(bpf=bpf)
+        box.path(f"{TOOLS}/sandbox_probe.py").parent.mkdir(parents=True, exist_ok=True)
+        box.path(f"{TOOLS}/sandbox_probe.py").write_bytes((ROOT / "tests/platform/sandbox_probe.py").read_bytes())
+        box.run(["chmod", "0666", "/dev/net/tun"])
+        # A transient unit with the service's device policy and the address deny, as a plain user.
+        r = box.run(["systemd-run", "--wait", "--pipe", "--quiet", "-p", "DynamicUser=yes",
+                     "-p", "DevicePolicy=closed", "-p", "IPAddressDeny=any", "-p", "IPAddressAllow=localhost",
+                     "python3", f"{TOOLS}/sandbox_probe.py", "192.0.2.1"])
+        got = _probe(r.stdout)
+    assert got["/dev/null"] == "ok" and got["localhost"] == "ECONNREFUSED", got
+    if bpf:
+        assert got["/dev/net/tun"] == "EPERM" and got["remote_udp"] == "EPERM", got
+    else:
+        assert got["/dev/net/tun"] == "ok" and got["remote_udp"] != "EPERM", got

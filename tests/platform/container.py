@@ -58,6 +58,8 @@ def _children(pid: int) -> list[int]:
 
 WORK_PREFIX = "datalab-platform-"
 WORK_PARENT = Path("/var/tmp")
+# nspawn's per-machine folder; it removes it on exit, but not when SIGKILLed.
+PROPAGATE = Path("/run/systemd/nspawn/propagate")
 
 
 def _alive(pid: int) -> bool:
@@ -70,7 +72,8 @@ def sweep_stale(parent: Path = WORK_PARENT) -> list[Path]:
     swept = []
     for work in parent.glob(WORK_PREFIX + "*"):
         try:
-            owner, nspawn = (int(x) for x in (work / "owner").read_text().split())
+            owner_s, nspawn_s, name = (work / "owner").read_text().split()
+            owner, nspawn = int(owner_s), int(nspawn_s)
         except (OSError, ValueError):
             continue  # not ours, or still being set up
         if _alive(owner):
@@ -88,6 +91,7 @@ def sweep_stale(parent: Path = WORK_PARENT) -> list[Path]:
             time.sleep(0.5)
         subprocess.run(["umount", "-l", str(work / "root")], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(PROPAGATE / name, ignore_errors=True)
         swept.append(work)
     return swept
 
@@ -137,17 +141,20 @@ class Container:
 
     # -- boot and power --------------------------------------------------------------------
 
-    def boot(self, timeout: float = 120.0) -> None:
+    def boot(self, timeout: float = 120.0, *, bpf: bool = True) -> None:
+        """Boot and wait for a running system. ``bpf=False`` boots without what the device and
+        IP policies need (the negative control: systemd then skips them without a word)."""
         binds = [f"--bind-ro={d}" for d in self._pip_dirs]
+        cgroup_bpf = ["--capability=CAP_BPF", "--system-call-filter=bpf"] if bpf else []
         cmd = ["systemd-nspawn", "-b", "-D", str(self.root), f"--machine={self.name}",
                "--register=no", "--keep-unit", "--console=passive", "--resolv-conf=copy-host",
-               "--capability=CAP_BPF", "--system-call-filter=bpf", *binds]
-        env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+               *cgroup_bpf, *binds]
+        env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"} if bpf else dict(os.environ)
         with open(self.log, "ab") as out:
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, start_new_session=True)
         # Who owns this container: sweep_stale() tears it down if this process dies unannounced.
-        (self.work / "owner").write_text(f"{os.getpid()} {self._proc.pid}\n")
+        (self.work / "owner").write_text(f"{os.getpid()} {self._proc.pid} {self.name}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -222,6 +229,7 @@ class Container:
             if self._overlay:
                 subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
             shutil.rmtree(self.work, ignore_errors=True)
+            shutil.rmtree(PROPAGATE / self.name, ignore_errors=True)
 
     def __enter__(self) -> "Container":
         return self
