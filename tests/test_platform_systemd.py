@@ -35,13 +35,17 @@ MAX_EXPOSURE = 2.2
 pytestmark = [pytest.mark.platform, pytest.mark.timeout(1800)]
 
 
-@pytest.fixture(scope="module")
-def van() -> Iterator[Van]:
+def _need_tools() -> None:
     if os.geteuid() != 0:
         pytest.skip("the platform tests boot a container: they need root")
     for tool in ("debootstrap", "systemd-nspawn", "nsenter", "journalctl"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: scripts/bootstrap --with-tests installs it")
+
+
+@pytest.fixture(scope="module")
+def van() -> Iterator[Van]:
+    _need_tools()
     sweep_stale()  # a run killed before its teardown left its container behind
     box = Container(ensure_rootfs())
     try:
@@ -245,8 +249,7 @@ def test_ignition_off_powers_the_van_off(van: Van) -> None:
 def test_the_policies_hold_only_with_cgroup_bpf(bpf: bool) -> None:
     """The harness's flags are what makes the sandbox test mean anything: without the unified
     hierarchy and bpf() the same properties are accepted and silently not enforced (issue #19)."""
-    if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
-        pytest.skip("needs root and systemd-nspawn (scripts/bootstrap --with-tests)")
+    _need_tools()
     with Container(ensure_rootfs()) as box:
         box.boot(bpf=bpf)
         box.path(f"{TOOLS}/sandbox_probe.py").parent.mkdir(parents=True, exist_ok=True)
