@@ -39,6 +39,7 @@ import numpy as np
 
 from receiver import quality
 from receiver.calibration import _exec, _q
+from receiver.flag_policy import is_sentinel
 from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10
 
 #: The PM quantities whose best value is derived here.
@@ -84,6 +85,8 @@ def best_pm(values: Mapping[str, Any], rh: float | None, kappa: Mapping[str, flo
     inputs: dict[str, tuple[float, bool]] = {}
     for q in PM_DERIVED:
         calibrated, raw = _number(values.get(q + CAL_SUFFIX)), _number(values.get(q))
+        if raw is not None and is_sentinel(raw):
+            continue  # a "no value" code stays what it is (the sentinel rule drops it), never scaled into a number
         if calibrated is not None and raw is not None:
             inputs[q] = (calibrated, True)
         elif raw is not None:

@@ -35,6 +35,7 @@ LAT, LON = 52.3702, 4.8952  # parked in one H3 cell: one pass, the map value is 
 RECEIVED = int(T0 * 1000) + 3_600_000
 SERIAL = "van-p/pm"  # edge/calibration.py sensor_calibrations: <device id>/<sensor name>
 N = 60  # PM samples, one a second
+SENTINEL_AT = 30  # this second's PM2.5 is the PMS5003's 65535 "no value"
 
 
 # -- the arithmetic, against an independent computation ----------------------------------
@@ -111,9 +112,10 @@ def _pm_record(tmp_path: Any, **values: float) -> CalibrationRecord:
                                  device="van-p").id)
 
 
-def _day(rec: CalibrationRecord | None, own_rh: bool = True) -> Batch:
+def _day(rec: CalibrationRecord | None, own_rh: bool = True, sentinel: bool = False) -> Batch:
     """A GPS fix and a PM sample per second, the PM calibrated on the van by ``rec`` (the real
-    ``apply_record``). ``own_rh=False``: the RH comes in a BME280 sample 0.4 s after the PM."""
+    ``apply_record``). ``own_rh=False``: the RH comes in a BME280 sample 0.4 s after the PM; ``sentinel``: PM2.5 is
+    65535 at SENTINEL_AT."""
     samples = [] if rec is None else [_cal_sample(1, T0, rec)]
     seq = 2
     for i in range(1, N + 2):
@@ -123,7 +125,7 @@ def _day(rec: CalibrationRecord | None, own_rh: bool = True) -> Batch:
         seq += 1
         if i > N:
             break
-        vals: dict[str, Any] = {"pm25": _raw25(i), "pm10": _raw10(i)}
+        vals: dict[str, Any] = {"pm25": 65535.0 if sentinel and i == SENTINEL_AT else _raw25(i), "pm10": _raw10(i)}
         if own_rh:
             vals["rh"] = _rh(i)
         r = Reading(sensor="pms5003", values=vals)
@@ -158,10 +160,12 @@ def _want25(i: int, slope: float, intercept: float) -> float:
 def test_best_pm_is_gain_then_growth_undone_everywhere(make: MakeStore, tmp_path: Any) -> None:
     s = make()
     rec = _pm_record(tmp_path, slope=0.9, intercept=0.5)
-    _upload(s, _day(rec))
+    _upload(s, _day(rec, sentinel=True))
 
     got = _observed(s, "pm25")
     assert sorted(got) == list(range(1, N + 1))
+    # A sentinel is never scaled or dried into a number: it stays 65535, which no product uses.
+    assert got.pop(SENTINEL_AT)[:2] == (65535.0, None)
     for i, (v, cal, raw, qual) in got.items():
         assert float(raw) == _raw25(i), "the van's value is kept as it sent it"
         assert math.isclose(v, _want25(i, 0.9, 0.5), rel_tol=1e-9), (i, v)
@@ -171,6 +175,9 @@ def test_best_pm_is_gain_then_growth_undone_everywhere(make: MakeStore, tmp_path
             assert cal == rec.id and "humid" in qual.split(","), (i, cal, qual)
     # PM10 has no record of its own: raw, its fine part (the calibrated PM2.5) and coarse part undone apart.
     for i, (v, cal, raw, _) in _observed(s, "pm10").items():
+        if i == SENTINEL_AT:  # no PM2.5 beside it: all of PM10 takes the coarse kappa
+            assert math.isclose(v, _raw10(i) / _koehler_mass_ratio(_rh(i), 0.09), rel_tol=1e-9), (v, cal)
+            continue
         if _rh(i) > 95:
             assert float(v) == _raw10(i) and cal is None
             continue
@@ -186,7 +193,7 @@ def test_best_pm_is_gain_then_growth_undone_everywhere(make: MakeStore, tmp_path
     build(s.conn, H3Snapper(10), [Period("all")], rule=Rule(min_passes=1, min_days=1))
     ((map25, n_excl),) = q(s, "SELECT value, n_excluded FROM aggregates WHERE quantity='pm25'")
     kept = [i for i in got if _rh(i) <= 95]
-    assert n_excl == N - len(kept) == 5
+    assert n_excl == N - len(kept) == 6  # 5 above 95 % RH, and the sentinel
     assert math.isclose(map25, sum(_want25(i, 0.9, 0.5) for i in kept) / len(kept), abs_tol=1e-3)
     assert map25 < sum(_raw25(i) for i in kept) / len(kept) - 3, "the map is not the raw, wet PM"
 
@@ -197,6 +204,9 @@ def test_best_pm_is_gain_then_growth_undone_everywhere(make: MakeStore, tmp_path
     assert len(rows) == N
     for r in rows:
         i = round((int(r["t_utc_ms"]) - 1) / 1000 - T0)
+        if i == SENTINEL_AT:
+            assert (r["value"], r["humidity_corrected"], r["excluded"]) == ("65535.0", "0", "1")
+            continue
         assert math.isclose(float(r["value"]), _want25(i, 0.9, 0.5), rel_tol=1e-9)
         assert float(r["raw_value"]) == _raw25(i)
         assert r["humidity_corrected"] == ("1" if _rh(i) <= 95 else "0")
