@@ -38,13 +38,14 @@ from typing import Any
 import numpy as np
 
 from receiver import quality
-from receiver.calibration import _exec, _q
+from receiver.calibration import _exec, _q, records_in_batch
 from receiver.flag_policy import is_sentinel
 from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10
 
 #: The PM quantities whose best value is derived here.
 PM_DERIVED = ("pm1", "pm25", "pm10")
 CAL_SUFFIX = "_cal"
+PM_KIND = "pm"  # a PM calibration record's kind (edge/calibration.py KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +112,8 @@ def best_pm(values: Mapping[str, Any], rh: float | None, kappa: Mapping[str, flo
 def rh_fitted_records(conn: Any, device: str) -> frozenset[str]:
     """Ids of ``device``'s PM records with an RH term of their own (``rh_coef`` not 0)."""
     out = set()
-    for rid, text in _exec(conn, "SELECT id, record FROM calibrations WHERE device=? AND kind='pm'",
-                           (device,)).fetchall():
+    for rid, text in _exec(conn, "SELECT id, record FROM calibrations WHERE device=? AND kind=?",
+                           (device, PM_KIND)).fetchall():
         try:
             coef = json.loads(text).get("values", {}).get("rh_coef")
         except (ValueError, AttributeError):
@@ -162,11 +163,29 @@ def write_pm(conn: Any, device: str, samples: list[PmSample], kappa: Mapping[str
     return len(rows)
 
 
-def derive_batch_pm(conn: Any, batch: Any, kappa: Mapping[str, float]) -> int:
-    """The best PM values of one stored batch (RH from within the batch)."""
+def pm_records_before(conn: Any, batch: Any) -> frozenset[str] | None:
+    """Before a batch's records are stored: the van's RH-fitted PM record ids, or None when the
+    batch carries no PM record (then nothing ``derive_batch_pm`` checks can change)."""
+    if not any(rec.kind == PM_KIND for _, rec in records_in_batch(batch)):
+        return None
+    return rh_fitted_records(conn, batch.device)
+
+
+def derive_batch_pm(conn: Any, batch: Any, kappa: Mapping[str, float],
+                    records_before: frozenset[str] | None = None) -> int:
+    """The best PM values of one stored batch (RH from within the batch).
+
+    ``records_before``: ``pm_records_before`` of this batch. A PM record with its own RH term
+    that arrives after values it calibrated (a van announces its records when they become
+    active and at every start, not before each sample) means those values had growth undone
+    on top of it: the van's PM is derived again (``recompute_pm``), only then.
+    """
     samples = [PmSample(batch.epoch, s.seq, s.t_utc_ms, s.values) for s in batch.samples
                if isinstance(s.values, dict)]
-    return write_pm(conn, batch.device, samples, kappa)
+    n = write_pm(conn, batch.device, samples, kappa)
+    if records_before is not None and rh_fitted_records(conn, batch.device) != records_before:
+        n += recompute_pm(conn, batch.device, kappa)
+    return n
 
 
 CHUNK = 5000

@@ -39,7 +39,7 @@ from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.flag_policy import is_sentinel
-from receiver.pm_derive import derive_batch_pm
+from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import humid_edges, requality, rewrite_flags
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
@@ -764,8 +764,9 @@ class SQLiteStore(StoreReads):
         ]
         self.conn.executemany("INSERT OR IGNORE INTO fixes VALUES (?,?,?,?,?,?,?,?)", fixes)
         self._join_positions(batch, fixes)
+        pm_before = pm_records_before(self.conn, batch)
         touched = ingest_calibrations(self.conn, batch)  # received time: each record's sample's
-        derive_batch_pm(self.conn, batch, self.pm_kappa)  # PM's best value: gain, then growth undone
+        derive_batch_pm(self.conn, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
         self._flag_quality(batch)
         requality(self.conn, batch.device, touched)  # flags describe the value served
         humid_edges(self.conn, batch.device, [s.t_utc_ms for s in batch.samples

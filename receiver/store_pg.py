@@ -70,7 +70,7 @@ from receiver import quality
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
-from receiver.pm_derive import derive_batch_pm
+from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import humid_edges, requality
 from receiver.store import (
@@ -586,8 +586,9 @@ class PostgresStore(StoreReads):
                     "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING", fixes
                 )
         self._join_positions(batch, fixes, fresh)
+        pm_before = pm_records_before(c, batch)
         touched = ingest_calibrations(c, batch)  # received time: each record's sample's
-        derive_batch_pm(c, batch, self.pm_kappa)  # PM's best value: gain, then growth undone
+        derive_batch_pm(c, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
         self._flag_quality(batch, fresh)
         requality(c, batch.device, touched)  # flags describe the value served
         humid_edges(c, batch.device, [s.t_utc_ms for s in batch.samples

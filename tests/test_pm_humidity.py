@@ -112,11 +112,12 @@ def _pm_record(tmp_path: Any, **values: float) -> CalibrationRecord:
                                  device="van-p").id)
 
 
-def _day(rec: CalibrationRecord | None, own_rh: bool = True, sentinel: bool = False) -> Batch:
+def _day(rec: CalibrationRecord | None, own_rh: bool = True, sentinel: bool = False,
+         announce: bool = True) -> Batch:
     """A GPS fix and a PM sample per second, the PM calibrated on the van by ``rec`` (the real
     ``apply_record``). ``own_rh=False``: the RH comes in a BME280 sample 0.4 s after the PM; ``sentinel``: PM2.5 is
-    65535 at SENTINEL_AT."""
-    samples = [] if rec is None else [_cal_sample(1, T0, rec)]
+    65535 at SENTINEL_AT; ``announce=False``: the record itself comes in another upload."""
+    samples = [_cal_sample(1, T0, rec)] if rec is not None and announce else []
     seq = 2
     for i in range(1, N + 2):
         t_ms = int((T0 + i) * 1000)
@@ -137,7 +138,7 @@ def _day(rec: CalibrationRecord | None, own_rh: bool = True, sentinel: bool = Fa
             samples.append(Sample("bme280", t_ms + 401, t_ms + 401, TimeSource.GPS, {"rh_pct": _rh(i)}, (),
                                   seq, "boot"))
             seq += 1
-    return Batch("van-p", "e1", 1, seq - 1, samples)
+    return Batch("van-p", "e1", samples[0].seq or 1, seq - 1, samples)
 
 
 def _upload(s: Any, batch: Batch) -> None:
@@ -228,10 +229,16 @@ def test_rh_from_another_sensor_within_30_s(make: MakeStore) -> None:
             assert v == _raw25(i) and cal is None and "humid" in qual.split(",")
 
 
-def test_a_record_with_its_own_rh_term_is_not_corrected_twice(make: MakeStore, tmp_path: Any) -> None:
+@pytest.mark.parametrize("record_first", [True, False])
+def test_a_record_with_its_own_rh_term_is_not_corrected_twice(make: MakeStore, tmp_path: Any,
+                                                               record_first: bool) -> None:
+    """Whether the record reaches the receiver before its values or after them."""
     s = make()
     rec = _pm_record(tmp_path, slope=1.0, intercept=0.0, rh_coef=-0.05)
-    _upload(s, _day(rec))
+    _upload(s, _day(rec, announce=record_first))
+    if not record_first:
+        assert _observed(s, "pm25")[10][1] == f"{rec.id}+kappa-koehler:0.22"  # not known yet to have an RH term
+        _upload(s, Batch("van-p", "e2", 1, 1, [_cal_sample(1, T0 + 3600, rec)]))
     for i, (v, cal, _, _) in _observed(s, "pm25").items():
         assert math.isclose(v, max(0.0, _raw25(i) - 0.05 * _rh(i)), rel_tol=1e-9) and cal == rec.id, (i, v, cal)
 
