@@ -32,7 +32,8 @@ inside a transaction that is rolled back (:func:`served_pm`). ``ALT_GROWTH`` run
 again with a true growth the correction does not share.
 
 Run: ``python -m bench --only bench_fidelity`` or ``python -m bench.bench_fidelity``;
-BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 3 h).
+BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 3 h);
+BENCH_FIDELITY_ALT=0 leaves out the ``ALT_GROWTH`` fleets.
 """
 
 from __future__ import annotations
