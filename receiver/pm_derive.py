@@ -136,8 +136,9 @@ def pm_rows(device: str, samples: list[PmSample], kappa: Mapping[str, float],
     rows, none = [], []
     for s, rh_near in zip(pm, near):
         rh = _own_rh(s.values)
-        best = best_pm(s.values, rh if rh is not None else (None if math.isnan(rh_near) else float(rh_near)), kappa,
-                       rh_fitted)
+        if rh is None and not math.isnan(rh_near):
+            rh = float(rh_near)  # no RH of its own: the van's closest within 30 s
+        best = best_pm(s.values, rh, kappa, rh_fitted)
         for q in PM_DERIVED:
             if q in best:
                 rows.append((device, s.epoch, s.seq, q, *best[q]))
@@ -199,7 +200,8 @@ def recompute_pm(conn: Any, device: str, kappa: Mapping[str, float]) -> int:
         rows = _exec(conn, "SELECT epoch, seq, t_utc_ms, vals FROM samples WHERE device=?"
                            " AND (epoch > ? OR (epoch = ? AND seq > ?)) ORDER BY epoch, seq LIMIT ?",
                      (device, after[0], after[0], after[1], CHUNK)).fetchall()
-        samples = [PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {})) for e, q, t, v in rows]
+        samples = [PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {}))
+                   for e, q, t, v in rows]
         n += write_pm(conn, device, [s for s in samples if isinstance(s.values, dict)], kappa, prune=True)
         if len(rows) < CHUNK:
             return n
