@@ -25,36 +25,43 @@ days on 2 cores.
 What the bench switches is only what is not the shipped pipeline's content: which
 stamps the store holds (``time_alignment``: the shipped TimeKeeper or the old agent's
 measured errors), which ``FlagPolicy`` the maps are read with, whether the NO2 records
-have reached the receiver (``calibration``), and, as a what-if that is NOT shipped,
-undoing PM growth (:func:`dehumidify`).
+have reached the receiver (``calibration``), and what the receiver's PM best value is
+(``correct_growth``, and the van's PM gain with ``calibration``): the stored PM values are
+derived again by the receiver's own code (receiver/pm_derive.py) with the switch applied,
+inside a transaction that is rolled back (:func:`served_pm`). ``ALT_GROWTH`` runs the fleet
+again with a true growth the correction does not share.
 
 Run: ``python -m bench --only bench_fidelity`` or ``python -m bench.bench_fidelity``;
-BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 3 h).
+BENCH_FIDELITY_VANS / _DAYS / _HOURS size the fleet (default 10 x 5 x 3 h);
+BENCH_FIDELITY_ALT=0 leaves out the ``ALT_GROWTH`` fleets.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from drivers.no2 import no2_ppb
-from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, record_id
+from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, pm_corrected, record_id
 from edge.model import Sample, TimeSource
 from receiver import dbapi
-from receiver.aggregate import (QUANTITY_KEYS, Period, Rule, Track, UnitValue, _track, read_tracks,
-                                track_sql)
+from receiver.aggregate import QUANTITY_KEYS, Period, Rule, Track, UnitValue, read_tracks
 from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
+from receiver.pm_derive import PM_DERIVED, PmSample, write_pm
+from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.mapunits import ArraySnapper, make_snapper
 from receiver.store import SQLiteStore
 from simulator import sensor_errors as se
@@ -70,7 +77,8 @@ BATCH_S = 60
 #: What receiver/aggregate.py left out before issue 15's flag policy ("no flags" in the table):
 #: the agent's own flags; its sentinel rule is the shipped one (read_tracks always applies it).
 OLD_EXCLUDED = frozenset({"warming_up", "time_implausible", "clock_step"})
-COARSE_KAPPA = 0.09  # middle of Huang et al.'s PM2.5-10 range
+#: The van's PM sensor section (its PM record is kept under "<device>/pm", edge/calibration.py).
+PM_SENSOR = "pm"
 #: The co-location that made each van's NO2 record was done a week before the fleet's first day.
 RECORD_VALID_BEFORE = dt.timedelta(days=7)
 
@@ -88,16 +96,17 @@ class Fleet:
 class Corrections:
     """The corrections of issue 15 the table switches off one at a time.
 
-    ``exclude_humid`` is the shipped flag policy's ``humid`` for PM; ``correct_growth`` is
-    NOT shipped (a what-if for the next session's design): PM's hygroscopic growth undone at
-    the van's RH instead of leaving humid PM out.
+    ``calibration``: the vans' NO2 records at the receiver, the microphone records and the
+    van's PM gain record (``pm25_cal``); ``correct_growth``: the receiver's PM growth
+    correction (receiver/pm_humidity.py, default kappa); ``exclude_humid``: the flag
+    policy's ``humid`` for PM (above 95 % RH).
     """
 
     time_alignment: bool = True
     flags: bool = True
     calibration: bool = True
     exclude_humid: bool = True
-    correct_growth: bool = False
+    correct_growth: bool = True
 
     def policy(self) -> FlagPolicy:
         """The receiver's flag policy this row builds maps with (receiver/flag_policy.py)."""
@@ -107,15 +116,45 @@ class Corrections:
         return FlagPolicy.of(DEFAULT_EXCLUDE, pm)
 
 
-WHAT_IF = "what-if, NOT shipped: humid PM kept, growth corrected"
+NO_GROWTH = "no growth correction (humid > 95 % left out)"
 CONFIGS: tuple[tuple[str, Corrections], ...] = (
     ("all corrections (shipped)", Corrections()),
     ("no time alignment", Corrections(time_alignment=False)),
     ("no flags", Corrections(flags=False)),
     ("no calibration", Corrections(calibration=False)),
-    ("no humidity handling", Corrections(exclude_humid=False)),
-    (WHAT_IF, Corrections(exclude_humid=False, correct_growth=True)),
-    ("none (before issue 15)", Corrections(False, False, False, False)),
+    (NO_GROWTH, Corrections(correct_growth=False)),
+    ("no humidity handling", Corrections(exclude_humid=False, correct_growth=False)),
+    ("none (before issue 15)", Corrections(False, False, False, False, False)),
+)
+
+
+@dataclass(frozen=True)
+class Growth:
+    """A true hygroscopic growth other than the correction's own kappa-Koehler with the day's
+    kappa: ``hanel`` the power law f = (1 - a_w)^-gamma (Kasten 1969, Tellus 21, 631; Haenel
+    1976), or ``kappa`` with a fixed (fine, coarse) kappa pair (outside the fleet's range)."""
+
+    label: str
+    form: str  # "hanel" or "kappa"
+    fine: float
+    coarse: float
+
+    def factor(self, fine: bool, rh_pct: np.ndarray) -> np.ndarray:
+        p = self.fine if fine else self.coarse
+        if self.form == "kappa":
+            return se.growth_factor(p, rh_pct)
+        aw = np.clip(np.asarray(rh_pct, dtype=float), 0.0, 98.0) / 100.0
+        return (1.0 - aw) ** -p
+
+
+#: Fleets whose true growth the correction does not share (docs/fidelity.md): each its own store.
+ALT_GROWTH: tuple[Growth, ...] = (
+    Growth("true growth (1 - a_w)^-0.3 (Haenel power law)", "hanel", 0.3, 0.15),
+    Growth("true kappa 0.40 / 0.20 (outside the fleet's range)", "kappa", 0.40, 0.20),
+)
+ALT_CONFIGS: tuple[tuple[str, Corrections], ...] = (
+    ("all corrections (shipped)", Corrections()),
+    (NO_GROWTH, Corrections(correct_growth=False)),
 )
 
 
@@ -147,14 +186,24 @@ def van_day_samples(
     seed: int,
     van: int,
     aligned_variants: tuple[bool, ...],
+    growth: Growth | None = None,
+    pm_record: str = "",
 ) -> tuple[dict[bool, list[Sample]], np.ndarray]:
     """The samples one van's agent would commit in a day, per time alignment, and the true
-    measurement times (ms, ticks x SENSORS)."""
+    measurement times (ms, ticks x SENSORS). ``growth``: a true growth other than the
+    simulator's (the day's kappa); ``pm_record``: the id of the van's PM gain record, applied
+    on the van as ``CalibratedDriver`` does (``pm25_cal``, ``cal``)."""
     n = vd.n
     rng = np.random.default_rng([seed, van, day, 10])
     shift_s = np.arange(n, dtype=float)
     rh_m, temp_m = se.measure_rh_temp(vd.rh, vd.temp, dev, sw, rng)
-    pm25, pm10 = se.measure_pm(vd.pm25, vd.pm10, vd.rh, se.day_kappa(seed, day), dev, sw, rng)
+    if growth is not None and sw.pm_growth:
+        rh_in = se.inlet_rh(vd.rh)
+        fine = vd.pm25 * growth.factor(True, rh_in)
+        wet10 = fine + (vd.pm10 - vd.pm25) * growth.factor(False, rh_in)
+        pm25, pm10 = se.measure_pm(fine, wet10, vd.rh, (0.0, 0.0), dev, replace(sw, pm_growth=False), rng)
+    else:
+        pm25, pm10 = se.measure_pm(vd.pm25, vd.pm10, vd.rh, se.day_kappa(seed, day), dev, sw, rng)
     sheet_ppb = se.measure_no2(vd.no2, vd.o3, vd.temp, day + shift_s / 86400.0, dev, sw, rng)
     t_true = vd.t0_utc + shift_s
     geo_rng = np.random.default_rng([seed, van, day, 30])
@@ -189,12 +238,17 @@ def van_day_samples(
         fix.tolist(),
         warming.tolist(),
     )
+    pm_values = pm_record_values(fit)
+    pm_cal = [pm_corrected(pm_values, {"pm25": p}) for p in lists[4]] if pm_record else [None] * n
     out = {}
     for aligned in aligned_variants:
         st = _stamps(geo, fix, aligned, sw, np.random.default_rng([seed, van, day, 20 + aligned]))
         samples = []
         seq = 0
         for k, (la, lo, sp, co, p25, p10, rh, w, a, tc, lq, fx, warm) in enumerate(zip(*lists)):
+            pm = {"pm25": p25, "pm10": p10, "rh": rh}
+            if pm_record:
+                pm.update(pm25_cal=pm_cal[k], cal=pm_record)
             src, mono = st.source[k], st.mono[k]
             wf = ("warming_up",) if warm else ()
             gps = (
@@ -218,14 +272,18 @@ def van_day_samples(
             }
             samples += [
                 Sample("gps", st.gps[k], mono, src, gps, () if fx else ("no_fix",), seq + 1, "boot"),
-                Sample("pm", st.reads[k], mono, src, {"pm25": p25, "pm10": p10, "rh": rh}, wf,
-                       seq + 2, "boot"),
+                Sample(PM_SENSOR, st.reads[k], mono, src, pm, wf, seq + 2, "boot"),
                 Sample("no2", st.reads[k], mono, src, no2, wf, seq + 3, "boot"),
                 Sample("noise", st.sound[k], mono, src, {"laeq": lq}, (), seq + 4, "boot"),
             ]
             seq += 4
         out[aligned] = samples
     return out, true_ms.astype(np.int64)
+
+
+def pm_record_values(fit: se.CalibrationFit) -> dict[str, float | str]:
+    """The van's PM record from its co-location gain (edge/calibration.py ``pm_corrected``)."""
+    return {"quantity": "pm25", "slope": 1.0 / fit.pm_gain, "intercept": 0.0}
 
 
 def _stamps(
@@ -298,6 +356,7 @@ def simulate(
     sw: se.ErrorSwitches,
     workdir: Path,
     aligned_variants: tuple[bool, ...] = (True, False),
+    growth: Growth | None = None,
 ) -> Simulated:
     route, env = Route.load(), Environment(seed=fleet.seed)
     stores = {
@@ -329,7 +388,8 @@ def simulate(
                 sim.truth[(device, epoch)] = vd
                 days.append(vd)
                 per_alignment, sim.true_ms[(device, epoch)] = van_day_samples(
-                    vd, d, dev, fit, sw, fleet.seed, v, aligned_variants
+                    vd, d, dev, fit, sw, fleet.seed, v, aligned_variants, growth,
+                    record_id("pm", f"{device}/{PM_SENSOR}", 1),
                 )
                 for aligned, samples in per_alignment.items():
                     ingest(opened[aligned], device, epoch, samples)
@@ -345,41 +405,39 @@ def simulate(
 # -- reading the store back: the receiver's own reads -----------------------------------
 
 
-def _tracks_with_rh(conn: Any, policy: FlagPolicy) -> Iterator[tuple[Track, np.ndarray]]:
-    """``read_tracks``'s tracks plus the PM sample's RH per row (for the NOT shipped growth
-    correction only): the receiver's own track SQL with one column more."""
-    sql, params = track_sql(conn, Period("all"), policy)
-    marker = " FROM samples s JOIN positions p"
-    assert sql.count(marker) == 1, "receiver/aggregate.py track_sql changed: adapt the what-if"
-    sql = sql.replace(marker, ", json_extract(s.vals, '$.rh')" + marker)
-    devices = {d for (d,) in dbapi.fetchall(conn, "SELECT DISTINCT device FROM positions")}
-    for device in sorted(devices):
-        rows = np.array(dbapi.fetchall(conn, sql, [device, *params]), dtype=np.float64)
-        if len(rows):
-            yield _track(device, rows[:, :-1]), rows[:, -1]
-
-
-def dehumidify(track: Track, rh: np.ndarray) -> None:
-    """NOT shipped (what-if): dry PM from wet, inverting kappa-Koehler growth at the RH the van
-    measured with the fleet kappa. The receiver applies no PM humidity correction."""
-    i25, i10 = QUANTITY_KEYS.index("pm25"), QUANTITY_KEYS.index("pm10")
-    v = track.values
-    fine = v[:, i25] / se.growth_factor(se.FLEET_KAPPA, rh)
-    v[:, i10] = fine + (v[:, i10] - v[:, i25]) / se.growth_factor(COARSE_KAPPA, rh)
-    v[:, i25] = fine
+@contextmanager
+def served_pm(conn: Any, c: Corrections) -> Iterator[None]:
+    """The store's PM best values as the receiver derives them with ``c``'s switches, inside a
+    transaction rolled back on exit: growth uncorrected (kappa none) and/or the van without its
+    PM record (no ``pm25_cal``, no ``cal``). The receiver's own derivation (pm_derive.write_pm)
+    on the stored samples; nothing to do when both are on (the store holds exactly that)."""
+    if c.correct_growth and c.calibration:
+        yield
+        return
+    kappa = DEFAULT_KAPPA if c.correct_growth else {}
+    conn.execute("BEGIN")
+    try:
+        conn.execute(f"DELETE FROM derived WHERE quantity IN ({', '.join('?' * len(PM_DERIVED))})", PM_DERIVED)
+        for (device,) in dbapi.fetchall(conn, "SELECT DISTINCT device FROM positions"):
+            rows = dbapi.fetchall(conn, "SELECT epoch, seq, t_utc_ms, vals FROM samples WHERE device = ?"
+                                        " AND sensor = ? ORDER BY epoch, seq", (device, PM_SENSOR))
+            samples = []
+            for epoch, seq, t, vals in rows:
+                v = json.loads(vals)
+                if not c.calibration:  # the van without its PM record sends neither
+                    v = {k: x for k, x in v.items() if k not in ("pm25_cal", "cal")}
+                samples.append(PmSample(epoch, seq, t, v))
+            write_pm(conn, device, samples, kappa)
+        yield
+    finally:
+        conn.execute("ROLLBACK")
 
 
 def measured_tracks(conn: Any, sim: Simulated, c: Corrections) -> list[Track]:
     """The tracks the receiver's map build reads (``read_tracks``: best value, flag policy,
     sentinel rule), with the correction switches that are not a store's content applied."""
-    policy = c.policy()
-    if c.correct_growth:
-        pairs = list(_tracks_with_rh(conn, policy))
-        for tr, rh in pairs:
-            dehumidify(tr, rh)
-        tracks = [tr for tr, _ in pairs]
-    else:
-        tracks = list(read_tracks(conn, Period("all"), policy=policy))
+    with served_pm(conn, c):
+        tracks = list(read_tracks(conn, Period("all"), policy=c.policy()))
     tracks = [tr for tr in tracks if tr.device in sim.fits]
     if not c.calibration:
         # The van without its noise record: it would have sent the level its microphone gave.
@@ -551,19 +609,25 @@ def table_rows(figs: list[Figures], note: str) -> list[dict]:
 
 
 def measure(
-    fleet: Fleet, sw: se.ErrorSwitches | None = None, scheme: str = "segment"
+    fleet: Fleet, sw: se.ErrorSwitches | None = None, scheme: str = "segment", alt: bool = True
 ) -> list[dict]:
+    """The table; ``alt``: also the fleets of ``ALT_GROWTH`` (one aligned store each)."""
     sw = sw or se.ErrorSwitches()
     tmp = Path(tempfile.mkdtemp(prefix="bench-fidelity-"))
     try:
         t0 = time.perf_counter()
         sim = simulate(fleet, sw, tmp)
         t_sim = time.perf_counter() - t0
-        figs = evaluate(sim, make_snapper(scheme))
+        snapper = make_snapper(scheme)
+        figs = evaluate(sim, snapper)
+        for k, growth in enumerate(ALT_GROWTH if alt else ()):
+            other = simulate(fleet, sw, tmp / f"alt{k}", aligned_variants=(True,), growth=growth)
+            for f in evaluate(other, snapper, configs=ALT_CONFIGS):
+                figs.append(replace(f, config=f"{growth.label}: {f.config}"))
         note = (
             f"{fleet.vans} vans x {fleet.days} days x {fleet.hours:g} h, "
             f"{sim.samples:,} samples per store; "
-            f"simulate+ingest {t_sim:.0f} s, maps {time.perf_counter() - t0 - t_sim:.0f} s"
+            f"simulate+ingest {t_sim:.0f} s, the rest {time.perf_counter() - t0 - t_sim:.0f} s"
         )
         return table_rows(figs, note)
     finally:
@@ -576,7 +640,8 @@ def run() -> list[dict]:
             int(os.environ.get("BENCH_FIDELITY_VANS", "10")),
             int(os.environ.get("BENCH_FIDELITY_DAYS", "5")),
             float(os.environ.get("BENCH_FIDELITY_HOURS", "3")),
-        )
+        ),
+        alt=os.environ.get("BENCH_FIDELITY_ALT", "1") != "0",
     )
 
 

@@ -52,8 +52,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from receiver import dbapi
-from receiver.calibration import NO2_QUANTITY as BEST_KEY  # the quantity the receiver recomputes
-from receiver.calibration import best_join, value_source
+from receiver.calibration import DERIVED_QUANTITIES, best_join, value_source
 from receiver.flag_policy import FlagPolicy, is_sentinel, sentinel_mask
 from receiver.mapunits import ArraySnapper, Snapper, run_starts
 
@@ -366,6 +365,10 @@ def _quality_flags_sql(quantity: str) -> str:
             f" AND q.quantity = '{quantity}')")
 
 
+#: Map quantities with a derived best value (receiver/calibration.py DERIVED_QUANTITIES).
+_BEST_KEYS = tuple(k for k in QUANTITY_KEYS if k in DERIVED_QUANTITIES)
+
+
 def read_samples(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> Iterator[Sample]:
     """Positioned sensor samples in ``period``, per van in time order (streamed, not loaded)."""
     measured, mparams = _measurement_sql(conn)
@@ -374,21 +377,22 @@ def read_samples(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -
     cur = dbapi.execute(
         conn,
         "SELECT s.device, s.t_utc_ms, s.sensor, s.vals, s.flags, p.lat, p.lon,"
-        f" {value_source(BEST_KEY, 'NULL')}, "  # the receiver's recomputed value, if any
+        # the receiver's derived values, if any (recomputed NO2, PM gain and growth undone)
+        + "".join(f" {value_source(k, 'NULL')}," for k in _BEST_KEYS)
         + ", ".join(_quality_flags_sql(k) for k in QUANTITY_KEYS)
         + " FROM samples s JOIN positions p"
         " ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
-        f" {best_join()}"
+        f" {best_join(keys=_BEST_KEYS)}"
         f" WHERE {' AND '.join(where)} ORDER BY s.device, s.t_utc_ms",
         params,
     )
     while rows := cur.fetchmany(5000):
-        for device, t, sensor, vals, flags, lat, lon, best, *qflags in rows:
+        for device, t, sensor, vals, flags, lat, lon, *rest in rows:
             if t is None or lat is None or lon is None:
                 continue
+            best, qflags = rest[:len(_BEST_KEYS)], rest[len(_BEST_KEYS):]
             values = dbapi.decode_json(vals) or {}
-            if best is not None:
-                values = {**values, BEST_KEY: best}
+            values = {**values, **{k: b for k, b in zip(_BEST_KEYS, best) if b is not None}}
             usable, excluded = split_values(sensor, values, flags, dict(zip(QUANTITY_KEYS, qflags)), policy)
             yield Sample(device, int(t), float(lat), float(lon), usable, excluded)
 
@@ -456,7 +460,7 @@ def track_sql(conn: Any, period: Period, policy: FlagPolicy = FlagPolicy()) -> t
     params: list[Any] = [*mparams, *TRUSTED_POSITIONS, *_period_params(period)]
     sql = (f"SELECT s.t_utc_ms, p.lat, p.lon, {', '.join(values + flagged)}"
            " FROM samples s JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq"
-           f" {best_join()} WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
+           f" {best_join(keys=QUANTITY_KEYS)} WHERE {' AND '.join(where)} ORDER BY p.t_utc_ms")
     return sql, params
 
 

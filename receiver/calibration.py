@@ -24,6 +24,7 @@ derives samples that arrive after their record. A version's status follows the s
 versions (``store_calibrations``), so arrival order and inline vs queued derivation end
 with the same history. Every reader takes the best value through ``value_source``
 / ``derived_join`` / ``calibration_sql`` (end of this module): derived if any, else the van's.
+PM's derived best value (gain, then growth undone) is written by receiver/pm_derive.py.
 
 Functions take a DB-API connection and run inside the caller's transaction (no commit).
 """
@@ -575,19 +576,31 @@ def calibration_sql(sqlite: bool, s: str = "s", key: str = "j.key", d: str = "d"
     return f"coalesce({d}.calibration, CASE WHEN {key} IN ({keys}) OR {suffix} = '_cal' THEN {tag} END)"
 
 
+#: Quantities with a best value in ``derived``: NO2 recomputed by its record, and PM with the
+#: van's gain and hygroscopic growth undone (receiver/pm_derive.py).
+DERIVED_QUANTITIES = (NO2_QUANTITY, "pm1", "pm25", "pm10")
+
+
+def _alias(key: str, d: str) -> str:
+    """The join alias of ``key``'s derived row (NO2 keeps the plain ``d`` it always had)."""
+    return d if key == NO2_QUANTITY else f"{d}_{key}"
+
+
 def value_source(key: str, raw_sql: str, d: str = "bv") -> str:
     """SQL for the best value of quantity ``key`` (a literal name), given the van's as ``raw_sql``.
 
-    For the quantity the receiver derives: ``coalesce(<derived value>, raw)``, reading the
-    ``derived`` row that ``best_join`` (same ``d``) joins in; for any other, ``raw_sql``.
+    For a quantity the receiver derives (``DERIVED_QUANTITIES``): ``coalesce(<derived value>,
+    raw)``, reading the ``derived`` row that ``best_join`` (same ``d``, ``key`` among its keys)
+    joins in; for any other, ``raw_sql``.
     """
-    return f"coalesce({d}.value, {raw_sql})" if key == NO2_QUANTITY else raw_sql
+    return f"coalesce({_alias(key, d)}.value, {raw_sql})" if key in DERIVED_QUANTITIES else raw_sql
 
 
-def best_join(s: str = "s", d: str = "bv") -> str:
-    """The LEFT JOIN ``value_source`` reads (the derived NO2 row of sample alias ``s``).
+def best_join(s: str = "s", d: str = "bv", keys: tuple[str, ...] = (NO2_QUANTITY,)) -> str:
+    """The LEFT JOINs ``value_source`` reads: the derived row of sample alias ``s`` for each of
+    ``keys`` the receiver derives (default NO2 alone).
 
     A join, not a correlated subquery: PostgreSQL then hashes a van's derived rows once
     instead of probing the index per sample (a map build took 1.5x as long with the probe).
     """
-    return derived_join(s, f"'{NO2_QUANTITY}'", d)
+    return " ".join(derived_join(s, f"'{k}'", _alias(k, d)) for k in keys if k in DERIVED_QUANTITIES)

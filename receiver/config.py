@@ -11,6 +11,7 @@ from typing import Any
 
 from edge.errors import ConfigError
 from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
+from receiver.pm_humidity import DEFAULT_KAPPA, check_kappa
 
 
 DERIVE_MODES = ("inline", "background", "separate")
@@ -73,6 +74,10 @@ class ReceiverConfig:
     # value out of the street maps and their exports, for every quantity and for PM only.
     exclude_flags: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     exclude_flags_pm: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE_PM))
+    # PM hygroscopic growth (receiver/pm_humidity.py, docs/fidelity.md): kappa per PM quantity
+    # (pm10: its coarse part), keys given replace the defaults (Huang et al. 2024's urban mid-range);
+    # 0 leaves that quantity's growth in. Above 95 % RH nothing is corrected and PM is flagged humid.
+    pm_kappa: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KAPPA))
 
     def flag_policy(self) -> FlagPolicy:
         return FlagPolicy.of(self.exclude_flags, self.exclude_flags_pm)
@@ -166,6 +171,10 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
             FlagPolicy.of(names, ())
         except ValueError as exc:
             raise ConfigError(f"receiver.{key}", str(exc)) from exc
+    try:
+        cfg.pm_kappa = {**DEFAULT_KAPPA, **check_kappa(cfg.pm_kappa)}
+    except ValueError as exc:
+        raise ConfigError("receiver.pm_kappa", str(exc)) from exc
     if cfg.group_values < 1 or cfg.group_uploads < 1:
         raise ConfigError("receiver.group_values" if cfg.group_values < 1 else "receiver.group_uploads",
                           "must be at least 1")

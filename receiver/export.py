@@ -12,7 +12,10 @@ memory. The query helpers here are also what the HTTP API serves from.
 
 Every measurement carries its unit, its flags (the van's ``flags`` and the receiver's
 ``quality``), whether the flag policy keeps it out of the maps (``excluded``,
-receiver/flag_policy.py) and the calibration record its value came from. Aggregates
+receiver/flag_policy.py) and the calibration record its value came from. ``value`` is
+the best value, ``raw_value`` the van's as it sent it; for PM, ``calibration`` also names
+the growth correction (``kappa-koehler:<kappa>``, receiver/pm_derive.py) and
+``humidity_corrected`` is 1 where it was applied (0 for PM where it was not). Aggregates
 carry their unit and ``n_excluded``, the values the policy left out of the unit.
 GeoJSON stays RFC 7946: a FeatureCollection has no ``properties`` member (section 7.1),
 so what describes the whole export goes in the foreign member ``metadata``.
@@ -29,13 +32,16 @@ from typing import IO, Any
 from receiver import dbapi
 from receiver.aggregate import QUANTITIES, TRUSTED_POSITIONS, Period
 from receiver.flag_policy import FlagPolicy, is_sentinel
+from receiver.pm_derive import PM_DERIVED
+from receiver.pm_humidity import CORRECTION
 
 AGG_FIELDS = ("scheme", "cell", "period", "quantity", "unit", "value", "n_passes", "n_days", "n_samples",
               "n_excluded", "period_start_utc", "period_end_utc", "street", "road_class")
 MEASUREMENT_FIELDS = ("device", "time_utc", "t_utc_ms", "sensor", "quantity", "value", "unit", "flags", "quality",
-                      "excluded", "calibration", "lat", "lon", "speed_mps", "position")
-# What the query gives; unit and excluded are added per row in Python.
-_QUERIED = tuple(f for f in MEASUREMENT_FIELDS if f not in ("unit", "excluded"))
+                      "excluded", "calibration", "lat", "lon", "speed_mps", "position", "raw_value",
+                      "humidity_corrected")
+# What the query gives; unit, excluded and humidity_corrected are added per row in Python.
+_QUERIED = tuple(f for f in MEASUREMENT_FIELDS if f not in ("unit", "excluded", "humidity_corrected"))
 #: Units of the measured values that are not map quantities (those have theirs in QUANTITIES).
 OTHER_UNITS = {"pm1": "µg/m³", "pm1_cf1": "µg/m³", "pm25_cf1": "µg/m³", "pm10_cf1": "µg/m³", "lamax": "dB(A)",
                "lamin": "dB(A)", "no2_we_mv": "mV", "no2_ae_mv": "mV", "no2_temp_c": "°C", "rh": "%",
@@ -172,6 +178,8 @@ def measurements(
             row["unit"] = unit_of(q)
             row["excluded"] = int(number and (is_sentinel(float(v)) or policy.excludes(q, row["flags"],
                                                                                       row["quality"])))
+            row["humidity_corrected"] = (int(CORRECTION in (row["calibration"] or "")) if q in PM_DERIVED
+                                         else None)
             yield row
 
 

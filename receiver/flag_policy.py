@@ -9,7 +9,8 @@ policy decides what a product uses, never what is stored.
 
 Every flag the van or the receiver sets is listed in :data:`KNOWN_FLAGS` with the
 decision and why. The defaults: every error flag keeps a value out; ``humid`` and
-``negative`` only for PM (optical PM reads high in fog; a negative PM count is a fault,
+``negative`` only for PM (above 95 % RH optical PM counts fog and its growth
+correction is not to be trusted; a negative PM count is a fault,
 while an electrochemical NO2 cell reads a little below zero in clean air, and dropping
 those would push clean streets up). The receiver config can change both lists
 (``exclude_flags``, ``exclude_flags_pm``, receiver/config.py).
@@ -47,7 +48,8 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
     "stuck": ("receiver", "exclude", "30 identical values (a small whole number: whole frames) in a row: the "
               "sensor stopped reporting"),
     "outlier": ("receiver", "exclude", "outside median ± 3·MAD of its 15 neighbours: a spike, not the street"),
-    "humid": ("receiver", "exclude PM", "optical PM reads high above 75 % RH (hygroscopic growth); "
+    "humid": ("receiver", "exclude PM", "above 95 % RH optical PM counts fog droplets and its growth "
+              "correction (receiver/pm_humidity.py) is not to be trusted; "
               "only PM gets it"),
     "clock_untrusted": ("receiver", "exclude", "stamped before the clock was trusted: the position joined "
                         "by its time may be wrong"),

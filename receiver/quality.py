@@ -20,8 +20,10 @@ shared/reference/datalab-store.md:
 * sentinels and non-numbers are no values in the ``stuck`` and ``outlier`` windows (like
   nulls: they break a run and are skipped by the median), so a sensor that sends -999
   every other second does not drag its real values into ``outlier``;
-* ``humid``: PM measured at relative humidity above 75 % (optical PM reads high in fog),
-  by any RH the van measured within 30 s (``RH_KEYS``, ``is_rh_key``);
+* ``humid``: PM measured at relative humidity above 95 %, by any RH the van measured within
+  30 s (``RH_KEYS``, ``is_rh_key``). Below that the receiver undoes hygroscopic growth
+  (receiver/pm_humidity.py); above it the correction is not to be trusted (fog droplets, a
+  growth term that diverges), so the value is flagged and the policy keeps it out of maps;
 * ``warming_up``: the sensor said so;
 * ``no_fix``: the sample has no position (``no_time``: not even a time);
 * ``clock_untrusted``: its time was stamped before the clock could be trusted;
@@ -38,6 +40,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from receiver.pm_humidity import MAX_RH
 
 # PM_QUANTITIES and SENTINELS live with the policy; still importable from here.
 from receiver.flag_policy import PM_QUANTITIES, SENTINELS, sentinel_mask  # noqa: F401
@@ -63,7 +67,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "lzmin": (20.0, 140.0),
 }
 NON_NEGATIVE = {"pm1", "pm25", "pm10", "no2_ppb"}
-HUMID_RH = 75.0
+# Where the growth correction stops and ``humid`` starts (75 % before the receiver corrected growth).
+HUMID_RH = MAX_RH
 STUCK_RUN = 30
 QUANTIZED_LOW = 5.0  # a few resolution steps of a whole-number sensor (see the module doc)
 WINDOW = 15
@@ -270,24 +275,29 @@ def is_rh_key(key: str) -> bool:
     return key in RH_KEYS or key.endswith(RH_SUFFIX)
 
 
-def humid_mask(
+def nearest_rh(
     t: np.ndarray, rh_t: np.ndarray, rh: np.ndarray, within_ms: float = HUMID_WITHIN_MS
 ) -> np.ndarray:
-    """``humid`` where the relative humidity measured closest in time (within 30 s) is above 75 %.
-
-    ``t``: the values' times (NaN: unknown); ``rh_t`` sorted, ``rh`` beside it.
-    Of two equally close measurements the earlier counts.
-    """
+    """The relative humidity measured closest in time to each of ``t`` (within ``within_ms``), NaN
+    where none is. ``t``: the values' times (NaN: unknown); ``rh_t`` sorted, ``rh`` beside it.
+    Of two equally close measurements the earlier counts."""
     if not len(rh_t):
-        return np.zeros(len(t), dtype=np.int64)
+        return np.full(len(t), np.nan)
     i = np.searchsorted(rh_t, t, side="left")
     before = np.clip(i - 1, 0, len(rh_t) - 1)
     after = np.clip(i, 0, len(rh_t) - 1)
     with np.errstate(invalid="ignore"):
         take_after = (i < len(rh_t)) & ((i == 0) | (np.abs(rh_t[after] - t) < np.abs(rh_t[before] - t)))
         near = np.where(take_after, after, before)
-        ok = (np.abs(rh_t[near] - t) <= within_ms) & (rh[near] > HUMID_RH)
-    return np.where(ok, BIT["humid"], 0)
+        return np.where(np.abs(rh_t[near] - t) <= within_ms, rh[near], np.nan)
+
+
+def humid_mask(
+    t: np.ndarray, rh_t: np.ndarray, rh: np.ndarray, within_ms: float = HUMID_WITHIN_MS
+) -> np.ndarray:
+    """``humid`` where the relative humidity measured closest in time (within 30 s) is above HUMID_RH."""
+    with np.errstate(invalid="ignore"):
+        return np.where(nearest_rh(t, rh_t, rh, within_ms) > HUMID_RH, BIT["humid"], 0)
 
 
 def humid(quantity: str, rh: float | None) -> bool:

@@ -58,6 +58,7 @@ class ReceiverService:
         self.health = Health(cfg.health_file or None)
         # Opened on first use (and again until it opens): the receiver starts with the store down.
         self.store: Store = store or LazyStore(lambda: open_store(cfg.store, max_gap_s=cfg.max_gap_s,
+                                                                             pm_kappa=cfg.pm_kappa,
                                                                              pg_timeouts=pg_timeouts(cfg)))  # type: ignore[assignment]
         self.ingestor = Ingestor(self.store, cfg.topic_prefix, derive=cfg.derive == "inline")
         self._stopping = threading.Event()
@@ -301,7 +302,7 @@ class ReceiverService:
         failing = False
         while not self._stopping.is_set():
             try:
-                store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s,
+                store = store or open_store(self.cfg.store, max_gap_s=self.cfg.max_gap_s, pm_kappa=self.cfg.pm_kappa,
                                               pg_timeouts=pg_timeouts(self.cfg))
                 # A read first: an empty queue then costs no write lock.
                 busy = bool((store.derive_backlog() or store.positions_deferred())

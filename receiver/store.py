@@ -20,7 +20,7 @@ import logging
 import math
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +39,8 @@ from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.flag_policy import is_sentinel
+from receiver.pm_derive import derive_batch_pm, pm_records_before
+from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import humid_edges, requality, rewrite_flags
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
@@ -467,7 +469,8 @@ class StoreReads:
 
 
 class SQLiteStore(StoreReads):
-    def __init__(self, path: str | Path, *, max_gap_s: float = 10.0) -> None:
+    def __init__(self, path: str | Path, *, max_gap_s: float = 10.0,
+                 pm_kappa: Mapping[str, float] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -478,6 +481,8 @@ class SQLiteStore(StoreReads):
         # groups of uploads per transaction it costs one extra fsync per group, not per sample.
         self.db.execute("PRAGMA synchronous=FULL")
         self.max_gap_ms = int(max_gap_s * 1000)
+        # kappa per PM quantity for the growth correction (receiver/pm_humidity.py; config pm_kappa)
+        self.pm_kappa = {**DEFAULT_KAPPA, **(pm_kappa or {})}
         # Workers starting together would race on switching a new file to WAL ("database
         # is locked") and on the schema (a view is dropped and made again; "already exists"
         # for the loser): one at a time, under flock on a lock file of its own. Never on the
@@ -625,7 +630,8 @@ class SQLiteStore(StoreReads):
         db.execute("CREATE INDEX IF NOT EXISTS positions_pending ON positions(device, t_utc_ms)"
                    " WHERE state = 'pending'")
         # value: the best one (the receiver's recomputed value, else the van's); calibration:
-        # the record it was calibrated with (receiver/calibration.py).
+        # the record it was calibrated with (receiver/calibration.py) and for PM the growth
+        # correction (receiver/pm_derive.py); raw_value: the van's, as it sent it.
         db.create_view(
             "observations",
             f"""
@@ -636,7 +642,8 @@ class SQLiteStore(StoreReads):
                    trim(coalesce(q.flags, '') ||
                         CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
                         ',') AS quality,
-                   p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position
+                   p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position,
+                   j.value AS raw_value
             FROM samples s
             JOIN json_each(s.vals) j
             LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
@@ -757,7 +764,9 @@ class SQLiteStore(StoreReads):
         ]
         self.conn.executemany("INSERT OR IGNORE INTO fixes VALUES (?,?,?,?,?,?,?,?)", fixes)
         self._join_positions(batch, fixes)
+        pm_before = pm_records_before(self.conn, batch)
         touched = ingest_calibrations(self.conn, batch)  # received time: each record's sample's
+        derive_batch_pm(self.conn, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
         self._flag_quality(batch)
         requality(self.conn, batch.device, touched)  # flags describe the value served
         humid_edges(self.conn, batch.device, [s.t_utc_ms for s in batch.samples

@@ -51,7 +51,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -70,6 +70,8 @@ from receiver import quality
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
+from receiver.pm_derive import derive_batch_pm, pm_records_before
+from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import humid_edges, requality
 from receiver.store import (
     CONTEXT_ROWS,
@@ -239,7 +241,8 @@ SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
        trim(coalesce(q.flags, '') ||
             CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
             ',') AS quality,
-       p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position
+       p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position,
+       j.value AS raw_value
 FROM samples s
 CROSS JOIN LATERAL jsonb_each(s.vals) j
 LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
@@ -327,11 +330,14 @@ class PostgresStore(StoreReads):
         schema: str = "datalab",
         postgis: bool | None = None,
         timeouts: PgTimeouts | None = None,
+        pm_kappa: Mapping[str, float] | None = None,
     ) -> None:
         self.dsn = dsn
         self.timeouts = timeouts or PgTimeouts()
         self.schema = schema
         self.max_gap_ms = int(max_gap_s * 1000)
+        # kappa per PM quantity for the growth correction (receiver/pm_humidity.py; config pm_kappa)
+        self.pm_kappa = {**DEFAULT_KAPPA, **(pm_kappa or {})}
         self._want_postgis = postgis
         self.postgis = False
         self.conn = self._connect()
@@ -580,7 +586,9 @@ class PostgresStore(StoreReads):
                     "INSERT INTO fixes VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING", fixes
                 )
         self._join_positions(batch, fixes, fresh)
+        pm_before = pm_records_before(c, batch)
         touched = ingest_calibrations(c, batch)  # received time: each record's sample's
+        derive_batch_pm(c, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
         self._flag_quality(batch, fresh)
         requality(c, batch.device, touched)  # flags describe the value served
         humid_edges(c, batch.device, [s.t_utc_ms for s in batch.samples

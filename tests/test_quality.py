@@ -40,7 +40,7 @@ def test_flags_reach_the_observations(tmp_path):
     samples = []
     for i in range(70):
         t = T + i * 1000
-        pm = {"pm25": 12.0 if i != 20 else 400.0, "pm10": 20.0 + (i % 7), "rh": 80.0 if i >= 60 else 50.0}
+        pm = {"pm25": 12.0 if i != 20 else 400.0, "pm10": 20.0 + (i % 7), "rh": 97.0 if i >= 60 else 50.0}
         samples.append(Sample("pm", t, i * 1000, TimeSource.UNSYNC if i < 2 else TimeSource.GPS, pm,
                               ("warming_up",) if i < 3 else (), 2 * i + 1))
         samples.append(Sample("gps", t, i * 1000, TimeSource.GPS,
@@ -82,13 +82,13 @@ def test_humid_from_the_no2_sensors_rh(tmp_path):
     rows = []
     for k in range(20):
         rows.append(("pm", {"pm25": 10.0 + 0.1 * (k % 3)}))
-        rows.append(("no2", {"no2_ppb": 5.0, "no2_rh_pct": 95.0 if k < 10 else 50.0}))
+        rows.append(("no2", {"no2_ppb": 5.0, "no2_rh_pct": 97.0 if k < 10 else 50.0}))
     flags = _pm_store(tmp_path, "h", rows)
     humid = sorted(seq for seq, f in flags.items() if "humid" in f)
     # the PM value at 20 s is as close to the last 95 % (19 s) as to the first 50 % (21 s): the earlier counts
     assert humid == [2 * k + 1 for k in range(11)]
     # an RH reading more than 30 s away says nothing
-    far = [("no2", {"no2_rh_pct": 95.0})] + [("pm", {"pm25": 10.0 + 0.1 * (k % 3)}) for k in range(40)]
+    far = [("no2", {"no2_rh_pct": 97.0})] + [("pm", {"pm25": 10.0 + 0.1 * (k % 3)}) for k in range(40)]
     flags = _pm_store(tmp_path, "far", far)
     assert sorted(seq for seq, f in flags.items() if "humid" in f) == list(range(2, 32))  # up to 30 s
 
