@@ -13,7 +13,8 @@ from bench import bench_nmea
 from drivers.nmea import parse_sentence
 from edge.errors import ReadError
 
-pytestmark = pytest.mark.skipif(not bench_nmea.FIXTURE.is_file(), reason="shared GPS fixtures absent")
+pytestmark = pytest.mark.skipif(not bench_nmea.FIXTURE.is_file(),
+                                reason="shared GPS fixtures absent")
 
 
 def test_the_mix_is_the_m9n_capture_with_all_four_gnss() -> None:
@@ -29,13 +30,15 @@ def test_the_pynmea2_path_gives_what_parse_sentence_gives() -> None:
     for parse in (parse_sentence, bench_nmea.through_pynmea2):
         with pytest.raises(ReadError):
             parse(bad)
-    assert [repr(bench_nmea.through_pynmea2(ln)) for ln in lines] == [repr(parse_sentence(ln)) for ln in lines]
+    assert ([repr(bench_nmea.through_pynmea2(ln)) for ln in lines]
+            == [repr(parse_sentence(ln)) for ln in lines])
 
 
 def test_a_short_run_reports_both_paths_per_van_hour() -> None:
     rows = {r["name"]: r for r in bench_nmea.run(rounds=1, min_cpu=0.01)}
     for path in ("split", "pynmea2"):
-        rate, cpu = rows[f"gps.nmea_{path}_path"]["value"], rows[f"gps.nmea_{path}_path_cpu"]["value"]
+        rate = rows[f"gps.nmea_{path}_path"]["value"]
+        cpu = rows[f"gps.nmea_{path}_path_cpu"]["value"]
         assert rate > 0 and cpu > 0
         # CPU-s per van-hour is sentences per van-hour over the rate (rounding aside).
         assert cpu == pytest.approx(23.0 * 3600 / rate, rel=0.02)
