@@ -25,6 +25,7 @@ from bench import print_table
 MODULES = [
     ("bench_pm_decode", "PM decoders"),
     ("bench_gps_decode", "GPS decoder"),
+    ("bench_nmea", "NMEA: one parse path or two (issue 16)"),
     ("bench_agent", "agent CPU per van-hour"),
     ("bench_noise", "noise processing"),
     ("bench_ads1115", "ADS1115 reads"),

@@ -14,9 +14,12 @@ Three layers:
   when a field fails to convert and reports an empty latitude as 0.0 (a
   position at "Null Island" instead of no position). For the seven sentence
   types converted here, from an ordinary upper-case talker, all pynmea2 would
-  add is splitting the fields, at about 40 % of the cost of a sentence: they
+  add is splitting the fields, at about a third of the cost of a sentence: they
   are split here; every other sentence goes through pynmea2, and
   tests/test_nmea_decode_paths.py holds the two paths to the same results.
+  Kept after measuring (issue 16; ``python -m bench.bench_nmea``, u-blox M9N
+  mix): pynmea2 for every sentence costs ~0.75 CPU-s more per van-hour on the
+  VM (~7.5 on a Pi Zero 2), 15 % of the agent's 5 CPU-s budget (docs/performance.md).
 * ``FixAssembler`` groups sentences into navigation epochs (one UTC time of
   day) and emits one ``Fix`` per epoch in which the receiver has a valid fix.
 

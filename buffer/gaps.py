@@ -1,0 +1,69 @@
+"""Gap records of this epoch: numbers owned up to as lost or dropped, with their reason."""
+
+from __future__ import annotations
+
+from uplink.sample_rules import gap_reason
+from buffer.base import BufferBase
+from buffer.guards import _RAISE, _recovering, _tolerate_full
+
+
+# The gap reason for numbers a commit made durable that an open no longer finds (buffer.highwater).
+# Their batches may have gone out before the loss: the receiver subtracts what it holds.
+WAL_LOST_REASON = "WAL lost committed transactions: samples missing at open (may include delivered ones)"
+
+
+class GapsMixin(BufferBase):
+    """Buffer's part: gap records of this epoch (see the module docstring)."""
+
+    def _gap(self, first: int, last: int, reason: str) -> None:
+        """Record a gap of this epoch, extending the previous unsent one if it is adjacent."""
+        reason = gap_reason(reason)  # a reason the receiver refuses would sink the batch's gaps
+        prev = self._db.execute(
+            "SELECT id, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if prev and prev[1] + 1 == first and prev[2] == reason:
+            self._db.execute("UPDATE gaps SET last_seq=? WHERE id=?", (last, prev[0]))
+            return
+        self._db.execute(
+            "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)", (first, last, reason)
+        )
+        self._bump("gap_records")
+
+    @_recovering
+    @_tolerate_full(_RAISE)
+    def add_gap(self, first_seq: int, last_seq: int, reason: str) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
+                (first_seq, last_seq, reason),
+            )
+            self._bump("gap_records")
+
+    @_recovering
+    @_tolerate_full(_RAISE)
+    def record_lost(self, n: int, reason: str) -> tuple[int, int]:
+        """Own up to ``n`` samples that were taken but never committed (held in memory, then lost).
+
+        They get sequence numbers like committed samples, used by nothing but a
+        gap record: the store learns how many were lost and why, in order with
+        the rest, and an epoch's numbers stay exactly 1..last_seq for the oracle.
+        """
+        with self._tx():
+            first, last = self._lose(n, reason)
+        self._highwater.mark(self.epoch, last)
+        return first, last
+
+    def _lose(self, n: int, reason: str) -> tuple[int, int]:
+        """``record_lost`` inside the caller's transaction."""
+        first = self.last_seq() + 1
+        last = first + n - 1
+        self._set_last_seq(last)
+        self._gap(first, last, reason)
+        self._bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
+        return first, last
+
+    def _set_last_seq(self, last: int) -> None:
+        """Numbers up to ``last`` are used (by a gap record): AUTOINCREMENT never hands them out."""
+        self._db.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='samples'", (last,))
+        if self._db.execute("SELECT changes()").fetchone()[0] == 0:
+            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))

@@ -1,0 +1,78 @@
+"""Samples the agent holds in memory on a full card (buffer.heldledger): noted, then owned up to."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+from buffer.heldledger import HeldNote
+from buffer.errors import BufferFullError
+from buffer.base import BufferBase
+from buffer.gaps import WAL_LOST_REASON
+from buffer.guards import _RAISE, _recovering, _tolerate_full
+
+log = logging.getLogger("buffer.store")  # the name the one-class store logged under
+
+
+class HeldMixin(BufferBase):
+    """Buffer's part: samples the agent holds in memory on a full card (see the module docstring)."""
+
+    def note_held(self, held: int, owed: int) -> None:
+        """The agent holds ``held`` samples a full card refused (``owed`` more already discarded).
+
+        Written in place to the side file and fsynced, so a stop, a kill or a
+        power cut that loses them still leaves their count; the next open turns
+        it into gap records. Costs nothing while nothing is held.
+        """
+        if not (held or owed or self._noted or self._carried) or self._unborn:
+            return
+        try:
+            last = self.last_seq()
+        except sqlite3.DatabaseError as exc:
+            log.error("buffer: cannot note %d held samples: %s", held, exc)  # the next write finds the damage
+            return
+        note = HeldNote(self.epoch, last, held, owed, list(self._carried))
+        empty = not (held or owed or self._carried)
+        if self._held_ready and self._held.write(None if empty else note):
+            self._noted = not empty
+
+    def _take_held_note(self) -> None:
+        """At open: what the last run noted and never settled becomes gap records."""
+        if self._unborn:
+            return
+        self._held_ready = self._held.ensure()
+        note = self._held.read()
+        last = self.last_seq()
+        if note is not None and note.epoch == self.epoch and note.last_seq == last:
+            # (Otherwise none, or settled since: every settling write takes a new sequence number.)
+            self._carried = note.losses()
+            self._noted = True
+        wal_lost = self._highwater.behind(self.epoch, last)
+        if self._highwater.damaged:
+            self._highwater.mark(self.epoch, last)  # rewritten now: ignored, never a loss
+        if wal_lost and all(r != WAL_LOST_REASON for _, r in self._carried):  # not yet in a note
+            # Committed transactions are gone from the WAL (cut at a frame boundary): their
+            # numbers are owned up to first, so the gap names exactly the lost range.
+            log.error("buffer %s: %d committed sample numbers (%d-%d) are missing: the WAL lost"
+                      " committed transactions", self.path, wal_lost, last + 1, last + wal_lost)
+            self._carried.insert(0, (wal_lost, WAL_LOST_REASON))
+        if self._carried:
+            try:
+                self._own_up_to_carried()
+            except BufferFullError:
+                log.error("buffer: no room yet to record %s; kept in %s", self._carried, self._held.path)
+
+    @_recovering
+    @_tolerate_full(_RAISE)
+    def _own_up_to_carried(self) -> None:
+        carried = list(self._carried)
+        with self._tx():
+            for n, reason in carried:
+                first, last = self._lose(n, reason)
+                log.error("buffer: %d samples lost at the last run's end, owned up to as gap %d-%d (%s)",
+                          n, first, last, reason)
+        self._carried = []
+        self._highwater.mark(self.epoch, self.last_seq())
+        # The note is void now (last_seq moved past it); clear it anyway so it is not read again.
+        if self._held_ready and self._held.write(None):
+            self._noted = False

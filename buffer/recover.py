@@ -1,0 +1,182 @@
+"""Corruption: quarantine the files, start afresh, salvage what verifies (see buffer.recovery)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from buffer import recovery
+from buffer.highwater import HighWater
+from buffer.identity import IdentityFile
+from edge.model import Sample
+from uplink.wire import Batch, Gap, content_hash, encode_batch
+from buffer.base import BufferBase
+
+log = logging.getLogger("buffer.store")  # the name the one-class store logged under
+
+SALVAGE_BATCH_SAMPLES = 1000
+
+
+class RecoverMixin(BufferBase):
+    """Buffer's part: corruption (see the module docstring)."""
+
+    def _quarantine(self, reason: str, epoch: str | None) -> Path:
+        log.error("buffer %s is corrupt (%s): quarantining it", self.path, reason)
+        qdir = recovery.quarantine(self.path, self.quarantine_dir, epoch, reason)
+        self._identity.copy_to(qdir, epoch)  # names the epoch if the file cannot
+        self._highwater.move_to(qdir)  # a third witness; the new epoch starts without it
+        return qdir
+
+    def _recover(self, reason: str) -> None:
+        """Corruption found during use: move the files aside, start afresh, salvage."""
+        old_epoch = getattr(self, "epoch", None) or self._peek_epoch()
+        # A read-only connection kept open while the writer closes stops the
+        # writer from checkpointing the (damaged) WAL into the main file.
+        keeper: sqlite3.Connection | None = None
+        try:
+            keeper = sqlite3.connect(self.path.as_uri() + "?mode=ro", uri=True)
+            keeper.execute("BEGIN")
+            keeper.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError:
+            pass
+        try:
+            if hasattr(self, "_db"):
+                self._db.close()
+        except sqlite3.DatabaseError:
+            pass
+        self._quarantine(reason, old_epoch)
+        self._damaged_epoch = None
+        if keeper is not None:
+            keeper.close()
+        self._open()
+        self._salvage_pending()
+
+    def _salvage_pending(self) -> None:
+        """Salvage every quarantined file whose salvage is not recorded as done."""
+        for qdir in recovery.unsalvaged(self.quarantine_dir):
+            mark = f"salvaged:{qdir.name}"
+            if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
+                recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
+                continue
+            ident = IdentityFile(qdir / self._identity.path.name).read()
+            if ident is None:
+                # No identity file: the .seq copy still names the epoch (the third witness).
+                seq = HighWater(qdir / self._highwater.path.name).read()
+                ident = (seq[0], self.device_id) if seq else None
+            found = recovery.salvage(qdir / self.path.name, ident)
+            try:
+                summary = self._apply_salvage(found, mark)
+            except sqlite3.DatabaseError as exc:
+                if not recovery.is_disk_full(exc):
+                    raise
+                self._rollback_quietly()
+                log.error("no room to salvage %s yet; will retry at next start", qdir)
+                continue
+            recovery.mark_salvaged(qdir, summary)
+            log.warning("salvaged %s: %s", qdir, summary)
+
+    def _apply_salvage(self, s: recovery.Salvage, mark: str) -> dict[str, Any]:
+        """Write one salvage into this database, in one transaction (all or nothing).
+
+        Unsealed samples are sealed into batches *of their old epoch* rather
+        than committed again as new samples: their identity (epoch, seq) stays
+        the one they were given when their commit returned, so the old epoch's
+        sequence space is accounted for in one place (salvaged batches +
+        gap records), and running the salvage twice (a crash before the
+        quarantine is marked done) produces the same ids with the same bytes,
+        which the receiver deduplicates. Re-committing would give them new
+        numbers each time: duplicates in the store.
+        """
+        device = s.device or self.device_id
+        n_samples = 0
+        with self._tx():
+            for b in s.batches:
+                self._insert_salvaged(b.epoch, b.device, b.first_seq, b.last_seq, b.n_samples,
+                                      b.payload, b.sealed_utc_ms, b.oldest_utc_ms)
+            for e, nxt in s.carrier_next.items():
+                self._db.execute(
+                    "INSERT INTO epochs VALUES (?, ?, ?) ON CONFLICT(epoch)"
+                    " DO UPDATE SET next_carrier = max(next_carrier, excluded.next_carrier)",
+                    (e, device, nxt),
+                )
+            if s.epoch is not None:
+                n_samples = self._seal_salvaged_samples(s.epoch, device, s.samples)
+                if s.carrier_base is not None:
+                    self._ensure_epoch(s.epoch, device, s.carrier_base)
+                self._add_carrier(s.epoch, device, s.gaps)
+            for e, gaps in s.other_gaps.items():
+                self._add_carrier(e, device, gaps)
+            summary = {
+                "into_epoch": self.epoch,
+                "from_epoch": s.epoch,
+                "batches": len(s.batches),
+                "samples": n_samples,
+                "gaps": [[g.first_seq, g.last_seq, g.reason] for g in s.gaps],
+                "notes": s.notes,
+            }
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (mark, json.dumps(summary)))
+            self._bump("quarantined")
+            self._bump("salvaged_batches", len(s.batches))
+            self._bump("salvaged_samples", n_samples)
+        return summary
+
+    def _insert_salvaged(self, epoch: str, device: str, first: int, last: int, n: int,
+                         payload: bytes, sealed_ms: int, oldest_ms: int | None) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO salvaged VALUES (?,?,?,?,?,?,?,?,?)",
+            (epoch, first, last, device, n, payload, content_hash(payload), sealed_ms, oldest_ms),
+        )
+
+    def _seal_salvaged_samples(self, epoch: str, device: str, samples: list[Sample]) -> int:
+        """Seal runs of consecutive unsealed samples into batches of their old epoch."""
+        # One row per number: a damaged b-tree can hand the same row out twice (read forwards
+        # and backwards, or "Rowid out of order"), and a second run starting at a number
+        # already used would be dropped by INSERT OR IGNORE without a trace. The checksum
+        # covers seq, so two rows that verify with one number are the same sample.
+        samples = sorted({x.seq: x for x in reversed(samples)}.values(), key=lambda x: x.seq or 0)
+        runs: list[list[Sample]] = []
+        for smp in samples:
+            if runs and smp.seq == (runs[-1][-1].seq or 0) + 1 and len(runs[-1]) < SALVAGE_BATCH_SAMPLES:
+                runs[-1].append(smp)
+            else:
+                runs.append([smp])
+        for run in runs:
+            first, last = run[0].seq, run[-1].seq
+            assert first is not None and last is not None
+            payload = encode_batch(Batch(device, epoch, first, last, run, []))
+            oldest = min((x.t_utc_ms for x in run if x.t_utc_ms is not None), default=None)
+            self._insert_salvaged(epoch, device, first, last, len(run), payload, 0, oldest)
+        return len(samples)
+
+    def _ensure_epoch(self, epoch: str, device: str, base: int) -> None:
+        self._db.execute(
+            "INSERT INTO epochs VALUES (?, ?, ?) ON CONFLICT(epoch)"
+            " DO UPDATE SET next_carrier = max(next_carrier, excluded.next_carrier)",
+            (epoch, device, base),
+        )
+
+    def _add_carrier(self, epoch: str, device: str, gaps: list[Gap]) -> None:
+        """Gap records of an earlier epoch travel in a sample-less batch of that epoch.
+
+        It is named after a sequence number past the epoch's end, so its id is
+        new to the receiver (which refuses a known id with other bytes).
+        """
+        if not gaps:
+            return
+        row = self._db.execute("SELECT next_carrier FROM epochs WHERE epoch=?", (epoch,)).fetchone()
+        if row is None:
+            top = self._db.execute(
+                "SELECT coalesce(max(last_seq), 0) FROM salvaged WHERE epoch=?", (epoch,)
+            ).fetchone()[0]
+            n = max(top, max(g.last_seq for g in gaps)) + recovery.CARRIER_OFFSET_UNCERTAIN
+        else:
+            n = int(row[0])
+        payload = encode_batch(Batch(device, epoch, n, n, [], list(gaps)))
+        self._insert_salvaged(epoch, device, n, n, 0, payload, int(time.time() * 1000), None)
+        self._ensure_epoch(epoch, device, n + 1)
+        self._db.execute("UPDATE epochs SET next_carrier=? WHERE epoch=?", (n + 1, epoch))
+        self._bump("gap_records", len(gaps))

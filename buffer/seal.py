@@ -1,0 +1,197 @@
+"""Sealing: the oldest unsealed samples (and pending gaps) into one immutable batch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from buffer import rowcheck
+from edge.model import Sample
+from uplink.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
+from uplink.sample_rules import gap_reason, sample_problem
+from uplink.wire import Batch, Gap, content_hash, encode_batch
+from buffer.base import BufferBase
+from buffer.commit import _encodes
+from buffer.gaps import WAL_LOST_REASON
+from buffer.guards import _recovering, _tolerate_full
+from buffer.records import SealedBatch
+
+log = logging.getLogger("buffer.store")  # the name the one-class store logged under
+
+
+class SealMixin(BufferBase):
+    """Buffer's part: sealing (see the module docstring)."""
+
+    @property
+    def unsealed_count(self) -> int:
+        return self._unsealed
+
+    @_recovering
+    @_tolerate_full(None)
+    def seal(self, max_samples: int, now_utc_ms: int) -> SealedBatch | None:
+        """Seal the oldest unsealed samples (at most ``max_samples``) into one batch.
+
+        Every row is verified first (``buffer.rowcheck``): a row whose checksum
+        does not match or that cannot be decoded is set aside in ``bad_rows``
+        with its bytes as read, and a gap record owns up to it, in the same
+        transaction as the batch. Sealing goes on with the rest: one bad row
+        must not stop every tick.
+        """
+        # Gaps the WAL lost travel alone, in a gaps-only batch named after their range, never
+        # merged into a batch of samples: a cut that took back a delivered seal brings those
+        # samples back unsealed, and their re-seal must give the very bytes of the original
+        # (encoding is deterministic) so the receiver answers "duplicate", not "different".
+        gaps_rows = self._db.execute(
+            "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason=?"
+            " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
+        samples: list[Sample] = []
+        rows: list[tuple[Any, ...]] = []
+        if not gaps_rows:
+            rows, samples = self._sealable(max_samples, now_utc_ms)  # first: its set-aside gaps ride too
+            gaps_rows = self._db.execute(
+                "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason!=?"
+                " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
+        gaps_rows = _within_gap_budget(gaps_rows)
+        if not samples and not gaps_rows:
+            return None
+        gaps = [Gap(g[1], g[2], gap_reason(g[3])) for g in gaps_rows]  # rows of an older version too
+        try:
+            samples, payload = self._fit(samples, gaps)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # Something the checks above did not foresee: set aside the rows that do not
+            # encode alone, and let the next call seal the rest (never the same failure twice).
+            by_seq = {r[0]: r for r in rows}
+            culprits = [(by_seq[x.seq], f"cannot be encoded: {type(exc).__name__}") for x in samples
+                        if not _encodes(x)]
+            if not culprits:
+                raise
+            self._set_aside(culprits, now_utc_ms)
+            return None
+        except _TooLarge as big:
+            by_seq = {r[0]: r for r in rows}
+            self._set_aside([(by_seq[big.sample.seq], f"too large for any batch: {big}")], now_utc_ms)
+            return None
+        if samples:
+            first, last = samples[0].seq, samples[-1].seq
+        else:
+            # Gaps alone still travel: they ride in an empty batch named after the gap range.
+            first = min(g[1] for g in gaps_rows)
+            last = max(g[2] for g in gaps_rows)
+        assert first is not None and last is not None
+        batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
+        digest = content_hash(payload)
+        with self._tx():
+            if self._db.execute("SELECT 1 FROM batches WHERE first_seq=?", (first,)).fetchone():
+                # Only a gaps-only batch can collide (its range was a batch before); such
+                # gaps are already known to the receiver through that rejected range.
+                self._db.executemany("UPDATE gaps SET sent_in=-1 WHERE id=?", [(g[0],) for g in gaps_rows])
+                return None
+            self._db.execute(
+                "INSERT INTO batches VALUES (?,?,?,?,?,?,?)",
+                (
+                    first,
+                    last,
+                    len(samples),
+                    payload,
+                    digest,
+                    now_utc_ms,
+                    min((s.t_utc_ms for s in samples if s.t_utc_ms is not None), default=None),
+                ),
+            )
+            if samples:
+                self._db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
+                # The seal watermark: after a corruption, what is missing above it
+                # was never sent, so it is known lost (see recovery.salvage).
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sealed_through', ?)", (str(last),))
+            if gaps_rows:
+                self._db.executemany("UPDATE gaps SET sent_in=? WHERE id=?", [(first, g[0]) for g in gaps_rows])
+        self._unsealed -= len(samples)
+        return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
+
+    def _sealable(self, max_samples: int, now_utc_ms: int) -> tuple[list[tuple[Any, ...]], list[Sample]]:
+        """The oldest unsealed rows and the samples among them that can travel.
+
+        Every row is verified first (``buffer.rowcheck``); one that fails, or
+        that verifies and still could not travel (a row from before checksums, a
+        value a driver should never have given: the receiver would refuse the
+        whole batch, or it would not even encode), is set aside with a gap record.
+        """
+        rows = self._db.execute(
+            f"SELECT {rowcheck.SELECT_COLS} FROM samples ORDER BY seq LIMIT ?", (max_samples,)
+        ).fetchall()
+        samples: list[Sample] = []
+        bad: list[tuple[tuple[Any, ...], str]] = []
+        for r in rows:
+            checked = rowcheck.check_row(r)
+            smp = checked.sample
+            why = checked.why if smp is None else sample_problem(smp)
+            if why:
+                bad.append((r, why if smp is None else f"cannot travel: {why}"))
+            else:
+                samples.append(smp)  # type: ignore[arg-type]
+        if bad:
+            self._set_aside(bad, now_utc_ms)
+        return rows, samples
+
+    def _fit(self, samples: list[Sample], gaps: list[Gap]) -> tuple[list[Sample], bytes]:
+        """The longest prefix of ``samples`` whose batch the receiver's limits allow, encoded.
+
+        Halved until it fits (``uplink.batch_limits``): only a batch over a limit pays for
+        more than one encode. A single sample over a limit raises ``_TooLarge``.
+        """
+        n = len(samples)
+        while True:
+            part = samples[:n]
+            first = part[0].seq if part else min(g.first_seq for g in gaps)
+            last = part[-1].seq if part else max(g.last_seq for g in gaps)
+            assert first is not None and last is not None
+            payload = encode_batch(Batch(self.device_id, self.epoch, first, last, part, gaps))
+            why = batch_problem(part, len(gaps), payload)
+            if why is None:
+                return part, payload
+            if n <= 1:
+                if not part:
+                    raise ValueError(f"a gaps-only batch over the limits: {why}")
+                if gaps:
+                    # One sample plus the pending gaps is too much, which says nothing about the
+                    # sample: the gaps go first in a batch of their own, the sample next time
+                    # (alone, and only then "too large for any batch" if it still does not fit).
+                    return self._fit([], gaps)
+                raise _TooLarge(part[0], why)
+            n //= 2
+
+    def _set_aside(self, bad: list[tuple[tuple[Any, ...], str]], now_utc_ms: int) -> None:
+        """Move rows that cannot be sealed to ``bad_rows``, each owned up to by a gap record."""
+        with self._tx():
+            for r, why in bad:
+                self._db.execute(
+                    "INSERT INTO bad_rows VALUES (?,?,?,?)", (r[0], why, rowcheck.raw_bytes(r), now_utc_ms)
+                )
+                self._db.execute("DELETE FROM samples WHERE rowid=?", (r[0],))
+                if isinstance(r[0], int) and r[0] > 0:
+                    self._gap(r[0], r[0], f"unsealable row set aside: {why}")
+                self._bump("rows_set_aside")
+        self._unsealed -= len(bad)
+        log.error("buffer: %d unsealable rows set aside in bad_rows (%s)", len(bad), bad[0][1])
+
+
+def _within_gap_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The first gap rows whose text stays within ``GAP_TEXT_BUDGET`` (at least one): gap records
+    alone must never push a batch over a limit ``_fit`` can only meet by dropping samples. The
+    budget guards the compressed payload limit too (random text does not compress). The rest
+    ride in the next batch."""
+    budget, out = GAP_TEXT_BUDGET, []
+    for r in rows:
+        budget -= len(str(r[3]).encode("utf-8", "replace")) + 48
+        if budget < 0 and out:
+            break
+        out.append(r)
+    return out
+
+
+class _TooLarge(Exception):
+    """One sample alone breaks a batch limit: it can never travel (set aside at sealing)."""
+
+    def __init__(self, sample: Sample, why: str) -> None:
+        super().__init__(why)
+        self.sample = sample
