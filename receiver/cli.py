@@ -69,7 +69,7 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     svc = ReceiverService(cfg, ready_file=ready_file)
 
     def _stop(*_: object) -> None:
-        svc.client.disconnect()
+        svc.request_stop()  # not client.disconnect(): paho is written to from its own thread only
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

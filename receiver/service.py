@@ -62,6 +62,7 @@ class ReceiverService:
                                                                              pg_timeouts=pg_timeouts(cfg)))  # type: ignore[assignment]
         self.ingestor = Ingestor(self.store, cfg.topic_prefix, derive=cfg.derive == "inline")
         self._stopping = threading.Event()
+        self._stop_requested = threading.Event()  # run_forever returns once set (request_stop)
         # At most the broker's in-flight window (max_inflight_messages): the worker acks only
         # what has an outcome, and the broker sends nothing more past that window.
         self._inbox: queue.Queue[tuple[mqtt.MQTTMessage, int]] = queue.Queue()
@@ -343,11 +344,27 @@ class ReceiverService:
         self.client.loop_start()
 
     def run_forever(self) -> None:
-        self._start_threads()
-        # connect_async: a broker that is down at start is dialled again (health says so),
-        # instead of the process exiting.
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=30)
-        self.client.loop_forever(retry_first_connection=True)
+        """Run until ``request_stop()`` (the CLI's signal handler), then leave the broker.
+
+        paho's loop runs in a thread of its own (``loop_start``), never ``loop_forever`` in
+        the caller's: with no loop thread, paho writes a packet the worker queues (publish,
+        ack) to the socket at once from the worker's thread, while the loop thread reads
+        and pings on it. One OpenSSL object used by two threads at once corrupted the TLS
+        stream under a flood (issue 13 re-test: "bad record mac" at the broker, a receiver
+        that died in malloc, a 4-minute silent hang). With the loop thread, publish/ack/
+        subscribe only append to paho's queue and wake the loop through its socketpair: every
+        socket write happens on the network thread (tests/test_receiver_network_thread.py).
+        """
+        self.start()  # connect_async: a broker down at start is dialled again, the process waits
+        # A timed wait: the signal handler that asks to stop runs in this (main) thread.
+        while not self._stop_requested.wait(0.5):
+            pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def request_stop(self) -> None:
+        """Ask ``run_forever`` to return (safe from a signal handler: it only sets an event)."""
+        self._stop_requested.set()
 
     def stop(self) -> None:
         self.client.disconnect()
