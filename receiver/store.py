@@ -52,6 +52,10 @@ GPS_SENSOR = "gps"
 # on SQLite. The rest waits in positions_redo.
 REPLACE_BUDGET = 20_000
 REDO_CHUNK = 20_000  # open samples per deferred-positions transaction of the deriver
+# Pending samples one ingest group (or derive claim) may close to ``no_fix`` in the ack path
+# (issue 13 re-test: one 1-sample upload after 480,000 pending ones closed them all in one
+# UPDATE, over PostgreSQL's statement timeout, retried for ever). The rest go to positions_redo.
+CLOSE_BUDGET = 20_000
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +276,11 @@ class StoreReads:
     # budget (reset by ``_new_unit`` at the start of each ingest group and derive claim).
     _replace_left = REPLACE_BUDGET
 
+    _close_left = CLOSE_BUDGET  # the same for _close_pending
+
     def _new_unit(self) -> None:
         self._replace_left = REPLACE_BUDGET
+        self._close_left = CLOSE_BUDGET
 
     def _defer_positions(self, device: str, windows: Sequence[tuple[int, int]]) -> None:
         """Queue time windows of a van whose open samples must be placed again, later; counted."""
@@ -389,16 +396,45 @@ class StoreReads:
         could place was within ``gap`` of it and placed by ``_join_inputs``; the others
         close here once ``newest`` is more than ``gap`` past them, or once a fix older
         than ``gap`` before them exists with none closer.
+
+        Bounded (issue 13 re-test): at most ``CLOSE_BUDGET`` rows per ingest group, the
+        oldest first; what is left becomes a ``positions_redo`` window (counted), which the
+        deriver places again in chunks with ``locate``, the rule these statements shortcut.
         """
+        p = self.PARAM
+        self._close_some(device, f"pp.t_utc_ms < {p}", (newest - gap,), newest - gap)
+        if fix_times:
+            self._close_some(
+                device, f"pp.t_utc_ms > {p} AND NOT EXISTS (SELECT 1 FROM fixes f WHERE f.device = pp.device"
+                        f" AND f.t_utc_ms BETWEEN pp.t_utc_ms - {p} AND pp.t_utc_ms)",
+                (min(fix_times) + gap, gap), newest)
+
+    def _close_some(self, device: str, where: str, args: tuple[int, ...], hi: int) -> None:
+        """Close the oldest of ``device``'s pending rows matching ``where`` (alias ``pp``),
+        within what is left of the budget; the others, up to ``hi``, wait for the deriver."""
         p, c = self.PARAM, self.conn
         # States as literals: they let both stores use the partial index ``positions_pending``.
-        close = f"UPDATE positions SET state = '{NO_FIX}' WHERE device = {p} AND state = '{PENDING}'"
-        c.execute(f"{close} AND t_utc_ms < {p}", (device, newest - gap))
-        if fix_times:
-            c.execute(
-                f"{close} AND t_utc_ms > {p} AND NOT EXISTS (SELECT 1 FROM fixes f WHERE f.device = {p}"
-                f" AND f.t_utc_ms BETWEEN positions.t_utc_ms - {p} AND positions.t_utc_ms)",
-                (device, min(fix_times) + gap, device, gap))
+        pick = (f"SELECT pp.device, pp.epoch, pp.seq, pp.t_utc_ms FROM positions pp WHERE pp.device = {p}"
+                f" AND pp.state = '{PENDING}' AND {where} ORDER BY pp.t_utc_ms LIMIT {p}")
+        n = self._close_left
+        if n > 0:
+            closed = c.execute(
+                f"UPDATE positions SET state = '{NO_FIX}' WHERE (device, epoch, seq) IN"
+                f" (SELECT device, epoch, seq FROM ({pick}) AS oldest)", (device, *args, n)).rowcount
+            self._close_left -= closed
+            if closed < n:
+                return
+        left = c.execute(pick, (device, *args, 1)).fetchone()
+        if left is None:
+            return
+        # One window per stretch: a van that keeps uploading over a deferred backlog would
+        # otherwise queue an overlapping window with each upload (each re-read by the deriver).
+        have = c.execute(f"SELECT max(hi_ms) FROM positions_redo WHERE device = {p} AND lo_ms <= {p}"
+                         f" AND hi_ms >= {p}", (device, left[3], left[3])).fetchone()[0]
+        lo = left[3] if have is None else have + 1
+        if lo <= hi:
+            self._defer_positions(device, [(lo, hi)])
+            self._count_here("pending_closes_deferred", 1)
 
     def _merged(self, queued: Sequence[tuple[str, str, str, int, int]]) -> list[Batch]:
         """Queued batches (batch_id, device, epoch, first, last) read back, one per van and epoch.
