@@ -104,7 +104,25 @@ def _first_run(v: np.ndarray) -> np.ndarray:
     return out
 
 
-def humid_edges(conn: Any, device: str, times: list[int]) -> int:
+# Sample rows one ingest group may read to judge ``humid`` at batch edges in the ack path
+# (issue 13 re-test: uploads packed in time put a van's whole backlog within +-30 s of every
+# batch's edges, and each upload re-read it all with its values: 22 -> 82 s per group, RSS
+# growing with the backlog). A window over the budget is judged later by the deriver.
+HUMID_BUDGET = 20_000
+HUMID_CHUNK = 20_000  # rows judged per transaction of the deriver (``humid_slice``)
+
+
+def humid_windows(times: list[int]) -> list[tuple[int, int]]:
+    """The time windows whose PM values ``humid_edges`` judges again for a batch of ``times``."""
+    if not times:
+        return []
+    w = quality.HUMID_WITHIN_MS
+    lo, hi = min(times), max(times)
+    return [(lo - w, lo + w), (hi - w, hi + w)] if hi - lo > 2 * w else [(lo - w, hi + w)]
+
+
+def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = None
+                ) -> tuple[int, int, list[tuple[int, int]]]:
     """``humid`` of PM values near a batch's time edges, judged with every RH the van sent.
 
     A batch judges ``humid`` with the RH readings inside it; a PM value within
@@ -112,30 +130,52 @@ def humid_edges(conn: Any, device: str, times: list[int]) -> int:
     neighbouring batch (either side, whichever arrived first). So both edges are judged
     again with the van's RH readings around them, read by time through
     ``positions(device, t_utc_ms)``: two short windows per batch, whatever its length.
-    Only the ``humid`` bit changes. Returns rows changed.
+    Only the ``humid`` bit changes. ``budget``: the most sample rows to read; a window
+    that would read more is not judged here but returned, for ``humid_slice`` later.
+    Returns (rows changed, sample rows read, windows left).
     """
-    if not times:
-        return 0
-    w = quality.HUMID_WITHIN_MS
-    changed = 0
-    lo, hi = min(times), max(times)
-    edges = [(lo - w, lo + w), (hi - w, hi + w)] if hi - lo > 2 * w else [(lo - w, hi + w)]
-    for a, b in edges:
-        changed += _humid_window(conn, device, a, b)
-    return changed
+    changed = read = 0
+    left: list[tuple[int, int]] = []
+    for a, b in humid_windows(times):
+        if budget is not None and _rows_within(conn, device, a, b, budget - read) > budget - read:
+            left.append((a, b))
+            continue
+        c, r = _humid_window(conn, device, a, b)
+        changed, read = changed + c, read + r
+    return changed, read, left
 
 
-def _humid_window(conn: Any, device: str, a: float, b: float) -> int:
+def humid_slice(conn: Any, device: str, lo: int, hi: int, chunk: int = HUMID_CHUNK) -> tuple[int | None, int]:
+    """Judge ``humid`` again for the PM values of a deferred window from ``lo``: its first
+    ``chunk`` samples' times. Returns (where the rest starts, None when done; rows read)."""
+    rows = _exec(conn, "SELECT t_utc_ms FROM positions WHERE device=? AND t_utc_ms >= ? AND t_utc_ms <= ?"
+                       " ORDER BY t_utc_ms LIMIT ?", (device, lo, hi, chunk + 1)).fetchall()
+    end = rows[chunk - 1][0] if len(rows) > chunk else hi
+    _, read = _humid_window(conn, device, lo, end)
+    return (end + 1 if len(rows) > chunk and end < hi else None), read + len(rows)
+
+
+def _rows_within(conn: Any, device: str, a: float, b: float, most: int) -> int:
+    """Sample rows (any sensor) a window's read would cover, counted up to ``most + 1``: the index only."""
     w = quality.HUMID_WITHIN_MS
-    rows = _exec(conn, "SELECT s.epoch, s.seq, p.t_utc_ms, s.vals FROM positions p JOIN samples s"
-                       " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
-                       " WHERE p.device=? AND p.t_utc_ms >= ? AND p.t_utc_ms <= ? AND s.sensor <> 'gps'",
-                 (device, int(a - w), int(b + w))).fetchall()
+    return int(_exec(conn, "SELECT count(*) FROM (SELECT 1 FROM positions WHERE device=? AND t_utc_ms >= ?"
+                           " AND t_utc_ms <= ? LIMIT ?) AS x",
+                     (device, int(a - w), int(b + w), max(most, 0) + 1)).fetchone()[0])
+
+
+def _humid_window(conn: Any, device: str, a: float, b: float) -> tuple[int, int]:
+    w = quality.HUMID_WITHIN_MS
+    cur = _exec(conn, "SELECT s.epoch, s.seq, p.t_utc_ms, s.vals FROM positions p JOIN samples s"
+                      " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                      " WHERE p.device=? AND p.t_utc_ms >= ? AND p.t_utc_ms <= ? AND s.sensor <> 'gps'",
+                (device, int(a - w), int(b + w)))
     from receiver.store import _values
 
     rh_at: list[tuple[int, float]] = []
     pm: list[tuple[str, int, int, str]] = []  # epoch, seq, t, quantity
-    for epoch, seq, t, vals in rows:
+    read = 0
+    for epoch, seq, t, vals in cur:  # streamed: only the RH readings and PM keys are kept
+        read += 1
         v = _values(vals)
         for key, x in v.items():
             if quality.is_rh_key(key) and isinstance(x, (int, float)) and not isinstance(x, bool):
@@ -143,7 +183,7 @@ def _humid_window(conn: Any, device: str, a: float, b: float) -> int:
             elif key in quality.PM_QUANTITIES and key in quality.FLAGGED and a <= t <= b:
                 pm.append((epoch, seq, t, key))
     if not pm:
-        return 0
+        return 0, read
     rh_at.sort()
     rh_t = np.array([r[0] for r in rh_at], dtype=float)
     rh_v = np.array([r[1] for r in rh_at], dtype=float)
@@ -157,7 +197,7 @@ def _humid_window(conn: Any, device: str, a: float, b: float) -> int:
     humid = quality.BIT["humid"]
     return rewrite_flags(conn, device, (
         (epoch, seq, q, stored.get((epoch, seq, q)), (quality.mask_of(stored.get((epoch, seq, q))) & ~humid) | int(bit))
-        for (epoch, seq, _, q), bit in zip(pm, bits)))
+        for (epoch, seq, _, q), bit in zip(pm, bits))), read
 
 
 def rewrite_flags(conn: Any, device: str, items: Iterable[tuple[str, int, str, str | None, int]]) -> int:

@@ -41,7 +41,8 @@ from receiver.calibration import ingest_calibrations
 from receiver.flag_policy import is_sentinel
 from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
-from receiver.requality import humid_edges, requality, rewrite_flags
+from receiver import requality as requality_mod
+from receiver.requality import humid_edges, humid_slice, requality, rewrite_flags
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
 from uplink.wire import Batch
@@ -277,10 +278,56 @@ class StoreReads:
     _replace_left = REPLACE_BUDGET
 
     _close_left = CLOSE_BUDGET  # the same for _close_pending
+    _humid_left = requality_mod.HUMID_BUDGET  # and for the humid edges' reads (_humid_edges)
+    humid_rows_read = 0  # sample rows read for humid edges by this store object (a figure for tests)
 
     def _new_unit(self) -> None:
         self._replace_left = REPLACE_BUDGET
         self._close_left = CLOSE_BUDGET
+        self._humid_left = requality_mod.HUMID_BUDGET
+
+    def _humid_edges(self, batch: Batch) -> None:
+        """``humid`` at the batch's time edges (requality.humid_edges), within the group's read
+        budget; a window over it goes to ``humid_redo`` (counted) for the deriver."""
+        times = [s.t_utc_ms for s in batch.samples if s.t_utc_ms is not None and s.sensor != GPS_SENSOR]
+        _, read, left = humid_edges(self.conn, batch.device, times, self._humid_left)
+        self._humid_left = max(self._humid_left - read, 0)
+        self.humid_rows_read += read
+        p, c = self.PARAM, self.conn
+        for a, b in left:
+            # Only the part no queued window of the van covers yet (packed uploads share edges).
+            have = c.execute(f"SELECT max(hi_ms) FROM humid_redo WHERE device = {p} AND lo_ms <= {p}"
+                             f" AND hi_ms >= {p}", (batch.device, a, a)).fetchone()[0]
+            a = a if have is None else max(a, have + 1)
+            if a <= b:
+                c.execute(f"INSERT INTO humid_redo (device, lo_ms, hi_ms) VALUES ({p}, {p}, {p})",
+                          (batch.device, a, b))
+                self._count_here("humid_windows_deferred", 1)
+
+    def _claim_window(self, table: str) -> tuple[int, str, int, int] | None:
+        """The oldest deferred window of ``table`` (id, device, lo, hi), claimed with its van locked."""
+        row = self.conn.execute(f"SELECT id, device, lo_ms, hi_ms FROM {table} ORDER BY id LIMIT 1"
+                                f"{self.REDO_CLAIM}").fetchone()
+        if row is not None:
+            self._lock_van(row[1])
+        return None if row is None else tuple(row)  # type: ignore[return-value]
+
+    def _humid_chunk(self) -> int:
+        """Judge ``humid`` again for one slice of the oldest deferred window, inside the caller's
+        transaction (the window shrinks as it is done, and goes when empty); 0: none queued."""
+        p, c = self.PARAM, self.conn
+        row = self._claim_window("humid_redo")
+        if row is None:
+            return 0
+        rid, device, lo, hi = row
+        nxt, read = humid_slice(c, device, lo, hi)
+        self.humid_rows_read += read
+        if nxt is None:
+            c.execute(f"DELETE FROM humid_redo WHERE id = {p}", (rid,))
+        else:
+            c.execute(f"UPDATE humid_redo SET lo_ms = {p} WHERE id = {p}", (nxt, rid))
+        self._count_here("humid_slices_later", 1)
+        return 1
 
     def _defer_positions(self, device: str, windows: Sequence[tuple[int, int]]) -> None:
         """Queue time windows of a van whose open samples must be placed again, later; counted."""
@@ -302,12 +349,10 @@ class StoreReads:
         caller's transaction; how many (0: nothing deferred). The window shrinks as it is
         done and goes when empty, so a deriver killed at any point loses nothing."""
         p, c = self.PARAM, self.conn
-        row = c.execute(f"SELECT id, device, lo_ms, hi_ms FROM positions_redo ORDER BY id LIMIT 1"
-                        f"{self.REDO_CLAIM}").fetchone()
+        row = self._claim_window("positions_redo")
         if row is None:
             return 0
         rid, device, lo, hi = row
-        self._lock_van(device)
         rows = [tuple(r) for r in c.execute(
             f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
             f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN} ORDER BY t_utc_ms LIMIT {p}",
@@ -355,8 +400,10 @@ class StoreReads:
         raise NotImplementedError
 
     def positions_deferred(self) -> int:
-        """Time windows whose open samples still wait to be placed again (``redo_positions``)."""
-        return int(self.conn.execute("SELECT count(*) FROM positions_redo").fetchone()[0])
+        """Time windows whose open samples still wait to be placed again (``redo_positions``),
+        and whose ``humid`` flags wait to be judged again (``_humid_chunk``): the deriver's work."""
+        return sum(int(self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+                   for t in ("positions_redo", "humid_redo"))
 
     def _dead_letter_again(self, once: bool, sha256: str, topic: str) -> bool:
         """Is this redelivered upload (``once``: MQTT DUP) one already dead-lettered but never acked?
@@ -639,6 +686,9 @@ class SQLiteStore(StoreReads):
         # Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
         db.execute("CREATE TABLE IF NOT EXISTS positions_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
                    " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
+        # Time windows whose PM values' humid flags wait to be judged again (StoreReads._humid_edges).
+        db.execute("CREATE TABLE IF NOT EXISTS humid_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
+                   " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
         # Queued batches that could not be derived on their own (StoreReads._isolate).
         db["derive_parked"].create(
             {"batch_id": str, "device": str, "epoch": str, "first_seq": int, "last_seq": int,
@@ -805,8 +855,7 @@ class SQLiteStore(StoreReads):
         derive_batch_pm(self.conn, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
         self._flag_quality(batch)
         requality(self.conn, batch.device, touched)  # flags describe the value served
-        humid_edges(self.conn, batch.device, [s.t_utc_ms for s in batch.samples
-                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
+        self._humid_edges(batch)
 
     def derive_pending(self, limit: int | None = None) -> int:
         """Derive the batches stored with ``derive=False``, oldest first; how many were done.
@@ -821,7 +870,7 @@ class SQLiteStore(StoreReads):
 
         def chunk() -> int:
             with _transaction(self.conn):
-                return self._redo_chunk()
+                return self._redo_chunk() or self._humid_chunk()
 
         return done + self._redo_positions(None if limit is None else limit - done, chunk)
 

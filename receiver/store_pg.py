@@ -72,7 +72,7 @@ from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
-from receiver.requality import humid_edges, requality
+from receiver.requality import requality
 from receiver.store import (
     CONTEXT_ROWS,
     Context,
@@ -229,6 +229,9 @@ CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHE
 CREATE TABLE IF NOT EXISTS dead_letters_unacked (id bigint PRIMARY KEY, run text NOT NULL);
 -- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
 CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text NOT NULL,
+    lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
+-- Time windows whose PM values' humid flags wait to be judged again (StoreReads._humid_edges).
+CREATE TABLE IF NOT EXISTS humid_redo (id bigserial PRIMARY KEY, device text NOT NULL,
     lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
@@ -591,8 +594,7 @@ class PostgresStore(StoreReads):
         derive_batch_pm(c, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
         self._flag_quality(batch, fresh)
         requality(c, batch.device, touched)  # flags describe the value served
-        humid_edges(c, batch.device, [s.t_utc_ms for s in batch.samples
-                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
+        self._humid_edges(batch)
 
     def _nothing_derived(self, batch: Batch) -> bool:
         """True when no fix, position or flag of the batch's range exists yet (so COPY cannot conflict)."""
@@ -622,7 +624,7 @@ class PostgresStore(StoreReads):
 
         def chunk(attempt: int) -> int:
             with self.conn.transaction():
-                return self._redo_chunk()
+                return self._redo_chunk() or self._humid_chunk()
 
         return done + self._redo_positions(None if limit is None else limit - done, lambda: self._run(chunk))
 
