@@ -44,6 +44,7 @@ from edge.calibration import (CALIBRATION_SENSOR, NOISE_LEVEL_KEYS, CalibrationR
                               record_id)
 from edge.errors import PayloadError
 from receiver.calibration_check import check_record
+from edge.calibration_rules import ADC_FULL_SCALE_MV, TEMP_RANGE_C
 
 log = logging.getLogger(__name__)
 
@@ -377,10 +378,25 @@ def record_at(recs: Records, t_ms: int, values: dict[str, Any]) -> CalibrationRe
     return _record_for(recs, _serial_of(values, recs.untagged), t_ms)
 
 
-def _derive(values: dict[str, Any], rec: CalibrationRecord) -> float | None:
+def inputs_in_range(values: dict[str, Any]) -> bool:
+    """Are a sample's raw NO2 inputs numbers within their physical ranges? The electrodes are
+    read by an ADS1115 (+-6.144 V full scale), the board runs at -40..85 C: the ranges the
+    calibration door tries a sheet on (edge/calibration_rules.py). Outside them a sheet the
+    door accepted still gives anything (issue 13 re-test: WE = 1e15 mV stored 3.86e15 ppb)."""
     raw = [values.get(k) for k in _RAW]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw):
+        return False
+    we, ae, temp = raw
+    return (abs(we) <= ADC_FULL_SCALE_MV and abs(ae) <= ADC_FULL_SCALE_MV  # type: ignore[operator]
+            and TEMP_RANGE_C[0] <= temp <= TEMP_RANGE_C[1])  # type: ignore[operator]
+
+
+def _derive(values: dict[str, Any], rec: CalibrationRecord) -> float | None:
+    # Refused outside the ranges: no derived value (the sample keeps its raw values, and
+    # serves the van's own, which the value flags judge); counted by _write_derived.
+    if not inputs_in_range(values):
         return None
+    raw = [values.get(k) for k in _RAW]
     try:
         v = no2_ppb_from_record(rec.values, *raw)  # type: ignore[arg-type]
     except (ValueError, ArithmeticError, TypeError):  # TypeError: a value of the wrong type
@@ -404,15 +420,21 @@ def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[
     changed (its flags are judged again: receiver/requality.py).
     """
     rows, gone, sensors = [], [], {}
+    refused = 0
     for epoch, seq, t_ms, values, sensor in todo:
         rec = record_at(recs, t_ms, values)
         v = None if rec is None else _derive(values, rec)
+        refused += rec is not None and v is None and not inputs_in_range(values)
         sensors[(epoch, seq)] = sensor
         if v is None:
             gone.append((device, epoch, seq, NO2_QUANTITY))
         else:
             rows.append((device, epoch, seq, NO2_QUANTITY, v, rec.id))  # type: ignore[union-attr]
     cur = conn.cursor()
+    if refused:  # a figure for `stats`: derivations refused for inputs out of range (each try)
+        cur.execute(_q(conn, "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name)"
+                             " DO UPDATE SET value = counters.value + excluded.value"),
+                    ("no2_inputs_out_of_range", refused))
     if rows:
         cur.executemany(_q(conn, "INSERT INTO derived (device, epoch, seq, quantity, value, calibration)"
                                  " VALUES (?,?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
