@@ -49,11 +49,13 @@ _PM_TEXTS = ("quantity", "input")
 # the corners: every (WE, AE) corner at every breakpoint, -40 C and 85 C. Two corners only let a
 # sheet giving -1.21e15 ppb at WE = AE = -6144 mV through (issue 13 re-test, v1).
 _ADC_MV = 6144.0
-ADC_FULL_SCALE_MV = _ADC_MV  # the raw inputs' physical range: receiver/calibration.py refuses beyond it
+# The raw inputs' physical ranges: receiver/calibration.py derives nothing beyond them.
+ADC_FULL_SCALE_MV = _ADC_MV
 TEMP_RANGE_C = (-40.0, 85.0)  # the board's operating temperatures (the trials' ends, below)
 # 85 C: the top of the board's operating range; the temperature term keeps growing past the
 # tables' last breakpoint (outside-test v1 found a sheet in bound at 50 C and beyond at 53 C).
-_TRIALS = ((300.0, 300.0, 20.0), *((we, ae, t) for t in (TEMP_RANGE_C[0], *TABLE_TEMPS_C, TEMP_RANGE_C[1])
+_TRIALS = ((300.0, 300.0, 20.0), *((we, ae, t) for t in (TEMP_RANGE_C[0], *TABLE_TEMPS_C,
+                                                            TEMP_RANGE_C[1])
                                    for we in (-_ADC_MV, _ADC_MV) for ae in (-_ADC_MV, _ADC_MV)))
 # The smallest sensitivity (nA/ppb) or gain (mV/nA) taken: real ones are ~0.2-0.8; a subnormal
 # or 1e-300 is a broken sheet (issue 13 re-test), not a sensor.

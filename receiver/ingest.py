@@ -80,7 +80,8 @@ class Ingestor:
         return self.handle_many([(topic, payload, received_ms)])[0]
 
     def handle_many(self, msgs: Sequence[tuple[str, bytes, int]],
-                    redelivered: Collection[int] = (), inflated: Sequence[bytes | None] = ()) -> list[Outcome]:
+                    redelivered: Collection[int] = (), inflated: Sequence[bytes | None] = (),
+                    mids: Sequence[int | None] = ()) -> list[Outcome]:
         """Outcomes for several uploads (topic, payload, received_ms), in order, stored in one transaction.
 
         Each upload gets its own outcome whatever it contains: a malformed or
@@ -88,9 +89,12 @@ class Ingestor:
         it. Should the store refuse the group, the batches are stored one by
         one so only the culprit is rejected. Raises ``StoreUnavailable`` only
         when the store itself is failing (then none of the group is answered).
-        ``inflated[i]``: upload i's body already inflated by the budget's peek (or None).
+        ``inflated[i]``: upload i's body already inflated by the budget's peek (or None);
+        ``mids[i]``: its MQTT packet id, kept with a dead letter's un-acked mark (store.py
+        ``_dead_letter_again``: a redelivered copy matches only its own mark).
         """
         out: list[Outcome | None] = [None] * len(msgs)
+        mid = [*mids, *[None] * (len(msgs) - len(mids))]
         good: list[tuple[int, str, Batch, str, int]] = []
         for i, (topic, payload, received_ms) in enumerate(msgs):
             device = device_from_topic(self.prefix, topic)
@@ -99,11 +103,13 @@ class Ingestor:
                 body = inflated[i] if i < len(inflated) else None
                 good.append((i, device or "", self._decode(topic, device, payload, body), digest, received_ms))
             except PayloadError as exc:
-                out[i] = self._reject(topic, device, "", str(exc), payload, digest, received_ms, i in redelivered)
+                out[i] = self._reject(topic, device, "", str(exc), payload, digest, received_ms,
+                                      i in redelivered, mid[i])
             except Exception as exc:  # noqa: BLE001 - decoding never touches the store: the payload's fault
                 log.exception("decoder failed on an upload on %s", clean_text(topic))
                 reason = f"malformed payload: {type(exc).__name__}"
-                out[i] = self._reject(topic, device, "", reason, payload, digest, received_ms, i in redelivered)
+                out[i] = self._reject(topic, device, "", reason, payload, digest, received_ms,
+                                      i in redelivered, mid[i])
         if good:
             try:
                 results: list[IngestResult] | None = self.store.ingest_many(
@@ -123,7 +129,8 @@ class Ingestor:
                         res = self._guarded(lambda: self.store.ingest(b, d, r, derive=self.derive),
                                             f"storing {b.batch_id}")
                     except PayloadError as exc:
-                        out[i] = self._reject(topic, device, b.batch_id, str(exc), payload, d, r, i in redelivered)
+                        out[i] = self._reject(topic, device, b.batch_id, str(exc), payload, d, r,
+                                              i in redelivered, mid[i])
                     else:
                         out[i] = self._answer(device, b, d, res)
         done = [o for o in out if o is not None]
@@ -163,7 +170,7 @@ class Ingestor:
 
     def _reject(
         self, topic: str, device: str | None, bid: str, reason: str, payload: bytes, digest: str,
-        received_ms: int, redelivered: bool = False,
+        received_ms: int, redelivered: bool = False, mid: int | None = None,
     ) -> Outcome:
         """Dead-letter the upload and answer ``rejected``. Hostile text (NUL, lone surrogates,
         huge reasons) is made storable first; the payload bytes are kept as they came."""
@@ -174,7 +181,7 @@ class Ingestor:
         try:
             self._guarded(
                 lambda: self.store.dead_letter(topic_text, who, reason, payload[:MAX_PAYLOAD_BYTES], digest,
-                                               received_ms, once=redelivered),
+                                               received_ms, once=redelivered, mid=mid),
                 "dead-lettering an upload",
             )
         except PayloadError as exc:
@@ -184,7 +191,7 @@ class Ingestor:
             why = f"{reason} (payload not kept: {exc})"[:1000]
             try:
                 self._guarded(lambda: self.store.dead_letter(topic_text, who, why, b"", digest, received_ms,
-                                                            once=redelivered),
+                                                            once=redelivered, mid=mid),
                               "dead-lettering an upload without its payload")
             except PayloadError:
                 log.error("dead letter for %s refused twice; answered rejected all the same", digest)

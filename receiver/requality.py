@@ -145,21 +145,23 @@ def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = N
     return changed, read, left
 
 
-def humid_slice(conn: Any, device: str, lo: int, hi: int, chunk: int = HUMID_CHUNK) -> tuple[int | None, int]:
+def humid_slice(conn: Any, device: str, lo: int, hi: int,
+                chunk: int = HUMID_CHUNK) -> tuple[int | None, int]:
     """Judge ``humid`` again for the PM values of a deferred window from ``lo``: its first
     ``chunk`` samples' times. Returns (where the rest starts, None when done; rows read)."""
-    rows = _exec(conn, "SELECT t_utc_ms FROM positions WHERE device=? AND t_utc_ms >= ? AND t_utc_ms <= ?"
-                       " ORDER BY t_utc_ms LIMIT ?", (device, lo, hi, chunk + 1)).fetchall()
+    rows = _exec(conn, "SELECT t_utc_ms FROM positions WHERE device=? AND t_utc_ms >= ?"
+                       " AND t_utc_ms <= ? ORDER BY t_utc_ms LIMIT ?", (device, lo, hi, chunk + 1)).fetchall()
     end = rows[chunk - 1][0] if len(rows) > chunk else hi
     _, read = _humid_window(conn, device, lo, end)
     return (end + 1 if len(rows) > chunk and end < hi else None), read + len(rows)
 
 
 def _rows_within(conn: Any, device: str, a: float, b: float, most: int) -> int:
-    """Sample rows (any sensor) a window's read would cover, counted up to ``most + 1``: the index only."""
+    """Sample rows (any sensor) a window's read would cover, counted up to ``most + 1``
+    (the index only, no values)."""
     w = quality.HUMID_WITHIN_MS
-    return int(_exec(conn, "SELECT count(*) FROM (SELECT 1 FROM positions WHERE device=? AND t_utc_ms >= ?"
-                           " AND t_utc_ms <= ? LIMIT ?) AS x",
+    return int(_exec(conn, "SELECT count(*) FROM (SELECT 1 FROM positions WHERE device=?"
+                           " AND t_utc_ms >= ? AND t_utc_ms <= ? LIMIT ?) AS x",
                      (device, int(a - w), int(b + w), max(most, 0) + 1)).fetchone()[0])
 
 

@@ -253,7 +253,8 @@ class ReceiverService:
             return self.ingestor.handle_many(
                 [(group[i][0].topic, group[i][0].payload, group[i][1]) for i in uploads],
                 redelivered={k for k, i in enumerate(uploads) if group[i][0].dup},
-                inflated=[group[i][3] for i in uploads]) if uploads else []
+                inflated=[group[i][3] for i in uploads],
+                mids=[group[i][0].mid for i in uploads]) if uploads else []
 
         def top_up() -> None:
             # During an outage what arrives meanwhile joins the held group (within the budget):

@@ -91,7 +91,7 @@ class Store(Protocol):
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
-        *, once: bool = False,
+        *, once: bool = False, mid: int | None = None,
     ) -> None: ...
 
     def counts(self) -> dict[str, int]: ...
@@ -279,7 +279,7 @@ class StoreReads:
 
     _close_left = CLOSE_BUDGET  # the same for _close_pending
     _humid_left = requality_mod.HUMID_BUDGET  # and for the humid edges' reads (_humid_edges)
-    humid_rows_read = 0  # sample rows read for humid edges by this store object (a figure for tests)
+    humid_rows_read = 0  # sample rows read for humid edges by this store object (for tests)
 
     def _new_unit(self) -> None:
         self._replace_left = REPLACE_BUDGET
@@ -289,7 +289,8 @@ class StoreReads:
     def _humid_edges(self, batch: Batch) -> None:
         """``humid`` at the batch's time edges (requality.humid_edges), within the group's read
         budget; a window over it goes to ``humid_redo`` (counted) for the deriver."""
-        times = [s.t_utc_ms for s in batch.samples if s.t_utc_ms is not None and s.sensor != GPS_SENSOR]
+        times = [s.t_utc_ms for s in batch.samples
+                 if s.t_utc_ms is not None and s.sensor != GPS_SENSOR]
         _, read, left = humid_edges(self.conn, batch.device, times, self._humid_left)
         self._humid_left = max(self._humid_left - read, 0)
         self.humid_rows_read += read
@@ -405,7 +406,7 @@ class StoreReads:
         return sum(int(self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
                    for t in ("positions_redo", "humid_redo"))
 
-    def _dead_letter_again(self, once: bool, sha256: str, topic: str) -> bool:
+    def _dead_letter_again(self, once: bool, sha256: str, topic: str, mid: int | None) -> bool:
         """Is this redelivered upload (``once``: MQTT DUP) one already dead-lettered but never acked?
 
         A DUP copy is of a message the broker saw no ack for; a dead letter whose upload was
@@ -413,13 +414,22 @@ class StoreReads:
         only a dead letter still marked un-acked (issue 13 re-test: the same bytes sent again,
         held in an outage, receiver killed, redelivered: 1 dead letter for 2 uploads). The
         match is taken over by this run, so it is cleared when this run acks.
+
+        The mark carries the MQTT packet id (``mid``) the upload came with, and a copy
+        matches only its own: the broker re-sends an un-acked message with its original
+        packet id (MQTT 3.1.1, 4.4). A mark whose clearing failed after the ack (only
+        logged) would otherwise swallow a later, new upload of the same bytes (issue 13
+        re-test: 1 dead letter for 2 uploads). In doubt (another id, a mark from before
+        ids were kept) the copy is recorded: a double count, which the docs allow, never a loss.
         """
         if not once:
             return False
         p, c = self.PARAM, self.conn
+        same_mid = "u.mid IS NULL" if mid is None else f"u.mid = {p}"
         row = c.execute(
             f"SELECT u.id FROM dead_letters_unacked u JOIN dead_letters d ON d.id = u.id"
-            f" WHERE d.sha256 = {p} AND d.topic = {p} LIMIT 1", (sha256, topic)).fetchone()
+            f" WHERE d.sha256 = {p} AND d.topic = {p} AND {same_mid} LIMIT 1",
+            (sha256, topic) + (() if mid is None else (mid,))).fetchone()
         if row is None:
             return False
         c.execute(f"UPDATE dead_letters_unacked SET run = {p} WHERE id = {p}", (self.run, row[0]))
@@ -682,7 +692,11 @@ class SQLiteStore(StoreReads):
             if_not_exists=True,
         )
         # Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
-        db.execute("CREATE TABLE IF NOT EXISTS dead_letters_unacked (id INTEGER PRIMARY KEY, run TEXT NOT NULL)")
+        # mid: the MQTT packet id the upload came with (a DUP copy matches only its own).
+        db.execute("CREATE TABLE IF NOT EXISTS dead_letters_unacked (id INTEGER PRIMARY KEY, run TEXT NOT NULL,"
+                   " mid INTEGER)")
+        if "mid" not in {col.name for col in db["dead_letters_unacked"].columns}:
+            db.execute("ALTER TABLE dead_letters_unacked ADD COLUMN mid INTEGER")
         # Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
         db.execute("CREATE TABLE IF NOT EXISTS positions_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
                    " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
@@ -984,18 +998,19 @@ class SQLiteStore(StoreReads):
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
-        *, once: bool = False,
+        *, once: bool = False, mid: int | None = None,
     ) -> None:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            if not self._dead_letter_again(once, sha256, topic):
+            if not self._dead_letter_again(once, sha256, topic, mid):
                 cur = c.execute(
                     "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
                     " VALUES (?,?,?,?,?,?)",
                     (received_ms, topic, device, reason, sha256, payload),
                 )
-                c.execute("INSERT INTO dead_letters_unacked VALUES (?, ?)", (cur.lastrowid, self.run))
+                c.execute("INSERT INTO dead_letters_unacked (id, run, mid) VALUES (?, ?, ?)",
+                          (cur.lastrowid, self.run, mid))
                 self._bump("dead_letters")
             c.execute("COMMIT")
         except BaseException:

@@ -227,6 +227,8 @@ CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
 CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
 -- Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
 CREATE TABLE IF NOT EXISTS dead_letters_unacked (id bigint PRIMARY KEY, run text NOT NULL);
+-- The MQTT packet id the upload came with: a DUP copy matches only its own mark.
+ALTER TABLE dead_letters_unacked ADD COLUMN IF NOT EXISTS mid bigint;
 -- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
 CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text NOT NULL,
     lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
@@ -837,18 +839,18 @@ class PostgresStore(StoreReads):
 
     def dead_letter(
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
-        *, once: bool = False,
+        *, once: bool = False, mid: int | None = None,
     ) -> None:
         def work(attempt: int) -> None:
             with self.conn.transaction():
                 # once: a redelivered upload already a dead letter, never acked (as SQLite).
-                if self._dead_letter_again(once, sha256, topic):
+                if self._dead_letter_again(once, sha256, topic, mid):
                     return
                 self.conn.execute(
                     "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
                     " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
-                    " INSERT INTO dead_letters_unacked SELECT id, %s FROM d",
-                    (received_ms, topic, device, reason, sha256, payload, self.run),
+                    " INSERT INTO dead_letters_unacked (id, run, mid) SELECT id, %s, %s FROM d",
+                    (received_ms, topic, device, reason, sha256, payload, self.run, mid),
                 )
                 self._bump({"dead_letters": 1})
 
