@@ -133,6 +133,10 @@ def receiver_process(broker: LocalBroker, store_url: str, workdir: Path) -> Iter
             time.sleep(0.05)
         yield proc
         assert proc.poll() is None, f"the receiver died: {log.read_text()[-3000:]}"
+        # Its TLS connection held (issue 13 re-test: the worker wrote the SSL socket beside the
+        # loop thread; "bad record mac" at the broker, a dropped connection, a crash).
+        assert "broker unreachable" not in log.read_text(errors="replace"), log.read_text()[-3000:]
+        assert "bad record mac" not in broker.log_path.read_text(errors="replace")
     finally:
         proc.terminate()
         proc.wait(30)
