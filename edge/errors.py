@@ -72,3 +72,10 @@ class ConfigError(FatalError):
 
 class DeviceNotFound(FatalError):
     """A configured device is not present at start (and the driver cannot wait for it)."""
+
+
+class StoreNotFound(FatalError):
+    """A command that reads the DataLab store was given one that is not there (or not a store).
+
+    Read commands never create a store (issue 17.3): they stop with this, one line, exit code 2.
+    """

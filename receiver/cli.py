@@ -119,10 +119,10 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_pa
 
     from receiver.store_factory import open_store
 
+    from edge.errors import StoreNotFound
+    from receiver.store_check import require_store, require_store_or_exit
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = open_store(store, max_gap_s=max_gap_s)
-    if retry_parked:
-        click.echo(f"queued {s.requeue_parked()} parked batches again")
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -131,6 +131,25 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_pa
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if not follow:
+        require_store_or_exit(store)  # a one-off derive never creates a store (issue 17.3)
+    else:
+        # A deriver service may start before the first worker made the store: wait, never create it.
+        waiting_since = None
+        while not stopping:
+            try:
+                require_store(store)
+                break
+            except StoreNotFound as exc:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    logging.getLogger("receiver.derive").warning("waiting for the store: %s", exc)
+                time.sleep(max(interval, 1.0))
+        if stopping:
+            return
+    s = open_store(store, max_gap_s=max_gap_s)
+    if retry_parked:
+        click.echo(f"queued {s.requeue_parked()} parked batches again")
     total = 0
     while not stopping:
         try:
@@ -169,8 +188,13 @@ def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) 
     """
     from receiver.config import ReceiverConfig, pg_timeouts
     from receiver.health import describe, error_text
-    from receiver.store_factory import open_store
+    from receiver.store_check import require_store_or_exit
+    from receiver.store_factory import is_postgres_url, open_store
 
+    if not is_postgres_url(store):
+        # A PostgreSQL that does not answer is an outage stats reports (exit 1, below); a SQLite
+        # path that names no store is a mistake: one line, exit 2, and no empty store made.
+        require_store_or_exit(store)
     data: dict[str, object] = {}
     if health_file:
         try:
@@ -219,6 +243,31 @@ def _print_stats(data: dict, describe) -> None:  # type: ignore[no-untyped-def, 
         click.echo(f"{'':>22}{p['batch_id']}: {p['reason']}")
     for d in data["devices"]:
         click.echo(f"{d['device']:>12} epoch {d['epoch']}: {d['samples']} samples, seq {d['min_seq']}-{d['max_seq']}")
+
+
+@main.command()
+@click.option("--store", required=True, help="SQLite path or postgresql:// URL of the store to create.")
+def init(store: str) -> None:
+    """Create an empty DataLab store (tables, views) if there is none; an existing one is kept.
+
+    The read commands (stats, derive, aggregate, export, serve) never create a store: they
+    stop with "no store at ..." (exit 2). `run` creates its store too.
+
+    \b
+    Examples:
+      datalab-receiver init --store /var/lib/datalab/datalab.sqlite
+      datalab-receiver init --store postgresql://datalab@db/datalab
+    """
+    from receiver.store_check import safe_url
+    from receiver.store_factory import open_store
+
+    try:
+        open_store(store).close()
+    except Exception as exc:  # a path we may not write, a database that refuses us: one line
+        from receiver.health import error_text
+
+        raise click.ClickException(f"cannot create a store at {safe_url(store)}: {error_text(exc)}") from None
+    click.echo(f"store ready at {safe_url(store)}")
 
 
 from receiver.provision import provision  # noqa: E402  (a command group of its own)

@@ -75,7 +75,9 @@ def _flag_policy(config: str | None):  # type: ignore[no-untyped-def]
 
 def _connect(store: str, readonly: bool = False):  # type: ignore[no-untyped-def]
     from receiver import dbapi
+    from receiver.store_check import require_store_or_exit
 
+    require_store_or_exit(store)  # these commands read a store: never create one (issue 17.3)
     try:
         return dbapi.connect(store, readonly=readonly)
     except (OSError, ValueError) as exc:
@@ -255,6 +257,9 @@ def serve(store: str, host: str, port: int, token_file: str | None, public_url: 
         raise click.BadParameter("must be above 0", param_hint="--request-timeout")
     if per_address_limit < 0:
         raise click.BadParameter("must be 0 (no cap) or more", param_hint="--per-address-limit")
+    from receiver.store_check import require_store_or_exit
+
+    require_store_or_exit(store)  # refuse to start rather than answer 500 (or 503) to everything
     token = Path(token_file).read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
     limits = ServerLimits(threads=threads, connection_limit=connection_limit, channel_timeout_s=idle_timeout,
                           cleanup_interval_s=max(1, min(5, idle_timeout // 2, int(request_timeout // 2))),
