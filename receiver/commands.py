@@ -118,7 +118,7 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
       datalab-receiver aggregate --store datalab.sqlite --scheme h3:11 --period 2026-11 --min-days 4
       datalab-receiver aggregate --store postgresql://datalab@db/datalab --monthly
     """
-    from receiver.aggregate import build
+    from receiver.aggregate import build, why_nothing
     from receiver.mapunits import make_snapper
 
     try:
@@ -139,6 +139,8 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
         for rep in build(conn, snapper, chosen, rule=rule, tz=tz, max_gap_s=max_gap_s, policy=policy):
             click.echo(f"{rep.scheme:8} {rep.period:24} {rep.samples:>9,} samples {rep.passes:>8,} passes "
                        f"{rep.rows:>7,} rows {rep.published:>7,} published  {rep.elapsed_s:6.2f} s")
+            if (why := why_nothing(rep, rule)) is not None:
+                click.echo(f"  {why}")
     click.echo(f"done in {time.perf_counter() - t0:.2f} s (publication rule: {min_passes} passes on {min_days} days)")
     conn.close()
 
