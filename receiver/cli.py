@@ -191,16 +191,23 @@ def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) 
     from receiver.store_check import require_store_or_exit
     from receiver.store_factory import is_postgres_url, open_store
 
-    if not is_postgres_url(store):
-        # A PostgreSQL that does not answer is an outage stats reports (exit 1, below); a SQLite
-        # path that names no store is a mistake: one line, exit 2, and no empty store made.
-        require_store_or_exit(store)
     data: dict[str, object] = {}
     if health_file:
         try:
             data["health"] = json.loads(open(health_file, encoding="utf-8").read())
         except (OSError, ValueError) as exc:
             data["health"] = {"error": f"cannot read {health_file}: {exc}"}
+    if not is_postgres_url(store):
+        # A PostgreSQL that does not answer is an outage stats reports (exit 1, below); a SQLite
+        # path that names no store is a mistake: one line, exit 2, and no empty store made
+        # (after what a running receiver's health file says: it may be waiting to make it).
+        try:
+            require_store_or_exit(store)
+        except click.ClickException:
+            if isinstance(health := data.get("health"), dict):
+                for line in [health["error"]] if "error" in health else describe(health):
+                    click.echo(line)
+            raise
     bounds = ReceiverConfig(store=store, store_connect_timeout_s=timeout_s)
     try:
         s = open_store(store, pg_timeouts=pg_timeouts(bounds, statement_s=timeout_s))
