@@ -147,11 +147,8 @@ def oracle(store: Path, stats_files: dict[str, Path]) -> tuple[list[VanResult], 
     db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     results = []
     for device, path in stats_files.items():
-        r = VanResult(device)
-        if path.exists():
-            st = json.loads(path.read_text())
-            r.taken, r.committed, r.delivered = st["taken"], st["last_seq"], st["acked_samples"]
-            epoch = st["epoch"]
+        r, epoch = van_figures(device, path)
+        if epoch is not None:
             r.stored = db.execute(
                 "SELECT count(*) FROM samples WHERE device=? AND epoch=?", (device, epoch)
             ).fetchone()[0]
@@ -302,13 +299,21 @@ def acked_only(stats_files: dict[str, Path]) -> list[VanResult]:
     """Without the receiver's store: a committed sample the receiver never acknowledged is lost."""
     results = []
     for device, path in stats_files.items():
-        r = VanResult(device)
-        if path.exists():
-            st = json.loads(path.read_text())
-            r.taken, r.committed, r.delivered = st["taken"], st["last_seq"], st["acked_samples"]
-            r.lost = max(0, r.committed - r.delivered)
+        r, _ = van_figures(device, path)
+        r.lost = max(0, r.committed - r.delivered)
         results.append(r)
     return results
+
+
+def van_figures(device: str, stats_file: Path) -> tuple[VanResult, str | None]:
+    """What the van's agent says it took, committed and had acknowledged, and its epoch
+    (None: the agent wrote no stats file)."""
+    r = VanResult(device)
+    if not stats_file.exists():
+        return r, None
+    st = json.loads(stats_file.read_text())
+    r.taken, r.committed, r.delivered = st["taken"], st["last_seq"], st["acked_samples"]
+    return r, st["epoch"]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
