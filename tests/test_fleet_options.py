@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from simulator.broker import LocalBroker
+from receiver.service import ReceiverService
+from simulator.broker import LocalBroker, SecureSetup
 from simulator.broker_url import parse_broker_url
 from simulator.cli import main as sim_cli
 from simulator.fleet import run_fleet
@@ -71,6 +72,31 @@ def test_the_fleet_feeds_a_receiver_given_by_url(tmp_path: Path, mosquitto: Loca
     with sqlite3.connect(store) as c:
         per_van = dict(c.execute("SELECT device, count(*) FROM samples GROUP BY device").fetchall())
     assert per_van == {"van-001": PER_RUN, "van-002": PER_RUN}
+
+
+def test_the_fleet_feeds_a_secure_broker_over_tls(tmp_path: Path) -> None:
+    """mqtts:// with the van's account in the URL, against the shipped TLS + ACL broker configuration."""
+    broker = LocalBroker("mosquitto", workdir=tmp_path / "broker", secure=SecureSetup(devices=("van-001",)))
+    (tmp_path / "broker").mkdir()
+    broker.start()
+    info = broker.secure_info
+    assert info is not None
+    store = tmp_path / "central.sqlite"
+    svc = ReceiverService(broker.receiver_config(str(store), client_id="rx-tls"))
+    svc.start()
+    try:
+        assert svc.subscribed.wait(15)
+        password = info.passwords["van-001"]
+        res = run_fleet(tmp_path / "sim", receiver_url=f"mqtts://van-001:{password}@127.0.0.1:{info.device_port}",
+                        store=store, ca_file=info.ca_file, **SHORT)
+    finally:
+        svc.stop()
+        broker.close()
+    assert res.lost == 0 and res.vans[0].stored == res.vans[0].committed == PER_RUN
+    assert res.broker == f"mqtts://van-001:***@127.0.0.1:{info.device_port}"
+    cfg = tmp_path / "sim" / "vans" / "van-001" / "agent.toml"
+    assert oct(cfg.stat().st_mode & 0o777) == "0o600"
+    assert password not in (tmp_path / "sim" / "vans" / "van-001" / "agent.log").read_text()
 
 
 def test_bad_urls_and_option_mixes_are_refused() -> None:
