@@ -79,3 +79,8 @@ class StoreNotFound(FatalError):
 
     Read commands never create a store (issue 17.3): they stop with this, one line, exit code 2.
     """
+
+
+class StoreUnreachable(StoreNotFound):
+    """A PostgreSQL store that does not answer (down, frozen, or a wrong URL): `stats` reports it
+    as an outage (exit 1); the other read commands stop as for a missing store."""

@@ -186,10 +186,11 @@ def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) 
       datalab-receiver stats --store datalab.sqlite
       datalab-receiver stats --store datalab.sqlite --health-file /run/datalab/receiver-health.json
     """
+    from edge.errors import StoreNotFound, StoreUnreachable
     from receiver.config import ReceiverConfig, pg_timeouts
     from receiver.health import describe, error_text
-    from receiver.store_check import require_store_or_exit
-    from receiver.store_factory import is_postgres_url, open_store
+    from receiver.store_check import NoStoreExit, require_store
+    from receiver.store_factory import open_store
 
     data: dict[str, object] = {}
     if health_file:
@@ -197,23 +198,25 @@ def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) 
             data["health"] = json.loads(open(health_file, encoding="utf-8").read())
         except (OSError, ValueError) as exc:
             data["health"] = {"error": f"cannot read {health_file}: {exc}"}
-    if not is_postgres_url(store):
-        # A PostgreSQL that does not answer is an outage stats reports (exit 1, below); a SQLite
-        # path that names no store is a mistake: one line, exit 2, and no empty store made
-        # (after what a running receiver's health file says: it may be waiting to make it).
-        try:
-            require_store_or_exit(store)
-        except click.ClickException:
-            if isinstance(health := data.get("health"), dict):
-                for line in [health["error"]] if "error" in health else describe(health):
-                    click.echo(line)
-            raise
     bounds = ReceiverConfig(store=store, store_connect_timeout_s=timeout_s)
+    timeouts = pg_timeouts(bounds, statement_s=timeout_s)
+    # A PostgreSQL that does not answer is an outage stats reports (exit 1, below); a path or a
+    # database that holds no store is a mistake: one line, exit 2, and no empty store made
+    # (after what a running receiver's health file says: it may be waiting to make it).
+    s = None
     try:
-        s = open_store(store, pg_timeouts=pg_timeouts(bounds, statement_s=timeout_s))
+        require_store(store, timeouts=timeouts)
+        s = open_store(store, pg_timeouts=timeouts)
+    except StoreUnreachable as exc:
+        data["store_error"] = error_text(exc)  # its URL has the password as ***
+    except StoreNotFound as exc:
+        if isinstance(health := data.get("health"), dict):
+            for line in [health["error"]] if "error" in health else describe(health):
+                click.echo(line)
+        raise NoStoreExit(str(exc)) from None
     except Exception as exc:  # stats must say the store is down, not print a traceback
         data["store_error"] = error_text(exc)
-    else:
+    if s is not None:
         try:
             data.update(counters=s.counts(), derive_backlog=s.derive_backlog(), derive_parked=s.derive_parked(),
                         devices=s.device_summary())

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import click
 
-from edge.errors import StoreNotFound
+from edge.errors import StoreNotFound, StoreUnreachable
 from receiver.store_factory import is_postgres_url, sqlite_path
 
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
@@ -97,7 +97,7 @@ def check_postgres(url: str, timeouts: Any = None) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         for secret in _secrets_of(url):  # libpq does not echo passwords, but never rely on it
             first = first.replace(secret, "***")
-        raise StoreNotFound(f"cannot reach the store at {shown}: {first}") from exc
+        raise StoreUnreachable(f"cannot reach the store at {shown}: {first}") from exc
     if not found or found[0] is None:
         raise StoreNotFound(f"no store at {shown}: no {PG_SCHEMA}.{MARK_TABLE} table; {CREATE_HINT}")
 

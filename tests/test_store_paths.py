@@ -152,7 +152,20 @@ def test_unreachable_postgres_is_one_line_without_the_password() -> None:
         assert "Sup3rS3cretPw" not in r.output
 
 
+def test_stats_reports_an_unreachable_postgres_as_an_outage_without_the_password() -> None:
+    url = f"postgresql://datalab:Sup3rS3cretPw@127.0.0.1:{_free_port()}/datalab"
+    r = CliRunner().invoke(receiver_cli, ["stats", "--store", url, "--timeout-s", "2"])
+    assert r.exit_code == 1 and "store: does not answer now" in r.output, (r.output, r.exception)
+    assert "Sup3rS3cretPw" not in r.output and "datalab:***@127.0.0.1" in r.output
+
+
 def test_a_postgres_database_without_the_store_is_refused(pg_dsn: str) -> None:  # noqa: F811
+    import psycopg
+
+    r = CliRunner().invoke(receiver_cli, ["stats", "--store", pg_dsn])
+    assert r.exit_code == 2 and "no datalab.samples table" in r.output, (r.output, r.exception)
+    with psycopg.connect(pg_dsn) as c:  # stats made nothing: no schema, no table
+        assert c.execute("SELECT to_regnamespace('datalab')").fetchone()[0] is None
     r = CliRunner().invoke(receiver_cli, ["export", "aggregates", "--store", pg_dsn])
     assert r.exit_code == 2, (r.output, r.exception)
     assert "no datalab.samples table" in r.output
