@@ -74,6 +74,7 @@ def test_central_unit_contract(unit: str) -> None:
     assert (d.get("Restart") == ["always"]) == long_running
     if unit == "datalab-api.service":
         assert "--host 127.0.0.1" in exec_start and "--token-file /etc/datalab/api-token" in exec_start
+        assert d["RestartPreventExitStatus"] == ["2"]  # no store (exit 2): no crash loop
     if unit == "datalab-deriver.service":
         assert exec_start.endswith("derive --store ${DATALAB_STORE} --follow")
     if unit == "datalab-receiver@.service":
