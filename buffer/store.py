@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterable, NoReturn, Sequence, TypeVar
 
 from buffer import recovery, rowcheck
 from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
-from buffer.highwater import HighWater
+from buffer.highwater import MAX_SEQ, HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
 from edge.model import Sample, TimeSource
@@ -339,14 +339,20 @@ class Buffer:
         self._check_deferred = False  # quick_check could not run read-only for want of room
         # Samples the agent holds in memory on a full card, noted outside the database
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
-        self._held = HeldLedger(Path(str(self.path) + ".held"))
-        self._identity = IdentityFile(Path(str(self.path) + ".id"))
+        self._held = HeldLedger(Path(str(self.path) + ".held"), device_id)
+        self._identity = IdentityFile(Path(str(self.path) + ".id"), device_id)
         self._damaged_epoch: str | None = None  # the true epoch when meta's failed its check
         # The last number a commit made durable, outside the WAL (buffer.highwater).
-        self._highwater = HighWater(Path(str(self.path) + ".seq"))
+        self._highwater = HighWater(Path(str(self.path) + ".seq"), device_id)
         self._held_ready = False
+        self._last_held = (0, 0)  # (held, owed) of the last note_held, re-noted at a late birth
+        # Samples held in memory whose count no file records (0 bytes free, or the note failed):
+        # lost without a trace if the agent ends now; the heartbeat shows it.
+        self.held_unnoted = 0
         self._noted = False
         self._carried: list[tuple[int, str]] = []
+        # First: on a full card one block fits where the database's birth does not.
+        self._held_ready = self._held.ensure()
         recovery.finish_quarantines(self.path, self.quarantine_dir)
         problem = self._check_files() if check_on_open else None
         if problem:
@@ -426,7 +432,8 @@ class Buffer:
             self._db = self._open_without_room(exc)
             self.epoch = self._init_epoch(real=not self._unborn)
         self._unsealed = self._count_unsealed()
-        self._identity.write(self.epoch, self.device_id)
+        if not self._unborn:  # a stand-in's epoch is never real; its block is the .held note's
+            self._identity.write(self.epoch, self.device_id)
 
     def _no_room(self, exc: BaseException) -> bool:
         """An error that means "the card is full", not "the file is bad".
@@ -492,6 +499,7 @@ class Buffer:
         self._identity.write(self.epoch, self.device_id)  # the stand-in's epoch was never real
         self._unsealed = self._count_unsealed()
         log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
+        self._rebase_held_note()
         self._salvage_pending()
         return True
 
@@ -627,8 +635,7 @@ class Buffer:
         Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
         if self._quarantine_holds(lost_epoch):
             return  # quarantined (a move cut short before .seq was blanked): salvage accounts for it
-        ident = self._identity.read()
-        device = ident[1] if ident is not None and ident[0] == lost_epoch else self.device_id
+        device = self.device_id  # never another's: the receiver refuses a device that is not the topic's
         log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
                   " to as lost", self.path, lost_epoch, last, self._highwater.path)
         self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
@@ -791,7 +798,9 @@ class Buffer:
         which the receiver deduplicates. Re-committing would give them new
         numbers each time: duplicates in the store.
         """
-        device = s.device or self.device_id
+        # The configured id, never the file's: a side file or meta of another van must not relabel
+        # this van's samples (the receiver refuses them: the device is not the topic's).
+        device = self.device_id
         n_samples = 0
         with self._tx():
             for b in s.batches:
@@ -1249,6 +1258,10 @@ class Buffer:
     def _lose(self, n: int, reason: str) -> tuple[int, int]:
         """``record_lost`` inside the caller's transaction."""
         first = self.last_seq() + 1
+        if type(n) is not int or not 0 < n < MAX_SEQ - first:
+            # An empty or inverted gap would make the receiver refuse the batch with its real samples.
+            log.warning("buffer: record_lost(%r) refused: not a count of samples; nothing recorded", n)
+            return first, first - 1
         last = first + n - 1
         self._set_last_seq(last)
         self._gap(first, last, reason)
@@ -1270,26 +1283,37 @@ class Buffer:
         power cut that loses them still leaves their count; the next open turns
         it into gap records. Costs nothing while nothing is held.
         """
-        if not (held or owed or self._noted or self._carried) or self._unborn:
+        if not (held or owed or self._noted or self._carried):
             return
         try:
-            last = self.last_seq()
+            last = 0 if self._unborn else self.last_seq()
         except sqlite3.DatabaseError as exc:
             log.error("buffer: cannot note %d held samples: %s", held, exc)  # the next write finds the damage
             return
-        note = HeldNote(self.epoch, last, held, owed, list(self._carried))
+        # Unborn (no database yet): a note without an epoch, believed by the first one born.
+        note = HeldNote("" if self._unborn else self.epoch, last, held, owed, list(self._carried))
+        self._last_held = (held, owed)
         empty = not (held or owed or self._carried)
-        if self._held_ready and self._held.write(None if empty else note):
+        self._held_ready = self._held_ready or self._held.ensure()  # 4 KiB fit where a birth does not
+        written = self._held_ready and self._held.write(None if empty else note)
+        if written:
             self._noted = not empty
+        self.held_unnoted = 0 if written else held + owed + sum(n for n, _ in self._carried)
 
     def _take_held_note(self) -> None:
         """At open: what the last run noted and never settled becomes gap records."""
-        if self._unborn:
-            return
         self._held_ready = self._held.ensure()
         note = self._held.read()
+        if self._held.ignored:
+            self._bump_quietly("held_notes_ignored")
+        if self._unborn:
+            if note is not None and note.epoch == "":  # an unborn run's: carried until the birth
+                self._carried, self._noted = note.losses(), True
+            return
         last = self.last_seq()
-        if note is not None and note.epoch == self.epoch and note.last_seq == last:
+        # An unborn run's note (no epoch) belongs to the first database born after it, while that
+        # has numbered nothing: owning up takes numbers, so it is never applied twice.
+        if note is not None and note.epoch in (self.epoch, "") and note.last_seq == last:
             # (Otherwise none, or settled since: every settling write takes a new sequence number.)
             self._carried = note.losses()
             self._noted = True
@@ -1307,6 +1331,16 @@ class Buffer:
                 self._own_up_to_carried()
             except BufferFullError:
                 log.error("buffer: no room yet to record %s; kept in %s", self._carried, self._held.path)
+
+    def _rebase_held_note(self) -> None:
+        """Born at last: an unborn run's losses get this epoch's numbers, what is held now its note."""
+        if self._carried:
+            try:
+                self._own_up_to_carried()
+            except BufferFullError:
+                return  # the note without an epoch still stands, believed while nothing is numbered
+        if self._last_held != (0, 0):
+            self.note_held(*self._last_held)
 
     @_recovering
     @_tolerate_full(_RAISE)
@@ -1369,6 +1403,7 @@ class Buffer:
         # merged into a batch of samples: a cut that took back a delivered seal brings those
         # samples back unsealed, and their re-seal must give the very bytes of the original
         # (encoding is deterministic) so the receiver answers "duplicate", not "different".
+        self._drop_empty_gaps()
         gaps_rows = self._db.execute(
             "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason=?"
             " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
@@ -1435,6 +1470,18 @@ class Buffer:
                 self._db.executemany("UPDATE gaps SET sent_in=? WHERE id=?", [(first, g[0]) for g in gaps_rows])
         self._unsealed -= len(samples)
         return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
+
+    def _drop_empty_gaps(self) -> None:
+        """An empty or inverted gap row (damage, or an older version) never rides in a batch: the
+        receiver refuses it and the batch's real samples with it. It names no sample: dropped,
+        logged with its bytes and counted (``gaps_invalid``)."""
+        bad = self._db.execute("SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL"
+                               " AND NOT (first_seq BETWEEN 1 AND last_seq)").fetchall()
+        if bad:
+            log.error("buffer: gap rows that name no samples (first > last), never sent: %r", bad[:5])
+            with self._tx():
+                self._db.executemany("DELETE FROM gaps WHERE id=?", [(b[0],) for b in bad])
+                self._bump("gaps_invalid", len(bad))
 
     def _sealable(self, max_samples: int, now_utc_ms: int) -> tuple[list[tuple[Any, ...]], list[Sample]]:
         """The oldest unsealed rows and the samples among them that can travel.
