@@ -440,6 +440,7 @@ class Agent:
             "health": "disk_full" if self.buffer.disk_full or self._lost_in_memory else "ok",
             "samples_at_risk": self.samples_at_risk,
             "samples_lost_in_memory": self.stats.lost_in_memory,
+            "samples_held_unnoted": self.buffer.held_unnoted,  # held, and no file can say so (0 bytes free)
             # Microphones: seconds of audio skipped by late reads, ALSA overruns (never silent).
             "audio": {d.name: h() for d in self.drivers if callable(h := getattr(d, "audio_health", None))},
         }

@@ -29,7 +29,7 @@ from uplink.wire import batch_topic, content_hash, decode_batch, parse_batch_id
 DEV = "van-rt"
 
 
-def _deliver(buf: Buffer, ing: Ingestor, log: list[str], max_samples: int = 2000) -> None:
+def _deliver(buf: Buffer, ing: Ingestor, log: list[str], max_samples: int = 2000, dev: str = DEV) -> None:
     """The agent's loop in small: seal, publish, acknowledge or reject (edge/agent.py's rule)."""
     for _ in range(30):
         sbs = buf.pending(100)
@@ -39,7 +39,7 @@ def _deliver(buf: Buffer, ing: Ingestor, log: list[str], max_samples: int = 2000
                 return
             sbs = [sb]
         for sb in sbs:
-            ack = ing.handle(batch_topic("datalab/v1", DEV), sb.payload, 1).ack
+            ack = ing.handle(batch_topic("datalab/v1", dev), sb.payload, 1).ack
             log.append(f"{sb.batch_id}:{ack.status}")
             if ack.committed:
                 buf.acknowledge(sb.batch_id)
@@ -129,13 +129,13 @@ def test_a_damaged_seq_file_is_ignored_and_rewritten_never_a_loss(tmp_path, dama
     buf.close()
     seq = tmp_path / "b.db.seq"
     good = seq.read_bytes().rstrip(b"\0").decode()
-    assert good.split()[:2] == [epoch, "20"] and len(good.split()) == 3  # epoch, last_seq, CRC
+    assert good.split()[:2] == [epoch, "20"] and len(good.split()) == 4  # epoch, last_seq, device tag, CRC
     big = {"legacy-2^63+5": 2**63 + 5, "legacy-10^30": 10**30, "legacy-2^63-2": 2**63 - 2}
     if damage == "digit-flip":
         _seq_record(seq, good.replace(f"{epoch} 20 ", f"{epoch} 60 "))
     elif damage == "crc-flip":
-        crc = good.split()[2]
-        _seq_record(seq, f"{epoch} 20 {crc[:-1]}{'0' if crc[-1] != '0' else '1'}\n")
+        tag, crc = good.split()[2:]
+        _seq_record(seq, f"{epoch} 20 {tag} {crc[:-1]}{'0' if crc[-1] != '0' else '1'}\n")
     elif damage in big:
         _seq_record(seq, f"{epoch} {big[damage]}\n")  # a record from before the CRC: the bound still holds
     elif damage == "crc-valid-2^63-2":
