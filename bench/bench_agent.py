@@ -27,7 +27,7 @@ from pathlib import Path
 from buffer.store import Buffer
 from drivers.i2c import FakeI2CBus
 from edge.agent import Agent
-from edge.clock import SystemClock
+from core.clock import SystemClock
 from edge.config import parse_config
 from edge.sensors import build_drivers
 from simulator.i2c_devices import FakeADS1115, FakeSoundModule

@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
 from simulator.broker import LocalBroker
 from simulator.sensors import SIM_DRIVERS

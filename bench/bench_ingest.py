@@ -63,7 +63,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from bench.bench_wire import simulated_batch
 from receiver.store import _json, _json_bytes
-from uplink.wire import Batch, content_hash, encode_batch
+from core.wire import Batch, content_hash, encode_batch
 
 VANS = 8
 BATCHES_PER_VAN = 8

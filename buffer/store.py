@@ -69,12 +69,12 @@ from buffer.heldledger import HeldLedger, HeldNote, make_with_real_blocks
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from buffer.errors import BufferFullError
-from edge.model import Sample, TimeSource
-from uplink.batch_limits import (GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
+from core.sample import Sample, TimeSource
+from core.batch_limits import (GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, SMALL_SAMPLE_BYTES, batch_problem,
                                  sample_never_fits)
-from uplink.sample_rules import gap_reason, sample_problem
-from uplink.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
-from edge.errors import PayloadError
+from core.sample_rules import gap_reason, sample_problem
+from core.wire import Batch, Gap, batch_id, content_hash, encode_batch, parse_batch_id
+from core.errors import PayloadError
 
 log = logging.getLogger(__name__)
 
@@ -1464,7 +1464,7 @@ class Buffer:
     def _fit(self, samples: list[Sample], gaps: list[Gap]) -> tuple[list[Sample], bytes]:
         """The longest prefix of ``samples`` whose batch the receiver's limits allow, encoded.
 
-        Halved until it fits (``uplink.batch_limits``): only a batch over a limit pays for
+        Halved until it fits (``core.batch_limits``): only a batch over a limit pays for
         more than one encode. A single sample over a limit raises ``_TooLarge``.
         """
         n = len(samples)
@@ -1726,7 +1726,7 @@ class Buffer:
 def _admit(s: Sample) -> str | None:
     """Make a sample fit for the wire, or say why it cannot be: checked at commit.
 
-    The rules are the receiver's own (``uplink.sample_rules``, the one function
+    The rules are the receiver's own (``core.sample_rules``, the one function
     both sides call): a sample the receiver would refuse is refused here alone,
     not with the whole batch it would ride in. NaN and infinity are no
     measurement: stored as unknown (None) and flagged ``non_finite`` (as the

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from drivers.base import Reading
-from edge.errors import BusError, ConfigError, FrameError, SensorTimeout
+from core.errors import BusError, ConfigError, FrameError, SensorTimeout
 
 WARM_UP_S = 3600.0
 _FIELDS = 11

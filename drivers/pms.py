@@ -27,7 +27,7 @@ from typing import Literal
 
 from drivers.base import Reading
 from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
-from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
+from core.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
 

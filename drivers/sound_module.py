@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from drivers.base import Reading
 from drivers.i2c import BusRetry, BusStats, I2CBus
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 DEFAULT_ADDRESS = 0x48
 

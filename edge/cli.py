@@ -14,7 +14,7 @@ from importlib import resources
 import click
 
 from edge.config import load_config, redacted
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -9,16 +9,16 @@ names the key and the problem.
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edge.errors import ConfigError
+from core.device_id import DEVICE_ID_RE  # shared with the receiver's provisioning
+from core.errors import ConfigError
 # The receiver refuses a sensor name longer than this (receiver/validate.py check_name, which
 # also refuses non-printable characters): the whole batch, GPS and all, would be lost.
-from uplink.wire import MAX_NAME_CHARS
+from core.wire import MAX_NAME_CHARS
 
 # Section names with a meaning of their own at the receiver (receiver/validate.py, store.py,
 # aggregate.py NOT_MEASUREMENTS): the track is built from the samples of sensor "gps" (the
@@ -28,9 +28,6 @@ from uplink.wire import MAX_NAME_CHARS
 GPS_SECTION = "gps"
 GPS_DRIVERS = ("nmea-gps", "gpsd", "sim-gps")
 CALIBRATION_SECTION = "calibration"
-
-# Used with fullmatch: "$" alone would also accept a trailing newline.
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 @dataclass(slots=True)
@@ -55,14 +52,14 @@ class TimeConfig:
     # correct them, then go out flagged "unsync".
     hold_unsync_s: float = 3600.0
     # A GPS or system clock step larger than this is judged against the monotonic clock
-    # (edge/timekeeping.py); smaller ones are followed by slewing.
+    # (core/timekeeping.py); smaller ones are followed by slewing.
     step_tolerance_s: float = 2.0
     # A step nothing else can confirm or refute is believed after this long; the samples of
     # the wait are flagged clock_step.
     step_confirm_s: float = 60.0
     # The GPS receiver's output latency (its epoch's first byte after the second it names):
     # gps_minus_ntp_ms is expected near minus this; further off by 0.25 s for a minute, the
-    # heartbeat says gps_time_disagrees (edge/timekeeping.py).
+    # heartbeat says gps_time_disagrees (core/timekeeping.py).
     gps_latency_s: float = 0.0
 
 
@@ -225,7 +222,7 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("time.step_confirm_s", "must be 0 or more")
     if not 0 <= cfg.time.gps_latency_s <= 1:
         raise ConfigError("time.gps_latency_s", "must be between 0 and 1 second")
-    if not 1 <= cfg.batch.max_samples <= 20_000:  # uplink/wire.py MAX_SAMPLES_PER_BATCH
+    if not 1 <= cfg.batch.max_samples <= 20_000:  # core/wire.py MAX_SAMPLES_PER_BATCH
         raise ConfigError("batch.max_samples", "must be between 1 and 20000")
     if not 0 < cfg.batch.max_age_s <= 86400:
         raise ConfigError("batch.max_age_s", "must be above 0 and at most 86400 seconds")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

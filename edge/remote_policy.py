@@ -33,7 +33,7 @@ from dataclasses import fields
 from typing import Any
 
 from edge.config import SensorConfig, SimulationConfig
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 LOCAL_ONLY: tuple[tuple[str, str], ...] = (
     ("device", "id"),

@@ -27,14 +27,14 @@ from typing import Any, Callable
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import Clock, SimClock, SystemClock
+from core.clock import Clock, SimClock, SystemClock
 from edge.calibration import (
     CalibrationAnnouncer,
     attach_calibrations,
     record_from_config,
 )
 from edge.config import AgentConfig, SensorConfig, parse_config
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from edge.power import (
     NO_PIN,
     SERVICE_SECTIONS,
@@ -51,7 +51,7 @@ from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
 from edge.sensors import build_drivers, check_options
 from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
-from edge.timekeeping import TimeFixSource
+from core.timekeeping import TimeFixSource
 from uplink.mqtt import MqttLink
 
 log = logging.getLogger(__name__)

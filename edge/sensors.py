@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 from drivers.base import SensorDriver
 from edge.config import SensorConfig
-from edge.errors import ConfigError
-from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
+from core.errors import ConfigError
+from core.timekeeping import MIN_PLAUSIBLE_UTC_MS
 
 DriverFactory = Callable[[SensorConfig, dict[str, Any]], SensorDriver]
 
@@ -188,7 +188,8 @@ def _gpsd(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
 
 def _no2_b43f(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
     from drivers.ads1115 import ADS1115
-    from drivers.no2 import LinearTemperature, No2B43F, No2Calibration, load_calibrations_toml
+    from drivers.no2 import LinearTemperature, No2B43F
+    from core.no2_sheet import No2Calibration, load_calibrations_toml
 
     o = _opts(
         sc,

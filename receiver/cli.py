@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from receiver.config import load_receiver_config
 
 
@@ -230,7 +230,7 @@ from receiver.commands import datalab_commands  # noqa: E402  (aggregate, export
 for _cmd in datalab_commands.commands.values():
     main.add_command(_cmd)
 
-from edge.remote import device_config_cli  # noqa: E402  (send a van a new configuration)
+from receiver.device_config import device_config_cli  # noqa: E402  (send a van a new configuration)
 
 main.add_command(device_config_cli())
 

@@ -64,7 +64,7 @@ def _measurements_policy_option(f):  # type: ignore[no-untyped-def]
 
 
 def _flag_policy(config: str | None):  # type: ignore[no-untyped-def]
-    from edge.errors import ConfigError
+    from core.errors import ConfigError
     from receiver.config import load_receiver_config
 
     try:

@@ -41,9 +41,9 @@ def _run_agent(args: list[str], log: str, env: dict[str, str]) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     os.environ.update(env)
-    # Crash points are read at import (edge/faultpoints.py), which happened in the
+    # Crash points are read at import (core/faultpoints.py), which happened in the
     # warm parent without this run's plan: read them again.
-    from edge import faultpoints
+    from core import faultpoints
 
     faultpoints._PLAN.clear()
     faultpoints._SEEN.clear()

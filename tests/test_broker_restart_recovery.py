@@ -21,7 +21,7 @@ import pytest
 
 from buffer.store import Buffer
 from edge.agent import FAST_RETRY_S, Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import UplinkConfig, parse_config
 from simulator.oracle import check
 from simulator.reconnect_herd import herd_figures

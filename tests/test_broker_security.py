@@ -33,7 +33,7 @@ from receiver.service import ReceiverService
 from simulator.broker import LocalBroker, SecureSetup, mosquitto_path
 from tests.test_receiver_store import batch
 from uplink.mqtt import MqttLink
-from uplink.wire import encode_batch
+from core.wire import encode_batch
 
 pytestmark = pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")
 

@@ -21,9 +21,9 @@ import pytest
 from buffer import recovery
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from simulator.oracle import check
 from simulator.sensors import OracleSensor
 from simulator.world import VanWorld
@@ -34,7 +34,7 @@ from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (fixture
 from tests.test_receiver_store import T, put
 from tests.tmpfs import mounted_tmpfs
 from uplink.mqtt import MqttLink
-from uplink.wire import Batch
+from core.wire import Batch
 
 T0 = 1_795_000_000.0
 

@@ -20,10 +20,10 @@ import pytest
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
 from edge.sensors import build_drivers
-from edge.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S
+from core.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S
 from simulator.clock_oracle import check_times
 from simulator.hardware import SimulatedHardware
 from simulator.oracle import check

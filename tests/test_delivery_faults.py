@@ -16,7 +16,7 @@ import pytest
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
 from simulator.oracle import check
 from simulator.sensors import OracleSensor
@@ -383,7 +383,7 @@ def test_a_rejected_upload_redelivered_after_a_crash_has_one_dead_letter(tmp_pat
     retrying, not a redelivery) are a new upload: each gets a dead letter of its own."""
     import sqlite3
 
-    from uplink.wire import content_hash, decode_ack
+    from core.wire import content_hash, decode_ack
 
     store = tmp_path / "store.sqlite"
     bad = [b"not a batch %d" % i for i in range(5)] + [b"DLB\x02\x01broken %d" % i for i in range(5)]
@@ -448,7 +448,7 @@ def test_the_same_bytes_held_in_an_outage_then_redelivered_get_a_dead_letter_of_
     2 uploads. A DUP copy now matches only a dead letter never acked (dead_letters_unacked)."""
     import sqlite3
 
-    from uplink.wire import content_hash, decode_ack
+    from core.wire import content_hash, decode_ack
 
     store = tmp_path / "store.sqlite"
     bad = b"not a batch v1"

@@ -12,7 +12,7 @@ import pytest
 from receiver.config import ReceiverConfig
 from receiver.service import ReceiverService
 from simulator.fleet import run_fleet
-from uplink.wire import decode_ack, encode_batch
+from core.wire import decode_ack, encode_batch
 from tests.test_receiver_store import batch
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from receiver import dbapi, quality
 from receiver.aggregate import QUANTITY_KEYS, Period, build, split_values
 from receiver.commands import datalab_commands

@@ -16,7 +16,7 @@ from typing import Any
 from click.testing import CliRunner
 
 from edge.calibration import CalibrationStore, attach_calibrations
-from edge.clock import SystemClock
+from core.clock import SystemClock
 from edge.config import load_config
 from edge.sensors import build_drivers
 from edge.technician import technician_group

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
 from edge.sensors import build_drivers
 from simulator.gps_device import nmea_epoch, ReceiverState

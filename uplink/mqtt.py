@@ -23,9 +23,9 @@ from typing import Any, Callable, Protocol
 import paho.mqtt.client as mqtt
 
 from edge.config import UplinkConfig
-from edge.errors import PayloadError
+from core.errors import PayloadError
 from uplink.backoff import FullJitterBackoff
-from uplink.wire import (
+from core.wire import (
     Ack,
     ack_topic,
     batch_topic,

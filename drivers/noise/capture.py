@@ -36,8 +36,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from drivers.base import Reading
-from edge.errors import DeviceNotFound, FatalError, ReadError
-from edge.timekeeping import MEASURED_MONO
+from core.errors import DeviceNotFound, FatalError, ReadError
+from core.timekeeping import MEASURED_MONO
 
 from .levels import LevelMeter, MinuteLevels, SecondLevels
 

@@ -13,7 +13,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from edge.calibration import CalibrationError, Proposal
+from core.calibration import CalibrationError
+from edge.calibration import Proposal
 from edge.technician.common import (
     confirm_options,
     console,

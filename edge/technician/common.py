@@ -21,9 +21,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from edge.calibration import CalibrationError, CalibrationRecord, CalibrationStore, Proposal, record_id
+from core.calibration import CalibrationError, CalibrationRecord, record_id
+from edge.calibration import CalibrationStore, Proposal
 from edge.config import AgentConfig, SensorConfig, load_config, parse_config
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/datalab-edge/agent.toml"
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -136,7 +137,7 @@ class Van:
         speedup: float | None = None,
         noise: str = "module",
     ) -> None:
-        from edge.clock import SimClock, SystemClock
+        from core.clock import SimClock, SystemClock
         from edge.sensors import build_drivers
 
         self.cfg = cfg

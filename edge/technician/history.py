@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from edge.calibration import CalibrationError
+from core.calibration import CalibrationError
 from edge.technician.common import (
     console,
     fmt_time,

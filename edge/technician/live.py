@@ -12,7 +12,7 @@ import click
 from rich.live import Live
 from rich.table import Table
 
-from edge.errors import RecoverableError
+from core.errors import RecoverableError
 from edge.technician.common import Van, console, handle_errors, load_van_config, van_options
 
 # The values worth a glance per kind of reading, in order, known by their keys (a section may

@@ -14,18 +14,15 @@ import click
 import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from drivers.no2 import N_T, interpolate_factor
-from edge.calibration import (
+from core.no2_sheet import N_T, interpolate_factor
+from core.calibration import (
     CalibrationError,
     CalibrationRecord,
-    CalibrationStore,
-    Proposal,
-    configured_no2_sheet,
-    import_sheet,
     no2_raw_ppb,
     no2_sheet,
     no2_values_from_sheet,
 )
+from edge.calibration import CalibrationStore, Proposal, configured_no2_sheet, import_sheet
 from edge.config import AgentConfig, SensorConfig
 from edge.technician.common import (
     Van,
@@ -113,7 +110,7 @@ def simulate_gas(van: Van, ppb: float, *, offset_ppb: float, gain: float, drift_
 
 def measure(van: Van, name: str, values: dict[str, Any], minutes: float, label: str) -> dict[str, np.ndarray]:
     """Read the sensor once a second for ``minutes``, with a progress bar; raw AAN 803 ppb."""
-    from edge.errors import RecoverableError
+    from core.errors import RecoverableError
 
     drv = van.driver(name)
     n = max(1, int(round(minutes * 60)))

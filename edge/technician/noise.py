@@ -16,7 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from drivers.noise.levels import LevelMeter, MeterConfig, SecondLevels, measure_calibrator
-from edge.calibration import CalibrationError, Proposal, noise_serial
+from core.calibration import CalibrationError
+from edge.calibration import Proposal, noise_serial
 from edge.technician.common import (
     confirm_options,
     console,
