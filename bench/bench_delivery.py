@@ -28,7 +28,7 @@ from edge.agent import Agent
 from core.clock import SimClock
 from edge.config import parse_config
 from simulator.broker import LocalBroker
-from simulator.sensors import SIM_DRIVERS
+from simulator.value_sensors import SIM_DRIVERS
 from simulator.world import VanWorld
 from uplink.mqtt import MqttLink
 

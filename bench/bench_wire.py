@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from core.clock import SimClock
 from core.sample import Sample
 from core.timekeeping import TimeKeeper
-from simulator.sensors import SIM_DRIVERS
+from simulator.value_sensors import SIM_DRIVERS
 from simulator.world import VanWorld
 from core.wire import VERSION_COLUMNAR, VERSION_JSON, Batch, decode_batch, encode_batch
 

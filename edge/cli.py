@@ -100,7 +100,7 @@ def config_check(path: str) -> None:
     # Only a warning here: a technician may bench-test a GPS alone; from afar it is refused.
     if (none := no_working_sensor(cfg.sensors)) is not None:
         click.echo(f"warning: {none}", err=True)
-    from edge.sensors import explain
+    from edge.driver_factory import explain
 
     for sc in cfg.sensors:
         for note in explain(sc):

@@ -49,8 +49,8 @@ from edge.power import (
 )
 from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
-from edge.sensors import build_drivers, check_options
-from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
+from edge.driver_factory import build_drivers, check_options
+from edge.systemd_supervisor import Notifier, Supervisor, add_status_fields, watchdog_interval
 from core.timekeeping import TimeFixSource
 from uplink.mqtt import MqttLink
 

@@ -64,7 +64,7 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     _warn_share_group(cfg.share_group, from_flag=share_group is not None)
-    from receiver.service import ReceiverService
+    from receiver.mqtt_consumer import ReceiverService
 
     svc = ReceiverService(cfg, ready_file=ready_file)
 
@@ -225,7 +225,7 @@ from receiver.provision import provision  # noqa: E402  (a command group of its 
 
 main.add_command(provision)
 
-from receiver.commands import datalab_commands  # noqa: E402  (aggregate, export, serve)
+from receiver.datalab_commands import datalab_commands  # noqa: E402  (aggregate, export, serve)
 
 for _cmd in datalab_commands.commands.values():
     main.add_command(_cmd)

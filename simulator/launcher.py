@@ -21,7 +21,7 @@ from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
 # What the warm process imports once (everything ``edge run`` pulls in for a simulated van).
-PRELOAD = ["edge.cli", "edge.runtime", "edge.agent", "buffer.store", "uplink.mqtt", "simulator.sensors"]
+PRELOAD = ["edge.cli", "edge.runtime", "edge.agent", "buffer.store", "uplink.mqtt", "simulator.value_sensors"]
 
 _ctx: ForkServerContext | None = None
 

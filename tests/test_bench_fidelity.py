@@ -18,7 +18,7 @@ from bench import bench_fidelity as bf
 from core.clock import SimClock
 from edge.config import parse_config
 from core.sample import TimeSource
-from edge.sensors import build_drivers
+from edge.driver_factory import build_drivers
 from receiver import dbapi
 from receiver.aggregate import Period, Rule, build
 from receiver.mapunits import make_snapper

@@ -25,7 +25,7 @@ from core.clock import SimClock
 from edge.config import UplinkConfig, parse_config
 from simulator.oracle import check
 from simulator.reconnect_herd import herd_figures
-from simulator.sensors import OracleSensor
+from simulator.value_sensors import OracleSensor
 from simulator.world import VanWorld
 from tests.delivery_harness import Receiver, report
 from tests.test_agent import make

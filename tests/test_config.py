@@ -126,7 +126,7 @@ def test_config_check_bounds_and_measuring_sensor(tmp_path):
 def test_every_driver_is_known_as_measuring_or_positioning():
     """A new driver must be placed: else a van with only it would pass or fail the sensor rule by accident."""
     from edge.remote_policy import MEASURING_DRIVERS, POSITION_DRIVERS
-    from edge.sensors import FACTORIES
+    from edge.driver_factory import FACTORIES
 
     assert set(FACTORIES) == MEASURING_DRIVERS | POSITION_DRIVERS
     assert not MEASURING_DRIVERS & POSITION_DRIVERS

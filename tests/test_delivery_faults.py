@@ -19,7 +19,7 @@ from edge.agent import Agent
 from core.clock import SimClock
 from edge.config import parse_config
 from simulator.oracle import check
-from simulator.sensors import OracleSensor
+from simulator.value_sensors import OracleSensor
 from simulator.world import VanWorld
 from tests.delivery_harness import Receiver, Van, finish_and_check, report, store_counters
 from uplink.mqtt import MqttLink
@@ -146,7 +146,7 @@ def test_receiver_killed_before_and_after_commit(tmp_path, mosquitto):
     Flaky before (0 duplicates once under load): the "after commit" point was also reached
     after a group of status/sync messages alone, which commits nothing, so a death there had
     nothing to redeliver. The point is now reached only after a group with uploads
-    (receiver/service.py), and the test counts the deaths that were after a commit."""
+    (receiver/mqtt_consumer.py), and the test counts the deaths that were after a commit."""
     store = tmp_path / "store.sqlite"
     r = Receiver(store, mosquitto.port, client_id="rx-crashy")
     plans = ["receiver.commit.before:3", "receiver.commit.after:2"] * 3

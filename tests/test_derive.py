@@ -193,7 +193,7 @@ def test_receiver_acks_after_raw_storage_and_derives_after(tmp_path: Path, mosqu
 
     from receiver.cli import main as receiver_cli
     from receiver.config import ReceiverConfig
-    from receiver.service import ReceiverService
+    from receiver.mqtt_consumer import ReceiverService
     from tests.test_end_to_end import AckListener
 
     batches = shift_batches(4)
@@ -243,7 +243,7 @@ def test_example_receiver_config_is_the_defaults() -> None:
 
 def test_an_inline_receiver_drains_what_another_mode_left_queued(tmp_path: Path, mosquitto: Any) -> None:
     from receiver.config import ReceiverConfig
-    from receiver.service import ReceiverService
+    from receiver.mqtt_consumer import ReceiverService
 
     store_path = tmp_path / "store.sqlite"
     s = SQLiteStore(store_path)

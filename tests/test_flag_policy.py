@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from core.errors import ConfigError
 from receiver import dbapi, quality
 from receiver.aggregate import QUANTITY_KEYS, Period, build, split_values
-from receiver.commands import datalab_commands
+from receiver.datalab_commands import datalab_commands
 from receiver.config import load_receiver_config
 from receiver.export import export_aggregates, export_measurements
 from receiver.flag_policy import KNOWN_FLAGS, FlagPolicy

@@ -19,7 +19,7 @@ from drivers.nmea import FixAssembler, Gns, decode_stream, parse_sentence
 from edge.cli import main
 from core.errors import ConfigError, FrameError
 from edge.runtime import check_config_data
-from edge.sensors import build_drivers, explain
+from edge.driver_factory import build_drivers, explain
 from edge.config import SensorConfig
 from simulator.gps_device import FakeGpsReceiver, ReceiverState, nmea_epoch, sentence
 from tests.test_agent import make

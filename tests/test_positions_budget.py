@@ -23,7 +23,7 @@ from core.sample import Sample, TimeSource
 from receiver import store as store_mod
 from receiver.config import ReceiverConfig
 from receiver.positions import INTERPOLATED, Fix, locate
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_derive import backend  # noqa: F401  (fixture: SQLite and PostgreSQL)
 from tests.test_receiver_outage import Van, tiny_batches, wait_until

@@ -28,7 +28,7 @@ import pytest
 from core.sample import Sample, TimeSource
 from receiver.budget import upload_values
 from receiver.config import ReceiverConfig
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from receiver.store import SQLiteStore
 from simulator.broker import LocalBroker, free_port
 from tests.delivery_harness import report

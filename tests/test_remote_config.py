@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from receiver.device_config import build_request, device_config_cli, send_device_config
 from edge.remote import decode_request, dump_toml, merge
 from edge.runtime import Runtime, load_full_config
-from edge.service import Notifier
+from edge.systemd_supervisor import Notifier
 
 
 def _conf(data_dir: Path, port: int) -> str:

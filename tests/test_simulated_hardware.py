@@ -7,7 +7,7 @@ import pytest
 from core.clock import SimClock
 from edge.config import SensorConfig, parse_config
 from core.errors import ConfigError
-from edge.sensors import build_drivers
+from edge.driver_factory import build_drivers
 from simulator.fleet import HARDWARE_SENSORS, NOISE_MICROPHONE, NOISE_MODULE
 from simulator.hardware import SimulatedHardware
 from simulator.world import VanWorld

@@ -14,7 +14,7 @@ from edge.agent import Agent
 from core.clock import SimClock
 from edge.config import parse_config
 from receiver.config import ReceiverConfig
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from tests.test_agent import Counter
 from uplink.backoff import FullJitterBackoff
 from uplink.mqtt import MqttLink

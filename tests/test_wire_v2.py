@@ -23,7 +23,7 @@ from core.clock import SimClock
 from core.errors import PayloadError
 from core.sample import Sample, TimeSource
 from core.timekeeping import TimeKeeper
-from simulator.sensors import SIM_DRIVERS
+from simulator.value_sensors import SIM_DRIVERS
 from simulator.world import VanWorld
 from core import codec_v2, wire
 from core.codec_v2 import (

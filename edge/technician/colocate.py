@@ -15,7 +15,7 @@ from rich.table import Table
 
 from core.calibration import CalibrationError
 from edge.calibration import Proposal
-from edge.technician.common import (
+from edge.technician.cli_support import (
     confirm_options,
     console,
     declined_exit,

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from core.calibration import CalibrationError
-from edge.technician.common import (
+from edge.technician.cli_support import (
     console,
     fmt_time,
     fmt_value,

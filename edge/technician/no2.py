@@ -24,7 +24,7 @@ from core.calibration import (
 )
 from edge.calibration import CalibrationStore, Proposal, configured_no2_sheet, import_sheet
 from edge.config import AgentConfig, SensorConfig
-from edge.technician.common import (
+from edge.technician.cli_support import (
     Van,
     confirm_options,
     console,

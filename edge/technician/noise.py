@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from drivers.noise.levels import LevelMeter, MeterConfig, SecondLevels, measure_calibrator
 from core.calibration import CalibrationError
 from edge.calibration import Proposal, noise_serial
-from edge.technician.common import (
+from edge.technician.cli_support import (
     confirm_options,
     console,
     declined_exit,

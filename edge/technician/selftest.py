@@ -24,7 +24,7 @@ from rich.table import Table
 
 from edge.config import AgentConfig, UplinkConfig
 from core.errors import ConfigError, RecoverableError
-from edge.technician.common import EXIT_FAIL, EXIT_OK, Van, console, handle_errors, load_van_config, van_options
+from edge.technician.cli_support import EXIT_FAIL, EXIT_OK, Van, console, handle_errors, load_van_config, van_options
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 CHECKS = ("sensors", "gps", "clock", "buffer", "broker", "disk", "cpu")

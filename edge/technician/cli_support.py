@@ -138,7 +138,7 @@ class Van:
         noise: str = "module",
     ) -> None:
         from core.clock import SimClock, SystemClock
-        from edge.sensors import build_drivers
+        from edge.driver_factory import build_drivers
 
         self.cfg = cfg
         self.hardware: Any = None

@@ -261,7 +261,7 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
 
 def _sim_factory(kind: str) -> DriverFactory:
     def make(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
-        from simulator.sensors import SIM_DRIVERS
+        from simulator.value_sensors import SIM_DRIVERS
 
         world = ctx.get("world")
         if world is None:
