@@ -550,9 +550,9 @@ def configured_no2_sheet(sc: Any) -> No2Calibration | None:
             raise ConfigError(f"sensors.{sc.name}.serial", f"no calibration for {serial} in {o['calibration_file']}")
         return cals[serial]
     if o.get("bus") == "sim":
-        from simulator.hardware import SIM_NO2_CAL
+        from edge import simulation
 
-        return SIM_NO2_CAL
+        return simulation.backend(f"sensors.{sc.name}.bus").no2_sheet
     return None
 
 

@@ -28,6 +28,7 @@ import contextvars
 from typing import Any, Callable
 
 from drivers.base import SensorDriver
+from edge import simulation
 from edge.config import SensorConfig
 from core.errors import ConfigError
 from core.timekeeping import MIN_PLAUSIBLE_UTC_MS
@@ -209,9 +210,7 @@ def _no2_b43f(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
             raise ConfigError(f"sensors.{sc.name}.serial", f"no calibration for {serial} in {o['calibration_file']}")
         cal = cals[serial]
     elif o["bus"] == "sim":
-        from simulator.hardware import SIM_NO2_CAL
-
-        cal = SIM_NO2_CAL
+        cal = simulation.backend(f"sensors.{sc.name}.bus").no2_sheet
     else:
         raise ConfigError(f"sensors.{sc.name}.calibration_file", "the sensor's calibration sheet is required")
     adc = ADS1115(_bus(sc, ctx, o["bus"]), o["address"], fsr_v=o["fsr_v"], data_rate=o["data_rate"],
@@ -261,13 +260,11 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
 
 def _sim_factory(kind: str) -> DriverFactory:
     def make(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
-        from simulator.value_sensors import SIM_DRIVERS
-
         world = ctx.get("world")
         if world is None:
             raise ConfigError(f"sensors.{sc.name}.driver", f"{kind!r} needs [simulation] enabled = true")
         o = _opts(sc, {"seed": 0})
-        return SIM_DRIVERS[kind](world, name=sc.name, seed=o["seed"])
+        return simulation.backend(f"sensors.{sc.name}.driver").value_driver(kind, world, name=sc.name, seed=o["seed"])
 
     return make
 

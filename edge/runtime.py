@@ -49,6 +49,7 @@ from edge.power import (
 )
 from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
+from edge import simulation as edge_simulation
 from edge.driver_factory import build_drivers, check_options
 from edge.systemd_supervisor import Notifier, Supervisor, add_status_fields, watchdog_interval
 from core.timekeeping import TimeFixSource
@@ -164,8 +165,7 @@ def build_context(cfg: AgentConfig) -> tuple[dict[str, Any], float | None]:
     clock: Clock
     sim = cfg.simulation
     if sim.enabled:
-        from simulator.world import VanWorld
-
+        simulation = edge_simulation.backend()
         start = parse_utc(sim.start_utc, "simulation.start_utc")
         clock = SimClock(
             start,
@@ -173,13 +173,11 @@ def build_context(cfg: AgentConfig) -> tuple[dict[str, Any], float | None]:
             trusted_after=sim.ntp_after_s,
             boot_error_s=sim.boot_clock_error_s,
         )
-        ctx["world"] = VanWorld(
+        ctx["world"] = simulation.world(
             clock, shift_start_utc=start, seed=sim.seed, start_offset_m=sim.start_offset_m
         )
         if sim.devices == "hardware":
-            from simulator.hardware import SimulatedHardware
-
-            ctx["hardware"] = SimulatedHardware(
+            ctx["hardware"] = simulation.hardware(
                 ctx["world"], clock, seed=sim.seed, noise=sim.noise,
                 gps_corrupt_prob=sim.gps_corrupt_prob, pm_corrupt_prob=sim.pm_corrupt_prob,
             )

@@ -146,16 +146,16 @@ class Van:
         ctx: dict[str, Any] = {}
         sim = cfg.simulation
         if sim.enabled:
+            from edge import simulation
             from edge.runtime import parse_utc
-            from simulator.hardware import SimulatedHardware
-            from simulator.world import VanWorld
 
+            backend = simulation.backend()
             start = parse_utc(sim.start_utc, "simulation.start_utc")
             self.clock: Any = SimClock(start, speedup=speedup)
-            self.world = VanWorld(self.clock, shift_start_utc=start, seed=sim.seed)
+            self.world = backend.world(self.clock, shift_start_utc=start, seed=sim.seed)
             ctx["world"] = self.world
             if sim.devices == "hardware":
-                self.hardware = SimulatedHardware(self.world, self.clock, seed=sim.seed, noise=noise)
+                self.hardware = backend.hardware(self.world, self.clock, seed=sim.seed, noise=noise)
                 ctx["hardware"] = self.hardware
         else:
             self.clock = SystemClock()

@@ -84,17 +84,18 @@ def simulate_gas(van: Van, ppb: float, *, offset_ppb: float, gain: float, drift_
     The inverse of AAN 803 algorithm 1 on the simulator's sheet, like SimulatedHardware does
     for street air, so the real driver and the real arithmetic are exercised.
     """
-    from simulator.hardware import SIM_NO2_CAL, SIM_TEMP_MV_AT_0C, SIM_TEMP_MV_PER_C
+    from edge import simulation
 
+    backend = simulation.backend()
     hw, clock = van.hardware, van.clock
     rng = np.random.default_rng(seed)
-    cal = SIM_NO2_CAL
+    cal = backend.no2_sheet
     t0 = clock.elapsed
 
     def volts(channel: int) -> float:
         temp_c = van.world.truth().air.temp_c
         if channel == 2:
-            return (SIM_TEMP_MV_AT_0C + SIM_TEMP_MV_PER_C * temp_c) / 1000.0
+            return (backend.temp_mv_at_0c + backend.temp_mv_per_c * temp_c) / 1000.0
         ae_mv = cal.ae_e_mv + cal.ae_o_mv
         if channel == 1:
             return ae_mv / 1000.0
