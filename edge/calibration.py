@@ -1,22 +1,8 @@
-"""Calibration records with provenance: what changed, who changed it, when it applies.
+"""The van's side of calibration: the record store, sheet import, calibrated drivers.
 
-A sensor's calibration is a chain of versioned records per (kind, serial):
-
-* ``kind``   ``no2`` | ``pm`` | ``noise``
-* ``method`` ``sheet`` | ``zero`` | ``span`` | ``colocation`` | ``acoustic`` | ``humidity``
-* ``status`` ``pending`` (proposed, has no effect) -> ``active`` (confirmed) ->
-  ``superseded`` (a newer record of the same serial was confirmed; ``valid_to`` set).
-
-The record id is also the provenance tag a derived value carries: ``no2:202-SIM-0001:v3``.
-Every record holds the *complete* parameter set for its sensor (not a delta), so one id
-is enough to recompute a value from its raw inputs, on the van or at the receiver.
-
-NO2 values: the Alphasense sheet (``we_e_mv`` ``ae_e_mv`` ``we_o_mv`` ``ae_o_mv``
-``sensitivity_na_per_ppb`` ``gain_mv_per_na``), the AAN 803 ``algorithm`` and a linear
-finish ``ppb = intercept_ppb + slope * aan803 + temp_coef * T`` (zero, span and co-location
-adjust the finish, never the sheet). PM values: ``quantity`` (default ``pm25``) and
-``intercept``, ``slope``, ``rh_coef``, ``temp_coef`` on the input ``input`` (default the
-quantity itself). Noise values: ``offset_db`` (the absolute meter calibration offset).
+What a record is (kind, method, status, the complete parameter set, its id as the
+provenance tag of derived values) and the arithmetic it defines are in core/calibration.py,
+shared with the receiver, which recomputes the same values from the same record.
 
 The store lives at ``<data_dir>/calibration.sqlite``: a file of its own, so neither the
 agent's buffer nor its recovery logic ever touches the calibration history.

@@ -23,7 +23,7 @@ from core.wire import MAX_NAME_CHARS
 # Section names with a meaning of their own at the receiver (receiver/validate.py, store.py,
 # aggregate.py NOT_MEASUREMENTS): the track is built from the samples of sensor "gps" (the
 # position drivers label theirs "gps" whatever their section), and calibration records travel
-# as samples of sensor "calibration" (edge/calibration.py CALIBRATION_SENSOR). Another
+# as samples of sensor "calibration" (core/calibration.py CALIBRATION_SENSOR). Another
 # driver's values under these names would never reach a map.
 GPS_SECTION = "gps"
 GPS_DRIVERS = ("nmea-gps", "gpsd", "sim-gps")

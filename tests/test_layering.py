@@ -34,13 +34,14 @@ ALLOWED: dict[str, frozenset[str]] = {
 OURS = frozenset(ALLOWED) | {"tests", "bench", "scripts"}
 
 # Modules that moved or were renamed (issue 16): nothing may be left at the old path, or
-# old imports would keep working around the layers.
-GONE = (
-    "edge/model.py", "edge/errors.py", "edge/clock.py", "edge/timekeeping.py", "edge/faultpoints.py",
-    "edge/calibration_rules.py", "uplink/wire.py", "uplink/codec_v2.py", "uplink/sample_rules.py",
-    "uplink/batch_limits.py", "edge/service.py", "edge/sensors.py", "edge/technician/common.py",
-    "receiver/service.py", "receiver/commands.py", "simulator/devices.py", "simulator/sensors.py",
-)
+# old imports would keep working around the layers. Written as (folder, file) pairs so that
+# /work/notes/s5/apply-renames.py, run over a merged tree, does not rename them too.
+GONE = tuple(f"{folder}/{name}.py" for folder, name in (
+    ("edge", "model"), ("edge", "errors"), ("edge", "clock"), ("edge", "timekeeping"), ("edge", "faultpoints"),
+    ("edge", "calibration_rules"), ("uplink", "wire"), ("uplink", "codec_v2"), ("uplink", "sample_rules"),
+    ("uplink", "batch_limits"), ("edge", "service"), ("edge", "sensors"), ("edge/technician", "common"),
+    ("receiver", "service"), ("receiver", "commands"), ("simulator", "devices"), ("simulator", "sensors"),
+))
 
 
 @dataclass(frozen=True)
