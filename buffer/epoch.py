@@ -11,7 +11,7 @@ import time
 from buffer import recovery
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
-from uplink.wire import Gap
+from core.wire import Gap
 from buffer.base import BufferBase
 from buffer.gaps import WAL_LOST_REASON
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from uplink.sample_rules import gap_reason
+from core.sample_rules import gap_reason
 from buffer.base import BufferBase
 from buffer.highwater import MAX_SEQ
 from buffer.guards import _RAISE, _recovering, _tolerate_full

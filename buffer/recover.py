@@ -12,8 +12,8 @@ from typing import Any
 from buffer import recovery
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile
-from edge.model import Sample
-from uplink.wire import Batch, Gap, content_hash, encode_batch
+from core.sample import Sample
+from core.wire import Batch, Gap, content_hash, encode_batch
 from buffer.base import BufferBase
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under

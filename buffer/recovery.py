@@ -33,11 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.errors import PayloadError
+from core.errors import PayloadError
 from buffer import rowcheck
 from buffer.identity import vouched_epoch
-from edge.model import Sample
-from uplink.wire import Gap, content_hash, decode_batch
+from core.sample import Sample
+from core.wire import Gap, content_hash, decode_batch
 
 # Primary result codes (the low byte of an extended code).
 SQLITE_CORRUPT = 11

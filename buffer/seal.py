@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from buffer import rowcheck
-from edge.model import Sample
-from uplink.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
-from uplink.sample_rules import gap_reason, sample_problem
-from uplink.wire import Batch, Gap, content_hash, encode_batch
+from core.sample import Sample
+from core.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
+from core.sample_rules import gap_reason, sample_problem
+from core.wire import Batch, Gap, content_hash, encode_batch
 from buffer.base import BufferBase
 from buffer.commit import _encodes
 from buffer.gaps import WAL_LOST_REASON
@@ -149,7 +149,7 @@ class SealMixin(BufferBase):
     def _fit(self, samples: list[Sample], gaps: list[Gap]) -> tuple[list[Sample], bytes]:
         """The longest prefix of ``samples`` whose batch the receiver's limits allow, encoded.
 
-        Halved until it fits (``uplink.batch_limits``): only a batch over a limit pays for
+        Halved until it fits (``core.batch_limits``): only a batch over a limit pays for
         more than one encode. A single sample over a limit raises ``_TooLarge``.
         """
         n = len(samples)

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from receiver.config import load_receiver_config
 
 
@@ -64,7 +64,7 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     _warn_share_group(cfg.share_group, from_flag=share_group is not None)
-    from receiver.service import ReceiverService
+    from receiver.mqtt_consumer import ReceiverService
 
     svc = ReceiverService(cfg, ready_file=ready_file)
 
@@ -119,7 +119,7 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_pa
 
     from receiver.store_factory import open_store
 
-    from edge.errors import StoreNotFound
+    from core.errors import StoreNotFound
     from receiver.store_check import require_store, require_store_or_exit
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -186,7 +186,7 @@ def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) 
       datalab-receiver stats --store datalab.sqlite
       datalab-receiver stats --store datalab.sqlite --health-file /run/datalab/receiver-health.json
     """
-    from edge.errors import StoreNotFound, StoreUnreachable
+    from core.errors import StoreNotFound, StoreUnreachable
     from receiver.config import ReceiverConfig, pg_timeouts
     from receiver.health import describe, error_text
     from receiver.store_check import NoStoreExit, require_store
@@ -284,12 +284,12 @@ from receiver.provision import provision  # noqa: E402  (a command group of its 
 
 main.add_command(provision)
 
-from receiver.commands import datalab_commands  # noqa: E402  (aggregate, export, serve)
+from receiver.datalab_commands import datalab_commands  # noqa: E402  (aggregate, export, serve)
 
 for _cmd in datalab_commands.commands.values():
     main.add_command(_cmd)
 
-from edge.remote import device_config_cli  # noqa: E402  (send a van a new configuration)
+from receiver.device_config import device_config_cli  # noqa: E402  (send a van a new configuration)
 
 main.add_command(device_config_cli())
 

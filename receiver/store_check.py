@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import click
 
-from edge.errors import StoreNotFound, StoreUnreachable
+from core.errors import StoreNotFound, StoreUnreachable
 from receiver.store_factory import is_postgres_url, sqlite_path
 
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file

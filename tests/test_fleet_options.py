@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from simulator.broker import LocalBroker, SecureSetup
 from simulator.broker_url import parse_broker_url
 from simulator.cli import main as sim_cli

@@ -16,15 +16,16 @@ import pytest
 
 from buffer import highwater
 from buffer.store import SCHEMA, WAL_LOST_REASON, Buffer
-from edge.calibration import CALIBRATION_SENSOR, CalibrationError, CalibrationStore
-from edge.model import Sample, TimeSource
+from core.calibration import CALIBRATION_SENSOR, CalibrationError
+from edge.calibration import CalibrationStore
+from core.sample import Sample, TimeSource
 from receiver.ingest import Ingestor
 from receiver.store import SQLiteStore
 from tests.delivery_harness import report
 from tests.test_card_faults_more import _samples
 from tests.test_meta_and_wal_faults import _crash_image, _flip_epoch_text
-from uplink.batch_limits import MAX_VALUE_CELLS
-from uplink.wire import batch_topic, content_hash, decode_batch, parse_batch_id
+from core.batch_limits import MAX_VALUE_CELLS
+from core.wire import batch_topic, content_hash, decode_batch, parse_batch_id
 
 DEV = "van-rt"
 
@@ -337,7 +338,7 @@ def test_sealing_splits_a_batch_over_the_cell_limit(tmp_path):
 
 def test_sealing_splits_a_batch_over_the_payload_limit(tmp_path):
     """Samples that each fit a batch alone but together seal past 1 MiB: sealed in parts, all stored."""
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
     buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
@@ -553,7 +554,7 @@ def test_a_refused_gaps_only_batch_keeps_its_loss_visible_in_a_persisted_counter
 def _sample_just_under_the_payload_limit(rnd: random.Random, margin: int) -> Sample:
     """One valid sample whose batch alone is within ``margin`` bytes under the 1 MiB payload limit."""
     from buffer.store import _encode_alone
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     def make(values: dict[str, str]) -> Sample:
         return Sample("pm", 1_795_000_000_000, 0, TimeSource.GPS, values, (), None, "boot")
@@ -576,7 +577,7 @@ def test_pending_gaps_never_get_a_sample_that_fits_alone_set_aside(tmp_path):
     """Retest #14 f9.6: 40 gaps of ~640 random characters + one large valid sample went over the
     1 MiB compressed limit; halving reached one sample and set it aside as "too large for any
     batch" though it fits alone. Now the gaps are sealed in a batch of their own first."""
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     rnd = random.Random(30)
     ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
@@ -605,7 +606,7 @@ def test_the_gap_budget_is_counted_against_the_compressed_limit(tmp_path):
     inflated 4 MiB); reasons of random 7-bit text barely compress, so one batch of gaps took ~0.9
     MiB of the 1 MiB payload and crowded out every sample riding with it. Now a quarter of the
     smaller limit: the gaps leave at least half the payload to samples; all gaps delivered."""
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     rnd = random.Random(7)
     ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))

@@ -2,11 +2,11 @@
 
 They live in their own click group so the receiver's CLI can take them in one line::
 
-    from receiver.commands import datalab_commands
+    from receiver.datalab_commands import datalab_commands
     for cmd in datalab_commands.commands.values():
         main.add_command(cmd)
 
-``python -m receiver.commands --help`` runs the group on its own.
+``python -m receiver.datalab_commands --help`` runs the group on its own.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _measurements_policy_option(f):  # type: ignore[no-untyped-def]
 
 
 def _flag_policy(config: str | None):  # type: ignore[no-untyped-def]
-    from edge.errors import ConfigError
+    from core.errors import ConfigError
     from receiver.config import load_receiver_config
 
     try:
