@@ -16,8 +16,9 @@ import time
 
 from drivers.ads1115 import ADS1115
 from drivers.i2c import BusRetry, FakeI2CBus
-from drivers.no2 import LinearTemperature, No2B43F, No2Calibration
-from edge.clock import SimClock
+from drivers.no2 import LinearTemperature, No2B43F
+from core.no2_sheet import No2Calibration
+from core.clock import SimClock
 from simulator.i2c_devices import FakeADS1115
 
 

@@ -1,6 +1,6 @@
 """Agent CPU per van-hour with the real drivers at their real rates.
 
-The simulated PMS5003 and GPS run in another process (simulator/devices.py)
+The simulated PMS5003 and GPS run in another process (simulator/pty_devices.py)
 on pseudo-terminals; the NO2 ADC and the sound module sit on the in-process
 fake I2C bus (their register models cost next to nothing). The agent runs in
 real time on the system clock for ``seconds`` and its process CPU time is
@@ -27,11 +27,11 @@ from pathlib import Path
 from buffer.store import Buffer
 from drivers.i2c import FakeI2CBus
 from edge.agent import Agent
-from edge.clock import SystemClock
+from core.clock import SystemClock
 from edge.config import parse_config
-from edge.sensors import build_drivers
+from edge.driver_factory import build_drivers
 from simulator.i2c_devices import FakeADS1115, FakeSoundModule
-from simulator.sensors import SIM_DRIVERS
+from simulator.value_sensors import SIM_DRIVERS
 from simulator.world import VanWorld
 
 TARGET_CPU_S_PER_HOUR = 5.0
@@ -121,7 +121,7 @@ REPEATS = 2
 def measure(seconds: float = 60.0, repeats: int = REPEATS) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     ports_json = tmp / "ports.json"
-    devices = subprocess.Popen([sys.executable, "-m", "simulator.devices", "--json", str(ports_json)])
+    devices = subprocess.Popen([sys.executable, "-m", "simulator.pty_devices", "--json", str(ports_json)])
     cpus: list[float] = []
     base_cpus: list[float] = []
     try:

@@ -231,7 +231,7 @@ def measure(hours: float, vans: int = VANS, days: int = DAYS) -> list[dict]:
     """Generate the fleet's month, then time the aggregate command per scheme; bench table rows."""
     from click.testing import CliRunner
 
-    from receiver.commands import datalab_commands
+    from receiver.datalab_commands import datalab_commands
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-agg-"))
     try:

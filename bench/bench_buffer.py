@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from buffer.store import SCHEMA, Buffer
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 
 SENSORS = (
     ("pm", lambda i: {"pm1": 3.0 + i % 7, "pm25": 5.5 + i % 11, "pm10": 9.25 + i % 13, "rh": 55.0 + i % 5}),

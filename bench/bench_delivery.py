@@ -25,10 +25,10 @@ import paho.mqtt.client as mqtt
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
 from simulator.broker import LocalBroker
-from simulator.sensors import SIM_DRIVERS
+from simulator.value_sensors import SIM_DRIVERS
 from simulator.world import VanWorld
 from uplink.mqtt import MqttLink
 

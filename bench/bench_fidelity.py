@@ -54,9 +54,9 @@ from typing import Any
 
 import numpy as np
 
-from drivers.no2 import no2_ppb
-from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, pm_corrected, record_id
-from edge.model import Sample, TimeSource
+from core.no2_sheet import no2_ppb
+from core.calibration import CALIBRATION_SENSOR, CalibrationRecord, pm_corrected, record_id
+from core.sample import Sample, TimeSource
 from receiver import dbapi
 from receiver.aggregate import QUANTITY_KEYS, Period, Rule, Track, UnitValue, read_tracks
 from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
@@ -69,7 +69,7 @@ from simulator.environment import Environment
 from simulator.hardware import SIM_NO2_CAL
 from simulator.route import Route
 from simulator.truth import MAP_KEYS, VanDay, truth_track, unit_map
-from uplink.wire import Batch
+from core.wire import Batch
 
 START = dt.datetime(2026, 11, 2, 7, 0, tzinfo=dt.UTC)  # a Monday, 08:00 in Alphen
 SENSORS = ("gps", "pm", "no2", "noise")  # one sample each per second, in this seq order

@@ -25,7 +25,7 @@ from typing import Callable
 import pynmea2
 
 from drivers.nmea import FixAssembler, SentenceFramer, parse_sentence
-from edge.errors import ReadError
+from core.errors import ReadError
 from simulator.gps_device import ReceiverState, nmea_epoch
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gps" / "ublox-neo-m9n-nmea.log"

@@ -63,7 +63,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from bench.bench_wire import simulated_batch
 from receiver.store import _json, _json_bytes
-from uplink.wire import Batch, content_hash, encode_batch
+from core.wire import Batch, content_hash, encode_batch
 
 VANS = 8
 BATCHES_PER_VAN = 8
@@ -81,7 +81,7 @@ CREATE TABLE raw_samples (
 _PK = ", PRIMARY KEY (device, epoch, seq)"
 _RAW_TYPES = ["text", "text", "int8", "text", "int8", "int8", "text", "text", "jsonb", "text", "text", "int8"]
 # Uploads a loaded worker stores per transaction: the receiver takes what queued up while it
-# committed the last group (receiver/service.py), at most Mosquitto's default in-flight
+# committed the last group (receiver/mqtt_consumer.py), at most Mosquitto's default in-flight
 # window of 20 messages per client; 16 here. ``per_batch`` rows show one commit per batch.
 GROUP = 16
 REPEATS = 3  # best of: the machine may be shared, and the best run is the least disturbed

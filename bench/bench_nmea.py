@@ -29,7 +29,7 @@ import pynmea2
 
 from drivers import nmea
 from drivers.nmea import parse_sentence
-from edge.errors import ReadError
+from core.errors import ReadError
 
 FIXTURE = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gps"
            / "ublox-neo-m9n-nmea.log")

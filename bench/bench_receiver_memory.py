@@ -8,7 +8,7 @@ run:
 * baseline: the idle receiver, then 64 ordinary batches (2000 samples, the
   van's default, from the value-level simulator) published at once;
 * 64 maximal batches published at once: the most decoded values the format
-  allows (uplink/wire.py, uplink/codec_v2.py: MAX_SAMPLES_PER_BATCH samples
+  allows (core/wire.py, core/codec_v2.py: MAX_SAMPLES_PER_BATCH samples
   and MAX_VALUE_CELLS values, distinct integers, which version 2's delta
   coding packs into a few hundred bytes). The same payload 64 times: the
   first is stored, the other 63 are decoded in full and answered
@@ -47,10 +47,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import paho.mqtt.client as mqtt
 
 from bench.bench_wire import simulated_batch
-from edge.model import Sample, TimeSource
-from uplink import codec_v2
-from uplink.codec_v2 import MAX_VALUE_CELLS
-from uplink.wire import MAGIC, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, Batch, Gap, decode_ack, encode_batch
+from core.sample import Sample, TimeSource
+from core import codec_v2
+from core.codec_v2 import MAX_VALUE_CELLS
+from core.wire import MAGIC, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, Batch, Gap, decode_ack, encode_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 AT_ONCE = 64

@@ -32,12 +32,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.clock import SimClock
-from edge.model import Sample
-from edge.timekeeping import TimeKeeper
-from simulator.sensors import SIM_DRIVERS
+from core.clock import SimClock
+from core.sample import Sample
+from core.timekeeping import TimeKeeper
+from simulator.value_sensors import SIM_DRIVERS
 from simulator.world import VanWorld
-from uplink.wire import VERSION_COLUMNAR, VERSION_JSON, Batch, decode_batch, encode_batch
+from core.wire import VERSION_COLUMNAR, VERSION_JSON, Batch, decode_batch, encode_batch
 
 TOPIC = "datalab/v1/van-001/batch"
 SHIFT_START_UTC = 1_795_588_200.0  # a weekday 07:30 in Alphen (CET)

@@ -6,8 +6,8 @@ import logging
 import sqlite3
 
 from buffer import recovery
-from uplink.sample_rules import gap_reason
-from uplink.wire import Gap
+from core.sample_rules import gap_reason
+from core.wire import Gap
 from buffer.base import BufferBase
 from buffer.guards import _recovering, _tolerate_full
 from buffer.records import Key

@@ -44,6 +44,8 @@ class BufferBase:
     _damaged_epoch: str | None
     _highwater: HighWater
     _held_ready: bool
+    _last_held: tuple[int, int]
+    held_unnoted: int
     _noted: bool
     _carried: list[tuple[int, str]]
     _unsealed: int

@@ -11,10 +11,10 @@ from typing import Any, NoReturn, Sequence
 
 from buffer import recovery, rowcheck
 from buffer.errors import BufferFullError
-from edge.model import Sample
-from uplink.batch_limits import SMALL_SAMPLE_BYTES, sample_never_fits
-from uplink.sample_rules import sample_problem
-from uplink.wire import Batch, encode_batch
+from core.sample import Sample
+from core.batch_limits import SMALL_SAMPLE_BYTES, sample_never_fits
+from core.sample_rules import sample_problem
+from core.wire import Batch, encode_batch
 from buffer.base import BufferBase
 from buffer.guards import _recovering, _tolerate_full
 
@@ -182,7 +182,7 @@ class CommitMixin(BufferBase):
 def _admit(s: Sample) -> str | None:
     """Make a sample fit for the wire, or say why it cannot be: checked at commit.
 
-    The rules are the receiver's own (``uplink.sample_rules``, the one function
+    The rules are the receiver's own (``core.sample_rules``, the one function
     both sides call): a sample the receiver would refuse is refused here alone,
     not with the whole batch it would ride in. NaN and infinity are no
     measurement: stored as unknown (None) and flagged ``non_finite`` (as the

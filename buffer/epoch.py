@@ -11,7 +11,7 @@ import time
 from buffer import recovery
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
-from uplink.wire import Gap
+from core.wire import Gap
 from buffer.base import BufferBase
 from buffer.gaps import WAL_LOST_REASON
 
@@ -64,8 +64,7 @@ class EpochMixin(BufferBase):
         Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
         if self._quarantine_holds(lost_epoch):
             return  # quarantined (a move cut short before .seq was blanked): salvage accounts for it
-        ident = self._identity.read()
-        device = ident[1] if ident is not None and ident[0] == lost_epoch else self.device_id
+        device = self.device_id  # never another's: the receiver refuses a device that is not the topic's
         log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
                   " to as lost", self.path, lost_epoch, last, self._highwater.path)
         self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])

@@ -1,8 +1,8 @@
-"""Errors the buffer raises on purpose; they hang off the project's one tree (edge.errors)."""
+"""Errors the buffer raises on purpose; they hang off the project's one tree (core.errors)."""
 
 from __future__ import annotations
 
-from edge.errors import RecoverableError
+from core.errors import RecoverableError
 
 
 class BufferFullError(RecoverableError):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from uplink.sample_rules import gap_reason
+import logging
+
+from core.sample_rules import gap_reason
 from buffer.base import BufferBase
+from buffer.highwater import MAX_SEQ
 from buffer.guards import _RAISE, _recovering, _tolerate_full
+
+log = logging.getLogger("buffer.store")  # the name the one-class store logged under
 
 
 # The gap reason for numbers a commit made durable that an open no longer finds (buffer.highwater).
@@ -56,6 +61,10 @@ class GapsMixin(BufferBase):
     def _lose(self, n: int, reason: str) -> tuple[int, int]:
         """``record_lost`` inside the caller's transaction."""
         first = self.last_seq() + 1
+        if type(n) is not int or not 0 < n < MAX_SEQ - first:
+            # An empty or inverted gap would make the receiver refuse the batch with its real samples.
+            log.warning("buffer: record_lost(%r) refused: not a count of samples; nothing recorded", n)
+            return first, first - 1
         last = first + n - 1
         self._set_last_seq(last)
         self._gap(first, last, reason)

@@ -24,26 +24,37 @@ class HeldMixin(BufferBase):
         power cut that loses them still leaves their count; the next open turns
         it into gap records. Costs nothing while nothing is held.
         """
-        if not (held or owed or self._noted or self._carried) or self._unborn:
+        if not (held or owed or self._noted or self._carried):
             return
         try:
-            last = self.last_seq()
+            last = 0 if self._unborn else self.last_seq()
         except sqlite3.DatabaseError as exc:
             log.error("buffer: cannot note %d held samples: %s", held, exc)  # the next write finds the damage
             return
-        note = HeldNote(self.epoch, last, held, owed, list(self._carried))
+        # Unborn (no database yet): a note without an epoch, believed by the first one born.
+        note = HeldNote("" if self._unborn else self.epoch, last, held, owed, list(self._carried))
+        self._last_held = (held, owed)
         empty = not (held or owed or self._carried)
-        if self._held_ready and self._held.write(None if empty else note):
+        self._held_ready = self._held_ready or self._held.ensure()  # 4 KiB fit where a birth does not
+        written = self._held_ready and self._held.write(None if empty else note)
+        if written:
             self._noted = not empty
+        self.held_unnoted = 0 if written else held + owed + sum(n for n, _ in self._carried)
 
     def _take_held_note(self) -> None:
         """At open: what the last run noted and never settled becomes gap records."""
-        if self._unborn:
-            return
         self._held_ready = self._held.ensure()
         note = self._held.read()
+        if self._held.ignored:
+            self._bump_quietly("held_notes_ignored")
+        if self._unborn:
+            if note is not None and note.epoch == "":  # an unborn run's: carried until the birth
+                self._carried, self._noted = note.losses(), True
+            return
         last = self.last_seq()
-        if note is not None and note.epoch == self.epoch and note.last_seq == last:
+        # An unborn run's note (no epoch) belongs to the first database born after it, while that
+        # has numbered nothing: owning up takes numbers, so it is never applied twice.
+        if note is not None and note.epoch in (self.epoch, "") and note.last_seq == last:
             # (Otherwise none, or settled since: every settling write takes a new sequence number.)
             self._carried = note.losses()
             self._noted = True
@@ -61,6 +72,16 @@ class HeldMixin(BufferBase):
                 self._own_up_to_carried()
             except BufferFullError:
                 log.error("buffer: no room yet to record %s; kept in %s", self._carried, self._held.path)
+
+    def _rebase_held_note(self) -> None:
+        """Born at last: an unborn run's losses get this epoch's numbers, what is held now its note."""
+        if self._carried:
+            try:
+                self._own_up_to_carried()
+            except BufferFullError:
+                return  # the note without an epoch still stands, believed while nothing is numbered
+        if self._last_held != (0, 0):
+            self.note_held(*self._last_held)
 
     @_recovering
     @_tolerate_full(_RAISE)

@@ -23,28 +23,33 @@ import os
 import zlib
 from pathlib import Path
 
-from buffer.heldledger import make_with_real_blocks
+from buffer.sidefile import MAX_SEQ, device_tag, make_with_real_blocks
+
+__all__ = ["HighWater", "MAX_SEQ", "RECORD", "SIZE"]
 
 log = logging.getLogger(__name__)
 
 SIZE = 4096  # one block, overwritten in place
-RECORD = 96  # bytes written per commit: "epoch last_seq crc", padded
-# The largest number the file may name. Far above any real buffer (2^50 samples at 1 kHz is 35,000
-# years), far below SQLite's 2^63 - 1: a value past it could only be damage, and believing it would
-# burn the number space (every later commit failing) or not even fit an INTEGER (every open failing).
-MAX_SEQ = 2**50
+RECORD = 96  # bytes written per commit: "epoch last_seq device-tag crc\n", padded with zeros
 
 
-def _check(epoch: str, last_seq: int) -> str:
-    """CRC32 of the record: one flipped bit in the digits must not read as a loss."""
-    return "%08x" % zlib.crc32(f"seq:{epoch} {last_seq}".encode("ascii", "replace"))
+def _check(epoch: str, last_seq: int, tag: str | None = None) -> str:
+    """CRC32 of the record: one flipped bit in the digits must not read as a loss.
+
+    ``tag`` (``sidefile.device_tag``) binds the record to its device: van A's ``.seq``
+    copied beside van B's buffer must not make B own up to A's numbers. Records of
+    three fields (no tag, before the binding) are still read as before."""
+    text = f"seq:{epoch} {last_seq}" + ("" if tag is None else f" {tag}")
+    return "%08x" % zlib.crc32(text.encode("ascii", "replace"))
 
 
 class HighWater:
     """The side file ``<buffer>.seq`` (see the module docstring)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        """``device``: the buffer's device id; None (a quarantine copy) believes any device's record."""
         self.path = path
+        self.device = device
         self._fd: int | None = None
         self._failed = False  # logged once; a missing witness only costs the detection
         self.damaged = False  # the last read found a record that fails its check (see ``read``)
@@ -63,18 +68,23 @@ class HighWater:
         self.damaged = False
         try:
             with open(self.path, "rb") as f:
-                raw = f.read(RECORD).rstrip(b"\0 \n")
+                block = f.read(RECORD)
         except OSError:
             return None
-        if not raw:
+        # The record is the bytes up to its newline; the zero padding after it is not part of
+        # it (a flipped bit there must not void the check). No newline: the block without its padding.
+        raw = block.split(b"\n", 1)[0] if b"\n" in block else block.rstrip(b"\0 ")
+        if not raw.strip(b"\0"):
             return None
+        tag: str | None = None
         try:
-            fields = raw.decode("ascii").split()
+            fields = raw.decode("ascii").split(" ")
             epoch, seq = fields[0], int(fields[1])
+            tag = fields[2] if len(fields) == 4 else None
             # Only the exact bytes ``mark`` writes: int() also reads "0009", "+9", "1_0" and
             # split() other separators, and the CRC covers the number, not the text.
-            ok = (len(fields) == 3 and fields[2] == _check(epoch, seq)
-                  and raw == f"{epoch} {seq} {fields[2]}".encode("ascii"))
+            ok = (len(fields) in (3, 4) and fields[-1] == _check(epoch, seq, tag)
+                  and raw == " ".join([epoch, str(seq)] + fields[2:]).encode("ascii"))
         except (UnicodeDecodeError, ValueError, IndexError):
             ok, epoch, seq, fields = False, "", 0, []
         if len(fields) == 2 and not ok:
@@ -87,6 +97,11 @@ class HighWater:
             log.warning("buffer: %s is damaged (%r): ignored (never taken for a loss), rewritten",
                         self.path, raw[:RECORD])
             return None
+        if tag is not None and self.device is not None and tag != device_tag(self.device):
+            self.damaged = True  # rewritten with this device's record, like damage
+            log.warning("buffer: %s was written by another device (%r, not %r's): not this buffer's"
+                        " numbers, ignored and rewritten", self.path, raw[:RECORD], self.device)
+            return None
         return epoch, seq
 
     def behind(self, epoch: str, last_seq: int) -> int:
@@ -98,7 +113,9 @@ class HighWater:
 
     def mark(self, epoch: str, last_seq: int) -> None:
         """Record ``last_seq`` as durable (call after the commit returned)."""
-        body = f"{epoch} {last_seq} {_check(epoch, last_seq)}\n".encode("ascii", "replace")
+        tag = None if self.device is None else device_tag(self.device)
+        head = f"{epoch} {last_seq}" + ("" if tag is None else f" {tag}")
+        body = f"{head} {_check(epoch, last_seq, tag)}\n".encode("ascii", "replace")
         if len(body) > RECORD:
             return  # an epoch is 16 hex digits: cannot happen; never write past the record
         try:
@@ -124,7 +141,7 @@ class HighWater:
         """
         found = self.read()
         if found is not None:
-            copy = HighWater(folder / self.path.name)
+            copy = HighWater(folder / self.path.name, self.device)
             copy.mark(*found)
             copy.close()
         if self.path.exists():

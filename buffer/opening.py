@@ -78,7 +78,8 @@ class OpeningMixin(BufferBase):
             self._db = self._open_without_room(exc)
             self.epoch = self._init_epoch(real=not self._unborn)
         self._unsealed = self._count_unsealed()
-        self._identity.write(self.epoch, self.device_id)
+        if not self._unborn:  # a stand-in's epoch is never real; its block is the .held note's
+            self._identity.write(self.epoch, self.device_id)
 
     def _no_room(self, exc: BaseException) -> bool:
         """An error that means "the card is full", not "the file is bad".
@@ -144,6 +145,7 @@ class OpeningMixin(BufferBase):
         self._identity.write(self.epoch, self.device_id)  # the stand-in's epoch was never real
         self._unsealed = self._count_unsealed()
         log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
+        self._rebase_held_note()
         self._salvage_pending()
         return True
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from uplink.wire import batch_id, parse_batch_id
-from edge.errors import PayloadError
+from core.wire import batch_id, parse_batch_id
+from core.errors import PayloadError
 from buffer.base import BufferBase
 from buffer.guards import _recovering
 from buffer.records import Key, SealedBatch

@@ -12,8 +12,8 @@ from typing import Any
 from buffer import recovery
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile
-from edge.model import Sample
-from uplink.wire import Batch, Gap, content_hash, encode_batch
+from core.sample import Sample
+from core.wire import Batch, Gap, content_hash, encode_batch
 from buffer.base import BufferBase
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
@@ -91,7 +91,9 @@ class RecoverMixin(BufferBase):
         which the receiver deduplicates. Re-committing would give them new
         numbers each time: duplicates in the store.
         """
-        device = s.device or self.device_id
+        # The configured id, never the file's: a side file or meta of another van must not relabel
+        # this van's samples (the receiver refuses them: the device is not the topic's).
+        device = self.device_id
         n_samples = 0
         with self._tx():
             for b in s.batches:

@@ -24,6 +24,7 @@ database is the ``Buffer``'s job, in one transaction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -32,11 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.errors import PayloadError
+from core.errors import PayloadError
 from buffer import rowcheck
 from buffer.identity import vouched_epoch
-from edge.model import Sample
-from uplink.wire import Gap, content_hash, decode_batch
+from core.sample import Sample
+from core.wire import Gap, content_hash, decode_batch
 
 # Primary result codes (the low byte of an extended code).
 SQLITE_CORRUPT = 11
@@ -416,7 +417,8 @@ def salvage(db: Path, identity: tuple[str, str] | None = None) -> Salvage:
             _name_unread_rest(out, 0)
         return out
     try:
-        _salvage_into(conn, out, wal_damaged=wal_problem(Path(str(db) + "-wal")) is not None, identity=identity)
+        _salvage_into(conn, out, wal_damaged=wal_problem(Path(str(db) + "-wal")) is not None,
+                      identity=identity, orphan_epoch=orphan_epoch(db))
     finally:
         conn.close()
     return out
@@ -428,8 +430,17 @@ def _name_unread_rest(out: Salvage, top: int) -> None:
     out.carrier_base = EPOCH_END + 1
 
 
+def orphan_epoch(db: Path) -> str:
+    """The epoch readable samples travel under when nothing trustworthy names theirs.
+
+    Derived from the quarantine folder's name, so a salvage run again (a crash before it
+    was marked done) gives the same ids and the receiver deduplicates."""
+    name = f"salvage:{db.parent.name}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(name).hexdigest()[:16]
+
+
 def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool = False,
-                  identity: tuple[str, str] | None = None) -> None:
+                  identity: tuple[str, str] | None = None, orphan_epoch: str | None = None) -> None:
     out.epoch = _meta(conn, "epoch")
     out.device = _meta(conn, "device")
     if out.epoch is not None:
@@ -490,6 +501,12 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
     if out.epoch is None and identity is not None:
         out.epoch, out.device = out.epoch or identity[0], out.device or identity[1]
         out.notes.append("epoch from the identity file: meta unreadable")
+    if out.epoch is None and out.samples and orphan_epoch is not None:
+        # Meta unreadable and no side file of this van names the epoch (gone, damaged, or another
+        # van's, which must not name it): the committed samples still reach the store, under an
+        # epoch of their own, never silently dropped nor under another van's name.
+        out.epoch = orphan_epoch
+        out.notes.append(f"epoch unknown: readable samples salvaged under epoch {orphan_epoch}")
     if out.epoch is None:
         out.notes.append("epoch unknown: losses cannot be named")
         return

@@ -9,7 +9,7 @@ import sqlite3
 
 from buffer import recovery
 from buffer.heldledger import make_with_real_blocks
-from uplink.wire import Gap
+from core.wire import Gap
 from buffer.base import BufferBase
 from buffer.schema import PAGE_SIZE
 

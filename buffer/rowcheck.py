@@ -18,7 +18,7 @@ import json
 import zlib
 from dataclasses import dataclass
 
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 
 SEP = b"\x1f"
 

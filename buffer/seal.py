@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from buffer import rowcheck
-from edge.model import Sample
-from uplink.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
-from uplink.sample_rules import gap_reason, sample_problem
-from uplink.wire import Batch, Gap, content_hash, encode_batch
+from core.sample import Sample
+from core.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
+from core.sample_rules import gap_reason, sample_problem
+from core.wire import Batch, Gap, content_hash, encode_batch
 from buffer.base import BufferBase
 from buffer.commit import _encodes
 from buffer.gaps import WAL_LOST_REASON
@@ -41,6 +41,7 @@ class SealMixin(BufferBase):
         # merged into a batch of samples: a cut that took back a delivered seal brings those
         # samples back unsealed, and their re-seal must give the very bytes of the original
         # (encoding is deterministic) so the receiver answers "duplicate", not "different".
+        self._drop_empty_gaps()
         gaps_rows = self._db.execute(
             "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason=?"
             " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
@@ -108,6 +109,18 @@ class SealMixin(BufferBase):
         self._unsealed -= len(samples)
         return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
 
+    def _drop_empty_gaps(self) -> None:
+        """An empty or inverted gap row (damage, or an older version) never rides in a batch: the
+        receiver refuses it and the batch's real samples with it. It names no sample: dropped,
+        logged with its bytes and counted (``gaps_invalid``)."""
+        bad = self._db.execute("SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL"
+                               " AND NOT (first_seq BETWEEN 1 AND last_seq)").fetchall()
+        if bad:
+            log.error("buffer: gap rows that name no samples (first > last), never sent: %r", bad[:5])
+            with self._tx():
+                self._db.executemany("DELETE FROM gaps WHERE id=?", [(b[0],) for b in bad])
+                self._bump("gaps_invalid", len(bad))
+
     def _sealable(self, max_samples: int, now_utc_ms: int) -> tuple[list[tuple[Any, ...]], list[Sample]]:
         """The oldest unsealed rows and the samples among them that can travel.
 
@@ -136,7 +149,7 @@ class SealMixin(BufferBase):
     def _fit(self, samples: list[Sample], gaps: list[Gap]) -> tuple[list[Sample], bytes]:
         """The longest prefix of ``samples`` whose batch the receiver's limits allow, encoded.
 
-        Halved until it fits (``uplink.batch_limits``): only a batch over a limit pays for
+        Halved until it fits (``core.batch_limits``): only a batch over a limit pays for
         more than one encode. A single sample over a limit raises ``_TooLarge``.
         """
         n = len(samples)

@@ -168,14 +168,20 @@ class Buffer(OpeningMixin, EpochMixin, CommitMixin, SealMixin, OutboxMixin, AckM
         self._check_deferred = False  # quick_check could not run read-only for want of room
         # Samples the agent holds in memory on a full card, noted outside the database
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
-        self._held = HeldLedger(Path(str(self.path) + ".held"))
-        self._identity = IdentityFile(Path(str(self.path) + ".id"))
+        self._held = HeldLedger(Path(str(self.path) + ".held"), device_id)
+        self._identity = IdentityFile(Path(str(self.path) + ".id"), device_id)
         self._damaged_epoch: str | None = None  # the true epoch when meta's failed its check
         # The last number a commit made durable, outside the WAL (buffer.highwater).
-        self._highwater = HighWater(Path(str(self.path) + ".seq"))
+        self._highwater = HighWater(Path(str(self.path) + ".seq"), device_id)
         self._held_ready = False
+        self._last_held = (0, 0)  # (held, owed) of the last note_held, re-noted at a late birth
+        # Samples held in memory whose count no file records (0 bytes free, or the note failed):
+        # lost without a trace if the agent ends now; the heartbeat shows it.
+        self.held_unnoted = 0
         self._noted = False
         self._carried: list[tuple[int, str]] = []
+        # First: on a full card one block fits where the database's birth does not.
+        self._held_ready = self._held.ensure()
         recovery.finish_quarantines(self.path, self.quarantine_dir)
         problem = self._check_files() if check_on_open else None
         if problem:

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from enum import IntEnum
 from typing import Protocol
 
-from edge.clock import SystemClock
-from edge.errors import ConfigError, SensorTimeout
+from core.clock import SystemClock
+from core.errors import ConfigError, SensorTimeout
 from drivers.i2c import BusRetry, BusStats, I2CBus
 
 REG_CONVERSION = 0x00
@@ -69,7 +69,7 @@ DATA_RATE_SPS: Mapping[int, int] = {c: r for r, c in DATA_RATE_CODES.items()}
 
 
 class MonotonicClock(Protocol):
-    """What the ADC needs from a clock: ``edge.clock.Clock`` fits."""
+    """What the ADC needs from a clock: ``core.clock.Clock`` fits."""
 
     def monotonic(self) -> float: ...
 

@@ -27,7 +27,7 @@ class SensorDriver(Protocol):
     """A sensor the agent polls once per sampling tick.
 
     ``read`` returns ``None`` when the sensor has nothing new (a passive
-    sensor between frames), raises ``edge.errors.ReadError`` (recoverable)
+    sensor between frames), raises ``core.errors.ReadError`` (recoverable)
     for a failed read, and never blocks for longer than its timeout.
     """
 

@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar
 
 from drivers.base import Reading
 from drivers.options import DriverOptions, baudrate, serial_port
-from edge.errors import BusError, ConfigError, FrameError, SensorTimeout
+from core.errors import BusError, ConfigError, FrameError, SensorTimeout
 
 WARM_UP_S = 3600.0
 _FIELDS = 11
@@ -439,5 +439,5 @@ class DgsNo2:
             self.port.close()
 
 
-# [sensors.NAME] options of driver = "dgs-no2" (edge/sensors.py builds it).
+# [sensors.NAME] options of driver = "dgs-no2" (edge/driver_factory.py builds it).
 OPTIONS = DriverOptions({"port": serial_port(), "baudrate": baudrate(9600)})

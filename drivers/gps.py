@@ -44,8 +44,8 @@ from typing import Any, Callable
 from drivers.base import Reading
 from drivers.nmea import TIMED_RECORDS, Fix, FixAssembler, SentenceFramer, parse_sentence
 from drivers.options import DriverOptions, Option, baudrate, serial_port
-from edge.errors import BusError, FrameError, ReadError
-from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, unroll_gps_week
+from core.errors import BusError, FrameError, ReadError
+from core.timekeeping import MEASURED_MONO, MEASURED_UTC, unroll_gps_week
 
 __all__ = ["NmeaGpsDriver", "GpsdSource", "DriverStats", "fix_values"]
 
@@ -141,7 +141,7 @@ class NmeaGpsDriver:
 
     ``rollover_pivot_utc``: no true fix is older than this (UTC seconds); a
     date up to 1024 weeks before it is a receiver whose 10-bit GPS week number
-    wrapped, and is moved forward 1024 weeks (``edge.timekeeping.unroll_gps_week``).
+    wrapped, and is moved forward 1024 weeks (``core.timekeeping.unroll_gps_week``).
     None (the default, for decoding old logs) takes dates as they come.
 
     ``single_sentence``: the receiver sends one position sentence per epoch
@@ -734,11 +734,11 @@ class GpsdSource:
         flags = () if gps_time is not None else ("no_gps_time",)
         meta: dict[str, Any] = {"source": "gpsd", "received_mono": now}
         if gps_time is not None:
-            meta[MEASURED_UTC] = gps_time  # the TPV's time is the fix's: it places the fix (edge/timekeeping.py)
+            meta[MEASURED_UTC] = gps_time  # the TPV's time is the fix's: it places the fix (core/timekeeping.py)
         return Reading(sensor="gps", values=values, flags=flags, meta=meta)
 
 
-# [sensors.NAME] options of driver = "nmea-gps" (edge/sensors.py builds it). collect_s and gap_s
+# [sensors.NAME] options of driver = "nmea-gps" (edge/driver_factory.py builds it). collect_s and gap_s
 # are upper bounds for the timing probe; the values used follow from the baud and epoch rates
 # (NmeaGpsDriver.probe_timing), so few vans need to set them.
 NMEA_OPTIONS = DriverOptions({

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from edge.errors import BusError
+from core.errors import BusError
 
 T = TypeVar("T")
 

@@ -54,7 +54,7 @@ from typing import ClassVar, Iterable, Union
 
 import pynmea2
 
-from edge.errors import ChecksumError, FrameError, ReadError
+from core.errors import ChecksumError, FrameError, ReadError
 
 __all__ = [
     "KNOT_MPS",

@@ -28,7 +28,7 @@ from typing import Literal
 from drivers.base import Reading
 from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
 from drivers.options import DriverOptions, Option, baudrate, serial_port
-from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
+from core.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ class PMSx003Driver(SerialSensor):
         )
 
 
-# [sensors.NAME] options of driver = "pms5003" / "pms7003" / "pmsa003" (edge/sensors.py builds it).
+# [sensors.NAME] options of driver = "pms5003" / "pms7003" / "pmsa003" (edge/driver_factory.py builds it).
 OPTIONS = DriverOptions({
     "port": serial_port(),
     "baudrate": baudrate(9600),

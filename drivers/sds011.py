@@ -26,7 +26,7 @@ from typing import Literal
 from drivers.base import Reading
 from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
 from drivers.options import DriverOptions, Option, baudrate, serial_port
-from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
+from core.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ class SDS011Driver(SerialSensor):
         )
 
 
-# [sensors.NAME] options of driver = "sds011" (edge/sensors.py builds it).
+# [sensors.NAME] options of driver = "sds011" (edge/driver_factory.py builds it).
 OPTIONS = DriverOptions({
     "port": serial_port(),
     "baudrate": baudrate(9600),

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import serial
 
-from edge.errors import BusError, DeviceNotFound
+from core.errors import BusError, DeviceNotFound
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from drivers.base import Reading
 from drivers.i2c import BusRetry, BusStats, I2CBus
 from drivers.options import DriverOptions, Option, i2c_address, i2c_bus
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 DEFAULT_ADDRESS = 0x48
 
@@ -178,7 +178,7 @@ class SoundLevelModule:
         """The module keeps measuring on its own; nothing to release on our side."""
 
 
-# [sensors.NAME] options of driver = "sound-module" (edge/sensors.py builds it).
+# [sensors.NAME] options of driver = "sound-module" (edge/driver_factory.py builds it).
 OPTIONS = DriverOptions({
     "bus": i2c_bus(),
     "address": i2c_address(0x48),

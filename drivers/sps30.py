@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from drivers.base import Reading
 from drivers.serialport import SerialLike, SerialSensor, read_available, read_until_deadline
 from drivers.options import DriverOptions, baudrate, serial_port
-from edge.errors import ChecksumError, FrameError, ReadError, SensorTimeout
+from core.errors import ChecksumError, FrameError, ReadError, SensorTimeout
 
 log = logging.getLogger(__name__)
 
@@ -540,5 +540,5 @@ class SPS30Driver(SerialSensor):
         self._needs_start = True
 
 
-# [sensors.NAME] options of driver = "sps30" (edge/sensors.py builds it).
+# [sensors.NAME] options of driver = "sps30" (edge/driver_factory.py builds it).
 OPTIONS = DriverOptions({"port": serial_port(), "baudrate": baudrate(115200)})

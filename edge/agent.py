@@ -31,14 +31,14 @@ from buffer.errors import BufferFullError
 from buffer.heldledger import OWED_REASON
 from buffer.store import Buffer
 from drivers.base import SensorDriver
-from edge.clock import Clock
+from core.clock import Clock
 from edge.config import AgentConfig
-from edge.errors import PayloadError, RecoverableError
-from edge.faultpoints import crash_point
-from edge.model import Sample
-from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, TimeFixSource, TimeKeeper
+from core.errors import PayloadError, RecoverableError
+from core.faultpoints import crash_point
+from core.sample import Sample
+from core.timekeeping import MEASURED_MONO, MEASURED_UTC, TimeFixSource, TimeKeeper
 from uplink.mqtt import Link
-from uplink.wire import content_hash, parse_batch_id
+from core.wire import content_hash, parse_batch_id
 
 log = logging.getLogger(__name__)
 
@@ -440,6 +440,7 @@ class Agent:
             "health": "disk_full" if self.buffer.disk_full or self._lost_in_memory else "ok",
             "samples_at_risk": self.samples_at_risk,
             "samples_lost_in_memory": self.stats.lost_in_memory,
+            "samples_held_unnoted": self.buffer.held_unnoted,  # held, and no file can say so (0 bytes free)
             # Microphones: seconds of audio skipped by late reads, ALSA overruns (never silent).
             "audio": {d.name: h() for d in self.drivers if callable(h := getattr(d, "audio_health", None))},
         }

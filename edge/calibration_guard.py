@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge.calibration import CalibrationRecord, CalibrationStore, CalibrationUnavailable
+from core.calibration import CalibrationRecord, CalibrationUnavailable
+from edge.calibration import CalibrationStore
 
 log = logging.getLogger(__name__)
 

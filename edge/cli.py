@@ -14,7 +14,7 @@ from importlib import resources
 import click
 
 from edge.config import redacted
-from edge.errors import ConfigError, ConfigInvalid
+from core.errors import ConfigError, ConfigInvalid
 
 # Exit codes, the same for every command (docs/technician.md, docs/install.md): a configuration
 # error is 2 everywhere, so a script or systemd (RestartPreventExitStatus=2) can tell a file to fix
@@ -119,7 +119,7 @@ def config_check(path: str) -> None:
     # Only a warning here: a technician may bench-test a GPS alone; from afar it is refused.
     if (none := no_working_sensor(cfg.sensors)) is not None:
         click.echo(f"warning: {none}", err=True)
-    from edge.sensors import explain
+    from edge.driver_factory import explain
 
     for sc in cfg.sensors:
         for note in explain(sc):

@@ -8,7 +8,6 @@ file stops the agent at start (exit 2) with every error named by key.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,11 @@ from typing import Any
 # Section names with a meaning of their own at the receiver (receiver/validate.py, store.py,
 # aggregate.py NOT_MEASUREMENTS): the track is built from the samples of sensor "gps" (the
 # position drivers label theirs "gps" whatever their section), and calibration records travel
-# as samples of sensor "calibration" (edge/calibration.py CALIBRATION_SENSOR). Another
+# as samples of sensor "calibration" (core/calibration.py CALIBRATION_SENSOR). Another
 # driver's values under these names would never reach a map.
 GPS_SECTION = "gps"
 GPS_DRIVERS = ("nmea-gps", "gpsd", "sim-gps")
 CALIBRATION_SECTION = "calibration"
-
-# Used with fullmatch: "$" alone would also accept a trailing newline.
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 @dataclass(slots=True)
@@ -48,14 +44,14 @@ class TimeConfig:
     # correct them, then go out flagged "unsync".
     hold_unsync_s: float = 3600.0
     # A GPS or system clock step larger than this is judged against the monotonic clock
-    # (edge/timekeeping.py); smaller ones are followed by slewing.
+    # (core/timekeeping.py); smaller ones are followed by slewing.
     step_tolerance_s: float = 2.0
     # A step nothing else can confirm or refute is believed after this long; the samples of
     # the wait are flagged clock_step.
     step_confirm_s: float = 60.0
     # The GPS receiver's output latency (its epoch's first byte after the second it names):
     # gps_minus_ntp_ms is expected near minus this; further off by 0.25 s for a minute, the
-    # heartbeat says gps_time_disagrees (edge/timekeeping.py).
+    # heartbeat says gps_time_disagrees (core/timekeeping.py).
     gps_latency_s: float = 0.0
 
 

@@ -12,7 +12,7 @@ What is declared where:
 * the agent's sections below, as ``Option``s over the defaults of edge/config.py's
   dataclasses (``[power]`` and ``[panel]``: edge/power.py's), plus the rules between keys;
 * each driver's options next to the driver (``OPTIONS`` in drivers/pms.py, no2.py ...,
-  found through edge/sensors.py ``driver_options``), with their own rules: required-if
+  found through edge/driver_factory.py ``driver_options``), with their own rules: required-if
   (an NO2 sheet unless on the simulated bus), files that must exist and parse (the sheet,
   holding the sensor's serial);
 * rules that need the whole document: a simulated part needs ``[simulation]``.
@@ -38,7 +38,6 @@ from typing import Any
 from drivers.options import Option, Problem, check_table, unknown_key_text
 from edge.config import (
     CALIBRATION_SECTION,
-    DEVICE_ID_RE,
     GPS_DRIVERS,
     GPS_SECTION,
     AgentConfig,
@@ -51,9 +50,10 @@ from edge.config import (
     TimeConfig,
     UplinkConfig,
 )
-from edge.errors import ConfigError, ConfigInvalid
+from core.device_id import DEVICE_ID_RE
+from core.errors import ConfigError, ConfigInvalid
 from edge.power import NO_PIN, PanelConfig, PowerConfig, ServiceConfig
-from uplink.wire import MAX_NAME_CHARS
+from core.wire import MAX_NAME_CHARS
 
 Doc = dict[str, dict[str, Any]]  # section -> key -> value, every key merged over its default
 DocRule = Callable[[Doc], Iterable[Problem]]  # problems keyed by full path
@@ -138,7 +138,7 @@ SECTIONS: dict[str, Section] = {
     ),
     "batch": _section(
         BatchConfig,
-        max_samples=Option(lo=1, hi=20_000),  # uplink/wire.py MAX_SAMPLES_PER_BATCH
+        max_samples=Option(lo=1, hi=20_000),  # core/wire.py MAX_SAMPLES_PER_BATCH
         max_age_s=Option(lo=0.0, lo_open=True, hi=86400.0, unit="seconds"),
     ),
     "buffer": _section(
@@ -317,7 +317,7 @@ def _check_sensor(name: str, raw: Any, doc: Doc, runnable: bool, report: Report)
     sc = SensorConfig(name, driver, options)
     for k, p in _sensor_name(name, driver):
         report.add(k, p)
-    from edge.sensors import driver_options, unknown_driver
+    from edge.driver_factory import driver_options, unknown_driver
 
     spec = driver_options(driver)
     if spec is None:

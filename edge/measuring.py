@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from edge.calibration import CALIBRATION_SENSOR
+from core.calibration import CALIBRATION_SENSOR
 
 # Drivers that carry records rather than measurements.
 PSEUDO_SENSORS = frozenset({CALIBRATION_SENSOR})

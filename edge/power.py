@@ -1,7 +1,7 @@
 """The van's power and the box's face: ignition sense, PM duty cycling, hours, LEDs, button.
 
 Everything here is driven by ``poll()`` calls from the supervised loop
-(edge/service.py), on the agent's own thread: the buffer and the drivers are
+(edge/systemd_supervisor.py), on the agent's own thread: the buffer and the drivers are
 only ever touched by that thread. gpiozero's callbacks (the button) only set
 flags. GPIO goes through gpiozero with an injected pin factory (tests pass
 ``gpiozero.pins.mock.MockFactory``), and time through an injected clock.

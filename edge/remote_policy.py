@@ -33,7 +33,7 @@ from dataclasses import fields
 from typing import Any
 
 from edge.config import SensorConfig, SimulationConfig
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 LOCAL_ONLY: tuple[tuple[str, str], ...] = (
     ("device", "id"),
@@ -54,7 +54,7 @@ LOCAL_ONLY: tuple[tuple[str, str], ...] = (
     # rates) from afar would make a real van upload made-up data as measurements.
     *(("simulation", f.name) for f in fields(SimulationConfig)),
 )
-GPSD_DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 2947}  # edge/sensors.py _gpsd
+GPSD_DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 2947}  # edge/driver_factory.py _gpsd
 # Values never written to a log (by the last part of their key).
 SECRET_KEYS = frozenset({"password", "secret", "token", "psk"})
 _ABSENT = object()

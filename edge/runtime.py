@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import Clock, SimClock, SystemClock
+from core.clock import Clock, SimClock, SystemClock
 from edge.calibration import (
     CalibrationAnnouncer,
     attach_calibrations,
@@ -36,7 +36,7 @@ from edge.calibration import (
 from edge import config_schema
 from edge.config import AgentConfig
 from edge.config_schema import read_toml
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from edge.power import (
     NO_PIN,
     ObservedDriver,
@@ -49,10 +49,11 @@ from edge.power import (
 )
 from edge.calibration_guard import GuardedStore
 from edge.remote_watch import DEFAULT_GRACE_S, HealthWatch
-from edge.sensors import build_drivers
+from edge.driver_factory import build_drivers
 from edge.measuring import DEFAULT_GRACE_S as DEFAULT_READY_GRACE_S
-from edge.service import Notifier, Supervisor, add_status_fields, watchdog_interval
-from edge.timekeeping import TimeFixSource
+from edge.systemd_supervisor import Notifier, Supervisor, add_status_fields, watchdog_interval
+from core.timekeeping import TimeFixSource
+from edge import simulation as edge_simulation
 from uplink.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,7 @@ def build_context(cfg: AgentConfig) -> tuple[dict[str, Any], float | None]:
     clock: Clock
     sim = cfg.simulation
     if sim.enabled:
-        from simulator.world import VanWorld
-
+        simulation = edge_simulation.backend()
         start = parse_utc(sim.start_utc, "simulation.start_utc")
         clock = SimClock(
             start,
@@ -109,13 +109,11 @@ def build_context(cfg: AgentConfig) -> tuple[dict[str, Any], float | None]:
             trusted_after=sim.ntp_after_s,
             boot_error_s=sim.boot_clock_error_s,
         )
-        ctx["world"] = VanWorld(
+        ctx["world"] = simulation.world(
             clock, shift_start_utc=start, seed=sim.seed, start_offset_m=sim.start_offset_m
         )
         if sim.devices == "hardware":
-            from simulator.hardware import SimulatedHardware
-
-            ctx["hardware"] = SimulatedHardware(
+            ctx["hardware"] = simulation.hardware(
                 ctx["world"], clock, seed=sim.seed, noise=sim.noise,
                 gps_corrupt_prob=sim.gps_corrupt_prob, pm_corrupt_prob=sim.pm_corrupt_prob,
             )

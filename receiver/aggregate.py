@@ -792,6 +792,40 @@ class BuildReport:
     rows: int = 0
     published: int = 0
     elapsed_s: float = 0.0
+    best_passes: int = 0  # the unit nearest to the publication rule (for why_nothing)
+    best_days: int = 0
+
+
+def nearest_to_rule(values: list[UnitValue], rule: Rule) -> tuple[int, int]:
+    """(passes, days) of the unit that comes closest to ``rule``: the one whose weaker side
+    (passes or days, as a share of what the rule asks) is strongest."""
+    def score(v: UnitValue) -> tuple[float, int, int]:
+        return (min(v.n_passes / max(rule.min_passes, 1), v.n_days / max(rule.min_days, 1)), v.n_days, v.n_passes)
+
+    best = max(values, key=score, default=None)
+    return (best.n_passes, best.n_days) if best else (0, 0)
+
+
+def why_nothing(rep: BuildReport, rule: Rule) -> str | None:
+    """One line saying why a build published no unit, with the options that would change it; None
+    when something was published. Built with the defaults on a short demo, a map used to come
+    out empty with no hint at all (issue 17.6)."""
+    if rep.published:
+        return None
+    head = f"0 units met the publishing rule ({rule.min_passes} passes on {rule.min_days} days)"
+    if rep.samples == 0:
+        return f"{head}: no positioned samples in period {rep.period} (check --period and the derive backlog in stats)"
+    if rep.passes == 0:
+        return (f"{head}: {rep.samples:,} samples but none within --snap-m of a {rep.scheme} unit "
+                f"(try --roads with your streets, a larger --snap-m, or --scheme h3:10)")
+    unit_s = "day" if rep.best_days == 1 else "days"
+    hint = []
+    if rep.best_passes < rule.min_passes:
+        hint.append(f"--min-passes {rep.best_passes}")
+    if rep.best_days < rule.min_days:
+        hint.append(f"--min-days {rep.best_days}")
+    return (f"{head}: best unit had {rep.best_passes} passes on {rep.best_days} {unit_s}; "
+            f"try {' '.join(hint)} (for a look inside the team only) or collect more days")
 
 
 def build(
@@ -836,6 +870,7 @@ def build(
                          start, end, props[v.unit], geometry[v.unit], now))
         rep.rows = len(rows)
         rep.published = sum(1 for v in values if v.published)
+        rep.best_passes, rep.best_days = nearest_to_rule(values, rule)
         with dbapi.transaction(conn):
             dbapi.execute(conn, "DELETE FROM aggregates WHERE scheme = ? AND period = ?",
                           (snapper.scheme, period.label))

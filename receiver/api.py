@@ -117,8 +117,11 @@ class App:
     """The routes as a WSGI application, independent of the server that runs them."""
 
     def __init__(self, store: str, *, token: str | None = None, web_dir: Path = WEB_DIR,
-                 public_url: str | None = None, tz: str = "Europe/Amsterdam") -> None:
+                 public_url: str | None = None, tz: str = "Europe/Amsterdam", basemap: Any = None) -> None:
+        from receiver.basemap import Basemap
+
         self.store = store
+        self.basemap = basemap or Basemap()  # under the data: tiles from a URL, else the streets
         self._token = token.encode() if token else None
         self.web_dir = web_dir.resolve()
         # A fixed list of names: no path from a request ever reaches the file system.
@@ -242,6 +245,8 @@ class App:
             return json_reply(200, simple[path.rstrip("/")](), public=True)
         if path == "/api/v1/aggregates":
             return self.aggregates(qs)
+        if path == "/api/v1/basemap":
+            return self.basemap_reply(qs)
         auth = environ.get("HTTP_AUTHORIZATION")
         if path == "/api/v1/fleet":
             self.check_token(auth)
@@ -283,7 +288,8 @@ class App:
         data = target.read_bytes()
         return Reply(200, ctype, [data], {
             # The dashboard loads nothing from elsewhere: it must work offline and leak nothing.
-            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'",
+            # A configured tile server is the one other origin admitted, for images only.
+            "Content-Security-Policy": f"default-src 'self'; img-src {self.basemap.csp_img_src()}; style-src 'self'",
             "Cache-Control": "no-cache",
         }, length=len(data))
 
@@ -320,6 +326,15 @@ class App:
             "metadata": Later(lambda: {"published_only": True, "scheme": scheme, "period": period,
                                          "quantity": quantity, "count": counted.n}),
         }, public=True)
+
+    def basemap_reply(self, qs: dict[str, str]) -> Reply:
+        from receiver.basemap import parse_bbox
+
+        try:
+            bbox = parse_bbox(qs.get("bbox"))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return json_reply(200, self.basemap.answer(bbox), public=True)
 
     def catalog(self) -> dict[str, Any]:
         return {
@@ -570,6 +585,7 @@ ROUTES = {
     "/api/v1/aggregates": "published aggregates; ?scheme=segment|h3:10&period=all|YYYY-MM|...&quantity="
                           "pm25|pm10|no2_ppb|laeq&format=geojson|json|csv",
     "/api/v1/catalog": "which schemes, periods and quantities are published",
+    "/api/v1/basemap": "what the dashboard draws under the data: the tile URL, or the streets; ?bbox=w,s,e,n",
     "/api/v1/fleet": "fleet status from the heartbeats (token)",
     "/api/v1/tracks": "vans with stored GPS fixes (token)",
     "/api/v1/tracks/<device>": "one van's track as GeoJSON; ?from=&to= (epoch ms or ISO)&limit=1..50000 (token)",

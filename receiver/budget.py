@@ -35,9 +35,9 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-from edge.errors import PayloadError
-from uplink.codec_v2 import MAX_VALUE_CELLS, _Reader
-from uplink.wire import MAGIC, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, inflate_body
+from core.errors import PayloadError
+from core.codec_v2 import MAX_VALUE_CELLS, _Reader
+from core.wire import MAGIC, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, inflate_body
 
 UNKNOWN = 1 << 62
 MIN_JSON_BYTES_PER_VALUE = 4

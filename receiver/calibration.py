@@ -40,9 +40,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from edge.calibration import (CALIBRATION_SENSOR, NOISE_LEVEL_KEYS, CalibrationRecord, no2_ppb_from_record,
-                              record_id)
-from edge.errors import PayloadError
+from core.calibration import (
+    CALIBRATION_SENSOR,
+    NOISE_LEVEL_KEYS,
+    CalibrationRecord,
+    no2_ppb_from_record,
+    record_id,
+)
+from core.errors import PayloadError
 from receiver.calibration_check import check_record
 from edge.calibration_rules import ADC_FULL_SCALE_MV, TEMP_RANGE_C
 

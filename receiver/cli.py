@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from receiver.config import load_receiver_config
 
 
@@ -64,7 +64,7 @@ def run(config_path, store, host, port, client_id, share_group, derive, ready_fi
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     _warn_share_group(cfg.share_group, from_flag=share_group is not None)
-    from receiver.service import ReceiverService
+    from receiver.mqtt_consumer import ReceiverService
 
     svc = ReceiverService(cfg, ready_file=ready_file)
 
@@ -119,10 +119,10 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_pa
 
     from receiver.store_factory import open_store
 
+    from core.errors import StoreNotFound
+    from receiver.store_check import require_store, require_store_or_exit
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = open_store(store, max_gap_s=max_gap_s)
-    if retry_parked:
-        click.echo(f"queued {s.requeue_parked()} parked batches again")
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -131,6 +131,25 @@ def derive(store: str, follow: bool, interval: float, max_gap_s: float, retry_pa
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if not follow:
+        require_store_or_exit(store)  # a one-off derive never creates a store (issue 17.3)
+    else:
+        # A deriver service may start before the first worker made the store: wait, never create it.
+        waiting_since = None
+        while not stopping:
+            try:
+                require_store(store)
+                break
+            except StoreNotFound as exc:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    logging.getLogger("receiver.derive").warning("waiting for the store: %s", exc)
+                time.sleep(max(interval, 1.0))
+        if stopping:
+            return
+    s = open_store(store, max_gap_s=max_gap_s)
+    if retry_parked:
+        click.echo(f"queued {s.requeue_parked()} parked batches again")
     total = 0
     while not stopping:
         try:
@@ -167,8 +186,10 @@ def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) 
       datalab-receiver stats --store datalab.sqlite
       datalab-receiver stats --store datalab.sqlite --health-file /run/datalab/receiver-health.json
     """
+    from core.errors import StoreNotFound, StoreUnreachable
     from receiver.config import ReceiverConfig, pg_timeouts
     from receiver.health import describe, error_text
+    from receiver.store_check import NoStoreExit, require_store
     from receiver.store_factory import open_store
 
     data: dict[str, object] = {}
@@ -178,11 +199,24 @@ def stats(store: str, health_file: str | None, as_json: bool, timeout_s: float) 
         except (OSError, ValueError) as exc:
             data["health"] = {"error": f"cannot read {health_file}: {exc}"}
     bounds = ReceiverConfig(store=store, store_connect_timeout_s=timeout_s)
+    timeouts = pg_timeouts(bounds, statement_s=timeout_s)
+    # A PostgreSQL that does not answer is an outage stats reports (exit 1, below); a path or a
+    # database that holds no store is a mistake: one line, exit 2, and no empty store made
+    # (after what a running receiver's health file says: it may be waiting to make it).
+    s = None
     try:
-        s = open_store(store, pg_timeouts=pg_timeouts(bounds, statement_s=timeout_s))
+        require_store(store, timeouts=timeouts)
+        s = open_store(store, pg_timeouts=timeouts)
+    except StoreUnreachable as exc:
+        data["store_error"] = error_text(exc)  # its URL has the password as ***
+    except StoreNotFound as exc:
+        if isinstance(health := data.get("health"), dict):
+            for line in [health["error"]] if "error" in health else describe(health):
+                click.echo(line)
+        raise NoStoreExit(str(exc)) from None
     except Exception as exc:  # stats must say the store is down, not print a traceback
         data["store_error"] = error_text(exc)
-    else:
+    if s is not None:
         try:
             data.update(counters=s.counts(), derive_backlog=s.derive_backlog(), derive_parked=s.derive_parked(),
                         devices=s.device_summary())
@@ -221,16 +255,41 @@ def _print_stats(data: dict, describe) -> None:  # type: ignore[no-untyped-def, 
         click.echo(f"{d['device']:>12} epoch {d['epoch']}: {d['samples']} samples, seq {d['min_seq']}-{d['max_seq']}")
 
 
+@main.command()
+@click.option("--store", required=True, help="SQLite path or postgresql:// URL of the store to create.")
+def init(store: str) -> None:
+    """Create an empty DataLab store (tables, views) if there is none; an existing one is kept.
+
+    The read commands (stats, derive, aggregate, export, serve) never create a store: they
+    stop with "no store at ..." (exit 2). `run` creates its store too.
+
+    \b
+    Examples:
+      datalab-receiver init --store /var/lib/datalab/datalab.sqlite
+      datalab-receiver init --store postgresql://datalab@db/datalab
+    """
+    from receiver.store_check import safe_url
+    from receiver.store_factory import open_store
+
+    try:
+        open_store(store).close()
+    except Exception as exc:  # a path we may not write, a database that refuses us: one line
+        from receiver.health import error_text
+
+        raise click.ClickException(f"cannot create a store at {safe_url(store)}: {error_text(exc)}") from None
+    click.echo(f"store ready at {safe_url(store)}")
+
+
 from receiver.provision import provision  # noqa: E402  (a command group of its own)
 
 main.add_command(provision)
 
-from receiver.commands import datalab_commands  # noqa: E402  (aggregate, export, serve)
+from receiver.datalab_commands import datalab_commands  # noqa: E402  (aggregate, export, serve)
 
 for _cmd in datalab_commands.commands.values():
     main.add_command(_cmd)
 
-from edge.remote import device_config_cli  # noqa: E402  (send a van a new configuration)
+from receiver.device_config import device_config_cli  # noqa: E402  (send a van a new configuration)
 
 main.add_command(device_config_cli())
 

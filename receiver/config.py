@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
 from receiver.pm_humidity import DEFAULT_KAPPA, check_kappa
 

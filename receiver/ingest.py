@@ -26,10 +26,10 @@ from collections.abc import Collection, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from edge.errors import PayloadError, StoreUnavailable
+from core.errors import PayloadError, StoreUnavailable
 from receiver.store import IngestResult, Store
 from receiver.validate import check_batch, check_status, clean_ids
-from uplink.wire import (
+from core.wire import (
     ACK_DUPLICATE,
     decode_status,
     decode_sync,

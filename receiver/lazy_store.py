@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from edge.errors import StoreUnavailable
+from core.errors import StoreUnavailable
 from receiver.health import error_text
 from receiver.store import Store
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import click
 
-from edge.config import DEVICE_ID_RE
+from core.device_id import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
 

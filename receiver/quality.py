@@ -28,7 +28,7 @@ shared/reference/datalab-store.md:
 * ``no_fix``: the sample has no position (``no_time``: not even a time);
 * ``clock_untrusted``: its time was stamped before the clock could be trusted;
 * ``clock_step``: the van's clock or GPS time stepped around this sample and its time
-  could be wrong or out of order with its neighbours (edge/timekeeping.py).
+  could be wrong or out of order with its neighbours (core/timekeeping.py).
 
 Which of these keep a value out of maps and exports is receiver/flag_policy.py's business.
 """

@@ -31,9 +31,9 @@ import numpy as np
 import orjson
 import sqlite_utils
 
-from edge.errors import PayloadError
-from edge.faultpoints import crash_point
-from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
+from core.errors import PayloadError
+from core.faultpoints import crash_point
+from core.timekeeping import MIN_PLAUSIBLE_UTC_MS
 from receiver import quality
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
@@ -44,8 +44,8 @@ from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver import requality as requality_mod
 from receiver.requality import humid_edges, humid_slice, requality, rewrite_flags
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
-from edge.model import Sample
-from uplink.wire import Batch
+from core.sample import Sample
+from core.wire import Batch
 
 GPS_SENSOR = "gps"
 # Open samples one ingest group (or derive claim) may place again in the ack path (issue 13:

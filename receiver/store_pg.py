@@ -60,12 +60,12 @@ from psycopg import pq, sql
 from psycopg.adapt import Dumper
 from psycopg.types.json import Jsonb, set_json_loads
 
-from edge.errors import PayloadError
+from core.errors import PayloadError
 from receiver.pg_timeouts import PgTimeouts
 from receiver.pg_timeouts import connect as pg_connect
 from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
-from edge.faultpoints import crash_point
+from core.faultpoints import crash_point
 from receiver import quality
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
@@ -90,7 +90,7 @@ from receiver.store import (
     quality_rows,
     read_json,
 )
-from uplink.wire import Batch
+from core.wire import Batch
 
 log = logging.getLogger(__name__)
 

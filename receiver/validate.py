@@ -1,12 +1,12 @@
 """The receiver's admission schema: what a decoded upload may hold before it touches the store.
 
-The wire decoders (uplink/wire.py, uplink/codec_v2.py) check structure: the
+The wire decoders (core/wire.py, core/codec_v2.py) check structure: the
 bytes form a batch. This module checks the *domain*: every number, text and
 time is one both stores can hold, read back and compute with. Anything else is
 a ``PayloadError`` with the reason, so the upload is dead-lettered, never
 half-stored and never mistaken for a store failure.
 
-The per-sample rules are ``uplink.sample_rules.check_sample``, the very function
+The per-sample rules are ``core.sample_rules.check_sample``, the very function
 the van's buffer applies at commit, so the two can never disagree; this module
 adds the batch's own fields, the calibration record check and heartbeats.
 
@@ -37,18 +37,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from edge.calibration import CALIBRATION_SENSOR
-from edge.errors import PayloadError
+from core.calibration import CALIBRATION_SENSOR
+from core.errors import PayloadError
 from receiver.calibration_check import check_record
-from uplink.codec_v2 import INT64_MAX, INT64_MIN  # noqa: F401  (re-exported)
+from core.codec_v2 import INT64_MAX, INT64_MIN  # noqa: F401  (re-exported)
 # The per-sample rules live with the wire format and are shared with the van's buffer, which
 # refuses at commit what would be refused here (one such sample costs its whole batch).
-from uplink.sample_rules import (  # noqa: F401  (re-exported: check_status, tests)
+from core.sample_rules import (  # noqa: F401  (re-exported: check_status, tests)
     FIX_BOUNDS, GPS_SENSOR, MAX_FLAGS_PER_SAMPLE, MAX_JSON_DEPTH, MAX_SHOWN, Seen, check_float, check_int,
     check_name, check_sample, check_text, json_depth, show,
 )
-from uplink.batch_limits import MAX_GAPS_PER_BATCH  # one place for every batch limit (the van seals to it)
-from uplink.wire import MAX_NAME_CHARS, Batch
+from core.batch_limits import MAX_GAPS_PER_BATCH  # one place for every batch limit (the van seals to it)
+from core.wire import MAX_NAME_CHARS, Batch
 
 MAX_STATUS_ITEMS = 4_000  # scalars and containers in one status message
 

@@ -53,6 +53,9 @@ def summary(res: FleetResult, console: Console) -> None:
     console.print(f"dead letters: {res.dead_letters:,}")
     pct = 100 * res.positioned / res.sensor_samples if res.sensor_samples else 0
     console.print(f"sensor samples with a position: {res.positioned:,} of {res.sensor_samples:,} ({pct:.1f} %)")
+    if res.store is None:
+        console.print("\nThe samples are in your receiver's store (counted above by its acknowledgements).")
+        return
     console.print(f"\nThe store is [bold]{res.store}[/bold]. Look inside with (after source .venv/bin/activate):")
     console.print(f"  datalab-receiver stats --store {res.store}")
     console.print(f"  sqlite-utils tables {res.store} --counts")
@@ -77,7 +80,17 @@ def summary(res: FleetResult, console: Console) -> None:
               help="hardware: the real drivers over simulated devices; values: value-level sensors (fast).")
 @click.option("--microphones", default=1, show_default=True,
               help="How many vans measure noise with the 48 kHz microphone meter (the rest: I2C module).")
-def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int, devices: str, microphones: int) -> None:
+@click.option("--fresh", is_flag=True,
+              help="Empty the store in --out first (without it an existing store is kept and added to).")
+@click.option("--receiver-url", metavar="mqtt[s]://[USER[:PASSWORD]@]HOST[:PORT]",
+              help="Feed the broker of a receiver of your own instead of starting a broker and a receiver.")
+@click.option("--store", "store", type=click.Path(dir_okay=False),
+              help="With --receiver-url: that receiver's SQLite store, to check every sample arrived "
+                   "(else its acknowledgements are the check).")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
+              help="With an mqtts:// --receiver-url: the CA that signed the broker's certificate.")
+def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int, devices: str, microphones: int,
+          fresh: bool, receiver_url: str | None, store: str | None, ca_file: str | None) -> None:
     """Run a simulated fleet through agents, broker, receiver and store; print a summary.
 
     \b
@@ -85,13 +98,34 @@ def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int, device
       datalab-sim fleet
       datalab-sim fleet --vans 5 --hours 1 --broker amqtt
       datalab-sim fleet --vans 50 --devices values --microphones 0
+      datalab-sim fleet --fresh --out demo-output          # start from an empty store
+      datalab-sim fleet --receiver-url mqtt://127.0.0.1:1883 --store /var/lib/datalab/datalab.sqlite
     """
+    from simulator.broker_url import parse_broker_url
+
     console = Console()
+    if receiver_url:
+        try:
+            target = parse_broker_url(receiver_url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--receiver-url") from None
+        if fresh:
+            raise click.UsageError("--fresh empties the fleet's own store; with --receiver-url the store is "
+                                   "your receiver's, which the simulator never deletes")
+        console.print(f"Feeding the receiver behind {target.shown} (no broker or receiver of our own).")
+    elif store or ca_file:
+        raise click.UsageError("--store and --ca-file go with --receiver-url")
+    else:
+        own = Path(out) / "datalab.sqlite"
+        if own.exists():
+            console.print(f"{'Emptying' if fresh else 'Keeping and adding to'} the existing store {own}"
+                          + ("" if fresh else " (--fresh to start from an empty one)"))
     console.print(f"Driving {vans} simulated vans for a {hours:g}-hour shift in Alphen aan den Rijn ...")
     with Live(_table({}, {}, hours), console=console, refresh_per_second=4, transient=False) as live:
         res = run_fleet(
             Path(out), vans=vans, hours=hours, broker_kind=broker_kind, seed=seed,
-            devices=devices, microphones=microphones,
+            devices=devices, microphones=microphones, fresh=fresh, receiver_url=receiver_url,
+            store=Path(store) if store else None, ca_file=ca_file or "",
             progress=lambda st, c: live.update(_table(st, c, hours)),
         )
     summary(res, console)

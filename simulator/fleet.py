@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from simulator.broker import LocalBroker
+from simulator.broker_url import BrokerTarget, parse_broker_url
 
 # Value-level simulated sensors (cheap: for large fleets).
 VALUE_SENSORS = {
@@ -62,7 +63,7 @@ class VanResult:
 
 @dataclass
 class FleetResult:
-    store: Path
+    store: Path | None  # None: a receiver of one's own whose store was not given
     broker: str
     vans: list[VanResult] = field(default_factory=list)
     duplicates_ignored: int = 0
@@ -78,7 +79,7 @@ class FleetResult:
 
 def van_config(
     device: str, data_dir: Path, port: int, *, seed: int, hours: float, offset_m: float, start_utc: str,
-    devices: str = "hardware", noise: str = "module",
+    devices: str = "hardware", noise: str = "module", broker: BrokerTarget | None = None, ca_file: str = "",
 ) -> str:
     if devices == "hardware":
         chosen = {**HARDWARE_SENSORS, "noise": NOISE_MICROPHONE if noise == "microphone" else NOISE_MODULE}
@@ -91,8 +92,7 @@ id = "{device}"
 data_dir = "{data_dir}"
 
 [uplink]
-host = "127.0.0.1"
-port = {port}
+{_uplink_toml(broker or BrokerTarget("127.0.0.1", port, False), ca_file)}
 
 [batch]
 max_samples = 2000
@@ -116,6 +116,19 @@ pm_corrupt_prob = 0.01
 """
 
 
+def _uplink_toml(b: BrokerTarget, ca_file: str) -> str:
+    lines = [f"host = {json.dumps(b.host)}", f"port = {b.port}"]
+    if b.username:
+        lines.append(f"username = {json.dumps(b.username)}")
+    if b.password:
+        lines.append(f"password = {json.dumps(b.password)}")
+    if b.tls:
+        lines.append("tls = true")
+        if ca_file:
+            lines.append(f"ca_file = {json.dumps(str(Path(ca_file).resolve()))}")
+    return "\n".join(lines)
+
+
 def default_shift_start() -> str:
     """Yesterday's 07:30 in Alphen (CET): a shift safely in the past of the receiver's clock."""
     import datetime as dt
@@ -134,11 +147,8 @@ def oracle(store: Path, stats_files: dict[str, Path]) -> tuple[list[VanResult], 
     db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     results = []
     for device, path in stats_files.items():
-        r = VanResult(device)
-        if path.exists():
-            st = json.loads(path.read_text())
-            r.taken, r.committed, r.delivered = st["taken"], st["last_seq"], st["acked_samples"]
-            epoch = st["epoch"]
+        r, epoch = van_figures(device, path)
+        if epoch is not None:
             r.stored = db.execute(
                 "SELECT count(*) FROM samples WHERE device=? AND epoch=?", (device, epoch)
             ).fetchone()[0]
@@ -171,34 +181,43 @@ def run_fleet(
     timeout_s: float = 1800.0,
     devices: str = "hardware",
     microphones: int = 1,
+    fresh: bool = False,
+    receiver_url: str | None = None,
+    store: Path | None = None,
+    ca_file: str = "",
 ) -> FleetResult:
     """Run the fleet. ``devices``: "hardware" (real drivers over simulated devices) or
     "values" (value-level sensors); the first ``microphones`` vans measure noise with
-    the 48 kHz microphone meter, the others with the I2C sound module."""
+    the 48 kHz microphone meter, the others with the I2C sound module.
+
+    By default a broker and a receiver are started and the store is ``out/datalab.sqlite``:
+    kept and added to when it exists (each run is a new epoch of every van), emptied first
+    with ``fresh``. With ``receiver_url`` (mqtt[s]://...) the vans feed that broker and the
+    receiver behind it instead; ``store`` then names that receiver's SQLite store for the
+    check against what each van committed (without it, the check is the receiver's acks).
+    """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if start_utc is None:
         start_utc = default_shift_start()
-    store = out / "datalab.sqlite"
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(store) + suffix).unlink(missing_ok=True)
+    target = parse_broker_url(receiver_url) if receiver_url else None
+    if target is None:
+        store = out / "datalab.sqlite"
+        if fresh:
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(store) + suffix).unlink(missing_ok=True)
     t0 = time.monotonic()
-    broker = LocalBroker(broker_kind, workdir=out / "broker")
-    (out / "broker").mkdir(exist_ok=True)
-    broker.start()
+    broker: LocalBroker | None = None
+    receiver: subprocess.Popen[bytes] | None = None
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stats_files: dict[str, Path] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ready = out / "receiver.ready"
-    ready.unlink(missing_ok=True)
-    receiver = subprocess.Popen(
-        [_python(), "-m", "receiver.cli", "run", "--store", str(store),
-         "--host", broker.host, "--port", str(broker.port), "--client-id", "datalab-receiver-demo",
-         "--ready-file", str(ready)],
-        stdout=open(out / "receiver.log", "wb"), stderr=subprocess.STDOUT, env=env,
-    )
     try:
-        _wait_for(ready, receiver, 30.0)
+        if target is None:
+            broker = LocalBroker(broker_kind, workdir=out / "broker")
+            (out / "broker").mkdir(exist_ok=True)
+            broker.start()
+            receiver = _start_receiver(out, store, broker, env)
         for i in range(vans):
             device = f"van-{i + 1:03d}"
             vdir = out / "vans" / device
@@ -206,10 +225,12 @@ def run_fleet(
             for p in vdir.glob("buffer.sqlite*"):
                 p.unlink()
             cfg = vdir / "agent.toml"
+            cfg.touch(mode=0o600)  # it may hold the broker account's password
+            cfg.chmod(0o600)
             cfg.write_text(
-                van_config(device, vdir, broker.port, seed=seed + i, hours=hours,
+                van_config(device, vdir, broker.port if broker else 0, seed=seed + i, hours=hours,
                            offset_m=2500.0 * i, start_utc=start_utc, devices=devices,
-                           noise="microphone" if i < microphones else "module")
+                           noise="microphone" if i < microphones else "module", broker=target, ca_file=ca_file)
             )
             stats_files[device] = vdir / "stats.json"
             stats_files[device].unlink(missing_ok=True)
@@ -231,25 +252,68 @@ def run_fleet(
             if p.poll() is None:
                 p.terminate()
                 p.wait(30)
-        receiver.terminate()
-        try:
-            receiver.wait(30)
-        except subprocess.TimeoutExpired:
-            receiver.kill()
-        broker.close()
-    results, counters = oracle(store, stats_files)
+        if receiver is not None:
+            receiver.terminate()
+            try:
+                receiver.wait(30)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+        if broker is not None:
+            broker.close()
+    if store is not None and store.exists():
+        results, counters = oracle(store, stats_files)
+    else:
+        results, counters = acked_only(stats_files), {}
     for r in results:
         r.exit_code = procs[r.device].returncode
     return FleetResult(
         store=store,
-        broker=broker.kind,
+        broker=broker.kind if broker else target.shown if target else "?",
         vans=results,
         duplicates_ignored=counters.get("samples_duplicate", 0),
         dead_letters=counters.get("dead_letters", 0),
-        positioned=counters["positioned"],
-        sensor_samples=counters["sensor_samples"],
+        positioned=counters.get("positioned", 0),
+        sensor_samples=counters.get("sensor_samples", 0),
         elapsed_s=time.monotonic() - t0,
     )
+
+
+def _start_receiver(out: Path, store: Path, broker: LocalBroker, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    ready = out / "receiver.ready"
+    ready.unlink(missing_ok=True)
+    receiver = subprocess.Popen(
+        [_python(), "-m", "receiver.cli", "run", "--store", str(store),
+         "--host", broker.host, "--port", str(broker.port), "--client-id", "datalab-receiver-demo",
+         "--ready-file", str(ready)],
+        stdout=open(out / "receiver.log", "wb"), stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        _wait_for(ready, receiver, 30.0)
+    except BaseException:
+        receiver.kill()
+        raise
+    return receiver
+
+
+def acked_only(stats_files: dict[str, Path]) -> list[VanResult]:
+    """Without the receiver's store: a committed sample the receiver never acknowledged is lost."""
+    results = []
+    for device, path in stats_files.items():
+        r, _ = van_figures(device, path)
+        r.lost = max(0, r.committed - r.delivered)
+        results.append(r)
+    return results
+
+
+def van_figures(device: str, stats_file: Path) -> tuple[VanResult, str | None]:
+    """What the van's agent says it took, committed and had acknowledged, and its epoch
+    (None: the agent wrote no stats file)."""
+    r = VanResult(device)
+    if not stats_file.exists():
+        return r, None
+    st = json.loads(stats_file.read_text())
+    r.taken, r.committed, r.delivered = st["taken"], st["last_seq"], st["acked_samples"]
+    return r, st["epoch"]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -269,8 +333,8 @@ def _progress(procs: dict[str, subprocess.Popen[bytes]], stats: dict[str, Path])
     return out
 
 
-def _store_counts(store: Path) -> dict[str, int]:
-    if not store.exists():
+def _store_counts(store: Path | None) -> dict[str, int]:
+    if store is None or not store.exists():
         return {}
     try:
         db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1)

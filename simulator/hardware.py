@@ -30,8 +30,8 @@ import numpy as np
 from typing import Any
 
 from drivers.i2c import FakeI2CBus
-from drivers.no2 import N_T, No2Calibration, interpolate_factor
-from edge.clock import SimClock
+from core.no2_sheet import N_T, No2Calibration, interpolate_factor
+from core.clock import SimClock
 from simulator.environment import local_time, ozone_ppb
 from simulator.gps_device import FakeGpsReceiver
 from simulator.i2c_devices import FakeADS1115, FakeSoundModule

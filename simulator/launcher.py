@@ -21,7 +21,7 @@ from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
 # What the warm process imports once (everything ``edge run`` pulls in for a simulated van).
-PRELOAD = ["edge.cli", "edge.runtime", "edge.agent", "buffer.store", "uplink.mqtt", "simulator.sensors"]
+PRELOAD = ["edge.cli", "edge.runtime", "edge.agent", "buffer.store", "uplink.mqtt", "simulator.value_sensors"]
 
 _ctx: ForkServerContext | None = None
 
@@ -41,9 +41,9 @@ def _run_agent(args: list[str], log: str, env: dict[str, str]) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     os.environ.update(env)
-    # Crash points are read at import (edge/faultpoints.py), which happened in the
+    # Crash points are read at import (core/faultpoints.py), which happened in the
     # warm parent without this run's plan: read them again.
-    from edge import faultpoints
+    from core import faultpoints
 
     faultpoints._PLAN.clear()
     faultpoints._SEEN.clear()

@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulator.sensors import oracle_check
+from simulator.value_sensors import oracle_check
 
 
 @dataclass

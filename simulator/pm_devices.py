@@ -28,7 +28,7 @@ import tty
 from collections.abc import Callable
 
 from drivers import pms, sds011, sps30
-from edge.errors import ReadError
+from core.errors import ReadError
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from drivers.no2 import N_T, TABLE_TEMPS_C, No2Calibration
-from edge.calibration import no2_values_from_sheet
-from edge.clock import SimClock
-from edge.model import TimeSource
-from edge.timekeeping import Stamp, TimeKeeper
+from core.no2_sheet import N_T, TABLE_TEMPS_C, No2Calibration
+from core.calibration import no2_values_from_sheet
+from core.clock import SimClock
+from core.sample import TimeSource
+from core.timekeeping import Stamp, TimeKeeper
 
 #: PM sensor housing warms the air it draws by about this much, lowering its RH.
 HOUSING_WARMING_C = 1.5
@@ -431,7 +431,7 @@ class _GpsTime:
 def agent_stamps(geo: Geometry, has_fix: np.ndarray, rng: np.random.Generator) -> AgentStamps:
     """Stamp one van-day as the shipped agent does (edge/agent.py, issue 15 part 1).
 
-    The real :class:`edge.timekeeping.TimeKeeper` on a simulated clock (monotonic spine,
+    The real :class:`core.timekeeping.TimeKeeper` on a simulated clock (monotonic spine,
     the Pi's stale boot time, no NTP): each tick ``update()``, then ``stamp`` per reading
     with the meta the drivers give: GPS its epoch's arrival (``measured_mono``) and the fix's
     UTC (``measured_utc``), sound the end of its second of audio (``measured_mono``, with

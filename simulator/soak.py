@@ -25,8 +25,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edge.model import Sample, TimeSource
-from uplink.wire import Batch, decode_ack, encode_batch
+from core.sample import Sample, TimeSource
+from core.wire import Batch, decode_ack, encode_batch
 
 SENSORS = (
     ("pm", lambda r: {"pm1": round(r.uniform(3, 9), 1), "pm25": round(r.uniform(5, 25), 1),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from edge.clock import Clock
+from core.clock import Clock
 from simulator.environment import Conditions, Environment
 from simulator.route import Drive, Route, VanState
 

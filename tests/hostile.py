@@ -22,9 +22,9 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from receiver.quality import FLAGGED
-from uplink.wire import MAGIC, Batch, Gap, encode_batch
+from core.wire import MAGIC, Batch, Gap, encode_batch
 
 STORED, REJECTED = "stored", "rejected"
 T0 = 1_790_000_000_000  # plausible UTC, ms

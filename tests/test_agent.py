@@ -7,11 +7,11 @@ import pytest
 from buffer.store import Buffer
 from drivers.base import Reading
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.errors import ChecksumError
-from edge.model import TimeSource
-from uplink.wire import Ack, decode_batch
+from core.errors import ChecksumError
+from core.sample import TimeSource
+from core.wire import Ack, decode_batch
 
 T0 = 1_790_000_000.0
 

@@ -28,7 +28,7 @@ from receiver.aggregate import (
     split_passes,
     usable_values,
 )
-from receiver.commands import datalab_commands
+from receiver.datalab_commands import datalab_commands
 from receiver.mapunits import H3Snapper, SegmentSnapper, cut_pieces, make_snapper
 from receiver.store import SQLiteStore
 from tests.datalab_synth import make_store

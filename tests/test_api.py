@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from receiver import dbapi
 from receiver.api import make_server
-from receiver.commands import datalab_commands
+from receiver.datalab_commands import datalab_commands
 from tests.datalab_synth import make_store, with_aggregates
 
 TOKEN = "s3cret-token-for-tests-only"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from bench import bench_fidelity as bf
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.model import TimeSource
-from edge.sensors import build_drivers
+from core.sample import TimeSource
+from edge.driver_factory import build_drivers
 from receiver import dbapi
 from receiver.aggregate import Period, Rule, build
 from receiver.mapunits import make_snapper

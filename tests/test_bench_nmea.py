@@ -11,7 +11,7 @@ import pytest
 
 from bench import bench_nmea
 from drivers.nmea import parse_sentence
-from edge.errors import ReadError
+from core.errors import ReadError
 
 pytestmark = pytest.mark.skipif(not bench_nmea.FIXTURE.is_file(),
                                 reason="shared GPS fixtures absent")

@@ -19,8 +19,9 @@ import threading
 import urllib.request
 from typing import Any
 
-from edge.calibration import CalibrationRecord, CalibrationStore, no2_ppb_from_record
-from edge.model import Sample, TimeSource
+from core.calibration import CalibrationRecord, no2_ppb_from_record
+from edge.calibration import CalibrationStore
+from core.sample import Sample, TimeSource
 from receiver.aggregate import Period, Rule, build
 from receiver.api import make_server
 from receiver.export import export_measurements
@@ -30,7 +31,7 @@ from receiver.store import SQLiteStore
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_calibration import SERIAL, T0, FakeClock, _cal_sample, sheet_values
 from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (make: fixture, used by name)
-from uplink.wire import Batch, encode_batch
+from core.wire import Batch, encode_batch
 
 N = 60  # NO2 samples, one a second from T0 + 1 s
 LAT, LON = 52.3702, 4.8952  # a van parked in one H3 cell: one pass, so the map value is their mean

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 import receiver.calibration as rcal
-from edge.calibration import CalibrationRecord, no2_ppb_from_record
-from edge.model import Sample, TimeSource
+from core.calibration import CalibrationRecord, no2_ppb_from_record
+from core.sample import Sample, TimeSource
 from receiver.ingest import Ingestor
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_best_value import LAT, LON, RECEIVED
 from tests.test_calibration import T0, _cal_sample, sheet_values
 from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (make: fixture, used by name)
-from uplink.wire import Batch, encode_batch
+from core.wire import Batch, encode_batch
 
 T0MS = int(T0 * 1000)
 

@@ -21,11 +21,11 @@ import pytest
 
 from buffer.store import Buffer
 from edge.agent import FAST_RETRY_S, Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import UplinkConfig, parse_config
 from simulator.oracle import check
 from simulator.reconnect_herd import herd_figures
-from simulator.sensors import OracleSensor
+from simulator.value_sensors import OracleSensor
 from simulator.world import VanWorld
 from tests.delivery_harness import Receiver, report
 from tests.test_agent import make

@@ -29,11 +29,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from receiver import provision as pv
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from simulator.broker import LocalBroker, SecureSetup, mosquitto_path
 from tests.test_receiver_store import batch
 from uplink.mqtt import MqttLink
-from uplink.wire import encode_batch
+from core.wire import encode_batch
 
 pytestmark = pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")
 
@@ -395,7 +395,7 @@ def test_van_cannot_join_the_provisioned_share_group(
 
     from receiver.config import load_receiver_config
 
-    caplog.set_level(logging.INFO, logger="receiver.service")
+    caplog.set_level(logging.INFO, logger="receiver.mqtt_consumer")
     info = broker.secure_info
     assert info is not None
     toml = pv.provision_receiver(ca_dir=info.ca_dir, passwd_file=tmp_path / "r.passwd", out=tmp_path / "rx.toml",

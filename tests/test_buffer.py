@@ -1,8 +1,8 @@
 import sqlite3
 
 from buffer.store import Buffer
-from edge.model import Sample, TimeSource
-from uplink.wire import content_hash, decode_batch
+from core.sample import Sample, TimeSource
+from core.wire import content_hash, decode_batch
 
 
 def samples(n, t0=0):

@@ -19,10 +19,10 @@ from buffer import recovery
 from buffer.errors import BufferFullError
 import buffer.store as store_mod
 from buffer.store import Buffer
-from edge.errors import RecoverableError
-from edge.model import Sample, TimeSource
+from core.errors import RecoverableError
+from core.sample import Sample, TimeSource
 from tests.tmpfs import mounted_tmpfs
-from uplink.wire import decode_batch
+from core.wire import decode_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -511,7 +511,7 @@ CHILD = r"""
 import os, sys
 sys.path.insert(0, sys.argv[2])
 from buffer.store import Buffer
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 b = Buffer(sys.argv[1], "van-001")
 out = int(sys.argv[3])
 i = 0

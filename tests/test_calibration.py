@@ -10,23 +10,25 @@ import pytest
 
 from drivers.base import Reading
 from drivers.noise.levels import MeterConfig
-from drivers.no2 import no2_ppb
-from edge.calibration import (
+from core.no2_sheet import no2_ppb
+from core.calibration import (
     EPA_PM25_HUMIDITY,
-    CalibratedDriver,
-    CalibrationAnnouncer,
     CalibrationError,
     CalibrationRecord,
-    CalibrationStore,
-    SensorCalibration,
-    import_sheet,
     no2_ppb_from_record,
     no2_values_from_sheet,
     provenance,
+)
+from edge.calibration import (
+    CalibratedDriver,
+    CalibrationAnnouncer,
+    CalibrationStore,
+    SensorCalibration,
+    import_sheet,
     record_from_config,
 )
 from edge.config import parse_config
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from edge.technician.fitting import fit, hourly, load_device_csv, load_reference
 from edge.technician.noise import analyse_tone
 from simulator.hardware import SIM_NO2_CAL
@@ -299,7 +301,7 @@ def _cal_sample(seq, t_s, rec):
 def test_receiver_stores_records_and_recomputes_from_raw(tmp_path, store, clock):
     from receiver.calibration import ensure_tables, ingest_calibrations
     from receiver.store import SQLiteStore
-    from uplink.wire import Batch
+    from core.wire import Batch
 
     rs = SQLiteStore(tmp_path / "datalab.sqlite")
     ensure_tables(rs.conn)

@@ -26,14 +26,14 @@ from drivers.i2c import BusRetry, FakeI2CBus
 from drivers.sound_module import SoundLevelModule
 from edge.calibration import CalibrationAnnouncer, CalibrationStore, attach_calibrations
 from edge.calibration_guard import GuardedStore
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from edge.runtime import check_config_data
 from edge.technician import technician_group
 from simulator.i2c_devices import FakeSoundModule
 from tests.test_service import notify_socket  # noqa: F401  (fixture: a fake systemd socket)
-from uplink.wire import decode_batch
+from core.wire import decode_batch
 
 DEVICE = "van-017"
 LEVEL = 65.0

@@ -12,12 +12,13 @@ import json
 import math
 from typing import Any
 
-from edge.calibration import CalibrationRecord, CalibrationStore, no2_ppb_from_record
+from core.calibration import CalibrationRecord, no2_ppb_from_record
+from edge.calibration import CalibrationStore
 from receiver.ingest import Ingestor
 from tests.test_calibration import SERIAL, T0, FakeClock, _cal_sample, _no2_sample, sheet_values
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (make: fixture, used by name)
-from uplink.wire import Batch, Gap, encode_batch
+from core.wire import Batch, Gap, encode_batch
 
 RECEIVED = int(T0 * 1000) + 3_600_000
 WE_MV = {i: 320.0 + i for i in range(2, 12)}  # raw working-electrode mV per sample seq

@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 
 import receiver.calibration as rcal
-from edge.calibration import CalibrationRecord, CalibrationStore
+from core.calibration import CalibrationRecord
+from edge.calibration import CalibrationStore
 from receiver.ingest import Ingestor
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_calibration import SERIAL, T0, FakeClock, _cal_sample, _no2_sample, sheet_values
 from tests.test_calibration_identity import RECEIVED, _record, _upload, _van_batch
 from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (make: fixture, used by name)
-from uplink.wire import Batch, encode_batch
+from core.wire import Batch, encode_batch
 
 
 def _poisoned(rec: CalibrationRecord, **change: Any) -> CalibrationRecord:

@@ -21,11 +21,11 @@ import pytest
 from buffer import recovery
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from simulator.oracle import check
-from simulator.sensors import OracleSensor
+from simulator.value_sensors import OracleSensor
 from simulator.world import VanWorld
 from tests.delivery_harness import report, store_counters
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
@@ -34,7 +34,7 @@ from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (fixture
 from tests.test_receiver_store import T, put
 from tests.tmpfs import mounted_tmpfs
 from uplink.mqtt import MqttLink
-from uplink.wire import Batch
+from core.wire import Batch
 
 T0 = 1_795_000_000.0
 
@@ -272,7 +272,7 @@ def batch_id_of(agent: Agent, first: int, last: int) -> str:
 
 def _assert_true_to_the_source(store: Path, device: str, epoch: str, boot_id: str) -> list[tuple]:
     """Every stored sample of the epoch is as the van took it: value, boot id, timestamp."""
-    from simulator.sensors import oracle_check
+    from simulator.value_sensors import oracle_check
 
     db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
     try:
@@ -384,7 +384,7 @@ def test_salvaged_flag_shows_in_observations_on_both_stores(make: MakeStore) -> 
 
 def test_service_health_says_disk_full_and_keeps_the_watchdog_fed(tmp_path):
     """A full card is reported, not 'fixed' by a watchdog restart that would lose what is held."""
-    from edge.service import Health
+    from edge.systemd_supervisor import Health
 
     h = Health(60.0, writable=lambda: True)
     h.commit_result(False, full=True, error="disk_full: 120 samples at risk")

@@ -17,12 +17,12 @@ import pytest
 
 from buffer.errors import BufferFullError
 from buffer.store import Buffer
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from simulator.oracle import check
 from tests.delivery_harness import report
 from tests.test_card_faults import card, drive, fill, make_agent, stored_rows, wait_for  # noqa: F401  (card: fixture)
 from tests.test_delivery_faults import assert_all_delivered, rx  # noqa: F401  (fixture, used by name)
-from uplink.wire import decode_batch
+from core.wire import decode_batch
 
 
 def _samples(n: int, t0: int = 0) -> list[Sample]:
@@ -185,7 +185,7 @@ def test_samples_held_when_the_agent_is_killed_are_owned_up_to(card):
     finally:
         proc.kill()
         proc.wait()
-    note = json.loads(note_path.read_bytes().rstrip(b"\0"))
+    note = json.loads(note_path.read_bytes().split(b"\n")[0])  # the record; its CRC line follows
     (card / "filler").unlink()
     buf = Buffer(card / "buffer.sqlite", "van-kill9")
     gaps = buf._db.execute("SELECT first_seq, last_seq, reason FROM gaps").fetchall()

@@ -20,14 +20,14 @@ import pytest
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.sensors import build_drivers
-from edge.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S
+from edge.driver_factory import build_drivers
+from core.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S
 from simulator.clock_oracle import check_times
 from simulator.hardware import SimulatedHardware
 from simulator.oracle import check
-from simulator.sensors import OracleSensor
+from simulator.value_sensors import OracleSensor
 from simulator.world import VanWorld
 from tests.delivery_harness import report
 from tests.test_delivery_faults import assert_all_delivered, rx  # noqa: F401  (rx: the receiver fixture)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from edge.cli import main
 from edge.config import AgentConfig, load_config, parse_config, redacted
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 
 def test_example_file_documents_exactly_the_defaults():
@@ -84,7 +84,7 @@ def test_device_id_with_a_trailing_newline_is_refused() -> None:
     """``$`` in a regex also matches before a final newline: "van-001\\n" passed (issue 13, 6.4).
     The id is an MQTT username, topic level and certificate CN: the whole string must match."""
     from edge.config import parse_config
-    from edge.errors import ConfigError
+    from core.errors import ConfigError
     from receiver.provision import ProvisionError, check_device_id
 
     assert check_device_id("van-001") == "van-001"
@@ -126,7 +126,7 @@ def test_config_check_bounds_and_measuring_sensor(tmp_path):
 def test_every_driver_is_known_as_measuring_or_positioning():
     """A new driver must be placed: else a van with only it would pass or fail the sensor rule by accident."""
     from edge.remote_policy import MEASURING_DRIVERS, POSITION_DRIVERS
-    from edge.sensors import FACTORIES
+    from edge.driver_factory import FACTORIES
 
     assert set(FACTORIES) == MEASURING_DRIVERS | POSITION_DRIVERS
     assert not MEASURING_DRIVERS & POSITION_DRIVERS

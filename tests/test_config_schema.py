@@ -22,13 +22,13 @@ from click.testing import CliRunner
 from edge import config_schema
 from edge.cli import main
 from edge.config import AgentConfig
-from edge.errors import ConfigError, ConfigInvalid
+from core.errors import ConfigError, ConfigInvalid
 from edge.power import PanelConfig, PowerConfig
 from edge.remote import decode_request, dump_toml, merge
 from edge.remote_policy import LOCAL_ONLY
 from edge.runtime import Runtime
-from edge.sensors import FACTORIES, driver_options
-from edge.service import Notifier
+from edge.driver_factory import FACTORIES, driver_options
+from edge.systemd_supervisor import Notifier
 from simulator.broker import free_port
 
 EDGE = str(Path(sys.executable).with_name("edge"))

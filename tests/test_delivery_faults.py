@@ -16,10 +16,10 @@ import pytest
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
 from simulator.oracle import check
-from simulator.sensors import OracleSensor
+from simulator.value_sensors import OracleSensor
 from simulator.world import VanWorld
 from tests.delivery_harness import Receiver, Van, finish_and_check, report, store_counters
 from uplink.mqtt import MqttLink
@@ -146,7 +146,7 @@ def test_receiver_killed_before_and_after_commit(tmp_path, mosquitto):
     Flaky before (0 duplicates once under load): the "after commit" point was also reached
     after a group of status/sync messages alone, which commits nothing, so a death there had
     nothing to redeliver. The point is now reached only after a group with uploads
-    (receiver/service.py), and the test counts the deaths that were after a commit."""
+    (receiver/mqtt_consumer.py), and the test counts the deaths that were after a commit."""
     store = tmp_path / "store.sqlite"
     r = Receiver(store, mosquitto.port, client_id="rx-crashy")
     plans = ["receiver.commit.before:3", "receiver.commit.after:2"] * 3
@@ -383,7 +383,7 @@ def test_a_rejected_upload_redelivered_after_a_crash_has_one_dead_letter(tmp_pat
     retrying, not a redelivery) are a new upload: each gets a dead letter of its own."""
     import sqlite3
 
-    from uplink.wire import content_hash, decode_ack
+    from core.wire import content_hash, decode_ack
 
     store = tmp_path / "store.sqlite"
     bad = [b"not a batch %d" % i for i in range(5)] + [b"DLB\x02\x01broken %d" % i for i in range(5)]
@@ -448,7 +448,7 @@ def test_the_same_bytes_held_in_an_outage_then_redelivered_get_a_dead_letter_of_
     2 uploads. A DUP copy now matches only a dead letter never acked (dead_letters_unacked)."""
     import sqlite3
 
-    from uplink.wire import content_hash, decode_ack
+    from core.wire import content_hash, decode_ack
 
     store = tmp_path / "store.sqlite"
     bad = b"not a batch v1"

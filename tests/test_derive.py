@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 from bench.bench_wire import simulated_batch
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from receiver.positions import Fix, locate
 from receiver.store import SQLiteStore
 from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
-from uplink.wire import Batch, content_hash, encode_batch
+from core.wire import Batch, content_hash, encode_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECEIVED = 1_795_600_000_000
@@ -193,7 +193,7 @@ def test_receiver_acks_after_raw_storage_and_derives_after(tmp_path: Path, mosqu
 
     from receiver.cli import main as receiver_cli
     from receiver.config import ReceiverConfig
-    from receiver.service import ReceiverService
+    from receiver.mqtt_consumer import ReceiverService
     from tests.test_end_to_end import AckListener
 
     batches = shift_batches(4)
@@ -228,7 +228,7 @@ def test_receiver_acks_after_raw_storage_and_derives_after(tmp_path: Path, mosqu
 
 
 def test_derive_mode_is_checked() -> None:
-    from edge.errors import ConfigError
+    from core.errors import ConfigError
     from receiver.config import load_receiver_config
 
     with pytest.raises(ConfigError, match="receiver.derive.*inline, background, separate"):
@@ -243,7 +243,7 @@ def test_example_receiver_config_is_the_defaults() -> None:
 
 def test_an_inline_receiver_drains_what_another_mode_left_queued(tmp_path: Path, mosquitto: Any) -> None:
     from receiver.config import ReceiverConfig
-    from receiver.service import ReceiverService
+    from receiver.mqtt_consumer import ReceiverService
 
     store_path = tmp_path / "store.sqlite"
     s = SQLiteStore(store_path)

@@ -16,8 +16,8 @@ from drivers.dgs_no2 import (
     parse_eeprom,
     parse_reading_line,
 )
-from edge.clock import SimClock
-from edge.errors import BusError, ConfigError, FrameError, ReadError, SensorTimeout
+from core.clock import SimClock
+from core.errors import BusError, ConfigError, FrameError, ReadError, SensorTimeout
 from simulator.dgs_device import DgsSimulator
 
 LINE = b"012017030207, 27, 23, 38, 25712, 25344, 21524, 01, 02, 03, 04\r\n"

@@ -10,9 +10,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from receiver.config import ReceiverConfig
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from simulator.fleet import run_fleet
-from uplink.wire import decode_ack, encode_batch
+from core.wire import decode_ack, encode_batch
 from tests.test_receiver_store import batch
 
 

@@ -8,13 +8,14 @@ import io
 from pathlib import Path
 
 from drivers.base import Reading
-from edge.calibration import CalibrationRecord, SensorCalibration, apply_record
-from edge.model import Sample, TimeSource
+from core.calibration import CalibrationRecord
+from edge.calibration import SensorCalibration, apply_record
+from core.sample import Sample, TimeSource
 from receiver import dbapi
 from receiver.export import export_measurements
 from receiver.store import SQLiteStore
 from tests.test_receiver_store import T, put
-from uplink.wire import Batch
+from core.wire import Batch
 
 
 def test_noise_values_calibrated_on_the_van_name_their_record(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from receiver.commands import datalab_commands
+from receiver.datalab_commands import datalab_commands
 from tests.datalab_synth import make_store
 
 

@@ -16,8 +16,8 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"edge", "drivers", "buffer", "uplink", "receiver", "simulator", "bench", "tests"}
-VAN = ("edge", "drivers", "buffer", "uplink")
+OURS = {"core", "edge", "drivers", "buffer", "uplink", "receiver", "simulator", "bench", "tests"}
+VAN = ("core", "edge", "drivers", "buffer", "uplink")
 # Not installed in the test venv (built from source; only microphone vans have it).
 NOT_INSTALLED = {"alsaaudio": "pyalsaaudio"}
 
@@ -66,7 +66,7 @@ def test_the_van_imports_only_what_device_and_mic_install() -> None:
 def test_the_receiver_imports_only_what_central_installs() -> None:
     base, extras = _extras()
     allowed = base | extras["central"]
-    missing = {m: f for m, f in _third_party_imports(("receiver",)).items() if not _dists_of(m) & allowed}
+    missing = {m: f for m, f in _third_party_imports(("core", "receiver")).items() if not _dists_of(m) & allowed}
     assert not missing, f"imported by the receiver but in no central extra: {missing}"
 
 

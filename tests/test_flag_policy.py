@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from receiver import dbapi, quality
 from receiver.aggregate import QUANTITY_KEYS, Period, build, split_values
-from receiver.commands import datalab_commands
+from receiver.datalab_commands import datalab_commands
 from receiver.config import load_receiver_config
 from receiver.export import export_aggregates, export_measurements
 from receiver.flag_policy import KNOWN_FLAGS, FlagPolicy

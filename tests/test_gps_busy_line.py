@@ -23,7 +23,7 @@ import serial
 
 from drivers.base import Reading
 from drivers.gps import NmeaGpsDriver
-from edge.timekeeping import MEASURED_MONO, MEASURED_UTC
+from core.timekeeping import MEASURED_MONO, MEASURED_UTC
 from simulator.gps_device import ReceiverState, nmea_epoch, sentence
 
 UTC = dt.timezone.utc
@@ -142,7 +142,7 @@ def test_a_busy_line_still_gives_a_fix_every_second(line) -> None:
         assert rx.delay_s - 0.01 <= arrival <= rx.delay_s + 0.1, arrival  # first chunk: +16 ms
     for _, r in got:
         if MEASURED_MONO not in r.meta:
-            # Untimed: placed by its own UTC (edge/timekeeping.py UNTIMED_HINT_BEFORE_S), or,
+            # Untimed: placed by its own UTC (core/timekeeping.py UNTIMED_HINT_BEFORE_S), or,
             # with none (the first fix: date not yet confirmed), flagged as stamped at its read.
             assert MEASURED_UTC in r.meta or "time_untimed" in r.flags, r
         else:

@@ -15,7 +15,7 @@ import serial
 
 from drivers.base import Reading, SensorDriver
 from drivers.gps import WATCH_COMMAND, GpsdSource, NmeaGpsDriver
-from edge.errors import BusError, ReadError
+from core.errors import BusError, ReadError
 from simulator.gps_device import FakeGpsReceiver, ReceiverState, nmea_epoch
 
 UTC = dt.timezone.utc

@@ -28,7 +28,7 @@ from drivers.nmea import (
     decode_stream,
     parse_sentence,
 )
-from edge.errors import FrameError, ReadError
+from core.errors import FrameError, ReadError
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
 GPS_DIR = FIXTURES / "gps"

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers.nmea import FixAssembler, SentenceFramer, decode_stream, nmea_checksum, parse_sentence
-from edge.errors import ChecksumError, FrameError, ReadError
+from core.errors import ChecksumError, FrameError, ReadError
 from simulator.gps_device import ReceiverState, nmea_epoch, sentence
 
 UTC = dt.timezone.utc

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from drivers.gps import NmeaGpsDriver
 from drivers.nmea import FixAssembler, Gns, decode_stream, parse_sentence
 from edge.cli import main
-from edge.errors import ConfigError, FrameError
+from core.errors import ConfigError, FrameError
 from edge.runtime import check_config_data
-from edge.sensors import build_drivers, explain
+from edge.driver_factory import build_drivers, explain
 from edge.config import SensorConfig
 from simulator.gps_device import FakeGpsReceiver, ReceiverState, nmea_epoch, sentence
 from tests.test_agent import make

@@ -48,7 +48,7 @@ from tests.hostile import (
 )
 from tests.pg import pg_cluster, pg_dsn  # noqa: F401
 from tests.test_broker_security import Probe
-from uplink.wire import Ack, batch_topic, content_hash, decode_ack, status_topic, sync_topic
+from core.wire import Ack, batch_topic, content_hash, decode_ack, status_topic, sync_topic
 
 pytestmark = pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")
 

@@ -19,8 +19,8 @@ from drivers.ads1115 import (
     to_signed16,
 )
 from drivers.i2c import BusRetry, FakeI2CBus, I2CBus, SMBusAdapter
-from edge.clock import SimClock
-from edge.errors import BusError, ConfigError, ReadError, RecoverableError, SensorTimeout
+from core.clock import SimClock
+from core.errors import BusError, ConfigError, ReadError, RecoverableError, SensorTimeout
 from simulator.i2c_devices import FakeADS1115
 
 

@@ -16,20 +16,21 @@ import pytest
 
 from buffer import highwater
 from buffer.store import SCHEMA, WAL_LOST_REASON, Buffer
-from edge.calibration import CALIBRATION_SENSOR, CalibrationError, CalibrationStore
-from edge.model import Sample, TimeSource
+from core.calibration import CALIBRATION_SENSOR, CalibrationError
+from edge.calibration import CalibrationStore
+from core.sample import Sample, TimeSource
 from receiver.ingest import Ingestor
 from receiver.store import SQLiteStore
 from tests.delivery_harness import report
 from tests.test_card_faults_more import _samples
 from tests.test_meta_and_wal_faults import _crash_image, _flip_epoch_text
-from uplink.batch_limits import MAX_VALUE_CELLS
-from uplink.wire import batch_topic, content_hash, decode_batch, parse_batch_id
+from core.batch_limits import MAX_VALUE_CELLS
+from core.wire import batch_topic, content_hash, decode_batch, parse_batch_id
 
 DEV = "van-rt"
 
 
-def _deliver(buf: Buffer, ing: Ingestor, log: list[str], max_samples: int = 2000) -> None:
+def _deliver(buf: Buffer, ing: Ingestor, log: list[str], max_samples: int = 2000, dev: str = DEV) -> None:
     """The agent's loop in small: seal, publish, acknowledge or reject (edge/agent.py's rule)."""
     for _ in range(30):
         sbs = buf.pending(100)
@@ -39,7 +40,7 @@ def _deliver(buf: Buffer, ing: Ingestor, log: list[str], max_samples: int = 2000
                 return
             sbs = [sb]
         for sb in sbs:
-            ack = ing.handle(batch_topic("datalab/v1", DEV), sb.payload, 1).ack
+            ack = ing.handle(batch_topic("datalab/v1", dev), sb.payload, 1).ack
             log.append(f"{sb.batch_id}:{ack.status}")
             if ack.committed:
                 buf.acknowledge(sb.batch_id)
@@ -129,13 +130,13 @@ def test_a_damaged_seq_file_is_ignored_and_rewritten_never_a_loss(tmp_path, dama
     buf.close()
     seq = tmp_path / "b.db.seq"
     good = seq.read_bytes().rstrip(b"\0").decode()
-    assert good.split()[:2] == [epoch, "20"] and len(good.split()) == 3  # epoch, last_seq, CRC
+    assert good.split()[:2] == [epoch, "20"] and len(good.split()) == 4  # epoch, last_seq, device tag, CRC
     big = {"legacy-2^63+5": 2**63 + 5, "legacy-10^30": 10**30, "legacy-2^63-2": 2**63 - 2}
     if damage == "digit-flip":
         _seq_record(seq, good.replace(f"{epoch} 20 ", f"{epoch} 60 "))
     elif damage == "crc-flip":
-        crc = good.split()[2]
-        _seq_record(seq, f"{epoch} 20 {crc[:-1]}{'0' if crc[-1] != '0' else '1'}\n")
+        tag, crc = good.split()[2:]
+        _seq_record(seq, f"{epoch} 20 {tag} {crc[:-1]}{'0' if crc[-1] != '0' else '1'}\n")
     elif damage in big:
         _seq_record(seq, f"{epoch} {big[damage]}\n")  # a record from before the CRC: the bound still holds
     elif damage == "crc-valid-2^63-2":
@@ -337,7 +338,7 @@ def test_sealing_splits_a_batch_over_the_cell_limit(tmp_path):
 
 def test_sealing_splits_a_batch_over_the_payload_limit(tmp_path):
     """Samples that each fit a batch alone but together seal past 1 MiB: sealed in parts, all stored."""
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
     buf = Buffer(tmp_path / "b.db", DEV, reserve_bytes=0)
@@ -553,7 +554,7 @@ def test_a_refused_gaps_only_batch_keeps_its_loss_visible_in_a_persisted_counter
 def _sample_just_under_the_payload_limit(rnd: random.Random, margin: int) -> Sample:
     """One valid sample whose batch alone is within ``margin`` bytes under the 1 MiB payload limit."""
     from buffer.store import _encode_alone
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     def make(values: dict[str, str]) -> Sample:
         return Sample("pm", 1_795_000_000_000, 0, TimeSource.GPS, values, (), None, "boot")
@@ -576,7 +577,7 @@ def test_pending_gaps_never_get_a_sample_that_fits_alone_set_aside(tmp_path):
     """Retest #14 f9.6: 40 gaps of ~640 random characters + one large valid sample went over the
     1 MiB compressed limit; halving reached one sample and set it aside as "too large for any
     batch" though it fits alone. Now the gaps are sealed in a batch of their own first."""
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     rnd = random.Random(30)
     ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))
@@ -605,7 +606,7 @@ def test_the_gap_budget_is_counted_against_the_compressed_limit(tmp_path):
     inflated 4 MiB); reasons of random 7-bit text barely compress, so one batch of gaps took ~0.9
     MiB of the 1 MiB payload and crowded out every sample riding with it. Now a quarter of the
     smaller limit: the gaps leave at least half the payload to samples; all gaps delivered."""
-    from uplink.batch_limits import MAX_PAYLOAD_BYTES
+    from core.batch_limits import MAX_PAYLOAD_BYTES
 
     rnd = random.Random(7)
     ing = Ingestor(SQLiteStore(tmp_path / "store.sqlite"))

@@ -19,8 +19,8 @@ import serial
 
 from drivers.base import Reading
 from drivers.gps import NmeaGpsDriver
-from edge.model import TimeSource
-from edge.timekeeping import MEASURED_MONO, MEASURED_UTC, TimeKeeper
+from core.sample import TimeSource
+from core.timekeeping import MEASURED_MONO, MEASURED_UTC, TimeKeeper
 from simulator.gps_device import FakeGpsReceiver
 
 UTC = dt.timezone.utc

@@ -19,7 +19,7 @@ import pytest
 from buffer.store import Buffer
 from tests.delivery_harness import report
 from tests.test_card_faults_more import _build_p3, _drain_and_account
-from uplink.wire import decode_batch
+from core.wire import decode_batch
 
 
 def _flip_epoch_text(db: Path, epoch: str) -> str:

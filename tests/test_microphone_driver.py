@@ -13,7 +13,7 @@ import pytest
 from drivers.base import SensorDriver
 from drivers.noise.capture import AlsaSource, MicrophoneDriver, wait_for_seconds
 from drivers.noise.levels import LevelMeter
-from edge.errors import FatalError, ReadError
+from core.errors import FatalError, ReadError
 from simulator.microphone import SimulatedMicrophone, sine
 
 FS = 48_000

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from drivers import nmea
 from drivers.nmea import Gga, Gsv, OtherSentence, nmea_checksum, parse_sentence
-from edge.errors import ChecksumError, FrameError, ReadError
+from core.errors import ChecksumError, FrameError, ReadError
 from simulator.gps_device import ReceiverState, nmea_epoch, sentence
 from tests.test_gps_fuzz import FUZZ, REAL_SENTENCES
 

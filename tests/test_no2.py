@@ -16,21 +16,20 @@ from hypothesis import strategies as st
 
 from drivers.ads1115 import ADS1115
 from drivers.i2c import FakeI2CBus
-from drivers.no2 import (
+from core.no2_sheet import (
     K1_T,
     K2_T,
     K_T,
     N_T,
-    LinearTemperature,
-    No2B43F,
     No2Calibration,
     interpolate_factor,
     load_calibrations,
     load_calibrations_toml,
     no2_ppb,
 )
-from edge.clock import SimClock
-from edge.errors import BusError, ConfigError
+from drivers.no2 import LinearTemperature, No2B43F
+from core.clock import SimClock
+from core.errors import BusError, ConfigError
 from simulator.i2c_devices import FakeADS1115
 
 # The example of sensors.md: -0.3547 nA/ppb x -0.73 mV/nA.
@@ -301,7 +300,8 @@ def test_algorithm_2_needs_a_non_zero_aeo():
 def test_board_temperature_is_read_every_few_seconds_not_every_second():
     from drivers.ads1115 import ADS1115
     from drivers.i2c import FakeI2CBus
-    from drivers.no2 import LinearTemperature, No2B43F, No2Calibration
+    from drivers.no2 import LinearTemperature, No2B43F
+    from core.no2_sheet import No2Calibration
     from simulator.i2c_devices import FakeADS1115
 
     volts = {0: 0.320, 1: 0.306, 2: 0.650}

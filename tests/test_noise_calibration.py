@@ -16,9 +16,9 @@ from typing import Any
 from click.testing import CliRunner
 
 from edge.calibration import CalibrationStore, attach_calibrations
-from edge.clock import SystemClock
+from core.clock import SystemClock
 from edge.config import load_config
-from edge.sensors import build_drivers
+from edge.driver_factory import build_drivers
 from edge.technician import technician_group
 from simulator.microphone import CalibratorTone
 
@@ -106,7 +106,7 @@ def test_a_serial_the_agent_does_not_look_up_is_refused_not_stored(tmp_path: Pat
 def test_a_reload_that_changes_the_serial_applies_that_serials_record(tmp_path: Path) -> None:
     """SIGHUP path: the running van re-reads agent.toml; the microphone is rebuilt and looked up anew."""
     from edge.runtime import Runtime, load_full_config
-    from edge.service import Notifier
+    from edge.systemd_supervisor import Notifier
 
     data = tmp_path / "data"
     conf = tmp_path / "agent.toml"

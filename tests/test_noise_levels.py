@@ -22,7 +22,7 @@ from drivers.noise.levels import (
     measure_calibrator,
 )
 from drivers.noise.weighting import a_weighting_db
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from simulator.microphone import SimulatedMicrophone, level_to_rms, pink_noise, sine
 from tests.test_noise_weighting import CLASS1_LIMITS, exact_frequency
 

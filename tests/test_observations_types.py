@@ -8,14 +8,14 @@ import io
 from pathlib import Path
 from typing import Any
 
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from receiver import dbapi
 from receiver.export import export_measurements
 from receiver.store import SQLiteStore
 from receiver.store_pg import PostgresStore
 from tests.pg import pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
 from tests.test_receiver_store import T, put
-from uplink.wire import Batch
+from core.wire import Batch
 
 PM25: list[Any] = [10.0 + 0.1 * k for k in range(10)] + ["n/a", True, None, 12.0]
 

@@ -23,7 +23,7 @@ import pytest
 
 from receiver.config import ReceiverConfig
 from receiver.pg_timeouts import PgTimeouts
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from receiver.store_pg import PostgresStore
 from simulator.broker import LocalBroker
 from tests.delivery_harness import report

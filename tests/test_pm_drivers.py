@@ -16,7 +16,7 @@ import serial
 from drivers import pms, sds011, sps30
 from drivers.base import Reading, SensorDriver
 from drivers.serialport import ReconnectingPort, open_port
-from edge.errors import BusError, DeviceNotFound, ReadError, SensorTimeout
+from core.errors import BusError, DeviceNotFound, ReadError, SensorTimeout
 from simulator.pm_devices import PMSSimulator, SDS011Simulator, SPS30Simulator, constant_source
 
 SOURCE = constant_source(5.0, 8.0, 12.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from drivers import pms, sds011, sps30
-from edge.errors import ChecksumError
+from core.errors import ChecksumError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pm"
 

@@ -2,7 +2,7 @@
 
 Whatever arrives on the wire, the decoders and parsers
 
-* raise nothing but ``edge.errors.ReadError`` subclasses (parsers raise nothing),
+* raise nothing but ``core.errors.ReadError`` subclasses (parsers raise nothing),
 * return promptly (Hypothesis' deadline fails a slow example),
 * never hand out a frame whose checksum does not hold, checked here with an
   independent implementation of each checksum on the frame's raw bytes.
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers import pms, sds011, sps30
-from edge.errors import ReadError
+from core.errors import ReadError
 
 FUZZ = settings(max_examples=150, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 

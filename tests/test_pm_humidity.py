@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from drivers.base import Reading
-from edge.calibration import CalibrationRecord, CalibrationStore, SensorCalibration, apply_record
-from edge.errors import ConfigError
-from edge.model import Sample, TimeSource
+from core.calibration import CalibrationRecord
+from edge.calibration import CalibrationStore, SensorCalibration, apply_record
+from core.errors import ConfigError
+from core.sample import Sample, TimeSource
 from receiver.aggregate import Period, Rule, build
 from receiver.config import load_receiver_config
 from receiver.export import export_measurements
@@ -29,7 +30,7 @@ from receiver.pm_humidity import DEFAULT_KAPPA, dry_pm, dry_pm10, growth_factor
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_calibration import T0, FakeClock, _cal_sample
 from tests.test_store_contract import MakeStore, make, q  # noqa: F401  (make: fixture, used by name)
-from uplink.wire import Batch, encode_batch
+from core.wire import Batch, encode_batch
 
 LAT, LON = 52.3702, 4.8952  # parked in one H3 cell: one pass, the map value is the usable values' mean
 RECEIVED = int(T0 * 1000) + 3_600_000

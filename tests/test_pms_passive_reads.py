@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from drivers import pms
-from edge.errors import ChecksumError, SensorTimeout
+from core.errors import ChecksumError, SensorTimeout
 
 FRAME = pms.build_data_frame(pm_cf1=(5, 8, 12), pm_atm=(5, 8, 12), counts=(280, 84, 40, 16, 4, 2))
 

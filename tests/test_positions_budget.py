@@ -19,15 +19,15 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from bench.bench_receiver_memory import _v2, gpsless_upload
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from receiver import store as store_mod
 from receiver.config import ReceiverConfig
 from receiver.positions import INTERPOLATED, Fix, locate
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_derive import backend  # noqa: F401  (fixture: SQLite and PostgreSQL)
 from tests.test_receiver_outage import Van, tiny_batches, wait_until
-from uplink.wire import Batch, content_hash, decode_ack, encode_batch, decode_batch
+from core.wire import Batch, content_hash, decode_ack, encode_batch, decode_batch
 
 T0 = 1_795_000_000_000
 UPLOADS = 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from edge.power import (
     ObservedDriver,
     OperatingHours,

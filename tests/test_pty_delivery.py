@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.sensors import build_drivers
+from edge.driver_factory import build_drivers
 from simulator.gps_device import nmea_epoch, ReceiverState
 from simulator.hardware import GPS_TTFF_S, SimulatedHardware
 from simulator.pty_delivery import PTY_INPUT_MAX, queued, wait_queued

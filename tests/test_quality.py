@@ -1,8 +1,8 @@
 from receiver import quality
 from receiver.store import SQLiteStore
 from tests.test_receiver_store import RECEIVED, T, put
-from edge.model import Sample, TimeSource
-from uplink.wire import Batch
+from core.sample import Sample, TimeSource
+from core.wire import Batch
 
 
 def test_value_flags():

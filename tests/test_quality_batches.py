@@ -18,12 +18,12 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from receiver.store import SQLiteStore
 from receiver.store_pg import PostgresStore
 from tests.pg import PgCluster, pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
 from tests.test_receiver_store import T, put
-from uplink.wire import Batch
+from core.wire import Batch
 
 # One segment of a stream: (kind, length). Kinds give the pm25 value of step k.
 KINDS = ("noise", "stuck", "low_frame", "low_clean", "step", "spike", "sentinel", "null", "text")

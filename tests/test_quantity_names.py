@@ -20,7 +20,7 @@ from receiver.aggregate import QUANTITIES, Period, Rule, build, usable_values
 from receiver.config import ReceiverConfig
 from receiver.export import measurements
 from receiver.mapunits import make_snapper
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from simulator.fleet import default_shift_start, van_config
 
 RENAMED = {"[sensors.pm]": "[sensors.pms5003]", "[sensors.no2]": "[sensors.nox]"}
@@ -103,7 +103,7 @@ def test_renamed_sections_reach_the_map_through_agent_and_receiver(tmp_path: Pat
 
 
 def test_every_driver_says_what_it_measures() -> None:
-    from edge.sensors import FACTORIES, MEASURES
+    from edge.driver_factory import FACTORIES, MEASURES
 
     assert sorted(d for ds in MEASURES.values() for d in ds) == sorted(FACTORIES)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 from receiver.cli import main as receiver_cli
 from receiver.config import load_receiver_config
 

@@ -21,7 +21,7 @@ from bench.bench_receiver_memory import GPSLESS_UPLOADS, TARGET_MB, ReceiverRig,
 from receiver.budget import upload_cost
 from receiver.config import ReceiverConfig
 from receiver.store import SQLiteStore
-from uplink.wire import content_hash, decode_batch
+from core.wire import content_hash, decode_batch
 
 UPLOADS = 64
 

@@ -25,16 +25,16 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from receiver.budget import upload_values
 from receiver.config import ReceiverConfig
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from receiver.store import SQLiteStore
 from simulator.broker import LocalBroker, free_port
 from tests.delivery_harness import report
 from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_derive import shift_batches
-from uplink.wire import Batch, decode_ack, decode_batch, encode_batch
+from core.wire import Batch, decode_ack, decode_batch, encode_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 T0_MS = 1_795_000_000_000
@@ -358,7 +358,7 @@ def poison_one(store: Any, batch: Batch) -> None:
 def test_underivable_batch_is_parked_and_the_fleet_goes_on(tmp_path: Path, mosquitto: LocalBroker,
                                                            backend: str, request: pytest.FixtureRequest) -> None:
     from receiver.store_factory import open_store
-    from uplink.wire import content_hash
+    from core.wire import content_hash
 
     target = str(tmp_path / "store.sqlite")
     if backend == "postgres":
@@ -484,8 +484,8 @@ def test_every_upload_is_inflated_once(tmp_path: Path, mosquitto: Any, monkeypat
     (issue 13 review): twice the zlib work on the ack path. Now the peek's checked body is what
     is decoded. Through a real broker and the in-process receiver: every inflation counted,
     version 1 and 2 uploads, and a corrupt one still rejected with its reason."""
-    import uplink.codec_v2 as v2
-    import uplink.wire as wire
+    import core.codec_v2 as v2
+    import core.wire as wire
 
     inflated: list[int] = []
     for mod in (v2, wire):

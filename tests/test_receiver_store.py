@@ -1,10 +1,10 @@
 import pytest
 
-from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
+from core.errors import PayloadError
+from core.sample import Sample, TimeSource
 from receiver.ingest import Ingestor
 from receiver.store import SQLiteStore
-from uplink.wire import Batch, Gap, content_hash, decode_ack, encode_ack, encode_batch
+from core.wire import Batch, Gap, content_hash, decode_ack, encode_ack, encode_batch
 
 T = 1_790_000_000_000
 RECEIVED = T + 3_600_000

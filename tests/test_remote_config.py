@@ -10,9 +10,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from edge.remote import build_request, decode_request, device_config_cli, dump_toml, merge, send_device_config
+from receiver.device_config import build_request, device_config_cli, send_device_config
+from edge.remote import decode_request, dump_toml, merge
 from edge.runtime import Runtime, load_full_config
-from edge.service import Notifier
+from edge.systemd_supervisor import Notifier
 
 
 def _conf(data_dir: Path, port: int) -> str:

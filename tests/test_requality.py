@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from edge.calibration import CALIBRATION_SENSOR, CalibrationRecord, no2_ppb_from_record
-from edge.model import Sample, TimeSource
+from core.calibration import CALIBRATION_SENSOR, CalibrationRecord, no2_ppb_from_record
+from core.sample import Sample, TimeSource
 from receiver import dbapi
 from receiver.store import SQLiteStore
 from receiver.store_pg import PostgresStore
 from tests.pg import pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
 from tests.test_receiver_store import T, put
-from uplink.wire import Batch
+from core.wire import Batch
 
 SHEET = {"we_e_mv": 295, "ae_e_mv": 300, "we_o_mv": 1, "ae_o_mv": 2, "sensitivity_na_per_ppb": -0.3,
          "gain_mv_per_na": -0.73}

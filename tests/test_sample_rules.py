@@ -1,4 +1,4 @@
-"""The van and the receiver judge a sample by one rule set (uplink/sample_rules.py).
+"""The van and the receiver judge a sample by one rule set (core/sample_rules.py).
 
 The van's commit check used to be only part of the receiver's schema: a sample
 with a control character in its sensor name, a 200-character boot id, JSON
@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from buffer.store import Buffer
-from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
+from core.errors import PayloadError
+from core.sample import Sample, TimeSource
 from receiver.validate import check_batch
 from tests.delivery_harness import report
-from uplink.wire import Batch, decode_batch
+from core.wire import Batch, decode_batch
 
 T0 = 1_795_000_000_000
 

@@ -23,11 +23,11 @@ from drivers.i2c import BusRetry, FakeI2CBus
 from drivers.noise.capture import MicrophoneDriver
 from drivers.noise.levels import LevelMeter, MeterConfig
 from drivers.sound_module import SoundLevelModule
-from edge.calibration import CALIBRATION_SENSOR
+from core.calibration import CALIBRATION_SENSOR
 from edge.cli import main as edge_cli
 from edge.config import CALIBRATION_SECTION, GPS_SECTION, parse_config
-from edge.errors import ConfigError, PayloadError
-from edge.model import Sample, TimeSource
+from core.errors import ConfigError, PayloadError
+from core.sample import Sample, TimeSource
 from edge.runtime import check_config_data
 from receiver.aggregate import NOT_MEASUREMENTS
 from receiver.store import quality_rows
@@ -36,7 +36,7 @@ from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_dgs_no2 import open_driver  # noqa: F401  (fixture: a DGS simulator on a pty)
 from tests.test_store_contract import make  # noqa: F401  (fixture: SQLite and PostgreSQL stores)
 from simulator.i2c_devices import FakeSoundModule
-from uplink.wire import MAX_NAME_CHARS, Batch
+from core.wire import MAX_NAME_CHARS, Batch
 
 T0 = 1_780_000_000_000
 

@@ -21,7 +21,7 @@ from edge.cli import main
 from edge.config import parse_config
 from edge.logging_setup import JournalJsonFormatter, RedactingFilter, Redactor, secrets_of, setup_logging
 from edge.runtime import Runtime, check_config_data, load_full_config
-from edge.service import Notifier
+from edge.systemd_supervisor import Notifier
 from simulator.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import SensorConfig, parse_config
-from edge.errors import ConfigError
-from edge.sensors import build_drivers
+from core.errors import ConfigError
+from edge.driver_factory import build_drivers
 from simulator.fleet import HARDWARE_SENSORS, NOISE_MICROPHONE, NOISE_MODULE
 from simulator.hardware import SimulatedHardware
 from simulator.world import VanWorld

@@ -8,8 +8,8 @@ from drivers.ads1115 import ADS1115
 from drivers.base import SensorDriver
 from drivers.i2c import BusRetry, FakeI2CBus
 from drivers.sound_module import SoundLevelModule, averaging_bytes, control_with_weighting
-from edge.clock import SimClock
-from edge.errors import BusError, ConfigError
+from core.clock import SimClock
+from core.errors import BusError, ConfigError
 from simulator.i2c_devices import FakeADS1115, FakeSoundModule
 
 

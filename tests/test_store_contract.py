@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from edge.errors import PayloadError
+from core.errors import PayloadError
 from receiver.ingest import Ingestor
 from receiver.store import SQLiteStore
 from tests.pg import PgCluster, pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_receiver_store import RECEIVED, batch, put
-from uplink.wire import Gap, content_hash, decode_ack, encode_ack, encode_batch
+from core.wire import Gap, content_hash, decode_ack, encode_ack, encode_batch
 
 MakeStore = Callable[..., Any]
 

@@ -18,7 +18,7 @@ from receiver.store_factory import open_store, sqlite_path
 from receiver.store_pg import PostgresStore
 from tests.pg import PgCluster, pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
 from tests.test_receiver_store import RECEIVED, batch, put
-from uplink.wire import Batch, content_hash, encode_batch
+from core.wire import Batch, content_hash, encode_batch
 
 DEVICES = ("van-001", "van-002", "van-003", "van-004")
 TICKS = 10  # 20 samples per batch

@@ -25,7 +25,16 @@ def _directives(text: str) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize("unit", ["datalab-edge.service", "datalab-receiver.service"])
+ALL_UNITS = sorted(p.name for p in UNITS.iterdir() if p.suffix in (".service", ".timer"))
+CENTRAL_SERVICES = ["datalab-receiver@.service", "datalab-deriver.service", "datalab-api.service",
+                    "datalab-maps.service"]
+
+
+def test_every_unit_is_listed() -> None:
+    assert set(ALL_UNITS) == {"datalab-edge.service", *CENTRAL_SERVICES, "datalab-maps.timer"}
+
+
+@pytest.mark.parametrize("unit", ALL_UNITS)
 def test_unit_verifies(unit: str, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -37,12 +46,46 @@ def test_unit_verifies(unit: str, tmp_path: Path) -> None:
         exe = bindir / name
         exe.write_text("#!/bin/sh\nexit 0\n")
         exe.chmod(0o755)
-    text = (UNITS / unit).read_text().replace("/opt/datalab-edge/venv/bin/", f"{bindir}/")
-    (tmp_path / unit).write_text(text)
+    # All units side by side: a timer is verified with the service it starts.
+    for u in ALL_UNITS:
+        (tmp_path / u).write_text((UNITS / u).read_text().replace("/opt/datalab-edge/venv/bin/", f"{bindir}/"))
     r = subprocess.run([analyze, "verify", str(tmp_path / unit)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     # Any warning (an unknown key, a typo in a directive) counts as a failure too.
     assert r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("unit", CENTRAL_SERVICES)
+def test_central_unit_contract(unit: str) -> None:
+    """Hardened like the van's unit; the service account; secrets only from files outside the repo."""
+    d = _directives((UNITS / unit).read_text())
+    assert d["User"] == ["datalab"] and d["Group"] == ["datalab"]
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
+                       ("PrivateTmp", "yes"), ("PrivateDevices", "yes"), ("RestrictSUIDSGID", "yes"),
+                       ("CapabilityBoundingSet", ""), ("SystemCallFilter", "@system-service")):
+        assert d[key] == [value], (key, d.get(key))
+    assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    exec_start = d["ExecStart"][0]
+    assert exec_start.startswith("/opt/datalab-edge/venv/bin/datalab-receiver ")
+    assert "password" not in exec_start.lower() and "postgresql://" not in exec_start
+    if unit != "datalab-receiver@.service":
+        assert d["EnvironmentFile"] == ["/etc/datalab/central.env"] and "${DATALAB_STORE}" in exec_start
+    long_running = unit != "datalab-maps.service"
+    assert (d.get("Restart") == ["always"]) == long_running
+    if unit == "datalab-api.service":
+        assert "--host 127.0.0.1" in exec_start and "--token-file /etc/datalab/api-token" in exec_start
+        assert d["RestartPreventExitStatus"] == ["2"]  # no store (exit 2): no crash loop
+    if unit == "datalab-deriver.service":
+        assert exec_start.endswith("derive --store ${DATALAB_STORE} --follow")
+    if unit == "datalab-receiver@.service":
+        assert "--client-id datalab-receiver-%i" in exec_start and "--config /etc/datalab/receiver.toml" in exec_start
+
+
+def test_map_timer_starts_the_map_build() -> None:
+    t = _directives((UNITS / "datalab-maps.timer").read_text())
+    assert t["Unit"] == ["datalab-maps.service"] and t["Persistent"] == ["true"] and t["OnCalendar"]
+    s = _directives((UNITS / "datalab-maps.service").read_text())
+    assert s["Type"] == ["oneshot"] and "aggregate --store ${DATALAB_STORE}" in s["ExecStart"][0]
 
 
 def test_agent_unit_contract() -> None:

@@ -7,12 +7,12 @@ import pytest
 from buffer.store import Buffer
 from drivers.base import Reading
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
-from edge.model import TimeSource
-from edge.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S, TimeKeeper, plausible_utc_ms, unroll_gps_week
+from core.sample import TimeSource
+from core.timekeeping import GPS_FILTER_S, GPS_ROLLOVER_S, TimeKeeper, plausible_utc_ms, unroll_gps_week
 from tests.test_agent import Counter, FakeLink, Timer
-from uplink.wire import decode_batch
+from core.wire import decode_batch
 
 TRUE_T0 = 1_790_000_000.0  # 2026-09-21
 THREE_YEARS = 3 * 365 * 86400.0

@@ -11,14 +11,14 @@ import pytest
 
 from buffer.store import Buffer
 from edge.agent import Agent
-from edge.clock import SimClock
+from core.clock import SimClock
 from edge.config import parse_config
 from receiver.config import ReceiverConfig
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from tests.test_agent import Counter
 from uplink.backoff import FullJitterBackoff
 from uplink.mqtt import MqttLink
-from uplink.wire import content_hash, decode_batch
+from core.wire import content_hash, decode_batch
 
 T0 = 1_795_000_000.0
 

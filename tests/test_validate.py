@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.errors import PayloadError, StoreUnavailable
+from core.errors import PayloadError, StoreUnavailable
 from receiver.ingest import PROBE_COUNTER, Ingestor, clean_text
 from receiver.store import SQLiteStore
 from receiver.validate import check_batch, check_status, json_depth, show
@@ -36,7 +36,7 @@ from tests.hostile import (
     ordinary,
 )
 from tests.pg import PgCluster, pg_cluster, pg_dsn  # noqa: F401
-from uplink.wire import Batch, content_hash, decode_ack, encode_ack
+from core.wire import Batch, content_hash, decode_ack, encode_ack
 
 TOPIC = "datalab/v1/van-a/batch"
 RECEIVED = 1_790_000_000_000 + 3_600_000
@@ -350,7 +350,7 @@ def test_reasons_quote_hostile_names_escaped_and_short() -> None:
 
 def test_bounds_are_inclusive_at_the_edges() -> None:
     h = next(x for x in killers("van-a") if x.kind == "valid_extremes")
-    from uplink.wire import decode_batch
+    from core.wire import decode_batch
 
     check_batch(decode_batch(h.build("e")))  # int64 ends, +-1e15, lat 90, lon -180, quality 9
 
@@ -359,7 +359,7 @@ def test_a_flag_with_a_comma_is_refused_even_when_a_name_of_the_batch_has_the_sa
     """Flags are stored comma-joined, so 'a,b' would come back as two flags. The check once
     shared its per-batch cache with sensor names and value keys: a sensor named 'a,b' let the
     flag 'a,b' through."""
-    from edge.model import Sample, TimeSource
+    from core.sample import Sample, TimeSource
 
     def batch(sensor: str, flag: str) -> Batch:
         s = Sample(sensor, 1_795_000_000_000, 1, TimeSource.GPS, {"v": 1.0}, (flag,), 1, "boot")

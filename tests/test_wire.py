@@ -3,10 +3,10 @@ import zlib
 
 import pytest
 
-from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
-from uplink import wire
-from uplink.wire import Ack, Batch, Gap, decode_ack, decode_batch, encode_ack, encode_batch
+from core.errors import PayloadError
+from core.sample import Sample, TimeSource
+from core import wire
+from core.wire import Ack, Batch, Gap, decode_ack, decode_batch, encode_ack, encode_batch
 
 
 def make_batch(n=5, device="van-001", first=1):

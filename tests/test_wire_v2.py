@@ -19,14 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.clock import SimClock
-from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
-from edge.timekeeping import TimeKeeper
-from simulator.sensors import SIM_DRIVERS
+from core.clock import SimClock
+from core.errors import PayloadError
+from core.sample import Sample, TimeSource
+from core.timekeeping import TimeKeeper
+from simulator.value_sensors import SIM_DRIVERS
 from simulator.world import VanWorld
-from uplink import codec_v2, wire
-from uplink.codec_v2 import (
+from core import codec_v2, wire
+from core.codec_v2 import (
     COMP_LZMA2,
     COMP_STORED,
     COMP_ZLIB,
@@ -35,7 +35,7 @@ from uplink.codec_v2 import (
     encode_v2,
     pack,
 )
-from uplink.wire import Batch, Gap, decode_batch, encode_batch
+from core.wire import Batch, Gap, decode_batch, encode_batch
 
 FUZZ = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 V2 = wire.MAGIC + bytes([wire.VERSION_COLUMNAR])

@@ -22,10 +22,9 @@ from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
 
-from edge.config import UplinkConfig
-from edge.errors import PayloadError
+from core.errors import PayloadError
 from uplink.backoff import FullJitterBackoff
-from uplink.wire import (
+from core.wire import (
     Ack,
     ack_topic,
     batch_topic,
@@ -64,10 +63,30 @@ class Link(Protocol):
 ClientFactory = Callable[..., mqtt.Client]
 
 
+class LinkSettings(Protocol):
+    """What the link reads of its configuration. The van's ``edge.config.UplinkConfig`` has
+    these fields; the uplink names only what it needs, so it sits below edge and never
+    imports the van's configuration (tests/test_layering.py)."""
+
+    host: str
+    port: int
+    topic_prefix: str
+    username: str
+    password: str  # secret: never logged
+    tls: bool
+    ca_file: str
+    cert_file: str
+    key_file: str
+    keepalive_s: int
+    window: int
+    reconnect_min_s: float
+    reconnect_max_s: float
+
+
 class MqttLink:
     def __init__(
         self,
-        cfg: UplinkConfig,
+        cfg: LinkSettings,
         device_id: str,
         *,
         client_factory: ClientFactory = mqtt.Client,

@@ -37,8 +37,8 @@ from numpy.typing import NDArray
 
 from drivers.base import Reading
 from drivers.options import DriverOptions, Option
-from edge.errors import DeviceNotFound, FatalError, ReadError
-from edge.timekeeping import MEASURED_MONO
+from core.errors import DeviceNotFound, FatalError, ReadError
+from core.timekeeping import MEASURED_MONO
 
 from .levels import LevelMeter, MinuteLevels, SecondLevels
 
@@ -365,7 +365,7 @@ def wait_for_seconds(driver: MicrophoneDriver, seconds: int, timeout_s: float = 
     return True
 
 
-# [sensors.NAME] options of driver = "microphone" (edge/sensors.py builds it); the bounds are
+# [sensors.NAME] options of driver = "microphone" (edge/driver_factory.py builds it); the bounds are
 # MeterConfig's (drivers/noise/levels.py). serial: the capsule's id its calibration records are
 # kept under (edge/calibration.py); "" = <device id>/<sensor name>.
 OPTIONS = DriverOptions({

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 from .weighting import SosFilter, design_a_weighting
 

@@ -13,8 +13,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from edge.calibration import CalibrationError, Proposal
-from edge.technician.common import (
+from core.calibration import CalibrationError
+from edge.calibration import Proposal
+from edge.technician.cli_support import (
     confirm_options,
     console,
     declined_exit,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.calibration import CalibrationError
+from core.calibration import CalibrationError
 
 HOUR = 3600.0
 # NO2 µg/m³ per ppb at 20 °C and 1013 hPa (the EU reference conditions Luchtmeetnet reports in).

@@ -7,8 +7,8 @@ import json
 import click
 from rich.table import Table
 
-from edge.calibration import CalibrationError
-from edge.technician.common import (
+from core.calibration import CalibrationError
+from edge.technician.cli_support import (
     console,
     fmt_time,
     fmt_value,

@@ -12,8 +12,8 @@ import click
 from rich.live import Live
 from rich.table import Table
 
-from edge.errors import RecoverableError
-from edge.technician.common import Van, console, handle_errors, load_van_config, van_options
+from core.errors import RecoverableError
+from edge.technician.cli_support import Van, console, handle_errors, load_van_config, van_options
 
 # The values worth a glance per kind of reading, in order, known by their keys (a section may
 # be called anything); others show the first few they have.

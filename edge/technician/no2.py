@@ -14,20 +14,17 @@ import click
 import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from drivers.no2 import N_T, interpolate_factor
-from edge.calibration import (
+from core.no2_sheet import N_T, interpolate_factor
+from core.calibration import (
     CalibrationError,
     CalibrationRecord,
-    CalibrationStore,
-    Proposal,
-    configured_no2_sheet,
-    import_sheet,
     no2_raw_ppb,
     no2_sheet,
     no2_values_from_sheet,
 )
+from edge.calibration import CalibrationStore, Proposal, configured_no2_sheet, import_sheet
 from edge.config import AgentConfig, SensorConfig
-from edge.technician.common import (
+from edge.technician.cli_support import (
     Van,
     confirm_options,
     console,
@@ -87,17 +84,18 @@ def simulate_gas(van: Van, ppb: float, *, offset_ppb: float, gain: float, drift_
     The inverse of AAN 803 algorithm 1 on the simulator's sheet, like SimulatedHardware does
     for street air, so the real driver and the real arithmetic are exercised.
     """
-    from simulator.hardware import SIM_NO2_CAL, SIM_TEMP_MV_AT_0C, SIM_TEMP_MV_PER_C
+    from edge import simulation
 
+    backend = simulation.backend()
     hw, clock = van.hardware, van.clock
     rng = np.random.default_rng(seed)
-    cal = SIM_NO2_CAL
+    cal = backend.no2_sheet
     t0 = clock.elapsed
 
     def volts(channel: int) -> float:
         temp_c = van.world.truth().air.temp_c
         if channel == 2:
-            return (SIM_TEMP_MV_AT_0C + SIM_TEMP_MV_PER_C * temp_c) / 1000.0
+            return (backend.temp_mv_at_0c + backend.temp_mv_per_c * temp_c) / 1000.0
         ae_mv = cal.ae_e_mv + cal.ae_o_mv
         if channel == 1:
             return ae_mv / 1000.0
@@ -113,7 +111,7 @@ def simulate_gas(van: Van, ppb: float, *, offset_ppb: float, gain: float, drift_
 
 def measure(van: Van, name: str, values: dict[str, Any], minutes: float, label: str) -> dict[str, np.ndarray]:
     """Read the sensor once a second for ``minutes``, with a progress bar; raw AAN 803 ppb."""
-    from edge.errors import RecoverableError
+    from core.errors import RecoverableError
 
     drv = van.driver(name)
     n = max(1, int(round(minutes * 60)))

@@ -16,8 +16,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from drivers.noise.levels import LevelMeter, MeterConfig, SecondLevels, measure_calibrator
-from edge.calibration import CalibrationError, Proposal, noise_serial
-from edge.technician.common import (
+from core.calibration import CalibrationError
+from edge.calibration import Proposal, noise_serial
+from edge.technician.cli_support import (
     confirm_options,
     console,
     declined_exit,
@@ -162,10 +163,11 @@ def calibrate(seconds: float, reference_db: float, max_range: float, serial: str
                             noise_floor_db=meter_cfg.noise_floor_db)
     source: Any
     if simulate or str(sc.options.get("device", "")) == "sim":
-        from simulator.microphone import CalibratorTone
+        from edge import simulation
 
-        source = CalibratorTone(sim_freq, reference_db, meter_cfg.sensitivity_dbfs,
-                                sensitivity_error_db=sim_error_db, sample_rate=meter_cfg.sample_rate)
+        source = simulation.backend(f"sensors.{sc.name}.device").calibrator_tone(
+            sim_freq, reference_db, meter_cfg.sensitivity_dbfs,
+            sensitivity_error_db=sim_error_db, sample_rate=meter_cfg.sample_rate)
     else:
         from drivers.noise.capture import AlsaSource
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import click
 
-from edge.calibration import EPA_PM25_HUMIDITY, CalibrationError, Proposal
+from core.calibration import EPA_PM25_HUMIDITY, CalibrationError
+from edge.calibration import Proposal
 from edge.technician.colocate import PM_DRIVERS
-from edge.technician.common import (
+from edge.technician.cli_support import (
     confirm_options,
     console,
     declined_exit,

@@ -23,8 +23,8 @@ import click
 from rich.table import Table
 
 from edge.config import AgentConfig, UplinkConfig
-from edge.errors import ConfigError, RecoverableError
-from edge.technician.common import EXIT_FAIL, EXIT_OK, Van, console, handle_errors, load_van_config, van_options
+from core.errors import ConfigError, RecoverableError
+from edge.technician.cli_support import EXIT_FAIL, EXIT_OK, Van, console, handle_errors, load_van_config, van_options
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 CHECKS = ("sensors", "gps", "clock", "buffer", "broker", "disk", "cpu")
@@ -76,7 +76,7 @@ def _has_fix(values: dict[str, Any]) -> bool:
 
 def check_sensors(van: Van, seconds: float, want_gps: bool) -> tuple[list[Check], Any]:
     """Read every sensor once a second until each gave a good reading (or time is up)."""
-    from edge.timekeeping import TimeFixSource, TimeKeeper
+    from core.timekeeping import TimeFixSource, TimeKeeper
 
     tk = TimeKeeper(van.clock, [d for d in van.drivers if isinstance(d, TimeFixSource)],
                     gps_valid_s=van.cfg.time.gps_valid_s)
@@ -240,7 +240,7 @@ def run_checks(cfg: AgentConfig, *, seconds: float, skip: set[str]) -> list[Chec
                 got, tk = check_sensors(van, seconds, want_gps="gps" not in skip)
                 checks += [c for c in got if not (c.name.startswith("sensor") and "sensors" in skip)]
             else:
-                from edge.timekeeping import TimeKeeper
+                from core.timekeeping import TimeKeeper
 
                 tk = TimeKeeper(van.clock)
             if "clock" not in skip:

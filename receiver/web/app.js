@@ -1,6 +1,8 @@
 // DataLab dashboard: a street map drawn as SVG from the API's GeoJSON, and the fleet table.
-// No map library and no tiles: the page must work on a machine without internet, and it
-// loads nothing from elsewhere (the server's Content-Security-Policy forbids it anyway).
+// No map library: the page must work on a machine without internet. Under the data it draws
+// either raster tiles from the one tile server the centre configured (serve --tile-url; the
+// server's Content-Security-Policy admits that origin and no other) or, by default and offline,
+// the street lines the map units are cut from (/api/v1/basemap).
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -29,7 +31,7 @@ const NEUTRAL_NOTE = {
 
 function paletteFor(quantity) { return NEUTRAL_NOTE[quantity] ? NEUTRAL : COLOURS; }
 
-const state = { catalog: null, token: "", view: null };
+const state = { catalog: null, token: "", view: null, project: null };
 
 function $(id) { return document.getElementById(id); }
 
@@ -66,14 +68,22 @@ function eachCoord(geom, fn) {
 }
 
 function makeProjection(features) {
-  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity, lat0 = Infinity, lat1 = -Infinity;
   features.forEach((f) => eachCoord(f.geometry, (lon, lat) => {
     const y = mercY(lat);
     x0 = Math.min(x0, lon); x1 = Math.max(x1, lon); y0 = Math.min(y0, y); y1 = Math.max(y1, y);
+    lat0 = Math.min(lat0, lat); lat1 = Math.max(lat1, lat);
   }));
   const s = Math.min((VIEW_W - 2 * PAD) / ((x1 - x0) || 1e-6), (VIEW_H - 2 * PAD) / ((y1 - y0) || 1e-6));
   const ox = (VIEW_W - s * (x1 - x0)) / 2, oy = (VIEW_H - s * (y1 - y0)) / 2;
-  return (lon, lat) => [ox + s * (lon - x0), VIEW_H - (oy + s * (mercY(lat) - y0))];
+  const fromMerc = (lon, m) => [ox + s * (lon - x0), VIEW_H - (oy + s * (m - y0))];
+  const project = (lon, lat) => fromMerc(lon, mercY(lat));
+  project.fromMerc = fromMerc;
+  project.scale = s;  // view units per degree of longitude
+  // Longitude and Mercator y (in degrees) of a view-box point: which tiles cover the view.
+  project.invert = (x, y) => [x0 + (x - ox) / s, y0 + (VIEW_H - y - oy) / s];
+  project.dataBox = [x0, lat0, x1, lat1];  // west, south, east, north
+  return project;
 }
 
 function pathData(geom, project) {
@@ -119,7 +129,82 @@ function drawMap(fc, quantity) {
     g.appendChild(el);
   }
   drawLegend(quantity);
+  state.project = project;
   return feats.length;
+}
+
+// ---------------------------------------------------------------- under the data
+
+async function drawBasemap(project) {
+  const layer = $("basemap"), svg = $("map"), credit = $("attribution");
+  layer.replaceChildren();
+  // The whole view box, in degrees: streets (or tiles) reach its edges, around the data.
+  const [w, mN] = project.invert(-VIEW_W * 0.25, -VIEW_H * 0.25);
+  const [e, mS] = project.invert(VIEW_W * 1.25, VIEW_H * 1.25);
+  const lat = (m) => Math.atan(Math.sinh(m * Math.PI / 180)) * 180 / Math.PI;
+  const bbox = [w, lat(mS), e, lat(mN)].map((v) => v.toFixed(5)).join(",");
+  let bm;
+  try {
+    bm = await getJSON("../api/v1/basemap?bbox=" + bbox);
+  } catch (e) {
+    svg.dataset.basemap = "none"; credit.textContent = ""; return;
+  }
+  if (bm.tile_url) {
+    const n = drawTiles(layer, bm.tile_url, project, w, e, mS, mN);
+    svg.dataset.basemap = "tiles"; svg.dataset.basemapItems = String(n);
+    credit.textContent = bm.attribution || "";
+  } else {
+    for (const f of bm.streets.features) {
+      const el = document.createElementNS(SVG_NS, "path");
+      el.setAttribute("d", pathData(f.geometry, project));
+      el.setAttribute("class", "street " + (f.properties.road_class || ""));
+      layer.appendChild(el);
+    }
+    svg.dataset.basemap = "streets"; svg.dataset.basemapItems = String(bm.streets.features.length);
+    credit.textContent = "Streets: the road network of the map units (offline basemap).";
+  }
+}
+
+// Web Mercator raster tiles (z/x/y) covering lon w..e and Mercator y mS..mN, at the zoom whose
+// tiles show at about 256 screen pixels. At most 64 tiles: a wider view takes a coarser zoom.
+function drawTiles(layer, template, project, w, e, mS, mN) {
+  const px = $("map").clientWidth / VIEW_W || 1;
+  let z = Math.round(Math.log2(360 * project.scale * px / 256));
+  z = Math.max(0, Math.min(19, z));
+  const tile = (lon, m, zz) => [Math.floor((lon + 180) / 360 * 2 ** zz), Math.floor((1 - m / 180) / 2 * 2 ** zz)];
+  let a, b;
+  for (;; z--) {
+    a = tile(w, mN, z); b = tile(e, mS, z);
+    if (z === 0 || (b[0] - a[0] + 1) * (b[1] - a[1] + 1) <= 64) break;
+  }
+  const n2 = 2 ** z;
+  let count = 0;
+  for (let tx = Math.max(a[0], 0); tx <= Math.min(b[0], n2 - 1); tx++) {
+    for (let ty = Math.max(a[1], 0); ty <= Math.min(b[1], n2 - 1); ty++) {
+      const [x, y] = project.fromMerc(tx / n2 * 360 - 180, 180 * (1 - 2 * ty / n2));
+      const [x2, y2] = project.fromMerc((tx + 1) / n2 * 360 - 180, 180 * (1 - 2 * (ty + 1) / n2));
+      const img = document.createElementNS(SVG_NS, "image");
+      img.setAttribute("href", template.replace("{z}", z).replace("{x}", tx).replace("{y}", ty));
+      img.setAttribute("x", x.toFixed(1)); img.setAttribute("y", y.toFixed(1));
+      img.setAttribute("width", (x2 - x).toFixed(1)); img.setAttribute("height", (y2 - y).toFixed(1));
+      img.setAttribute("preserveAspectRatio", "none");
+      img.setAttribute("class", "tile");
+      layer.appendChild(img);
+      count++;
+    }
+  }
+  return count;
+}
+
+// Where the parts ended up on screen: the tests read it (legend off the data, table in the page).
+function layoutReport() {
+  const r = (el) => { const b = el.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom].map(Math.round); };
+  return JSON.stringify({
+    viewport: [window.innerWidth, window.innerHeight],
+    page_width: document.documentElement.scrollWidth,
+    map: r($("map")), data: r($("units")), legend: r($("legend")),
+    table: r($("fleet-table")), fleet: r($("fleet-section")),
+  });
 }
 
 function drawLegend(quantity) {
@@ -212,6 +297,7 @@ async function refreshMap() {
   try {
     const fc = await getJSON("../api/v1/aggregates?" + qs);
     const n = drawMap(fc, quantity);
+    if (n) await drawBasemap(state.project);
     const what = scheme === "segment" ? "segments" : "cells";
     status.textContent = n + " " + what + " drawn";
     $("map").dataset.drawn = String(n);
@@ -298,6 +384,7 @@ async function main() {
   fillSelectors();
   ["quantity", "period", "scheme"].forEach((id) => $(id).addEventListener("change", refreshMap));
   await Promise.all([refreshMap(), refreshFleet()]);
+  document.body.dataset.layout = layoutReport();
   document.body.dataset.ready = "1";
 }
 

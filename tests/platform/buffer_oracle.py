@@ -18,7 +18,7 @@ from typing import Any
 
 
 def held_seqs(buffer_path: Path) -> dict[str, Any]:
-    from uplink.wire import decode_batch  # the installed project's own decoder
+    from core.wire import decode_batch  # the installed project's own decoder
 
     db = sqlite3.connect(f"file:{buffer_path}?mode=ro", uri=True, timeout=30)
     try:

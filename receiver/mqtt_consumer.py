@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 from collections.abc import Callable
 from typing import TypeVar
 
-from edge.faultpoints import crash_point
+from core.faultpoints import crash_point
 from receiver.budget import Cost, peek
 from receiver.liveness import PgPing, StoreProbe
 from receiver.config import ReceiverConfig, pg_timeouts
@@ -36,7 +36,7 @@ from receiver.ingest import Ingestor, Outcome
 from receiver.lazy_store import LazyStore
 from receiver.store import Store
 from receiver.store_factory import open_store
-from uplink.wire import ACK_REJECTED, ack_topic, encode_ack
+from core.wire import ACK_REJECTED, ack_topic, encode_ack
 
 log = logging.getLogger(__name__)
 

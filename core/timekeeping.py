@@ -49,8 +49,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from edge.clock import Clock
-from edge.model import TimeSource
+from core.clock import Clock
+from core.sample import TimeSource
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Is a calibration record one the receiver can keep and derive with? One check, both sides.
 
 Here (not in receiver/) so the van runs the very same rules: ``CalibrationStore.add``
-refuses a record that fails them, and the buffer's commit check (``uplink.sample_rules``)
+refuses a record that fails them, and the buffer's commit check (``core.sample_rules``)
 sets aside a calibration sample carrying one, instead of a whole batch being refused at
 the receiver and the record re-announced at every start (issue 14 re-test).
 receiver/calibration_check.py re-exports it under its old name.
@@ -22,12 +22,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from edge.calibration import CalibrationRecord, no2_ppb_from_record
-from edge.errors import PayloadError
-from drivers.no2 import ALGORITHMS, TABLE_TEMPS_C
-from uplink.codec_v2 import INT64_MAX
+from core.calibration import CalibrationRecord, no2_ppb_from_record
+from core.errors import PayloadError
+from core.no2_sheet import ALGORITHMS, TABLE_TEMPS_C
+from core.codec_v2 import INT64_MAX
 # The admission schema's float bound (receiver/validate.py), kept with the wire format.
-from uplink.wire import MAX_ABS_FLOAT as MAX_ABS_NUMBER
+from core.wire import MAX_ABS_FLOAT as MAX_ABS_NUMBER
 
 MAX_ABS_TIME_S = 1e11  # UTC seconds (year ~5100): x1000 must fit a bigint millisecond column
 _TEXT_FIELDS = ("id", "kind", "serial", "method", "status")

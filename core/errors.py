@@ -87,3 +87,15 @@ class ConfigInvalid(ConfigError):
 
 class DeviceNotFound(FatalError):
     """A configured device is not present at start (and the driver cannot wait for it)."""
+
+
+class StoreNotFound(FatalError):
+    """A command that reads the DataLab store was given one that is not there (or not a store).
+
+    Read commands never create a store (issue 17.3): they stop with this, one line, exit code 2.
+    """
+
+
+class StoreUnreachable(StoreNotFound):
+    """A PostgreSQL store that does not answer (down, frozen, or a wrong URL): `stats` reports it
+    as an outage (exit 1); the other read commands stop as for a missing store."""

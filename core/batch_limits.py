@@ -1,7 +1,7 @@
 """Every limit the receiver puts on one batch, in one place, and the van's check against them.
 
-The receiver refuses a whole batch that passes any of them (``uplink.wire``
-decoding, ``uplink.codec_v2``, ``receiver.validate``); the van seals fewer
+The receiver refuses a whole batch that passes any of them (``core.wire``
+decoding, ``core.codec_v2``, ``receiver.validate``); the van seals fewer
 samples per batch instead (``buffer.store.Buffer.seal``), and sets aside at
 commit a single sample that could never fit (``sample_never_fits``). Both
 sides read the numbers from here, so they cannot drift apart.
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from edge.errors import PayloadError
-from edge.model import Sample
-from uplink.codec_v2 import MAX_VALUE_CELLS
-from uplink.wire import MAX_DECOMPRESSED_BYTES, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, inflate_body
+from core.errors import PayloadError
+from core.sample import Sample
+from core.codec_v2 import MAX_VALUE_CELLS
+from core.wire import MAX_DECOMPRESSED_BYTES, MAX_PAYLOAD_BYTES, MAX_SAMPLES_PER_BATCH, inflate_body
 
 MAX_GAPS_PER_BATCH = 10_000
 # Below this many bytes of JSON values a single sample cannot break the payload limits

@@ -2,11 +2,11 @@
 
 They live in their own click group so the receiver's CLI can take them in one line::
 
-    from receiver.commands import datalab_commands
+    from receiver.datalab_commands import datalab_commands
     for cmd in datalab_commands.commands.values():
         main.add_command(cmd)
 
-``python -m receiver.commands --help`` runs the group on its own.
+``python -m receiver.datalab_commands --help`` runs the group on its own.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _measurements_policy_option(f):  # type: ignore[no-untyped-def]
 
 
 def _flag_policy(config: str | None):  # type: ignore[no-untyped-def]
-    from edge.errors import ConfigError
+    from core.errors import ConfigError
     from receiver.config import load_receiver_config
 
     try:
@@ -75,7 +75,9 @@ def _flag_policy(config: str | None):  # type: ignore[no-untyped-def]
 
 def _connect(store: str, readonly: bool = False):  # type: ignore[no-untyped-def]
     from receiver import dbapi
+    from receiver.store_check import require_store_or_exit
 
+    require_store_or_exit(store)  # these commands read a store: never create one (issue 17.3)
     try:
         return dbapi.connect(store, readonly=readonly)
     except (OSError, ValueError) as exc:
@@ -116,7 +118,7 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
       datalab-receiver aggregate --store datalab.sqlite --scheme h3:11 --period 2026-11 --min-days 4
       datalab-receiver aggregate --store postgresql://datalab@db/datalab --monthly
     """
-    from receiver.aggregate import build
+    from receiver.aggregate import build, why_nothing
     from receiver.mapunits import make_snapper
 
     try:
@@ -137,6 +139,8 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
         for rep in build(conn, snapper, chosen, rule=rule, tz=tz, max_gap_s=max_gap_s, policy=policy):
             click.echo(f"{rep.scheme:8} {rep.period:24} {rep.samples:>9,} samples {rep.passes:>8,} passes "
                        f"{rep.rows:>7,} rows {rep.published:>7,} published  {rep.elapsed_s:6.2f} s")
+            if (why := why_nothing(rep, rule)) is not None:
+                click.echo(f"  {why}")
     click.echo(f"done in {time.perf_counter() - t0:.2f} s (publication rule: {min_passes} passes on {min_days} days)")
     conn.close()
 
@@ -222,10 +226,17 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
               help="Close a connection whose request is not complete this many seconds after its first byte.")
 @click.option("--per-address-limit", default=16, show_default=True,
               help="Open connections per client address (0: no cap; behind a proxy raise it or use 0).")
+@click.option("--tile-url", envvar="DATALAB_TILE_URL",
+              help="Map tiles under the dashboard's data, https://.../{z}/{x}/{y}.png (else: the streets of "
+                   "--roads, drawn offline).")
+@click.option("--tile-attribution", envvar="DATALAB_TILE_ATTRIBUTION", default="",
+              help="The tile server's required credit line, shown under the map.")
+@click.option("--roads", type=click.Path(exists=True, dir_okay=False),
+              help="GeoJSON of the streets drawn under the data without tiles (default: the shipped pilot route).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(store: str, host: str, port: int, token_file: str | None, public_url: str | None, tz: str,
           threads: int, connection_limit: int, idle_timeout: int, request_timeout: float, per_address_limit: int,
-          verbose: bool) -> None:
+          tile_url: str | None, tile_attribution: str, roads: str | None, verbose: bool) -> None:
     """Serve the read-only API, the SensorThings view and the dashboard.
 
     Public: published aggregates (/api/v1/aggregates, /sta/v1.1/...) and the dashboard
@@ -255,12 +266,22 @@ def serve(store: str, host: str, port: int, token_file: str | None, public_url: 
         raise click.BadParameter("must be above 0", param_hint="--request-timeout")
     if per_address_limit < 0:
         raise click.BadParameter("must be 0 (no cap) or more", param_hint="--per-address-limit")
+    from receiver.store_check import require_store_or_exit
+
+    require_store_or_exit(store)  # refuse to start rather than answer 500 (or 503) to everything
+    from receiver.basemap import Basemap
+
+    try:
+        basemap = Basemap(tile_url=tile_url or None, attribution=tile_attribution, roads=roads)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tile-url") from None
     token = Path(token_file).read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
     limits = ServerLimits(threads=threads, connection_limit=connection_limit, channel_timeout_s=idle_timeout,
                           cleanup_interval_s=max(1, min(5, idle_timeout // 2, int(request_timeout // 2))),
                           request_timeout_s=request_timeout, per_address_limit=per_address_limit)
     try:
-        server = make_server(store, host, port, token=token or None, public_url=public_url, tz=tz, limits=limits)
+        server = make_server(store, host, port, token=token or None, public_url=public_url, tz=tz, limits=limits,
+                             basemap=basemap)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
     h, p = server.server_address[:2]

@@ -29,10 +29,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from drivers.base import SensorDriver
+from edge import simulation
 from edge.config import SensorConfig
 from drivers.options import DriverOptions, Option, check_table
-from edge.errors import ConfigError, ConfigInvalid
-from edge.timekeeping import MIN_PLAUSIBLE_UTC_MS
+from core.errors import ConfigError, ConfigInvalid
+from core.timekeeping import MIN_PLAUSIBLE_UTC_MS
 
 DriverFactory = Callable[[SensorConfig, dict[str, Any]], SensorDriver]
 
@@ -212,13 +213,11 @@ def _microphone(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
 
 def _sim_factory(kind: str) -> DriverFactory:
     def make(sc: SensorConfig, ctx: dict[str, Any]) -> SensorDriver:
-        from simulator.sensors import SIM_DRIVERS
-
         world = ctx.get("world")
         if world is None:
             raise ConfigError(f"sensors.{sc.name}.driver", f"{kind!r} needs [simulation] enabled = true")
         o = _opts(sc)
-        return SIM_DRIVERS[kind](world, name=sc.name, seed=o["seed"])
+        return simulation.backend(f"sensors.{sc.name}.driver").value_driver(kind, world, name=sc.name, seed=o["seed"])
 
     return make
 

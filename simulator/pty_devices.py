@@ -1,6 +1,6 @@
 """Simulated serial devices in a process of their own, in real time.
 
-``python -m simulator.devices --json ports.json`` starts a Plantower PMS5003
+``python -m simulator.pty_devices --json ports.json`` starts a Plantower PMS5003
 and a u-blox-like GPS receiver on pseudo-terminals, writes their paths to
 ``ports.json`` and runs until killed. An agent in another process then reads
 them through the real drivers at the devices' real rates: what the CPU

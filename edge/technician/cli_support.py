@@ -21,9 +21,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from edge.calibration import CalibrationError, CalibrationRecord, CalibrationStore, Proposal, record_id
+from core.calibration import CalibrationError, CalibrationRecord, record_id
+from edge.calibration import CalibrationStore, Proposal
 from edge.config import AgentConfig, SensorConfig, parse_config
-from edge.errors import ConfigError
+from core.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/datalab-edge/agent.toml"
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -140,8 +141,8 @@ class Van:
         speedup: float | None = None,
         noise: str = "module",
     ) -> None:
-        from edge.clock import SimClock, SystemClock
-        from edge.sensors import build_drivers
+        from core.clock import SimClock, SystemClock
+        from edge.driver_factory import build_drivers
 
         self.cfg = cfg
         self.hardware: Any = None
@@ -149,16 +150,16 @@ class Van:
         ctx: dict[str, Any] = {}
         sim = cfg.simulation
         if sim.enabled:
+            from edge import simulation
             from edge.runtime import parse_utc
-            from simulator.hardware import SimulatedHardware
-            from simulator.world import VanWorld
 
+            backend = simulation.backend()
             start = parse_utc(sim.start_utc, "simulation.start_utc")
             self.clock: Any = SimClock(start, speedup=speedup)
-            self.world = VanWorld(self.clock, shift_start_utc=start, seed=sim.seed)
+            self.world = backend.world(self.clock, shift_start_utc=start, seed=sim.seed)
             ctx["world"] = self.world
             if sim.devices == "hardware":
-                self.hardware = SimulatedHardware(self.world, self.clock, seed=sim.seed, noise=noise)
+                self.hardware = backend.hardware(self.world, self.clock, seed=sim.seed, noise=noise)
                 ctx["hardware"] = self.hardware
         else:
             self.clock = SystemClock()

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable, Protocol
 
-from edge.model import TimeSource
+from core.sample import TimeSource
 
 
 class Clock(Protocol):

@@ -2,7 +2,7 @@
 
 A batch payload is ``MAGIC + version byte + body``. Version 1's body is
 zlib-compressed JSON (readable, self-describing); version 2 (the default,
-``uplink.codec_v2``) is columnar, delta-encoded and compressed, about 5 times
+``core.codec_v2``) is columnar, delta-encoded and compressed, about 5 times
 smaller than version 1 and under a byte per measured value. Both decode through
 ``decode_batch`` and pass the same checks. A payload of an unknown version is
 refused with a reason rather than guessed at.
@@ -23,8 +23,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
+from core.errors import PayloadError
+from core.sample import Sample, TimeSource
 
 MAGIC = b"DLB"
 VERSION_JSON = 1
@@ -122,7 +122,7 @@ def _sample_row(s: Sample) -> list[Any]:
 def encode_batch(batch: Batch, version: int = DEFAULT_VERSION) -> bytes:
     """Bytes for a sealed batch. Deterministic: the same batch gives the same bytes."""
     if version == VERSION_COLUMNAR:
-        from uplink.codec_v2 import encode_v2  # imported here: codec_v2 imports this module
+        from core.codec_v2 import encode_v2  # imported here: codec_v2 imports this module
 
         return MAGIC + bytes([VERSION_COLUMNAR]) + encode_v2(batch)
     if version != VERSION_JSON:
@@ -177,7 +177,7 @@ def _req(obj: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
 
 
 # Bounds of what a sample may hold: the receiver refuses a batch with anything beyond, and the
-# van's buffer refuses such a sample alone at commit; both through uplink.sample_rules.
+# van's buffer refuses such a sample alone at commit; both through core.sample_rules.
 MAX_ABS_FLOAT = 1e15  # no sensor measures beyond this in any unit; derived arithmetic stays exact
 MAX_NAME_CHARS = 128  # device, epoch, sensor, boot id, time source, value keys, flags
 MAX_TEXT_CHARS = 16_384  # a string value (a calibration record is ~1 KB), a gap reason
@@ -224,7 +224,7 @@ def decode_batch(payload: bytes, inflated: bytes | None = None) -> Batch:
         )
     try:
         if version == VERSION_COLUMNAR:
-            from uplink.codec_v2 import decode_v2
+            from core.codec_v2 import decode_v2
 
             return _validate(decode_v2(payload[len(MAGIC) + 1 :], inflated))
         return _validate(_decode_v1(payload[len(MAGIC) + 1 :], inflated))
@@ -243,7 +243,7 @@ def inflate_body(payload: bytes) -> bytes:
         raise PayloadError("not a datalab batch within the payload limit")
     version, body = payload[len(MAGIC)], payload[len(MAGIC) + 1 :]
     if version == VERSION_COLUMNAR:
-        from uplink.codec_v2 import unpack
+        from core.codec_v2 import unpack
 
         return unpack(body)
     if version not in SUPPORTED_VERSIONS:

@@ -8,7 +8,7 @@ field as a column, turns the slowly changing columns into runs and the
 counters and clocks into deltas (or deltas of deltas), and only then
 compresses. Lossless for everything version 1 carries.
 
-This module knows only the body after ``MAGIC + version byte``; ``uplink.wire``
+This module knows only the body after ``MAGIC + version byte``; ``core.wire``
 owns the envelope, the dispatch on the version byte and the checks both
 versions share (sequence range, duplicates, gaps). The exact byte layout is
 in docs/wire-format.md; the section names below follow it.
@@ -28,9 +28,9 @@ import zlib
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
-from uplink.wire import MAX_DECOMPRESSED_BYTES, MAX_SAMPLES_PER_BATCH, Batch, Gap
+from core.errors import PayloadError
+from core.sample import Sample, TimeSource
+from core.wire import MAX_DECOMPRESSED_BYTES, MAX_SAMPLES_PER_BATCH, Batch, Gap
 
 # --- bounds and constants -------------------------------------------------------
 
@@ -614,7 +614,7 @@ def _decode_stream(
 
 def decode_plain(plain: bytes) -> Batch:
     """A Batch from the uncompressed body. Structure only: the checks both
-    versions share (range, duplicates, gaps) are ``uplink.wire``'s."""
+    versions share (range, duplicates, gaps) are ``core.wire``'s."""
     r = _Reader(plain)
     device = r.string("device")
     epoch = r.string("epoch")

@@ -23,10 +23,10 @@ Why each bound (docs/wire-format.md, "What the receiver accepts", lists them):
 * GPS fix fields in their physical range (they become ``double``/``integer``
   columns of ``fixes`` and ``positions``).
 
-Imports only what the wire format already uses (edge.errors, edge.model) and
+Imports only what the wire format already uses (core.errors, core.sample) and
 the van's own calibration rules: the van does not carry the receiver's code.
 A calibration record's fields are checked by ``sample_problem`` (the van's
-commit and sealing) with edge/calibration_rules.py, the module the receiver's
+commit and sealing) with core/calibration_rules.py, the module the receiver's
 admission schema calls too.
 """
 
@@ -36,12 +36,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge.calibration import CALIBRATION_SENSOR
-from edge.calibration_rules import check_record
-from edge.errors import PayloadError
-from edge.model import Sample, TimeSource
-from uplink.codec_v2 import INT64_MAX, INT64_MIN
-from uplink.wire import MAX_ABS_FLOAT, MAX_KEYS_PER_SAMPLE, MAX_NAME_CHARS, MAX_TEXT_CHARS
+from core.calibration import CALIBRATION_SENSOR
+from core.calibration_rules import check_record
+from core.errors import PayloadError
+from core.sample import Sample, TimeSource
+from core.codec_v2 import INT64_MAX, INT64_MIN
+from core.wire import MAX_ABS_FLOAT, MAX_KEYS_PER_SAMPLE, MAX_NAME_CHARS, MAX_TEXT_CHARS
 
 MAX_FLAGS_PER_SAMPLE = 64
 MAX_JSON_DEPTH = 32  # JSON text inside a value, and status messages
