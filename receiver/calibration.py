@@ -49,7 +49,7 @@ from core.calibration import (
 )
 from core.errors import PayloadError
 from receiver.calibration_check import check_record
-from edge.calibration_rules import ADC_FULL_SCALE_MV, TEMP_RANGE_C
+from core.calibration_rules import ADC_FULL_SCALE_MV, TEMP_RANGE_C
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def record_at(recs: Records, t_ms: int, values: dict[str, Any]) -> CalibrationRe
 def inputs_in_range(values: dict[str, Any]) -> bool:
     """Are a sample's raw NO2 inputs numbers within their physical ranges? The electrodes are
     read by an ADS1115 (+-6.144 V full scale), the board runs at -40..85 C: the ranges the
-    calibration door tries a sheet on (edge/calibration_rules.py). Outside them a sheet the
+    calibration door tries a sheet on (core/calibration_rules.py). Outside them a sheet the
     door accepted still gives anything (issue 13 re-test: WE = 1e15 mV stored 3.86e15 ppb)."""
     raw = [values.get(k) for k in _RAW]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw):

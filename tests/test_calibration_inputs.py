@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from edge.calibration_rules import ADC_FULL_SCALE_MV, TEMP_RANGE_C, check_record
+from core.calibration_rules import ADC_FULL_SCALE_MV, TEMP_RANGE_C, check_record
 from receiver.ingest import Ingestor
 from tests.pg import pg_cluster  # noqa: F401
 from tests.test_calibration import T0, _cal_sample, _no2_sample
 from tests.test_calibration_identity import _record, _upload
 from tests.test_store_contract import MakeStore, make, q  # noqa: F401
-from uplink.wire import Batch
+from core.wire import Batch
 
 OUT = [  # the tester's, and just past each edge
     {"no2_we_mv": 1e15}, {"no2_we_mv": -1e15, "no2_ae_mv": 1e15}, {"no2_temp_c": 1e14},

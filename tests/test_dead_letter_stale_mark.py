@@ -20,7 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from tests.delivery_harness import Receiver
-from uplink.wire import content_hash, decode_ack
+from core.wire import content_hash, decode_ack
 
 
 def test_stale_mark_does_not_swallow_a_new_upload(tmp_path: Any, mosquitto: Any) -> None:

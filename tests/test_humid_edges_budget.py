@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from edge.model import Sample, TimeSource
+from core.sample import Sample, TimeSource
 from receiver import quality, requality
 from tests.pg import pg_cluster  # noqa: F401  (fixture, used by name)
 from tests.test_derive import backend  # noqa: F401  (fixture: SQLite and PostgreSQL)
-from uplink.wire import Batch, content_hash, encode_batch
+from core.wire import Batch, content_hash, encode_batch
 
 T0 = 1_795_000_000_000
 N = 1_000  # samples per upload

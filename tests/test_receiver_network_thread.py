@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from receiver.service import ReceiverService
+from receiver.mqtt_consumer import ReceiverService
 from tests.hostile import STORED, ordinary
 from tests.test_hostile_vans import Van, broker  # noqa: F401  (the secure broker fixture)
-from uplink.wire import batch_topic, content_hash
+from core.wire import batch_topic, content_hash
 
 P = "datalab/v1"
 
