@@ -42,6 +42,7 @@ from receiver.flag_policy import is_sentinel
 from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import humid_edges, requality, rewrite_flags
+from receiver.units import unit_sql
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
 from uplink.wire import Batch
@@ -631,13 +632,15 @@ class SQLiteStore(StoreReads):
                    " WHERE state = 'pending'")
         # value: the best one (the receiver's recomputed value, else the van's); calibration:
         # the record it was calibrated with (receiver/calibration.py) and for PM the growth
-        # correction (receiver/pm_derive.py); raw_value: the van's, as it sent it.
+        # correction (receiver/pm_derive.py); raw_value: the van's, as it sent it. The same
+        # columns, in the same order, as PostgreSQL's view (tests/test_pg_analysts.py).
         db.create_view(
             "observations",
             f"""
             SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
                    strftime('%Y-%m-%dT%H:%M:%fZ', s.t_utc_ms / 1000.0, 'unixepoch') AS time_utc,
                    s.time_src, j.key AS quantity, coalesce(d.value, j.value) AS value,
+                   {unit_sql('j.key')} AS unit,
                    {calibration_sql(True)} AS calibration, s.flags,
                    trim(coalesce(q.flags, '') ||
                         CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,

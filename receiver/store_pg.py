@@ -73,6 +73,7 @@ from receiver.calibration import ingest_calibrations
 from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import humid_edges, requality
+from receiver.units import unit_sql
 from receiver.store import (
     CONTEXT_ROWS,
     Context,
@@ -233,16 +234,16 @@ CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
-       to_char(to_timestamp(s.t_utc_ms / 1000.0) AT TIME ZONE 'UTC',
-               'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS time_utc,
+       to_timestamp(s.t_utc_ms / 1000.0) AS time_utc,
        s.time_src, j.key AS quantity,
-       CASE WHEN d.value IS NULL THEN j.value ELSE to_jsonb(d.value) END AS value,
+       coalesce(d.value, CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::float8 END) AS value,
+       {unit} AS unit,
        {calibration} AS calibration, s.flags,
        trim(coalesce(q.flags, '') ||
             CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
             ',') AS quality,
        p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position,
-       j.value AS raw_value
+       CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::float8 END AS raw_value
 FROM samples s
 CROSS JOIN LATERAL jsonb_each(s.vals) j
 LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
@@ -262,7 +263,8 @@ WHERE s.sensor NOT IN ('gps', 'calibration') AND jsonb_typeof(j.value) IN ('numb
 _DERIVED_LATERAL = ("LEFT JOIN LATERAL (SELECT d.value, d.calibration FROM derived d"
                     " WHERE d.device = s.device AND d.epoch = s.epoch AND d.seq = s.seq AND d.quantity = j.key"
                     " OFFSET 0) d ON true")
-_TABLES = _TABLES.replace("{calibration}", calibration_sql(False)).replace("{derived_join}", _DERIVED_LATERAL)
+_TABLES = (_TABLES.replace("{calibration}", calibration_sql(False)).replace("{derived_join}", _DERIVED_LATERAL)
+           .replace("{unit}", unit_sql("j.key")))
 
 # Generated from lat/lon: the write path (COPY, upserts) stays the same with or without PostGIS.
 _POSTGIS = """
