@@ -1,0 +1,107 @@
+"""PostgreSQL as a city's analysts use it (issue #17.1): typed view, same columns as SQLite,
+and a second, read-only role made by ``datalab-receiver grant-reader``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from receiver.cli import main
+from receiver.store import SQLiteStore
+from receiver.store_pg import PostgresStore
+from tests.pg import PgCluster, pg_cluster, pg_dsn  # noqa: F401  (fixtures, used by name)
+from tests.test_receiver_store import T, batch, put
+
+
+def _fill(store: Any) -> None:
+    for first in range(0, 60, 10):
+        put(store, batch(first, 10))
+
+
+def _as(dsn: str, role: str) -> str:
+    return dsn.replace("postgres@", f"{role}@", 1)
+
+
+def test_observations_views_match_across_backends(pg_dsn: str, tmp_path: Path) -> None:
+    lite, pg = SQLiteStore(tmp_path / "d.sqlite"), PostgresStore(pg_dsn)
+    try:
+        _fill(lite)
+        _fill(pg)
+        lite_cols = [r[1] for r in lite.conn.execute("PRAGMA table_info(observations)")]
+        pg_cols = pg.conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'datalab'"
+            " AND table_name = 'observations' ORDER BY ordinal_position").fetchall()
+        assert lite_cols == [c for c, _ in pg_cols]
+        assert "unit" in lite_cols
+        types = dict(pg_cols)
+        # what analysts do first: average a value over a time window, without casts
+        assert types["value"] == types["raw_value"] == "double precision"
+        assert types["time_utc"] == "timestamp with time zone"
+        day = (T - T % 86_400_000, T - T % 86_400_000 + 86_400_000)
+        cols = "device, seq, t_utc_ms, quantity, value, unit, quality, lat, lon, position, raw_value"
+        q = f"SELECT {cols} FROM observations WHERE t_utc_ms >= ? AND t_utc_ms < ? ORDER BY device, seq, quantity"
+        a = [tuple(r) for r in lite.conn.execute(q, day).fetchall()]
+        b = [tuple(r) for r in pg.conn.execute(q.replace("?", "%s"), day).fetchall()]
+        assert len(a) == 60 and a == b
+        assert {r[5] for r in a} == {"µg/m³"}
+        avg = pg.conn.execute("SELECT avg(value), min(time_utc) FROM observations WHERE quantity = 'pm25'"
+                              " AND time_utc >= %s", (dt.datetime.fromtimestamp(T / 1000, dt.timezone.utc),)
+                              ).fetchone()
+        assert avg[0] == pytest.approx(sum(10.0 + i for i in range(60)) / 60)
+        assert avg[1] == dt.datetime.fromtimestamp(T / 1000, dt.timezone.utc)
+    finally:
+        lite.close()
+        pg.close()
+
+
+def test_grant_reader_makes_a_read_only_analyst(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    _fill(store)
+    store.close()
+    # before: the second role sees nothing (the issue's "relation does not exist")
+    with psycopg.connect(_as(pg_dsn, "postgres"), autocommit=True) as admin:
+        admin.execute("CREATE ROLE analyst LOGIN")
+    with psycopg.connect(_as(pg_dsn, "analyst"), autocommit=True) as c, pytest.raises(psycopg.Error):
+        c.execute("SELECT count(*) FROM observations")
+
+    r = CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, "analyst"])
+    assert r.exit_code == 0, r.output
+    again = CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, "analyst"])  # idempotent
+    assert again.exit_code == 0, again.output
+    # a table the store's owner makes later (the maps' tables, partitions): readable too
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE datalab.made_later (x int)")
+        admin.execute("INSERT INTO datalab.made_later VALUES (1)")
+
+    with psycopg.connect(_as(pg_dsn, "analyst"), autocommit=True) as c:
+        n, avg = c.execute("SELECT count(*), avg(value) FROM observations WHERE quantity = 'pm25'").fetchone()
+        assert n == 60 and avg > 10
+        assert c.execute("SELECT count(*) FROM samples").fetchone()[0] == 120
+        assert c.execute("SELECT x FROM made_later").fetchone()[0] == 1
+        for stmt in ("INSERT INTO counters VALUES ('x', 1)", "DELETE FROM samples",
+                     "UPDATE batches SET device = 'y'", "CREATE TABLE mine (x int)"):
+            with pytest.raises(psycopg.Error) as err:
+                c.execute(stmt)
+            assert isinstance(err.value, (psycopg.errors.InsufficientPrivilege,
+                                          psycopg.errors.ReadOnlySqlTransaction)), stmt
+        # even with the read-only default switched off, the grants refuse writes
+        c.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("INSERT INTO counters VALUES ('x', 1)")
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM datalab.counters WHERE name = 'x'").fetchone()[0] == 0
+
+
+def test_grant_reader_refuses_bad_input(pg_dsn: str, tmp_path: Path) -> None:
+    PostgresStore(pg_dsn).close()
+    bad = CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, "Robert'); DROP TABLE samples;--"])
+    assert bad.exit_code != 0 and "plain role name" in bad.output
+    lite = CliRunner().invoke(main, ["grant-reader", "--store", str(tmp_path / "x.sqlite"), "analyst"])
+    assert lite.exit_code != 0 and "PostgreSQL" in lite.output
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM datalab.samples").fetchone()[0] == 0
