@@ -67,6 +67,7 @@ from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.faultpoints import crash_point
 from receiver import quality
+from receiver.aggregate import create_tables as create_map_tables
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
@@ -231,6 +232,7 @@ CREATE TABLE IF NOT EXISTS dead_letters_unacked (id bigint PRIMARY KEY, run text
 -- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
 CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text NOT NULL,
     lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
+DROP VIEW IF EXISTS observations_geom;  -- PostGIS' view of the one below (_POSTGIS), made again after it
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
@@ -274,6 +276,37 @@ ALTER TABLE positions ADD COLUMN IF NOT EXISTS geom geometry(Point, 4326)
              THEN ST_SetSRID(ST_MakePoint(lon, lat), 4326) END
     ) STORED;
 CREATE INDEX IF NOT EXISTS positions_geom ON positions USING gist (geom);
+-- What QGIS opens as layers (docs/datalab.md): each measured value as a point, and the map
+-- units as lines (road segments) and polygons (H3 cells), from the GeoJSON the maps store.
+CREATE VIEW observations_geom AS
+SELECT o.*, CASE WHEN o.lat IS NOT NULL AND o.lon IS NOT NULL
+                 THEN ST_SetSRID(ST_MakePoint(o.lon, o.lat), 4326) END::geometry(Point, 4326) AS geom
+FROM observations o;
+ALTER TABLE aggregates ADD COLUMN IF NOT EXISTS geom geometry(Geometry, 4326)
+    GENERATED ALWAYS AS (ST_SetSRID(ST_GeomFromGeoJSON(geometry), 4326)) STORED;
+CREATE INDEX IF NOT EXISTS aggregates_geom ON aggregates USING gist (geom);
+CREATE OR REPLACE VIEW map_segments AS
+SELECT scheme, cell, period, quantity, unit, value, n_passes, n_days, n_samples, n_excluded, published,
+       to_timestamp(period_start_utc_ms / 1000.0) AS period_start, to_timestamp(period_end_utc_ms / 1000.0)
+       AS period_end, geom::geometry(LineString, 4326) AS geom
+FROM aggregates WHERE GeometryType(geom) = 'LINESTRING';
+CREATE OR REPLACE VIEW map_cells AS
+SELECT scheme, cell, period, quantity, unit, value, n_passes, n_days, n_samples, n_excluded, published,
+       to_timestamp(period_start_utc_ms / 1000.0) AS period_start, to_timestamp(period_end_utc_ms / 1000.0)
+       AS period_end, geom::geometry(Polygon, 4326) AS geom
+FROM aggregates WHERE GeometryType(geom) = 'POLYGON';
+"""
+
+# The store's schema version (table schema_version): what an existing store is brought to when a
+# receiver opens it. Every step is idempotent DDL run at every start (_create), so an old store
+# migrates by being opened; the table says which version last did.
+#   1: the tables and jsonb observations (before issue 17; no table)
+#   2: observations typed (value/raw_value double precision, time_utc timestamptz, unit); PostGIS
+#      geometry for observations and map units (observations_geom, map_segments, map_cells)
+SCHEMA_VERSION = 2
+_VERSION = f"""
+CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, applied_utc timestamptz DEFAULT now());
+INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;
 """
 
 _TYPES = {
@@ -393,8 +426,9 @@ class PostgresStore(StoreReads):
 
     def _create(self) -> None:
         # Calibration tables first: the observations view reads ``derived``.
+        # The maps' tables too (receiver/aggregate.py): PostGIS gives them a geometry column.
         self._ddl(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
-                  ensure_calibration_tables, _TABLES)
+                  ensure_calibration_tables, _TABLES, create_map_tables, _VERSION)
         if self._want_postgis is not False:
             self.postgis = self._enable_postgis()
             if self._want_postgis and not self.postgis:
@@ -414,7 +448,9 @@ class PostgresStore(StoreReads):
                     c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
                     c.execute("CREATE EXTENSION IF NOT EXISTS postgis")
             except psycopg.Error as exc:  # not allowed (no superuser): run without it
-                log.warning("PostGIS is installed but cannot be enabled: %s", exc)
+                log.warning("PostGIS is installed but this role cannot enable it (%s): a superuser runs"
+                            " `CREATE EXTENSION postgis;` in this database once (docs/datalab.md); the store"
+                            " works without it meanwhile", type(exc).__name__)
                 return False
         self._ddl(_POSTGIS)
         return True

@@ -105,3 +105,43 @@ def test_grant_reader_refuses_bad_input(pg_dsn: str, tmp_path: Path) -> None:
     assert lite.exit_code != 0 and "PostgreSQL" in lite.output
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         assert admin.execute("SELECT count(*) FROM datalab.samples").fetchone()[0] == 0
+
+
+def test_postgis_layers_as_qgis_lists_them(pg_dsn: str, pg_cluster: PgCluster) -> None:  # noqa: F811
+    assert pg_cluster.postgis, "the project's PostgreSQL install puts PostGIS in place (scripts/pg-install)"
+    from receiver import dbapi
+    from receiver.aggregate import Period, Rule, build
+    from receiver.mapunits import make_snapper
+
+    store = PostgresStore(pg_dsn)
+    _fill(store)
+    store.close()
+    conn = dbapi.connect(pg_dsn)
+    build(conn, make_snapper("h3:10"), [Period("all")], rule=Rule(1, 1))
+    # a map unit stored as GeoJSON text becomes a typed geometry as it is written
+    layers = {r[0]: (r[1], r[2], r[3]) for r in conn.execute(
+        "SELECT f_table_name, f_geometry_column, type, srid FROM geometry_columns"
+        " WHERE f_table_schema = 'datalab'").fetchall()}
+    assert layers["observations_geom"] == ("geom", "POINT", 4326)
+    assert layers["map_cells"] == ("geom", "POLYGON", 4326)
+    assert layers["map_segments"] == ("geom", "LINESTRING", 4326)
+    assert layers["positions"] == ("geom", "POINT", 4326)
+    n_cells, valid = conn.execute("SELECT count(*), bool_and(ST_IsValid(geom)) FROM map_cells").fetchone()
+    assert n_cells > 0 and valid
+    # a point query an analyst would write: the values measured inside a published cell
+    inside = conn.execute(
+        "SELECT count(*) FROM observations_geom o JOIN map_cells c ON ST_Intersects(c.geom, o.geom)"
+        " WHERE o.quantity = 'pm25'").fetchone()[0]
+    mapped = conn.execute("SELECT sum(n_samples) FROM map_cells WHERE quantity = 'pm25'").fetchone()[0]
+    assert inside == mapped > 50  # every value the map used lies in its cell
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 2
+    conn.close()
+    # an existing store opened again keeps its layers and its analysts' grants
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE ROLE viewer LOGIN")
+    assert CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, "viewer"]).exit_code == 0
+    PostgresStore(pg_dsn).close()  # recreates the views, as every receiver start does
+    with psycopg.connect(_as(pg_dsn, "viewer"), autocommit=True) as c:
+        placed = c.execute("SELECT count(*) FROM observations WHERE lat IS NOT NULL").fetchone()[0]
+        assert c.execute("SELECT count(*) FROM observations_geom WHERE geom IS NOT NULL").fetchone()[0] == placed > 50
+        assert c.execute("SELECT count(*) FROM map_cells").fetchone()[0] == n_cells
