@@ -278,7 +278,7 @@ ALTER TABLE positions ADD COLUMN IF NOT EXISTS geom geometry(Point, 4326)
 CREATE INDEX IF NOT EXISTS positions_geom ON positions USING gist (geom);
 -- What QGIS opens as layers (docs/datalab.md): each measured value as a point, and the map
 -- units as lines (road segments) and polygons (H3 cells), from the GeoJSON the maps store.
-CREATE VIEW observations_geom AS
+CREATE OR REPLACE VIEW observations_geom AS  -- OR REPLACE: another worker may have made it since our drop
 SELECT o.*, CASE WHEN o.lat IS NOT NULL AND o.lon IS NOT NULL
                  THEN ST_SetSRID(ST_MakePoint(o.lon, o.lat), 4326) END::geometry(Point, 4326) AS geom
 FROM observations o;
