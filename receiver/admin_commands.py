@@ -66,10 +66,13 @@ def retention(store: str, config_path: str | None, keep_days: int | None, do_app
         cfg = load_receiver_config(config_path, positions_keep_days=keep_days)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    try:
-        conn = dbapi.connect(store, readonly=not do_apply)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
+    from receiver.store_factory import is_postgres_url, sqlite_path
+
+    # a command that reads or trims a store never creates one (issue 17.3): one line, exit 2
+    if not is_postgres_url(store) and not sqlite_path(store).is_file():
+        click.echo(f"Error: no store at {store}", err=True)
+        raise SystemExit(2)
+    conn = dbapi.connect(store, readonly=not do_apply)
     try:
         now = int(time.time() * 1000)
         if do_apply:

@@ -112,3 +112,6 @@ def test_retention_command_dry_run_then_apply(store: str, tmp_path: Path) -> Non
     conn.close()
     bad = CliRunner().invoke(main, ["retention", "--store", store, "--keep-days", "0", "--apply"])
     assert bad.exit_code != 0 and "at least 1" in bad.output
+    missing = tmp_path / "nowhere" / "x.sqlite"
+    gone = CliRunner().invoke(main, ["retention", "--store", str(missing), "--apply"])
+    assert gone.exit_code == 2 and "no store" in gone.output and not missing.parent.exists()
