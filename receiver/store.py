@@ -47,6 +47,10 @@ from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from edge.model import Sample
 from uplink.wire import Batch
 
+# The store schema's version (SQLite: PRAGMA user_version; PostgreSQL: table schema_version). Every
+# schema step runs at each start, so an old store migrates by being opened. 2: observations with
+# unit, typed on PostgreSQL, PostGIS layers (issue 17).
+SCHEMA_VERSION = 2
 GPS_SENSOR = "gps"
 # Open samples one ingest group (or derive claim) may place again in the ack path (issue 13:
 # 800,000 took 12 s on SQLite, over the 15 s + 2 s deadline on PostgreSQL); ~0.3 s of work
@@ -657,6 +661,10 @@ class SQLiteStore(StoreReads):
             """,
             replace=True,
         )
+        # The schema version this start brought the store to (PostgreSQL: table schema_version,
+        # receiver/store_pg.py SCHEMA_VERSION): every step above runs at each start, so an old
+        # store migrates by being opened. 2: observations with unit (issue 17).
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def is_outage(self, exc: BaseException) -> bool:
         # Locked past busy_timeout, read-only, disk or database full, I/O error: OperationalError

@@ -76,6 +76,7 @@ from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import humid_edges, requality
 from receiver.units import unit_sql
 from receiver.store import (
+    SCHEMA_VERSION,
     CONTEXT_ROWS,
     Context,
     GPS_SENSOR,
@@ -303,7 +304,6 @@ FROM aggregates WHERE GeometryType(geom) = 'POLYGON';
 #   1: the tables and jsonb observations (before issue 17; no table)
 #   2: observations typed (value/raw_value double precision, time_utc timestamptz, unit); PostGIS
 #      geometry for observations and map units (observations_geom, map_segments, map_cells)
-SCHEMA_VERSION = 2
 _VERSION = f"""
 CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, applied_utc timestamptz DEFAULT now());
 INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;

@@ -38,6 +38,7 @@ def test_observations_views_match_across_backends(pg_dsn: str, tmp_path: Path) -
             " AND table_name = 'observations' ORDER BY ordinal_position").fetchall()
         assert lite_cols == [c for c, _ in pg_cols]
         assert "unit" in lite_cols
+        assert lite.conn.execute("PRAGMA user_version").fetchone()[0] == 2  # the schema version
         types = dict(pg_cols)
         # what analysts do first: average a value over a time window, without casts
         assert types["value"] == types["raw_value"] == "double precision"
