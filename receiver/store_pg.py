@@ -47,6 +47,7 @@ Optional extensions, used only when the server has them (never required):
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import random
@@ -143,9 +144,8 @@ CREATE TABLE IF NOT EXISTS samples (
     vals jsonb,
     flags text,
     batch_id text,
-    received_utc_ms bigint,
-    PRIMARY KEY (device, epoch, seq)
-);
+    received_utc_ms bigint
+) PARTITION BY RANGE (t_utc_ms);  -- by month (_PARTITIONS); stores made before keep a plain table
 CREATE TABLE IF NOT EXISTS fixes (
     device text,
     epoch text,
@@ -298,6 +298,30 @@ SELECT scheme, cell, period, quantity, unit, value, n_passes, n_days, n_samples,
 FROM aggregates WHERE GeometryType(geom) = 'POLYGON';
 """
 
+# samples partitioned by month of t_utc_ms (issue 17.1: a day's query reads a day's partition).
+# A partition key must be in every unique index and never NULL, but a sample's identity is
+# (device, epoch, seq) and its time may be unknown (no_time). So the partitioned table has no
+# primary key: (device, epoch, seq) stays unique because every writer of a van's samples holds
+# that van's advisory lock and inserts only keys not stored (_none_stored, _insert_new_samples).
+# Samples without a time go to samples_undated (the default partition; its CHECK lets PostgreSQL
+# add a month without scanning it). Months are made before their first row (_ensure_months).
+# A store made before keeps its plain samples table with its primary key: everything here works
+# on both (docs/datalab.md says how to move an old store over).
+_PARTITIONS = """
+DO $$
+BEGIN
+  IF (SELECT relkind FROM pg_class WHERE oid = 'samples'::regclass) = 'p' THEN
+    CREATE TABLE IF NOT EXISTS samples_undated PARTITION OF samples DEFAULT;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'samples_undated_no_time') THEN
+      ALTER TABLE samples_undated ADD CONSTRAINT samples_undated_no_time CHECK (t_utc_ms IS NULL);
+    END IF;
+    CREATE INDEX IF NOT EXISTS samples_key ON samples (device, epoch, seq);
+    -- BRIN: a few pages per month of rows arriving in time order, nearly free on the ack path
+    CREATE INDEX IF NOT EXISTS samples_time ON samples USING brin (t_utc_ms);
+  END IF;
+END $$;
+"""
+
 # The store's schema version (table schema_version): what an existing store is brought to when a
 # receiver opens it. Every step is idempotent DDL run at every start (_create), so an old store
 # migrates by being opened; the table says which version last did.
@@ -323,6 +347,12 @@ _UPSERT_POSITION = (
     " state = excluded.state, lat = excluded.lat, lon = excluded.lon,"
     " speed_mps = excluded.speed_mps, fix_quality = excluded.fix_quality"
 )
+
+
+def _month_start(ms: int) -> int:
+    """The first millisecond (UTC) of the month ``ms`` falls in."""
+    t = time.gmtime(ms // 1000)
+    return int(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))) * 1000
 
 
 class _JsonText:
@@ -428,7 +458,12 @@ class PostgresStore(StoreReads):
         # Calibration tables first: the observations view reads ``derived``.
         # The maps' tables too (receiver/aggregate.py): PostGIS gives them a geometry column.
         self._ddl(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
-                  ensure_calibration_tables, _TABLES, create_map_tables, _VERSION)
+                  ensure_calibration_tables, _TABLES, _PARTITIONS, create_map_tables, _VERSION)
+        self.partitioned = self.conn.execute(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = 'samples'::regclass").fetchone()[0]  # type: ignore[index]
+        self._months: set[int] = set()  # month starts (ms) known to have a partition
+        now = int(time.time() * 1000)
+        self._ensure_months([now, now + 31 * 86_400_000])  # this month and the next, before any upload
         if self._want_postgis is not False:
             self.postgis = self._enable_postgis()
             if self._want_postgis and not self.postgis:
@@ -454,6 +489,22 @@ class PostgresStore(StoreReads):
                 return False
         self._ddl(_POSTGIS)
         return True
+
+    def _ensure_months(self, times: Iterable[int | None]) -> None:
+        """Make the monthly partitions of samples these times fall in (own transaction, before ingest).
+
+        Outside the ingest transaction: CREATE ... PARTITION OF locks the whole table, which an
+        ingest holding row locks must not wait for. Once per month per worker in practice.
+        """
+        if not self.partitioned:
+            return
+        need = {_month_start(t) for t in times if t is not None} - self._months
+        for start in sorted(need):
+            end = _month_start(start + 32 * 86_400_000)
+            name = "samples_" + time.strftime("y%Ym%m", time.gmtime(start / 1000))
+            self._ddl(sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF samples FOR VALUES FROM ({}) TO ({})")
+                      .format(sql.Identifier(name), sql.Literal(start), sql.Literal(end)))
+            self._months.add(start)
 
     def is_outage(self, exc: BaseException) -> bool:
         # Unreachable, shut down, out of space or memory (OperationalError), or conflicts that
@@ -511,6 +562,7 @@ class PostgresStore(StoreReads):
         """Several batches in one transaction (see ``SQLiteStore.ingest_many``)."""
         for batch, _, received_ms in items:
             _screen_times(batch, received_ms)
+        self._ensure_months(s.t_utc_ms for batch, _, _ in items for s in batch.samples)
         # JSON text made here (a value JSON cannot hold raises PayloadError), sent as it is
         # by _JsonbFromText.
         vals = [[_json_bytes(s.values) for s in batch.samples] for batch, _, _ in items]
@@ -754,9 +806,13 @@ class PostgresStore(StoreReads):
             " (LIKE samples INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         self._copy("stage_samples", _SAMPLE_COLS, rows)
+        # Not ON CONFLICT: a partitioned samples has no unique index on (device, epoch, seq). Under
+        # the van's lock nobody else writes its samples, so "not stored yet" is a plain anti-join;
+        # DISTINCT ON keeps one row of a seq the batch repeats.
         cur = c.execute(
-            "INSERT INTO samples SELECT * FROM stage_samples ORDER BY seq"
-            " ON CONFLICT (device, epoch, seq) DO NOTHING"
+            "INSERT INTO samples SELECT DISTINCT ON (st.device, st.epoch, st.seq) st.* FROM stage_samples st"
+            " WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.device = st.device AND s.epoch = st.epoch"
+            " AND s.seq = st.seq) ORDER BY st.device, st.epoch, st.seq"
         )
         new = cur.rowcount
         c.execute("DELETE FROM stage_samples")  # the next batch of a group stages its own rows only

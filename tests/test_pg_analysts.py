@@ -146,3 +146,33 @@ def test_postgis_layers_as_qgis_lists_them(pg_dsn: str, pg_cluster: PgCluster) -
         placed = c.execute("SELECT count(*) FROM observations WHERE lat IS NOT NULL").fetchone()[0]
         assert c.execute("SELECT count(*) FROM observations_geom WHERE geom IS NOT NULL").fetchone()[0] == placed > 50
         assert c.execute("SELECT count(*) FROM map_cells").fetchone()[0] == n_cells
+
+
+def test_samples_by_month_a_days_query_reads_one_partition(pg_dsn: str) -> None:
+    from uplink.wire import content_hash, encode_batch
+
+    store = PostgresStore(pg_dsn)
+    _fill(store)  # 2026-09-21
+    later = batch(0, 10, epoch="e2")
+    shift = 50 * 86_400_000  # into November: October stays empty
+    for smp in later.samples:
+        smp.t_utc_ms += shift
+    store.ingest(later, content_hash(encode_batch(later)), T + shift + 3_600_000)
+    parts = dict(store.conn.execute(
+        "SELECT c.relname, (SELECT count(*) FROM datalab.samples s WHERE s.tableoid = c.oid)"
+        " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'datalab.samples'::regclass").fetchall())
+    assert parts["samples_y2026m09"] == 120 and parts["samples_y2026m11"] == 20
+    assert parts["samples_undated"] == 0
+    # a batch delivered again under another id (a re-sealed range) adds no sample twice
+    assert put(store, batch(5, 10)).status == "stored"  # overlaps stored ticks 5-14: a new batch id
+    assert store.conn.execute("SELECT count(*) FROM samples").fetchone()[0] == 140
+    day = (T - T % 86_400_000, T - T % 86_400_000 + 86_400_000)
+    plan = "\n".join(r[0] for r in store.conn.execute(
+        "EXPLAIN SELECT avg(value) FROM observations WHERE quantity = 'pm25' AND t_utc_ms >= %s AND t_utc_ms < %s",
+        day).fetchall())
+    assert "samples_y2026m09" in plan and "samples_y2026m11" not in plan and "samples_undated" not in plan, plan
+    n = store.conn.execute("SELECT count(*) FROM observations WHERE t_utc_ms >= %s AND t_utc_ms < %s",
+                           day).fetchone()[0]
+    assert n == 60
+    store.close()
