@@ -303,8 +303,10 @@ FROM aggregates WHERE GeometryType(geom) = 'POLYGON';
 # (device, epoch, seq) and its time may be unknown (no_time). So the partitioned table has no
 # primary key: (device, epoch, seq) stays unique because every writer of a van's samples holds
 # that van's advisory lock and inserts only keys not stored (_none_stored, _insert_new_samples).
-# Samples without a time go to samples_undated (the default partition; its CHECK lets PostgreSQL
-# add a month without scanning it). Months are made before their first row (_ensure_months).
+# Samples without a time go to samples_undated (the default partition), and so do rows written
+# straight into samples (a bulk load) for a month not made yet: still stored and found, only not
+# pruned; the month's partition takes them over when it is made (_ensure_months). The receiver
+# makes each month before its first row.
 # A store made before keeps its plain samples table with its primary key: everything here works
 # on both (docs/datalab.md says how to move an old store over).
 _PARTITIONS = """
@@ -312,9 +314,6 @@ DO $$
 BEGIN
   IF (SELECT relkind FROM pg_class WHERE oid = 'samples'::regclass) = 'p' THEN
     CREATE TABLE IF NOT EXISTS samples_undated PARTITION OF samples DEFAULT;
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'samples_undated_no_time') THEN
-      ALTER TABLE samples_undated ADD CONSTRAINT samples_undated_no_time CHECK (t_utc_ms IS NULL);
-    END IF;
     CREATE INDEX IF NOT EXISTS samples_key ON samples (device, epoch, seq);
     -- BRIN: a few pages per month of rows arriving in time order, nearly free on the ack path
     CREATE INDEX IF NOT EXISTS samples_time ON samples USING brin (t_utc_ms);
@@ -347,6 +346,23 @@ _UPSERT_POSITION = (
     " state = excluded.state, lat = excluded.lat, lon = excluded.lon,"
     " speed_mps = excluded.speed_mps, fix_quality = excluded.fix_quality"
 )
+
+
+def _make_month(c: psycopg.Connection[Any], name: str, start: int, end: int) -> None:
+    """One month's partition of samples, taking over that month's rows from the default partition."""
+    if c.execute("SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid"
+                 " WHERE i.inhparent = 'samples'::regclass AND p.relname = %s", (name,)).fetchone():
+        return
+    # PostgreSQL refuses a partition whose rows sit in the default one: move them over.
+    c.execute("CREATE TEMP TABLE month_rows ON COMMIT DROP AS SELECT * FROM samples_undated"
+              " WHERE t_utc_ms >= %s AND t_utc_ms < %s", (start, end))
+    moved = c.execute("DELETE FROM samples_undated WHERE t_utc_ms >= %s AND t_utc_ms < %s", (start, end)).rowcount
+    c.execute(sql.SQL("CREATE TABLE {} PARTITION OF samples FOR VALUES FROM ({}) TO ({})")
+              .format(sql.Identifier(name), sql.Literal(start), sql.Literal(end)))
+    if moved:
+        c.execute("INSERT INTO samples SELECT * FROM month_rows")
+        log.info("samples: %d rows of %s moved from samples_undated to their month", moved, name)
+    c.execute("DROP TABLE month_rows")
 
 
 def _month_start(ms: int) -> int:
@@ -502,8 +518,7 @@ class PostgresStore(StoreReads):
         for start in sorted(need):
             end = _month_start(start + 32 * 86_400_000)
             name = "samples_" + time.strftime("y%Ym%m", time.gmtime(start / 1000))
-            self._ddl(sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF samples FOR VALUES FROM ({}) TO ({})")
-                      .format(sql.Identifier(name), sql.Literal(start), sql.Literal(end)))
+            self._ddl(lambda c, name=name, start=start, end=end: _make_month(c, name, start, end))
             self._months.add(start)
 
     def is_outage(self, exc: BaseException) -> bool:

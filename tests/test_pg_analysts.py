@@ -176,3 +176,15 @@ def test_samples_by_month_a_days_query_reads_one_partition(pg_dsn: str) -> None:
                            day).fetchone()[0]
     assert n == 60
     store.close()
+
+
+def test_rows_loaded_before_their_month_exists_move_into_it(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    t = 1_700_000_000_000  # 2023-11: no partition yet
+    store.conn.execute("INSERT INTO samples (device, epoch, seq, sensor, t_utc_ms, vals) VALUES"
+                       " ('van-9', 'e', 1, 'pm', %s, '{\"pm25\": 5}'), ('van-9', 'e', 2, 'pm', NULL, '{}')", (t,))
+    where = "SELECT tableoid::regclass::text, count(*) FROM samples GROUP BY 1"
+    assert dict(store.conn.execute(where).fetchall()) == {"samples_undated": 2}
+    store._ensure_months([t])
+    assert dict(store.conn.execute(where).fetchall()) == {"samples_undated": 1, "samples_y2023m11": 1}
+    store.close()
