@@ -21,7 +21,8 @@ them):
 * counters are bumped in one statement, in name order, at the end of the
   transaction: every writer locks the hot counter rows in the same order,
   briefly, so they cannot deadlock.
-* unique constraints stay the last word. Should a conflict, a serialization
+* unique constraints stay the last word (on every table but a partitioned
+  ``samples``, whose keys the van's lock keeps unique). Should a conflict, a serialization
   failure, a deadlock or a dropped connection get through anyway, the whole
   ingest is retried (it is idempotent), so a message is never left un-acked
   for a transient reason.
@@ -41,8 +42,9 @@ Optional extensions, used only when the server has them (never required):
   nearest-neighbour (``<->``) and area queries.
 * TimescaleDB is *not* used for ``samples``: a hypertable needs its time
   column in every unique index and never NULL, but a sample's identity is
-  (device, epoch, seq) and its time may be unknown (``no_time``). Making it a
-  hypertable would give up the constraint idempotence rests on.
+  (device, epoch, seq) and its time may be unknown (``no_time``). The plain
+  monthly partitions (_PARTITIONS) give the time pruning without an extension;
+  they too cannot carry that unique index, so the van's lock keeps keys unique.
 """
 
 from __future__ import annotations
