@@ -664,7 +664,8 @@ class SQLiteStore(StoreReads):
         # The schema version this start brought the store to (PostgreSQL: table schema_version,
         # receiver/store_pg.py SCHEMA_VERSION): every step above runs at each start, so an old
         # store migrates by being opened. 2: observations with unit (issue 17).
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # a write: only when it changes
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def is_outage(self, exc: BaseException) -> bool:
         # Locked past busy_timeout, read-only, disk or database full, I/O error: OperationalError
