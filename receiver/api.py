@@ -24,7 +24,8 @@ that cannot be reached answers 503, and the thread's connection is opened anew o
 the next request.
 
 Large answers (tracks, aggregates) are written row by row from the database cursor
-(``receiver/jsonstream.py``), so memory does not grow with the answer.
+(``receiver/jsonstream.py``), so memory does not grow with the answer, and gzip-compressed
+as they stream when the client accepts it (``receiver/compress.py``).
 
 There is no audio anywhere in the store, so none can be served.
 """
@@ -53,6 +54,7 @@ from urllib.parse import parse_qsl, quote
 
 from receiver import dbapi, sensorthings
 from receiver.aggregate import QUANTITIES, parse_period
+from receiver.compress import accepts_gzip, gzip_chunks, worth_it
 from receiver.export import AGG_FIELDS, aggregate_feature, catalog, iso_ms, published_aggregates
 from receiver.jsonstream import Encoded, Later, encoded_items, iter_json
 from receiver.store_factory import is_postgres_url
@@ -194,13 +196,18 @@ class App:
             reply = self._failure(exc, path)
         log.info("%s %s %s %d", environ.get("REMOTE_ADDR", "-"), method, quote(path, safe="/:()'@,$=+*!~"),
                  reply.status)
+        gzip = accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING")) and worth_it(reply.ctype, reply.length)
+        if gzip:  # receiver/compress.py: the large answers, compressed as they stream
+            reply.length = None
+            reply.headers = {**reply.headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
         start_response(f"{reply.status} {HTTPStatus(reply.status).phrase}", _headers(reply))
         if method == "HEAD":
             close = getattr(reply.body, "close", None)
             if close:
                 close()
             return []
-        return self._guard(reply.body, path)
+        body = self._guard(reply.body, path)
+        return gzip_chunks(body) if gzip else body
 
     def _failure(self, exc: Exception, path: str) -> Reply:
         if isinstance(exc, self._store_errors):

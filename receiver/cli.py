@@ -289,6 +289,11 @@ from receiver.datalab_commands import datalab_commands  # noqa: E402  (aggregate
 for _cmd in datalab_commands.commands.values():
     main.add_command(_cmd)
 
+from receiver.admin_commands import admin_commands  # noqa: E402  (grant-reader, retention)
+
+for _cmd in admin_commands.commands.values():
+    main.add_command(_cmd)
+
 from receiver.device_config import device_config_cli  # noqa: E402  (send a van a new configuration)
 
 main.add_command(device_config_cli())

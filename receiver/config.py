@@ -78,6 +78,9 @@ class ReceiverConfig:
     # (pm10: its coarse part), keys given replace the defaults (Huang et al. 2024's urban mid-range);
     # 0 leaves that quantity's growth in. Above 95 % RH nothing is corrected and PM is flagged humid.
     pm_kappa: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KAPPA))
+    # Retention (docs/privacy.md, receiver/retention.py): days a van's raw positions (GPS samples,
+    # fixes, placed positions, dead letters) are kept once the maps are built; published maps stay.
+    positions_keep_days: int = 90
 
     def flag_policy(self) -> FlagPolicy:
         return FlagPolicy.of(self.exclude_flags, self.exclude_flags_pm)
@@ -175,6 +178,8 @@ def load_receiver_config(path: str | Path | None, **overrides: Any) -> ReceiverC
         cfg.pm_kappa = {**DEFAULT_KAPPA, **check_kappa(cfg.pm_kappa)}
     except ValueError as exc:
         raise ConfigError("receiver.pm_kappa", str(exc)) from exc
+    if cfg.positions_keep_days < 1:
+        raise ConfigError("receiver.positions_keep_days", "must be at least 1 (days)")
     if cfg.group_values < 1 or cfg.group_uploads < 1:
         raise ConfigError("receiver.group_values" if cfg.group_values < 1 else "receiver.group_uploads",
                           "must be at least 1")

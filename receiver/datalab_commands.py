@@ -148,7 +148,8 @@ def aggregate(store: str, schemes: tuple[str, ...], periods: tuple[str, ...], mo
 @datalab_commands.command()
 @click.argument("kind", type=click.Choice(["aggregates", "measurements"]))
 @_store_option
-@click.option("--format", "fmt", type=click.Choice(["csv", "geojson"]), default="csv", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "geojson", "gpkg"]), default="csv", show_default=True,
+              help="gpkg: a GeoPackage for QGIS (needs --out FILE).")
 @click.option("--out", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="Output file ('-' for standard output).")
 @click.option("--scheme", help="aggregates: only this scheme (segment, h3:10 ...).")
@@ -183,7 +184,12 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
         raise click.UsageError("--config sets the flag policy of measurement exports only: aggregates carry "
                                "the policy their maps were built with (rebuild with `aggregate --config`)")
     policy = _flag_policy(config)
+    if fmt == "gpkg" and out == "-":
+        raise click.UsageError("a GeoPackage is a database file: give --out FILE.gpkg")
     conn = _connect(store, readonly=True)
+    if fmt == "gpkg":  # receiver/geopackage.py: a file, not a stream
+        _export_gpkg(conn, kind, out, scheme, period, quantities, device, all_positions, tz, policy)
+        return
     stream = sys.stdout if out == "-" else open(out, "w", encoding="utf-8", newline="")
     try:
         if kind == "aggregates":
@@ -207,6 +213,28 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
             stream.close()
         conn.close()
     click.echo(f"{n:,} {'rows' if fmt == 'csv' else 'features'} written", err=True)
+
+
+def _export_gpkg(conn, kind, out, scheme, period, quantities, device, all_positions, tz, policy) -> None:  # type: ignore[no-untyped-def]
+    from receiver.geopackage import export_geopackage
+
+    try:
+        if kind == "aggregates":
+            if len(quantities) > 1:
+                raise click.UsageError("aggregates: give at most one --quantity (or none for all)")
+            n = export_geopackage(conn, out, kind, scheme=scheme, period=period,
+                                  quantity=quantities[0] if quantities else None)
+        else:
+            try:
+                window = parse_period(period, tz) if period else Period("all")
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--period") from exc
+            n = export_geopackage(conn, out, kind, period=window, device=device,
+                                  quantities=quantities or tuple(QUANTITIES), positioned_only=not all_positions,
+                                  policy=policy)
+    finally:
+        conn.close()
+    click.echo(f"{n:,} features written to {out}", err=True)
 
 
 @datalab_commands.command()

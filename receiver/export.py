@@ -40,8 +40,9 @@ AGG_FIELDS = ("scheme", "cell", "period", "quantity", "unit", "value", "n_passes
 MEASUREMENT_FIELDS = ("device", "time_utc", "t_utc_ms", "sensor", "quantity", "value", "unit", "flags", "quality",
                       "excluded", "calibration", "lat", "lon", "speed_mps", "position", "raw_value",
                       "humidity_corrected")
-# What the query gives; unit, excluded and humidity_corrected are added per row in Python.
-_QUERIED = tuple(f for f in MEASUREMENT_FIELDS if f not in ("unit", "excluded", "humidity_corrected"))
+# What the query gives; time_utc, excluded and humidity_corrected are added per row in Python
+# (time_utc is text in SQLite's view and a timestamptz in PostgreSQL's: an export writes one form).
+_QUERIED = tuple(f for f in MEASUREMENT_FIELDS if f not in ("time_utc", "excluded", "humidity_corrected"))
 #: Units of the measured values that are not map quantities (those have theirs in QUANTITIES).
 OTHER_UNITS = {"pm1": "µg/m³", "pm1_cf1": "µg/m³", "pm25_cf1": "µg/m³", "pm10_cf1": "µg/m³", "lamax": "dB(A)",
                "lamin": "dB(A)", "no2_we_mv": "mV", "no2_ae_mv": "mV", "no2_temp_c": "°C", "rh": "%",
@@ -175,7 +176,8 @@ def measurements(
             row = dict(zip(_QUERIED, r))
             v, q = row["value"], row["quantity"]
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
-            row["unit"] = unit_of(q)
+            row["time_utc"] = iso_ms(row["t_utc_ms"])
+            row = {f: row.get(f) for f in MEASUREMENT_FIELDS}  # in the documented column order
             row["excluded"] = int(number and (is_sentinel(float(v)) or policy.excludes(q, row["flags"],
                                                                                       row["quality"])))
             row["humidity_corrected"] = (int(CORRECTION in (row["calibration"] or "")) if q in PM_DERIVED

@@ -43,10 +43,15 @@ from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver import requality as requality_mod
 from receiver.requality import humid_edges, humid_slice, requality, rewrite_flags
+from receiver.units import unit_sql
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from core.sample import Sample
 from core.wire import Batch
 
+# The store schema's version (SQLite: PRAGMA user_version; PostgreSQL: table schema_version). Every
+# schema step runs at each start, so an old store migrates by being opened. 2: observations with
+# unit, typed on PostgreSQL, PostGIS layers (issue 17).
+SCHEMA_VERSION = 2
 GPS_SENSOR = "gps"
 # Open samples one ingest group (or derive claim) may place again in the ack path (issue 13:
 # 800,000 took 12 s on SQLite, over the 15 s + 2 s deadline on PostgreSQL); ~0.3 s of work
@@ -731,13 +736,15 @@ class SQLiteStore(StoreReads):
                    " WHERE state = 'pending'")
         # value: the best one (the receiver's recomputed value, else the van's); calibration:
         # the record it was calibrated with (receiver/calibration.py) and for PM the growth
-        # correction (receiver/pm_derive.py); raw_value: the van's, as it sent it.
+        # correction (receiver/pm_derive.py); raw_value: the van's, as it sent it. The same
+        # columns, in the same order, as PostgreSQL's view (tests/test_pg_analysts.py).
         db.create_view(
             "observations",
             f"""
             SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
                    strftime('%Y-%m-%dT%H:%M:%fZ', s.t_utc_ms / 1000.0, 'unixepoch') AS time_utc,
                    s.time_src, j.key AS quantity, coalesce(d.value, j.value) AS value,
+                   {unit_sql('j.key')} AS unit,
                    {calibration_sql(True)} AS calibration, s.flags,
                    trim(coalesce(q.flags, '') ||
                         CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
@@ -754,6 +761,11 @@ class SQLiteStore(StoreReads):
             """,
             replace=True,
         )
+        # The schema version this start brought the store to (PostgreSQL: table schema_version,
+        # receiver/store_pg.py SCHEMA_VERSION): every step above runs at each start, so an old
+        # store migrates by being opened. 2: observations with unit (issue 17).
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # a write: only when it changes
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def is_outage(self, exc: BaseException) -> bool:
         # Locked past busy_timeout, read-only, disk or database full, I/O error: OperationalError

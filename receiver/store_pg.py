@@ -21,7 +21,8 @@ them):
 * counters are bumped in one statement, in name order, at the end of the
   transaction: every writer locks the hot counter rows in the same order,
   briefly, so they cannot deadlock.
-* unique constraints stay the last word. Should a conflict, a serialization
+* unique constraints stay the last word (on every table but a partitioned
+  ``samples``, whose keys the van's lock keeps unique). Should a conflict, a serialization
   failure, a deadlock or a dropped connection get through anyway, the whole
   ingest is retried (it is idempotent), so a message is never left un-acked
   for a transient reason.
@@ -41,12 +42,14 @@ Optional extensions, used only when the server has them (never required):
   nearest-neighbour (``<->``) and area queries.
 * TimescaleDB is *not* used for ``samples``: a hypertable needs its time
   column in every unique index and never NULL, but a sample's identity is
-  (device, epoch, seq) and its time may be unknown (``no_time``). Making it a
-  hypertable would give up the constraint idempotence rests on.
+  (device, epoch, seq) and its time may be unknown (``no_time``). The plain
+  monthly partitions (_PARTITIONS) give the time pruning without an extension;
+  they too cannot carry that unique index, so the van's lock keeps keys unique.
 """
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import random
@@ -67,13 +70,16 @@ from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from core.faultpoints import crash_point
 from receiver import quality
+from receiver.aggregate import create_tables as create_map_tables
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.pm_derive import derive_batch_pm, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import requality
+from receiver.units import unit_sql
 from receiver.store import (
+    SCHEMA_VERSION,
     CONTEXT_ROWS,
     Context,
     GPS_SENSOR,
@@ -140,9 +146,8 @@ CREATE TABLE IF NOT EXISTS samples (
     vals jsonb,
     flags text,
     batch_id text,
-    received_utc_ms bigint,
-    PRIMARY KEY (device, epoch, seq)
-);
+    received_utc_ms bigint
+) PARTITION BY RANGE (t_utc_ms);  -- by month (_PARTITIONS); stores made before keep a plain table
 CREATE TABLE IF NOT EXISTS fixes (
     device text,
     epoch text,
@@ -235,19 +240,20 @@ CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text
 -- Time windows whose PM values' humid flags wait to be judged again (StoreReads._humid_edges).
 CREATE TABLE IF NOT EXISTS humid_redo (id bigserial PRIMARY KEY, device text NOT NULL,
     lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
+DROP VIEW IF EXISTS observations_geom;  -- PostGIS' view of the one below (_POSTGIS), made again after it
 DROP VIEW IF EXISTS observations;  -- OR REPLACE cannot insert a column mid-view
 CREATE VIEW observations AS
 SELECT s.device, s.epoch, s.seq, s.sensor, s.t_utc_ms,
-       to_char(to_timestamp(s.t_utc_ms / 1000.0) AT TIME ZONE 'UTC',
-               'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS time_utc,
+       to_timestamp(s.t_utc_ms / 1000.0) AS time_utc,
        s.time_src, j.key AS quantity,
-       CASE WHEN d.value IS NULL THEN j.value ELSE to_jsonb(d.value) END AS value,
+       coalesce(d.value, CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::float8 END) AS value,
+       {unit} AS unit,
        {calibration} AS calibration, s.flags,
        trim(coalesce(q.flags, '') ||
             CASE WHEN p.state IN ('no_fix', 'no_time') THEN ',' || p.state ELSE '' END,
             ',') AS quality,
        p.lat, p.lon, p.speed_mps, p.fix_quality, p.state AS position,
-       j.value AS raw_value
+       CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::float8 END AS raw_value
 FROM samples s
 CROSS JOIN LATERAL jsonb_each(s.vals) j
 LEFT JOIN positions p ON p.device = s.device AND p.epoch = s.epoch AND p.seq = s.seq
@@ -267,7 +273,8 @@ WHERE s.sensor NOT IN ('gps', 'calibration') AND jsonb_typeof(j.value) IN ('numb
 _DERIVED_LATERAL = ("LEFT JOIN LATERAL (SELECT d.value, d.calibration FROM derived d"
                     " WHERE d.device = s.device AND d.epoch = s.epoch AND d.seq = s.seq AND d.quantity = j.key"
                     " OFFSET 0) d ON true")
-_TABLES = _TABLES.replace("{calibration}", calibration_sql(False)).replace("{derived_join}", _DERIVED_LATERAL)
+_TABLES = (_TABLES.replace("{calibration}", calibration_sql(False)).replace("{derived_join}", _DERIVED_LATERAL)
+           .replace("{unit}", unit_sql("j.key")))
 
 # Generated from lat/lon: the write path (COPY, upserts) stays the same with or without PostGIS.
 _POSTGIS = """
@@ -277,6 +284,59 @@ ALTER TABLE positions ADD COLUMN IF NOT EXISTS geom geometry(Point, 4326)
              THEN ST_SetSRID(ST_MakePoint(lon, lat), 4326) END
     ) STORED;
 CREATE INDEX IF NOT EXISTS positions_geom ON positions USING gist (geom);
+-- What QGIS opens as layers (docs/datalab.md): each measured value as a point, and the map
+-- units as lines (road segments) and polygons (H3 cells), from the GeoJSON the maps store.
+CREATE OR REPLACE VIEW observations_geom AS  -- OR REPLACE: another worker may have made it since our drop
+SELECT o.*, CASE WHEN o.lat IS NOT NULL AND o.lon IS NOT NULL
+                 THEN ST_SetSRID(ST_MakePoint(o.lon, o.lat), 4326) END::geometry(Point, 4326) AS geom
+FROM observations o;
+ALTER TABLE aggregates ADD COLUMN IF NOT EXISTS geom geometry(Geometry, 4326)
+    GENERATED ALWAYS AS (ST_SetSRID(ST_GeomFromGeoJSON(geometry), 4326)) STORED;
+CREATE INDEX IF NOT EXISTS aggregates_geom ON aggregates USING gist (geom);
+CREATE OR REPLACE VIEW map_segments AS
+SELECT scheme, cell, period, quantity, unit, value, n_passes, n_days, n_samples, n_excluded, published,
+       to_timestamp(period_start_utc_ms / 1000.0) AS period_start, to_timestamp(period_end_utc_ms / 1000.0)
+       AS period_end, geom::geometry(LineString, 4326) AS geom
+FROM aggregates WHERE GeometryType(geom) = 'LINESTRING';
+CREATE OR REPLACE VIEW map_cells AS
+SELECT scheme, cell, period, quantity, unit, value, n_passes, n_days, n_samples, n_excluded, published,
+       to_timestamp(period_start_utc_ms / 1000.0) AS period_start, to_timestamp(period_end_utc_ms / 1000.0)
+       AS period_end, geom::geometry(Polygon, 4326) AS geom
+FROM aggregates WHERE GeometryType(geom) = 'POLYGON';
+"""
+
+# samples partitioned by month of t_utc_ms (issue 17.1: a day's query reads a day's partition).
+# A partition key must be in every unique index and never NULL, but a sample's identity is
+# (device, epoch, seq) and its time may be unknown (no_time). So the partitioned table has no
+# primary key: (device, epoch, seq) stays unique because every writer of a van's samples holds
+# that van's advisory lock and inserts only keys not stored (_none_stored, _insert_new_samples).
+# Samples without a time go to samples_undated (the default partition), and so do rows written
+# straight into samples (a bulk load) for a month not made yet: still stored and found, only not
+# pruned; the month's partition takes them over when it is made (_ensure_months). The receiver
+# makes each month before its first row.
+# A store made before keeps its plain samples table with its primary key: everything here works
+# on both (docs/datalab.md says how to move an old store over).
+_PARTITIONS = """
+DO $$
+BEGIN
+  IF (SELECT relkind FROM pg_class WHERE oid = 'samples'::regclass) = 'p' THEN
+    CREATE TABLE IF NOT EXISTS samples_undated PARTITION OF samples DEFAULT;
+    CREATE INDEX IF NOT EXISTS samples_key ON samples (device, epoch, seq);
+    -- BRIN: a few pages per month of rows arriving in time order, nearly free on the ack path
+    CREATE INDEX IF NOT EXISTS samples_time ON samples USING brin (t_utc_ms);
+  END IF;
+END $$;
+"""
+
+# The store's schema version (table schema_version): what an existing store is brought to when a
+# receiver opens it. Every step is idempotent DDL run at every start (_create), so an old store
+# migrates by being opened; the table says which version last did.
+#   1: the tables and jsonb observations (before issue 17; no table)
+#   2: observations typed (value/raw_value double precision, time_utc timestamptz, unit); PostGIS
+#      geometry for observations and map units (observations_geom, map_segments, map_cells)
+_VERSION = f"""
+CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, applied_utc timestamptz DEFAULT now());
+INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;
 """
 
 _TYPES = {
@@ -293,6 +353,29 @@ _UPSERT_POSITION = (
     " state = excluded.state, lat = excluded.lat, lon = excluded.lon,"
     " speed_mps = excluded.speed_mps, fix_quality = excluded.fix_quality"
 )
+
+
+def _make_month(c: psycopg.Connection[Any], name: str, start: int, end: int) -> None:
+    """One month's partition of samples, taking over that month's rows from the default partition."""
+    if c.execute("SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid"
+                 " WHERE i.inhparent = 'samples'::regclass AND p.relname = %s", (name,)).fetchone():
+        return
+    # PostgreSQL refuses a partition whose rows sit in the default one: move them over.
+    c.execute("CREATE TEMP TABLE month_rows ON COMMIT DROP AS SELECT * FROM samples_undated"
+              " WHERE t_utc_ms >= %s AND t_utc_ms < %s", (start, end))
+    moved = c.execute("DELETE FROM samples_undated WHERE t_utc_ms >= %s AND t_utc_ms < %s", (start, end)).rowcount
+    c.execute(sql.SQL("CREATE TABLE {} PARTITION OF samples FOR VALUES FROM ({}) TO ({})")
+              .format(sql.Identifier(name), sql.Literal(start), sql.Literal(end)))
+    if moved:
+        c.execute("INSERT INTO samples SELECT * FROM month_rows")
+        log.info("samples: %d rows of %s moved from samples_undated to their month", moved, name)
+    c.execute("DROP TABLE month_rows")
+
+
+def _month_start(ms: int) -> int:
+    """The first millisecond (UTC) of the month ``ms`` falls in."""
+    t = time.gmtime(ms // 1000)
+    return int(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))) * 1000
 
 
 class _JsonText:
@@ -396,8 +479,14 @@ class PostgresStore(StoreReads):
 
     def _create(self) -> None:
         # Calibration tables first: the observations view reads ``derived``.
+        # The maps' tables too (receiver/aggregate.py): PostGIS gives them a geometry column.
         self._ddl(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
-                  ensure_calibration_tables, _TABLES)
+                  ensure_calibration_tables, _TABLES, _PARTITIONS, create_map_tables, _VERSION)
+        self.partitioned = self.conn.execute(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = 'samples'::regclass").fetchone()[0]  # type: ignore[index]
+        self._months: set[int] = set()  # month starts (ms) known to have a partition
+        now = int(time.time() * 1000)
+        self._ensure_months([now, now + 31 * 86_400_000])  # this month and the next, before any upload
         if self._want_postgis is not False:
             self.postgis = self._enable_postgis()
             if self._want_postgis and not self.postgis:
@@ -417,10 +506,27 @@ class PostgresStore(StoreReads):
                     c.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SCHEMA,))
                     c.execute("CREATE EXTENSION IF NOT EXISTS postgis")
             except psycopg.Error as exc:  # not allowed (no superuser): run without it
-                log.warning("PostGIS is installed but cannot be enabled: %s", exc)
+                log.warning("PostGIS is installed but this role cannot enable it (%s): a superuser runs"
+                            " `CREATE EXTENSION postgis;` in this database once (docs/datalab.md); the store"
+                            " works without it meanwhile", type(exc).__name__)
                 return False
         self._ddl(_POSTGIS)
         return True
+
+    def _ensure_months(self, times: Iterable[int | None]) -> None:
+        """Make the monthly partitions of samples these times fall in (own transaction, before ingest).
+
+        Outside the ingest transaction: CREATE ... PARTITION OF locks the whole table, which an
+        ingest holding row locks must not wait for. Once per month per worker in practice.
+        """
+        if not self.partitioned:
+            return
+        need = {_month_start(t) for t in times if t is not None} - self._months
+        for start in sorted(need):
+            end = _month_start(start + 32 * 86_400_000)
+            name = "samples_" + time.strftime("y%Ym%m", time.gmtime(start / 1000))
+            self._ddl(lambda c, name=name, start=start, end=end: _make_month(c, name, start, end))
+            self._months.add(start)
 
     def is_outage(self, exc: BaseException) -> bool:
         # Unreachable, shut down, out of space or memory (OperationalError), or conflicts that
@@ -478,6 +584,7 @@ class PostgresStore(StoreReads):
         """Several batches in one transaction (see ``SQLiteStore.ingest_many``)."""
         for batch, _, received_ms in items:
             _screen_times(batch, received_ms)
+        self._ensure_months(s.t_utc_ms for batch, _, _ in items for s in batch.samples)
         # JSON text made here (a value JSON cannot hold raises PayloadError), sent as it is
         # by _JsonbFromText.
         vals = [[_json_bytes(s.values) for s in batch.samples] for batch, _, _ in items]
@@ -720,9 +827,13 @@ class PostgresStore(StoreReads):
             " (LIKE samples INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         self._copy("stage_samples", _SAMPLE_COLS, rows)
+        # Not ON CONFLICT: a partitioned samples has no unique index on (device, epoch, seq). Under
+        # the van's lock nobody else writes its samples, so "not stored yet" is a plain anti-join;
+        # DISTINCT ON keeps one row of a seq the batch repeats.
         cur = c.execute(
-            "INSERT INTO samples SELECT * FROM stage_samples ORDER BY seq"
-            " ON CONFLICT (device, epoch, seq) DO NOTHING"
+            "INSERT INTO samples SELECT DISTINCT ON (st.device, st.epoch, st.seq) st.* FROM stage_samples st"
+            " WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.device = st.device AND s.epoch = st.epoch"
+            " AND s.seq = st.seq) ORDER BY st.device, st.epoch, st.seq"
         )
         new = cur.rowcount
         c.execute("DELETE FROM stage_samples")  # the next batch of a group stages its own rows only

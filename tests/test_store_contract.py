@@ -6,6 +6,7 @@ on an empty database; ``q`` runs a query on either (``?`` placeholders).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -133,7 +134,10 @@ def test_observations_view(make: MakeStore) -> None:
         ("pm25", 11.0, "interpolated")
     ]
     (t,) = q(s, "SELECT time_utc FROM observations WHERE seq=3")[0]
-    assert t == "2026-09-21T14:13:21.000Z"
+    if isinstance(s, SQLiteStore):  # SQLite has no time type: ISO 8601 text
+        assert t == "2026-09-21T14:13:21.000Z"
+    else:  # PostgreSQL: a timestamptz, so analysts compare and truncate times without parsing
+        assert t == dt.datetime(2026, 9, 21, 14, 13, 21, tzinfo=dt.timezone.utc)
 
 
 def test_ingestor_accepts_and_rejects(make: MakeStore) -> None:

@@ -1,0 +1,99 @@
+"""Retention of personal data: a van's raw positions are dropped once the maps are built.
+
+Why: a named van's positions over time are its postal worker's movements, personal
+data a municipality must minimise and keep no longer than needed (docs/privacy.md).
+What the DataLab publishes, the street maps (``aggregates``), holds no single van's
+track: medians over several passes on several days, published only above a threshold.
+The raw positions are needed until the maps that use them are built, and for a while
+after (a rebuild with other parameters, a check of a strange value): ``keep_days``.
+
+What is dropped, for times older than the cut-off:
+
+* ``samples`` of the GPS sensor (the van's raw NMEA-derived fixes as it sent them),
+* ``fixes`` and ``positions`` (every measured value's place),
+* ``dead_letters`` (rejected uploads, which carry positions too) by received time.
+
+The measured values themselves stay (without a place they are no track), and so do
+the published maps. The cut-off is ``now - keep_days``, but never later than the
+newest map build: positions no build has used yet are kept whatever their age (a
+centre that stopped building maps loses nothing it has not mapped). With no build at
+all, nothing is dropped, and the plan says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from receiver import dbapi
+from receiver.export import iso_ms
+
+DAY_MS = 86_400_000
+
+#: (table, time column, extra condition): the personal data retention removes.
+TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("samples", "t_utc_ms", " AND sensor = 'gps'"),
+    ("fixes", "t_utc_ms", ""),
+    ("positions", "t_utc_ms", ""),
+    ("dead_letters", "received_utc_ms", ""),
+)
+
+
+@dataclass
+class Plan:
+    """What ``apply`` removes (or, in a dry run, would remove)."""
+
+    keep_days: int
+    cutoff_ms: int | None  # None: nothing may be dropped (see ``reason``)
+    reason: str
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"keep raw positions {self.keep_days} days; {self.reason}"]
+        if self.cutoff_ms is not None:
+            out.append(f"cut-off: {iso_ms(self.cutoff_ms)}")
+            out += [f"{t:>14}: {n} rows older" for t, n in self.rows.items()]
+        return out
+
+
+def plan(conn: Any, keep_days: int, now_ms: int) -> Plan:
+    """The cut-off and the rows older than it, per table (nothing is changed)."""
+    if keep_days < 1:
+        raise ValueError("keep_days must be at least 1")
+    wanted = now_ms - keep_days * DAY_MS
+    built = _newest_build(conn)
+    if built is None:
+        return Plan(keep_days, None, "no map has been built yet: nothing is dropped before one is")
+    if built < wanted:
+        cutoff, why = built, f"positions after the newest map build ({iso_ms(built)}) are kept until one uses them"
+    else:
+        cutoff, why = wanted, "every position older than that was available to the newest map build"
+    p = Plan(keep_days, cutoff, why)
+    for table, col, extra in TARGETS:
+        if dbapi.table_exists(conn, table):
+            p.rows[table] = int(dbapi.fetchall(
+                conn, f"SELECT count(*) FROM {table} WHERE {col} < ?{extra}", (cutoff,))[0][0])
+    return p
+
+
+def apply(conn: Any, keep_days: int, now_ms: int, *,
+          vacuum: Callable[[Any], None] | None = None) -> Plan:
+    """Drop what ``plan`` finds, in one transaction (all tables or none); the plan carried out."""
+    p = plan(conn, keep_days, now_ms)
+    if p.cutoff_ms is None:
+        return p
+    with dbapi.transaction(conn):
+        for table, col, extra in TARGETS:
+            if table in p.rows:
+                dbapi.execute(conn, f"DELETE FROM {table} WHERE {col} < ?{extra}", (p.cutoff_ms,))
+    if vacuum is not None:
+        vacuum(conn)  # the freed pages hold the positions until overwritten
+    return p
+
+
+def _newest_build(conn: Any) -> int | None:
+    if not dbapi.table_exists(conn, "aggregate_builds"):
+        return None
+    row = dbapi.fetchall(conn, "SELECT max(built_utc_ms) FROM aggregate_builds")
+    return None if not row or row[0][0] is None else int(row[0][0])
