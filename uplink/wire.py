@@ -25,6 +25,7 @@ from typing import Any
 
 from edge.errors import PayloadError
 from edge.model import Sample, TimeSource
+from uplink.status_codec import deflate_status, inflate_status
 
 MAGIC = b"DLB"
 VERSION_JSON = 1
@@ -379,15 +380,19 @@ def decode_sync(payload: bytes) -> list[str]:
     return ids[:MAX_SYNC_IDS]
 
 
-def encode_status(status: dict[str, Any]) -> bytes:
-    """A heartbeat (retained): online flag, backlog, sensor health, disk, temperature."""
-    return json.dumps({"v": 1, **status}, separators=(",", ":"), allow_nan=False).encode()
+def encode_status(status: dict[str, Any], compact: bool = True) -> bytes:
+    """A heartbeat (retained): online flag, backlog, sensor health, disk, temperature.
+
+    ``compact``: deflated with a preset dictionary (uplink/status_codec.py), ~5x smaller.
+    """
+    text = json.dumps({"v": 1, **status}, separators=(",", ":"), allow_nan=False).encode()
+    return deflate_status(text) if compact else text
 
 
 def decode_status(payload: bytes) -> dict[str, Any]:
     if len(payload) > 64 * 1024:
         raise PayloadError("status too large")
-    obj = _loads(payload, "status")
+    obj = _loads(inflate_status(payload), "status")
     if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("online"), bool):
         raise PayloadError("status of unknown version or without 'online'")
     return obj
