@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import os
 import random
 import resource
@@ -93,6 +92,19 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each live thread, by name (Linux /proc): where a van's CPU goes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[t.name] = out.get(t.name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -145,9 +157,12 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
     agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, device), link)
     marks: dict[str, float] = {}
 
+    threads: dict[str, dict[str, float]] = {}
+
     def mark(name: str) -> None:
         marks[name] = _cpu()
         marks[name + "_taken"] = agent.stats.taken
+        threads[name] = _thread_cpu()
 
     # The warm-up leaves out one-off costs (imports, opening ports, the sensors' set-up
     # commands, connecting, the first clock check) that an agent running for years does
@@ -170,16 +185,25 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         "time_source": str(agent.timekeeper.stamp().source),
         "published": agent.stats.published, "acked": agent.stats.acked_batches,
         "heartbeats": agent.stats.heartbeats, "connects": link.counters["connects"],
+        "threads": {k: round(v - threads["c0"].get(k, 0.0), 2) for k, v in threads["c1"].items()},
     }
 
 
 # -- the harness -----------------------------------------------------------------------
 
-def _receiver(cfg: Any, stop: Any) -> None:
-    """The real receiver (store, validate, ack) in a process of its own: not the van's CPU."""
+def _receiver(spec: str) -> None:
+    """The real receiver (store, validate, ack) in a process of its own: not the van's CPU.
+
+    Runs until SIGTERM; ``spec``: its ReceiverConfig as JSON.
+    """
+    import signal
+
+    from receiver.config import ReceiverConfig
     from receiver.service import ReceiverService
 
-    svc = ReceiverService(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    svc = ReceiverService(ReceiverConfig(**json.loads(spec)))
     svc.start()
     stop.wait()
     svc.stop()
@@ -231,10 +255,8 @@ def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
     broker = LocalBroker("mosquitto", workdir=tmp / "broker", secure=SecureSetup(devices=tuple(names)))
     (tmp / "broker").mkdir()
     broker.start()
-    ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    rx = ctx.Process(target=_receiver, args=(broker.receiver_config(str(tmp / "store.sqlite")), stop))
-    rx.start()
+    rx_spec = json.dumps(dataclasses.asdict(broker.receiver_config(str(tmp / "store.sqlite"))))
+    rx = subprocess.Popen([sys.executable, "-m", "bench.bench_agent", "--receiver", rx_spec])
     sniffer = Sniffer(broker.receiver_config(""))
     results: list[dict[str, Any]] = []
     try:
@@ -258,8 +280,8 @@ def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
         sniffer.stop()
         if captured is not None:
             captured.extend(sniffer.messages)
-        stop.set()
-        rx.join(20)
+        rx.terminate()
+        rx.wait(30)
         broker.close()
         import shutil
 
@@ -320,8 +342,11 @@ if __name__ == "__main__":
     ap.add_argument("seconds", nargs="?", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--receiver", help=argparse.SUPPRESS)
     ns = ap.parse_args()
-    if ns.child:
+    if ns.receiver:
+        _receiver(ns.receiver)
+    elif ns.child:
         _child(ns.child)
     else:
         from bench import print_table
