@@ -75,7 +75,8 @@ class _PacedMicrophone:
     def __init__(self, rng: random.Random) -> None:
         from simulator.hardware import LoopedMicrophone
 
-        self._mic = LoopedMicrophone(lambda t: 62.0 + 4.0 * rng.random(), seed=1)
+        # A 2-s loop: the simulator's own buffer (0.4 MB) must not pass for the agent's RSS.
+        self._mic = LoopedMicrophone(lambda t: 62.0 + 4.0 * rng.random(), seed=1, loop_s=2.0)
         self.block, self.sample_rate = self._mic.block, self._mic.sample_rate
         self._due = time.monotonic()
 

@@ -1,5 +1,10 @@
 """Bytes per value on the wire: wire version 2 against one JSON message per sample.
 
+The shipped figure (issue #18) is the captured one: ``upload_rows`` counts what a
+real van (bench/bench_agent.py's shipped configuration: real agent and drivers,
+default settings, 60-s batches, heartbeats, wire v3) published, sniffed on the
+broker. The rows below it are the format's own figure on one synthetic batch.
+
 A realistic sealed batch of 2000 samples (500 ticks of pm, no2, noise and gps
 from the value-level simulator, stamped by the agent's TimeKeeper on a
 SimClock, mid-shift with a GPS fix) is encoded with wire version 2 and, for
