@@ -8,8 +8,10 @@ Rows:
   ``sqlite3.executemany`` of the same rows into the same table in one
   transaction per group, same pragmas (WAL, synchronous=FULL). Target: Buffer
   >= 0.7 x raw for the large groups.
-* per hour at 1 Hz with a 5 s commit interval (720 commits; a seal every 60 s,
-  an ack for every batch, as the agent does): fsync/fdatasync calls counted
+* per hour at 1 Hz with a 5 s commit interval (a commit of samples every 5 s,
+  a seal every 60 s, an ack for every batch, as the agent does): the commits
+  SQLite really made counted (its trace callback sees every COMMIT: seals and
+  acks are transactions too), fsync/fdatasync calls counted
   with ``strace -f -c`` on a child process when strace is installed, and bytes
   written read from ``/proc/self/io`` ``write_bytes`` (what reached the block
   layer, checkpoints included) plus the logical ``wchar``; the hour is run
@@ -102,8 +104,15 @@ def _buffer_rate(d: Path, group: int, total: int) -> float:
 
 
 def _hour(path: str) -> dict[str, int]:
-    """One compressed hour of agent work on the buffer; returns /proc/self/io deltas."""
+    """One compressed hour of agent work on the buffer; /proc/self/io deltas and ``commits``."""
     b = Buffer(path, "van-001")
+    commits = 0
+
+    def traced(sql: str) -> None:
+        nonlocal commits
+        commits += sql.lstrip().upper().startswith(("COMMIT", "END"))
+
+    b._db.set_trace_callback(traced)  # the buffer's own connection: every transaction it ends
     io0 = _proc_io()
     t = 0
     for c in range(720):  # 3600 s / 5 s
@@ -114,8 +123,9 @@ def _hour(path: str) -> dict[str, int]:
             if sb:
                 b.acknowledge(sb.batch_id)
     io1 = _proc_io()
+    b._db.set_trace_callback(None)
     b.close()
-    return {k: io1.get(k, 0) - io0.get(k, 0) for k in io1}
+    return {**{k: io1.get(k, 0) - io0.get(k, 0) for k in io1}, "commits": commits}
 
 
 def _proc_io() -> dict[str, int]:
@@ -170,10 +180,13 @@ def run() -> list[dict[str, Any]]:
             rows.append(_row(f"  same, baseline raw executemany of prebuilt rows (ratio {buf / pre:.2f})",
                              round(buf), "samples/s", round(pre), "report", None))
     io, fsyncs, fstype = _hour_measured()
-    rows.append(_row("commits per hour (1 Hz x 4 sensors, 5 s interval)", 720, "commits/h", None, "<= 720", True))
+    commits = io.pop("commits")
+    # 720 sample commits (3600 s / 5 s) + 60 seals + 60 acks = 840 if each is one transaction.
+    rows.append(_row("commits per hour (1 Hz x 4 sensors, 5 s interval, seal + ack a minute; counted)",
+                     commits, "commits/h", 720, "<= 840", commits <= 840))
     if fsyncs is not None:
-        rows.append(_row(f"fsync+fdatasync per hour (strace -f -c, {fstype})", fsyncs, "calls/h", 720,
-                         "~1-2 per commit + checkpoints", fsyncs <= 3 * 720 + 100))
+        rows.append(_row(f"fsync+fdatasync per hour (strace -f -c, {fstype})", fsyncs, "calls/h", commits,
+                         "~1-2 per commit + checkpoints", fsyncs <= 3 * commits + 100))
     if io:
         rows.append(_row(f"bytes written per hour (/proc/self/io write_bytes, {fstype}, incl. checkpoints)",
                          io.get("write_bytes", 0), "B/h", None, "report", None))

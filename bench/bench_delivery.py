@@ -15,6 +15,7 @@ Run: ``python -m bench.bench_delivery`` (or through ``python -m bench``).
 from __future__ import annotations
 
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,15 @@ def make_agent(data_dir: Path, port: int) -> tuple[Agent, MqttLink]:
 
 
 def drain_day() -> list[dict]:
+    # The drained day is ~160 MB of buffer and store: never left in the temp dir.
     tmp = Path(tempfile.mkdtemp(prefix="bench-drain-"))
+    try:
+        return _drain_day(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drain_day(tmp: Path) -> list[dict]:
     broker = LocalBroker("mosquitto", workdir=tmp)
     agent, link = make_agent(tmp / "van", broker.port)
     agent.run(duration_s=86400)
@@ -101,6 +110,13 @@ def drain_day() -> list[dict]:
 
 def memory_week() -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-mem-"))
+    try:
+        return _memory_week(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _memory_week(tmp: Path) -> list[dict]:
     agent, link = make_agent(tmp / "van", 1)  # no broker: everything stays in the backlog
     start = rss_mb()
     readings = {}

@@ -1,5 +1,10 @@
 """Bytes per value on the wire: wire version 2 against one JSON message per sample.
 
+The shipped figure (issue #18) is the captured one: ``upload_rows`` counts what a
+real van (bench/bench_agent.py's shipped configuration: real agent and drivers,
+default settings, 60-s batches, heartbeats, wire v3) published, sniffed on the
+broker. The rows below it are the format's own figure on one synthetic batch.
+
 A realistic sealed batch of 2000 samples (500 ticks of pm, no2, noise and gps
 from the value-level simulator, stamped by the agent's TimeKeeper on a
 SimClock, mid-shift with a GPS fix) is encoded with wire version 2 and, for
@@ -148,8 +153,64 @@ def measure(batch: Batch) -> dict[str, float]:
     }
 
 
+def upload_rows(messages: list[tuple[str, bytes]], device: str) -> list[dict]:
+    """Bytes per value of what one van really sent, sniffed on the broker (issue #18).
+
+    Counts every batch PUBLISH (re-sends too) and every heartbeat but the goodbye at
+    shutdown, each as its whole MQTT 3.1.1 packet at QoS 1 (TLS records and TCP/IP
+    headers not counted); values are those of the decoded batches. Baselines: the
+    same samples as one JSON message each, and the heartbeats as plain JSON.
+    """
+    from core.wire import decode_status, encode_status
+
+    batches = [(t, p) for t, p in messages if t.endswith(f"/{device}/batch")]
+    beats = [(t, p) for t, p in messages if t.endswith(f"/{device}/status")]
+    beats = [(t, p) for t, p in beats if decode_status(p)["online"]]
+    decoded = [decode_batch(p) for _, p in batches]
+    n = sum(len(s.values) for b in decoded for s in b.samples)
+    if not n:
+        raise RuntimeError(f"no batch of {device} captured")
+    batch_bytes = sum(mqtt_publish_size(t, len(p)) for t, p in batches)
+    beat_bytes = sum(mqtt_publish_size(t, len(p)) for t, p in beats)
+    plain_beats = sum(mqtt_publish_size(t, len(encode_status(
+        {k: v for k, v in decode_status(p).items() if k != "v"}, compact=False))) for t, p in beats)
+    json_bytes = sum(mqtt_publish_size(batches[0][0], len(json_message(b.device, b.epoch, s)))
+                     for b in decoded for s in b.samples)
+    total = (batch_bytes + beat_bytes) / n
+    note = (f"{len(batches)} batches ({sum(len(b.samples) for b in decoded)} samples, {n} values) and "
+            f"{len(beats)} heartbeats of {device}, real agent and drivers, default settings")
+    return [
+        {"name": "wire.upload_bytes_per_value (batches + heartbeats, captured)", "value": round(total, 3),
+         "unit": "B/value, MQTT packets", "baseline": round((json_bytes + plain_beats) / n, 2),
+         "target": "<= 1.0", "ok": total <= 1.0,
+         "note": note + "; baseline: JSON per sample + plain-JSON heartbeats"},
+        {"name": "wire.upload_batches_bytes_per_value (captured)", "value": round(batch_bytes / n, 3),
+         "unit": "B/value, MQTT packets", "baseline": round(json_bytes / n, 2), "target": None, "ok": None,
+         "note": "batches alone; baseline JSON per sample"},
+        {"name": "wire.heartbeat_bytes (captured)", "value": round(beat_bytes / max(1, len(beats))),
+         "unit": "B per heartbeat PUBLISH", "baseline": round(plain_beats / max(1, len(beats))),
+         "target": None, "ok": None, "note": "baseline: the same heartbeats as plain JSON (status v1)"},
+    ]
+
+
+def captured_upload(seconds: float = 120.0) -> list[dict]:
+    """Rows from a real van's upload: bench_agent's shipped configuration, sniffed."""
+    from bench.bench_agent import measure as run_vans
+
+    messages: list[tuple[str, bytes]] = []
+    run_vans(seconds, kinds=("module",), captured=messages)
+    return upload_rows(messages, "van-module-0")
+
+
 def run() -> list[dict]:
     """Benchmark rows: name, value, unit, baseline, target, ok (None where only informative)."""
+    import os
+
+    return synthetic_rows() + captured_upload(float(os.environ.get("BENCH_WIRE_SECONDS", "150")))
+
+
+def synthetic_rows() -> list[dict]:
+    """One 2000-sample batch from the value-level simulator (the format's own figure)."""
     batch = simulated_batch()
     m = measure(batch)
     mj = measure(jittered(batch))

@@ -70,6 +70,28 @@ TAG_BIGINT = 8  # int outside int64, its decimal text by string-table index
 N_TAGS = 9
 _CONST_TAG_VALUES: dict[int, Any] = {TAG_NONE: None, TAG_FALSE: False, TAG_TRUE: True}
 
+# Version 3 (issue #18) is version 2 with a string table that starts with these, so
+# a batch carries only the strings that are not here (device, epoch, boot id ...).
+# A 60-s batch has ~1,800 values; its ~30 key names were ~230 bytes of it that no
+# compressor can shrink on first sight. Part of the format: append only, never
+# reorder, and a change needs a new version byte.
+STATIC_STRINGS_V3: tuple[str, ...] = (
+    # sensor and section names, time sources
+    "pm", "gps", "no2", "noise", "calibration", "ntp", "corrected", "unsync",
+    # PM (Plantower, Sensirion, Nova)
+    "pm1", "pm25", "pm4", "pm10", "pm1_cf1", "pm25_cf1", "pm10_cf1",
+    "n0_3", "n0_5", "n1_0", "n2_5", "n4_0", "n5_0", "n10", "typical_size", "rh", "temp_c",
+    # GPS
+    "lat", "lon", "alt", "speed", "course", "fix_quality", "fix_mode", "sats_used", "sats_in_view",
+    "hdop", "gps_time",
+    # NO2
+    "no2_ppb", "no2_we_mv", "no2_ae_mv", "no2_temp_c",
+    # noise
+    "laeq", "lamax", "lamin", "la10", "la50", "la90", "lceq", "lcmax", "lcmin", "lzeq", "lzmax", "lzmin",
+    # flags
+    "warming_up", "no_temperature", "temp_outside_correction_table", "audio_gap", "audio_overrun",
+)
+
 MODE_RAW = 0  # each value as a zigzag varint
 MODE_DELTA = 1  # first value, then differences from the previous one
 _BIGINT_MAX_DIGITS = 400  # ~1330 bits: more than any sensor needs, cheap to parse
@@ -405,9 +427,12 @@ def _encode_stream(
         _encode_key(out, key, samples, strings)
 
 
-def encode_plain(batch: Batch) -> bytes:
-    """The uncompressed version 2 body (the layout of docs/wire-format.md)."""
+def encode_plain(batch: Batch, version: int = 2) -> bytes:
+    """The uncompressed version 2 (or 3) body (the layout of docs/wire-format.md)."""
+    static = STATIC_STRINGS_V3 if version >= 3 else ()
     strings, flagsets = _Interner(), _Interner()
+    for text in static:
+        strings(text)
     streams: dict[str, list[Sample]] = {}
     for s in batch.samples:
         streams.setdefault(s.sensor, []).append(s)
@@ -430,7 +455,7 @@ def encode_plain(batch: Batch) -> bytes:
     _put_str(out, batch.epoch)
     _put_s(out, batch.first_seq)
     _put_s(out, batch.last_seq - batch.first_seq)
-    table = strings.items()
+    table = strings.items()[len(static):]
     _put_u(out, len(table))
     for text in table:
         _put_str(out, text)
@@ -463,10 +488,10 @@ def pack(plain: bytes, method: int) -> bytes:
     return bytes([method]) + struct.pack(">I", zlib.crc32(plain)) + _compress(method, plain)
 
 
-def encode_v2(batch: Batch) -> bytes:
-    """The version 2 body of a batch. Deterministic: the smallest of the
+def encode_v2(batch: Batch, version: int = 2) -> bytes:
+    """The version 2 (or 3) body of a batch. Deterministic: the smallest of the
     compressions, ties to the lower method number."""
-    plain = encode_plain(batch)
+    plain = encode_plain(batch, version)
     return min((pack(plain, m) for m in COMPRESSIONS), key=len)
 
 
@@ -612,7 +637,7 @@ def _decode_stream(
     return samples, cells_left - n_keys * n
 
 
-def decode_plain(plain: bytes) -> Batch:
+def decode_plain(plain: bytes, version: int = 2) -> Batch:
     """A Batch from the uncompressed body. Structure only: the checks both
     versions share (range, duplicates, gaps) are ``core.wire``'s."""
     r = _Reader(plain)
@@ -620,8 +645,9 @@ def decode_plain(plain: bytes) -> Batch:
     epoch = r.string("epoch")
     first = r.s("first_seq")
     last = first + r.s("sequence span")
-    n_strings = r.count("string count", r.left())
-    strings = [r.string("string") for _ in range(n_strings)]
+    n_own = r.count("string count", r.left())
+    strings = list(STATIC_STRINGS_V3 if version >= 3 else ()) + [r.string("string") for _ in range(n_own)]
+    n_strings = len(strings)
     flagsets: list[tuple[str, ...]] = []
     for _ in range(r.count("flag set count", r.left())):
         k = r.count("flag set size", r.left())
@@ -657,12 +683,12 @@ def decode_plain(plain: bytes) -> Batch:
     return Batch(device, epoch, first, last, samples, gaps)
 
 
-def decode_v2(body: bytes, plain: bytes | None = None) -> Batch:
-    """A Batch from a version 2 body (after MAGIC and the version byte); ``plain``: the body
+def decode_v2(body: bytes, plain: bytes | None = None, version: int = 2) -> Batch:
+    """A Batch from a version 2 (or 3) body (after MAGIC and the version byte); ``plain``: the body
     already unpacked (checked) by the caller, so it is not inflated twice (the receiver's budget)."""
     plain = unpack(body) if plain is None else plain
     try:
-        return decode_plain(plain)
+        return decode_plain(plain, version)
     except PayloadError:
         raise
     except (IndexError, KeyError, ValueError, TypeError, OverflowError, StopIteration, struct.error) as exc:
@@ -673,6 +699,7 @@ def decode_v2(body: bytes, plain: bytes | None = None) -> Batch:
 
 __all__ = [
     "MAX_VALUE_CELLS",
+    "STATIC_STRINGS_V3",
     "decode_plain",
     "decode_v2",
     "encode_plain",

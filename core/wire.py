@@ -4,7 +4,8 @@ A batch payload is ``MAGIC + version byte + body``. Version 1's body is
 zlib-compressed JSON (readable, self-describing); version 2 (the default,
 ``core.codec_v2``) is columnar, delta-encoded and compressed, about 5 times
 smaller than version 1 and under a byte per measured value. Both decode through
-``decode_batch`` and pass the same checks. A payload of an unknown version is
+``decode_batch`` and pass the same checks; version 3 (the default since issue #18)
+is version 2 with the known key names built in. A payload of an unknown version is
 refused with a reason rather than guessed at.
 
 Topics (``prefix`` defaults to ``datalab/v1``):
@@ -25,12 +26,16 @@ from typing import Any
 
 from core.errors import PayloadError
 from core.sample import Sample, TimeSource
+from core.status_codec import deflate_status, inflate_status
 
 MAGIC = b"DLB"
 VERSION_JSON = 1
 VERSION_COLUMNAR = 2
-SUPPORTED_VERSIONS = (VERSION_JSON, VERSION_COLUMNAR)
-DEFAULT_VERSION = VERSION_COLUMNAR
+# Version 2 with a built-in table of the known key names (core/codec_v2.py STATIC_STRINGS_V3).
+VERSION_COLUMNAR_STATIC = 3
+COLUMNAR_VERSIONS = (VERSION_COLUMNAR, VERSION_COLUMNAR_STATIC)
+SUPPORTED_VERSIONS = (VERSION_JSON, VERSION_COLUMNAR, VERSION_COLUMNAR_STATIC)
+DEFAULT_VERSION = VERSION_COLUMNAR_STATIC
 
 # Bounds that keep a hostile or broken payload from costing the receiver much.
 # Decoded, a batch costs ~100 bytes of Python objects per value: these keep the
@@ -121,10 +126,10 @@ def _sample_row(s: Sample) -> list[Any]:
 
 def encode_batch(batch: Batch, version: int = DEFAULT_VERSION) -> bytes:
     """Bytes for a sealed batch. Deterministic: the same batch gives the same bytes."""
-    if version == VERSION_COLUMNAR:
+    if version in COLUMNAR_VERSIONS:
         from core.codec_v2 import encode_v2  # imported here: codec_v2 imports this module
 
-        return MAGIC + bytes([VERSION_COLUMNAR]) + encode_v2(batch)
+        return MAGIC + bytes([version]) + encode_v2(batch, version)
     if version != VERSION_JSON:
         raise ValueError(f"cannot encode wire version {version} (known: {SUPPORTED_VERSIONS})")
     body = {
@@ -223,10 +228,10 @@ def decode_batch(payload: bytes, inflated: bytes | None = None) -> Batch:
             f"unsupported wire version {version} (this receiver reads {SUPPORTED_VERSIONS})"
         )
     try:
-        if version == VERSION_COLUMNAR:
+        if version in COLUMNAR_VERSIONS:
             from core.codec_v2 import decode_v2
 
-            return _validate(decode_v2(payload[len(MAGIC) + 1 :], inflated))
+            return _validate(decode_v2(payload[len(MAGIC) + 1 :], inflated, version))
         return _validate(_decode_v1(payload[len(MAGIC) + 1 :], inflated))
     except PayloadError:
         raise
@@ -242,7 +247,7 @@ def inflate_body(payload: bytes) -> bytes:
     if len(payload) > MAX_PAYLOAD_BYTES or len(payload) < len(MAGIC) + 1 or not payload.startswith(MAGIC):
         raise PayloadError("not a datalab batch within the payload limit")
     version, body = payload[len(MAGIC)], payload[len(MAGIC) + 1 :]
-    if version == VERSION_COLUMNAR:
+    if version in COLUMNAR_VERSIONS:
         from core.codec_v2 import unpack
 
         return unpack(body)
@@ -379,15 +384,19 @@ def decode_sync(payload: bytes) -> list[str]:
     return ids[:MAX_SYNC_IDS]
 
 
-def encode_status(status: dict[str, Any]) -> bytes:
-    """A heartbeat (retained): online flag, backlog, sensor health, disk, temperature."""
-    return json.dumps({"v": 1, **status}, separators=(",", ":"), allow_nan=False).encode()
+def encode_status(status: dict[str, Any], compact: bool = True) -> bytes:
+    """A heartbeat (retained): online flag, backlog, sensor health, disk, temperature.
+
+    ``compact``: deflated with a preset dictionary (core/status_codec.py), ~5x smaller.
+    """
+    text = json.dumps({"v": 1, **status}, separators=(",", ":"), allow_nan=False).encode()
+    return deflate_status(text) if compact else text
 
 
 def decode_status(payload: bytes) -> dict[str, Any]:
     if len(payload) > 64 * 1024:
         raise PayloadError("status too large")
-    obj = _loads(payload, "status")
+    obj = _loads(inflate_status(payload), "status")
     if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("online"), bool):
         raise PayloadError("status of unknown version or without 'online'")
     return obj

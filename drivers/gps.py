@@ -66,13 +66,23 @@ VALUE_KEYS = (
 )
 
 
+def _q(v: float | None, decimals: int) -> float | None:
+    return None if v is None else round(v, decimals)
+
+
 def fix_values(fix: Fix, gps_time: float | None) -> dict[str, Any]:
-    """The Reading values for one fix."""
+    """The Reading values for one fix.
+
+    Rounded to what the receiver resolves (issue #18: NMEA's 1e-5 minutes is
+    1.7e-7 degrees, knots to m/s give endless decimals): 1e-7 degrees (~1 cm),
+    1 mm/s. The digits below are conversion noise that cost ~7 bytes a value on
+    the wire and carry nothing.
+    """
     return {
-        "lat": fix.lat,
-        "lon": fix.lon,
+        "lat": _q(fix.lat, 7),
+        "lon": _q(fix.lon, 7),
         "alt": fix.altitude,
-        "speed": fix.speed,
+        "speed": _q(fix.speed, 3),
         "course": fix.course,
         "fix_quality": fix.fix_quality,
         "fix_mode": fix.fix_mode,

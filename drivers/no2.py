@@ -128,7 +128,10 @@ class No2B43F:
                 flags = ("temp_outside_correction_table",)
         return Reading(
             sensor=self.name,  # the section name: products select NO2 by its keys
-            values={"no2_ppb": ppb, "no2_we_mv": we_mv, "no2_ae_mv": ae_mv, "no2_temp_c": temp_c},
+            # Rounded far below the ADC's step (7.8 µV at the finest gain) and the sensor's noise
+            # (issue #18): float residue such as 317.75000000000006 costs ~7 bytes a value on the wire.
+            values={"no2_ppb": None if ppb is None else round(ppb, 2), "no2_we_mv": round(we_mv, 4),
+                    "no2_ae_mv": round(ae_mv, 4), "no2_temp_c": temp_c if math.isnan(temp_c) else round(temp_c, 3)},
             flags=flags,
             meta={
                 "serial": self.cal.serial,

@@ -211,6 +211,7 @@ class FakeGpsReceiver:
         poll_interval: float = 0.005,
         output_delay_s: float = 0.0,
         only: str | None = None,
+        mix: list[list[str]] | None = None,
     ) -> None:
         if not 0.0 <= corrupt_prob <= 1.0:
             raise ValueError("corrupt_prob must be within [0, 1]")
@@ -228,6 +229,9 @@ class FakeGpsReceiver:
         # (the solution is computed first): the background thread sends that much late.
         self.output_delay_s = output_delay_s
         self.only = only
+        # A captured u-blox sentence mix (simulator/nmea_mix.py) sent after RMC, VTG, GGA
+        # instead of our own GSA and GSV; None = our 7-sentence epoch.
+        self.mix = mix
         self._rng = random.Random(seed)
         self._power_on: float | None = None
         self._has_fixed = False
@@ -269,6 +273,10 @@ class FakeGpsReceiver:
         )
 
     def lines_at(self, t: float) -> list[bytes]:
+        if self.mix is not None:
+            from simulator.nmea_mix import mixed_epoch  # it imports this module
+
+            return mixed_epoch(self.state_at(t), self.mix, self.epochs_sent)
         return nmea_epoch(self.state_at(t))
 
     def utc_at(self, t: float) -> dt.datetime:

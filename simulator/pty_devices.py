@@ -5,19 +5,29 @@ and a u-blox-like GPS receiver on pseudo-terminals, writes their paths to
 ``ports.json`` and runs until killed. An agent in another process then reads
 them through the real drivers at the devices' real rates: what the CPU
 benchmark measures (the devices' own work is not the agent's).
+
+As a van meets them (issue #18): the GPS keeps present UTC on whole seconds
+(so the agent gets trusted time: its plausible-time floor rejects anything
+before the build), sends the sentence mix of a u-blox capture when
+``--nmea-mix`` names one (13-23 sentences a second), and each epoch leaves
+50 ms after its second, as a receiver's solution does; the PM readings are
+noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
+import random
 import signal
 import threading
 import time
 from pathlib import Path
 
 from simulator.gps_device import FakeGpsReceiver
+from simulator.nmea_mix import load_capture_mix
 from simulator.pm_devices import PMSSimulator
 
 
@@ -27,14 +37,32 @@ def circle(t: float) -> tuple[float, float, float, float]:
     return (52.1244 + 0.002 * math.sin(a), 4.6578 + 0.003 * math.cos(a), 8.0, (math.degrees(a) + 90) % 360)
 
 
+def noisy_pm(rng: random.Random) -> tuple[float, float, float]:
+    """PM1, PM2.5, PM10 in µg/m³ around a town background, with the sensor's scatter."""
+    base = 12.0 + rng.gauss(0.0, 2.0)
+    return (max(0.0, base * 0.65), max(0.0, base), max(0.0, base * 1.6 + rng.gauss(0.0, 1.5)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", required=True, help="where to write the device paths")
+    ap.add_argument("--nmea-mix", type=Path, help="a u-blox capture whose sentence mix the GPS sends")
+    ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    t0 = time.monotonic()
-    pm = PMSSimulator(lambda: (8.0, 12.0, 20.0), warmup_s=0.0)
+    rng = random.Random(args.seed)
+    pm = PMSSimulator(lambda: noisy_pm(rng), warmup_s=0.0)
     pm.start()
-    gps = FakeGpsReceiver(lambda t: circle(t), clock=lambda: time.monotonic() - t0)
+    # Whole UTC seconds: the receiver's clock t counts seconds since t0, a UTC second.
+    t0 = float(math.floor(time.time()))
+    mix = load_capture_mix(args.nmea_mix) if args.nmea_mix else None
+    gps = FakeGpsReceiver(
+        lambda t: circle(t),
+        clock=lambda: time.time() - t0,
+        utc_origin=dt.datetime.fromtimestamp(t0, dt.timezone.utc),
+        talker="GN" if mix else "GP",
+        mix=mix,
+        output_delay_s=0.05,
+    )
     gps.start(background=True)
     Path(args.json).write_text(json.dumps({"pm": pm.device_path, "gps": gps.port_name}))
     stop = threading.Event()

@@ -16,7 +16,6 @@ the cut where it happened, not hidden by the sequence numbers being reused.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import random
@@ -34,6 +33,7 @@ from simulator.powercut import PAGE as PAGE_SIZE
 from simulator.powercut import PowerCutMount
 from tests.delivery_harness import Receiver, Van, finish_and_check, report, store_counters
 from tests.test_delivery_faults import assert_all_delivered, rx  # noqa: F401 (rx: the receiver fixture)
+from core.wire import decode_status
 
 
 class HeartbeatWitness:
@@ -50,7 +50,7 @@ class HeartbeatWitness:
         self._c.loop_start()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        st = json.loads(msg.payload)
+        st = decode_status(msg.payload)  # what the receiver reads: compact (v2) or JSON (v1)
         if "last_seq" not in st or "epoch" not in st:
             return  # a last will: online false
         with self._lock:

@@ -30,6 +30,7 @@ from core.codec_v2 import (
     COMP_LZMA2,
     COMP_STORED,
     COMP_ZLIB,
+    STATIC_STRINGS_V3,
     decode_plain,
     encode_plain,
     encode_v2,
@@ -39,6 +40,7 @@ from core.wire import Batch, Gap, decode_batch, encode_batch
 
 FUZZ = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 V2 = wire.MAGIC + bytes([wire.VERSION_COLUMNAR])
+DEFAULT = wire.MAGIC + bytes([wire.DEFAULT_VERSION])  # what a van sends
 BOOT = "3f9c2a71-5d7e-4b0e-9a53-0c1f4e2d8b66"
 START = 1_795_588_200.0
 
@@ -68,7 +70,7 @@ def assert_same(a: Batch, b: Batch) -> None:
 
 def roundtrip(b: Batch) -> Batch:
     payload = encode_batch(b)
-    assert payload[:4] == V2
+    assert payload[:4] == DEFAULT
     back = decode_batch(payload)
     assert_same(back, b)
     return back
@@ -197,23 +199,58 @@ def test_same_batch_same_bytes():
     assert encode_batch(a) == encode_batch(b)
 
 
-def test_default_is_v2_and_v1_still_encodes_and_decodes():
+def test_default_is_v3_and_v1_v2_still_encode_and_decode():
     b = messy_batch()
-    assert encode_batch(b)[3] == wire.VERSION_COLUMNAR == 2
-    v1 = encode_batch(b, version=wire.VERSION_JSON)
-    assert v1[:4] == wire.MAGIC + b"\x01"
-    back = decode_batch(v1)
-    assert back.samples == b.samples and back.gaps == b.gaps
-    assert set(wire.SUPPORTED_VERSIONS) == {1, 2}
+    assert encode_batch(b)[3] == wire.VERSION_COLUMNAR_STATIC == 3
+    for version in (wire.VERSION_JSON, wire.VERSION_COLUMNAR):
+        old = encode_batch(b, version=version)
+        assert old[:4] == wire.MAGIC + bytes([version])
+        back = decode_batch(old)
+        assert back.samples == b.samples and back.gaps == b.gaps
+    assert set(wire.SUPPORTED_VERSIONS) == {1, 2, 3}
+
+
+def test_v3_sends_only_the_strings_it_does_not_know():
+    """Version 3: known key names come from the built-in table; the rest travel as in version 2."""
+    b = messy_batch()
+    v2, v3 = encode_batch(b, version=2), encode_batch(b, version=3)
+    assert_same(decode_batch(v3), b)
+    plain2, plain3 = encode_plain(b, 2), encode_plain(b, 3)
+    assert b"pm25" in plain2 and b"pm25" not in plain3  # a known key: an index only
+    assert b"count_0_3" in plain3 and b"boot-a" in plain3  # unknown strings still travel
+    assert len(plain3) < len(plain2)
+    # The version byte decides how the table is read: a v3 body read as v2 is wrong or refused.
+    with pytest.raises(PayloadError):
+        assert decode_batch(wire.MAGIC + b"\x02" + v3[4:]).samples != b.samples
+
+
+def test_v3_string_index_beyond_both_tables_is_refused():
+    def body(sensor_index: int) -> bytes:
+        out = bytearray()
+        codec_v2._put_str(out, "van-1")
+        codec_v2._put_str(out, "e1")
+        for n in (1, 0):  # first_seq, span
+            codec_v2._put_s(out, n)
+        for n in (0, 0, 1, 1, sensor_index):  # own strings, flag sets, samples, streams, sensor
+            codec_v2._put_u(out, n)
+        return bytes(out)
+
+    n_known = len(STATIC_STRINGS_V3)
+    # The last built-in string is a valid sensor index (decoding goes on to the next field) ...
+    with pytest.raises(PayloadError, match="stream order"):
+        decode_plain(body(n_known - 1), 3)
+    # ... one past it, with no strings of the batch's own, is refused as such.
+    with pytest.raises(PayloadError, match="sensor"):
+        decode_plain(body(n_known), 3)
 
 
 def test_unknown_version_is_refused():
     body = encode_v2(messy_batch())
-    for v in (0, 3, 255):
+    for v in (0, 4, 255):
         with pytest.raises(PayloadError, match=f"unsupported wire version {v}"):
             decode_batch(wire.MAGIC + bytes([v]) + body)
     with pytest.raises(ValueError):
-        encode_batch(messy_batch(), version=3)
+        encode_batch(messy_batch(), version=4)
 
 
 def test_all_compressions_decode():
@@ -454,16 +491,16 @@ def test_store_seals_v2(tmp_path):
     b = sim_batch(30)
     buf.commit([dataclasses.replace(s, seq=None) for s in b.samples])
     sealed = buf.seal(1000, 0)
-    assert sealed is not None and sealed.payload[:4] == V2
+    assert sealed is not None and sealed.payload[:4] == DEFAULT
     back = decode_batch(sealed.payload)
     assert [sample_key(s) for s in back.samples] == [sample_key(s) for s in b.samples]
     buf.close()
 
 
 def test_header_is_what_the_docs_say():
-    # "DLB", version 2, compression method, CRC-32 (big-endian) of the plain body.
-    plain = encode_plain(messy_batch())
+    # "DLB", version 3 (2's layout), compression method, CRC-32 (big-endian) of the plain body.
+    plain = encode_plain(messy_batch(), 3)
     payload = encode_batch(messy_batch())
-    assert payload[:4] == b"DLB\x02"
+    assert payload[:4] == b"DLB\x03"
     assert payload[4] in (COMP_STORED, COMP_ZLIB, COMP_LZMA2)
     assert struct.unpack(">I", payload[5:9])[0] == zlib.crc32(plain)

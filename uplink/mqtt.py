@@ -2,7 +2,10 @@
 
 One network thread of our own drives paho (``client.loop``) and reconnects
 with full-jitter backoff (``uplink/backoff.py``), because paho's own reconnect
-has none. Acks are handed to the agent through a queue, so only the agent's
+has none. The thread does not poll: it sleeps in paho's select until the
+socket has data, a publish from the agent's thread pokes paho's socketpair,
+or the next keepalive ping falls due (issue #18: a 0.2-s poll cost 3.3 CPU-s
+per van-hour, most of the agent's budget). Acks are handed to the agent through a queue, so only the agent's
 thread ever touches the SQLite buffer.
 
 The device connects with a persistent session (clean_session=False, fixed
@@ -36,6 +39,9 @@ from core.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+# paho's own clock for its keepalive bookkeeping (time.monotonic in paho 2.x).
+_paho_now: Callable[[], float] = getattr(mqtt, "time_func", time.monotonic)
 
 
 class Link(Protocol):
@@ -188,10 +194,31 @@ class MqttLink:
                     self._client.disconnect()
                     self._refused = False
                     continue
-            rc = self._client.loop(0.2)
+            rc = self._client.loop(self._idle_timeout())
             if rc != mqtt.MQTT_ERR_SUCCESS and self._connected.is_set():
                 self._connected.clear()
                 log.info("connection lost (%s)", mqtt.error_string(rc))
+
+    def _idle_timeout(self) -> float:
+        """How long the network thread may sleep in select: until the next ping is due.
+
+        Everything else wakes it earlier: incoming bytes, and publish()/disconnect()
+        from another thread write to paho's socketpair, which is in the same select.
+        paho sends the PINGREQ from loop() only once ``keepalive`` has passed since
+        the last packet out or the last bytes in, so the thread must be awake then
+        (a late ping makes the broker drop us at 1.5 x keepalive). Those times are
+        paho internals; without them we fall back to a quarter of the keepalive.
+        """
+        keepalive = float(self.cfg.keepalive_s)
+        client = self._client
+        try:
+            with client._msgtime_mutex:
+                last = min(client._last_msg_out, client._last_bytes_received)
+            due = last + keepalive - _paho_now()
+        except AttributeError:
+            due = keepalive / 4
+        # A few ms late, so the check in loop_misc sees the ping as due, never early.
+        return min(max(due + 0.005, 0.005), keepalive)
 
     # -- callbacks (network thread) ---------------------------------------------------
 
