@@ -76,8 +76,8 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
     "no_gps_time": ("van", "keep", "GPS samples only: not a map quantity"),
     "time_untimed": ("van", "keep", "GPS samples only (the first fix of a run, before its arrival was "
                      "timed or its date confirmed): stamped at its read, up to a few s late"),
-    "audio_gap": ("van", "keep", "seconds of audio before this one were skipped by a late read; this "
-                  "second's level is measured whole"),
+    "audio_gap": ("van", "keep", "seconds of audio before this one were dropped (the van stalled longer "
+                  "than the driver's 30 s queue); this second's level is measured whole"),
     "audio_overrun": ("van", "keep", "the sound card dropped frames before this reading; the level is of "
                       "the audio that arrived, still the street's"),
     # positions (the observations view's quality column): maps use trusted positions only anyway
