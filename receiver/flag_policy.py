@@ -76,6 +76,9 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
     "no_gps_time": ("van", "keep", "GPS samples only: not a map quantity"),
     "time_untimed": ("van", "keep", "GPS samples only (the first fix of a run, before its arrival was "
                      "timed or its date confirmed): stamped at its read, up to a few s late"),
+    "single_sentence": ("van", "keep", "GPS samples only (a receiver set to send one position sentence per "
+                        "epoch): the fix was not cross-checked by a second sentence; positions from such "
+                        "receivers are still the van's track, and excluding them would blank its maps"),
     "audio_gap": ("van", "keep", "seconds of audio before this one were dropped (the van stalled longer "
                   "than the driver's 30 s queue); this second's level is measured whole"),
     "audio_overrun": ("van", "keep", "the sound card dropped frames before this reading; the level is of "
