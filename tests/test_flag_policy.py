@@ -43,7 +43,7 @@ EXPECTED_OUT: dict[str, set[str]] = {
     "humid": PM, "negative": PM,
     "noise_floor": set(), "temp_outside_correction_table": set(), "no_temperature": set(),
     "cal_input_missing": set(), "non_finite": set(), "salvaged": set(), "no_gps_time": set(), "time_untimed": set(),
-    "audio_gap": set(), "audio_overrun": set(), "cal_unavailable": set(),
+    "audio_gap": set(), "audio_overrun": set(), "cal_unavailable": set(), "single_sentence": set(),
 }
 # no_fix / no_time are position states, not sample or value flags: maps take trusted positions only.
 POISONED = sorted(EXPECTED_OUT)
