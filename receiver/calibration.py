@@ -345,10 +345,10 @@ class Records:
     untagged: str | None = None
 
 
-def _no2_records(conn: Any, device: str) -> Records:
-    """``device``'s NO2 records as ``record_at`` takes them."""
+def _no2_records(conn: Any, device: str, kind: str = NO2_SENSOR) -> Records:
+    """``device``'s NO2 records (or another ``kind``'s: PM, receiver/pm_derive.py) as ``record_at`` takes them."""
     rows = _exec(conn, "SELECT serial, status, record FROM calibrations WHERE device=? AND kind=?",
-                 (device, NO2_SENSOR)).fetchall()
+                 (device, kind)).fetchall()
     serials = {serial for serial, _, _ in rows}
     recs = [rec for _, status, text in rows
             if status != "pending" and (rec := _usable(device, text)) is not None and rec.valid_from is not None]
@@ -357,15 +357,15 @@ def _no2_records(conn: Any, device: str) -> Records:
                    next(iter(serials)) if len(serials) == 1 else None)
 
 
-def _serial_of(values: dict[str, Any], untagged: str | None) -> str | None:
+def _serial_of(values: dict[str, Any], untagged: str | None, kind: str = NO2_SENSOR) -> str | None:
     """The serial whose records a sample can take: its ``cal`` tag's (``no2:<serial>:v<N>``),
     else the van's only serial; None when it cannot be tied to one."""
     cal = values.get("cal")
     if not isinstance(cal, str):
         return untagged
-    kind, _, rest = cal.partition(":")
+    tag_kind, _, rest = cal.partition(":")
     serial, sep, _ = rest.rpartition(":")
-    return serial if kind == NO2_SENSOR and sep else None
+    return serial if tag_kind == kind and sep else None
 
 
 def _record_for(recs: Records, serial: str | None, t_ms: int) -> CalibrationRecord | None:
@@ -376,10 +376,10 @@ def _record_for(recs: Records, serial: str | None, t_ms: int) -> CalibrationReco
                 None)
 
 
-def record_at(recs: Records, t_ms: int, values: dict[str, Any]) -> CalibrationRecord | None:
+def record_at(recs: Records, t_ms: int, values: dict[str, Any], kind: str = NO2_SENSOR) -> CalibrationRecord | None:
     """The record valid for a sample at ``t_ms``: of those in effect then for its serial, the newest
     version (a correction made later, valid from before, wins over the one it corrects)."""
-    return _record_for(recs, _serial_of(values, recs.untagged), t_ms)
+    return _record_for(recs, _serial_of(values, recs.untagged, kind), t_ms)
 
 
 def _derive(values: dict[str, Any], rec: CalibrationRecord) -> float | None:

@@ -51,6 +51,9 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
     "humid": ("receiver", "exclude PM", "above 95 % RH optical PM counts fog droplets and its growth "
               "correction (receiver/pm_humidity.py) is not to be trusted; "
               "only PM gets it"),
+    "rh_missing": ("receiver", "exclude PM", "no RH to undo hygroscopic growth by (none of its own, none of "
+                   "the van's within 30 s: no shipped PM driver sends one, only the DGS-NO2's "
+                   "no2_rh_pct does): the value is the sensor's wet one, biased up; only PM gets it"),
     "clock_untrusted": ("receiver", "exclude", "stamped before the clock was trusted: the position joined "
                         "by its time may be wrong"),
     # van, per sample (samples.flags), also copied into quality by the receiver
@@ -90,7 +93,7 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
 
 DEFAULT_EXCLUDE = ("clock_step", "clock_untrusted", "device_error", "out_of_range", "outlier", "overload",
                    "stuck", "time_implausible", "warming_up")
-DEFAULT_EXCLUDE_PM = ("humid", "negative")
+DEFAULT_EXCLUDE_PM = ("humid", "negative", "rh_missing")
 
 
 def sentinel_mask(v: np.ndarray) -> np.ndarray:

@@ -770,7 +770,7 @@ class SQLiteStore(StoreReads):
         self._flag_quality(batch)
         requality(self.conn, batch.device, touched)  # flags describe the value served
         humid_edges(self.conn, batch.device, [s.t_utc_ms for s in batch.samples
-                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
+                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR], self.pm_kappa)
 
     def derive_pending(self, limit: int | None = None) -> int:
         """Derive the batches stored with ``derive=False``, oldest first; how many were done.
@@ -1046,7 +1046,8 @@ def quality_rows(
                             dtype=np.int64, count=len(samples))
         if q in quality.PM_QUANTITIES:
             t = np.array([_NAN if x.t_utc_ms is None else x.t_utc_ms for x in samples], dtype=float)
-            mask |= quality.humid_mask(t, rh_t, rh_v)
+            own = np.array([quality.own_rh(x.values) for x in samples], dtype=float)
+            mask |= quality.pm_rh_mask(quality.pm_rh(own, t, rh_t, rh_v))  # the RH pm_derive divides by
         for k in np.nonzero(mask)[0]:
             out.append((batch.device, batch.epoch, samples[k].seq, q, quality.mask_text(int(mask[k]))))
         pick, bits, clear = quality.revisit(cv, full, cut)

@@ -592,7 +592,7 @@ class PostgresStore(StoreReads):
         self._flag_quality(batch, fresh)
         requality(c, batch.device, touched)  # flags describe the value served
         humid_edges(c, batch.device, [s.t_utc_ms for s in batch.samples
-                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR])
+                                        if s.t_utc_ms is not None and s.sensor != GPS_SENSOR], self.pm_kappa)
 
     def _nothing_derived(self, batch: Batch) -> bool:
         """True when no fix, position or flag of the batch's range exists yet (so COPY cannot conflict)."""
