@@ -105,8 +105,9 @@ def test_the_maps_no2_is_the_receivers_recompute(realistic):
     )
     conn.close()
     assert len(rows) == FLEET.vans * FLEET.days * FLEET.hours * 3600
-    for device, vals, value, cal in rows:
+    for device, vals, value, cal, t in rows:
         v, fit = json.loads(vals), sim.fits[device]
+        assert not any(k == "rh" or k.endswith("rh_pct") for k in v)  # as shipped PM drivers: no RH
         assert cal == "no2:202-SIM-0001:v1" and "cal" not in v  # the van itself had no record
         # The co-location fit, applied to the van's sheet value, is what the record encodes.
         zero = fit.no2_zero + fit.no2_temp_coef * (v["no2_temp_c"] - 20.0)
@@ -118,13 +119,16 @@ def test_the_maps_no2_is_the_receivers_recompute(realistic):
 
 def test_the_maps_pm_is_gain_then_growth_undone(realistic):
     """The van applies its PM gain record (``pm25_cal``); the receiver's best PM2.5 is that value
-    with kappa-Koehler growth undone at the PM sample's RH (receiver/pm_derive.py), and the
+    with kappa-Koehler growth undone at the van's ambient RH, the DGS-NO2's ``no2_rh_pct`` of
+    the same tick (no shipped PM driver sends RH: receiver/pm_derive.py, quality.pm_rh), and the
     rows without the correction or the record serve the values without them."""
     sim, figs = realistic
     conn = dbapi.connect(sim.stores[True])
+    ambient = {(d, t): json.loads(v)["no2_rh_pct"] for d, t, v in dbapi.fetchall(
+        conn, "SELECT device, t_utc_ms, vals FROM samples WHERE sensor = 'no2'")}
     rows = dbapi.fetchall(
         conn,
-        "SELECT s.device, s.vals, d.value, d.calibration FROM samples s LEFT JOIN derived d"
+        "SELECT s.device, s.vals, d.value, d.calibration, s.t_utc_ms FROM samples s LEFT JOIN derived d"
         " ON d.device = s.device AND d.epoch = s.epoch AND d.seq = s.seq AND d.quantity = 'pm25'"
         " WHERE s.sensor = 'pm'",
     )
@@ -137,10 +141,10 @@ def test_the_maps_pm_is_gain_then_growth_undone(realistic):
             continue
         assert v["cal"] == f"pm:{device}/pm:v1"
         assert v["pm25_cal"] == pytest.approx(v["pm25"] / fit.pm_gain, rel=1e-9)
-        want = v["pm25_cal"] / float(se.growth_factor(0.22, np.array([v["rh"]]))[0])
+        want = v["pm25_cal"] / float(se.growth_factor(0.22, np.array([ambient[(device, t)]]))[0])
         assert value == pytest.approx(want, rel=1e-9) and cal == f"pm:{device}/pm:v1+kappa-koehler:0.22"
         corrected += 1
-    assert corrected > 0.99 * len(rows)  # housing RH never above 95 % on these mornings
+    assert corrected > 0.99 * len(rows)  # ambient RH never above 95 % on these mornings
     # The switch really switches: a read inside served_pm sees the gain-only value, and after it
     # the store is as it was.
     probe = ("SELECT s.vals, d.value FROM samples s JOIN derived d ON d.device = s.device"

@@ -303,3 +303,34 @@ def test_value_level_sim_pm_grows_with_humidity_and_the_receiver_dries_it(make: 
     served = float(np.mean([x[0] for x in got]))
     assert abs(served - true_mean) <= 0.08 * true_mean, (
         f"served PM2.5 mean {served:.2f} µg/m³, truth {true_mean:.2f}, raw {raw_mean:.2f}")
+
+
+def test_rh_from_the_next_upload_clears_rh_missing_and_corrects_together(make: MakeStore) -> None:
+    """PM for 60 s with no RH of its own; the van's only RH (a DGS-NO2's ``no2_rh_pct``, 70 %)
+    comes at 75 s in the next upload. PM within 30 s of it (45-59 s) is then corrected at 70 %
+    and loses ``rh_missing``; earlier PM keeps the flag, served wet and left out of the map."""
+    s = make()
+    v = Van("van-late-rh")
+    for i in range(0, 60):
+        v.gps(i)
+        v.add("pms5003", i + 0.2, {"pm25": 20.0 + 0.01 * i, "pm10": 30.0 + 0.02 * i})
+    first = list(v.samples)
+    v.gps(75)
+    v.add("dgs", 75.0, {"no2_ppb": 10.0, "no2_rh_pct": 70.0})
+    upload(s, v.batch(first))
+    before = observed(s, "van-late-rh", "pm25")
+    assert all("rh_missing" in x[3].split(",") for x in before.values())
+    upload(s, v.batch(v.samples[len(first):]))
+    got = observed(s, "van-late-rh", "pm25")
+    for i in range(60):
+        val, cal, _, qual = got[ms(i + 0.2)]
+        if 75.0 - (i + 0.2) <= 30.0:
+            assert "rh_missing" not in qual and val == pytest.approx((20.0 + 0.01 * i) / koehler(70.0, KAPPA25), rel=1e-9), i
+            assert cal == "kappa-koehler:0.22"
+        else:
+            assert "rh_missing" in qual.split(",") and val == pytest.approx(20.0 + 0.01 * i) and cal is None, (i, val, cal, qual)
+    (track,) = [tr for tr in read_tracks(s.conn, Period("all")) if tr.device == "van-late-rh"]
+    j = QUANTITY_KEYS.index("pm25")
+    kept = int((~track.excluded[:, j] & ~np.isnan(track.values[:, j])).sum())
+    # 45.2 .. 58.2 s: the corrected ones with a position (59.2 s is in a 16 s GPS gap); the wet ones are out.
+    assert kept == 14
