@@ -38,6 +38,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from core.calibration import (
@@ -455,33 +456,47 @@ def recompute_no2(conn: Any, device: str, span: Span, touched: Touched | None = 
     Returns the number of rows written.
     """
     recs = _no2_records(conn, device) if recs is None else recs
-    lo, hi = span
     has_raw = (f"json_type(s.vals, '$.{NO2_RAW_KEY}') IS NOT NULL" if _is_sqlite(conn)
                else "jsonb_exists(s.vals, ?)")
-    where, args = ["p.device=?", has_raw], [device] + ([] if _is_sqlite(conn) else [NO2_RAW_KEY])
-    where.append("p.t_utc_ms>=?" if lo is not None else "p.t_utc_ms IS NOT NULL")
-    args += [lo] if lo is not None else []
-    if hi is not None:
-        where, args = [*where, "p.t_utc_ms<?"], [*args, hi]
-    n, after = 0, None
-    while True:
-        page, page_args = list(where), list(args)
-        if after is not None:  # past the last sample read: (t, epoch, seq) orders a van's samples
-            page += ["p.t_utc_ms>=?", "(p.t_utc_ms, p.epoch, p.seq) > (?, ?, ?)"]
-            page_args += [after[0], *after]
-        rows = _exec(conn, "SELECT s.epoch, s.seq, s.t_utc_ms, s.vals, p.t_utc_ms, s.sensor FROM positions p"
-                           " JOIN samples s"
-                           " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
-                           f" WHERE {' AND '.join(page)} ORDER BY p.t_utc_ms, p.epoch, p.seq LIMIT ?",
-                     (*page_args, CHUNK)).fetchall()
+    n = 0
+    for rows in timed_chunks(conn, device, span, "s.epoch, s.seq, s.t_utc_ms, s.vals, s.sensor",
+                             has_raw, () if _is_sqlite(conn) else (NO2_RAW_KEY,)):
         stats.rows_read += len(rows)
         stats.largest_read = max(stats.largest_read, len(rows))
         todo = [(e, q, t, json.loads(v) if isinstance(v, str) else dict(v), sensor)
-                for e, q, t, v, _, sensor in rows if t is not None]
+                for e, q, t, v, sensor, *_ in rows if t is not None]
         n += _write_derived(conn, device, todo, recs, prune=True, touched=touched)
+    return n
+
+
+def timed_chunks(conn: Any, device: str, span: Span, columns: str, where: str = "1=1",
+                 args: tuple[Any, ...] = ()) -> Iterator[list[tuple[Any, ...]]]:
+    """``device``'s samples timed inside ``span`` ([lo, hi) ms, None open), ``CHUNK`` rows at a
+    time in time order: ``columns`` of ``samples s`` (and ``positions p``), then p.t_utc_ms,
+    p.epoch, p.seq. Found through ``positions(device, t_utc_ms)``, the time index of a van's
+    derived samples (``samples`` has none: it would slow every upload); keyset paging, so never
+    a whole life in memory. ``where``/``args``: one more condition."""
+    lo, hi = span
+    conds, cargs = ["p.device=?", where], [device, *args]
+    conds.append("p.t_utc_ms>=?" if lo is not None else "p.t_utc_ms IS NOT NULL")
+    cargs += [lo] if lo is not None else []
+    if hi is not None:
+        conds, cargs = [*conds, "p.t_utc_ms<?"], [*cargs, hi]
+    after = None
+    while True:
+        page, page_args = list(conds), list(cargs)
+        if after is not None:  # past the last sample read: (t, epoch, seq) orders a van's samples
+            page += ["p.t_utc_ms>=?", "(p.t_utc_ms, p.epoch, p.seq) > (?, ?, ?)"]
+            page_args += [after[0], *after]
+        rows = _exec(conn, f"SELECT {columns}, p.t_utc_ms, p.epoch, p.seq FROM positions p JOIN samples s"
+                           " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                           f" WHERE {' AND '.join(page)} ORDER BY p.t_utc_ms, p.epoch, p.seq LIMIT ?",
+                     (*page_args, CHUNK)).fetchall()
+        if rows:
+            yield rows
         if len(rows) < CHUNK:
-            return n
-        after = (rows[-1][4], rows[-1][0], rows[-1][1])
+            return
+        after = rows[-1][-3:]
 
 
 def derive_batch_no2(conn: Any, batch: Any, touched: Touched | None = None,

@@ -48,7 +48,7 @@ import numpy as np
 from receiver import quality
 from core.calibration import CalibrationRecord, pm_corrected
 from receiver.calibration import (Records, Span, _exec, _no2_records, _q, changed_spans, record_at,
-                                  records_in_batch)
+                                  records_in_batch, timed_chunks)
 from receiver.flag_policy import is_sentinel
 from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10
 
@@ -246,34 +246,16 @@ def recompute_pm(conn: Any, device: str, kappa: Mapping[str, float], span: Span 
     a chunk at a time in time order, each with every RH the van sent within 30 s of the chunk
     (any upload's): what ingest and humid_edges derived, reproduced. Untimed samples (only
     their own RH) come along when the span is open. Returns rows written."""
-    lo, hi = span
     w = quality.HUMID_WITHIN_MS
-    where, args = ["p.device=?"], [device]
-    where.append("p.t_utc_ms>=?" if lo is not None else "p.t_utc_ms IS NOT NULL")
-    args += [lo] if lo is not None else []
-    if hi is not None:
-        where, args = [*where, "p.t_utc_ms<?"], [*args, hi]
-    n, after = 0, None
-    while True:
-        page, page_args = list(where), list(args)
-        if after is not None:  # keyset: past the last sample read
-            page += ["p.t_utc_ms>=?", "(p.t_utc_ms, p.epoch, p.seq) > (?, ?, ?)"]
-            page_args += [after[0], *after]
-        rows = _exec(conn, "SELECT s.epoch, s.seq, p.t_utc_ms, s.vals FROM positions p JOIN samples s"
-                           " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
-                           f" WHERE {' AND '.join(page)} AND s.sensor <> 'gps'"
-                           " ORDER BY p.t_utc_ms, p.epoch, p.seq LIMIT ?", (*page_args, CHUNK)).fetchall()
-        samples = [x for e, q, t, v in rows
-                   if isinstance((x := PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {}))).values,
-                                 dict)]
-        pm = [x for x in samples if any(_number(x.values.get(q)) is not None for q in PM_DERIVED)]
+    n = 0
+    for rows in timed_chunks(conn, device, span, "s.epoch, s.seq, p.t_utc_ms, s.vals", "s.sensor <> 'gps'"):
+        samples = [PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {})) for e, q, t, v, *_ in rows]
+        pm = [x for x in samples
+              if isinstance(x.values, dict) and any(_number(x.values.get(q)) is not None for q in PM_DERIVED)]
         if pm:
             ts = [x.t_utc_ms for x in pm]
             n += write_pm(conn, device, pm, kappa, prune=True, rh=van_rh(conn, device, min(ts) - w, max(ts) + w))
-        if len(rows) < CHUNK:
-            break
-        after = (rows[-1][2], rows[-1][0], rows[-1][1])
-    if lo is None and hi is None:
+    if span == (None, None):
         n += _recompute_untimed(conn, device, kappa)
     return n
 
