@@ -423,12 +423,13 @@ def served_pm(conn: Any, c: Corrections) -> Iterator[None]:
     try:
         conn.execute(f"DELETE FROM derived WHERE quantity IN ({', '.join('?' * len(PM_DERIVED))})", PM_DERIVED)
         for (device,) in dbapi.fetchall(conn, "SELECT DISTINCT device FROM positions"):
-            rows = dbapi.fetchall(conn, "SELECT epoch, seq, t_utc_ms, vals FROM samples WHERE device = ?"
-                                        " AND sensor = ? ORDER BY epoch, seq", (device, PM_SENSOR))
+            # Every sensor's samples: the van's RH comes with its NO2 (no2_rh_pct), as in a shipped van.
+            rows = dbapi.fetchall(conn, "SELECT epoch, seq, t_utc_ms, vals, sensor FROM samples WHERE device = ?"
+                                        " AND sensor <> 'gps' ORDER BY epoch, seq", (device,))
             samples = []
-            for epoch, seq, t, vals in rows:
+            for epoch, seq, t, vals, sensor in rows:
                 v = json.loads(vals)
-                if not c.calibration:  # the van without its PM record sends neither
+                if not c.calibration and sensor == PM_SENSOR:  # the van without its PM record sends neither
                     v = {k: x for k, x in v.items() if k not in ("pm25_cal", "cal")}
                 samples.append(PmSample(epoch, seq, t, v))
             write_pm(conn, device, samples, kappa)
