@@ -105,9 +105,8 @@ def test_the_maps_no2_is_the_receivers_recompute(realistic):
     )
     conn.close()
     assert len(rows) == FLEET.vans * FLEET.days * FLEET.hours * 3600
-    for device, vals, value, cal, t in rows:
+    for device, vals, value, cal in rows:
         v, fit = json.loads(vals), sim.fits[device]
-        assert not any(k == "rh" or k.endswith("rh_pct") for k in v)  # as shipped PM drivers: no RH
         assert cal == "no2:202-SIM-0001:v1" and "cal" not in v  # the van itself had no record
         # The co-location fit, applied to the van's sheet value, is what the record encodes.
         zero = fit.no2_zero + fit.no2_temp_coef * (v["no2_temp_c"] - 20.0)
@@ -134,8 +133,9 @@ def test_the_maps_pm_is_gain_then_growth_undone(realistic):
     )
     assert len(rows) == FLEET.vans * FLEET.days * FLEET.hours * 3600
     corrected = 0
-    for device, vals, value, cal in rows:
+    for device, vals, value, cal, t in rows:
         v, fit = json.loads(vals), sim.fits[device]
+        assert not any(k == "rh" or k.endswith("rh_pct") for k in v)  # as shipped PM drivers: no RH
         if v["pm25"] == 65535.0:  # the sentinel fault: served as it is, never scaled
             assert value is None
             continue
