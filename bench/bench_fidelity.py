@@ -99,7 +99,7 @@ class Corrections:
     ``calibration``: the vans' NO2 records at the receiver, the microphone records and the
     van's PM gain record (``pm25_cal``); ``correct_growth``: the receiver's PM growth
     correction (receiver/pm_humidity.py, default kappa); ``exclude_humid``: the flag
-    policy's ``humid`` for PM (above 95 % RH).
+    policy's ``humid`` (above 95 % RH) and ``rh_missing`` (no RH within 30 s) for PM.
     """
 
     time_alignment: bool = True
@@ -112,7 +112,7 @@ class Corrections:
         """The receiver's flag policy this row builds maps with (receiver/flag_policy.py)."""
         if not self.flags:
             return FlagPolicy(OLD_EXCLUDED, frozenset())
-        pm = set(DEFAULT_EXCLUDE_PM) - (set() if self.exclude_humid else {"humid"})
+        pm = set(DEFAULT_EXCLUDE_PM) - (set() if self.exclude_humid else {"humid", "rh_missing"})
         return FlagPolicy.of(DEFAULT_EXCLUDE, pm)
 
 
@@ -196,7 +196,10 @@ def van_day_samples(
     n = vd.n
     rng = np.random.default_rng([seed, van, day, 10])
     shift_s = np.arange(n, dtype=float)
-    rh_m, temp_m = se.measure_rh_temp(vd.rh, vd.temp, dev, sw, rng)
+    # The van's RH is the DGS-NO2's ambient one (no shipped PM driver sends RH; issue 15, tester
+    # v15): the particles grew at the warmed housing's RH, which the receiver never sees.
+    _, temp_m = se.measure_rh_temp(vd.rh, vd.temp, dev, sw, rng)
+    rh_m = se.measure_ambient_rh(vd.rh, dev, sw, rng)
     if growth is not None and sw.pm_growth:
         rh_in = se.inlet_rh(vd.rh)
         fine = vd.pm25 * growth.factor(True, rh_in)
@@ -246,7 +249,7 @@ def van_day_samples(
         samples = []
         seq = 0
         for k, (la, lo, sp, co, p25, p10, rh, w, a, tc, lq, fx, warm) in enumerate(zip(*lists)):
-            pm = {"pm25": p25, "pm10": p10, "rh": rh}
+            pm = {"pm25": p25, "pm10": p10}
             if pm_record:
                 pm.update(pm25_cal=pm_cal[k], cal=pm_record)
             src, mono = st.source[k], st.mono[k]
@@ -269,6 +272,7 @@ def van_day_samples(
                 "no2_we_mv": w,
                 "no2_ae_mv": a,
                 "no2_temp_c": tc,
+                "no2_rh_pct": rh,
             }
             samples += [
                 Sample("gps", st.gps[k], mono, src, gps, () if fx else ("no_fix",), seq + 1, "boot"),
@@ -419,12 +423,13 @@ def served_pm(conn: Any, c: Corrections) -> Iterator[None]:
     try:
         conn.execute(f"DELETE FROM derived WHERE quantity IN ({', '.join('?' * len(PM_DERIVED))})", PM_DERIVED)
         for (device,) in dbapi.fetchall(conn, "SELECT DISTINCT device FROM positions"):
-            rows = dbapi.fetchall(conn, "SELECT epoch, seq, t_utc_ms, vals FROM samples WHERE device = ?"
-                                        " AND sensor = ? ORDER BY epoch, seq", (device, PM_SENSOR))
+            # Every sensor's samples: the van's RH comes with its NO2 (no2_rh_pct), as in a shipped van.
+            rows = dbapi.fetchall(conn, "SELECT epoch, seq, t_utc_ms, vals, sensor FROM samples WHERE device = ?"
+                                        " AND sensor <> 'gps' ORDER BY epoch, seq", (device,))
             samples = []
-            for epoch, seq, t, vals in rows:
+            for epoch, seq, t, vals, sensor in rows:
                 v = json.loads(vals)
-                if not c.calibration:  # the van without its PM record sends neither
+                if not c.calibration and sensor == PM_SENSOR:  # the van without its PM record sends neither
                     v = {k: x for k, x in v.items() if k not in ("pm25_cal", "cal")}
                 samples.append(PmSample(epoch, seq, t, v))
             write_pm(conn, device, samples, kappa)

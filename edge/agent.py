@@ -185,32 +185,44 @@ class Agent:
     def sample(self) -> None:
         self.timekeeper.update()
         for drv in self.drivers:
-            try:
-                reading = drv.read()
-            except RecoverableError as exc:
-                self._count_error(drv.name, exc)
-                continue
-            except Exception as exc:  # a driver bug must not stop the other sensors
-                self._count_error(drv.name, exc, unexpected=True)
-                continue
-            if reading is None:
-                continue
-            # A driver that knows when its value was measured says so in its meta (a GPS epoch's
-            # arrival, the end of a second of audio); anything else is stamped at its read.
-            stamp = self.timekeeper.stamp(reading.meta.get(MEASURED_MONO), reading.meta.get(MEASURED_UTC))
-            values, flags = _finite(reading.values, (*reading.flags, *stamp.flags))
-            self._pending.append(
-                Sample(
-                    sensor=reading.sensor,
-                    t_utc_ms=stamp.t_utc_ms,
-                    t_mono_ms=stamp.t_mono_ms,
-                    time_src=stamp.source,
-                    values=values,
-                    flags=flags,
-                    boot_id=self.boot_id,
-                )
+            # A driver with a queue (the microphone: one level per second of audio) says how many
+            # more wait; they are read now, so a late tick loses none (issue 15, v15 probe).
+            for _ in range(MAX_READS_PER_TICK):
+                if not self._read_one(drv):
+                    break
+                backlog = getattr(drv, "backlog", 0)
+                if not isinstance(backlog, int) or backlog <= 0:
+                    break
+
+    def _read_one(self, drv: Any) -> bool:
+        """Read ``drv`` once into the pending samples; False when it had nothing (or failed)."""
+        try:
+            reading = drv.read()
+        except RecoverableError as exc:
+            self._count_error(drv.name, exc)
+            return False
+        except Exception as exc:  # a driver bug must not stop the other sensors
+            self._count_error(drv.name, exc, unexpected=True)
+            return False
+        if reading is None:
+            return False
+        # A driver that knows when its value was measured says so in its meta (a GPS epoch's
+        # arrival, the end of a second of audio); anything else is stamped at its read.
+        stamp = self.timekeeper.stamp(reading.meta.get(MEASURED_MONO), reading.meta.get(MEASURED_UTC))
+        values, flags = _finite(reading.values, (*reading.flags, *stamp.flags))
+        self._pending.append(
+            Sample(
+                sensor=reading.sensor,
+                t_utc_ms=stamp.t_utc_ms,
+                t_mono_ms=stamp.t_mono_ms,
+                time_src=stamp.source,
+                values=values,
+                flags=flags,
+                boot_id=self.boot_id,
             )
-            self.stats.taken += 1
+        )
+        self.stats.taken += 1
+        return True
 
     def _count_error(self, name: str, exc: BaseException, unexpected: bool = False) -> None:
         self.stats.read_errors[name] = self.stats.read_errors.get(name, 0) + 1
@@ -516,6 +528,7 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
     return out, (*flags, "non_finite")
 
 
+MAX_READS_PER_TICK = 64  # bounds one driver's share of a tick (the microphone queue holds 30)
 COMMIT_SLICE = 1000  # samples per transaction when committing what a full card held back
 MAX_PENDING_IN_MEMORY = 4 * 3600  # an hour of four sensors at 1 Hz, if the disk stays full
 SYNC_BATCHES = 256  # batch ids named in a resync request

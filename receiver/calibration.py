@@ -38,6 +38,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from core.calibration import (
@@ -346,10 +347,10 @@ class Records:
     untagged: str | None = None
 
 
-def _no2_records(conn: Any, device: str) -> Records:
-    """``device``'s NO2 records as ``record_at`` takes them."""
+def _no2_records(conn: Any, device: str, kind: str = NO2_SENSOR) -> Records:
+    """``device``'s NO2 records (or another ``kind``'s: PM, receiver/pm_derive.py) as ``record_at`` takes them."""
     rows = _exec(conn, "SELECT serial, status, record FROM calibrations WHERE device=? AND kind=?",
-                 (device, NO2_SENSOR)).fetchall()
+                 (device, kind)).fetchall()
     serials = {serial for serial, _, _ in rows}
     recs = [rec for _, status, text in rows
             if status != "pending" and (rec := _usable(device, text)) is not None and rec.valid_from is not None]
@@ -358,15 +359,15 @@ def _no2_records(conn: Any, device: str) -> Records:
                    next(iter(serials)) if len(serials) == 1 else None)
 
 
-def _serial_of(values: dict[str, Any], untagged: str | None) -> str | None:
+def _serial_of(values: dict[str, Any], untagged: str | None, kind: str = NO2_SENSOR) -> str | None:
     """The serial whose records a sample can take: its ``cal`` tag's (``no2:<serial>:v<N>``),
     else the van's only serial; None when it cannot be tied to one."""
     cal = values.get("cal")
     if not isinstance(cal, str):
         return untagged
-    kind, _, rest = cal.partition(":")
+    tag_kind, _, rest = cal.partition(":")
     serial, sep, _ = rest.rpartition(":")
-    return serial if kind == NO2_SENSOR and sep else None
+    return serial if tag_kind == kind and sep else None
 
 
 def _record_for(recs: Records, serial: str | None, t_ms: int) -> CalibrationRecord | None:
@@ -377,10 +378,10 @@ def _record_for(recs: Records, serial: str | None, t_ms: int) -> CalibrationReco
                 None)
 
 
-def record_at(recs: Records, t_ms: int, values: dict[str, Any]) -> CalibrationRecord | None:
+def record_at(recs: Records, t_ms: int, values: dict[str, Any], kind: str = NO2_SENSOR) -> CalibrationRecord | None:
     """The record valid for a sample at ``t_ms``: of those in effect then for its serial, the newest
     version (a correction made later, valid from before, wins over the one it corrects)."""
-    return _record_for(recs, _serial_of(values, recs.untagged), t_ms)
+    return _record_for(recs, _serial_of(values, recs.untagged, kind), t_ms)
 
 
 def inputs_in_range(values: dict[str, Any]) -> bool:
@@ -477,33 +478,47 @@ def recompute_no2(conn: Any, device: str, span: Span, touched: Touched | None = 
     Returns the number of rows written.
     """
     recs = _no2_records(conn, device) if recs is None else recs
-    lo, hi = span
     has_raw = (f"json_type(s.vals, '$.{NO2_RAW_KEY}') IS NOT NULL" if _is_sqlite(conn)
                else "jsonb_exists(s.vals, ?)")
-    where, args = ["p.device=?", has_raw], [device] + ([] if _is_sqlite(conn) else [NO2_RAW_KEY])
-    where.append("p.t_utc_ms>=?" if lo is not None else "p.t_utc_ms IS NOT NULL")
-    args += [lo] if lo is not None else []
-    if hi is not None:
-        where, args = [*where, "p.t_utc_ms<?"], [*args, hi]
-    n, after = 0, None
-    while True:
-        page, page_args = list(where), list(args)
-        if after is not None:  # past the last sample read: (t, epoch, seq) orders a van's samples
-            page += ["p.t_utc_ms>=?", "(p.t_utc_ms, p.epoch, p.seq) > (?, ?, ?)"]
-            page_args += [after[0], *after]
-        rows = _exec(conn, "SELECT s.epoch, s.seq, s.t_utc_ms, s.vals, p.t_utc_ms, s.sensor FROM positions p"
-                           " JOIN samples s"
-                           " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
-                           f" WHERE {' AND '.join(page)} ORDER BY p.t_utc_ms, p.epoch, p.seq LIMIT ?",
-                     (*page_args, CHUNK)).fetchall()
+    n = 0
+    for rows in timed_chunks(conn, device, span, "s.epoch, s.seq, s.t_utc_ms, s.vals, s.sensor",
+                             has_raw, () if _is_sqlite(conn) else (NO2_RAW_KEY,)):
         stats.rows_read += len(rows)
         stats.largest_read = max(stats.largest_read, len(rows))
         todo = [(e, q, t, json.loads(v) if isinstance(v, str) else dict(v), sensor)
-                for e, q, t, v, _, sensor in rows if t is not None]
+                for e, q, t, v, sensor, *_ in rows if t is not None]
         n += _write_derived(conn, device, todo, recs, prune=True, touched=touched)
+    return n
+
+
+def timed_chunks(conn: Any, device: str, span: Span, columns: str, where: str = "1=1",
+                 args: tuple[Any, ...] = ()) -> Iterator[list[tuple[Any, ...]]]:
+    """``device``'s samples timed inside ``span`` ([lo, hi) ms, None open), ``CHUNK`` rows at a
+    time in time order: ``columns`` of ``samples s`` (and ``positions p``), then p.t_utc_ms,
+    p.epoch, p.seq. Found through ``positions(device, t_utc_ms)``, the time index of a van's
+    derived samples (``samples`` has none: it would slow every upload); keyset paging, so never
+    a whole life in memory. ``where``/``args``: one more condition."""
+    lo, hi = span
+    conds, cargs = ["p.device=?", where], [device, *args]
+    conds.append("p.t_utc_ms>=?" if lo is not None else "p.t_utc_ms IS NOT NULL")
+    cargs += [lo] if lo is not None else []
+    if hi is not None:
+        conds, cargs = [*conds, "p.t_utc_ms<?"], [*cargs, hi]
+    after = None
+    while True:
+        page, page_args = list(conds), list(cargs)
+        if after is not None:  # past the last sample read: (t, epoch, seq) orders a van's samples
+            page += ["p.t_utc_ms>=?", "(p.t_utc_ms, p.epoch, p.seq) > (?, ?, ?)"]
+            page_args += [after[0], *after]
+        rows = _exec(conn, f"SELECT {columns}, p.t_utc_ms, p.epoch, p.seq FROM positions p JOIN samples s"
+                           " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                           f" WHERE {' AND '.join(page)} ORDER BY p.t_utc_ms, p.epoch, p.seq LIMIT ?",
+                     (*page_args, CHUNK)).fetchall()
+        if rows:
+            yield rows
         if len(rows) < CHUNK:
-            return n
-        after = (rows[-1][4], rows[-1][0], rows[-1][1])
+            return
+        after = rows[-1][-3:]
 
 
 def derive_batch_no2(conn: Any, batch: Any, touched: Touched | None = None,

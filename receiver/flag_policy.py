@@ -51,6 +51,9 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
     "humid": ("receiver", "exclude PM", "above 95 % RH optical PM counts fog droplets and its growth "
               "correction (receiver/pm_humidity.py) is not to be trusted; "
               "only PM gets it"),
+    "rh_missing": ("receiver", "exclude PM", "no RH to undo hygroscopic growth by (none of its own, none of "
+                   "the van's within 30 s: no shipped PM driver sends one, only the DGS-NO2's "
+                   "no2_rh_pct does): the value is the sensor's wet one, biased up; only PM gets it"),
     "clock_untrusted": ("receiver", "exclude", "stamped before the clock was trusted: the position joined "
                         "by its time may be wrong"),
     # van, per sample (samples.flags), also copied into quality by the receiver
@@ -76,8 +79,11 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
     "no_gps_time": ("van", "keep", "GPS samples only: not a map quantity"),
     "time_untimed": ("van", "keep", "GPS samples only (the first fix of a run, before its arrival was "
                      "timed or its date confirmed): stamped at its read, up to a few s late"),
-    "audio_gap": ("van", "keep", "seconds of audio before this one were skipped by a late read; this "
-                  "second's level is measured whole"),
+    "single_sentence": ("van", "keep", "GPS samples only (a receiver set to send one position sentence per "
+                        "epoch): the fix was not cross-checked by a second sentence; positions from such "
+                        "receivers are still the van's track, and excluding them would blank its maps"),
+    "audio_gap": ("van", "keep", "seconds of audio before this one were dropped (the van stalled longer "
+                  "than the driver's 30 s queue); this second's level is measured whole"),
     "audio_overrun": ("van", "keep", "the sound card dropped frames before this reading; the level is of "
                       "the audio that arrived, still the street's"),
     # positions (the observations view's quality column): maps use trusted positions only anyway
@@ -87,7 +93,7 @@ KNOWN_FLAGS: dict[str, tuple[str, str, str]] = {
 
 DEFAULT_EXCLUDE = ("clock_step", "clock_untrusted", "device_error", "out_of_range", "outlier", "overload",
                    "stuck", "time_implausible", "warming_up")
-DEFAULT_EXCLUDE_PM = ("humid", "negative")
+DEFAULT_EXCLUDE_PM = ("humid", "negative", "rh_missing")
 
 
 def sentinel_mask(v: np.ndarray) -> np.ndarray:

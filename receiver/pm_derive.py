@@ -5,11 +5,19 @@ which every reader serves through ``value_source``/``best_join`` and the ``obser
 view; the van's raw value stays in ``samples`` untouched. Per PM value (``pm1``, ``pm25``,
 ``pm10``, any sensor section):
 
-1. **Gain.** The input is the van's calibrated ``<quantity>_cal`` where its PM record
-   wrote one (edge/calibration.py ``pm_corrected``), else the raw value.
-2. **Growth.** Divided by the kappa-Koehler growth at the RH the particles grew at
-   (receiver/pm_humidity.py): the sample's own RH, else the van's RH closest in time within
-   30 s in the same batch (``quality.nearest_rh``, as the ``humid`` flag reads it).
+1. **Gain.** The van's PM record valid at the sample's time (of its serial: the ``cal`` tag's,
+   else the van's only PM serial; the newest version, as for NO2: ``calibration.record_at``)
+   applied to the raw value here (``core.calibration.pm_corrected``, the function the van ran),
+   so a corrected record (v2 superseding v1) recomputes what it covers (``derive_batch_pm``:
+   ``changed_spans`` then ``recompute_pm`` per span). Without a record here yet, the van's
+   ``<quantity>_cal`` and tag; else the raw value.
+2. **Growth.** Divided by the kappa-Koehler growth at the RH ``quality.pm_rh`` chooses, the one
+   rule the ``humid``/``rh_missing`` flags read too: the sample's own RH, else the van's RH
+   closest in time within 30 s, any sensor's, any upload's. A batch is derived with its own
+   RH; where a neighbouring upload brings a closer RH (within 30 s of a batch's time edges)
+   requality.humid_edges judges the flags and derives the values again together
+   (``write_pm`` with its RH series); ``recompute_pm`` reads RH by time around each chunk.
+   So the served value does not depend on where the van cut its batches.
 
 Why gain first: the two act in that order in the world. The particles take up water in
 the air, then the sensor, with its unit-to-unit gain, reports the wet mass it saw; the gain
@@ -38,7 +46,9 @@ from typing import Any
 import numpy as np
 
 from receiver import quality
-from receiver.calibration import _exec, _q, records_in_batch
+from core.calibration import CalibrationRecord, pm_corrected
+from receiver.calibration import (Records, Span, _exec, _no2_records, _q, changed_spans, record_at,
+                                  records_in_batch, timed_chunks)
 from receiver.flag_policy import is_sentinel
 from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10
 
@@ -62,10 +72,6 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _own_rh(values: Mapping[str, Any]) -> float | None:
-    return next((x for k, v in values.items() if quality.is_rh_key(k) and (x := _number(v)) is not None), None)
-
-
 def _rh_series(samples: Iterable[PmSample]) -> tuple[np.ndarray, np.ndarray]:
     """(times, values) of every RH among ``samples``, by time (any sensor's: it is the van's air)."""
     at = sorted((s.t_utc_ms, x) for s in samples if s.t_utc_ms is not None
@@ -73,21 +79,51 @@ def _rh_series(samples: Iterable[PmSample]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([a[0] for a in at], dtype=float), np.array([a[1] for a in at], dtype=float)
 
 
+def van_samples(conn: Any, device: str, lo_ms: float, hi_ms: float) -> list[PmSample]:
+    """The van's sensor samples timed in [lo_ms, hi_ms], any upload's, through ``positions``."""
+    rows = _exec(conn, "SELECT s.epoch, s.seq, p.t_utc_ms, s.vals FROM positions p JOIN samples s"
+                       " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                       " WHERE p.device=? AND p.t_utc_ms >= ? AND p.t_utc_ms <= ? AND s.sensor <> 'gps'",
+                 (device, int(lo_ms), int(hi_ms))).fetchall()
+    out = [PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {})) for e, q, t, v in rows]
+    return [x for x in out if isinstance(x.values, dict)]
+
+
+def van_rh(conn: Any, device: str, lo_ms: float, hi_ms: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every RH the van sent timed in [lo_ms, hi_ms] (any sensor, any upload), by time."""
+    return _rh_series(van_samples(conn, device, lo_ms, hi_ms))
+
+
+def _has_rh_term(rec: CalibrationRecord) -> bool:
+    return _number(rec.values.get("rh_coef")) not in (None, 0.0)
+
+
 def best_pm(values: Mapping[str, Any], rh: float | None, kappa: Mapping[str, float],
-            rh_fitted: frozenset[str] = frozenset()) -> dict[str, tuple[float, str]]:
+            rh_fitted: frozenset[str] = frozenset(), record: CalibrationRecord | None = None
+            ) -> dict[str, tuple[float, str]]:
     """quantity -> (best value, what was applied) for the PM values of one sample at ``rh``.
 
+    ``record``: the van's PM record valid at the sample's time (applied here to the raw value,
+    to its quantity); without one the van's ``<quantity>_cal`` and ``cal`` tag count.
     ``rh_fitted``: ids of PM records with their own RH term. Only values something was
     applied to come out: a raw value at an RH that cannot be corrected is left out (the
     van's own value is then served as it is).
     """
     out: dict[str, tuple[float, str]] = {}
     cal = values.get("cal") if isinstance(values.get("cal"), str) else None
+    if record is not None:
+        cal = record.id
+        rh_fitted = rh_fitted | {record.id} if _has_rh_term(record) else rh_fitted - {record.id}
+    rec_q = None if record is None else str(record.values.get("quantity", "pm25"))
     inputs: dict[str, tuple[float, bool]] = {}
     for q in PM_DERIVED:
-        calibrated, raw = _number(values.get(q + CAL_SUFFIX)), _number(values.get(q))
+        raw = _number(values.get(q))
         if raw is not None and is_sentinel(raw):
             continue  # a "no value" code stays what it is (the sentinel rule drops it), never scaled into a number
+        if record is not None:
+            calibrated = _number(pm_corrected(record.values, values)) if q == rec_q else None
+        else:
+            calibrated = _number(values.get(q + CAL_SUFFIX))
         if calibrated is not None and raw is not None:
             inputs[q] = (calibrated, True)
         elif raw is not None:
@@ -123,22 +159,32 @@ def rh_fitted_records(conn: Any, device: str) -> frozenset[str]:
     return frozenset(out)
 
 
+def pm_records(conn: Any, device: str) -> Records:
+    """``device``'s usable PM records, as ``calibration.record_at`` takes them."""
+    return _no2_records(conn, device, PM_KIND)
+
+
 def pm_rows(device: str, samples: list[PmSample], kappa: Mapping[str, float],
-            rh_fitted: frozenset[str] = frozenset()) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """(rows to write into ``derived``, keys of PM values that get none) for ``samples``,
-    RH from their own values, else the nearest among ``samples`` within 30 s."""
+            rh_fitted: frozenset[str] = frozenset(), recs: Records | None = None,
+            rh: tuple[np.ndarray, np.ndarray] | None = None
+            ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(rows to write into ``derived``, keys of PM values that get none) for ``samples``.
+
+    RH by the one rule (``quality.pm_rh``) over ``rh`` (times, values), by default the RH
+    among ``samples`` themselves; ``recs``: the van's PM records (``pm_records``)."""
     pm = [s for s in samples if any(_number(s.values.get(q)) is not None for q in PM_DERIVED)]
     if not pm:
         return [], []
-    rh_t, rh_v = _rh_series(samples)
+    rh_t, rh_v = _rh_series(samples) if rh is None else rh
     t = np.array([math.nan if s.t_utc_ms is None else s.t_utc_ms for s in pm], dtype=float)
-    near = quality.nearest_rh(t, rh_t, rh_v)
+    own = np.array([quality.own_rh(s.values) for s in pm], dtype=float)
+    chosen = quality.pm_rh(own, t, rh_t, rh_v)
     rows, none = [], []
-    for s, rh_near in zip(pm, near):
-        rh = _own_rh(s.values)
-        if rh is None and not math.isnan(rh_near):
-            rh = float(rh_near)  # no RH of its own: the van's closest within 30 s
-        best = best_pm(s.values, rh, kappa, rh_fitted)
+    for s, x in zip(pm, chosen):
+        record = None
+        if recs is not None and recs.items and s.t_utc_ms is not None:
+            record = record_at(recs, s.t_utc_ms, dict(s.values), PM_KIND)
+        best = best_pm(s.values, None if math.isnan(x) else float(x), kappa, rh_fitted, record)
         for q in PM_DERIVED:
             if q in best:
                 rows.append((device, s.epoch, s.seq, q, *best[q]))
@@ -148,12 +194,13 @@ def pm_rows(device: str, samples: list[PmSample], kappa: Mapping[str, float],
 
 
 def write_pm(conn: Any, device: str, samples: list[PmSample], kappa: Mapping[str, float],
-             *, prune: bool = False) -> int:
+             *, prune: bool = False, rh: tuple[np.ndarray, np.ndarray] | None = None) -> int:
     """Derive and upsert the best PM values of ``samples``; ``prune``: a value that now gets
-    none loses the one it had (a recompute). Returns rows written."""
+    none loses the one it had (a recompute); ``rh``: the RH series to choose from (default:
+    the samples' own). Returns rows written."""
     if not any(_number(s.values.get(q)) is not None for s in samples for q in PM_DERIVED):
         return 0  # no PM here: no query for the van's records
-    rows, none = pm_rows(device, samples, kappa, rh_fitted_records(conn, device))
+    rows, none = pm_rows(device, samples, kappa, rh_fitted_records(conn, device), pm_records(conn, device), rh)
     cur = conn.cursor()
     if rows:
         cur.executemany(_q(conn, "INSERT INTO derived (device, epoch, seq, quantity, value, calibration)"
@@ -164,47 +211,66 @@ def write_pm(conn: Any, device: str, samples: list[PmSample], kappa: Mapping[str
     return len(rows)
 
 
-def pm_records_before(conn: Any, batch: Any) -> frozenset[str] | None:
-    """Before a batch's records are stored: the van's RH-fitted PM record ids, or None when the
-    batch carries no PM record (then nothing ``derive_batch_pm`` checks can change)."""
+def pm_records_before(conn: Any, batch: Any) -> Records | None:
+    """Before a batch's records are stored: the van's PM records, or None when the batch
+    carries no PM record (then nothing ``derive_batch_pm`` checks can change)."""
     if not any(rec.kind == PM_KIND for _, rec in records_in_batch(batch)):
         return None
-    return rh_fitted_records(conn, batch.device)
+    return pm_records(conn, batch.device)
 
 
 def derive_batch_pm(conn: Any, batch: Any, kappa: Mapping[str, float],
-                    records_before: frozenset[str] | None = None) -> int:
-    """The best PM values of one stored batch (RH from within the batch).
+                    records_before: Records | None = None) -> int:
+    """The best PM values of one stored batch (RH from within the batch; its edges are judged
+    again with the neighbouring uploads' RH by requality.humid_edges).
 
-    ``records_before``: ``pm_records_before`` of this batch. A PM record with its own RH term
-    that arrives after values it calibrated (a van announces its records when they become
-    active and at every start, not before each sample) means those values had growth undone
-    on top of it: the van's PM is derived again (``recompute_pm``), only then.
+    ``records_before``: ``pm_records_before`` of this batch. Where the PM record in effect
+    changed (a corrected record, v2 superseding v1; a record with its own RH term that arrives
+    after values it calibrated), the van's PM in those spans is derived again
+    (``changed_spans``, ``recompute_pm``), as NO2's is: nothing else moves.
     """
     samples = [PmSample(batch.epoch, s.seq, s.t_utc_ms, s.values) for s in batch.samples
                if isinstance(s.values, dict)]
     n = write_pm(conn, batch.device, samples, kappa)
-    if records_before is not None and rh_fitted_records(conn, batch.device) != records_before:
-        n += recompute_pm(conn, batch.device, kappa)
+    if records_before is not None:
+        for span in changed_spans(records_before, pm_records(conn, batch.device)):
+            n += recompute_pm(conn, batch.device, kappa, span)
     return n
 
 
 CHUNK = 5000
 
 
-def recompute_pm(conn: Any, device: str, kappa: Mapping[str, float]) -> int:
-    """Derive every stored PM value of ``device`` again with ``kappa`` (after a kappa change),
-    a chunk at a time in (epoch, seq) order; RH from within each chunk. Returns rows written."""
+def recompute_pm(conn: Any, device: str, kappa: Mapping[str, float], span: Span = (None, None)) -> int:
+    """Derive ``device``'s stored PM values timed in ``span`` ([lo, hi) ms; default: all) again,
+    a chunk at a time in time order, each with every RH the van sent within 30 s of the chunk
+    (any upload's): what ingest and humid_edges derived, reproduced. Untimed samples (only
+    their own RH) come along when the span is open. Returns rows written."""
+    w = quality.HUMID_WITHIN_MS
+    n = 0
+    for rows in timed_chunks(conn, device, span, "s.epoch, s.seq, p.t_utc_ms, s.vals", "s.sensor <> 'gps'"):
+        samples = [PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {})) for e, q, t, v, *_ in rows]
+        pm = [x for x in samples
+              if isinstance(x.values, dict) and any(_number(x.values.get(q)) is not None for q in PM_DERIVED)]
+        if pm:
+            ts = [x.t_utc_ms for x in pm]
+            n += write_pm(conn, device, pm, kappa, prune=True, rh=van_rh(conn, device, min(ts) - w, max(ts) + w))
+    if span == (None, None):
+        n += _recompute_untimed(conn, device, kappa)
+    return n
+
+
+def _recompute_untimed(conn: Any, device: str, kappa: Mapping[str, float]) -> int:
+    """The van's PM samples without a time (``positions.state`` no_time): own RH only."""
     n, after = 0, ("", -1)
     while True:
-        rows = _exec(conn, "SELECT epoch, seq, t_utc_ms, vals FROM samples WHERE device=?"
-                           " AND (epoch > ? OR (epoch = ? AND seq > ?)) ORDER BY epoch, seq LIMIT ?",
+        rows = _exec(conn, "SELECT s.epoch, s.seq, s.vals FROM positions p JOIN samples s"
+                           " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
+                           " WHERE p.device=? AND p.t_utc_ms IS NULL AND (s.epoch > ? OR (s.epoch = ? AND s.seq > ?))"
+                           " ORDER BY s.epoch, s.seq LIMIT ?",
                      (device, after[0], after[0], after[1], CHUNK)).fetchall()
-        samples = [PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {}))
-                   for e, q, t, v in rows]
-        n += write_pm(conn, device, [s for s in samples if isinstance(s.values, dict)], kappa, prune=True)
+        samples = [PmSample(e, q, None, json.loads(v) if isinstance(v, str) else dict(v or {})) for e, q, v in rows]
+        n += write_pm(conn, device, [x for x in samples if isinstance(x.values, dict)], kappa, prune=True)
         if len(rows) < CHUNK:
             return n
         after = (rows[-1][0], rows[-1][1])
-
-

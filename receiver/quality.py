@@ -24,6 +24,9 @@ shared/reference/datalab-store.md:
   30 s (``RH_KEYS``, ``is_rh_key``). Below that the receiver undoes hygroscopic growth
   (receiver/pm_humidity.py); above it the correction is not to be trusted (fog droplets, a
   growth term that diverges), so the value is flagged and the policy keeps it out of maps;
+* ``rh_missing``: PM with no RH to undo its growth by (none of its own, none of the van's within
+  30 s, or a negative one): served as the sensor saw it, wet, and kept out of maps by default.
+  ``humid`` and ``rh_missing`` read the RH the growth correction reads: :func:`pm_rh`, the one rule;
 * ``warming_up``: the sensor said so;
 * ``no_fix``: the sample has no position (``no_time``: not even a time);
 * ``clock_untrusted``: its time was stamped before the clock could be trusted;
@@ -35,6 +38,8 @@ Which of these keep a value out of maps and exports is receiver/flag_policy.py's
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -84,7 +89,7 @@ FLAGGED = set(RANGES)
 # each distinct mask into its text once.
 FLAG_NAMES = tuple(sorted((
     "clock_step", "clock_untrusted", "humid", "negative", "no_fix", "no_time", "out_of_range",
-    "outlier", "stuck", "time_implausible", "warming_up",
+    "outlier", "rh_missing", "stuck", "time_implausible", "warming_up",
 )))
 BIT = {name: 1 << i for i, name in enumerate(FLAG_NAMES)}
 
@@ -298,6 +303,35 @@ def humid_mask(
     """``humid`` where the relative humidity measured closest in time (within 30 s) is above HUMID_RH."""
     with np.errstate(invalid="ignore"):
         return np.where(nearest_rh(t, rh_t, rh, within_ms) > HUMID_RH, BIT["humid"], 0)
+
+
+def own_rh(values: Mapping[str, object]) -> float:
+    """The RH a sample carries itself (any RH key, a finite number), NaN when none."""
+    for k, v in values.items():
+        if is_rh_key(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return math.nan
+
+
+def pm_rh(own: np.ndarray, t: np.ndarray, rh_t: np.ndarray, rh: np.ndarray,
+          within_ms: float = HUMID_WITHIN_MS) -> np.ndarray:
+    """The one RH rule for PM samples: what the ``humid``/``rh_missing`` flags judge and the growth
+    correction (receiver/pm_derive.py) divides by, at ingest, at a batch's edges and in a recompute.
+
+    A sample's own RH first (``own``, NaN where none: an RH measured with the PM is the air its
+    particles grew in), else the van's RH measured closest in time within 30 s, any sensor's,
+    any batch's (``rh_t``/``rh`` sorted by time: the caller decides how wide it reads). NaN: none.
+    Own first also settles a tie (another sensor's RH in the same ms) the same way everywhere.
+    """
+    near = nearest_rh(t, rh_t, rh, within_ms)
+    return np.where(np.isnan(own), near, own)
+
+
+def pm_rh_mask(rh: np.ndarray) -> np.ndarray:
+    """``humid`` above HUMID_RH, ``rh_missing`` where there is no usable RH (NaN or below 0)."""
+    with np.errstate(invalid="ignore"):
+        return (np.where(rh > HUMID_RH, BIT["humid"], 0)
+                | np.where(np.isnan(rh) | (rh < 0.0), BIT["rh_missing"], 0))
 
 
 def humid(quantity: str, rh: float | None) -> bool:

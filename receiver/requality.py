@@ -14,13 +14,14 @@ the caller's transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from receiver import quality
 from receiver.calibration import NO2_QUANTITY, _exec, _q
+from receiver.pm_derive import PmSample, write_pm
 
 # The bits judged from the value (and its neighbours); the others belong to the sample.
 _VALUE_BITS = quality.BIT["out_of_range"] | quality.BIT["negative"] | quality.BIT["outlier"] | quality.BIT["stuck"]
@@ -121,8 +122,8 @@ def humid_windows(times: list[int]) -> list[tuple[int, int]]:
     return [(lo - w, lo + w), (hi - w, hi + w)] if hi - lo > 2 * w else [(lo - w, hi + w)]
 
 
-def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = None
-                ) -> tuple[int, int, list[tuple[int, int]]]:
+def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = None,
+                kappa: Mapping[str, float] | None = None) -> tuple[int, int, list[tuple[int, int]]]:
     """``humid`` of PM values near a batch's time edges, judged with every RH the van sent.
 
     A batch judges ``humid`` with the RH readings inside it; a PM value within
@@ -130,7 +131,10 @@ def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = N
     neighbouring batch (either side, whichever arrived first). So both edges are judged
     again with the van's RH readings around them, read by time through
     ``positions(device, t_utc_ms)``: two short windows per batch, whatever its length.
-    Only the ``humid`` bit changes. ``budget``: the most sample rows to read; a window
+    Only the ``humid`` and ``rh_missing`` bits change, by the RH ``quality.pm_rh`` chooses; with
+    ``kappa`` (the store's) those PM values are derived again with the same RH
+    (receiver/pm_derive.py ``write_pm``), so flag and correction never read different RH.
+    ``budget``: the most sample rows to read; a window
     that would read more is not judged here but returned, for ``humid_slice`` later.
     Returns (rows changed, sample rows read, windows left).
     """
@@ -140,19 +144,19 @@ def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = N
         if budget is not None and _rows_within(conn, device, a, b, budget - read) > budget - read:
             left.append((a, b))
             continue
-        c, r = _humid_window(conn, device, a, b)
+        c, r = _humid_window(conn, device, a, b, kappa)
         changed, read = changed + c, read + r
     return changed, read, left
 
 
-def humid_slice(conn: Any, device: str, lo: int, hi: int,
-                chunk: int = HUMID_CHUNK) -> tuple[int | None, int]:
+def humid_slice(conn: Any, device: str, lo: int, hi: int, chunk: int = HUMID_CHUNK,
+                kappa: Mapping[str, float] | None = None) -> tuple[int | None, int]:
     """Judge ``humid`` again for the PM values of a deferred window from ``lo``: its first
     ``chunk`` samples' times. Returns (where the rest starts, None when done; rows read)."""
     rows = _exec(conn, "SELECT t_utc_ms FROM positions WHERE device=? AND t_utc_ms >= ?"
                        " AND t_utc_ms <= ? ORDER BY t_utc_ms LIMIT ?", (device, lo, hi, chunk + 1)).fetchall()
     end = rows[chunk - 1][0] if len(rows) > chunk else hi
-    _, read = _humid_window(conn, device, lo, end)
+    _, read = _humid_window(conn, device, lo, end, kappa)
     return (end + 1 if len(rows) > chunk and end < hi else None), read + len(rows)
 
 
@@ -165,7 +169,8 @@ def _rows_within(conn: Any, device: str, a: float, b: float, most: int) -> int:
                      (device, int(a - w), int(b + w), max(most, 0) + 1)).fetchone()[0])
 
 
-def _humid_window(conn: Any, device: str, a: float, b: float) -> tuple[int, int]:
+def _humid_window(conn: Any, device: str, a: float, b: float,
+                  kappa: Mapping[str, float] | None = None) -> tuple[int, int]:
     w = quality.HUMID_WITHIN_MS
     cur = _exec(conn, "SELECT s.epoch, s.seq, p.t_utc_ms, s.vals FROM positions p JOIN samples s"
                       " ON s.device=p.device AND s.epoch=p.epoch AND s.seq=p.seq"
@@ -175,8 +180,10 @@ def _humid_window(conn: Any, device: str, a: float, b: float) -> tuple[int, int]
 
     rh_at: list[tuple[int, float]] = []
     pm: list[tuple[str, int, int, str]] = []  # epoch, seq, t, quantity
+    own: list[float] = []
+    judged: dict[tuple[str, int], PmSample] = {}  # the PM samples judged: derived again below
     read = 0
-    for epoch, seq, t, vals in cur:  # streamed: only the RH readings and PM keys are kept
+    for epoch, seq, t, vals in cur:  # streamed: only the RH readings and the window's PM samples are kept
         read += 1
         v = _values(vals)
         for key, x in v.items():
@@ -184,19 +191,24 @@ def _humid_window(conn: Any, device: str, a: float, b: float) -> tuple[int, int]
                 rh_at.append((t, float(x)))
             elif key in quality.PM_QUANTITIES and key in quality.FLAGGED and a <= t <= b:
                 pm.append((epoch, seq, t, key))
+                own.append(quality.own_rh(v))
+                judged[(epoch, seq)] = PmSample(epoch, seq, t, v)
     if not pm:
         return 0, read
     rh_at.sort()
     rh_t = np.array([r[0] for r in rh_at], dtype=float)
     rh_v = np.array([r[1] for r in rh_at], dtype=float)
-    bits = quality.humid_mask(np.array([p[2] for p in pm], dtype=float), rh_t, rh_v)
+    bits = quality.pm_rh_mask(quality.pm_rh(np.array(own, dtype=float), np.array([p[2] for p in pm], dtype=float),
+                                            rh_t, rh_v))
+    if kappa is not None:
+        write_pm(conn, device, list(judged.values()), kappa, prune=True, rh=(rh_t, rh_v))
     stored: dict[tuple[str, int, str], str] = {}
     for epoch in {p[0] for p in pm}:
         seqs = [p[1] for p in pm if p[0] == epoch]
         stored.update({(epoch, seq, q): f for seq, q, f in _exec(
             conn, "SELECT seq, quantity, flags FROM quality WHERE device=? AND epoch=? AND seq BETWEEN ? AND ?",
             (device, epoch, min(seqs), max(seqs))).fetchall()})
-    humid = quality.BIT["humid"]
+    humid = quality.BIT["humid"] | quality.BIT["rh_missing"]
     return rewrite_flags(conn, device, (
         (epoch, seq, q, stored.get((epoch, seq, q)), (quality.mask_of(stored.get((epoch, seq, q))) & ~humid) | int(bit))
         for (epoch, seq, _, q), bit in zip(pm, bits))), read

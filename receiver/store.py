@@ -296,7 +296,7 @@ class StoreReads:
         budget; a window over it goes to ``humid_redo`` (counted) for the deriver."""
         times = [s.t_utc_ms for s in batch.samples
                  if s.t_utc_ms is not None and s.sensor != GPS_SENSOR]
-        _, read, left = humid_edges(self.conn, batch.device, times, self._humid_left)
+        _, read, left = humid_edges(self.conn, batch.device, times, self._humid_left, self.pm_kappa)
         self._humid_left = max(self._humid_left - read, 0)
         self.humid_rows_read += read
         p, c = self.PARAM, self.conn
@@ -326,7 +326,7 @@ class StoreReads:
         if row is None:
             return 0
         rid, device, lo, hi = row
-        nxt, read = humid_slice(c, device, lo, hi)
+        nxt, read = humid_slice(c, device, lo, hi, kappa=self.pm_kappa)
         self.humid_rows_read += read
         if nxt is None:
             c.execute(f"DELETE FROM humid_redo WHERE id = {p}", (rid,))
@@ -1158,7 +1158,8 @@ def quality_rows(
                             dtype=np.int64, count=len(samples))
         if q in quality.PM_QUANTITIES:
             t = np.array([_NAN if x.t_utc_ms is None else x.t_utc_ms for x in samples], dtype=float)
-            mask |= quality.humid_mask(t, rh_t, rh_v)
+            own = np.array([quality.own_rh(x.values) for x in samples], dtype=float)
+            mask |= quality.pm_rh_mask(quality.pm_rh(own, t, rh_t, rh_v))  # the RH pm_derive divides by
         for k in np.nonzero(mask)[0]:
             out.append((batch.device, batch.epoch, samples[k].seq, q, quality.mask_text(int(mask[k]))))
         pick, bits, clear = quality.revisit(cv, full, cut)

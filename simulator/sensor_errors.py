@@ -197,6 +197,15 @@ def measure_rh_temp(
     return rh_in, temp
 
 
+def measure_ambient_rh(rh: np.ndarray, dev: DeviceErrors, sw: ErrorSwitches, rng: np.random.Generator) -> np.ndarray:
+    """Ambient RH as a shipped van reports it: the DGS-NO2's ``no2_rh_pct`` (its own sensor, outside
+    the warmed PM housing), with the same offset and scatter as the BME280 model. No shipped PM
+    driver sends RH, so this, not the housing's, is what the receiver's growth correction gets."""
+    if not sw.rh_temp_error:
+        return np.asarray(rh, dtype=float)
+    return np.clip(rh + dev.rh_offset + rng.normal(0, 0.5, len(rh)), 0.0, 100.0)
+
+
 def measure_pm(
     pm25: np.ndarray,
     pm10: np.ndarray,

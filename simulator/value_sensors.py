@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from drivers.base import Reading
+from simulator.sensor_errors import day_kappa, growth_factor, inlet_rh
 from simulator.world import VanWorld
 
 WARM_UP_S = 30.0
@@ -35,29 +38,48 @@ class _SimSensor:
 
 
 class SimPM(_SimSensor):
+    """Optical PM as a shipped van's sensor reports it: the particles grew with the humidity in
+    the warmed housing (the bench's error model, simulator/sensor_errors.py: kappa-Koehler at
+    the inlet RH, the day's kappa), and like every shipped PM driver it sends no RH. The RH the
+    receiver corrects growth with is the van's ambient one (SimNO2's ``no2_rh_pct``, as the
+    DGS-NO2 sends it). Before issue 15 (tester v15) it reported dry truth and sent ambient
+    ``rh``: the receiver dried growth it never had (-22 % at 67 % RH)."""
+
     name = "pm"
 
     def read(self) -> Reading:
         a = self.world.truth().air
         g = self._rng.gauss
+        day = int(self.world.now_utc() // 86_400)
+        fine_k, coarse_k = day_kappa(self.world.seed, day)
+        rh_in = float(inlet_rh(np.array([a.rh_pct]))[0])
+        grow_fine = float(growth_factor(fine_k, np.array([rh_in]))[0])
+        grow_coarse = float(growth_factor(coarse_k, np.array([rh_in]))[0])
+        wet1, wet25 = a.pm1 * grow_fine, a.pm25 * grow_fine
+        wet10 = wet25 + max(a.pm10 - a.pm25, 0.0) * grow_coarse
         # Optical PM sensors: a few percent of scatter plus ~1 µg/m³ of noise.
-        pm25 = max(0.0, a.pm25 * (1 + g(0, 0.05)) + g(0, 0.8))
-        pm10 = max(pm25, a.pm10 * (1 + g(0, 0.07)) + g(0, 1.2))
-        pm1 = max(0.0, min(pm25, a.pm1 * (1 + g(0, 0.05)) + g(0, 0.5)))
+        pm25 = max(0.0, wet25 * (1 + g(0, 0.05)) + g(0, 0.8))
+        pm10 = max(pm25, wet10 * (1 + g(0, 0.07)) + g(0, 1.2))
+        pm1 = max(0.0, min(pm25, wet1 * (1 + g(0, 0.05)) + g(0, 0.5)))
         return Reading(
             self.name,  # the section name, as the real drivers label theirs
-            {"pm1": round(pm1, 1), "pm25": round(pm25, 1), "pm10": round(pm10, 1), "rh": round(a.rh_pct, 1)},
+            {"pm1": round(pm1, 1), "pm25": round(pm25, 1), "pm10": round(pm10, 1)},
             self._warming(),
         )
 
 
 class SimNO2(_SimSensor):
+    """The DGS-NO2: NO2, its temperature, and the ambient RH it measures beside it (``no2_rh_pct``,
+    drivers/dgs_no2.py), the van's one RH, which the receiver's PM correction uses."""
+
     name = "no2"
 
     def read(self) -> Reading:
         a = self.world.truth().air
         no2 = a.no2_ppb + self._rng.gauss(0, 3.0)  # electrochemical noise: a few ppb
-        return Reading(self.name, {"no2_ppb": round(no2, 1), "temp_c": round(a.temp_c, 1)}, self._warming())
+        rh = min(100.0, max(0.0, a.rh_pct + self._rng.gauss(0, 1.0)))  # a few %RH of sensor error
+        return Reading(self.name, {"no2_ppb": round(no2, 1), "temp_c": round(a.temp_c, 1),
+                                   "no2_rh_pct": round(rh, 1)}, self._warming())
 
 
 class SimNoise(_SimSensor):

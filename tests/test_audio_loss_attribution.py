@@ -7,7 +7,8 @@ tester v4).
 * pyalsaaudio raises ``ALSAAudioError`` for errors other than an overrun (-EIO when the I2S clock
   hiccups, -ENODEV): each is counted, the device is reopened after a growing backoff, the holed
   second is flagged, and capture goes on.
-* Minute statistics overwritten during a long stall are counted (``minutes_dropped``).
+* Minute statistics dropped (with their second) during a stall longer than the queue are counted
+  (``minutes_dropped``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def test_an_overrun_read_before_its_second_completes_flags_that_second() -> None
     try:
         src.allow(2 * BLOCKS_PER_S)
         assert wait_for_seconds(drv, 2)
-        assert drv.read().meta["second"] == 1
+        assert drv.read().meta["second"] == 0 and drv.read().meta["second"] == 1
         src.allow(5)
         _consumed(src, 25)
         src.overrun_next = 2
@@ -215,8 +216,15 @@ def test_minute_statistics_dropped_in_a_stall_are_counted() -> None:
     try:
         src.allow(181 * BLOCKS_PER_S)
         assert wait_for_seconds(drv, 181, timeout_s=60)
-        late = drv.read()
-        assert {"la10", "la50", "la90", "laeq_1min"} <= set(late.values) and late.meta["minute"] == 2
+        late = []
+        while (r := drv.read()) is not None:
+            late.append(r)
+        # The queue kept the newest 30 seconds (151-180); minutes 0 and 1 went with their seconds.
+        assert late[0].meta["second"] == 151 and "audio_gap" in late[0].flags
+        minute = [r for r in late if "laeq_1min" in r.values]
+        assert len(minute) == 1 and minute[0].meta["minute"] == 2
+        assert {"la10", "la50", "la90", "laeq_1min"} <= set(minute[0].values)
         assert drv.minutes_dropped == 2 and drv.audio_health()["minutes_dropped"] == 2
+        assert drv.seconds_skipped == 151
     finally:
         drv.close()

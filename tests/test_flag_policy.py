@@ -43,7 +43,7 @@ EXPECTED_OUT: dict[str, set[str]] = {
     "humid": PM, "negative": PM,
     "noise_floor": set(), "temp_outside_correction_table": set(), "no_temperature": set(),
     "cal_input_missing": set(), "non_finite": set(), "salvaged": set(), "no_gps_time": set(), "time_untimed": set(),
-    "audio_gap": set(), "audio_overrun": set(), "cal_unavailable": set(),
+    "audio_gap": set(), "audio_overrun": set(), "cal_unavailable": set(), "single_sentence": set(), "rh_missing": PM,
 }
 # no_fix / no_time are position states, not sample or value flags: maps take trusted positions only.
 POISONED = sorted(EXPECTED_OUT)
@@ -255,7 +255,7 @@ def test_measurement_export_carries_unit_flags_excluded_and_calibration(stores: 
     out = io.StringIO()
     export_measurements(conn, out, "geojson", device="van-001")
     fc = json.loads(out.getvalue())
-    assert "properties" not in fc and fc["metadata"]["flag_policy"]["exclude_pm"] == ["humid", "negative"]
+    assert "properties" not in fc and fc["metadata"]["flag_policy"]["exclude_pm"] == ["humid", "negative", "rh_missing"]
     props = [f["properties"] for f in fc["features"]]
     assert {"unit", "flags", "quality", "excluded", "calibration"} <= set(props[0])
     assert sum(p["calibration"] == "no2:SN1:v2" for p in props) == 1

@@ -2,8 +2,11 @@
 
 :class:`MicrophoneDriver` implements ``drivers.base.SensorDriver``.  A daemon thread pulls
 blocks from a :class:`BlockSource`, feeds them to a :class:`~.levels.LevelMeter` and drops
-them; ``read()`` only picks up the newest per-second levels (and, once a minute, the
-minute statistics), so the agent's 1 Hz loop never waits on audio.
+them; each completed second's levels (and, once a minute, the minute statistics) wait in a
+small bounded queue, and ``read()`` hands over the oldest, so the agent's 1 Hz loop never
+waits on audio and a late tick loses no second (issue 15, v15 probe): ``backlog`` tells the
+agent how many more are waiting, and it reads them in the same tick. Only a stall longer than
+the queue (``QUEUE_SECONDS``) drops seconds, oldest first, counted and flagged.
 
 Each second's levels are stamped at the end of that second of audio (issue 15, 1), not when
 ``read()`` happens to pick them up (0-1 s later): the capture thread times every block as it
@@ -30,6 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -60,17 +64,18 @@ class MicrophoneDriver:
     """SensorDriver for the noise channel: ``Reading(sensor=<section name>, values={laeq, ...})``.
 
     ``values`` always holds ``laeq``, ``lamax``, ``lamin`` (LAeq,1s, LAFmax, LAFmin of the
-    newest complete second) and, on the first read after a minute completes, ``la10``,
-    ``la50``, ``la90`` and ``laeq_1min``.  ``flags``: ``overload``, ``noise_floor``,
+    oldest completed second not yet read) and, on the second that completes a minute,
+    ``la10``, ``la50``, ``la90`` and ``laeq_1min``.  ``flags``: ``overload``, ``noise_floor``,
     ``warming_up`` (first second), ``audio_gap`` (seconds before this one completed but were
-    never read: a late read; counted in ``seconds_skipped``), ``audio_overrun`` (this second's
+    never read: the agent stalled longer than the queue holds; counted in
+    ``seconds_skipped``), ``audio_overrun`` (this second's
     audio has a hole: an ALSA overrun or a source error happened while it was being captured;
     counted in ``audio_health``).  A source error (anything but a ``FatalError``) never stops
     capture: it is counted, and the source is read again after a backoff (``AlsaSource``
     reopens the device).  Minute statistics replaced by a newer minute before they were read
     (a long stall) are counted in ``minutes_dropped``.  ``read()`` returns ``None`` when no
     new second has completed since the last call, and raises ``ReadError`` if capture stopped
-    on a fatal error.
+    on a fatal error.  ``backlog`` is the number of completed seconds still waiting.
     """
 
     def __init__(
@@ -97,8 +102,10 @@ class MicrophoneDriver:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._latest: SecondLevels | None = None
+        # Completed seconds not yet read, oldest first, each with the end of its audio (monotonic)
+        # fixed when it completed: a later anchor (after a gap) must not restamp it.
+        self._queue: deque[_Done] = deque()
         self._delivered_index = -1
-        self._pending_minute: MinuteLevels | None = None
         self._failure: Exception | None = None
         self._source_error: Exception | None = None  # the last one, until a block arrives again
         self.source_errors = 0  # recoverable errors from the source (e.g. ALSA overruns)
@@ -117,17 +124,18 @@ class MicrophoneDriver:
 
     def read(self) -> Reading | None:
         with self._lock:
-            latest, minute, failure = self._latest, self._pending_minute, self._failure
-            if latest is None or latest.index == self._delivered_index:
+            failure = self._failure
+            if not self._queue:
                 if failure is not None:
                     raise ReadError(f"{self.name}: capture stopped: {failure!r}")
                 if self._source_error is not None:  # no audio now: the agent counts a read error
                     raise ReadError(f"{self.name}: capture failing ({self.source_errors} source errors, "
                                     f"retrying): {self._source_error!r}")
                 return None
+            done = self._queue.popleft()
+            latest, minute = done.levels, done.minute
             skipped = latest.index - self._delivered_index - 1
             self._delivered_index = latest.index
-            self._pending_minute = None
             lost_audio = latest.index in self._lost_seconds
             # Holes in skipped seconds are counted (overruns, source_errors); their levels are gone.
             self._lost_seconds = {i for i in self._lost_seconds if i > latest.index}
@@ -157,9 +165,15 @@ class MicrophoneDriver:
                 laeq_1min=round(minute.laeq, 2),
             )
             meta["minute"] = minute.index
-        if self._anchor is not None:
-            meta[MEASURED_MONO] = self._anchor + latest.index + 1  # the end of its second of audio
+        if done.measured_mono is not None:
+            meta[MEASURED_MONO] = done.measured_mono  # the end of its second of audio
         return Reading(sensor=self.name, values=values, flags=tuple(flags), meta=meta)
+
+    @property
+    def backlog(self) -> int:
+        """Completed seconds waiting to be read (the agent reads them all in one tick)."""
+        with self._lock:
+            return len(self._queue)
 
     def _overruns(self) -> int:
         return int(getattr(self.source, "overruns", 0) or 0)
@@ -245,10 +259,32 @@ class MicrophoneDriver:
             for rec in records:
                 if isinstance(rec, SecondLevels):
                     self._latest = rec
+                    if len(self._queue) >= QUEUE_SECONDS:  # a stall longer than the queue: the
+                        dropped = self._queue.popleft()    # oldest goes (counted at the next read)
+                        if dropped.minute is not None:
+                            self.minutes_dropped += 1
+                    end = None if self._anchor is None else self._anchor + rec.index + 1
+                    self._queue.append(_Done(rec, end))
                 elif isinstance(rec, MinuteLevels):
-                    if self._pending_minute is not None:  # never read: a stall; counted, not silent
+                    # A minute completes with its last second: it travels with that second.
+                    if self._queue and self._queue[-1].minute is None:
+                        self._queue[-1].minute = rec
+                    else:  # that second was already read (cannot happen in one process call)
                         self.minutes_dropped += 1
-                    self._pending_minute = rec
+
+
+@dataclass(slots=True)
+class _Done:
+    """One completed second waiting in the queue: its levels, the end of its audio, its minute."""
+
+    levels: SecondLevels
+    measured_mono: float | None
+    minute: MinuteLevels | None = None
+
+
+# Seconds the queue holds: an agent stalled longer than this (a seal, a full card) loses the
+# oldest, counted and flagged ``audio_gap``; a tick late by a fraction of a second loses none.
+QUEUE_SECONDS = 30
 
 
 # Blocks over which the least delayed arrival anchors the stream (2 s of ALSA periods): long
