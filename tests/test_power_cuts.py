@@ -123,7 +123,7 @@ DRAIN_WINDOW = 16
 SLOW_CUTS = int(os.environ.get("DATALAB_POWER_CUTS", "1000"))
 
 
-@pytest.mark.parametrize("cuts", [pytest.param(100, id="ci"),
+@pytest.mark.parametrize("cuts", [pytest.param(100, id="ci", marks=pytest.mark.timeout(1200)),  # >300 s loaded
                                   pytest.param(SLOW_CUTS, id="slow", marks=[pytest.mark.slow,
                                                                        pytest.mark.timeout(3 * 3600)])])
 def test_power_cuts_at_random_moments_lose_nothing_committed(tmp_path, mosquitto, rx, card, cuts):  # noqa: F811 (rx: the imported fixture)
