@@ -77,10 +77,17 @@ def test_a_killed_runs_leftovers_are_swept_and_live_runs_kept(tmp_path: Path) ->
 
 
 def test_the_unit_starts_at_boot_and_reports_ready(van: Van) -> None:
-    # Type=notify: "active (running)" is reached only with READY=1 from the agent.
+    # Type=notify: "active (running)" is reached only with READY=1 from the agent. Read from
+    # systemd, not assumed: a unit turned Type=simple is "active" at fork, READY or not.
     s = van.wait_running(timeout=120)
     assert s["UnitFileState"] == "enabled" and s["NRestarts"] == "0", s
-    assert "sensors" in s["StatusText"], s  # the agent's own STATUS= line
+    kind = van.box.show(UNIT, "Type", "NotifyAccess", "ExecMainStartTimestampMonotonic",
+                        "ActiveEnterTimestampMonotonic")
+    assert kind["Type"] == "notify" and kind["NotifyAccess"] == "main", kind
+    # Active only after the process started (simple/exec units enter it at fork, same instant).
+    assert int(kind["ActiveEnterTimestampMonotonic"]) > int(kind["ExecMainStartTimestampMonotonic"]), kind
+    assert "sensors" in s["StatusText"], s  # the agent's own STATUS= line, sent with READY=1
+    assert "sampling: ready" in van.journal()  # the agent logs it right after READY=1
     user = van.box.run(["ps", "-o", "user=", "-p", s["MainPID"]]).stdout.strip()
     assert user == "datalab"
     assert "agent van-platform started" in van.journal()
@@ -142,6 +149,12 @@ def test_reload_applies_a_config_change(van: Van) -> None:
 
 
 def test_a_clean_stop_loses_nothing(van: Van) -> None:
+    # A fresh agent process whose first seq we know: its stats.json counts this run only.
+    van.box.run(["systemctl", "stop", UNIT], timeout=90)
+    before = van.last_seq()
+    van.box.run(["systemctl", "start", UNIT], timeout=150)
+    van.wait_running()
+    van.box.wait_for("samples committed by this run", lambda: van.last_seq() >= before + 5, timeout=60)
     committed = van.last_seq()
     t0 = time.monotonic()
     van.box.run(["systemctl", "stop", UNIT], timeout=90)
@@ -154,6 +167,10 @@ def test_a_clean_stop_loses_nothing(van: Van) -> None:
     # The agent's own account at close (stats.json) is what the buffer holds.
     stats = json.loads(van.box.path(f"{DATA}/stats.json").read_text())
     assert stats["last_seq"] == o["last_seq"], (stats, o["last_seq"])
+    # Everything this run sampled was committed (the final commit at stop included), and the
+    # buffer gained exactly that many seqs: nothing sampled was dropped on the way out.
+    assert stats["taken"] > 0 and stats["taken"] == stats["committed"], stats
+    assert o["last_seq"] - before == stats["taken"], (before, o["last_seq"], stats)
     van.box.run(["systemctl", "start", UNIT], timeout=150)
     van.wait_running()
 
@@ -197,12 +214,16 @@ def test_the_sandbox_enforces_device_policy_and_address_deny(van: Van) -> None:
 
 
 def test_the_watchdog_restarts_a_hung_agent(van: Van) -> None:
+    # The shipped unit's own watchdog, as documented (docs/install.md), before any drop-in.
+    shipped = van.box.show(UNIT, "WatchdogUSec", "DropInPaths")
+    assert shipped["WatchdogUSec"] == "30s" and "60-platform-watchdog" not in shipped["DropInPaths"], shipped
     # Shorter than the shipped 30 s, and no 30 s TimeoutStopSec wait for a SIGABRT a stopped
     # process never acts on: the same mechanism in seconds rather than a minute.
     van.dropin("60-platform-watchdog", "[Service]\nWatchdogSec=5s\nTimeoutAbortSec=5s\n")
     try:
         van.box.run(["systemctl", "restart", UNIT], timeout=150)
         s = van.wait_running()
+        assert van.box.show(UNIT, "WatchdogUSec")["WatchdogUSec"] == "5s"
         pid, restarts = s["MainPID"], int(s["NRestarts"])
         time.sleep(6)  # longer than WatchdogSec: a fed watchdog does not fire
         assert van.state()["MainPID"] == pid
