@@ -191,9 +191,14 @@ def test_the_sandbox_enforces_device_policy_and_address_deny(van: Van) -> None:
     # the unit's device cgroup program can refuse it.
     van.box.run(["chmod", "0666", "/dev/net/tun"])
     control = _probe(van.box.run(["runuser", "-u", "datalab", "--", *probe]).stdout)
-    # The unit's own DevicePolicy=closed; IPAddressDeny= is the test's (the shipped unit has none).
-    van.dropin("50-platform-probe", "[Service]\nExecStartPre=" + " ".join(probe) + "\n"
-               "IPAddressDeny=any\nIPAddressAllow=localhost\n")
+    # The shipped install's own policies: DevicePolicy=closed, and IPAddressDeny=any with the
+    # allow list install-pi wrote (network.conf: loopback only, the example's broker is localhost).
+    net = van.box.show(UNIT, "IPAddressDeny", "IPAddressAllow", "DropInPaths")
+    assert "0.0.0.0/0" in net["IPAddressDeny"] and "::/0" in net["IPAddressDeny"], net
+    assert "127.0.0.0/8" in net["IPAddressAllow"] and remote not in net["IPAddressAllow"], net
+    assert f"/etc/systemd/system/{UNIT}.d/network.conf" in net["DropInPaths"].split(), net
+    # The test's drop-in only adds the probe, run inside the unit's sandbox.
+    van.dropin("50-platform-probe", "[Service]\nExecStartPre=" + " ".join(probe) + "\n")
     try:
         mark = len(van.journal())
         van.box.run(["systemctl", "restart", UNIT], timeout=150)

@@ -75,6 +75,7 @@ class Van:
 
     def __init__(self, box: Container) -> None:
         self.box = box
+        self.dropins: list[str] = []
 
     def install(self, repo: Path) -> subprocess.CompletedProcess[str]:
         copy_tree(repo, self.box.path(SRC))
@@ -93,10 +94,14 @@ class Van:
         d = self.box.path(f"/etc/systemd/system/{UNIT}.d")
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{name}.conf").write_text(text)
+        self.dropins.append(name)
         self.box.run(["systemctl", "daemon-reload"])
 
     def remove_dropins(self) -> None:
-        self.box.run(["rm", "-rf", f"/etc/systemd/system/{UNIT}.d"])
+        """The test's own drop-ins; install-pi's network.conf there is the product's, kept."""
+        for name in self.dropins:
+            self.box.run(["rm", "-f", f"/etc/systemd/system/{UNIT}.d/{name}.conf"])
+        self.dropins.clear()
         self.box.run(["systemctl", "daemon-reload"])
 
     def state(self) -> dict[str, str]:
