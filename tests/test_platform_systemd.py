@@ -150,12 +150,15 @@ def test_reload_applies_a_config_change(van: Van) -> None:
 
 
 def test_a_clean_stop_loses_nothing(van: Van) -> None:
-    # A fresh agent process whose first seq we know: its stats.json counts this run only.
+    # A fresh agent process whose first seq we know (its stats.json counts this run only), with
+    # commits 20 s apart: at the stop below it holds samples that only the final commit saves.
+    # (With 2 s apart a stop could land just after a commit, and a missing final commit go unseen.)
     van.box.run(["systemctl", "stop", UNIT], timeout=90)
+    van.write_config(van_config(commit_interval_s=20.0))
     before = van.last_seq()
     van.box.run(["systemctl", "start", UNIT], timeout=150)
     van.wait_running()
-    van.box.wait_for("samples committed by this run", lambda: van.last_seq() >= before + 5, timeout=60)
+    time.sleep(4)  # a few 1 Hz ticks taken, none due for commit yet
     committed = van.last_seq()
     t0 = time.monotonic()
     van.box.run(["systemctl", "stop", UNIT], timeout=90)
@@ -172,6 +175,7 @@ def test_a_clean_stop_loses_nothing(van: Van) -> None:
     # buffer gained exactly that many seqs: nothing sampled was dropped on the way out.
     assert stats["taken"] > 0 and stats["taken"] == stats["committed"], stats
     assert o["last_seq"] - before == stats["taken"], (before, o["last_seq"], stats)
+    van.write_config(van_config())
     van.box.run(["systemctl", "start", UNIT], timeout=150)
     van.wait_running()
 

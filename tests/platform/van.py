@@ -28,7 +28,7 @@ TOOLS = "/usr/local/lib/datalab-platform"  # the probe and the oracle scripts, i
 HERE = Path(__file__).resolve().parent
 
 
-def van_config(*, rate_hz: float = 1.0, extra: str = "") -> str:
+def van_config(*, rate_hz: float = 1.0, commit_interval_s: float = 2.0, extra: str = "") -> str:
     """agent.toml for a van on simulated hardware, in real time, with no broker to reach."""
     return f"""
 [device]
@@ -36,7 +36,7 @@ id = "van-platform"
 data_dir = "{DATA}"
 [sampling]
 rate_hz = {rate_hz}
-commit_interval_s = 2.0
+commit_interval_s = {commit_interval_s}
 [batch]
 # Small batches: the oracle must find seqs in sealed batches as well as loose rows.
 max_samples = 40
