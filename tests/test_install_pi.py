@@ -35,7 +35,7 @@ echo "$line" >> "$S/log"
 [ -n "${FAKE_FAIL:-}" ] && [[ "$line" == "$FAKE_FAIL"* ]] && { echo "fake $name: injected failure" >&2; exit 1; }
 [ -n "${FAKE_HANG:-}" ] && [[ "$line" == "$FAKE_HANG"* ]] && { echo hanging >> "$S/hung"; sleep 60; }
 case "$name" in
-  dpkg) [ -e "$S/pkgs/${args[1]}" ] ;;
+  dpkg) if [ "${args[0]}" = --print-architecture ]; then echo "${FAKE_ARCH:-arm64}"; else [ -e "$S/pkgs/${args[1]}" ]; fi ;;
   apt-get) if [ "${args[0]}" = install ]; then for p in "${args[@]:1}"; do touch "$S/pkgs/$p"; done; fi ;;
   getent) [ -e "$S/groups/${args[1]}" ] ;;
   groupadd) touch "$S/groups/${args[-1]}" ;;
@@ -90,12 +90,19 @@ class FakeDebian:
         return {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "FAKE_STATE": str(self.state),
                 "PYTHON": str(self.bin / "python"), "REAL_PYTHON": sys.executable, **extra}
 
-    def cmd(self, *args: str) -> list[str]:
-        return ["bash", str(SCRIPT), "--root", str(self.root), "--system", "--arch", "aarch64", *args]
+    def cmd(self, *args: str, arch: str | None = "aarch64") -> list[str]:
+        pinned = ["--arch", arch] if arch else []  # None: what the (fake) dpkg says
+        return ["bash", str(SCRIPT), "--root", str(self.root), "--system", *pinned, *args]
 
-    def install(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    def install(self, *args: str, arch: str | None = "aarch64", **env: str) -> subprocess.CompletedProcess[str]:
         (self.state / "log").write_text("")
-        return subprocess.run(self.cmd(*args), env=self.env(**env), capture_output=True, text=True, timeout=120)
+        return subprocess.run(self.cmd(*args, arch=arch), env=self.env(**env), capture_output=True, text=True,
+                              timeout=120)
+
+    def uninstall(self, *args: str) -> subprocess.CompletedProcess[str]:
+        (self.state / "log").write_text("")
+        return subprocess.run(["bash", str(ROOT / "scripts/uninstall-pi"), "--root", str(self.root), "--system",
+                               *args], env=self.env(), capture_output=True, text=True, timeout=60)
 
     def log(self) -> list[str]:
         return (self.state / "log").read_text().splitlines()
@@ -174,7 +181,16 @@ def test_microphone_in_config_installs_the_alsa_binding_and_its_build_tools(deb:
     assert venv != old and not old.exists(), "the new build replaced the old one"
     assert (venv / "installed").read_text().strip() == f"{ROOT}[device,mic]"
     assert conf.read_text().startswith('[device]\nid = "van-7"')
-    # --no-mic wins over the configuration.
+    # --no-mic on a van that has a microphone: the agent could not read it. Refused, nothing changed.
+    before, system = deb.tree(), deb.system()
+    r = deb.install("--no-mic")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "--no-mic" in r.stderr and "microphone" in r.stderr and str(conf) in r.stderr, r.stderr
+    assert deb.tree() == before and deb.system() == system
+    assert not [ln for ln in deb.log() if not ln.startswith("python -c")], "only preflight checks ran"
+    assert (_live_venv(deb) / "installed").read_text().strip() == f"{ROOT}[device,mic]"
+    # Without the microphone in the configuration, --no-mic installs the van's part alone.
+    conf.write_text('[device]\nid = "van-7"\n')
     r = deb.install("--no-mic")
     assert r.returncode == 0 and (_live_venv(deb) / "installed").read_text().strip() == f"{ROOT}[device]"
 
@@ -235,6 +251,34 @@ def test_32_bit_arm_is_refused_before_anything_changes(deb: FakeDebian) -> None:
                        env=deb.env(), capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 1 and "32-bit ARM" in r.stderr and "64-bit" in r.stderr
     assert deb.tree() == before and deb.log() == []
+
+
+def test_a_32_bit_userland_on_a_64_bit_kernel_is_refused(deb: FakeDebian) -> None:
+    # 32-bit Pi OS on a Pi 4/5: the kernel (uname -m) is aarch64, the userland (dpkg) armhf.
+    before = deb.tree()
+    r = deb.install(arch=None, FAKE_ARCH="armhf")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "32-bit ARM (armhf) is not supported" in r.stderr and "64-bit" in r.stderr, r.stderr
+    assert deb.tree() == before and deb.log() == ["dpkg --print-architecture"]
+    r = deb.install(arch=None, FAKE_ARCH="arm64")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_purge_removes_the_groups_install_pi_created_and_no_others(deb: FakeDebian) -> None:
+    # This Debian had dialout and gpio; install-pi adds audio and i2c and records them.
+    assert deb.install().returncode == 0
+    record = deb.root / "etc/datalab-edge/created-groups"
+    assert [x for x in record.read_text().splitlines() if not x.startswith("#")] == ["audio", "i2c"]
+    # A re-run creates nothing and keeps the record; a plain uninstall keeps it with the config.
+    assert deb.install().returncode == 0 and record.exists()
+    r = deb.uninstall()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert record.exists() and deb.system()["groups"] == ["audio", "dialout", "gpio", "i2c"]
+    r = deb.uninstall("--purge")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "groupdel audio" in deb.log() and "groupdel i2c" in deb.log()
+    assert deb.system() == {"pkgs": ["python3-venv"], "groups": ["dialout", "gpio"], "users": [],
+                            "enabled": ["False"]}
 
 
 @pytest.mark.slow

@@ -29,8 +29,9 @@ from tests.platform.van import CONFIG, DATA, TOOLS, UNIT, VENV_PY, Van, van_conf
 ROOT = Path(__file__).resolve().parents[1]
 
 # `systemd-analyze security` exposure of the shipped unit (0 = locked down, 10 = exposed);
-# 2.2 when this test was written. A change that weakens the sandbox has to raise this on purpose.
-MAX_EXPOSURE = 2.2
+# 2.2 when this test was written, 2.1 since the unit denies addresses (IPAddressDeny=any).
+# A change that weakens the sandbox has to raise this on purpose.
+MAX_EXPOSURE = 2.1
 
 pytestmark = [pytest.mark.platform, pytest.mark.timeout(1800)]
 
@@ -77,10 +78,17 @@ def test_a_killed_runs_leftovers_are_swept_and_live_runs_kept(tmp_path: Path) ->
 
 
 def test_the_unit_starts_at_boot_and_reports_ready(van: Van) -> None:
-    # Type=notify: "active (running)" is reached only with READY=1 from the agent.
+    # Type=notify: "active (running)" is reached only with READY=1 from the agent. Read from
+    # systemd, not assumed: a unit turned Type=simple is "active" at fork, READY or not.
     s = van.wait_running(timeout=120)
     assert s["UnitFileState"] == "enabled" and s["NRestarts"] == "0", s
-    assert "sensors" in s["StatusText"], s  # the agent's own STATUS= line
+    kind = van.box.show(UNIT, "Type", "NotifyAccess", "ExecMainStartTimestampMonotonic",
+                        "ActiveEnterTimestampMonotonic")
+    assert kind["Type"] == "notify" and kind["NotifyAccess"] == "main", kind
+    # Active only after the process started (simple/exec units enter it at fork, same instant).
+    assert int(kind["ActiveEnterTimestampMonotonic"]) > int(kind["ExecMainStartTimestampMonotonic"]), kind
+    assert "sensors" in s["StatusText"], s  # the agent's own STATUS= line, sent with READY=1
+    assert "sampling: ready" in van.journal()  # the agent logs it right after READY=1
     user = van.box.run(["ps", "-o", "user=", "-p", s["MainPID"]]).stdout.strip()
     assert user == "datalab"
     assert "agent van-platform started" in van.journal()
@@ -142,6 +150,15 @@ def test_reload_applies_a_config_change(van: Van) -> None:
 
 
 def test_a_clean_stop_loses_nothing(van: Van) -> None:
+    # A fresh agent process whose first seq we know (its stats.json counts this run only), with
+    # commits 20 s apart: at the stop below it holds samples that only the final commit saves.
+    # (With 2 s apart a stop could land just after a commit, and a missing final commit go unseen.)
+    van.box.run(["systemctl", "stop", UNIT], timeout=90)
+    van.write_config(van_config(commit_interval_s=20.0))
+    before = van.last_seq()
+    van.box.run(["systemctl", "start", UNIT], timeout=150)
+    van.wait_running()
+    time.sleep(4)  # a few 1 Hz ticks taken, none due for commit yet
     committed = van.last_seq()
     t0 = time.monotonic()
     van.box.run(["systemctl", "stop", UNIT], timeout=90)
@@ -154,6 +171,11 @@ def test_a_clean_stop_loses_nothing(van: Van) -> None:
     # The agent's own account at close (stats.json) is what the buffer holds.
     stats = json.loads(van.box.path(f"{DATA}/stats.json").read_text())
     assert stats["last_seq"] == o["last_seq"], (stats, o["last_seq"])
+    # Everything this run sampled was committed (the final commit at stop included), and the
+    # buffer gained exactly that many seqs: nothing sampled was dropped on the way out.
+    assert stats["taken"] > 0 and stats["taken"] == stats["committed"], stats
+    assert o["last_seq"] - before == stats["taken"], (before, o["last_seq"], stats)
+    van.write_config(van_config())
     van.box.run(["systemctl", "start", UNIT], timeout=150)
     van.wait_running()
 
@@ -174,9 +196,14 @@ def test_the_sandbox_enforces_device_policy_and_address_deny(van: Van) -> None:
     # the unit's device cgroup program can refuse it.
     van.box.run(["chmod", "0666", "/dev/net/tun"])
     control = _probe(van.box.run(["runuser", "-u", "datalab", "--", *probe]).stdout)
-    # The unit's own DevicePolicy=closed; IPAddressDeny= is the test's (the shipped unit has none).
-    van.dropin("50-platform-probe", "[Service]\nExecStartPre=" + " ".join(probe) + "\n"
-               "IPAddressDeny=any\nIPAddressAllow=localhost\n")
+    # The shipped install's own policies: DevicePolicy=closed, and IPAddressDeny=any with the
+    # allow list install-pi wrote (network.conf: loopback only, the example's broker is localhost).
+    net = van.box.show(UNIT, "IPAddressDeny", "IPAddressAllow", "DropInPaths")
+    assert "0.0.0.0/0" in net["IPAddressDeny"] and "::/0" in net["IPAddressDeny"], net
+    assert "127.0.0.0/8" in net["IPAddressAllow"] and remote not in net["IPAddressAllow"], net
+    assert f"/etc/systemd/system/{UNIT}.d/network.conf" in net["DropInPaths"].split(), net
+    # The test's drop-in only adds the probe, run inside the unit's sandbox.
+    van.dropin("50-platform-probe", "[Service]\nExecStartPre=" + " ".join(probe) + "\n")
     try:
         mark = len(van.journal())
         van.box.run(["systemctl", "restart", UNIT], timeout=150)
@@ -197,12 +224,16 @@ def test_the_sandbox_enforces_device_policy_and_address_deny(van: Van) -> None:
 
 
 def test_the_watchdog_restarts_a_hung_agent(van: Van) -> None:
+    # The shipped unit's own watchdog, as documented (docs/install.md), before any drop-in.
+    shipped = van.box.show(UNIT, "WatchdogUSec", "DropInPaths")
+    assert shipped["WatchdogUSec"] == "30s" and "60-platform-watchdog" not in shipped["DropInPaths"], shipped
     # Shorter than the shipped 30 s, and no 30 s TimeoutStopSec wait for a SIGABRT a stopped
     # process never acts on: the same mechanism in seconds rather than a minute.
     van.dropin("60-platform-watchdog", "[Service]\nWatchdogSec=5s\nTimeoutAbortSec=5s\n")
     try:
         van.box.run(["systemctl", "restart", UNIT], timeout=150)
         s = van.wait_running()
+        assert van.box.show(UNIT, "WatchdogUSec")["WatchdogUSec"] == "5s"
         pid, restarts = s["MainPID"], int(s["NRestarts"])
         time.sleep(6)  # longer than WatchdogSec: a fed watchdog does not fire
         assert van.state()["MainPID"] == pid

@@ -101,6 +101,8 @@ def test_agent_unit_contract() -> None:
     assert "/var/lib/datalab-edge" in d["ReadWritePaths"][0].split()
     assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(d["RestrictAddressFamilies"][0].split())
     assert d["DevicePolicy"] == ["closed"]
+    # Every address denied but loopback; install-pi's drop-in adds the broker's.
+    assert d["IPAddressDeny"] == ["any"] and d["IPAddressAllow"] == ["localhost"]
     allowed = " ".join(d["DeviceAllow"])
     for dev in ("ttyAMA", "i2c", "gpiochip", "alsa"):
         assert dev in allowed
@@ -144,6 +146,73 @@ def test_install_and_uninstall_in_fake_root(tmp_path: Path) -> None:
     r = _run("uninstall-pi", "--root", str(root), "--purge")
     assert r.returncode == 0, r.stderr
     assert not conf.exists() and not (root / "var/lib/datalab-edge").exists()
+
+
+def _network_conf(root: Path) -> Path:
+    return root / "etc/systemd/system/datalab-edge.service.d/network.conf"
+
+
+def _config_with_broker(root: Path, host: str) -> None:
+    conf = root / "etc/datalab-edge/agent.toml"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(f'[device]\nid = "van-7"\n[uplink]\nhost = "{host}"\n'
+                    '[sensors.gps]\ndriver = "gpsd"\nhost = "10.1.2.3"\n')
+
+
+def _allowed(root: Path) -> list[str]:
+    return [x.split("=", 1)[1] for x in _network_conf(root).read_text().splitlines()
+            if x.startswith("IPAddressAllow=")]
+
+
+def test_install_allows_the_configured_broker_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    r = _run("install-pi", "--root", str(root))  # the example: a broker on localhost
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _allowed(root) == []  # loopback: the unit's own IPAddressAllow=localhost
+    # A technician points the van at the depot's broker: a re-run allows it (and the gpsd host).
+    _config_with_broker(root, "192.0.2.7")
+    r = _run("install-pi", "--root", str(root))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _allowed(root) == ["10.1.2.3", "192.0.2.7"]
+    assert "run it again after" in _network_conf(root).read_text()
+    assert not list(_network_conf(root).parent.glob("*install-pi*"))  # no staging leftovers
+    _config_with_broker(root, "2001:db8::5")
+    assert _run("install-pi", "--root", str(root)).returncode == 0
+    assert _allowed(root) == ["10.1.2.3", "2001:db8::5"]
+    r = _run("uninstall-pi", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert not _network_conf(root).parent.exists()
+
+
+def test_an_unresolvable_broker_name_stops_the_install_before_any_change(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _config_with_broker(root, "broker.invalid")  # RFC 6761: never resolves
+    r = _run("install-pi", "--root", str(root))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "cannot resolve 'broker.invalid'" in r.stderr and "--no-ip-filter" in r.stderr, r.stderr
+    assert not (root / "etc/systemd").exists() and not (root / "opt").exists()
+    # A broker whose address changes: no filter at all, said in the drop-in.
+    r = _run("install-pi", "--root", str(root), "--no-ip-filter")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = _network_conf(root).read_text()
+    assert "IPAddressDeny=\n" in text and "IPAddressAllow" not in text, text
+
+
+def test_a_dns_named_broker_allows_its_addresses_and_the_resolvers(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ip_allow", ROOT / "scripts/lib/ip_allow.py")
+    assert spec and spec.loader
+    ip_allow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ip_allow)
+    config = {"uplink": {"host": "broker.example"}}
+    resolv = "# NetworkManager\nnameserver 192.168.8.1\nnameserver fe80::1%wlan0\nnameserver 127.0.0.53\n"
+    ip_allow.resolve = lambda name: {"broker.example": ["203.0.113.9", "2001:db8::9"]}[name]
+    text = ip_allow.dropin(config, resolv)
+    allowed = [x.split("=", 1)[1] for x in text.splitlines() if x.startswith("IPAddressAllow=")]
+    # 127.0.0.53 is loopback, allowed by the unit already.
+    assert allowed == ["192.168.8.1", "203.0.113.9", "2001:db8::9", "fe80::1"], text
+    assert "resolved now: broker.example" in text
 
 
 def test_dry_run_changes_nothing(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ TOOLS = "/usr/local/lib/datalab-platform"  # the probe and the oracle scripts, i
 HERE = Path(__file__).resolve().parent
 
 
-def van_config(*, rate_hz: float = 1.0, extra: str = "") -> str:
+def van_config(*, rate_hz: float = 1.0, commit_interval_s: float = 2.0, extra: str = "") -> str:
     """agent.toml for a van on simulated hardware, in real time, with no broker to reach."""
     return f"""
 [device]
@@ -36,7 +36,7 @@ id = "van-platform"
 data_dir = "{DATA}"
 [sampling]
 rate_hz = {rate_hz}
-commit_interval_s = 2.0
+commit_interval_s = {commit_interval_s}
 [batch]
 # Small batches: the oracle must find seqs in sealed batches as well as loose rows.
 max_samples = 40
@@ -75,6 +75,7 @@ class Van:
 
     def __init__(self, box: Container) -> None:
         self.box = box
+        self.dropins: list[str] = []
 
     def install(self, repo: Path) -> subprocess.CompletedProcess[str]:
         copy_tree(repo, self.box.path(SRC))
@@ -93,10 +94,14 @@ class Van:
         d = self.box.path(f"/etc/systemd/system/{UNIT}.d")
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{name}.conf").write_text(text)
+        self.dropins.append(name)
         self.box.run(["systemctl", "daemon-reload"])
 
     def remove_dropins(self) -> None:
-        self.box.run(["rm", "-rf", f"/etc/systemd/system/{UNIT}.d"])
+        """The test's own drop-ins; install-pi's network.conf there is the product's, kept."""
+        for name in self.dropins:
+            self.box.run(["rm", "-f", f"/etc/systemd/system/{UNIT}.d/{name}.conf"])
+        self.dropins.clear()
         self.box.run(["systemctl", "daemon-reload"])
 
     def state(self) -> dict[str, str]:
