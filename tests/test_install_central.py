@@ -64,7 +64,7 @@ class FakeCentre(FakeDebian):
         (self.root / "etc/mosquitto").mkdir(parents=True)
         (self.root / "etc/mosquitto/mosquitto.conf").write_text("# Debian's\ninclude_dir /etc/mosquitto/conf.d\n")
 
-    def cmd(self, *args: str) -> list[str]:
+    def cmd(self, *args: str, arch: str | None = None) -> list[str]:  # arch: the van's; the centre has none
         return ["bash", str(SCRIPT), "--root", str(self.root), "--system", "--broker-name", "mqtt.example.org",
                 "--public-url", "https://datalab.example.org", *args]
 
