@@ -12,8 +12,10 @@ Rows: the venv's bytes on disk, its distributions, and for the agent in each ven
 import what ``edge run`` imports before it builds the van (``edge.cli``, ``edge.runtime``), and
 the process's RSS then (median of several fresh processes, run outside the source tree so the
 venv's copy is imported). The venvs are kept in ``$BENCH_INSTALL_DIR`` (default
-``~/.cache/datalab-edge/bench-install``) keyed by pyproject.toml, so only the first run pays for
-pip (a few minutes on a loaded machine; the cached runs take seconds).
+``~/.cache/datalab-edge/bench-install``) keyed by pyproject.toml and every file of the packages
+installed (a real install copies the code: a key of pyproject.toml alone measured stale code
+after any change), so only the first run after a change pays for pip (a few minutes on a loaded
+machine; the cached runs take seconds).
 
     python bench/bench_install.py
 """
@@ -34,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"device": "device", "all": "device,central,sim"}
+PACKAGES = ("core", "edge", "drivers", "buffer", "uplink", "receiver", "simulator")  # pyproject.toml packages.find
 CENTRAL_ONLY = ("amqtt", "h3", "psycopg", "psycopg-binary", "orjson", "waitress", "sqlite-utils")
 RUNS = 9
 
@@ -52,12 +55,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BENCH_INSTALL_DIR") or Path.home() / ".cache/datalab-edge/bench-install")
 
 
+def tree_key(extras: str) -> str:
+    """A digest of what ``pip install <tree>[extras]`` installs: pyproject.toml, the extras, and
+    every file (path and bytes) of the packages it finds (pyproject's packages.find include)."""
+    h = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode())
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def venv_for(extras: str) -> tuple[Path, float | None]:
     """The venv with ``.[extras]`` (built if not cached), and the seconds pip took (None: cached)."""
-    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()[:12]
-    venv = cache_dir() / f"{extras.replace(',', '+')}-{key}"
+    name = extras.replace(",", "+")
+    venv = cache_dir() / f"{name}-{tree_key(extras)}"
     if (venv / ".complete").exists():
         return venv, None
+    # Superseded venvs are left alone: another checkout sharing the cache may be using one.
     if venv.exists():
         subprocess.run(["rm", "-rf", str(venv)], check=True)
     venv.parent.mkdir(parents=True, exist_ok=True)

@@ -179,7 +179,11 @@ def configured_sheet(o: Mapping[str, Any]) -> No2Calibration | None:
     path = o.get("calibration_file")
     if not path:
         return None
-    if not Path(path).is_file():
+    try:
+        found = Path(path).is_file()
+    except OSError as exc:  # a name too long, no permission: a config error on the key, never a crash
+        raise ConfigError("calibration_file", f"cannot use this path: {exc.strerror or exc}") from exc
+    if not found:
         raise ConfigError("calibration_file", f"no such file: {path}")
     try:
         cals = load_calibrations_toml(path)

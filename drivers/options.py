@@ -127,7 +127,8 @@ def _range_text(opt: Option) -> str:
 def unknown_key_text(key: str, known: Iterable[str], what: str = "key") -> str:
     """"unknown key: did you mean 'port'? (known: ...)" — a misspelt key names the right one."""
     known = sorted(known)
-    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    # Short keys ("di" for "id") score below difflib's 0.6 though one letter is off: be lenient there.
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6 if len(key) > 3 else 0.4)
     hint = f"did you mean {near[0]!r}? " if near else ""
     return f"unknown {what}: {hint}(known: {', '.join(known)})"
 

@@ -27,7 +27,9 @@ library: nothing to import on the Pi beyond what the agent already loads.
 
 from __future__ import annotations
 
+import os
 import shlex
+import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -74,7 +76,43 @@ def _not_empty(what: str) -> Callable[[str], str | None]:
 
 
 def _file(v: str) -> str | None:
-    return None if not v or Path(v).is_file() else f"no such file: {v}"
+    if not v:
+        return None
+    try:
+        found = Path(v).is_file()
+    except OSError as exc:  # ENAMETOOLONG, EACCES ...: a config error on the key, never a crash
+        return f"cannot use this path: {exc.strerror or exc}"
+    return None if found else f"no such file: {v}"
+
+
+def _data_dir(v: str) -> str | None:
+    """The buffer's folder: an existing writable directory, or one ``edge run`` can create.
+
+    Checked here (not only when the buffer opens) so ``config check`` refuses what ``run``
+    would crash on under systemd (a crash loop seen only in the journal): a file
+    (/etc/passwd), a folder nothing can be created in (/proc/x), a name too long.
+    """
+    if not v.strip():
+        return "empty: the buffer's folder"
+    p = Path(v)
+    try:
+        limit = os.pathconf("/", "PC_NAME_MAX")
+        if any(len(os.fsencode(part)) > limit for part in p.parts):
+            return f"a folder name is longer than {limit} bytes"
+        if p.exists():
+            if not p.is_dir():
+                return f"not a directory: {v}"
+            return None if os.access(p, os.W_OK | os.X_OK) else f"not writable: {v}"
+        parent = p.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"cannot be created: {parent} is not a directory"
+        # Try it: os.access says yes to root on /proc or a read-only mount, where mkdir fails.
+        os.rmdir(tempfile.mkdtemp(prefix=".datalab-check-", dir=parent))
+    except OSError as exc:
+        return f"cannot be created: {exc.strerror or exc}"
+    return None
 
 
 def _topic(v: str) -> str | None:
@@ -95,6 +133,18 @@ def _pin(v: int) -> str | None:
 
 def _file_name(v: str) -> str | None:
     return None if v and "/" not in v else "a file name (it lives in device.data_dir)"
+
+
+def _simulator_installed(d: Doc) -> Iterable[Problem]:
+    """A simulated van needs the simulator: refused here exactly as ``edge run`` refuses it."""
+    if not d["simulation"]["enabled"]:
+        return
+    from edge import simulation
+
+    try:
+        simulation.backend()
+    except ConfigError as exc:
+        yield exc.key, exc.problem
 
 
 # -- the sections --------------------------------------------------------------------------------
@@ -121,7 +171,7 @@ _SECONDS_0 = Option(lo=0.0, unit="seconds")
 
 SECTIONS: dict[str, Section] = {
     "device": _section(
-        DeviceConfig, id=Option(check=_device_id), data_dir=Option(check=_not_empty("the buffer's folder"))
+        DeviceConfig, id=Option(check=_device_id), data_dir=Option(check=_data_dir)
     ),
     "sampling": _section(
         SamplingConfig,
@@ -378,7 +428,7 @@ def validate(data: Mapping[str, Any], source: str = "<dict>", *, runnable: bool 
         if name not in KNOWN_SECTIONS:
             report.add(name, unknown_key_text(name, KNOWN_SECTIONS, "section"))
     bad = {e.key for e in report.errors}
-    for rule in DOC_RULES:
+    for rule in (*DOC_RULES, _simulator_installed) if runnable else DOC_RULES:
         for k, p in rule(doc):
             if k not in bad:
                 report.add(k, p)

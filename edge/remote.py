@@ -55,12 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config_topics import config_ack_topic, config_topic
+from core.config_topics import MAX_REQUEST_BYTES, config_ack_topic, config_topic, request_id
 from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 256 * 1024
 MAX_HANDLED = 256  # request ids remembered (a few a month in practice): far more than the broker can redeliver
 MAX_PENDING_ACKS = 50  # acks kept for an offline van: the newest, each a few hundred bytes
 
@@ -367,7 +366,7 @@ class RemoteConfig:
         try:
             req = decode_request(payload)
         except ConfigError as exc:
-            result = Result(id="", ok=False, status="refused", reason=str(exc),
+            result = Result(id=request_id(payload), ok=False, status="refused", reason=str(exc),
                             errors=[{"key": exc.key, "problem": exc.problem}])  # fmt: skip
         else:
             before = self.handled.get(req.id) or ("applied" if req.id == self.last_id else None)

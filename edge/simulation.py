@@ -61,5 +61,10 @@ def backend(key: str = "simulation.enabled") -> SimulationBackend:
         if not found:
             raise ConfigError(key, "simulation needs the simulator, which is not installed here "
                                    "(install datalab-edge with the simulator; in a checkout: pip install -e .)")
-        _registered = found[0].load()
+        try:
+            _registered = found[0].load()
+        except ImportError as exc:  # the entry point left behind by an uninstalled simulator
+            raise ConfigError(key, "simulation needs the simulator, which is not installed here (only its entry "
+                                   "point is left: reinstall datalab-edge with the simulator; in a checkout: "
+                                   "pip install -e .)") from exc
     return _registered

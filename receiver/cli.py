@@ -9,8 +9,13 @@ import sys
 
 import click
 
-from core.errors import ConfigError
-from receiver.config import load_receiver_config
+from core.extras import CENTRAL_MODULES, require
+
+# Before any of the receiver's imports: on a van (.[device]) one line, not an orjson traceback.
+require(CENTRAL_MODULES, "the centre's", "central")
+
+from core.errors import ConfigError  # noqa: E402
+from receiver.config import load_receiver_config  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

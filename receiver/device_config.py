@@ -6,7 +6,6 @@ are described in edge/remote.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import time
@@ -15,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from core.config_topics import config_ack_topic, config_topic
+from core.config_topics import config_ack_topic, config_topic, request_id
 from core.errors import ConfigError
 
 
@@ -64,7 +63,7 @@ def send_device_config(
 
     import paho.mqtt.client as mqtt
 
-    req_id = json.loads(payload).get("id") if payload.lstrip().startswith(b"{") else hashlib.sha256(payload).hexdigest()[:16]
+    req_id = request_id(payload)  # the id the van acks under, also when it refuses the request as malformed
     acks: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
     subscribed: queue.SimpleQueue[int] = queue.SimpleQueue()
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,

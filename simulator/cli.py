@@ -6,11 +6,17 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
-from simulator.fleet import FleetResult, run_fleet
+from core.extras import SIM_MODULES, require
+
+# Before any of the simulator's imports: without the sim extra one line, not a traceback.
+require(SIM_MODULES, "the simulator's", "sim")
+
+from rich.console import Console  # noqa: E402
+from rich.live import Live  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from simulator.fleet import FleetResult, run_fleet  # noqa: E402
 
 SAMPLES_PER_VAN_HOUR = 4 * 3600  # four sensors at 1 Hz
 

@@ -135,6 +135,18 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("sim-port-without-hardware", {"sensors": {"pm2": {"driver": "pms5003", "port": "sim:pm"}}},
      "sensors.pm2.port", "needs simulated hardware"),
     ("reserved-name", {"sensors": {"calibration": {"driver": "sim-pm"}}}, "sensors.calibration", "reserved"),
+    # Issue 16 re-test: paths that crashed check or run (exit 1, a traceback) instead of naming the key.
+    ("ca-file-too-long", {"uplink": {"ca_file": "x" * 300}}, "uplink.ca_file", "cannot use this path: File name too long"),
+    ("cert-file-too-long", {"uplink": {"cert_file": "x" * 300}}, "uplink.cert_file", "cannot use this path"),
+    ("key-file-too-long", {"uplink": {"key_file": "x" * 300}}, "uplink.key_file", "cannot use this path"),
+    ("no2-sheet-too-long", {"sensors": {"no2": {"driver": "no2-b43f", "bus": 1, "serial": SERIAL,
+                                                "calibration_file": "y" * 300}}},
+     "sensors.no2.calibration_file", "cannot use this path"),
+    ("data-dir-a-file", {"device": {"data_dir": "/etc/passwd"}}, "device.data_dir", "not a directory: /etc/passwd"),
+    ("data-dir-in-proc", {"device": {"data_dir": "/proc/datalab-v16"}}, "device.data_dir", "cannot be created"),
+    ("data-dir-name-too-long", {"device": {"data_dir": "/tmp/" + "d" * 300}}, "device.data_dir",
+     "a folder name is longer than"),
+    ("device-short-typo", {"device": {"di": "van-1"}}, "device.di", "did you mean 'id'?"),
 ]
 
 # Edge values that pass on every path.
@@ -228,7 +240,8 @@ def test_bad_config_same_error_from_check_reload_and_remote(world, caplog, case,
 # The four reported, and one of each other kind: `edge run` is a process each (about a second of
 # CPU to start), so the whole table runs under --run-slow.
 RUN_SAMPLE = ("no2-without-serial", "no2-without-calibration", "pm-prot", "pm-pasive", "no2-sheet-missing",
-              "panel-typo", "tls-text", "keepalive-under", "sim-port-without-hardware")  # fmt: skip
+              "panel-typo", "tls-text", "keepalive-under", "sim-port-without-hardware", "ca-file-too-long",
+              "data-dir-a-file", "data-dir-in-proc", "data-dir-name-too-long")  # fmt: skip
 
 
 def test_edge_run_exits_2_with_the_same_errors(world) -> None:
@@ -247,7 +260,8 @@ def _run_cases(world: dict[str, Any], cases: list[tuple[str, dict[str, Any], str
     procs = []
     for case, patch, key, _ in cases:
         doc, _ = _doc(world, patch)
-        doc["device"]["data_dir"] = str(world["tmp"] / f"run-{case}")
+        if "data_dir" not in patch.get("device", {}):  # the data-dir cases test their own
+            doc["device"]["data_dir"] = str(world["tmp"] / f"run-{case}")
         path = world["tmp"] / f"run-{case}.toml"
         path.write_text(dump_toml(doc))
         procs.append((case, key, f"error: {_error(doc, key)}", doc,
@@ -259,7 +273,8 @@ def _run_cases(world: dict[str, Any], cases: list[tuple[str, dict[str, Any], str
         out, err = p.communicate(timeout=120)
         assert p.returncode == 2, (case, err[-2000:])
         assert line in err, (case, err[-2000:])
-        assert not (Path(doc["device"]["data_dir"]) / "buffer.sqlite").exists(), case
+        if "data_dir" not in doc["device"] or len(doc["device"]["data_dir"]) < 255:
+            assert not (Path(doc["device"]["data_dir"]) / "buffer.sqlite").exists(), case
 
 
 @pytest.mark.parametrize("patch", GOOD)
@@ -365,3 +380,32 @@ def test_sighup_to_edge_run_keeps_running_on_a_bad_file(tmp_path: Path) -> None:
             p.wait()
     assert p.returncode == 0, err[-3000:]
     assert expected in err, err[-3000:]
+
+
+# A van installed without the simulator (`.[device]`): no entry point at all, or the entry point
+# left behind with the package gone. Each run in a fresh interpreter, as the console script runs.
+_NO_SIMULATOR = {
+    "no-entry-point": "import importlib.metadata as m; m.entry_points = lambda **kw: []",
+    "package-gone": "import sys; sys.modules['simulator'] = None",
+}
+
+
+@pytest.mark.parametrize("how", list(_NO_SIMULATOR))
+def test_check_refuses_a_simulated_van_without_the_simulator_as_run_does(tmp_path: Path, how: str) -> None:
+    conf = tmp_path / "sim.toml"
+    conf.write_text(dump_toml(base(tmp_path / "data", free_port())))
+    outs = {}
+    for args in (["config", "check", str(conf)], ["run", "--config", str(conf)]):
+        code = f"{_NO_SIMULATOR[how]}\nfrom edge.cli import main\nmain({args!r})"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr, p.stderr[-2000:]
+        outs[args[0]] = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert outs["config"] == outs["run"] and len(outs["config"]) == 1, outs
+    assert outs["config"][0].startswith("error: config key 'simulation.enabled': simulation needs the simulator"), outs
+    assert not (tmp_path / "data" / "buffer.sqlite").exists()
+
+
+def test_check_of_a_directory_is_a_named_error(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["config", "check", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.output, r.output

@@ -508,3 +508,36 @@ def test_pending_acks_survive_a_restart(tmp_path: Path, mosquitto) -> None:
         client.loop_stop()
         client.disconnect()
         acks.close()
+
+
+def test_a_malformed_request_is_refused_under_its_own_id(tmp_path: Path, mosquitto) -> None:
+    """Issue 16 re-test: a refusal of a request the van cannot decode (valid JSON with an id but
+    TOML that does not parse, or over 256 KiB) carries the request's id, so `device-config send`
+    matches it (it waited in vain for an ack with id "")."""
+    rt, t, conf = _running(tmp_path, mosquitto.port)
+    try:
+        before = conf.read_text()
+        ack = _send(mosquitto.port, {"id": "bad-toml", "mode": "replace", "toml": "[device\nid = "})
+        assert ack["id"] == "bad-toml" and not ack["ok"] and ack["status"] == "refused", ack
+        assert [e["key"] for e in ack["errors"]] == ["<request>.toml"], ack
+
+        # Too large to be parsed at all: the id is read from the head (the sender writes it first).
+        big = {"id": "too-big", "mode": "merge", "config": {"sampling": {"rate_hz": 2}}, "pad": "x" * 300_000}
+        ack = _send(mosquitto.port, big)
+        assert ack["id"] == "too-big" and ack["status"] == "refused", ack
+        assert "larger than" in ack["reason"], ack
+
+        # Neither touched the running configuration or the file.
+        assert rt.agent.cfg.sampling.rate_hz == 1.0 and conf.read_text() == before
+    finally:
+        _stop(rt, t)
+
+
+def test_request_id_is_the_id_decode_request_gives() -> None:
+    """The refusal's id and an accepted request's id are the same function of the payload."""
+    from core.config_topics import request_id
+
+    for payload in (b'{"id": "a1", "config": {}}', b'{"config": {}}', b'[sampling]\nrate_hz = 2\n'):
+        assert request_id(payload) == decode_request(payload).id != ""
+    assert request_id(b'{"id": "x", "toml": 5, "mode": "replace"}') == "x"
+    assert request_id(b'{"pad": "' + b"x" * 300_000 + b'", "id": "late"}') == ""  # not parsed: unknowable
