@@ -49,6 +49,25 @@ def _damage_meta(db: Path) -> None:
     db.write_bytes(bytes(raw))
 
 
+def _cut_wal_to(image: Path, survive: int) -> None:
+    """Cut the WAL at the last commit frame boundary that leaves ``survive`` as the last number."""
+    wal_path = image / "b.db-wal"
+    wal = wal_path.read_bytes()
+    for end in reversed(_commit_frame_ends(wal)):
+        trial = image.parent / "trial"
+        shutil.rmtree(trial, ignore_errors=True)
+        trial.mkdir()
+        shutil.copy(image / "b.db", trial / "b.db")
+        (trial / "b.db-wal").write_bytes(wal[:end])
+        ro = sqlite3.connect(f"file:{trial / 'b.db'}?mode=ro", uri=True)
+        last = ro.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()[0]
+        ro.close()
+        if last == survive:
+            wal_path.write_bytes(wal[:end])
+            return
+    raise AssertionError(f"no commit boundary leaves {survive}")
+
+
 # --- 1. an intact .held note after a cut WAL, a deleted database, damaged meta ------------------
 
 @pytest.mark.parametrize("fault", ["cut-wal", "deleted-db", "damaged-meta"])
@@ -75,8 +94,7 @@ def test_an_intact_held_note_is_owned_up_to_after_a_database_fault(tmp_path, fau
     buf.close()
     db = image / "b.db"
     if fault == "cut-wal":
-        wal = (image / "b.db-wal").read_bytes()
-        (image / "b.db-wal").write_bytes(wal[:_commit_frame_ends(wal)[-2]])  # the last commit gone
+        _cut_wal_to(image, 20)  # the commit of 21-30 gone, cleanly
     elif fault == "deleted-db":
         for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
             p.unlink(missing_ok=True)
