@@ -13,6 +13,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from buffer.recovery import _missing  # the same range arithmetic as salvage's
+
 # sent_in of a gap whose gaps-only batch was refused or collided: "sent, not delivered" (buffer.ack).
 NOT_DELIVERED = -1
 
@@ -64,7 +66,7 @@ def repairs(db: sqlite3.Connection, top: int, sealed_through: int) -> list[Repai
             " AND first_seq <= ? AND last_seq >= ?", (hi, a))]
         if not taken and hi == b:
             continue
-        keep = _minus((a, hi), sorted(taken))
+        keep = _missing(a, hi, taken)
         why = f"reaches past the last number handed out ({top})" if hi < b else ""
         if taken:
             keep = [(max(f, sealed_through + 1), t) for f, t in keep if t > sealed_through]
@@ -72,17 +74,3 @@ def repairs(db: sqlite3.Connection, top: int, sealed_through: int) -> list[Repai
         out.append(Repair(row, keep, why))
     return out
 
-
-def _minus(span: tuple[int, int], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``span`` without the (sorted) ranges in ``taken``."""
-    cur, hi = span
-    out: list[tuple[int, int]] = []
-    for f, t in taken:
-        if f > cur:
-            out.append((cur, min(f - 1, hi)))
-        cur = max(cur, t + 1)
-        if cur > hi:
-            break
-    if cur <= hi:
-        out.append((cur, hi))
-    return out
