@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from pathlib import Path
 
+from buffer import recovery
 from buffer.heldledger import HeldNote
+from buffer.identity import IdentityFile
 from buffer.highwater import HighWater
 from core.sample_rules import gap_reason
 from core.wire import Gap
@@ -55,7 +58,13 @@ class HeldMixin(BufferBase):
                 self._carried, self._noted = note.losses(), True
             return
         last = self.last_seq()
-        wal_lost = self._highwater.behind(self.epoch, last)
+        witness = self._highwater.read()
+        wal_lost = max(0, witness[1] - last) if witness is not None and witness[0] == self.epoch else 0
+        if (witness is None and note is not None and note.epoch == self.epoch and note.last_seq > last
+                and all(r != WAL_LOST_REASON for _, r in note.carried)):
+            # .seq damaged or gone, and a cut WAL took back commits the (checksummed) note saw:
+            # the note is the witness of how far the epoch went.
+            wal_lost = note.last_seq - last
         # An unborn run's note (no epoch) belongs to the first database born after it, while that
         # has numbered nothing: owning up takes numbers, so it is never applied twice.
         # A WAL cut at a frame boundary took back commits the note saw: .seq vouches for its
@@ -89,8 +98,17 @@ class HeldMixin(BufferBase):
             return True  # the new birth owned up to that epoch's numbers (EpochMixin._own_up_to_lost_epoch)
         if not self.quarantine_dir.is_dir():
             return False
-        return any(HighWater(q / self._highwater.path.name).read() == (note.epoch, note.last_seq)
-                   for q in self.quarantine_dir.iterdir() if q.is_dir())
+        for q in self.quarantine_dir.iterdir():
+            if not q.is_dir():
+                continue
+            if HighWater(q / self._highwater.path.name).read() == (note.epoch, note.last_seq):
+                return True
+            # .seq damaged too: the quarantined file itself, if its .id copy names the note's
+            # epoch and its last number handed out is the note's.
+            ident = IdentityFile(q / self._identity.path.name).read()
+            if ident is not None and ident[0] == note.epoch and _last_number(q / self.path.name) == note.last_seq:
+                return True
+        return False
 
     @_recovering
     @_tolerate_full(None)
@@ -138,3 +156,18 @@ class HeldMixin(BufferBase):
         # The note is void now (last_seq moved past it); clear it anyway so it is not read again.
         if self._held_ready and self._held.write(None):
             self._noted = False
+
+
+def _last_number(db: Path) -> int | None:
+    """The last sequence number a quarantined buffer file handed out, or None if unreadable."""
+    if not db.exists():
+        return None
+    try:
+        conn = recovery._open_ro(db)
+        try:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()
+        finally:
+            conn.close()
+    except (sqlite3.DatabaseError, UnicodeDecodeError):
+        return None
+    return row[0] if row and type(row[0]) is int else None

@@ -70,10 +70,11 @@ def _cut_wal_to(image: Path, survive: int) -> None:
 
 # --- 1. an intact .held note after a cut WAL, a deleted database, damaged meta ------------------
 
-@pytest.mark.parametrize("fault", ["cut-wal", "deleted-db", "damaged-meta"])
+@pytest.mark.parametrize("fault", ["cut-wal", "deleted-db", "damaged-meta", "cut-wal+seq", "damaged-meta+seq"])
 def test_an_intact_held_note_is_owned_up_to_after_a_database_fault(tmp_path, fault):
     """v14b FAIL 1: the note (3 held at 30) was believed only with the current epoch and the same
-    last_seq, so after each of these faults the 3 held samples were lost with no gap, no counter.
+    last_seq, so after each of these faults the 3 held samples were lost with no gap, no counter
+    ("+seq": .seq damaged as well; the note itself, or the quarantined file, vouches for 30).
     Now exactly 3 held numbers reach the store as a gap (under the note's epoch), counted once,
     and a second open does not own up to them again."""
     d = tmp_path / "van"
@@ -82,10 +83,10 @@ def test_an_intact_held_note_is_owned_up_to_after_a_database_fault(tmp_path, fau
     buf.commit(_samples(10))
     _deliver(buf, ing)
     buf.commit(_samples(10, t0=10))
-    if fault == "damaged-meta":
+    if fault.startswith("damaged-meta"):
         buf._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     buf.commit(_samples(10, t0=20))
-    if fault == "damaged-meta":
+    if fault.startswith("damaged-meta"):
         buf._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     buf.note_held(3, 0)
     epoch = buf.epoch
@@ -93,7 +94,9 @@ def test_an_intact_held_note_is_owned_up_to_after_a_database_fault(tmp_path, fau
     _crash_image(buf.path, image)
     buf.close()
     db = image / "b.db"
-    if fault == "cut-wal":
+    if fault.endswith("+seq"):  # the witness damaged too: the note (or the file) must speak
+        (image / "b.db.seq").write_bytes(b"0123 garbage\n".ljust(4096, b"\0"))
+    if fault.startswith("cut-wal"):
         _cut_wal_to(image, 20)  # the commit of 21-30 gone, cleanly
     elif fault == "deleted-db":
         for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
