@@ -60,10 +60,10 @@ class HeldMixin(BufferBase):
         last = self.last_seq()
         witness = self._highwater.read()
         wal_lost = max(0, witness[1] - last) if witness is not None and witness[0] == self.epoch else 0
-        if (witness is None and note is not None and note.epoch == self.epoch and note.last_seq > last
+        if ((witness is None or witness[0] != self.epoch) and note is not None and note.epoch == self.epoch and note.last_seq > last
                 and all(r != WAL_LOST_REASON for _, r in note.carried)):
-            # .seq damaged or gone, and a cut WAL took back commits the (checksummed) note saw:
-            # the note is the witness of how far the epoch went.
+            # .seq damaged, gone or stale (another epoch's), and a cut WAL took back commits the
+            # (checksummed) note saw: the note is the witness of how far this epoch went.
             wal_lost = note.last_seq - last
         # An unborn run's note (no epoch) belongs to the first database born after it, while that
         # has numbered nothing: owning up takes numbers, so it is never applied twice.
