@@ -70,7 +70,8 @@ def _cut_wal_to(image: Path, survive: int) -> None:
 
 # --- 1. an intact .held note after a cut WAL, a deleted database, damaged meta ------------------
 
-@pytest.mark.parametrize("fault", ["cut-wal", "deleted-db", "damaged-meta", "cut-wal+seq", "damaged-meta+seq"])
+@pytest.mark.parametrize("fault", ["cut-wal", "deleted-db", "damaged-meta", "cut-wal+seq", "damaged-meta+seq",
+                                   "cut-wal+stale-seq"])
 def test_an_intact_held_note_is_owned_up_to_after_a_database_fault(tmp_path, fault):
     """v14b FAIL 1: the note (3 held at 30) was believed only with the current epoch and the same
     last_seq, so after each of these faults the 3 held samples were lost with no gap, no counter
@@ -96,6 +97,11 @@ def test_an_intact_held_note_is_owned_up_to_after_a_database_fault(tmp_path, fau
     db = image / "b.db"
     if fault.endswith("+seq"):  # the witness damaged too: the note (or the file) must speak
         (image / "b.db.seq").write_bytes(b"0123 garbage\n".ljust(4096, b"\0"))
+    if fault.endswith("+stale-seq"):  # this van's own .seq of an earlier epoch (a restored backup)
+        prev = Buffer(tmp_path / "prev" / "b.db", DEV, reserve_bytes=0)
+        prev.commit(_samples(40))
+        prev.close()
+        shutil.copy(tmp_path / "prev" / "b.db.seq", image / "b.db.seq")
     if fault.startswith("cut-wal"):
         _cut_wal_to(image, 20)  # the commit of 21-30 gone, cleanly
     elif fault == "deleted-db":
