@@ -42,6 +42,7 @@ class BufferBase:
     _held: HeldLedger
     _identity: IdentityFile
     _damaged_epoch: str | None
+    _lost_witness: tuple[str, int] | None  # (epoch, last_seq) a new birth owned up to as gone
     _highwater: HighWater
     _held_ready: bool
     _last_held: tuple[int, int]

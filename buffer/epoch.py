@@ -68,6 +68,7 @@ class EpochMixin(BufferBase):
         log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
                   " to as lost", self.path, lost_epoch, last, self._highwater.path)
         self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
+        self._lost_witness = (lost_epoch, last)  # a .held note of that epoch at ``last`` is owed too
         self._bump("samples_lost_wal", last)
 
     def _quarantine_holds(self, epoch: str) -> bool:

@@ -42,6 +42,9 @@ class GapsMixin(BufferBase):
                 "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
                 (first_seq, last_seq, reason),
             )
+            if type(last_seq) is int and 0 < last_seq < MAX_SEQ:
+                # The numbers are used by the gap: no sample gets one (sealing clips a gap to last_seq).
+                self._set_last_seq(last_seq)
             self._bump("gap_records")
 
     @_recovering

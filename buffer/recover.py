@@ -63,10 +63,18 @@ class RecoverMixin(BufferBase):
                 recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
                 continue
             ident = IdentityFile(qdir / self._identity.path.name).read()
+            seq = HighWater(qdir / self._highwater.path.name).read()
             if ident is None:
                 # No identity file: the .seq copy still names the epoch (the third witness).
-                seq = HighWater(qdir / self._highwater.path.name).read()
                 ident = (seq[0], self.device_id) if seq else None
+            elif seq is not None and seq[0] != ident[0]:
+                # The witnesses disagree: a stale .id (a re-birth whose rewrite a full card
+                # refused, an old-format file) would send the samples under an earlier epoch
+                # whose numbers the receiver already holds, acked "stored" and dropped there.
+                # Neither is believed: what meta cannot name goes under an epoch of its own.
+                log.error("buffer: %s names epoch %s, %s names %s: salvaging %s under a fresh epoch",
+                          self._identity.path.name, ident[0], self._highwater.path.name, seq[0], qdir)
+                ident = None
             found = recovery.salvage(qdir / self.path.name, ident)
             try:
                 summary = self._apply_salvage(found, mark)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from buffer import rowcheck
+from buffer import gaprows, rowcheck
 from core.sample import Sample
 from core.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
 from core.sample_rules import gap_reason, sample_problem
@@ -41,7 +41,7 @@ class SealMixin(BufferBase):
         # merged into a batch of samples: a cut that took back a delivered seal brings those
         # samples back unsealed, and their re-seal must give the very bytes of the original
         # (encoding is deterministic) so the receiver answers "duplicate", not "different".
-        self._drop_empty_gaps()
+        self._check_gaps()
         gaps_rows = self._db.execute(
             "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason=?"
             " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
@@ -109,17 +109,34 @@ class SealMixin(BufferBase):
         self._unsealed -= len(samples)
         return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
 
-    def _drop_empty_gaps(self) -> None:
-        """An empty or inverted gap row (damage, or an older version) never rides in a batch: the
-        receiver refuses it and the batch's real samples with it. It names no sample: dropped,
-        logged with its bytes and counted (``gaps_invalid``)."""
-        bad = self._db.execute("SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL"
-                               " AND NOT (first_seq BETWEEN 1 AND last_seq)").fetchall()
-        if bad:
-            log.error("buffer: gap rows that name no samples (first > last), never sent: %r", bad[:5])
+    def _check_gaps(self) -> None:
+        """Unsent gap rows checked against the numbers before they travel (``buffer.gaprows``).
+
+        An empty, inverted or non-integral row never rides in a batch: the receiver refuses it
+        with the batch's real samples, or the codec raises at every seal. Dropped, logged with
+        its bytes, counted (``gaps_invalid``). A row reaching past the last number or over
+        samples is clipped to what no sample holds (same counter); a row marked sent in a batch
+        that does not exist goes back in the queue (``gaps_resent``)."""
+        resend = gaprows.orphaned_sent(self._db)
+        if resend:
+            log.error("buffer: gap rows %r marked sent in no batch: sent again", resend[:5])
             with self._tx():
-                self._db.executemany("DELETE FROM gaps WHERE id=?", [(b[0],) for b in bad])
-                self._bump("gaps_invalid", len(bad))
+                self._db.executemany("UPDATE gaps SET sent_in=NULL WHERE id=?", [(i,) for i in resend])
+                self._bump("gaps_resent", len(resend))
+        row = self._db.execute("SELECT value FROM meta WHERE key='sealed_through'").fetchone()
+        sealed = int(row[0]) if row and str(row[0]).isdigit() else 0
+        fixes = gaprows.repairs(self._db, self.last_seq(), sealed)
+        if not fixes:
+            return
+        for f in fixes:
+            log.error("buffer: gap row %r %s: %s", f.row[:4], f.why,
+                      f"sent as {f.keep}" if f.keep else "never sent")
+        with self._tx():
+            for f in fixes:
+                self._db.execute("DELETE FROM gaps WHERE id=?", (f.row[0],))
+                self._db.executemany("INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
+                                     [(a, b, f.row[3]) for a, b in f.keep])
+            self._bump("gaps_invalid", len(fixes))
 
     def _sealable(self, max_samples: int, now_utc_ms: int) -> tuple[list[tuple[Any, ...]], list[Sample]]:
         """The oldest unsealed rows and the samples among them that can travel.
