@@ -264,12 +264,12 @@ class StoreReads:
         # delivered out of order, issue 13 re-test: 13,045 of 80,000 left on the farther pair)
         # share the same budget and the same redo windows.
         budget, later = self._replace_left, []
-        picks = [(a, b, f"{_OPEN} AND t_utc_ms BETWEEN {p} AND {p}") for a, b in _windows(fix_times, gap)]
-        picks += [(a, b, f"state = '{INTERPOLATED}' AND t_utc_ms > {p} AND t_utc_ms < {p}")
+        picks = [(a, b, 0, f"{_OPEN} AND t_utc_ms BETWEEN {p} AND {p}") for a, b in _windows(fix_times, gap)]
+        picks += [(a, b, 1, f"state = '{INTERPOLATED}' AND t_utc_ms > {p} AND t_utc_ms < {p}")
                   for a, b in _split_brackets(ft, fix_times, gap)]
-        for a, b, where in picks:
+        for a, b, interp, where in picks:
             if budget <= 0:
-                later.append((a, b))
+                later.append((a, b, interp))
                 continue
             rows = [tuple(r) for r in c.execute(
                 f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
@@ -278,7 +278,7 @@ class StoreReads:
             ).fetchall()]
             if len(rows) > budget:
                 rows = rows[:budget]
-                later.append((rows[-1][2], b))  # from the last time read: its twins may be unread
+                later.append((rows[-1][2], b, interp))  # from the last time read: its twins may be unread
             reopened += rows  # type: ignore[arg-type]
             budget -= len(rows)
         self._replace_left = budget
@@ -343,12 +343,13 @@ class StoreReads:
         self._count_here("humid_slices_later", 1)
         return 1
 
-    def _defer_positions(self, device: str, windows: Sequence[tuple[int, int]]) -> None:
-        """Queue time windows of a van whose open samples must be placed again, later; counted."""
+    def _defer_positions(self, device: str, windows: Sequence[tuple[int, int, int]]) -> None:
+        """Queue time windows (lo, hi, interp) of a van whose open samples (and with ``interp`` 1
+        also interpolated ones, _split_brackets) must be placed again, later; counted."""
         p, c = self.PARAM, self.conn
         c.execute(  # executemany would be one statement per window anyway; windows are few
-            "INSERT INTO positions_redo (device, lo_ms, hi_ms) VALUES "
-            + ", ".join([f"({p}, {p}, {p})"] * len(windows)), [x for w in windows for x in (device, *w)])
+            "INSERT INTO positions_redo (device, lo_ms, hi_ms, interp) VALUES "
+            + ", ".join([f"({p}, {p}, {p}, {p})"] * len(windows)), [x for w in windows for x in (device, *w)])
         self._count_here("position_windows_deferred", len(windows))
 
     def _count_here(self, name: str, by: int) -> None:
@@ -367,9 +368,10 @@ class StoreReads:
         if row is None:
             return 0
         rid, device, lo, hi = row
+        interp = c.execute(f"SELECT interp FROM positions_redo WHERE id = {p}", (rid,)).fetchone()[0]
         rows = [tuple(r) for r in c.execute(
             f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
-            f" AND t_utc_ms BETWEEN {p} AND {p} AND {_REDO} ORDER BY t_utc_ms LIMIT {p}",
+            f" AND t_utc_ms BETWEEN {p} AND {p} AND {_REDO if interp else _OPEN} ORDER BY t_utc_ms LIMIT {p}",
             (device, lo, hi, REDO_CHUNK + 1)).fetchall()]
         more = len(rows) > REDO_CHUNK
         rows = rows[:REDO_CHUNK]
@@ -503,7 +505,7 @@ class StoreReads:
                          f" AND hi_ms >= {p}", (device, left[3], left[3])).fetchone()[0]
         lo = left[3] if have is None else have + 1
         if lo <= hi:
-            self._defer_positions(device, [(lo, hi)])
+            self._defer_positions(device, [(lo, hi, 0)])
             self._count_here("pending_closes_deferred", 1)
 
     def _merged(self, queued: Sequence[tuple[str, str, str, int, int]]) -> list[Batch]:
@@ -713,6 +715,9 @@ class SQLiteStore(StoreReads):
         # Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
         db.execute("CREATE TABLE IF NOT EXISTS positions_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
                    " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
+        # interp 1: the window's interpolated samples are placed again too (a late fix split them).
+        if "interp" not in {col.name for col in db["positions_redo"].columns}:
+            db.execute("ALTER TABLE positions_redo ADD COLUMN interp INTEGER NOT NULL DEFAULT 0")
         # Time windows whose PM values' humid flags wait to be judged again (StoreReads._humid_edges).
         db.execute("CREATE TABLE IF NOT EXISTS humid_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
                    " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
@@ -1213,8 +1218,8 @@ _NAN = float("nan")
 
 
 _OPEN = f"state IN ('{PENDING}', '{NO_FIX}')"  # literal: matches the partial index positions_open
-# A deferred window may hold interpolated samples whose bracket a late fix split (_split_brackets):
-# the deriver places those again too (``locate`` gives an unchanged one the same place).
+# A deferred window marked ``interp`` holds interpolated samples whose bracket a late fix split
+# (_split_brackets): the deriver places those again too.
 _REDO = f"state IN ('{PENDING}', '{NO_FIX}', '{INTERPOLATED}')"
 
 
