@@ -26,7 +26,8 @@ DEVICE = "van-late"
 SAMPLES = 12_000  # GPS-less samples, 5 ms apart: one minute
 STEP_MS = 5
 GAP = 10_000  # the store's default join window (max_gap_s = 10)
-BUDGET = 4_000  # REPLACE_BUDGET for this test: a third of the samples, so the bound and the deferral both happen
+# REPLACE_BUDGET for this test: a third of the samples, so the bound and the deferral both happen
+BUDGET = 4_000
 
 
 def backlog() -> Batch:
@@ -57,7 +58,10 @@ def fix_uploads(times: list[int], where: dict[int, tuple[float, float]]) -> list
     return out
 
 
-def oracle(fixes: dict[int, tuple[float, float]], newest: int, t: int) -> tuple[str, float | None, float | None]:
+Placed = tuple[str, float | None, float | None]
+
+
+def oracle(fixes: dict[int, tuple[float, float]], newest: int, t: int) -> Placed:
     """Written from the rule, not from receiver.positions: exact, else linear between the nearest
     fix before and after when at most GAP apart, else pending (no later fix yet, recent) or no_fix."""
     if t in fixes:
@@ -127,13 +131,17 @@ def test_shuffled_fixes_give_the_in_order_positions(backend: Any,  # noqa: F811
         per_group = deliver(store, fix_uploads(ts, where))
         rows = placed(store)
         newest = max(t for t, _, _, _ in rows.values())
-        wrong = [(seq, t - T0, (st, lat, lon), oracle(where, newest, t)) for seq, (t, st, lat, lon) in rows.items()
-                 if (w := oracle(where, newest, t))[0] != st or not (_close(lat, w[1]) and _close(lon, w[2]))]
+        wrong = []
+        for seq, (t, st, lat, lon) in rows.items():
+            w = oracle(where, newest, t)
+            if w[0] != st or not (_close(lat, w[1]) and _close(lon, w[2])):
+                wrong.append((seq, t - T0, (st, lat, lon), w))
         c = store.counts()
         states: dict[str, int] = {}
         for _, st, _, _ in rows.values():
             states[st] = states.get(st, 0) + 1
-        print(f"\n{order}: {len(times)} fixes in {len(fix_uploads(ts, where))} uploads over {SAMPLES} samples;"
+        print(f"\n{order}: {len(times)} fixes in {len(fix_uploads(ts, where))} uploads over {SAMPLES}"
+              " samples;"
               f" placed again per group {per_group} (budget {BUDGET}); windows deferred"
               f" {c.get('position_windows_deferred', 0)}, placed later {c.get('positions_placed_later', 0)};"
               f" states {states}; wrong {len(wrong)}")
