@@ -20,6 +20,7 @@ import logging
 import math
 import sqlite3
 import uuid
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver import requality as requality_mod
 from receiver.requality import humid_edges, humid_slice, requality, rewrite_flags
 from receiver.units import unit_sql
-from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
+from receiver.positions import INTERPOLATED, NO_FIX, NO_TIME, PENDING, Fix, locate
 from core.sample import Sample
 from core.wire import Batch
 
@@ -248,35 +249,42 @@ class StoreReads:
         newest = max(hi - gap, *(r[0] or 0 for r in c.execute(
             f"SELECT max(t_utc_ms) FROM positions WHERE device = {p} UNION ALL"
             f" SELECT max(t_utc_ms) FROM fixes WHERE device = {p}", (device, device)).fetchall()))
-        reopened: list[tuple[str, int, int]] = []
-        # Bounded (issue 13): a van with hundreds of thousands of open samples under new fixes
-        # would otherwise have them all re-read and re-placed in the ack path, one statement
-        # longer than the PostgreSQL deadline. Beyond the budget the windows go to
-        # positions_redo, placed later in chunks by the deriver (``redo_positions``).
-        budget, later = self._replace_left, []
-        for a, b in _windows(fix_times, gap):
-            if budget <= 0:
-                later.append((a, b))
-                continue
-            rows = [tuple(r) for r in c.execute(
-                f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
-                f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN} ORDER BY t_utc_ms LIMIT {p}",
-                (device, a, b, budget + 1),
-            ).fetchall()]
-            if len(rows) > budget:
-                rows = rows[:budget]
-                later.append((rows[-1][2], b))  # from the last time read: its twins may be unread
-            reopened += rows  # type: ignore[arg-type]
-            budget -= len(rows)
-        self._replace_left = budget
-        if later:
-            self._defer_positions(device, later)
         fx = [Fix(*r) for r in c.execute(
             f"SELECT t_utc_ms, lat, lon, speed_mps, fix_quality FROM fixes"
             f" WHERE device = {p} AND t_utc_ms BETWEEN {p} AND {p} ORDER BY t_utc_ms",
             (device, lo - gap, hi + gap),
         ).fetchall()]
-        return newest, reopened, fx, [f.t_utc_ms for f in fx]
+        ft = [f.t_utc_ms for f in fx]
+        reopened: list[tuple[str, int, int]] = []
+        # Bounded (issue 13): a van with hundreds of thousands of open samples under new fixes
+        # would otherwise have them all re-read and re-placed in the ack path, one statement
+        # longer than the PostgreSQL deadline. Beyond the budget the windows go to
+        # positions_redo, placed later in chunks by the deriver (``redo_positions``).
+        # Interpolated samples whose bracketing fixes now have a new fix between them (fixes
+        # delivered out of order, issue 13 re-test: 13,045 of 80,000 left on the farther pair)
+        # share the same budget and the same redo windows.
+        budget, later = self._replace_left, []
+        picks = [(a, b, 0, f"{_OPEN} AND t_utc_ms BETWEEN {p} AND {p}") for a, b in _windows(fix_times, gap)]
+        picks += [(a, b, 1, f"state = '{INTERPOLATED}' AND t_utc_ms > {p} AND t_utc_ms < {p}")
+                  for a, b in _split_brackets(ft, fix_times, gap)]
+        for a, b, interp, where in picks:
+            if budget <= 0:
+                later.append((a, b, interp))
+                continue
+            rows = [tuple(r) for r in c.execute(
+                f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
+                f" AND {where} ORDER BY t_utc_ms LIMIT {p}",
+                (device, a, b, budget + 1),
+            ).fetchall()]
+            if len(rows) > budget:
+                rows = rows[:budget]
+                later.append((rows[-1][2], b, interp))  # from the last time read: its twins may be unread
+            reopened += rows  # type: ignore[arg-type]
+            budget -= len(rows)
+        self._replace_left = budget
+        if later:
+            self._defer_positions(device, later)
+        return newest, reopened, fx, ft
 
     # What is left of REPLACE_BUDGET in this transaction: a group of 64 fix uploads shares one
     # budget (reset by ``_new_unit`` at the start of each ingest group and derive claim).
@@ -335,12 +343,13 @@ class StoreReads:
         self._count_here("humid_slices_later", 1)
         return 1
 
-    def _defer_positions(self, device: str, windows: Sequence[tuple[int, int]]) -> None:
-        """Queue time windows of a van whose open samples must be placed again, later; counted."""
+    def _defer_positions(self, device: str, windows: Sequence[tuple[int, int, int]]) -> None:
+        """Queue time windows (lo, hi, interp) of a van whose open samples (and with ``interp`` 1
+        also interpolated ones, _split_brackets) must be placed again, later; counted."""
         p, c = self.PARAM, self.conn
         c.execute(  # executemany would be one statement per window anyway; windows are few
-            "INSERT INTO positions_redo (device, lo_ms, hi_ms) VALUES "
-            + ", ".join([f"({p}, {p}, {p})"] * len(windows)), [x for w in windows for x in (device, *w)])
+            "INSERT INTO positions_redo (device, lo_ms, hi_ms, interp) VALUES "
+            + ", ".join([f"({p}, {p}, {p}, {p})"] * len(windows)), [x for w in windows for x in (device, *w)])
         self._count_here("position_windows_deferred", len(windows))
 
     def _count_here(self, name: str, by: int) -> None:
@@ -359,9 +368,10 @@ class StoreReads:
         if row is None:
             return 0
         rid, device, lo, hi = row
+        interp = c.execute(f"SELECT interp FROM positions_redo WHERE id = {p}", (rid,)).fetchone()[0]
         rows = [tuple(r) for r in c.execute(
             f"SELECT epoch, seq, t_utc_ms FROM positions WHERE device = {p}"
-            f" AND t_utc_ms BETWEEN {p} AND {p} AND {_OPEN} ORDER BY t_utc_ms LIMIT {p}",
+            f" AND t_utc_ms BETWEEN {p} AND {p} AND {_REDO if interp else _OPEN} ORDER BY t_utc_ms LIMIT {p}",
             (device, lo, hi, REDO_CHUNK + 1)).fetchall()]
         more = len(rows) > REDO_CHUNK
         rows = rows[:REDO_CHUNK]
@@ -495,7 +505,7 @@ class StoreReads:
                          f" AND hi_ms >= {p}", (device, left[3], left[3])).fetchone()[0]
         lo = left[3] if have is None else have + 1
         if lo <= hi:
-            self._defer_positions(device, [(lo, hi)])
+            self._defer_positions(device, [(lo, hi, 0)])
             self._count_here("pending_closes_deferred", 1)
 
     def _merged(self, queued: Sequence[tuple[str, str, str, int, int]]) -> list[Batch]:
@@ -705,6 +715,9 @@ class SQLiteStore(StoreReads):
         # Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
         db.execute("CREATE TABLE IF NOT EXISTS positions_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
                    " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
+        # interp 1: the window's interpolated samples are placed again too (a late fix split them).
+        if "interp" not in {col.name for col in db["positions_redo"].columns}:
+            db.execute("ALTER TABLE positions_redo ADD COLUMN interp INTEGER NOT NULL DEFAULT 0")
         # Time windows whose PM values' humid flags wait to be judged again (StoreReads._humid_edges).
         db.execute("CREATE TABLE IF NOT EXISTS humid_redo (id INTEGER PRIMARY KEY, device TEXT NOT NULL,"
                    " lo_ms INTEGER NOT NULL, hi_ms INTEGER NOT NULL)")
@@ -1205,6 +1218,27 @@ _NAN = float("nan")
 
 
 _OPEN = f"state IN ('{PENDING}', '{NO_FIX}')"  # literal: matches the partial index positions_open
+# A deferred window marked ``interp`` holds interpolated samples whose bracket a late fix split
+# (_split_brackets): the deriver places those again too.
+_REDO = f"state IN ('{PENDING}', '{NO_FIX}', '{INTERPOLATED}')"
+
+
+def _split_brackets(fix_times: Sequence[int], new: Sequence[int], gap: int) -> list[tuple[int, int]]:
+    """Open intervals ``(before, after)`` between the fixes other than ``new`` (``fix_times``:
+    all of them, sorted) that a ``new`` fix falls strictly inside, at most ``gap`` long.
+
+    A sample interpolated before the new fixes came was placed between two such fixes at most
+    ``gap`` apart; only if a new fix lies between them does its place change. Counting a re-sent
+    fix as new only widens an interval (a few extra samples placed again, the same place).
+    """
+    fresh = set(new)
+    old = [t for t in fix_times if t not in fresh]
+    out: list[tuple[int, int]] = []
+    for t in sorted(fresh):
+        i = bisect_right(old, t)
+        if 0 < i < len(old) and old[i] - old[i - 1] <= gap and (not out or out[-1] != (old[i - 1], old[i])):
+            out.append((old[i - 1], old[i]))
+    return out
 
 
 def _windows(times: Sequence[int], gap: int) -> list[tuple[int, int]]:

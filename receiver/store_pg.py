@@ -237,6 +237,8 @@ ALTER TABLE dead_letters_unacked ADD COLUMN IF NOT EXISTS mid bigint;
 -- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
 CREATE TABLE IF NOT EXISTS positions_redo (id bigserial PRIMARY KEY, device text NOT NULL,
     lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
+-- 1: the window's interpolated samples are placed again too (a late fix split their bracket).
+ALTER TABLE positions_redo ADD COLUMN IF NOT EXISTS interp integer NOT NULL DEFAULT 0;
 -- Time windows whose PM values' humid flags wait to be judged again (StoreReads._humid_edges).
 CREATE TABLE IF NOT EXISTS humid_redo (id bigserial PRIMARY KEY, device text NOT NULL,
     lo_ms bigint NOT NULL, hi_ms bigint NOT NULL);
