@@ -38,7 +38,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from core.calibration import (
@@ -99,6 +99,19 @@ def _q(conn: Any, sql: str) -> str:
     """'?' placeholders for sqlite3, '%s' for the psycopg family."""
     return sql if _is_sqlite(conn) else sql.replace("?", "%s")
 
+
+
+def write_derived(conn: Any, rows: Sequence[tuple[Any, ...]], gone: Sequence[tuple[Any, ...]] = ()) -> None:
+    """Upsert derived values (device, epoch, seq, quantity, value, calibration id) and drop the
+    ones in ``gone`` (device, epoch, seq, quantity): a value a recompute no longer derives. The one
+    writer of ``derived`` for NO2 and PM."""
+    cur = conn.cursor()
+    if rows:
+        cur.executemany(_q(conn, "INSERT INTO derived (device, epoch, seq, quantity, value, calibration)"
+                                 " VALUES (?,?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
+                                 " DO UPDATE SET value=excluded.value, calibration=excluded.calibration"), rows)
+    if gone:
+        cur.executemany(_q(conn, "DELETE FROM derived WHERE device=? AND epoch=? AND seq=? AND quantity=?"), gone)
 
 def _exec(conn: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
     cur = conn.cursor()
@@ -441,12 +454,7 @@ def _write_derived(conn: Any, device: str, todo: list[tuple[str, int, int, dict[
         cur.execute(_q(conn, "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name)"
                              " DO UPDATE SET value = counters.value + excluded.value"),
                     ("no2_inputs_out_of_range", refused))
-    if rows:
-        cur.executemany(_q(conn, "INSERT INTO derived (device, epoch, seq, quantity, value, calibration)"
-                                 " VALUES (?,?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
-                                 " DO UPDATE SET value=excluded.value, calibration=excluded.calibration"), rows)
-    if gone and prune:
-        cur.executemany(_q(conn, "DELETE FROM derived WHERE device=? AND epoch=? AND seq=? AND quantity=?"), gone)
+    write_derived(conn, rows, gone if prune else [])
     if touched is not None:
         touched += [(r[1], r[2], sensors[(r[1], r[2])]) for r in rows]
         if prune:

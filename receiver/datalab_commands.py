@@ -193,18 +193,13 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
     stream = sys.stdout if out == "-" else open(out, "w", encoding="utf-8", newline="")
     try:
         if kind == "aggregates":
-            if len(quantities) > 1:
-                raise click.UsageError("aggregates: give at most one --quantity (or none for all)")
             n = export_aggregates(conn, stream, fmt, scheme=scheme, period=period,
-                                  quantity=quantities[0] if quantities else None)
+                                  quantity=_one_quantity(quantities))
             for build, used in build_policies(conn, scheme=scheme, period=period).items():
                 click.echo(f"{build}: built with flag policy {json.dumps(used) if used else '(none recorded)'}",
                            err=True)
         else:
-            try:
-                window = parse_period(period, tz) if period else Period("all")
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--period") from exc
+            window = _export_window(period, tz)
             n = export_measurements(conn, stream, fmt, period=window, device=device,
                                     quantities=quantities or tuple(QUANTITIES), positioned_only=not all_positions,
                                     policy=policy)
@@ -215,20 +210,30 @@ def export(kind: str, store: str, fmt: str, out: str, scheme: str | None, period
     click.echo(f"{n:,} {'rows' if fmt == 'csv' else 'features'} written", err=True)
 
 
+def _one_quantity(quantities: tuple[str, ...]) -> str | None:
+    """The aggregates export takes one quantity or all of them (None)."""
+    if len(quantities) > 1:
+        raise click.UsageError("aggregates: give at most one --quantity (or none for all)")
+    return quantities[0] if quantities else None
+
+
+def _export_window(period: str | None, tz: str) -> Period:
+    """The measurements export's --period, parsed (all time when not given)."""
+    try:
+        return parse_period(period, tz) if period else Period("all")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--period") from exc
+
+
 def _export_gpkg(conn, kind, out, scheme, period, quantities, device, all_positions, tz, policy) -> None:  # type: ignore[no-untyped-def]
     from receiver.geopackage import export_geopackage
 
     try:
         if kind == "aggregates":
-            if len(quantities) > 1:
-                raise click.UsageError("aggregates: give at most one --quantity (or none for all)")
             n = export_geopackage(conn, out, kind, scheme=scheme, period=period,
-                                  quantity=quantities[0] if quantities else None)
+                                  quantity=_one_quantity(quantities))
         else:
-            try:
-                window = parse_period(period, tz) if period else Period("all")
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--period") from exc
+            window = _export_window(period, tz)
             n = export_geopackage(conn, out, kind, period=window, device=device,
                                   quantities=quantities or tuple(QUANTITIES), positioned_only=not all_positions,
                                   policy=policy)

@@ -47,8 +47,8 @@ import numpy as np
 
 from receiver import quality
 from core.calibration import CalibrationRecord, pm_corrected
-from receiver.calibration import (Records, Span, _exec, _no2_records, _q, changed_spans, record_at,
-                                  records_in_batch, timed_chunks)
+from receiver.calibration import (Records, Span, _exec, _no2_records, changed_spans, record_at,
+                                  records_in_batch, timed_chunks, write_derived)
 from receiver.flag_policy import is_sentinel
 from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10
 
@@ -201,13 +201,7 @@ def write_pm(conn: Any, device: str, samples: list[PmSample], kappa: Mapping[str
     if not any(_number(s.values.get(q)) is not None for s in samples for q in PM_DERIVED):
         return 0  # no PM here: no query for the van's records
     rows, none = pm_rows(device, samples, kappa, rh_fitted_records(conn, device), pm_records(conn, device), rh)
-    cur = conn.cursor()
-    if rows:
-        cur.executemany(_q(conn, "INSERT INTO derived (device, epoch, seq, quantity, value, calibration)"
-                                 " VALUES (?,?,?,?,?,?) ON CONFLICT (device, epoch, seq, quantity)"
-                                 " DO UPDATE SET value=excluded.value, calibration=excluded.calibration"), rows)
-    if none and prune:
-        cur.executemany(_q(conn, "DELETE FROM derived WHERE device=? AND epoch=? AND seq=? AND quantity=?"), none)
+    write_derived(conn, rows, none if prune else [])
     return len(rows)
 
 
