@@ -14,7 +14,10 @@ What is dropped, for times older than the cut-off:
 * ``dead_letters`` (rejected uploads, which carry positions too) by received time.
 
 The measured values themselves stay (without a place they are no track), and so do
-the published maps. The cut-off is ``now - keep_days``, but never later than the
+the published maps. On PostgreSQL each month of ``samples`` keeps its GPS samples in a
+partition of their own (receiver/pg_samples.py): a month wholly before the cut-off loses
+that partition whole (detached and dropped, no row-by-row delete, no dead pages holding
+positions), and the rows of a partly expired month are deleted as on SQLite. The cut-off is ``now - keep_days``, but never later than the
 newest map build: positions no build has used yet are kept whatever their age (a
 centre that stopped building maps loses nothing it has not mapped). With no build at
 all, nothing is dropped, and the plan says why.
@@ -48,12 +51,14 @@ class Plan:
     cutoff_ms: int | None  # None: nothing may be dropped (see ``reason``)
     reason: str
     rows: dict[str, int] = field(default_factory=dict)
+    partitions: list[str] = field(default_factory=list)  # PostgreSQL: GPS partitions dropped whole
 
     def lines(self) -> list[str]:
         out = [f"keep raw positions {self.keep_days} days; {self.reason}"]
         if self.cutoff_ms is not None:
             out.append(f"cut-off: {iso_ms(self.cutoff_ms)}")
             out += [f"{t:>14}: {n} rows older" for t, n in self.rows.items()]
+            out += [f"{'partition':>14}: {name} (a whole month of positions)" for name in self.partitions]
         return out
 
 
@@ -74,6 +79,10 @@ def plan(conn: Any, keep_days: int, now_ms: int) -> Plan:
         if dbapi.table_exists(conn, table):
             p.rows[table] = int(dbapi.fetchall(
                 conn, f"SELECT count(*) FROM {table} WHERE {col} < ?{extra}", (cutoff,))[0][0])
+    if _gps_partitioned(conn):
+        from receiver import pg_samples
+
+        p.partitions = [g.name for g in pg_samples.expired_gps(conn, cutoff)]
     return p
 
 
@@ -84,12 +93,22 @@ def apply(conn: Any, keep_days: int, now_ms: int, *,
     if p.cutoff_ms is None:
         return p
     with dbapi.transaction(conn):
-        for table, col, extra in TARGETS:
+        if p.partitions:
+            from receiver import pg_samples
+
+            for g in pg_samples.expired_gps(conn, p.cutoff_ms):  # looked up again inside the transaction
+                pg_samples.drop_gps(conn, g)
+        for table, col, extra in TARGETS:  # what is left: partly expired months, other tables
             if table in p.rows:
                 dbapi.execute(conn, f"DELETE FROM {table} WHERE {col} < ?{extra}", (p.cutoff_ms,))
     if vacuum is not None:
         vacuum(conn)  # the freed pages hold the positions until overwritten
     return p
+
+
+def _gps_partitioned(conn: Any) -> bool:
+    return not dbapi.is_sqlite(conn) and bool(dbapi.fetchall(
+        conn, "SELECT 1 FROM pg_class WHERE oid = to_regclass('samples') AND relkind = 'p'"))
 
 
 def _newest_build(conn: Any) -> int | None:

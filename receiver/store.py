@@ -51,8 +51,9 @@ from core.wire import Batch
 
 # The store schema's version (SQLite: PRAGMA user_version; PostgreSQL: table schema_version). Every
 # schema step runs at each start, so an old store migrates by being opened. 2: observations with
-# unit, typed on PostgreSQL, PostGIS layers (issue 17).
-SCHEMA_VERSION = 2
+# unit, typed on PostgreSQL, PostGIS layers (issue 17). 3: PostgreSQL samples by month and
+# GPS / rest, a plain samples migrated (receiver/pg_samples.py); SQLite unchanged.
+SCHEMA_VERSION = 3
 GPS_SENSOR = "gps"
 # Open samples one ingest group (or derive claim) may place again in the ack path (issue 13:
 # 800,000 took 12 s on SQLite, over the 15 s + 2 s deadline on PostgreSQL); ~0.3 s of work

@@ -49,7 +49,6 @@ Optional extensions, used only when the server has them (never required):
 
 from __future__ import annotations
 
-import calendar
 import json
 import logging
 import random
@@ -69,7 +68,7 @@ from receiver.pg_timeouts import connect as pg_connect
 from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from core.faultpoints import crash_point
-from receiver import quality
+from receiver import pg_samples, quality
 from receiver.aggregate import create_tables as create_map_tables
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
@@ -147,7 +146,7 @@ CREATE TABLE IF NOT EXISTS samples (
     flags text,
     batch_id text,
     received_utc_ms bigint
-) PARTITION BY RANGE (t_utc_ms);  -- by month (_PARTITIONS); stores made before keep a plain table
+) PARTITION BY RANGE (t_utc_ms);  -- by month (_PARTITIONS); a plain one is migrated (pg_samples)
 CREATE TABLE IF NOT EXISTS fixes (
     device text,
     epoch text,
@@ -315,9 +314,9 @@ FROM aggregates WHERE GeometryType(geom) = 'POLYGON';
 # Samples without a time go to samples_undated (the default partition), and so do rows written
 # straight into samples (a bulk load) for a month not made yet: still stored and found, only not
 # pruned; the month's partition takes them over when it is made (_ensure_months). The receiver
-# makes each month before its first row.
-# A store made before keeps its plain samples table with its primary key: everything here works
-# on both (docs/datalab.md says how to move an old store over).
+# makes each month before its first row. Each month is split into GPS and the rest, so retention
+# drops a month's positions whole (receiver/pg_samples.py). A store made before with a plain
+# samples table is moved into the partitions when it opens (pg_samples.migrate, in batches).
 _PARTITIONS = """
 DO $$
 BEGIN
@@ -336,6 +335,7 @@ END $$;
 #   1: the tables and jsonb observations (before issue 17; no table)
 #   2: observations typed (value/raw_value double precision, time_utc timestamptz, unit); PostGIS
 #      geometry for observations and map units (observations_geom, map_segments, map_cells)
+#   3: samples partitioned by month, each month split GPS / rest; a plain samples is migrated
 _VERSION = f"""
 CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, applied_utc timestamptz DEFAULT now());
 INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;
@@ -355,29 +355,6 @@ _UPSERT_POSITION = (
     " state = excluded.state, lat = excluded.lat, lon = excluded.lon,"
     " speed_mps = excluded.speed_mps, fix_quality = excluded.fix_quality"
 )
-
-
-def _make_month(c: psycopg.Connection[Any], name: str, start: int, end: int) -> None:
-    """One month's partition of samples, taking over that month's rows from the default partition."""
-    if c.execute("SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid"
-                 " WHERE i.inhparent = 'samples'::regclass AND p.relname = %s", (name,)).fetchone():
-        return
-    # PostgreSQL refuses a partition whose rows sit in the default one: move them over.
-    c.execute("CREATE TEMP TABLE month_rows ON COMMIT DROP AS SELECT * FROM samples_undated"
-              " WHERE t_utc_ms >= %s AND t_utc_ms < %s", (start, end))
-    moved = c.execute("DELETE FROM samples_undated WHERE t_utc_ms >= %s AND t_utc_ms < %s", (start, end)).rowcount
-    c.execute(sql.SQL("CREATE TABLE {} PARTITION OF samples FOR VALUES FROM ({}) TO ({})")
-              .format(sql.Identifier(name), sql.Literal(start), sql.Literal(end)))
-    if moved:
-        c.execute("INSERT INTO samples SELECT * FROM month_rows")
-        log.info("samples: %d rows of %s moved from samples_undated to their month", moved, name)
-    c.execute("DROP TABLE month_rows")
-
-
-def _month_start(ms: int) -> int:
-    """The first millisecond (UTC) of the month ``ms`` falls in."""
-    t = time.gmtime(ms // 1000)
-    return int(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))) * 1000
 
 
 class _JsonText:
@@ -483,16 +460,26 @@ class PostgresStore(StoreReads):
         # Calibration tables first: the observations view reads ``derived``.
         # The maps' tables too (receiver/aggregate.py): PostGIS gives them a geometry column.
         self._ddl(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
-                  ensure_calibration_tables, _TABLES, _PARTITIONS, create_map_tables, _VERSION)
+                  pg_samples.BEGIN_MIGRATION, ensure_calibration_tables, _TABLES, _PARTITIONS,
+                  create_map_tables, _VERSION)
         self.partitioned = self.conn.execute(
             "SELECT relkind = 'p' FROM pg_class WHERE oid = 'samples'::regclass").fetchone()[0]  # type: ignore[index]
         self._months: set[int] = set()  # month starts (ms) known to have a partition
         now = int(time.time() * 1000)
         self._ensure_months([now, now + 31 * 86_400_000])  # this month and the next, before any upload
+        # a store made before partitioning: its rows move in now, before this receiver ingests
+        pg_samples.migrate(self.conn, self._ensure_months, self._in_own_transaction)
         if self._want_postgis is not False:
             self.postgis = self._enable_postgis()
             if self._want_postgis and not self.postgis:
                 raise RuntimeError("PostGIS was required but cannot be enabled on this server")
+
+    def _in_own_transaction(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        def tx(attempt: int) -> T:
+            with self.conn.transaction():
+                return work(self.conn)
+
+        return self._run(tx)
 
     def _enable_postgis(self) -> bool:
         c = self.conn
@@ -523,11 +510,9 @@ class PostgresStore(StoreReads):
         """
         if not self.partitioned:
             return
-        need = {_month_start(t) for t in times if t is not None} - self._months
+        need = {pg_samples.month_start(t) for t in times if t is not None} - self._months
         for start in sorted(need):
-            end = _month_start(start + 32 * 86_400_000)
-            name = "samples_" + time.strftime("y%Ym%m", time.gmtime(start / 1000))
-            self._ddl(lambda c, name=name, start=start, end=end: _make_month(c, name, start, end))
+            self._ddl(lambda c, start=start: pg_samples.make_month(c, start))
             self._months.add(start)
 
     def is_outage(self, exc: BaseException) -> bool:
