@@ -2,7 +2,8 @@
 
 ``mqtt://host[:1883]`` or ``mqtts://[user[:password]@]host[:8883]``; the credentials, if any,
 become every simulated van's ``[uplink]`` account (a broker with one account per van and an
-ACL per device, like receiver/broker/, needs those accounts: see docs/install-central.md).
+ACL per device, like receiver/broker/, needs one identity per van instead:
+simulator/van_accounts.py, ``--van-ca-dir``).
 """
 
 from __future__ import annotations

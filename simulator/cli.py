@@ -95,8 +95,18 @@ def summary(res: FleetResult, console: Console) -> None:
                    "(else its acknowledgements are the check).")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False),
               help="With an mqtts:// --receiver-url: the CA that signed the broker's certificate.")
+@click.option("--van-ca-dir", type=click.Path(exists=True, file_okay=False),
+              help="With an mqtts:// --receiver-url: the centre's CA (provision init-ca); every van gets its own "
+                   "identity from it as provision add-device makes one (a client certificate; with --passwd-file "
+                   "an account). The broker lets a van publish only as itself.")
+@click.option("--passwd-file", type=click.Path(dir_okay=False),
+              help="With --van-ca-dir: password mode, each van's account in this broker device password file.")
+@click.option("--reload-command", default="",
+              help="With --passwd-file: run once after the accounts are written, e.g. "
+                   "'systemctl reload mosquitto' (the broker reads the file again).")
 def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int, devices: str, microphones: int,
-          fresh: bool, receiver_url: str | None, store: str | None, ca_file: str | None) -> None:
+          fresh: bool, receiver_url: str | None, store: str | None, ca_file: str | None,
+          van_ca_dir: str | None, passwd_file: str | None, reload_command: str) -> None:
     """Run a simulated fleet through agents, broker, receiver and store; print a summary.
 
     \b
@@ -106,8 +116,17 @@ def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int, device
       datalab-sim fleet --vans 50 --devices values --microphones 0
       datalab-sim fleet --fresh --out demo-output          # start from an empty store
       datalab-sim fleet --receiver-url mqtt://127.0.0.1:1883 --store /var/lib/datalab/datalab.sqlite
+      datalab-sim fleet --receiver-url mqtts://mqtt.example.org:8884 --ca-file ca.crt --van-ca-dir /root/datalab-ca
     """
     from simulator.broker_url import parse_broker_url
+    from simulator.van_accounts import AccountError, VanAccounts
+
+    if (passwd_file or reload_command) and not van_ca_dir:
+        raise click.UsageError("--passwd-file and --reload-command go with --van-ca-dir")
+    if van_ca_dir and not receiver_url:
+        raise click.UsageError("--van-ca-dir goes with --receiver-url (the fleet's own broker has no accounts)")
+    accounts = VanAccounts(Path(van_ca_dir), Path(passwd_file) if passwd_file else None,
+                           reload_command) if van_ca_dir else None
 
     console = Console()
     if receiver_url:
@@ -127,13 +146,18 @@ def fleet(vans: int, hours: float, out: str, broker_kind: str, seed: int, device
             console.print(f"{'Emptying' if fresh else 'Keeping and adding to'} the existing store {own}"
                           + ("" if fresh else " (--fresh to start from an empty one)"))
     console.print(f"Driving {vans} simulated vans for a {hours:g}-hour shift in Alphen aan den Rijn ...")
-    with Live(_table({}, {}, hours), console=console, refresh_per_second=4, transient=False) as live:
-        res = run_fleet(
-            Path(out), vans=vans, hours=hours, broker_kind=broker_kind, seed=seed,
-            devices=devices, microphones=microphones, fresh=fresh, receiver_url=receiver_url,
-            store=Path(store) if store else None, ca_file=ca_file or "",
-            progress=lambda st, c: live.update(_table(st, c, hours)),
-        )
+    if accounts:
+        console.print(f"Each van gets its own {accounts.mode} identity from {van_ca_dir} (files in {out}/accounts/).")
+    try:
+        with Live(_table({}, {}, hours), console=console, refresh_per_second=4, transient=False) as live:
+            res = run_fleet(
+                Path(out), vans=vans, hours=hours, broker_kind=broker_kind, seed=seed,
+                devices=devices, microphones=microphones, fresh=fresh, receiver_url=receiver_url,
+                store=Path(store) if store else None, ca_file=ca_file or "", van_accounts=accounts,
+                progress=lambda st, c: live.update(_table(st, c, hours)),
+            )
+    except AccountError as exc:
+        raise click.ClickException(str(exc)) from None
     summary(res, console)
     bad = [v.device for v in res.vans if v.exit_code != 0]
     if res.lost or bad:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from simulator.broker import LocalBroker
 from simulator.broker_url import BrokerTarget, parse_broker_url
+from simulator.van_accounts import AccountError, VanAccounts, provision_vans
 
 # Value-level simulated sensors (cheap: for large fleets).
 VALUE_SENSORS = {
@@ -80,7 +81,9 @@ class FleetResult:
 def van_config(
     device: str, data_dir: Path, port: int, *, seed: int, hours: float, offset_m: float, start_utc: str,
     devices: str = "hardware", noise: str = "module", broker: BrokerTarget | None = None, ca_file: str = "",
+    uplink: dict[str, object] | None = None,
 ) -> str:
+    """The van's agent.toml; ``uplink``: its own [uplink] keys (simulator/van_accounts.py), else the broker's."""
     if devices == "hardware":
         chosen = {**HARDWARE_SENSORS, "noise": NOISE_MICROPHONE if noise == "microphone" else NOISE_MODULE}
     else:
@@ -92,7 +95,7 @@ id = "{device}"
 data_dir = "{data_dir}"
 
 [uplink]
-{_uplink_toml(broker or BrokerTarget("127.0.0.1", port, False), ca_file)}
+{_toml_keys(uplink or _uplink_keys(broker or BrokerTarget("127.0.0.1", port, False), ca_file))}
 
 [batch]
 max_samples = 2000
@@ -116,17 +119,22 @@ pm_corrupt_prob = 0.01
 """
 
 
-def _uplink_toml(b: BrokerTarget, ca_file: str) -> str:
-    lines = [f"host = {json.dumps(b.host)}", f"port = {b.port}"]
+def _uplink_keys(b: BrokerTarget, ca_file: str) -> dict[str, object]:
+    keys: dict[str, object] = {"host": b.host, "port": b.port}
     if b.username:
-        lines.append(f"username = {json.dumps(b.username)}")
+        keys["username"] = b.username
     if b.password:
-        lines.append(f"password = {json.dumps(b.password)}")
+        keys["password"] = b.password
     if b.tls:
-        lines.append("tls = true")
+        keys["tls"] = True
         if ca_file:
-            lines.append(f"ca_file = {json.dumps(str(Path(ca_file).resolve()))}")
-    return "\n".join(lines)
+            keys["ca_file"] = str(Path(ca_file).resolve())
+    return keys
+
+
+def _toml_keys(keys: dict[str, object]) -> str:
+    # json.dumps quotes a string as TOML does (and escapes it); bools and ints as TOML writes them
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
 
 
 def default_shift_start() -> str:
@@ -185,6 +193,7 @@ def run_fleet(
     receiver_url: str | None = None,
     store: Path | None = None,
     ca_file: str = "",
+    van_accounts: VanAccounts | None = None,
 ) -> FleetResult:
     """Run the fleet. ``devices``: "hardware" (real drivers over simulated devices) or
     "values" (value-level sensors); the first ``microphones`` vans measure noise with
@@ -195,6 +204,7 @@ def run_fleet(
     with ``fresh``. With ``receiver_url`` (mqtt[s]://...) the vans feed that broker and the
     receiver behind it instead; ``store`` then names that receiver's SQLite store for the
     check against what each van committed (without it, the check is the receiver's acks).
+    ``van_accounts`` gives every van its own broker identity first (simulator/van_accounts.py).
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +216,12 @@ def run_fleet(
         if fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(store) + suffix).unlink(missing_ok=True)
+    devices_ids = [f"van-{i + 1:03d}" for i in range(vans)]
+    uplinks: dict[str, dict[str, object]] = {}
+    if van_accounts is not None:
+        if target is None:
+            raise AccountError("per-van accounts are for a broker of your own (--receiver-url)")
+        uplinks = provision_vans(van_accounts, devices_ids, target, out)
     t0 = time.monotonic()
     broker: LocalBroker | None = None
     receiver: subprocess.Popen[bytes] | None = None
@@ -218,8 +234,7 @@ def run_fleet(
             (out / "broker").mkdir(exist_ok=True)
             broker.start()
             receiver = _start_receiver(out, store, broker, env)
-        for i in range(vans):
-            device = f"van-{i + 1:03d}"
+        for i, device in enumerate(devices_ids):
             vdir = out / "vans" / device
             vdir.mkdir(parents=True, exist_ok=True)
             for p in vdir.glob("buffer.sqlite*"):
@@ -230,7 +245,8 @@ def run_fleet(
             cfg.write_text(
                 van_config(device, vdir, broker.port if broker else 0, seed=seed + i, hours=hours,
                            offset_m=2500.0 * i, start_utc=start_utc, devices=devices,
-                           noise="microphone" if i < microphones else "module", broker=target, ca_file=ca_file)
+                           noise="microphone" if i < microphones else "module", broker=target, ca_file=ca_file,
+                           uplink=uplinks.get(device))
             )
             stats_files[device] = vdir / "stats.json"
             stats_files[device].unlink(missing_ok=True)
