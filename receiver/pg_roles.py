@@ -37,6 +37,14 @@ def grant_reader(conn: Any, role: str, schema: str = "datalab") -> list[str]:
                          (schema,)).fetchone()
     if owner is None:
         raise ConfigError("store", f"this database has no schema {schema!r}: is it a DataLab store?")
+    # Making a role and setting its defaults (ALTER ROLE ... SET) is an administrator's right, which
+    # the store's owner on a real server (install-central's `datalab`) rightly lacks: say so first,
+    # rather than fail half-way with "permission denied".
+    if not conn.execute("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+        raise ConfigError("store", "making an analyst role needs a PostgreSQL administrator (superuser or "
+                          "CREATEROLE), not the store's own role; on the database server run it as postgres: "
+                          "runuser -u postgres -- datalab-receiver grant-reader --store "
+                          f"'postgresql:///{conn.info.dbname}?host=/var/run/postgresql' {role}")
     r, s = sql.Identifier(role), sql.Identifier(schema)
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
     db = conn.execute("SELECT current_database()").fetchone()[0]

@@ -108,6 +108,18 @@ def test_grant_reader_refuses_bad_input(pg_dsn: str, tmp_path: Path) -> None:
         assert admin.execute("SELECT count(*) FROM datalab.samples").fetchone()[0] == 0
 
 
+def test_grant_reader_as_the_stores_own_role_says_who_may(pg_dsn: str) -> None:
+    """As on a real server (tests/test_platform_central.py): the owner may not make roles."""
+    PostgresStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE ROLE keeper LOGIN")  # no CREATEROLE, as install-central's datalab
+    r = CliRunner().invoke(main, ["grant-reader", "--store", _as(pg_dsn, "keeper"), "analyst_k"])
+    assert r.exit_code == 1 and "needs a PostgreSQL administrator" in r.output and "runuser -u postgres" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # one line, no traceback
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'analyst_k'").fetchone()[0] == 0
+
+
 def test_postgis_layers_as_qgis_lists_them(pg_dsn: str, pg_cluster: PgCluster) -> None:  # noqa: F811
     assert pg_cluster.postgis, "the project's PostgreSQL install puts PostGIS in place (scripts/pg-install)"
     from receiver import dbapi
