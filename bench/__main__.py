@@ -33,6 +33,7 @@ MODULES = [
     ("bench_buffer", "buffer commit rate, fsyncs, bytes written"),
     ("bench_delivery", "backlog drain, agent memory"),
     ("bench_ingest", "receiver ingest, SQLite and PostgreSQL"),
+    ("bench_partitions", "PostgreSQL ingest, samples partitioned or plain (issue 17)"),
     ("bench_receiver_memory", "receiver memory, largest batches at once"),
     ("bench_aggregate", "street aggregates"),
     ("bench_soak", "fleet soak"),
