@@ -149,3 +149,18 @@ def test_an_old_plain_samples_is_moved_into_partitions_when_the_store_opens(
     assert put(store, batch(0, 5)).status == "stored"
     assert put(store, batch(0, 5)).status == "duplicate"
     store.close()
+
+
+def test_the_migrate_command_moves_an_old_store_now(pg_dsn: str, tmp_path: Path) -> None:  # noqa: F811
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute(_OLD_SAMPLES)
+        c.execute("INSERT INTO datalab.samples SELECT 'van-1', 'e', i, 'pm', 1788000000000 + i::bigint * 1000,"
+                  " i, 'gps', 'b', '{}', '', 'b1', 0 FROM generate_series(1, 10) i")
+    r = CliRunner().invoke(main, ["migrate", "--store", pg_dsn])
+    assert r.exit_code == 0 and "samples partitioned by month" in r.output, r.output
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM datalab.samples_y2026m08_rest").fetchone()[0] == 10
+        assert c.execute("SELECT to_regclass('datalab.samples_unpartitioned')").fetchone()[0] is None
+    missing = tmp_path / "nowhere" / "x.sqlite"
+    r = CliRunner().invoke(main, ["migrate", "--store", str(missing)])
+    assert r.exit_code == 2 and "no store" in r.output and not missing.parent.exists()
