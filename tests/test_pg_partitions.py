@@ -154,13 +154,20 @@ def test_an_old_plain_samples_is_moved_into_partitions_when_the_store_opens(
 def test_the_migrate_command_moves_an_old_store_now(pg_dsn: str, tmp_path: Path) -> None:  # noqa: F811
     with psycopg.connect(pg_dsn, autocommit=True) as c:
         c.execute(_OLD_SAMPLES)
+        c.execute("CREATE VIEW public.my_pm AS SELECT * FROM datalab.samples WHERE sensor = 'pm'")  # an analyst's
         c.execute("INSERT INTO datalab.samples SELECT 'van-1', 'e', i, 'pm', 1788000000000 + i::bigint * 1000,"
                   " i, 'gps', 'b', '{}', '', 'b1', 0 FROM generate_series(1, 10) i")
     r = CliRunner().invoke(main, ["migrate", "--store", pg_dsn])
     assert r.exit_code == 0 and "samples partitioned by month" in r.output, r.output
     with psycopg.connect(pg_dsn, autocommit=True) as c:
         assert c.execute("SELECT count(*) FROM datalab.samples_y2026m08_rest").fetchone()[0] == 10
+        # the analyst's view followed the rename: the emptied old table stays for it, the store works
+        assert c.execute("SELECT count(*) FROM datalab.samples_unpartitioned").fetchone()[0] == 0
+        c.execute("CREATE OR REPLACE VIEW public.my_pm AS SELECT * FROM datalab.samples WHERE sensor = 'pm'")
+    assert CliRunner().invoke(main, ["migrate", "--store", pg_dsn]).exit_code == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as c:  # nothing depends on it any more: dropped
         assert c.execute("SELECT to_regclass('datalab.samples_unpartitioned')").fetchone()[0] is None
+        assert c.execute("SELECT count(*) FROM public.my_pm").fetchone()[0] == 10
     missing = tmp_path / "nowhere" / "x.sqlite"
     r = CliRunner().invoke(main, ["migrate", "--store", str(missing)])
     assert r.exit_code == 2 and "no store" in r.output and not missing.parent.exists()

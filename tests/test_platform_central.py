@@ -42,10 +42,30 @@ def _sql(box: Container, query: str, *, role: str = "", check: bool = True) -> s
     return r.stdout.strip() if r.returncode == 0 else "ERROR: " + r.stderr.strip()
 
 
+# The container shares this machine's network (as the van's platform test): the centre's
+# PostgreSQL, Mosquitto and API listen on these ports here, so they must be free.
+PORTS = (5432, 8080, 8883, 8884, 8885)
+
+
+def _ports_in_use() -> list[int]:
+    import socket
+
+    busy = []
+    for port in PORTS:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                busy.append(port)
+    return busy
+
+
 @pytest.fixture(scope="module")
 def centre() -> Iterator[Container]:
     _need_tools()
     sweep_stale()
+    busy = _ports_in_use()
+    if busy:
+        pytest.fail(f"ports {busy} are taken on this machine: the centre in the container needs them "
+                    "(it shares the network); stop what listens there")
     box = Container(ensure_centre_rootfs(), name=f"centre-test-{os.getpid()}")
     try:
         box.boot(timeout=300)
