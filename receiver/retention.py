@@ -17,14 +17,17 @@ The measured values themselves stay (without a place they are no track), and so 
 the published maps. On PostgreSQL each month of ``samples`` keeps its GPS samples in a
 partition of their own (receiver/pg_samples.py): a month wholly before the cut-off loses
 that partition whole (detached and dropped, no row-by-row delete, no dead pages holding
-positions), and the rows of a partly expired month are deleted as on SQLite. The cut-off is ``now - keep_days``, but never later than the
-newest map build: positions no build has used yet are kept whatever their age (a
-centre that stopped building maps loses nothing it has not mapped). With no build at
+positions), and the rows of a partly expired month are deleted as on SQLite.
+
+The cut-off is ``now - keep_days``, but never later than the newest map build:
+positions no build has used yet are kept whatever their age (a centre that stopped
+building maps loses nothing it has not mapped). With no build at
 all, nothing is dropped, and the plan says why.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +36,7 @@ from receiver import dbapi
 from receiver.export import iso_ms
 
 DAY_MS = 86_400_000
+log = logging.getLogger(__name__)
 
 #: (table, time column, extra condition): the personal data retention removes.
 TARGETS: tuple[tuple[str, str, str], ...] = (
@@ -88,22 +92,47 @@ def plan(conn: Any, keep_days: int, now_ms: int) -> Plan:
 
 def apply(conn: Any, keep_days: int, now_ms: int, *,
           vacuum: Callable[[Any], None] | None = None) -> Plan:
-    """Drop what ``plan`` finds, in one transaction (all tables or none); the plan carried out."""
+    """Drop what ``plan`` finds, the rows in one transaction (all tables or none); the plan carried out.
+
+    PostgreSQL's whole GPS partitions go first, in a short transaction of their own: detaching
+    one locks its month exclusively, which must not last through the row deletes (the receiver's
+    duplicate check reads every month), nor wait long behind an analyst's query (every ingest
+    would then queue behind it): after ``PARTITION_LOCK_WAIT`` the partition is left, and the
+    row deletes below remove its rows instead.
+    """
     p = plan(conn, keep_days, now_ms)
     if p.cutoff_ms is None:
         return p
+    if p.partitions:
+        p.partitions = _drop_partitions(conn, p.cutoff_ms)
     with dbapi.transaction(conn):
-        if p.partitions:
-            from receiver import pg_samples
-
-            for g in pg_samples.expired_gps(conn, p.cutoff_ms):  # looked up again inside the transaction
-                pg_samples.drop_gps(conn, g)
         for table, col, extra in TARGETS:  # what is left: partly expired months, other tables
             if table in p.rows:
                 dbapi.execute(conn, f"DELETE FROM {table} WHERE {col} < ?{extra}", (p.cutoff_ms,))
     if vacuum is not None:
         vacuum(conn)  # the freed pages hold the positions until overwritten
     return p
+
+
+PARTITION_LOCK_WAIT = "5s"
+
+
+def _drop_partitions(conn: Any, cutoff_ms: int) -> list[str]:
+    """Detach and drop the expired GPS partitions, one short transaction each; those dropped."""
+    import psycopg
+
+    from receiver import pg_samples
+
+    dropped = []
+    for g in pg_samples.expired_gps(conn, cutoff_ms):
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_WAIT}'")
+                pg_samples.drop_gps(conn, g)
+            dropped.append(g.name)
+        except psycopg.errors.LockNotAvailable:
+            log.warning("retention: %s is busy (a long query?): its rows are deleted one by one instead", g.name)
+    return dropped
 
 
 def _gps_partitioned(conn: Any) -> bool:

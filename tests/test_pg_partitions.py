@@ -97,6 +97,21 @@ def test_retention_drops_an_expired_months_positions_as_a_partition(city: str) -
                           " AND t_utc_ms < %s", (CUT,)).fetchone()[0] == 0
 
 
+def test_a_busy_partition_is_left_and_its_rows_deleted(city: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An analyst's long query on an expired month: retention does not queue every ingest behind it."""
+    from receiver import retention
+
+    monkeypatch.setattr(retention, "PARTITION_LOCK_WAIT", "300ms")
+    with psycopg.connect(city, autocommit=True) as analyst, analyst.transaction():
+        analyst.execute("SELECT count(*) FROM datalab.samples_y2026m10_gps")  # holds its lock until commit
+        c = dbapi.connect(city)
+        p = apply(c, 30, CUT + 30 * DAY_MS)
+        assert p.partitions == []  # left: the report says no partition went whole
+        assert "samples_y2026m10_gps" in _partitions(c)
+        assert _gps(c, " AND t_utc_ms < %s") == 0  # ... and its rows went one by one instead
+        c.close()
+
+
 # The schema before issue 17's partitions: samples a plain table with its primary key.
 _OLD_SAMPLES = """
 CREATE SCHEMA datalab;
