@@ -156,6 +156,7 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
     cfg.uplink = UplinkConfig(**uplink)
     link = MqttLink(cfg.uplink, device)
     agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, device), link)
+    parts = _time_parts(agent) if os.environ.get("BENCH_AGENT_PARTS") else None
     marks: dict[str, float] = {}
 
     threads: dict[str, dict[str, float]] = {}
@@ -163,6 +164,8 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
     def mark(name: str) -> None:
         marks[name] = _cpu()
         marks[name + "_taken"] = agent.stats.taken
+        if parts is not None:
+            threads[name + "_parts"] = dict(parts)
         threads[name] = _thread_cpu()
 
     # The warm-up leaves out one-off costs (imports, opening ports, the sensors' set-up
@@ -171,9 +174,21 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
     threading.Timer(warmup, mark, ("c0",)).start()
     threading.Timer(warmup + seconds, lambda: (mark("c1"), agent.request_stop())).start()
     link.start()
+    # BENCH_AGENT_PROFILE=DIR: a cProfile of the van's main thread (the agent loop, ~95 % of
+    # its CPU) to DIR/<device>.prof, warm-up included: where each CPU-s goes (issue #18).
+    prof_dir = os.environ.get("BENCH_AGENT_PROFILE")
+    profiler = None
+    if prof_dir:
+        import cProfile
+
+        profiler = cProfile.Profile(time.thread_time)  # CPU, not wall time: the VM is shared
+        profiler.enable()
     try:
         agent.run()
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(prof_dir) / f"{device}.prof"))
         link.stop()
         for d in drivers:
             d.close()
@@ -187,7 +202,39 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         "published": agent.stats.published, "acked": agent.stats.acked_batches,
         "heartbeats": agent.stats.heartbeats, "connects": link.counters["connects"],
         "threads": {k: round(v - threads["c0"].get(k, 0.0), 2) for k, v in threads["c1"].items()},
+        "parts": None if parts is None else {
+            k: round(v - threads["c0_parts"].get(k, 0.0), 4) for k, v in threads["c1_parts"].items()},
     }
+
+
+def _time_parts(agent: Any) -> dict[str, float]:
+    """BENCH_AGENT_PARTS=1: the loop thread's CPU seconds per part of a tick (time.thread_time).
+
+    Wraps each driver's read and the tick's steps; costs ~1 µs a call, unlike a
+    profiler, which multiplies the cost of small Python functions (issue #18: where
+    each CPU-s goes).
+    """
+    acc: dict[str, float] = {}
+
+    def wrap(obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[name] = acc.get(name, 0.0) + time.thread_time() - t0
+
+        setattr(obj, attr, timed)
+
+    for d in agent.drivers:
+        wrap(d, "read", f"read {d.name}")
+    for step in ("tick", "commit", "maybe_seal", "pump"):
+        wrap(agent, step, step)
+    wrap(agent.timekeeper, "update", "timekeeper.update")
+    wrap(agent.buffer, "housekeep", "buffer.housekeep")
+    return acc
 
 
 # -- the harness -----------------------------------------------------------------------
@@ -245,8 +292,9 @@ class Sniffer:
 
 def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
             nmea_mix: Path | None = NMEA_MIX, kinds: tuple[str, ...] = KINDS,
-            captured: list[tuple[str, bytes]] | None = None) -> list[dict]:
-    """Rows (with all three kinds); the vans' uploads appended to ``captured`` if given."""
+            captured: list[tuple[str, bytes]] | None = None, raw: list[dict] | None = None) -> list[dict]:
+    """Rows (with all three kinds); the vans' uploads appended to ``captured``, each van's
+    own result to ``raw`` if given (a run of some kinds only gives no rows)."""
     from simulator.broker import LocalBroker, SecureSetup
 
     if nmea_mix is not None and not nmea_mix.exists():
@@ -277,6 +325,8 @@ def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
                 if p.wait(timeout=warmup + seconds + 120) != 0:
                     raise RuntimeError(f"bench van exited with {p.returncode}")
                 results.append(json.loads(out.read_text()))
+        if raw is not None:
+            raw.extend(results)
     finally:
         sniffer.stop()
         if captured is not None:
