@@ -113,6 +113,19 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _rss_parts(top: int = 10) -> dict[str, float]:
+    """MB of resident memory by mapping (/proc/self/smaps), the largest ``top``: what a van's RSS is."""
+    out: dict[str, float] = {}
+    name = "[anon]"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(None, 6)
+        if "-" in head[0] and not head[0].endswith(":"):
+            name = head[5].rsplit("/", 1)[-1] if len(head) > 5 else "[anon]"
+        elif head[0] == "Rss:":
+            out[name] = out.get(name, 0.0) + int(head[1]) / 1024.0
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def _sensors(kind: str) -> dict[str, dict[str, str]]:
     noise = ({"driver": "microphone", "device": "sim"} if kind == "mic"
              else {"driver": "sound-module", "bus": "sim"})
@@ -202,6 +215,7 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         "published": agent.stats.published, "acked": agent.stats.acked_batches,
         "heartbeats": agent.stats.heartbeats, "connects": link.counters["connects"],
         "threads": {k: round(v - threads["c0"].get(k, 0.0), 2) for k, v in threads["c1"].items()},
+        "rss_parts": _rss_parts() if parts is not None else None,
         "parts": None if parts is None else {
             k: round(v - threads["c0_parts"].get(k, 0.0), 4) for k, v in threads["c1_parts"].items()},
     }
