@@ -140,19 +140,23 @@ def _sensors(kind: str) -> dict[str, dict[str, str]]:
 def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds: float,
         warmup: float, nmea_mix: Path | None) -> dict[str, Any]:
     """Run one van; its CPU seconds over ``seconds`` after ``warmup``, RSS, what it did."""
+    import edge.cli  # noqa: F401  what `edge run` has loaded: its RSS is the van's
+    import edge.runtime  # noqa: F401
     from buffer.store import Buffer
     from edge.agent import Agent
     from core.clock import SystemClock
     from edge.config import UplinkConfig, parse_config
     from edge.driver_factory import build_drivers
-    from simulator.value_sensors import SIM_DRIVERS
-    from simulator.world import VanWorld
     from uplink.mqtt import MqttLink
 
     rng = random.Random(7)
     clock = SystemClock()
     devices = None
     if kind == "values":
+        # Only here: the value simulator loads numpy, which a van without a microphone does not.
+        from simulator.value_sensors import SIM_DRIVERS
+        from simulator.world import VanWorld
+
         cfg = parse_config({"device": {"id": device, "data_dir": str(data_dir)}})
         world = VanWorld(clock, shift_start_utc=time.time())
         drivers = [SIM_DRIVERS[k](world) for k in ("sim-pm", "sim-no2", "sim-noise", "sim-gps")]
