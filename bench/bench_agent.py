@@ -126,19 +126,27 @@ def _rss_parts(top: int = 10) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:top]}
 
 
-def _sensors(kind: str) -> dict[str, dict[str, str]]:
+def _sensors(kind: str, ports: dict[str, str], no2_sheet: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The van's sensors, configured as a van's are.
+
+    The serial devices by their pty's path, as a van names /dev/ttyACM0: "sim:..." ports
+    would make the factory take them for a simulated van on a virtual clock and leave out
+    the GPS timing thread (drivers/gps.py) that every van runs. The NO2 sheet in the
+    sensor's table, as a van has it: without one the simulated sheet comes from the
+    simulator, which loads numpy (~20 MB) that a van without a microphone never loads.
+    """
     noise = ({"driver": "microphone", "device": "sim"} if kind == "mic"
              else {"driver": "sound-module", "bus": "sim"})
     return {
-        "pm": {"driver": "pms5003", "port": "sim:pm", "mode": "passive"},
-        "gps": {"driver": "nmea-gps", "port": "sim:gps"},
-        "no2": {"driver": "no2-b43f", "bus": "sim", "serial": "202-SIM-0001"},
+        "pm": {"driver": "pms5003", "port": ports["pm"], "mode": "passive"},
+        "gps": {"driver": "nmea-gps", "port": ports["gps"]},
+        "no2": {"driver": "no2-b43f", "bus": "sim", "serial": no2_sheet["serial"], "calibration": no2_sheet},
         "noise": noise,
     }
 
 
 def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds: float,
-        warmup: float, nmea_mix: Path | None) -> dict[str, Any]:
+        warmup: float, nmea_mix: Path | None, no2_sheet: dict[str, Any]) -> dict[str, Any]:
     """Run one van; its CPU seconds over ``seconds`` after ``warmup``, RSS, what it did."""
     import edge.cli  # noqa: F401  what `edge run` has loaded: its RSS is the van's
     import edge.runtime  # noqa: F401
@@ -168,7 +176,7 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
             time.sleep(0.05)
         hw = _Bus(rng, _PacedMicrophone(rng) if kind == "mic" else None)
         hw.ports = json.loads(ports_json.read_text())
-        cfg = parse_config({"device": {"id": device, "data_dir": str(data_dir)}, "sensors": _sensors(kind)})
+        cfg = parse_config({"device": {"id": device, "data_dir": str(data_dir)}, "sensors": _sensors(kind, hw.ports, no2_sheet)})
         drivers = build_drivers(cfg.sensors, {"clock": clock, "hardware": hw})
     cfg.uplink = UplinkConfig(**uplink)
     link = MqttLink(cfg.uplink, device)
@@ -314,6 +322,10 @@ def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
     """Rows (with all three kinds); the vans' uploads appended to ``captured``, each van's
     own result to ``raw`` if given (a run of some kinds only gives no rows)."""
     from simulator.broker import LocalBroker, SecureSetup
+    from simulator.hardware import SIM_NO2_CAL
+
+    # The simulated NO2 board's sheet, handed to each van as its configuration (_sensors).
+    no2_sheet = {k: v for k, v in dataclasses.asdict(SIM_NO2_CAL).items() if v is not None}
 
     if nmea_mix is not None and not nmea_mix.exists():
         nmea_mix = None  # a clone without ../shared: our own 7-sentence epochs
@@ -337,7 +349,8 @@ def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
                 args = json.dumps({"kind": kind, "device": name, "data_dir": str(tmp / name),
                                    "uplink": _uplink_dict(broker.uplink_config(name)),
                                    "seconds": seconds, "warmup": warmup,
-                                   "nmea_mix": str(nmea_mix) if nmea_mix else None, "out": str(out)})
+                                   "nmea_mix": str(nmea_mix) if nmea_mix else None, "out": str(out),
+                                   "no2_sheet": no2_sheet})
                 procs.append((subprocess.Popen([sys.executable, "-m", "bench.bench_agent", "--child", args]), out))
             for p, out in procs:
                 if p.wait(timeout=warmup + seconds + 120) != 0:
@@ -402,7 +415,7 @@ def _child(spec: str) -> None:
     a = json.loads(spec)
     Path(a["data_dir"]).mkdir(parents=True, exist_ok=True)
     result = van(a["kind"], a["device"], Path(a["data_dir"]), a["uplink"], a["seconds"], a["warmup"],
-                 Path(a["nmea_mix"]) if a["nmea_mix"] else None)
+                 Path(a["nmea_mix"]) if a["nmea_mix"] else None, a["no2_sheet"])
     Path(a["out"]).write_text(json.dumps(result))
 
 
