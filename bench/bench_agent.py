@@ -113,33 +113,58 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _sensors(kind: str) -> dict[str, dict[str, str]]:
+def _rss_parts(top: int = 10) -> dict[str, float]:
+    """MB of resident memory by mapping (/proc/self/smaps), the largest ``top``: what a van's RSS is."""
+    out: dict[str, float] = {}
+    name = "[anon]"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(None, 6)
+        if "-" in head[0] and not head[0].endswith(":"):
+            name = head[5].rsplit("/", 1)[-1] if len(head) > 5 else "[anon]"
+        elif head[0] == "Rss:":
+            out[name] = out.get(name, 0.0) + int(head[1]) / 1024.0
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:top]}
+
+
+def _sensors(kind: str, ports: dict[str, str], no2_sheet: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The van's sensors, configured as a van's are.
+
+    The serial devices by their pty's path, as a van names /dev/ttyACM0: "sim:..." ports
+    would make the factory take them for a simulated van on a virtual clock and leave out
+    the GPS timing thread (drivers/gps.py) that every van runs. The NO2 sheet in the
+    sensor's table, as a van has it: without one the simulated sheet comes from the
+    simulator, which loads numpy (~20 MB) that a van without a microphone never loads.
+    """
     noise = ({"driver": "microphone", "device": "sim"} if kind == "mic"
              else {"driver": "sound-module", "bus": "sim"})
     return {
-        "pm": {"driver": "pms5003", "port": "sim:pm", "mode": "passive"},
-        "gps": {"driver": "nmea-gps", "port": "sim:gps"},
-        "no2": {"driver": "no2-b43f", "bus": "sim", "serial": "202-SIM-0001"},
+        "pm": {"driver": "pms5003", "port": ports["pm"], "mode": "passive"},
+        "gps": {"driver": "nmea-gps", "port": ports["gps"]},
+        "no2": {"driver": "no2-b43f", "bus": "sim", "serial": no2_sheet["serial"], "calibration": no2_sheet},
         "noise": noise,
     }
 
 
 def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds: float,
-        warmup: float, nmea_mix: Path | None) -> dict[str, Any]:
+        warmup: float, nmea_mix: Path | None, no2_sheet: dict[str, Any]) -> dict[str, Any]:
     """Run one van; its CPU seconds over ``seconds`` after ``warmup``, RSS, what it did."""
+    import edge.cli  # noqa: F401  what `edge run` has loaded: its RSS is the van's
+    import edge.runtime  # noqa: F401
     from buffer.store import Buffer
     from edge.agent import Agent
     from core.clock import SystemClock
     from edge.config import UplinkConfig, parse_config
     from edge.driver_factory import build_drivers
-    from simulator.value_sensors import SIM_DRIVERS
-    from simulator.world import VanWorld
     from uplink.mqtt import MqttLink
 
     rng = random.Random(7)
     clock = SystemClock()
     devices = None
     if kind == "values":
+        # Only here: the value simulator loads numpy, which a van without a microphone does not.
+        from simulator.value_sensors import SIM_DRIVERS
+        from simulator.world import VanWorld
+
         cfg = parse_config({"device": {"id": device, "data_dir": str(data_dir)}})
         world = VanWorld(clock, shift_start_utc=time.time())
         drivers = [SIM_DRIVERS[k](world) for k in ("sim-pm", "sim-no2", "sim-noise", "sim-gps")]
@@ -151,11 +176,12 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
             time.sleep(0.05)
         hw = _Bus(rng, _PacedMicrophone(rng) if kind == "mic" else None)
         hw.ports = json.loads(ports_json.read_text())
-        cfg = parse_config({"device": {"id": device, "data_dir": str(data_dir)}, "sensors": _sensors(kind)})
+        cfg = parse_config({"device": {"id": device, "data_dir": str(data_dir)}, "sensors": _sensors(kind, hw.ports, no2_sheet)})
         drivers = build_drivers(cfg.sensors, {"clock": clock, "hardware": hw})
     cfg.uplink = UplinkConfig(**uplink)
     link = MqttLink(cfg.uplink, device)
     agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, device), link)
+    parts = _time_parts(agent) if os.environ.get("BENCH_AGENT_PARTS") else None
     marks: dict[str, float] = {}
 
     threads: dict[str, dict[str, float]] = {}
@@ -163,6 +189,8 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
     def mark(name: str) -> None:
         marks[name] = _cpu()
         marks[name + "_taken"] = agent.stats.taken
+        if parts is not None:
+            threads[name + "_parts"] = dict(parts)
         threads[name] = _thread_cpu()
 
     # The warm-up leaves out one-off costs (imports, opening ports, the sensors' set-up
@@ -171,9 +199,21 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
     threading.Timer(warmup, mark, ("c0",)).start()
     threading.Timer(warmup + seconds, lambda: (mark("c1"), agent.request_stop())).start()
     link.start()
+    # BENCH_AGENT_PROFILE=DIR: a cProfile of the van's main thread (the agent loop, ~95 % of
+    # its CPU) to DIR/<device>.prof, warm-up included: where each CPU-s goes (issue #18).
+    prof_dir = os.environ.get("BENCH_AGENT_PROFILE")
+    profiler = None
+    if prof_dir:
+        import cProfile
+
+        profiler = cProfile.Profile(time.thread_time)  # CPU, not wall time: the VM is shared
+        profiler.enable()
     try:
         agent.run()
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(prof_dir) / f"{device}.prof"))
         link.stop()
         for d in drivers:
             d.close()
@@ -187,7 +227,40 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         "published": agent.stats.published, "acked": agent.stats.acked_batches,
         "heartbeats": agent.stats.heartbeats, "connects": link.counters["connects"],
         "threads": {k: round(v - threads["c0"].get(k, 0.0), 2) for k, v in threads["c1"].items()},
+        "rss_parts": _rss_parts() if parts is not None else None,
+        "parts": None if parts is None else {
+            k: round(v - threads["c0_parts"].get(k, 0.0), 4) for k, v in threads["c1_parts"].items()},
     }
+
+
+def _time_parts(agent: Any) -> dict[str, float]:
+    """BENCH_AGENT_PARTS=1: the loop thread's CPU seconds per part of a tick (time.thread_time).
+
+    Wraps each driver's read and the tick's steps; costs ~1 µs a call, unlike a
+    profiler, which multiplies the cost of small Python functions (issue #18: where
+    each CPU-s goes).
+    """
+    acc: dict[str, float] = {}
+
+    def wrap(obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[name] = acc.get(name, 0.0) + time.thread_time() - t0
+
+        setattr(obj, attr, timed)
+
+    for d in agent.drivers:
+        wrap(d, "read", f"read {d.name}")
+    for step in ("tick", "commit", "maybe_seal", "pump"):
+        wrap(agent, step, step)
+    wrap(agent.timekeeper, "update", "timekeeper.update")
+    wrap(agent.buffer, "housekeep", "buffer.housekeep")
+    return acc
 
 
 # -- the harness -----------------------------------------------------------------------
@@ -245,9 +318,14 @@ class Sniffer:
 
 def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
             nmea_mix: Path | None = NMEA_MIX, kinds: tuple[str, ...] = KINDS,
-            captured: list[tuple[str, bytes]] | None = None) -> list[dict]:
-    """Rows (with all three kinds); the vans' uploads appended to ``captured`` if given."""
+            captured: list[tuple[str, bytes]] | None = None, raw: list[dict] | None = None) -> list[dict]:
+    """Rows (with all three kinds); the vans' uploads appended to ``captured``, each van's
+    own result to ``raw`` if given (a run of some kinds only gives no rows)."""
     from simulator.broker import LocalBroker, SecureSetup
+    from simulator.hardware import SIM_NO2_CAL
+
+    # The simulated NO2 board's sheet, handed to each van as its configuration (_sensors).
+    no2_sheet = {k: v for k, v in dataclasses.asdict(SIM_NO2_CAL).items() if v is not None}
 
     if nmea_mix is not None and not nmea_mix.exists():
         nmea_mix = None  # a clone without ../shared: our own 7-sentence epochs
@@ -271,12 +349,15 @@ def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
                 args = json.dumps({"kind": kind, "device": name, "data_dir": str(tmp / name),
                                    "uplink": _uplink_dict(broker.uplink_config(name)),
                                    "seconds": seconds, "warmup": warmup,
-                                   "nmea_mix": str(nmea_mix) if nmea_mix else None, "out": str(out)})
+                                   "nmea_mix": str(nmea_mix) if nmea_mix else None, "out": str(out),
+                                   "no2_sheet": no2_sheet})
                 procs.append((subprocess.Popen([sys.executable, "-m", "bench.bench_agent", "--child", args]), out))
             for p, out in procs:
                 if p.wait(timeout=warmup + seconds + 120) != 0:
                     raise RuntimeError(f"bench van exited with {p.returncode}")
                 results.append(json.loads(out.read_text()))
+        if raw is not None:
+            raw.extend(results)
     finally:
         sniffer.stop()
         if captured is not None:
@@ -334,7 +415,7 @@ def _child(spec: str) -> None:
     a = json.loads(spec)
     Path(a["data_dir"]).mkdir(parents=True, exist_ok=True)
     result = van(a["kind"], a["device"], Path(a["data_dir"]), a["uplink"], a["seconds"], a["warmup"],
-                 Path(a["nmea_mix"]) if a["nmea_mix"] else None)
+                 Path(a["nmea_mix"]) if a["nmea_mix"] else None, a["no2_sheet"])
     Path(a["out"]).write_text(json.dumps(result))
 
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Union
+from typing import Callable, ClassVar, Iterable, Union
 
 import pynmea2
 
@@ -77,6 +77,7 @@ __all__ = [
     "decode_stream",
     "AssemblerStats",
     "TIMED_RECORDS",
+    "used_by_fix",
 ]
 
 #: 1 international knot = 1852 m per hour (exact).
@@ -434,12 +435,17 @@ def _frame(line: bytes | str) -> tuple[str, bool]:
     return raw.decode("ascii"), strict
 
 
-def parse_sentence(line: bytes | str) -> NmeaRecord:
+def parse_sentence(line: bytes | str, *, satellites: bool = True) -> NmeaRecord:
     """Decode one NMEA sentence (with or without the trailing CR LF).
 
     The checksum is mandatory. Raises ``ChecksumError`` for a whole sentence
     whose checksum does not match, ``FrameError`` for anything truncated,
     malformed or with out-of-range fields. Never raises anything else.
+
+    ``satellites=False``: a GSV's header only (message number and count,
+    satellites in view, signal id; ``satellites`` empty): all a ``Fix`` uses of
+    it, without converting and range-checking up to four satellite blocks
+    (issue #18: GSV is half of a u-blox epoch).
     """
     text, strict_hex = _frame(line)
     if strict_hex:
@@ -450,7 +456,11 @@ def parse_sentence(line: bytes | str) -> NmeaRecord:
             # talker, type and data, and these classes keep the data as
             # split), so split them here, without its per-sentence machinery.
             # Checksum characters pynmea2's pattern refuses (" 7") go to it below.
-            return _convert_fields(head.group(1), head.group(2), text[head.end() : -3].split(","))
+            kind = head.group(2)
+            fields = text[head.end() : -3].split(",")
+            if kind == "GSV" and not satellites:
+                return _convert_fields(head.group(1), kind, fields, _gsv_header)
+            return _convert_fields(head.group(1), kind, fields)
     try:
         msg = pynmea2.NMEASentence.parse(text, check=True)
     except pynmea2.ChecksumError as exc:  # pragma: no cover - checked above
@@ -484,10 +494,11 @@ def _convert(msg: pynmea2.NMEASentence) -> NmeaRecord:
     return conv(talker, f)
 
 
-def _convert_fields(talker: str, kind: str, fields: list[str]) -> NmeaRecord:
+def _convert_fields(talker: str, kind: str, fields: list[str],
+                    conv: Callable[[str, list[str]], NmeaRecord] | None = None) -> NmeaRecord:
     """A converter on fields split without pynmea2, with parse_sentence's error handling."""
     try:
-        return _CONVERTERS[kind](talker, fields)
+        return (conv or _CONVERTERS[kind])(talker, fields)
     except FrameError:
         raise
     except Exception as exc:  # defensive: a converter bug must not escape as a crash
@@ -567,7 +578,12 @@ def _gsa(talker: str, f: list[str]) -> Gsa:
     )
 
 
-def _gsv(talker: str, f: list[str]) -> Gsv:
+def _gsv_header(talker: str, f: list[str]) -> Gsv:
+    """A GSV without its satellite blocks (``parse_sentence(satellites=False)``)."""
+    return _gsv(talker, f, satellites=False)
+
+
+def _gsv(talker: str, f: list[str], satellites: bool = True) -> Gsv:
     _need(f, 3, "GSV")
     # 3 header fields + 4 per satellite (at most 4), plus 1 signal id in 4.10+.
     # pynmea2 maps fields by position only, so a signal id after fewer than
@@ -588,7 +604,7 @@ def _gsv(talker: str, f: list[str]) -> Gsv:
     if not (1 <= msg_num <= num_messages <= 9):
         raise FrameError(f"GSV: message {msg_num} of {num_messages}")
     sats = []
-    for i in range(0, len(sat_fields), 4):
+    for i in range(0, len(sat_fields) if satellites else 0, 4):
         prn_s, el_s, az_s, snr_s = sat_fields[i : i + 4]
         if not prn_s:
             continue  # empty slot padding
@@ -682,6 +698,34 @@ _PYNMEA2_CONVERTERS = {"GNS": _gns}
 # "P" (pynmea2 reads "$PxGGA" as proprietary) nor lower case (it upper-cases):
 # those, and everything else, still go through pynmea2.
 _KNOWN_HEAD_RE = re.compile(r"\$([A-OQ-Z][A-Z])(" + "|".join(_CONVERTERS) + "),")
+
+
+# A well-formed talker sentence's head: "$", talker, type, and for a GSV its message count and
+# number. Only lines of this shape are ever skipped (below); anything else is decoded, so
+# garbage is still rejected and counted.
+_HEAD_BYTES_RE = re.compile(rb"\$[A-OQ-Z][A-Z]([A-Z]{3}),(?:(\d),(\d),)?")
+# The sentence types a Fix is built from (FixAssembler._build): everything else (GST, GBS,
+# TXT, proprietary...) becomes an OtherSentence that no fix reads.
+FIX_TYPES = frozenset({b"GGA", b"RMC", b"GLL", b"ZDA", b"GNS", b"GSA", b"VTG", b"GSV"})
+
+
+def used_by_fix(line: bytes) -> bool:
+    """Whether a ``Fix`` could use this line: False only for a well-formed talker sentence
+    whose type no fix reads, or a GSV message after the first of its group.
+
+    Checked on the head's bytes, before the checksum or any decoding (issue #18: a u-blox
+    NEO-M9N epoch has 23 sentences, of which 12 GSV and a GST and GBS; the fix uses the
+    count of satellites in view, which every message of a GSV group repeats). A skipped
+    line's checksum is never checked: it cannot change a fix either way. With the skip the
+    epoch's last sentence (the cycle ender the assembler learns) is the last one decoded.
+    """
+    head = _HEAD_BYTES_RE.match(line)
+    if head is None or not line.rstrip(b"\r\n")[-3:-2] == b"*":
+        return True  # not a plain talker sentence: decode it, so it is rejected and counted
+    kind = head.group(1)
+    if kind not in FIX_TYPES:
+        return False
+    return kind != b"GSV" or head.group(3) in (b"1", None)
 
 
 class SentenceFramer:

@@ -126,6 +126,11 @@ class Agent:
         self._in_flight: dict[str, _InFlight] = {}  # by batch id (salvaged batches keep their epoch)
         self._last_heartbeat = -1e18
         self._hold_uploads_until = -1e18
+        # (seals + acks seen, holding for a resync) when the last look at the buffer found every
+        # sealed batch in flight: until one of them changes there is nothing new to send, and the
+        # two queries a tick are skipped (issue #18: the van's CPU budget).
+        self._all_sent_at: tuple[int, bool] | None = None
+        self._acks_seen = 0
         self._sync_named: frozenset[str] = frozenset()  # batch ids the last resync asked about
         self._path_proven = False  # an ack came back since the last (re)connection
         self._stop = threading.Event()
@@ -376,15 +381,21 @@ class Agent:
         room = self.cfg.uplink.window - len(self._in_flight)
         if room <= 0:
             return
+        holding = now < self._hold_uploads_until
+        state = (self.stats.sealed_batches + self._acks_seen, holding)
+        if state == self._all_sent_at:
+            return
         # Batches named in a resync wait a moment for the receiver's answer; batches sealed
         # since cannot be in the store and go at once (fresh data right after a reconnect).
         exclude = frozenset(self._in_flight)
-        if now < self._hold_uploads_until:
+        if holding:
             exclude |= self._sync_named
         # Newest data flows while an old backlog drains: part of the window goes to the
         # newest batches, the rest to the oldest, so the backlog still drains.
         fresh = self.buffer.newest(max(1, room // 4), exclude=exclude)
         todo = fresh + self.buffer.pending(room, exclude=exclude | {b.batch_id for b in fresh})
+        # Fewer than room: the buffer holds nothing else to send (unless a publish fails below).
+        self._all_sent_at = state if len(todo) < room else None
         for sb in todo[:room]:
             if content_hash(sb.payload) != sb.sha256:
                 # Bit rot on the card since sealing: never send it as data; own up with a gap.
@@ -393,6 +404,7 @@ class Agent:
                 self.stats.corrupt_batches += 1
                 continue
             if not self.link.publish(sb.batch_id, sb.payload):
+                self._all_sent_at = None
                 break
             retry = timeout if self._path_proven else min(FAST_RETRY_S, timeout)
             self._in_flight[sb.batch_id] = _InFlight(sb.batch_id, sb.last_seq, sb.n_samples, sb.sha256, now, retry)
@@ -401,6 +413,7 @@ class Agent:
 
     def _on_connected(self) -> None:
         """A new connection: name what we hold, so acks lost meanwhile heal themselves."""
+        self._all_sent_at = None
         held = [b.batch_id for b in self.buffer.pending(SYNC_BATCHES)]
         if held and self.link.publish_sync(self.buffer.epoch, held):
             self.stats.syncs += 1
@@ -464,6 +477,7 @@ class Agent:
 
     def _handle_acks(self) -> None:
         for ack in self.link.acks():
+            self._acks_seen += 1  # an ack may free room or (rejected) add a gap record to send
             if not self._path_proven:
                 # The receiver hears us: back to the normal ack timeout, so a slow ack is not re-sent.
                 self._path_proven = True
