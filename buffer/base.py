@@ -1,19 +1,29 @@
-"""What every part of ``Buffer`` shares: the state ``Buffer.__init__`` sets up, and the transaction.
+"""What the parts still mixed into ``Buffer`` share: the facade's state and its collaborators.
 
-The parts (buffer.opening, .epoch, .commit, .seal, .ack, ...) are mixins of one object, so a
-method moved out of the old one-class store reads and writes the very attributes it did.
-The annotations below only name that state for readers; ``Buffer.__init__`` sets it.
+Opening (buffer.opening), identity (buffer.epoch) and samples held in memory (buffer.held) are
+still mixins of the facade; every other job is an object of its own (buffer.commit.Committer,
+buffer.seal.Sealer, buffer.outbox.Outbox, buffer.ack.Acknowledger, buffer.room.Room,
+buffer.recover.Recovery, buffer.gaps.GapLog, buffer.carriers.Carriers,
+buffer.counters.Counters) that ``Buffer.__init__`` builds and wires. The annotations below
+only name that state for readers; ``Buffer.__init__`` sets it.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from buffer.guards import _Tx
 from buffer.heldledger import HeldLedger
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile
+
+if TYPE_CHECKING:
+    from buffer.carriers import Carriers
+    from buffer.counters import Counters
+    from buffer.gaps import GapLog
+    from buffer.handle import FileHandle
+    from buffer.recover import Recovery
+    from buffer.room import Room
 
 
 class BufferBase:
@@ -22,20 +32,14 @@ class BufferBase:
     path: Path
     device_id: str
     quarantine_dir: Path
-    max_bytes: int
-    wal_pages: int
-    wal_limit_bytes: int
-    db_budget: int
-    reserve_path: Path
-    reserve_bytes: int
     disk_full: bool
-    refused_commits: int
-    reserve_releases: int
     epoch: str
-    _db: sqlite3.Connection
-    _stuck_at: tuple[int, int] | None
-    _stuck_skips: int
-    _deferred_acks: set[str]
+    _file: "FileHandle"
+    _room: "Room"
+    _counters: "Counters"
+    _gaps: "GapLog"
+    _carriers: "Carriers"
+    _recovery: "Recovery"
     _exclusive: bool
     _unborn: bool
     _check_deferred: bool
@@ -49,14 +53,3 @@ class BufferBase:
     held_unnoted: int
     _noted: bool
     _carried: list[tuple[int, str]]
-    _unsealed: int
-
-    def _tx(self) -> "_Tx":
-        return _Tx(self._db)
-
-    def _rollback_quietly(self) -> None:
-        try:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        except sqlite3.DatabaseError:
-            pass  # SQLite may have rolled back on its own (SQLITE_FULL, SQLITE_CORRUPT)

@@ -23,7 +23,7 @@ class EpochMixin(BufferBase):
 
     def _init_epoch(self, real: bool = True) -> str:
         """This file's epoch; a new one for a new file. ``real``: False for the in-memory stand-in."""
-        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        row = self._file.db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row:
             return self._vouch(str(row[0]))
         if self._has_data():
@@ -33,11 +33,11 @@ class EpochMixin(BufferBase):
         epoch = secrets.token_hex(8)
         witness = self._highwater.read() if real else None
         try:
-            with self._tx():
-                self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
-                self._db.execute("INSERT INTO meta VALUES ('epoch_check', ?)", (epoch_check(epoch),))
-                self._db.execute("INSERT INTO meta VALUES ('device', ?)", (self.device_id,))
-                self._db.execute(
+            with self._file.tx():
+                self._file.db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
+                self._file.db.execute("INSERT INTO meta VALUES ('epoch_check', ?)", (epoch_check(epoch),))
+                self._file.db.execute("INSERT INTO meta VALUES ('device', ?)", (self.device_id,))
+                self._file.db.execute(
                     "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
                 )
                 if witness is not None and witness[1] > 0:
@@ -50,11 +50,11 @@ class EpochMixin(BufferBase):
         if real and not self._exclusive:
             # The epoch row into the main file now (once per epoch, cheap): a WAL lost before the
             # first automatic checkpoint then still leaves the epoch and its witnesses agreeing.
-            self._checkpoint()
+            self._room.checkpoint()
         return epoch
 
     def _has_data(self) -> bool:
-        return any(self._db.execute(sql).fetchone() for sql in (
+        return any(self._file.db.execute(sql).fetchone() for sql in (
             "SELECT 1 FROM samples LIMIT 1", "SELECT 1 FROM batches LIMIT 1",
             "SELECT 1 FROM sqlite_sequence WHERE name='samples' AND seq > 0"))
 
@@ -67,9 +67,9 @@ class EpochMixin(BufferBase):
         device = self.device_id  # never another's: the receiver refuses a device that is not the topic's
         log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
                   " to as lost", self.path, lost_epoch, last, self._highwater.path)
-        self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
+        self._carriers.add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
         self._lost_witness = (lost_epoch, last)  # a .held note of that epoch at ``last`` is owed too
-        self._bump("samples_lost_wal", last)
+        self._counters.bump("samples_lost_wal", last)
 
     def _quarantine_holds(self, epoch: str) -> bool:
         """Whether a quarantine folder holds ``epoch``, by its contents, not only its name.
@@ -104,7 +104,7 @@ class EpochMixin(BufferBase):
         goes the way of all damage: quarantine, salvage under the true epoch
         (``recovery.salvage`` checks the same way), a named loss.
         """
-        row = self._db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
+        row = self._file.db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
         check = str(row[0]) if row else None
         trusted, true_epoch = vouched_epoch(epoch, check, self._side_epoch(check is not None))
         if not trusted:
@@ -116,11 +116,11 @@ class EpochMixin(BufferBase):
             # A file from before the check, or the check itself damaged (the side file
             # agreed): write it now; a full card only delays it to the next open.
             try:
-                with self._tx():
-                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_check', ?)",
+                with self._file.tx():
+                    self._file.db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_check', ?)",
                                      (epoch_check(epoch),))
             except sqlite3.DatabaseError as exc:
-                self._rollback_quietly()
+                self._file.rollback_quietly()
                 if not recovery.is_disk_full(exc):
                     raise
         return epoch

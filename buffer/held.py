@@ -33,7 +33,7 @@ class HeldMixin(BufferBase):
         if not (held or owed or self._noted or self._carried):
             return
         try:
-            last = 0 if self._unborn else self.last_seq()
+            last = 0 if self._unborn else self._file.last_seq()
         except sqlite3.DatabaseError as exc:
             log.error("buffer: cannot note %d held samples: %s", held, exc)  # the next write finds the damage
             return
@@ -52,12 +52,12 @@ class HeldMixin(BufferBase):
         self._held_ready = self._held.ensure()
         note = self._held.read()
         if self._held.ignored:
-            self._bump_quietly("held_notes_ignored")
+            self._counters.bump_quietly("held_notes_ignored")
         if self._unborn:
             if note is not None and note.epoch == "":  # an unborn run's: carried until the birth
                 self._carried, self._noted = note.losses(), True
             return
-        last = self.last_seq()
+        last = self._file.last_seq()
         witness = self._highwater.read()
         wal_lost = max(0, witness[1] - last) if witness is not None and witness[0] == self.epoch else 0
         if ((witness is None or witness[0] != self.epoch) and note is not None and note.epoch == self.epoch and note.last_seq > last
@@ -117,16 +117,16 @@ class HeldMixin(BufferBase):
         numbered on from its last_seq like the WAL-lost gap; once (a meta mark), then cleared."""
         mark = f"held_owned:{note.epoch}:{note.last_seq}"
         losses = note.losses()
-        if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone() is None and losses:
+        if self._file.db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone() is None and losses:
             gaps, nxt = [], note.last_seq + 1
             for n, reason in losses:
                 gaps.append(Gap(nxt, nxt + n - 1, gap_reason(reason)))
                 nxt += n
-            with self._tx():
-                self._add_carrier(note.epoch, self.device_id, gaps)
+            with self._file.tx():
+                self._carriers.add_carrier(note.epoch, self.device_id, gaps)
                 for n, reason in losses:
-                    self._bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
-                self._db.execute("INSERT INTO meta VALUES (?, '1')", (mark,))
+                    self._counters.bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
+                self._file.db.execute("INSERT INTO meta VALUES (?, '1')", (mark,))
             log.error("buffer: %d samples lost at the end of gone epoch %s, owned up to under it as %s",
                       sum(n for n, _ in losses), note.epoch, [(g.first_seq, g.last_seq) for g in gaps])
         if self._held_ready and self._held.write(None):
@@ -146,13 +146,13 @@ class HeldMixin(BufferBase):
     @_tolerate_full(_RAISE)
     def _own_up_to_carried(self) -> None:
         carried = list(self._carried)
-        with self._tx():
+        with self._file.tx():
             for n, reason in carried:
-                first, last = self._lose(n, reason)
+                first, last = self._gaps.lose(n, reason)
                 log.error("buffer: %d samples lost at the last run's end, owned up to as gap %d-%d (%s)",
                           n, first, last, reason)
         self._carried = []
-        self._highwater.mark(self.epoch, self.last_seq())
+        self._highwater.mark(self.epoch, self._file.last_seq())
         # The note is void now (last_seq moved past it); clear it anyway so it is not read again.
         if self._held_ready and self._held.write(None):
             self._noted = False

@@ -44,11 +44,11 @@ class OpeningMixin(BufferBase):
         db.execute("PRAGMA auto_vacuum=NONE")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages}")
+        db.execute(f"PRAGMA wal_autocheckpoint={self._room.wal_pages}")
         # After a checkpoint resets the WAL, truncate it back to this size: it
         # cannot grow without bound, and keeps this much space as a reserve a
         # full disk cannot take away (the next transactions overwrite it).
-        db.execute(f"PRAGMA journal_size_limit={self.wal_limit_bytes}")
+        db.execute(f"PRAGMA journal_size_limit={self._room.wal_limit_bytes}")
         # No VACUUM, ever: it rewrites the whole file (SD wear), needs twice the
         # space (impossible on a full disk) and a power cut in the middle of it
         # is the riskiest moment of the file's life. The freelist does the job.
@@ -60,24 +60,24 @@ class OpeningMixin(BufferBase):
 
     def _open(self) -> None:
         try:
-            self._db = self._connect()
+            self._file.db = self._connect()
             self._exclusive = False
         except sqlite3.DatabaseError as exc:
             if not self._no_room(exc):
                 raise
-            self._db = self._open_without_room(exc)
+            self._file.db = self._open_without_room(exc)
         try:
-            self.epoch = self._init_epoch(real=not self._unborn)
+            self._file.epoch = self._init_epoch(real=not self._unborn)
         except sqlite3.DatabaseError as exc:
             # The card had room for the schema but not for the epoch birth's COMMIT
             # (~130 KiB free): start as on a card full at open, not crash-loop.
             if self._unborn or not self._no_room(exc):
                 raise
-            self._rollback_quietly()
-            self._db.close()
-            self._db = self._open_without_room(exc)
-            self.epoch = self._init_epoch(real=not self._unborn)
-        self._unsealed = self._count_unsealed()
+            self._file.rollback_quietly()
+            self._file.db.close()
+            self._file.db = self._open_without_room(exc)
+            self._file.epoch = self._init_epoch(real=not self._unborn)
+        self._file.unsealed = self._file.count_unsealed()
         if not self._unborn:  # a stand-in's epoch is never real; its block is the .held note's
             self._identity.write(self.epoch, self.device_id)
 
@@ -90,7 +90,7 @@ class OpeningMixin(BufferBase):
         if recovery.is_disk_full(exc):
             return True
         return (isinstance(exc, sqlite3.OperationalError) and "disk i/o error" in str(exc).lower()
-                and self._disk_free() < NO_ROOM_BYTES)
+                and self._room.disk_free() < NO_ROOM_BYTES)
 
     def _open_without_room(self, exc: BaseException) -> sqlite3.Connection:
         """Open on a card that is already full: the agent must start anyway.
@@ -123,7 +123,7 @@ class OpeningMixin(BufferBase):
 
     def _be_born(self) -> bool:
         """Make the real database file once the card has room; False while it has not."""
-        if self._disk_free() < NO_ROOM_BYTES:
+        if self._room.disk_free() < NO_ROOM_BYTES:
             return False
         try:
             db = self._connect()
@@ -131,11 +131,11 @@ class OpeningMixin(BufferBase):
             if not self._no_room(exc):
                 raise
             return False
-        stand_in, self._db = self._db, db
+        stand_in, self._file.db = self._file.db, db
         try:
-            self.epoch = self._init_epoch()
+            self._file.epoch = self._init_epoch()
         except sqlite3.DatabaseError as exc:
-            self._db = stand_in
+            self._file.db = stand_in
             db.close()
             if not self._no_room(exc):
                 raise
@@ -143,35 +143,32 @@ class OpeningMixin(BufferBase):
         stand_in.close()
         self._unborn = False
         self._identity.write(self.epoch, self.device_id)  # the stand-in's epoch was never real
-        self._unsealed = self._count_unsealed()
+        self._file.unsealed = self._file.count_unsealed()
         log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
         self._rebase_held_note()
-        self._salvage_pending()
+        self._recovery.salvage_pending()
         return True
 
     def _share_again(self) -> None:
         """Leave the exclusive mode a full card forced at open, once the card has room."""
-        if self._disk_free() < max(2 * self.reserve_bytes, NO_ROOM_BYTES):
+        if self._room.disk_free() < max(2 * self._room.reserve_bytes, NO_ROOM_BYTES):
             return
-        self._db.close()
+        self._file.db.close()
         try:
-            self._db = self._connect()
+            self._file.db = self._connect()
             self._exclusive = False
             log.warning("buffer %s: card has room again, back to shared mode", self.path)
         except sqlite3.DatabaseError as exc:
             if not self._no_room(exc):
                 raise
-            self._db = self._connect(exclusive=True)
+            self._file.db = self._connect(exclusive=True)
 
     def _check_in_place(self) -> None:
         """The check at open that a full card prevented, run on the (exclusive) connection."""
-        rows = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
+        rows = [str(r[0]) for r in self._file.db.execute("PRAGMA quick_check").fetchall()]
         self._check_deferred = False
         if rows != ["ok"]:
             raise sqlite3.DatabaseError("database disk image is malformed: quick_check: " + "; ".join(rows[:5]))
-
-    def _count_unsealed(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM samples").fetchone()[0])
 
     def _check_files(self) -> str | None:
         """Why the files at ``path`` cannot be trusted, or None. Never writes to them."""
