@@ -10,7 +10,7 @@ from buffer import recovery
 from core.sample_rules import gap_reason
 from core.wire import Gap
 from buffer.handle import FileHandle
-from buffer.records import Key
+from buffer.records import Key, SealedBatch
 from buffer.seams import BatchFinder, CarrierWriter, Stuck, Tally
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
@@ -36,7 +36,8 @@ class Acknowledger:
         # receiver ack them again.
         self.deferred = deferred
 
-    def acknowledge(self, key: Key, delete: Callable[[Key], bool | None]) -> bool:
+    def acknowledge(self, key: Key, delete: Callable[[Key], bool | None],
+                    get: Callable[[Key], SealedBatch | None] | None = None) -> bool:
         """The receiver committed this batch: delete it. True if it was here.
 
         On a full file system whose room is gone even after ``_make_room`` the
@@ -47,7 +48,7 @@ class Acknowledger:
         done = delete(key)  # ``delete`` below, as the facade's full-card guard runs it: None if no room
         if done is not None:
             return done
-        sb = self._outbox.get(key)
+        sb = (get or self._outbox.get)(key)  # the facade passes its guarded ``get``
         if sb is None:
             return False
         self.deferred.add(sb.batch_id)

@@ -1,11 +1,11 @@
 """What the parts still mixed into ``Buffer`` share: the facade's state and its collaborators.
 
-Opening (buffer.opening), identity (buffer.epoch) and samples held in memory (buffer.held) are
-still mixins of the facade; every other job is an object of its own (buffer.commit.Committer,
-buffer.seal.Sealer, buffer.outbox.Outbox, buffer.ack.Acknowledger, buffer.room.Room,
-buffer.recover.Recovery, buffer.gaps.GapLog, buffer.carriers.Carriers,
-buffer.counters.Counters) that ``Buffer.__init__`` builds and wires. The annotations below
-only name that state for readers; ``Buffer.__init__`` sets it.
+Opening (buffer.opening) and samples held in memory (buffer.held) are still mixins of the
+facade; every other job is an object of its own (buffer.commit.Committer, buffer.seal.Sealer,
+buffer.outbox.Outbox, buffer.ack.Acknowledger, buffer.room.Room, buffer.recover.Recovery,
+buffer.gaps.GapLog, buffer.carriers.Carriers, buffer.counters.Counters,
+buffer.epoch.EpochKeeper) that ``Buffer.__init__`` builds and wires. The annotations below only
+name that state for readers; ``Buffer.__init__`` sets it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from buffer.identity import IdentityFile
 if TYPE_CHECKING:
     from buffer.carriers import Carriers
     from buffer.counters import Counters
+    from buffer.epoch import EpochKeeper
     from buffer.gaps import GapLog
     from buffer.handle import FileHandle
     from buffer.recover import Recovery
@@ -40,13 +41,12 @@ class BufferBase:
     _gaps: "GapLog"
     _carriers: "Carriers"
     _recovery: "Recovery"
+    _epochs: "EpochKeeper"
     _exclusive: bool
     _unborn: bool
     _check_deferred: bool
     _held: HeldLedger
     _identity: IdentityFile
-    _damaged_epoch: str | None
-    _lost_witness: tuple[str, int] | None  # (epoch, last_seq) a new birth owned up to as gone
     _highwater: HighWater
     _held_ready: bool
     _last_held: tuple[int, int]

@@ -94,8 +94,8 @@ class HeldMixin(BufferBase):
         """Whether the note's epoch is gone (a deleted database, or one quarantined) and its own
         witness, ``.seq``, ended at the note's last_seq: the note was never settled, so its
         losses are owed under that epoch. A settled note would have moved ``.seq`` past it."""
-        if getattr(self, "_lost_witness", None) == (note.epoch, note.last_seq):
-            return True  # the new birth owned up to that epoch's numbers (EpochMixin._own_up_to_lost_epoch)
+        if self._epochs.lost_witness == (note.epoch, note.last_seq):
+            return True  # the new birth owned up to that epoch's numbers (EpochKeeper._own_up_to_lost_epoch)
         if not self.quarantine_dir.is_dir():
             return False
         for q in self.quarantine_dir.iterdir():
@@ -125,7 +125,8 @@ class HeldMixin(BufferBase):
             with self._file.tx():
                 self._carriers.add_carrier(note.epoch, self.device_id, gaps)
                 for n, reason in losses:
-                    self._counters.bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
+                    self._counters.bump(
+                        "samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
                 self._file.db.execute("INSERT INTO meta VALUES (?, '1')", (mark,))
             log.error("buffer: %d samples lost at the end of gone epoch %s, owned up to under it as %s",
                       sum(n for n, _ in losses), note.epoch, [(g.first_seq, g.last_seq) for g in gaps])

@@ -67,7 +67,8 @@ class OpeningMixin(BufferBase):
                 raise
             self._file.db = self._open_without_room(exc)
         try:
-            self._file.epoch = self._init_epoch(real=not self._unborn)
+            self._file.epoch = self._epochs.init_epoch(real=not self._unborn, exclusive=self._exclusive,
+                                                       unborn=self._unborn)
         except sqlite3.DatabaseError as exc:
             # The card had room for the schema but not for the epoch birth's COMMIT
             # (~130 KiB free): start as on a card full at open, not crash-loop.
@@ -76,7 +77,8 @@ class OpeningMixin(BufferBase):
             self._file.rollback_quietly()
             self._file.db.close()
             self._file.db = self._open_without_room(exc)
-            self._file.epoch = self._init_epoch(real=not self._unborn)
+            self._file.epoch = self._epochs.init_epoch(real=not self._unborn, exclusive=self._exclusive,
+                                                       unborn=self._unborn)
         self._file.unsealed = self._file.count_unsealed()
         if not self._unborn:  # a stand-in's epoch is never real; its block is the .held note's
             self._identity.write(self.epoch, self.device_id)
@@ -133,7 +135,7 @@ class OpeningMixin(BufferBase):
             return False
         stand_in, self._file.db = self._file.db, db
         try:
-            self._file.epoch = self._init_epoch()
+            self._file.epoch = self._epochs.init_epoch(exclusive=self._exclusive, unborn=self._unborn)
         except sqlite3.DatabaseError as exc:
             self._file.db = stand_in
             db.close()
@@ -221,8 +223,8 @@ class OpeningMixin(BufferBase):
             log.error("buffer %s: could not roll back its journal (%s)", self.path, exc)
 
     def _peek_epoch(self) -> str | None:
-        if self._damaged_epoch is not None:
-            return self._damaged_epoch  # meta's epoch failed its check: the side file's
+        if self._epochs.damaged_epoch is not None:
+            return self._epochs.damaged_epoch  # meta's epoch failed its check: the side file's
         try:
             conn = sqlite3.connect(self.path.as_uri() + "?immutable=1", uri=True)
             try:

@@ -36,7 +36,8 @@ class Outbox:
         return "salvaged", "epoch=? AND first_seq=? AND last_seq=? AND device=?", (epoch, first, last, device)
 
     def own(self, r: tuple[Any, ...]) -> SealedBatch:
-        return SealedBatch(batch_id(self._h.device_id, self._h.epoch, r[0], r[1]), r[0], r[1], r[2], r[3], r[4], self._h.epoch)
+        epoch = self._h.epoch
+        return SealedBatch(batch_id(self._h.device_id, epoch, r[0], r[1]), r[0], r[1], r[2], r[3], r[4], epoch)
 
     @staticmethod
     def salv(r: tuple[Any, ...]) -> SealedBatch:

@@ -55,11 +55,11 @@ The code is split by job into objects, each owning its state and taking its coll
 records), ``buffer.carriers.Carriers`` (earlier epochs' batches), ``buffer.room.Room`` (size cap,
 full card), ``buffer.commit.Committer`` (samples in), ``buffer.seal.Sealer`` (batches out),
 ``buffer.outbox.Outbox`` (reading sealed batches), ``buffer.ack.Acknowledger`` (acknowledge,
-reject) and ``buffer.recover.Recovery`` (quarantine, salvage). ``Buffer`` here is the facade: it
-builds and wires them, keeps the public API, and wraps each public operation in the corruption
-and full-card guards (``buffer.guards``) so the order of every fsync and commit is the one-class
-store's. Opening (``buffer.opening``), identity (``buffer.epoch``) and samples held in memory
-(``buffer.held``) are still mixed into the facade.
+reject), ``buffer.recover.Recovery`` (quarantine, salvage) and ``buffer.epoch.EpochKeeper``
+(identity). ``Buffer`` here is the facade: it builds and wires them, keeps the public API, and
+wraps each public operation in the corruption and full-card guards (``buffer.guards``) so the
+order of every fsync and commit is the one-class store's. Opening (``buffer.opening``) and
+samples held in memory (``buffer.held``) are still mixed into the facade.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ from buffer.ack import Acknowledger
 from buffer.carriers import Carriers
 from buffer.commit import Committer, _encode_alone
 from buffer.counters import Counters
-from buffer.epoch import EpochMixin
+from buffer.epoch import EpochKeeper
 from buffer.errors import BufferFullError
 from buffer.gaps import WAL_LOST_REASON, GapLog
 from buffer.guards import _RAISE, _Tx, _recovering, _tolerate_full
@@ -109,7 +109,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_WAL_AUTOCHECKPOINT = 1000
 
 
-class Buffer(OpeningMixin, EpochMixin, HeldMixin):
+class Buffer(OpeningMixin, HeldMixin):
     """The SQLite store-and-forward buffer (see the module docstring): the facade over its parts."""
 
     def __init__(
@@ -157,6 +157,9 @@ class Buffer(OpeningMixin, EpochMixin, HeldMixin):
         deferred: set[str] = set()
         self._outbox = Outbox(self._file, deferred)
         self._acks = Acknowledger(self._file, self._outbox, self._carriers, self._counters, self._room, deferred)
+        self._epochs = EpochKeeper(self._file, self._counters, self._carriers, highwater=self._highwater,
+                                   identity=self._identity, quarantine_dir=self.quarantine_dir,
+                                   checkpoint=self._room.checkpoint)
         self._recovery = Recovery(self._file, self._carriers, self._counters, quarantine_dir=self.quarantine_dir,
                                   identity=self._identity, highwater=self._highwater,
                                   reopen=self._reopen, peek_epoch=self._peek_epoch)
@@ -169,7 +172,6 @@ class Buffer(OpeningMixin, EpochMixin, HeldMixin):
         # Samples the agent holds in memory on a full card, noted outside the database
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
         self._held = HeldLedger(Path(str(self.path) + ".held"), device_id)
-        self._damaged_epoch: str | None = None  # the true epoch when meta's failed its check
         self._held_ready = False
         self._last_held = (0, 0)  # (held, owed) of the last note_held, re-noted at a late birth
         # Samples held in memory whose count no file records (0 bytes free, or the note failed):
@@ -268,7 +270,7 @@ class Buffer(OpeningMixin, EpochMixin, HeldMixin):
     @_recovering
     def acknowledge(self, key: Key) -> bool:
         """The receiver committed this batch: delete it (deferred on a full card). True if it was here."""
-        return self._acks.acknowledge(key, self._acknowledge)
+        return self._acks.acknowledge(key, self._acknowledge, self.get)
 
     @_tolerate_full(None)
     def _acknowledge(self, key: Key) -> bool | None:
@@ -325,7 +327,7 @@ class Buffer(OpeningMixin, EpochMixin, HeldMixin):
         self._recovery.recover(reason)
 
     def _reopen(self) -> None:
-        self._damaged_epoch = None  # the new file's epoch is its own
+        self._epochs.damaged_epoch = None  # the new file's epoch is its own
         self._open()
 
     # --- figures (buffer.counters) ---
