@@ -147,7 +147,7 @@ class OpeningMixin(BufferBase):
         self._identity.write(self.epoch, self.device_id)  # the stand-in's epoch was never real
         self._file.unsealed = self._file.count_unsealed()
         log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
-        self._rebase_held_note()
+        self._held_samples.rebase_held_note()
         self._recovery.salvage_pending()
         return True
 

@@ -55,11 +55,12 @@ The code is split by job into objects, each owning its state and taking its coll
 records), ``buffer.carriers.Carriers`` (earlier epochs' batches), ``buffer.room.Room`` (size cap,
 full card), ``buffer.commit.Committer`` (samples in), ``buffer.seal.Sealer`` (batches out),
 ``buffer.outbox.Outbox`` (reading sealed batches), ``buffer.ack.Acknowledger`` (acknowledge,
-reject), ``buffer.recover.Recovery`` (quarantine, salvage) and ``buffer.epoch.EpochKeeper``
-(identity). ``Buffer`` here is the facade: it builds and wires them, keeps the public API, and
-wraps each public operation in the corruption and full-card guards (``buffer.guards``) so the
-order of every fsync and commit is the one-class store's. Opening (``buffer.opening``) and
-samples held in memory (``buffer.held``) are still mixed into the facade.
+reject), ``buffer.recover.Recovery`` (quarantine, salvage), ``buffer.epoch.EpochKeeper``
+(identity) and ``buffer.held.HeldSamples`` (samples held in memory on a full card). ``Buffer``
+here is the facade: it builds and wires them, keeps the public API, opens the file
+(``buffer.opening``, still mixed in: it swaps the connection every part shares), and wraps each
+public operation in the corruption and full-card guards (``buffer.guards``), so the order of
+every fsync and commit is the one-class store's.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ from buffer.errors import BufferFullError
 from buffer.gaps import WAL_LOST_REASON, GapLog
 from buffer.guards import _RAISE, _Tx, _recovering, _tolerate_full
 from buffer.handle import FileHandle
-from buffer.held import HeldMixin
-from buffer.heldledger import HeldLedger
+from buffer.held import HeldSamples
+from buffer.heldledger import HeldLedger, HeldNote
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile
 from buffer.opening import NO_ROOM_BYTES, OpeningMixin
@@ -109,7 +110,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_WAL_AUTOCHECKPOINT = 1000
 
 
-class Buffer(OpeningMixin, HeldMixin):
+class Buffer(OpeningMixin):
     """The SQLite store-and-forward buffer (see the module docstring): the facade over its parts."""
 
     def __init__(
@@ -172,15 +173,13 @@ class Buffer(OpeningMixin, HeldMixin):
         # Samples the agent holds in memory on a full card, noted outside the database
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
         self._held = HeldLedger(Path(str(self.path) + ".held"), device_id)
-        self._held_ready = False
-        self._last_held = (0, 0)  # (held, owed) of the last note_held, re-noted at a late birth
-        # Samples held in memory whose count no file records (0 bytes free, or the note failed):
-        # lost without a trace if the agent ends now; the heartbeat shows it.
-        self.held_unnoted = 0
-        self._noted = False
-        self._carried: list[tuple[int, str]] = []
+        self._held_samples = HeldSamples(
+            self._file, self._held, self._counters, self._gaps, self._carriers, highwater=self._highwater,
+            identity=self._identity, quarantine_dir=self.quarantine_dir, unborn=lambda: self._unborn,
+            lost_witness=lambda: self._epochs.lost_witness, guarded_carried=self._own_up_to_carried,
+            guarded_gone=self._own_up_to_gone_epochs_note)
         # First: on a full card one block fits where the database's birth does not.
-        self._held_ready = self._held.ensure()
+        self._held_samples.ready = self._held.ensure()
         recovery.finish_quarantines(self.path, self.quarantine_dir)
         problem = self._check_files() if check_on_open else None
         if problem:
@@ -197,7 +196,7 @@ class Buffer(OpeningMixin, HeldMixin):
             if not self._unborn:
                 self._recovery.salvage_pending()
         self._room.ensure_reserve()
-        self._take_held_note()
+        self._held_samples.take_held_note()
 
     def close(self) -> None:
         self._file.db.close()
@@ -216,7 +215,7 @@ class Buffer(OpeningMixin, HeldMixin):
             return []
         if self._unborn and not self._be_born():
             return self._committer.refuse()
-        if self._carried:
+        if self._held_samples.carried:
             try:
                 self._own_up_to_carried()  # before the commit moves last_seq past the note
             except BufferFullError:
@@ -295,6 +294,28 @@ class Buffer(OpeningMixin, HeldMixin):
         """Own up to ``n`` samples that were taken but never committed (``GapLog.record_lost``)."""
         return self._gaps.record_lost(n, reason)
 
+    # --- samples held in memory on a full card (buffer.held) ---
+
+    def note_held(self, held: int, owed: int) -> None:
+        """The agent holds ``held`` samples a full card refused (``owed`` more already discarded):
+        noted outside the database, so the next open owns up to them (``HeldSamples.note_held``)."""
+        self._held_samples.note_held(held, owed)
+
+    @property
+    def held_unnoted(self) -> int:
+        """Samples held in memory whose count no file records: lost without a trace if the agent ends."""
+        return self._held_samples.held_unnoted
+
+    @_recovering
+    @_tolerate_full(_RAISE)
+    def _own_up_to_carried(self) -> None:
+        self._held_samples.own_up_to_carried()
+
+    @_recovering
+    @_tolerate_full(None)
+    def _own_up_to_gone_epochs_note(self, note: HeldNote) -> None:
+        self._held_samples.own_up_to_gone_epochs_note(note)
+
     # --- room (buffer.room) ---
 
     def housekeep(self) -> None:
@@ -306,8 +327,7 @@ class Buffer(OpeningMixin, HeldMixin):
             return  # nothing to keep house for; the first commit with room makes the file
         if self._exclusive:
             self._share_again()
-        if not self._held_ready:
-            self._held_ready = self._held.ensure()
+        self._held_samples.ensure_ready()
         if self._acks.deferred:
             self._acks.flush()
         if self._room.reserve_bytes > 0 and not self.disk_full and not self._room.reserve_path.exists():
