@@ -53,7 +53,7 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
-            if self._unborn and not self._be_born():
+            if self._opener.unborn and not self._opener.be_born():
                 # No database file yet (a full card at start): nothing to write into.
                 if default is _RAISE:
                     raise BufferFullError(f"buffer {self.path}: no room to create it ({fn.__name__})")

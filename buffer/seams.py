@@ -84,3 +84,22 @@ class SalvageWriter(CarrierWriter, Protocol):
                         payload: bytes, sealed_ms: int, oldest_ms: int | None) -> None: ...
 
     def ensure_epoch(self, epoch: str, device: str, base: int) -> None: ...
+
+
+class OpenRoom(Protocol):
+    """The sizes and room an open needs (buffer.room.Room)."""
+
+    wal_pages: int
+    wal_limit_bytes: int
+    reserve_bytes: int
+    disk_full: bool
+
+    def disk_free(self) -> int: ...
+
+
+class EpochSource(Protocol):
+    """The open file's epoch (buffer.epoch.EpochKeeper)."""
+
+    damaged_epoch: str | None
+
+    def init_epoch(self, real: bool = True, *, exclusive: bool = False, unborn: bool = False) -> str: ...

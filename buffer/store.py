@@ -57,10 +57,10 @@ full card), ``buffer.commit.Committer`` (samples in), ``buffer.seal.Sealer`` (ba
 ``buffer.outbox.Outbox`` (reading sealed batches), ``buffer.ack.Acknowledger`` (acknowledge,
 reject), ``buffer.recover.Recovery`` (quarantine, salvage), ``buffer.epoch.EpochKeeper``
 (identity) and ``buffer.held.HeldSamples`` (samples held in memory on a full card). ``Buffer``
-here is the facade: it builds and wires them, keeps the public API, opens the file
-(``buffer.opening``, still mixed in: it swaps the connection every part shares), and wraps each
-public operation in the corruption and full-card guards (``buffer.guards``), so the order of
-every fsync and commit is the one-class store's.
+here is the facade: it builds and wires them, and ``buffer.opening.Opener`` (the one part that
+swaps the connection every part shares); keeps the public API; and wraps each public operation
+in the corruption and full-card guards (``buffer.guards``), so the order of every fsync and
+commit is the one-class store's.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ from buffer.held import HeldSamples
 from buffer.heldledger import HeldLedger, HeldNote
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile
-from buffer.opening import NO_ROOM_BYTES, OpeningMixin
+from buffer.opening import NO_ROOM_BYTES, Opener
 from buffer.outbox import Outbox
 from buffer.records import BufferStats, Key, SealedBatch
 from buffer.recover import SALVAGE_BATCH_SAMPLES, Recovery
@@ -110,7 +110,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_WAL_AUTOCHECKPOINT = 1000
 
 
-class Buffer(OpeningMixin):
+class Buffer:
     """The SQLite store-and-forward buffer (see the module docstring): the facade over its parts."""
 
     def __init__(
@@ -161,39 +161,34 @@ class Buffer(OpeningMixin):
         self._epochs = EpochKeeper(self._file, self._counters, self._carriers, highwater=self._highwater,
                                    identity=self._identity, quarantine_dir=self.quarantine_dir,
                                    checkpoint=self._room.checkpoint)
+        self._opener = Opener(self._file, self._room, self._epochs, self._identity, after_birth=self._after_birth)
         self._recovery = Recovery(self._file, self._carriers, self._counters, quarantine_dir=self.quarantine_dir,
                                   identity=self._identity, highwater=self._highwater,
-                                  reopen=self._reopen, peek_epoch=self._peek_epoch)
-        # A card already full at start (see ``_open_without_room``): True while the
-        # connection is exclusive (no -shm file could be made), or while there is no
-        # database file yet at all (``_unborn``: an empty one in memory stands in).
-        self._exclusive = False
-        self._unborn = False
-        self._check_deferred = False  # quick_check could not run read-only for want of room
+                                  reopen=self._reopen, peek_epoch=self._opener.peek_epoch)
         # Samples the agent holds in memory on a full card, noted outside the database
         # (buffer.heldledger); losses of earlier runs not yet written as gap records.
         self._held = HeldLedger(Path(str(self.path) + ".held"), device_id)
         self._held_samples = HeldSamples(
             self._file, self._held, self._counters, self._gaps, self._carriers, highwater=self._highwater,
-            identity=self._identity, quarantine_dir=self.quarantine_dir, unborn=lambda: self._unborn,
+            identity=self._identity, quarantine_dir=self.quarantine_dir, unborn=lambda: self._opener.unborn,
             lost_witness=lambda: self._epochs.lost_witness, guarded_carried=self._own_up_to_carried,
             guarded_gone=self._own_up_to_gone_epochs_note)
         # First: on a full card one block fits where the database's birth does not.
         self._held_samples.ready = self._held.ensure()
         recovery.finish_quarantines(self.path, self.quarantine_dir)
-        problem = self._check_files() if check_on_open else None
+        problem = self._opener.check_files() if check_on_open else None
         if problem:
-            self._recovery.quarantine(problem, epoch=self._peek_epoch())
+            self._recovery.quarantine(problem, epoch=self._opener.peek_epoch())
         try:
-            self._open()
-            if self._check_deferred and not self._unborn:
-                self._check_in_place()
+            self._opener.open()
+            if self._opener.check_deferred and not self._opener.unborn:
+                self._opener.check_in_place()
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not recovery.is_corruption(exc):
                 raise
             self._recover(f"open: {exc}")  # found without (or despite) the check at open
         else:
-            if not self._unborn:
+            if not self._opener.unborn:
                 self._recovery.salvage_pending()
         self._room.ensure_reserve()
         self._held_samples.take_held_note()
@@ -213,7 +208,7 @@ class Buffer(OpeningMixin):
         """
         if not samples:
             return []
-        if self._unborn and not self._be_born():
+        if self._opener.unborn and not self._opener.be_born():
             return self._committer.refuse()
         if self._held_samples.carried:
             try:
@@ -323,10 +318,10 @@ class Buffer(OpeningMixin):
 
         The agent calls it every tick, so both happen as soon as room returns.
         """
-        if self._unborn:
+        if self._opener.unborn:
             return  # nothing to keep house for; the first commit with room makes the file
-        if self._exclusive:
-            self._share_again()
+        if self._opener.exclusive:
+            self._opener.share_again()
         self._held_samples.ensure_ready()
         if self._acks.deferred:
             self._acks.flush()
@@ -348,7 +343,12 @@ class Buffer(OpeningMixin):
 
     def _reopen(self) -> None:
         self._epochs.damaged_epoch = None  # the new file's epoch is its own
-        self._open()
+        self._opener.open()
+
+    def _after_birth(self) -> None:
+        """A file born late (a card full at start): the held note gets its epoch, salvages run."""
+        self._held_samples.rebase_held_note()
+        self._recovery.salvage_pending()
 
     # --- figures (buffer.counters) ---
 
@@ -377,6 +377,14 @@ class Buffer(OpeningMixin):
     @property
     def epoch(self) -> str:
         return self._file.epoch
+
+    @property
+    def _unborn(self) -> bool:
+        return self._opener.unborn
+
+    @property
+    def _exclusive(self) -> bool:
+        return self._opener.exclusive
 
     @property
     def _db(self) -> sqlite3.Connection:

@@ -218,7 +218,7 @@ def test_a_rejected_salvaged_batch_owns_up_through_the_carrier_seam(tmp_path: Pa
 # The parts that are objects: none may import another part's module, only the seams, the shared
 # handle and leaf helpers. (The facade, buffer.store, is the one place they are wired.)
 PARTS = ("commit", "seal", "outbox", "ack", "room", "gaps", "carriers", "counters", "recover", "epoch",
-         "held")
+         "held", "opening")
 LEAVES = {"buffer.seams", "buffer.handle", "buffer.records", "buffer.errors", "buffer.schema", "buffer.rowcheck",
           "buffer.gaprows", "buffer.recovery", "buffer.heldledger", "buffer.highwater", "buffer.identity",
           "buffer.guards", "buffer"}
