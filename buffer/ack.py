@@ -40,7 +40,7 @@ class Acknowledger:
                     get: Callable[[Key], SealedBatch | None] | None = None) -> bool:
         """The receiver committed this batch: delete it. True if it was here.
 
-        On a full file system whose room is gone even after ``_make_room`` the
+        On a full file system whose room is gone even after ``Room.make_room`` the
         ack is still recorded: the batch is hidden from ``get``/``pending``/
         ``newest`` at once (so it is not sent again) and deleted by
         ``housekeep`` when there is room.

@@ -51,7 +51,7 @@ class Committer:
         the device owes them to the store. Each row carries its checksum
         (``buffer.rowcheck``), computed here: no extra write, no extra fsync.
         Raises ``BufferFullError`` (nothing stored, nothing lost) when the file
-        system is full even after ``_make_room``: keep the samples and call
+        system is full even after ``Room.make_room``: keep the samples and call
         again later. Committed data is never dropped to make room for new data
         on a full file system; only the configured cap drops the oldest.
         """

@@ -126,7 +126,7 @@ class Opener:
         until there is room. A buffer that does not exist yet cannot be made:
         an empty database in memory stands in (nothing is ever written to it;
         ``commit`` refuses) and the real file is made at the first commit that
-        finds room (``_be_born``).
+        finds room (``be_born``).
         """
         log.error("buffer %s: card full at open (%s): opening without a -shm file", self.path, exc)
         try:

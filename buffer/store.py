@@ -32,7 +32,7 @@ What a van does to the file, and what the buffer does about it:
   restart, and the commit is tried once more; if it still cannot be written
   it raises ``BufferFullError`` (recoverable): nothing committed is lost and
   the caller keeps the samples and retries. Once the ballast is gone its size
-  is a floor commits may not take (``_fits_on_disk``, re-read at every
+  is a floor commits may not take (``Room.fits_on_disk``, re-read at every
   commit), kept for acknowledgements, sealing and checkpoints; an ack that
   still cannot be written is hidden and applied later (``housekeep``).
 * **Row checksums**: each committed row carries a CRC32 (``buffer.rowcheck``);
