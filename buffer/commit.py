@@ -7,16 +7,16 @@ import logging
 import math
 import sqlite3
 import time
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from buffer import recovery, rowcheck
 from buffer.errors import BufferFullError
+from buffer.handle import FileHandle
+from buffer.seams import GapRecorder, Space, Tally, Witness
 from core.sample import Sample
 from core.batch_limits import SMALL_SAMPLE_BYTES, sample_never_fits
 from core.sample_rules import sample_problem
 from core.wire import Batch, encode_batch
-from buffer.base import BufferBase
-from buffer.guards import _recovering, _tolerate_full
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
 
@@ -30,10 +30,20 @@ _CRC_ARGS = "seq, CAST(sensor AS BLOB), t_utc_ms, t_mono_ms, CAST(time_src AS BL
 QUOTED_CORRECTED = "'corrected'"
 
 
-class CommitMixin(BufferBase):
-    """Buffer's part: samples in (see the module docstring)."""
+class Committer:
+    """Samples in: checks, numbers and writes them, one transaction per group."""
 
-    @_recovering
+    def __init__(self, handle: FileHandle, room: Space, gaps: GapRecorder, tally: Tally, witness: Witness,
+                 on_room_again: Callable[[], None]) -> None:
+        self._h = handle
+        self._room = room
+        self._gaps = gaps
+        self._tally = tally
+        self._witness = witness
+        # Called when a commit goes through after the file system was full (Buffer.housekeep):
+        # deferred acks and the ballast wait for exactly that moment.
+        self._on_room_again = on_room_again
+
     def commit(self, samples: list[Sample]) -> list[int]:
         """Insert a group of samples in one transaction; returns their sequence numbers.
 
@@ -41,23 +51,17 @@ class CommitMixin(BufferBase):
         the device owes them to the store. Each row carries its checksum
         (``buffer.rowcheck``), computed here: no extra write, no extra fsync.
         Raises ``BufferFullError`` (nothing stored, nothing lost) when the file
-        system is full even after ``_make_room``: keep the samples and call
+        system is full even after ``Room.make_room``: keep the samples and call
         again later. Committed data is never dropped to make room for new data
         on a full file system; only the configured cap drops the oldest.
         """
         if not samples:
             return []
-        if self._unborn and not self._be_born():
-            return self._refuse()
-        if self._carried:
-            try:
-                self._own_up_to_carried()  # before the commit moves last_seq past the note
-            except BufferFullError:
-                return self._refuse()
+        # (A card full at start and losses of the last run are the facade's: Buffer.commit.)
         # Refuse early, before encoding anything, when even a small row per sample cannot fit
         # (held samples are offered again every few seconds while the card stays full).
-        if not self._fits_on_disk(len(samples) * 64):
-            return self._refuse()
+        if not self._room.fits_on_disk(len(samples) * 64):
+            return self.refuse()
         enc = _VALUES_ENCODER
         rows: list[tuple[Any, ...] | None] = []
         refused: list[tuple[int, str, bytes]] = []  # (index, why, the sample as given)
@@ -77,43 +81,43 @@ class CommitMixin(BufferBase):
         # What the rows will take in pages, roughly (record overhead + b-tree slack).
         extra = (sum(len(r[5]) + len(r[4]) + 64 for r in rows if r)
                  + sum(len(raw) + 64 for _, _, raw in refused)) * 5 // 4
-        if not self._fits_on_disk(extra):
-            return self._refuse()
+        if not self._room.fits_on_disk(extra):
+            return self.refuse()
         try:
             first = self._insert_with_room(rows, extra, refused)
         except sqlite3.DatabaseError as exc:
             if not recovery.is_disk_full(exc):
                 raise
             log.error("buffer: disk full, making room (%s)", exc)
-            self._make_room()
+            self._room.make_room()
             try:
                 first = self._insert_with_room(rows, extra, refused)
             except sqlite3.DatabaseError as exc2:
-                self._rollback_quietly()
+                self._h.rollback_quietly()
                 if not recovery.is_disk_full(exc2):
                     raise
-                self.disk_full = True
-                self.refused_commits += 1
-                raise BufferFullError(f"buffer {self.path}: {exc2}") from exc2
+                self._room.disk_full = True
+                self._room.refused_commits += 1
+                raise BufferFullError(f"buffer {self._h.path}: {exc2}") from exc2
         seqs = list(range(first, first + len(samples)))
-        self._highwater.mark(self.epoch, seqs[-1])  # durable now: the witness may say so
+        self._witness.mark(self._h.epoch, seqs[-1])  # durable now: the witness may say so
         for s, q in zip(samples, seqs):
             s.seq = q
-        self._unsealed += len(samples) - len(refused)
+        self._h.unsealed += len(samples) - len(refused)
         if refused:
             log.error("buffer: %d samples refused at commit (%s), kept in bad_rows with a gap record",
                       len(refused), refused[0][1])
-        self._stuck_at = None  # a write went through: housekeeping may find room too
-        if self.disk_full:
-            self.disk_full = False
+        self._room.clear_stuck()  # a write went through: housekeeping may find room too
+        if self._room.disk_full:
+            self._room.disk_full = False
             log.warning("buffer: commits are written again after the file system was full")
-            self.housekeep()
+            self._on_room_again()
         return seqs
 
-    def _refuse(self) -> NoReturn:
-        self.disk_full = True
-        self.refused_commits += 1
-        raise BufferFullError(f"buffer {self.path}: file system full (its last {self.reserve_bytes}"
+    def refuse(self) -> NoReturn:
+        self._room.disk_full = True
+        self._room.refused_commits += 1
+        raise BufferFullError(f"buffer {self._h.path}: file system full (its last {self._room.reserve_bytes}"
                               " bytes are kept for acknowledgements and sealing)")
 
     def _insert_with_room(self, rows: list[tuple[Any, ...] | None], extra: int,
@@ -125,18 +129,18 @@ class CommitMixin(BufferBase):
         to ``commit`` is lost without a record, and no batch ever holds it.
         """
         try:
-            self._enforce_cap(extra)
+            self._room.enforce_cap(extra)
         except sqlite3.DatabaseError as exc:
             # No room even to drop: the insert below will say so (or succeed).
             if not recovery.is_disk_full(exc):
                 raise
-            self._rollback_quietly()
-        with self._tx():
+            self._h.rollback_quietly()
+        with self._h.tx():
             # The numbers are chosen here, inside the write transaction (one writer), so
             # the checksum can cover them; AUTOINCREMENT still never hands them out again.
-            first = self.last_seq() + 1
+            first = self._h.last_seq() + 1
             crc = rowcheck.commit_crc
-            self._db.executemany(
+            self._h.db.executemany(
                 "INSERT INTO samples (seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, crc)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
                 [(q, *r, crc(q, *r)) for q, r in enumerate(rows, first) if r is not None],
@@ -144,30 +148,27 @@ class CommitMixin(BufferBase):
             if refused:
                 now_ms = int(time.time() * 1000)
                 for i, why, raw in refused:
-                    self._db.execute("INSERT INTO bad_rows VALUES (?,?,?,?)",
+                    self._h.db.execute("INSERT INTO bad_rows VALUES (?,?,?,?)",
                                      (first + i, f"refused at commit: {why}", raw, now_ms))
-                    self._gap(first + i, first + i, f"sample refused at commit: {why}")
-                self._bump("samples_refused", len(refused))
-                self._set_last_seq(first + len(rows) - 1)  # a refused last sample still used its number
+                    self._gaps.gap(first + i, first + i, f"sample refused at commit: {why}")
+                self._tally.bump("samples_refused", len(refused))
+                self._gaps.set_last_seq(first + len(rows) - 1)  # a refused last sample still used its number
             return first
 
-    @_recovering
     def count_unsync(self, boot_id: str) -> int:
         """Unsealed samples of this boot stamped before the clock was trusted."""
-        return self._db.execute(
+        return self._h.db.execute(
             "SELECT count(*) FROM samples WHERE boot_id=? AND time_src='unsync'", (boot_id,)
         ).fetchone()[0]
 
-    @_recovering
-    @_tolerate_full(0)
     def correct_unsync(self, boot_id: str, offset_ms: int) -> int:
         """Re-stamp this boot's unsynchronised samples from their monotonic time.
 
         Only samples of the same boot can be corrected: their monotonic clock is
         the one the offset was measured on. Sealed batches are never touched.
         """
-        with self._tx():
-            cur = self._db.execute(
+        with self._h.tx():
+            cur = self._h.db.execute(
                 # The checksum is re-made only for a row that verified as it was: a damaged
                 # row must not be blessed by its correction (it is set aside at sealing).
                 "UPDATE samples SET t_utc_ms = t_mono_ms + ?1, time_src = 'corrected', crc = CASE"

@@ -7,23 +7,45 @@ import logging
 import secrets
 import sqlite3
 import time
+from pathlib import Path
+from typing import Callable
 
 from buffer import recovery
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile, epoch_check, vouched_epoch
 from core.wire import Gap
-from buffer.base import BufferBase
 from buffer.gaps import WAL_LOST_REASON
+from buffer.handle import FileHandle
+from buffer.seams import CarrierWriter, Tally
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
 
 
-class EpochMixin(BufferBase):
-    """Buffer's part: the buffer's identity (see the module docstring)."""
+class EpochKeeper:
+    """Reads (and vouches for) the open file's epoch, or gives a new file its one."""
 
-    def _init_epoch(self, real: bool = True) -> str:
-        """This file's epoch; a new one for a new file. ``real``: False for the in-memory stand-in."""
-        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+    def __init__(self, handle: FileHandle, tally: Tally, carriers: CarrierWriter, *, highwater: HighWater,
+                 identity: IdentityFile, quarantine_dir: Path, checkpoint: Callable[[], None]) -> None:
+        self._h = handle
+        self._tally = tally
+        self._carriers = carriers
+        self._highwater = highwater
+        self._identity = identity
+        self.quarantine_dir = quarantine_dir
+        self._checkpoint = checkpoint  # Room.checkpoint
+        self.damaged_epoch: str | None = None  # the true epoch when meta's failed its check
+        self.lost_witness: tuple[str, int] | None = None  # (epoch, last_seq) a new birth owned up to as gone
+        # How the file is open (buffer.opening), set by ``init_epoch``'s caller for each open.
+        self._exclusive = False
+        self._unborn = False
+
+    def init_epoch(self, real: bool = True, *, exclusive: bool = False, unborn: bool = False) -> str:
+        """This file's epoch; a new one for a new file. ``real``: False for the in-memory stand-in.
+
+        ``exclusive``/``unborn``: how the file is open (a card full at start): no write is tried
+        that only tidies up."""
+        self._exclusive, self._unborn = exclusive, unborn
+        row = self._h.db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row:
             return self._vouch(str(row[0]))
         if self._has_data():
@@ -33,11 +55,11 @@ class EpochMixin(BufferBase):
         epoch = secrets.token_hex(8)
         witness = self._highwater.read() if real else None
         try:
-            with self._tx():
-                self._db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
-                self._db.execute("INSERT INTO meta VALUES ('epoch_check', ?)", (epoch_check(epoch),))
-                self._db.execute("INSERT INTO meta VALUES ('device', ?)", (self.device_id,))
-                self._db.execute(
+            with self._h.tx():
+                self._h.db.execute("INSERT INTO meta VALUES ('epoch', ?)", (epoch,))
+                self._h.db.execute("INSERT INTO meta VALUES ('epoch_check', ?)", (epoch_check(epoch),))
+                self._h.db.execute("INSERT INTO meta VALUES ('device', ?)", (self._h.device_id,))
+                self._h.db.execute(
                     "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
                 )
                 if witness is not None and witness[1] > 0:
@@ -54,7 +76,7 @@ class EpochMixin(BufferBase):
         return epoch
 
     def _has_data(self) -> bool:
-        return any(self._db.execute(sql).fetchone() for sql in (
+        return any(self._h.db.execute(sql).fetchone() for sql in (
             "SELECT 1 FROM samples LIMIT 1", "SELECT 1 FROM batches LIMIT 1",
             "SELECT 1 FROM sqlite_sequence WHERE name='samples' AND seq > 0"))
 
@@ -64,12 +86,12 @@ class EpochMixin(BufferBase):
         Owned up to under that epoch, in a carrier of its own (inside the caller's transaction)."""
         if self._quarantine_holds(lost_epoch):
             return  # quarantined (a move cut short before .seq was blanked): salvage accounts for it
-        device = self.device_id  # never another's: the receiver refuses a device that is not the topic's
+        device = self._h.device_id  # never another's: the receiver refuses a device that is not the topic's
         log.error("buffer %s: epoch %s (numbers 1-%d, per %s) is gone from the database: owned up"
-                  " to as lost", self.path, lost_epoch, last, self._highwater.path)
-        self._add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
-        self._lost_witness = (lost_epoch, last)  # a .held note of that epoch at ``last`` is owed too
-        self._bump("samples_lost_wal", last)
+                  " to as lost", self._h.path, lost_epoch, last, self._highwater.path)
+        self._carriers.add_carrier(lost_epoch, device, [Gap(1, last, WAL_LOST_REASON)])
+        self.lost_witness = (lost_epoch, last)  # a .held note of that epoch at ``last`` is owed too
+        self._tally.bump("samples_lost_wal", last)
 
     def _quarantine_holds(self, epoch: str) -> bool:
         """Whether a quarantine folder holds ``epoch``, by its contents, not only its name.
@@ -104,11 +126,11 @@ class EpochMixin(BufferBase):
         goes the way of all damage: quarantine, salvage under the true epoch
         (``recovery.salvage`` checks the same way), a named loss.
         """
-        row = self._db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
+        row = self._h.db.execute("SELECT value FROM meta WHERE key='epoch_check'").fetchone()
         check = str(row[0]) if row else None
         trusted, true_epoch = vouched_epoch(epoch, check, self._side_epoch(check is not None))
         if not trusted:
-            self._damaged_epoch = true_epoch
+            self.damaged_epoch = true_epoch
             raise sqlite3.DatabaseError(
                 f"database disk image is malformed (meta: epoch {epoch[:40]!r} fails its check;"
                 f" the identity file says {true_epoch!r})")
@@ -116,11 +138,11 @@ class EpochMixin(BufferBase):
             # A file from before the check, or the check itself damaged (the side file
             # agreed): write it now; a full card only delays it to the next open.
             try:
-                with self._tx():
-                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_check', ?)",
+                with self._h.tx():
+                    self._h.db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch_check', ?)",
                                      (epoch_check(epoch),))
             except sqlite3.DatabaseError as exc:
-                self._rollback_quietly()
+                self._h.rollback_quietly()
                 if not recovery.is_disk_full(exc):
                     raise
         return epoch

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from core.sample_rules import gap_reason
-from buffer.base import BufferBase
+from buffer.handle import FileHandle
 from buffer.highwater import MAX_SEQ
-from buffer.guards import _RAISE, _recovering, _tolerate_full
+from buffer.seams import Tally, Witness
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
 
@@ -17,38 +17,39 @@ log = logging.getLogger("buffer.store")  # the name the one-class store logged u
 WAL_LOST_REASON = "WAL lost committed transactions: samples missing at open (may include delivered ones)"
 
 
-class GapsMixin(BufferBase):
-    """Buffer's part: gap records of this epoch (see the module docstring)."""
+class GapLog:
+    """Writes this epoch's gap records and the numbers they use up."""
 
-    def _gap(self, first: int, last: int, reason: str) -> None:
+    def __init__(self, handle: FileHandle, tally: Tally, witness: Witness) -> None:
+        self._h = handle
+        self._tally = tally
+        self._witness = witness
+
+    def gap(self, first: int, last: int, reason: str) -> None:
         """Record a gap of this epoch, extending the previous unsent one if it is adjacent."""
         reason = gap_reason(reason)  # a reason the receiver refuses would sink the batch's gaps
-        prev = self._db.execute(
+        prev = self._h.db.execute(
             "SELECT id, last_seq, reason FROM gaps WHERE sent_in IS NULL ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if prev and prev[1] + 1 == first and prev[2] == reason:
-            self._db.execute("UPDATE gaps SET last_seq=? WHERE id=?", (last, prev[0]))
+            self._h.db.execute("UPDATE gaps SET last_seq=? WHERE id=?", (last, prev[0]))
             return
-        self._db.execute(
+        self._h.db.execute(
             "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)", (first, last, reason)
         )
-        self._bump("gap_records")
+        self._tally.bump("gap_records")
 
-    @_recovering
-    @_tolerate_full(_RAISE)
     def add_gap(self, first_seq: int, last_seq: int, reason: str) -> None:
-        with self._tx():
-            self._db.execute(
+        with self._h.tx():
+            self._h.db.execute(
                 "INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
                 (first_seq, last_seq, reason),
             )
             if type(last_seq) is int and 0 < last_seq < MAX_SEQ:
                 # The numbers are used by the gap: no sample gets one (sealing clips a gap to last_seq).
-                self._set_last_seq(last_seq)
-            self._bump("gap_records")
+                self.set_last_seq(last_seq)
+            self._tally.bump("gap_records")
 
-    @_recovering
-    @_tolerate_full(_RAISE)
     def record_lost(self, n: int, reason: str) -> tuple[int, int]:
         """Own up to ``n`` samples that were taken but never committed (held in memory, then lost).
 
@@ -56,26 +57,26 @@ class GapsMixin(BufferBase):
         gap record: the store learns how many were lost and why, in order with
         the rest, and an epoch's numbers stay exactly 1..last_seq for the oracle.
         """
-        with self._tx():
-            first, last = self._lose(n, reason)
-        self._highwater.mark(self.epoch, last)
+        with self._h.tx():
+            first, last = self.lose(n, reason)
+        self._witness.mark(self._h.epoch, last)
         return first, last
 
-    def _lose(self, n: int, reason: str) -> tuple[int, int]:
+    def lose(self, n: int, reason: str) -> tuple[int, int]:
         """``record_lost`` inside the caller's transaction."""
-        first = self.last_seq() + 1
+        first = self._h.last_seq() + 1
         if type(n) is not int or not 0 < n < MAX_SEQ - first:
             # An empty or inverted gap would make the receiver refuse the batch with its real samples.
             log.warning("buffer: record_lost(%r) refused: not a count of samples; nothing recorded", n)
             return first, first - 1
         last = first + n - 1
-        self._set_last_seq(last)
-        self._gap(first, last, reason)
-        self._bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
+        self.set_last_seq(last)
+        self.gap(first, last, reason)
+        self._tally.bump("samples_lost_wal" if reason == WAL_LOST_REASON else "samples_lost_in_memory", n)
         return first, last
 
-    def _set_last_seq(self, last: int) -> None:
+    def set_last_seq(self, last: int) -> None:
         """Numbers up to ``last`` are used (by a gap record): AUTOINCREMENT never hands them out."""
-        self._db.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='samples'", (last,))
-        if self._db.execute("SELECT changes()").fetchone()[0] == 0:
-            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))
+        self._h.db.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='samples'", (last,))
+        if self._h.db.execute("SELECT changes()").fetchone()[0] == 0:
+            self._h.db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last,))

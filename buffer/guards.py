@@ -34,7 +34,7 @@ def _recovering(fn: Callable[..., T]) -> Callable[..., T]:
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not recovery.is_corruption(exc):
                 raise
-            self._rollback_quietly()
+            self._file.rollback_quietly()
             self._recover(f"{fn.__name__}: {exc}")
             return fn(self, *args, **kwargs)
 
@@ -44,7 +44,7 @@ def _recovering(fn: Callable[..., T]) -> Callable[..., T]:
 def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Writes on a full file system: make room (never by dropping data), retry once, else give up.
 
-    Room comes from the space reserve and a checkpoint (see ``_make_room``).
+    Room comes from the space reserve and a checkpoint (see ``Room.make_room``).
     Giving up is safe for each housekeeping write (seal, reject, ...): it is
     retried naturally on a later tick. ``commit`` and ``add_gap`` raise
     ``BufferFullError``: their caller holds something that exists nowhere else.
@@ -53,12 +53,12 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
     def deco(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(self: "Buffer", *args: Any, **kwargs: Any) -> T:
-            if self._unborn and not self._be_born():
+            if self._opener.unborn and not self._opener.be_born():
                 # No database file yet (a full card at start): nothing to write into.
                 if default is _RAISE:
                     raise BufferFullError(f"buffer {self.path}: no room to create it ({fn.__name__})")
                 return default
-            if self._still_stuck():
+            if self._room.still_stuck():
                 # Nothing freed since a write last found no room: do not try (and
                 # checkpoint) again every tick for nothing (CPU and card on a Pi).
                 if default is _RAISE:
@@ -72,12 +72,12 @@ def _tolerate_full(default: Any) -> Callable[[Callable[..., T]], Callable[..., T
                         raise
                     if attempt == 0:
                         log.error("buffer: disk full in %s, making room", fn.__name__)
-                        self._make_room()
+                        self._room.make_room()
                 else:
-                    self._stuck_at = None
+                    self._room.clear_stuck()
                     return result
-            self._rollback_quietly()
-            self._stuck_at = self._room_signature()
+            self._file.rollback_quietly()
+            self._room.mark_stuck()
             if default is _RAISE:
                 raise BufferFullError(f"buffer {self.path}: disk full in {fn.__name__}")
             return default

@@ -5,19 +5,43 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
+from typing import Callable
 
 from buffer import recovery, rowcheck
-from buffer.base import BufferBase
+from buffer.handle import FileHandle
+from buffer.identity import IdentityFile
 from buffer.schema import PAGE_SIZE, SCHEMA
+from buffer.seams import EpochSource, OpenRoom
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
 
-# Below this much free space an I/O error at open is taken for a full card (see Buffer._no_room).
+# Below this much free space an I/O error at open is taken for a full card (see Opener._no_room).
 NO_ROOM_BYTES = 64 * PAGE_SIZE
 
 
-class OpeningMixin(BufferBase):
-    """Buffer's part: opening the buffer file (see the module docstring)."""
+class Opener:
+    """Opens the buffer file into the shared ``FileHandle``: the only part that swaps ``handle.db``.
+
+    Owns how the file is open: ``exclusive`` while a card full at start left no room for the
+    -shm file, ``unborn`` while there is no database file at all (an in-memory stand-in).
+    """
+
+    def __init__(self, handle: FileHandle, room: OpenRoom, epochs: EpochSource, identity: IdentityFile,
+                 after_birth: Callable[[], None]) -> None:
+        self._h = handle
+        self._room = room
+        self._epochs = epochs
+        self._identity = identity
+        # What a file born late owes (Buffer: the held note rebased, pending salvages).
+        self._after_birth = after_birth
+        self.path = handle.path
+        self.device_id = handle.device_id
+        # A card already full at start (see ``_open_without_room``): True while the
+        # connection is exclusive (no -shm file could be made), or while there is no
+        # database file yet at all (``unborn``: an empty one in memory stands in).
+        self.exclusive = False
+        self.unborn = False
+        self.check_deferred = False  # quick_check could not run read-only for want of room
 
     def _connect(self, exclusive: bool = False) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a group of
@@ -44,11 +68,11 @@ class OpeningMixin(BufferBase):
         db.execute("PRAGMA auto_vacuum=NONE")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages}")
+        db.execute(f"PRAGMA wal_autocheckpoint={self._room.wal_pages}")
         # After a checkpoint resets the WAL, truncate it back to this size: it
         # cannot grow without bound, and keeps this much space as a reserve a
         # full disk cannot take away (the next transactions overwrite it).
-        db.execute(f"PRAGMA journal_size_limit={self.wal_limit_bytes}")
+        db.execute(f"PRAGMA journal_size_limit={self._room.wal_limit_bytes}")
         # No VACUUM, ever: it rewrites the whole file (SD wear), needs twice the
         # space (impossible on a full disk) and a power cut in the middle of it
         # is the riskiest moment of the file's life. The freelist does the job.
@@ -58,28 +82,30 @@ class OpeningMixin(BufferBase):
         db.create_function("row_crc", 8, rowcheck.row_crc, deterministic=True)
         return db
 
-    def _open(self) -> None:
+    def open(self) -> None:
         try:
-            self._db = self._connect()
-            self._exclusive = False
+            self._h.db = self._connect()
+            self.exclusive = False
         except sqlite3.DatabaseError as exc:
             if not self._no_room(exc):
                 raise
-            self._db = self._open_without_room(exc)
+            self._h.db = self._open_without_room(exc)
         try:
-            self.epoch = self._init_epoch(real=not self._unborn)
+            self._h.epoch = self._epochs.init_epoch(real=not self.unborn, exclusive=self.exclusive,
+                                                       unborn=self.unborn)
         except sqlite3.DatabaseError as exc:
             # The card had room for the schema but not for the epoch birth's COMMIT
             # (~130 KiB free): start as on a card full at open, not crash-loop.
-            if self._unborn or not self._no_room(exc):
+            if self.unborn or not self._no_room(exc):
                 raise
-            self._rollback_quietly()
-            self._db.close()
-            self._db = self._open_without_room(exc)
-            self.epoch = self._init_epoch(real=not self._unborn)
-        self._unsealed = self._count_unsealed()
-        if not self._unborn:  # a stand-in's epoch is never real; its block is the .held note's
-            self._identity.write(self.epoch, self.device_id)
+            self._h.rollback_quietly()
+            self._h.db.close()
+            self._h.db = self._open_without_room(exc)
+            self._h.epoch = self._epochs.init_epoch(real=not self.unborn, exclusive=self.exclusive,
+                                                       unborn=self.unborn)
+        self._h.unsealed = self._h.count_unsealed()
+        if not self.unborn:  # a stand-in's epoch is never real; its block is the .held note's
+            self._identity.write(self._h.epoch, self.device_id)
 
     def _no_room(self, exc: BaseException) -> bool:
         """An error that means "the card is full", not "the file is bad".
@@ -90,7 +116,7 @@ class OpeningMixin(BufferBase):
         if recovery.is_disk_full(exc):
             return True
         return (isinstance(exc, sqlite3.OperationalError) and "disk i/o error" in str(exc).lower()
-                and self._disk_free() < NO_ROOM_BYTES)
+                and self._room.disk_free() < NO_ROOM_BYTES)
 
     def _open_without_room(self, exc: BaseException) -> sqlite3.Connection:
         """Open on a card that is already full: the agent must start anyway.
@@ -100,30 +126,30 @@ class OpeningMixin(BufferBase):
         until there is room. A buffer that does not exist yet cannot be made:
         an empty database in memory stands in (nothing is ever written to it;
         ``commit`` refuses) and the real file is made at the first commit that
-        finds room (``_be_born``).
+        finds room (``be_born``).
         """
         log.error("buffer %s: card full at open (%s): opening without a -shm file", self.path, exc)
         try:
             db = self._connect(exclusive=True)
             if db.execute("SELECT 1 FROM meta WHERE key='epoch'").fetchone():
-                self._exclusive = True
-                self.disk_full = True
+                self.exclusive = True
+                self._room.disk_full = True
                 return db
             db.close()
         except sqlite3.DatabaseError as exc2:
             if not self._no_room(exc2):
                 raise
         log.error("buffer %s: no room to create the buffer; samples are held until there is", self.path)
-        self._unborn = True
-        self.disk_full = True
+        self.unborn = True
+        self._room.disk_full = True
         db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         db.executescript(SCHEMA)
         db.create_function("row_crc", 8, rowcheck.row_crc, deterministic=True)
         return db
 
-    def _be_born(self) -> bool:
+    def be_born(self) -> bool:
         """Make the real database file once the card has room; False while it has not."""
-        if self._disk_free() < NO_ROOM_BYTES:
+        if self._room.disk_free() < NO_ROOM_BYTES:
             return False
         try:
             db = self._connect()
@@ -131,49 +157,45 @@ class OpeningMixin(BufferBase):
             if not self._no_room(exc):
                 raise
             return False
-        stand_in, self._db = self._db, db
+        stand_in, self._h.db = self._h.db, db
         try:
-            self.epoch = self._init_epoch()
+            self._h.epoch = self._epochs.init_epoch(exclusive=self.exclusive, unborn=self.unborn)
         except sqlite3.DatabaseError as exc:
-            self._db = stand_in
+            self._h.db = stand_in
             db.close()
             if not self._no_room(exc):
                 raise
             return False
         stand_in.close()
-        self._unborn = False
-        self._identity.write(self.epoch, self.device_id)  # the stand-in's epoch was never real
-        self._unsealed = self._count_unsealed()
-        log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self.epoch)
-        self._rebase_held_note()
-        self._salvage_pending()
+        self.unborn = False
+        self._identity.write(self._h.epoch, self.device_id)  # the stand-in's epoch was never real
+        self._h.unsealed = self._h.count_unsealed()
+        log.warning("buffer %s: created now that the card has room (epoch %s)", self.path, self._h.epoch)
+        self._after_birth()
         return True
 
-    def _share_again(self) -> None:
+    def share_again(self) -> None:
         """Leave the exclusive mode a full card forced at open, once the card has room."""
-        if self._disk_free() < max(2 * self.reserve_bytes, NO_ROOM_BYTES):
+        if self._room.disk_free() < max(2 * self._room.reserve_bytes, NO_ROOM_BYTES):
             return
-        self._db.close()
+        self._h.db.close()
         try:
-            self._db = self._connect()
-            self._exclusive = False
+            self._h.db = self._connect()
+            self.exclusive = False
             log.warning("buffer %s: card has room again, back to shared mode", self.path)
         except sqlite3.DatabaseError as exc:
             if not self._no_room(exc):
                 raise
-            self._db = self._connect(exclusive=True)
+            self._h.db = self._connect(exclusive=True)
 
-    def _check_in_place(self) -> None:
+    def check_in_place(self) -> None:
         """The check at open that a full card prevented, run on the (exclusive) connection."""
-        rows = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
-        self._check_deferred = False
+        rows = [str(r[0]) for r in self._h.db.execute("PRAGMA quick_check").fetchall()]
+        self.check_deferred = False
         if rows != ["ok"]:
             raise sqlite3.DatabaseError("database disk image is malformed: quick_check: " + "; ".join(rows[:5]))
 
-    def _count_unsealed(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM samples").fetchone()[0])
-
-    def _check_files(self) -> str | None:
+    def check_files(self) -> str | None:
         """Why the files at ``path`` cannot be trusted, or None. Never writes to them."""
         wal_problem = recovery.wal_problem(Path(str(self.path) + "-wal"))
         if wal_problem:
@@ -195,7 +217,7 @@ class OpeningMixin(BufferBase):
             if self._no_room(exc):
                 # A read-only connection needs a -shm file too: check after opening instead.
                 log.error("buffer %s: card full, checking it after opening (%s)", self.path, exc)
-                self._check_deferred = True
+                self.check_deferred = True
                 return None
             raise
         result = [str(r[0]) for r in rows]
@@ -223,9 +245,9 @@ class OpeningMixin(BufferBase):
             # Left to the read-only check below, which names corruption or a full card.
             log.error("buffer %s: could not roll back its journal (%s)", self.path, exc)
 
-    def _peek_epoch(self) -> str | None:
-        if self._damaged_epoch is not None:
-            return self._damaged_epoch  # meta's epoch failed its check: the side file's
+    def peek_epoch(self) -> str | None:
+        if self._epochs.damaged_epoch is not None:
+            return self._epochs.damaged_epoch  # meta's epoch failed its check: the side file's
         try:
             conn = sqlite3.connect(self.path.as_uri() + "?immutable=1", uri=True)
             try:

@@ -5,68 +5,81 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from buffer import recovery
+from buffer.handle import FileHandle
 from buffer.highwater import HighWater
 from buffer.identity import IdentityFile
+from buffer.seams import SalvageWriter, Tally
 from core.sample import Sample
-from core.wire import Batch, Gap, content_hash, encode_batch
-from buffer.base import BufferBase
+from core.wire import Batch, encode_batch
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
 
 SALVAGE_BATCH_SAMPLES = 1000
 
 
-class RecoverMixin(BufferBase):
-    """Buffer's part: corruption (see the module docstring)."""
+class Recovery:
+    """Quarantines a damaged file, has it reopened afresh, and salvages what verifies into it."""
 
-    def _quarantine(self, reason: str, epoch: str | None) -> Path:
-        log.error("buffer %s is corrupt (%s): quarantining it", self.path, reason)
-        qdir = recovery.quarantine(self.path, self.quarantine_dir, epoch, reason)
+    def __init__(self, handle: FileHandle, carriers: SalvageWriter, tally: Tally, *, quarantine_dir: Path,
+                 identity: IdentityFile, highwater: HighWater, reopen: Callable[[], None],
+                 peek_epoch: Callable[[], str | None]) -> None:
+        self._h = handle
+        self._carriers = carriers
+        self._tally = tally
+        self.quarantine_dir = quarantine_dir
+        self._identity = identity
+        self._highwater = highwater
+        # Opening is the facade's (buffer.opening): a fresh file with a new epoch, and the
+        # epoch a damaged file names (its side files when meta's failed its check).
+        self._reopen = reopen
+        self._peek_epoch = peek_epoch
+
+    def quarantine(self, reason: str, epoch: str | None) -> Path:
+        log.error("buffer %s is corrupt (%s): quarantining it", self._h.path, reason)
+        qdir = recovery.quarantine(self._h.path, self.quarantine_dir, epoch, reason)
         self._identity.copy_to(qdir, epoch)  # names the epoch if the file cannot
         self._highwater.move_to(qdir)  # a third witness; the new epoch starts without it
         return qdir
 
-    def _recover(self, reason: str) -> None:
+    def recover(self, reason: str) -> None:
         """Corruption found during use: move the files aside, start afresh, salvage."""
-        old_epoch = getattr(self, "epoch", None) or self._peek_epoch()
+        old_epoch = getattr(self._h, "epoch", None) or self._peek_epoch()
         # A read-only connection kept open while the writer closes stops the
         # writer from checkpointing the (damaged) WAL into the main file.
         keeper: sqlite3.Connection | None = None
         try:
-            keeper = sqlite3.connect(self.path.as_uri() + "?mode=ro", uri=True)
+            keeper = sqlite3.connect(self._h.path.as_uri() + "?mode=ro", uri=True)
             keeper.execute("BEGIN")
             keeper.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError:
             pass
         try:
-            if hasattr(self, "_db"):
-                self._db.close()
+            if hasattr(self._h, "db"):
+                self._h.db.close()
         except sqlite3.DatabaseError:
             pass
-        self._quarantine(reason, old_epoch)
-        self._damaged_epoch = None
+        self.quarantine(reason, old_epoch)
         if keeper is not None:
             keeper.close()
-        self._open()
-        self._salvage_pending()
+        self._reopen()  # forgets a damaged epoch: the new file's is its own
+        self.salvage_pending()
 
-    def _salvage_pending(self) -> None:
+    def salvage_pending(self) -> None:
         """Salvage every quarantined file whose salvage is not recorded as done."""
         for qdir in recovery.unsalvaged(self.quarantine_dir):
             mark = f"salvaged:{qdir.name}"
-            if self._db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
-                recovery.mark_salvaged(qdir, {"into_epoch": self.epoch})
+            if self._h.db.execute("SELECT 1 FROM meta WHERE key=?", (mark,)).fetchone():
+                recovery.mark_salvaged(qdir, {"into_epoch": self._h.epoch})
                 continue
             ident = IdentityFile(qdir / self._identity.path.name).read()
             seq = HighWater(qdir / self._highwater.path.name).read()
             if ident is None:
                 # No identity file: the .seq copy still names the epoch (the third witness).
-                ident = (seq[0], self.device_id) if seq else None
+                ident = (seq[0], self._h.device_id) if seq else None
             elif seq is not None and seq[0] != ident[0]:
                 # The witnesses disagree: a stale .id (a re-birth whose rewrite a full card
                 # refused, an old-format file) would send the samples under an earlier epoch
@@ -75,13 +88,13 @@ class RecoverMixin(BufferBase):
                 log.error("buffer: %s names epoch %s, %s names %s: salvaging %s under a fresh epoch",
                           self._identity.path.name, ident[0], self._highwater.path.name, seq[0], qdir)
                 ident = None
-            found = recovery.salvage(qdir / self.path.name, ident)
+            found = recovery.salvage(qdir / self._h.path.name, ident)
             try:
                 summary = self._apply_salvage(found, mark)
             except sqlite3.DatabaseError as exc:
                 if not recovery.is_disk_full(exc):
                     raise
-                self._rollback_quietly()
+                self._h.rollback_quietly()
                 log.error("no room to salvage %s yet; will retry at next start", qdir)
                 continue
             recovery.mark_salvaged(qdir, summary)
@@ -101,14 +114,14 @@ class RecoverMixin(BufferBase):
         """
         # The configured id, never the file's: a side file or meta of another van must not relabel
         # this van's samples (the receiver refuses them: the device is not the topic's).
-        device = self.device_id
+        device = self._h.device_id
         n_samples = 0
-        with self._tx():
+        with self._h.tx():
             for b in s.batches:
-                self._insert_salvaged(b.epoch, b.device, b.first_seq, b.last_seq, b.n_samples,
+                self._carriers.insert_salvaged(b.epoch, b.device, b.first_seq, b.last_seq, b.n_samples,
                                       b.payload, b.sealed_utc_ms, b.oldest_utc_ms)
             for e, nxt in s.carrier_next.items():
-                self._db.execute(
+                self._h.db.execute(
                     "INSERT INTO epochs VALUES (?, ?, ?) ON CONFLICT(epoch)"
                     " DO UPDATE SET next_carrier = max(next_carrier, excluded.next_carrier)",
                     (e, device, nxt),
@@ -116,30 +129,23 @@ class RecoverMixin(BufferBase):
             if s.epoch is not None:
                 n_samples = self._seal_salvaged_samples(s.epoch, device, s.samples)
                 if s.carrier_base is not None:
-                    self._ensure_epoch(s.epoch, device, s.carrier_base)
-                self._add_carrier(s.epoch, device, s.gaps)
+                    self._carriers.ensure_epoch(s.epoch, device, s.carrier_base)
+                self._carriers.add_carrier(s.epoch, device, s.gaps)
             for e, gaps in s.other_gaps.items():
-                self._add_carrier(e, device, gaps)
+                self._carriers.add_carrier(e, device, gaps)
             summary = {
-                "into_epoch": self.epoch,
+                "into_epoch": self._h.epoch,
                 "from_epoch": s.epoch,
                 "batches": len(s.batches),
                 "samples": n_samples,
                 "gaps": [[g.first_seq, g.last_seq, g.reason] for g in s.gaps],
                 "notes": s.notes,
             }
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (mark, json.dumps(summary)))
-            self._bump("quarantined")
-            self._bump("salvaged_batches", len(s.batches))
-            self._bump("salvaged_samples", n_samples)
+            self._h.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (mark, json.dumps(summary)))
+            self._tally.bump("quarantined")
+            self._tally.bump("salvaged_batches", len(s.batches))
+            self._tally.bump("salvaged_samples", n_samples)
         return summary
-
-    def _insert_salvaged(self, epoch: str, device: str, first: int, last: int, n: int,
-                         payload: bytes, sealed_ms: int, oldest_ms: int | None) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO salvaged VALUES (?,?,?,?,?,?,?,?,?)",
-            (epoch, first, last, device, n, payload, content_hash(payload), sealed_ms, oldest_ms),
-        )
 
     def _seal_salvaged_samples(self, epoch: str, device: str, samples: list[Sample]) -> int:
         """Seal runs of consecutive unsealed samples into batches of their old epoch."""
@@ -159,34 +165,5 @@ class RecoverMixin(BufferBase):
             assert first is not None and last is not None
             payload = encode_batch(Batch(device, epoch, first, last, run, []))
             oldest = min((x.t_utc_ms for x in run if x.t_utc_ms is not None), default=None)
-            self._insert_salvaged(epoch, device, first, last, len(run), payload, 0, oldest)
+            self._carriers.insert_salvaged(epoch, device, first, last, len(run), payload, 0, oldest)
         return len(samples)
-
-    def _ensure_epoch(self, epoch: str, device: str, base: int) -> None:
-        self._db.execute(
-            "INSERT INTO epochs VALUES (?, ?, ?) ON CONFLICT(epoch)"
-            " DO UPDATE SET next_carrier = max(next_carrier, excluded.next_carrier)",
-            (epoch, device, base),
-        )
-
-    def _add_carrier(self, epoch: str, device: str, gaps: list[Gap]) -> None:
-        """Gap records of an earlier epoch travel in a sample-less batch of that epoch.
-
-        It is named after a sequence number past the epoch's end, so its id is
-        new to the receiver (which refuses a known id with other bytes).
-        """
-        if not gaps:
-            return
-        row = self._db.execute("SELECT next_carrier FROM epochs WHERE epoch=?", (epoch,)).fetchone()
-        if row is None:
-            top = self._db.execute(
-                "SELECT coalesce(max(last_seq), 0) FROM salvaged WHERE epoch=?", (epoch,)
-            ).fetchone()[0]
-            n = max(top, max(g.last_seq for g in gaps)) + recovery.CARRIER_OFFSET_UNCERTAIN
-        else:
-            n = int(row[0])
-        payload = encode_batch(Batch(device, epoch, n, n, [], list(gaps)))
-        self._insert_salvaged(epoch, device, n, n, 0, payload, int(time.time() * 1000), None)
-        self._ensure_epoch(epoch, device, n + 1)
-        self._db.execute("UPDATE epochs SET next_carrier=? WHERE epoch=?", (n + 1, epoch))
-        self._bump("gap_records", len(gaps))

@@ -10,24 +10,27 @@ from core.sample import Sample
 from core.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
 from core.sample_rules import gap_reason, sample_problem
 from core.wire import Batch, Gap, content_hash, encode_batch
-from buffer.base import BufferBase
 from buffer.commit import _encodes
 from buffer.gaps import WAL_LOST_REASON
-from buffer.guards import _recovering, _tolerate_full
+from buffer.handle import FileHandle
 from buffer.records import SealedBatch
+from buffer.seams import GapRecorder, Tally
 
 log = logging.getLogger("buffer.store")  # the name the one-class store logged under
 
 
-class SealMixin(BufferBase):
-    """Buffer's part: sealing (see the module docstring)."""
+class Sealer:
+    """Batches out: reads the oldest unsealed rows, verifies, encodes, and stores one batch.
 
-    @property
-    def unsealed_count(self) -> int:
-        return self._unsealed
+    Knows the samples only as rows of the file (whoever committed them); owns up to what it
+    cannot seal through the ``GapRecorder`` and counts through the ``Tally`` it is given.
+    """
 
-    @_recovering
-    @_tolerate_full(None)
+    def __init__(self, handle: FileHandle, gaps: GapRecorder, tally: Tally) -> None:
+        self._h = handle
+        self._gaps = gaps
+        self._tally = tally
+
     def seal(self, max_samples: int, now_utc_ms: int) -> SealedBatch | None:
         """Seal the oldest unsealed samples (at most ``max_samples``) into one batch.
 
@@ -42,14 +45,14 @@ class SealMixin(BufferBase):
         # samples back unsealed, and their re-seal must give the very bytes of the original
         # (encoding is deterministic) so the receiver answers "duplicate", not "different".
         self._check_gaps()
-        gaps_rows = self._db.execute(
+        gaps_rows = self._h.db.execute(
             "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason=?"
             " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
         samples: list[Sample] = []
         rows: list[tuple[Any, ...]] = []
         if not gaps_rows:
             rows, samples = self._sealable(max_samples, now_utc_ms)  # first: its set-aside gaps ride too
-            gaps_rows = self._db.execute(
+            gaps_rows = self._h.db.execute(
                 "SELECT id, first_seq, last_seq, reason FROM gaps WHERE sent_in IS NULL AND reason!=?"
                 " ORDER BY id LIMIT ?", (WAL_LOST_REASON, MAX_GAPS_PER_BATCH)).fetchall()
         gaps_rows = _within_gap_budget(gaps_rows)
@@ -79,15 +82,15 @@ class SealMixin(BufferBase):
             first = min(g[1] for g in gaps_rows)
             last = max(g[2] for g in gaps_rows)
         assert first is not None and last is not None
-        batch = Batch(self.device_id, self.epoch, first, last, samples, gaps)
+        batch = Batch(self._h.device_id, self._h.epoch, first, last, samples, gaps)
         digest = content_hash(payload)
-        with self._tx():
-            if self._db.execute("SELECT 1 FROM batches WHERE first_seq=?", (first,)).fetchone():
+        with self._h.tx():
+            if self._h.db.execute("SELECT 1 FROM batches WHERE first_seq=?", (first,)).fetchone():
                 # Only a gaps-only batch can collide (its range was a batch before); such
                 # gaps are already known to the receiver through that rejected range.
-                self._db.executemany("UPDATE gaps SET sent_in=-1 WHERE id=?", [(g[0],) for g in gaps_rows])
+                self._h.db.executemany("UPDATE gaps SET sent_in=-1 WHERE id=?", [(g[0],) for g in gaps_rows])
                 return None
-            self._db.execute(
+            self._h.db.execute(
                 "INSERT INTO batches VALUES (?,?,?,?,?,?,?)",
                 (
                     first,
@@ -100,14 +103,14 @@ class SealMixin(BufferBase):
                 ),
             )
             if samples:
-                self._db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
+                self._h.db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
                 # The seal watermark: after a corruption, what is missing above it
                 # was never sent, so it is known lost (see recovery.salvage).
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sealed_through', ?)", (str(last),))
+                self._h.db.execute("INSERT OR REPLACE INTO meta VALUES ('sealed_through', ?)", (str(last),))
             if gaps_rows:
-                self._db.executemany("UPDATE gaps SET sent_in=? WHERE id=?", [(first, g[0]) for g in gaps_rows])
-        self._unsealed -= len(samples)
-        return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self.epoch)
+                self._h.db.executemany("UPDATE gaps SET sent_in=? WHERE id=?", [(first, g[0]) for g in gaps_rows])
+        self._h.unsealed -= len(samples)
+        return SealedBatch(batch.batch_id, first, last, len(samples), payload, digest, self._h.epoch)
 
     def _check_gaps(self) -> None:
         """Unsent gap rows checked against the numbers before they travel (``buffer.gaprows``).
@@ -117,26 +120,26 @@ class SealMixin(BufferBase):
         its bytes, counted (``gaps_invalid``). A row reaching past the last number or over
         samples is clipped to what no sample holds (same counter); a row marked sent in a batch
         that does not exist goes back in the queue (``gaps_resent``)."""
-        resend = gaprows.orphaned_sent(self._db)
+        resend = gaprows.orphaned_sent(self._h.db)
         if resend:
             log.error("buffer: gap rows %r marked sent in no batch: sent again", resend[:5])
-            with self._tx():
-                self._db.executemany("UPDATE gaps SET sent_in=NULL WHERE id=?", [(i,) for i in resend])
-                self._bump("gaps_resent", len(resend))
-        row = self._db.execute("SELECT value FROM meta WHERE key='sealed_through'").fetchone()
+            with self._h.tx():
+                self._h.db.executemany("UPDATE gaps SET sent_in=NULL WHERE id=?", [(i,) for i in resend])
+                self._tally.bump("gaps_resent", len(resend))
+        row = self._h.db.execute("SELECT value FROM meta WHERE key='sealed_through'").fetchone()
         sealed = int(row[0]) if row and str(row[0]).isdigit() else 0
-        fixes = gaprows.repairs(self._db, self.last_seq(), sealed)
+        fixes = gaprows.repairs(self._h.db, self._h.last_seq(), sealed)
         if not fixes:
             return
         for f in fixes:
             log.error("buffer: gap row %r %s: %s", f.row[:4], f.why,
                       f"sent as {f.keep}" if f.keep else "never sent")
-        with self._tx():
+        with self._h.tx():
             for f in fixes:
-                self._db.execute("DELETE FROM gaps WHERE id=?", (f.row[0],))
-                self._db.executemany("INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
+                self._h.db.execute("DELETE FROM gaps WHERE id=?", (f.row[0],))
+                self._h.db.executemany("INSERT INTO gaps (first_seq, last_seq, reason) VALUES (?,?,?)",
                                      [(a, b, f.row[3]) for a, b in f.keep])
-            self._bump("gaps_invalid", len(fixes))
+            self._tally.bump("gaps_invalid", len(fixes))
 
     def _sealable(self, max_samples: int, now_utc_ms: int) -> tuple[list[tuple[Any, ...]], list[Sample]]:
         """The oldest unsealed rows and the samples among them that can travel.
@@ -146,7 +149,7 @@ class SealMixin(BufferBase):
         value a driver should never have given: the receiver would refuse the
         whole batch, or it would not even encode), is set aside with a gap record.
         """
-        rows = self._db.execute(
+        rows = self._h.db.execute(
             f"SELECT {rowcheck.SELECT_COLS} FROM samples ORDER BY seq LIMIT ?", (max_samples,)
         ).fetchall()
         samples: list[Sample] = []
@@ -175,7 +178,7 @@ class SealMixin(BufferBase):
             first = part[0].seq if part else min(g.first_seq for g in gaps)
             last = part[-1].seq if part else max(g.last_seq for g in gaps)
             assert first is not None and last is not None
-            payload = encode_batch(Batch(self.device_id, self.epoch, first, last, part, gaps))
+            payload = encode_batch(Batch(self._h.device_id, self._h.epoch, first, last, part, gaps))
             why = batch_problem(part, len(gaps), payload)
             if why is None:
                 return part, payload
@@ -192,16 +195,16 @@ class SealMixin(BufferBase):
 
     def _set_aside(self, bad: list[tuple[tuple[Any, ...], str]], now_utc_ms: int) -> None:
         """Move rows that cannot be sealed to ``bad_rows``, each owned up to by a gap record."""
-        with self._tx():
+        with self._h.tx():
             for r, why in bad:
-                self._db.execute(
+                self._h.db.execute(
                     "INSERT INTO bad_rows VALUES (?,?,?,?)", (r[0], why, rowcheck.raw_bytes(r), now_utc_ms)
                 )
-                self._db.execute("DELETE FROM samples WHERE rowid=?", (r[0],))
+                self._h.db.execute("DELETE FROM samples WHERE rowid=?", (r[0],))
                 if isinstance(r[0], int) and r[0] > 0:
-                    self._gap(r[0], r[0], f"unsealable row set aside: {why}")
-                self._bump("rows_set_aside")
-        self._unsealed -= len(bad)
+                    self._gaps.gap(r[0], r[0], f"unsealable row set aside: {why}")
+                self._tally.bump("rows_set_aside")
+        self._h.unsealed -= len(bad)
         log.error("buffer: %d unsealable rows set aside in bad_rows (%s)", len(bad), bad[0][1])
 
 

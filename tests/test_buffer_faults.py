@@ -230,10 +230,16 @@ class _CardRefusingDeletes(Buffer):
 
     refuse = False
 
-    def _delete_batch(self, key):  # type: ignore[no-untyped-def]
-        if self.refuse:
-            raise sqlite3.OperationalError("database or disk is full")
-        return super()._delete_batch(key)
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        delete_batch = self._acks._delete_batch  # the acknowledger's delete (buffer.ack)
+
+        def refusing(key):  # type: ignore[no-untyped-def]
+            if self.refuse:
+                raise sqlite3.OperationalError("database or disk is full")
+            return delete_batch(key)
+
+        self._acks._delete_batch = refusing  # type: ignore[method-assign]
 
 
 def test_ack_on_a_full_disk_is_recorded_not_lost(tmp_path):
