@@ -55,6 +55,13 @@ LZMA2_DICT_SIZE = 1 << 20
 _LZMA_ENC_FILTERS = [
     {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": LZMA2_DICT_SIZE}
 ]
+# Version 4's encoder: one literal-context bit, no position bits. A plain body is varints of
+# mixed columns, not text: the default (lc=3, pb=2) models context that is not there and
+# costs ~3 % on a 60-s batch. The stream carries these, so every decoder reads it.
+_LZMA_ENC_FILTERS_V4 = [
+    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": LZMA2_DICT_SIZE,
+     "lc": 1, "lp": 0, "pb": 0}
+]
 _LZMA_DEC_FILTERS = [{"id": lzma.FILTER_LZMA2, "dict_size": LZMA2_DICT_SIZE}]
 
 # Type tags of a value cell (what one sample holds under one key).
@@ -94,6 +101,16 @@ STATIC_STRINGS_V3: tuple[str, ...] = (
 
 MODE_RAW = 0  # each value as a zigzag varint
 MODE_DELTA = 1  # first value, then differences from the previous one
+MODE_DOD = 2  # version 4: first value, then differences of differences (a smooth track)
+# Version 4: first value, a period, then each difference minus the period: a clock read with
+# jitter (every delta of deltas holds three jitters, this one two: about a bit less a sample).
+MODE_PERIOD = 3
+# Version 4 (issue #18): an int column also carries a common step (a GCD): an ADC reads in
+# whole LSBs (an ADS1115 at +-4.096 V in 0.125 mV: mantissas in 125s), and a varint of the
+# step count is a byte where the mantissa took two. Stream order: omitted when the samples
+# are in sequence order (a van's always are): the per-stream seqs already say it.
+ORDER_RLE = 0
+ORDER_BY_SEQ = 1
 _BIGINT_MAX_DIGITS = 400  # ~1330 bits: more than any sensor needs, cheap to parse
 
 
@@ -255,8 +272,12 @@ def _get_dod(r: _Reader, n: int, base: int, what: str) -> list[int]:
     return out
 
 
-def _put_ints(out: bytearray, values: Sequence[int]) -> None:
-    """Raw or delta zigzag varints, whichever is shorter (ties: delta)."""
+def _put_ints(out: bytearray, values: Sequence[int], version: int = 2) -> None:
+    """Raw or delta zigzag varints, whichever is shorter (ties: delta); version 4 also
+    deltas of deltas, and a common step taken out (``_put_ints4``)."""
+    if version >= 4:
+        _put_ints4(out, values)
+        return
     deltas = [values[0]] + [b - a for a, b in zip(values, values[1:])]
     raw_len = sum(_varint_len(_zigzag(v)) for v in values)
     delta_len = sum(_varint_len(_zigzag(v)) for v in deltas)
@@ -266,7 +287,43 @@ def _put_ints(out: bytearray, values: Sequence[int]) -> None:
         _put_s(out, v)
 
 
-def _get_ints(r: _Reader, n: int, lo: int, hi: int, what: str) -> list[int]:
+def _put_ints4(out: bytearray, values: Sequence[int]) -> None:
+    """``u mode | u step | items``: RAW all items are value/step; DELTA and DOD the first
+    value as is, then each delta (or delta of delta) / step. The shortest in varint bytes
+    (ties: the lower mode). Deterministic."""
+    deltas = [b - a for a, b in zip(values, values[1:])]
+    dods = [b - a for a, b in zip([0] + deltas, deltas)]
+    period = sorted(deltas)[len(deltas) // 2] if deltas else 0  # the median
+    off = [d - period for d in deltas]
+    best: tuple[int, int, int, list[int]] | None = None
+    for mode, items, first in ((MODE_RAW, list(values), None), (MODE_DELTA, deltas, values[0]),
+                               (MODE_DOD, dods, values[0]), (MODE_PERIOD, off, values[0])):
+        step = 0
+        for v in items:
+            step = math.gcd(step, v)
+            if step == 1:
+                break
+        step = step or 1
+        scaled = [v // step for v in items]
+        # Bits, not varint bytes: what the compressor after us pays is closer to the bits.
+        size = step.bit_length() + sum(_zigzag(v).bit_length() + 1 for v in scaled)
+        size += 0 if first is None else _zigzag(first).bit_length()
+        if mode == MODE_PERIOD:
+            size += _zigzag(period).bit_length()
+        if best is None or size < best[0]:
+            head = [] if first is None else [first, period] if mode == MODE_PERIOD else [first]
+            best = (size, mode, step, head + scaled)
+    assert best is not None
+    _, mode, step, items = best
+    _put_u(out, mode)
+    _put_u(out, step)
+    for v in items:
+        _put_s(out, v)
+
+
+def _get_ints(r: _Reader, n: int, lo: int, hi: int, what: str, version: int = 2) -> list[int]:
+    if version >= 4:
+        return _get_ints4(r, n, lo, hi, what)
     mode = r.u(f"{what} mode")
     if mode not in (MODE_RAW, MODE_DELTA):
         raise PayloadError(f"unknown {what} mode {mode}")
@@ -280,6 +337,42 @@ def _get_ints(r: _Reader, n: int, lo: int, hi: int, what: str) -> list[int]:
         if not lo <= v <= hi:
             raise PayloadError(f"{what} value out of range")
         out.append(v)
+    return out
+
+
+def _get_ints4(r: _Reader, n: int, lo: int, hi: int, what: str) -> list[int]:
+    mode = r.u(f"{what} mode")
+    if mode not in (MODE_RAW, MODE_DELTA, MODE_DOD, MODE_PERIOD):
+        raise PayloadError(f"unknown {what} mode {mode}")
+    step = r.u(f"{what} step")
+    if not 1 <= step <= hi - lo:
+        raise PayloadError(f"{what} step {step} out of range")
+    out: list[int] = []
+    s = r.s
+    if mode == MODE_RAW:
+        for _ in range(n):
+            v = s(what) * step
+            if not lo <= v <= hi:
+                raise PayloadError(f"{what} value out of range")
+            out.append(v)
+        return out
+    acc = s(what)
+    delta = 0
+    dod = mode == MODE_DOD
+    period = s(f"{what} period") if mode == MODE_PERIOD and n else 0
+    if not -(hi - lo) <= period <= hi - lo:
+        raise PayloadError(f"{what} period out of range")
+    for i in range(n):
+        if i:
+            if dod:
+                delta += s(what) * step
+            else:
+                delta = s(what) * step + period
+            acc += delta
+        # Checked at every step: a crafted delta must not grow an int without bound.
+        if not lo <= acc <= hi:
+            raise PayloadError(f"{what} value out of range")
+        out.append(acc)
     return out
 
 
@@ -354,7 +447,7 @@ def _cell_tag(v: Any, decimals: dict[int, tuple[int, int]], i: int) -> int:
     raise TypeError(f"value of type {type(v).__name__} cannot be encoded")
 
 
-def _encode_key(out: bytearray, key: str, samples: Sequence[Sample], strings: _Interner) -> None:
+def _encode_key(out: bytearray, key: str, samples: Sequence[Sample], strings: _Interner, version: int) -> None:
     cells = [s.values.get(key, _ABSENT) for s in samples]
     decimals: dict[int, tuple[int, int]] = {}
     tags = [TAG_ABSENT if v is _ABSENT else _cell_tag(v, decimals, i) for i, v in enumerate(cells)]
@@ -375,10 +468,10 @@ def _encode_key(out: bytearray, key: str, samples: Sequence[Sample], strings: _I
     decs = [mantissas[i] for i, t in enumerate(tags) if t == TAG_DEC]
     f64s = [cells[i] for i, t in enumerate(tags) if t == TAG_F64]
     if ints:
-        _put_ints(out, ints)
+        _put_ints(out, ints, version)
     if decs:
         _put_u(out, scale)
-        _put_ints(out, decs)
+        _put_ints(out, decs, version)
     if f64s:
         _put_f64(out, f64s)
     for i, t in enumerate(tags):
@@ -402,12 +495,17 @@ def _check_int(v: Any, what: str) -> int:
 
 
 def _encode_stream(
-    out: bytearray, samples: Sequence[Sample], first_seq: int, strings: _Interner, flagsets: _Interner
+    out: bytearray, samples: Sequence[Sample], first_seq: int, strings: _Interner, flagsets: _Interner,
+    version: int = 2,
 ) -> None:
     seqs = [_check_int(s.seq, "seq") for s in samples]
     monos = [_check_int(s.t_mono_ms, "t_mono_ms") for s in samples]
-    _put_dod(out, seqs, first_seq)
-    _put_dod(out, monos, 0)
+    if version >= 4:  # the best of raw, delta, delta of delta and period (below)
+        _put_ints4(out, [q - first_seq for q in seqs])
+        _put_ints4(out, monos)
+    else:
+        _put_dod(out, seqs, first_seq)
+        _put_dod(out, monos, 0)
     # UTC as its offset from the monotonic clock: both are read at the same
     # moment, so timing jitter is paid once, and the offset only moves on a
     # clock step or correction.
@@ -424,7 +522,7 @@ def _encode_stream(
     keys = sorted({k for s in samples for k in s.values})
     _put_u(out, len(keys))
     for key in keys:
-        _encode_key(out, key, samples, strings)
+        _encode_key(out, key, samples, strings, version)
 
 
 def encode_plain(batch: Batch, version: int = 2) -> bytes:
@@ -439,9 +537,20 @@ def encode_plain(batch: Batch, version: int = 2) -> bytes:
     stream_of = {name: i for i, name in enumerate(streams)}
     sensor_ids = [strings(name) for name in streams]
     tail = bytearray()
-    _put_rle(tail, [stream_of[s.sensor] for s in batch.samples])
+    order = [stream_of[s.sensor] for s in batch.samples]
+    if version >= 4:
+        seqs = [s.seq for s in batch.samples]
+        by_seq = all(isinstance(q, int) for q in seqs) and all(a < b for a, b in zip(seqs, seqs[1:]))
+        _put_u(tail, ORDER_BY_SEQ if by_seq else ORDER_RLE)
+        if by_seq:  # the order follows from the seqs: only each stream's size
+            for group in streams.values():
+                _put_u(tail, len(group))
+        else:
+            _put_rle(tail, order)
+    else:
+        _put_rle(tail, order)
     for group in streams.values():
-        _encode_stream(tail, group, batch.first_seq, strings, flagsets)
+        _encode_stream(tail, group, batch.first_seq, strings, flagsets, version)
     _put_u(tail, len(batch.gaps))
     for g in batch.gaps:
         _put_s(tail, g.first_seq - batch.first_seq)
@@ -471,28 +580,29 @@ def encode_plain(batch: Batch, version: int = 2) -> bytes:
     return bytes(out + tail)
 
 
-def _compress(method: int, plain: bytes) -> bytes:
+def _compress(method: int, plain: bytes, version: int = 2) -> bytes:
     if method == COMP_ZLIB:
         return zlib.compress(plain, 9)
     if method == COMP_LZMA2:
-        return lzma.compress(plain, format=lzma.FORMAT_RAW, filters=_LZMA_ENC_FILTERS)
+        filters = _LZMA_ENC_FILTERS_V4 if version >= 4 else _LZMA_ENC_FILTERS
+        return lzma.compress(plain, format=lzma.FORMAT_RAW, filters=filters)
     return plain
 
 
-def pack(plain: bytes, method: int) -> bytes:
+def pack(plain: bytes, method: int, version: int = 2) -> bytes:
     """Body = method byte | CRC-32 of the plain body | compressed plain body.
 
     The CRC catches a flipped bit in a batch that sat on an SD card before it
     reaches the store (raw LZMA2 has no checksum of its own).
     """
-    return bytes([method]) + struct.pack(">I", zlib.crc32(plain)) + _compress(method, plain)
+    return bytes([method]) + struct.pack(">I", zlib.crc32(plain)) + _compress(method, plain, version)
 
 
 def encode_v2(batch: Batch, version: int = 2) -> bytes:
     """The version 2 (or 3) body of a batch. Deterministic: the smallest of the
     compressions, ties to the lower method number."""
     plain = encode_plain(batch, version)
-    return min((pack(plain, m) for m in COMPRESSIONS), key=len)
+    return min((pack(plain, m, version) for m in COMPRESSIONS), key=len)
 
 
 # --- decoder ------------------------------------------------------------------
@@ -542,7 +652,7 @@ def unpack(body: bytes) -> bytes:
 
 
 def _decode_key(
-    r: _Reader, n: int, strings: list[str]
+    r: _Reader, n: int, strings: list[str], version: int = 2
 ) -> tuple[str, list[int], dict[int, list[Any]]]:
     key = strings[r.index("value key", len(strings))]
     tags = _get_rle(r, n, N_TAGS, f"tags of {key!r}")
@@ -551,12 +661,12 @@ def _decode_key(
         counts[t] += 1
     cols: dict[int, list[Any]] = {}
     if counts[TAG_INT]:
-        cols[TAG_INT] = _get_ints(r, counts[TAG_INT], INT64_MIN, INT64_MAX, f"ints of {key!r}")
+        cols[TAG_INT] = _get_ints(r, counts[TAG_INT], INT64_MIN, INT64_MAX, f"ints of {key!r}", version)
     if counts[TAG_DEC]:
         scale = r.u(f"scale of {key!r}")
         if scale > MAX_SCALE:
             raise PayloadError(f"scale {scale} of {key!r} exceeds {MAX_SCALE}")
-        ms = _get_ints(r, counts[TAG_DEC], 1 - MAX_EXACT, MAX_EXACT - 1, f"decimals of {key!r}")
+        ms = _get_ints(r, counts[TAG_DEC], 1 - MAX_EXACT, MAX_EXACT - 1, f"decimals of {key!r}", version)
         div = 10**scale
         cols[TAG_DEC] = [m / div for m in ms]
     if counts[TAG_F64]:
@@ -592,9 +702,15 @@ def _decode_stream(
     strings: list[str],
     flagsets: list[tuple[str, ...]],
     cells_left: int,
+    version: int = 2,
 ) -> tuple[list[Sample], int]:
-    seqs = _get_dod(r, n, first_seq, f"seq of {sensor!r}")
-    monos = _get_dod(r, n, 0, f"t_mono_ms of {sensor!r}")
+    if version >= 4:
+        # Seqs relative to the batch's first: 0 .. 2^63-1 - first keeps every seq within 64 bits.
+        seqs = [first_seq + q for q in _get_ints4(r, n, 0, INT64_MAX - first_seq, f"seq of {sensor!r}")]
+        monos = _get_ints4(r, n, INT64_MIN, INT64_MAX, f"t_mono_ms of {sensor!r}")
+    else:
+        seqs = _get_dod(r, n, first_seq, f"seq of {sensor!r}")
+        monos = _get_dod(r, n, 0, f"t_mono_ms of {sensor!r}")
     has_utc = _get_rle(r, n, 2, f"t_utc_ms presence of {sensor!r}")
     utcs: list[int | None] = []
     offset = 0
@@ -621,7 +737,7 @@ def _decode_stream(
     values: list[dict[str, Any]] = [{} for _ in range(n)]
     seen: set[str] = set()
     for _ in range(n_keys):
-        key, tags, cols = _decode_key(r, n, strings)
+        key, tags, cols = _decode_key(r, n, strings, version)
         if key in seen:
             raise PayloadError(f"key {key!r} appears twice for {sensor!r}")
         seen.add(key)
@@ -659,16 +775,25 @@ def decode_plain(plain: bytes, version: int = 2) -> Batch:
     sensors = [strings[r.index("sensor", n_strings)] for _ in range(n_streams)]
     if len(set(sensors)) != n_streams or not all(sensors):
         raise PayloadError("sensor names must be unique and non-empty")
-    order = _get_rle(r, n, n_streams, "stream order")
-    sizes = [0] * n_streams
-    for i in order:
-        sizes[i] += 1
+    order_mode = r.u("stream order mode") if version >= 4 else ORDER_RLE
+    order: list[int] | None = None
+    if order_mode == ORDER_RLE:
+        order = _get_rle(r, n, n_streams, "stream order")
+        sizes = [0] * n_streams
+        for i in order:
+            sizes[i] += 1
+    elif order_mode == ORDER_BY_SEQ:
+        sizes = [r.count("stream size", n) for _ in range(n_streams)]
+        if sum(sizes) != n:
+            raise PayloadError(f"stream sizes do not add up to {n}")
+    else:
+        raise PayloadError(f"unknown stream order mode {order_mode}")
     if not all(sizes):
         raise PayloadError("a stream without samples")
     per_stream: list[list[Sample]] = []
     cells_left = MAX_VALUE_CELLS
     for sensor, size in zip(sensors, sizes):
-        group, cells_left = _decode_stream(r, sensor, size, first, strings, flagsets, cells_left)
+        group, cells_left = _decode_stream(r, sensor, size, first, strings, flagsets, cells_left, version)
         per_stream.append(group)
     gaps: list[Gap] = []
     for _ in range(r.count("gap count", r.left())):
@@ -677,6 +802,14 @@ def decode_plain(plain: bytes, version: int = 2) -> Batch:
         gaps.append(Gap(g_first, g_last, strings[r.index("gap reason", n_strings)]))
     if r.left():
         raise PayloadError(f"{r.left()} unexpected bytes after the body")
+    if order is None:
+        # In sequence order: the encoder said so. Two samples with one seq are refused by
+        # core.wire's checks; within a stream the seqs must rise, as the encoder saw them.
+        for g in per_stream:
+            if any(a.seq >= b.seq for a, b in zip(g, g[1:])):  # type: ignore[operator]
+                raise PayloadError("a stream's seqs do not rise in sequence-ordered batch")
+        samples = sorted((s for g in per_stream for s in g), key=lambda s: s.seq)  # type: ignore[arg-type,return-value]
+        return Batch(device, epoch, first, last, samples, gaps)
     # Back to the original order: each sample is the next one of its stream.
     iters = [iter(g) for g in per_stream]
     samples = [next(iters[i]) for i in order]
