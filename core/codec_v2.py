@@ -24,6 +24,7 @@ from __future__ import annotations
 import lzma
 import math
 import struct
+import uuid
 import zlib
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -149,6 +150,36 @@ def _put_str(out: bytearray, s: str) -> None:
     out += raw
 
 
+# Version 4 strings: ``u (n << 2 | kind)``, then n bytes. Random identifiers (a buffer's epoch
+# in hex, a boot id as a UUID) are the least compressible bytes of a 60-s batch: as bytes
+# they are half the size. Kind 1 and 2 only when the text is exactly what decoding gives back.
+STR_TEXT = 0  # UTF-8
+STR_HEX = 1  # lowercase hex of n bytes
+STR_UUID = 2  # a UUID's 16 bytes, canonical lowercase text (n = 16)
+_HEX = frozenset("0123456789abcdef")
+
+
+def _canonical_uuid(s: str) -> bytes | None:
+    if len(s) != 36 or s.count("-") != 4 or not set(s) <= _HEX | {"-"}:
+        return None
+    try:
+        u = uuid.UUID(s)
+    except ValueError:
+        return None
+    return u.bytes if str(u) == s else None
+
+
+def _put_str4(out: bytearray, s: str) -> None:
+    if s and len(s) % 2 == 0 and set(s) <= _HEX:
+        raw, kind = bytes.fromhex(s), STR_HEX
+    elif (as_uuid := _canonical_uuid(s)) is not None:
+        raw, kind = as_uuid, STR_UUID
+    else:
+        raw, kind = s.encode("utf-8"), STR_TEXT
+    _put_u(out, len(raw) << 2 | kind)
+    out += raw
+
+
 class _Reader:
     """A cursor over the plain body; every read checks the bytes are there."""
 
@@ -199,8 +230,21 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def string(self, what: str) -> str:
-        raw = self.take(self.count(f"{what} length", self.left()), what)
+    def string(self, what: str, version: int = 2) -> str:
+        if version >= 4:
+            head = self.u(f"{what} length")
+            kind, n = head & 3, head >> 2
+            raw = self.take(n, what)
+            if kind == STR_HEX:
+                return raw.hex()
+            if kind == STR_UUID:
+                if n != 16:
+                    raise PayloadError(f"{what}: a UUID of {n} bytes")
+                return str(uuid.UUID(bytes=raw))
+            if kind != STR_TEXT:
+                raise PayloadError(f"{what}: unknown string kind {kind}")
+        else:
+            raw = self.take(self.count(f"{what} length", self.left()), what)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -560,14 +604,15 @@ def encode_plain(batch: Batch, version: int = 2) -> bytes:
     flag_rows = [[strings(f) for f in fs] for fs in flagsets.items()]
 
     out = bytearray()
-    _put_str(out, batch.device)
-    _put_str(out, batch.epoch)
+    put_str = _put_str4 if version >= 4 else _put_str
+    put_str(out, batch.device)
+    put_str(out, batch.epoch)
     _put_s(out, batch.first_seq)
     _put_s(out, batch.last_seq - batch.first_seq)
     table = strings.items()[len(static):]
     _put_u(out, len(table))
     for text in table:
-        _put_str(out, text)
+        put_str(out, text)
     _put_u(out, len(flag_rows))
     for row in flag_rows:
         _put_u(out, len(row))
@@ -757,12 +802,12 @@ def decode_plain(plain: bytes, version: int = 2) -> Batch:
     """A Batch from the uncompressed body. Structure only: the checks both
     versions share (range, duplicates, gaps) are ``core.wire``'s."""
     r = _Reader(plain)
-    device = r.string("device")
-    epoch = r.string("epoch")
+    device = r.string("device", version)
+    epoch = r.string("epoch", version)
     first = r.s("first_seq")
     last = first + r.s("sequence span")
     n_own = r.count("string count", r.left())
-    strings = list(STATIC_STRINGS_V3 if version >= 3 else ()) + [r.string("string") for _ in range(n_own)]
+    strings = list(STATIC_STRINGS_V3 if version >= 3 else ()) + [r.string("string", version) for _ in range(n_own)]
     n_strings = len(strings)
     flagsets: list[tuple[str, ...]] = []
     for _ in range(r.count("flag set count", r.left())):

@@ -79,9 +79,9 @@ def test_messy_batch_round_trips_in_v4():
 
 def _order_mode(b: Batch) -> int:
     r = _Reader(encode_plain(b, 4))
-    r.string("device"), r.string("epoch"), r.s("first"), r.s("span")
+    r.string("device", 4), r.string("epoch", 4), r.s("first"), r.s("span")
     for _ in range(r.u("strings")):
-        r.string("s")
+        r.string("s", 4)
     for _ in range(r.u("flag sets")):
         for _ in range(r.u("size")):
             r.u("flag")
@@ -208,3 +208,43 @@ def test_a_delta_walking_out_of_range_is_refused():
         codec_v2._put_s(out, v)
     with pytest.raises(PayloadError, match="out of range"):
         _get_ints(_Reader(bytes(out)), 3, I64_MIN, I64_MAX, "x", 4)
+
+
+@pytest.mark.parametrize("text", ["5b47e51bc31f3c38", "3f9c2a71-5d7e-4b0e-9a53-0c1f4e2d8b66", "00", "", "ABCD",
+                                  "abc", "3F9C2A71-5D7E-4B0E-9A53-0C1F4E2D8B66", "3f9c2a715d7e-4b0e-9a53-0c1f4e2d8b-66",
+                                  "----------------------------------a-", "é"])
+def test_identifiers_travel_as_bytes_and_any_text_as_it_was(text):
+    out = bytearray()
+    codec_v2._put_str4(out, text)
+    assert _Reader(bytes(out)).string("s", 4) == text
+    if text in ("5b47e51bc31f3c38", "3f9c2a71-5d7e-4b0e-9a53-0c1f4e2d8b66"):
+        assert len(out) == 1 + (8 if len(text) == 16 else 16)
+
+
+def test_unknown_string_kind_and_short_uuid_are_refused():
+    with pytest.raises(PayloadError, match="kind"):
+        _Reader(bytes([0 << 2 | 3])).string("s", 4)
+    with pytest.raises(PayloadError, match="UUID"):
+        _Reader(bytes([4 << 2 | codec_v2.STR_UUID]) + b"abcd").string("s", 4)
+
+
+@FUZZ
+@given(st.data())
+def test_mutations_of_a_v4_body_behind_a_valid_checksum(data):
+    from tests.test_wire_v2 import _decodes_or_refuses
+
+    plain = bytearray(encode_plain(sim_batch(8), 4))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(plain) - 1))
+        op = data.draw(st.sampled_from(["flip", "set", "cut", "insert"]))
+        if op == "flip":
+            plain[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "set":
+            plain[pos] = data.draw(st.sampled_from([0x00, 0x01, 0x03, 0x7F, 0x80, 0xFF]))
+        elif op == "cut":
+            del plain[pos : pos + data.draw(st.integers(1, 8))]
+        else:
+            plain[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        if not plain:
+            plain = bytearray(b"\x00")
+    _decodes_or_refuses(wire.MAGIC + b"\x04" + codec_v2.pack(bytes(plain), codec_v2.COMP_STORED))
