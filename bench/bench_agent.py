@@ -156,16 +156,7 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         drivers = build_drivers(cfg.sensors, {"clock": clock, "hardware": hw})
     cfg.uplink = UplinkConfig(**uplink)
     link = MqttLink(cfg.uplink, device)
-    # Every message the van receives (its acks), recorded as (topic, payload) for the byte
-    # count of issue #18: the receiver's answers travel on the van's link too.
-    received: list[tuple[str, list[int]]] = []
-    handler = link._client.on_message
-
-    def recording(client: Any, userdata: Any, msg: Any) -> None:
-        received.append((msg.topic, list(msg.payload)))
-        handler(client, userdata, msg)
-
-    link._client.on_message = recording
+    received = record_received(link)
     agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, device), link)
     marks: dict[str, float] = {}
 
@@ -198,8 +189,24 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         "published": agent.stats.published, "acked": agent.stats.acked_batches,
         "heartbeats": agent.stats.heartbeats, "connects": link.counters["connects"],
         "threads": {k: round(v - threads["c0"].get(k, 0.0), 2) for k, v in threads["c1"].items()},
-        "received": received,
+        "received": [(t, list(p)) for t, p in received],
     }
+
+
+def record_received(link: Any) -> list[tuple[str, bytes]]:
+    """Every message the van's link receives (its acks) as (topic, payload), for the byte
+    count of issue #18: the receiver's answers travel on the van's link too. The sniffer
+    cannot see them (a van's account is its client id: a second client would take the
+    van's session over), so the van records them as they reach it."""
+    received: list[tuple[str, bytes]] = []
+    handler = link._client.on_message
+
+    def recording(client: Any, userdata: Any, msg: Any) -> None:
+        received.append((msg.topic, bytes(msg.payload)))
+        handler(client, userdata, msg)
+
+    link._client.on_message = recording
+    return received
 
 
 # -- the harness -----------------------------------------------------------------------
