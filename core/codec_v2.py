@@ -361,8 +361,18 @@ def _put_ints(out: bytearray, values: Sequence[int], version: int = 2) -> None:
 
 def _put_ints4(out: bytearray, values: Sequence[int]) -> None:
     """``u mode | u step | items``: RAW all items are value/step; DELTA and DOD the first
-    value as is, then each delta (or delta of delta) / step. The shortest in varint bytes
-    (ties: the lower mode). Deterministic."""
+    value as is, then each delta (or delta of delta) / step; PERIOD the first value, the
+    period, then each delta minus the period / step. The fewest bits (ties: the lower
+    mode). Deterministic."""
+    _, mode, step, items = _plan_ints4(values)
+    _put_u(out, mode)
+    _put_u(out, step)
+    for v in items:
+        _put_s(out, v)
+
+
+def _plan_ints4(values: Sequence[int]) -> tuple[int, int, int, list[int]]:
+    """(bits, mode, step, items) of the cheapest coding of ``values`` (``_put_ints4``)."""
     deltas = [b - a for a, b in zip(values, values[1:])]
     dods = [b - a for a, b in zip([0] + deltas, deltas)]
     period = sorted(deltas)[len(deltas) // 2] if deltas else 0  # the median
@@ -386,11 +396,7 @@ def _put_ints4(out: bytearray, values: Sequence[int]) -> None:
             head = [] if first is None else [first, period] if mode == MODE_PERIOD else [first]
             best = (size, mode, step, head + scaled)
     assert best is not None
-    _, mode, step, items = best
-    _put_u(out, mode)
-    _put_u(out, step)
-    for v in items:
-        _put_s(out, v)
+    return best
 
 
 def _get_ints(r: _Reader, n: int, lo: int, hi: int, what: str, version: int = 2) -> list[int]:
@@ -560,13 +566,28 @@ def _check_int(v: Any, what: str) -> int:
 
 def _encode_stream(
     out: bytearray, samples: Sequence[Sample], first_seq: int, strings: _Interner, flagsets: _Interner,
-    version: int = 2,
+    version: int = 2, earlier: list[list[int]] | None = None,
 ) -> None:
     seqs = [_check_int(s.seq, "seq") for s in samples]
     monos = [_check_int(s.t_mono_ms, "t_mono_ms") for s in samples]
     if version >= 4:  # the best of raw, delta, delta of delta and period (below)
         _put_ints4(out, [q - first_seq for q in seqs])
-        _put_ints4(out, monos)
+        # The agent reads every sensor in one tick: a stream's clock is best told as its
+        # difference from an earlier stream's (reference r, 1-based; 0: none), sample by sample.
+        best_ref, best_plan = 0, _plan_ints4(monos)
+        for ref, other in enumerate(earlier or (), start=1):
+            if len(other) >= len(monos):
+                plan = _plan_ints4([m - o for m, o in zip(monos, other)])
+                if plan[0] < best_plan[0]:
+                    best_ref, best_plan = ref, plan
+        _put_u(out, best_ref)
+        _, mode, step, items = best_plan
+        _put_u(out, mode)
+        _put_u(out, step)
+        for v in items:
+            _put_s(out, v)
+        if earlier is not None:
+            earlier.append(monos)
     else:
         _put_dod(out, seqs, first_seq)
         _put_dod(out, monos, 0)
@@ -613,8 +634,9 @@ def encode_plain(batch: Batch, version: int = 2) -> bytes:
             _put_rle(tail, order)
     else:
         _put_rle(tail, order)
+    earlier: list[list[int]] = []  # the clocks of the streams already written (version 4)
     for group in streams.values():
-        _encode_stream(tail, group, batch.first_seq, strings, flagsets, version)
+        _encode_stream(tail, group, batch.first_seq, strings, flagsets, version, earlier)
     _put_u(tail, len(batch.gaps))
     for g in batch.gaps:
         _put_s(tail, g.first_seq - batch.first_seq)
@@ -768,11 +790,23 @@ def _decode_stream(
     flagsets: list[tuple[str, ...]],
     cells_left: int,
     version: int = 2,
+    earlier: list[list[int]] | None = None,
 ) -> tuple[list[Sample], int]:
     if version >= 4:
         # Seqs relative to the batch's first: 0 .. 2^63-1 - first keeps every seq within 64 bits.
         seqs = [first_seq + q for q in _get_ints4(r, n, 0, INT64_MAX - first_seq, f"seq of {sensor!r}")]
-        monos = _get_ints4(r, n, INT64_MIN, INT64_MAX, f"t_mono_ms of {sensor!r}")
+        earlier = [] if earlier is None else earlier
+        ref = r.u(f"t_mono_ms reference of {sensor!r}")
+        if ref > len(earlier) or ref and len(earlier[ref - 1]) < n:
+            raise PayloadError(f"t_mono_ms of {sensor!r} refers to no earlier stream of {n} samples")
+        if ref:
+            diffs = _get_ints4(r, n, 2 * INT64_MIN, 2 * INT64_MAX + 1, f"t_mono_ms of {sensor!r}")
+            monos = [o + d for o, d in zip(earlier[ref - 1], diffs)]
+            if min(monos) < INT64_MIN or max(monos) > INT64_MAX:
+                raise PayloadError(f"t_mono_ms of {sensor!r} leaves the 64-bit range")
+        else:
+            monos = _get_ints4(r, n, INT64_MIN, INT64_MAX, f"t_mono_ms of {sensor!r}")
+        earlier.append(monos)
     else:
         seqs = _get_dod(r, n, first_seq, f"seq of {sensor!r}")
         monos = _get_dod(r, n, 0, f"t_mono_ms of {sensor!r}")
@@ -860,8 +894,10 @@ def decode_plain(plain: bytes, version: int = 2) -> Batch:
         raise PayloadError("a stream without samples")
     per_stream: list[list[Sample]] = []
     cells_left = MAX_VALUE_CELLS
+    earlier: list[list[int]] = []
     for sensor, size in zip(sensors, sizes):
-        group, cells_left = _decode_stream(r, sensor, size, first, strings, flagsets, cells_left, version)
+        group, cells_left = _decode_stream(r, sensor, size, first, strings, flagsets, cells_left, version,
+                                           earlier)
         per_stream.append(group)
     gaps: list[Gap] = []
     for _ in range(r.count("gap count", r.left())):

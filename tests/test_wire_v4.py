@@ -248,3 +248,47 @@ def test_mutations_of_a_v4_body_behind_a_valid_checksum(data):
         if not plain:
             plain = bytearray(b"\x00")
     _decodes_or_refuses(wire.MAGIC + b"\x04" + codec_v2.pack(bytes(plain), codec_v2.COMP_STORED))
+
+
+def _tick_batch(n: int = 40) -> Batch:
+    """Four sensors read in one tick a second, as the agent does: jittered, close together."""
+    samples, seq, mono = [], 1, 5_000_000
+    for i in range(n):
+        mono += 1000 + (i * 37) % 23 - 11
+        for k, sensor in enumerate(("pm", "no2", "noise", "gps")):
+            samples.append(Sample(sensor, None, mono + 20 * k + (i % 3 if k == 2 else 0), TimeSource.GPS,
+                                  {"v": i}, (), seq, "b"))
+            seq += 1
+    return Batch("van-001", "ep", 1, seq - 1, samples)
+
+
+def test_a_stream_clock_can_refer_to_an_earlier_stream():
+    b = _tick_batch()
+    assert_same(decode_batch(encode_batch(b)), b)
+    plain = encode_plain(b, 4)
+    earlier: list[list[int]] = []
+    out = bytearray()
+    codec_v2._encode_stream(out, [s for s in b.samples if s.sensor == "pm"], 1, codec_v2._Interner(),
+                            codec_v2._Interner(), 4, earlier)
+    out = bytearray()
+    codec_v2._encode_stream(out, [s for s in b.samples if s.sensor == "no2"], 1, codec_v2._Interner(),
+                            codec_v2._Interner(), 4, earlier)
+    r = _Reader(bytes(out))
+    _get_ints(r, 40, 0, I64_MAX, "seq", 4)
+    assert r.u("ref") == 1  # no2 told against pm: a constant 20 ms
+    assert len(plain) < len(encode_plain(b, 3))
+
+
+def test_a_clock_reference_to_no_earlier_stream_is_refused():
+    out = bytearray()
+    codec_v2._encode_stream(out, [s for s in _tick_batch(5).samples if s.sensor == "pm"], 1, codec_v2._Interner(),
+                            codec_v2._Interner(), 4, None)
+    r = _Reader(bytes(out))
+    _get_ints(r, 5, 0, I64_MAX, "seq", 4)
+    at = r.pos
+    assert out[at] == 0
+    bad = bytes(out[:at]) + b"\x01" + bytes(out[at + 1:])
+    with pytest.raises(PayloadError, match="earlier stream"):
+        codec_v2._decode_stream(_Reader(bad), "pm", 5, 1, ["ntp", "gps", "b"], [()], 10**6, 4, [])
+    with pytest.raises(PayloadError, match="earlier stream"):  # one that is too short
+        codec_v2._decode_stream(_Reader(bad), "pm", 5, 1, ["ntp", "gps", "b"], [()], 10**6, 4, [[1, 2]])
