@@ -16,7 +16,6 @@ Mosquitto 2.0 behaviour the assertions rely on (checked here, see the ACL):
 
 from __future__ import annotations
 
-import json
 import queue
 import ssl
 import stat
