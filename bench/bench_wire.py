@@ -2,8 +2,9 @@
 
 The shipped figure (issue #18) is the captured one: ``upload_rows`` counts what a
 real van (bench/bench_agent.py's shipped configuration: real agent and drivers,
-default settings, 60-s batches, heartbeats, wire v3) published, sniffed on the
-broker. The rows below it are the format's own figure on one synthetic batch.
+default settings, 60-s batches, heartbeats, wire v4) published, sniffed on the
+broker, and the acks it received, every packet with its PUBACK. The rows below it
+are the format's own figure on one synthetic batch.
 
 A realistic sealed batch of 2000 samples (500 ticks of pm, no2, noise and gps
 from the value-level simulator, stamped by the agent's TimeKeeper on a
