@@ -361,7 +361,8 @@ VERSION_BINARY_ACK = 4
 
 def ack_version_for(payload: bytes) -> int:
     """The ack form the sender of this batch payload reads: binary from wire version 4 on."""
-    if len(payload) > len(MAGIC) and payload.startswith(MAGIC) and payload[len(MAGIC)] >= VERSION_BINARY_ACK:
+    version = payload[len(MAGIC)] if len(payload) > len(MAGIC) and payload.startswith(MAGIC) else 0
+    if version in SUPPORTED_VERSIONS and version >= VERSION_BINARY_ACK:  # not an unknown one
         return ACK_BINARY
     return ACK_JSON
 

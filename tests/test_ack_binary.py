@@ -115,6 +115,7 @@ def test_the_form_follows_the_wire_version_and_the_sync_request():
     for old in (1, 2, 3):
         assert ack_version_for(encode_batch(_batch(1), version=old)) == ACK_JSON
     assert ack_version_for(b"garbage") == ACK_JSON
+    assert ack_version_for(b"DLB\xff" + b"x" * 20) == ACK_JSON  # a version nobody knows: JSON
     assert sync_ack_version(encode_sync("e", ["x"])) == ACK_BINARY
     assert sync_ack_version(encode_sync("e", ["x"], ack=ACK_JSON)) == ACK_JSON  # as old vans send it
     assert sync_ack_version(b"not json") == ACK_JSON
