@@ -380,15 +380,11 @@ def _plan_ints4(values: Sequence[int]) -> tuple[int, int, int, list[int]]:
     best: tuple[int, int, int, list[int]] | None = None
     for mode, items, first in ((MODE_RAW, list(values), None), (MODE_DELTA, deltas, values[0]),
                                (MODE_DOD, dods, values[0]), (MODE_PERIOD, off, values[0])):
-        step = 0
-        for v in items:
-            step = math.gcd(step, v)
-            if step == 1:
-                break
-        step = step or 1
-        scaled = [v // step for v in items]
-        # Bits, not varint bytes: what the compressor after us pays is closer to the bits.
-        size = step.bit_length() + sum(_zigzag(v).bit_length() + 1 for v in scaled)
+        step = math.gcd(*items) or 1
+        scaled = [v // step for v in items] if step != 1 else items
+        # Bits, not varint bytes: what the compressor after us pays is closer to the bits (a
+        # zigzag adds one, and one for the varint's framing). Summed in C: the van encodes.
+        size = step.bit_length() + sum(map(int.bit_length, map(abs, scaled))) + 2 * len(scaled)
         size += 0 if first is None else _zigzag(first).bit_length()
         if mode == MODE_PERIOD:
             size += _zigzag(period).bit_length()
