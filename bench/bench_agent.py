@@ -60,7 +60,8 @@ class _Bus:
         self.bus = FakeI2CBus(keep_log=False)
         volts = {0: 0.320, 1: 0.306, 2: 0.650}  # WE, AE, temperature (15 °C) in volts
         self.bus.attach(0x49, FakeADS1115(source=lambda ch: volts.get(ch, 0.0) + rng.gauss(0.0, 0.002)))
-        self.bus.attach(0x48, FakeSoundModule(source=lambda: 62.0 + rng.gauss(0.0, 3.0)))
+        # Fast levels swing within each second: LAmin/LAmax differ from LAeq, as on a street.
+        self.bus.attach(0x48, FakeSoundModule(source=lambda: 62.0 + rng.gauss(0.0, 3.0), fluctuation_db=3.0, seed=1))
         self.ports: dict[str, str] = {}
         self.microphone = microphone
 
@@ -180,6 +181,7 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         drivers = build_drivers(cfg.sensors, {"clock": clock, "hardware": hw})
     cfg.uplink = UplinkConfig(**uplink)
     link = MqttLink(cfg.uplink, device)
+    received = record_received(link)
     agent = Agent(cfg, drivers, clock, Buffer(cfg.buffer_path, device), link)
     parts = _time_parts(agent) if os.environ.get("BENCH_AGENT_PARTS") else None
     marks: dict[str, float] = {}
@@ -230,6 +232,7 @@ def van(kind: str, device: str, data_dir: Path, uplink: dict[str, Any], seconds:
         "rss_parts": _rss_parts() if parts is not None else None,
         "parts": None if parts is None else {
             k: round(v - threads["c0_parts"].get(k, 0.0), 4) for k, v in threads["c1_parts"].items()},
+        "received": [(t, list(p)) for t, p in received],
     }
 
 
@@ -263,6 +266,22 @@ def _time_parts(agent: Any) -> dict[str, float]:
     return acc
 
 
+def record_received(link: Any) -> list[tuple[str, bytes]]:
+    """Every message the van's link receives (its acks) as (topic, payload), for the byte
+    count of issue #18: the receiver's answers travel on the van's link too. The sniffer
+    cannot see them (a van's account is its client id: a second client would take the
+    van's session over), so the van records them as they reach it."""
+    received: list[tuple[str, bytes]] = []
+    handler = link._client.on_message
+
+    def recording(client: Any, userdata: Any, msg: Any) -> None:
+        received.append((msg.topic, bytes(msg.payload)))
+        handler(client, userdata, msg)
+
+    link._client.on_message = recording
+    return received
+
+
 # -- the harness -----------------------------------------------------------------------
 
 def _receiver(spec: str) -> None:
@@ -288,21 +307,24 @@ def _uplink_dict(cfg: Any) -> dict[str, Any]:
 
 
 class Sniffer:
-    """Every batch and heartbeat the vans publish, as the broker delivers them.
+    """Every batch, heartbeat and sync request the vans publish, as the broker delivers them.
 
-    Subscribes with the receiver's account (the ACL lets it read batch and status
-    topics) under its own client id, QoS 0: it watches, it never acknowledges.
+    Subscribes with the receiver's account (the ACL lets it read batch, status and sync
+    topics) under its own client id, QoS 0: it watches, it never acknowledges. The acks
+    cannot be watched so (a van's account is its client id: a second client would take
+    the van's session over); each van records those it receives (``van``).
     """
 
-    def __init__(self, rx_cfg: Any, prefix: str = "datalab/v1") -> None:
+    def __init__(self, rx_cfg: Any, prefix: str = "datalab/v1", topics: tuple[str, ...] = ("batch", "status", "sync"),
+                 client_id: str = "bench-sniffer") -> None:
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, bytes]] = []
-        c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sniffer")
+        c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         c.username_pw_set(rx_cfg.username, rx_cfg.password)
         c.tls_set(ca_certs=rx_cfg.ca_file)
         self.subscribed = threading.Event()
-        c.on_connect = lambda cl, *_: cl.subscribe([(f"{prefix}/+/batch", 0), (f"{prefix}/+/status", 0)])
+        c.on_connect = lambda cl, *_: cl.subscribe([(f"{prefix}/+/{t}", 0) for t in topics])
         c.on_subscribe = lambda *_: self.subscribed.set()
         c.on_message = lambda cl, ud, msg: self.messages.append((msg.topic, bytes(msg.payload)))
         c.connect(rx_cfg.host, rx_cfg.port)
@@ -362,6 +384,8 @@ def measure(seconds: float = 120.0, repeats: int = 1, warmup: float = 15.0,
         sniffer.stop()
         if captured is not None:
             captured.extend(sniffer.messages)
+            for r in results:  # what each van received from the receiver (acks), as it recorded it
+                captured.extend((t, bytes(n)) for t, n in r.get("received", []))
         rx.terminate()
         rx.wait(30)
         broker.close()

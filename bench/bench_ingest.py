@@ -138,6 +138,30 @@ def _store_work(target: str, share: list[Batch], derive: bool, group: int) -> Ca
     return go
 
 
+def _receive_work(target: str, share: list[Batch], group: int) -> Callable[[], None]:
+    """The whole receive path as a worker runs it, from the bytes on the wire (issue #18 point 5):
+    the memory budget's inflate, decode, validation, the store (one commit per ``group``) and
+    the ack, encoded in the form the batch asks for. Payloads are encoded before the clock."""
+    from core.wire import ack_version_for, encode_ack, inflate_body
+    from receiver.ingest import Ingestor
+    from receiver.store_factory import open_store
+
+    store = open_store(target)
+    ingestor = Ingestor(store, derive=False)  # the workers' fast path: derive after the ack
+    msgs = [(f"datalab/v1/{b.device}/batch", encode_batch(b), RECEIVED_MS) for b in share]
+
+    def go() -> None:
+        for i in range(0, len(msgs), group):
+            part = msgs[i : i + group]
+            outcomes = ingestor.handle_many(part, inflated=[inflate_body(p) for _, p, _ in part])
+            for (_, payload, _), o in zip(part, outcomes):
+                assert o.ack is not None and o.ack.status == "stored", o
+                encode_ack(o.ack, ack_version_for(payload))
+        store.close()
+
+    return go
+
+
 def _derive_work(target: str) -> Callable[[], None]:
     from receiver.store_factory import open_store
 
@@ -197,6 +221,8 @@ def _worker(kind: str, target: str, share: list[Batch], ready: Any, start: Any, 
     try:
         if kind in ("store", "store_inline"):
             go = _store_work(target, share, derive=kind == "store_inline", group=GROUP)
+        elif kind == "receive":
+            go = _receive_work(target, share, group=GROUP)
         elif kind == "store_per_batch":
             go = _store_work(target, share, derive=False, group=1)
         elif kind == "derive":
@@ -316,6 +342,64 @@ def _postgres(cluster: Any, batches: list[Batch], workers: int) -> dict[str, flo
     return {**out, **_store_figures(store_db, batches, workers)}
 
 
+def receive_rows(workers: int = 1) -> list[dict]:
+    """The receive path against a plain load of pre-built rows, on both stores (issue #18 point 5).
+
+    ``python -m bench.bench_ingest --receive``: a minute or two, not the whole bench."""
+    from receiver.store import SQLiteStore
+    from receiver.store_pg import PostgresStore
+    from tests.pg import PgCluster
+
+    import psycopg
+
+    batches = make_batches()
+    rows: list[dict] = []
+
+    def add(store: str, f: dict[str, float], raw_name: str) -> None:
+        ratio = f["receive"] / f["raw_prebuilt"]
+        rows.append({"name": f"ingest.{store}.{workers}w.receive_path", "value": round(f["receive"]),
+                     "unit": f"values/s from wire bytes (v4) to ack; baseline {raw_name} of pre-built rows",
+                     "baseline": round(f["raw_prebuilt"]), "target": f">= {RATIO_TARGET} x baseline",
+                     "ok": ratio >= RATIO_TARGET, "note": f"ratio {ratio:.2f}; store alone "
+                     f"{f['store'] / f['raw_prebuilt']:.2f} ({round(f['store'])} values/s)"})
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        def raw_db() -> str:
+            path = Path(tmp) / f"raw-{uuid.uuid4().hex}.sqlite"
+            with sqlite3.connect(path) as c:
+                c.execute("PRAGMA journal_mode=WAL")
+                c.execute(_RAW_SAMPLES.format(json="text", pk=_PK))
+            return str(path)
+
+        def store_db() -> str:
+            path = Path(tmp) / f"store-{uuid.uuid4().hex}.sqlite"
+            SQLiteStore(path).close()
+            return str(path)
+
+        add("sqlite", {"raw_prebuilt": best("raw_sqlite_prebuilt", raw_db, batches, workers),
+                       "store": best("store", store_db, batches, workers),
+                       "receive": best("receive", store_db, batches, workers)}, "executemany (FULL)")
+    cluster = PgCluster(settings={}).start()  # durable defaults: fsync, synchronous_commit on
+    try:
+        def pg_raw() -> str:
+            dsn = cluster.create_database()
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute(_RAW_SAMPLES.format(json="jsonb", pk=_PK))  # type: ignore[arg-type]
+            return str(dsn)
+
+        def pg_store() -> str:
+            dsn = cluster.create_database()
+            PostgresStore(dsn).close()
+            return str(dsn)
+
+        add("pg", {"raw_prebuilt": best("raw_pg:copy-prebuilt:raw_samples", pg_raw, batches, workers),
+                   "store": best("store", pg_store, batches, workers),
+                   "receive": best("receive", pg_store, batches, workers)}, "binary COPY (fsync on)")
+    finally:
+        cluster.stop()
+    return rows
+
+
 def run() -> list[dict]:
     """Benchmark rows: name, value, unit, baseline, target, ok (None where only informative)."""
     from tests.pg import PgCluster
@@ -365,6 +449,9 @@ def run() -> list[dict]:
 def main() -> None:
     from bench import print_table
 
+    if "--receive" in sys.argv:
+        print_table(receive_rows())
+        return
     print_table(run())
     print("\nbaseline: the same samples loaded raw in one transaction per worker "
           "(sqlite3 executemany / PostgreSQL COPY, same primary key).")

@@ -174,7 +174,7 @@ def publish_and_wait(port: int, payloads: list[tuple[str, bytes]], expect: int, 
     """Publish all at once (QoS 1) and wait for ``expect`` acks; seconds taken."""
     got: list[str] = []
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-mem-{time.monotonic_ns()}")
-    client.on_message = lambda c, u, m: got.append(decode_ack(m.payload).status)
+    client.on_message = lambda c, u, m: got.append(decode_ack(m.payload, m.topic.split("/")[-2]).status)
     client.connect("127.0.0.1", port)
     client.subscribe("datalab/v1/+/ack", qos=1)
     client.loop_start()

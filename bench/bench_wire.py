@@ -2,8 +2,9 @@
 
 The shipped figure (issue #18) is the captured one: ``upload_rows`` counts what a
 real van (bench/bench_agent.py's shipped configuration: real agent and drivers,
-default settings, 60-s batches, heartbeats, wire v3) published, sniffed on the
-broker. The rows below it are the format's own figure on one synthetic batch.
+default settings, 60-s batches, heartbeats, wire v4) published, sniffed on the
+broker, and the acks it received, every packet with its PUBACK. The rows below it
+are the format's own figure on one synthetic batch.
 
 A realistic sealed batch of 2000 samples (500 ticks of pm, no2, noise and gps
 from the value-level simulator, stamped by the agent's TimeKeeper on a
@@ -153,43 +154,66 @@ def measure(batch: Batch) -> dict[str, float]:
     }
 
 
-def upload_rows(messages: list[tuple[str, bytes]], device: str) -> list[dict]:
-    """Bytes per value of what one van really sent, sniffed on the broker (issue #18).
+PUBACK_BYTES = 4  # MQTT 3.1.1 PUBACK: type, remaining length 2, packet id
 
-    Counts every batch PUBLISH (re-sends too) and every heartbeat but the goodbye at
-    shutdown, each as its whole MQTT 3.1.1 packet at QoS 1 (TLS records and TCP/IP
-    headers not counted); values are those of the decoded batches. Baselines: the
-    same samples as one JSON message each, and the heartbeats as plain JSON.
+
+def upload_rows(messages: list[tuple[str, bytes]], device: str) -> list[dict]:
+    """Bytes per value of what one van's traffic put on the wire, captured (issue #18).
+
+    Counts, each as its whole MQTT 3.1.1 packet at QoS 1 plus the 4-byte PUBACK that
+    answers it: every batch PUBLISH (re-sends too), every heartbeat but the goodbye at
+    shutdown, every sync request, and every message the van received (the receiver's
+    acks, recorded by the van). Not counted: TLS records, TCP/IP headers, the CONNECT
+    and SUBSCRIBE of each connection, keepalive pings (none while the van publishes
+    every minute). Values are those of the decoded batches. Baselines: the same samples
+    as one JSON message each, the heartbeats as plain JSON, the acks as JSON (ack v1).
     """
-    from core.wire import decode_status, encode_status
+    from core.wire import Ack, content_hash, decode_ack, decode_status, encode_ack, encode_status
+
+    def packet(topic: str, payload: bytes) -> int:
+        return mqtt_publish_size(topic, len(payload)) + PUBACK_BYTES
 
     batches = [(t, p) for t, p in messages if t.endswith(f"/{device}/batch")]
     beats = [(t, p) for t, p in messages if t.endswith(f"/{device}/status")]
     beats = [(t, p) for t, p in beats if decode_status(p)["online"]]
+    syncs = [(t, p) for t, p in messages if t.endswith(f"/{device}/sync")]
+    acks = [(t, p) for t, p in messages if t.endswith(f"/{device}/ack")]
     decoded = [decode_batch(p) for _, p in batches]
     n = sum(len(s.values) for b in decoded for s in b.samples)
     if not n:
         raise RuntimeError(f"no batch of {device} captured")
-    batch_bytes = sum(mqtt_publish_size(t, len(p)) for t, p in batches)
-    beat_bytes = sum(mqtt_publish_size(t, len(p)) for t, p in beats)
-    plain_beats = sum(mqtt_publish_size(t, len(encode_status(
-        {k: v for k, v in decode_status(p).items() if k != "v"}, compact=False))) for t, p in beats)
-    json_bytes = sum(mqtt_publish_size(batches[0][0], len(json_message(b.device, b.epoch, s)))
-                     for b in decoded for s in b.samples)
-    total = (batch_bytes + beat_bytes) / n
-    note = (f"{len(batches)} batches ({sum(len(b.samples) for b in decoded)} samples, {n} values) and "
-            f"{len(beats)} heartbeats of {device}, real agent and drivers, default settings")
+    batch_bytes = sum(packet(t, p) for t, p in batches)
+    beat_bytes = sum(packet(t, p) for t, p in beats)
+    sync_bytes = sum(packet(t, p) for t, p in syncs)
+    ack_bytes = sum(packet(t, p) for t, p in acks)
+    plain_beats = sum(packet(t, encode_status(
+        {k: v for k, v in decode_status(p).items() if k != "v"}, compact=False)) for t, p in beats)
+    json_acks = 0
+    for t, p in acks:
+        a = decode_ack(p, device)
+        full = a.sha256 if len(a.sha256) == 64 else next(
+            (content_hash(bp) for _, bp in batches if content_hash(bp).startswith(a.sha256)), "0" * 64)
+        json_acks += packet(t, encode_ack(Ack(a.batch_id, a.status, a.reason, full)))
+    json_bytes = sum(packet(batches[0][0], json_message(b.device, b.epoch, s)) for b in decoded for s in b.samples)
+    total = (batch_bytes + beat_bytes + sync_bytes + ack_bytes) / n
+    note = (f"{len(batches)} batches ({sum(len(b.samples) for b in decoded)} samples, {n} values), "
+            f"{len(beats)} heartbeats, {len(syncs)} sync requests and {len(acks)} acks of {device}, "
+            "real agent and drivers, default settings; MQTT packets with their PUBACKs")
     return [
-        {"name": "wire.upload_bytes_per_value (batches + heartbeats, captured)", "value": round(total, 3),
-         "unit": "B/value, MQTT packets", "baseline": round((json_bytes + plain_beats) / n, 2),
+        {"name": "wire.upload_bytes_per_value (batches + heartbeats + syncs + acks, captured)",
+         "value": round(total, 3), "unit": "B/value, MQTT packets",
+         "baseline": round((json_bytes + plain_beats + sync_bytes + json_acks) / n, 2),
          "target": "<= 1.0", "ok": total <= 1.0,
-         "note": note + "; baseline: JSON per sample + plain-JSON heartbeats"},
+         "note": note + "; baseline: JSON per sample + plain-JSON heartbeats + JSON acks"},
         {"name": "wire.upload_batches_bytes_per_value (captured)", "value": round(batch_bytes / n, 3),
          "unit": "B/value, MQTT packets", "baseline": round(json_bytes / n, 2), "target": None, "ok": None,
          "note": "batches alone; baseline JSON per sample"},
         {"name": "wire.heartbeat_bytes (captured)", "value": round(beat_bytes / max(1, len(beats))),
-         "unit": "B per heartbeat PUBLISH", "baseline": round(plain_beats / max(1, len(beats))),
+         "unit": "B per heartbeat PUBLISH + PUBACK", "baseline": round(plain_beats / max(1, len(beats))),
          "target": None, "ok": None, "note": "baseline: the same heartbeats as plain JSON (status v1)"},
+        {"name": "wire.ack_bytes (captured)", "value": round(ack_bytes / max(1, len(acks))),
+         "unit": "B per ack PUBLISH + PUBACK", "baseline": round(json_acks / max(1, len(acks))),
+         "target": None, "ok": None, "note": "binary ack (v2) against the same acks as JSON (v1)"},
     ]
 
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 import lzma
 import math
 import struct
+import uuid
 import zlib
 from collections.abc import Hashable, Sequence
+from itertools import accumulate
 from typing import Any
 
 from core.errors import PayloadError
@@ -54,6 +56,13 @@ COMPRESSIONS = (COMP_STORED, COMP_ZLIB, COMP_LZMA2)
 LZMA2_DICT_SIZE = 1 << 20
 _LZMA_ENC_FILTERS = [
     {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": LZMA2_DICT_SIZE}
+]
+# Version 4's encoder: one literal-context bit, no position bits. A plain body is varints of
+# mixed columns, not text: the default (lc=3, pb=2) models context that is not there and
+# costs ~3 % on a 60-s batch. The stream carries these, so every decoder reads it.
+_LZMA_ENC_FILTERS_V4 = [
+    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": LZMA2_DICT_SIZE,
+     "lc": 1, "lp": 0, "pb": 0}
 ]
 _LZMA_DEC_FILTERS = [{"id": lzma.FILTER_LZMA2, "dict_size": LZMA2_DICT_SIZE}]
 
@@ -94,6 +103,16 @@ STATIC_STRINGS_V3: tuple[str, ...] = (
 
 MODE_RAW = 0  # each value as a zigzag varint
 MODE_DELTA = 1  # first value, then differences from the previous one
+MODE_DOD = 2  # version 4: first value, then differences of differences (a smooth track)
+# Version 4: first value, a period, then each difference minus the period: a clock read with
+# jitter (every delta of deltas holds three jitters, this one two: about a bit less a sample).
+MODE_PERIOD = 3
+# Version 4 (issue #18): an int column also carries a common step (a GCD): an ADC reads in
+# whole LSBs (an ADS1115 at +-4.096 V in 0.125 mV: mantissas in 125s), and a varint of the
+# step count is a byte where the mantissa took two. Stream order: omitted when the samples
+# are in sequence order (a van's always are): the per-stream seqs already say it.
+ORDER_RLE = 0
+ORDER_BY_SEQ = 1
 _BIGINT_MAX_DIGITS = 400  # ~1330 bits: more than any sensor needs, cheap to parse
 
 
@@ -132,6 +151,36 @@ def _put_str(out: bytearray, s: str) -> None:
     out += raw
 
 
+# Version 4 strings: ``u (n << 2 | kind)``, then n bytes. Random identifiers (a buffer's epoch
+# in hex, a boot id as a UUID) are the least compressible bytes of a 60-s batch: as bytes
+# they are half the size. Kind 1 and 2 only when the text is exactly what decoding gives back.
+STR_TEXT = 0  # UTF-8
+STR_HEX = 1  # lowercase hex of n bytes
+STR_UUID = 2  # a UUID's 16 bytes, canonical lowercase text (n = 16)
+_HEX = frozenset("0123456789abcdef")
+
+
+def _canonical_uuid(s: str) -> bytes | None:
+    if len(s) != 36 or s.count("-") != 4 or not set(s) <= _HEX | {"-"}:
+        return None
+    try:
+        u = uuid.UUID(s)
+    except ValueError:
+        return None
+    return u.bytes if str(u) == s else None
+
+
+def _put_str4(out: bytearray, s: str) -> None:
+    if s and len(s) % 2 == 0 and set(s) <= _HEX:
+        raw, kind = bytes.fromhex(s), STR_HEX
+    elif (as_uuid := _canonical_uuid(s)) is not None:
+        raw, kind = as_uuid, STR_UUID
+    else:
+        raw, kind = s.encode("utf-8"), STR_TEXT
+    _put_u(out, len(raw) << 2 | kind)
+    out += raw
+
+
 class _Reader:
     """A cursor over the plain body; every read checks the bytes are there."""
 
@@ -162,6 +211,37 @@ class _Reader:
     def s(self, what: str) -> int:
         return _unzigzag(self.u(what))
 
+    def many_s(self, n: int, what: str) -> list[int]:
+        """``n`` zigzag varints at once: the decoder's hot loop (issue #18: decoding cost more
+        than storing). One-byte values, most of a batch, take the short path."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        if n > end - pos:  # every varint takes at least a byte: refused before allocating
+            raise PayloadError(f"body truncated in {what}")
+        out = [0] * n
+        for i in range(n):
+            if pos >= end:
+                raise PayloadError(f"body truncated in {what}")
+            b = buf[pos]
+            pos += 1
+            if b < 0x80:
+                out[i] = (b >> 1) ^ -(b & 1)
+                continue
+            z, shift = b & 0x7F, 7
+            for _ in range(MAX_VARINT_BYTES - 1):
+                if pos >= end:
+                    raise PayloadError(f"body truncated in {what}")
+                b = buf[pos]
+                pos += 1
+                z |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+            else:
+                raise PayloadError(f"varint longer than {MAX_VARINT_BYTES} bytes in {what}")
+            out[i] = (z >> 1) ^ -(z & 1)
+        self.pos = pos
+        return out
+
     def count(self, what: str, limit: int) -> int:
         """A count that the caller will allocate for: bounded before it is used."""
         n = self.u(what)
@@ -182,8 +262,21 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def string(self, what: str) -> str:
-        raw = self.take(self.count(f"{what} length", self.left()), what)
+    def string(self, what: str, version: int = 2) -> str:
+        if version >= 4:
+            head = self.u(f"{what} length")
+            kind, n = head & 3, head >> 2
+            raw = self.take(n, what)
+            if kind == STR_HEX:
+                return raw.hex()
+            if kind == STR_UUID:
+                if n != 16:
+                    raise PayloadError(f"{what}: a UUID of {n} bytes")
+                return str(uuid.UUID(bytes=raw))
+            if kind != STR_TEXT:
+                raise PayloadError(f"{what}: unknown string kind {kind}")
+        else:
+            raw = self.take(self.count(f"{what} length", self.left()), what)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -244,19 +337,19 @@ def _put_dod(out: bytearray, values: Sequence[int], base: int) -> None:
 
 
 def _get_dod(r: _Reader, n: int, base: int, what: str) -> list[int]:
-    out: list[int] = []
-    prev, prev_delta = base, 0
-    for _ in range(n):
-        prev_delta += r.s(what)
-        prev += prev_delta
-        if not INT64_MIN <= prev <= INT64_MAX:
-            raise PayloadError(f"{what} leaves the 64-bit range")
-        out.append(prev)
+    # Sums in C; at most 20,000 items of 70 bits: the ints stay small before the range check.
+    out = list(accumulate(accumulate(r.many_s(n, what)), initial=base))[1:]
+    if out and (min(out) < INT64_MIN or max(out) > INT64_MAX):
+        raise PayloadError(f"{what} leaves the 64-bit range")
     return out
 
 
-def _put_ints(out: bytearray, values: Sequence[int]) -> None:
-    """Raw or delta zigzag varints, whichever is shorter (ties: delta)."""
+def _put_ints(out: bytearray, values: Sequence[int], version: int = 2) -> None:
+    """Raw or delta zigzag varints, whichever is shorter (ties: delta); version 4 also
+    deltas of deltas, and a common step taken out (``_put_ints4``)."""
+    if version >= 4:
+        _put_ints4(out, values)
+        return
     deltas = [values[0]] + [b - a for a, b in zip(values, values[1:])]
     raw_len = sum(_varint_len(_zigzag(v)) for v in values)
     delta_len = sum(_varint_len(_zigzag(v)) for v in deltas)
@@ -266,20 +359,86 @@ def _put_ints(out: bytearray, values: Sequence[int]) -> None:
         _put_s(out, v)
 
 
-def _get_ints(r: _Reader, n: int, lo: int, hi: int, what: str) -> list[int]:
+def _put_ints4(out: bytearray, values: Sequence[int]) -> None:
+    """``u mode | u step | items``: RAW all items are value/step; DELTA and DOD the first
+    value as is, then each delta (or delta of delta) / step; PERIOD the first value, the
+    period, then each delta minus the period / step. The fewest bits (ties: the lower
+    mode). Deterministic."""
+    _, mode, step, items = _plan_ints4(values)
+    _put_u(out, mode)
+    _put_u(out, step)
+    for v in items:
+        _put_s(out, v)
+
+
+def _plan_ints4(values: Sequence[int]) -> tuple[int, int, int, list[int]]:
+    """(bits, mode, step, items) of the cheapest coding of ``values`` (``_put_ints4``)."""
+    deltas = [b - a for a, b in zip(values, values[1:])]
+    dods = [b - a for a, b in zip([0] + deltas, deltas)]
+    period = sorted(deltas)[len(deltas) // 2] if deltas else 0  # the median
+    off = [d - period for d in deltas]
+    best: tuple[int, int, int, list[int]] | None = None
+    for mode, items, first in ((MODE_RAW, list(values), None), (MODE_DELTA, deltas, values[0]),
+                               (MODE_DOD, dods, values[0]), (MODE_PERIOD, off, values[0])):
+        step = math.gcd(*items) or 1
+        scaled = [v // step for v in items] if step != 1 else items
+        # Bits, not varint bytes: what the compressor after us pays is closer to the bits (a
+        # zigzag adds one, and one for the varint's framing). Summed in C: the van encodes.
+        size = step.bit_length() + sum(map(int.bit_length, map(abs, scaled))) + 2 * len(scaled)
+        size += 0 if first is None else _zigzag(first).bit_length()
+        if mode == MODE_PERIOD:
+            size += _zigzag(period).bit_length()
+        if best is None or size < best[0]:
+            head = [] if first is None else [first, period] if mode == MODE_PERIOD else [first]
+            best = (size, mode, step, head + scaled)
+    assert best is not None
+    return best
+
+
+def _get_ints(r: _Reader, n: int, lo: int, hi: int, what: str, version: int = 2) -> list[int]:
+    if version >= 4:
+        return _get_ints4(r, n, lo, hi, what)
     mode = r.u(f"{what} mode")
     if mode not in (MODE_RAW, MODE_DELTA):
         raise PayloadError(f"unknown {what} mode {mode}")
-    out: list[int] = []
-    acc = 0
-    for _ in range(n):
-        v = r.s(what)
-        if mode == MODE_DELTA:
-            acc += v
-            v = acc
-        if not lo <= v <= hi:
-            raise PayloadError(f"{what} value out of range")
-        out.append(v)
+    out = r.many_s(n, what)
+    if mode == MODE_DELTA:
+        out = list(accumulate(out))
+    if out and (min(out) < lo or max(out) > hi):
+        raise PayloadError(f"{what} value out of range")
+    return out
+
+
+def _get_ints4(r: _Reader, n: int, lo: int, hi: int, what: str) -> list[int]:
+    mode = r.u(f"{what} mode")
+    if mode not in (MODE_RAW, MODE_DELTA, MODE_DOD, MODE_PERIOD):
+        raise PayloadError(f"unknown {what} mode {mode}")
+    step = r.u(f"{what} step")
+    if not 1 <= step <= hi - lo:
+        raise PayloadError(f"{what} step {step} out of range")
+    if mode == MODE_RAW:
+        out = r.many_s(n, what)
+        if step != 1:
+            out = [v * step for v in out]
+    else:
+        head = r.s(what)
+        period = r.s(f"{what} period") if mode == MODE_PERIOD and n else 0
+        if not -(hi - lo) <= period <= hi - lo:
+            raise PayloadError(f"{what} period out of range")
+        if not n:
+            return []
+        items = r.many_s(n - 1, what)
+        if step != 1:
+            items = [v * step for v in items]
+        if period:
+            items = [v + period for v in items]
+        if mode == MODE_DOD:
+            items = list(accumulate(items))
+        # Sums in C. Each item is at most 70 bits times the step, n at most 20,000: whatever
+        # a crafted column holds, the intermediate ints stay small before the range check.
+        out = list(accumulate(items, initial=head))
+    if out and (min(out) < lo or max(out) > hi):
+        raise PayloadError(f"{what} value out of range")
     return out
 
 
@@ -354,7 +513,7 @@ def _cell_tag(v: Any, decimals: dict[int, tuple[int, int]], i: int) -> int:
     raise TypeError(f"value of type {type(v).__name__} cannot be encoded")
 
 
-def _encode_key(out: bytearray, key: str, samples: Sequence[Sample], strings: _Interner) -> None:
+def _encode_key(out: bytearray, key: str, samples: Sequence[Sample], strings: _Interner, version: int) -> None:
     cells = [s.values.get(key, _ABSENT) for s in samples]
     decimals: dict[int, tuple[int, int]] = {}
     tags = [TAG_ABSENT if v is _ABSENT else _cell_tag(v, decimals, i) for i, v in enumerate(cells)]
@@ -375,10 +534,10 @@ def _encode_key(out: bytearray, key: str, samples: Sequence[Sample], strings: _I
     decs = [mantissas[i] for i, t in enumerate(tags) if t == TAG_DEC]
     f64s = [cells[i] for i, t in enumerate(tags) if t == TAG_F64]
     if ints:
-        _put_ints(out, ints)
+        _put_ints(out, ints, version)
     if decs:
         _put_u(out, scale)
-        _put_ints(out, decs)
+        _put_ints(out, decs, version)
     if f64s:
         _put_f64(out, f64s)
     for i, t in enumerate(tags):
@@ -402,12 +561,32 @@ def _check_int(v: Any, what: str) -> int:
 
 
 def _encode_stream(
-    out: bytearray, samples: Sequence[Sample], first_seq: int, strings: _Interner, flagsets: _Interner
+    out: bytearray, samples: Sequence[Sample], first_seq: int, strings: _Interner, flagsets: _Interner,
+    version: int = 2, earlier: list[list[int]] | None = None,
 ) -> None:
     seqs = [_check_int(s.seq, "seq") for s in samples]
     monos = [_check_int(s.t_mono_ms, "t_mono_ms") for s in samples]
-    _put_dod(out, seqs, first_seq)
-    _put_dod(out, monos, 0)
+    if version >= 4:  # the best of raw, delta, delta of delta and period (below)
+        _put_ints4(out, [q - first_seq for q in seqs])
+        # The agent reads every sensor in one tick: a stream's clock is best told as its
+        # difference from an earlier stream's (reference r, 1-based; 0: none), sample by sample.
+        best_ref, best_plan = 0, _plan_ints4(monos)
+        for ref, other in enumerate(earlier or (), start=1):
+            if len(other) >= len(monos):
+                plan = _plan_ints4([m - o for m, o in zip(monos, other)])
+                if plan[0] < best_plan[0]:
+                    best_ref, best_plan = ref, plan
+        _put_u(out, best_ref)
+        _, mode, step, items = best_plan
+        _put_u(out, mode)
+        _put_u(out, step)
+        for v in items:
+            _put_s(out, v)
+        if earlier is not None:
+            earlier.append(monos)
+    else:
+        _put_dod(out, seqs, first_seq)
+        _put_dod(out, monos, 0)
     # UTC as its offset from the monotonic clock: both are read at the same
     # moment, so timing jitter is paid once, and the offset only moves on a
     # clock step or correction.
@@ -424,7 +603,7 @@ def _encode_stream(
     keys = sorted({k for s in samples for k in s.values})
     _put_u(out, len(keys))
     for key in keys:
-        _encode_key(out, key, samples, strings)
+        _encode_key(out, key, samples, strings, version)
 
 
 def encode_plain(batch: Batch, version: int = 2) -> bytes:
@@ -439,9 +618,21 @@ def encode_plain(batch: Batch, version: int = 2) -> bytes:
     stream_of = {name: i for i, name in enumerate(streams)}
     sensor_ids = [strings(name) for name in streams]
     tail = bytearray()
-    _put_rle(tail, [stream_of[s.sensor] for s in batch.samples])
+    order = [stream_of[s.sensor] for s in batch.samples]
+    if version >= 4:
+        seqs = [s.seq for s in batch.samples]
+        by_seq = all(isinstance(q, int) for q in seqs) and all(a < b for a, b in zip(seqs, seqs[1:]))
+        _put_u(tail, ORDER_BY_SEQ if by_seq else ORDER_RLE)
+        if by_seq:  # the order follows from the seqs: only each stream's size
+            for group in streams.values():
+                _put_u(tail, len(group))
+        else:
+            _put_rle(tail, order)
+    else:
+        _put_rle(tail, order)
+    earlier: list[list[int]] = []  # the clocks of the streams already written (version 4)
     for group in streams.values():
-        _encode_stream(tail, group, batch.first_seq, strings, flagsets)
+        _encode_stream(tail, group, batch.first_seq, strings, flagsets, version, earlier)
     _put_u(tail, len(batch.gaps))
     for g in batch.gaps:
         _put_s(tail, g.first_seq - batch.first_seq)
@@ -451,14 +642,15 @@ def encode_plain(batch: Batch, version: int = 2) -> bytes:
     flag_rows = [[strings(f) for f in fs] for fs in flagsets.items()]
 
     out = bytearray()
-    _put_str(out, batch.device)
-    _put_str(out, batch.epoch)
+    put_str = _put_str4 if version >= 4 else _put_str
+    put_str(out, batch.device)
+    put_str(out, batch.epoch)
     _put_s(out, batch.first_seq)
     _put_s(out, batch.last_seq - batch.first_seq)
     table = strings.items()[len(static):]
     _put_u(out, len(table))
     for text in table:
-        _put_str(out, text)
+        put_str(out, text)
     _put_u(out, len(flag_rows))
     for row in flag_rows:
         _put_u(out, len(row))
@@ -471,28 +663,29 @@ def encode_plain(batch: Batch, version: int = 2) -> bytes:
     return bytes(out + tail)
 
 
-def _compress(method: int, plain: bytes) -> bytes:
+def _compress(method: int, plain: bytes, version: int = 2) -> bytes:
     if method == COMP_ZLIB:
         return zlib.compress(plain, 9)
     if method == COMP_LZMA2:
-        return lzma.compress(plain, format=lzma.FORMAT_RAW, filters=_LZMA_ENC_FILTERS)
+        filters = _LZMA_ENC_FILTERS_V4 if version >= 4 else _LZMA_ENC_FILTERS
+        return lzma.compress(plain, format=lzma.FORMAT_RAW, filters=filters)
     return plain
 
 
-def pack(plain: bytes, method: int) -> bytes:
+def pack(plain: bytes, method: int, version: int = 2) -> bytes:
     """Body = method byte | CRC-32 of the plain body | compressed plain body.
 
     The CRC catches a flipped bit in a batch that sat on an SD card before it
     reaches the store (raw LZMA2 has no checksum of its own).
     """
-    return bytes([method]) + struct.pack(">I", zlib.crc32(plain)) + _compress(method, plain)
+    return bytes([method]) + struct.pack(">I", zlib.crc32(plain)) + _compress(method, plain, version)
 
 
 def encode_v2(batch: Batch, version: int = 2) -> bytes:
     """The version 2 (or 3) body of a batch. Deterministic: the smallest of the
     compressions, ties to the lower method number."""
     plain = encode_plain(batch, version)
-    return min((pack(plain, m) for m in COMPRESSIONS), key=len)
+    return min((pack(plain, m, version) for m in COMPRESSIONS), key=len)
 
 
 # --- decoder ------------------------------------------------------------------
@@ -542,7 +735,7 @@ def unpack(body: bytes) -> bytes:
 
 
 def _decode_key(
-    r: _Reader, n: int, strings: list[str]
+    r: _Reader, n: int, strings: list[str], version: int = 2
 ) -> tuple[str, list[int], dict[int, list[Any]]]:
     key = strings[r.index("value key", len(strings))]
     tags = _get_rle(r, n, N_TAGS, f"tags of {key!r}")
@@ -551,12 +744,12 @@ def _decode_key(
         counts[t] += 1
     cols: dict[int, list[Any]] = {}
     if counts[TAG_INT]:
-        cols[TAG_INT] = _get_ints(r, counts[TAG_INT], INT64_MIN, INT64_MAX, f"ints of {key!r}")
+        cols[TAG_INT] = _get_ints(r, counts[TAG_INT], INT64_MIN, INT64_MAX, f"ints of {key!r}", version)
     if counts[TAG_DEC]:
         scale = r.u(f"scale of {key!r}")
         if scale > MAX_SCALE:
             raise PayloadError(f"scale {scale} of {key!r} exceeds {MAX_SCALE}")
-        ms = _get_ints(r, counts[TAG_DEC], 1 - MAX_EXACT, MAX_EXACT - 1, f"decimals of {key!r}")
+        ms = _get_ints(r, counts[TAG_DEC], 1 - MAX_EXACT, MAX_EXACT - 1, f"decimals of {key!r}", version)
         div = 10**scale
         cols[TAG_DEC] = [m / div for m in ms]
     if counts[TAG_F64]:
@@ -592,27 +785,43 @@ def _decode_stream(
     strings: list[str],
     flagsets: list[tuple[str, ...]],
     cells_left: int,
+    version: int = 2,
+    earlier: list[list[int]] | None = None,
 ) -> tuple[list[Sample], int]:
-    seqs = _get_dod(r, n, first_seq, f"seq of {sensor!r}")
-    monos = _get_dod(r, n, 0, f"t_mono_ms of {sensor!r}")
+    if version >= 4:
+        # Seqs relative to the batch's first: 0 .. 2^63-1 - first keeps every seq within 64 bits.
+        seqs = [first_seq + q for q in _get_ints4(r, n, 0, INT64_MAX - first_seq, f"seq of {sensor!r}")]
+        earlier = [] if earlier is None else earlier
+        ref = r.u(f"t_mono_ms reference of {sensor!r}")
+        if ref > len(earlier) or ref and len(earlier[ref - 1]) < n:
+            raise PayloadError(f"t_mono_ms of {sensor!r} refers to no earlier stream of {n} samples")
+        if ref:
+            diffs = _get_ints4(r, n, 2 * INT64_MIN, 2 * INT64_MAX + 1, f"t_mono_ms of {sensor!r}")
+            monos = [o + d for o, d in zip(earlier[ref - 1], diffs)]
+            if min(monos) < INT64_MIN or max(monos) > INT64_MAX:
+                raise PayloadError(f"t_mono_ms of {sensor!r} leaves the 64-bit range")
+        else:
+            monos = _get_ints4(r, n, INT64_MIN, INT64_MAX, f"t_mono_ms of {sensor!r}")
+        earlier.append(monos)
+    else:
+        seqs = _get_dod(r, n, first_seq, f"seq of {sensor!r}")
+        monos = _get_dod(r, n, 0, f"t_mono_ms of {sensor!r}")
     has_utc = _get_rle(r, n, 2, f"t_utc_ms presence of {sensor!r}")
-    utcs: list[int | None] = []
-    offset = 0
-    for present, mono in zip(has_utc, monos):
-        if not present:
-            utcs.append(None)
-            continue
-        offset += r.s(f"t_utc_ms of {sensor!r}")
-        t = mono + offset
-        if not INT64_MIN <= t <= INT64_MAX:
-            raise PayloadError(f"t_utc_ms of {sensor!r} leaves the 64-bit range")
-        utcs.append(t)
+    offsets = accumulate(r.many_s(sum(has_utc), f"t_utc_ms of {sensor!r}"))
+    utcs: list[int | None] = [mono + next(offsets) if present else None for present, mono in zip(has_utc, monos)]
+    present_utcs = [t for t in utcs if t is not None]
+    if present_utcs and (min(present_utcs) < INT64_MIN or max(present_utcs) > INT64_MAX):
+        raise PayloadError(f"t_utc_ms of {sensor!r} leaves the 64-bit range")
+    src_of: dict[int, TimeSource] = {}  # a batch has one or two: look each up once
     srcs: list[TimeSource] = []
     for i in _get_rle(r, n, len(strings), f"time sources of {sensor!r}"):
-        try:
-            srcs.append(TimeSource(strings[i]))
-        except ValueError as exc:
-            raise PayloadError(f"unknown time source {strings[i]!r}") from exc
+        src = src_of.get(i)
+        if src is None:
+            try:
+                src = src_of[i] = TimeSource(strings[i])
+            except ValueError as exc:
+                raise PayloadError(f"unknown time source {strings[i]!r}") from exc
+        srcs.append(src)
     flags = _get_rle(r, n, len(flagsets), f"flags of {sensor!r}")
     boots = _get_rle(r, n, len(strings), f"boot ids of {sensor!r}")
     n_keys = r.count(f"key count of {sensor!r}", r.left())
@@ -621,10 +830,15 @@ def _decode_stream(
     values: list[dict[str, Any]] = [{} for _ in range(n)]
     seen: set[str] = set()
     for _ in range(n_keys):
-        key, tags, cols = _decode_key(r, n, strings)
+        key, tags, cols = _decode_key(r, n, strings, version)
         if key in seen:
             raise PayloadError(f"key {key!r} appears twice for {sensor!r}")
         seen.add(key)
+        only = tags[0] if tags.count(tags[0]) == n else None
+        if only is not None and only in cols:  # the common case: one column holds every sample's value
+            for vals, v in zip(values, cols[only]):
+                vals[key] = v
+            continue
         its = {t: iter(c) for t, c in cols.items()}
         for vals, t in zip(values, tags):
             if t == TAG_ABSENT:
@@ -641,12 +855,12 @@ def decode_plain(plain: bytes, version: int = 2) -> Batch:
     """A Batch from the uncompressed body. Structure only: the checks both
     versions share (range, duplicates, gaps) are ``core.wire``'s."""
     r = _Reader(plain)
-    device = r.string("device")
-    epoch = r.string("epoch")
+    device = r.string("device", version)
+    epoch = r.string("epoch", version)
     first = r.s("first_seq")
     last = first + r.s("sequence span")
     n_own = r.count("string count", r.left())
-    strings = list(STATIC_STRINGS_V3 if version >= 3 else ()) + [r.string("string") for _ in range(n_own)]
+    strings = list(STATIC_STRINGS_V3 if version >= 3 else ()) + [r.string("string", version) for _ in range(n_own)]
     n_strings = len(strings)
     flagsets: list[tuple[str, ...]] = []
     for _ in range(r.count("flag set count", r.left())):
@@ -659,16 +873,27 @@ def decode_plain(plain: bytes, version: int = 2) -> Batch:
     sensors = [strings[r.index("sensor", n_strings)] for _ in range(n_streams)]
     if len(set(sensors)) != n_streams or not all(sensors):
         raise PayloadError("sensor names must be unique and non-empty")
-    order = _get_rle(r, n, n_streams, "stream order")
-    sizes = [0] * n_streams
-    for i in order:
-        sizes[i] += 1
+    order_mode = r.u("stream order mode") if version >= 4 else ORDER_RLE
+    order: list[int] | None = None
+    if order_mode == ORDER_RLE:
+        order = _get_rle(r, n, n_streams, "stream order")
+        sizes = [0] * n_streams
+        for i in order:
+            sizes[i] += 1
+    elif order_mode == ORDER_BY_SEQ:
+        sizes = [r.count("stream size", n) for _ in range(n_streams)]
+        if sum(sizes) != n:
+            raise PayloadError(f"stream sizes do not add up to {n}")
+    else:
+        raise PayloadError(f"unknown stream order mode {order_mode}")
     if not all(sizes):
         raise PayloadError("a stream without samples")
     per_stream: list[list[Sample]] = []
     cells_left = MAX_VALUE_CELLS
+    earlier: list[list[int]] = []
     for sensor, size in zip(sensors, sizes):
-        group, cells_left = _decode_stream(r, sensor, size, first, strings, flagsets, cells_left)
+        group, cells_left = _decode_stream(r, sensor, size, first, strings, flagsets, cells_left, version,
+                                           earlier)
         per_stream.append(group)
     gaps: list[Gap] = []
     for _ in range(r.count("gap count", r.left())):
@@ -677,6 +902,14 @@ def decode_plain(plain: bytes, version: int = 2) -> Batch:
         gaps.append(Gap(g_first, g_last, strings[r.index("gap reason", n_strings)]))
     if r.left():
         raise PayloadError(f"{r.left()} unexpected bytes after the body")
+    if order is None:
+        # In sequence order: the encoder said so. Two samples with one seq are refused by
+        # core.wire's checks; within a stream the seqs must rise, as the encoder saw them.
+        for g in per_stream:
+            if any(a.seq >= b.seq for a, b in zip(g, g[1:])):  # type: ignore[operator]
+                raise PayloadError("a stream's seqs do not rise in sequence-ordered batch")
+        samples = sorted((s for g in per_stream for s in g), key=lambda s: s.seq)  # type: ignore[arg-type,return-value]
+        return Batch(device, epoch, first, last, samples, gaps)
     # Back to the original order: each sample is the next one of its stream.
     iters = [iter(g) for g in per_stream]
     samples = [next(iters[i]) for i in order]

@@ -488,7 +488,7 @@ class Agent:
                 device, _epoch, _first, last = parse_batch_id(ack.batch_id)
             except PayloadError:
                 # The receiver could not even read the batch id: match by content hash.
-                match = [k for k, f in self._in_flight.items() if ack.sha256 and f.sha256 == ack.sha256]
+                match = [k for k, f in self._in_flight.items() if ack.names_payload(f.sha256)]
                 if not match:
                     continue
                 key, device, last = match[0], self.cfg.device.id, self._in_flight[match[0]].last_seq

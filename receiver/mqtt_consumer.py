@@ -36,7 +36,7 @@ from receiver.ingest import Ingestor, Outcome
 from receiver.lazy_store import LazyStore
 from receiver.store import Store
 from receiver.store_factory import open_store
-from core.wire import ACK_REJECTED, ack_topic, encode_ack
+from core.wire import ACK_REJECTED, ack_topic, ack_version_for, encode_ack, sync_ack_version
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,9 @@ class ReceiverService:
                 acks = self._until_stored(lambda: self.ingestor.handle_sync(route[0], msg.payload), len(group) - i)
                 if acks is None:
                     return
+                form = sync_ack_version(msg.payload)  # binary only if the van asked for it
                 for ack in acks:
-                    client.publish(ack_topic(self.cfg.topic_prefix, route[0]), encode_ack(ack), qos=1)
+                    client.publish(ack_topic(self.cfg.topic_prefix, route[0]), encode_ack(ack, form), qos=1)
             elif route is not None and route[1] == "status":
                 if self._until_stored(lambda: self.ingestor.handle_status(route[0], msg.payload, now_ms) or True,
                                       len(group) - i) is None:
@@ -282,8 +283,9 @@ class ReceiverService:
             else:
                 outcome = outcomes[i]
                 if outcome.device is not None and outcome.ack is not None:
-                    client.publish(ack_topic(self.cfg.topic_prefix, outcome.device), encode_ack(outcome.ack),
-                                   qos=1)
+                    # In the form the batch's wire version reads (binary from v4; older vans: JSON).
+                    client.publish(ack_topic(self.cfg.topic_prefix, outcome.device),
+                                   encode_ack(outcome.ack, ack_version_for(msg.payload)), qos=1)
             client.ack(msg.mid, msg.qos)
         self.held = 0
         if any(o.ack is not None and o.ack.status == ACK_REJECTED for o in outcomes.values()):

@@ -37,6 +37,7 @@ import tty
 from dataclasses import dataclass
 from typing import Callable
 
+from simulator.gps_sky import Sky
 from simulator.pty_delivery import queued, wait_queued
 
 __all__ = ["ReceiverState", "nmea_epoch", "sentence", "FakeGpsReceiver", "PositionFn"]
@@ -212,6 +213,7 @@ class FakeGpsReceiver:
         output_delay_s: float = 0.0,
         only: str | None = None,
         mix: list[list[str]] | None = None,
+        sky: Callable[[float], Sky] | None = None,
     ) -> None:
         if not 0.0 <= corrupt_prob <= 1.0:
             raise ValueError("corrupt_prob must be within [0, 1]")
@@ -232,6 +234,8 @@ class FakeGpsReceiver:
         # A captured u-blox sentence mix (simulator/nmea_mix.py) sent after RMC, VTG, GGA
         # instead of our own GSA and GSV; None = our 7-sentence epoch.
         self.mix = mix
+        # Satellites, dilution and altitude over time (simulator/gps_sky.py); None = constants.
+        self.sky = sky
         self._rng = random.Random(seed)
         self._power_on: float | None = None
         self._has_fixed = False
@@ -262,14 +266,21 @@ class FakeGpsReceiver:
             # No almanac time yet: the RTC counts from the default date.
             base = dt.datetime.combine(self.default_date, dt.time(), tzinfo=dt.timezone.utc)
             utc = base + dt.timedelta(seconds=t - self._power_on)
+        extra: dict[str, float] = {}
+        used, in_view = self.sats_used, self.sats_in_view
+        if self.sky is not None:
+            sky = self.sky(t)
+            used, in_view = sky.sats_used, sky.sats_in_view
+            extra = {"altitude": sky.altitude, "hdop": sky.hdop, "pdop": sky.pdop, "vdop": sky.vdop}
         return ReceiverState(
             utc=utc,
             fix=fix,
             talker=self.talker,
-            sats_used=self.sats_used if fix is not None else 0,
-            sats_in_view=self.sats_in_view if fix is not None else min(self.sats_in_view, 3),
+            sats_used=used if fix is not None else 0,
+            sats_in_view=in_view if fix is not None else min(in_view, 3),
             nmea_410=self.nmea_410,
             only=self.only,
+            **extra,  # type: ignore[arg-type]
         )
 
     def lines_at(self, t: float) -> list[bytes]:

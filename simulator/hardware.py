@@ -34,6 +34,7 @@ from core.no2_sheet import N_T, No2Calibration, interpolate_factor
 from core.clock import SimClock
 from simulator.environment import local_time, ozone_ppb
 from simulator.gps_device import FakeGpsReceiver
+from simulator.gps_sky import SkyModel
 from simulator.i2c_devices import FakeADS1115, FakeSoundModule
 from simulator.microphone import SimulatedMicrophone
 from simulator.pm_devices import PMSSimulator
@@ -170,6 +171,7 @@ class SimulatedHardware:
             utc_origin=shift_start,
             corrupt_prob=gps_corrupt_prob,
             seed=seed,
+            sky=SkyModel(seed).at,  # satellites, HDOP and altitude move, as on a real van
         )
         self.gps.start(background=False)
         self.ports["gps"] = self.gps.port_name
@@ -185,7 +187,7 @@ class SimulatedHardware:
         self.ports["pm"] = self.pm.device_path
         self.adc = FakeADS1115(source=self._adc_volts)
         self.bus.attach(0x49, self.adc)
-        self.sound = FakeSoundModule(source=self._sound_level)
+        self.sound = FakeSoundModule(source=self._sound_level, fluctuation_db=3.0, seed=seed)
         self.bus.attach(0x48, self.sound)
         self.microphone: ClockedMicrophone | None = None
         if noise == "microphone":

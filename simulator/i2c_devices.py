@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import math
+import random
 from collections.abc import Callable
 
 from drivers.ads1115 import (
@@ -169,9 +170,15 @@ class FakeSoundModule:
 
     WEIGHTINGS = {0b00: "Z", 0b01: "A", 0b10: "C"}
 
-    def __init__(self, *, level_db: float = 0.0, source: Callable[[], float] | None = None) -> None:
+    def __init__(self, *, level_db: float = 0.0, source: Callable[[], float] | None = None,
+                 fluctuation_db: float = 0.0, seed: int = 0) -> None:
         self.level_db = level_db
         self.source = source
+        # The module measures in short steps and keeps their min and max: with traffic
+        # passing, the fast level swings by several dB within one averaging time. 0 = the
+        # level is steady within an interval (min = max = the level read).
+        self.fluctuation_db = fluctuation_db
+        self._rng = random.Random(f"sound:{seed}")
         self.regs = bytearray(0x80)
         self.regs[SND_VERSION] = 0x31
         self.regs[0x01:0x05] = bytes([0xDE, 0xCA, 0xFB, 0xAD])
@@ -188,14 +195,21 @@ class FakeSoundModule:
 
     def _sample(self) -> None:
         level = self.source() if self.source is not None else self.level_db
+        fast = [level]
+        if self.fluctuation_db > 0:
+            # Eight fast levels of the interval; the register holds their energy mean.
+            fast = [level + self._rng.gauss(0, self.fluctuation_db) for _ in range(8)]
+            level = 10.0 * math.log10(sum(10.0 ** (f / 10.0) for f in fast) / len(fast))
         value = max(0, min(255, round(level)))
         if value == 0:
             return
         self.regs[SND_DECIBEL] = value
-        if self.regs[SND_MIN] == 0 or value < self.regs[SND_MIN]:
-            self.regs[SND_MIN] = value
-        if value > self.regs[SND_MAX]:
-            self.regs[SND_MAX] = value
+        for f in fast:
+            v = max(1, min(255, round(f)))
+            if self.regs[SND_MIN] == 0 or v < self.regs[SND_MIN]:
+                self.regs[SND_MIN] = v
+            if v > self.regs[SND_MAX]:
+                self.regs[SND_MAX] = v
         hist = self.regs[SND_HISTORY : SND_HISTORY + SND_HISTORY_LEN]
         self.regs[SND_HISTORY : SND_HISTORY + SND_HISTORY_LEN] = bytes([value]) + hist[:-1]
 

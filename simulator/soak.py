@@ -93,7 +93,7 @@ def load_process(first_van: int, n_vans: int, port: int, seconds: float, interva
     lock = threading.Lock()
 
     def on_message(c, u, msg):  # type: ignore[no-untyped-def]
-        ack = decode_ack(msg.payload)
+        ack = decode_ack(msg.payload, msg.topic.split("/")[-2])  # the device: binary acks name it by topic
         now = time.monotonic()
         with lock:
             if ack.committed and ack.batch_id in sent and ack.batch_id not in acked:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_agent import Sniffer
-from bench.bench_wire import mqtt_publish_size, upload_rows
+from bench.bench_agent import Sniffer, record_received
+from bench.bench_wire import PUBACK_BYTES, mqtt_publish_size, upload_rows
 from buffer.store import Buffer
 from edge.agent import Agent
 from core.clock import SimClock
@@ -35,6 +35,7 @@ def test_sniffed_upload_counts_every_batch_and_heartbeat(tmp_path: Path) -> None
                         "batch": {"max_samples": 50, "max_age_s": 1000.0}})
     cfg.uplink = broker.uplink_config("van-001")
     link = MqttLink(cfg.uplink, "van-001")
+    received = record_received(link)
     agent = Agent(cfg, [Counter()], SimClock(T0), Buffer(cfg.buffer_path, "van-001"), link)
     try:
         assert rx.subscribed.wait(10)
@@ -54,16 +55,24 @@ def test_sniffed_upload_counts_every_batch_and_heartbeat(tmp_path: Path) -> None
         sniffer.stop()
         rx.stop()
         broker.close()
-    msgs = sniffer.messages
+    msgs = sniffer.messages + received
+    acks = [(t, p) for t, p in received if t.endswith("/ack")]
+    assert len(acks) >= 3 and all(p.startswith(b"DLA\x02") for _, p in acks), "binary acks, one a batch"
     assert any(t.endswith("/status") and not decode_status(p)["online"] for t, p in msgs), "goodbye seen"
     rows = {r["name"].split(" ")[0]: r for r in upload_rows(msgs, "van-001")}
     batches = [(t, p) for t, p in msgs if t.endswith("/batch")]
     beats = [(t, p) for t, p in msgs if t.endswith("/status") and decode_status(p)["online"]]
     n_values = 150  # one value a sample, 150 samples stored
     assert rx.store.counts()["samples"] == n_values
-    expected_batches = sum(mqtt_publish_size(t, len(p)) for t, p in batches) / n_values
-    expected_total = expected_batches + sum(mqtt_publish_size(t, len(p)) for t, p in beats) / n_values
+    def packets(ms: list[tuple[str, bytes]]) -> int:  # each PUBLISH at QoS 1 and its PUBACK
+        return sum(mqtt_publish_size(t, len(p)) + PUBACK_BYTES for t, p in ms)
+
+    syncs = [(t, p) for t, p in msgs if t.endswith("/sync")]
+    expected_batches = packets(batches) / n_values
+    expected_total = expected_batches + (packets(beats) + packets(acks) + packets(syncs)) / n_values
     assert rows["wire.upload_batches_bytes_per_value"]["value"] == round(expected_batches, 3)
     assert rows["wire.upload_bytes_per_value"]["value"] == round(expected_total, 3)
     # the heartbeats on the wire are the compact ones, several times smaller than their JSON
     assert rows["wire.heartbeat_bytes"]["value"] * 3 < rows["wire.heartbeat_bytes"]["baseline"]
+    # ... and so are the acks, against the same acks in JSON
+    assert rows["wire.ack_bytes"]["value"] * 2 < rows["wire.ack_bytes"]["baseline"]

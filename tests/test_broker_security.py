@@ -16,7 +16,6 @@ Mosquitto 2.0 behaviour the assertions rely on (checked here, see the ACL):
 
 from __future__ import annotations
 
-import json
 import queue
 import ssl
 import stat
@@ -33,7 +32,7 @@ from receiver.mqtt_consumer import ReceiverService
 from simulator.broker import LocalBroker, SecureSetup, mosquitto_path
 from tests.test_receiver_store import batch
 from uplink.mqtt import MqttLink
-from core.wire import encode_batch
+from core.wire import decode_ack, encode_batch
 
 pytestmark = pytest.mark.skipif(not mosquitto_path(), reason="mosquitto is not installed")
 
@@ -424,10 +423,10 @@ def test_van_cannot_join_the_provisioned_share_group(
         deadline = time.monotonic() + 3 * TIMEOUT
         while len(acks) < n and time.monotonic() < deadline:
             try:
-                acks.append(json.loads(b.next_message(0.5).payload))
+                acks.append(decode_ack(b.next_message(0.5).payload, "van-b"))  # binary: v4 batches
             except queue.Empty:
                 pass
-        stored = sorted(x["batch"] for x in acks if x.get("status") == "stored")
+        stored = sorted(x.batch_id for x in acks if x.status == "stored")
         assert len(stored) == n, f"{len(stored)} of {n} of van B's batches stored; log:\n{tail(broker)}"
         assert svc.store.counts()["batches_stored"] == n
         assert a.drain() == [], "van A received something"

@@ -28,7 +28,7 @@ def test_stale_mark_does_not_swallow_a_new_upload(tmp_path: Any, mosquitto: Any)
     bad = b"not a batch v13"
     acks: list[str] = []
     van = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="van-v13dl", clean_session=True)
-    van.on_message = lambda c, u, m: acks.append(decode_ack(m.payload).status)
+    van.on_message = lambda c, u, m: acks.append(decode_ack(m.payload, "van-dl13").status)
     van.connect("127.0.0.1", mosquitto.port)
     van.subscribe("datalab/v1/van-dl13/ack", qos=1)
     van.loop_start()

@@ -81,6 +81,7 @@ def test_demo_runs_on_the_embedded_broker(tmp_path):
 
 class AckListener:
     def __init__(self, port: int, device: str):
+        self.device = device
         self.acks = []
         self.got = threading.Event()
         self.c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device}-t")
@@ -91,7 +92,7 @@ class AckListener:
         time.sleep(0.3)
 
     def _msg(self, c, u, m):
-        self.acks.append(decode_ack(m.payload))
+        self.acks.append(decode_ack(m.payload, self.device))  # binary for v4 batches, JSON for the rest
         self.got.set()
 
     def publish(self, topic, payload):

@@ -81,16 +81,17 @@ class Van:
         self.device = device
         self.probe = Probe(info.device_port, username=device, password=info.passwords[device],
                            ca_file=info.ca_file, client_id=f"hostile-{device}")
-        self.acks: dict[str, list[tuple[float, Ack]]] = defaultdict(list)  # sha256 -> (arrival, ack)
+        # first 32 hex of the payload's sha256 (what a binary ack carries) -> (arrival, ack)
+        self.acks: dict[str, list[tuple[float, Ack]]] = defaultdict(list)
         self.lock = threading.Lock()
         self.probe.c.on_message = self._on_message
         assert self.probe.connect() == "ok"
         self.probe.subscribe(f"{P}/{device}/ack")
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        ack = decode_ack(msg.payload)
+        ack = decode_ack(msg.payload, self.device)  # binary for v4 batches, JSON for the rest
         with self.lock:
-            self.acks[ack.sha256].append((time.monotonic(), ack))
+            self.acks[ack.sha256[:32]].append((time.monotonic(), ack))
 
     def send(self, topic: str, payload: bytes) -> float:
         """Publish at QoS 1 and wait for the broker's PUBACK; when it was sent."""
@@ -100,7 +101,7 @@ class Van:
 
     def answered(self, sha: str, times: int = 1) -> bool:
         with self.lock:
-            return len(self.acks.get(sha, ())) >= times
+            return len(self.acks.get(sha[:32], ())) >= times
 
     def close(self) -> None:
         self.probe.close()
@@ -199,11 +200,11 @@ def run_hostile(broker: LocalBroker, store_url: str, uploads: list[Hostile], wor
     missing_b = [s for s, _ in b_sent if not b.answered(s)]
     assert not missing_b, f"{len(missing_b)} of {len(b_sent)} van B batches never answered"
     for sha, sent_at in b_sent:
-        arrived, ack = b.acks[sha][0]
+        arrived, ack = b.acks[sha[:32]][0]
         assert ack.status == STORED, ack
         report.b_latencies.append(arrived - sent_at)
     for h, p in payloads:
-        got = a.acks.get(content_hash(p), [])
+        got = a.acks.get(content_hash(p)[:32], [])
         assert got, f"van A's {h.kind} upload got no answer"
         statuses = {ack.status for _, ack in got}
         allowed = {STORED, "duplicate"} if h.expect == STORED else {REJECTED}

@@ -113,7 +113,7 @@ def test_van_b_acked_within_5s_behind_a_fix_upload_over_a_gpsless_backlog(
     assert svc.subscribed.wait(15)
     acks: dict[str, str] = {}
     a = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"budget-van-nofix-{kind}")
-    a.on_message = lambda c, u, m: acks.__setitem__(decode_ack(m.payload).batch_id, decode_ack(m.payload).status)
+    a.on_message = lambda c, u, m: acks.__setitem__(*(lambda a: (a.batch_id, a.status))(decode_ack(m.payload, "van-nofix")))
     a.connect("127.0.0.1", mosquitto.port)
     a.subscribe("datalab/v1/van-nofix/ack", qos=1)
     a.loop_start()

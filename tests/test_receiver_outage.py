@@ -69,7 +69,7 @@ class Van:
         self.client.loop_start()
 
     def _on_ack(self, client: Any, userdata: Any, msg: Any) -> None:
-        ack = decode_ack(msg.payload)
+        ack = decode_ack(msg.payload, self.device)  # binary for v4 batches
         with self._lock:
             self.acks[ack.batch_id] = ack.status
 

@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from core.errors import PayloadError
-from core.status_codec import MAGIC, STATUS_ZDICT
+from core.status_codec import MAGIC, STATUS_ZDICT, deflate_status
 from core.wire import decode_status, encode_status
 
 STATUS = {
@@ -26,9 +26,17 @@ STATUS = {
 
 def test_compact_heartbeat_is_lossless_and_a_fraction_of_the_json():
     compact, plain = encode_status(STATUS), encode_status(STATUS, compact=False)
-    assert compact.startswith(MAGIC + b"\x02") and plain.startswith(b"{")
+    assert compact.startswith(MAGIC + b"\x03") and plain.startswith(b"{")
     assert decode_status(compact) == decode_status(plain) == {"v": 1, **STATUS}
     assert len(compact) * 4 < len(plain), (len(compact), len(plain))
+
+
+def test_version_2_heartbeats_still_decode_and_version_3_is_smaller():
+    text = json.dumps({"v": 1, **STATUS, "samples_held_unnoted": 0}, separators=(",", ":")).encode()
+    v2, v3 = deflate_status(text, 2), deflate_status(text)
+    assert v2.startswith(MAGIC + b"\x02") and v3.startswith(MAGIC + b"\x03")
+    assert decode_status(v2) == decode_status(v3) == json.loads(text)
+    assert len(v3) < len(v2)
 
 
 def test_old_vans_plain_json_heartbeat_still_decodes():

@@ -199,15 +199,15 @@ def test_same_batch_same_bytes():
     assert encode_batch(a) == encode_batch(b)
 
 
-def test_default_is_v3_and_v1_v2_still_encode_and_decode():
+def test_default_is_v4_and_v1_v2_v3_still_encode_and_decode():
     b = messy_batch()
-    assert encode_batch(b)[3] == wire.VERSION_COLUMNAR_STATIC == 3
-    for version in (wire.VERSION_JSON, wire.VERSION_COLUMNAR):
+    assert encode_batch(b)[3] == wire.VERSION_COMPACT == 4
+    for version in (wire.VERSION_JSON, wire.VERSION_COLUMNAR, wire.VERSION_COLUMNAR_STATIC):
         old = encode_batch(b, version=version)
         assert old[:4] == wire.MAGIC + bytes([version])
         back = decode_batch(old)
         assert back.samples == b.samples and back.gaps == b.gaps
-    assert set(wire.SUPPORTED_VERSIONS) == {1, 2, 3}
+    assert set(wire.SUPPORTED_VERSIONS) == {1, 2, 3, 4}
 
 
 def test_v3_sends_only_the_strings_it_does_not_know():
@@ -246,11 +246,11 @@ def test_v3_string_index_beyond_both_tables_is_refused():
 
 def test_unknown_version_is_refused():
     body = encode_v2(messy_batch())
-    for v in (0, 4, 255):
+    for v in (0, 5, 255):
         with pytest.raises(PayloadError, match=f"unsupported wire version {v}"):
             decode_batch(wire.MAGIC + bytes([v]) + body)
     with pytest.raises(ValueError):
-        encode_batch(messy_batch(), version=4)
+        encode_batch(messy_batch(), version=5)
 
 
 def test_all_compressions_decode():
@@ -498,9 +498,9 @@ def test_store_seals_v2(tmp_path):
 
 
 def test_header_is_what_the_docs_say():
-    # "DLB", version 3 (2's layout), compression method, CRC-32 (big-endian) of the plain body.
-    plain = encode_plain(messy_batch(), 3)
+    # "DLB", version 4 (2's envelope), compression method, CRC-32 (big-endian) of the plain body.
+    plain = encode_plain(messy_batch(), 4)
     payload = encode_batch(messy_batch())
-    assert payload[:4] == b"DLB\x03"
+    assert payload[:4] == b"DLB\x04"
     assert payload[4] in (COMP_STORED, COMP_ZLIB, COMP_LZMA2)
     assert struct.unpack(">I", payload[5:9])[0] == zlib.crc32(plain)

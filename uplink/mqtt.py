@@ -241,7 +241,7 @@ class MqttLink:
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
         try:
-            ack = decode_ack(msg.payload)
+            ack = decode_ack(msg.payload, self.device_id)  # JSON or binary (docs/wire-format.md)
         except PayloadError as exc:
             self.counters["bad_acks"] += 1
             log.warning("ignored malformed ack: %s", exc)
