@@ -214,9 +214,10 @@ def van_day_samples(
     pm_record: str = "",
 ) -> tuple[dict[bool, list[Sample]], np.ndarray, np.ndarray]:
     """The samples one van's agent would commit in a day, per time alignment, the true
-    measurement times (ms, ticks x SENSORS) and the RH a sensor in the PM housing would report. ``growth``: a true growth other than the
-    simulator's (the day's kappa); ``pm_record``: the id of the van's PM gain record, applied
-    on the van as ``CalibratedDriver`` does (``pm25_cal``, ``cal``)."""
+    measurement times (ms, ticks x SENSORS) and the RH a sensor in the PM housing would report
+    (per tick; no shipped van has one). ``growth``: a true growth other than the simulator's
+    (the day's kappa); ``pm_record``: the id of the van's PM gain record, applied on the van as
+    ``CalibratedDriver`` does (``pm25_cal``, ``cal``)."""
     n = vd.n
     rng = np.random.default_rng([seed, van, day, 10])
     shift_s = np.arange(n, dtype=float)
@@ -456,6 +457,8 @@ def served_pm(conn: Any, c: Corrections, sim: Simulated | None = None) -> Iterat
     PM record (no ``pm25_cal``, no ``cal``) and/or another RH (``rh_source``, from ``sim``).
     The receiver's own derivation (pm_derive.write_pm) on the stored samples; nothing to do when
     all are as shipped (the store holds exactly that)."""
+    if c.rh_source != "ambient" and sim is None:
+        raise ValueError(f"rh_source {c.rh_source!r} needs the simulation (the housing's warming or RH)")
     if c.correct_growth and c.calibration and c.rh_source == "ambient":
         yield
         return

@@ -14,7 +14,10 @@ Di Antonio et al. 2018 (Sensors 18, 2790):
 ``rho`` = 1.65 is the dry particles' density relative to water (Crilley et al.'s value).
 The RH is the one the particles grew at: the RH the PM sample carries (its housing's BME280,
 warmed a little above ambient), else the van's RH measured closest in time, within 30 s
-(the same reading the ``humid`` flag uses, receiver/quality.py).
+(the same reading the ``humid`` flag uses, receiver/quality.py). That RH is in a shipped van
+the DGS-NO2's ambient one, higher than the warmed housing's: :func:`housing_rh` takes it to the
+housing's temperature (Magnus) given the housing's measured warming; the receiver does not apply
+it yet (no config key; docs/fidelity.md "Why PM2.5 reads low").
 
 Defaults for kappa (docs/fidelity.md, docs/datalab.md): 0.22 for the fine fraction (PM1,
 PM2.5), the middle of 0.15-0.29 for urban PM2.5, and 0.09 for the coarse fraction (PM10 -
