@@ -294,6 +294,7 @@ def test_device_errors_reach_the_bytes_the_real_drivers_decode():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 507 s on the loaded 2-core VM: over the suite's 300 s default
 def test_the_full_fleet_meets_the_targets(tmp_path, snapper):
     """The issue's fleet (10 vans x 5 days; 1 h shifts): the targets the shipped pipeline meets.
     PM2.5's bias target is missed since the correction gets only the RH a shipped van sends (the
