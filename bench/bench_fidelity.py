@@ -60,7 +60,7 @@ from core.sample import Sample, TimeSource
 from receiver import dbapi
 from receiver.aggregate import QUANTITY_KEYS, Period, Rule, Track, UnitValue, read_tracks
 from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
-from receiver.pm_derive import PM_DERIVED, PmSample, write_pm
+from receiver.pm_derive import PM_DERIVED, PmSample, housing_rh_series, write_pm
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.mapunits import ArraySnapper, make_snapper
 from receiver.store import SQLiteStore
@@ -107,6 +107,11 @@ class Corrections:
     calibration: bool = True
     exclude_humid: bool = True
     correct_growth: bool = True
+    #: Not shipped (docs/fidelity.md "Why PM2.5 reads low"): the RH growth is undone at.
+    #: "ambient": the DGS-NO2's, as a shipped van sends it; "magnus": that RH taken to the PM
+    #: housing's temperature (ambient + the enclosure's warming, measured once per van);
+    #: "housing": an RH sensor in the PM housing (as a PMS5003T-type sensor reports it).
+    rh_source: str = "ambient"
 
     def policy(self) -> FlagPolicy:
         """The receiver's flag policy this row builds maps with (receiver/flag_policy.py)."""
@@ -117,8 +122,15 @@ class Corrections:
 
 
 NO_GROWTH = "no growth correction (humid > 95 % left out)"
+MAGNUS = "not shipped: ambient RH to the housing's by Magnus (warming measured)"
+HOUSING = "not shipped: RH measured in the PM housing"
+#: A technician's once-per-enclosure measurement of the PM housing's warming (reference probe
+#: at the inlet against one outside, both class A Pt100, +-0.15 degC each): its error, 1 sigma.
+WARMING_MEASUREMENT_SD_C = 0.3
 CONFIGS: tuple[tuple[str, Corrections], ...] = (
     ("all corrections (shipped)", Corrections()),
+    (MAGNUS, Corrections(rh_source="magnus")),
+    (HOUSING, Corrections(rh_source="housing")),
     ("no time alignment", Corrections(time_alignment=False)),
     ("no flags", Corrections(flags=False)),
     ("no calibration", Corrections(calibration=False)),
@@ -154,6 +166,7 @@ ALT_GROWTH: tuple[Growth, ...] = (
 )
 ALT_CONFIGS: tuple[tuple[str, Corrections], ...] = (
     ("all corrections (shipped)", Corrections()),
+    (MAGNUS, Corrections(rh_source="magnus")),
     (NO_GROWTH, Corrections(correct_growth=False)),
 )
 
@@ -175,6 +188,17 @@ class Simulated:
     #: device -> UTC s after its last shift (when its NO2 record is sent)
     record_time: dict[str, float] = field(default_factory=dict)
     announced: set[bool] = field(default_factory=set)  # stores that hold the NO2 records
+    #: device -> the PM housing's warming as a technician measured it (degC; not shipped)
+    warming: dict[str, float] = field(default_factory=dict)
+    #: (device, epoch) -> the RH an RH sensor in the PM housing would report, per tick (not shipped)
+    housing_rh: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+
+def measured_warming(seed: int, device: str) -> float:
+    """The PM housing's warming as a technician measures it once (the simulator's warming plus
+    the measurement's error): what the "magnus" row needs and a shipped van does not have."""
+    r = np.random.default_rng([seed, int(hashlib.sha256(device.encode()).hexdigest()[:12], 16), 40])
+    return se.HOUSING_WARMING_C + float(r.normal(0.0, WARMING_MEASUREMENT_SD_C))
 
 
 def van_day_samples(
@@ -188,17 +212,18 @@ def van_day_samples(
     aligned_variants: tuple[bool, ...],
     growth: Growth | None = None,
     pm_record: str = "",
-) -> tuple[dict[bool, list[Sample]], np.ndarray]:
-    """The samples one van's agent would commit in a day, per time alignment, and the true
-    measurement times (ms, ticks x SENSORS). ``growth``: a true growth other than the
-    simulator's (the day's kappa); ``pm_record``: the id of the van's PM gain record, applied
-    on the van as ``CalibratedDriver`` does (``pm25_cal``, ``cal``)."""
+) -> tuple[dict[bool, list[Sample]], np.ndarray, np.ndarray]:
+    """The samples one van's agent would commit in a day, per time alignment, the true
+    measurement times (ms, ticks x SENSORS) and the RH a sensor in the PM housing would report
+    (per tick; no shipped van has one). ``growth``: a true growth other than the simulator's
+    (the day's kappa); ``pm_record``: the id of the van's PM gain record, applied on the van as
+    ``CalibratedDriver`` does (``pm25_cal``, ``cal``)."""
     n = vd.n
     rng = np.random.default_rng([seed, van, day, 10])
     shift_s = np.arange(n, dtype=float)
     # The van's RH is the DGS-NO2's ambient one (no shipped PM driver sends RH; issue 15, tester
     # v15): the particles grew at the warmed housing's RH, which the receiver never sees.
-    _, temp_m = se.measure_rh_temp(vd.rh, vd.temp, dev, sw, rng)
+    housing_rh_m, temp_m = se.measure_rh_temp(vd.rh, vd.temp, dev, sw, rng)
     rh_m = se.measure_ambient_rh(vd.rh, dev, sw, rng)
     if growth is not None and sw.pm_growth:
         rh_in = se.inlet_rh(vd.rh)
@@ -282,7 +307,7 @@ def van_day_samples(
             ]
             seq += 4
         out[aligned] = samples
-    return out, true_ms.astype(np.int64)
+    return out, true_ms.astype(np.int64), housing_rh_m
 
 
 def pm_record_values(fit: se.CalibrationFit) -> dict[str, float | str]:
@@ -374,6 +399,7 @@ def simulate(
             device = f"van-{v + 1:03d}"
             dev = se.DeviceErrors.draw(fleet.seed, device)
             fit = sim.fits[device] = se.CalibrationFit.fit(dev, fleet.seed, device, sw)
+            sim.warming[device] = measured_warming(fleet.seed, device)
             days = []
             for d in range(fleet.days):
                 t0 = (fleet.start + dt.timedelta(days=d, minutes=3 * v)).timestamp()
@@ -391,7 +417,7 @@ def simulate(
                 epoch = f"e{d}"
                 sim.truth[(device, epoch)] = vd
                 days.append(vd)
-                per_alignment, sim.true_ms[(device, epoch)] = van_day_samples(
+                per_alignment, sim.true_ms[(device, epoch)], sim.housing_rh[(device, epoch)] = van_day_samples(
                     vd, d, dev, fit, sw, fleet.seed, v, aligned_variants, growth,
                     record_id("pm", f"{device}/{PM_SENSOR}", 1),
                 )
@@ -409,13 +435,31 @@ def simulate(
 # -- reading the store back: the receiver's own reads -----------------------------------
 
 
+def _rh_for(c: Corrections, sim: Simulated, device: str, samples: list[PmSample]
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The RH series growth is undone at for ``c.rh_source`` (None: the samples' own, ambient)."""
+    if c.rh_source == "magnus":
+        return housing_rh_series(samples, sim.warming[device])
+    if c.rh_source == "housing":
+        # What an RH sensor in the PM housing reports, at each PM sample's time (tick by seq layout).
+        pm = [s for s in samples if s.t_utc_ms is not None and (s.seq - 1) % len(SENSORS) == 1]
+        t = np.array([s.t_utc_ms for s in pm], dtype=float)
+        v = np.array([sim.housing_rh[(device, s.epoch)][(s.seq - 1) // len(SENSORS)] for s in pm], dtype=float)
+        order = np.argsort(t, kind="stable")
+        return t[order], v[order]
+    return None
+
+
 @contextmanager
-def served_pm(conn: Any, c: Corrections) -> Iterator[None]:
+def served_pm(conn: Any, c: Corrections, sim: Simulated | None = None) -> Iterator[None]:
     """The store's PM best values as the receiver derives them with ``c``'s switches, inside a
     transaction rolled back on exit: growth uncorrected (kappa none) and/or the van without its
-    PM record (no ``pm25_cal``, no ``cal``). The receiver's own derivation (pm_derive.write_pm)
-    on the stored samples; nothing to do when both are on (the store holds exactly that)."""
-    if c.correct_growth and c.calibration:
+    PM record (no ``pm25_cal``, no ``cal``) and/or another RH (``rh_source``, from ``sim``).
+    The receiver's own derivation (pm_derive.write_pm) on the stored samples; nothing to do when
+    all are as shipped (the store holds exactly that)."""
+    if c.rh_source != "ambient" and sim is None:
+        raise ValueError(f"rh_source {c.rh_source!r} needs the simulation (the housing's warming or RH)")
+    if c.correct_growth and c.calibration and c.rh_source == "ambient":
         yield
         return
     kappa = DEFAULT_KAPPA if c.correct_growth else {}
@@ -432,7 +476,7 @@ def served_pm(conn: Any, c: Corrections) -> Iterator[None]:
                 if not c.calibration and sensor == PM_SENSOR:  # the van without its PM record sends neither
                     v = {k: x for k, x in v.items() if k not in ("pm25_cal", "cal")}
                 samples.append(PmSample(epoch, seq, t, v))
-            write_pm(conn, device, samples, kappa)
+            write_pm(conn, device, samples, kappa, rh=None if sim is None else _rh_for(c, sim, device, samples))
         yield
     finally:
         conn.execute("ROLLBACK")
@@ -441,7 +485,7 @@ def served_pm(conn: Any, c: Corrections) -> Iterator[None]:
 def measured_tracks(conn: Any, sim: Simulated, c: Corrections) -> list[Track]:
     """The tracks the receiver's map build reads (``read_tracks``: best value, flag policy,
     sentinel rule), with the correction switches that are not a store's content applied."""
-    with served_pm(conn, c):
+    with served_pm(conn, c, sim):
         tracks = list(read_tracks(conn, Period("all"), policy=c.policy()))
     tracks = [tr for tr in tracks if tr.device in sim.fits]
     if not c.calibration:

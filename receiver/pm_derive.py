@@ -50,7 +50,7 @@ from core.calibration import CalibrationRecord, pm_corrected
 from receiver.calibration import (Records, Span, _exec, _no2_records, changed_spans, record_at,
                                   records_in_batch, timed_chunks, write_derived)
 from receiver.flag_policy import is_sentinel
-from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10
+from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10, housing_rh
 
 #: The PM quantities whose best value is derived here.
 PM_DERIVED = ("pm1", "pm25", "pm10")
@@ -72,11 +72,47 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _rh_series(samples: Iterable[PmSample]) -> tuple[np.ndarray, np.ndarray]:
-    """(times, values) of every RH among ``samples``, by time (any sensor's: it is the van's air)."""
+def _temperature_key(rh_key: str) -> str:
+    """The key of the temperature measured beside an RH (``no2_rh_pct`` -> ``no2_temp_c``)."""
+    return rh_key[: -len(quality.RH_SUFFIX)] + "_temp_c" if rh_key.endswith(quality.RH_SUFFIX) else "temp_c"
+
+
+def rh_readings(values: Mapping[str, Any], warming_c: float | None = None) -> list[float]:
+    """The RH readings one sample carries, as the PM housing sees them.
+
+    ``warming_c``: how much the PM housing warms the air it draws (measured once for the
+    enclosure). Then an RH measured outside the housing (a sample without PM values, e.g. the
+    DGS-NO2's ``no2_rh_pct``) with its temperature beside it (``no2_temp_c``) is taken to the
+    housing's temperature by Magnus (pm_humidity.housing_rh): same water vapour, warmer air,
+    lower RH. A PM sample's own RH is the housing's already; an RH without a temperature beside
+    it cannot be converted and counts as measured. None: every RH as measured (the default)."""
+    out = []
+    outside = warming_c is not None and not any(_number(values.get(q)) is not None for q in PM_DERIVED)
+    for k, v in values.items():
+        if not quality.is_rh_key(k) or (x := _number(v)) is None:
+            continue
+        t = _number(values.get(_temperature_key(k))) if outside else None
+        if t is not None and warming_c is not None:
+            try:
+                x = housing_rh(x, t, warming_c)
+            except ValueError:
+                pass  # a temperature outside Magnus' range is a broken reading: the RH counts as measured
+        out.append(x)
+    return out
+
+
+def _rh_series(samples: Iterable[PmSample], warming_c: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(times, values) of every RH among ``samples``, by time (any sensor's: it is the van's air);
+    ``warming_c``: outside RH taken to the PM housing's temperature (:func:`rh_readings`)."""
     at = sorted((s.t_utc_ms, x) for s in samples if s.t_utc_ms is not None
-                for k, v in s.values.items() if quality.is_rh_key(k) and (x := _number(v)) is not None)
+                for x in rh_readings(s.values, warming_c))
     return np.array([a[0] for a in at], dtype=float), np.array([a[1] for a in at], dtype=float)
+
+
+def housing_rh_series(samples: Iterable[PmSample], warming_c: float) -> tuple[np.ndarray, np.ndarray]:
+    """The van's RH series as the PM housing sees it (``write_pm``'s ``rh``), for a housing that
+    warms the air by ``warming_c`` degC."""
+    return _rh_series(samples, warming_c)
 
 
 def van_samples(conn: Any, device: str, lo_ms: float, hi_ms: float) -> list[PmSample]:

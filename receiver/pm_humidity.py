@@ -14,7 +14,10 @@ Di Antonio et al. 2018 (Sensors 18, 2790):
 ``rho`` = 1.65 is the dry particles' density relative to water (Crilley et al.'s value).
 The RH is the one the particles grew at: the RH the PM sample carries (its housing's BME280,
 warmed a little above ambient), else the van's RH measured closest in time, within 30 s
-(the same reading the ``humid`` flag uses, receiver/quality.py).
+(the same reading the ``humid`` flag uses, receiver/quality.py). That RH is in a shipped van
+the DGS-NO2's ambient one, higher than the warmed housing's: :func:`housing_rh` takes it to the
+housing's temperature (Magnus) given the housing's measured warming; the receiver does not apply
+it yet (no config key; docs/fidelity.md "Why PM2.5 reads low").
 
 Defaults for kappa (docs/fidelity.md, docs/datalab.md): 0.22 for the fine fraction (PM1,
 PM2.5), the middle of 0.15-0.29 for urban PM2.5, and 0.09 for the coarse fraction (PM10 -
@@ -50,6 +53,39 @@ def growth_factor(rh_pct: float, kappa: float) -> float:
         raise ValueError(f"growth needs 0 <= RH < 100 and kappa >= 0, got RH {rh_pct!r}, kappa {kappa!r}")
     aw = rh_pct / 100.0
     return 1.0 + (kappa / DRY_DENSITY) * aw / (1.0 - aw)
+
+
+#: Magnus saturation vapour pressure over water, e_s(T) = A exp(B T / (T + C)), T in degC, hPa:
+#: Alduchov & Eskridge 1996 (J. Appl. Meteor. 35, 601-609, "AERK"), within 0.4 % of the
+#: Wexler/Hyland-Wexler reference from -40 to 50 degC.
+MAGNUS_A_HPA = 6.1094
+MAGNUS_B = 17.625
+MAGNUS_C_DEGC = 243.04
+
+
+def saturation_vapour_pressure_hpa(t_c: float) -> float:
+    """Saturation vapour pressure over liquid water at ``t_c`` degC (Magnus, Alduchov & Eskridge 1996)."""
+    if not (math.isfinite(t_c) and -45.0 <= t_c <= 60.0):
+        raise ValueError(f"Magnus formula needs -45 <= T <= 60 degC, got {t_c!r}")
+    return MAGNUS_A_HPA * math.exp(MAGNUS_B * t_c / (t_c + MAGNUS_C_DEGC))
+
+
+def rh_at(rh_pct: float, t_c: float, to_t_c: float) -> float:
+    """The RH of air measured at ``rh_pct`` and ``t_c`` once it is warmed (or cooled) to ``to_t_c``.
+
+    Why this holds: warming air in the sensor's housing adds no water, so its vapour pressure
+    e = RH e_s(T) stays; only e_s grows with the temperature. RH' = RH e_s(T) / e_s(T'). At 10 degC
+    1.5 degC of warming takes 75 %RH to ~68 %RH. This is how an ambient RH (the DGS-NO2's, outside
+    the PM housing) becomes the RH the particles grew at, given the housing's temperature."""
+    if not math.isfinite(rh_pct):
+        raise ValueError(f"RH must be a finite number, got {rh_pct!r}")
+    return rh_pct * saturation_vapour_pressure_hpa(t_c) / saturation_vapour_pressure_hpa(to_t_c)
+
+
+def housing_rh(rh_pct: float, ambient_t_c: float, warming_c: float) -> float:
+    """The RH inside a PM housing that warms the ambient air (``rh_pct`` at ``ambient_t_c``) by
+    ``warming_c`` degC: the enclosure's warming measured once (docs/fidelity.md), not a fitted constant."""
+    return rh_at(rh_pct, ambient_t_c, ambient_t_c + warming_c)
 
 
 def correctable(rh_pct: float | None) -> bool:

@@ -26,6 +26,7 @@ from simulator import sensor_errors as se
 from simulator.fleet import HARDWARE_SENSORS, NOISE_MODULE
 from simulator.hardware import SimulatedHardware
 from simulator.world import VanWorld
+from tests.test_pm_housing_rh import iapws_es_hpa
 
 FLEET = bf.Fleet(vans=2, days=2, hours=0.5)
 RULE = Rule(2, 2)  # a small fleet's units: the rule still asks for passes on two days
@@ -210,6 +211,44 @@ def test_each_correction_moves_its_own_figure(realistic):
         assert all(not math.isnan(q["rmse"]) for q in f.per_quantity.values()), f.config
 
 
+def test_the_housing_rh_by_magnus_takes_the_over_correction_away(realistic):
+    """Not shipped (docs/fidelity.md "Why PM2.5 reads low"): the ambient RH the DGS-NO2 sends,
+    taken to the PM housing's temperature (its ``no2_temp_c`` + the enclosure's warming as a
+    technician measured it), is the RH the particles grew at: the shipped row's negative bias
+    (undoing growth at the wetter ambient RH) mostly goes; and the derived values are the
+    receiver's growth undone at exactly that RH (pm_derive.housing_rh_series)."""
+    sim, figs = realistic
+    pm = lambda name: figs[name].per_quantity["pm25"]  # noqa: E731
+    shipped, magnus, housing = pm("all corrections (shipped)"), pm(bf.MAGNUS), pm(bf.HOUSING)
+    assert shipped["bias"] < -1.0  # dividing by the ambient RH over-corrects
+    assert abs(magnus["bias"]) < abs(shipped["bias"]) / 2 and abs(housing["bias"]) < abs(shipped["bias"]) / 2
+    assert magnus["rmse"] < shipped["rmse"]
+    # The warming each van's row used is a measurement (simulator's + error), not the truth itself.
+    assert all(abs(w - se.HOUSING_WARMING_C) < 1.5 for w in sim.warming.values())
+    assert len({round(w, 6) for w in sim.warming.values()}) == FLEET.vans
+    conn = dbapi.connect(sim.stores[True])
+    device = sorted(sim.fits)[0]
+    with bf.served_pm(conn, bf.Corrections(rh_source="magnus"), sim):
+        rows = dbapi.fetchall(conn, "SELECT s.vals, d.value, s.t_utc_ms FROM samples s JOIN derived d"
+                                    " ON d.device = s.device AND d.epoch = s.epoch AND d.seq = s.seq"
+                                    " AND d.quantity = 'pm25' WHERE s.device = ? AND s.sensor = 'pm'"
+                                    " ORDER BY s.t_utc_ms LIMIT 200", (device,))
+        amb = {t: json.loads(v) for v, t in dbapi.fetchall(
+            conn, "SELECT vals, t_utc_ms FROM samples WHERE device = ? AND sensor = 'no2'", (device,))}
+    checked = 0
+    for vals, value, t in rows:
+        if t not in amb:
+            continue
+        a = amb[t]
+        # Independent: vapour pressure conserved, e_s by IAPWS (tests/test_pm_housing_rh.py)
+        rh_h = a["no2_rh_pct"] * iapws_es_hpa(a["no2_temp_c"]) / iapws_es_hpa(a["no2_temp_c"] + sim.warming[device])
+        want = json.loads(vals)["pm25_cal"] / (1 + 0.22 / 1.65 * (rh_h / 100) / (1 - rh_h / 100))
+        assert value == pytest.approx(want, rel=2e-3)
+        checked += 1
+    assert checked > 100
+    conn.close()
+
+
 def test_growth_factor_follows_kappa_koehler():
     assert se.growth_factor(0.22, np.array([0.0]))[0] == 1.0
     # 1 + (kappa / 1.65) * aw / (1 - aw) at 90 % RH
@@ -255,6 +294,7 @@ def test_device_errors_reach_the_bytes_the_real_drivers_decode():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 507 s on the loaded 2-core VM: over the suite's 300 s default
 def test_the_full_fleet_meets_the_targets(tmp_path, snapper):
     """The issue's fleet (10 vans x 5 days; 1 h shifts): the targets the shipped pipeline meets.
     PM2.5's bias target is missed since the correction gets only the RH a shipped van sends (the
@@ -267,5 +307,8 @@ def test_the_full_fleet_meets_the_targets(tmp_path, snapper):
     assert q["no2_ppb"]["rmse"] <= 5 and q["laeq"]["rmse"] <= 1
     no_growth = figs[bf.NO_GROWTH].per_quantity["pm25"]
     assert q["pm25"]["bias"] < 0 and abs(q["pm25"]["bias"]) < 0.7 * no_growth["bias"]
+    # With the housing's warming measured (not shipped), ambient RH -> housing RH by Magnus meets it.
+    magnus = figs[bf.MAGNUS].per_quantity["pm25"]
+    assert abs(magnus["bias"]) <= 1 and magnus["rmse"] <= 2
     assert allc.pos_p95_m <= 10 and allc.time_p99_ms <= 100
     assert figs["none (before issue 15)"].time_p99_ms > 100
