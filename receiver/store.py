@@ -36,6 +36,7 @@ from core.errors import PayloadError
 from core.faultpoints import crash_point
 from core.timekeeping import MIN_PLAUSIBLE_UTC_MS
 from receiver import quality
+from receiver.batch_consistency import GAP_UPSERT
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
@@ -872,7 +873,7 @@ class SQLiteStore(StoreReads):
         new = c.total_changes - before
         if batch.gaps:
             c.executemany(
-                "INSERT OR IGNORE INTO gaps VALUES (?,?,?,?,?,?)",
+                "INSERT INTO gaps VALUES (?,?,?,?,?,?)" + GAP_UPSERT,
                 [(device, epoch, g.first_seq, g.last_seq, g.reason, bid) for g in batch.gaps],
             )
         dup = {"samples_duplicate": len(batch.samples) - new} if new < len(batch.samples) else {}

@@ -70,6 +70,7 @@ from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from core.faultpoints import crash_point
 from receiver import quality
+from receiver.batch_consistency import GAP_UPSERT
 from receiver.aggregate import create_tables as create_map_tables
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
@@ -643,7 +644,7 @@ class PostgresStore(StoreReads):
                 if batch.gaps:
                     with c.cursor() as cur:
                         cur.executemany(
-                            "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                            "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s)" + GAP_UPSERT,
                             [(device, epoch, g.first_seq, g.last_seq, g.reason, bid) for g in batch.gaps],
                         )
                 if derive:
