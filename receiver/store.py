@@ -451,6 +451,18 @@ class StoreReads:
         c.execute(f"UPDATE dead_letters_unacked SET run = {p} WHERE id = {p}", (self.run, row[0]))
         return True
 
+    def _dead_letter_counter(self, sha256: str, topic: str) -> str:
+        """The counter a new dead-letter row adds to: ``dead_letters`` counts rejected uploads
+        once, ``dead_letters_repeated`` the further deliveries of bytes already dead-lettered
+        on this topic (the van re-sending after its answer died with a broker, the broker
+        delivering again from an older persisted session). Sealed batches never change bytes,
+        so equal bytes are one upload; the row is written all the same (issue 13: v13b counted
+        335 dead letters for 269 uploads after one broker kill)."""
+        p = self.PARAM
+        seen = self.conn.execute(f"SELECT 1 FROM dead_letters WHERE sha256 = {p} AND topic = {p} LIMIT 1",
+                                 (sha256, topic)).fetchone()
+        return "dead_letters_repeated" if seen else "dead_letters"
+
     def dead_letters_acked(self) -> None:
         """The uploads this run dead-lettered are acked: a DUP copy of their bytes is new."""
         p = self.PARAM
@@ -693,6 +705,7 @@ class SQLiteStore(StoreReads):
             pk="id",
             if_not_exists=True,
         )
+        db.execute("CREATE INDEX IF NOT EXISTS dead_letters_sha ON dead_letters (sha256)")  # _dead_letter_counter
         db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
         ensure_calibration_tables(self.conn)
         db["quality"].create(
@@ -1029,7 +1042,10 @@ class SQLiteStore(StoreReads):
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            if not self._dead_letter_again(once, sha256, topic, mid):
+            if self._dead_letter_again(once, sha256, topic, mid):
+                self._bump("dead_letters_repeated")  # a redelivered copy: counted, not written again
+            else:
+                counter = self._dead_letter_counter(sha256, topic)
                 cur = c.execute(
                     "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
                     " VALUES (?,?,?,?,?,?)",
@@ -1037,7 +1053,7 @@ class SQLiteStore(StoreReads):
                 )
                 c.execute("INSERT INTO dead_letters_unacked (id, run, mid) VALUES (?, ?, ?)",
                           (cur.lastrowid, self.run, mid))
-                self._bump("dead_letters")
+                self._bump(counter)
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:

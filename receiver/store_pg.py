@@ -233,6 +233,7 @@ CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
 CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
 -- Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
 CREATE TABLE IF NOT EXISTS dead_letters_unacked (id bigint PRIMARY KEY, run text NOT NULL);
+CREATE INDEX IF NOT EXISTS dead_letters_sha ON dead_letters (sha256);
 -- The MQTT packet id the upload came with: a DUP copy matches only its own mark.
 ALTER TABLE dead_letters_unacked ADD COLUMN IF NOT EXISTS mid bigint;
 -- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
@@ -959,14 +960,16 @@ class PostgresStore(StoreReads):
             with self.conn.transaction():
                 # once: a redelivered upload already a dead letter, never acked (as SQLite).
                 if self._dead_letter_again(once, sha256, topic, mid):
+                    self._bump({"dead_letters_repeated": 1})  # a redelivered copy: counted, not written again
                     return
+                counter = self._dead_letter_counter(sha256, topic)
                 self.conn.execute(
                     "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
                     " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
                     " INSERT INTO dead_letters_unacked (id, run, mid) SELECT id, %s, %s FROM d",
                     (received_ms, topic, device, reason, sha256, payload, self.run, mid),
                 )
-                self._bump({"dead_letters": 1})
+                self._bump({counter: 1})
 
         self._run(work)
 

@@ -127,7 +127,10 @@ def test_generated_uploads_each_get_their_outcome_sqlite(tmp_path: Any) -> None:
     assert {k for k, _ in seen} == set(DEFECTS)
     rejected = sum(n for (_, st), n in seen.items() if st == REJECTED)
     assert len(dead_letters(store)) == rejected > 50
-    assert store.counts()["dead_letters"] == rejected
+    # Each rejected upload counted once; equal bytes sent again (Hypothesis may draw them) apart.
+    counts = store.counts()
+    assert counts["dead_letters"] == len({sha for sha, _, _ in dead_letters(store)})
+    assert counts["dead_letters"] + counts.get("dead_letters_repeated", 0) == rejected
 
 
 def test_generated_uploads_each_get_their_outcome_postgres(pg_dsn: str) -> None:
