@@ -83,6 +83,7 @@ from receiver.store import (
     SCHEMA_VERSION,
     CONTEXT_ROWS,
     Context,
+    DeadLetter,
     GPS_SENSOR,
     IngestResult,
     StoreReads,
@@ -956,22 +957,30 @@ class PostgresStore(StoreReads):
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
         *, once: bool = False, mid: int | None = None,
     ) -> None:
+        self.dead_letter_many([DeadLetter(topic, device, reason, payload, sha256, received_ms, once, mid)])
+
+    def dead_letter_many(self, items: Sequence[DeadLetter]) -> None:
+        """Keep rejected uploads, all in one transaction (as SQLite: one commit for a flood of them)."""
+        if not items:
+            return
+
         def work(attempt: int) -> None:
             with self.conn.transaction():
-                # once: a redelivered upload already a dead letter, never acked (as SQLite).
-                if self._dead_letter_again(once, sha256, topic, mid):
-                    self._bump({"dead_letters_repeated": 1})  # a redelivered copy: counted, not written again
-                    return
-                counter = self._dead_letter_counter(sha256, topic)
-                self.conn.execute(
-                    "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
-                    " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
-                    " INSERT INTO dead_letters_unacked (id, run, mid) SELECT id, %s, %s FROM d",
-                    (received_ms, topic, device, reason, sha256, payload, self.run, mid),
-                )
-                self._bump({counter: 1})
+                bumps = self._write_dead_letters(items)
+                if bumps:
+                    self._bump(bumps)
 
         self._run(work)
+
+    def _insert_dead_letters(self, items: Sequence[DeadLetter]) -> None:
+        if not items:
+            return
+        with self.conn.cursor() as cur:  # executemany pipelines: one round trip for the group, not one each
+            cur.executemany(
+                "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
+                " INSERT INTO dead_letters_unacked (id, run, mid) SELECT id, %s, %s FROM d",
+                [(d.received_ms, d.topic, d.device, d.reason, d.sha256, d.payload, self.run, d.mid) for d in items])
 
     # -- reads --------------------------------------------------------------------
 

@@ -189,11 +189,10 @@ def test_a_write_that_fails_once_is_tried_again_not_rejected(tmp_path: Any) -> N
 class RefusesPayloads(SQLiteStore):
     """A real SQLite store that cannot keep a dead letter's payload (and says nothing of why)."""
 
-    def dead_letter(self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str,
-                    received_ms: int, *, once: bool = False, mid: int | None = None) -> None:
-        if payload:
+    def dead_letter_many(self, items: Any) -> None:
+        if any(d.payload for d in items):
             raise sqlite3.IntegrityError("no room for this payload")
-        super().dead_letter(topic, device, reason, payload, sha256, received_ms, once=once, mid=mid)
+        super().dead_letter_many(items)
 
 
 def test_a_dead_letter_the_store_refuses_is_kept_without_its_payload(tmp_path: Any) -> None:
