@@ -111,3 +111,24 @@ def test_after_a_broker_kill_the_resent_uploads_are_not_counted_again(tmp_path: 
     assert rows() == 2 * len(uploads)  # every delivery leaves its row
     assert counters["dead_letters"] == len(uploads)
     assert counters["dead_letters_repeated"] == len(uploads)
+
+
+def test_a_groups_rejections_are_one_transaction(tmp_path: Path) -> None:
+    """A flood of rejections costs one commit per group, not one each (issue 13: on PostgreSQL one
+    transaction per dead letter was most of a hostile group's time, and van B waited behind it)."""
+    from receiver.store import SQLiteStore
+
+    s = SQLiteStore(tmp_path / "d.sqlite")
+    statements: list[str] = []
+    s.conn.set_trace_callback(statements.append)
+    group = [(A, b"junk %d" % i, RECEIVED) for i in range(30)] + [(A, b"junk 0", RECEIVED)]
+    out = Ingestor(s).handle_many(group)
+    s.conn.set_trace_callback(None)
+    commits = [x for x in statements if x.strip().upper().startswith("COMMIT")]
+    print(f"\n{len(group)} rejected uploads in one group: {len(commits)} commit(s)")
+    assert [o.ack.status for o in out] == ["rejected"] * len(group)
+    assert len(commits) == 1
+    counts = s.counts()
+    assert (counts["dead_letters"], counts["dead_letters_repeated"]) == (30, 1)
+    assert q(s, "SELECT count(*) FROM dead_letters") == [(31,)]
+    s.close()
