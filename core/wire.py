@@ -259,6 +259,10 @@ def inflate_body(payload: bytes) -> bytes:
     return _inflate(body)
 
 
+# Version 1's row layout, named in every body's "cols"; decoding refuses any other header.
+V1_COLS = ["seq", "sensor", "t_utc_ms", "t_mono_ms", "time_src", "values", "flags", "boot"]
+
+
 def _decode_v1(body_bytes: bytes, raw: bytes | None = None) -> Batch:
     raw = _inflate(body_bytes) if raw is None else raw
     body = _loads(raw, "body")
@@ -287,6 +291,10 @@ def _decode_v1(body_bytes: bytes, raw: bytes | None = None) -> Batch:
         ):
             raise PayloadError("a gap must be [first_seq, last_seq, reason]")
         gaps.append(Gap(g[0], g[1], g[2]))
+    if body.get("cols") != V1_COLS:
+        # Rows are read by position: a header naming other columns (or fewer) means the
+        # sender's rows are not what we would read them as (issue 13: ignored until now).
+        raise PayloadError(f"cols must be {V1_COLS}")
     return Batch(device, epoch, first, last, samples, gaps)
 
 

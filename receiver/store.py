@@ -36,6 +36,7 @@ from core.errors import PayloadError
 from core.faultpoints import crash_point
 from core.timekeeping import MIN_PLAUSIBLE_UTC_MS
 from receiver import quality
+from receiver.batch_consistency import GAP_UPSERT
 from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
@@ -75,6 +76,20 @@ class IngestResult:
     duplicate_samples: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One rejected upload to keep: ``once`` is MQTT DUP (a redelivery), ``mid`` its packet id."""
+
+    topic: str
+    device: str | None
+    reason: str
+    payload: bytes
+    sha256: str
+    received_ms: int
+    once: bool = False
+    mid: int | None = None
+
+
 class Store(Protocol):
     """What the receiver needs from a DataLab store (SQLiteStore here, PostgresStore in store_pg.py)."""
 
@@ -100,6 +115,8 @@ class Store(Protocol):
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
         *, once: bool = False, mid: int | None = None,
     ) -> None: ...
+
+    def dead_letter_many(self, items: Sequence[DeadLetter]) -> None: ...
 
     def counts(self) -> dict[str, int]: ...
 
@@ -451,6 +468,40 @@ class StoreReads:
         c.execute(f"UPDATE dead_letters_unacked SET run = {p} WHERE id = {p}", (self.run, row[0]))
         return True
 
+    def _write_dead_letters(self, items: Sequence[DeadLetter]) -> dict[str, int]:
+        """Write ``items`` inside the caller's transaction; what to add to which counter.
+
+        ``dead_letters`` counts rejected uploads once, ``dead_letters_repeated`` the further
+        deliveries of bytes already dead-lettered on that topic (the van re-sending after its
+        answer died with a broker; the broker delivering again). Sealed batches never change
+        bytes, so equal bytes are one upload; every delivery still leaves its row, but for a
+        DUP copy of one not acked yet (``_dead_letter_again``). Issue 13: v13b counted 335
+        dead letters for 269 uploads after one broker kill. One look-up for the group."""
+        p = self.PARAM
+        shas = sorted({d.sha256 for d in items})
+        seen: set[tuple[str, str]] = set()
+        for i in range(0, len(shas), 500):  # within any driver's parameter limit
+            part = shas[i:i + 500]
+            seen.update(tuple(r) for r in self.conn.execute(
+                f"SELECT DISTINCT sha256, topic FROM dead_letters WHERE sha256 IN ({', '.join([p] * len(part))})",
+                part).fetchall())
+        bumps = {"dead_letters": 0, "dead_letters_repeated": 0}
+        new: list[DeadLetter] = []
+        for d in items:
+            if self._dead_letter_again(d.once, d.sha256, d.topic, d.mid):
+                bumps["dead_letters_repeated"] += 1  # a redelivered copy: counted, not written again
+                continue
+            key = (d.sha256, d.topic)
+            bumps["dead_letters_repeated" if key in seen else "dead_letters"] += 1
+            seen.add(key)
+            new.append(d)
+        self._insert_dead_letters(new)
+        return {k: v for k, v in bumps.items() if v}
+
+    def _insert_dead_letters(self, items: Sequence[DeadLetter]) -> None:
+        """Rows in ``dead_letters``, each marked un-acked by this run with its packet id."""
+        raise NotImplementedError
+
     def dead_letters_acked(self) -> None:
         """The uploads this run dead-lettered are acked: a DUP copy of their bytes is new."""
         p = self.PARAM
@@ -693,6 +744,7 @@ class SQLiteStore(StoreReads):
             pk="id",
             if_not_exists=True,
         )
+        db.execute("CREATE INDEX IF NOT EXISTS dead_letters_sha ON dead_letters (sha256)")  # _dead_letter_counter
         db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
         ensure_calibration_tables(self.conn)
         db["quality"].create(
@@ -873,7 +925,7 @@ class SQLiteStore(StoreReads):
         new = c.total_changes - before
         if batch.gaps:
             c.executemany(
-                "INSERT OR IGNORE INTO gaps VALUES (?,?,?,?,?,?)",
+                "INSERT INTO gaps VALUES (?,?,?,?,?,?)" + GAP_UPSERT,
                 [(device, epoch, g.first_seq, g.last_seq, g.reason, bid) for g in batch.gaps],
             )
         dup = {"samples_duplicate": len(batch.samples) - new} if new < len(batch.samples) else {}
@@ -1026,23 +1078,30 @@ class SQLiteStore(StoreReads):
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
         *, once: bool = False, mid: int | None = None,
     ) -> None:
+        self.dead_letter_many([DeadLetter(topic, device, reason, payload, sha256, received_ms, once, mid)])
+
+    def dead_letter_many(self, items: Sequence[DeadLetter]) -> None:
+        """Keep rejected uploads, all in one transaction (a flood of them: one commit, not one each)."""
+        if not items:
+            return
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            if not self._dead_letter_again(once, sha256, topic, mid):
-                cur = c.execute(
-                    "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
-                    " VALUES (?,?,?,?,?,?)",
-                    (received_ms, topic, device, reason, sha256, payload),
-                )
-                c.execute("INSERT INTO dead_letters_unacked (id, run, mid) VALUES (?, ?, ?)",
-                          (cur.lastrowid, self.run, mid))
-                self._bump("dead_letters")
+            for name, by in self._write_dead_letters(items).items():
+                self._bump(name, by)
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
+
+    def _insert_dead_letters(self, items: Sequence[DeadLetter]) -> None:
+        for d in items:
+            cur = self.conn.execute(
+                "INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                " VALUES (?,?,?,?,?,?)", (d.received_ms, d.topic, d.device, d.reason, d.sha256, d.payload))
+            self.conn.execute("INSERT INTO dead_letters_unacked (id, run, mid) VALUES (?, ?, ?)",
+                              (cur.lastrowid, self.run, d.mid))
 
     def count(self, name: str, by: int = 1) -> None:
         """Add to a running total (outside any ingest transaction)."""

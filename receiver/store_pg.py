@@ -69,6 +69,7 @@ from receiver.pg_timeouts import guard as pg_guard
 from receiver.positions import NO_FIX, NO_TIME, PENDING, Fix, locate
 from core.faultpoints import crash_point
 from receiver import pg_samples, quality
+from receiver.batch_consistency import GAP_UPSERT
 from receiver.aggregate import create_tables as create_map_tables
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
@@ -81,6 +82,7 @@ from receiver.store import (
     SCHEMA_VERSION,
     CONTEXT_ROWS,
     Context,
+    DeadLetter,
     GPS_SENSOR,
     IngestResult,
     StoreReads,
@@ -231,6 +233,7 @@ CREATE INDEX IF NOT EXISTS positions_open ON positions (device, t_utc_ms)
 CREATE INDEX IF NOT EXISTS positions_pending ON positions (device, t_utc_ms) WHERE state = 'pending';
 -- Dead letters written but not yet acked to the broker, by run (StoreReads._dead_letter_again).
 CREATE TABLE IF NOT EXISTS dead_letters_unacked (id bigint PRIMARY KEY, run text NOT NULL);
+CREATE INDEX IF NOT EXISTS dead_letters_sha ON dead_letters (sha256);
 -- The MQTT packet id the upload came with: a DUP copy matches only its own mark.
 ALTER TABLE dead_letters_unacked ADD COLUMN IF NOT EXISTS mid bigint;
 -- Time windows whose open samples wait to be placed again (StoreReads._join_inputs' budget).
@@ -628,7 +631,7 @@ class PostgresStore(StoreReads):
                 if batch.gaps:
                     with c.cursor() as cur:
                         cur.executemany(
-                            "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                            "INSERT INTO gaps VALUES (%s,%s,%s,%s,%s,%s)" + GAP_UPSERT,
                             [(device, epoch, g.first_seq, g.last_seq, g.reason, bid) for g in batch.gaps],
                         )
                 if derive:
@@ -939,20 +942,30 @@ class PostgresStore(StoreReads):
         self, topic: str, device: str | None, reason: str, payload: bytes, sha256: str, received_ms: int,
         *, once: bool = False, mid: int | None = None,
     ) -> None:
+        self.dead_letter_many([DeadLetter(topic, device, reason, payload, sha256, received_ms, once, mid)])
+
+    def dead_letter_many(self, items: Sequence[DeadLetter]) -> None:
+        """Keep rejected uploads, all in one transaction (as SQLite: one commit for a flood of them)."""
+        if not items:
+            return
+
         def work(attempt: int) -> None:
             with self.conn.transaction():
-                # once: a redelivered upload already a dead letter, never acked (as SQLite).
-                if self._dead_letter_again(once, sha256, topic, mid):
-                    return
-                self.conn.execute(
-                    "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
-                    " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
-                    " INSERT INTO dead_letters_unacked (id, run, mid) SELECT id, %s, %s FROM d",
-                    (received_ms, topic, device, reason, sha256, payload, self.run, mid),
-                )
-                self._bump({"dead_letters": 1})
+                bumps = self._write_dead_letters(items)
+                if bumps:
+                    self._bump(bumps)
 
         self._run(work)
+
+    def _insert_dead_letters(self, items: Sequence[DeadLetter]) -> None:
+        if not items:
+            return
+        with self.conn.cursor() as cur:  # executemany pipelines: one round trip for the group, not one each
+            cur.executemany(
+                "WITH d AS (INSERT INTO dead_letters (received_utc_ms, topic, device, reason, sha256, payload)"
+                " VALUES (%s,%s,%s,%s,%s,%s) RETURNING id)"
+                " INSERT INTO dead_letters_unacked (id, run, mid) SELECT id, %s, %s FROM d",
+                [(d.received_ms, d.topic, d.device, d.reason, d.sha256, d.payload, self.run, d.mid) for d in items])
 
     # -- reads --------------------------------------------------------------------
 

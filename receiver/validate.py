@@ -39,6 +39,7 @@ from typing import Any
 
 from core.calibration import CALIBRATION_SENSOR
 from core.errors import PayloadError
+from receiver.batch_consistency import check_consistency
 from receiver.calibration_check import check_record
 from core.codec_v2 import INT64_MAX, INT64_MIN  # noqa: F401  (re-exported)
 # The per-sample rules live with the wire format and are shared with the van's buffer, which
@@ -54,7 +55,9 @@ MAX_STATUS_ITEMS = 4_000  # scalars and containers in one status message
 
 
 def check_batch(batch: Batch) -> Batch:
-    """The batch itself if every field is within the domain bounds; else ``PayloadError``.
+    """The batch if every field is within the domain bounds and its numbers agree
+    (receiver/batch_consistency.py: then with receiver gap rows for numbers it leaves
+    unaccounted for); else ``PayloadError``.
 
     On the path of every upload, so the common case is cheap: a name (sensor, key,
     flag ...) is checked once per batch, and a plain int or float in range costs
@@ -76,7 +79,7 @@ def check_batch(batch: Batch) -> Batch:
         check_int(g.first_seq, "gap first_seq", 1)
         check_int(g.last_seq, "gap last_seq", 1)
         check_text(g.reason, "gap reason", MAX_NAME_CHARS * 8)
-    return batch
+    return check_consistency(batch)  # last: its numbers are known to be 64-bit integers by now
 
 
 def check_status(status: dict[str, Any]) -> dict[str, Any]:

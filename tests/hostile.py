@@ -136,8 +136,8 @@ def _good_rows(draw: st.DrawFn) -> tuple[list[list[Any]], int, int]:
         rows.append([first + i, sensor, t_utc, draw(st.integers(0, INT64 - 1)),
                      draw(st.sampled_from([str(s) for s in TimeSource])), values,
                      draw(st.lists(_NAME, max_size=2)), draw(_NAME)])
-    last = first + n - 1 + draw(st.integers(0, 3))
-    return rows, first, last
+    # A batch is named after its first and last sample (receiver/batch_consistency.py).
+    return rows, first, first + n - 1
 
 
 _BIG_INT = st.one_of(st.integers(INT64, 10**600), st.integers(-(10**600), -INT64 - 1),
@@ -155,6 +155,8 @@ DEFECTS = (
     "lone_surrogate", "text_too_long", "seq_overflow", "time_overflow", "mono_negative", "fix_out_of_range",
     "fix_not_whole", "fix_is_bool", "deep_json_value", "deep_json_body", "flag_with_comma", "name_too_long",
     "wrong_device", "bad_structure", "truncated", "bit_flipped", "random_bytes", "bool_seq",
+    # Numbers that contradict each other (receiver/batch_consistency.py, issue 13's outside tester).
+    "range_beyond_samples", "sample_in_gap", "sampleless_misnamed", "cols_mismatch",
 )
 
 
@@ -256,6 +258,37 @@ def hostile_upload(draw: st.DrawFn, device: str, kind: str | None = None) -> Hos
         return recipe(kind, REJECTED, {}, mutate=lambda _: prefix + tail)
     elif kind == "bool_seq":
         row[0], version = True, "v1"
+    elif kind == "range_beyond_samples":
+        # Declared numbers past the samples, sometimes with a gap row owning up to them (the
+        # tester's last = 2^62 with 6 samples): still not a batch a van seals.
+        gaps: list[list[Any]] = []
+        if first > 1 and draw(st.booleans()):
+            new = draw(st.integers(1, first - 1))
+            if draw(st.booleans()):
+                gaps.append([new, first - 1, "dropped"])
+            first = new
+        else:
+            new = draw(st.one_of(st.integers(last + 1, last + 200), st.integers(last + 1, INT64 - 1)))
+            if draw(st.booleans()):
+                gaps.append([last + 1, new, "dropped"])
+            last = new
+        return recipe(kind, REJECTED, body_of(device, rows, first, last, gaps), version=version)
+    elif kind == "sample_in_gap":
+        seq = row[0]
+        gap = [max(1, seq - draw(st.integers(0, 5))), seq + draw(st.integers(0, 5)), "lost"]
+        return recipe(kind, REJECTED, body_of(device, rows, first, last, [gap]), version=version)
+    elif kind == "sampleless_misnamed":
+        a = draw(st.integers(1, 2**61))
+        b = a + draw(st.integers(0, 10**6))
+        lo = draw(st.integers(1, a))
+        hi = draw(st.integers(b, b + 10**6).filter(lambda x, lo=lo: (lo, x) != (a, b) and lo != x))
+        return recipe(kind, REJECTED, body_of(device, [], lo, hi, [[a, b, "dropped"]]), version=version)
+    elif kind == "cols_mismatch":
+        cols = draw(st.one_of(st.builds(lambda k: COLS[:k], st.integers(0, 7)), st.just(COLS + ["extra"]),
+                              st.permutations(COLS).filter(lambda c: c != COLS), st.none()))
+        body = body_of(device, rows, first, last)
+        body["cols"] = cols
+        return recipe(kind, REJECTED, body, version="v1")
     expect = STORED if kind == "none" else REJECTED
     return recipe(kind, expect, body_of(device, rows, first, last), version=version, mutate=mutate)
 

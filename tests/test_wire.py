@@ -31,6 +31,7 @@ def test_same_batch_same_bytes():
 
 
 def _raw(body: dict, version: int = 1) -> bytes:
+    body = {"cols": wire.V1_COLS, **body}  # the header every version 1 body names (checked last)
     return wire.MAGIC + bytes([version]) + zlib.compress(json.dumps(body).encode())
 
 
