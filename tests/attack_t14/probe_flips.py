@@ -167,6 +167,30 @@ def header_cases(image: Path, root: Path, truth: list[Truth], reg: dict[str, lis
     print(f"header flips: {total}, not ok {bad}")
 
 
+def cell_cases(image: Path, root: Path, truth: list[Truth], reg: dict[str, list[int]], rowids: list[int]) -> None:
+    """Every single-bit flip of every byte of the named unsealed rows' cells (header, rowid, record)."""
+    page = reg["samples"][0]
+    cs = sorted(cells(image / "b.db", page))
+    bad = 0
+    total = 0
+    kinds: dict[str, int] = collections.Counter()
+    for i, (off, rid, _) in enumerate(cs):
+        if rid not in rowids:
+            continue
+        # the cell ends where the next one (higher offset) starts, or at the page's end
+        nxt = min([o for o, _, _ in cs if o > off] + [((off // 4096) + 1) * 4096])
+        for byte in range(off, nxt):
+            for bit in range(8):
+                total += 1
+                ok, why = trial(image, root / "work", truth, "b.db", byte, bit)
+                if not ok:
+                    bad += 1
+                    kinds[why.split(" stored=")[0][:40] + ("altered" if "altered=[(" in why else "") +
+                          ("missing" if "missing=[]" not in why else "")] += 1
+                    print(f"NOT OK row {rid} cell byte {byte - off} bit {bit}: {why[:400]}")
+    print(f"cell flips: {total}, not ok {bad}, kinds {dict(kinds)}")
+
+
 def flip(path: Path, byte: int, bit: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[byte] ^= 1 << bit
@@ -219,6 +243,8 @@ def main() -> None:
     used = used_bytes(image / "b.db")
     if "--rowid" in sys.argv:
         return rowid_cases(image, root, truth)
+    if "--cells" in sys.argv:
+        return cell_cases(image, root, truth, reg, [int(x) for x in sys.argv[sys.argv.index("--cells") + 1].split(",")])
     if "--headers" in sys.argv:
         return header_cases(image, root, truth, reg)
     print(f"image: {size} bytes, pages by table: { {k: v for k, v in reg.items()} }")
