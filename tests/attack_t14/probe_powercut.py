@@ -61,7 +61,7 @@ def damage(img: Path, kind: str) -> None:
 
 
 def sync_tree(d: Path) -> None:
-    for p in [d, *d.rglob("*")]:
+    for p in ([d] if d.name == "card" else [d, *d.rglob("*")]):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -73,6 +73,7 @@ def main() -> None:
     episodes = int(sys.argv[1]) if len(sys.argv) > 1 else 12
     cuts = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 14
+    kinds = sys.argv[4].split(",") if len(sys.argv) > 4 else ["meta", "rowid", "none"]
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix="t14cut-"))
     card = PowerCutMount(root / "card", seed=seed)
@@ -81,7 +82,7 @@ def main() -> None:
     total_cuts = 0
     try:
         for ep in range(episodes):
-            kind = ["meta", "rowid", "none"][ep % 3]
+            kind = kinds[ep % len(kinds)]
             img = root / f"img{ep}"
             img.mkdir()
             truth = make_image(img, random.Random(ep))
@@ -91,10 +92,12 @@ def main() -> None:
             van = card.path / f"van{ep}"
             shutil.copytree(img, van)
             sync_tree(van)
+            sync_tree(card.path)  # the van folder's own entry (a first run of this probe forgot it: all lost)
             outcomes = []
             for c in range(cuts):
+                errf = open(root / f"child{ep}-{c}.err", "w")
                 p = subprocess.Popen([sys.executable, "-c", CHILD, str(van / "b.db"), str(store)], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                     stdout=subprocess.PIPE, stderr=errf, text=True)
                 assert p.stdout.readline().startswith("opening")
                 time.sleep(rng.uniform(0.0, 0.6))
                 if p.poll() is None:
@@ -104,17 +107,26 @@ def main() -> None:
                     outcomes.append(f"finished rc={p.returncode}")
                 p.wait()
                 keep = rng.choice([0.0, 0.5])
-                card.cut(keep)
+                if not os.environ.get("T14_KILL_ONLY"):  # a kill alone: the page cache is kept
+                    lost = card.cut(keep)
+                    outcomes[-1] += f"(lost {lost[0]} B, {lost[1]} entries)"
                 total_cuts += 1
+                if os.environ.get("T14_DUMP"):
+                    print(f"   after cut {c}: {sorted(str(x.relative_to(van)) for x in van.rglob('*'))}")
             p = subprocess.run([sys.executable, "-c", CHILD, str(van / "b.db"), str(store)], env=env,
                                capture_output=True, text=True, timeout=120)
             v = judge(store, DEV, truth)
             ok = p.returncode == 0 and v.ok
+            if not ok:
+                qs = sorted(x.name for x in (van / "quarantine").glob("*")) if (van / "quarantine").exists() else []
+                print(f"   left on the card: {sorted(x.name for x in van.iterdir())} quarantine: "
+                      f"{[(q, sorted(y.name for y in (van / 'quarantine' / q).iterdir())) for q in qs]}")
             bad += not ok
             print(f"episode {ep} damage={kind} {outcomes} final_rc={p.returncode} "
                   f"{'ok' if ok else 'NOT OK'} {v.brief()} {p.stderr[-300:] if p.returncode else ''}", flush=True)
     finally:
         card.close()
+    print(f"logs in {root}")
     print(f"episodes {episodes}, cuts {total_cuts}, not ok {bad}; card stats lost bytes {card.bytes_lost}")
 
 
