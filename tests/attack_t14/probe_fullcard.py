@@ -80,8 +80,9 @@ def _first_new_stored(store: Path, device: str, after: tuple[str, int]) -> bool:
         c.close()
 
 
+@pytest.mark.timeout(1800)
 def test_card_filled_by_the_vans_own_backlog(tmp_path, mosquitto, rx, card):
-    agent, link = make_agent(card, mosquitto.port, sensors=8, batch=200, max_age_s=30.0)
+    agent, link = make_agent(card, mosquitto.port, sensors=16, batch=200, max_age_s=30.0)
     buf = agent.buffer
     truth = _record_commits(buf)
     seen = {"disk_full": 0, "max_at_risk": 0, "min_unsealed": 0, "health": set()}
@@ -132,6 +133,7 @@ def test_card_filled_by_the_vans_own_backlog(tmp_path, mosquitto, rx, card):
     assert sum(gapped_lost.values()) >= agent.stats.lost_in_memory, (gapped_lost, agent.stats.lost_in_memory)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("free_kib", [64, 256, 1024])
 def test_card_freed_only_partly(tmp_path, mosquitto, rx, card, free_kib):
     """A filler takes the card while the van is online; then only ``free_kib`` KiB come back."""
