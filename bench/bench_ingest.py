@@ -364,6 +364,12 @@ def _postgres(cluster: Any, batches: list[Batch], workers: int) -> dict[str, flo
 def receive_rows(workers: int = 1) -> list[dict]:
     """The receive path against a plain load of pre-built rows, on both stores (issue #18 point 5).
 
+    The baseline loads into the table the store writes: on SQLite ``raw_samples`` has the
+    store's ``samples`` layout (same columns, same primary key, no other index); on PostgreSQL
+    it is the store's own partitioned ``samples`` (binary COPY, as the store), its month
+    partitions made before the clock for both. The old baseline, an unpartitioned table, is
+    shown beside it for comparison with earlier runs.
+
     ``python -m bench.bench_ingest --receive``: a minute or two, not the whole bench."""
     from receiver.store import SQLiteStore
     from receiver.store_pg import PostgresStore
