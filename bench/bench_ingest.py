@@ -217,6 +217,23 @@ def _raw_pg_work(target: str, share: list[Batch], how: str, table: str) -> Calla
     return go
 
 
+def _raw_pg_store_work(target: str, share: list[Batch]) -> Callable[[], None]:
+    """Binary COPY of pre-built rows into the store's own ``samples``: the partitioned table
+    (month, then GPS / rest) with its indexes, through the store's connection and dumpers.
+    The receive path's baseline on PostgreSQL (issue #18 point 1: the same table)."""
+    from receiver.store_pg import _SAMPLE_COLS, PostgresStore
+
+    rows = sample_rows(share, as_bytes=True)
+    store = PostgresStore(target)
+
+    def go() -> None:
+        with store.conn.transaction():
+            store._copy("samples", _SAMPLE_COLS, rows)
+        store.close()
+
+    return go
+
+
 def _worker(kind: str, target: str, share: list[Batch], ready: Any, start: Any, out: Any) -> None:
     try:
         if kind in ("store", "store_inline"):
@@ -227,6 +244,8 @@ def _worker(kind: str, target: str, share: list[Batch], ready: Any, start: Any, 
             go = _store_work(target, share, derive=False, group=1)
         elif kind == "derive":
             go = _derive_work(target)
+        elif kind == "raw_pg_store_prebuilt":
+            go = _raw_pg_store_work(target, share)
         elif kind in ("raw_sqlite", "raw_sqlite_prebuilt"):
             go = _raw_sqlite_work(target, share, prebuilt=kind == "raw_sqlite_prebuilt")
         else:
@@ -345,6 +364,12 @@ def _postgres(cluster: Any, batches: list[Batch], workers: int) -> dict[str, flo
 def receive_rows(workers: int = 1) -> list[dict]:
     """The receive path against a plain load of pre-built rows, on both stores (issue #18 point 5).
 
+    The baseline loads into the table the store writes: on SQLite ``raw_samples`` has the
+    store's ``samples`` layout (same columns, same primary key, no other index); on PostgreSQL
+    it is the store's own partitioned ``samples`` (binary COPY, as the store), its month
+    partitions made before the clock for both. The old baseline, an unpartitioned table, is
+    shown beside it for comparison with earlier runs.
+
     ``python -m bench.bench_ingest --receive``: a minute or two, not the whole bench."""
     from receiver.store import SQLiteStore
     from receiver.store_pg import PostgresStore
@@ -388,13 +413,24 @@ def receive_rows(workers: int = 1) -> list[dict]:
             return str(dsn)
 
         def pg_store() -> str:
+            # The schema and this load's month partitions exist before the clock, as in service
+            # (a month is made once a month; the baseline loads into the same partitions).
             dsn = cluster.create_database()
-            PostgresStore(dsn).close()
+            store = PostgresStore(dsn)
+            store._ensure_months(s.t_utc_ms for b in batches for s in b.samples)
+            store.close()
             return str(dsn)
 
-        add("pg", {"raw_prebuilt": best("raw_pg:copy-prebuilt:raw_samples", pg_raw, batches, workers),
-                   "store": best("store", pg_store, batches, workers),
-                   "receive": best("receive", pg_store, batches, workers)}, "binary COPY (fsync on)")
+        pg = {"raw_prebuilt": best("raw_pg_store_prebuilt", pg_store, batches, workers),
+              "store": best("store", pg_store, batches, workers),
+              "receive": best("receive", pg_store, batches, workers)}
+        add("pg", pg, "binary COPY into the store's partitioned samples (fsync on)")
+        # For comparison with earlier rows: the old baseline, a plain unpartitioned table.
+        plain = best("raw_pg:copy-prebuilt:raw_samples", pg_raw, batches, workers)
+        rows.append({"name": f"ingest.pg.{workers}w.receive_path.vs_plain_table", "value": round(pg["receive"]),
+                     "unit": "values/s; baseline binary COPY of pre-built rows into an unpartitioned table",
+                     "baseline": round(plain), "target": None, "ok": None,
+                     "note": f"ratio {pg['receive'] / plain:.2f}"})
     finally:
         cluster.stop()
     return rows
