@@ -92,7 +92,7 @@ def _pg_pids(cluster: Any) -> list[int]:
 
 
 def run(vans: int = 200, minutes: float = 1.0, agents: int = 0, *, sample_s: float = 30.0,
-        client_procs: int = 1, intruder: bool = False, workdir: Path | None = None,
+        client_procs: int = 1, intruder: bool = False, workdir: Path | None = None, interval_s: int = 60,
         log: Any = print) -> dict[str, Any]:
     from receiver.config import ReceiverConfig
     from receiver.provision import RECEIVER_USER
@@ -106,7 +106,6 @@ def run(vans: int = 200, minutes: float = 1.0, agents: int = 0, *, sample_s: flo
         raise RuntimeError(f"open-file limit {fds} is too low for {vans} connections (raise the hard limit)")
     tmp = workdir or Path(tempfile.mkdtemp(prefix="bench-fleet-real-"))
     seconds = minutes * 60.0
-    interval_s = 60
     cluster = PgCluster(settings=DURABLE).start()
     broker = LocalBroker("mosquitto", workdir=tmp / "broker", persistence=False,
                          secure=SecureSetup(devices=("probe-van",)),  # the file exists; the fleet is added below
