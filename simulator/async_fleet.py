@@ -26,7 +26,9 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from core.wire import decode_ack, encode_batch
 
@@ -75,37 +77,82 @@ class VanResult:
     last_seq: int = 0
     lags: list[float] = field(default_factory=list)
     connect_error: str = ""
+    error: str = ""  # what ended the van early after it connected
+
+
+async def _connect(spec: FleetSpec, device: str, password: str, ctx: ssl.SSLContext,
+                   gate: asyncio.Semaphore, rng: random.Random) -> object:
+    """Dial until the broker takes the van, with full-jitter backoff as a real van does
+    (uplink/backoff.py): a broker busy with thousands of handshakes may drop some."""
+    import aiomqtt
+
+    delay = 1.0
+    for attempt in range(CONNECT_ATTEMPTS):
+        # timeout: how long a SUBSCRIBE or PUBLISH may wait for the broker's answer; under a
+        # connection storm Mosquitto answers late, and a van does not give up on a batch for that.
+        client = aiomqtt.Client(spec.host, spec.port, username=device, password=password, identifier=device,
+                                tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
+                                keepalive=120, max_inflight_messages=20, timeout=OP_TIMEOUT_S)
+        try:
+            async with gate:
+                await client.__aenter__()
+            return client
+        except aiomqtt.MqttError:
+            if attempt == CONNECT_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(rng.uniform(0, delay))
+            delay = min(delay * 2, 30.0)
+    raise AssertionError("unreachable")
+
+
+CONNECT_ATTEMPTS = 6
+OP_TIMEOUT_S = 120.0
+
+
+class _Start:
+    """Every van of the process connected (or given up): the load starts then, not before,
+    so a slow connection storm is not counted as lag."""
+
+    def __init__(self, vans: int, start_wall: float, out: str) -> None:
+        self.left = vans
+        self.start_wall = start_wall
+        self.out = out
+        self.event = asyncio.Event()
+
+    def one_ready(self) -> None:
+        self.left -= 1
+        if self.left <= 0 and not self.event.is_set():
+            self.start_wall = max(self.start_wall, time.time() + 1.0)
+            if self.out:
+                tmp = Path(self.out + ".started.tmp")  # renamed whole: the bench never reads half
+                tmp.write_text(repr(self.start_wall))
+                tmp.replace(self.out + ".started")
+            self.event.set()
 
 
 async def _van(spec: FleetSpec, device: str, password: str, ctx: ssl.SSLContext, gate: asyncio.Semaphore,
-               connected: asyncio.Event, ready: list[int], offset: float, rng: random.Random) -> VanResult:
-    import aiomqtt
-
+               start: _Start, offset: float, rng: random.Random) -> VanResult:
     from simulator.soak import SENSORS, make_batch
 
     epoch = f"af{spec.seed:04d}{rng.randrange(16**6):06x}"
     res = VanResult(device, epoch)
     sent: dict[str, float] = {}
     acked: set[str] = set()
-    client = aiomqtt.Client(spec.host, spec.port, username=device, password=password, identifier=device,
-                            tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
-                            keepalive=120, max_inflight_messages=20)
     try:
-        async with gate:
-            await client.__aenter__()
+        client: Any = await _connect(spec, device, password, ctx, gate, rng)
     except Exception as exc:  # noqa: BLE001 - reported per van, the fleet goes on
         res.connect_error = f"{type(exc).__name__}: {exc}"
-        ready[0] += 1
-        if ready[0] >= len(spec.devices):
-            connected.set()
+        start.one_ready()
         return res
+    reader = None
+    announced = False
     try:
         await client.subscribe(f"{PREFIX}/{device}/ack", qos=1)
 
         async def acks() -> None:
             async for msg in client.messages:
                 try:
-                    ack = decode_ack(bytes(msg.payload))  # type: ignore[arg-type]
+                    ack = decode_ack(bytes(msg.payload))
                 except Exception:  # noqa: BLE001 - a bad ack counts as none
                     continue
                 if ack.committed and ack.batch_id in sent and ack.batch_id not in acked:
@@ -113,32 +160,35 @@ async def _van(spec: FleetSpec, device: str, password: str, ctx: ssl.SSLContext,
                     res.lags.append(time.monotonic() - sent[ack.batch_id])
 
         reader = asyncio.create_task(acks())
-        ready[0] += 1
-        if ready[0] >= len(spec.devices):
-            connected.set()
-        await connected.wait()
-        start_wall = spec.start_wall or time.time()
+        start.one_ready()
+        announced = True
+        await start.event.wait()
         n = len(SENSORS)
         k = 0
         while offset + k * spec.interval_s < spec.seconds:
-            due = start_wall + offset + k * spec.interval_s
+            due = start.start_wall + offset + k * spec.interval_s
             await asyncio.sleep(max(0.0, due - time.time()))
             # The batch ends now: its samples are the last interval_s seconds, as a van seals by age.
             t0_ms = int(time.time() * 1000) - spec.interval_s * 1000
             batch = make_batch(device, epoch, 1 + k * spec.interval_s * n, t0_ms, spec.interval_s, rng)
             payload = encode_batch(batch)
             sent[batch.batch_id] = time.monotonic()
-            await client.publish(f"{PREFIX}/{device}/batch", payload, qos=1)
-            res.published += 1
+            res.published += 1  # counted before the PUBACK: a batch lost after this is the oracle's to find
             res.last_seq = batch.last_seq
+            await client.publish(f"{PREFIX}/{device}/batch", payload, qos=1)
             k += 1
         if device == spec.intruder:
             await _intrude(client, spec, device, rng)
         deadline = time.monotonic() + spec.ack_wait_s
         while len(acked) < res.published and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        reader.cancel()
+    except Exception as exc:  # noqa: BLE001 - one van's failure is reported, not the fleet's end
+        res.error = f"{type(exc).__name__}: {exc}"
     finally:
+        if not announced:
+            start.one_ready()  # the others must not wait for a van that is out
+        if reader is not None:
+            reader.cancel()
         res.acked = len(acked)
         try:
             await client.__aexit__(None, None, None)
@@ -163,12 +213,14 @@ async def run_fleet(spec: FleetSpec) -> list[VanResult]:
     passwords: dict[str, str] = json.loads(Path(spec.accounts_file).read_text())
     ctx = ssl.create_default_context(cafile=spec.ca_file)
     gate = asyncio.Semaphore(spec.connect_concurrency)
-    connected = asyncio.Event()
-    ready = [0]
+    # aiomqtt dials (TCP + TLS handshake) in the loop's executor: as many threads as handshakes
+    # allowed at once, or the default handful would pace the whole fleet's connecting.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=spec.connect_concurrency))
+    start = _Start(len(spec.devices), spec.start_wall or time.time(), spec.out)
     rng = random.Random(spec.seed)
     # A real fleet is not in step: each van's batches fall at its own offset in the interval.
     offsets = [rng.uniform(0, spec.interval_s) for _ in spec.devices]
-    tasks = [_van(spec, d, passwords[d], ctx, gate, connected, ready, off, random.Random(f"{spec.seed}-{d}"))
+    tasks = [_van(spec, d, passwords[d], ctx, gate, start, off, random.Random(f"{spec.seed}-{d}"))
              for d, off in zip(spec.devices, offsets)]
     return list(await asyncio.gather(*tasks))
 
