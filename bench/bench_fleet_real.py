@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,6 +256,8 @@ def run(vans: int = 200, minutes: float = 1.0, agents: int = 0, *, sample_s: flo
                 p.kill()
         broker.close()
         cluster.stop()
+        if workdir is None:  # ours: a run leaves nothing behind (accounts and passwords are in it)
+            shutil.rmtree(tmp, ignore_errors=True)
     lags = sorted(x for r in sims for x in r["lags"])
     q = (lambda p: round(lags[min(len(lags) - 1, int(p * len(lags)))], 3) if lags else None)
     return {
