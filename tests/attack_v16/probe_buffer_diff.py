@@ -38,7 +38,7 @@ def norm(s: str) -> str:
         if e not in epochs:
             epochs[e] = f"E{len(epochs)}"
         s = s.replace(e, epochs[e])
-    s = re.sub(r"file_bytes=\d+", "file_bytes=<size>", s)  # compared apart (V16_FILES): pages per write
+    s = re.sub(r"(file_bytes|quarantine_bytes)=\d+", r"\1=<size>", s)  # compared apart (V16_FILES): pages per write
     return re.sub(r"\d{8}T\d{6}[^'\" ,)]*", "<utc>", s)
 
 
@@ -70,7 +70,7 @@ i = 0
 acked: set = set()
 for step in range(n_ops):
     op = rng.choices(["commit", "seal", "ack", "reject", "gap", "lost", "reopen", "house", "stat", "damage"],
-                     [30, 15, 12, 3, 3, 3, 4, 3, 5, 1])[0]
+                     [30, 15, 12, 3, 3, 3, 4, 3, 5, int(os.environ.get("V16_DAMAGE", "1"))])[0]  # V16_DAMAGE=0: no byte damage (layouts differ, so a random offset hits different pages)
     try:
         if op == "commit":
             k = rng.randint(1, 40)
