@@ -98,6 +98,12 @@ def test_tables_made_later_by_the_receiver_role_readable_and_qgis_layers(city, t
         assert not unreadable, unreadable
         n_far = c.execute("select count(*) from samples where epoch='far'").fetchone()[0]
         assert n_far == 10
+    # the docs' second psql query, literally, after a build
+    q2 = subprocess.run(["psql", f"host=127.0.0.1 port={cluster.port} dbname={db} user=analyst_b", "-X", "-A",
+                         "-v", "ON_ERROR_STOP=1", "-c", "select cell, value, n_passes from map_cells where quantity = "
+                         "'laeq' and published = 1 order by value desc limit 10;"], capture_output=True, text=True)
+    print("docs map_cells query:", q2.returncode, q2.stdout[-200:], q2.stderr[-300:])
+    assert q2.returncode == 0, q2.stderr
     # What QGIS lists: PostGIS' geometry_columns, read as the analyst
     with psycopg.connect(_url(cluster, "analyst_b", db), autocommit=True) as c:
         gc = {r[0]: (r[1], r[2], r[3]) for r in c.execute(

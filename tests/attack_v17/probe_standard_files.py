@@ -222,3 +222,27 @@ def test_gzip_negotiation(server: str, ae: str, gz: bool) -> None:
     assert "accept-encoding" in (h.get("vary") or "").lower()
     _strict(_body(h, b))
     assert got == gz, f"Accept-Encoding {ae!r}: content-encoding {h.get('content-encoding')!r}"
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer ", "Bearer wrong", f"bearer {TOKEN}x", f"Basic {TOKEN}",
+                                  f"Bearer {TOKEN[:-1]}"])
+@pytest.mark.parametrize("path", ["/api/v1/tracks", "/api/v1/tracks/van-001", "/api/v1/fleet",
+                                  "/api/v1/tracks/van-001/", "/api/v1/tracks/../tracks/van-001",
+                                  "/api/v1//tracks/van-001", "/API/v1/tracks/van-001"])
+def test_per_van_routes_closed_to_the_public(server: str, auth: str | None, path: str) -> None:
+    h = {} if auth is None else {"Authorization": auth}
+    st, _, b = _get(server + path + f"?token={TOKEN}x", **h)
+    assert st in (401, 403, 404), (path, auth, st, b[:200])
+    assert b"van-001" not in b or st == 404 and b"van-001" not in b.replace(b"/api/v1/tracks/van-001", b"")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/aggregates?scheme=h3:10&period=all", "/api/v1/catalog", "/web/",
+                                  "/api/v1/basemap", "/api/v1", "/api/v1/health", "/sta/v1.1",
+                                  "/sta/v1.1/Things", "/sta/v1.1/Datastreams", "/sta/v1.1/Observations",
+                                  "/sta/v1.1/Locations", "/sta/v1.1/FeaturesOfInterest", "/sta/v1.1/Sensors",
+                                  "/sta/v1.1/HistoricalLocations",
+                                  "/sta/v1.1/Observations?$filter=startswith(name,'van')"])
+def test_public_routes_name_no_van(server: str, path: str) -> None:
+    st, h, b = _get(server + path, **{"Accept-Encoding": "identity"})
+    print(path, st, len(b))
+    assert b"van-00" not in _body(h, b), path
