@@ -160,3 +160,26 @@ def test_the_technician_command(tmp_path: Path) -> None:
         assert (rec.kind, rec.method, rec.status) == ("pm_housing", "warming", "active")
         assert rec.values == {"warming_c": 1.6}
         assert cs.all_active() == [rec], "the agent's announcer sends every active record: this one too"
+
+
+def test_the_humid_flag_reads_the_housing_rh(make: MakeStore, tmp_path: Path) -> None:
+    """Ambient 97 %RH at 10 degC is ~88 % in a housing 1.5 degC warmer: with the record the
+    value is corrected and not flagged ``humid``; without it, flagged and served wet."""
+    s = make()
+    rec = _record(tmp_path, "van-h", 1.5, T0 - 600)
+    _announce(s, "van-h", "e0", rec)
+    t = int((T0 + 1) * 1000)
+    fog = [Sample("gps", t, t, TimeSource.GPS, {"lat": LAT, "lon": LON, "fix_quality": 1}, (), 1, "boot"),
+           Sample("pms5003", t + 1, t + 1, TimeSource.GPS, {"pm25": 30.0}, (), 2, "boot"),
+           Sample("no2", t + 401, t + 401, TimeSource.GPS,
+                  {"no2_ppb": 20.0, "no2_temp_c": AMBIENT_C, "no2_rh_pct": 97.0}, (), 3, "boot")]
+    for device in ("van-h", "van-o"):
+        _upload(s, Batch(device, "e1", 1, 3, fog))
+    rows = {d: (float(v), c, qual) for d, v, c, qual in q(
+        s, "SELECT device, value, calibration, quality FROM observations WHERE quantity='pm25'")}
+    rh = 97.0 * iapws_es_hpa(AMBIENT_C) / iapws_es_hpa(AMBIENT_C + 1.5)
+    v, cal, qual = rows["van-h"]
+    assert math.isclose(v, 30.0 / _koehler_mass_ratio(rh, 0.22), rel_tol=2e-3) and cal.endswith(rec.id)
+    assert "humid" not in (qual or "")
+    v, cal, qual = rows["van-o"]  # no record: ambient 97 % is above 95 %
+    assert v == 30.0 and cal is None and "humid" in qual.split(",")
