@@ -55,12 +55,13 @@ from typing import Any
 import numpy as np
 
 from core.no2_sheet import no2_ppb
-from core.calibration import CALIBRATION_SENSOR, CalibrationRecord, pm_corrected, record_id
+from core.calibration import CALIBRATION_SENSOR, PM_HOUSING, CalibrationRecord, pm_corrected, record_id
 from core.sample import Sample, TimeSource
 from receiver import dbapi
 from receiver.aggregate import QUANTITY_KEYS, Period, Rule, Track, UnitValue, read_tracks
 from receiver.flag_policy import DEFAULT_EXCLUDE, DEFAULT_EXCLUDE_PM, FlagPolicy
-from receiver.pm_derive import PM_DERIVED, PmSample, housing_rh_series, write_pm
+from receiver.calibration import Records
+from receiver.pm_derive import PM_DERIVED, Housing, PmSample, write_pm
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.mapunits import ArraySnapper, make_snapper
 from receiver.store import SQLiteStore
@@ -107,11 +108,12 @@ class Corrections:
     calibration: bool = True
     exclude_humid: bool = True
     correct_growth: bool = True
-    #: Not shipped (docs/fidelity.md "Why PM2.5 reads low"): the RH growth is undone at.
-    #: "ambient": the DGS-NO2's, as a shipped van sends it; "magnus": that RH taken to the PM
-    #: housing's temperature (ambient + the enclosure's warming, measured once per van);
-    #: "housing": an RH sensor in the PM housing (as a PMS5003T-type sensor reports it).
-    rh_source: str = "ambient"
+    #: The RH growth is undone at (docs/fidelity.md "Why PM2.5 reads low"). "record" (shipped):
+    #: the DGS-NO2's ambient RH taken to the PM housing's temperature by the van's ``pm_housing``
+    #: record (the enclosure's warming as the technician measured it, sent with the van's other
+    #: records); "ambient": that RH as measured, a van without the record (uncharacterised);
+    #: "housing" (not shipped): an RH sensor in the PM housing (as a PMS5003T-type sensor reports it).
+    rh_source: str = "record"
 
     def policy(self) -> FlagPolicy:
         """The receiver's flag policy this row builds maps with (receiver/flag_policy.py)."""
@@ -122,14 +124,14 @@ class Corrections:
 
 
 NO_GROWTH = "no growth correction (humid > 95 % left out)"
-MAGNUS = "not shipped: ambient RH to the housing's by Magnus (warming measured)"
+AMBIENT = "no PM housing record (ambient RH: an uncharacterised van)"
 HOUSING = "not shipped: RH measured in the PM housing"
 #: A technician's once-per-enclosure measurement of the PM housing's warming (reference probe
 #: at the inlet against one outside, both class A Pt100, +-0.15 degC each): its error, 1 sigma.
 WARMING_MEASUREMENT_SD_C = 0.3
 CONFIGS: tuple[tuple[str, Corrections], ...] = (
     ("all corrections (shipped)", Corrections()),
-    (MAGNUS, Corrections(rh_source="magnus")),
+    (AMBIENT, Corrections(rh_source="ambient")),
     (HOUSING, Corrections(rh_source="housing")),
     ("no time alignment", Corrections(time_alignment=False)),
     ("no flags", Corrections(flags=False)),
@@ -166,7 +168,7 @@ ALT_GROWTH: tuple[Growth, ...] = (
 )
 ALT_CONFIGS: tuple[tuple[str, Corrections], ...] = (
     ("all corrections (shipped)", Corrections()),
-    (MAGNUS, Corrections(rh_source="magnus")),
+    (AMBIENT, Corrections(rh_source="ambient")),
     (NO_GROWTH, Corrections(correct_growth=False)),
 )
 
@@ -188,7 +190,7 @@ class Simulated:
     #: device -> UTC s after its last shift (when its NO2 record is sent)
     record_time: dict[str, float] = field(default_factory=dict)
     announced: set[bool] = field(default_factory=set)  # stores that hold the NO2 records
-    #: device -> the PM housing's warming as a technician measured it (degC; not shipped)
+    #: device -> the PM housing's warming as a technician measured it (degC; its ``pm_housing`` record)
     warming: dict[str, float] = field(default_factory=dict)
     #: (device, epoch) -> the RH an RH sensor in the PM housing would report, per tick (not shipped)
     housing_rh: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
@@ -196,7 +198,7 @@ class Simulated:
 
 def measured_warming(seed: int, device: str) -> float:
     """The PM housing's warming as a technician measures it once (the simulator's warming plus
-    the measurement's error): what the "magnus" row needs and a shipped van does not have."""
+    the measurement's error): the van's ``pm_housing`` record (``edge pm housing --warming``)."""
     r = np.random.default_rng([seed, int(hashlib.sha256(device.encode()).hexdigest()[:12], 16), 40])
     return se.HOUSING_WARMING_C + float(r.normal(0.0, WARMING_MEASUREMENT_SD_C))
 
@@ -358,10 +360,21 @@ def no2_record(
     )
 
 
+def housing_record(device: str, warming_c: float, valid_from: float, created: float) -> CalibrationRecord:
+    """The van's PM housing record (``edge pm housing --warming``), active, as edge/calibration.py keeps it."""
+    serial = f"{device}/{PM_SENSOR}"
+    return CalibrationRecord(
+        id=record_id(PM_HOUSING, serial, 1), kind=PM_HOUSING, serial=serial, version=1, technician="bench",
+        method="warming", values={"warming_c": round(warming_c, 2)}, valid_from=valid_from,
+        created=created, status="active", device=device,
+    )
+
+
 def announce_records(sim: Simulated, aligned: bool) -> None:
-    """Each van's NO2 record reaches the receiver as the agent sends it: a ``calibration`` sample
-    (CalibrationAnnouncer) in its own boot's batch after the fleet's days. The receiver stores it
-    and recomputes the NO2 it covers from the raw electrode mV (receiver/calibration.py)."""
+    """Each van's NO2 and PM housing records reach the receiver as the agent sends them:
+    ``calibration`` samples (CalibrationAnnouncer) in their own boot's batch after the fleet's
+    days. The receiver stores them and recomputes what they cover: NO2 from the raw electrode mV
+    (receiver/calibration.py), PM at the housing's RH (receiver/pm_derive.py)."""
     if aligned in sim.announced:
         return
     store = SQLiteStore(sim.stores[aligned])
@@ -369,12 +382,15 @@ def announce_records(sim: Simulated, aligned: bool) -> None:
         for device, fit in sorted(sim.fits.items()):
             t = sim.record_time[device]
             first = min(vd.t0_utc for (d, _), vd in sim.truth.items() if d == device)
-            rec = no2_record(device, fit, first - RECORD_VALID_BEFORE.total_seconds(), t)
-            vals = {"id": rec.id, "kind": rec.kind, "serial": rec.serial, "version": rec.version,
-                    "status": rec.status, "record": rec.to_json()}
-            ms = int(t * 1000)
-            sample = Sample(CALIBRATION_SENSOR, ms, 1000, TimeSource.GPS, vals, (), 1, "cal")
-            ingest(store, device, "cal", [sample])
+            since = first - RECORD_VALID_BEFORE.total_seconds()
+            samples = []
+            for seq, rec in enumerate((no2_record(device, fit, since, t),
+                                       housing_record(device, sim.warming[device], since, t)), 1):
+                vals = {"id": rec.id, "kind": rec.kind, "serial": rec.serial, "version": rec.version,
+                        "status": rec.status, "record": rec.to_json()}
+                samples.append(Sample(CALIBRATION_SENSOR, int(t * 1000), 1000 * seq, TimeSource.GPS, vals, (), seq,
+                                      "cal"))
+            ingest(store, device, "cal", samples)
     finally:
         store.close()
     sim.announced.add(aligned)
@@ -437,12 +453,12 @@ def simulate(
 
 def _rh_for(c: Corrections, sim: Simulated, device: str, samples: list[PmSample]
             ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The RH series growth is undone at for ``c.rh_source`` (None: the samples' own, ambient)."""
-    if c.rh_source == "magnus":
-        return housing_rh_series(samples, sim.warming[device])
+    """The RH series growth is undone at for ``c.rh_source`` (None: the samples' own, taken to the
+    housing's by the van's ``pm_housing`` record when the row has it)."""
     if c.rh_source == "housing":
         # What an RH sensor in the PM housing reports, at each PM sample's time (tick by seq layout).
-        pm = [s for s in samples if s.t_utc_ms is not None and (s.seq - 1) % len(SENSORS) == 1]
+        pm = [s for s in samples if s.t_utc_ms is not None and (s.seq - 1) % len(SENSORS) == 1
+              and (device, s.epoch) in sim.housing_rh]  # not the records' own "cal" boot
         t = np.array([s.t_utc_ms for s in pm], dtype=float)
         v = np.array([sim.housing_rh[(device, s.epoch)][(s.seq - 1) // len(SENSORS)] for s in pm], dtype=float)
         order = np.argsort(t, kind="stable")
@@ -454,12 +470,13 @@ def _rh_for(c: Corrections, sim: Simulated, device: str, samples: list[PmSample]
 def served_pm(conn: Any, c: Corrections, sim: Simulated | None = None) -> Iterator[None]:
     """The store's PM best values as the receiver derives them with ``c``'s switches, inside a
     transaction rolled back on exit: growth uncorrected (kappa none) and/or the van without its
-    PM record (no ``pm25_cal``, no ``cal``) and/or another RH (``rh_source``, from ``sim``).
+    PM record (no ``pm25_cal``, no ``cal``) and/or another RH (``rh_source``: without the
+    housing record, or an RH sensor in the housing from ``sim``).
     The receiver's own derivation (pm_derive.write_pm) on the stored samples; nothing to do when
     all are as shipped (the store holds exactly that)."""
-    if c.rh_source != "ambient" and sim is None:
-        raise ValueError(f"rh_source {c.rh_source!r} needs the simulation (the housing's warming or RH)")
-    if c.correct_growth and c.calibration and c.rh_source == "ambient":
+    if c.rh_source == "housing" and sim is None:
+        raise ValueError(f"rh_source {c.rh_source!r} needs the simulation (the housing's RH)")
+    if c.correct_growth and c.calibration and c.rh_source == "record":
         yield
         return
     kappa = DEFAULT_KAPPA if c.correct_growth else {}
@@ -476,7 +493,10 @@ def served_pm(conn: Any, c: Corrections, sim: Simulated | None = None) -> Iterat
                 if not c.calibration and sensor == PM_SENSOR:  # the van without its PM record sends neither
                     v = {k: x for k, x in v.items() if k not in ("pm25_cal", "cal")}
                 samples.append(PmSample(epoch, seq, t, v))
-            write_pm(conn, device, samples, kappa, rh=None if sim is None else _rh_for(c, sim, device, samples))
+            # "record": the store's own pm_housing records (none before they are announced).
+            housing = None if c.rh_source == "record" else Housing(Records())
+            write_pm(conn, device, samples, kappa, rh=None if sim is None else _rh_for(c, sim, device, samples),
+                     housing=housing)
         yield
     finally:
         conn.execute("ROLLBACK")

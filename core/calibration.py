@@ -6,8 +6,8 @@ record, so both build on this module.
 
 A sensor's calibration is a chain of versioned records per (kind, serial):
 
-* ``kind``   ``no2`` | ``pm`` | ``noise``
-* ``method`` ``sheet`` | ``zero`` | ``span`` | ``colocation`` | ``acoustic`` | ``humidity``
+* ``kind``   ``no2`` | ``pm`` | ``noise`` | ``pm_housing``
+* ``method`` ``sheet`` | ``zero`` | ``span`` | ``colocation`` | ``acoustic`` | ``humidity`` | ``warming``
 * ``status`` ``pending`` (proposed, has no effect) -> ``active`` (confirmed) ->
   ``superseded`` (a newer record of the same serial was confirmed; ``valid_to`` set).
 
@@ -21,6 +21,10 @@ finish ``ppb = intercept_ppb + slope * aan803 + temp_coef * T`` (zero, span and 
 adjust the finish, never the sheet). PM values: ``quantity`` (default ``pm25``) and
 ``intercept``, ``slope``, ``rh_coef``, ``temp_coef`` on the input ``input`` (default the
 quantity itself). Noise values: ``offset_db`` (the absolute meter calibration offset).
+PM housing values (kind ``pm_housing``, method ``warming``): ``warming_c``, how much the PM
+sensor's enclosure warms the air it samples above ambient, measured once per enclosure by a
+technician (``edge pm housing``); the receiver takes the van's ambient RH to the housing's
+temperature with it before undoing hygroscopic growth (receiver/pm_derive.py).
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ from typing import Any
 from core.errors import ConfigError
 from core.no2_sheet import No2Calibration, no2_ppb
 
-KINDS = ("no2", "pm", "noise")
-METHODS = ("sheet", "zero", "span", "colocation", "acoustic", "humidity")
+KINDS = ("no2", "pm", "noise", "pm_housing")
+METHODS = ("sheet", "zero", "span", "colocation", "acoustic", "humidity", "warming")
+PM_HOUSING = "pm_housing"
+#: A PM housing's plausible warming above ambient, degC: a fan-ventilated enclosure beside
+#: the electronics warms its air by ~0.5-3 degC; below 0 or above 10 is a wrong probe or a typo.
+HOUSING_WARMING_RANGE_C = (0.0, 10.0)
 PENDING, ACTIVE, SUPERSEDED = "pending", "active", "superseded"
 STATUSES = (PENDING, ACTIVE, SUPERSEDED)
 SHEET_KEYS = ("we_e_mv", "ae_e_mv", "we_o_mv", "ae_o_mv", "sensitivity_na_per_ppb", "gain_mv_per_na")
@@ -120,6 +128,16 @@ def _opt_float(v: Any) -> float | None:
 def provenance(record: CalibrationRecord | None) -> str | None:
     """The tag a derived value carries (the record id), or None when uncalibrated."""
     return None if record is None else record.id
+
+
+def housing_warming_problem(values: Mapping[str, Any]) -> str | None:
+    """Why a ``pm_housing`` record's values are refused (None: they are fine). One rule, both sides."""
+    w = values.get("warming_c")
+    lo, hi = HOUSING_WARMING_RANGE_C
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (lo <= float(w) <= hi):
+        return (f"a PM housing's warming must be a number of degC in [{lo:g}, {hi:g}], got {w!r}"
+                " (measure the housing's air against ambient with one probe)")
+    return None
 
 
 # -- NO2: sheets and the conversion a record defines --------------------------------------

@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from core.calibration import CalibrationRecord, no2_ppb_from_record
+from core.calibration import PM_HOUSING, CalibrationRecord, housing_warming_problem, no2_ppb_from_record
 from core.errors import PayloadError
 from core.no2_sheet import ALGORITHMS, TABLE_TEMPS_C
 from core.codec_v2 import INT64_MAX
@@ -37,6 +37,7 @@ _NUMBERS = {
             "gain_mv_per_na", "intercept_ppb", "slope", "temp_coef_ppb_per_c"),
     "pm": ("intercept", "slope", "rh_coef", "temp_coef"),
     "noise": ("offset_db",),
+    PM_HOUSING: ("warming_c",),
 }
 _PM_TEXTS = ("quantity", "input")
 # Trial conversions: at ordinary electrode readings (a sheet that cannot convert these, a zero
@@ -86,6 +87,8 @@ def _values(kind: str, values: Mapping[str, Any]) -> None:
         for key in _PM_TEXTS:
             if key in values and not isinstance(values[key], str):
                 raise PayloadError(f"calibration record value {key} must be text")
+    if kind == PM_HOUSING and (problem := housing_warming_problem(values)):
+        raise PayloadError(f"calibration record {problem}")
     if kind != "no2":
         return
     if "algorithm" in values:

@@ -42,6 +42,8 @@ from core.calibration import (
     no2_ppb_from_record,
     pm_corrected,
     NOISE_LEVEL_KEYS,
+    PM_HOUSING,
+    housing_warming_problem,
 )
 from core.calibration_rules import check_record
 from core.errors import ConfigError, PayloadError
@@ -300,6 +302,8 @@ def _check_values(kind: str, values: Mapping[str, Any]) -> None:
         no2_sheet(values)  # raises on a zero sensitivity and the like
         if values.get("algorithm", 1) not in ALGORITHMS:
             raise CalibrationError(f"AAN 803 algorithm must be 1..4, not {values.get('algorithm')!r}")
+    if kind == PM_HOUSING and (problem := housing_warming_problem(values)):
+        raise CalibrationError(problem)
     if kind == "noise" and not -20.0 <= float(values.get("offset_db", 0.0)) <= 20.0:
         raise CalibrationError("a microphone offset outside -20..+20 dB is a fault, not a calibration")
 

@@ -28,8 +28,18 @@ the intercept is in the sensor's units, which are wet.) A PM record with its own
 (``rh_coef``) is already a humidity correction fitted by co-location: growth is then not
 undone again, and the value is served as the record made it.
 
+3. **Housing.** The RH the particles grew at is the PM housing's, warmer than the ambient RH
+   the van measures (the DGS-NO2's ``no2_rh_pct``): the van's ``pm_housing`` record valid at
+   an RH reading's time (the enclosure's warming, measured once by a technician, ``edge pm
+   housing``) takes that ambient RH to the housing's temperature (:func:`rh_readings`) before
+   step 2 chooses. Without a record the RH is used as measured (an uncharacterised van: PM2.5
+   ~1.4 ug/m3 low, docs/fidelity.md). A new or corrected housing record recomputes the PM it
+   covers (``derive_batch_pm``), as a corrected gain record does.
+
 The ``calibration`` of a derived value says what was applied: the van's record id, the
-correction id (``kappa-koehler:0.22``), or both joined by ``+``. Where growth cannot be
+correction id (``kappa-koehler:0.22``), and the housing record whose warming converted its
+RH (``pm_housing:<serial>:v<N>``), joined by ``+``. A growth-corrected value without a
+``pm_housing:`` part was corrected with ambient RH as measured (no record for that van). Where growth cannot be
 corrected (no RH within 30 s, RH above 95 %) a gain-corrected value is still served; a raw
 value with nothing to correct gets no derived row (the van's value is the best one).
 Functions take a DB-API connection and run inside the caller's transaction.
@@ -39,14 +49,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from receiver import quality
-from core.calibration import CalibrationRecord, pm_corrected
+from core.calibration import PM_HOUSING, CalibrationRecord, pm_corrected
 from receiver.calibration import (Records, Span, _exec, _no2_records, changed_spans, record_at,
                                   records_in_batch, timed_chunks, write_derived)
 from receiver.flag_policy import is_sentinel
@@ -56,6 +66,8 @@ from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10, 
 PM_DERIVED = ("pm1", "pm25", "pm10")
 CAL_SUFFIX = "_cal"
 PM_KIND = "pm"  # a PM calibration record's kind (edge/calibration.py KINDS)
+#: The housing's warming at a time (ms), or None: ambient RH is used as measured.
+WarmingAt = Callable[[float], "float | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +113,13 @@ def rh_readings(values: Mapping[str, Any], warming_c: float | None = None) -> li
     return out
 
 
-def _rh_series(samples: Iterable[PmSample], warming_c: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _rh_series(samples: Iterable[PmSample], warming_c: float | WarmingAt | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(times, values) of every RH among ``samples``, by time (any sensor's: it is the van's air);
-    ``warming_c``: outside RH taken to the PM housing's temperature (:func:`rh_readings`)."""
+    ``warming_c``: outside RH taken to the PM housing's temperature (:func:`rh_readings`), a
+    fixed warming or the one in effect at each reading's time (:class:`Housing`)."""
     at = sorted((s.t_utc_ms, x) for s in samples if s.t_utc_ms is not None
-                for x in rh_readings(s.values, warming_c))
+                for x in rh_readings(s.values, warming_c(s.t_utc_ms) if callable(warming_c) else warming_c))
     return np.array([a[0] for a in at], dtype=float), np.array([a[1] for a in at], dtype=float)
 
 
@@ -125,9 +139,35 @@ def van_samples(conn: Any, device: str, lo_ms: float, hi_ms: float) -> list[PmSa
     return [x for x in out if isinstance(x.values, dict)]
 
 
-def van_rh(conn: Any, device: str, lo_ms: float, hi_ms: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every RH the van sent timed in [lo_ms, hi_ms] (any sensor, any upload), by time."""
-    return _rh_series(van_samples(conn, device, lo_ms, hi_ms))
+def van_rh(conn: Any, device: str, lo_ms: float, hi_ms: float, housing: Housing | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Every RH the van sent timed in [lo_ms, hi_ms] (any sensor, any upload), by time, as the
+    PM housing sees it (``housing``: the van's housing records; default: read them)."""
+    return _rh_series(van_samples(conn, device, lo_ms, hi_ms), housing or housing_records(conn, device))
+
+
+@dataclass(frozen=True, slots=True)
+class Housing:
+    """A van's ``pm_housing`` records: the enclosure's warming in effect at a time.
+
+    The van's, whatever the serial (an enclosure replaced gets a new serial): of the records in
+    effect at a time, the newest version. Called with a time it gives the warming (``WarmingAt``)."""
+
+    recs: Records
+
+    def record(self, t_ms: float | None) -> CalibrationRecord | None:
+        if t_ms is None or math.isnan(t_ms):
+            return None
+        return next((r for r, lo, hi in self.recs.items if lo <= t_ms and (hi is None or t_ms < hi)), None)
+
+    def __call__(self, t_ms: float) -> float | None:
+        rec = self.record(t_ms)
+        return None if rec is None else _number(rec.values.get("warming_c"))
+
+
+def housing_records(conn: Any, device: str) -> Housing:
+    """``device``'s usable ``pm_housing`` records (refused ones are skipped, as for NO2)."""
+    return Housing(_no2_records(conn, device, PM_HOUSING))
 
 
 def _has_rh_term(rec: CalibrationRecord) -> bool:
@@ -135,15 +175,16 @@ def _has_rh_term(rec: CalibrationRecord) -> bool:
 
 
 def best_pm(values: Mapping[str, Any], rh: float | None, kappa: Mapping[str, float],
-            rh_fitted: frozenset[str] = frozenset(), record: CalibrationRecord | None = None
-            ) -> dict[str, tuple[float, str]]:
+            rh_fitted: frozenset[str] = frozenset(), record: CalibrationRecord | None = None,
+            housing: str | None = None) -> dict[str, tuple[float, str]]:
     """quantity -> (best value, what was applied) for the PM values of one sample at ``rh``.
 
     ``record``: the van's PM record valid at the sample's time (applied here to the raw value,
     to its quantity); without one the van's ``<quantity>_cal`` and ``cal`` tag count.
     ``rh_fitted``: ids of PM records with their own RH term. Only values something was
     applied to come out: a raw value at an RH that cannot be corrected is left out (the
-    van's own value is then served as it is).
+    van's own value is then served as it is). ``housing``: the id of the ``pm_housing`` record
+    whose warming converted ``rh``, named in what a growth-corrected value applied.
     """
     out: dict[str, tuple[float, str]] = {}
     cal = values.get("cal") if isinstance(values.get("cal"), str) else None
@@ -176,6 +217,8 @@ def best_pm(values: Mapping[str, Any], rh: float | None, kappa: Mapping[str, flo
         applied = [cal] if gained and cal else []
         if dry is not None:
             applied.append(correction_id(q, kappa))
+            if housing:
+                applied.append(housing)
         if applied:
             out[q] = (x if dry is None else dry, "+".join(applied))
     return out
@@ -202,16 +245,18 @@ def pm_records(conn: Any, device: str) -> Records:
 
 def pm_rows(device: str, samples: list[PmSample], kappa: Mapping[str, float],
             rh_fitted: frozenset[str] = frozenset(), recs: Records | None = None,
-            rh: tuple[np.ndarray, np.ndarray] | None = None
+            rh: tuple[np.ndarray, np.ndarray] | None = None, housing: Housing | None = None
             ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """(rows to write into ``derived``, keys of PM values that get none) for ``samples``.
 
     RH by the one rule (``quality.pm_rh``) over ``rh`` (times, values), by default the RH
-    among ``samples`` themselves; ``recs``: the van's PM records (``pm_records``)."""
+    among ``samples`` themselves (taken to the housing's temperature by ``housing``, the van's
+    ``pm_housing`` records; a given ``rh`` must be so already); ``recs``: the van's PM records
+    (``pm_records``)."""
     pm = [s for s in samples if any(_number(s.values.get(q)) is not None for q in PM_DERIVED)]
     if not pm:
         return [], []
-    rh_t, rh_v = _rh_series(samples) if rh is None else rh
+    rh_t, rh_v = _rh_series(samples, housing) if rh is None else rh
     t = np.array([math.nan if s.t_utc_ms is None else s.t_utc_ms for s in pm], dtype=float)
     own = np.array([quality.own_rh(s.values) for s in pm], dtype=float)
     chosen = quality.pm_rh(own, t, rh_t, rh_v)
@@ -220,7 +265,9 @@ def pm_rows(device: str, samples: list[PmSample], kappa: Mapping[str, float],
         record = None
         if recs is not None and recs.items and s.t_utc_ms is not None:
             record = record_at(recs, s.t_utc_ms, dict(s.values), PM_KIND)
-        best = best_pm(s.values, None if math.isnan(x) else float(x), kappa, rh_fitted, record)
+        h = None if housing is None else housing.record(s.t_utc_ms)
+        best = best_pm(s.values, None if math.isnan(x) else float(x), kappa, rh_fitted, record,
+                       None if h is None else h.id)
         for q in PM_DERIVED:
             if q in best:
                 rows.append((device, s.epoch, s.seq, q, *best[q]))
@@ -230,40 +277,49 @@ def pm_rows(device: str, samples: list[PmSample], kappa: Mapping[str, float],
 
 
 def write_pm(conn: Any, device: str, samples: list[PmSample], kappa: Mapping[str, float],
-             *, prune: bool = False, rh: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+             *, prune: bool = False, rh: tuple[np.ndarray, np.ndarray] | None = None,
+             housing: Housing | None = None) -> int:
     """Derive and upsert the best PM values of ``samples``; ``prune``: a value that now gets
-    none loses the one it had (a recompute); ``rh``: the RH series to choose from (default:
-    the samples' own). Returns rows written."""
+    none loses the one it had (a recompute); ``rh``: the RH series to choose from, already as
+    the housing sees it (default: the samples' own, converted with ``housing``); ``housing``:
+    the van's ``pm_housing`` records (default: read them). Returns rows written."""
     if not any(_number(s.values.get(q)) is not None for s in samples for q in PM_DERIVED):
         return 0  # no PM here: no query for the van's records
-    rows, none = pm_rows(device, samples, kappa, rh_fitted_records(conn, device), pm_records(conn, device), rh)
+    housing = housing or housing_records(conn, device)
+    rows, none = pm_rows(device, samples, kappa, rh_fitted_records(conn, device), pm_records(conn, device), rh,
+                         housing)
     write_derived(conn, rows, none if prune else [])
     return len(rows)
 
 
-def pm_records_before(conn: Any, batch: Any) -> Records | None:
-    """Before a batch's records are stored: the van's PM records, or None when the batch
-    carries no PM record (then nothing ``derive_batch_pm`` checks can change)."""
-    if not any(rec.kind == PM_KIND for _, rec in records_in_batch(batch)):
+def pm_records_before(conn: Any, batch: Any) -> tuple[Records, Records] | None:
+    """Before a batch's records are stored: the van's PM and ``pm_housing`` records, or None
+    when the batch carries neither kind (then nothing ``derive_batch_pm`` checks can change)."""
+    if not any(rec.kind in (PM_KIND, PM_HOUSING) for _, rec in records_in_batch(batch)):
         return None
-    return pm_records(conn, batch.device)
+    return pm_records(conn, batch.device), housing_records(conn, batch.device).recs
 
 
 def derive_batch_pm(conn: Any, batch: Any, kappa: Mapping[str, float],
-                    records_before: Records | None = None) -> int:
+                    records_before: tuple[Records, Records] | None = None) -> int:
     """The best PM values of one stored batch (RH from within the batch; its edges are judged
     again with the neighbouring uploads' RH by requality.humid_edges).
 
     ``records_before``: ``pm_records_before`` of this batch. Where the PM record in effect
     changed (a corrected record, v2 superseding v1; a record with its own RH term that arrives
-    after values it calibrated), the van's PM in those spans is derived again
-    (``changed_spans``, ``recompute_pm``), as NO2's is: nothing else moves.
+    after values it calibrated; a new or corrected ``pm_housing`` record, whose warming changes
+    the RH), the van's PM in those spans is derived again (``changed_spans``, ``recompute_pm``),
+    as NO2's is: nothing else moves. (The ``humid`` flags of those spans are not judged again
+    with the housing's RH: see requality.humid_edges.)
     """
     samples = [PmSample(batch.epoch, s.seq, s.t_utc_ms, s.values) for s in batch.samples
                if isinstance(s.values, dict)]
     n = write_pm(conn, batch.device, samples, kappa)
     if records_before is not None:
-        for span in changed_spans(records_before, pm_records(conn, batch.device)):
+        gain_before, housing_before = records_before
+        spans = [*changed_spans(gain_before, pm_records(conn, batch.device)),
+                 *changed_spans(housing_before, housing_records(conn, batch.device).recs)]
+        for span in spans:  # an overlap is derived twice: the same values, written again
             n += recompute_pm(conn, batch.device, kappa, span)
     return n
 
@@ -278,13 +334,15 @@ def recompute_pm(conn: Any, device: str, kappa: Mapping[str, float], span: Span 
     their own RH) come along when the span is open. Returns rows written."""
     w = quality.HUMID_WITHIN_MS
     n = 0
+    housing = housing_records(conn, device)
     for rows in timed_chunks(conn, device, span, "s.epoch, s.seq, p.t_utc_ms, s.vals", "s.sensor <> 'gps'"):
         samples = [PmSample(e, q, t, json.loads(v) if isinstance(v, str) else dict(v or {})) for e, q, t, v, *_ in rows]
         pm = [x for x in samples
               if isinstance(x.values, dict) and any(_number(x.values.get(q)) is not None for q in PM_DERIVED)]
         if pm:
             ts = [x.t_utc_ms for x in pm]
-            n += write_pm(conn, device, pm, kappa, prune=True, rh=van_rh(conn, device, min(ts) - w, max(ts) + w))
+            n += write_pm(conn, device, pm, kappa, prune=True, housing=housing,
+                          rh=van_rh(conn, device, min(ts) - w, max(ts) + w, housing))
     if span == (None, None):
         n += _recompute_untimed(conn, device, kappa)
     return n
@@ -300,7 +358,8 @@ def _recompute_untimed(conn: Any, device: str, kappa: Mapping[str, float]) -> in
                            " ORDER BY s.epoch, s.seq LIMIT ?",
                      (device, after[0], after[0], after[1], CHUNK)).fetchall()
         samples = [PmSample(e, q, None, json.loads(v) if isinstance(v, str) else dict(v or {})) for e, q, v in rows]
-        n += write_pm(conn, device, [x for x in samples if isinstance(x.values, dict)], kappa, prune=True)
+        n += write_pm(conn, device, [x for x in samples if isinstance(x.values, dict)], kappa, prune=True,
+                      housing=housing_records(conn, device))
         if len(rows) < CHUNK:
             return n
         after = (rows[-1][0], rows[-1][1])

@@ -21,7 +21,7 @@ import numpy as np
 
 from receiver import quality
 from receiver.calibration import NO2_QUANTITY, _exec, _q
-from receiver.pm_derive import PmSample, write_pm
+from receiver.pm_derive import PmSample, housing_records, rh_readings, write_pm
 
 # The bits judged from the value (and its neighbours); the others belong to the sample.
 _VALUE_BITS = quality.BIT["out_of_range"] | quality.BIT["negative"] | quality.BIT["outlier"] | quality.BIT["stuck"]
@@ -178,6 +178,7 @@ def _humid_window(conn: Any, device: str, a: float, b: float,
                 (device, int(a - w), int(b + w)))
     from receiver.store import _values
 
+    housing = housing_records(conn, device)  # ambient RH taken to the PM housing's (its warming record)
     rh_at: list[tuple[int, float]] = []
     pm: list[tuple[str, int, int, str]] = []  # epoch, seq, t, quantity
     own: list[float] = []
@@ -186,10 +187,9 @@ def _humid_window(conn: Any, device: str, a: float, b: float,
     for epoch, seq, t, vals in cur:  # streamed: only the RH readings and the window's PM samples are kept
         read += 1
         v = _values(vals)
-        for key, x in v.items():
-            if quality.is_rh_key(key) and isinstance(x, (int, float)) and not isinstance(x, bool):
-                rh_at.append((t, float(x)))
-            elif key in quality.PM_QUANTITIES and key in quality.FLAGGED and a <= t <= b:
+        rh_at.extend((t, x) for x in rh_readings(v, housing(t)))
+        for key in v:
+            if key in quality.PM_QUANTITIES and key in quality.FLAGGED and a <= t <= b:
                 pm.append((epoch, seq, t, key))
                 own.append(quality.own_rh(v))
                 judged[(epoch, seq)] = PmSample(epoch, seq, t, v)
@@ -201,7 +201,7 @@ def _humid_window(conn: Any, device: str, a: float, b: float,
     bits = quality.pm_rh_mask(quality.pm_rh(np.array(own, dtype=float), np.array([p[2] for p in pm], dtype=float),
                                             rh_t, rh_v))
     if kappa is not None:
-        write_pm(conn, device, list(judged.values()), kappa, prune=True, rh=(rh_t, rh_v))
+        write_pm(conn, device, list(judged.values()), kappa, prune=True, rh=(rh_t, rh_v), housing=housing)
     stored: dict[tuple[str, int, str], str] = {}
     for epoch in {p[0] for p in pm}:
         seqs = [p[1] for p in pm if p[0] == epoch]

@@ -41,7 +41,7 @@ from receiver.calibration import calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.flag_policy import is_sentinel
-from receiver.pm_derive import derive_batch_pm, pm_records_before
+from receiver.pm_derive import WarmingAt, derive_batch_pm, housing_records, pm_records_before, rh_readings
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver import requality as requality_mod
 from receiver.requality import humid_edges, humid_slice, requality, rewrite_flags
@@ -1060,7 +1060,7 @@ class SQLiteStore(StoreReads):
 
     def _flag_quality(self, batch: Batch) -> None:
         """Quality flags for this batch's values, with the preceding values as window context."""
-        rows, revised = quality_rows(batch, self._contexts(batch))
+        rows, revised = quality_rows(batch, self._contexts(batch), housing_records(self.conn, batch.device))
         self.conn.executemany("INSERT OR REPLACE INTO quality VALUES (?,?,?,?,?)", rows)
         self._revise_quality(batch.device, batch.epoch, revised)
 
@@ -1191,7 +1191,7 @@ def _screen_times(batch: Batch, received_ms: int) -> None:
 
 
 def quality_rows(
-    batch: Batch, context: Callable[[str, str, int], Context]
+    batch: Batch, context: Callable[[str, str, int], Context], warming: WarmingAt | None = None
 ) -> tuple[list[tuple[str, str, int, str, str]], list[tuple[int, str, int, int]]]:
     """(device, epoch, seq, quantity, flags) for every flagged value of a batch, and revisits.
 
@@ -1212,7 +1212,7 @@ def quality_rows(
         for q in smp.values:
             if q in quality.FLAGGED:
                 by_stream.setdefault((smp.sensor, q), []).append(smp)
-    rh_t, rh_v = _rh_series(batch)
+    rh_t, rh_v = _rh_series(batch, warming)  # as the PM housing sees it: the RH pm_derive divides by
     out = []
     revised: list[tuple[int, str, int, int]] = []
     for (sensor, q), samples in by_stream.items():
@@ -1257,19 +1257,19 @@ def _context_of(rows: list[tuple[int, dict[str, Any]]], q: str, *, more: bool
     return out[::-1], more, real == quality.CONTEXT
 
 
-def _rh_series(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+def _rh_series(batch: Batch, warming: WarmingAt | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(times, values) of every relative humidity the van measured in this batch, by time.
 
     Any sensor's RH counts (``quality.is_rh_key``): the DGS-NO2 sends ``no2_rh_pct``
-    beside the PM sensor, and fog is the van's air, not one sensor's.
+    beside the PM sensor, and fog is the van's air, not one sensor's. ``warming``: the van's
+    PM housing warming at a time (pm_derive.Housing): ambient RH taken to the housing's.
     """
     rh_at: list[tuple[int, float]] = []
     for smp in batch.samples:
         if smp.t_utc_ms is None or smp.sensor == GPS_SENSOR:
             continue
-        for key, rh in smp.values.items():
-            if quality.is_rh_key(key) and isinstance(rh, (int, float)) and not isinstance(rh, bool):
-                rh_at.append((smp.t_utc_ms, float(rh)))
+        for rh in rh_readings(smp.values, None if warming is None else warming(smp.t_utc_ms)):
+            rh_at.append((smp.t_utc_ms, rh))
     rh_at.sort()
     return (np.array([r[0] for r in rh_at], dtype=float), np.array([r[1] for r in rh_at], dtype=float))
 

@@ -74,7 +74,7 @@ from receiver.aggregate import create_tables as create_map_tables
 from receiver.calibration import calibration_sql
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
-from receiver.pm_derive import derive_batch_pm, pm_records_before
+from receiver.pm_derive import derive_batch_pm, housing_records, pm_records_before
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver.requality import requality
 from receiver.units import unit_sql
@@ -892,7 +892,7 @@ class PostgresStore(StoreReads):
 
     def _flag_quality(self, batch: Batch, fresh: bool) -> None:
         """Quality flags for this batch's values (the same ``quality_rows`` as SQLite)."""
-        rows, revised = quality_rows(batch, self._contexts(batch))
+        rows, revised = quality_rows(batch, self._contexts(batch), housing_records(self.conn, batch.device))
         if fresh:  # none of these samples had flags yet: COPY (humid air flags every PM value)
             self._copy("quality", ("device", "epoch", "seq", "quantity", "flags"), rows)
         elif rows:

@@ -232,6 +232,6 @@ def test_pm_humidity_epa(cli, van, tmp_path):
 def test_every_command_has_help_with_examples(cli):
     for args in (["selftest"], ["live"], ["no2", "zero"], ["no2", "span"], ["no2", "algorithm"],
                  ["no2", "sheet", "import"], ["colocate", "no2"], ["colocate", "pm"], ["noise", "calibrate"],
-                 ["calibration", "history"], ["calibration", "show"], ["pm", "humidity"]):
+                 ["calibration", "history"], ["calibration", "show"], ["pm", "humidity"], ["pm", "housing"]):
         r = cli(*args, "--help")
         assert r.exit_code == 0 and "Example" in r.output, args
