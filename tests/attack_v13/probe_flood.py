@@ -316,6 +316,24 @@ def one_run(broker: LocalBroker, store: str, derive: str, workdir: Path, n_a: in
         "queue_left": q("SELECT count(*) FROM derive_queue"),
     }
     c.close()
+    st_out = subprocess.run([sys.executable, "-m", "receiver.cli", "stats", "--store", store, "--json"],
+                            capture_output=True, text=True, timeout=120)
+    try:
+        stats = json.loads(st_out.stdout)
+    except ValueError:
+        stats = {"unparsed": st_out.stdout[-300:] + st_out.stderr[-300:]}
+
+    def find(d: Any, key: str) -> Any:
+        if isinstance(d, dict):
+            if key in d:
+                return d[key]
+            for v in d.values():
+                r = find(v, key)
+                if r is not None:
+                    return r
+        return None
+    db["stats_dead_letters"] = find(stats, "dead_letters")
+    db["stats_dead_letters_repeated"] = find(stats, "dead_letters_repeated")
     lat.sort()
     logtxt = log.read_text(errors="replace")
     return {
