@@ -215,7 +215,8 @@ class Van:
         return t
 
 
-def one_run(broker: LocalBroker, store: str, derive: str, workdir: Path, n_a: int, seed: int) -> dict[str, Any]:
+def one_run(broker: LocalBroker, store: str, derive: str, workdir: Path, n_a: int, seed: int,
+            flood_s: float = 0.0) -> dict[str, Any]:
     cfg = broker.receiver_config(store)
     keys = ("store", "host", "port", "tls", "ca_file", "username", "password")
     conf = workdir / "receiver.toml"
@@ -241,8 +242,10 @@ def one_run(broker: LocalBroker, store: str, derive: str, workdir: Path, n_a: in
 
     def flood() -> None:
         t = time.monotonic()
-        for _, _, p in uploads:
+        for i, (_, _, p) in enumerate(uploads):
             a.send(p)
+            if flood_s:  # paced: upload i goes out at i * flood_s / n (the v13b shape: 1,600 in ~13 s)
+                time.sleep(max(0.0, t + (i + 1) * flood_s / len(uploads) - time.monotonic()))
         a_times.append(time.monotonic() - t)
         done.set()
 
@@ -303,6 +306,7 @@ def one_run(broker: LocalBroker, store: str, derive: str, workdir: Path, n_a: in
     if store.startswith("postgresql"):
         import psycopg
         c: Any = psycopg.connect(store)
+        c.execute("SET search_path TO datalab, public")
     else:
         c = sqlite3.connect(store)
     q = lambda s: c.execute(s).fetchone()[0]  # noqa: E731
@@ -358,6 +362,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--uploads", type=int, default=1600)
     ap.add_argument("--out", default="")
+    ap.add_argument("--flood-s", type=float, default=0.0, help="spread van A's uploads over this long")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="v13-flood-"))
     broker = LocalBroker("mosquitto", workdir=root / "broker", secure=SecureSetup(devices=("van-a", "van-b")))
@@ -372,7 +377,8 @@ def main() -> None:
             wd = root / f"run{r}"
             wd.mkdir()
             store = pg.create_database() if pg else str(wd / "datalab.sqlite")
-            res = one_run(broker, store, args.derive, wd, args.uploads, seed=1000 * r + 7)
+            res = one_run(broker, store, args.derive, wd, args.uploads, seed=1000 * r + 7, flood_s=args.flood_s)
+            res["flood_s_target"] = args.flood_s
             print(json.dumps(res), flush=True)
             results.append(res)
             if args.out:
