@@ -6,10 +6,12 @@ systemd-nspawn like the amd64 one, and the project goes in with scripts/install-
 as on a Pi: the same aarch64 wheels pip picks on a Pi 4/5. Then the van's own tests run
 inside, on the aarch64 Python, numpy, paho-mqtt and an aarch64 Mosquitto.
 
-How the tests get in: install-pi's venv holds only `.[device]`, as on a van; the tests
-need pytest, hypothesis and the centre's receiver (the uplink tests deliver to a real
-one), so a second venv, /opt/datalab-tests, gets `.[test]` from the same copied work tree,
-and pytest runs from that tree. The van's venv is left as install-pi made it.
+How the tests get in: install-pi's venv holds only `.[device]`, as on a van, and is left as
+install-pi made it. A second venv, /opt/datalab-tests, sees the van's venv through a .pth
+file (so the tests run on the very aarch64 wheels install-pi chose, and pip counts them as
+installed) and gets only what the tests add: pytest and the test extra's own tools for the
+CI-sized run, the centre's `central` extra (the uplink tests deliver to a real receiver)
+for the full one. pytest runs from the copied work tree (/usr/src/datalab-edge).
 
 CI-sized in the normal run (marker `platform`): the install and the drivers + buffer tests.
 The rest of the van's tests (agent, uplink, config, time keeping ...) under `--run-slow`.
@@ -21,9 +23,11 @@ real-time capture loops overrun and their timing asserts say nothing about a Pi.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
+import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,12 +119,29 @@ def arm64_van(arm64_rootfs: Path) -> Iterator[Van]:
         if FIXTURES.is_dir():
             shutil.copytree(FIXTURES, box.path(str(Path(SRC).parent / "shared" / "fixtures")))
         t0 = time.monotonic()
-        box.run(f"python3 -m venv {TEST_VENV} && {TEST_VENV}/bin/python -m pip install --quiet '{SRC}[test]'",
-                timeout=3600, env=box.pip_env)
+        box.run(["python3", "-m", "venv", TEST_VENV], timeout=600)
+        van_site, test_site = (_purelib(box, py) for py in (VENV_PY, f"{TEST_VENV}/bin/python"))
+        box.path(test_site).joinpath("van.pth").write_text(van_site + "\n")
+        _pip_install(box, _extra("test"))
         print(f"the test venv under emulation took {time.monotonic() - t0:.0f} s")
         yield v
     finally:
         box.close()
+
+
+def _extra(name: str) -> list[str]:
+    """pyproject.toml's requirements of extra ``name``, without the project's own extras."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return [r for r in extras[name] if not re.match(r"datalab-edge\b", r)]
+
+
+def _purelib(box: Container, python: str) -> str:
+    return box.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip()
+
+
+def _pip_install(box: Container, requirements: list[str]) -> None:
+    quoted = " ".join(f"'{r}'" for r in requirements)
+    box.run(f"{TEST_VENV}/bin/python -m pip install --quiet {quoted}", timeout=3600, env=box.pip_env)
 
 
 def test_install_pi_gives_an_aarch64_van(arm64_van: Van) -> None:
@@ -140,6 +161,9 @@ def test_install_pi_gives_an_aarch64_van(arm64_van: Van) -> None:
     # The agent's own entry point works on this architecture.
     out = box.run(["/opt/datalab-edge/venv/bin/edge", "--help"]).stdout
     assert "Usage" in out
+    # The tests' venv runs on the van's own packages, not copies of its own.
+    r = box.run([f"{TEST_VENV}/bin/python", "-c", "import numpy, pytest; print(numpy.__file__)"])
+    assert r.stdout.strip() == numpy_at, (r.stdout, numpy_at)
 
 
 def _run_van_tests(van: Van, files: tuple[str, ...], tmp_path: Path) -> ET.Element:
@@ -183,5 +207,8 @@ def test_drivers_and_buffer_tests_pass_on_arm64(arm64_van: Van, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_the_vans_tests_pass_on_arm64(arm64_van: Van, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    _pip_install(arm64_van.box, _extra("central"))  # the receiver the uplink tests deliver to
+    print(f"the centre's packages under emulation took {time.monotonic() - t0:.0f} s")
     files = FULL_TESTS[len(CI_TESTS):]  # the CI-sized test above has run the others
     _assert_all_ran(_run_van_tests(arm64_van, files, tmp_path), files)
