@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.platform.container import Container, sweep_stale
-from tests.platform.emulation import AARCH64, EmulationError, ensure_binfmt
+from tests.platform.emulation import AARCH64, BINFMT, EmulationError, ensure_binfmt, entry
 from tests.platform.rootfs import ARM64_PACKAGES, Recipe, ensure_rootfs
 from tests.platform.van import SRC, VENV_PY, Van
 
@@ -100,8 +100,28 @@ def test_arm64_programs_run_in_a_chroot_through_qemu(arm64_rootfs: Path) -> None
     # The chroot has no qemu of its own: they run only because the F flag had the kernel open
     # the interpreter here, at registration (tests/platform/emulation.py).
     assert not list(arm64_rootfs.glob("usr/bin/qemu-*")) and not (arm64_rootfs / "usr/libexec/qemu-binfmt").exists()
-    r = subprocess.run(["chroot", str(arm64_rootfs), "/usr/bin/uname", "-m"], capture_output=True, text=True,
-                       timeout=120)
+    r = _chroot_uname(arm64_rootfs)
+    assert (r.returncode, r.stdout.strip()) == (0, "aarch64"), r
+
+
+def _chroot_uname(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["chroot", str(root), "/usr/bin/uname", "-m"], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_registration_without_the_F_flag_is_replaced(arm64_rootfs: Path) -> None:
+    # As qemu-user-static's registration would be without F: the interpreter is looked up in the
+    # chroot, which has none, and nothing there runs (the control that the F flag is what works).
+    (BINFMT / AARCH64.name).write_text("-1")
+    (BINFMT / "register").write_text(AARCH64.register_line().removesuffix(":PF") + ":P")
+    try:
+        assert entry(AARCH64)["flags"] == "P"
+        r = _chroot_uname(arm64_rootfs)
+        assert r.returncode != 0 and r.stdout == "", r
+    finally:
+        have = ensure_binfmt(AARCH64)
+    assert have["state"] == "enabled" and "F" in have["flags"], have
+    r = _chroot_uname(arm64_rootfs)
     assert (r.returncode, r.stdout.strip()) == (0, "aarch64"), r
 
 
