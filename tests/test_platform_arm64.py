@@ -196,9 +196,10 @@ def _run_van_tests(van: Van, files: tuple[str, ...], tmp_path: Path) -> ET.Eleme
         check=False, timeout=5400)
     took = time.monotonic() - t0
     print(f"{len(files)} test files under emulation: {took:.0f} s\n{r.stdout[-4000:]}")
-    xml = van.box.path(report)
-    assert xml.exists(), f"pytest left no report:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    shutil.copyfile(xml, tmp_path / "report.xml")
+    # Read from inside: the booted container's /tmp is its own tmpfs, not the overlay seen from here.
+    xml = van.box.run(["cat", report], check=False)
+    assert xml.returncode == 0, f"pytest left no report:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    (tmp_path / "report.xml").write_text(xml.stdout)
     assert r.returncode == 0, f"the van's tests failed under arm64:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
     return ET.parse(tmp_path / "report.xml").getroot()
 
