@@ -16,8 +16,9 @@ for the full one. pytest runs from the copied work tree (/usr/src/datalab-edge).
 CI-sized in the normal run (marker `platform`): the install and the drivers + buffer tests.
 The rest of the van's tests (agent, uplink, config, time keeping ...) under `--run-slow`.
 Left out under emulation: the microphone's audio DSP tests (tests/test_microphone_driver.py,
-tests/test_noise_*.py): numpy at 48 kHz under qemu runs ~10-20x slower than native, so their
-real-time capture loops overrun and their timing asserts say nothing about a Pi.
+tests/test_noise_*.py): numpy at 48 kHz under qemu (every vector instruction translated) is far
+slower than on a Pi's own cores, so their real-time capture loops overrun and their timing
+asserts would say nothing about a Pi.
 """
 
 from __future__ import annotations
