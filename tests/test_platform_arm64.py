@@ -87,7 +87,7 @@ def _need_tools() -> None:
 def arm64_rootfs() -> Path:
     _need_tools()
     t0 = time.monotonic()
-    # ~7 min cold on an idle machine (dpkg configures every package under emulation); cached after.
+    # 686 s cold here under load (dpkg configures every package under emulation); cached after.
     base = ensure_rootfs(Recipe(arch="arm64", packages=ARM64_PACKAGES))
     print(f"arm64 rootfs ready after {time.monotonic() - t0:.0f} s: {base}")
     return base
@@ -113,6 +113,7 @@ def _chroot_uname(root: Path) -> subprocess.CompletedProcess[str]:
 def test_a_registration_without_the_F_flag_is_replaced(arm64_rootfs: Path) -> None:
     # As qemu-user-static's registration would be without F: the interpreter is looked up in the
     # chroot, which has none, and nothing there runs (the control that the F flag is what works).
+    # For these moments no arm64 program can start on this machine: one arm64 run at a time.
     (BINFMT / AARCH64.name).write_text("-1")
     (BINFMT / "register").write_text(AARCH64.register_line().removesuffix(":PF") + ":P")
     try:
