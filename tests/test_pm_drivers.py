@@ -313,7 +313,12 @@ def test_sds_set_device_id(sds_sim: SDS011Simulator, clock: FakeClock) -> None:
     driver = make_sds(sds_sim, clock, assume_warm=True)
     assert driver.set_device_id(0xA001) == 0xA001
     assert sds_sim.device_id == 0xA001
-    assert poll(driver).meta["device_id"] == "A001"
+    # A data frame the sensor sent, with its old id, while the command was on its way is kept by
+    # the driver and read first: a slow CPU (qemu in tests/test_platform_arm64.py, a loaded Pi)
+    # sees one. Every later frame carries the new id.
+    ids: list[str] = []
+    poll_until(driver, lambda r: ids.append(r.meta["device_id"]) or ids[-1] == "A001")
+    assert set(ids[:-1]) <= {"A160"}, ids
     driver.close()
 
 

@@ -35,6 +35,9 @@ BASE_PACKAGES = (
 # No compiler or headers here, as on a fresh Pi OS Lite: scripts/install-pi installs what it builds
 # with (the microphone's ALSA binding) itself, and this test proves it does.
 PACKAGES = BASE_PACKAGES
+# The arm64 userland runs the van's own tests inside (tests/test_platform_arm64.py): the uplink
+# tests start a real Mosquitto, an arm64 one there.
+ARM64_PACKAGES = PACKAGES + ("mosquitto",)
 
 
 def apt_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
@@ -80,7 +83,7 @@ class RootfsError(RuntimeError):
 def ensure_rootfs(
     recipe: Recipe | None = None, cache: Path = DEFAULT_CACHE, *, log: Path | None = None
 ) -> Path:
-    """The cached rootfs for ``recipe``, built first if missing (~2.5 min)."""
+    """The cached rootfs for ``recipe``, built first if missing (~2.5 min; arm64 under qemu, longer)."""
     recipe = recipe or Recipe()
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / recipe.name()
@@ -111,5 +114,10 @@ def ensure_rootfs(
     return target
 
 
-if __name__ == "__main__":  # build or show the cache: python -m tests.platform.rootfs
-    print(ensure_rootfs())
+if __name__ == "__main__":  # build or show the cache: python -m tests.platform.rootfs [arm64]
+    import sys
+
+    if sys.argv[1:] == ["arm64"]:  # needs qemu-aarch64 in binfmt_misc (tests/platform/emulation.py)
+        print(ensure_rootfs(Recipe(arch="arm64", packages=ARM64_PACKAGES)))
+    else:
+        print(ensure_rootfs())
