@@ -194,7 +194,7 @@ def test_end_to_end_contradictory_batch_is_dead_lettered_and_the_van_goes_on(tmp
     store_path = tmp_path / "store.sqlite"
     acks: dict[str, Any] = {}
     van = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="van-consistency", clean_session=True)
-    van.on_message = lambda c, u, m: acks.setdefault(decode_ack(m.payload).sha256, decode_ack(m.payload))
+    van.on_message = lambda c, u, m: acks.setdefault(decode_ack(m.payload, DEVICE).sha256, decode_ack(m.payload, DEVICE))
     van.connect("127.0.0.1", mosquitto.port)
     van.subscribe(f"datalab/v1/{DEVICE}/ack", qos=1)
     van.loop_start()

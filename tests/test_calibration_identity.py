@@ -96,8 +96,9 @@ def test_a_van_cannot_write_another_vans_rows(make: MakeStore, tmp_path: Any) ->
     rec_a = _record(tmp_path, "van-a")
     wrong_id = CalibrationRecord.from_dict({**json.loads(rec_a.to_json()), "id": f"no2:{SERIAL}:v7"})
     samples = [_cal_sample(1, T0, forged_b), _cal_sample(2, T0, wrong_id)] + [
-        _no2_sample(i, T0 + i, 999.0) for i in range(3, 12)]
-    b = Batch("van-a", "e1", 1, 11, samples, gaps=[Gap(1, 1, "cap")])
+        _no2_sample(i, T0 + i, 999.0) for i in range(3, 12) if i != 5]
+    # A consistent batch (receiver/batch_consistency.py): the gap is the number no sample holds.
+    b = Batch("van-a", "e1", 1, 11, samples, gaps=[Gap(5, 5, "cap")])
     assert _upload(ing, "van-a", b) == "stored"
     # ... and a payload that claims to be van B's batch, sent on van A's topic, is rejected.
     out = ing.handle("datalab/v1/van-a/batch", encode_batch(_van_batch("van-b", rec_b, epoch="e2")), RECEIVED)
