@@ -118,6 +118,7 @@ class Agent:
         self._unsync = buffer.count_unsync(self.boot_id)
         self._unsync_since: float | None = clock.monotonic() if self._unsync else None
         self._pending: list[Sample] = []
+        self._commit_slice = COMMIT_SLICE  # shrinks while a full card refuses slices (see commit)
         # Samples a full card refused are held here up to this many (then the oldest go).
         self.max_pending = MAX_PENDING_IN_MEMORY if max_pending is None else max_pending
         self._lost_in_memory = 0  # discarded from memory, gap record not yet written
@@ -248,14 +249,21 @@ class Agent:
         crash_point("agent.commit.before")
         while held:
             # Normally one transaction; what a full card held back goes in slices, oldest
-            # first, so each fits in the pages that acknowledgements freed meanwhile.
-            batch = held[:COMMIT_SLICE]
+            # first, so each fits in the pages that acknowledgements freed meanwhile. A slice
+            # refused is halved down to one sample: any real room left is used, so delivery
+            # resumes as soon as some room returns, not only when a whole slice fits (t14, 5).
+            batch = held[:self._commit_slice]
             try:
                 self.buffer.commit(batch)
             except BufferFullError as exc:
+                if len(batch) > 1:
+                    self._commit_slice = max(1, len(batch) // 2)
+                    continue
                 self._hold(held, exc)
                 return
             held = held[len(batch):]
+            # Room was found: grow back towards the normal slice (one transaction per interval).
+            self._commit_slice = min(COMMIT_SLICE, self._commit_slice * 2)
             crash_point("agent.commit.after")
             self._committed(batch)
         if self._lost_in_memory:
