@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.attack_t14.probe_clock import CASES, DEV, Van, judge
+from tests.attack_t14.probe_clock import CASES, DEV, Van, judge, make_step
 from tests.test_delivery_faults import rx  # noqa: F401 (fixture)
 
 FIXED = ["system-2h-while-down", "system-2h-restart-in-window", "gps-1d-restart-in-window"]
@@ -24,14 +24,7 @@ FIXED = ["system-2h-while-down", "system-2h-restart-in-window", "gps-1d-restart-
 def test_step_across_a_restart_is_flagged_not_stored_silently(tmp_path, mosquitto, rx, name):  # noqa: F811
     c = CASES[name]
     van = Van(tmp_path, mosquitto.port, ntp=c["ntp"], gps=c["gps"])
-
-    def step() -> None:
-        if c["step"] == "system":
-            van.clock.step(c["s"])
-        else:
-            import datetime as dt
-            van.hw.gps.utc_origin += dt.timedelta(seconds=c["s"])
-
+    step = make_step(van, c)
     try:
         a = van.start()
         a.run(duration_s=120)
