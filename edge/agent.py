@@ -116,7 +116,7 @@ class Agent:
         # The spine of an earlier run of this boot: a clock step made meanwhile is judged, not
         # trusted at once (edge/timeref.py).
         self._spine_path = Path(cfg.device.data_dir) / timeref.FILE_NAME
-        rec = timeref.load(self._spine_path, self.boot_id)
+        rec = timeref.load(self._spine_path, self.boot_id, int(clock.monotonic() * 1000))
         if rec is not None and self.timekeeper.spine() is None:
             self.timekeeper.resume(rec.offset_ms, rec.last_ms)
             log.info("time: resumed this boot's spine (offset %+d ms) from the previous run", rec.offset_ms)
@@ -291,7 +291,7 @@ class Agent:
         last = self._spine_saved
         if last is not None and abs(sp[0] - last[0]) < SPINE_MOVED_MS and now - last[1] < timeref.SAVE_EVERY_S:
             return
-        if timeref.save(self._spine_path, timeref.SpineRecord(self.boot_id, sp[0], sp[1])):
+        if timeref.save(self._spine_path, timeref.SpineRecord(self.boot_id, sp[0], sp[1], int(now * 1000))):
             self._spine_saved = (sp[0], now)
 
     def _hold(self, held: list[Sample], exc: BufferFullError) -> None:

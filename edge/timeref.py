@@ -3,7 +3,7 @@
 ``TimeKeeper`` judges clock steps against its spine (utc - monotonic). Kept only in memory, a
 restart after a step (made while the agent was down, or seen and not yet decided) would trust the
 stepped clock at once, though this boot's earlier samples were stamped on the old spine (t14,
-finding 3). This file records ``boot_id offset_ms last_ms crc`` of the last decided spine; the next
+finding 3). This file records ``boot_id offset_ms last_ms mono_ms crc`` of the last decided spine; the next
 run of the *same boot* resumes it, and a reference that left it is then judged as a step (flagged,
 decided by another reference or by ``confirm_s``), exactly as if the agent had never stopped.
 
@@ -36,27 +36,34 @@ class SpineRecord:
     boot_id: str
     offset_ms: int
     last_ms: int | None
+    mono_ms: int  # the monotonic time it was written: a record from "later" is no record of this boot
 
 
 def _text(r: SpineRecord) -> str:
-    return f"{r.boot_id} {r.offset_ms} {r.last_ms if r.last_ms is not None else '-'}"
+    return f"{r.boot_id} {r.offset_ms} {r.last_ms if r.last_ms is not None else '-'} {r.mono_ms}"
 
 
-def load(path: Path, boot_id: str) -> SpineRecord | None:
-    """The record of this boot, or None (none, damaged, or another boot's)."""
+def load(path: Path, boot_id: str, mono_ms: int) -> SpineRecord | None:
+    """The record of this boot, or None (none, damaged, or another boot's).
+
+    The monotonic clock never goes back within a boot: a record written at a later monotonic
+    time than now belongs to another boot (or another simulated clock), whatever its boot id."""
     try:
         line = path.read_text("ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
     parts = line.split(" ")
-    if len(parts) != 4 or crc(" ".join(parts[:3])) != parts[3] or parts[0] != boot_id:
+    if len(parts) != 5 or crc(" ".join(parts[:4])) != parts[4] or parts[0] != boot_id:
         return None
     try:
         offset = int(parts[1])
         last = None if parts[2] == "-" else int(parts[2])
+        written = int(parts[3])
     except ValueError:
         return None
-    return SpineRecord(boot_id, offset, last)
+    if written > mono_ms:
+        return None
+    return SpineRecord(boot_id, offset, last, written)
 
 
 def save(path: Path, rec: SpineRecord) -> bool:
