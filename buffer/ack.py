@@ -71,6 +71,13 @@ class Acknowledger:
             if first:
                 # Gaps carried by that batch are delivered with it.
                 self._h.db.execute("DELETE FROM gaps WHERE sent_in=?", (first[0],))
+            # Ack evidence, in the same transaction: every number up to here was delivered or
+            # owned up to. Salvage must not take a batch absent from a damaged file as delivered;
+            # above this mark it owns up instead (recovery._salvage_into).
+            self._h.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('acked_through', coalesce("
+                "(SELECT min(first_seq) - 1 FROM batches),"
+                " (SELECT value FROM meta WHERE key='sealed_through'), '0'))")
         else:
             cur = self._h.db.execute(f"DELETE FROM salvaged WHERE {cond}", params)
         return cur.rowcount > 0

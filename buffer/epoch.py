@@ -62,6 +62,8 @@ class EpochKeeper:
                 self._h.db.execute(
                     "INSERT INTO meta VALUES ('created_utc', ?)", (str(int(time.time())),)
                 )
+                # Ack evidence for salvage: nothing of a new epoch is delivered yet (see Acknowledger).
+                self._h.db.execute("INSERT INTO meta VALUES ('acked_through', '0')")
                 if witness is not None and witness[1] > 0:
                     self._own_up_to_lost_epoch(*witness)
         except sqlite3.IntegrityError as exc:

@@ -401,6 +401,10 @@ def _missing(lo: int, hi: int, covered: list[tuple[int, int]]) -> list[tuple[int
     return out
 
 
+# Public names for the seal-time set-aside, which places a damaged key by the same arithmetic.
+ranges, missing = _ranges, _missing
+
+
 def salvage(db: Path, identity: tuple[str, str] | None = None) -> Salvage:
     """Read back what can be read from a quarantined database file (opened read-only).
 
@@ -419,6 +423,16 @@ def salvage(db: Path, identity: tuple[str, str] | None = None) -> Salvage:
     try:
         _salvage_into(conn, out, wal_damaged=wal_problem(Path(str(db) + "-wal")) is not None,
                       identity=identity, orphan_epoch=orphan_epoch(db))
+    except (TypeError, ValueError, OverflowError, UnicodeError, KeyError, IndexError) as exc:
+        # Last line of defence: a damaged value no check above foresaw must not stop the van
+        # at every start. What was read is half-built and not trusted: own up to the whole
+        # epoch (the receiver subtracts what it already holds) and keep the file as evidence.
+        first_note = out.notes[:1]
+        out = Salvage(notes=[*first_note, f"salvage failed on a damaged value: {type(exc).__name__}: {exc}"])
+        if identity is not None:
+            out.epoch, out.device = identity
+            out.gaps.append(Gap(1, EPOCH_END, "salvage failed: damaged file (may include delivered ones)"))
+            out.carrier_base = EPOCH_END + 1
     finally:
         conn.close()
     return out
@@ -453,6 +467,9 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
             out.epoch = None
     watermark = _meta(conn, "sealed_through")
     sealed_through = int(watermark) if watermark and watermark.isdigit() else None
+    acked = _meta(conn, "acked_through")
+    # Absent (a file from before the mark, or meta damaged): nothing is proven delivered.
+    acked_through = int(acked) if acked and acked.isdigit() else 0
     last_seq: int | None = None
     try:
         r = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()
@@ -489,10 +506,7 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
                     Gap(row[0], row[1], "corrupt database: salvaged batch unreadable"))
         else:
             out.batches.append(sb)
-    try:
-        out.carrier_next = {str(e): int(n) for e, n in conn.execute("SELECT epoch, next_carrier FROM epochs")}
-    except sqlite3.DatabaseError:
-        pass
+    out.carrier_next = _carrier_rows(conn, out.notes)
 
     out.samples, failed, samples_complete = _sample_rows(conn)
     if not samples_complete:
@@ -534,6 +548,13 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
         why = "corrupt database: samples lost (may include delivered ones)"
     for a, b in _missing(start, top, covered):
         lost.append((a, b, why))
+    if sealed_through is not None:
+        # Sealed and not proven acknowledged (above the ack mark), yet no readable batch holds
+        # it: a page header saying "no rows" reads as a complete, empty table, so the absence
+        # is no proof of delivery. Own up (the receiver subtracts what it already holds).
+        for a, b in _missing(acked_through + 1, min(sealed_through, top), covered):
+            lost.append((a, b, "salvage: batch table damaged (may include delivered ones)"))
+            covered.append((a, b))
     if not complete:
         # Rows behind a damaged page: some of those ranges may have been
         # acknowledged (and deleted) before; we cannot tell, so the gap says so
@@ -552,6 +573,30 @@ def _salvage_into(conn: sqlite3.Connection, out: Salvage, *, wal_damaged: bool =
         # sqlite_sequence (or the whole schema) unreadable: rows past the last one read
         # may exist unseen. Silent loss is the bug: name it, open-ended.
         _name_unread_rest(out, top)
+
+
+def _carrier_rows(conn: sqlite3.Connection, notes: list[str]) -> dict[str, int]:
+    """The ``epochs`` table's next carrier numbers, keeping only rows that make sense.
+
+    Every field of a damaged file is untrusted: a flipped page header can make SQLite
+    hand back NULL, text or a negative number for a NOT NULL integer column, and one such
+    row must not stop the salvage (the van would fail at every start). A skipped row
+    costs nothing: ``carrier_base`` is derived from the samples' own numbers.
+    """
+    out: dict[str, int] = {}
+    try:
+        rows, complete = _scan(conn, "SELECT rowid, epoch, next_carrier FROM epochs", "rowid")
+    except sqlite3.DatabaseError:
+        notes.append("epochs table unreadable")
+        return out
+    for _, e, n in rows:
+        if isinstance(e, str) and e and _ints(n) and 0 < n <= EPOCH_END + 1:
+            out[e] = max(n, out.get(e, 0))
+        else:
+            complete = False
+    if not complete:
+        notes.append("epochs table partly unreadable")
+    return out
 
 
 def _batch_rows(conn: sqlite3.Connection, sql: str, key: str) -> tuple[list[tuple], bool]:

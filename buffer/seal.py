@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from buffer import gaprows, rowcheck
+from buffer import gaprows, recovery, rowcheck
 from core.sample import Sample
 from core.batch_limits import GAP_TEXT_BUDGET, MAX_GAPS_PER_BATCH, batch_problem
 from core.sample_rules import gap_reason, sample_problem
@@ -196,16 +196,65 @@ class Sealer:
     def _set_aside(self, bad: list[tuple[tuple[Any, ...], str]], now_utc_ms: int) -> None:
         """Move rows that cannot be sealed to ``bad_rows``, each owned up to by a gap record."""
         with self._h.tx():
+            unsure: list[str] = []
+            owned_now: list[tuple[int, int]] = []  # through the seam: maybe not in the table yet
             for r, why in bad:
                 self._h.db.execute(
                     "INSERT INTO bad_rows VALUES (?,?,?,?)", (r[0], why, rowcheck.raw_bytes(r), now_utc_ms)
                 )
                 self._h.db.execute("DELETE FROM samples WHERE rowid=?", (r[0],))
-                if isinstance(r[0], int) and r[0] > 0:
-                    self._gaps.gap(r[0], r[0], f"unsealable row set aside: {why}")
                 self._tally.bump("rows_set_aside")
+                if self._plausible_own_number(r[0]):
+                    self._gaps.gap(r[0], r[0], f"unsealable row set aside: {why}")
+                    owned_now.append((r[0], r[0]))
+                else:
+                    unsure.append(why)
+            # Always look for holes, not only when a key was implausible: a damaged key can land
+            # on a plausible number (a gap repair may already have yielded it to the row), and
+            # then the true number is still a hole nothing owns.
+            self._own_up_to_holes(f"unsealable row set aside, its number damaged: {(unsure or [bad[0][1]])[0]}",
+                                  owned_now, quiet=not unsure)
         self._h.unsealed -= len(bad)
         log.error("buffer: %d unsealable rows set aside in bad_rows (%s)", len(bad), bad[0][1])
+
+
+    def _unsealed_range(self) -> tuple[int, int]:
+        """(first, last) numbers an unsealed row can truly have: above the seal watermark,
+        up to the last number handed out. Both come from rows the row checksum does not cover
+        but a flipped bit in one sample's key cannot reach."""
+        mark = self._h.db.execute("SELECT value FROM meta WHERE key='sealed_through'").fetchone()
+        lo = int(mark[0]) + 1 if mark and str(mark[0]).isdigit() else 1
+        top = self._h.db.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()
+        return lo, int(top[0]) if top and isinstance(top[0], int) else 0
+
+    def _is_free(self, q: int) -> bool:
+        """No row holds ``q`` and no gap record owns it."""
+        return (self._h.db.execute("SELECT 1 FROM samples WHERE seq=?", (q,)).fetchone() is None
+                and self._h.db.execute("SELECT 1 FROM gaps WHERE ? BETWEEN first_seq AND last_seq",
+                                       (q,)).fetchone() is None)
+
+    def _plausible_own_number(self, key: object) -> bool:
+        """Once its checksum fails, a row's key (its seq) is untrusted too: believed only if it is
+        a number an unsealed row can have that nothing else holds (checked after its DELETE)."""
+        if not isinstance(key, int) or isinstance(key, bool):
+            return False
+        lo, hi = self._unsealed_range()
+        return lo <= key <= hi and self._is_free(key)
+
+    def _own_up_to_holes(self, reason: str, owned_now: list[tuple[int, int]], quiet: bool = False) -> None:
+        """A damaged key: the true number is one that no row holds and no gap owns inside the
+        unsealed range (the neighbours' numbers and the watermarks are the evidence). Own up to
+        every such hole; never a number at or below the seal watermark (sent, maybe delivered)."""
+        lo, hi = self._unsealed_range()
+        held = [q for (q,) in self._h.db.execute("SELECT seq FROM samples WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                                                  (lo, hi))]
+        owned = self._h.db.execute("SELECT first_seq, last_seq FROM gaps WHERE last_seq >= ? AND first_seq <= ?",
+                                   (lo, hi)).fetchall()
+        holes = recovery.missing(lo, hi, recovery.ranges(held) + [tuple(g) for g in owned] + owned_now)
+        for a, b in holes:
+            self._gaps.gap(a, b, reason)
+        if not holes and not quiet:
+            log.error("buffer: a set-aside row's true number is not found (%s); kept in bad_rows", reason)
 
 
 def _within_gap_budget(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

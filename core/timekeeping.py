@@ -349,6 +349,22 @@ class TimeKeeper:
         self._last_ms = t if self._last_ms is None else max(t, self._last_ms)
         return Stamp(t - age_ms, mono_ms, source, flags)
 
+    def spine(self) -> tuple[int, int | None] | None:
+        """(offset ms, newest stamp ms) of the decided spine, to persist; None before any or while contested."""
+        if self._offset is None or self._contested:
+            return None
+        return int(round(self._offset * 1000)), self._last_ms
+
+    def resume(self, offset_ms: int, last_ms: int | None) -> None:
+        """Take up the spine of an earlier run of this boot (the monotonic clock is the same).
+
+        The references are then judged against it as against a spine of this run: one that
+        left it while the agent was down is a step (flagged, decided by another reference or
+        by ``confirm_s``), and a backward re-base flags stamps up to ``last_ms``. Until a
+        reference agrees, stamps are holdover on it (``corrected``)."""
+        self._offset, self._source = offset_ms / 1000.0, TimeSource.CORRECTED
+        self._last_ms = last_ms
+
     def correction_offset_ms(self) -> int | None:
         """utc - monotonic in ms from a trusted source of this boot, or None (also while contested)."""
         if self._offset is None or self._contested:

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from buffer.errors import BufferFullError
@@ -32,6 +33,7 @@ from buffer.heldledger import OWED_REASON
 from buffer.store import Buffer
 from drivers.base import SensorDriver
 from core.clock import Clock
+from edge import timeref
 from edge.config import AgentConfig
 from core.errors import PayloadError, RecoverableError
 from core.faultpoints import crash_point
@@ -111,6 +113,14 @@ class Agent:
             confirm_s=cfg.time.step_confirm_s,
             gps_latency_s=cfg.time.gps_latency_s,
         )
+        # The spine of an earlier run of this boot: a clock step made meanwhile is judged, not
+        # trusted at once (edge/timeref.py).
+        self._spine_path = Path(cfg.device.data_dir) / timeref.FILE_NAME
+        rec = timeref.load(self._spine_path, self.boot_id, int(clock.monotonic() * 1000))
+        if rec is not None and self.timekeeper.spine() is None:
+            self.timekeeper.resume(rec.offset_ms, rec.last_ms)
+            log.info("time: resumed this boot's spine (offset %+d ms) from the previous run", rec.offset_ms)
+        self._spine_saved: tuple[int, float] | None = None  # (offset ms, monotonic s) last written
         self.stats = AgentStats()
         # Things to close when the agent ends (simulated hardware, ...).
         self.resources: list[Any] = []
@@ -118,6 +128,7 @@ class Agent:
         self._unsync = buffer.count_unsync(self.boot_id)
         self._unsync_since: float | None = clock.monotonic() if self._unsync else None
         self._pending: list[Sample] = []
+        self._commit_slice = COMMIT_SLICE  # shrinks while a full card refuses slices (see commit)
         # Samples a full card refused are held here up to this many (then the oldest go).
         self.max_pending = MAX_PENDING_IN_MEMORY if max_pending is None else max_pending
         self._lost_in_memory = 0  # discarded from memory, gap record not yet written
@@ -242,25 +253,46 @@ class Agent:
 
     def commit(self) -> None:
         self._last_commit = self.clock.monotonic()
+        self._save_spine()
         if not self._pending:
             return
         held, self._pending = self._pending, []
         crash_point("agent.commit.before")
         while held:
             # Normally one transaction; what a full card held back goes in slices, oldest
-            # first, so each fits in the pages that acknowledgements freed meanwhile.
-            batch = held[:COMMIT_SLICE]
+            # first, so each fits in the pages that acknowledgements freed meanwhile. A slice
+            # refused is halved down to one sample: any real room left is used, so delivery
+            # resumes as soon as some room returns, not only when a whole slice fits (t14, 5).
+            batch = held[:self._commit_slice]
             try:
                 self.buffer.commit(batch)
             except BufferFullError as exc:
+                if len(batch) > 1:
+                    self._commit_slice = max(1, len(batch) // 2)
+                    continue
                 self._hold(held, exc)
                 return
             held = held[len(batch):]
+            # Room was found: grow back towards the normal slice (one transaction per interval).
+            self._commit_slice = min(COMMIT_SLICE, self._commit_slice * 2)
             crash_point("agent.commit.after")
             self._committed(batch)
         if self._lost_in_memory:
             self._own_up_to_memory_loss()
         self.buffer.note_held(0, self._lost_in_memory)  # settled: clears the note (if one was written)
+
+    def _save_spine(self) -> None:
+        """Persist the decided spine for a restart of this boot: at once when it moved, else every
+        ``timeref.SAVE_EVERY_S`` (its newest stamp grows); the spine follows its reference by ms."""
+        sp = self.timekeeper.spine()
+        if sp is None:
+            return
+        now = self.clock.monotonic()
+        last = self._spine_saved
+        if last is not None and abs(sp[0] - last[0]) < SPINE_MOVED_MS and now - last[1] < timeref.SAVE_EVERY_S:
+            return
+        if timeref.save(self._spine_path, timeref.SpineRecord(self.boot_id, sp[0], sp[1], int(now * 1000))):
+            self._spine_saved = (sp[0], now)
 
     def _hold(self, held: list[Sample], exc: BufferFullError) -> None:
         """Nothing of ``held`` was stored (a full card; committed data is never dropped for new).
@@ -543,6 +575,7 @@ def _finite(values: Mapping[str, Any], flags: tuple[str, ...]) -> tuple[dict[str
 
 
 MAX_READS_PER_TICK = 64  # bounds one driver's share of a tick (the microphone queue holds 30)
+SPINE_MOVED_MS = 100  # a move of the time spine worth writing at once (its slews are smaller)
 COMMIT_SLICE = 1000  # samples per transaction when committing what a full card held back
 MAX_PENDING_IN_MEMORY = 4 * 3600  # an hour of four sensors at 1 Hz, if the disk stays full
 SYNC_BATCHES = 256  # batch ids named in a resync request

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import random
 import stat
 import subprocess
@@ -361,13 +362,22 @@ class PowerCutFS:
 
 
 def serve(mountpoint: str, seed: int) -> None:
-    """Serve ``mountpoint`` until told to stop; commands on stdin, one answer line each on stdout."""
+    """Serve ``mountpoint`` until told to stop; commands on stdin, one answer line each on stdout.
+
+    Each mount is served by a thread of its own, so the daemon answers ``unmounted`` either when
+    that thread's FUSE loop ends or when the harness says ``abandon`` (the mount is gone, yet the
+    loop sat on in ``fuse_dev_do_read``, seen twice in the t14 power-cut probe): a stuck loop then
+    costs a parked thread, never the file system's state nor a hung test.
+    """
     import mfusepy
 
     fs = PowerCutFS(seed)
     out = sys.stdout
     mount_requests: list[str] = []
+    down: list[int] = []  # generations whose mount has ended (or was abandoned)
+    stall: list[bool] = []  # test hook: do not report the next loop's end (as when it hangs)
     wake = threading.Condition()
+    gen = 0
 
     def say(line: str) -> None:
         out.write(line + "\n")
@@ -381,12 +391,27 @@ def serve(mountpoint: str, seed: int) -> None:
                 say(f"cut {r['bytes_lost']} {r['entries_lost']}")
             elif cmd == "stats":
                 say("stats " + " ".join(f"{k}={v}" for k, v in fs.counters.items()))
+            elif cmd in ("abandon", "stall"):
+                with wake:
+                    (down.append(gen) if cmd == "abandon" else stall.append(True))
+                    wake.notify()
             elif cmd in ("mount", "quit"):
                 with wake:
                     mount_requests.append(cmd)
                     wake.notify()
         with wake:
             mount_requests.append("quit")
+            down.append(gen)
+            wake.notify()
+
+    def run(g: int) -> None:
+        # Single-threaded: the model is simple and the card of one van is not a hot path.
+        mfusepy.FUSE(fs, mountpoint, foreground=True, nothreads=True, use_ino=True, fsname="powercut")
+        with wake:
+            if stall:
+                stall.pop()
+                return
+            down.append(g)
             wake.notify()
 
     threading.Thread(target=commands, daemon=True).start()
@@ -398,11 +423,18 @@ def serve(mountpoint: str, seed: int) -> None:
                 if mount_requests.pop(0) == "quit":
                     return
         first = False
+        with wake:
+            gen += 1
         fs.thaw()
         say("mounting")
-        # Single-threaded: the model is simple and the card of one van is not a hot path.
-        mfusepy.FUSE(fs, mountpoint, foreground=True, nothreads=True, use_ino=True, fsname="powercut")
+        threading.Thread(target=run, args=(gen,), daemon=True).start()
+        with wake:
+            wake.wait_for(lambda: gen in down)
         say("unmounted")
+
+
+# How long the harness waits for the daemon's ``unmounted`` before it abandons the loop.
+UNMOUNT_WAIT_S = 10.0
 
 
 class PowerCutMount:
@@ -414,16 +446,29 @@ class PowerCutMount:
         self.cuts = 0
         self.bytes_lost = 0
         self.entries_lost = 0
+        self.abandoned = 0  # unmounts whose FUSE loop did not end in time (see _await_unmounted)
+        self.unmount_wait = UNMOUNT_WAIT_S
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "simulator.powercut", str(self.path), str(seed)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
         self._expect("mounting")
         self._wait_mounted()
 
-    def _expect(self, word: str) -> list[str]:
+    def _read_lines(self) -> None:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put("")  # EOF: the daemon is gone
+
+    def _expect(self, word: str, timeout: float = 120.0) -> list[str]:
+        """The daemon's next line, which must start with ``word``; a bounded wait, never a hang."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"power-cut daemon silent for {timeout} s, expected {word!r}") from None
         if not line.startswith(word):
             raise RuntimeError(f"power-cut daemon said {line!r}, expected {word!r} (rc {self.proc.poll()})")
         return line.split()[1:]
@@ -448,7 +493,7 @@ class PowerCutMount:
         self.bytes_lost += lost_bytes
         self.entries_lost += lost_entries
         self._unmount()
-        self._expect("unmounted")
+        self._await_unmounted()
         self._send("mount")
         self._expect("mounting")
         self._wait_mounted()
@@ -462,6 +507,23 @@ class PowerCutMount:
             time.sleep(0.05)  # busy: a process that held a file is still on its way out
         raise RuntimeError(f"cannot unmount {self.path}: {r.stderr.strip()}")
 
+    def _await_unmounted(self) -> None:
+        """The daemon's ``unmounted``, within ``wait`` s; if the mount is gone but its FUSE loop
+        did not end (it can sit on in ``fuse_dev_do_read``), tell the daemon to abandon it."""
+        try:
+            self._expect("unmounted", timeout=self.unmount_wait)
+            return
+        except RuntimeError:
+            if os.path.ismount(self.path):
+                raise
+        self.abandoned += 1
+        self._send("abandon")
+        self._expect("unmounted")
+
+    def stall_next_unmount(self) -> None:
+        """Test hook: the daemon will not report the next FUSE loop's end, as when it hangs."""
+        self._send("stall")
+
     def stats(self) -> dict[str, int]:
         self._send("stats")
         return {k: int(v) for k, v in (kv.split("=") for kv in self._expect("stats"))}
@@ -470,7 +532,7 @@ class PowerCutMount:
         if self.proc.poll() is None:
             if os.path.ismount(self.path):
                 self._unmount()
-                self._expect("unmounted")
+                self._await_unmounted()
             self._send("quit")
             try:
                 self.proc.wait(10)

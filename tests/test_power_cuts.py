@@ -265,6 +265,28 @@ def test_the_card_keeps_only_what_was_synced(card):
     assert lost_bytes > 0 and lost_entries >= 2
 
 
+def test_a_cut_whose_fuse_loop_never_ends_does_not_hang(card):
+    """t14 finding 6: after ``fusermount3 -u`` the daemon's FUSE loop can sit on in
+    ``fuse_dev_do_read`` and never say ``unmounted``; the harness waited for ever. Now it waits a
+    bounded time, sees the mount gone, has the daemon abandon the loop, and the card's durable
+    state survives into the next mount."""
+    root = card.path
+    (root / "kept").write_bytes(b"durable")
+    _fsync(root / "kept")
+    _fsync(root)
+    card.unmount_wait = 1.0  # the stalled loop below never reports: do not wait the default
+    card.stall_next_unmount()
+    card.cut()
+    report("stalled-unmount", abandoned=card.abandoned, cuts=card.cuts)
+    assert card.abandoned == 1
+    assert os.path.ismount(root) and (root / "kept").read_bytes() == b"durable"
+    (root / "after").write_bytes(b"y")  # the new mount serves writes
+    _fsync(root / "after")
+    _fsync(root)
+    card.cut()  # a normal cut: the loop reports its end, nothing abandoned
+    assert card.abandoned == 1 and (root / "after").read_bytes() == b"y"
+
+
 def test_receiver_power_cuts_lose_nothing_acked(tmp_path, mosquitto, card):
     rng = random.Random(11)
     r = Receiver(card.path / "store.sqlite", mosquitto.port, client_id="rx-pc")

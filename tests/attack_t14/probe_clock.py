@@ -119,17 +119,21 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_clock_probe(tmp_path, mosquitto, rx, name):
-    c = CASES[name]
-    van = Van(tmp_path, mosquitto.port, ntp=c["ntp"], gps=c["gps"])
-
+def make_step(van: Van, c: dict):
+    """The case's step: the system clock's, or the GPS receiver's UTC."""
     def step() -> None:
         if c["step"] == "system":
             van.clock.step(c["s"])
         else:
             van.hw.gps.utc_origin += dt.timedelta(seconds=c["s"])
+    return step
 
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_clock_probe(tmp_path, mosquitto, rx, name):
+    c = CASES[name]
+    van = Van(tmp_path, mosquitto.port, ntp=c["ntp"], gps=c["gps"])
+    step = make_step(van, c)
     try:
         a = van.start()
         a.run(duration_s=300)
