@@ -28,6 +28,7 @@ library: nothing to import on the Pi beyond what the agent already loads.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 import tomllib
@@ -362,8 +363,10 @@ def _is_cert(path: str) -> bool:
 
 
 def _ssl_reason(exc: Exception) -> str:
-    # ssl.SSLError's str() is "[SSL] PEM lib (_ssl.c:3900)": its reason is the readable part.
-    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+    # ssl.SSLError's str() is "[SSL] PEM lib (_ssl.c:3900)": its reason is the readable part,
+    # and the C source line means nothing to a technician.
+    text = str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
 
 
 DOC_RULES: tuple[DocRule, ...] = (_buffer_reserve, _reconnect, _duty, _shutdown, _pins_unique, _tls_files)
