@@ -28,6 +28,7 @@ library: nothing to import on the Pi beyond what the agent already loads.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 import tomllib
@@ -86,7 +87,7 @@ def _file(v: str) -> str | None:
 
 
 def _data_dir(v: str) -> str | None:
-    """The buffer's folder: an existing writable directory, or one ``edge run`` can create.
+    """A folder the agent writes (the buffer's, the quarantine's): an existing writable directory, or one ``edge run`` can create.
 
     Checked here (not only when the buffer opens) so ``config check`` refuses what ``run``
     would crash on under systemd (a crash loop seen only in the journal): a file
@@ -94,6 +95,19 @@ def _data_dir(v: str) -> str | None:
     """
     if not v.strip():
         return "empty: the buffer's folder"
+    return _writable_dir(v)
+
+
+def _quarantine_dir(v: str) -> str | None:
+    """"" means <data_dir>/quarantine (checked with data_dir); else as data_dir.
+
+    The quarantine is made only when a corrupt buffer is found at start, so a bad one
+    would otherwise crash a van months later (a restart loop under systemd).
+    """
+    return _writable_dir(v) if v.strip() else None
+
+
+def _writable_dir(v: str) -> str | None:
     p = Path(v)
     try:
         limit = os.pathconf("/", "PC_NAME_MAX")
@@ -113,6 +127,10 @@ def _data_dir(v: str) -> str | None:
     except OSError as exc:
         return f"cannot be created: {exc.strerror or exc}"
     return None
+
+
+# No van carries a larger card; a bigger value is a typo (2**63-1 would switch the cap off).
+MAX_BUFFER_BYTES = 1 << 40  # 1 TiB
 
 
 def _topic(v: str) -> str | None:
@@ -193,11 +211,11 @@ SECTIONS: dict[str, Section] = {
     ),
     "buffer": _section(
         BufferConfig,
-        max_bytes=Option(lo=1024 * 1024, unit="bytes (1 MiB)"),
+        max_bytes=Option(lo=1024 * 1024, hi=MAX_BUFFER_BYTES, unit="bytes (1 MiB .. 1 TiB)"),
         wal_autocheckpoint=Option(lo=1, hi=1_000_000, unit="pages"),
         reserve_bytes=Option(lo=0, unit="bytes"),
         check_on_open=_ANY,
-        quarantine_dir=_ANY,
+        quarantine_dir=Option(check=_quarantine_dir),
     ),
     # Bounds that keep a van reachable, also against a remote change (issue 13, 7.3): MQTT's
     # keepalive is 16 bits (0 would switch it off: a dead link is never noticed), and an ack
@@ -305,7 +323,53 @@ def _pins_unique(d: Doc) -> Iterable[Problem]:
         used.setdefault(pin, f"{section}.{key}")
 
 
-DOC_RULES: tuple[DocRule, ...] = (_buffer_reserve, _reconnect, _duty, _shutdown, _pins_unique)
+def _tls_files(d: Doc) -> Iterable[Problem]:
+    """With tls on, the files loaded into an SSLContext exactly as the uplink loads them.
+
+    Existing is not enough: a file that is not PEM (or a key that does not match the
+    certificate) passed check and then stopped ``edge run`` with an ssl.SSLError traceback.
+    """
+    u = d["uplink"]
+    if not u["tls"]:
+        return
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if u["ca_file"]:
+        try:
+            ctx.load_verify_locations(cafile=u["ca_file"])
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            yield "uplink.ca_file", f"not a PEM CA certificate ({_ssl_reason(exc)}): give the broker's CA file"
+    if u["key_file"] and not u["cert_file"]:
+        yield "uplink.cert_file", "missing: key_file needs the client certificate in cert_file"
+    elif u["cert_file"]:
+        try:
+            ctx.load_cert_chain(u["cert_file"], u["key_file"] or None)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            key = "uplink.key_file" if u["key_file"] and _is_cert(u["cert_file"]) else "uplink.cert_file"
+            what = ("not the PEM private key of cert_file" if key == "uplink.key_file"
+                    else "not a PEM client certificate (with its key, or key_file naming it)")  # fmt: skip
+            yield key, f"{what} ({_ssl_reason(exc)})"
+
+
+def _is_cert(path: str) -> bool:
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+    return True
+
+
+def _ssl_reason(exc: Exception) -> str:
+    # ssl.SSLError's str() is "[SSL] PEM lib (_ssl.c:3900)": its reason is the readable part,
+    # and the C source line means nothing to a technician.
+    text = str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
+
+
+DOC_RULES: tuple[DocRule, ...] = (_buffer_reserve, _reconnect, _duty, _shutdown, _pins_unique, _tls_files)
 
 
 # -- sensors -----------------------------------------------------------------------------------
@@ -406,12 +470,28 @@ class Report:
         return self.agent, self.service
 
 
-def validate(data: Mapping[str, Any], source: str = "<dict>", *, runnable: bool = True) -> Report:
+def _explicit_id(data: Mapping[str, Any]) -> Iterable[Problem]:
+    """A van's file must name its van: the default id is the example's.
+
+    Without this an empty or lost agent.toml ran as "van-001" and every such van
+    published as the same device; the broker's ACL would refuse all but one, or
+    worse, their data would merge under one id.
+    """
+    device = data.get("device")
+    if device is None or (isinstance(device, dict) and "id" not in device):
+        yield "device.id", 'missing: name this van, e.g. [device] id = "van-017" (edge config example shows a file)'
+
+
+def validate(
+    data: Mapping[str, Any], source: str = "<dict>", *, runnable: bool = True, from_file: bool = False
+) -> Report:
     """Every error of an agent.toml document; the configuration when there is none.
 
     ``runnable``: also the rules of the van ``edge run`` would build from it (simulated
     parts need [simulation]) and the device-node warnings. Off only for library callers
     that inject their own simulated world (tests, benches).
+    ``from_file``: a van's agent.toml (``edge run``, ``config check``, SIGHUP), which must
+    name its device id; library callers building a config in code keep the default.
     """
     report = Report()
     doc: Doc = {}
@@ -424,6 +504,9 @@ def validate(data: Mapping[str, Any], source: str = "<dict>", *, runnable: bool 
         for k, p in checked.problems:
             report.add(f"{name}.{k}", p)
         doc[name] = checked.values
+    if from_file:
+        for k, p in _explicit_id(data):
+            report.add(k, p)
     for name in data:
         if name not in KNOWN_SECTIONS:
             report.add(name, unknown_key_text(name, KNOWN_SECTIONS, "section"))
@@ -479,7 +562,7 @@ def check_file(path: str | Path) -> Report:
         report = Report()
         report.errors.append(exc)
         return report
-    return validate(data, source=str(path))
+    return validate(data, source=str(path), from_file=True)
 
 
 def load(path: str | Path) -> tuple[AgentConfig, ServiceConfig]:

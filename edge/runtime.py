@@ -339,7 +339,7 @@ class Runtime:
             except ConfigError as exc:
                 log.error("reload: %s; keeping the running configuration", exc)
                 return None
-            report = config_schema.validate(data, source=str(self.config_path))
+            report = config_schema.validate(data, source=str(self.config_path), from_file=True)
             if report.errors:
                 for exc in report.errors:
                     log.error("reload: %s", exc)
@@ -623,7 +623,13 @@ def run_agent(
     SIGTERM/SIGINT stop after the current tick (then commit, STOPPING=1); SIGHUP
     reloads the configuration file.
     """
-    rt = Runtime(cfg, svc, config_path=config_path, on_secrets=on_secrets)
+    try:
+        rt = Runtime(cfg, svc, config_path=config_path, on_secrets=on_secrets)
+    except OSError as exc:  # ssl.SSLError too
+        # What the schema could not foresee (a path that changed since the check, a file
+        # that went unreadable) still comes from the configuration: exit 2 with one line,
+        # not exit 1 with a traceback, which systemd would restart in a loop.
+        raise ConfigError("<start-up>", f"{_os_reason(exc)}; check the files and folders agent.toml names") from exc
     signal.signal(signal.SIGTERM, lambda *_: rt.request_stop())
     signal.signal(signal.SIGINT, lambda *_: rt.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: rt.request_reload())
@@ -632,3 +638,9 @@ def run_agent(
     finally:
         rt.close()
     return 0
+
+
+def _os_reason(exc: OSError) -> str:
+    reason = getattr(exc, "reason", None)  # ssl.SSLError: "PEM lib", "KEY_VALUES_MISMATCH"
+    text = reason or exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename else str(text)

@@ -114,7 +114,8 @@ def test_config_check_bounds_and_measuring_sensor(tmp_path):
         parse_config({"uplink": {"keepalive_s": 65536}})
 
     gps_only = tmp_path / "gps.toml"
-    gps_only.write_text('[sensors.gps]\ndriver = "nmea-gps"\nport = "/dev/serial0"\n')
+    gps_only.write_text(f'[device]\nid = "van-t"\ndata_dir = "{tmp_path}/d"\n'
+                        '[sensors.gps]\ndriver = "nmea-gps"\nport = "/dev/serial0"\n')
     r = CliRunner().invoke(main, ["config", "check", str(gps_only)])
     assert r.exit_code == 0 and "warning: config key 'sensors': no PM, NO2 or noise sensor, only gps (nmea-gps)" in r.output
     measuring = tmp_path / "pm.toml"

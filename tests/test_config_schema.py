@@ -29,6 +29,7 @@ from edge.remote_policy import LOCAL_ONLY
 from edge.runtime import Runtime
 from edge.driver_factory import FACTORIES, driver_options
 from edge.systemd_supervisor import Notifier
+from receiver import provision as pv
 from simulator.broker import free_port
 
 EDGE = str(Path(sys.executable).with_name("edge"))
@@ -147,6 +148,20 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("data-dir-name-too-long", {"device": {"data_dir": "/tmp/" + "d" * 300}}, "device.data_dir",
      "a folder name is longer than"),
     ("device-short-typo", {"device": {"di": "van-1"}}, "device.di", "did you mean 'id'?"),
+    # Issue 16 re-test (attack v16, finding 1): check said OK, run crashed later (exit 1, a traceback).
+    # @SHEET@ is a file that exists but is not PEM; @CA@/@CAKEY@ a real pair, @OTHERKEY@ another key.
+    ("quarantine-under-a-file", {"buffer": {"quarantine_dir": "@SHEET@/q"}}, "buffer.quarantine_dir",
+     "is not a directory"),
+    ("tls-ca-not-pem", {"uplink": {"tls": True, "ca_file": "@SHEET@"}}, "uplink.ca_file", "not a PEM CA certificate"),
+    ("tls-cert-not-pem", {"uplink": {"tls": True, "cert_file": "@SHEET@", "key_file": "@SHEET@"}},
+     "uplink.cert_file", "not a PEM client certificate"),
+    ("tls-key-not-pem", {"uplink": {"tls": True, "cert_file": "@CA@", "key_file": "@SHEET@"}},
+     "uplink.key_file", "not the PEM private key of cert_file"),
+    ("tls-key-other", {"uplink": {"tls": True, "ca_file": "@CA@", "cert_file": "@CA@", "key_file": "@OTHERKEY@"}},
+     "uplink.key_file", "KEY_VALUES_MISMATCH"),
+    ("tls-key-without-cert", {"uplink": {"tls": True, "key_file": "@CAKEY@"}}, "uplink.cert_file",
+     "missing: key_file needs"),
+    ("max-bytes-no-cap", {"buffer": {"max_bytes": 2**63 - 1}}, "buffer.max_bytes", "1 TiB"),
 ]
 
 # Edge values that pass on every path.
@@ -154,20 +169,22 @@ GOOD: list[dict[str, Any]] = [
     {"sampling": {"rate_hz": 50}}, {"sampling": {"rate_hz": 0.001}}, {"uplink": {"keepalive_s": 5}},
     {"uplink": {"keepalive_s": 65535}}, {"uplink": {"window": 1000}}, {"batch": {"max_samples": 1}},
     {"batch": {"max_samples": 20_000}}, {"panel": {"fault_led_pin": 27}}, {"power": {"ignition_pin": 0}},
-    {"power": {"duty_every_s": 60.0, "duty_measure_s": 60.0}},
+    {"power": {"duty_every_s": 60.0, "duty_measure_s": 60.0}}, {"buffer": {"max_bytes": 2**40}},
+    {"uplink": {"tls": True, "ca_file": "@CA@", "cert_file": "@CA@", "key_file": "@CAKEY@"}},
+    {"uplink": {"tls": False, "ca_file": "@SHEET@"}},  # not loaded without tls: as the uplink
+    {"buffer": {"quarantine_dir": "@TMP@/q/new"}},
     {"sensors": {"gps2": {"driver": "nmea-gps", "port": "/dev/ttyACM0", "collect_s": 1.0}}},
     {"sensors": {"no2": {"driver": "no2-b43f", "bus": 1, "serial": SERIAL, "calibration_file": "@SHEET@",
                          "address": 0x4B, "fsr_v": 6.144}}},
 ]  # fmt: skip
 
 
-def _fill(obj: Any, sheet: Path, nofile: Path) -> Any:
+def _fill(obj: Any, files: dict[str, Path]) -> Any:
     if isinstance(obj, dict):
-        return {k: _fill(v, sheet, nofile) for k, v in obj.items()}
-    if obj == "@SHEET@":
-        return str(sheet)
-    if obj == "@NOFILE@":
-        return str(nofile)
+        return {k: _fill(v, files) for k, v in obj.items()}
+    if isinstance(obj, str):
+        for mark, path in files.items():
+            obj = obj.replace(mark, str(path))
     return obj
 
 
@@ -178,6 +195,8 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     sheet = tmp / "no2-calibration.toml"
     sheet.write_text(f'[no2.calibration."{SERIAL}"]\n' + "".join(f"{k} = {v}\n" for k, v in SHEET.items()))
     (tmp / "data").mkdir()
+    pv.create_ca(tmp / "ca", days=2)  # real PEM files for the TLS cases
+    pv.write_secret(tmp / "other.key", pv.generate_key())
     conf = tmp / "agent.toml"
     good = dump_toml(base(tmp / "data", free_port()))
     conf.write_text(good)
@@ -188,7 +207,9 @@ def world(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _doc(world: dict[str, Any], patch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    patch = _fill(patch, world["sheet"], world["tmp"] / "no-such-sheet.toml")
+    tmp = world["tmp"]
+    patch = _fill(patch, {"@SHEET@": world["sheet"], "@NOFILE@": tmp / "no-such-sheet.toml", "@CA@": tmp / "ca/ca.crt",
+                          "@CAKEY@": tmp / "ca/ca.key", "@OTHERKEY@": tmp / "other.key", "@TMP@": tmp})  # fmt: skip
     current = config_schema.read_toml(world["conf"])
     return merge(current, patch), patch
 
@@ -200,12 +221,29 @@ def _error(doc: dict[str, Any], key: str) -> ConfigError:
     return found[0]
 
 
+def _reload_refused(world: dict[str, Any], caplog: pytest.LogCaptureFixture, text: str, line: str) -> None:
+    """SIGHUP with ``text`` as the file: refused, the log says why by key, the van keeps its config."""
+    rt: Runtime = world["rt"]
+    before = rt.agent.cfg
+    world["conf"].write_text(text)
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge.runtime"):
+            assert rt.reload() is None
+    finally:
+        world["conf"].write_text(world["good"])
+    assert rt.agent.cfg is before
+    assert line in caplog.text and "keeping the running configuration" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
 @pytest.mark.parametrize("case, patch, key, fragment", BAD, ids=[c[0] for c in BAD])
 def test_bad_config_same_error_from_check_reload_and_remote(world, caplog, case, patch, key, fragment) -> None:
     doc, patch = _doc(world, patch)
     err = _error(doc, key)
     assert fragment in err.problem, err
     line = f"error: {err}"
+    rt: Runtime = world["rt"]
+    before = rt.agent.cfg
 
     # edge config check: exit 2, the error by key.
     bad = world["tmp"] / f"{case}.toml"
@@ -214,16 +252,7 @@ def test_bad_config_same_error_from_check_reload_and_remote(world, caplog, case,
     assert r.exit_code == 2 and line in r.output, r.output
 
     # SIGHUP: the running configuration is kept and the log says why, by the same words.
-    rt: Runtime = world["rt"]
-    before = rt.agent.cfg
-    world["conf"].write_text(dump_toml(doc))
-    try:
-        with caplog.at_level(logging.ERROR, logger="edge.runtime"):
-            assert rt.reload() is None
-    finally:
-        world["conf"].write_text(world["good"])
-    assert rt.agent.cfg is before
-    assert f"reload: {err}" in caplog.text
+    _reload_refused(world, caplog, dump_toml(doc), f"reload: {err}")
 
     # Remote configuration: refused with the same key and problem (a local-only key is refused
     # as such: a remote request may not set it at all).
@@ -241,7 +270,8 @@ def test_bad_config_same_error_from_check_reload_and_remote(world, caplog, case,
 # CPU to start), so the whole table runs under --run-slow.
 RUN_SAMPLE = ("no2-without-serial", "no2-without-calibration", "pm-prot", "pm-pasive", "no2-sheet-missing",
               "panel-typo", "tls-text", "keepalive-under", "sim-port-without-hardware", "ca-file-too-long",
-              "data-dir-a-file", "data-dir-in-proc", "data-dir-name-too-long")  # fmt: skip
+              "data-dir-a-file", "data-dir-in-proc", "data-dir-name-too-long", "quarantine-under-a-file",
+              "tls-ca-not-pem", "tls-cert-not-pem", "tls-key-other")  # fmt: skip
 
 
 def test_edge_run_exits_2_with_the_same_errors(world) -> None:
@@ -409,3 +439,41 @@ def test_check_refuses_a_simulated_van_without_the_simulator_as_run_does(tmp_pat
 def test_check_of_a_directory_is_a_named_error(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["config", "check", str(tmp_path)])
     assert r.exit_code == 2 and "is a directory" in r.output, r.output
+
+
+def test_a_file_must_name_its_van(world, tmp_path: Path, caplog) -> None:
+    """Attack v16: an empty agent.toml ran as the example's "van-001" (every van with a lost
+    file the same device). A file without device.id is refused by check, run and SIGHUP."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    no_id = tmp_path / "no-id.toml"
+    doc = config_schema.read_toml(world["conf"])
+    del doc["device"]["id"]
+    no_id.write_text(dump_toml(doc))
+    for path in (empty, no_id):
+        for args in (["config", "check", str(path)], ["run", "--config", str(path)]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 2 and "error: config key 'device.id': missing: name this van" in r.output, r.output
+    _reload_refused(world, caplog, no_id.read_text(), "reload: config key 'device.id'")
+    # A config built in code (tests, benches, the simulator) keeps the default id.
+    assert config_schema.parse({}, runnable=False)[0].device.id == "van-001"
+
+
+def test_a_start_up_failure_the_check_could_not_see_is_a_config_error(tmp_path: Path) -> None:
+    """The quarantine folder became a file after the check (attack v16, finding 1): the first
+    corrupt buffer at start raised NotADirectoryError (exit 1, a traceback, a systemd restart
+    loop). Now a ConfigError naming the cause, which `edge run` prints in one line, exit 2."""
+    from dataclasses import replace
+
+    from edge.runtime import run_agent
+
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg, svc = config_schema.parse(base(data, free_port()))
+    (data / "buffer.sqlite").write_bytes(b"garbage garbage!" * 512)  # quarantined at open
+    (tmp_path / "afile").write_text("x")
+    cfg = replace(cfg, buffer=replace(cfg.buffer, quarantine_dir=str(tmp_path / "afile" / "q")))
+    with pytest.raises(ConfigError) as exc:
+        run_agent(cfg, svc=svc)
+    assert exc.value.key == "<start-up>" and "Not a directory" in exc.value.problem, exc.value
+    assert (data / "buffer.sqlite").read_bytes()[:16] == b"garbage garbage!"  # nothing lost

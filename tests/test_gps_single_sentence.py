@@ -270,7 +270,8 @@ def test_dropped_epochs_are_counted_and_shown_in_the_heartbeat(tmp_path) -> None
 
 def test_config_check_accepts_and_explains_the_setting(tmp_path) -> None:
     good = tmp_path / "gps.toml"
-    good.write_text('[sensors.gps]\ndriver = "nmea-gps"\nport = "/dev/serial0"\nsingle_sentence = true\n'
+    good.write_text(f'[device]\nid = "van-gps"\ndata_dir = "{tmp_path}/data"\n'  # a file must name its van
+                    '[sensors.gps]\ndriver = "nmea-gps"\nport = "/dev/serial0"\nsingle_sentence = true\n'
                     '[sensors.pm]\ndriver = "pms5003"\nport = "/dev/ttyUSB0"\n')
     r = CliRunner().invoke(main, ["config", "check", str(good)])
     assert r.exit_code == 0, r.output

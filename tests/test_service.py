@@ -253,7 +253,8 @@ def test_sighup_reload_applies_and_keeps_old_on_error(tmp_path: Path, caplog: py
 
 def test_config_check_lists_every_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[sampling]\nrate_hz = 0\ncommit_interval_s = "5"\n[uplink]\nport = 70000\n'
+    device = f'[device]\nid = "van-t"\ndata_dir = "{tmp_path}/data"\n'  # a file must name its van
+    bad.write_text(device + '[sampling]\nrate_hz = 0\ncommit_interval_s = "5"\n[uplink]\nport = 70000\n'
                    '[power]\nignition_pin = 99\n[sensors.x]\ndriver = "nope"\n')  # fmt: skip
     r = CliRunner().invoke(main, ["config", "check", str(bad)])
     assert r.exit_code == 2
@@ -262,7 +263,7 @@ def test_config_check_lists_every_error(tmp_path: Path) -> None:
         assert key in r.output, r.output
     assert "5 configuration error(s)" in r.output
     good = tmp_path / "good.toml"
-    good.write_text('[power]\nignition_pin = 17\nshutdown_after_s = 60\n[uplink]\npassword = "pw-1234"\n')
+    good.write_text(device + '[power]\nignition_pin = 17\nshutdown_after_s = 60\n[uplink]\npassword = "pw-1234"\n')
     r = CliRunner().invoke(main, ["config", "check", str(good)])
     assert r.exit_code == 0, r.output
     assert '"ignition_pin": 17' in r.output and "pw-1234" not in r.output
