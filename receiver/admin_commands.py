@@ -27,7 +27,7 @@ def grant_reader_cmd(store: str, schema: str, role: str) -> None:
       datalab-receiver grant-reader --store postgresql://datalab@db/datalab analyst
       psql -h db -d datalab -c '\\password analyst'      # then, as an administrator
     """
-    from receiver.pg_roles import grant_reader
+    from receiver.pg_roles import RoleRefused, grant_reader
     from receiver.pg_timeouts import PgTimeouts, connect
     from receiver.store_factory import is_postgres_url
 
@@ -37,6 +37,9 @@ def grant_reader_cmd(store: str, schema: str, role: str) -> None:
         with connect(store, PgTimeouts(), autocommit=True) as conn:
             for line in grant_reader(conn, role, schema):
                 click.echo(line)
+    except RoleRefused as exc:
+        click.echo(f"Error: grant-reader {role}: {exc.problem}", err=True)
+        raise SystemExit(2) from exc
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{role} can now read {schema}; set its password with psql's \\password {role}")

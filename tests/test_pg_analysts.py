@@ -4,6 +4,7 @@ and a second, read-only role made by ``datalab-receiver grant-reader``."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,33 @@ def test_grant_reader_as_the_stores_own_role_says_who_may(pg_dsn: str) -> None:
     assert r.exception is None or isinstance(r.exception, SystemExit)  # one line, no traceback
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'analyst_k'").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("bad", ["postgres", "public", "pg_monitor", "keeper", "keeper_friend", "table_owner"])
+def test_grant_reader_refuses_roles_that_run_the_store(pg_dsn: str, bad: str) -> None:
+    """Findings 1 and 10 of v17: the owner, a superuser, reserved roles or one owning store objects
+    are refused with one line and exit 2, and the store's own role can still write afterwards."""
+    k = f"keeper_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: a name of this test's own
+    bad = {"keeper": k, "keeper_friend": f"{k}_friend", "table_owner": f"{k}_tables"}.get(bad, bad)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {k} LOGIN")
+        admin.execute(f"CREATE ROLE {k}_friend LOGIN IN ROLE {k}")
+        admin.execute(f"CREATE ROLE {k}_tables LOGIN")
+        admin.execute(f"GRANT CREATE ON DATABASE {admin.info.dbname} TO {k}")  # the store's owner, as installed
+    PostgresStore(_as(pg_dsn, k)).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE datalab.side (x int)")
+        admin.execute(f"ALTER TABLE datalab.side OWNER TO {k}_tables")
+    r = CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, bad])
+    assert r.exit_code == 2, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolconfig IS NOT NULL").fetchone()[0] == 0
+    store = PostgresStore(_as(pg_dsn, k))
+    try:
+        put(store, batch(0, 3))  # the receiver's role still writes its store
+    finally:
+        store.close()
 
 
 def test_postgis_layers_as_qgis_lists_them(pg_dsn: str, pg_cluster: PgCluster) -> None:  # noqa: F811
