@@ -224,6 +224,50 @@ def test_samples_by_month_a_days_query_reads_one_partition(pg_dsn: str) -> None:
     store.close()
 
 
+def _docs_psql() -> list[str]:
+    """The psql statements of docs/datalab.md's example, as an analyst types them."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "datalab.md").read_text()
+    block = text[text.index("**2. psql:**"):text.index("**3. QGIS:**")]
+    stmts, cur = [], []
+    for line in block.splitlines():
+        if line.startswith("datalab=> "):
+            if cur:
+                stmts.append(" ".join(cur))
+            cur = [line[len("datalab=> "):].strip()]
+        elif cur and line.strip() and not line.startswith("```"):
+            cur.append(line.strip())
+        elif cur:
+            stmts.append(" ".join(cur))
+            cur = []
+    return stmts
+
+
+def test_the_docs_day_query_reads_one_month_as_the_analyst(pg_dsn: str) -> None:
+    """v17 finding 3: the documented psql query prunes to the day's month, as the analyst runs it."""
+    from core.wire import content_hash, encode_batch
+
+    store = PostgresStore(pg_dsn)
+    _fill(store)  # 2026-09-21
+    later = batch(0, 10, epoch="e2")
+    for smp in later.samples:
+        smp.t_utc_ms += 50 * 86_400_000  # November
+    store.ingest(later, content_hash(encode_batch(later)), T + 50 * 86_400_000 + 3_600_000)
+    store.close()
+    role = f"analyst_{uuid.uuid4().hex[:8]}"
+    assert CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, role]).exit_code == 0
+    gset, query = _docs_psql()[:2]
+    assert gset.endswith("\\gset") and ":day" in query
+    day_of_t = dt.datetime.fromtimestamp(T / 1000, dt.timezone.utc).date().isoformat()
+    with psycopg.connect(_as(pg_dsn, role), autocommit=True) as c:
+        day = c.execute(gset[: -len("\\gset")].replace("2026-11-24", day_of_t)).fetchone()[0]
+        sql_text = query.replace(":day", str(day)).rstrip(";")
+        plan = "\n".join(r[0] for r in c.execute("EXPLAIN " + sql_text).fetchall())
+        rows = c.execute(sql_text).fetchall()
+    scanned = {w for w in plan.replace("(", " ").split() if w.startswith("samples_")}
+    assert scanned and all(w.startswith("samples_y2026m09") for w in scanned), plan
+    assert rows and rows[0][3] > 0  # it finds the day's values
+
+
 def test_rows_loaded_before_their_month_exists_move_into_it(pg_dsn: str) -> None:
     store = PostgresStore(pg_dsn)
     t = 1_700_000_000_000  # 2023-11: no partition yet
