@@ -27,7 +27,7 @@ def grant_reader_cmd(store: str, schema: str, role: str) -> None:
       datalab-receiver grant-reader --store postgresql://datalab@db/datalab analyst
       psql -h db -d datalab -c '\\password analyst'      # then, as an administrator
     """
-    from receiver.pg_roles import grant_reader
+    from receiver.pg_roles import RoleRefused, grant_reader
     from receiver.pg_timeouts import PgTimeouts, connect
     from receiver.store_factory import is_postgres_url
 
@@ -37,6 +37,9 @@ def grant_reader_cmd(store: str, schema: str, role: str) -> None:
         with connect(store, PgTimeouts(), autocommit=True) as conn:
             for line in grant_reader(conn, role, schema):
                 click.echo(line)
+    except RoleRefused as exc:
+        click.echo(f"Error: grant-reader {role}: {exc.problem}", err=True)
+        raise SystemExit(2) from exc
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{role} can now read {schema}; set its password with psql's \\password {role}")
@@ -66,12 +69,11 @@ def retention(store: str, config_path: str | None, keep_days: int | None, do_app
         cfg = load_receiver_config(config_path, positions_keep_days=keep_days)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    from receiver.store_factory import is_postgres_url, sqlite_path
+    from receiver.store_check import require_store_or_exit
 
-    # a command that reads or trims a store never creates one (issue 17.3): one line, exit 2
-    if not is_postgres_url(store) and not sqlite_path(store).is_file():
-        click.echo(f"Error: no store at {store}", err=True)
-        raise SystemExit(2)
+    # the same store check as every read command (v17 finding 7): it never creates one, a missing,
+    # foreign or unreachable store is one line (secrets masked), exit 2
+    require_store_or_exit(store)
     conn = dbapi.connect(store, readonly=not do_apply)
     try:
         now = int(time.time() * 1000)

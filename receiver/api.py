@@ -196,10 +196,13 @@ class App:
             reply = self._failure(exc, path)
         log.info("%s %s %s %d", environ.get("REMOTE_ADDR", "-"), method, quote(path, safe="/:()'@,$=+*!~"),
                  reply.status)
-        gzip = accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING")) and worth_it(reply.ctype, reply.length)
+        compressible = worth_it(reply.ctype, reply.length)
+        gzip = compressible and accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING"))
+        if compressible:  # either way the answer depends on Accept-Encoding: a cache must know (v17 #11)
+            reply.headers = {**reply.headers, "Vary": "Accept-Encoding"}
         if gzip:  # receiver/compress.py: the large answers, compressed as they stream
             reply.length = None
-            reply.headers = {**reply.headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+            reply.headers = {**reply.headers, "Content-Encoding": "gzip"}
         start_response(f"{reply.status} {HTTPStatus(reply.status).phrase}", _headers(reply))
         if method == "HEAD":
             close = getattr(reply.body, "close", None)

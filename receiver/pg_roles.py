@@ -25,6 +25,10 @@ from psycopg import sql
 
 from core.errors import ConfigError
 
+
+class RoleRefused(ConfigError):
+    """The named role must not be made read-only: it runs the store or the cluster (exit 2)."""
+
 # A plain identifier: analysts type it in psql and QGIS without quotes.
 _ROLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -45,6 +49,7 @@ def grant_reader(conn: Any, role: str, schema: str = "datalab") -> list[str]:
                           "CREATEROLE), not the store's own role; on the database server run it as postgres: "
                           "runuser -u postgres -- datalab-receiver grant-reader --store "
                           f"'postgresql:///{conn.info.dbname}?host=/var/run/postgresql' {role}")
+    _refuse_role_in_charge(conn, role, owner[0])
     r, s = sql.Identifier(role), sql.Identifier(schema)
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
     db = conn.execute("SELECT current_database()").fetchone()[0]
@@ -65,3 +70,32 @@ def grant_reader(conn: Any, role: str, schema: str = "datalab") -> list[str]:
             conn.execute(st)
             done.append(st.as_string(conn))
     return done
+
+
+def _refuse_role_in_charge(conn: Any, role: str, owner: str) -> None:
+    """Refuse a role whose read-only default would break the centre (issue 17, findings 1 and 10).
+
+    ``ALTER ROLE ... SET default_transaction_read_only`` on the store's owner stops the receiver
+    writing; on a superuser it holds cluster-wide; ``public`` and ``pg_*`` are reserved names
+    PostgreSQL will not alter (a traceback before). A role that owns anything in this database
+    or may act as the owner is the store's, not an analyst's.
+    """
+    if role == "public" or role.startswith("pg_"):
+        raise RoleRefused("role", f"{role!r} is a reserved PostgreSQL role; name a new analyst role")
+    row = conn.execute(
+        "SELECT r.rolsuper,"
+        " r.rolname = %(owner)s OR pg_has_role(r.oid, %(owner)s, 'MEMBER'),"
+        " EXISTS (SELECT 1 FROM pg_class WHERE relowner = r.oid)"
+        " OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspowner = r.oid)"
+        " OR EXISTS (SELECT 1 FROM pg_proc WHERE proowner = r.oid)"
+        " OR EXISTS (SELECT 1 FROM pg_type WHERE typowner = r.oid)"
+        " OR EXISTS (SELECT 1 FROM pg_database WHERE datname = current_database() AND datdba = r.oid)"
+        " FROM pg_roles r WHERE r.rolname = %(role)s", {"role": role, "owner": owner}).fetchone()
+    if row is None:
+        return  # a new role: grant_reader makes it
+    superuser, acts_as_owner, owns = row
+    if superuser:
+        raise RoleRefused("role", f"{role!r} is a superuser; an analyst role must be a plain one")
+    if acts_as_owner or owns:
+        raise RoleRefused("role", f"{role!r} owns objects of this store (or acts as its owner {owner!r}); "
+                          "making it read-only would stop the receiver: name a separate analyst role")

@@ -108,11 +108,24 @@ def legacy_exists(c: Any) -> bool:
     return c.execute("SELECT to_regclass(%s) IS NOT NULL", (LEGACY,)).fetchone()[0]  # type: ignore[no-any-return]
 
 
+# Times a month partition can be made for (1900-01 to 9999-11, UTC). An old store's row outside
+# (a van's broken clock: year 9999, 2^62, int64's minimum) crashed every open of the store while
+# its month was computed (v17 finding 9); it moves into samples_undated as it is, nothing changed.
+MONTHS_FROM_MS = -2_208_988_800_000
+MONTHS_UNTIL_MS = 253_399_622_400_000
+
+
 def legacy_months(c: Any) -> list[int]:
-    """Month starts (ms) of the rows still in the old table (one scan)."""
+    """Month starts (ms) of the rows still in the old table (one scan), those with a possible time."""
     rows = c.execute(
         f"SELECT DISTINCT (extract(epoch FROM date_trunc('month', to_timestamp(t_utc_ms / 1000.0)"
-        f" AT TIME ZONE 'UTC')) * 1000)::bigint FROM {LEGACY} WHERE t_utc_ms IS NOT NULL").fetchall()
+        f" AT TIME ZONE 'UTC')) * 1000)::bigint FROM {LEGACY} WHERE t_utc_ms >= %s AND t_utc_ms < %s",
+        (MONTHS_FROM_MS, MONTHS_UNTIL_MS)).fetchall()
+    odd = c.execute(f"SELECT count(*) FROM {LEGACY} WHERE t_utc_ms < %s OR t_utc_ms >= %s",
+                    (MONTHS_FROM_MS, MONTHS_UNTIL_MS)).fetchone()[0]
+    if odd:
+        log.warning("samples migration: %d rows with an impossible time (before 1900 or after 9999) are kept"
+                    " as they are in samples_undated", odd)
     return sorted(int(r[0]) for r in rows)
 
 
@@ -159,11 +172,17 @@ def migrate(c: Any, ensure_months: Callable[[Iterable[int]], None],
     """
     if not legacy_exists(c):
         return 0
-    ensure_months(legacy_months(c))
+    try:
+        ensure_months(legacy_months(c))
+    except errors.UndefinedTable:  # another receiver (or `migrate`) has just finished it
+        return 0
     size = batch or MIGRATE_BATCH
     total = 0
     while True:
-        n = in_tx(lambda c: move_batch(c, size))
+        try:
+            n = in_tx(lambda c: move_batch(c, size))
+        except errors.UndefinedTable:  # the other one dropped the emptied table meanwhile: done
+            break
         total += n
         if n:
             log.info("samples migration: %d rows moved into the partitions (%d so far)", n, total)

@@ -14,6 +14,7 @@ Only ``datalab-receiver run`` (the ingest worker) and ``datalab-receiver init`` 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,20 @@ PG_SCHEMA = "datalab"  # as receiver/dbapi.py PG_SCHEMA (not imported: dbapi imp
 CREATE_HINT = "create one with `datalab-receiver init --store ...` or let `datalab-receiver run` make it"
 
 
+# ``password=``, ``sslpassword=`` or any other ``...password`` parameter of a libpq conninfo,
+# its value bare or single-quoted (libpq's quoting, backslash escapes).
+_CONNINFO_SECRET = re.compile(r"(\b\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+
+
+def _is_secret_key(key: str) -> bool:
+    return "password" in key.lower()
+
+
 def safe_url(store: str) -> str:
-    """``store`` fit to print: a URL's password (in the user part or a ``password=`` parameter) as ``***``."""
+    """``store`` fit to print: a URL's password (in the user part or any ``...password=`` parameter,
+    ``sslpassword`` too) and a conninfo's password values as ``***``."""
     if "://" not in store:
-        return store
+        return _CONNINFO_SECRET.sub(lambda m: m.group(1) + "***", store)
     parts = urlsplit(store)
     netloc = parts.netloc
     if "@" in netloc:
@@ -41,16 +52,18 @@ def safe_url(store: str) -> str:
         if ":" in user:
             user = user.split(":", 1)[0] + ":***"
         netloc = f"{user}@{host}"
-    query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query,
-                                                                                         keep_blank_values=True)],
+    query = urlencode([(k, "***" if _is_secret_key(k) else v) for k, v in parse_qsl(parts.query,
+                                                                                    keep_blank_values=True)],
                       safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _secrets_of(store: str) -> list[str]:
+    if "://" not in store:
+        return [m.group(2).strip("'") for m in _CONNINFO_SECRET.finditer(store) if m.group(2).strip("'")]
     parts = urlsplit(store)
     found = [parts.password] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
+    found += [v for k, v in parse_qsl(parts.query) if _is_secret_key(k) and v]
     return found
 
 
@@ -63,6 +76,8 @@ def check_sqlite(path: Path) -> None:
         raise StoreNotFound(f"{where}: that is a folder, not a store file")
     if not path.exists():
         raise StoreNotFound(f"{where}: no such file; {CREATE_HINT}")
+    if not path.is_file():  # a FIFO or device: opening it to read the header would block or mislead
+        raise StoreNotFound(f"{where}: not a regular file")
     try:
         with path.open("rb") as f:
             head = f.read(len(SQLITE_MAGIC))
@@ -72,15 +87,35 @@ def check_sqlite(path: Path) -> None:
         raise StoreNotFound(f"{where}: the file is not a SQLite database")
     try:
         # mode=ro: never creates the file, never writes; a WAL store opens fine read-only
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # With no -wal file beside it the main file holds everything: read it as immutable, or a
+        # WAL-mode file would get -wal and -shm files made beside it by a mere check.
+        wal = path.with_name(path.name + "-wal").exists()
+        conn = sqlite3.connect(f"file:{path}?mode=ro" + ("" if wal else "&immutable=1"), uri=True)
         try:
-            found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (MARK_TABLE,)).fetchone()
+            found = _is_datalab_sqlite(conn)
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise StoreNotFound(f"{where}: SQLite cannot read it ({exc})") from exc
     if not found:
-        raise StoreNotFound(f"{where}: a SQLite database but not a DataLab store (no {MARK_TABLE} table)")
+        raise StoreNotFound(f"{where}: a SQLite database but not a DataLab store (not the store's own"
+                            f" {', '.join(STORE_TABLES)} tables)")
+
+
+#: The store's own tables, the samples with their key columns: what every DataLab store has from
+#: its first open (receiver/store.py), whatever its schema version (PRAGMA user_version, 0 before
+#: version 2, and other programs set user_version too, so it alone proves nothing).
+STORE_TABLES = ("batches", "samples", "fixes", "positions")
+SAMPLE_COLUMNS = {"device", "epoch", "seq", "sensor", "t_utc_ms", "batch_id"}
+
+
+def _is_datalab_sqlite(conn: sqlite3.Connection) -> bool:
+    """The store's own marker, not merely a table named ``samples``: any such file was adopted and
+    written into before (v17 finding 6)."""
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not set(STORE_TABLES) <= names:
+        return False
+    return SAMPLE_COLUMNS <= {r[1] for r in conn.execute(f"PRAGMA table_info({MARK_TABLE})")}
 
 
 def check_postgres(url: str, timeouts: Any = None) -> None:

@@ -99,11 +99,12 @@ def test_fresh_debian_gets_the_whole_centre_in_order(centre: FakeCentre) -> None
         "users": ["datalab"], "pg": ["db", "postgis", "role"],
         "units": ["datalab-api.service", "datalab-deriver.service", "datalab-maps.timer",
                   "datalab-receiver@1.service", "datalab-receiver@2.service", "datalab-receiver@3.service",
-                  "mosquitto.service"]}
+                  "datalab-retention.timer", "mosquitto.service"]}
     venv = centre.root / "opt/datalab-edge/venv"
     assert (venv / "installed").read_text().strip() == f"{ROOT}[central]"
     for u in ("datalab-receiver@.service", "datalab-deriver.service", "datalab-api.service",
-              "datalab-maps.service", "datalab-maps.timer"):
+              "datalab-maps.service", "datalab-maps.timer", "datalab-retention.service",
+              "datalab-retention.timer"):
         assert (centre.root / "etc/systemd/system" / u).read_text() == (ROOT / "systemd" / u).read_text()
     etc = centre.root / "etc/datalab"
     assert oct(etc.stat().st_mode & 0o777) == "0o750"
@@ -166,7 +167,7 @@ def test_a_failure_leaves_nothing(centre: FakeCentre, fail_at: str) -> None:
     # ... and the next run, without the failure, installs everything.
     r = centre.install()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert len(centre.centre()["units"]) == 6
+    assert len(centre.centre()["units"]) == 7  # mosquitto, 2 workers, deriver, api, maps and retention timers
 
 
 def test_sqlite_and_no_postgis(centre: FakeCentre) -> None:

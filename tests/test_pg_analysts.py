@@ -4,6 +4,7 @@ and a second, read-only role made by ``datalab-receiver grant-reader``."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,34 @@ def test_grant_reader_as_the_stores_own_role_says_who_may(pg_dsn: str) -> None:
         assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'analyst_k'").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("bad", ["postgres", "public", "pg_monitor", "keeper", "keeper_friend", "table_owner"])
+def test_grant_reader_refuses_roles_that_run_the_store(pg_dsn: str, bad: str) -> None:
+    """Findings 1 and 10 of v17: the owner, a superuser, reserved roles or one owning store objects
+    are refused with one line and exit 2, and the store's own role can still write afterwards."""
+    k = f"keeper_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: a name of this test's own
+    bad = {"keeper": k, "keeper_friend": f"{k}_friend", "table_owner": f"{k}_tables"}.get(bad, bad)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {k} LOGIN")
+        admin.execute(f"CREATE ROLE {k}_friend LOGIN IN ROLE {k}")
+        admin.execute(f"CREATE ROLE {k}_tables LOGIN")
+        admin.execute(f"GRANT CREATE ON DATABASE {admin.info.dbname} TO {k}")  # the store's owner, as installed
+    PostgresStore(_as(pg_dsn, k)).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE datalab.side (x int)")
+        admin.execute(f"ALTER TABLE datalab.side OWNER TO {k}_tables")
+    r = CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, bad])
+    assert r.exit_code == 2, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolconfig IS NOT NULL AND rolname IN (%s, %s)",
+                             (bad, k)).fetchone()[0] == 0  # nothing set on the refused role or the owner
+    store = PostgresStore(_as(pg_dsn, k))
+    try:
+        put(store, batch(0, 3))  # the receiver's role still writes its store
+    finally:
+        store.close()
+
+
 def test_postgis_layers_as_qgis_lists_them(pg_dsn: str, pg_cluster: PgCluster) -> None:  # noqa: F811
     assert pg_cluster.postgis, "the project's PostgreSQL install puts PostGIS in place (scripts/pg-install)"
     from receiver import dbapi
@@ -194,6 +223,50 @@ def test_samples_by_month_a_days_query_reads_one_partition(pg_dsn: str) -> None:
                            day).fetchone()[0]
     assert n == 60
     store.close()
+
+
+def _docs_psql() -> list[str]:
+    """The psql statements of docs/datalab.md's example, as an analyst types them."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "datalab.md").read_text()
+    block = text[text.index("**2. psql:**"):text.index("**3. QGIS:**")]
+    stmts, cur = [], []
+    for line in block.splitlines():
+        if line.startswith("datalab=> "):
+            if cur:
+                stmts.append(" ".join(cur))
+            cur = [line[len("datalab=> "):].strip()]
+        elif cur and line.strip() and not line.startswith("```"):
+            cur.append(line.strip())
+        elif cur:
+            stmts.append(" ".join(cur))
+            cur = []
+    return stmts
+
+
+def test_the_docs_day_query_reads_one_month_as_the_analyst(pg_dsn: str) -> None:
+    """v17 finding 3: the documented psql query prunes to the day's month, as the analyst runs it."""
+    from core.wire import content_hash, encode_batch
+
+    store = PostgresStore(pg_dsn)
+    _fill(store)  # 2026-09-21
+    later = batch(0, 10, epoch="e2")
+    for smp in later.samples:
+        smp.t_utc_ms += 50 * 86_400_000  # November
+    store.ingest(later, content_hash(encode_batch(later)), T + 50 * 86_400_000 + 3_600_000)
+    store.close()
+    role = f"analyst_{uuid.uuid4().hex[:8]}"
+    assert CliRunner().invoke(main, ["grant-reader", "--store", pg_dsn, role]).exit_code == 0
+    gset, query = _docs_psql()[:2]
+    assert gset.endswith("\\gset") and ":day" in query
+    day_of_t = dt.datetime.fromtimestamp(T / 1000, dt.timezone.utc).date().isoformat()
+    with psycopg.connect(_as(pg_dsn, role), autocommit=True) as c:
+        day = c.execute(gset[: -len("\\gset")].replace("2026-11-24", day_of_t)).fetchone()[0]
+        sql_text = query.replace(":day", str(day)).rstrip(";")
+        plan = "\n".join(r[0] for r in c.execute("EXPLAIN " + sql_text).fetchall())
+        rows = c.execute(sql_text).fetchall()
+    scanned = {w for w in plan.replace("(", " ").split() if w.startswith("samples_")}
+    assert scanned and all(w.startswith("samples_y2026m09") for w in scanned), plan
+    assert rows and rows[0][3] > 0  # it finds the day's values
 
 
 def test_rows_loaded_before_their_month_exists_move_into_it(pg_dsn: str) -> None:

@@ -186,3 +186,47 @@ def test_the_migrate_command_moves_an_old_store_now(pg_dsn: str, tmp_path: Path)
     missing = tmp_path / "nowhere" / "x.sqlite"
     r = CliRunner().invoke(main, ["migrate", "--store", str(missing)])
     assert r.exit_code == 2 and "no store" in r.output and not missing.parent.exists()
+
+
+_ROW = "device, epoch, seq, sensor, t_utc_ms, t_mono_ms, time_src, boot_id, vals, flags, batch_id, received_utc_ms"
+
+
+def _md5(c: Any) -> tuple[int, str]:
+    return c.execute(f"SELECT count(*), md5(string_agg(row({_ROW})::text, '|' ORDER BY device, epoch, seq))"
+                     " FROM datalab.samples").fetchone()
+
+
+@pytest.mark.parametrize("t", ["253402300799999", "4611686018427387904", "-9223372036854775808"])
+def test_an_old_row_with_an_impossible_time_moves_as_it_is(pg_dsn: str, t: str) -> None:  # noqa: F811
+    """v17 finding 9: a year-9999 / 2^62 / int64-min time crashed every open of the store."""
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute(_OLD_SAMPLES)
+        c.execute("INSERT INTO datalab.samples SELECT 'van-1', 'e', i, 'pm', 1790000000000 + i * 1000, i, 'gps',"
+                  " 'b', '{\"pm25\": 1}', '', 'b1', 0 FROM generate_series(1, 20) i")
+        c.execute(f"INSERT INTO datalab.samples VALUES ('van-1','e',999,'gps',{t},0,'gps','b','{{}}','','b1',0)")
+        before = _md5(c)
+    PostgresStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        assert _md5(c) == before  # every row, the odd time unchanged
+        assert c.execute("SELECT count(*) FROM datalab.samples_undated WHERE seq = 999").fetchone()[0] == 1
+
+
+def test_two_migrate_commands_started_together(pg_dsn: str) -> None:  # noqa: F811
+    """v17 finding 8: the second died with 'relation "samples_unpartitioned" does not exist'."""
+    import subprocess
+    import sys
+
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute(_OLD_SAMPLES)
+        c.execute("INSERT INTO datalab.samples SELECT 'van-' || (i % 4), 'e', i, 'pm', 1780000000000"
+                  " + i::bigint * 40000, i, 'gps', 'b', '{}', '', 'b1', 0 FROM generate_series(1, 60000) i")
+        before = _md5(c)
+    prog = str(Path(sys.executable).with_name("datalab-receiver"))
+    ps = [subprocess.Popen([prog, "migrate", "--store", pg_dsn], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in ps]
+    assert [p.returncode for p in ps] == [0, 0], outs
+    assert not any("Traceback" in o for o in outs), outs
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        assert _md5(c) == before
+        assert c.execute("SELECT to_regclass('datalab.samples_unpartitioned')").fetchone()[0] is None

@@ -83,6 +83,7 @@ def test_api_geojson_is_rfc7946_and_gzip_compressed(store: Path, tmp_path: Path)
     try:
         status, plain_h, plain = call(app, "/api/v1/aggregates")
         assert status.startswith("200") and "Content-Encoding" not in plain_h
+        assert plain_h["Vary"] == "Accept-Encoding"  # v17 #11: a cache must not serve it to a gzip client
         assert_rfc7946(plain, tmp_path, "api")
         status, h, packed = call(app, "/api/v1/aggregates", accept_encoding="br, gzip;q=0.8")
         assert status.startswith("200") and h["Content-Encoding"] == "gzip" and h["Vary"] == "Accept-Encoding"
@@ -93,7 +94,7 @@ def test_api_geojson_is_rfc7946_and_gzip_compressed(store: Path, tmp_path: Path)
         # refused or not offered: plain
         for accept in ("gzip;q=0", "identity", ""):
             _, h, body = call(app, "/api/v1/aggregates", accept_encoding=accept)
-            assert "Content-Encoding" not in h and body == plain
+            assert "Content-Encoding" not in h and body == plain and h["Vary"] == "Accept-Encoding"
         # small answers stay plain (gzip's header would outweigh the gain)
         _, h, _ = call(app, "/api/v1/health", accept_encoding="gzip")
         assert "Content-Encoding" not in h

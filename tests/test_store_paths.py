@@ -8,6 +8,7 @@ on disk. A PostgreSQL URL that cannot be reached says so without its password.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -32,6 +33,8 @@ READ_COMMANDS: dict[str, list[str]] = {
     "export-aggregates": ["export", "aggregates"],
     "export-measurements": ["export", "measurements"],
     "serve": ["serve", "--port", "0"],
+    "retention": ["retention", "--dry-run"],  # v17 finding 7: the same check as the others
+    "migrate": ["migrate"],
 }
 
 
@@ -63,12 +66,31 @@ def _sqlite_but_not_ours(tmp: Path) -> Path:
     return p
 
 
+def _a_samples_table_only(tmp: Path) -> Path:
+    """v17 finding 6: a table named samples (in WAL mode) is not the store's marker."""
+    import sqlite3
+
+    p = tmp / "w.sqlite"
+    c = sqlite3.connect(p)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE samples (x)")
+    c.close()
+    return p
+
+
+def _a_fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "fifo.sqlite")  # reading its header would wait for a writer for ever
+    return tmp / "fifo.sqlite"
+
+
 CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing-file": (_missing_file, "no such file"),
     "missing-folder": (_missing_folder, "does not exist"),
     "a-folder": (_a_folder, "is a folder"),
     "not-sqlite": (_not_sqlite, "not a SQLite database"),
     "other-sqlite": (_sqlite_but_not_ours, "not a DataLab store"),
+    "samples-table-only": (_a_samples_table_only, "not a DataLab store"),
+    "fifo": (_a_fifo, "not a regular file"),
 }
 
 
@@ -152,6 +174,20 @@ def test_unreachable_postgres_is_one_line_without_the_password() -> None:
         assert "Sup3rS3cretPw" not in r.output
 
 
+def test_a_conninfo_store_is_postgres_and_never_printed_with_its_password() -> None:
+    """v17 finding 5: ``host=... password=...`` was taken for a SQLite path and echoed whole."""
+    from receiver.store_factory import is_postgres_url
+
+    conninfo = f"host=127.0.0.1 port={_free_port()} dbname=datalab user=datalab password=Sup3rS3cretPw"
+    assert is_postgres_url(conninfo) and not is_postgres_url("/srv/host=1/datalab.sqlite")
+    for cmd in ("stats", "derive", "aggregate", "serve", "retention", "migrate"):
+        r = CliRunner().invoke(receiver_cli, [cmd, "--store", conninfo, *(["--timeout-s", "2"] if cmd == "stats"
+                                                                            else [])])
+        assert "Sup3rS3cretPw" not in r.output, (cmd, r.output)
+        assert r.exit_code in (1, 2) and "password=***" in r.output, (cmd, r.output, r.exception)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (cmd, r.exception)
+
+
 def test_stats_reports_an_unreachable_postgres_as_an_outage_without_the_password() -> None:
     url = f"postgresql://datalab:Sup3rS3cretPw@127.0.0.1:{_free_port()}/datalab"
     r = CliRunner().invoke(receiver_cli, ["stats", "--store", url, "--timeout-s", "2"])
@@ -178,6 +214,10 @@ def test_a_postgres_database_without_the_store_is_refused(pg_dsn: str) -> None: 
     ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
     ("postgres://u@h:5433/db?password=pw&sslmode=require", "postgres://u@h:5433/db?password=***&sslmode=require"),
     ("/var/lib/datalab/x.sqlite", "/var/lib/datalab/x.sqlite"),
+    # v17 finding 5: sslpassword in a URL, a libpq conninfo's password and sslpassword (quoted too)
+    ("postgresql://u@h/db?sslpassword=pw&sslmode=require", "postgresql://u@h/db?sslpassword=***&sslmode=require"),
+    ("host=h dbname=db user=u password=pw port=1", "host=h dbname=db user=u password=*** port=1"),
+    ("host=h password='p w\\' x' sslpassword=pw", "host=h password=*** sslpassword=***"),
 ])
 def test_safe_url_hides_passwords(url: str, shown: str) -> None:
     assert safe_url(url) == shown

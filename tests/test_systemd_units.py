@@ -27,11 +27,12 @@ def _directives(text: str) -> dict[str, list[str]]:
 
 ALL_UNITS = sorted(p.name for p in UNITS.iterdir() if p.suffix in (".service", ".timer"))
 CENTRAL_SERVICES = ["datalab-receiver@.service", "datalab-deriver.service", "datalab-api.service",
-                    "datalab-maps.service"]
+                    "datalab-maps.service", "datalab-retention.service"]
 
 
 def test_every_unit_is_listed() -> None:
-    assert set(ALL_UNITS) == {"datalab-edge.service", *CENTRAL_SERVICES, "datalab-maps.timer"}
+    assert set(ALL_UNITS) == {"datalab-edge.service", *CENTRAL_SERVICES, "datalab-maps.timer",
+                              "datalab-retention.timer"}
 
 
 @pytest.mark.parametrize("unit", ALL_UNITS)
@@ -70,7 +71,7 @@ def test_central_unit_contract(unit: str) -> None:
     assert "password" not in exec_start.lower() and "postgresql://" not in exec_start
     if unit != "datalab-receiver@.service":
         assert d["EnvironmentFile"] == ["/etc/datalab/central.env"] and "${DATALAB_STORE}" in exec_start
-    long_running = unit != "datalab-maps.service"
+    long_running = unit not in ("datalab-maps.service", "datalab-retention.service")
     assert (d.get("Restart") == ["always"]) == long_running
     if unit == "datalab-api.service":
         assert "--host 127.0.0.1" in exec_start and "--token-file /etc/datalab/api-token" in exec_start
@@ -86,6 +87,20 @@ def test_map_timer_starts_the_map_build() -> None:
     assert t["Unit"] == ["datalab-maps.service"] and t["Persistent"] == ["true"] and t["OnCalendar"]
     s = _directives((UNITS / "datalab-maps.service").read_text())
     assert s["Type"] == ["oneshot"] and "aggregate --store ${DATALAB_STORE}" in s["ExecStart"][0]
+
+
+def test_retention_timer_applies_the_policy_after_the_map_build() -> None:
+    """v17 finding 4: an installed centre drops raw positions (docs/privacy.md), after the night's build."""
+    t = _directives((UNITS / "datalab-retention.timer").read_text())
+    assert t["Unit"] == ["datalab-retention.service"] and t["Persistent"] == ["true"]
+    assert t["WantedBy"] == ["timers.target"]
+    maps = _directives((UNITS / "datalab-maps.timer").read_text())["OnCalendar"][0]
+    hhmm = lambda cal: cal.split()[-1][:5]  # noqa: E731  ("*-*-* 03:15:00" -> "03:15")
+    assert hhmm(t["OnCalendar"][0]) > hhmm(maps), (t["OnCalendar"], maps)
+    s = _directives((UNITS / "datalab-retention.service").read_text())
+    assert s["Type"] == ["oneshot"] and "datalab-maps.service" in s["After"][0]
+    assert s["ExecStart"][0].endswith(
+        "retention --config /etc/datalab/receiver.toml --store ${DATALAB_STORE} --apply")
 
 
 def test_agent_unit_contract() -> None:
