@@ -218,7 +218,8 @@ def test_end_to_end_contradictory_batch_is_dead_lettered_and_the_van_goes_on(tmp
         van.loop_stop()
         van.disconnect()
         rx.stop()
-    got = {name: acks.get(content_hash(p)) for name, p in uploads.items()}
+    got = {name: next((a for a in acks.values() if a.names_payload(content_hash(p))), None)
+           for name, p in uploads.items()}  # a binary ack names its payload by a digest prefix
     print("\nend to end:", {k: (a.status, a.reason) if a else None for k, a in got.items()})
     assert all(got.values()), got
     assert {k for k, a in got.items() if a.status == "rejected"} == {"range beyond samples", "sample in gap",

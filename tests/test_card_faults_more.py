@@ -138,10 +138,17 @@ def test_samples_held_at_the_end_are_owned_up_to_after_restart(card, mosquitto, 
     report("held-at-end", how=how, taken=taken1 + agent2.stats.taken, committed_first_run=committed1, held=held,
            owed=owed, note=note and (note.held, note.owed), gaps_at_open=gaps_at_open, stored=v.stored,
            gapped=v.gapped)
+    assert_all_delivered([v])
+    if how == "graceful-stop":
+        # A graceful stop re-commits its held samples in slices down to one sample (the WAL's
+        # own pages take them on a full card) and records the discarded ones as a gap: nothing
+        # is left held, and every sample is stored or named by a gap record.
+        assert held == 0 and owed == 0 and agent2.buffer._held.read() is None
+        assert v.gapped > 0 and v.stored + v.gapped == taken1 + agent2.stats.taken
+        return
     assert held > 0 and owed > 0 and note is not None and (note.held, note.owed) == (held, owed)
     assert taken1 == committed1 + held + owed  # the first run's ledger: every sample is somewhere
     assert sorted(b - a + 1 for a, b, _ in gaps_at_open) == sorted([held, owed])
-    assert_all_delivered([v])
     # Every sample taken is stored or named by a gap record: none lost without a record.
     assert v.gapped == held + owed and v.stored + v.gapped == taken1 + agent2.stats.taken
     assert agent2.buffer._held.read() is None  # settled and cleared
