@@ -34,7 +34,9 @@ undone again, and the value is served as the record made it.
    housing``) takes that ambient RH to the housing's temperature (:func:`rh_readings`) before
    step 2 chooses. Without a record the RH is used as measured (an uncharacterised van: PM2.5
    ~1.4 ug/m3 low, docs/fidelity.md). A new or corrected housing record recomputes the PM it
-   covers (``derive_batch_pm``), as a corrected gain record does.
+   covers (``derive_batch_pm``), as a corrected gain record does, and its ``humid``/``rh_missing``
+   flags are judged again with the housing's RH (requality.humid_edges). An impossible RH
+   (outside 0..100 %) is never converted: its PM values count as without RH.
 
 The ``calibration`` of a derived value says what was applied: the van's record id, the
 correction id (``kappa-koehler:0.22``), and the housing record whose warming converted its
