@@ -34,7 +34,9 @@ undone again, and the value is served as the record made it.
    housing``) takes that ambient RH to the housing's temperature (:func:`rh_readings`) before
    step 2 chooses. Without a record the RH is used as measured (an uncharacterised van: PM2.5
    ~1.4 ug/m3 low, docs/fidelity.md). A new or corrected housing record recomputes the PM it
-   covers (``derive_batch_pm``), as a corrected gain record does.
+   covers (``derive_batch_pm``), as a corrected gain record does, and its ``humid``/``rh_missing``
+   flags are judged again with the housing's RH (requality.humid_edges). An impossible RH
+   (outside 0..100 %) is never converted: its PM values count as without RH.
 
 The ``calibration`` of a derived value says what was applied: the van's record id, the
 correction id (``kappa-koehler:0.22``), and the housing record whose warming converted its
@@ -57,7 +59,7 @@ import numpy as np
 
 from receiver import quality
 from core.calibration import PM_HOUSING, CalibrationRecord, pm_corrected
-from receiver.calibration import (Records, Span, _exec, _no2_records, changed_spans, record_at,
+from receiver.calibration import (Records, Span, _exec, _ident, _no2_records, changed_spans, record_at,
                                   records_in_batch, timed_chunks, write_derived)
 from receiver.flag_policy import is_sentinel
 from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10, housing_rh
@@ -97,11 +99,16 @@ def rh_readings(values: Mapping[str, Any], warming_c: float | None = None) -> li
     DGS-NO2's ``no2_rh_pct``) with its temperature beside it (``no2_temp_c``) is taken to the
     housing's temperature by Magnus (pm_humidity.housing_rh): same water vapour, warmer air,
     lower RH. A PM sample's own RH is the housing's already; an RH without a temperature beside
-    it cannot be converted and counts as measured. None: every RH as measured (the default)."""
-    out = []
+    it cannot be converted and counts as measured. None: every RH as measured (the default).
+    An impossible RH (outside 0..100 %, a sentinel) comes out as NaN, never converted: the
+    reading is there, but its PM values have no usable RH (``rh_missing``)."""
+    out: list[float] = []
     outside = warming_c is not None and not any(_number(values.get(q)) is not None for q in PM_DERIVED)
     for k, v in values.items():
         if not quality.is_rh_key(k) or (x := _number(v)) is None:
+            continue
+        if math.isnan(x := quality.usable_rh(x)):
+            out.append(x)
             continue
         t = _number(values.get(_temperature_key(k))) if outside else None
         if t is not None and warming_c is not None:
@@ -150,19 +157,38 @@ def van_rh(conn: Any, device: str, lo_ms: float, hi_ms: float, housing: Housing 
 class Housing:
     """A van's ``pm_housing`` records: the enclosure's warming in effect at a time.
 
-    The van's, whatever the serial (an enclosure replaced gets a new serial): of the records in
-    effect at a time, the newest version. Called with a time it gives the warming (``WarmingAt``)."""
+    The van's, whatever the serial: a van has one PM housing at a time, and an enclosure
+    replaced gets a new serial whose record starts later while the old one's stays open. So of
+    the records in effect at a time, the newest by valid-from, then by version (a correction of
+    the same enclosure, valid from the same time, wins). Called with a time it gives the
+    warming (``WarmingAt``)."""
 
     recs: Records
 
     def record(self, t_ms: float | None) -> CalibrationRecord | None:
         if t_ms is None or math.isnan(t_ms):
             return None
-        return next((r for r, lo, hi in self.recs.items if lo <= t_ms and (hi is None or t_ms < hi)), None)
+        live = [(lo, r.version, r) for r, lo, hi in self.recs.items if lo <= t_ms and (hi is None or t_ms < hi)]
+        return max(live, key=lambda x: x[:2])[2] if live else None
 
     def __call__(self, t_ms: float) -> float | None:
         rec = self.record(t_ms)
         return None if rec is None else _number(rec.values.get("warming_c"))
+
+
+def housing_spans(before: Records, after: Records) -> list[Span]:
+    """The spans ([lo, hi) ms, None open) where the housing record in effect (:meth:`Housing.record`,
+    whatever the serial) differs between two sets of a van's ``pm_housing`` records."""
+    bounds = sorted({b for recs in (before, after) for _, lo, hi in recs.items for b in (lo, hi) if b is not None})
+    if not bounds:
+        return []
+    old, new = Housing(before), Housing(after)
+    out: list[Span] = []
+    for lo, hi in zip([None, *bounds], [*bounds, None]):
+        t = bounds[0] - 1 if lo is None else lo  # every time in [lo, hi) has the same records in effect
+        if _ident(old.record(t)) != _ident(new.record(t)):
+            out[-1:] = [(out[-1][0], hi)] if out and out[-1][1] == lo else [*out[-1:], (lo, hi)]
+    return out
 
 
 def housing_records(conn: Any, device: str) -> Housing:
@@ -301,7 +327,7 @@ def pm_records_before(conn: Any, batch: Any) -> tuple[Records, Records] | None:
 
 
 def derive_batch_pm(conn: Any, batch: Any, kappa: Mapping[str, float],
-                    records_before: tuple[Records, Records] | None = None) -> int:
+                    records_before: tuple[Records, Records] | None = None) -> tuple[int, list[Span]]:
     """The best PM values of one stored batch (RH from within the batch; its edges are judged
     again with the neighbouring uploads' RH by requality.humid_edges).
 
@@ -309,19 +335,21 @@ def derive_batch_pm(conn: Any, batch: Any, kappa: Mapping[str, float],
     changed (a corrected record, v2 superseding v1; a record with its own RH term that arrives
     after values it calibrated; a new or corrected ``pm_housing`` record, whose warming changes
     the RH), the van's PM in those spans is derived again (``changed_spans``, ``recompute_pm``),
-    as NO2's is: nothing else moves. (The ``humid`` flags of those spans are not judged again
-    with the housing's RH: see requality.humid_edges.)
+    as NO2's is: nothing else moves. Returns (rows written, the spans where the housing record
+    changed): their ``humid``/``rh_missing`` flags are judged again with the housing's RH by the
+    store (requality.humid_edges, within its read budget), so the flags do not depend on
+    whether the record came before or after the values.
     """
     samples = [PmSample(batch.epoch, s.seq, s.t_utc_ms, s.values) for s in batch.samples
                if isinstance(s.values, dict)]
     n = write_pm(conn, batch.device, samples, kappa)
-    if records_before is not None:
-        gain_before, housing_before = records_before
-        spans = [*changed_spans(gain_before, pm_records(conn, batch.device)),
-                 *changed_spans(housing_before, housing_records(conn, batch.device).recs)]
-        for span in spans:  # an overlap is derived twice: the same values, written again
-            n += recompute_pm(conn, batch.device, kappa, span)
-    return n
+    if records_before is None:
+        return n, []
+    gain_before, housing_before = records_before
+    warm = housing_spans(housing_before, housing_records(conn, batch.device).recs)
+    for span in [*changed_spans(gain_before, pm_records(conn, batch.device)), *warm]:
+        n += recompute_pm(conn, batch.device, kappa, span)  # an overlap is derived twice: the same values
+    return n, warm
 
 
 CHUNK = 5000

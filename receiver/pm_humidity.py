@@ -16,8 +16,9 @@ The RH is the one the particles grew at: the RH the PM sample carries (its housi
 warmed a little above ambient), else the van's RH measured closest in time, within 30 s
 (the same reading the ``humid`` flag uses, receiver/quality.py). That RH is in a shipped van
 the DGS-NO2's ambient one, higher than the warmed housing's: :func:`housing_rh` takes it to the
-housing's temperature (Magnus) given the housing's measured warming; the receiver does not apply
-it yet (no config key; docs/fidelity.md "Why PM2.5 reads low").
+housing's temperature (Magnus) given the housing's measured warming, which the receiver applies
+from the van's ``pm_housing`` calibration record (receiver/pm_derive.py ``Housing``; docs/fidelity.md
+"Shipped (sixth version)"). An impossible RH (outside 0..100 %) is never converted.
 
 Defaults for kappa (docs/fidelity.md, docs/datalab.md): 0.22 for the fine fraction (PM1,
 PM2.5), the middle of 0.15-0.29 for urban PM2.5, and 0.09 for the coarse fraction (PM10 -

@@ -305,11 +305,29 @@ def humid_mask(
         return np.where(nearest_rh(t, rh_t, rh, within_ms) > HUMID_RH, BIT["humid"], 0)
 
 
+#: A relative humidity outside this is a broken reading (or a sentinel): flagged ``out_of_range``
+#: and never used for PM (warming it into the housing would make it look plausible, issue #15).
+RH_RANGE = (0.0, 100.0)
+
+
+def usable_rh(x: float) -> float:
+    """``x`` if it is a possible relative humidity, else NaN (its PM value is then ``rh_missing``)."""
+    return x if RH_RANGE[0] <= x <= RH_RANGE[1] else math.nan  # NaN and the sentinels fail too
+
+
+def rh_masks(v: np.ndarray) -> np.ndarray:
+    """``out_of_range`` for RH readings outside RH_RANGE (sentinels included; NaN: no flag)."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isnan(v) & ~((v >= RH_RANGE[0]) & (v <= RH_RANGE[1]))
+    return np.where(bad | sentinel_mask(v), BIT["out_of_range"], 0)
+
+
 def own_rh(values: Mapping[str, object]) -> float:
-    """The RH a sample carries itself (any RH key, a finite number), NaN when none."""
+    """The RH a sample carries itself (any RH key, a finite number; NaN when none, and an
+    impossible one is none: ``usable_rh``)."""
     for k, v in values.items():
         if is_rh_key(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            return float(v)
+            return usable_rh(float(v))
     return math.nan
 
 

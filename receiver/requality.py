@@ -122,8 +122,25 @@ def humid_windows(times: list[int]) -> list[tuple[int, int]]:
     return [(lo - w, lo + w), (hi - w, hi + w)] if hi - lo > 2 * w else [(lo - w, hi + w)]
 
 
+def span_windows(conn: Any, device: str, spans: Iterable[tuple[int | None, int | None]]) -> list[tuple[int, int]]:
+    """Time spans ([lo, hi) ms, None open; e.g. where a late ``pm_housing`` record changed the RH)
+    as windows for ``humid_edges``' ``also``: an open end closed at the van's first (last) timed
+    sample; a span holding none of its samples gives no window."""
+    first, last = _exec(conn, "SELECT min(t_utc_ms), max(t_utc_ms) FROM positions WHERE device=?",
+                        (device,)).fetchone()
+    if first is None:
+        return []
+    out = []
+    for lo, hi in spans:
+        a, b = max(first, lo if lo is not None else first), min(last, hi - 1 if hi is not None else last)
+        if a <= b:
+            out.append((int(a), int(b)))
+    return out
+
+
 def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = None,
-                kappa: Mapping[str, float] | None = None) -> tuple[int, int, list[tuple[int, int]]]:
+                kappa: Mapping[str, float] | None = None, also: Iterable[tuple[int, int]] = ()
+                ) -> tuple[int, int, list[tuple[int, int]]]:
     """``humid`` of PM values near a batch's time edges, judged with every RH the van sent.
 
     A batch judges ``humid`` with the RH readings inside it; a PM value within
@@ -134,13 +151,14 @@ def humid_edges(conn: Any, device: str, times: list[int], budget: int | None = N
     Only the ``humid`` and ``rh_missing`` bits change, by the RH ``quality.pm_rh`` chooses; with
     ``kappa`` (the store's) those PM values are derived again with the same RH
     (receiver/pm_derive.py ``write_pm``), so flag and correction never read different RH.
-    ``budget``: the most sample rows to read; a window
+    ``also``: more windows judged the same way, whole (``span_windows``: where a late housing
+    record changed the RH every PM value there reads). ``budget``: the most sample rows to read; a window
     that would read more is not judged here but returned, for ``humid_slice`` later.
     Returns (rows changed, sample rows read, windows left).
     """
     changed = read = 0
     left: list[tuple[int, int]] = []
-    for a, b in humid_windows(times):
+    for a, b in [*humid_windows(times), *also]:
         if budget is not None and _rows_within(conn, device, a, b, budget - read) > budget - read:
             left.append((a, b))
             continue

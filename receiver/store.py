@@ -37,14 +37,14 @@ from core.faultpoints import crash_point
 from core.timekeeping import MIN_PLAUSIBLE_UTC_MS
 from receiver import quality
 from receiver.batch_consistency import GAP_UPSERT
-from receiver.calibration import calibration_sql, derived_join
+from receiver.calibration import Span, calibration_sql, derived_join
 from receiver.calibration import ensure_tables as ensure_calibration_tables
 from receiver.calibration import ingest_calibrations
 from receiver.flag_policy import is_sentinel
 from receiver.pm_derive import WarmingAt, derive_batch_pm, housing_records, pm_records_before, rh_readings
 from receiver.pm_humidity import DEFAULT_KAPPA
 from receiver import requality as requality_mod
-from receiver.requality import humid_edges, humid_slice, requality, rewrite_flags
+from receiver.requality import humid_edges, humid_slice, requality, rewrite_flags, span_windows
 from receiver.units import unit_sql
 from receiver.positions import INTERPOLATED, NO_FIX, NO_TIME, PENDING, Fix, locate
 from core.sample import Sample
@@ -317,12 +317,14 @@ class StoreReads:
         self._close_left = CLOSE_BUDGET
         self._humid_left = requality_mod.HUMID_BUDGET
 
-    def _humid_edges(self, batch: Batch) -> None:
-        """``humid`` at the batch's time edges (requality.humid_edges), within the group's read
+    def _humid_edges(self, batch: Batch, spans: list[Span] | None = None) -> None:
+        """``humid`` at the batch's time edges (requality.humid_edges), and in ``spans`` (where a
+        housing record the batch brought changed the RH: derive_batch_pm), within the group's read
         budget; a window over it goes to ``humid_redo`` (counted) for the deriver."""
         times = [s.t_utc_ms for s in batch.samples
                  if s.t_utc_ms is not None and s.sensor != GPS_SENSOR]
-        _, read, left = humid_edges(self.conn, batch.device, times, self._humid_left, self.pm_kappa)
+        also = span_windows(self.conn, batch.device, spans) if spans else []
+        _, read, left = humid_edges(self.conn, batch.device, times, self._humid_left, self.pm_kappa, also)
         self._humid_left = max(self._humid_left - read, 0)
         self.humid_rows_read += read
         p, c = self.PARAM, self.conn
@@ -944,10 +946,10 @@ class SQLiteStore(StoreReads):
         self._join_positions(batch, fixes)
         pm_before = pm_records_before(self.conn, batch)
         touched = ingest_calibrations(self.conn, batch)  # received time: each record's sample's
-        derive_batch_pm(self.conn, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
+        _, warm = derive_batch_pm(self.conn, batch, self.pm_kappa, pm_before)  # PM: gain, then growth undone
         self._flag_quality(batch)
         requality(self.conn, batch.device, touched)  # flags describe the value served
-        self._humid_edges(batch)
+        self._humid_edges(batch, warm)
 
     def derive_pending(self, limit: int | None = None) -> int:
         """Derive the batches stored with ``derive=False``, oldest first; how many were done.
@@ -1210,7 +1212,7 @@ def quality_rows(
         if not isinstance(smp.values, dict):  # a damaged row: the batch is parked, the others go on
             raise TypeError(f"sample {smp.seq}: values are {type(smp.values).__name__}, not an object")
         for q in smp.values:
-            if q in quality.FLAGGED:
+            if q in quality.FLAGGED or quality.is_rh_key(q):
                 by_stream.setdefault((smp.sensor, q), []).append(smp)
     rh_t, rh_v = _rh_series(batch, warming)  # as the PM housing sees it: the RH pm_derive divides by
     out = []
@@ -1218,6 +1220,10 @@ def quality_rows(
     for (sensor, q), samples in by_stream.items():
         samples.sort(key=lambda x: x.seq or 0)
         v = np.array([_num_or_nan(x.values.get(q)) for x in samples], dtype=float)
+        if q not in quality.FLAGGED:  # an RH reading: only its range (issue #15), no window rules
+            out += [(batch.device, batch.epoch, samples[k].seq, q, quality.mask_text(int(m)))
+                    for k, m in enumerate(quality.rh_masks(v)) if m]
+            continue
         ctx, cut = context(sensor, q, samples[0].seq or 0)
         cv = [c[1] for c in ctx]
         frames, ctx_frames = None, []

@@ -690,10 +690,10 @@ class PostgresStore(StoreReads):
         self._join_positions(batch, fixes, fresh)
         pm_before = pm_records_before(c, batch)
         touched = ingest_calibrations(c, batch)  # received time: each record's sample's
-        derive_batch_pm(c, batch, self.pm_kappa, pm_before)  # PM's best value: gain, then growth undone
+        _, warm = derive_batch_pm(c, batch, self.pm_kappa, pm_before)  # PM: gain, then growth undone
         self._flag_quality(batch, fresh)
         requality(c, batch.device, touched)  # flags describe the value served
-        self._humid_edges(batch)
+        self._humid_edges(batch, warm)
 
     def _nothing_derived(self, batch: Batch) -> bool:
         """True when no fix, position or flag of the batch's range exists yet (so COPY cannot conflict)."""
