@@ -19,6 +19,7 @@ hashed as ``mosquitto_passwd`` does; the broker reads it again on SIGHUP.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -137,6 +138,7 @@ async def _van(spec: FleetSpec, device: str, password: str, ctx: ssl.SSLContext,
     epoch = f"af{spec.seed:04d}{rng.randrange(16**6):06x}"
     res = VanResult(device, epoch)
     sent: dict[str, float] = {}
+    digests: dict[str, str] = {}  # payload SHA-256 -> batch id: a binary ack names only a digest
     acked: set[str] = set()
     try:
         client: Any = await _connect(spec, device, password, ctx, gate, rng)
@@ -152,12 +154,14 @@ async def _van(spec: FleetSpec, device: str, password: str, ctx: ssl.SSLContext,
         async def acks() -> None:
             async for msg in client.messages:
                 try:
-                    ack = decode_ack(bytes(msg.payload))
+                    ack = decode_ack(bytes(msg.payload), device)
                 except Exception:  # noqa: BLE001 - a bad ack counts as none
                     continue
-                if ack.committed and ack.batch_id in sent and ack.batch_id not in acked:
-                    acked.add(ack.batch_id)
-                    res.lags.append(time.monotonic() - sent[ack.batch_id])
+                bid = ack.batch_id if ack.batch_id in sent else next(
+                    (b for h, b in digests.items() if ack.names_payload(h)), "")
+                if ack.committed and bid in sent and bid not in acked:
+                    acked.add(bid)
+                    res.lags.append(time.monotonic() - sent[bid])
 
         reader = asyncio.create_task(acks())
         start.one_ready()
@@ -173,6 +177,7 @@ async def _van(spec: FleetSpec, device: str, password: str, ctx: ssl.SSLContext,
             batch = make_batch(device, epoch, 1 + k * spec.interval_s * n, t0_ms, spec.interval_s, rng)
             payload = encode_batch(batch)
             sent[batch.batch_id] = time.monotonic()
+            digests[hashlib.sha256(payload).hexdigest()] = batch.batch_id
             res.published += 1  # counted before the PUBACK: a batch lost after this is the oracle's to find
             res.last_seq = batch.last_seq
             await client.publish(f"{PREFIX}/{device}/batch", payload, qos=1)
