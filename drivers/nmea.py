@@ -990,7 +990,11 @@ class FixAssembler:
     def _key(ep: _Epoch, rec: NmeaRecord) -> tuple:
         base: tuple = (rec.talker, rec.kind)
         if isinstance(rec, Gsv):
-            base += (rec.signal_id, rec.msg_num, rec.num_messages)
+            # A GSV group's size follows the satellites in view, which change from epoch to
+            # epoch: name its sentences by place (first, last, or number), not by the group's
+            # size, or the learnt cycle ender stops matching whenever a satellite rises or sets.
+            place = "last" if rec.msg_num == rec.num_messages else ("first" if rec.msg_num == 1 else rec.msg_num)
+            base += (rec.signal_id, place)
         n = ep.key_counts.get(base, 0)
         ep.key_counts[base] = n + 1
         return base + (n,)
