@@ -360,7 +360,9 @@ class Records:
     untagged: str | None = None
 
 
-def _no2_records(conn: Any, device: str, kind: str = NO2_SENSOR) -> Records:
+def device_records(conn: Any, device: str, kind: str = NO2_SENSOR) -> Records:
+    # One lookup for every record kind (NO2 sheets, PM gain, PM housing): it was named for
+    # NO2 only and imported privately by pm_derive.
     """``device``'s NO2 records (or another ``kind``'s: PM, receiver/pm_derive.py) as ``record_at`` takes them."""
     rows = _exec(conn, "SELECT serial, status, record FROM calibrations WHERE device=? AND kind=?",
                  (device, kind)).fetchall()
@@ -485,7 +487,7 @@ def recompute_no2(conn: Any, device: str, span: Span, touched: Touched | None = 
     ``CHUNK`` at a time in time order (keyset: never a whole life in memory).
     Returns the number of rows written.
     """
-    recs = _no2_records(conn, device) if recs is None else recs
+    recs = device_records(conn, device) if recs is None else recs
     has_raw = (f"json_type(s.vals, '$.{NO2_RAW_KEY}') IS NOT NULL" if _is_sqlite(conn)
                else "jsonb_exists(s.vals, ?)")
     n = 0
@@ -540,7 +542,7 @@ def derive_batch_no2(conn: Any, batch: Any, touched: Touched | None = None,
             if NO2_RAW_KEY in s.values and s.t_utc_ms is not None]
     if not todo:
         return 0
-    recs = _no2_records(conn, batch.device) if recs is None else recs
+    recs = device_records(conn, batch.device) if recs is None else recs
     return _write_derived(conn, batch.device, todo, recs, prune=False, touched=touched) if recs.items else 0
 
 
@@ -555,9 +557,9 @@ def ingest_calibrations(conn: Any, batch: Any, received_ms: int | None = None) -
     touched: Touched = []
     recs = None
     if records_in_batch(batch):
-        before = _no2_records(conn, batch.device)
+        before = device_records(conn, batch.device)
         if any(rec.kind == NO2_SENSOR for rec in store_calibrations(conn, batch, received_ms)):
-            recs = _no2_records(conn, batch.device)
+            recs = device_records(conn, batch.device)
             for span in changed_spans(before, recs):
                 recompute_no2(conn, batch.device, span, touched, recs)
     derive_batch_no2(conn, batch, touched, recs)

@@ -59,7 +59,7 @@ import numpy as np
 
 from receiver import quality
 from core.calibration import PM_HOUSING, CalibrationRecord, pm_corrected
-from receiver.calibration import (Records, Span, _exec, _ident, _no2_records, changed_spans, record_at,
+from receiver.calibration import (Records, Span, _exec, _ident, device_records, changed_spans, record_at,
                                   records_in_batch, timed_chunks, write_derived)
 from receiver.flag_policy import is_sentinel
 from receiver.pm_humidity import FINE_OF_PM10, correction_id, dry_pm, dry_pm10, housing_rh
@@ -193,7 +193,7 @@ def housing_spans(before: Records, after: Records) -> list[Span]:
 
 def housing_records(conn: Any, device: str) -> Housing:
     """``device``'s usable ``pm_housing`` records (refused ones are skipped, as for NO2)."""
-    return Housing(_no2_records(conn, device, PM_HOUSING))
+    return Housing(device_records(conn, device, PM_HOUSING))
 
 
 def _has_rh_term(rec: CalibrationRecord) -> bool:
@@ -266,7 +266,7 @@ def rh_fitted_records(conn: Any, device: str) -> frozenset[str]:
 
 def pm_records(conn: Any, device: str) -> Records:
     """``device``'s usable PM records, as ``calibration.record_at`` takes them."""
-    return _no2_records(conn, device, PM_KIND)
+    return device_records(conn, device, PM_KIND)
 
 
 def pm_rows(device: str, samples: list[PmSample], kappa: Mapping[str, float],
